@@ -1,0 +1,697 @@
+//! A configuration group as one Automerge document: settings, versions, history, rollback and
+//! conflicts, with a read view kept current so that reads never touch Automerge.
+//!
+//! Document layout (docs/data-model.md):
+//! ```text
+//! ROOT { format: 1,
+//!        meta:     { name, mode, epoch },
+//!        policy:   { version: 1 },
+//!        settings: { "<dotted.key>": "<canonical JSON>" },
+//!        versions: { "<counter:020>.<actor hex>": "<VersionInfo JSON>" } }
+//! ```
+//! Every local write is one Automerge change whose message is the version's storage key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value as AmValue};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::config_file::{FileFormat, parse_config_file};
+use crate::diff::SettingsDiff;
+use crate::error::{EditError, KeyError, LoadError, VersionError};
+use crate::key::{validate_group_name, validate_key};
+use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SETTINGS_BYTES_MAX};
+use crate::settings::{ContentHash, Settings, hex};
+use crate::time::Millis;
+use crate::value::{decode_value, encode_value};
+use crate::version::{VersionId, VersionInfo, VersionKind, VersionRef};
+
+/// Version of the document layout, stored at `ROOT.format`.
+pub const DOCUMENT_FORMAT: u64 = 1;
+
+/// Version of the (for now empty) policy map, stored at `ROOT.policy.version`.
+pub const POLICY_FORMAT: u64 = 1;
+
+/// How a group commits writes (SPEC F10, F11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Committed once a live quorum holds the change durably.
+    Eventual,
+    /// Committed by an all-ack barrier round: visible everywhere or nowhere.
+    Strong,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Mode::Eventual => "eventual",
+            Mode::Strong => "strong",
+        })
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "eventual" => Ok(Mode::Eventual),
+            "strong" => Ok(Mode::Strong),
+            other => Err(format!("unknown consistency mode {other:?}: use eventual or strong")),
+        }
+    }
+}
+
+/// Who, when and why, for one write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitMeta {
+    /// The author (an operator or service name).
+    pub author: String,
+    /// The message.
+    pub message: String,
+    /// The wall-clock time, given by the shell.
+    pub time: Millis,
+}
+
+impl CommitMeta {
+    /// Builds commit metadata.
+    pub fn new(author: impl Into<String>, message: impl Into<String>, time: Millis) -> CommitMeta {
+        CommitMeta { author: author.into(), message: message.into(), time }
+    }
+
+    fn validate(&self) -> Result<(), EditError> {
+        for (what, text, max) in
+            [("author", &self.author, AUTHOR_BYTES_MAX), ("message", &self.message, MESSAGE_BYTES_MAX)]
+        {
+            if text.len() > max {
+                return Err(EditError::MetaTooLong { what, bytes: text.len(), max });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The result of a local write: the new version and the change to persist and send.
+#[derive(Debug, Clone)]
+pub struct LocalCommit {
+    /// The version created.
+    pub version: VersionInfo,
+    /// The Automerge change, as raw bytes: persist it, then push it to peers.
+    pub change: Vec<u8>,
+    /// The change's hash (the document's only head right after the write).
+    pub change_hash: ChangeHash,
+}
+
+/// A setting with more than one concurrent value (SPEC F6).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Conflict {
+    /// The key.
+    pub key: String,
+    /// The value every node serves: Automerge's deterministic winner.
+    pub winner: ConflictValue,
+    /// The values that lost, still visible here until someone writes the key again.
+    pub losers: Vec<ConflictValue>,
+}
+
+/// One side of a conflict.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ConflictValue {
+    /// The value (`null` when the stored text is not valid JSON).
+    pub value: Value,
+    /// The version that wrote it, when known.
+    pub version: Option<VersionId>,
+}
+
+/// A version known to this document, with the change that created it.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionEntry {
+    pub(crate) info: VersionInfo,
+    pub(crate) change: ChangeHash,
+}
+
+/// The object ids of the document's maps.
+#[derive(Debug, Clone)]
+pub(crate) struct Objects {
+    pub(crate) settings: ObjId,
+    pub(crate) versions: ObjId,
+}
+
+/// A configuration group: the Automerge document plus derived indexes.
+///
+/// Derived state (read view, conflict set, version index) is a pure function of the document;
+/// every mutation keeps it in step, and `debug_assert`s check it after remote applies.
+#[derive(Debug)]
+pub struct GroupDoc {
+    pub(crate) doc: Automerge,
+    name: String,
+    mode: Mode,
+    epoch: u64,
+    pub(crate) objects: Objects,
+    pub(crate) view: Settings,
+    pub(crate) conflicted: BTreeSet<String>,
+    /// Settings entries that fail validation (only a faulty or hostile peer writes them); they
+    /// are never served.
+    pub(crate) invalid: BTreeSet<String>,
+    pub(crate) versions: BTreeMap<VersionId, VersionEntry>,
+    pub(crate) by_change: BTreeMap<ChangeHash, VersionId>,
+}
+
+/// An edit as a list of primitive operations on settings.
+enum Op {
+    Put { key: String, value: Value, canonical: String },
+    Delete { key: String },
+}
+
+impl Op {
+    fn key(&self) -> &str {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } => key,
+        }
+    }
+}
+
+impl GroupDoc {
+    /// Creates a new group: the genesis change holds the layout and version v1 (`Create`).
+    ///
+    /// `actor` must be unique to this process incarnation (FACTS: never reuse an actor after
+    /// losing unsaved changes).
+    pub fn create(
+        name: &str,
+        mode: Mode,
+        actor: ActorId,
+        meta: &CommitMeta,
+    ) -> Result<(GroupDoc, LocalCommit), EditError> {
+        validate_group_name(name)?;
+        meta.validate()?;
+        let mut doc = Automerge::new().with_actor(actor.clone());
+        let id = VersionId::new(1, &actor);
+        let info = VersionInfo {
+            id: id.clone(),
+            author: meta.author.clone(),
+            time: meta.time,
+            message: meta.message.clone(),
+            kind: VersionKind::Create,
+            content_hash: ContentHash::default().to_hex(),
+            parents: Vec::new(),
+        };
+        let document_error = |e: automerge::AutomergeError| EditError::Document { detail: e.to_string() };
+        let mut tx = doc.transaction();
+        let build = (|| {
+            tx.put(automerge::ROOT, "format", DOCUMENT_FORMAT)?;
+            let meta_obj = tx.put_object(automerge::ROOT, "meta", ObjType::Map)?;
+            tx.put(&meta_obj, "name", name)?;
+            tx.put(&meta_obj, "mode", mode.to_string())?;
+            tx.put(&meta_obj, "epoch", 0u64)?;
+            let policy = tx.put_object(automerge::ROOT, "policy", ObjType::Map)?;
+            tx.put(&policy, "version", POLICY_FORMAT)?;
+            tx.put_object(automerge::ROOT, "settings", ObjType::Map)?;
+            let versions = tx.put_object(automerge::ROOT, "versions", ObjType::Map)?;
+            tx.put(&versions, id.storage_key(), version_json(&info))?;
+            Ok(())
+        })();
+        if let Err(error) = build {
+            tx.rollback();
+            return Err(document_error(error));
+        }
+        let options = CommitOptions::default().with_message(id.storage_key()).with_time(meta.time.as_secs());
+        let (hash, _) = tx.commit_with(options);
+        let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty genesis".into() })?;
+        let change = last_local_change_bytes(&doc)?;
+        let group = GroupDoc::from_document(doc).map_err(|e| EditError::Document { detail: e.to_string() })?;
+        Ok((group, LocalCommit { version: info, change, change_hash }))
+    }
+
+    /// Loads a group from an Automerge save (a snapshot), as `actor`.
+    pub fn load(snapshot: &[u8], actor: ActorId) -> Result<GroupDoc, LoadError> {
+        let doc =
+            Automerge::load(snapshot).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?.with_actor(actor);
+        GroupDoc::from_document(doc)
+    }
+
+    /// Builds the derived state from a whole document.
+    pub(crate) fn from_document(doc: Automerge) -> Result<GroupDoc, LoadError> {
+        let not_a_group = |detail: &str| LoadError::NotAGroup { detail: detail.to_owned() };
+        let map_at = |obj: &ObjId, key: &str| -> Result<ObjId, LoadError> {
+            match doc.get(obj, key) {
+                Ok(Some((AmValue::Object(ObjType::Map), id))) => Ok(id),
+                _ => Err(not_a_group(&format!("missing map {key:?}"))),
+            }
+        };
+        let meta = map_at(&automerge::ROOT, "meta")?;
+        let objects = Objects {
+            settings: map_at(&automerge::ROOT, "settings")?,
+            versions: map_at(&automerge::ROOT, "versions")?,
+        };
+        let text_at = |key: &str| -> Option<String> {
+            match doc.get(&meta, key) {
+                Ok(Some((AmValue::Scalar(s), _))) => s.as_str().map(str::to_owned),
+                _ => None,
+            }
+        };
+        let name = text_at("name").ok_or_else(|| not_a_group("missing meta.name"))?;
+        let mode =
+            text_at("mode").and_then(|m| m.parse().ok()).ok_or_else(|| not_a_group("missing or unknown meta.mode"))?;
+        let epoch = match doc.get(&meta, "epoch") {
+            Ok(Some((AmValue::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Uint(n) => *n,
+                ScalarValue::Int(n) => u64::try_from(*n).unwrap_or(0),
+                _ => 0,
+            },
+            _ => 0,
+        };
+        let mut group = GroupDoc {
+            doc,
+            name,
+            mode,
+            epoch,
+            objects,
+            view: Settings::new(),
+            conflicted: BTreeSet::new(),
+            invalid: BTreeSet::new(),
+            versions: BTreeMap::new(),
+            by_change: BTreeMap::new(),
+        };
+        group.rebuild_derived_state();
+        Ok(group)
+    }
+
+    /// Recomputes the read view, the conflict set and the version index from the document.
+    fn rebuild_derived_state(&mut self) {
+        let (view, conflicted, invalid) = settings_from_document(&self.doc, &self.objects.settings, None);
+        self.view = view;
+        self.conflicted = conflicted;
+        self.invalid = invalid;
+        self.versions.clear();
+        self.by_change.clear();
+        let entries: Vec<(String, String, automerge::ObjId)> = self
+            .doc
+            .map_range(&self.objects.versions, ..)
+            .filter_map(|item| {
+                let id = item.id();
+                match item.value {
+                    automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) => {
+                        Some((item.key.into_owned(), text.into_owned(), id))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for (key, text, op) in entries {
+            self.index_version(&key, &text, &op);
+        }
+    }
+
+    /// Adds one `versions` entry to the index; malformed entries are skipped and remembered.
+    pub(crate) fn index_version(&mut self, key: &str, text: &str, op: &ObjId) {
+        let parsed = serde_json::from_str::<VersionInfo>(text).ok();
+        let change = self.doc.hash_for_opid(op);
+        match (parsed, change) {
+            (Some(info), Some(change)) if info.id.storage_key() == key => {
+                self.by_change.insert(change, info.id.clone());
+                self.versions.insert(info.id.clone(), VersionEntry { info, change });
+            }
+            _ => {
+                self.invalid.insert(format!("versions/{key}"));
+            }
+        }
+    }
+
+    /// The group's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The group's consistency mode.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The epoch this document belongs to (docs/data-model.md, "Epochs").
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// This replica's Automerge actor.
+    pub fn actor(&self) -> &ActorId {
+        self.doc.get_actor()
+    }
+
+    /// The current settings, from the read view (no Automerge access).
+    pub fn settings(&self) -> &Settings {
+        &self.view
+    }
+
+    /// The current value of `key`, from the read view.
+    #[inline]
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.view.get(key)
+    }
+
+    /// Entries this replica refuses to serve because they fail validation (keys of the settings
+    /// map, or `versions/<key>`). Only a faulty or hostile writer creates them.
+    pub fn invalid_entries(&self) -> &BTreeSet<String> {
+        &self.invalid
+    }
+
+    /// The document's heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// Every version, oldest first in the global `(counter, actor)` order.
+    pub fn history(&self) -> impl DoubleEndedIterator<Item = &VersionInfo> {
+        self.versions.values().map(|entry| &entry.info)
+    }
+
+    /// The number of versions.
+    pub fn version_count(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// The latest version in the global order.
+    pub fn latest_version(&self) -> Option<&VersionInfo> {
+        self.versions.values().next_back().map(|entry| &entry.info)
+    }
+
+    /// The versions whose changes are the document's heads: one normally, several after
+    /// concurrent writes merged (the current settings are then their merge).
+    pub fn head_versions(&self) -> Vec<&VersionInfo> {
+        let mut heads: Vec<&VersionInfo> = self
+            .doc
+            .get_heads()
+            .iter()
+            .filter_map(|hash| self.by_change.get(hash))
+            .filter_map(|id| self.versions.get(id))
+            .map(|entry| &entry.info)
+            .collect();
+        heads.sort_by(|a, b| a.id.cmp(&b.id));
+        heads
+    }
+
+    /// The label people see: `v12`, or `v12-3fa9c2d1` when another version shares the counter.
+    pub fn label(&self, id: &VersionId) -> String {
+        let shared = self
+            .versions
+            .range(VersionId { counter: id.counter, actor: String::new() }..)
+            .take_while(|(other, _)| other.counter == id.counter)
+            .count()
+            > 1;
+        if shared { id.full_label() } else { format!("v{}", id.counter) }
+    }
+
+    /// Resolves what a person typed (`v12`, `v12-3fa9`, `checkout@v12`) to one version.
+    pub fn resolve(&self, text: &str) -> Result<&VersionInfo, VersionError> {
+        let reference: VersionRef = text.parse()?;
+        let candidates: Vec<&VersionEntry> = self
+            .versions
+            .range(VersionId { counter: reference.counter, actor: String::new() }..)
+            .take_while(|(id, _)| id.counter == reference.counter)
+            .filter(|(id, _)| reference.matches(id))
+            .map(|(_, entry)| entry)
+            .collect();
+        match candidates.as_slice() {
+            [] => Err(VersionError::Unknown { group: self.name.clone(), version: text.to_owned() }),
+            [one] => Ok(&one.info),
+            many => Err(VersionError::Ambiguous {
+                group: self.name.clone(),
+                version: text.to_owned(),
+                candidates: many.iter().map(|e| e.info.id.full_label()).collect::<Vec<_>>().join(", "),
+            }),
+        }
+    }
+
+    /// The settings exactly as they were right after `version` was written, on its writer.
+    pub fn settings_at(&self, version: &VersionId) -> Result<Settings, VersionError> {
+        let entry = self
+            .versions
+            .get(version)
+            .ok_or_else(|| VersionError::Unknown { group: self.name.clone(), version: version.full_label() })?;
+        let (settings, _, _) = settings_from_document(&self.doc, &self.objects.settings, Some(&[entry.change]));
+        debug_assert!(
+            entry.info.content_hash().is_none_or(|hash| hash == settings.content_hash()),
+            "settings at {version} do not match the content hash recorded when it was written"
+        );
+        Ok(settings)
+    }
+
+    /// The difference between two versions' settings (`from` -> `to`).
+    pub fn diff(&self, from: &VersionId, to: &VersionId) -> Result<SettingsDiff, VersionError> {
+        Ok(SettingsDiff::between(&self.settings_at(from)?, &self.settings_at(to)?))
+    }
+
+    /// Keys with concurrent values, the winner every node serves and the losing values.
+    pub fn conflicts(&self) -> Vec<Conflict> {
+        self.conflicted
+            .iter()
+            .filter_map(|key| {
+                let all = self.doc.get_all(&self.objects.settings, key.as_str()).ok()?;
+                if all.len() < 2 {
+                    return None;
+                }
+                // get_all lists values in op order; the last one is the one `get` returns.
+                let mut sides: Vec<ConflictValue> = all
+                    .iter()
+                    .map(|(value, op)| ConflictValue {
+                        value: match value {
+                            AmValue::Scalar(s) => {
+                                s.as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null)
+                            }
+                            AmValue::Object(_) => Value::Null,
+                        },
+                        version: self.doc.hash_for_opid(op).and_then(|h| self.by_change.get(&h).cloned()),
+                    })
+                    .collect();
+                let winner = sides.pop()?;
+                Some(Conflict { key: key.clone(), winner, losers: sides })
+            })
+            .collect()
+    }
+
+    /// Sets `entries` (key, JSON value) as one new version.
+    pub fn set(&mut self, entries: Vec<(String, Value)>, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        if entries.is_empty() {
+            return Err(EditError::NoKeys);
+        }
+        // A key named twice: the last value wins, as in a shell assignment list.
+        let mut unique: BTreeMap<String, (Value, String)> = BTreeMap::new();
+        for (key, value) in entries {
+            validate_key(&key)?;
+            let canonical = encode_value(&key, &value)?;
+            unique.insert(key, (value, canonical));
+        }
+        let keys: Vec<String> = unique.keys().cloned().collect();
+        let ops = unique.into_iter().map(|(key, (value, canonical))| Op::Put { key, value, canonical }).collect();
+        self.commit_ops(ops, VersionKind::Set { keys }, meta)
+    }
+
+    /// Deletes `keys` as one new version; every key must exist.
+    pub fn delete(&mut self, keys: Vec<String>, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        if keys.is_empty() {
+            return Err(EditError::NoKeys);
+        }
+        let mut unique = BTreeSet::new();
+        for key in keys {
+            validate_key(&key)?;
+            if self.view.get(&key).is_none() && !self.conflicted.contains(&key) {
+                return Err(EditError::NoSuchKey { group: self.name.clone(), key });
+            }
+            unique.insert(key);
+        }
+        let ops = unique.iter().map(|key| Op::Delete { key: key.clone() }).collect();
+        self.commit_ops(ops, VersionKind::Delete { keys: unique.into_iter().collect() }, meta)
+    }
+
+    /// Replaces the settings with the contents of a whole file, as one new version: keys not in
+    /// the file are deleted, keys whose value is unchanged are left alone.
+    pub fn apply_file(&mut self, text: &str, format: FileFormat, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let target = parse_config_file(text, format)?;
+        let ops = self.ops_to_reach(&target);
+        self.commit_ops(ops, VersionKind::Apply { format }, meta)
+    }
+
+    /// Rolls back to `target`: a new version whose settings equal the target's.
+    pub fn rollback(&mut self, target: &str, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let to = self.resolve(target)?.id.clone();
+        let settings = self.settings_at(&to)?;
+        let ops = self.ops_to_reach(&settings);
+        self.commit_ops(ops, VersionKind::Rollback { to }, meta)
+    }
+
+    /// The operations that turn the current settings into `target`, conflicts resolved.
+    fn ops_to_reach(&self, target: &Settings) -> Vec<Op> {
+        let mut ops = Vec::new();
+        for (key, entry) in target.entries() {
+            ops.push(Op::Put { key: key.to_owned(), value: entry.value.clone(), canonical: entry.canonical.clone() });
+        }
+        for (key, _) in self.view.entries() {
+            if target.entry(key).is_none() {
+                ops.push(Op::Delete { key: key.to_owned() });
+            }
+        }
+        for key in &self.conflicted {
+            if target.entry(key).is_none() && self.view.entry(key).is_none() {
+                ops.push(Op::Delete { key: key.clone() });
+            }
+        }
+        ops
+    }
+
+    /// Drops no-op operations, checks limits, then writes `ops` and the version entry as one
+    /// Automerge change. On any error nothing has changed.
+    fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        meta.validate()?;
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter(|op| {
+                let conflicted = self.conflicted.contains(op.key());
+                match op {
+                    Op::Put { key, canonical, .. } => {
+                        conflicted || self.view.entry(key).is_none_or(|e| &e.canonical != canonical)
+                    }
+                    Op::Delete { key } => conflicted || self.view.entry(key).is_some(),
+                }
+            })
+            .collect();
+        if ops.is_empty() {
+            return Err(EditError::Unchanged);
+        }
+        let (mut keys_after, mut bytes_after) = (self.view.len(), self.view.bytes());
+        for op in &ops {
+            if let Some(old) = self.view.entry(op.key()) {
+                keys_after -= 1;
+                bytes_after -= op.key().len() + old.canonical.len();
+            }
+            if let Op::Put { key, canonical, .. } = op {
+                keys_after += 1;
+                bytes_after += key.len() + canonical.len();
+            }
+        }
+        if keys_after > KEYS_PER_GROUP_MAX {
+            return Err(EditError::TooManyKeys { keys: keys_after, max: KEYS_PER_GROUP_MAX });
+        }
+        if bytes_after > SETTINGS_BYTES_MAX {
+            return Err(EditError::SettingsTooLarge { bytes: bytes_after, max: SETTINGS_BYTES_MAX });
+        }
+        let hash_after = self.view.hash_after(ops.iter().map(|op| match op {
+            Op::Put { key, canonical, .. } => (key.as_str(), Some(canonical.as_str())),
+            Op::Delete { key } => (key.as_str(), None),
+        }));
+        // Ids order by counter first, so the last id holds the largest counter seen.
+        let counter = self.versions.keys().next_back().map_or(0, |id| id.counter) + 1;
+        let id = VersionId::new(counter, self.doc.get_actor());
+        let info = VersionInfo {
+            id: id.clone(),
+            author: meta.author.clone(),
+            time: meta.time,
+            message: meta.message.clone(),
+            kind,
+            content_hash: hash_after.to_hex(),
+            parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
+        };
+        let settings_obj = self.objects.settings.clone();
+        let versions_obj = self.objects.versions.clone();
+        let mut tx = self.doc.transaction();
+        let written = (|| {
+            for op in &ops {
+                match op {
+                    Op::Put { key, canonical, .. } => tx.put(&settings_obj, key.as_str(), canonical.as_str())?,
+                    Op::Delete { key } => tx.delete(&settings_obj, key.as_str())?,
+                }
+            }
+            tx.put(&versions_obj, id.storage_key(), version_json(&info))
+        })();
+        if let Err(error) = written {
+            tx.rollback();
+            return Err(EditError::Document { detail: error.to_string() });
+        }
+        let options = CommitOptions::default().with_message(id.storage_key()).with_time(meta.time.as_secs());
+        let (hash, _) = tx.commit_with(options);
+        let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty change".into() })?;
+        let change = last_local_change_bytes(&self.doc)?;
+        for op in ops {
+            self.conflicted.remove(op.key());
+            self.invalid.remove(op.key());
+            match op {
+                Op::Put { key, value, canonical } => self.view.insert_canonical(key, value, canonical),
+                Op::Delete { key } => {
+                    self.view.remove(&key);
+                }
+            }
+        }
+        debug_assert_eq!(self.view.content_hash(), hash_after, "staged hash equals applied hash");
+        self.by_change.insert(change_hash, id.clone());
+        self.versions.insert(id, VersionEntry { info: info.clone(), change: change_hash });
+        debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
+        Ok(LocalCommit { version: info, change, change_hash })
+    }
+
+    /// Saves the whole document (a snapshot) in Automerge's compressed format.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// Checks that the derived state equals what the document says (tests and debug builds).
+    pub fn derived_state_matches_document(&self) -> bool {
+        let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);
+        view == self.view && conflicted == self.conflicted && self.view.recomputed_hash() == self.view.content_hash()
+    }
+}
+
+fn version_json(info: &VersionInfo) -> String {
+    // VersionInfo holds only strings, numbers and enums: serialization cannot fail.
+    serde_json::to_string(info).unwrap_or_default()
+}
+
+fn last_local_change_bytes(doc: &Automerge) -> Result<Vec<u8>, EditError> {
+    doc.get_last_local_change()
+        .map(|change| change.raw_bytes().to_vec())
+        .ok_or_else(|| EditError::Document { detail: "no local change after commit".into() })
+}
+
+/// Reads the settings map (at `heads`, or now) into settings, the conflicted keys and the keys
+/// whose entries are invalid.
+pub(crate) fn settings_from_document(
+    doc: &Automerge,
+    settings: &ObjId,
+    heads: Option<&[ChangeHash]>,
+) -> (Settings, BTreeSet<String>, BTreeSet<String>) {
+    let mut view = Settings::new();
+    let mut conflicted = BTreeSet::new();
+    let mut invalid = BTreeSet::new();
+    let items = match heads {
+        Some(heads) => doc.map_range_at(settings, .., heads),
+        None => doc.map_range(settings, ..),
+    };
+    for item in items {
+        let key = item.key.into_owned();
+        if item.conflict {
+            conflicted.insert(key.clone());
+        }
+        let text = match &item.value {
+            automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) => Some(text.as_ref()),
+            _ => None,
+        };
+        match text.map(|t| (validate_key(&key), decode_value(&key, t), t)) {
+            Some((Ok(()), Ok(value), _)) => view.insert(key, value),
+            _ => {
+                invalid.insert(key);
+            }
+        }
+    }
+    (view, conflicted, invalid)
+}
+
+/// The hex form of an actor, as used in version ids.
+pub fn actor_hex(actor: &ActorId) -> String {
+    hex(actor.to_bytes())
+}
+
+impl From<KeyError> for LoadError {
+    fn from(error: KeyError) -> Self {
+        LoadError::NotAGroup { detail: error.to_string() }
+    }
+}

@@ -1,0 +1,198 @@
+//! Group files as pure functions: what to write for a snapshot or an appended change, how to
+//! rebuild a group from a file's bytes, and when to compact. The file I/O (append, fsync,
+//! atomic rename) lives in the node's store; this module never touches a disk.
+//!
+//! A group file is a header, one `Snapshot` record (an Automerge save), then `Change` records
+//! (one Automerge change each) and `Meta` records (node metadata, opaque here). Compaction
+//! writes a new file holding only a fresh snapshot and the last meta record.
+
+use automerge::{ActorId, Automerge};
+
+use crate::error::LoadError;
+use crate::exchange::decode_change;
+use crate::group::GroupDoc;
+use crate::limits::COMPACT_TAIL_CHANGES_MAX;
+use crate::record::{DropReason, Dropped, RecordKind, encode_header, encode_record, scan_records};
+
+/// A whole compacted file: header, a snapshot of `group`, and optionally a meta record.
+pub fn snapshot_file(group: &GroupDoc, meta: Option<&[u8]>) -> Vec<u8> {
+    let snapshot = group.save();
+    let mut file = encode_header().to_vec();
+    encode_record(&mut file, RecordKind::Snapshot, &snapshot);
+    if let Some(meta) = meta {
+        encode_record(&mut file, RecordKind::Meta, meta);
+    }
+    file
+}
+
+/// The bytes to append to a group file for one change.
+pub fn change_record(change: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(change.len() + crate::record::FRAME_BYTES);
+    encode_record(&mut out, RecordKind::Change, change);
+    out
+}
+
+/// The bytes to append to a group file for a meta record.
+pub fn meta_record(meta: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(meta.len() + crate::record::FRAME_BYTES);
+    encode_record(&mut out, RecordKind::Meta, meta);
+    out
+}
+
+/// A group rebuilt from a file, with what the reader had to drop.
+#[derive(Debug)]
+pub struct LoadedGroup {
+    /// The group, from the valid prefix.
+    pub group: GroupDoc,
+    /// The last meta record's payload in the valid prefix.
+    pub meta: Option<Vec<u8>>,
+    /// Change records after the snapshot (compaction is due past [`COMPACT_TAIL_CHANGES_MAX`]).
+    pub tail_changes: usize,
+    /// Length of the valid prefix: the node truncates the file here before appending again.
+    pub valid_bytes: usize,
+    /// What was dropped, if anything: the node reports it and repairs from peers.
+    pub dropped: Option<Dropped>,
+}
+
+impl LoadedGroup {
+    /// True when the file should be rewritten as a fresh snapshot.
+    pub fn needs_compaction(&self) -> bool {
+        needs_compaction(self.tail_changes) || self.dropped.is_some()
+    }
+}
+
+/// The compaction policy: rewrite once the change tail is long.
+pub fn needs_compaction(tail_changes: usize) -> bool {
+    tail_changes >= COMPACT_TAIL_CHANGES_MAX
+}
+
+/// Rebuilds a group from a file's bytes, as `actor`. The longest valid prefix is used; a record
+/// whose checksum holds but whose payload does not decode ends the prefix like damage does.
+pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadError> {
+    let scan = scan_records(file)?;
+    let mut records = scan.records.iter();
+    let first = records.next().ok_or(LoadError::NoSnapshot)?;
+    if first.kind != RecordKind::Snapshot {
+        return Err(LoadError::NoSnapshot);
+    }
+    let mut group = GroupDoc::load(first.payload, actor)?;
+    let mut meta = None;
+    let mut tail_changes = 0;
+    let mut valid_bytes = scan.valid_bytes;
+    let mut dropped = scan.dropped;
+    let mut pending = Vec::new();
+    for record in records {
+        let decoded = match record.kind {
+            RecordKind::Change => decode_change(record.payload).map(|change| vec![change]).ok(),
+            RecordKind::Snapshot => {
+                Automerge::load(record.payload).ok().map(|other| group.doc.get_changes_added(&other))
+            }
+            RecordKind::Meta => {
+                meta = Some(record.payload.to_vec());
+                continue;
+            }
+        };
+        let Some(changes) = decoded else {
+            dropped = Some(Dropped {
+                offset: record.offset,
+                bytes: file.len() - record.offset,
+                reason: DropReason::Undecodable,
+            });
+            valid_bytes = record.offset;
+            break;
+        };
+        tail_changes += changes.len();
+        pending.extend(changes);
+    }
+    group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?;
+    Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::group::{CommitMeta, Mode};
+    use crate::time::Millis;
+    use serde_json::json;
+
+    fn actor(n: u8) -> ActorId {
+        ActorId::from([n; 16])
+    }
+
+    fn meta(n: u64) -> CommitMeta {
+        CommitMeta::new("tester", format!("change {n}"), Millis(1_000 + n))
+    }
+
+    /// A file with a snapshot of v1 and one change record per later write.
+    fn file_with_writes(writes: u64) -> (Vec<u8>, Vec<GroupDoc>) {
+        let (mut group, _) = GroupDoc::create("app", Mode::Eventual, actor(1), &meta(0)).unwrap();
+        let mut file = snapshot_file(&group, Some(b"{\"revision\":1}"));
+        let mut states = vec![GroupDoc::load(&group.save(), actor(9)).unwrap()];
+        for n in 1..=writes {
+            let commit = group.set(vec![(format!("k{}", n % 3), json!(n))], &meta(n)).unwrap();
+            file.extend(change_record(&commit.change));
+            states.push(GroupDoc::load(&group.save(), actor(9)).unwrap());
+        }
+        (file, states)
+    }
+
+    #[test]
+    fn a_file_round_trips_to_the_same_group() {
+        let (file, states) = file_with_writes(5);
+        let loaded = load_group_file(&file, actor(2)).unwrap();
+        let last = states.last().unwrap();
+        assert_eq!(loaded.dropped, None);
+        assert_eq!(loaded.tail_changes, 5);
+        assert_eq!(loaded.valid_bytes, file.len());
+        assert_eq!(loaded.meta.as_deref(), Some(&b"{\"revision\":1}"[..]));
+        assert_eq!(loaded.group.heads(), last.heads());
+        assert_eq!(loaded.group.settings(), last.settings());
+        assert_eq!(loaded.group.version_count(), 6);
+        assert!(loaded.group.derived_state_matches_document());
+    }
+
+    #[test]
+    fn every_truncation_point_loads_a_prefix_of_the_history() {
+        let (file, states) = file_with_writes(4);
+        let snapshot_end = {
+            let scan = scan_records(&file).unwrap();
+            scan.records[1].offset
+        };
+        for cut in 0..=file.len() {
+            let result = load_group_file(&file[..cut], actor(3));
+            if cut < snapshot_end {
+                assert!(result.is_err(), "cut at {cut} has no complete snapshot");
+                continue;
+            }
+            let loaded = result.unwrap();
+            let state = &states[loaded.tail_changes];
+            assert_eq!(loaded.group.heads(), state.heads(), "cut at {cut}");
+            assert_eq!(loaded.group.settings(), state.settings(), "cut at {cut}");
+            assert_eq!(loaded.dropped.is_some(), loaded.valid_bytes < cut, "cut at {cut}");
+            assert!(loaded.valid_bytes <= cut);
+        }
+    }
+
+    #[test]
+    fn a_damaged_change_record_is_dropped_with_everything_after_it() {
+        let (mut file, states) = file_with_writes(3);
+        let scan = scan_records(&file).unwrap();
+        let third = scan.records[3].offset;
+        file[third + 12] ^= 0x40;
+        let loaded = load_group_file(&file, actor(4)).unwrap();
+        let dropped = loaded.dropped.unwrap();
+        assert_eq!(dropped.offset, third);
+        assert_eq!(dropped.reason, DropReason::ChecksumMismatch);
+        assert_eq!(loaded.group.heads(), states[1].heads());
+        assert!(loaded.needs_compaction());
+    }
+
+    #[test]
+    fn garbage_is_refused_with_a_named_error() {
+        assert!(matches!(load_group_file(b"not a konor file", actor(5)), Err(LoadError::BadHeader { .. })));
+        let mut only_header = encode_header().to_vec();
+        assert!(matches!(load_group_file(&only_header, actor(5)), Err(LoadError::NoSnapshot)));
+        encode_record(&mut only_header, RecordKind::Snapshot, b"garbage");
+        assert!(matches!(load_group_file(&only_header, actor(5)), Err(LoadError::Snapshot { .. })));
+    }
+}

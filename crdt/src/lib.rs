@@ -1,0 +1,36 @@
+//! konor-crdt: the pure core of Konorkestra.
+//!
+//! Configuration groups as Automerge documents ([`GroupDoc`]): validated keys and JSON values,
+//! immutable versions with history, diff and rollback, deterministic conflict resolution that
+//! is reported, change exchange with peers (export, bounded apply, the Automerge sync protocol,
+//! heads digests), and the on-disk record format as pure functions.
+//!
+//! **Invariant:** nothing here touches the network, a clock, the disk, threads or hidden
+//! randomness; time comes in as [`Millis`], actor ids come from the caller, and every
+//! collection iterates in a deterministic order. `clippy.toml` in this crate enforces it.
+
+pub mod config_file;
+pub mod diff;
+pub mod error;
+pub mod exchange;
+pub mod group;
+pub mod journal;
+pub mod key;
+pub mod limits;
+pub mod record;
+pub mod settings;
+pub mod time;
+pub mod value;
+pub mod version;
+
+pub use automerge::{ActorId, ChangeHash};
+pub use config_file::FileFormat;
+pub use diff::SettingsDiff;
+pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, ValueError, VersionError};
+pub use exchange::{HeadsDigest, RemoteApplied, SyncPeer};
+pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode};
+pub use journal::{LoadedGroup, load_group_file};
+pub use key::Key;
+pub use settings::{ContentHash, Settings};
+pub use time::Millis;
+pub use version::{VersionId, VersionInfo, VersionKind, VersionRef};

@@ -1,0 +1,65 @@
+//! Setting values: JSON, stored as canonical JSON text so that every node hashes and compares
+//! the same bytes.
+
+use serde_json::Value;
+
+use crate::error::ValueError;
+use crate::limits::VALUE_BYTES_MAX;
+
+/// Canonical JSON text of `value`: object keys sorted (serde_json's default map is ordered),
+/// no insignificant whitespace, shortest round-trip numbers.
+pub fn canonical_json(value: &Value) -> String {
+    // Serializing a `serde_json::Value` to a String cannot fail: every map key is a string.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+/// Encodes `value` for storage, refusing values over [`VALUE_BYTES_MAX`].
+pub fn encode_value(key: &str, value: &Value) -> Result<String, ValueError> {
+    let text = canonical_json(value);
+    if text.len() > VALUE_BYTES_MAX {
+        return Err(ValueError::TooLarge { key: key.to_owned(), bytes: text.len(), max: VALUE_BYTES_MAX });
+    }
+    Ok(text)
+}
+
+/// Decodes a stored value; anything that is not JSON within the size limit is refused.
+pub fn decode_value(key: &str, text: &str) -> Result<Value, ValueError> {
+    if text.len() > VALUE_BYTES_MAX {
+        return Err(ValueError::TooLarge { key: key.to_owned(), bytes: text.len(), max: VALUE_BYTES_MAX });
+    }
+    serde_json::from_str(text).map_err(|e| ValueError::NotJson { key: key.to_owned(), detail: e.to_string() })
+}
+
+/// Parses a value typed by a person on a command line: JSON when it parses as JSON, otherwise
+/// the text itself as a JSON string (`port=8080` is a number, `name=eu-west` a string).
+pub fn parse_cli_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn canonical_json_sorts_object_keys() {
+        let value: Value = serde_json::from_str(r#"{"b": 1, "a": [true, null]}"#).unwrap();
+        assert_eq!(canonical_json(&value), r#"{"a":[true,null],"b":1}"#);
+    }
+
+    #[test]
+    fn rejects_value_over_size_limit() {
+        let big = json!("x".repeat(VALUE_BYTES_MAX));
+        let err = encode_value("blob", &big).unwrap_err();
+        assert!(err.to_string().contains("blob"), "{err}");
+        assert!(encode_value("ok", &json!("x".repeat(100))).is_ok());
+    }
+
+    #[test]
+    fn cli_values_are_json_or_strings() {
+        assert_eq!(parse_cli_value("8080"), json!(8080));
+        assert_eq!(parse_cli_value("true"), json!(true));
+        assert_eq!(parse_cli_value("eu-west"), json!("eu-west"));
+        assert_eq!(parse_cli_value(r#"{"a":1}"#), json!({"a": 1}));
+    }
+}

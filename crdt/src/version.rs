@@ -1,0 +1,226 @@
+//! ConfigSet versions: identity, order and the metadata stored with each one.
+//!
+//! A version is identified by `(counter, actor)`. The counter is one more than the largest
+//! counter the writer had seen, a Lamport clock over versions; the actor is the Automerge actor
+//! of the writer. Two nodes writing concurrently may pick the same counter, never the same pair,
+//! so ids are never reused. Versions are totally ordered by `(counter, actor)`, the same on
+//! every node. People see `v12`; when two versions share a counter, `v12-3fa9c2d1` (docs/data-model.md).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config_file::FileFormat;
+use crate::error::VersionError;
+use crate::settings::{ContentHash, hex, unhex};
+use crate::time::Millis;
+
+/// The identity of a version: Lamport counter and writer actor (hex of the Automerge actor id).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct VersionId {
+    /// One more than the largest counter the writer had seen.
+    pub counter: u64,
+    /// Lowercase hex of the writer's Automerge actor id.
+    pub actor: String,
+}
+
+/// Hex digits of the actor shown when a counter is shared by several versions.
+pub const ACTOR_TAG_CHARS: usize = 8;
+
+impl VersionId {
+    /// Builds an id from an Automerge actor.
+    pub fn new(counter: u64, actor: &automerge::ActorId) -> VersionId {
+        VersionId { counter, actor: hex(actor.to_bytes()) }
+    }
+
+    /// The key under which the version is stored in the document: sortable and unique.
+    pub fn storage_key(&self) -> String {
+        format!("{:020}.{}", self.counter, self.actor)
+    }
+
+    /// Parses [`VersionId::storage_key`] output.
+    pub fn from_storage_key(key: &str) -> Option<VersionId> {
+        let (counter, actor) = key.split_once('.')?;
+        if counter.len() != 20 || actor.is_empty() || unhex(actor).is_none() {
+            return None;
+        }
+        Some(VersionId { counter: counter.parse().ok()?, actor: actor.to_owned() })
+    }
+
+    /// The full label, unique whatever else exists: `v12-3fa9c2d1`.
+    pub fn full_label(&self) -> String {
+        let tag = self.actor.get(..ACTOR_TAG_CHARS).unwrap_or(&self.actor);
+        format!("v{}-{}", self.counter, tag)
+    }
+}
+
+impl fmt::Display for VersionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full_label())
+    }
+}
+
+impl Serialize for VersionId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.storage_key())
+    }
+}
+
+impl<'de> Deserialize<'de> for VersionId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        VersionId::from_storage_key(&text).ok_or_else(|| serde::de::Error::custom(format!("bad version id {text:?}")))
+    }
+}
+
+/// What a person typed to name a version: `v12`, `12`, `v12-3fa9`, optionally `group@v12`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionRef {
+    /// The counter.
+    pub counter: u64,
+    /// A prefix of the actor hex, when given.
+    pub actor_prefix: Option<String>,
+}
+
+impl FromStr for VersionRef {
+    type Err = VersionError;
+    fn from_str(text: &str) -> Result<Self, VersionError> {
+        let bad = || VersionError::Unparsable { text: text.chars().take(80).collect() };
+        let bare = text.rsplit_once('@').map_or(text, |(_, v)| v);
+        let bare = bare.strip_prefix('v').unwrap_or(bare);
+        let (counter, actor_prefix) = match bare.split_once('-') {
+            Some((counter, actor)) => {
+                let actor = actor.to_ascii_lowercase();
+                if actor.is_empty() || !actor.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(bad());
+                }
+                (counter, Some(actor))
+            }
+            None => (bare, None),
+        };
+        let counter = counter.parse::<u64>().map_err(|_| bad())?;
+        Ok(VersionRef { counter, actor_prefix })
+    }
+}
+
+impl VersionRef {
+    /// True when `id` is one of the versions this reference can mean.
+    pub fn matches(&self, id: &VersionId) -> bool {
+        id.counter == self.counter
+            && self.actor_prefix.as_ref().is_none_or(|prefix| id.actor.starts_with(prefix.as_str()))
+    }
+}
+
+/// What a version did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum VersionKind {
+    /// The group was created.
+    Create,
+    /// Keys were set (the keys, sorted).
+    Set {
+        /// Keys written.
+        keys: Vec<String>,
+    },
+    /// Keys were deleted.
+    Delete {
+        /// Keys removed.
+        keys: Vec<String>,
+    },
+    /// A whole file replaced the settings.
+    Apply {
+        /// Its syntax.
+        format: FileFormat,
+    },
+    /// The settings were rolled back to an earlier version's.
+    Rollback {
+        /// The version whose settings were restored.
+        to: VersionId,
+    },
+}
+
+impl VersionKind {
+    /// One word for tables.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VersionKind::Create => "create",
+            VersionKind::Set { .. } => "set",
+            VersionKind::Delete { .. } => "delete",
+            VersionKind::Apply { .. } => "apply",
+            VersionKind::Rollback { .. } => "rollback",
+        }
+    }
+}
+
+/// The immutable record of one version, stored in the group document.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Identity and order.
+    pub id: VersionId,
+    /// Who made it (an operator name, a service account).
+    pub author: String,
+    /// When, as given by the writer's shell.
+    pub time: Millis,
+    /// Why.
+    pub message: String,
+    /// What it did.
+    #[serde(flatten)]
+    pub kind: VersionKind,
+    /// Hex of the content hash of the settings the writer had right after writing.
+    pub content_hash: String,
+    /// The versions the writer had as its heads when writing (more than one after a merge).
+    pub parents: Vec<VersionId>,
+}
+
+impl VersionInfo {
+    /// The content hash, when it parses.
+    pub fn content_hash(&self) -> Option<ContentHash> {
+        ContentHash::from_hex(&self.content_hash)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_refs_parse_in_every_spelling() {
+        let plain: VersionRef = "v12".parse().unwrap();
+        assert_eq!(plain, VersionRef { counter: 12, actor_prefix: None });
+        assert_eq!("12".parse::<VersionRef>().unwrap(), plain);
+        assert_eq!("checkout@v12".parse::<VersionRef>().unwrap(), plain);
+        let tagged: VersionRef = "v12-3FA9".parse().unwrap();
+        assert_eq!(tagged.actor_prefix.as_deref(), Some("3fa9"));
+        for bad in ["", "v", "vx", "v1-", "v1-xyz", "v-1"] {
+            assert!(bad.parse::<VersionRef>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_order_by_counter_then_actor_and_round_trip() {
+        let a = VersionId { counter: 3, actor: "ff".into() };
+        let b = VersionId { counter: 4, actor: "00".into() };
+        let c = VersionId { counter: 4, actor: "01".into() };
+        assert!(a < b && b < c);
+        assert_eq!(VersionId::from_storage_key(&c.storage_key()), Some(c.clone()));
+        assert!(VersionRef { counter: 4, actor_prefix: Some("0".into()) }.matches(&c));
+        assert!(!VersionRef { counter: 4, actor_prefix: Some("00".into()) }.matches(&c));
+        assert_eq!(VersionId::from_storage_key("12.zz"), None);
+    }
+
+    #[test]
+    fn info_round_trips_through_json() {
+        let info = VersionInfo {
+            id: VersionId { counter: 2, actor: "abcd".into() },
+            author: "ops".into(),
+            time: Millis(5),
+            message: "m".into(),
+            kind: VersionKind::Rollback { to: VersionId { counter: 1, actor: "ab".into() } },
+            content_hash: ContentHash::default().to_hex(),
+            parents: vec![VersionId { counter: 1, actor: "ab".into() }],
+        };
+        let text = serde_json::to_string(&info).unwrap();
+        assert_eq!(serde_json::from_str::<VersionInfo>(&text).unwrap(), info);
+    }
+}

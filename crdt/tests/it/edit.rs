@@ -1,0 +1,129 @@
+//! Local writes: set, delete, apply, rollback, history and diff, and refusals that change nothing.
+
+use expect_test::expect;
+use konor_crdt::{CommitMeta, EditError, FileFormat, GroupDoc, Millis, Mode, VersionKind};
+use serde_json::json;
+
+use crate::support::{actor, meta, replicas};
+
+fn group() -> GroupDoc {
+    replicas(1, Mode::Eventual).remove(0)
+}
+
+#[test]
+fn every_write_creates_the_next_version_with_its_metadata() {
+    let mut g = group();
+    assert_eq!(g.version_count(), 1);
+    assert_eq!(g.latest_version().unwrap().kind, VersionKind::Create);
+    let commit = g.set(vec![("db.pool".into(), json!(10)), ("name".into(), json!("eu"))], &meta(1)).unwrap();
+    assert_eq!(commit.version.id.counter, 2);
+    assert_eq!(g.label(&commit.version.id), "v2");
+    assert_eq!(commit.version.author, "tester");
+    assert_eq!(commit.version.message, "change 1");
+    assert_eq!(commit.version.time, Millis(1_700_000_000_001));
+    assert_eq!(commit.version.kind, VersionKind::Set { keys: vec!["db.pool".into(), "name".into()] });
+    assert_eq!(commit.version.content_hash().unwrap(), g.settings().content_hash());
+    assert_eq!(g.get("db.pool"), Some(&json!(10)));
+    assert_eq!(g.heads(), vec![commit.change_hash]);
+    let second = g.delete(vec!["name".into()], &meta(2)).unwrap();
+    assert_eq!(second.version.id.counter, 3);
+    assert_eq!(second.version.parents, vec![commit.version.id.clone()]);
+    assert_eq!(g.get("name"), None);
+    let history: Vec<String> = g.history().map(|v| format!("{} {}", g.label(&v.id), v.kind.name())).collect();
+    assert_eq!(history, ["v1 create", "v2 set", "v3 delete"]);
+    assert!(g.derived_state_matches_document());
+}
+
+#[test]
+fn settings_as_of_any_version_diff_and_rollback() {
+    let mut g = group();
+    let v2 = g.set(vec![("a".into(), json!(1)), ("b".into(), json!("x"))], &meta(1)).unwrap().version.id;
+    let v3 = g.set(vec![("b".into(), json!("y")), ("c".into(), json!([1, 2]))], &meta(2)).unwrap().version.id;
+    let v4 = g.delete(vec!["a".into()], &meta(3)).unwrap().version.id;
+    assert_eq!(g.settings_at(&v2).unwrap().to_json(), json!({"a": 1, "b": "x"}));
+    assert_eq!(g.settings_at(&v3).unwrap().to_json(), json!({"a": 1, "b": "y", "c": [1, 2]}));
+    expect![[r#"
+        - a = 1
+        ~ b: "x" -> "y"
+        + c = [1,2]
+    "#]]
+    .assert_eq(&g.diff(&v2, &v4).unwrap().to_string());
+    let rollback = g.rollback("v2", &meta(4)).unwrap();
+    assert_eq!(rollback.version.kind, VersionKind::Rollback { to: v2.clone() });
+    assert_eq!(g.settings().to_json(), json!({"a": 1, "b": "x"}));
+    assert_eq!(g.settings().content_hash(), g.settings_at(&v2).unwrap().content_hash());
+    assert_eq!(rollback.version.content_hash, g.history().nth(1).unwrap().content_hash);
+    // History is append-only: the rolled-back versions are still there and readable.
+    assert_eq!(g.version_count(), 5);
+    assert_eq!(g.settings_at(&v4).unwrap().to_json(), json!({"b": "y", "c": [1, 2]}));
+    assert!(matches!(g.rollback("checkout@v5", &meta(5)), Err(EditError::Unchanged)));
+}
+
+#[test]
+fn apply_replaces_the_settings_with_the_file() {
+    let mut g = group();
+    g.set(vec![("old".into(), json!(1)), ("db.pool".into(), json!(5))], &meta(1)).unwrap();
+    let toml = "[db]\npool = 10\nhosts = [\"a\"]\n[feature]\nnew_checkout = true\n";
+    let commit = g.apply_file(toml, FileFormat::Toml, &meta(2)).unwrap();
+    assert_eq!(commit.version.kind, VersionKind::Apply { format: FileFormat::Toml });
+    assert_eq!(g.settings().to_json(), json!({"db.pool": 10, "db.hosts": ["a"], "feature.new_checkout": true}));
+    assert!(matches!(g.apply_file(toml, FileFormat::Toml, &meta(3)), Err(EditError::Unchanged)));
+    let yaml = "db:\n  pool: 10\n  hosts: [a]\nfeature:\n  new_checkout: true\n";
+    assert!(matches!(g.apply_file(yaml, FileFormat::Yaml, &meta(3)), Err(EditError::Unchanged)));
+}
+
+#[test]
+fn refused_writes_leave_nothing_behind_and_say_why() {
+    let mut g = group();
+    g.set(vec![("keep".into(), json!(1))], &meta(1)).unwrap();
+    let before = (g.heads(), g.settings().clone(), g.version_count(), g.save().len());
+    let huge = json!("x".repeat(20_000));
+    let many: String = (0..10_001).map(|i| format!("k{i} = {i}\n")).collect();
+    let attempts: Vec<Result<konor_crdt::LocalCommit, EditError>> = vec![
+        g.set(vec![("bad key".into(), json!(1))], &meta(2)),
+        g.set(vec![("ok".into(), json!(1)), ("bad..key".into(), json!(2))], &meta(2)),
+        g.set(vec![("blob".into(), huge)], &meta(2)),
+        g.set(vec![], &meta(2)),
+        g.set(vec![("keep".into(), json!(1))], &meta(2)),
+        g.delete(vec!["missing".into()], &meta(2)),
+        g.apply_file("a = ", FileFormat::Toml, &meta(2)),
+        g.apply_file("- just\n- a list\n", FileFormat::Yaml, &meta(2)),
+        g.apply_file(&many, FileFormat::Toml, &meta(2)),
+        g.rollback("v99", &meta(2)),
+        g.rollback("latest", &meta(2)),
+        g.set(vec![("ok".into(), json!(1))], &CommitMeta::new("a".repeat(200), "m", Millis(0))),
+    ];
+    let messages: Vec<String> = attempts.into_iter().map(|r| r.unwrap_err().to_string()).collect();
+    expect![[r#"
+        [
+            "invalid key \"bad key\": character ' ' not allowed (use letters, digits, '_' or '-' between dots)",
+            "invalid key \"bad..key\": empty segment (keys look like \"db.pool.size\")",
+            "value of \"blob\" is 20002 bytes as JSON, at most 16384 allowed (store large data elsewhere and reference it)",
+            "nothing to write: name at least one key",
+            "no change: the settings already hold these values (no version created)",
+            "key \"missing\" is not set in group \"app\"",
+            "toml file does not parse: TOML parse error at line 1, column 5\n  |\n1 | a = \n  |     ^\n\n",
+            "yaml file must hold a table of settings at the top level",
+            "file has 10001 keys, a group holds at most 10000",
+            "group \"app\" has no version v99",
+            "\"latest\" is not a version: write it as v12 (or v12-3fa9 when several share a number)",
+            "author is 200 bytes, at most 128 allowed",
+        ]
+    "#]]
+    .assert_debug_eq(&messages);
+    let after = (g.heads(), g.settings().clone(), g.version_count(), g.save().len());
+    assert_eq!(before, after);
+    assert!(g.derived_state_matches_document());
+}
+
+#[test]
+fn invalid_group_names_are_refused() {
+    let error = GroupDoc::create("no spaces", Mode::Strong, actor(1), &meta(0)).unwrap_err();
+    assert!(error.to_string().contains("invalid group name"), "{error}");
+    let (strong, _) = GroupDoc::create("payments", Mode::Strong, actor(1), &meta(0)).unwrap();
+    assert_eq!(strong.mode(), Mode::Strong);
+    assert_eq!(strong.name(), "payments");
+    let reloaded = GroupDoc::load(&strong.save(), actor(2)).unwrap();
+    assert_eq!(reloaded.mode(), Mode::Strong);
+    assert_eq!(reloaded.epoch(), 0);
+}

@@ -1,0 +1,119 @@
+//! Change exchange: sync protocol sessions, far-behind peers, persisted sync state, and garbage
+//! from peers refused with nothing changed.
+
+use konor_crdt::{GroupDoc, Mode, RemoteError, SyncPeer};
+use serde_json::json;
+
+use crate::support::{actor, meta, replicas, state};
+
+/// Runs sync between `a` and `b` with the given states until quiet; returns messages sent.
+fn sync_pair(a: &mut GroupDoc, b: &mut GroupDoc, a_about_b: &mut SyncPeer, b_about_a: &mut SyncPeer) -> usize {
+    let mut messages = 0;
+    for _ in 0..100 {
+        let mut quiet = true;
+        if let Some(m) = a.sync_message(a_about_b) {
+            b.receive_sync_message(b_about_a, &m).unwrap();
+            messages += 1;
+            quiet = false;
+        }
+        if let Some(m) = b.sync_message(b_about_a) {
+            a.receive_sync_message(a_about_b, &m).unwrap();
+            messages += 1;
+            quiet = false;
+        }
+        if quiet {
+            break;
+        }
+    }
+    messages
+}
+
+#[test]
+fn a_far_behind_peer_catches_up_by_sync_in_bounded_batches() {
+    let mut docs = replicas(2, Mode::Eventual);
+    for n in 0..200u64 {
+        docs[0].set(vec![(format!("k{}", n % 40), json!(n))], &meta(n + 1)).unwrap();
+    }
+    let (left, right) = docs.split_at_mut(1);
+    let (a, b) = (&mut left[0], &mut right[0]);
+    let (mut a_about_b, mut b_about_a) = (SyncPeer::new(), SyncPeer::new());
+    let messages = sync_pair(a, b, &mut a_about_b, &mut b_about_a);
+    assert!(messages >= 2);
+    assert_eq!(state(a), state(b));
+    assert_eq!(b.version_count(), 201);
+    assert!(b.derived_state_matches_document());
+}
+
+#[test]
+fn a_persisted_sync_state_makes_the_next_sync_small() {
+    let mut docs = replicas(2, Mode::Eventual);
+    for n in 0..100u64 {
+        docs[0].set(vec![(format!("k{}", n % 10), json!(n))], &meta(n + 1)).unwrap();
+    }
+    let (left, right) = docs.split_at_mut(1);
+    let (a, b) = (&mut left[0], &mut right[0]);
+    let (mut a_about_b, mut b_about_a) = (SyncPeer::new(), SyncPeer::new());
+    sync_pair(a, b, &mut a_about_b, &mut b_about_a);
+    // Both sides persist their state, "restart", and sync one new change.
+    let mut a_about_b = SyncPeer::decode(&a_about_b.encode()).unwrap();
+    let mut b_about_a = SyncPeer::decode(&b_about_a.encode()).unwrap();
+    a.set(vec![("fresh".into(), json!(true))], &meta(500)).unwrap();
+    let first = a.sync_message(&mut a_about_b).unwrap();
+    assert!(first.len() < 2_000, "one change after a persisted sync took {} bytes", first.len());
+    b.receive_sync_message(&mut b_about_a, &first).unwrap();
+    sync_pair(a, b, &mut a_about_b, &mut b_about_a);
+    assert_eq!(state(a), state(b));
+    assert!(matches!(SyncPeer::decode(b"junk"), Err(RemoteError::Malformed { .. })));
+}
+
+#[test]
+fn remote_apply_reports_changed_keys_and_new_versions() {
+    let mut docs = replicas(2, Mode::Eventual);
+    let commit = docs[0].set(vec![("a".into(), json!(1)), ("b".into(), json!(2))], &meta(1)).unwrap();
+    let applied = docs[1].apply_changes(std::slice::from_ref(&commit.change)).unwrap();
+    assert_eq!(applied.changes_applied, 1);
+    assert_eq!(applied.changed_keys.iter().cloned().collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!(applied.new_versions, vec![commit.version.id.clone()]);
+    let again = docs[1].apply_changes(&[commit.change]).unwrap();
+    assert!(again.is_empty(), "a duplicate change applies nothing");
+}
+
+#[test]
+fn garbage_from_peers_is_refused_and_changes_nothing() {
+    let mut docs = replicas(2, Mode::Eventual);
+    let good = docs[0].set(vec![("a".into(), json!(1))], &meta(1)).unwrap().change;
+    let before = state(&docs[1]);
+    let mut flipped = good.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0xff;
+    let cases: Vec<Vec<Vec<u8>>> = vec![
+        vec![b"garbage".to_vec()],
+        vec![vec![]],
+        vec![good.clone(), b"\x85\x6f\x4a\x83garbage".to_vec()],
+        vec![flipped],
+        vec![good[..good.len() / 2].to_vec()],
+    ];
+    for case in cases {
+        let error = docs[1].apply_changes(&case).unwrap_err();
+        assert!(matches!(error, RemoteError::Malformed { .. }), "{error}");
+        assert_eq!(state(&docs[1]), before, "a refused batch changed the document");
+    }
+    let mut peer = SyncPeer::new();
+    for bytes in [&b""[..], b"\x42", b"\x43\x00\xff\xff", b"garbage"] {
+        assert!(docs[1].receive_sync_message(&mut peer, bytes).is_err());
+        assert_eq!(state(&docs[1]), before);
+    }
+    let oversized = vec![0u8; konor_crdt::limits::CHANGE_BYTES_MAX + 1];
+    assert!(matches!(docs[1].apply_changes(&[oversized]), Err(RemoteError::TooLarge { .. })));
+}
+
+#[test]
+fn changes_since_unknown_heads_is_a_superset() {
+    let mut docs = replicas(1, Mode::Eventual);
+    docs[0].set(vec![("a".into(), json!(1))], &meta(1)).unwrap();
+    let unknown = konor_crdt::ChangeHash([9; 32]);
+    assert_eq!(docs[0].changes_since(&[unknown]).len(), 2);
+    assert_eq!(docs[0].changes_since(&docs[0].heads()).len(), 0);
+    let fresh = GroupDoc::load(&docs[0].save(), actor(7)).unwrap();
+    assert_eq!(state(&fresh), state(&docs[0]));
+}

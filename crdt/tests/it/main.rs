@@ -1,0 +1,10 @@
+//! Integration tests of konor-crdt: the public API of a group, driven as the node will drive it.
+
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod conflict;
+mod convergence;
+mod edit;
+mod exchange;
+mod support;
