@@ -21,15 +21,19 @@ use serde_json::{Value, json};
 /// Single-key sets measured per figure (after warm-up).
 const SETS: usize = 2_000;
 /// Remote changes measured per history size (after warm-up).
-const APPLIES: usize = 300;
+const APPLIES: usize = 500;
 /// Iterations discarded before measuring.
 const WARMUP: usize = 50;
 /// Gets per timed batch, so one `Instant` pair is spread over many gets.
 const GET_BATCH: usize = 1_000;
 /// Timed get batches.
 const GET_BATCHES: usize = 2_000;
+/// Changes per `apply_changes` call in the batched figure: the core's own batch bound.
+const APPLY_BATCH: usize = konor_crdt::limits::APPLY_BATCH_CHANGES_MAX;
+/// Timed batched `apply_changes` calls (after two warm-up calls).
+const APPLY_BATCHES: usize = 20;
 /// Repetitions of each save or load of the 10k-version document.
-const SAVE_LOAD_RUNS: usize = 10;
+const SAVE_LOAD_RUNS: usize = 20;
 
 fn main() {
     let started = Instant::now();
@@ -40,51 +44,62 @@ fn main() {
     // 1. Local set + commit on a group with ~100 keys; its changes also give the record sizes.
     let mut small = group(1);
     populate(&mut small, 100, &mut clock);
-    let (set_100, record_sizes) = measure_sets(&mut small, 100, &mut clock);
-    rows.push(Row::new("local set+commit, 100 keys (~100-2.1k versions)", &set_100, Unit::Micros).target(40.0));
+    let before = small.version_count();
+    let (set_100, sizes) = measure_sets(&mut small, 100, &mut clock);
+    let history = span(before, small.version_count());
+    rows.push(Row::new(&format!("local set+commit, 100 keys, {history}"), &set_100, Unit::Micros).target(40.0));
 
     // 3a. Remote apply at ~1k history: 1,000 keys written one version each, replica B loaded
     // from A's save. A's timed sets double as the 1,000-key set figure.
     let mut big = group(2);
     populate(&mut big, 1_000, &mut clock);
-    let history_1k = big.version_count();
+    let before = big.version_count();
     let mut replica = GroupDoc::load(&big.save(), actor(3)).unwrap();
     let (set_1k, apply_1k) = measure_applies(&mut big, &mut replica, &mut clock);
-    rows.push(Row::new("local set+commit, 1,000 keys (~1k versions)", &set_1k, Unit::Micros).target(40.0));
+    let history_1k = span(before, big.version_count());
+    rows.push(Row::new(&format!("local set+commit, 1,000 keys, {history_1k}"), &set_1k, Unit::Micros).target(40.0));
 
     // 2. Read-view get on the 1,000-key group.
     let get = measure_gets(&big);
     rows.push(Row::new("read-view get, 1,000 keys (per get)", &get, Unit::PerGetNanos).target(100.0));
 
-    rows.push(Row::new(&format!("remote apply per change, history {history_1k}"), &apply_1k, Unit::Micros));
+    rows.push(Row::new(&format!("remote apply per change, 1,000 keys, {history_1k}"), &apply_1k, Unit::Micros));
 
     // 4. Grow A to 10k versions, then save and load it.
     grow_to(&mut big, 10_000, &mut clock);
     let versions_10k = big.version_count();
     let (save, load, load_file, snapshot_bytes, file_bytes) = measure_save_load(&big);
     rows.push(Row::new(&format!("save, 1,000 keys, {versions_10k} versions"), &save, Unit::Millis));
-    rows.push(Row::new(&format!("load (GroupDoc::load), {versions_10k} versions"), &load, Unit::Millis));
-    rows.push(Row::new(&format!("load_group_file(snapshot_file), {versions_10k} versions"), &load_file, Unit::Millis));
+    rows.push(Row::new(&format!("GroupDoc::load, 1,000 keys, {versions_10k} versions"), &load, Unit::Millis));
+    rows.push(Row::new(
+        &format!("load_group_file(snapshot_file), 1,000 keys, {versions_10k} versions"),
+        &load_file,
+        Unit::Millis,
+    ));
 
     // 3b. Remote apply at ~10k history (and the set figure on the same document).
-    let history_10k = big.version_count();
+    let before = big.version_count();
     let mut replica = GroupDoc::load(&big.save(), actor(4)).unwrap();
     let (set_10k, apply_10k) = measure_applies(&mut big, &mut replica, &mut clock);
-    rows.push(Row::new("local set+commit, 1,000 keys (~10k versions)", &set_10k, Unit::Micros).target(40.0));
-    rows.push(Row::new(&format!("remote apply per change, history {history_10k}"), &apply_10k, Unit::Micros));
+    let history_10k = span(before, big.version_count());
+    rows.push(Row::new(&format!("local set+commit, 1,000 keys, {history_10k}"), &set_10k, Unit::Micros).target(40.0));
+    rows.push(Row::new(&format!("remote apply per change, 1,000 keys, {history_10k}"), &apply_10k, Unit::Micros));
+
+    // Extra: the same replica fed APPLY_BATCH changes per call (as load_group_file and sync do).
+    let before = big.version_count();
+    let batched = measure_batched_applies(&mut big, &mut replica, &mut clock);
+    let history = span(before, big.version_count());
+    let name = format!("remote apply per change, {APPLY_BATCH} per call, 1,000 keys, {history}");
+    rows.push(Row::new(&name, &batched, Unit::MicrosPer(APPLY_BATCH)));
 
     print_table(&rows);
-    let average = record_sizes.iter().sum::<usize>() as f64 / record_sizes.len() as f64;
     println!();
-    println!("sizes");
-    println!("  snapshot (GroupDoc::save), 1,000 keys, {versions_10k} versions: {snapshot_bytes} bytes");
-    println!("  snapshot_file (header + snapshot record):                 {file_bytes} bytes");
-    println!(
-        "  change_record of a one-key set: avg {average:.0} bytes, min {}, max {} (n = {})",
-        record_sizes.iter().min().unwrap(),
-        record_sizes.iter().max().unwrap(),
-        record_sizes.len()
-    );
+    println!("sizes (bytes)");
+    println!("  snapshot (GroupDoc::save), 1,000 keys, {versions_10k} versions: {snapshot_bytes}");
+    println!("  snapshot_file output (header + snapshot record + meta):    {file_bytes}");
+    print_sizes("change_record of a one-key set (incremental record)", &sizes.records);
+    print_sizes("  of which the Automerge change (LocalCommit::change)", &sizes.changes);
+    print_sizes("  of which the version entry JSON inside the change", &sizes.version_json);
     println!();
     println!("total bench time: {:.1} s", started.elapsed().as_secs_f64());
 }
@@ -146,10 +161,21 @@ fn grow_to(group: &mut GroupDoc, versions: usize, clock: &mut u64) {
     }
 }
 
-/// Times one-key sets of existing keys; returns the histogram and the change record sizes.
-fn measure_sets(group: &mut GroupDoc, keys: usize, clock: &mut u64) -> (Histogram<u64>, Vec<usize>) {
+/// Sizes of what one-key sets produce.
+#[derive(Default)]
+struct RecordSizes {
+    /// `journal::change_record(&commit.change)`: what the node appends to the group file.
+    records: Vec<usize>,
+    /// The raw Automerge change inside it.
+    changes: Vec<usize>,
+    /// The `VersionInfo` JSON the change stores in the `versions` map.
+    version_json: Vec<usize>,
+}
+
+/// Times one-key sets of existing keys; returns the histogram and the sizes they produced.
+fn measure_sets(group: &mut GroupDoc, keys: usize, clock: &mut u64) -> (Histogram<u64>, RecordSizes) {
     let mut histogram = histogram();
-    let mut sizes = Vec::with_capacity(SETS);
+    let mut sizes = RecordSizes::default();
     for round in 0..WARMUP + SETS {
         let meta = meta(clock);
         let entries = vec![(key(round % keys), value(*clock))];
@@ -159,7 +185,9 @@ fn measure_sets(group: &mut GroupDoc, keys: usize, clock: &mut u64) -> (Histogra
         let commit = commit.unwrap();
         if round >= WARMUP {
             record(&mut histogram, elapsed);
-            sizes.push(change_record(&commit.change).len());
+            sizes.records.push(change_record(&commit.change).unwrap().len());
+            sizes.changes.push(commit.change.len());
+            sizes.version_json.push(serde_json::to_string(&commit.version).unwrap().len());
         }
     }
     (histogram, sizes)
@@ -188,6 +216,29 @@ fn measure_applies(writer: &mut GroupDoc, replica: &mut GroupDoc, clock: &mut u6
     assert_eq!(replica.heads(), writer.heads(), "replica caught up");
     assert_eq!(replica.settings(), writer.settings(), "replica serves the same settings");
     (sets, applies)
+}
+
+/// A writes one-key sets; B applies them APPLY_BATCH per call. The histogram holds call times.
+fn measure_batched_applies(writer: &mut GroupDoc, replica: &mut GroupDoc, clock: &mut u64) -> Histogram<u64> {
+    let keys = writer.settings().len();
+    let mut histogram = histogram();
+    for round in 0..2 + APPLY_BATCHES {
+        let changes: Vec<Vec<u8>> = (0..APPLY_BATCH)
+            .map(|n| {
+                let meta = meta(clock);
+                writer.set(vec![(key((round * 31 + n * 7) % keys), value(*clock))], &meta).unwrap().change
+            })
+            .collect();
+        let start = Instant::now();
+        let applied = replica.apply_changes(&changes);
+        let elapsed = start.elapsed();
+        assert_eq!(applied.unwrap().changes_applied, APPLY_BATCH, "every change is new to the replica");
+        if round >= 2 {
+            record(&mut histogram, elapsed);
+        }
+    }
+    assert_eq!(replica.heads(), writer.heads(), "replica caught up");
+    histogram
 }
 
 /// Times batches of gets in a scrambled key order; the histogram holds whole-batch times.
@@ -224,7 +275,7 @@ fn measure_save_load(group: &GroupDoc) -> (Histogram<u64>, Histogram<u64>, Histo
         record(&mut load, start.elapsed());
         assert_eq!(loaded.version_count(), group.version_count());
     }
-    let file = snapshot_file(group, Some(b"{\"revision\":1}"));
+    let file = snapshot_file(group, Some(b"{\"revision\":1}")).unwrap();
     for _ in 0..SAVE_LOAD_RUNS {
         let start = Instant::now();
         let loaded = load_group_file(&file, actor(6)).unwrap();
@@ -232,6 +283,17 @@ fn measure_save_load(group: &GroupDoc) -> (Histogram<u64>, Histogram<u64>, Histo
         assert_eq!(loaded.group.heads(), group.heads());
     }
     (save, load, load_file, snapshot.len(), file.len())
+}
+
+/// "versions A-B": the history length before and after a measurement that adds versions.
+fn span(before: usize, after: usize) -> String {
+    format!("versions {before}-{after}")
+}
+
+fn print_sizes(what: &str, sizes: &[usize]) {
+    let average = sizes.iter().sum::<usize>() as f64 / sizes.len().max(1) as f64;
+    let (min, max) = (sizes.iter().min().unwrap_or(&0), sizes.iter().max().unwrap_or(&0));
+    println!("  {what}: avg {average:.0}, min {min}, max {max} (n = {})", sizes.len());
 }
 
 fn histogram() -> Histogram<u64> {
@@ -250,6 +312,8 @@ enum Unit {
     Millis,
     /// Whole-batch nanoseconds, shown per get.
     PerGetNanos,
+    /// Whole-call nanoseconds, shown in microseconds per item of a call of this many.
+    MicrosPer(usize),
 }
 
 impl Unit {
@@ -258,12 +322,13 @@ impl Unit {
             Unit::Micros => nanos as f64 / 1e3,
             Unit::Millis => nanos as f64 / 1e6,
             Unit::PerGetNanos => nanos as f64 / GET_BATCH as f64,
+            Unit::MicrosPer(items) => nanos as f64 / 1e3 / items as f64,
         }
     }
 
     fn label(self) -> &'static str {
         match self {
-            Unit::Micros => "µs",
+            Unit::Micros | Unit::MicrosPer(_) => "µs",
             Unit::Millis => "ms",
             Unit::PerGetNanos => "ns",
         }

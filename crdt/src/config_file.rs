@@ -69,7 +69,7 @@ pub fn parse_config_file(text: &str, format: FileFormat) -> Result<Settings, Fil
     let syntax = |detail: String| FileError::Syntax { format, detail };
     let document: Value = match format {
         FileFormat::Json => serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?,
-        FileFormat::Toml => toml::from_str(text).map_err(|e| syntax(e.to_string()))?,
+        FileFormat::Toml => toml_to_json(toml::from_str(text).map_err(|e| syntax(e.to_string()))?),
         FileFormat::Yaml => serde_yaml::from_str(text).map_err(|e| syntax(e.to_string()))?,
     };
     let Value::Object(top) = document else {
@@ -84,6 +84,19 @@ pub fn parse_config_file(text: &str, format: FileFormat) -> Result<Settings, Fil
         return Err(FileError::TooLarge { bytes: settings.bytes(), max: SETTINGS_BYTES_MAX });
     }
     Ok(settings)
+}
+
+/// TOML values as JSON; TOML dates and times become their RFC 3339 text (JSON has no date type).
+fn toml_to_json(value: toml::Value) -> Value {
+    match value {
+        toml::Value::String(text) => Value::String(text),
+        toml::Value::Integer(n) => Value::from(n),
+        toml::Value::Float(x) => serde_json::Number::from_f64(x).map_or(Value::Null, Value::Number),
+        toml::Value::Boolean(b) => Value::Bool(b),
+        toml::Value::Datetime(datetime) => Value::String(datetime.to_string()),
+        toml::Value::Array(items) => Value::Array(items.into_iter().map(toml_to_json).collect()),
+        toml::Value::Table(table) => Value::Object(table.into_iter().map(|(k, v)| (k, toml_to_json(v))).collect()),
+    }
 }
 
 fn flatten_into(out: &mut Settings, prefix: &str, table: Map<String, Value>) -> Result<(), FileError> {
@@ -152,6 +165,12 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&errors);
+    }
+
+    #[test]
+    fn toml_dates_become_text() {
+        let settings = parse_config_file("released = 2026-11-24T10:00:00Z\n", FileFormat::Toml).unwrap();
+        assert_eq!(settings.get("released"), Some(&json!("2026-11-24T10:00:00Z")));
     }
 
     #[test]

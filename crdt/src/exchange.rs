@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, Change, ChangeHash, PatchAction, PatchLog, Value as AmValue};
+use automerge::{Automerge, Change, ChangeHash, PatchAction, PatchLog, ReadDoc, Value as AmValue};
 use sha2::{Digest, Sha256};
 
 use crate::error::RemoteError;
@@ -29,6 +29,9 @@ pub struct RemoteApplied {
     pub changed_keys: BTreeSet<String>,
     /// Versions that became known.
     pub new_versions: Vec<VersionId>,
+    /// Raw bytes of every change that became part of the document (including queued changes
+    /// whose dependencies just arrived): what the node must persist before acknowledging.
+    pub new_changes: Vec<Vec<u8>>,
 }
 
 impl RemoteApplied {
@@ -41,6 +44,7 @@ impl RemoteApplied {
         self.changes_applied += other.changes_applied;
         self.changed_keys.extend(other.changed_keys);
         self.new_versions.extend(other.new_versions);
+        self.new_changes.extend(other.new_changes);
     }
 }
 
@@ -188,11 +192,16 @@ impl GroupDoc {
         let mut total = RemoteApplied::default();
         let fresh: Vec<Change> = changes.into_iter().filter(|c| !self.has_change(&c.hash())).collect();
         for batch in fresh.chunks(APPLY_BATCH_CHANGES_MAX) {
+            let before = self.doc.get_heads();
             let mut log = PatchLog::active();
             let result = self.doc.apply_changes_log_patches(batch.iter().cloned(), &mut log);
             let patches = self.doc.make_patches(&mut log);
             total.absorb(self.follow_patches(patches));
-            total.changes_applied += batch.iter().filter(|c| self.has_change(&c.hash())).count();
+            if self.doc.get_heads() != before {
+                let added = self.doc.get_changes(&before);
+                total.changes_applied += added.len();
+                total.new_changes.extend(added.iter().map(|change| change.raw_bytes().to_vec()));
+            }
             result.map_err(|e| RemoteError::Rejected { detail: e.to_string() })?;
         }
         debug_assert!(
@@ -203,57 +212,73 @@ impl GroupDoc {
     }
 
     /// Updates the read view, the conflict set and the version index from patches.
+    ///
+    /// Patches say which keys were touched; the served value and the conflict state of each
+    /// touched key are then read back from the document. Patch actions alone are not enough:
+    /// a batch holding a concurrent put and a delete of one key can yield only a `Conflict`
+    /// patch although the visible value changed (found by the convergence property test).
     fn follow_patches(&mut self, patches: Vec<automerge::Patch>) -> RemoteApplied {
         let mut applied = RemoteApplied::default();
+        let mut touched = BTreeSet::new();
         for patch in patches {
             if patch.obj == self.objects.settings {
                 match patch.action {
-                    PatchAction::PutMap { key, value: (value, _), conflict } => {
-                        let decoded = match &value {
-                            AmValue::Scalar(s) => s.as_str().map(|text| (validate_key(&key), decode_value(&key, text))),
-                            AmValue::Object(_) => None,
-                        };
-                        match decoded {
-                            Some((Ok(()), Ok(value))) => {
-                                self.invalid.remove(&key);
-                                self.view.insert(key.clone(), value);
-                            }
-                            _ => {
-                                self.view.remove(&key);
-                                self.invalid.insert(key.clone());
-                            }
-                        }
-                        if conflict {
-                            self.conflicted.insert(key.clone());
-                        } else {
-                            self.conflicted.remove(&key);
-                        }
-                        applied.changed_keys.insert(key);
+                    PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
+                        touched.insert(key);
                     }
                     PatchAction::Conflict { prop: automerge::Prop::Map(key) } => {
-                        self.conflicted.insert(key);
-                    }
-                    PatchAction::DeleteMap { key } => {
-                        self.view.remove(&key);
-                        self.conflicted.remove(&key);
-                        self.invalid.remove(&key);
-                        applied.changed_keys.insert(key);
+                        touched.insert(key);
                     }
                     _ => {}
                 }
             } else if patch.obj == self.objects.versions
                 && let PatchAction::PutMap { key, value: (AmValue::Scalar(text), op), .. } = patch.action
             {
-                {
-                    let text = text.as_str().unwrap_or_default().to_owned();
-                    self.index_version(&key, &text, &op);
-                    if let Some(id) = VersionId::from_storage_key(&key).filter(|id| self.has_version(id)) {
-                        applied.new_versions.push(id);
-                    }
+                let text = text.as_str().unwrap_or_default().to_owned();
+                self.index_version(&key, &text, &op);
+                if let Some(id) = VersionId::from_storage_key(&key).filter(|id| self.has_version(id)) {
+                    applied.new_versions.push(id);
                 }
             }
         }
+        for key in touched {
+            let before = self.view.entry(&key).map(|entry| entry.canonical.clone());
+            self.refresh_key(&key);
+            if self.view.entry(&key).map(|entry| &entry.canonical) != before.as_ref() {
+                applied.changed_keys.insert(key);
+            }
+        }
         applied
+    }
+
+    /// Reads one settings key back from the document into the read view and conflict set.
+    fn refresh_key(&mut self, key: &str) {
+        let all = self.doc.get_all(&self.objects.settings, key).unwrap_or_default();
+        let winner = self.doc.get(&self.objects.settings, key).ok().flatten();
+        if all.len() > 1 {
+            self.conflicted.insert(key.to_owned());
+        } else {
+            self.conflicted.remove(key);
+        }
+        let decoded = match &winner {
+            Some((AmValue::Scalar(s), _)) => s.as_str().map(|text| (validate_key(key), decode_value(key, text))),
+            Some((AmValue::Object(_), _)) => None,
+            None => {
+                self.view.remove(key);
+                self.invalid.remove(key);
+                return;
+            }
+        };
+        match decoded {
+            Some((Ok(()), Ok(value))) => {
+                self.invalid.remove(key);
+                self.view.insert(key.to_owned(), value);
+            }
+            _ => {
+                self.view.remove(key);
+                self.invalid.insert(key.to_owned());
+            }
+        }
     }
 
     fn has_version(&self, id: &VersionId) -> bool {

@@ -241,6 +241,18 @@ impl GroupDoc {
                 _ => Err(not_a_group(&format!("missing map {key:?}"))),
             }
         };
+        let format = match doc.get(automerge::ROOT, "format") {
+            Ok(Some((AmValue::Scalar(s), _))) => match s.as_ref() {
+                ScalarValue::Uint(n) => *n,
+                _ => 0,
+            },
+            _ => 0,
+        };
+        if format == 0 || format > DOCUMENT_FORMAT {
+            return Err(not_a_group(&format!(
+                "document format {format}, this version reads 1 to {DOCUMENT_FORMAT}; upgrade konord"
+            )));
+        }
         let meta = map_at(&automerge::ROOT, "meta")?;
         let objects = Objects {
             settings: map_at(&automerge::ROOT, "settings")?,
@@ -367,6 +379,21 @@ impl GroupDoc {
         self.versions.values().map(|entry| &entry.info)
     }
 
+    /// True when changes wait in Automerge's queue for dependencies this document lacks.
+    pub fn has_missing_deps(&self) -> bool {
+        !self.doc.get_missing_deps(&[]).is_empty()
+    }
+
+    /// The number of Automerge changes in the document: a replica's revision after loading.
+    pub fn change_count(&self) -> u64 {
+        self.doc.get_changes_meta(&[]).len() as u64
+    }
+
+    /// The label of the latest version (`v12`), or `v0` for a document without versions.
+    pub fn latest_label(&self) -> String {
+        self.latest_version().map_or_else(|| "v0".to_owned(), |v| self.label(&v.id))
+    }
+
     /// The number of versions.
     pub fn version_count(&self) -> usize {
         self.versions.len()
@@ -405,6 +432,11 @@ impl GroupDoc {
 
     /// Resolves what a person typed (`v12`, `v12-3fa9`, `checkout@v12`) to one version.
     pub fn resolve(&self, text: &str) -> Result<&VersionInfo, VersionError> {
+        if let Some((group, _)) = text.rsplit_once('@')
+            && group != self.name
+        {
+            return Err(VersionError::Unknown { group: self.name.clone(), version: text.to_owned() });
+        }
         let reference: VersionRef = text.parse()?;
         let candidates: Vec<&VersionEntry> = self
             .versions
@@ -452,21 +484,28 @@ impl GroupDoc {
                 if all.len() < 2 {
                     return None;
                 }
-                // get_all lists values in op order; the last one is the one `get` returns.
-                let mut sides: Vec<ConflictValue> = all
-                    .iter()
-                    .map(|(value, op)| ConflictValue {
-                        value: match value {
-                            AmValue::Scalar(s) => {
-                                s.as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null)
-                            }
-                            AmValue::Object(_) => Value::Null,
-                        },
-                        version: self.doc.hash_for_opid(op).and_then(|h| self.by_change.get(&h).cloned()),
-                    })
-                    .collect();
-                let winner = sides.pop()?;
-                Some(Conflict { key: key.clone(), winner, losers: sides })
+                // `get` returns the winner every node serves; the others lost.
+                let (_, winner_op) = self.doc.get(&self.objects.settings, key.as_str()).ok()??;
+                let side = |value: &AmValue<'_>, op: &ObjId| ConflictValue {
+                    value: match value {
+                        AmValue::Scalar(s) => {
+                            s.as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null)
+                        }
+                        AmValue::Object(_) => Value::Null,
+                    },
+                    version: self.doc.hash_for_opid(op).and_then(|h| self.by_change.get(&h).cloned()),
+                };
+                let mut winner = None;
+                let mut losers = Vec::new();
+                for (value, op) in &all {
+                    if *op == winner_op {
+                        winner = Some(side(value, op));
+                    } else {
+                        losers.push(side(value, op));
+                    }
+                }
+                let winner = winner?;
+                Some(Conflict { key: key.clone(), winner, losers })
             })
             .collect()
     }

@@ -12,31 +12,32 @@ use crate::error::LoadError;
 use crate::exchange::decode_change;
 use crate::group::GroupDoc;
 use crate::limits::COMPACT_TAIL_CHANGES_MAX;
-use crate::record::{DropReason, Dropped, RecordKind, encode_header, encode_record, scan_records};
+use crate::record::{DropReason, Dropped, RecordKind, RecordTooLarge, encode_header, encode_record, scan_records};
 
 /// A whole compacted file: header, a snapshot of `group`, and optionally a meta record.
-pub fn snapshot_file(group: &GroupDoc, meta: Option<&[u8]>) -> Vec<u8> {
+/// Refused when the snapshot outgrew the record limit (the group then needs an epoch switch).
+pub fn snapshot_file(group: &GroupDoc, meta: Option<&[u8]>) -> Result<Vec<u8>, RecordTooLarge> {
     let snapshot = group.save();
     let mut file = encode_header().to_vec();
-    encode_record(&mut file, RecordKind::Snapshot, &snapshot);
+    encode_record(&mut file, RecordKind::Snapshot, &snapshot)?;
     if let Some(meta) = meta {
-        encode_record(&mut file, RecordKind::Meta, meta);
+        encode_record(&mut file, RecordKind::Meta, meta)?;
     }
-    file
+    Ok(file)
 }
 
 /// The bytes to append to a group file for one change.
-pub fn change_record(change: &[u8]) -> Vec<u8> {
+pub fn change_record(change: &[u8]) -> Result<Vec<u8>, RecordTooLarge> {
     let mut out = Vec::with_capacity(change.len() + crate::record::FRAME_BYTES);
-    encode_record(&mut out, RecordKind::Change, change);
-    out
+    encode_record(&mut out, RecordKind::Change, change)?;
+    Ok(out)
 }
 
 /// The bytes to append to a group file for a meta record.
-pub fn meta_record(meta: &[u8]) -> Vec<u8> {
+pub fn meta_record(meta: &[u8]) -> Result<Vec<u8>, RecordTooLarge> {
     let mut out = Vec::with_capacity(meta.len() + crate::record::FRAME_BYTES);
-    encode_record(&mut out, RecordKind::Meta, meta);
-    out
+    encode_record(&mut out, RecordKind::Meta, meta)?;
+    Ok(out)
 }
 
 /// A group rebuilt from a file, with what the reader had to drop.
@@ -126,11 +127,11 @@ mod tests {
     /// A file with a snapshot of v1 and one change record per later write.
     fn file_with_writes(writes: u64) -> (Vec<u8>, Vec<GroupDoc>) {
         let (mut group, _) = GroupDoc::create("app", Mode::Eventual, actor(1), &meta(0)).unwrap();
-        let mut file = snapshot_file(&group, Some(b"{\"revision\":1}"));
+        let mut file = snapshot_file(&group, Some(b"{\"revision\":1}")).unwrap();
         let mut states = vec![GroupDoc::load(&group.save(), actor(9)).unwrap()];
         for n in 1..=writes {
             let commit = group.set(vec![(format!("k{}", n % 3), json!(n))], &meta(n)).unwrap();
-            file.extend(change_record(&commit.change));
+            file.extend(change_record(&commit.change).unwrap());
             states.push(GroupDoc::load(&group.save(), actor(9)).unwrap());
         }
         (file, states)
@@ -192,7 +193,7 @@ mod tests {
         assert!(matches!(load_group_file(b"not a konor file", actor(5)), Err(LoadError::BadHeader { .. })));
         let mut only_header = encode_header().to_vec();
         assert!(matches!(load_group_file(&only_header, actor(5)), Err(LoadError::NoSnapshot)));
-        encode_record(&mut only_header, RecordKind::Snapshot, b"garbage");
+        encode_record(&mut only_header, RecordKind::Snapshot, b"garbage").unwrap();
         assert!(matches!(load_group_file(&only_header, actor(5)), Err(LoadError::Snapshot { .. })));
     }
 }

@@ -14,10 +14,13 @@ pub mod diff;
 pub mod error;
 pub mod exchange;
 pub mod group;
+pub mod join;
 pub mod journal;
 pub mod key;
 pub mod limits;
+pub mod peer_message;
 pub mod record;
+pub mod replica;
 pub mod settings;
 pub mod time;
 pub mod value;
@@ -29,8 +32,13 @@ pub use diff::SettingsDiff;
 pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, ValueError, VersionError};
 pub use exchange::{HeadsDigest, RemoteApplied, SyncPeer};
 pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode};
+pub use join::GroupKey;
 pub use journal::{LoadedGroup, load_group_file};
 pub use key::Key;
+pub use peer_message::PeerMessage;
+pub use replica::{
+    Command, CommandError, CommandOutcome, Input, MembershipView, Output, PeerState, PersistOp, Replica,
+};
 pub use settings::{ContentHash, Settings};
 pub use time::Millis;
 pub use version::{VersionId, VersionInfo, VersionKind, VersionRef};

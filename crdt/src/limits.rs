@@ -71,3 +71,29 @@ const _: () = assert!(APPLY_BATCH_CHANGES_MAX >= 1);
 pub const COMPACT_TAIL_CHANGES_MAX: usize = 256;
 
 const _: () = assert!(COMPACT_TAIL_CHANGES_MAX >= APPLY_BATCH_CHANGES_MAX);
+
+/// Largest encoded peer message: a join grant carries a whole document save.
+pub const PEER_MESSAGE_BYTES_MAX: usize = SYNC_MESSAGE_BYTES_MAX + 1024 * 1024;
+
+/// Notifications a replica keeps per group for watch resume; a watcher further behind gets an
+/// explicit resync (SPEC F13). 1,024 events cover minutes of heavy writes.
+pub const WATCH_EVENTS_KEPT: usize = 1024;
+
+/// How long a peer's gossiped heads may differ from ours before anti-entropy starts a sync
+/// session: pushes normally close the gap within milliseconds, so waiting avoids a redundant
+/// session per write while still repairing a lost push within about a second.
+pub const ANTI_ENTROPY_DELAY_MS: u64 = 1_000;
+
+/// A sync session with no answer for this long is reset (FACTS: lost sync messages can stall
+/// the protocol unless the state is reset).
+pub const SYNC_SESSION_TIMEOUT_MS: u64 = 5_000;
+
+/// How long one join attempt waits for a member's answer before trying another member.
+pub const JOIN_STEP_TIMEOUT_MS: u64 = 3_000;
+
+/// How long a join waits in total, including waiting for a member to appear in gossip.
+pub const JOIN_TIMEOUT_MS: u64 = 15_000;
+
+const _: () = assert!(PEER_MESSAGE_BYTES_MAX > SYNC_MESSAGE_BYTES_MAX);
+const _: () = assert!(JOIN_STEP_TIMEOUT_MS < JOIN_TIMEOUT_MS);
+const _: () = assert!(ANTI_ENTROPY_DELAY_MS < SYNC_SESSION_TIMEOUT_MS);

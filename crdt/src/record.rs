@@ -67,13 +67,24 @@ pub fn encode_header() -> [u8; HEADER_BYTES] {
     header
 }
 
-/// Appends one framed record to `out`.
-///
-/// The payload must be at most [`RECORD_PAYLOAD_BYTES_MAX`]; the callers only frame documents
-/// and changes that the core's limits already bound.
-pub fn encode_record(out: &mut Vec<u8>, kind: RecordKind, payload: &[u8]) {
-    debug_assert!(payload.len() <= RECORD_PAYLOAD_BYTES_MAX, "record payload over the limit");
-    let length = u32::try_from(payload.len()).unwrap_or(u32::MAX);
+/// A payload too large to frame: a reader would refuse the record, so it is never written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("record payload of {bytes} bytes is over the limit of {max}; nothing was written")]
+pub struct RecordTooLarge {
+    /// The payload size.
+    pub bytes: usize,
+    /// The limit.
+    pub max: usize,
+}
+
+/// Appends one framed record to `out`, refusing payloads over [`RECORD_PAYLOAD_BYTES_MAX`]
+/// (`out` is unchanged then).
+pub fn encode_record(out: &mut Vec<u8>, kind: RecordKind, payload: &[u8]) -> Result<(), RecordTooLarge> {
+    if payload.len() > RECORD_PAYLOAD_BYTES_MAX {
+        return Err(RecordTooLarge { bytes: payload.len(), max: RECORD_PAYLOAD_BYTES_MAX });
+    }
+    let length = u32::try_from(payload.len())
+        .map_err(|_| RecordTooLarge { bytes: payload.len(), max: RECORD_PAYLOAD_BYTES_MAX })?;
     let mut crc = crc32fast::Hasher::new();
     crc.update(&[kind.to_byte()]);
     crc.update(payload);
@@ -82,6 +93,7 @@ pub fn encode_record(out: &mut Vec<u8>, kind: RecordKind, payload: &[u8]) {
     out.extend_from_slice(&crc.finalize().to_le_bytes());
     out.push(kind.to_byte());
     out.extend_from_slice(payload);
+    Ok(())
 }
 
 /// One record read back.
@@ -104,8 +116,6 @@ pub enum DropReason {
     ChecksumMismatch,
     /// A length over the limit: the frame itself is damaged.
     LengthOverLimit,
-    /// A kind byte this version does not know, under a valid checksum.
-    UnknownKind(u8),
     /// A record whose checksum holds but whose payload does not decode.
     Undecodable,
 }
@@ -116,7 +126,6 @@ impl fmt::Display for DropReason {
             DropReason::Torn => f.write_str("torn record at the end (a write cut short)"),
             DropReason::ChecksumMismatch => f.write_str("checksum mismatch (damaged bytes)"),
             DropReason::LengthOverLimit => f.write_str("record length over the limit (damaged frame)"),
-            DropReason::UnknownKind(kind) => write!(f, "unknown record kind {kind}"),
             DropReason::Undecodable => f.write_str("payload does not decode"),
         }
     }
@@ -192,7 +201,9 @@ pub fn scan_records(file: &[u8]) -> Result<RecordScan<'_>, LoadError> {
             break stop(DropReason::ChecksumMismatch);
         }
         let Some(kind) = RecordKind::from_byte(kind_byte) else {
-            break stop(DropReason::UnknownKind(kind_byte));
+            // The checksum covers the kind byte, so this record was written on purpose by a
+            // newer version: refuse the file rather than drop (and later compact away) its data.
+            return Err(LoadError::UnknownRecord { kind: kind_byte, offset });
         };
         records.push(Record { offset, kind, payload });
         offset += FRAME_BYTES + length;
@@ -208,7 +219,7 @@ mod tests {
     fn file_of(payloads: &[(RecordKind, Vec<u8>)]) -> Vec<u8> {
         let mut file = encode_header().to_vec();
         for (kind, payload) in payloads {
-            encode_record(&mut file, *kind, payload);
+            encode_record(&mut file, *kind, payload).unwrap();
         }
         file
     }
@@ -289,7 +300,7 @@ mod tests {
         unknown.extend_from_slice(&0u32.to_le_bytes());
         unknown.extend_from_slice(&crc.finalize().to_le_bytes());
         unknown.push(77);
-        let scan = scan_records(&unknown).unwrap();
-        assert_eq!(scan.dropped.map(|d| d.reason), Some(DropReason::UnknownKind(77)));
+        let error = scan_records(&unknown).unwrap_err();
+        assert_eq!(error, LoadError::UnknownRecord { kind: 77, offset: HEADER_BYTES });
     }
 }

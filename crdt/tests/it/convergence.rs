@@ -165,3 +165,20 @@ proptest! {
         assert_converged(&docs);
     }
 }
+
+/// Regression: a sync message carrying, in one batch, a put of a key and a concurrent delete of
+/// the value the receiver served made Automerge emit only a `Conflict` patch although the served
+/// value changed; the read view kept the deleted value.
+#[test]
+fn regression_put_and_concurrent_delete_in_one_sync_batch() {
+    let mut docs = replicas(3, Mode::Eventual);
+    docs[1].set(vec![("k0".into(), json!(0))], &meta(1)).unwrap();
+    docs[2].set(vec![("k1".into(), json!(0))], &meta(2)).unwrap();
+    let changes = docs[2].changes_since(&docs[1].heads());
+    docs[1].apply_changes(&changes).unwrap();
+    docs[1].apply_file("{}", FileFormat::Json, &meta(3)).unwrap();
+    docs[0].apply_file("{\"k1\": 1}", FileFormat::Json, &meta(4)).unwrap();
+    sync_all(&mut docs);
+    assert_converged(&docs);
+    assert_eq!(docs[2].get("k1"), Some(&json!(1)));
+}

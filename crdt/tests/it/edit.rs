@@ -56,7 +56,8 @@ fn settings_as_of_any_version_diff_and_rollback() {
     // History is append-only: the rolled-back versions are still there and readable.
     assert_eq!(g.version_count(), 5);
     assert_eq!(g.settings_at(&v4).unwrap().to_json(), json!({"b": "y", "c": [1, 2]}));
-    assert!(matches!(g.rollback("checkout@v5", &meta(5)), Err(EditError::Unchanged)));
+    assert!(matches!(g.rollback("app@v5", &meta(5)), Err(EditError::Unchanged)));
+    assert!(matches!(g.rollback("checkout@v2", &meta(5)), Err(EditError::Version(_))));
 }
 
 #[test]

@@ -7,4 +7,5 @@ mod conflict;
 mod convergence;
 mod edit;
 mod exchange;
+mod replica;
 mod support;

@@ -1,0 +1,1066 @@
+//! The replication protocol as a sans-IO state machine: one [`Replica`] per node holds the
+//! groups it is a member of and decides when to push changes, to whom, when to start a sync
+//! session, how to admit a joiner, and how local revisions are numbered for watchers.
+//!
+//! The shell drives it with [`Replica::handle`] (a local command, a peer's bytes, a membership
+//! view, a timer tick) and executes the [`Output`]s from [`Replica::poll_output`] strictly in
+//! order: a `Persist` is durable (fsync) before any later `Send` or `Reply` is executed, so a
+//! caller or a peer never hears of a change this node could still lose.
+//!
+//! Membership claims in gossip carry a proof (HMAC of the node id under the group key), so a
+//! node only ever exchanges a group's data with peers that hold the group key.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use automerge::ActorId;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::config_file::FileFormat;
+use crate::error::{EditError, RemoteError};
+use crate::exchange::{HeadsDigest, RemoteApplied, SyncPeer};
+use crate::group::{CommitMeta, GroupDoc, LocalCommit, Mode};
+use crate::join::{GroupKey, derive_nonce, join_proof, verify_join_proof};
+use crate::journal::{change_record, needs_compaction, snapshot_file};
+use crate::limits::{
+    ANTI_ENTROPY_DELAY_MS, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS, WATCH_EVENTS_KEPT,
+};
+use crate::peer_message::{Nonce, PeerMessage};
+use crate::settings::{hex, unhex};
+use crate::time::Millis;
+use crate::version::VersionInfo;
+
+/// A node's id, as in its certificate and in gossip.
+pub type NodeId = String;
+
+/// Correlates a command with its reply.
+pub type CommandId = u64;
+
+/// The Automerge actor of a node incarnation: a hash of the node id and its start counter, so a
+/// restarted node never reuses an actor (FACTS).
+pub fn actor_for(node_id: &str, incarnation: u64) -> ActorId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"konorkestra/actor/v1");
+    hasher.update((node_id.len() as u64).to_le_bytes());
+    hasher.update(node_id.as_bytes());
+    hasher.update(incarnation.to_le_bytes());
+    let digest: [u8; 32] = hasher.finalize().into();
+    let mut actor = [0u8; 16];
+    actor.copy_from_slice(&digest[..16]);
+    ActorId::from(actor)
+}
+
+/// What a node publishes in gossip for each group it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupGossip {
+    /// Digest of its heads.
+    pub digest: HeadsDigest,
+    /// Its revision of the group.
+    pub revision: u64,
+    /// Label of its latest version.
+    pub version: String,
+    /// HMAC of its node id under the group key: the membership proof.
+    pub proof: [u8; 32],
+}
+
+impl GroupGossip {
+    /// The gossip value: `digest;revision;version;proof-hex` (short, UTF-8, as chitchat needs).
+    pub fn encode(&self) -> String {
+        format!("{};{};{};{}", self.digest, self.revision, self.version, hex(&self.proof))
+    }
+
+    /// Parses a gossip value; `None` for anything else (including the "left" marker).
+    pub fn parse(text: &str) -> Option<GroupGossip> {
+        let mut parts = text.split(';');
+        let digest = HeadsDigest::from_hex(parts.next()?)?;
+        let revision = parts.next()?.parse().ok()?;
+        let version = parts.next()?.to_owned();
+        let proof: [u8; 32] = unhex(parts.next()?)?.try_into().ok()?;
+        if parts.next().is_some() {
+            return None;
+        }
+        Some(GroupGossip { digest, revision, version, proof })
+    }
+}
+
+/// The membership proof of `node` for `group`.
+pub fn membership_proof(key: &GroupKey, group: &str, node: &str) -> [u8; 32] {
+    join_proof(key, group, node, &[0; 32], &[1; 32])
+}
+
+/// One peer as the local membership view (gossip) sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PeerState {
+    /// Live by the failure detector and not leaving.
+    pub live: bool,
+    /// Groups it claims to hold, with its gossip for each.
+    pub groups: BTreeMap<String, GroupGossip>,
+}
+
+/// The whole membership view, handed in whenever it changes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct MembershipView {
+    /// Every other node known to gossip.
+    pub peers: BTreeMap<NodeId, PeerState>,
+}
+
+/// A local command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    /// Create a group here.
+    CreateGroup {
+        /// Name.
+        name: String,
+        /// Mode.
+        mode: Mode,
+        /// Its key (random bytes from the shell).
+        key: GroupKey,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+    /// Join a group held by some live peer.
+    JoinGroup {
+        /// Name.
+        name: String,
+        /// Its key.
+        key: GroupKey,
+    },
+    /// Stop holding a group here.
+    LeaveGroup {
+        /// Name.
+        name: String,
+    },
+    /// Set keys.
+    Set {
+        /// Group.
+        group: String,
+        /// Entries.
+        entries: Vec<(String, Value)>,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+    /// Delete keys.
+    Delete {
+        /// Group.
+        group: String,
+        /// Keys.
+        keys: Vec<String>,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+    /// Apply a whole file.
+    Apply {
+        /// Group.
+        group: String,
+        /// Syntax.
+        format: FileFormat,
+        /// Text.
+        text: String,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+    /// Roll back to a version.
+    Rollback {
+        /// Group.
+        group: String,
+        /// Version reference.
+        version: String,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+}
+
+/// A local write that is applied and durable on this node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommitReceipt {
+    /// Group.
+    pub group: String,
+    /// The version created.
+    pub version: VersionInfo,
+    /// Its label.
+    pub label: String,
+    /// This node's revision after the write.
+    pub revision: u64,
+    /// Nodes known to hold it durably (this node).
+    pub acked_by: Vec<NodeId>,
+}
+
+/// A successful command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CommandOutcome {
+    /// A write.
+    Committed(CommitReceipt),
+    /// A group was created.
+    Created {
+        /// Name.
+        name: String,
+    },
+    /// This node joined a group.
+    Joined {
+        /// Name.
+        name: String,
+        /// Latest version label received.
+        version: String,
+    },
+    /// This node left a group.
+    Left {
+        /// Name.
+        name: String,
+    },
+}
+
+/// A refused command. Nothing changed on this node.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// The group is not held here.
+    #[error("group {0:?} does not exist on this node (create it, or join it with its key)")]
+    UnknownGroup(String),
+    /// The group is already held here.
+    #[error("group {0:?} already exists on this node")]
+    AlreadyExists(String),
+    /// A join is already running for the group.
+    #[error("a join of group {0:?} is already in progress")]
+    JoinInProgress(String),
+    /// The write was refused.
+    #[error(transparent)]
+    Edit(#[from] EditError),
+    /// A member refused the join.
+    #[error("join of group {group:?} refused by {member}: {reason}")]
+    JoinRefused {
+        /// Group.
+        group: String,
+        /// The member that refused.
+        member: NodeId,
+        /// Its reason.
+        reason: String,
+    },
+    /// No member answered.
+    #[error("no live member of group {0:?} answered in time (is a node holding it running? see `konorctl nodes`)")]
+    JoinUnavailable(String),
+    /// The document grew beyond what can be stored (the group needs an epoch switch).
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+/// A change in what a group serves, for local watchers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Notification {
+    /// Group.
+    pub group: String,
+    /// This node's revision after the change.
+    pub revision: u64,
+    /// Latest version label after the change.
+    pub version: String,
+    /// Keys set or replaced, with their values.
+    pub set: BTreeMap<String, Value>,
+    /// Keys removed.
+    pub removed: Vec<String>,
+}
+
+/// A durable write the shell must perform before executing later outputs.
+#[derive(Debug, Clone)]
+pub enum PersistOp {
+    /// Create the group's file and store its key.
+    CreateGroup {
+        /// Group.
+        group: String,
+        /// The whole file.
+        file: Vec<u8>,
+        /// The key.
+        key: GroupKey,
+    },
+    /// Append records to the group's file.
+    Append {
+        /// Group.
+        group: String,
+        /// Framed records.
+        records: Vec<u8>,
+    },
+    /// Replace the group's file by a compacted one (atomic rename).
+    Compact {
+        /// Group.
+        group: String,
+        /// The whole new file.
+        file: Vec<u8>,
+    },
+    /// Remove the group's file (moved aside, never deleted).
+    RemoveGroup {
+        /// Group.
+        group: String,
+    },
+    /// Store the sync state for (group, peer).
+    SyncState {
+        /// Group.
+        group: String,
+        /// Peer.
+        peer: NodeId,
+        /// Encoded state.
+        state: Vec<u8>,
+    },
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// Send a message to a peer.
+    Send {
+        /// Peer.
+        to: NodeId,
+        /// Message.
+        message: PeerMessage,
+    },
+    /// Make something durable.
+    Persist(PersistOp),
+    /// Answer a local command.
+    Reply {
+        /// The command.
+        id: CommandId,
+        /// Its outcome.
+        result: Result<CommandOutcome, CommandError>,
+    },
+    /// Tell local watchers.
+    Notify(Notification),
+    /// Publish (or, with `None`, retract) this node's gossip for a group.
+    Publish {
+        /// Group.
+        group: String,
+        /// The value, or `None` after leaving.
+        gossip: Option<GroupGossip>,
+    },
+    /// A peer's message was dropped: count and log it.
+    Dropped {
+        /// Peer.
+        from: NodeId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The input a replica reacts to.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A local command.
+    Command {
+        /// Reply correlation.
+        id: CommandId,
+        /// The command.
+        command: Command,
+    },
+    /// Bytes from an authenticated peer (its node id checked against its certificate).
+    Peer {
+        /// The peer.
+        from: NodeId,
+        /// The encoded [`PeerMessage`].
+        bytes: Vec<u8>,
+    },
+    /// The membership view changed.
+    Membership(MembershipView),
+    /// Time passed; check timers.
+    Tick,
+}
+
+/// A group loaded from disk at start.
+#[derive(Debug)]
+pub struct LoadedState {
+    /// The document.
+    pub doc: GroupDoc,
+    /// The key.
+    pub key: GroupKey,
+    /// Change records after the snapshot in its file.
+    pub tail_changes: usize,
+    /// Persisted sync states per peer.
+    pub sync_states: BTreeMap<NodeId, Vec<u8>>,
+}
+
+#[derive(Debug, Default)]
+struct SyncSession {
+    peer: SyncPeer,
+    /// When we last sent a message and still await an answer.
+    in_flight_since: Option<Millis>,
+    /// Since when the peer's gossiped digest differs from ours.
+    diverged_since: Option<Millis>,
+}
+
+#[derive(Debug)]
+struct GroupState {
+    doc: GroupDoc,
+    key: GroupKey,
+    proof: [u8; 32],
+    revision: u64,
+    /// Recent notifications with the revision each one started from.
+    events: VecDeque<(u64, Notification)>,
+    tail_changes: usize,
+    sync: BTreeMap<NodeId, SyncSession>,
+}
+
+#[derive(Debug)]
+struct PendingJoin {
+    id: CommandId,
+    key: GroupKey,
+    nonce: Nonce,
+    tried: BTreeSet<NodeId>,
+    asking: Option<NodeId>,
+    step_deadline: Millis,
+    deadline: Millis,
+}
+
+#[derive(Debug)]
+struct Challenge {
+    joiner_nonce: Nonce,
+    member_nonce: Nonce,
+    deadline: Millis,
+}
+
+/// Outcome of a read of a group's recent notifications.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventsSince {
+    /// Every notification after the revision asked for, in order (possibly none).
+    Events(Vec<Notification>),
+    /// History that old is not kept: the watcher must resync from a snapshot.
+    Resync,
+}
+
+/// The replication state machine of one node.
+#[derive(Debug)]
+pub struct Replica {
+    node_id: NodeId,
+    actor: ActorId,
+    nonce_seed: [u8; 32],
+    nonce_counter: u64,
+    now: Millis,
+    groups: BTreeMap<String, GroupState>,
+    membership: MembershipView,
+    joins: BTreeMap<String, PendingJoin>,
+    challenges: BTreeMap<(NodeId, String), Challenge>,
+    outputs: VecDeque<Output>,
+}
+
+impl Replica {
+    /// A replica for `node_id` writing as `actor` (see [`actor_for`]), with groups loaded from
+    /// disk. `nonce_seed` is the only randomness it uses.
+    pub fn new(
+        node_id: NodeId,
+        actor: ActorId,
+        nonce_seed: [u8; 32],
+        loaded: BTreeMap<String, LoadedState>,
+    ) -> Replica {
+        let mut replica = Replica {
+            node_id,
+            actor,
+            nonce_seed,
+            nonce_counter: 0,
+            now: Millis(0),
+            groups: BTreeMap::new(),
+            membership: MembershipView::default(),
+            joins: BTreeMap::new(),
+            challenges: BTreeMap::new(),
+            outputs: VecDeque::new(),
+        };
+        for (name, state) in loaded {
+            let mut sync = BTreeMap::new();
+            for (peer, bytes) in state.sync_states {
+                if let Ok(peer_state) = SyncPeer::decode(&bytes) {
+                    sync.insert(peer, SyncSession { peer: peer_state, ..SyncSession::default() });
+                }
+            }
+            let proof = membership_proof(&state.key, &name, &replica.node_id);
+            let group = GroupState {
+                revision: state.doc.change_count(),
+                doc: state.doc,
+                key: state.key,
+                proof,
+                events: VecDeque::new(),
+                tail_changes: state.tail_changes,
+                sync,
+            };
+            replica.groups.insert(name.clone(), group);
+            replica.publish(&name);
+        }
+        replica
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    /// The group `name`, for reads (reads never go through the state machine).
+    pub fn group(&self, name: &str) -> Option<&GroupDoc> {
+        self.groups.get(name).map(|state| &state.doc)
+    }
+
+    /// This node's revision of `name`.
+    pub fn revision(&self, name: &str) -> Option<u64> {
+        self.groups.get(name).map(|state| state.revision)
+    }
+
+    /// The groups held here, by name.
+    pub fn group_names(&self) -> impl Iterator<Item = &str> {
+        self.groups.keys().map(String::as_str)
+    }
+
+    /// The membership view last handed in.
+    pub fn membership(&self) -> &MembershipView {
+        &self.membership
+    }
+
+    /// The peers whose verified gossip says they hold `group` (this node excluded).
+    pub fn members(&self, group: &str) -> Vec<(NodeId, bool, GroupGossip)> {
+        let Some(state) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        self.membership
+            .peers
+            .iter()
+            .filter_map(|(node, peer)| {
+                let gossip = peer.groups.get(group)?;
+                (gossip.proof == membership_proof(&state.key, group, node))
+                    .then(|| (node.clone(), peer.live, gossip.clone()))
+            })
+            .collect()
+    }
+
+    /// The notifications after `revision` for a watcher resuming there, or `Resync` when the
+    /// oldest kept notification starts after it (SPEC F13: never a silent gap).
+    pub fn events_since(&self, group: &str, revision: u64) -> Option<EventsSince> {
+        let state = self.groups.get(group)?;
+        if revision >= state.revision {
+            return Some(EventsSince::Events(Vec::new()));
+        }
+        let oldest_from = state.events.front().map_or(state.revision, |(from, _)| *from);
+        if revision < oldest_from {
+            return Some(EventsSince::Resync);
+        }
+        let events = state
+            .events
+            .iter()
+            .filter(|(_, event)| event.revision > revision)
+            .map(|(_, event)| event.clone())
+            .collect();
+        Some(EventsSince::Events(events))
+    }
+
+    /// Next output to execute, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When the shell should next send [`Input::Tick`] even if nothing else happens.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let mut earliest: Option<Millis> = None;
+        let mut consider = |at: Millis| earliest = Some(earliest.map_or(at, |e| e.min(at)));
+        for join in self.joins.values() {
+            consider(join.step_deadline.min(join.deadline));
+        }
+        for state in self.groups.values() {
+            for session in state.sync.values() {
+                if let Some(since) = session.diverged_since {
+                    consider(Millis(since.0 + ANTI_ENTROPY_DELAY_MS));
+                }
+                if let Some(since) = session.in_flight_since {
+                    consider(Millis(since.0 + SYNC_SESSION_TIMEOUT_MS));
+                }
+            }
+        }
+        earliest
+    }
+
+    /// Feeds one input at time `now`.
+    pub fn handle(&mut self, now: Millis, input: Input) {
+        self.now = self.now.max(now);
+        match input {
+            Input::Command { id, command } => self.handle_command(id, command),
+            Input::Peer { from, bytes } => match PeerMessage::decode(&bytes) {
+                Ok(message) => self.handle_peer_message(from, message),
+                Err(error) => self.drop_message(from, error.to_string()),
+            },
+            Input::Membership(view) => self.handle_membership(view),
+            Input::Tick => self.handle_tick(),
+        }
+    }
+
+    fn next_nonce(&mut self) -> Nonce {
+        self.nonce_counter += 1;
+        derive_nonce(&self.nonce_seed, self.nonce_counter)
+    }
+
+    fn drop_message(&mut self, from: NodeId, reason: String) {
+        self.outputs.push_back(Output::Dropped { from, reason });
+    }
+
+    fn reply(&mut self, id: CommandId, result: Result<CommandOutcome, CommandError>) {
+        self.outputs.push_back(Output::Reply { id, result });
+    }
+
+    fn publish(&mut self, name: &str) {
+        if let Some(state) = self.groups.get(name) {
+            let gossip = GroupGossip {
+                digest: state.doc.heads_digest(),
+                revision: state.revision,
+                version: state.doc.latest_label(),
+                proof: state.proof,
+            };
+            self.outputs.push_back(Output::Publish { group: name.to_owned(), gossip: Some(gossip) });
+        }
+    }
+
+    fn live_members(&self, group: &str) -> Vec<NodeId> {
+        self.members(group).into_iter().filter(|(_, live, _)| *live).map(|(node, _, _)| node).collect()
+    }
+
+    fn handle_command(&mut self, id: CommandId, command: Command) {
+        match command {
+            Command::CreateGroup { name, mode, key, meta } => self.create_group(id, name, mode, key, meta),
+            Command::JoinGroup { name, key } => self.start_join(id, name, key),
+            Command::LeaveGroup { name } => {
+                if self.groups.remove(&name).is_none() {
+                    return self.reply(id, Err(CommandError::UnknownGroup(name)));
+                }
+                self.challenges.retain(|(_, group), _| group != &name);
+                self.outputs.push_back(Output::Persist(PersistOp::RemoveGroup { group: name.clone() }));
+                self.outputs.push_back(Output::Publish { group: name.clone(), gossip: None });
+                self.reply(id, Ok(CommandOutcome::Left { name }));
+            }
+            Command::Set { group, entries, meta } => self.local_write(id, group, |doc| doc.set(entries, &meta)),
+            Command::Delete { group, keys, meta } => self.local_write(id, group, |doc| doc.delete(keys, &meta)),
+            Command::Apply { group, format, text, meta } => {
+                self.local_write(id, group, |doc| doc.apply_file(&text, format, &meta))
+            }
+            Command::Rollback { group, version, meta } => {
+                self.local_write(id, group, |doc| doc.rollback(&version, &meta))
+            }
+        }
+    }
+
+    fn create_group(&mut self, id: CommandId, name: String, mode: Mode, key: GroupKey, meta: CommitMeta) {
+        if self.groups.contains_key(&name) || self.joins.contains_key(&name) {
+            return self.reply(id, Err(CommandError::AlreadyExists(name)));
+        }
+        let (doc, _) = match GroupDoc::create(&name, mode, self.actor.clone(), &meta) {
+            Ok(created) => created,
+            Err(error) => return self.reply(id, Err(error.into())),
+        };
+        if let Err(error) = self.adopt_group(name.clone(), doc, key) {
+            return self.reply(id, Err(error));
+        }
+        self.reply(id, Ok(CommandOutcome::Created { name }));
+    }
+
+    /// Stores a new group (created here or received by a join) and starts publishing it.
+    fn adopt_group(&mut self, name: String, doc: GroupDoc, key: GroupKey) -> Result<(), CommandError> {
+        let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
+        self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
+        let proof = membership_proof(&key, &name, &self.node_id);
+        let revision = doc.change_count();
+        let state =
+            GroupState { doc, key, proof, revision, events: VecDeque::new(), tail_changes: 0, sync: BTreeMap::new() };
+        self.groups.insert(name.clone(), state);
+        self.publish(&name);
+        // Peers holding the group are now members of ours: compare digests at once.
+        self.mark_divergence();
+        Ok(())
+    }
+
+    fn local_write(
+        &mut self,
+        id: CommandId,
+        group: String,
+        write: impl FnOnce(&mut GroupDoc) -> Result<LocalCommit, EditError>,
+    ) {
+        let Some(state) = self.groups.get_mut(&group) else {
+            return self.reply(id, Err(CommandError::UnknownGroup(group)));
+        };
+        let before = state.doc.settings().clone();
+        let commit = match write(&mut state.doc) {
+            Ok(commit) => commit,
+            Err(error) => return self.reply(id, Err(error.into())),
+        };
+        let records = match change_record(&commit.change) {
+            Ok(records) => records,
+            Err(error) => return self.reply(id, Err(CommandError::TooLarge(error.to_string()))),
+        };
+        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
+        let changed = crate::diff::SettingsDiff::between(&before, state.doc.settings());
+        let mut keys: BTreeSet<String> = changed.added.into_iter().map(|(k, _)| k).collect();
+        keys.extend(changed.removed.into_iter().map(|(k, _)| k));
+        keys.extend(changed.changed.into_iter().map(|c| c.key));
+        let label = state.doc.label(&commit.version.id);
+        let revision = self.record_changes(&group, 1, keys);
+        self.compact_if_due(&group);
+        for member in self.live_members(&group) {
+            let message = PeerMessage::Changes { group: group.clone(), changes: vec![commit.change.clone()] };
+            self.outputs.push_back(Output::Send { to: member, message });
+        }
+        self.publish(&group);
+        let receipt =
+            CommitReceipt { group, version: commit.version, label, revision, acked_by: vec![self.node_id.clone()] };
+        self.reply(id, Ok(CommandOutcome::Committed(receipt)));
+    }
+
+    /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
+    fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>) -> u64 {
+        let Some(state) = self.groups.get_mut(group) else {
+            return 0;
+        };
+        let from = state.revision;
+        state.revision += changes as u64;
+        state.tail_changes += changes;
+        let mut set = BTreeMap::new();
+        let mut removed = Vec::new();
+        for key in keys {
+            match state.doc.get(&key) {
+                Some(value) => {
+                    set.insert(key, value.clone());
+                }
+                None => removed.push(key),
+            }
+        }
+        let notification = Notification {
+            group: group.to_owned(),
+            revision: state.revision,
+            version: state.doc.latest_label(),
+            set,
+            removed,
+        };
+        state.events.push_back((from, notification.clone()));
+        while state.events.len() > WATCH_EVENTS_KEPT {
+            state.events.pop_front();
+        }
+        self.outputs.push_back(Output::Notify(notification));
+        state.revision
+    }
+
+    fn compact_if_due(&mut self, group: &str) {
+        let Some(state) = self.groups.get_mut(group) else {
+            return;
+        };
+        if !needs_compaction(state.tail_changes) {
+            return;
+        }
+        // A snapshot that no longer fits a record keeps appending instead (epochs will bound it).
+        if let Ok(file) = snapshot_file(&state.doc, None) {
+            state.tail_changes = 0;
+            self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
+        }
+    }
+
+    /// Persists and announces what a remote apply added.
+    fn after_remote_apply(&mut self, group: &str, applied: RemoteApplied) {
+        if applied.new_changes.is_empty() {
+            return;
+        }
+        let mut records = Vec::new();
+        for change in &applied.new_changes {
+            match change_record(change) {
+                Ok(record) => records.extend(record),
+                Err(error) => {
+                    return self.drop_message(self.node_id.clone(), format!("cannot persist a change: {error}"));
+                }
+            }
+        }
+        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.to_owned(), records }));
+        self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
+        self.compact_if_due(group);
+        self.publish(group);
+    }
+
+    /// True when `peer` proved membership of `group` in gossip.
+    fn is_member(&self, group: &str, peer: &str) -> bool {
+        let Some(state) = self.groups.get(group) else {
+            return false;
+        };
+        self.membership
+            .peers
+            .get(peer)
+            .and_then(|p| p.groups.get(group))
+            .is_some_and(|gossip| gossip.proof == membership_proof(&state.key, group, peer))
+    }
+
+    fn handle_peer_message(&mut self, from: NodeId, message: PeerMessage) {
+        let group = message.group().to_owned();
+        match message {
+            PeerMessage::Changes { changes, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("changes for group {group:?} from a non-member"));
+                }
+                let Some(state) = self.groups.get_mut(&group) else { return };
+                match state.doc.apply_changes(&changes) {
+                    Ok(applied) => {
+                        let missing_deps = state.doc.has_missing_deps();
+                        self.after_remote_apply(&group, applied);
+                        if missing_deps {
+                            // Nothing new became visible: either duplicates or changes waiting
+                            // for dependencies; a sync session settles which.
+                            self.start_sync(&group, &from);
+                        }
+                    }
+                    Err(error) => self.drop_message(from, error.to_string()),
+                }
+            }
+            PeerMessage::Sync { message, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("sync for group {group:?} from a non-member"));
+                }
+                self.handle_sync(&group, from, &message);
+            }
+            PeerMessage::JoinRequest { nonce, .. } => self.serve_join_request(from, group, nonce),
+            PeerMessage::JoinChallenge { nonce, .. } => self.answer_challenge(from, group, nonce),
+            PeerMessage::JoinProof { proof, .. } => self.check_join_proof(from, group, proof),
+            PeerMessage::JoinGrant { snapshot, .. } => self.finish_join(from, group, &snapshot),
+            PeerMessage::JoinRefused { reason, .. } => {
+                let Some(join) = self.joins.remove(&group) else {
+                    return self.drop_message(from, format!("unexpected join refusal for {group:?}"));
+                };
+                self.reply(join.id, Err(CommandError::JoinRefused { group, member: from, reason }));
+            }
+        }
+    }
+
+    fn handle_sync(&mut self, group: &str, from: NodeId, message: &[u8]) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        let session = state.sync.entry(from.clone()).or_default();
+        session.in_flight_since = None;
+        let result = state.doc.receive_sync_message(&mut session.peer, message);
+        match result {
+            Ok(applied) => self.after_remote_apply(group, applied),
+            Err(error) => {
+                if let Some(session) = self.groups.get_mut(group).and_then(|s| s.sync.get_mut(&from)) {
+                    session.peer.reset_after_disconnect();
+                }
+                return self.drop_message(from, error.to_string());
+            }
+        }
+        self.continue_sync(group, &from);
+    }
+
+    /// Sends the next sync message to `peer` if the protocol has one; persists the state when
+    /// the session has nothing more to say.
+    fn continue_sync(&mut self, group: &str, peer: &NodeId) {
+        let now = self.now;
+        let Some(state) = self.groups.get_mut(group) else { return };
+        let session = state.sync.entry(peer.clone()).or_default();
+        match state.doc.sync_message(&mut session.peer) {
+            Some(message) => {
+                session.in_flight_since = Some(now);
+                self.outputs.push_back(Output::Send {
+                    to: peer.clone(),
+                    message: PeerMessage::Sync { group: group.to_owned(), message },
+                });
+            }
+            None => {
+                let encoded = session.peer.encode();
+                self.outputs.push_back(Output::Persist(PersistOp::SyncState {
+                    group: group.to_owned(),
+                    peer: peer.clone(),
+                    state: encoded,
+                }));
+            }
+        }
+    }
+
+    fn start_sync(&mut self, group: &str, peer: &NodeId) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        let session = state.sync.entry(peer.clone()).or_default();
+        if session.in_flight_since.is_some() {
+            return;
+        }
+        session.diverged_since = None;
+        self.continue_sync(group, peer);
+    }
+
+    fn handle_membership(&mut self, view: MembershipView) {
+        let previous = std::mem::replace(&mut self.membership, view);
+        // A peer that went down or came back starts its sync sessions afresh (FACTS: lost
+        // messages stall the protocol unless the state is reset).
+        for state in self.groups.values_mut() {
+            for (peer, session) in state.sync.iter_mut() {
+                let was_live = previous.peers.get(peer).is_some_and(|p| p.live);
+                let is_live = self.membership.peers.get(peer).is_some_and(|p| p.live);
+                if was_live != is_live {
+                    session.peer.reset_after_disconnect();
+                    session.in_flight_since = None;
+                }
+            }
+        }
+        self.mark_divergence();
+        self.handle_tick();
+    }
+
+    /// Notes, per group and live member, since when its gossiped digest differs from ours.
+    fn mark_divergence(&mut self) {
+        let now = self.now;
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in names {
+            let members = self.members(&name);
+            let Some(state) = self.groups.get_mut(&name) else { continue };
+            let ours = state.doc.heads_digest();
+            for (peer, live, gossip) in members {
+                let session = state.sync.entry(peer).or_default();
+                if live && gossip.digest != ours {
+                    session.diverged_since.get_or_insert(now);
+                } else {
+                    session.diverged_since = None;
+                }
+            }
+        }
+    }
+
+    fn handle_tick(&mut self) {
+        let now = self.now;
+        // Anti-entropy: sessions for peers that stayed diverged, and stalled sessions reset.
+        let mut to_start = Vec::new();
+        for (name, state) in self.groups.iter_mut() {
+            for (peer, session) in state.sync.iter_mut() {
+                if let Some(since) = session.in_flight_since
+                    && now.saturating_sub(since).0 >= SYNC_SESSION_TIMEOUT_MS
+                {
+                    session.peer.reset_after_disconnect();
+                    session.in_flight_since = None;
+                }
+                if let Some(since) = session.diverged_since
+                    && now.saturating_sub(since).0 >= ANTI_ENTROPY_DELAY_MS
+                    && session.in_flight_since.is_none()
+                {
+                    to_start.push((name.clone(), peer.clone()));
+                }
+            }
+        }
+        for (group, peer) in to_start {
+            self.start_sync(&group, &peer);
+        }
+        self.challenges.retain(|_, challenge| challenge.deadline > now);
+        let names: Vec<String> = self.joins.keys().cloned().collect();
+        for name in names {
+            self.advance_join(&name);
+        }
+    }
+
+    fn start_join(&mut self, id: CommandId, name: String, key: GroupKey) {
+        if self.groups.contains_key(&name) {
+            return self.reply(id, Err(CommandError::AlreadyExists(name)));
+        }
+        if self.joins.contains_key(&name) {
+            return self.reply(id, Err(CommandError::JoinInProgress(name)));
+        }
+        if let Err(error) = crate::key::validate_group_name(&name) {
+            return self.reply(id, Err(CommandError::Edit(error.into())));
+        }
+        let nonce = self.next_nonce();
+        let join = PendingJoin {
+            id,
+            key,
+            nonce,
+            tried: BTreeSet::new(),
+            asking: None,
+            step_deadline: self.now,
+            deadline: Millis(self.now.0 + JOIN_TIMEOUT_MS),
+        };
+        self.joins.insert(name.clone(), join);
+        self.advance_join(&name);
+    }
+
+    /// Asks the next live peer that claims the group, or gives up at the deadline.
+    fn advance_join(&mut self, name: &str) {
+        let now = self.now;
+        let Some(join) = self.joins.get(name) else { return };
+        if join.deadline <= now {
+            if let Some(join) = self.joins.remove(name) {
+                self.reply(join.id, Err(CommandError::JoinUnavailable(name.to_owned())));
+            }
+            return;
+        }
+        if join.asking.is_some() && join.step_deadline > now {
+            return;
+        }
+        // Claims cannot be verified before holding the key, so any live claimant is asked;
+        // the joiner checks nothing it receives until a member proves itself with a grant.
+        let candidate = self
+            .membership
+            .peers
+            .iter()
+            .filter(|(node, peer)| peer.live && peer.groups.contains_key(name) && !join.tried.contains(*node))
+            .map(|(node, _)| node.clone())
+            .next();
+        let Some(join) = self.joins.get_mut(name) else { return };
+        match candidate {
+            Some(member) => {
+                join.tried.insert(member.clone());
+                join.asking = Some(member.clone());
+                join.step_deadline = Millis(now.0 + JOIN_STEP_TIMEOUT_MS);
+                let message = PeerMessage::JoinRequest { group: name.to_owned(), nonce: join.nonce };
+                self.outputs.push_back(Output::Send { to: member, message });
+            }
+            None => {
+                // Nobody (new) to ask yet: wait for gossip, and retry everyone after a round.
+                join.asking = None;
+                join.tried.clear();
+                join.step_deadline = Millis(now.0 + JOIN_STEP_TIMEOUT_MS);
+            }
+        }
+    }
+
+    fn serve_join_request(&mut self, from: NodeId, group: String, joiner_nonce: Nonce) {
+        if !self.groups.contains_key(&group) {
+            let reason = format!("node {} does not hold group {group:?}", self.node_id);
+            return self
+                .outputs
+                .push_back(Output::Send { to: from, message: PeerMessage::JoinRefused { group, reason } });
+        }
+        let member_nonce = self.next_nonce();
+        let deadline = Millis(self.now.0 + JOIN_STEP_TIMEOUT_MS);
+        self.challenges.insert((from.clone(), group.clone()), Challenge { joiner_nonce, member_nonce, deadline });
+        self.outputs
+            .push_back(Output::Send { to: from, message: PeerMessage::JoinChallenge { group, nonce: member_nonce } });
+    }
+
+    fn answer_challenge(&mut self, from: NodeId, group: String, member_nonce: Nonce) {
+        let Some(join) = self.joins.get(&group).filter(|join| join.asking.as_ref() == Some(&from)) else {
+            return self.drop_message(from, format!("unexpected join challenge for {group:?}"));
+        };
+        let proof = join_proof(&join.key, &group, &self.node_id, &join.nonce, &member_nonce);
+        self.outputs.push_back(Output::Send { to: from, message: PeerMessage::JoinProof { group, proof } });
+    }
+
+    fn check_join_proof(&mut self, from: NodeId, group: String, proof: [u8; 32]) {
+        let Some(challenge) = self.challenges.remove(&(from.clone(), group.clone())) else {
+            return self.drop_message(from, format!("join proof for {group:?} without a challenge"));
+        };
+        let Some(state) = self.groups.get(&group) else { return };
+        let valid =
+            verify_join_proof(&state.key, &group, &from, &challenge.joiner_nonce, &challenge.member_nonce, &proof);
+        let message = if valid {
+            PeerMessage::JoinGrant { group, mode: state.doc.mode(), snapshot: state.doc.save() }
+        } else {
+            PeerMessage::JoinRefused { group, reason: "wrong group key".to_owned() }
+        };
+        self.outputs.push_back(Output::Send { to: from, message });
+    }
+
+    fn finish_join(&mut self, from: NodeId, group: String, snapshot: &[u8]) {
+        let Some(join) = self.joins.get(&group).filter(|join| join.asking.as_ref() == Some(&from)) else {
+            return self.drop_message(from, format!("unexpected join grant for {group:?}"));
+        };
+        let doc = match GroupDoc::load(snapshot, self.actor.clone()) {
+            Ok(doc) if doc.name() == group => doc,
+            Ok(doc) => {
+                let reason = format!("grant for {group:?} holds group {:?}", doc.name());
+                return self.drop_message(from, reason);
+            }
+            Err(error) => return self.drop_message(from, format!("join grant does not load: {error}")),
+        };
+        let key = join.key.clone();
+        let Some(join) = self.joins.remove(&group) else { return };
+        let version = doc.latest_label();
+        match self.adopt_group(group.clone(), doc, key) {
+            Ok(()) => self.reply(join.id, Ok(CommandOutcome::Joined { name: group, version })),
+            Err(error) => self.reply(join.id, Err(error)),
+        }
+    }
+}
+
+impl From<RemoteError> for CommandError {
+    fn from(error: RemoteError) -> Self {
+        CommandError::TooLarge(error.to_string())
+    }
+}
