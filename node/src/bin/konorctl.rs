@@ -1,0 +1,2 @@
+//! konorctl: the Konorkestra command-line tool.
+fn main() {}

@@ -1,0 +1,150 @@
+//! konord: the Konorkestra peer daemon. Parses flags or a TOML file, then runs the daemon until
+//! SIGTERM or SIGINT (graceful leave, flush, exit 0).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use konor_node::settings::{
+    CLUSTER_DEFAULT, DaemonSettings, GOSSIP_INTERVAL_DEFAULT, SOCKET_FILE, SettingsFile, parse_addr, parse_label,
+    parse_mode,
+};
+use tracing_subscriber::EnvFilter;
+
+/// The Konorkestra peer daemon: one per host.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Settings file (TOML, same keys as the flags); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (group files, node identity).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Node id (must match the certificate in --tls-dir).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// QUIC listen address (UDP), e.g. 127.0.0.1:7400.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Address of an existing node to join through (repeatable).
+    #[arg(long = "seed")]
+    seeds: Vec<String>,
+    /// Unix socket for SDKs and konorctl (default <data-dir>/konord.sock).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Socket file mode (octal).
+    #[arg(long)]
+    socket_mode: Option<String>,
+    /// Label key=value (repeatable), e.g. region=eu-west.
+    #[arg(long = "label")]
+    labels: Vec<String>,
+    /// Directory holding node.crt, node.key, ca.crt (from `konorctl cert issue`).
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
+    /// Cluster name; nodes of other clusters are refused.
+    #[arg(long)]
+    cluster: Option<String>,
+    /// Gossip period in milliseconds.
+    #[arg(long)]
+    gossip_interval_ms: Option<u64>,
+}
+
+fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
+    let file = match &args.config {
+        Some(path) => SettingsFile::read(path)?,
+        None => SettingsFile::default(),
+    };
+    let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required (or data-dir in --config)")?;
+    let node_id = args.node_id.or(file.node_id).context("--node-id is required (or node-id in --config)")?;
+    konor_node::tls::validate_node_id(&node_id)?;
+    let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7400".to_owned());
+    let listen: SocketAddr = parse_addr(&listen)?;
+    let seeds = if args.seeds.is_empty() { file.seed } else { args.seeds };
+    let seeds = seeds.iter().map(|s| parse_addr(s)).collect::<anyhow::Result<Vec<_>>>()?;
+    let mut labels: BTreeMap<String, String> = BTreeMap::new();
+    for (key, value) in file.label {
+        labels.insert(key, value);
+    }
+    for text in &args.labels {
+        let (key, value) = parse_label(text)?;
+        labels.insert(key, value);
+    }
+    let socket = args.socket.or(file.socket).unwrap_or_else(|| data_dir.join(SOCKET_FILE));
+    let socket_mode = match args.socket_mode.or(file.socket_mode) {
+        Some(text) => parse_mode(&text)?,
+        None => konor_node::local_api::SOCKET_MODE_DEFAULT,
+    };
+    let tls_dir = args.tls_dir.or(file.tls_dir).unwrap_or_else(|| data_dir.join("tls"));
+    let gossip_interval =
+        args.gossip_interval_ms.or(file.gossip_interval_ms).map_or(GOSSIP_INTERVAL_DEFAULT, Duration::from_millis);
+    anyhow::ensure!(gossip_interval >= Duration::from_millis(10), "gossip interval must be at least 10 ms");
+    Ok(DaemonSettings {
+        data_dir,
+        node_id,
+        listen,
+        seeds,
+        socket,
+        socket_mode,
+        labels,
+        tls_dir,
+        cluster: args.cluster.or(file.cluster).unwrap_or_else(|| CLUSTER_DEFAULT.to_owned()),
+        gossip_interval,
+    })
+}
+
+/// Exit codes: 0 clean shutdown, 1 runtime failure, 2 bad settings.
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_env("KONOR_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let settings = match settings(Args::parse()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("konord: {error:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("konord: cannot start the runtime: {error}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            let _ = shutdown_tx.send(true);
+        });
+        konor_node::daemon::run(settings, shutdown_rx).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("konord: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,732 @@
+//! The daemon: one task owns the [`Replica`] and waits on a closed set of events (local calls,
+//! peer frames, membership views, timers). It executes the replica's outputs strictly in order
+//! (persist before send before reply) and answers local reads from the replica's documents.
+//! It makes no protocol decisions: those are in konor-crdt.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use konor_crdt::replica::{
+    CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, MembershipView, Notification, PeerState,
+    actor_for,
+};
+use konor_crdt::{
+    Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
+};
+use konor_sdk::protocol::{
+    ApplyResult, ConflictRow, ErrorCode, Freshness, GroupRow, NodeGroupRow, NodeRow, ProcessRow, Request, Response,
+    VersionRow, WatchEvent,
+};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::local_api::{self, ClientInfo, LocalApiConfig, LocalCall};
+use crate::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::settings::DaemonSettings;
+use crate::store::Store;
+use crate::tls;
+use crate::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
+
+/// How often the membership view is read from chitchat.
+const MEMBERSHIP_POLL: Duration = Duration::from_millis(100);
+
+/// Longest wait between replica ticks when it asks for none.
+const TICK_MAX: Duration = Duration::from_millis(500);
+
+/// Local calls queued before socket readers wait.
+const CALL_QUEUE_MAX: usize = 1024;
+
+/// How long a graceful shutdown lets the leaving flag spread before stopping gossip.
+const LEAVE_GOSSIP_ROUNDS: u32 = 3;
+
+/// File in the data dir holding the bound QUIC address, written at start.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, bytes)?;
+    std::fs::rename(&temp, path)
+}
+
+/// Counters of the daemon.
+#[derive(Debug, Default)]
+pub struct DaemonStats {
+    /// Peer messages the replica dropped.
+    pub peer_messages_dropped: AtomicU64,
+    /// Persist operations that failed.
+    pub persist_failures: AtomicU64,
+}
+
+/// How to shape a command's reply for the socket.
+enum PendingReply {
+    Plain(oneshot::Sender<Response>),
+    Created { reply: oneshot::Sender<Response>, key: String },
+}
+
+/// One watcher of a group.
+struct Watcher {
+    connection: u64,
+    events: mpsc::Sender<WatchEvent>,
+}
+
+/// A process's last report for a group (F16).
+#[derive(Clone)]
+struct ProcessReport {
+    row: ProcessRow,
+}
+
+struct Daemon {
+    node_id: String,
+    replica: Replica,
+    store: Store,
+    network: Arc<QuicNetwork>,
+    membership: Membership,
+    mesh: MeshView,
+    started: Instant,
+    next_command: u64,
+    pending: BTreeMap<u64, PendingReply>,
+    watchers: BTreeMap<String, Vec<Watcher>>,
+    last_change: BTreeMap<String, Instant>,
+    processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
+    repairs: Vec<(String, GroupKey)>,
+    stats: Arc<DaemonStats>,
+}
+
+/// Runs konord until `shutdown` turns true: graceful leave, flush, exit.
+pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let identity = tls::load_identity(&settings.tls_dir)
+        .with_context(|| format!("cannot load the node certificate from {}", settings.tls_dir.display()))?;
+    anyhow::ensure!(
+        identity.node_id() == settings.node_id,
+        "the certificate in {} is for node {:?}, but this daemon is {:?}",
+        settings.tls_dir.display(),
+        identity.node_id(),
+        settings.node_id
+    );
+    let mut store = Store::open(&settings.data_dir, &settings.node_id)?;
+    let actor = actor_for(&settings.node_id, store.incarnation());
+    let (loaded, repairs) = load_groups(&mut store, &actor)?;
+    let (network, Inbox { gossip, mut replica }) = QuicNetwork::start(&identity, settings.listen)?;
+    let advertise = network.local_addr();
+    // Tools and tests started with `--listen 127.0.0.1:0` read the bound address here.
+    write_atomically(&settings.data_dir.join(LISTEN_ADDR_FILE), advertise.to_string().as_bytes())
+        .context("cannot write the listen address file")?;
+    let membership_config = MembershipConfig {
+        node_id: settings.node_id.clone(),
+        generation: store.incarnation(),
+        advertise,
+        seeds: settings.seeds.clone(),
+        cluster_id: settings.cluster.clone(),
+        gossip_interval: settings.gossip_interval,
+        labels: settings.labels.clone(),
+    };
+    let membership = Membership::start(membership_config, network.clone(), gossip).await?;
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let replica_state = Replica::new(settings.node_id.clone(), actor, seed, loaded);
+
+    let (calls_tx, mut calls) = mpsc::channel(CALL_QUEUE_MAX);
+    let (api_shutdown_tx, api_shutdown) = watch::channel(false);
+    let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
+    api_config.mode = settings.socket_mode;
+    let api = tokio::spawn(local_api::serve(api_config, calls_tx, api_shutdown));
+    info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord started");
+
+    let mut daemon = Daemon {
+        node_id: settings.node_id.clone(),
+        replica: replica_state,
+        store,
+        network: network.clone(),
+        membership,
+        mesh: MeshView::default(),
+        started: Instant::now(),
+        next_command: 0,
+        pending: BTreeMap::new(),
+        watchers: BTreeMap::new(),
+        last_change: BTreeMap::new(),
+        processes: BTreeMap::new(),
+        repairs,
+        stats: Arc::new(DaemonStats::default()),
+    };
+    daemon.execute_outputs().await;
+    let mut membership_poll = tokio::time::interval(MEMBERSHIP_POLL);
+    membership_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gossip_ended = daemon.membership.termination();
+    tokio::pin!(gossip_ended);
+    loop {
+        let timeout = daemon.tick_deadline();
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+            call = calls.recv() => match call {
+                Some(call) => daemon.handle_call(call),
+                None => {
+                    error!("local API stopped");
+                    break;
+                }
+            },
+            incoming = replica.recv() => {
+                let Some(incoming) = incoming else { break };
+                let now = daemon.now();
+                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+            }
+            _ = membership_poll.tick() => daemon.refresh_membership().await,
+            _ = tokio::time::sleep_until(timeout) => {
+                let now = daemon.now();
+                daemon.replica.handle(now, Input::Tick);
+            }
+            result = &mut gossip_ended => {
+                // FACTS: a dead gossip task must never go unnoticed; without membership the
+                // node cannot tell live peers, so it stops and lets its supervisor restart it.
+                error!(?result, "gossip task ended; stopping konord");
+                anyhow::bail!("gossip task ended: {result:?}");
+            }
+        }
+        daemon.execute_outputs().await;
+    }
+    info!("shutting down: announcing leave");
+    daemon.membership.set_leaving().await;
+    tokio::time::sleep(settings.gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
+    let _ = api_shutdown_tx.send(true);
+    let _ = api.await;
+    daemon.membership.shutdown().await;
+    network.close().await;
+    info!("konord stopped");
+    Ok(())
+}
+
+/// Groups loaded at start, and groups to repair from peers (name and stored key).
+type LoadedGroups = (BTreeMap<String, LoadedState>, Vec<(String, GroupKey)>);
+
+/// Loads every group file; a damaged tail is cut (and reported), an unreadable file is moved
+/// aside and queued for repair from peers with its stored key.
+fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result<LoadedGroups> {
+    let mut loaded = BTreeMap::new();
+    let mut repairs = Vec::new();
+    for name in store.list_groups()? {
+        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+            Some(Ok(key)) => key,
+            _ => {
+                error!(group = %name, "group key missing or unreadable; the group is not served");
+                continue;
+            }
+        };
+        let bytes = store.read_group(&name)?;
+        match konor_crdt::load_group_file(&bytes, actor.clone()) {
+            Ok(file) => {
+                if let Some(dropped) = file.dropped {
+                    warn!(group = %name, %dropped, "group file damaged: the intact prefix is kept, the rest comes back from peers");
+                    store.truncate_group(&name, file.valid_bytes)?;
+                }
+                let state =
+                    LoadedState { doc: file.group, key, tail_changes: file.tail_changes, sync_states: BTreeMap::new() };
+                loaded.insert(name, state);
+            }
+            Err(error) => {
+                let moved = store.quarantine_group(&name)?;
+                error!(group = %name, %error, moved = %moved.display(), "group file unreadable; moved aside, repairing from peers");
+                repairs.push((name, key));
+            }
+        }
+    }
+    Ok((loaded, repairs))
+}
+
+fn wall_clock() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+fn error_response(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+fn command_error_response(error: &CommandError) -> Response {
+    let code = match error {
+        CommandError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+        CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_) => ErrorCode::AlreadyExists,
+        CommandError::Edit(EditError::Unchanged) => ErrorCode::Unchanged,
+        CommandError::Edit(EditError::NoSuchKey { .. }) => ErrorCode::NotFound,
+        CommandError::Edit(EditError::Version(konor_crdt::VersionError::Unknown { .. })) => ErrorCode::NotFound,
+        CommandError::Edit(_) => ErrorCode::BadRequest,
+        CommandError::JoinRefused { .. } => ErrorCode::Forbidden,
+        CommandError::JoinUnavailable(_) => ErrorCode::Unavailable,
+        _ => ErrorCode::Internal,
+    };
+    error_response(code, error.to_string())
+}
+
+impl Daemon {
+    fn now(&self) -> Millis {
+        Millis(self.started.elapsed().as_millis() as u64)
+    }
+
+    fn tick_deadline(&self) -> Instant {
+        let now = self.now();
+        let wait = self
+            .replica
+            .poll_timeout()
+            .map_or(TICK_MAX, |at| Duration::from_millis(at.0.saturating_sub(now.0)).min(TICK_MAX));
+        Instant::now() + wait
+    }
+
+    fn command(&mut self, command: Command, reply: PendingReply) {
+        self.next_command += 1;
+        let id = self.next_command;
+        self.pending.insert(id, reply);
+        let now = self.now();
+        self.replica.handle(now, Input::Command { id, command });
+    }
+
+    async fn refresh_membership(&mut self) {
+        let view = self.membership.view().await;
+        if view.over_cap && !self.mesh.over_cap {
+            error!(nodes = view.nodes.len(), "mesh reached its node cap; larger meshes are not supported");
+        }
+        let mut peers = BTreeMap::new();
+        for node in view.nodes.values().filter(|n| n.id != self.node_id) {
+            let groups = node
+                .groups
+                .iter()
+                .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
+                .collect();
+            peers.insert(node.id.clone(), PeerState { live: node.liveness == Liveness::Live, groups });
+        }
+        let membership = MembershipView { peers };
+        self.mesh = view;
+        if &membership != self.replica.membership() {
+            let now = self.now();
+            self.replica.handle(now, Input::Membership(membership));
+        }
+        // Groups found damaged at start are repaired by joining again once a peer holds them.
+        let repairs = std::mem::take(&mut self.repairs);
+        for (name, key) in repairs {
+            let available =
+                self.mesh.nodes.values().any(|n| n.liveness == Liveness::Live && n.groups.contains_key(&name));
+            if available {
+                info!(group = %name, "repairing damaged group from a peer");
+                let (tx, _rx) = oneshot::channel();
+                self.command(Command::JoinGroup { name, key }, PendingReply::Plain(tx));
+            } else {
+                self.repairs.push((name, key));
+            }
+        }
+    }
+
+    fn peer_addr(&self, node: &str) -> Option<SocketAddr> {
+        self.mesh.nodes.get(node).map(|n| n.addr)
+    }
+
+    async fn execute_outputs(&mut self) {
+        let mut persist_failed: Option<String> = None;
+        while let Some(output) = self.replica.poll_output() {
+            match output {
+                Output::Send { to, message } => {
+                    if persist_failed.is_some() {
+                        continue;
+                    }
+                    match self.peer_addr(&to) {
+                        Some(addr) => self.network.send(addr, Some(&to), Channel::Replica, message.encode()),
+                        None => warn!(peer = %to, "no address known for peer; message dropped"),
+                    }
+                }
+                Output::Persist(op) => {
+                    if let Err(error) = self.persist(op) {
+                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                        error!(%error, "persist failed: the change is not durable here");
+                        persist_failed = Some(error.to_string());
+                    }
+                }
+                Output::Reply { id, result } => {
+                    let result = match (&persist_failed, result) {
+                        (Some(error), Ok(_)) => Err(error.clone()),
+                        (_, result) => Ok(result),
+                    };
+                    self.reply(id, result);
+                }
+                Output::Notify(notification) => self.notify(notification),
+                Output::Publish { group, gossip } => {
+                    let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
+                    self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
+                }
+                Output::Dropped { from, reason } => {
+                    self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
+                    warn!(peer = %from, %reason, "peer message dropped");
+                }
+            }
+        }
+    }
+
+    fn persist(&mut self, op: PersistOp) -> anyhow::Result<()> {
+        match op {
+            PersistOp::CreateGroup { group, file, key } => {
+                self.store.write_group_key(&group, &key.to_text())?;
+                self.store.create_group(&group, &file)?;
+            }
+            PersistOp::Append { group, records } => self.store.append(&group, &records)?,
+            PersistOp::Compact { group, file } => self.store.replace_group(&group, &file)?,
+            PersistOp::RemoveGroup { group } => {
+                self.store.remove_group(&group)?;
+                self.watchers.remove(&group);
+            }
+            // Sync states are kept in memory for now; a restart starts sessions afresh, which
+            // costs one larger first exchange (FACTS: ~25 KB instead of ~0.5 KB).
+            PersistOp::SyncState { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn reply(&mut self, id: u64, result: Result<Result<CommandOutcome, CommandError>, String>) {
+        let Some(pending) = self.pending.remove(&id) else { return };
+        let (sender, key) = match pending {
+            PendingReply::Plain(sender) => (sender, None),
+            PendingReply::Created { reply, key } => (reply, Some(key)),
+        };
+        let response = match result {
+            Err(persist_error) => error_response(
+                ErrorCode::Internal,
+                format!("the change could not be made durable on this node: {persist_error}"),
+            ),
+            Ok(Err(error)) => command_error_response(&error),
+            Ok(Ok(CommandOutcome::Committed(receipt))) => Response::Committed {
+                group: receipt.group,
+                version: receipt.label,
+                revision: receipt.revision,
+                content_hash: receipt.version.content_hash.get(..12).unwrap_or_default().to_owned(),
+                acked_by: receipt.acked_by,
+            },
+            Ok(Ok(CommandOutcome::Created { name })) => Response::GroupCreated { name, key: key.unwrap_or_default() },
+            Ok(Ok(CommandOutcome::Joined { name, version })) => Response::Joined { name, version },
+            Ok(Ok(CommandOutcome::Left { .. })) => Response::Done,
+        };
+        let _ = sender.send(response);
+    }
+
+    fn notify(&mut self, notification: Notification) {
+        self.last_change.insert(notification.group.clone(), Instant::now());
+        let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
+        let event = WatchEvent::Change {
+            group: notification.group.clone(),
+            revision: notification.revision,
+            version: notification.version.clone(),
+            set: notification.set.clone(),
+            removed: notification.removed.clone(),
+        };
+        // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
+        // from its last revision, so it misses nothing.
+        watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
+    }
+
+    fn freshness(&self, group: &str) -> Freshness {
+        let doc = self.replica.group(group);
+        Freshness {
+            revision: self.replica.revision(group).unwrap_or(0),
+            version: doc.map(|d| d.latest_label()).unwrap_or_default(),
+            age_ms: self
+                .last_change
+                .get(group)
+                .map_or_else(|| self.started.elapsed().as_millis() as u64, |at| at.elapsed().as_millis() as u64),
+            stale: false,
+        }
+    }
+
+    fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
+        let author = if meta.author.is_empty() { format!("{}@{}", client.process, self.node_id) } else { meta.author };
+        CommitMeta::new(author, meta.message, wall_clock())
+    }
+
+    fn handle_call(&mut self, call: LocalCall) {
+        match call {
+            LocalCall::Request { client, request, reply } => self.handle_request(client, request, reply),
+            LocalCall::Watch { client, group, from_revision, events, reply } => {
+                let response = self.start_watch(&client, &group, from_revision, events);
+                let _ = reply.send(response);
+            }
+            LocalCall::Disconnected { connection } => {
+                for watchers in self.watchers.values_mut() {
+                    watchers.retain(|w| w.connection != connection);
+                }
+            }
+        }
+    }
+
+    fn start_watch(
+        &mut self,
+        client: &ClientInfo,
+        group: &str,
+        from_revision: Option<u64>,
+        events: mpsc::Sender<WatchEvent>,
+    ) -> Response {
+        let Some(doc) = self.replica.group(group) else {
+            return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
+        };
+        let revision = self.replica.revision(group).unwrap_or(0);
+        if let Some(from) = from_revision {
+            match self.replica.events_since(group, from) {
+                Some(EventsSince::Events(backlog)) => {
+                    for notification in backlog {
+                        let event = WatchEvent::Change {
+                            group: notification.group,
+                            revision: notification.revision,
+                            version: notification.version,
+                            set: notification.set,
+                            removed: notification.removed,
+                        };
+                        if events.try_send(event).is_err() {
+                            return error_response(ErrorCode::Internal, "watch backlog larger than the queue");
+                        }
+                    }
+                }
+                Some(EventsSince::Resync) | None => {
+                    let settings = doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect();
+                    let event =
+                        WatchEvent::Resync { group: group.to_owned(), revision, version: doc.latest_label(), settings };
+                    if events.try_send(event).is_err() {
+                        return error_response(ErrorCode::Internal, "watch queue full");
+                    }
+                }
+            }
+        }
+        self.watchers.entry(group.to_owned()).or_default().push(Watcher { connection: client.connection, events });
+        Response::Watching { group: group.to_owned(), revision }
+    }
+
+    fn handle_request(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
+        let unknown = |group: &str| {
+            error_response(
+                ErrorCode::UnknownGroup,
+                format!("group {group:?} does not exist on this node (create it, or join it with its key)"),
+            )
+        };
+        let response = match request {
+            Request::Get { group, key } => match self.replica.group(&group) {
+                Some(doc) => {
+                    Response::Value { value: doc.get(&key).cloned(), freshness: self.freshness(&group), group, key }
+                }
+                None => unknown(&group),
+            },
+            Request::Snapshot { group } => match self.replica.group(&group) {
+                Some(doc) => Response::Snapshot {
+                    settings: doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect(),
+                    content_hash: doc.settings().content_hash().to_hex(),
+                    freshness: self.freshness(&group),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::ReportApply { group, version, revision, result } => {
+                let row = ProcessRow {
+                    pid: client.pid,
+                    process: client.process.clone(),
+                    version,
+                    revision,
+                    result,
+                    time_ms: wall_clock().0,
+                };
+                self.processes.entry(group).or_default().insert((client.connection, client.pid), ProcessReport { row });
+                Response::Done
+            }
+            Request::GroupCreate { name, mode, key } => {
+                let mode: Mode = match mode.parse() {
+                    Ok(mode) => mode,
+                    Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                };
+                let key = match key {
+                    Some(text) => match GroupKey::parse(&text) {
+                        Ok(key) => key,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    },
+                    None => {
+                        let mut bytes = [0u8; 32];
+                        rand::rng().fill_bytes(&mut bytes);
+                        GroupKey::from_bytes(bytes)
+                    }
+                };
+                let meta =
+                    CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", wall_clock());
+                let text = key.to_text();
+                self.command(
+                    Command::CreateGroup { name, mode, key, meta },
+                    PendingReply::Created { reply, key: text },
+                );
+                return;
+            }
+            Request::GroupJoin { name, key } => match GroupKey::parse(&key) {
+                Ok(key) => return self.command(Command::JoinGroup { name, key }, PendingReply::Plain(reply)),
+                Err(message) => error_response(ErrorCode::BadRequest, message),
+            },
+            Request::GroupLeave { name } => {
+                return self.command(Command::LeaveGroup { name }, PendingReply::Plain(reply));
+            }
+            Request::GroupList => Response::Groups { groups: self.group_rows() },
+            Request::Set { group, entries, meta } => {
+                let meta = self.write_meta(&client, meta);
+                let entries = entries.into_iter().collect();
+                return self.command(Command::Set { group, entries, meta }, PendingReply::Plain(reply));
+            }
+            Request::Delete { group, keys, meta } => {
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Delete { group, keys, meta }, PendingReply::Plain(reply));
+            }
+            Request::Apply { group, format, text, meta } => match format.parse::<FileFormat>() {
+                Ok(format) => {
+                    let meta = self.write_meta(&client, meta);
+                    return self.command(Command::Apply { group, format, text, meta }, PendingReply::Plain(reply));
+                }
+                Err(error) => error_response(ErrorCode::BadRequest, error.to_string()),
+            },
+            Request::Rollback { group, version, meta } => {
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
+            }
+            Request::History { group } => match self.replica.group(&group) {
+                Some(doc) => Response::History {
+                    versions: doc
+                        .history()
+                        .map(|v| VersionRow {
+                            label: doc.label(&v.id),
+                            author: v.author.clone(),
+                            time_ms: v.time.0,
+                            message: v.message.clone(),
+                            kind: v.kind.name().to_owned(),
+                            content_hash: v.content_hash.get(..12).unwrap_or_default().to_owned(),
+                            parents: v.parents.iter().map(|p| doc.label(p)).collect(),
+                        })
+                        .collect(),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::Diff { group, from, to } => match self.replica.group(&group) {
+                Some(doc) => {
+                    let ids = doc
+                        .resolve(&from)
+                        .map(|a| a.id.clone())
+                        .and_then(|a| doc.resolve(&to).map(|b| (a, b.id.clone())));
+                    match ids.and_then(|(a, b)| doc.diff(&a, &b)) {
+                        Ok(diff) => Response::Diff {
+                            added: diff.added.into_iter().collect(),
+                            removed: diff.removed.into_iter().collect(),
+                            changed: diff.changed.into_iter().map(|c| (c.key, (c.old, c.new))).collect(),
+                            group,
+                        },
+                        Err(error) => error_response(ErrorCode::NotFound, error.to_string()),
+                    }
+                }
+                None => unknown(&group),
+            },
+            Request::Conflicts { group } => match self.replica.group(&group) {
+                Some(doc) => Response::Conflicts {
+                    conflicts: doc
+                        .conflicts()
+                        .into_iter()
+                        .map(|c| ConflictRow {
+                            key: c.key,
+                            winner: c.winner.value,
+                            winner_version: c.winner.version.map(|v| doc.label(&v)),
+                            losers: c.losers.into_iter().map(|l| (l.value, l.version.map(|v| doc.label(&v)))).collect(),
+                        })
+                        .collect(),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::Nodes => Response::Nodes { nodes: self.node_rows() },
+            Request::Status { group } => self.status(&group),
+            Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } => {
+                error_response(ErrorCode::Protocol, "handled by the socket layer")
+            }
+        };
+        send(reply, response);
+    }
+
+    fn group_rows(&self) -> Vec<GroupRow> {
+        self.replica
+            .group_names()
+            .filter_map(|name| {
+                let doc = self.replica.group(name)?;
+                let mut members: Vec<String> =
+                    self.replica.members(name).into_iter().map(|(node, _, _)| node).collect();
+                members.push(self.node_id.clone());
+                members.sort();
+                Some(GroupRow {
+                    name: name.to_owned(),
+                    mode: doc.mode().to_string(),
+                    version: doc.latest_label(),
+                    revision: self.replica.revision(name).unwrap_or(0),
+                    keys: doc.settings().len(),
+                    members,
+                })
+            })
+            .collect()
+    }
+
+    fn node_rows(&self) -> Vec<NodeRow> {
+        self.mesh
+            .nodes
+            .values()
+            .map(|node| NodeRow {
+                id: node.id.clone(),
+                address: node.addr.to_string(),
+                labels: node.labels.clone(),
+                state: match node.liveness {
+                    Liveness::Live => "live",
+                    Liveness::Dead => "dead",
+                    Liveness::Leaving => "leaving",
+                }
+                .to_owned(),
+                last_heartbeat_ms: node.heartbeat_age.map(|age| age.as_millis() as u64),
+                is_self: node.id == self.node_id,
+            })
+            .collect()
+    }
+
+    fn status(&self, group: &str) -> Response {
+        let Some(doc) = self.replica.group(group) else {
+            return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
+        };
+        let mut nodes = vec![NodeGroupRow {
+            node: self.node_id.clone(),
+            version: doc.latest_label(),
+            revision: self.replica.revision(group).unwrap_or(0),
+            heads: doc.heads_digest().to_string(),
+            live: true,
+        }];
+        for (node, live, gossip) in self.replica.members(group) {
+            nodes.push(NodeGroupRow {
+                node,
+                version: gossip.version,
+                revision: gossip.revision,
+                heads: gossip.digest.to_string(),
+                live,
+            });
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        let processes = self
+            .processes
+            .get(group)
+            .map(|reports| reports.values().map(|report| report.row.clone()).collect())
+            .unwrap_or_default();
+        Response::Status { group: group.to_owned(), mode: doc.mode().to_string(), nodes, processes }
+    }
+}
+
+fn send(reply: oneshot::Sender<Response>, response: Response) {
+    let _ = reply.send(response);
+}
+
+/// Used by `ApplyResult` consumers in tests and status rendering.
+pub fn apply_result_text(result: &ApplyResult) -> String {
+    match result {
+        ApplyResult::Ok => "ok".to_owned(),
+        ApplyResult::Error { message } => format!("error: {message}"),
+    }
+}

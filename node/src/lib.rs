@@ -1,0 +1,8 @@
+//! konor-node: the I/O shell around konor-crdt (the daemon `konord` and the CLI `konorctl`).
+pub mod daemon;
+pub mod local_api;
+pub mod membership;
+pub mod settings;
+pub mod store;
+pub mod tls;
+pub mod transport;

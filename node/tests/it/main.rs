@@ -1,0 +1,10 @@
+//! End-to-end tests of konord: real processes, real QUIC with mutual TLS on loopback, real
+//! files with fsync, talking through the real SDK over the real socket.
+
+// Tests may unwrap: a panic is the failure report.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod durability;
+mod harness;
+mod mesh;
+mod security;

@@ -1,0 +1,759 @@
+//! The local socket protocol between `konord` and its clients (SDKs, `konorctl`): frames and
+//! message types. Language-neutral: every frame is a 4-byte big-endian length followed by that
+//! many bytes of UTF-8 JSON. docs/protocol.md is the reference for other languages.
+//!
+//! **Boundary:** these types are the wire format. Fields may be added (readers ignore unknown
+//! fields); renaming or removing one needs a new [`PROTOCOL_VERSION`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Version of this protocol, sent in `Hello` and answered in `Welcome`.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame in bytes, either direction: a whole group snapshot (4 MiB of settings at most)
+/// as JSON with room to spare. A length above this is refused before anything is allocated.
+pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Environment variable naming the daemon's socket path.
+pub const SOCKET_ENV: &str = "KONOR_SOCKET";
+
+/// A frame sent by a client: a request with an id chosen by the client, echoed in the response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClientFrame {
+    /// Correlates the response; unique among the client's outstanding requests.
+    pub id: u64,
+    /// What the client asks.
+    pub request: Request,
+}
+
+/// A frame sent by the daemon: the response to one request, or a pushed watch event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// The answer to request `id`.
+    Response {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        response: Response,
+    },
+    /// A change on a watched group, pushed without a request.
+    Event {
+        /// The event.
+        event: WatchEvent,
+    },
+}
+
+/// Who makes a write: shown in history and the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct WriteMeta {
+    /// Author; the daemon fills in `<user>@<process>` from the connection when empty.
+    #[serde(default)]
+    pub author: String,
+    /// Why.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// Everything a client can ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    /// First request on every connection.
+    Hello {
+        /// The client's protocol version.
+        protocol: u32,
+        /// The client's process id.
+        pid: u32,
+        /// The client's process name.
+        process: String,
+    },
+    /// One setting.
+    Get {
+        /// Group.
+        group: String,
+        /// Key.
+        key: String,
+    },
+    /// All settings of a group.
+    Snapshot {
+        /// Group.
+        group: String,
+    },
+    /// Subscribe to changes after `from_revision` (or from now when absent).
+    Watch {
+        /// Group.
+        group: String,
+        /// Deliver every change with a larger revision; `None`: only future changes.
+        #[serde(default)]
+        from_revision: Option<u64>,
+    },
+    /// Stop a subscription.
+    Unwatch {
+        /// Group.
+        group: String,
+    },
+    /// The client's reload callback ran for `version`: report the outcome (F16).
+    ReportApply {
+        /// Group.
+        group: String,
+        /// The version label applied.
+        version: String,
+        /// The revision applied.
+        revision: u64,
+        /// Ok or the error text.
+        result: ApplyResult,
+    },
+    /// Create a group on this node.
+    GroupCreate {
+        /// Name.
+        name: String,
+        /// "eventual" or "strong".
+        mode: String,
+        /// The group's secret key; generated when absent.
+        #[serde(default)]
+        key: Option<String>,
+    },
+    /// Join an existing group with its key.
+    GroupJoin {
+        /// Name.
+        name: String,
+        /// The group's secret key.
+        key: String,
+    },
+    /// Leave a group on this node.
+    GroupLeave {
+        /// Name.
+        name: String,
+    },
+    /// Groups this node holds.
+    GroupList,
+    /// Set keys.
+    Set {
+        /// Group.
+        group: String,
+        /// Key -> JSON value.
+        entries: BTreeMap<String, Value>,
+        /// Author and message.
+        #[serde(default)]
+        meta: WriteMeta,
+    },
+    /// Delete keys.
+    Delete {
+        /// Group.
+        group: String,
+        /// Keys.
+        keys: Vec<String>,
+        /// Author and message.
+        #[serde(default)]
+        meta: WriteMeta,
+    },
+    /// Replace the settings with a file's contents.
+    Apply {
+        /// Group.
+        group: String,
+        /// "toml", "yaml" or "json".
+        format: String,
+        /// The file's text.
+        text: String,
+        /// Author and message.
+        #[serde(default)]
+        meta: WriteMeta,
+    },
+    /// Roll back to a version.
+    Rollback {
+        /// Group.
+        group: String,
+        /// Version label (`v12`).
+        version: String,
+        /// Author and message.
+        #[serde(default)]
+        meta: WriteMeta,
+    },
+    /// Version list.
+    History {
+        /// Group.
+        group: String,
+    },
+    /// Diff of two versions.
+    Diff {
+        /// Group.
+        group: String,
+        /// From version.
+        from: String,
+        /// To version.
+        to: String,
+    },
+    /// Keys with concurrent values.
+    Conflicts {
+        /// Group.
+        group: String,
+    },
+    /// The mesh as this node sees it.
+    Nodes,
+    /// A group's state across nodes and local processes.
+    Status {
+        /// Group.
+        group: String,
+    },
+}
+
+/// Outcome of a client's reload callback.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ApplyResult {
+    /// The new settings are in use.
+    Ok,
+    /// The callback refused them.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// How fresh a served value is (F12).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Freshness {
+    /// The node's revision of the group when it answered.
+    pub revision: u64,
+    /// Label of the newest version in the served state (`v12`).
+    pub version: String,
+    /// Milliseconds since this node last applied a change to the group.
+    pub age_ms: u64,
+    /// True when the node knows it may be behind (strong group, fenced).
+    #[serde(default)]
+    pub stale: bool,
+}
+
+/// One version in a history listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionRow {
+    /// `v12` or `v12-3fa9c2d1`.
+    pub label: String,
+    /// Author.
+    pub author: String,
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    /// Message.
+    pub message: String,
+    /// create, set, delete, apply, rollback.
+    pub kind: String,
+    /// Content hash (12 hex digits).
+    pub content_hash: String,
+    /// Parent labels.
+    pub parents: Vec<String>,
+}
+
+/// A group in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRow {
+    /// Name.
+    pub name: String,
+    /// "eventual" or "strong".
+    pub mode: String,
+    /// Latest version label.
+    pub version: String,
+    /// This node's revision.
+    pub revision: u64,
+    /// Number of keys.
+    pub keys: usize,
+    /// Node ids that joined the group, as gossip shows them.
+    pub members: Vec<String>,
+}
+
+/// A node in the mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRow {
+    /// Node id.
+    pub id: String,
+    /// QUIC address.
+    pub address: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// "live", "dead" or "leaving".
+    pub state: String,
+    /// Milliseconds since its last heartbeat reached this node (None for this node itself).
+    pub last_heartbeat_ms: Option<u64>,
+    /// True for the node answering.
+    pub is_self: bool,
+}
+
+/// One node's copy of a group, in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeGroupRow {
+    /// Node id.
+    pub node: String,
+    /// Latest version label it has applied.
+    pub version: String,
+    /// Its revision.
+    pub revision: u64,
+    /// Its heads digest (equal digests: identical state).
+    pub heads: String,
+    /// Live as seen from here.
+    pub live: bool,
+}
+
+/// One local process's use of a group, in `status` (F16).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessRow {
+    /// Process id.
+    pub pid: u32,
+    /// Process name.
+    pub process: String,
+    /// Version it reported.
+    pub version: String,
+    /// Revision it reported.
+    pub revision: u64,
+    /// Result it reported.
+    pub result: ApplyResult,
+    /// Unix milliseconds of the report.
+    pub time_ms: u64,
+}
+
+/// A key with concurrent values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConflictRow {
+    /// Key.
+    pub key: String,
+    /// The value served everywhere.
+    pub winner: Value,
+    /// Version that wrote the winner.
+    pub winner_version: Option<String>,
+    /// The losing values and their versions.
+    pub losers: Vec<(Value, Option<String>)>,
+}
+
+/// Every answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    /// Answer to Hello.
+    Welcome {
+        /// The daemon's protocol version.
+        protocol: u32,
+        /// The daemon's node id.
+        node_id: String,
+        /// The daemon's build version.
+        daemon_version: String,
+    },
+    /// A setting (`value` is absent when the key is not set).
+    Value {
+        /// Group.
+        group: String,
+        /// Key.
+        key: String,
+        /// Value.
+        value: Option<Value>,
+        /// Freshness.
+        freshness: Freshness,
+    },
+    /// All settings of a group.
+    Snapshot {
+        /// Group.
+        group: String,
+        /// Key -> value.
+        settings: BTreeMap<String, Value>,
+        /// Content hash (full hex).
+        content_hash: String,
+        /// Freshness.
+        freshness: Freshness,
+    },
+    /// A watch is active; events follow as `ServerFrame::Event`.
+    Watching {
+        /// Group.
+        group: String,
+        /// Revision at subscription time.
+        revision: u64,
+    },
+    /// A write was applied locally and persisted (fsync) on this node.
+    Committed {
+        /// Group.
+        group: String,
+        /// New version label.
+        version: String,
+        /// This node's revision after the write.
+        revision: u64,
+        /// Content hash (12 hex digits).
+        content_hash: String,
+        /// Nodes known to hold the change durably so far (this node at least).
+        acked_by: Vec<String>,
+    },
+    /// A group was created.
+    GroupCreated {
+        /// Name.
+        name: String,
+        /// Its secret key: share it with nodes that should join.
+        key: String,
+    },
+    /// This node joined a group.
+    Joined {
+        /// Name.
+        name: String,
+        /// The version it received.
+        version: String,
+    },
+    /// Groups.
+    Groups {
+        /// Rows.
+        groups: Vec<GroupRow>,
+    },
+    /// Versions, oldest first.
+    History {
+        /// Group.
+        group: String,
+        /// Rows.
+        versions: Vec<VersionRow>,
+    },
+    /// Diff lines.
+    Diff {
+        /// Group.
+        group: String,
+        /// Added keys.
+        added: BTreeMap<String, Value>,
+        /// Removed keys.
+        removed: BTreeMap<String, Value>,
+        /// Changed keys: (old, new).
+        changed: BTreeMap<String, (Value, Value)>,
+    },
+    /// Conflicts.
+    Conflicts {
+        /// Group.
+        group: String,
+        /// Rows.
+        conflicts: Vec<ConflictRow>,
+    },
+    /// The mesh.
+    Nodes {
+        /// Rows.
+        nodes: Vec<NodeRow>,
+    },
+    /// A group's state.
+    Status {
+        /// Group.
+        group: String,
+        /// Mode.
+        mode: String,
+        /// Per node.
+        nodes: Vec<NodeGroupRow>,
+        /// Per local process.
+        processes: Vec<ProcessRow>,
+    },
+    /// Done, nothing to return.
+    Done,
+    /// Refused.
+    Error {
+        /// Machine-readable class.
+        code: ErrorCode,
+        /// What was wrong and what to do.
+        message: String,
+    },
+}
+
+/// Classes of errors a client may branch on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The request is malformed or names something invalid (key, value, file, version).
+    BadRequest,
+    /// The group does not exist on this node.
+    UnknownGroup,
+    /// The group already exists.
+    AlreadyExists,
+    /// A key or version that does not exist.
+    NotFound,
+    /// The write changes nothing; no version was created.
+    Unchanged,
+    /// The group key was wrong.
+    Forbidden,
+    /// No peer could serve the request (join) in time.
+    Unavailable,
+    /// The daemon failed internally (disk full, ...); the message says what.
+    Internal,
+    /// Hello was not the first request, or the protocol version is not supported.
+    Protocol,
+}
+
+/// A change on a watched group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WatchEvent {
+    /// Keys changed; `revision` is the node's new revision of the group.
+    Change {
+        /// Group.
+        group: String,
+        /// Revision after the change.
+        revision: u64,
+        /// Latest version label after the change.
+        version: String,
+        /// Keys set or replaced, with their new values.
+        set: BTreeMap<String, Value>,
+        /// Keys removed.
+        removed: Vec<String>,
+    },
+    /// History older than the requested revision is gone: here is the whole state instead.
+    Resync {
+        /// Group.
+        group: String,
+        /// Revision of the snapshot.
+        revision: u64,
+        /// Latest version label.
+        version: String,
+        /// All settings.
+        settings: BTreeMap<String, Value>,
+    },
+}
+
+impl WatchEvent {
+    /// The group the event is about.
+    pub fn group(&self) -> &str {
+        match self {
+            WatchEvent::Change { group, .. } | WatchEvent::Resync { group, .. } => group,
+        }
+    }
+
+    /// The revision after the event.
+    pub fn revision(&self) -> u64 {
+        match self {
+            WatchEvent::Change { revision, .. } | WatchEvent::Resync { revision, .. } => *revision,
+        }
+    }
+}
+
+/// Encodes one frame: 4-byte big-endian length, then the JSON bytes.
+pub fn encode_frame<T: Serialize>(message: &T) -> Result<Vec<u8>, FrameError> {
+    let json = serde_json::to_vec(message).map_err(|e| FrameError::Encode(e.to_string()))?;
+    if json.len() > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge { bytes: json.len(), max: FRAME_BYTES_MAX });
+    }
+    let length =
+        u32::try_from(json.len()).map_err(|_| FrameError::TooLarge { bytes: json.len(), max: FRAME_BYTES_MAX })?;
+    let mut frame = Vec::with_capacity(4 + json.len());
+    frame.extend_from_slice(&length.to_be_bytes());
+    frame.extend_from_slice(&json);
+    Ok(frame)
+}
+
+/// Checks a frame header and returns the payload length it announces.
+pub fn frame_length(header: [u8; 4]) -> Result<usize, FrameError> {
+    let length = u32::from_be_bytes(header) as usize;
+    if length > FRAME_BYTES_MAX {
+        return Err(FrameError::TooLarge { bytes: length, max: FRAME_BYTES_MAX });
+    }
+    Ok(length)
+}
+
+/// Decodes a frame's JSON payload.
+pub fn decode_payload<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, FrameError> {
+    serde_json::from_slice(payload).map_err(|e| FrameError::Decode(e.to_string()))
+}
+
+/// A frame that cannot be encoded or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Over [`FRAME_BYTES_MAX`].
+    #[error("frame of {bytes} bytes is over the limit of {max}")]
+    TooLarge {
+        /// Announced or actual size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not valid JSON for the expected type.
+    #[error("malformed frame: {0}")]
+    Decode(String),
+    /// Could not serialize (a bug).
+    #[error("cannot encode frame: {0}")]
+    Encode(String),
+}
+
+impl Request {
+    /// The request's wire tag (`"get"`, `"watch"`, ...), for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Hello { .. } => "hello",
+            Request::Get { .. } => "get",
+            Request::Snapshot { .. } => "snapshot",
+            Request::Watch { .. } => "watch",
+            Request::Unwatch { .. } => "unwatch",
+            Request::ReportApply { .. } => "report_apply",
+            Request::GroupCreate { .. } => "group_create",
+            Request::GroupJoin { .. } => "group_join",
+            Request::GroupLeave { .. } => "group_leave",
+            Request::GroupList => "group_list",
+            Request::Set { .. } => "set",
+            Request::Delete { .. } => "delete",
+            Request::Apply { .. } => "apply",
+            Request::Rollback { .. } => "rollback",
+            Request::History { .. } => "history",
+            Request::Diff { .. } => "diff",
+            Request::Conflicts { .. } => "conflicts",
+            Request::Nodes => "nodes",
+            Request::Status { .. } => "status",
+        }
+    }
+}
+
+impl Response {
+    /// The response's wire tag (`"value"`, `"error"`, ...), for logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Response::Welcome { .. } => "welcome",
+            Response::Value { .. } => "value",
+            Response::Snapshot { .. } => "snapshot",
+            Response::Watching { .. } => "watching",
+            Response::Committed { .. } => "committed",
+            Response::GroupCreated { .. } => "group_created",
+            Response::Joined { .. } => "joined",
+            Response::Groups { .. } => "groups",
+            Response::History { .. } => "history",
+            Response::Diff { .. } => "diff",
+            Response::Conflicts { .. } => "conflicts",
+            Response::Nodes { .. } => "nodes",
+            Response::Status { .. } => "status",
+            Response::Done => "done",
+            Response::Error { .. } => "error",
+        }
+    }
+}
+
+impl ErrorCode {
+    /// The code's wire name (`"unknown_group"`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownGroup => "unknown_group",
+            ErrorCode::AlreadyExists => "already_exists",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unchanged => "unchanged",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+            ErrorCode::Protocol => "protocol",
+        }
+    }
+}
+
+/// The content hash of a group's settings, as `Snapshot.content_hash` carries it (full hex).
+///
+/// Definition (docs/protocol.md): the sum modulo 2^256, as 32-byte big-endian integers, of
+/// `SHA-256(u64_le(len(key)) || key || canonical JSON of the value)` over all entries, where the
+/// canonical JSON is serde_json's compact form with object keys sorted. A sum makes the hash
+/// independent of order and lets a cache update it in O(1) per changed key.
+pub fn content_hash(settings: &BTreeMap<String, Value>) -> String {
+    let mut sum = ContentHashSum::default();
+    for (key, value) in settings {
+        sum.add_entry(key, value);
+    }
+    sum.to_hex()
+}
+
+/// A running content hash (see [`content_hash`]), updated per entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ContentHashSum([u8; 32]);
+
+impl ContentHashSum {
+    /// Adds `key = value` to the sum.
+    pub fn add_entry(&mut self, key: &str, value: &Value) {
+        let digest = entry_digest(key, value);
+        let mut carry = 0u16;
+        for index in (0..32).rev() {
+            let sum = u16::from(self.0[index]) + u16::from(digest[index]) + carry;
+            self.0[index] = (sum & 0xff) as u8;
+            carry = sum >> 8;
+        }
+    }
+
+    /// Takes `key = value` out of the sum (it must have been added).
+    pub fn remove_entry(&mut self, key: &str, value: &Value) {
+        let digest = entry_digest(key, value);
+        let mut borrow = 0i16;
+        for index in (0..32).rev() {
+            let mut difference = i16::from(self.0[index]) - i16::from(digest[index]) - borrow;
+            borrow = 0;
+            if difference < 0 {
+                difference += 256;
+                borrow = 1;
+            }
+            self.0[index] = difference as u8;
+        }
+    }
+
+    /// Full lowercase hex, 64 digits.
+    pub fn to_hex(&self) -> String {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = String::with_capacity(64);
+        for byte in self.0 {
+            text.push(char::from(DIGITS[usize::from(byte >> 4)]));
+            text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
+        }
+        text
+    }
+}
+
+fn entry_digest(key: &str, value: &Value) -> [u8; 32] {
+    use sha2::Digest;
+    // Serializing a `serde_json::Value` cannot fail: every map key is a string.
+    let canonical = serde_json::to_string(value).unwrap_or_default();
+    let mut hasher = sha2::Sha256::new();
+    hasher.update((key.len() as u64).to_le_bytes());
+    hasher.update(key.as_bytes());
+    hasher.update(canonical.as_bytes());
+    hasher.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    #[test]
+    fn frames_are_length_prefixed_json() {
+        let frame = ClientFrame { id: 7, request: Request::Get { group: "app".into(), key: "db.pool".into() } };
+        let bytes = encode_frame(&frame).unwrap();
+        let length = frame_length([bytes[0], bytes[1], bytes[2], bytes[3]]).unwrap();
+        assert_eq!(length, bytes.len() - 4);
+        expect![[r#"{"id":7,"request":{"type":"get","group":"app","key":"db.pool"}}"#]]
+            .assert_eq(std::str::from_utf8(&bytes[4..]).unwrap());
+        assert_eq!(decode_payload::<ClientFrame>(&bytes[4..]).unwrap(), frame);
+    }
+
+    #[test]
+    fn oversized_and_malformed_frames_are_refused() {
+        assert!(frame_length(u32::MAX.to_be_bytes()).is_err());
+        assert!(decode_payload::<ClientFrame>(b"{\"id\":1}").is_err());
+        assert!(decode_payload::<ClientFrame>(b"\xff\xfe").is_err());
+    }
+
+    #[test]
+    fn content_hash_is_order_free_and_incremental() {
+        let mut settings = BTreeMap::new();
+        settings.insert("db.pool".to_owned(), serde_json::json!(10));
+        settings.insert("name".to_owned(), serde_json::json!({"b": 1, "a": "x"}));
+        let full = content_hash(&settings);
+        assert_eq!(full.len(), 64);
+        let mut running = ContentHashSum::default();
+        running.add_entry("name", &settings["name"]);
+        running.add_entry("old", &serde_json::json!(true));
+        running.add_entry("db.pool", &settings["db.pool"]);
+        running.remove_entry("old", &serde_json::json!(true));
+        assert_eq!(running.to_hex(), full);
+        assert_eq!(content_hash(&BTreeMap::new()), "0".repeat(64));
+    }
+
+    #[test]
+    fn kinds_match_the_wire_tags() {
+        let request =
+            Request::ReportApply { group: "app".into(), version: "v1".into(), revision: 1, result: ApplyResult::Ok };
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(json["type"], request.kind());
+        let response = Response::Done;
+        assert_eq!(serde_json::to_value(&response).unwrap()["type"], response.kind());
+        let code = ErrorCode::UnknownGroup;
+        assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+    }
+}
