@@ -95,6 +95,24 @@ impl CommitMeta {
     }
 }
 
+/// A local edit of a group's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Edit {
+    /// Set keys to JSON values.
+    Set(Vec<(String, Value)>),
+    /// Delete keys (each must exist).
+    Delete(Vec<String>),
+    /// Replace the settings by a file's contents.
+    ApplyFile {
+        /// The file's text.
+        text: String,
+        /// Its syntax.
+        format: FileFormat,
+    },
+    /// Roll back to a version (a reference such as `v12`).
+    Rollback(String),
+}
+
 /// The result of a local write: the new version and the change to persist and send.
 #[derive(Debug, Clone)]
 pub struct LocalCommit {
@@ -379,6 +397,15 @@ impl GroupDoc {
         self.versions.values().map(|entry| &entry.info)
     }
 
+    /// True when every head in `heads` is known here and `change` is among their ancestors (or
+    /// is one of them): a peer gossiping those heads holds the change.
+    pub fn heads_include(&self, heads: &[ChangeHash], change: &ChangeHash) -> bool {
+        if heads.is_empty() || !self.has_change(change) || !heads.iter().all(|head| self.has_change(head)) {
+            return false;
+        }
+        !self.doc.get_changes_meta(heads).iter().any(|meta| meta.hash == *change)
+    }
+
     /// True when changes wait in Automerge's queue for dependencies this document lacks.
     pub fn has_missing_deps(&self) -> bool {
         !self.doc.get_missing_deps(&[]).is_empty()
@@ -512,52 +539,23 @@ impl GroupDoc {
 
     /// Sets `entries` (key, JSON value) as one new version.
     pub fn set(&mut self, entries: Vec<(String, Value)>, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        if entries.is_empty() {
-            return Err(EditError::NoKeys);
-        }
-        // A key named twice: the last value wins, as in a shell assignment list.
-        let mut unique: BTreeMap<String, (Value, String)> = BTreeMap::new();
-        for (key, value) in entries {
-            validate_key(&key)?;
-            let canonical = encode_value(&key, &value)?;
-            unique.insert(key, (value, canonical));
-        }
-        let keys: Vec<String> = unique.keys().cloned().collect();
-        let ops = unique.into_iter().map(|(key, (value, canonical))| Op::Put { key, value, canonical }).collect();
-        self.commit_ops(ops, VersionKind::Set { keys }, meta)
+        self.edit(Edit::Set(entries), meta)
     }
 
     /// Deletes `keys` as one new version; every key must exist.
     pub fn delete(&mut self, keys: Vec<String>, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        if keys.is_empty() {
-            return Err(EditError::NoKeys);
-        }
-        let mut unique = BTreeSet::new();
-        for key in keys {
-            validate_key(&key)?;
-            if self.view.get(&key).is_none() && !self.conflicted.contains(&key) {
-                return Err(EditError::NoSuchKey { group: self.name.clone(), key });
-            }
-            unique.insert(key);
-        }
-        let ops = unique.iter().map(|key| Op::Delete { key: key.clone() }).collect();
-        self.commit_ops(ops, VersionKind::Delete { keys: unique.into_iter().collect() }, meta)
+        self.edit(Edit::Delete(keys), meta)
     }
 
     /// Replaces the settings with the contents of a whole file, as one new version: keys not in
     /// the file are deleted, keys whose value is unchanged are left alone.
     pub fn apply_file(&mut self, text: &str, format: FileFormat, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        let target = parse_config_file(text, format)?;
-        let ops = self.ops_to_reach(&target);
-        self.commit_ops(ops, VersionKind::Apply { format }, meta)
+        self.edit(Edit::ApplyFile { text: text.to_owned(), format }, meta)
     }
 
     /// Rolls back to `target`: a new version whose settings equal the target's.
     pub fn rollback(&mut self, target: &str, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        let to = self.resolve(target)?.id.clone();
-        let settings = self.settings_at(&to)?;
-        let ops = self.ops_to_reach(&settings);
-        self.commit_ops(ops, VersionKind::Rollback { to }, meta)
+        self.edit(Edit::Rollback(target.to_owned()), meta)
     }
 
     /// The operations that turn the current settings into `target`, conflicts resolved.
@@ -582,6 +580,91 @@ impl GroupDoc {
     /// Drops no-op operations, checks limits, then writes `ops` and the version entry as one
     /// Automerge change. On any error nothing has changed.
     fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let plan = self.plan(ops, kind, meta)?;
+        let (change_hash, change) = write_plan(&mut self.doc, &self.objects, &plan, meta)?;
+        let PlannedEdit { ops, info, hash_after } = plan;
+        for op in ops {
+            self.conflicted.remove(op.key());
+            self.invalid.remove(op.key());
+            match op {
+                Op::Put { key, value, canonical } => self.view.insert_canonical(key, value, canonical),
+                Op::Delete { key } => {
+                    self.view.remove(&key);
+                }
+            }
+        }
+        debug_assert_eq!(self.view.content_hash(), hash_after, "staged hash equals applied hash");
+        self.by_change.insert(change_hash, info.id.clone());
+        self.versions.insert(info.id.clone(), VersionEntry { info: info.clone(), change: change_hash });
+        debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
+        Ok(LocalCommit { version: info, change, change_hash })
+    }
+
+    /// Builds the change an edit would make without applying it anywhere: the strong-round
+    /// coordinator stages it and applies it only once every member voted yes. Nothing changes.
+    pub fn prepare(&self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let (ops, kind) = self.ops_for(edit)?;
+        let plan = self.plan(ops, kind, meta)?;
+        // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
+        // aborted change is never applied anywhere, so its sequence number is free to reuse.
+        let mut scratch = self.doc.clone();
+        let (change_hash, change) = write_plan(&mut scratch, &self.objects, &plan, meta)?;
+        Ok(LocalCommit { version: plan.info, change, change_hash })
+    }
+
+    /// Applies an edit as a new version.
+    pub fn edit(&mut self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let (ops, kind) = self.ops_for(edit)?;
+        self.commit_ops(ops, kind, meta)
+    }
+
+    fn ops_for(&self, edit: Edit) -> Result<(Vec<Op>, VersionKind), EditError> {
+        match edit {
+            Edit::Set(entries) => {
+                if entries.is_empty() {
+                    return Err(EditError::NoKeys);
+                }
+                // A key named twice: the last value wins, as in a shell assignment list.
+                let mut unique: BTreeMap<String, (Value, String)> = BTreeMap::new();
+                for (key, value) in entries {
+                    validate_key(&key)?;
+                    let canonical = encode_value(&key, &value)?;
+                    unique.insert(key, (value, canonical));
+                }
+                let keys: Vec<String> = unique.keys().cloned().collect();
+                let ops =
+                    unique.into_iter().map(|(key, (value, canonical))| Op::Put { key, value, canonical }).collect();
+                Ok((ops, VersionKind::Set { keys }))
+            }
+            Edit::Delete(keys) => {
+                if keys.is_empty() {
+                    return Err(EditError::NoKeys);
+                }
+                let mut unique = BTreeSet::new();
+                for key in keys {
+                    validate_key(&key)?;
+                    if self.view.get(&key).is_none() && !self.conflicted.contains(&key) {
+                        return Err(EditError::NoSuchKey { group: self.name.clone(), key });
+                    }
+                    unique.insert(key);
+                }
+                let ops = unique.iter().map(|key| Op::Delete { key: key.clone() }).collect();
+                Ok((ops, VersionKind::Delete { keys: unique.into_iter().collect() }))
+            }
+            Edit::ApplyFile { text, format } => {
+                let target = parse_config_file(&text, format)?;
+                Ok((self.ops_to_reach(&target), VersionKind::Apply { format }))
+            }
+            Edit::Rollback(target) => {
+                let to = self.resolve(&target)?.id.clone();
+                let settings = self.settings_at(&to)?;
+                Ok((self.ops_to_reach(&settings), VersionKind::Rollback { to }))
+            }
+        }
+    }
+
+    /// Drops no-op operations, checks limits and computes the version entry. Pure.
+    fn plan(&self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
         meta.validate()?;
         let ops: Vec<Op> = ops
             .into_iter()
@@ -631,41 +714,7 @@ impl GroupDoc {
             content_hash: hash_after.to_hex(),
             parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
         };
-        let settings_obj = self.objects.settings.clone();
-        let versions_obj = self.objects.versions.clone();
-        let mut tx = self.doc.transaction();
-        let written = (|| {
-            for op in &ops {
-                match op {
-                    Op::Put { key, canonical, .. } => tx.put(&settings_obj, key.as_str(), canonical.as_str())?,
-                    Op::Delete { key } => tx.delete(&settings_obj, key.as_str())?,
-                }
-            }
-            tx.put(&versions_obj, id.storage_key(), version_json(&info))
-        })();
-        if let Err(error) = written {
-            tx.rollback();
-            return Err(EditError::Document { detail: error.to_string() });
-        }
-        let options = CommitOptions::default().with_message(id.storage_key()).with_time(meta.time.as_secs());
-        let (hash, _) = tx.commit_with(options);
-        let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty change".into() })?;
-        let change = last_local_change_bytes(&self.doc)?;
-        for op in ops {
-            self.conflicted.remove(op.key());
-            self.invalid.remove(op.key());
-            match op {
-                Op::Put { key, value, canonical } => self.view.insert_canonical(key, value, canonical),
-                Op::Delete { key } => {
-                    self.view.remove(&key);
-                }
-            }
-        }
-        debug_assert_eq!(self.view.content_hash(), hash_after, "staged hash equals applied hash");
-        self.by_change.insert(change_hash, id.clone());
-        self.versions.insert(id, VersionEntry { info: info.clone(), change: change_hash });
-        debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
-        Ok(LocalCommit { version: info, change, change_hash })
+        Ok(PlannedEdit { ops, info, hash_after })
     }
 
     /// Saves the whole document (a snapshot) in Automerge's compressed format.
@@ -678,6 +727,43 @@ impl GroupDoc {
         let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);
         view == self.view && conflicted == self.conflicted && self.view.recomputed_hash() == self.view.content_hash()
     }
+}
+
+/// An edit ready to be written: the effective operations and the version entry.
+struct PlannedEdit {
+    ops: Vec<Op>,
+    info: VersionInfo,
+    hash_after: ContentHash,
+}
+
+/// Writes a planned edit into `doc` as one Automerge change; on error the transaction is
+/// rolled back and `doc` is unchanged.
+fn write_plan(
+    doc: &mut Automerge,
+    objects: &Objects,
+    plan: &PlannedEdit,
+    meta: &CommitMeta,
+) -> Result<(ChangeHash, Vec<u8>), EditError> {
+    let key = plan.info.id.storage_key();
+    let mut tx = doc.transaction();
+    let written = (|| {
+        for op in &plan.ops {
+            match op {
+                Op::Put { key, canonical, .. } => tx.put(&objects.settings, key.as_str(), canonical.as_str())?,
+                Op::Delete { key } => tx.delete(&objects.settings, key.as_str())?,
+            }
+        }
+        tx.put(&objects.versions, key.as_str(), version_json(&plan.info))
+    })();
+    if let Err(error) = written {
+        tx.rollback();
+        return Err(EditError::Document { detail: error.to_string() });
+    }
+    let options = CommitOptions::default().with_message(key).with_time(meta.time.as_secs());
+    let (hash, _) = tx.commit_with(options);
+    let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty change".into() })?;
+    let change = last_local_change_bytes(doc)?;
+    Ok((change_hash, change))
 }
 
 fn version_json(info: &VersionInfo) -> String {

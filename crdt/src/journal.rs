@@ -12,6 +12,7 @@ use crate::error::LoadError;
 use crate::exchange::decode_change;
 use crate::group::GroupDoc;
 use crate::limits::COMPACT_TAIL_CHANGES_MAX;
+use crate::peer_message::RoundId;
 use crate::record::{DropReason, Dropped, RecordKind, RecordTooLarge, encode_header, encode_record, scan_records};
 
 /// A whole compacted file: header, a snapshot of `group`, and optionally a meta record.
@@ -40,6 +41,36 @@ pub fn meta_record(meta: &[u8]) -> Result<Vec<u8>, RecordTooLarge> {
     Ok(out)
 }
 
+/// What a group file records about strong rounds.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum RoundRecord {
+    /// A member staged a round's change (durable, not applied) and voted yes.
+    Staged {
+        /// The round.
+        round: RoundId,
+        /// The raw change.
+        change: Vec<u8>,
+        /// The members the coordinator waits for.
+        members: Vec<String>,
+    },
+    /// The round's outcome became known here.
+    Decided {
+        /// The round.
+        round: RoundId,
+        /// Commit or abort.
+        commit: bool,
+    },
+}
+
+/// The bytes to append for a round record.
+pub fn round_record(record: &RoundRecord) -> Result<Vec<u8>, RecordTooLarge> {
+    // postcard encodes these plain types infallibly into a Vec.
+    let payload = postcard::to_stdvec(record).unwrap_or_default();
+    let mut out = Vec::with_capacity(payload.len() + crate::record::FRAME_BYTES);
+    encode_record(&mut out, RecordKind::Round, &payload)?;
+    Ok(out)
+}
+
 /// A group rebuilt from a file, with what the reader had to drop.
 #[derive(Debug)]
 pub struct LoadedGroup {
@@ -53,6 +84,10 @@ pub struct LoadedGroup {
     pub valid_bytes: usize,
     /// What was dropped, if anything: the node reports it and repairs from peers.
     pub dropped: Option<Dropped>,
+    /// A staged strong round without a recorded decision (this node is in doubt about it).
+    pub staged: Option<RoundRecord>,
+    /// Decisions recorded in the file, oldest first.
+    pub decisions: Vec<(RoundId, bool)>,
 }
 
 impl LoadedGroup {
@@ -82,6 +117,8 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
     let mut valid_bytes = scan.valid_bytes;
     let mut dropped = scan.dropped;
     let mut pending = Vec::new();
+    let mut staged = None;
+    let mut decisions = Vec::new();
     for record in records {
         let decoded = match record.kind {
             RecordKind::Change => decode_change(record.payload).map(|change| vec![change]).ok(),
@@ -92,6 +129,21 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
                 meta = Some(record.payload.to_vec());
                 continue;
             }
+            RecordKind::Round => match postcard::from_bytes::<RoundRecord>(record.payload) {
+                Ok(RoundRecord::Decided { round, commit }) => {
+                    if matches!(&staged, Some(RoundRecord::Staged { round: staged_round, .. }) if *staged_round == round)
+                    {
+                        staged = None;
+                    }
+                    decisions.push((round, commit));
+                    continue;
+                }
+                Ok(round @ RoundRecord::Staged { .. }) => {
+                    staged = Some(round);
+                    continue;
+                }
+                Err(_) => None,
+            },
         };
         let Some(changes) = decoded else {
             dropped = Some(Dropped {
@@ -106,7 +158,7 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
         pending.extend(changes);
     }
     group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?;
-    Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped })
+    Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped, staged, decisions })
 }
 
 #[cfg(test)]

@@ -97,3 +97,19 @@ pub const JOIN_TIMEOUT_MS: u64 = 15_000;
 const _: () = assert!(PEER_MESSAGE_BYTES_MAX > SYNC_MESSAGE_BYTES_MAX);
 const _: () = assert!(JOIN_STEP_TIMEOUT_MS < JOIN_TIMEOUT_MS);
 const _: () = assert!(ANTI_ENTROPY_DELAY_MS < SYNC_SESSION_TIMEOUT_MS);
+
+/// How long an eventual write waits for a live quorum of durable acks before it answers with
+/// an error naming the members that did not ack (the change stays applied and keeps spreading).
+pub const COMMIT_TIMEOUT_MS: u64 = 5_000;
+
+/// How long a strong round waits for every vote before it aborts.
+pub const ROUND_TIMEOUT_MS: u64 = 3_000;
+
+/// How long a member holds a staged round without a decision before it asks its peers. Longer
+/// than a round, so the coordinator has decided (or given up) by then.
+pub const DECISION_TIMEOUT_MS: u64 = 2 * ROUND_TIMEOUT_MS;
+
+/// Round outcomes a node remembers per group to answer in-doubt peers.
+pub const DECISIONS_KEPT: usize = 256;
+
+const _: () = assert!(DECISION_TIMEOUT_MS > ROUND_TIMEOUT_MS);

@@ -20,6 +20,32 @@ pub const NONCE_BYTES: usize = 32;
 /// A random nonce for the join handshake.
 pub type Nonce = [u8; NONCE_BYTES];
 
+/// Identity and order of a strong round: `(lamport, coordinator)`, compared in that order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RoundId {
+    /// One more than the largest round lamport the coordinator had seen for the group.
+    pub lamport: u64,
+    /// The coordinator.
+    pub node: String,
+}
+
+impl std::fmt::Display for RoundId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.lamport, self.node)
+    }
+}
+
+/// What a peer knows of a round's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundOutcome {
+    /// The change is committed (the peer holds it applied).
+    Committed,
+    /// The round was aborted.
+    Aborted,
+    /// The peer does not know (yet).
+    Unknown,
+}
+
 /// Everything one replica says to another.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PeerMessage {
@@ -74,6 +100,62 @@ pub enum PeerMessage {
         /// Why, for the operator.
         reason: String,
     },
+    /// These pushed changes are durable on the sender (sent only after fsync).
+    Ack {
+        /// Group.
+        group: String,
+        /// Hashes of the changes.
+        changes: Vec<[u8; 32]>,
+    },
+    /// Strong round, phase 1: stage this change and vote.
+    Prepare {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// The raw Automerge change.
+        change: Vec<u8>,
+        /// The live members the coordinator waits for.
+        members: Vec<String>,
+    },
+    /// A member's vote.
+    Vote {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// Staged durably (true) or refused.
+        yes: bool,
+        /// Why not, for the operator.
+        reason: String,
+    },
+    /// Strong round, phase 2.
+    Decide {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// Commit (true) or abort.
+        commit: bool,
+    },
+    /// An in-doubt member asks what became of a round.
+    DecisionQuery {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// The hash of the round's change: a peer holding it knows the round committed.
+        change: [u8; 32],
+    },
+    /// The answer.
+    DecisionAnswer {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// What the peer knows.
+        outcome: RoundOutcome,
+    },
 }
 
 impl PeerMessage {
@@ -86,7 +168,13 @@ impl PeerMessage {
             | PeerMessage::JoinChallenge { group, .. }
             | PeerMessage::JoinProof { group, .. }
             | PeerMessage::JoinGrant { group, .. }
-            | PeerMessage::JoinRefused { group, .. } => group,
+            | PeerMessage::JoinRefused { group, .. }
+            | PeerMessage::Ack { group, .. }
+            | PeerMessage::Prepare { group, .. }
+            | PeerMessage::Vote { group, .. }
+            | PeerMessage::Decide { group, .. }
+            | PeerMessage::DecisionQuery { group, .. }
+            | PeerMessage::DecisionAnswer { group, .. } => group,
         }
     }
 
@@ -100,6 +188,12 @@ impl PeerMessage {
             PeerMessage::JoinProof { .. } => "join_proof",
             PeerMessage::JoinGrant { .. } => "join_grant",
             PeerMessage::JoinRefused { .. } => "join_refused",
+            PeerMessage::Ack { .. } => "ack",
+            PeerMessage::Prepare { .. } => "prepare",
+            PeerMessage::Vote { .. } => "vote",
+            PeerMessage::Decide { .. } => "decide",
+            PeerMessage::DecisionQuery { .. } => "decision_query",
+            PeerMessage::DecisionAnswer { .. } => "decision_answer",
         }
     }
 

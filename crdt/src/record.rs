@@ -36,6 +36,8 @@ pub enum RecordKind {
     Change,
     /// Node-side metadata as JSON (revision counters, sync states); opaque to the core.
     Meta,
+    /// A strong round's staged change or its decision ([`crate::journal::RoundRecord`]).
+    Round,
 }
 
 impl RecordKind {
@@ -45,6 +47,7 @@ impl RecordKind {
             RecordKind::Snapshot => 1,
             RecordKind::Change => 2,
             RecordKind::Meta => 3,
+            RecordKind::Round => 4,
         }
     }
 
@@ -54,6 +57,7 @@ impl RecordKind {
             1 => Some(RecordKind::Snapshot),
             2 => Some(RecordKind::Change),
             3 => Some(RecordKind::Meta),
+            4 => Some(RecordKind::Round),
             _ => None,
         }
     }
@@ -225,7 +229,12 @@ mod tests {
     }
 
     fn kind_strategy() -> impl Strategy<Value = RecordKind> {
-        prop_oneof![Just(RecordKind::Snapshot), Just(RecordKind::Change), Just(RecordKind::Meta)]
+        prop_oneof![
+            Just(RecordKind::Snapshot),
+            Just(RecordKind::Change),
+            Just(RecordKind::Meta),
+            Just(RecordKind::Round)
+        ]
     }
 
     proptest! {

@@ -227,8 +227,14 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
                     warn!(group = %name, %dropped, "group file damaged: the intact prefix is kept, the rest comes back from peers");
                     store.truncate_group(&name, file.valid_bytes)?;
                 }
-                let state =
-                    LoadedState { doc: file.group, key, tail_changes: file.tail_changes, sync_states: BTreeMap::new() };
+                let state = LoadedState {
+                    doc: file.group,
+                    key,
+                    tail_changes: file.tail_changes,
+                    sync_states: BTreeMap::new(),
+                    staged: file.staged,
+                    decisions: file.decisions,
+                };
                 loaded.insert(name, state);
             }
             Err(error) => {
@@ -259,6 +265,9 @@ fn command_error_response(error: &CommandError) -> Response {
         CommandError::Edit(_) => ErrorCode::BadRequest,
         CommandError::JoinRefused { .. } => ErrorCode::Forbidden,
         CommandError::JoinUnavailable(_) => ErrorCode::Unavailable,
+        CommandError::NotCommitted { .. } => ErrorCode::NotCommitted,
+        CommandError::RoundAborted { .. } => ErrorCode::Aborted,
+        CommandError::RoundInProgress { .. } => ErrorCode::Busy,
         _ => ErrorCode::Internal,
     };
     error_response(code, error.to_string())
@@ -434,7 +443,7 @@ impl Daemon {
                 .last_change
                 .get(group)
                 .map_or_else(|| self.started.elapsed().as_millis() as u64, |at| at.elapsed().as_millis() as u64),
-            stale: false,
+            stale: self.replica.is_fenced(group),
         }
     }
 
@@ -715,7 +724,18 @@ impl Daemon {
             .get(group)
             .map(|reports| reports.values().map(|report| report.row.clone()).collect())
             .unwrap_or_default();
-        Response::Status { group: group.to_owned(), mode: doc.mode().to_string(), nodes, processes }
+        let quorum = self.replica.quorum_info(group);
+        Response::Status {
+            group: group.to_owned(),
+            mode: doc.mode().to_string(),
+            nodes,
+            processes,
+            members: quorum.as_ref().map(|q| q.members.clone()).unwrap_or_default(),
+            live: quorum.as_ref().map(|q| q.live.clone()).unwrap_or_default(),
+            quorum: quorum.as_ref().map_or(1, |q| q.quorum),
+            last_write: quorum.as_ref().and_then(|q| q.last_commit.clone()),
+            fenced: quorum.as_ref().is_some_and(|q| q.fenced),
+        }
     }
 }
 

@@ -56,12 +56,15 @@ impl Node {
     }
 
     pub fn start(&mut self) {
-        let log = std::fs::File::create(&self.log).unwrap();
+        // A restarted node keeps its address, as a real host does (peers know it there).
+        let previous = self.addr();
+        let listen = if previous.is_empty() { "127.0.0.1:0".to_owned() } else { previous };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let mut command = Command::new(env!("CARGO_BIN_EXE_konord"));
         command
             .arg("--data-dir")
             .arg(&self.data_dir)
-            .args(["--node-id", &self.id, "--listen", "127.0.0.1:0", "--gossip-interval-ms", "100"])
+            .args(["--node-id", &self.id, "--listen", &listen, "--gossip-interval-ms", "100"])
             .arg("--socket")
             .arg(&self.socket)
             .arg("--tls-dir")
@@ -102,6 +105,11 @@ impl Node {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_millis(200));
         }
+    }
+
+    /// Sends a signal (STOP, CONT, TERM...).
+    pub fn signal(&self, name: &str) {
+        signal(self.child.as_ref().expect("running").id(), name);
     }
 
     /// SIGKILL.

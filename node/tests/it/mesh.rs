@@ -24,7 +24,7 @@ async fn a_change_on_any_node_reaches_every_node_and_watcher() {
     let mut watch = clients[2].watch("app", None).await.unwrap();
     let committed = clients[1].call(set("app", "db.pool", json!(10))).await.unwrap();
     let Response::Committed { version, revision, acked_by, .. } = committed else { panic!("{committed:?}") };
-    assert_eq!(acked_by, vec!["n2".to_owned()]);
+    assert!(acked_by.len() >= 2 && acked_by.contains(&"n2".to_owned()), "a live quorum of 3: {acked_by:?}");
     let event = tokio::time::timeout(crate::harness::DEADLINE, watch.next()).await.unwrap().unwrap().unwrap();
     match event {
         WatchEvent::Change { group, set, version: seen, .. } => {

@@ -440,6 +440,21 @@ pub enum Response {
         nodes: Vec<NodeGroupRow>,
         /// Per local process.
         processes: Vec<ProcessRow>,
+        /// Members of the group (nodes whose gossip proves they hold it), this node included.
+        #[serde(default)]
+        members: Vec<String>,
+        /// Members this node holds live and not leaving.
+        #[serde(default)]
+        live: Vec<String>,
+        /// `floor(live / 2) + 1` as this node computes it.
+        #[serde(default)]
+        quorum: usize,
+        /// The last write made on this node: its version and the nodes that acknowledged it.
+        #[serde(default)]
+        last_write: Option<(String, Vec<String>)>,
+        /// True when this node serves the group as stale (strong group catching up or in doubt).
+        #[serde(default)]
+        fenced: bool,
     },
     /// Done, nothing to return.
     Done,
@@ -475,6 +490,12 @@ pub enum ErrorCode {
     Internal,
     /// Hello was not the first request, or the protocol version is not supported.
     Protocol,
+    /// An eventual write is applied on this node but no live quorum acknowledged it in time.
+    NotCommitted,
+    /// A strong write's round aborted: nothing became visible anywhere; retry.
+    Aborted,
+    /// Another strong round of the group is in flight; retry.
+    Busy,
 }
 
 /// A change on a watched group.
@@ -634,6 +655,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::Protocol => "protocol",
+            ErrorCode::NotCommitted => "not_committed",
+            ErrorCode::Aborted => "aborted",
+            ErrorCode::Busy => "busy",
         }
     }
 }

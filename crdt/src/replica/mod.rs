@@ -12,23 +12,29 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use automerge::ActorId;
+use automerge::{ActorId, ChangeHash};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config_file::FileFormat;
 use crate::error::{EditError, RemoteError};
 use crate::exchange::{HeadsDigest, RemoteApplied, SyncPeer};
-use crate::group::{CommitMeta, GroupDoc, LocalCommit, Mode};
+use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::{GroupKey, derive_nonce, join_proof, verify_join_proof};
 use crate::journal::{change_record, needs_compaction, snapshot_file};
 use crate::limits::{
-    ANTI_ENTROPY_DELAY_MS, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS, WATCH_EVENTS_KEPT,
+    ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS,
+    WATCH_EVENTS_KEPT,
 };
-use crate::peer_message::{Nonce, PeerMessage};
+use crate::peer_message::{Nonce, PeerMessage, RoundId};
+
+mod barrier;
+mod quorum;
+
 use crate::settings::{hex, unhex};
 use crate::time::Millis;
 use crate::version::VersionInfo;
+pub use quorum::QuorumInfo;
 
 /// A node's id, as in its certificate and in gossip.
 pub type NodeId = String;
@@ -61,12 +67,16 @@ pub struct GroupGossip {
     pub version: String,
     /// HMAC of its node id under the group key: the membership proof.
     pub proof: [u8; 32],
+    /// Its durable heads (the gossip summary of acks).
+    pub heads: Vec<ChangeHash>,
 }
 
 impl GroupGossip {
-    /// The gossip value: `digest;revision;version;proof-hex` (short, UTF-8, as chitchat needs).
+    /// The gossip value: `digest;revision;version;proof-hex;heads-hex,...` (short UTF-8, as
+    /// chitchat needs: one head normally, a few after concurrent writes).
     pub fn encode(&self) -> String {
-        format!("{};{};{};{}", self.digest, self.revision, self.version, hex(&self.proof))
+        let heads: Vec<String> = self.heads.iter().map(|h| hex(&h.0)).collect();
+        format!("{};{};{};{};{}", self.digest, self.revision, self.version, hex(&self.proof), heads.join(","))
     }
 
     /// Parses a gossip value; `None` for anything else (including the "left" marker).
@@ -76,10 +86,15 @@ impl GroupGossip {
         let revision = parts.next()?.parse().ok()?;
         let version = parts.next()?.to_owned();
         let proof: [u8; 32] = unhex(parts.next()?)?.try_into().ok()?;
+        let heads_text = parts.next()?;
+        let mut heads = Vec::new();
+        for head in heads_text.split(',').filter(|h| !h.is_empty()) {
+            heads.push(ChangeHash(unhex(head)?.try_into().ok()?));
+        }
         if parts.next().is_some() {
             return None;
         }
-        Some(GroupGossip { digest, revision, version, proof })
+        Some(GroupGossip { digest, revision, version, proof, heads })
     }
 }
 
@@ -241,6 +256,45 @@ pub enum CommandError {
     /// The document grew beyond what can be stored (the group needs an epoch switch).
     #[error("{0}")]
     TooLarge(String),
+    /// An eventual write did not reach a live quorum in time. It stays applied on this node
+    /// and keeps spreading.
+    #[error(
+        "{group}@{version} is applied on this node but not committed: durable on [{}], no ack from [{}] within {timeout_ms} ms (quorum {needed}); it stays applied here and keeps spreading",
+        acked_by.join(", "),
+        missing.join(", ")
+    )]
+    NotCommitted {
+        /// Group.
+        group: String,
+        /// Version label.
+        version: String,
+        /// Nodes holding it durably.
+        acked_by: Vec<NodeId>,
+        /// Live members that did not ack.
+        missing: Vec<NodeId>,
+        /// The quorum it needed.
+        needed: usize,
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// Another strong round of the group is in flight here. Nothing changed; retry.
+    #[error("group {group:?} has round {round} in flight; nothing changed, retry")]
+    RoundInProgress {
+        /// Group.
+        group: String,
+        /// The round in flight.
+        round: String,
+    },
+    /// The strong round aborted: nothing became visible anywhere. Retry once the cause is gone.
+    #[error("strong write to {group:?} aborted (round {round}): {reason}; nothing changed on any node, retry")]
+    RoundAborted {
+        /// Group.
+        group: String,
+        /// The round.
+        round: String,
+        /// Why, naming the members that blocked.
+        reason: String,
+    },
 }
 
 /// A change in what a group serves, for local watchers.
@@ -371,6 +425,10 @@ pub struct LoadedState {
     pub tail_changes: usize,
     /// Persisted sync states per peer.
     pub sync_states: BTreeMap<NodeId, Vec<u8>>,
+    /// A staged strong round without a decision in the file.
+    pub staged: Option<crate::journal::RoundRecord>,
+    /// Decisions recorded in the file.
+    pub decisions: Vec<(RoundId, bool)>,
 }
 
 #[derive(Debug, Default)]
@@ -392,6 +450,16 @@ struct GroupState {
     events: VecDeque<(u64, Notification)>,
     tail_changes: usize,
     sync: BTreeMap<NodeId, SyncSession>,
+    /// The strong round this node coordinates or has staged (at most one: invariant S3).
+    round: Option<barrier::Round>,
+    /// The largest round lamport seen for the group.
+    round_lamport: u64,
+    /// Recent round outcomes, to answer in-doubt peers.
+    decisions: VecDeque<(RoundId, bool)>,
+    /// The last local write's commit: its label and who acknowledged it.
+    last_commit: Option<(String, Vec<NodeId>)>,
+    /// True until a membership view showed this node the group's other members (fencing).
+    awaiting_view: bool,
 }
 
 #[derive(Debug)]
@@ -410,6 +478,33 @@ struct Challenge {
     joiner_nonce: Nonce,
     member_nonce: Nonce,
     deadline: Millis,
+}
+
+impl GroupState {
+    fn new(doc: GroupDoc, key: GroupKey, proof: [u8; 32], tail_changes: usize) -> GroupState {
+        GroupState {
+            revision: doc.change_count(),
+            doc,
+            key,
+            proof,
+            events: VecDeque::new(),
+            tail_changes,
+            sync: BTreeMap::new(),
+            round: None,
+            round_lamport: 0,
+            decisions: VecDeque::new(),
+            last_commit: None,
+            awaiting_view: true,
+        }
+    }
+
+    fn remember_decision(&mut self, round: RoundId, commit: bool) {
+        self.round_lamport = self.round_lamport.max(round.lamport);
+        self.decisions.push_back((round, commit));
+        while self.decisions.len() > DECISIONS_KEPT {
+            self.decisions.pop_front();
+        }
+    }
 }
 
 /// Outcome of a read of a group's recent notifications.
@@ -433,6 +528,7 @@ pub struct Replica {
     membership: MembershipView,
     joins: BTreeMap<String, PendingJoin>,
     challenges: BTreeMap<(NodeId, String), Challenge>,
+    commits: BTreeMap<CommandId, quorum::PendingCommit>,
     outputs: VecDeque<Output>,
 }
 
@@ -455,6 +551,7 @@ impl Replica {
             membership: MembershipView::default(),
             joins: BTreeMap::new(),
             challenges: BTreeMap::new(),
+            commits: BTreeMap::new(),
             outputs: VecDeque::new(),
         };
         for (name, state) in loaded {
@@ -465,16 +562,13 @@ impl Replica {
                 }
             }
             let proof = membership_proof(&state.key, &name, &replica.node_id);
-            let group = GroupState {
-                revision: state.doc.change_count(),
-                doc: state.doc,
-                key: state.key,
-                proof,
-                events: VecDeque::new(),
-                tail_changes: state.tail_changes,
-                sync,
-            };
+            let round_lamport = state.decisions.iter().map(|(round, _)| round.lamport).max().unwrap_or(0);
+            let mut group = GroupState::new(state.doc, state.key, proof, state.tail_changes);
+            group.sync = sync;
+            group.round_lamport = round_lamport;
+            group.decisions = state.decisions.into_iter().collect();
             replica.groups.insert(name.clone(), group);
+            replica.restore_round(&name, state.staged);
             replica.publish(&name);
         }
         replica
@@ -553,7 +647,13 @@ impl Replica {
         for join in self.joins.values() {
             consider(join.step_deadline.min(join.deadline));
         }
+        for commit in self.commits.values() {
+            consider(commit.deadline);
+        }
         for state in self.groups.values() {
+            if let Some(round) = &state.round {
+                consider(round.deadline());
+            }
             for session in state.sync.values() {
                 if let Some(since) = session.diverged_since {
                     consider(Millis(since.0 + ANTI_ENTROPY_DELAY_MS));
@@ -600,6 +700,7 @@ impl Replica {
                 revision: state.revision,
                 version: state.doc.latest_label(),
                 proof: state.proof,
+                heads: state.doc.heads(),
             };
             self.outputs.push_back(Output::Publish { group: name.to_owned(), gossip: Some(gossip) });
         }
@@ -622,14 +723,12 @@ impl Replica {
                 self.outputs.push_back(Output::Publish { group: name.clone(), gossip: None });
                 self.reply(id, Ok(CommandOutcome::Left { name }));
             }
-            Command::Set { group, entries, meta } => self.local_write(id, group, |doc| doc.set(entries, &meta)),
-            Command::Delete { group, keys, meta } => self.local_write(id, group, |doc| doc.delete(keys, &meta)),
+            Command::Set { group, entries, meta } => self.local_write(id, group, Edit::Set(entries), meta),
+            Command::Delete { group, keys, meta } => self.local_write(id, group, Edit::Delete(keys), meta),
             Command::Apply { group, format, text, meta } => {
-                self.local_write(id, group, |doc| doc.apply_file(&text, format, &meta))
+                self.local_write(id, group, Edit::ApplyFile { text, format }, meta)
             }
-            Command::Rollback { group, version, meta } => {
-                self.local_write(id, group, |doc| doc.rollback(&version, &meta))
-            }
+            Command::Rollback { group, version, meta } => self.local_write(id, group, Edit::Rollback(version), meta),
         }
     }
 
@@ -652,9 +751,7 @@ impl Replica {
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);
-        let revision = doc.change_count();
-        let state =
-            GroupState { doc, key, proof, revision, events: VecDeque::new(), tail_changes: 0, sync: BTreeMap::new() };
+        let state = GroupState::new(doc, key, proof, 0);
         self.groups.insert(name.clone(), state);
         self.publish(&name);
         // Peers holding the group are now members of ours: compare digests at once.
@@ -662,17 +759,17 @@ impl Replica {
         Ok(())
     }
 
-    fn local_write(
-        &mut self,
-        id: CommandId,
-        group: String,
-        write: impl FnOnce(&mut GroupDoc) -> Result<LocalCommit, EditError>,
-    ) {
+    /// A local edit: applied at once in eventual groups (the reply waits for a live quorum),
+    /// run as a barrier round in strong groups.
+    fn local_write(&mut self, id: CommandId, group: String, edit: Edit, meta: CommitMeta) {
         let Some(state) = self.groups.get_mut(&group) else {
             return self.reply(id, Err(CommandError::UnknownGroup(group)));
         };
+        if state.doc.mode() == Mode::Strong {
+            return self.start_round(id, group, edit, meta);
+        }
         let before = state.doc.settings().clone();
-        let commit = match write(&mut state.doc) {
+        let commit = match state.doc.edit(edit, &meta) {
             Ok(commit) => commit,
             Err(error) => return self.reply(id, Err(error.into())),
         };
@@ -681,21 +778,19 @@ impl Replica {
             Err(error) => return self.reply(id, Err(CommandError::TooLarge(error.to_string()))),
         };
         self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
-        let changed = crate::diff::SettingsDiff::between(&before, state.doc.settings());
-        let mut keys: BTreeSet<String> = changed.added.into_iter().map(|(k, _)| k).collect();
-        keys.extend(changed.removed.into_iter().map(|(k, _)| k));
-        keys.extend(changed.changed.into_iter().map(|c| c.key));
+        let keys = changed_keys(&before, state.doc.settings());
         let label = state.doc.label(&commit.version.id);
         let revision = self.record_changes(&group, 1, keys);
         self.compact_if_due(&group);
-        for member in self.live_members(&group) {
+        let live = self.live_members(&group);
+        for member in &live {
             let message = PeerMessage::Changes { group: group.clone(), changes: vec![commit.change.clone()] };
-            self.outputs.push_back(Output::Send { to: member, message });
+            self.outputs.push_back(Output::Send { to: member.clone(), message });
         }
         self.publish(&group);
         let receipt =
             CommitReceipt { group, version: commit.version, label, revision, acked_by: vec![self.node_id.clone()] };
-        self.reply(id, Ok(CommandOutcome::Committed(receipt)));
+        self.await_quorum(id, receipt, commit.change_hash, live);
     }
 
     /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
@@ -763,6 +858,8 @@ impl Replica {
         self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
         self.compact_if_due(group);
         self.publish(group);
+        // A staged round whose change arrived by sync was committed elsewhere.
+        self.settle_round_by_sync(group);
     }
 
     /// True when `peer` proved membership of `group` in gossip.
@@ -785,10 +882,26 @@ impl Replica {
                     return self.drop_message(from, format!("changes for group {group:?} from a non-member"));
                 }
                 let Some(state) = self.groups.get_mut(&group) else { return };
+                if state.doc.mode() == Mode::Strong {
+                    // Strong groups change only through rounds (and sync of committed rounds).
+                    return self.drop_message(from, format!("pushed changes for strong group {group:?}"));
+                }
                 match state.doc.apply_changes(&changes) {
                     Ok(applied) => {
                         let missing_deps = state.doc.has_missing_deps();
                         self.after_remote_apply(&group, applied);
+                        // Durable now (the append above executes before this send): ack.
+                        let hashes = changes
+                            .iter()
+                            .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
+                            .map(|change| change.hash())
+                            .filter(|hash| self.groups.get(&group).is_some_and(|s| s.doc.has_change(hash)))
+                            .map(|hash| hash.0)
+                            .collect::<Vec<_>>();
+                        if !hashes.is_empty() {
+                            let ack = PeerMessage::Ack { group: group.clone(), changes: hashes };
+                            self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
+                        }
                         if missing_deps {
                             // Nothing new became visible: either duplicates or changes waiting
                             // for dependencies; a sync session settles which.
@@ -813,6 +926,42 @@ impl Replica {
                     return self.drop_message(from, format!("unexpected join refusal for {group:?}"));
                 };
                 self.reply(join.id, Err(CommandError::JoinRefused { group, member: from, reason }));
+            }
+            PeerMessage::Ack { changes, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("ack for group {group:?} from a non-member"));
+                }
+                self.handle_ack(&group, &from, &changes);
+            }
+            PeerMessage::Prepare { round, change, members, .. } => {
+                if !self.is_member(&group, &from) || round.node != from {
+                    return self.drop_message(from, format!("prepare for group {group:?} from a non-member"));
+                }
+                self.handle_prepare(&group, from, round, change, members);
+            }
+            PeerMessage::Vote { round, yes, reason, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("vote for group {group:?} from a non-member"));
+                }
+                self.handle_vote(&group, from, round, yes, reason);
+            }
+            PeerMessage::Decide { round, commit, .. } => {
+                if !self.is_member(&group, &from) || round.node != from {
+                    return self.drop_message(from, format!("decision for group {group:?} from a non-coordinator"));
+                }
+                self.handle_decision(&group, &round, commit);
+            }
+            PeerMessage::DecisionQuery { round, change, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("decision query for group {group:?} from a non-member"));
+                }
+                self.answer_decision_query(&group, from, round, ChangeHash(change));
+            }
+            PeerMessage::DecisionAnswer { round, outcome, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("decision answer for group {group:?} from a non-member"));
+                }
+                self.handle_decision_answer(&group, &from, &round, outcome);
             }
         }
     }
@@ -884,6 +1033,11 @@ impl Replica {
             }
         }
         self.mark_divergence();
+        for state in self.groups.values_mut() {
+            state.awaiting_view = false;
+        }
+        self.check_rounds_against_membership();
+        self.count_gossip_acks();
         self.handle_tick();
     }
 
@@ -930,6 +1084,8 @@ impl Replica {
             self.start_sync(&group, &peer);
         }
         self.challenges.retain(|_, challenge| challenge.deadline > now);
+        self.expire_commits();
+        self.expire_rounds();
         let names: Vec<String> = self.joins.keys().cloned().collect();
         for name in names {
             self.advance_join(&name);
@@ -1057,6 +1213,15 @@ impl Replica {
             Err(error) => self.reply(join.id, Err(error)),
         }
     }
+}
+
+/// The keys whose served value differs between two settings.
+fn changed_keys(before: &crate::settings::Settings, after: &crate::settings::Settings) -> BTreeSet<String> {
+    let changed = crate::diff::SettingsDiff::between(before, after);
+    let mut keys: BTreeSet<String> = changed.added.into_iter().map(|(k, _)| k).collect();
+    keys.extend(changed.removed.into_iter().map(|(k, _)| k));
+    keys.extend(changed.changed.into_iter().map(|c| c.key));
+    keys
 }
 
 impl From<RemoteError> for CommandError {

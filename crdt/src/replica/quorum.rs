@@ -1,0 +1,158 @@
+//! Eventual commits (SPEC F9, F10): a local write answers once a live quorum of the group's
+//! members holds it durably, counted from direct acks and from heads gossiped by members.
+
+use std::collections::BTreeSet;
+
+use automerge::ChangeHash;
+
+use super::{CommandError, CommandId, CommandOutcome, CommitReceipt, NodeId, Replica};
+use crate::limits::COMMIT_TIMEOUT_MS;
+use crate::time::Millis;
+
+/// A local write waiting for its quorum.
+#[derive(Debug)]
+pub(super) struct PendingCommit {
+    receipt: CommitReceipt,
+    change: ChangeHash,
+    acked: BTreeSet<NodeId>,
+    waiting_for: BTreeSet<NodeId>,
+    needed: usize,
+    pub(super) deadline: Millis,
+}
+
+/// A group's quorum as this node computes it (`konorctl status`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuorumInfo {
+    /// Members: nodes whose gossip proves they hold the group, and this node.
+    pub members: Vec<NodeId>,
+    /// Members live by this node's failure detector and not leaving, and this node.
+    pub live: Vec<NodeId>,
+    /// `floor(live / 2) + 1`.
+    pub quorum: usize,
+    /// The last local write: its version label and the nodes that acknowledged it.
+    pub last_commit: Option<(String, Vec<NodeId>)>,
+    /// True when reads are fenced (strong group catching up or in doubt): served as stale.
+    pub fenced: bool,
+}
+
+/// `floor(live / 2) + 1`.
+pub fn quorum_of(live: usize) -> usize {
+    live / 2 + 1
+}
+
+impl Replica {
+    /// Members, live members, quorum and the last commit of `group`.
+    pub fn quorum_info(&self, group: &str) -> Option<QuorumInfo> {
+        let state = self.groups.get(group)?;
+        let mut members = vec![self.node_id.clone()];
+        let mut live = vec![self.node_id.clone()];
+        for (node, is_live, _) in self.members(group) {
+            if is_live {
+                live.push(node.clone());
+            }
+            members.push(node);
+        }
+        members.sort();
+        live.sort();
+        let quorum = quorum_of(live.len());
+        Some(QuorumInfo {
+            members,
+            live,
+            quorum,
+            last_commit: state.last_commit.clone(),
+            fenced: self.is_fenced(group),
+        })
+    }
+
+    /// Answers the write at once when the writer alone is a quorum, else waits for acks.
+    pub(super) fn await_quorum(
+        &mut self,
+        id: CommandId,
+        receipt: CommitReceipt,
+        change: ChangeHash,
+        live: Vec<NodeId>,
+    ) {
+        let needed = quorum_of(live.len() + 1);
+        let pending = PendingCommit {
+            receipt,
+            change,
+            acked: BTreeSet::from([self.node_id.clone()]),
+            waiting_for: live.into_iter().collect(),
+            needed,
+            deadline: Millis(self.now.0 + COMMIT_TIMEOUT_MS),
+        };
+        self.commits.insert(id, pending);
+        self.count_gossip_acks();
+        self.finish_commits();
+    }
+
+    /// A member says these changes are durable on it.
+    pub(super) fn handle_ack(&mut self, group: &str, from: &NodeId, changes: &[[u8; 32]]) {
+        for pending in self.commits.values_mut() {
+            if pending.receipt.group == group && changes.contains(&pending.change.0) {
+                pending.acked.insert(from.clone());
+            }
+        }
+        self.finish_commits();
+    }
+
+    /// Counts members whose gossiped durable heads include a pending change (they got it by
+    /// sync rather than by push, or their direct ack was lost).
+    pub(super) fn count_gossip_acks(&mut self) {
+        let ids: Vec<CommandId> = self.commits.keys().copied().collect();
+        for id in ids {
+            let Some(pending) = self.commits.get(&id) else { continue };
+            let group = pending.receipt.group.clone();
+            let change = pending.change;
+            let Some(state) = self.groups.get(&group) else { continue };
+            let holders: Vec<NodeId> = self
+                .members(&group)
+                .into_iter()
+                .filter(|(_, _, gossip)| state.doc.heads_include(&gossip.heads, &change))
+                .map(|(node, _, _)| node)
+                .collect();
+            if let Some(pending) = self.commits.get_mut(&id) {
+                pending.acked.extend(holders);
+            }
+        }
+        self.finish_commits();
+    }
+
+    fn finish_commits(&mut self) {
+        let done: Vec<CommandId> =
+            self.commits.iter().filter(|(_, p)| p.acked.len() >= p.needed).map(|(id, _)| *id).collect();
+        for id in done {
+            let Some(pending) = self.commits.remove(&id) else { continue };
+            let mut receipt = pending.receipt;
+            receipt.acked_by = pending.acked.into_iter().collect();
+            if let Some(state) = self.groups.get_mut(&receipt.group) {
+                state.last_commit = Some((receipt.label.clone(), receipt.acked_by.clone()));
+            }
+            self.reply(id, Ok(CommandOutcome::Committed(receipt)));
+        }
+    }
+
+    /// Answers writes whose quorum did not come in time.
+    pub(super) fn expire_commits(&mut self) {
+        let now = self.now;
+        let expired: Vec<CommandId> =
+            self.commits.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            let Some(pending) = self.commits.remove(&id) else { continue };
+            let missing = pending.waiting_for.difference(&pending.acked).cloned().collect();
+            let acked_by: Vec<NodeId> = pending.acked.into_iter().collect();
+            if let Some(state) = self.groups.get_mut(&pending.receipt.group) {
+                state.last_commit = Some((pending.receipt.label.clone(), acked_by.clone()));
+            }
+            let error = CommandError::NotCommitted {
+                group: pending.receipt.group,
+                version: pending.receipt.label,
+                acked_by,
+                missing,
+                needed: pending.needed,
+                timeout_ms: COMMIT_TIMEOUT_MS,
+            };
+            self.reply(id, Err(error));
+        }
+    }
+}
