@@ -33,8 +33,9 @@ use crate::store::Store;
 use crate::tls;
 use crate::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
 
-/// How often the membership view is read from chitchat.
-const MEMBERSHIP_POLL: Duration = Duration::from_millis(100);
+/// How often the membership view is read from chitchat in production. Reading it costs O(mesh
+/// size); the simulator of large meshes passes a longer period.
+pub const MEMBERSHIP_POLL_DEFAULT: Duration = Duration::from_millis(100);
 
 /// Longest wait between replica ticks when it asks for none.
 const TICK_MAX: Duration = Duration::from_millis(500);
@@ -85,10 +86,13 @@ struct Daemon {
     node_id: String,
     replica: Replica,
     store: Store,
-    network: Arc<QuicNetwork>,
+    network: Arc<dyn PeerNetwork>,
     membership: Membership,
     mesh: MeshView,
     started: Instant,
+    wall_base: Option<Millis>,
+    seed: [u8; 32],
+    keys_drawn: u64,
     next_command: u64,
     pending: BTreeMap<u64, PendingReply>,
     watchers: BTreeMap<String, Vec<Watcher>>,
@@ -98,8 +102,44 @@ struct Daemon {
     stats: Arc<DaemonStats>,
 }
 
+/// What a node needs from its environment: the seams through which network, time and
+/// randomness enter (SPEC: the same node code runs in production, tests and the simulator).
+pub struct NodeParts {
+    /// Node id.
+    pub node_id: String,
+    /// Data directory (group files, identity).
+    pub data_dir: std::path::PathBuf,
+    /// Seed addresses.
+    pub seeds: Vec<SocketAddr>,
+    /// Cluster name.
+    pub cluster: String,
+    /// Gossip period.
+    pub gossip_interval: Duration,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The peer network (QUIC in production, in-memory in the simulator).
+    pub network: Arc<dyn PeerNetwork>,
+    /// Its receiving ends.
+    pub inbox: Inbox,
+    /// Local calls (from the socket in production, from the workload in the simulator).
+    pub calls: mpsc::Receiver<LocalCall>,
+    /// The node's only randomness (nonces, group keys): OS entropy in production.
+    pub seed: [u8; 32],
+    /// Unix milliseconds at the runtime's start, for wall-clock stamps; `None` reads the
+    /// system clock (production). The simulator passes a fixed value and its paused clock.
+    pub wall_base: Option<Millis>,
+    /// How often the membership view is refreshed from gossip.
+    pub membership_poll: Duration,
+}
+
+impl std::fmt::Debug for NodeParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeParts").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
 /// Runs konord until `shutdown` turns true: graceful leave, flush, exit.
-pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     let identity = tls::load_identity(&settings.tls_dir)
         .with_context(|| format!("cannot load the node certificate from {}", settings.tls_dir.display()))?;
     anyhow::ensure!(
@@ -109,43 +149,87 @@ pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) 
         identity.node_id(),
         settings.node_id
     );
-    let mut store = Store::open(&settings.data_dir, &settings.node_id)?;
-    let actor = actor_for(&settings.node_id, store.incarnation());
-    let (loaded, repairs) = load_groups(&mut store, &actor)?;
-    let (network, Inbox { gossip, mut replica }) = QuicNetwork::start(&identity, settings.listen)?;
+    let (network, inbox) = QuicNetwork::start(&identity, settings.listen)?;
     let advertise = network.local_addr();
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
     // Tools and tests started with `--listen 127.0.0.1:0` read the bound address here.
     write_atomically(&settings.data_dir.join(LISTEN_ADDR_FILE), advertise.to_string().as_bytes())
         .context("cannot write the listen address file")?;
-    let membership_config = MembershipConfig {
-        node_id: settings.node_id.clone(),
-        generation: store.incarnation(),
-        advertise,
-        seeds: settings.seeds.clone(),
-        cluster_id: settings.cluster.clone(),
-        gossip_interval: settings.gossip_interval,
-        labels: settings.labels.clone(),
-    };
-    let membership = Membership::start(membership_config, network.clone(), gossip).await?;
-    let mut seed = [0u8; 32];
-    rand::rng().fill_bytes(&mut seed);
-    let replica_state = Replica::new(settings.node_id.clone(), actor, seed, loaded);
-
-    let (calls_tx, mut calls) = mpsc::channel(CALL_QUEUE_MAX);
+    let (calls_tx, calls) = mpsc::channel(CALL_QUEUE_MAX);
     let (api_shutdown_tx, api_shutdown) = watch::channel(false);
     let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
     api_config.mode = settings.socket_mode;
     let api = tokio::spawn(local_api::serve(api_config, calls_tx, api_shutdown));
-    info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord started");
-
-    let mut daemon = Daemon {
+    info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord starting");
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let parts = NodeParts {
         node_id: settings.node_id.clone(),
+        data_dir: settings.data_dir.clone(),
+        seeds: settings.seeds.clone(),
+        cluster: settings.cluster.clone(),
+        gossip_interval: settings.gossip_interval,
+        labels: settings.labels.clone(),
+        network: network.clone(),
+        inbox,
+        calls,
+        seed,
+        wall_base: None,
+        membership_poll: MEMBERSHIP_POLL_DEFAULT,
+    };
+    let result = run_node(parts, shutdown).await;
+    let _ = api_shutdown_tx.send(true);
+    let _ = api.await;
+    network.close().await;
+    info!("konord stopped");
+    result
+}
+
+/// Runs one node on the given seams until `shutdown` turns true (graceful leave) or its gossip
+/// task dies (an error: the supervisor restarts the node).
+pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let NodeParts {
+        node_id,
+        data_dir,
+        seeds,
+        cluster,
+        gossip_interval,
+        labels,
+        network,
+        inbox,
+        mut calls,
+        seed,
+        wall_base,
+        membership_poll,
+    } = parts;
+    let Inbox { gossip, mut replica } = inbox;
+    let mut store = Store::open(&data_dir, &node_id)?;
+    let actor = actor_for(&node_id, store.incarnation());
+    let (loaded, repairs) = load_groups(&mut store, &actor)?;
+    let membership_config = MembershipConfig {
+        node_id: node_id.clone(),
+        generation: store.incarnation(),
+        advertise: network.local_addr(),
+        seeds,
+        cluster_id: cluster,
+        gossip_interval,
+        labels,
+    };
+    let membership = Membership::start(membership_config, network.clone(), gossip).await?;
+    let replica_state = Replica::new(node_id.clone(), actor, seed, loaded);
+    let started = Instant::now();
+    let mut daemon = Daemon {
+        node_id: node_id.clone(),
         replica: replica_state,
         store,
-        network: network.clone(),
+        network,
         membership,
         mesh: MeshView::default(),
-        started: Instant::now(),
+        started,
+        wall_base,
+        seed,
+        keys_drawn: 0,
         next_command: 0,
         pending: BTreeMap::new(),
         watchers: BTreeMap::new(),
@@ -154,8 +238,9 @@ pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) 
         repairs,
         stats: Arc::new(DaemonStats::default()),
     };
+    info!(node = %node_id, "node running");
     daemon.execute_outputs().await;
-    let mut membership_poll = tokio::time::interval(MEMBERSHIP_POLL);
+    let mut membership_poll = tokio::time::interval(membership_poll);
     membership_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let gossip_ended = daemon.membership.termination();
     tokio::pin!(gossip_ended);
@@ -187,7 +272,7 @@ pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) 
             result = &mut gossip_ended => {
                 // FACTS: a dead gossip task must never go unnoticed; without membership the
                 // node cannot tell live peers, so it stops and lets its supervisor restart it.
-                error!(?result, "gossip task ended; stopping konord");
+                error!(?result, "gossip task ended; stopping the node");
                 anyhow::bail!("gossip task ended: {result:?}");
             }
         }
@@ -195,12 +280,8 @@ pub async fn run(settings: DaemonSettings, mut shutdown: watch::Receiver<bool>) 
     }
     info!("shutting down: announcing leave");
     daemon.membership.set_leaving().await;
-    tokio::time::sleep(settings.gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
-    let _ = api_shutdown_tx.send(true);
-    let _ = api.await;
+    tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
     daemon.membership.shutdown().await;
-    network.close().await;
-    info!("konord stopped");
     Ok(())
 }
 
@@ -247,7 +328,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
     Ok((loaded, repairs))
 }
 
-fn wall_clock() -> Millis {
+fn system_clock() -> Millis {
     Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
 
@@ -274,6 +355,24 @@ fn command_error_response(error: &CommandError) -> Response {
 }
 
 impl Daemon {
+    /// Wall-clock Unix milliseconds for stamps (version times, reports): the system clock, or
+    /// the simulator's base plus its paused clock.
+    fn wall_clock(&self) -> Millis {
+        match self.wall_base {
+            Some(base) => Millis(base.0 + self.started.elapsed().as_millis() as u64),
+            None => system_clock(),
+        }
+    }
+
+    /// A fresh group key drawn from the node's seed.
+    fn draw_key(&mut self) -> GroupKey {
+        self.keys_drawn += 1;
+        let mut bytes = konor_crdt::join::derive_nonce(&self.seed, u64::MAX - self.keys_drawn);
+        // Domain-separate keys from the replica's nonces (which count up from 1).
+        bytes[0] ^= 0x4b;
+        GroupKey::from_bytes(bytes)
+    }
+
     fn now(&self) -> Millis {
         Millis(self.started.elapsed().as_millis() as u64)
     }
@@ -449,7 +548,7 @@ impl Daemon {
 
     fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
         let author = if meta.author.is_empty() { format!("{}@{}", client.process, self.node_id) } else { meta.author };
-        CommitMeta::new(author, meta.message, wall_clock())
+        CommitMeta::new(author, meta.message, self.wall_clock())
     }
 
     fn handle_call(&mut self, call: LocalCall) {
@@ -538,7 +637,7 @@ impl Daemon {
                     version,
                     revision,
                     result,
-                    time_ms: wall_clock().0,
+                    time_ms: self.wall_clock().0,
                 };
                 self.processes.entry(group).or_default().insert((client.connection, client.pid), ProcessReport { row });
                 Response::Done
@@ -553,14 +652,10 @@ impl Daemon {
                         Ok(key) => key,
                         Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                     },
-                    None => {
-                        let mut bytes = [0u8; 32];
-                        rand::rng().fill_bytes(&mut bytes);
-                        GroupKey::from_bytes(bytes)
-                    }
+                    None => self.draw_key(),
                 };
                 let meta =
-                    CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", wall_clock());
+                    CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", self.wall_clock());
                 let text = key.to_text();
                 self.command(
                     Command::CreateGroup { name, mode, key, meta },
