@@ -578,8 +578,15 @@ impl Daemon {
         };
         let revision = self.replica.revision(group).unwrap_or(0);
         if let Some(from) = from_revision {
-            match self.replica.events_since(group, from) {
-                Some(EventsSince::Events(backlog)) => {
+            // A backlog that would fill most of the watcher's queue is replaced by one resync.
+            let backlog = match self.replica.events_since(group, from) {
+                Some(EventsSince::Events(backlog)) if backlog.len() < local_api::WATCH_QUEUE_EVENTS / 2 => {
+                    Some(backlog)
+                }
+                _ => None,
+            };
+            match backlog {
+                Some(backlog) => {
                     for notification in backlog {
                         let event = WatchEvent::Change {
                             group: notification.group,
@@ -589,11 +596,11 @@ impl Daemon {
                             removed: notification.removed,
                         };
                         if events.try_send(event).is_err() {
-                            return error_response(ErrorCode::Internal, "watch backlog larger than the queue");
+                            return error_response(ErrorCode::Internal, "watch queue full");
                         }
                     }
                 }
-                Some(EventsSince::Resync) | None => {
+                None => {
                     let settings = doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect();
                     let event =
                         WatchEvent::Resync { group: group.to_owned(), revision, version: doc.latest_label(), settings };

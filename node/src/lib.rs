@@ -1,4 +1,5 @@
 //! konor-node: the I/O shell around konor-crdt (the daemon `konord` and the CLI `konorctl`).
+pub mod ctl;
 pub mod daemon;
 pub mod local_api;
 pub mod membership;

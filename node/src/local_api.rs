@@ -51,10 +51,12 @@ pub const WATCH_QUEUE_EVENTS: usize = 1024;
 /// back on the client instead of queueing without bound.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 64;
 
-/// Frames queued for one connection's writer; producers wait when it is full.
+/// Frames queued for one connection's writer: room for every answer in flight
+/// ([`REQUESTS_IN_FLIGHT_MAX`]) plus a burst of events; producers wait when it is full.
 const OUTBOX_FRAMES_MAX: usize = 256;
 
-/// Frames read ahead by one connection's reader task.
+/// Frames read ahead by one connection's reader task: enough to overlap reading with handling,
+/// few enough that a flooding client is held back by the socket.
 const INBOX_FRAMES_MAX: usize = 16;
 
 /// How long a write, or the rest of a frame after its first byte, may take. A local client
@@ -196,8 +198,8 @@ pub async fn serve(
                     connection_count += 1;
                     match slots.clone().try_acquire_owned() {
                         Ok(slot) => {
-                            let session = serve_connection(connection_count, stream, shared.clone(), shutdown.clone(), slot);
-                            connections.spawn(session);
+                            let (shared, receiver) = (shared.clone(), shutdown.clone());
+                            connections.spawn(serve_connection(connection_count, stream, shared, receiver, slot));
                         }
                         Err(_) => refuse_connection(connection_count, &stream, config.connections_max),
                     }
@@ -523,7 +525,9 @@ impl Session {
             let reading = self.in_flight.available_permits() > 0;
             let flow = tokio::select! {
                 () = self.closing.notified() => Flow::Close,
-                _ = shutdown.changed() => Flow::Close,
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() { Flow::Close } else { Flow::Continue }
+                }
                 Some(ended) = self.tasks.join_next(), if !self.tasks.is_empty() => self.handle_task_end(ended),
                 inbound = inbox.recv(), if reading => match inbound {
                     None => Flow::Close,
@@ -635,7 +639,8 @@ impl Session {
             Request::Watch { group, from_revision } => {
                 if self.watches.contains_key(&group) {
                     let message = format!(
-                        "group `{group}` is already watched on this connection: unwatch it first, or watch on another connection"
+                        "group `{group}` is already watched on this connection: \
+                         unwatch it first, or watch on another connection"
                     );
                     self.respond(id, Response::Error { code: ErrorCode::BadRequest, message }).await;
                     return Flow::Continue;
@@ -692,7 +697,8 @@ impl Session {
             }
             Ok(TaskEnd::WatchDropped { group }) => {
                 // The client resumes from its last revision on a new connection.
-                info!(connection = self.connection, pid = self.pid(), %group, "the daemon dropped a watch; closing the connection");
+                let (connection, pid) = (self.connection, self.pid());
+                info!(connection, pid, %group, "the daemon dropped a watch; closing the connection");
                 Flow::Close
             }
             Ok(TaskEnd::OutboxClosed) => Flow::Close,
@@ -819,6 +825,26 @@ mod tests {
         reports: mpsc::Receiver<Request>,
         shutdown: watch::Sender<bool>,
         server: JoinHandle<anyhow::Result<()>>,
+        config: LocalApiConfig,
+        calls: mpsc::Sender<LocalCall>,
+    }
+
+    impl Harness {
+        /// Stops the listener: every connection ends and the socket file goes.
+        async fn stop_listener(&mut self) {
+            self.shutdown.send(true).unwrap();
+            (&mut self.server).await.unwrap().unwrap();
+            assert!(!self.path.exists());
+        }
+
+        /// Starts a new listener on the same path, answered by the same daemon state.
+        async fn start_listener(&mut self) {
+            let (shutdown, shutdown_receiver) = watch::channel(false);
+            self.shutdown = shutdown;
+            self.server = tokio::spawn(serve(self.config.clone(), self.calls.clone(), shutdown_receiver));
+            let path = self.path.clone();
+            wait_until(|| path.exists()).await;
+        }
     }
 
     async fn start(configure: impl FnOnce(&mut LocalApiConfig)) -> Harness {
@@ -833,9 +859,9 @@ mod tests {
         let (watch_sender, watch_requests) = mpsc::channel(64);
         let (report_sender, reports) = mpsc::channel(64);
         tokio::spawn(play_daemon(calls_receiver, daemon.clone(), watch_sender, report_sender));
-        let server = tokio::spawn(serve(config, calls, shutdown_receiver));
+        let server = tokio::spawn(serve(config.clone(), calls.clone(), shutdown_receiver));
         wait_until(|| path.exists()).await;
-        Harness { _directory: directory, path, stats, daemon, watch_requests, reports, shutdown, server }
+        Harness { _directory: directory, path, stats, daemon, watch_requests, reports, shutdown, server, config, calls }
     }
 
     /// Polls a condition that another task makes true, within [`WAIT`].
@@ -1209,6 +1235,31 @@ mod tests {
         push_change(&harness.daemon, &[("n", json!(6))], &[]);
         assert_eq!(next_event(&mut watch).await.revision(), 6);
         assert_eq!(watch.last_revision(), 6);
+    }
+
+    #[tokio::test]
+    async fn a_watch_and_the_client_survive_a_listener_restart() {
+        let mut harness = start(|_| {}).await;
+        let client = Client::connect(&harness.path).await.unwrap();
+        let mut watch = client.watch(GROUP, None).await.unwrap();
+        push_change(&harness.daemon, &[("n", json!(1))], &[]);
+        assert_eq!(next_event(&mut watch).await.revision(), 1);
+
+        // The watch retries while nothing listens, and catches up once the listener is back:
+        // revision 2 was written while it was away.
+        harness.stop_listener().await;
+        let waiting = tokio::spawn(async move {
+            let event = next_event(&mut watch).await;
+            (event, watch)
+        });
+        push_change(&harness.daemon, &[("n", json!(2))], &[]);
+        assert!(Client::connect(&harness.path).await.is_err());
+        harness.start_listener().await;
+        let (event, watch) = tokio::time::timeout(WAIT, waiting).await.unwrap().unwrap();
+        assert_eq!(event.revision(), 2);
+        assert_eq!(watch.last_revision(), 2);
+        // The client's own connection reconnects on the next call.
+        assert_eq!(client.get(GROUP, "n").await.unwrap(), Some(json!(2)));
     }
 
     #[tokio::test]

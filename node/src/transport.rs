@@ -108,6 +108,9 @@ pub trait PeerNetwork: Send + Sync + 'static {
     fn send(&self, addr: SocketAddr, expect: Option<&str>, channel: Channel, bytes: Vec<u8>);
 }
 
+/// Writer queues by peer address, shared with the accept loop.
+type Senders = std::sync::Mutex<BTreeMap<SocketAddr, mpsc::Sender<Outgoing>>>;
+
 struct Outgoing {
     expect: Option<String>,
     channel: Channel,
@@ -119,7 +122,7 @@ pub struct QuicNetwork {
     endpoint: quinn::Endpoint,
     node_id: String,
     /// One writer queue per peer address; a plain mutex because `send` must not await.
-    senders: std::sync::Mutex<BTreeMap<SocketAddr, mpsc::Sender<Outgoing>>>,
+    senders: Arc<Senders>,
     /// Counters.
     pub stats: Arc<TransportStats>,
 }
@@ -152,11 +155,11 @@ impl QuicNetwork {
         let network = Arc::new(QuicNetwork {
             endpoint: endpoint.clone(),
             node_id: identity.node_id().to_owned(),
-            senders: std::sync::Mutex::new(BTreeMap::new()),
+            senders: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
             stats: Arc::new(TransportStats::default()),
         });
         let stats = network.stats.clone();
-        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats));
+        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, network.senders.clone()));
         Ok((network, Inbox { gossip: gossip_rx, replica: replica_rx }))
     }
 
@@ -301,13 +304,22 @@ async fn accept_loop(
     gossip: mpsc::Sender<Incoming>,
     replica: mpsc::Sender<Incoming>,
     stats: Arc<TransportStats>,
+    senders: Arc<Senders>,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (gossip, replica, stats) = (gossip.clone(), replica.clone(), stats.clone());
+        let (gossip, replica, stats, senders) = (gossip.clone(), replica.clone(), stats.clone(), senders.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             match incoming.await {
-                Ok(connection) => serve_connection(connection, gossip, replica, stats).await,
+                Ok(connection) => {
+                    // A new connection from a peer means it (re)started or lost ours: our own
+                    // connection to it may be dead without knowing it (QUIC notices only at the
+                    // idle timeout), so the next frame to it opens a fresh one.
+                    if let Ok(mut senders) = senders.lock() {
+                        senders.remove(&addr);
+                    }
+                    serve_connection(connection, gossip, replica, stats).await
+                }
                 Err(error) => {
                     stats.refused_in.fetch_add(1, Ordering::Relaxed);
                     info!(%addr, %error, "incoming connection refused (TLS)");

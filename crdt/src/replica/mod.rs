@@ -751,7 +751,9 @@ impl Replica {
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);
-        let state = GroupState::new(doc, key, proof, 0);
+        let mut state = GroupState::new(doc, key, proof, 0);
+        // Created here or just received whole from a member: nothing to catch up on.
+        state.awaiting_view = false;
         self.groups.insert(name.clone(), state);
         self.publish(&name);
         // Peers holding the group are now members of ours: compare digests at once.

@@ -34,7 +34,7 @@ struct Args {
     /// Address of an existing node to join through (repeatable).
     #[arg(long = "seed")]
     seeds: Vec<String>,
-    /// Unix socket for SDKs and konorctl (default <data-dir>/konord.sock).
+    /// Unix socket for SDKs and konorctl (default `<data-dir>/konord.sock`).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Socket file mode (octal).

@@ -205,5 +205,15 @@ pub async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> String
         let joined = client.call(Request::GroupJoin { name: group.into(), key: key.clone() }).await.unwrap();
         assert!(matches!(joined, Response::Joined { .. }), "{joined:?}");
     }
+    // Membership of a group spreads by gossip: wait until every node counts every member live.
+    for client in clients {
+        eventually("every node sees every member of the group", || async {
+            match client.call(Request::Status { group: group.into() }).await {
+                Ok(Response::Status { live, .. }) if live.len() == clients.len() => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+    }
     key
 }

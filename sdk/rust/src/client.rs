@@ -45,7 +45,8 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// the watch then resumes from its last revision, so a slow consumer loses nothing.
 const WATCH_BUFFER_EVENTS: usize = 1024;
 
-/// Frames queued for the writer task; callers wait (within their timeout) when it is full.
+/// Frames queued for the writer task: a burst of concurrent callers fits; past it callers wait
+/// (within their timeout), which bounds the memory a stuck daemon can make a client hold.
 const OUTBOX_FRAMES_MAX: usize = 256;
 
 /// A group's settings: dotted key -> JSON value.
@@ -56,7 +57,10 @@ pub type Settings = BTreeMap<String, Value>;
 #[non_exhaustive]
 pub enum SdkError {
     /// The socket could not be reached. Nothing was sent.
-    #[error("cannot connect to konord at {}: {detail}; is konord running? set KONOR_SOCKET or --socket", path.display())]
+    #[error(
+        "cannot connect to konord at {}: {detail}; is konord running? set KONOR_SOCKET or --socket",
+        path.display()
+    )]
     Connect {
         /// The socket path tried.
         path: PathBuf,
@@ -65,7 +69,8 @@ pub enum SdkError {
     },
     /// `KONOR_SOCKET` is not set, so there is no path to connect to. Nothing was sent.
     #[error(
-        "KONOR_SOCKET is not set: set it to konord's socket path (<data-dir>/konord.sock) or pass the path to Client::connect"
+        "KONOR_SOCKET is not set: set it to konord's socket path (<data-dir>/konord.sock) \
+         or pass the path to Client::connect"
     )]
     SocketUnset,
     /// The daemon speaks another protocol version, or answered something this SDK does not
@@ -833,7 +838,7 @@ impl Watch {
                         self.link = Some(link);
                         self.backoff = RECONNECT_BACKOFF_MIN;
                     }
-                    Err(error @ (SdkError::Daemon { .. } | SdkError::Protocol(_))) => {
+                    Err(error) if is_final(&error) => {
                         self.finished = true;
                         return Some(Err(error));
                     }
@@ -868,6 +873,17 @@ impl Watch {
     /// The revision of the last event delivered (or the starting revision).
     pub fn last_revision(&self) -> u64 {
         self.last_revision
+    }
+}
+
+/// True for errors a reconnect cannot cure: the daemon refused the subscription (unknown group,
+/// forbidden, ...) or speaks another protocol. "Too many connections" (`Internal`) and
+/// `Unavailable` pass, so the watch keeps retrying.
+fn is_final(error: &SdkError) -> bool {
+    match error {
+        SdkError::Daemon { code, .. } => !matches!(code, ErrorCode::Internal | ErrorCode::Unavailable),
+        SdkError::Protocol(_) => true,
+        _ => false,
     }
 }
 

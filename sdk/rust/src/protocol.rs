@@ -50,7 +50,7 @@ pub enum ServerFrame {
 /// Who makes a write: shown in history and the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WriteMeta {
-    /// Author; the daemon fills in `<user>@<process>` from the connection when empty.
+    /// Author; the daemon fills in `<process>@<node>` from the connection when empty.
     #[serde(default)]
     pub author: String,
     /// Why.

@@ -1,0 +1,343 @@
+//! The command line of `konorctl`: flags, subcommands and their arguments (clap derive).
+//!
+//! To add a subcommand: a variant in [`Command`] (with its arguments in a struct beside it or in
+//! its own module under `ctl/`), and an arm in [`crate::ctl::run`].
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use konor_crdt::FileFormat;
+use konor_sdk::protocol::WriteMeta;
+
+use crate::ctl::input::{Assignment, parse_assignment};
+
+/// The exit codes, shown after `konorctl --help`; `konorctl.rs` documents the same list.
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0  ok; also a write that changed nothing (\"no change: ...\"), so scripts can re-run writes
+  1  konord refused the request or could not commit it: bad input, unknown group, key or
+     version not found, wrong group key, no peer available, write not committed (busy,
+     round aborted, or no live quorum acknowledged it); also `get GROUP KEY` when KEY is unset
+  2  usage error: unknown flag, missing argument, malformed KEY=VALUE
+  3  cannot reach konord: no socket given, connect failed, no answer in time, connection lost
+     (after a timeout a write may or may not have been applied: check `konorctl history`)
+  4  PKI or file error: CA or certificate files, the file given to `apply`
+  5  internal error: konord failed internally (see its log), versions of konorctl and konord
+     that do not understand each other, or a bug
+
+The daemon's socket comes from --socket, else from the KONOR_SOCKET environment variable
+(konord listens on <data-dir>/konord.sock unless started with --socket).";
+
+/// Operate a Konorkestra cluster through the local konord: groups, settings, versions, nodes.
+#[derive(Debug, Parser)]
+#[command(name = "konorctl", version, after_help = EXIT_CODES_HELP)]
+pub struct Cli {
+    /// konord's Unix socket [default: $KONOR_SOCKET].
+    // Read from the environment by `ctl::run`, not by clap: an empty KONOR_SOCKET then means
+    // "not set" (exit 3 with advice) instead of a usage error.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Output: aligned tables for people, or the daemon's answer as JSON for scripts.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+    /// How long to wait for konord's answer, in milliseconds [default: 10000; group join: 20000].
+    #[arg(long, global = true, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout_ms: Option<u64>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned columns and sentences.
+    Table,
+    /// The daemon's answer as pretty JSON (`watch`: one compact JSON object per line).
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a throw-away 3-node mesh on loopback with an example app, and watch it work.
+    Demo,
+    /// Create the cluster certificate authority (once per cluster).
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Issue node certificates from the cluster CA.
+    #[command(subcommand)]
+    Cert(CertCommand),
+    /// Create, join, leave and list configuration groups on this node.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Set keys: `konorctl set app db.pool=20 name=eu-west` (values are JSON, else strings).
+    Set(SetArgs),
+    /// Print one setting, or all settings of the group when KEY is left out.
+    Get(GetArgs),
+    /// Delete keys.
+    Delete(DeleteArgs),
+    /// Replace a group's settings with a file's (TOML, YAML or JSON; `-` reads stdin).
+    Apply(ApplyArgs),
+    /// Make a new version whose settings equal those of an older version.
+    Rollback(RollbackArgs),
+    /// List a group's versions, oldest first.
+    History(GroupArg),
+    /// Show what changed between two versions.
+    Diff(DiffArgs),
+    /// List keys that were written concurrently, with the value that won.
+    Conflicts(GroupArg),
+    /// Print each change of a group as it happens, until Ctrl-C.
+    Watch(WatchArgs),
+    /// List the nodes of the mesh as this node sees them.
+    Nodes,
+    /// Show a group's state on every member node and in local processes.
+    Status(GroupArg),
+}
+
+/// `konorctl ca ...`
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create ca.crt and ca.key in DIR; refuses to overwrite an existing CA.
+    Init {
+        /// Directory for the CA files (created if missing); keep ca.key offline.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// `konorctl cert ...`
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Issue a node certificate: writes node.crt, node.key, node.id and ca.crt into OUT.
+    Issue {
+        /// Directory holding the cluster CA (from `konorctl ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// The node's id: a-z, 0-9 and '-', as konord's --node-id.
+        #[arg(long, value_name = "ID")]
+        node_id: String,
+        /// Directory for the node's files (konord's --tls-dir).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// `konorctl group ...`
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group on this node and print its secret key.
+    Create {
+        /// Group name.
+        name: String,
+        /// eventual: every node accepts writes and converges; strong: writes commit atomically.
+        #[arg(long, value_enum)]
+        mode: ModeArg,
+        /// The group's secret key; a random one is generated when left out.
+        #[arg(long, value_name = "SECRET")]
+        key: Option<String>,
+    },
+    /// Join an existing group with its secret key; this node then holds a copy.
+    Join {
+        /// Group name.
+        name: String,
+        /// The key printed by `konorctl group create`.
+        #[arg(long, value_name = "SECRET")]
+        key: String,
+    },
+    /// Stop holding a group on this node.
+    Leave {
+        /// Group name.
+        name: String,
+    },
+    /// List the groups this node holds.
+    List,
+}
+
+/// A group's consistency mode, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModeArg {
+    /// Every node accepts writes; replicas converge.
+    Eventual,
+    /// Writes commit atomically on all live members.
+    Strong,
+}
+
+impl ModeArg {
+    /// The wire name (`"eventual"`, `"strong"`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModeArg::Eventual => "eventual",
+            ModeArg::Strong => "strong",
+        }
+    }
+}
+
+/// A config file's syntax, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// TOML.
+    Toml,
+    /// YAML.
+    Yaml,
+    /// JSON.
+    Json,
+}
+
+impl From<FormatArg> for FileFormat {
+    fn from(format: FormatArg) -> FileFormat {
+        match format {
+            FormatArg::Toml => FileFormat::Toml,
+            FormatArg::Yaml => FileFormat::Yaml,
+            FormatArg::Json => FileFormat::Json,
+        }
+    }
+}
+
+/// Who makes a write and why; shown in `history`.
+#[derive(Debug, Clone, Args)]
+pub struct WriteArgs {
+    /// Why: stored with the version and shown in history.
+    #[arg(short = 'm', long, value_name = "MESSAGE")]
+    pub message: Option<String>,
+    /// Author; konord fills one in from the connection (PROCESS@NODE) when left out.
+    #[arg(long, value_name = "AUTHOR")]
+    pub author: Option<String>,
+}
+
+impl WriteArgs {
+    /// The write's metadata as the protocol carries it.
+    pub fn meta(&self) -> WriteMeta {
+        WriteMeta { author: self.author.clone().unwrap_or_default(), message: self.message.clone().unwrap_or_default() }
+    }
+}
+
+/// Just a group.
+#[derive(Debug, Clone, Args)]
+pub struct GroupArg {
+    /// Group name.
+    pub group: String,
+}
+
+/// `konorctl set`
+#[derive(Debug, Clone, Args)]
+pub struct SetArgs {
+    /// Group name.
+    pub group: String,
+    /// KEY=VALUE pairs; VALUE is parsed as JSON when it is JSON (8080, true, a list), else taken as a string.
+    #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_assignment)]
+    pub assignments: Vec<Assignment>,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// `konorctl get`
+#[derive(Debug, Clone, Args)]
+pub struct GetArgs {
+    /// Group name.
+    pub group: String,
+    /// Key; all settings when left out.
+    pub key: Option<String>,
+}
+
+/// `konorctl delete`
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    /// Group name.
+    pub group: String,
+    /// Keys to delete.
+    #[arg(required = true, value_name = "KEY")]
+    pub keys: Vec<String>,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// `konorctl apply`
+#[derive(Debug, Clone, Args)]
+pub struct ApplyArgs {
+    /// Group name.
+    pub group: String,
+    /// The file; `-` reads stdin.
+    pub file: String,
+    /// The file's syntax; needed when its name does not end in .toml, .yaml, .yml or .json.
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// `konorctl rollback`
+#[derive(Debug, Clone, Args)]
+pub struct RollbackArgs {
+    /// Group name.
+    pub group: String,
+    /// The version to return to (`v12`, as `konorctl history` lists them).
+    pub version: String,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// `konorctl diff`
+#[derive(Debug, Clone, Args)]
+pub struct DiffArgs {
+    /// Group name.
+    pub group: String,
+    /// The older version.
+    pub from: String,
+    /// The newer version.
+    pub to: String,
+}
+
+/// `konorctl watch`
+#[derive(Debug, Clone, Args)]
+pub struct WatchArgs {
+    /// Group name.
+    pub group: String,
+    /// Also print every change after this revision (from `konorctl get` or an earlier watch).
+    #[arg(long, value_name = "REV")]
+    pub from: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn set_takes_assignments_and_a_message() {
+        let cli = Cli::try_parse_from(["konorctl", "set", "app", "a=1", "b=x=y", "-m", "why"]).unwrap();
+        let Command::Set(args) = cli.command else { panic!("not set: {:?}", cli.command) };
+        assert_eq!(args.assignments.len(), 2);
+        assert_eq!(args.assignments[1].key, "b");
+        assert_eq!(args.write.meta(), WriteMeta { author: String::new(), message: "why".into() });
+    }
+
+    #[test]
+    fn a_malformed_assignment_is_a_usage_error() {
+        let error = Cli::try_parse_from(["konorctl", "set", "app", "novalue"]).unwrap_err();
+        assert_eq!(error.exit_code(), 2);
+        assert!(error.to_string().contains("expected KEY=VALUE"), "{error}");
+    }
+
+    #[test]
+    fn global_flags_go_anywhere() {
+        let cli = Cli::try_parse_from(["konorctl", "nodes", "--output", "json", "--socket", "/s.sock"]).unwrap();
+        assert_eq!(cli.output, OutputFormat::Json);
+        assert_eq!(cli.socket, Some(PathBuf::from("/s.sock")));
+    }
+
+    #[test]
+    fn help_lists_the_exit_codes() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("Exit codes:") && help.contains("3  cannot reach konord"), "{help}");
+    }
+}

@@ -1,0 +1,351 @@
+//! `konorctl demo`: the README's main job. With no setup it makes a throw-away CA and three
+//! data dirs, starts three real `konord` processes on loopback and the example app, makes
+//! changes on different nodes and shows each reaching every node with its measured propagation
+//! time, kills a node with SIGKILL and shows it detected, restarts it and shows it catch up,
+//! then removes everything it started (also on Ctrl-C).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use konor_sdk::protocol::{Request, Response, WatchEvent, WriteMeta};
+use konor_sdk::{Client, Watch};
+use serde_json::{Value, json};
+
+/// How long any step of the demo may take before it gives up with an error.
+const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Gossip period of the demo mesh: short, so detection is quick to watch.
+const DEMO_GOSSIP_MS: &str = "100";
+
+/// The processes the demo started; dropping it kills them and removes the temp dir.
+struct Demo {
+    dir: tempfile::TempDir,
+    konord: PathBuf,
+    app: PathBuf,
+    nodes: Vec<DemoNode>,
+    app_child: Option<Child>,
+}
+
+struct DemoNode {
+    id: String,
+    data: PathBuf,
+    tls: PathBuf,
+    socket: PathBuf,
+    seed: Option<String>,
+    child: Option<Child>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        for child in self.nodes.iter_mut().filter_map(|n| n.child.as_mut()).chain(self.app_child.as_mut()) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Finds `name` next to this executable, building the workspace binaries first when run from
+/// `cargo run` and they are missing.
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate konorctl itself")?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        return Ok(path);
+    }
+    let cargo = std::env::var_os("CARGO")
+        .with_context(|| format!("{} is missing: build it with `cargo build --release --workspace`", path.display()))?;
+    println!("building konord and the example app (first run only)...");
+    let release = exe.components().any(|c| c.as_os_str() == "release");
+    let mut build = Command::new(cargo);
+    build.args(["build", "-p", "konor-node", "--bin", "konord", "-p", "konor-examples", "--bin", "konor-app"]);
+    if release {
+        build.arg("--release");
+    }
+    let status = build.status().context("cannot run cargo build")?;
+    anyhow::ensure!(status.success() && path.exists(), "building {name} failed");
+    Ok(path)
+}
+
+impl DemoNode {
+    fn start(&mut self, konord: &Path) -> anyhow::Result<()> {
+        let previous = std::fs::read_to_string(self.data.join(crate::daemon::LISTEN_ADDR_FILE)).unwrap_or_default();
+        let listen = if previous.is_empty() { "127.0.0.1:0".to_owned() } else { previous };
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.data.with_extension("log"))?;
+        let mut command = Command::new(konord);
+        command
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(["--node-id", &self.id, "--listen", &listen, "--gossip-interval-ms", DEMO_GOSSIP_MS])
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--tls-dir")
+            .arg(&self.tls)
+            .args(["--label", &format!("demo-index={}", &self.id[1..])])
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(seed) = &self.seed {
+            command.args(["--seed", seed]);
+        }
+        self.child = Some(command.spawn().with_context(|| format!("cannot start {}", konord.display()))?);
+        Ok(())
+    }
+
+    async fn client(&mut self) -> anyhow::Result<Client> {
+        let deadline = Instant::now() + STEP_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                bail!("konord {} exited early ({status}); see {}", self.id, self.data.with_extension("log").display());
+            }
+            if let Ok(client) = Client::connect(&self.socket).await {
+                return Ok(client);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "konord {} did not answer in time", self.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn addr(&self) -> String {
+        std::fs::read_to_string(self.data.join(crate::daemon::LISTEN_ADDR_FILE)).unwrap_or_default()
+    }
+}
+
+async fn until<T, F, Fut>(what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn node_states(client: &Client) -> BTreeMap<String, String> {
+    match client.call(Request::Nodes).await {
+        Ok(Response::Nodes { nodes }) => nodes.into_iter().map(|n| (n.id, n.state)).collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// Waits on every watch until each has delivered an event holding `key = value`.
+async fn seen_everywhere(watches: &mut [Watch], key: &str, value: &Value) -> anyhow::Result<()> {
+    for watch in watches.iter_mut() {
+        loop {
+            let event = tokio::time::timeout(STEP_TIMEOUT, watch.next())
+                .await
+                .context("a watcher saw nothing in time")?
+                .context("a watch ended")??;
+            let hit = match &event {
+                WatchEvent::Change { set, .. } => set.get(key) == Some(value),
+                WatchEvent::Resync { settings, .. } => settings.get(key) == Some(value),
+            };
+            if hit {
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn set_request(key: &str, value: Value, message: &str) -> Request {
+    Request::Set {
+        group: "demo".into(),
+        entries: BTreeMap::from([(key.to_owned(), value)]),
+        meta: WriteMeta { author: "demo".into(), message: message.into() },
+    }
+}
+
+/// Runs the demo; Ctrl-C stops it early and still cleans up.
+pub async fn run() -> anyhow::Result<()> {
+    let konord = binary("konord")?;
+    let app = binary("konor-app")?;
+    let dir = tempfile::Builder::new().prefix("konor-demo").tempdir().context("cannot create a temp dir")?;
+    let mut demo = Demo { dir, konord, app, nodes: Vec::new(), app_child: None };
+    tokio::select! {
+        result = script(&mut demo) => result,
+        _ = tokio::signal::ctrl_c() => {
+            println!("\ninterrupted: stopping everything the demo started");
+            Ok(())
+        }
+    }
+    // `demo` drops here: processes killed, temp dir removed.
+}
+
+async fn script(demo: &mut Demo) -> anyhow::Result<()> {
+    let base = demo.dir.path().to_path_buf();
+    println!("Konorkestra demo: 3 konord processes on loopback, in {}", base.display());
+    let ca = base.join("ca");
+    crate::tls::init_ca(&ca)?;
+    println!("  created a throw-away cluster CA (konorctl ca init)");
+    for n in 1..=3 {
+        let id = format!("n{n}");
+        let tls = base.join(&id).join("tls");
+        crate::tls::issue_node_cert(&ca, &id, &tls)?;
+        let node_dir = base.join(&id);
+        demo.nodes.push(DemoNode {
+            data: node_dir.join("data"),
+            socket: node_dir.join("konord.sock"),
+            tls,
+            id,
+            seed: None,
+            child: None,
+        });
+    }
+    println!("  issued node certificates for n1, n2, n3 (konorctl cert issue)");
+    let konord = demo.konord.clone();
+    demo.nodes[0].start(&konord)?;
+    let mut clients = vec![demo.nodes[0].client().await?];
+    let seed = demo.nodes[0].addr();
+    for node in demo.nodes.iter_mut().skip(1) {
+        node.seed = Some(seed.clone());
+        node.start(&konord)?;
+        clients.push(node.client().await?);
+    }
+    let started = Instant::now();
+    for client in &clients {
+        until("the mesh to form", || async {
+            let states = node_states(client).await;
+            (states.len() == 3 && states.values().all(|s| s == "live")).then_some(())
+        })
+        .await?;
+    }
+    println!("\n1. mesh: n1, n2, n3 see each other live after {:?} (mutual TLS over QUIC)", started.elapsed());
+
+    let created =
+        clients[0].call(Request::GroupCreate { name: "demo".into(), mode: "eventual".into(), key: None }).await?;
+    let Response::GroupCreated { key, .. } = created else { bail!("unexpected answer: {created:?}") };
+    for client in &clients[1..] {
+        client.call(Request::GroupJoin { name: "demo".into(), key: key.clone() }).await?;
+    }
+    for client in &clients {
+        until("every node to see every member of the group", || async {
+            match client.call(Request::Status { group: "demo".into() }).await {
+                Ok(Response::Status { live, .. }) if live.len() == 3 => Some(()),
+                _ => None,
+            }
+        })
+        .await?;
+    }
+    println!("2. group `demo` created on n1 and joined by n2 and n3 with its key (proved by HMAC, never sent)");
+    let first = clients[0].call(set_request("greeting", json!("hello"), "first setting")).await?;
+    if let Response::Committed { version, .. } = &first {
+        println!("   demo@{version}: greeting = \"hello\"");
+    }
+
+    let mut app = Command::new(&demo.app)
+        .arg("demo")
+        .env("KONOR_SOCKET", &demo.nodes[2].socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("cannot start the example app")?;
+    if let Some(stdout) = app.stdout.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("   | {line}");
+            }
+        });
+    }
+    demo.app_child = Some(app);
+    println!("3. example app (examples/, konor-sdk) started against n3; its output is shown with `|`");
+    until("the app to report its first apply", || async {
+        match clients[2].call(Request::Status { group: "demo".into() }).await {
+            Ok(Response::Status { processes, .. }) if !processes.is_empty() => Some(()),
+            _ => None,
+        }
+    })
+    .await
+    .ok();
+
+    println!("4. changes on different nodes, each timed until watchers on all three nodes saw it:");
+    let changes =
+        [(0usize, "workers", json!(8)), (1, "feature.new_checkout", json!(true)), (2, "greeting", json!("hej"))];
+    for (writer, key, value) in changes {
+        let mut watches = Vec::new();
+        for client in &clients {
+            watches.push(client.watch("demo", None).await?);
+        }
+        let started = Instant::now();
+        let answer = clients[writer].call(set_request(key, value.clone(), "demo change")).await?;
+        let acked = started.elapsed();
+        seen_everywhere(&mut watches, key, &value).await?;
+        let everywhere = started.elapsed();
+        let (version, acked_by) = match answer {
+            Response::Committed { version, acked_by, .. } => (version, acked_by.join(",")),
+            other => bail!("unexpected answer: {other:?}"),
+        };
+        println!(
+            "   {key} = {value} on n{}: committed demo@{version} (acked by {acked_by}) in {acked:?}, seen on all 3 nodes in {everywhere:?}",
+            writer + 1
+        );
+    }
+
+    println!("5. kill -9 n2 ...");
+    let killed = Instant::now();
+    if let Some(mut child) = demo.nodes[1].child.take() {
+        child.kill()?;
+        child.wait()?;
+    }
+    until("n1 and n3 to mark n2 dead", || async {
+        let mut all = true;
+        for client in [&clients[0], &clients[2]] {
+            all &= node_states(client).await.get("n2").is_some_and(|s| s == "dead");
+        }
+        all.then_some(())
+    })
+    .await?;
+    println!("   n1 and n3 marked n2 dead after {:?} (phi-accrual failure detector)", killed.elapsed());
+    let answer = clients[0].call(set_request("workers", json!(16), "while n2 is down")).await?;
+    if let Response::Committed { version, acked_by, .. } = answer {
+        println!(
+            "   wrote workers = 16 on n1 while n2 is down: demo@{version} committed by the live quorum {acked_by:?}"
+        );
+    }
+
+    println!("6. restart n2 ...");
+    let restarted = Instant::now();
+    demo.nodes[1].start(&konord)?;
+    clients[1] = demo.nodes[1].client().await?;
+    let n2 = clients[1].clone();
+    until("n2 to catch up", || async { (n2.get("demo", "workers").await.ok()?? == json!(16)).then_some(()) }).await?;
+    println!("   n2 is back and caught up (workers = 16 from its peers) {:?} after restart", restarted.elapsed());
+
+    until("gossip to show every node at the same state", || async {
+        match clients[2].call(Request::Status { group: "demo".into() }).await {
+            Ok(Response::Status { nodes, .. }) => {
+                (nodes.len() == 3 && nodes.iter().all(|n| n.heads == nodes[0].heads)).then_some(())
+            }
+            _ => None,
+        }
+    })
+    .await?;
+    if let Ok(Response::Status { nodes, processes, .. }) =
+        clients[2].call(Request::Status { group: "demo".into() }).await
+    {
+        println!("7. status of group demo as n3 sees it (konorctl status demo):");
+        for node in nodes {
+            println!(
+                "   node {:<4} version {:<6} revision {:<4} heads {}",
+                node.node, node.version, node.revision, node.heads
+            );
+        }
+        for process in processes {
+            println!(
+                "   process {} (pid {}) applied {}: {:?}",
+                process.process, process.pid, process.version, process.result
+            );
+        }
+    }
+    println!("\ndone: stopping the 3 daemons and the app, removing {}", base.display());
+    Ok(())
+}

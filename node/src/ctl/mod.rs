@@ -1,0 +1,358 @@
+//! `konorctl`, the operator CLI: each subcommand becomes one request to the local konord over
+//! its Unix socket (through konor-sdk), or a local PKI operation; the answer is printed as a
+//! table or as JSON.
+//!
+//! The parts: [`cli`] (the command line), [`input`] (`KEY=VALUE` and config files, checked
+//! before sending), [`mod@render`] (answers to text, pure and snapshot-tested), [`table`] (aligned
+//! columns), [`exit`] (exit codes and error text). [`run`] ties them together; the binary only
+//! parses, starts a runtime and exits with the code [`run`] chose.
+
+pub mod cli;
+pub mod demo;
+pub mod exit;
+pub mod input;
+pub mod render;
+pub mod table;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use konor_crdt::limits::JOIN_TIMEOUT_MS;
+use konor_sdk::protocol::{Request, Response, SOCKET_ENV};
+use konor_sdk::{Client, SdkError, TIMEOUT_DEFAULT};
+use serde::Serialize;
+
+use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, OutputFormat};
+use crate::ctl::exit::{Exit, NoSocket, UsageError};
+use crate::ctl::input::read_config;
+use crate::ctl::render::{Rendered, render, render_event, render_local};
+use crate::tls;
+
+/// How long `group join` waits by default: konord gives up on a join after
+/// [`JOIN_TIMEOUT_MS`], and its refusal should arrive before konorctl stops waiting.
+const JOIN_WAIT: Duration = Duration::from_millis(JOIN_TIMEOUT_MS + 5_000);
+
+/// Where and how to reach konord, from the global flags; connects only when a command needs it.
+#[derive(Debug, Clone)]
+pub struct DaemonTarget {
+    socket: Option<PathBuf>,
+    timeout: Option<Duration>,
+}
+
+impl DaemonTarget {
+    /// From `--socket`, else the value of `KONOR_SOCKET`, and `--timeout-ms`.
+    pub fn new(socket: Option<PathBuf>, socket_env: Option<OsString>, timeout: Option<Duration>) -> DaemonTarget {
+        // An empty KONOR_SOCKET is as good as none.
+        let from_env = socket_env.filter(|path| !path.is_empty()).map(PathBuf::from);
+        DaemonTarget { socket: socket.or(from_env), timeout }
+    }
+
+    /// Connects and says hello; `default_timeout` applies to each exchange unless `--timeout-ms`
+    /// was given.
+    pub async fn connect(&self, default_timeout: Duration) -> anyhow::Result<Client> {
+        let socket = self.socket.as_deref().ok_or(NoSocket)?;
+        let client = Client::connect(socket).await?;
+        Ok(client.with_timeout(self.timeout.unwrap_or(default_timeout)))
+    }
+}
+
+/// Runs one parsed command line and returns how the process should exit. Output is written
+/// here; an `Err` is a failure for the caller to print with [`exit::render_error`].
+pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
+    run_with_socket_env(cli, std::env::var_os(SOCKET_ENV)).await
+}
+
+/// [`run`] with the value of `KONOR_SOCKET` passed in.
+pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyhow::Result<Exit> {
+    let output = cli.output;
+    let target = DaemonTarget::new(cli.socket, socket_env, cli.timeout_ms.map(Duration::from_millis));
+    match cli.command {
+        Command::Demo => {
+            demo::run().await?;
+            Ok(Exit::Ok)
+        }
+        Command::Ca(CaCommand::Init { dir }) => {
+            tls::init_ca(&dir).with_context(|| format!("cannot create the cluster CA in {}", dir.display()))?;
+            emit(&ca_created(&dir, output))
+        }
+        Command::Cert(CertCommand::Issue { ca_dir, node_id, out }) => {
+            tls::issue_node_cert(&ca_dir, &node_id, &out)
+                .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
+            emit(&cert_issued(&node_id, &out, output))
+        }
+        Command::Group(GroupCommand::Create { name, mode, key }) => {
+            let request = Request::GroupCreate { name, mode: mode.as_str().to_owned(), key };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Group(GroupCommand::Join { name, key }) => {
+            call(&target, JOIN_WAIT, Request::GroupJoin { name, key }, output).await
+        }
+        Command::Group(GroupCommand::Leave { name }) => {
+            call(&target, TIMEOUT_DEFAULT, Request::GroupLeave { name }, output).await
+        }
+        Command::Group(GroupCommand::List) => call(&target, TIMEOUT_DEFAULT, Request::GroupList, output).await,
+        Command::Set(args) => {
+            let mut entries = BTreeMap::new();
+            for assignment in args.assignments {
+                if entries.insert(assignment.key.clone(), assignment.value).is_some() {
+                    let key = assignment.key;
+                    return Err(UsageError(format!("key `{key}` is given twice; give each key once")).into());
+                }
+            }
+            let request = Request::Set { group: args.group, entries, meta: args.write.meta() };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Get(args) => {
+            let request = match args.key {
+                Some(key) => Request::Get { group: args.group, key },
+                None => Request::Snapshot { group: args.group },
+            };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Delete(args) => {
+            let request = Request::Delete { group: args.group, keys: args.keys, meta: args.write.meta() };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Apply(args) => {
+            let config = read_config(&args.file, args.format.map(Into::into))
+                .with_context(|| format!("cannot apply {} to group {}", args.file, args.group))?;
+            let request = Request::Apply {
+                group: args.group,
+                format: config.format.to_string(),
+                text: config.text,
+                meta: args.write.meta(),
+            };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Rollback(args) => {
+            let request = Request::Rollback { group: args.group, version: args.version, meta: args.write.meta() };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::History(args) => call(&target, TIMEOUT_DEFAULT, Request::History { group: args.group }, output).await,
+        Command::Diff(args) => {
+            let request = Request::Diff { group: args.group, from: args.from, to: args.to };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Conflicts(args) => {
+            call(&target, TIMEOUT_DEFAULT, Request::Conflicts { group: args.group }, output).await
+        }
+        Command::Watch(args) => watch(&target, &args.group, args.from, output).await,
+        Command::Nodes => call(&target, TIMEOUT_DEFAULT, Request::Nodes, output).await,
+        Command::Status(args) => call(&target, TIMEOUT_DEFAULT, Request::Status { group: args.group }, output).await,
+    }
+}
+
+/// Sends one request and prints the answer. A refusal from konord is an answer too: it is
+/// rendered (with its exit code), not returned as an error.
+async fn call(
+    target: &DaemonTarget,
+    default_timeout: Duration,
+    request: Request,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let client = target.connect(default_timeout).await?;
+    let response = match client.call(request.clone()).await {
+        Ok(response) => response,
+        Err(SdkError::Daemon { code, message }) => Response::Error { code, message },
+        Err(error) => return Err(error.into()),
+    };
+    emit(&render(&request, &response, output, now_ms()))
+}
+
+/// Prints every change of `group` until Ctrl-C (exit 0) or until the watch fails.
+async fn watch(target: &DaemonTarget, group: &str, from: Option<u64>, output: OutputFormat) -> anyhow::Result<Exit> {
+    let client = target.connect(TIMEOUT_DEFAULT).await?;
+    let mut watch = client.watch(group, from).await?;
+    if output == OutputFormat::Table {
+        eprintln!("watching {group} after revision {}; Ctrl-C stops", watch.last_revision());
+    }
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        tokio::select! {
+            signal = &mut interrupted => {
+                signal.context("cannot listen for Ctrl-C")?;
+                return Ok(Exit::Ok);
+            }
+            next = watch.next() => match next {
+                Some(Ok(event)) => {
+                    let line = render_event(&event, output);
+                    if !write_stdout(&format!("{line}\n"))? {
+                        return Ok(Exit::Ok);
+                    }
+                }
+                Some(Err(error)) => return Err(anyhow::Error::from(error).context(format!("watching {group} stopped"))),
+                None => return Ok(Exit::Ok),
+            },
+        }
+    }
+}
+
+/// What `--output json` prints for the commands that run without konord, shaped like konord's
+/// answers (a `type` tag first).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum LocalOutcome {
+    CaCreated { dir: String, files: Vec<String> },
+    CertIssued { node_id: String, out_dir: String, files: Vec<String> },
+}
+
+fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
+    let files = [tls::CA_CERT_FILE, tls::CA_KEY_FILE].map(|file| dir.join(file).display().to_string());
+    let text = format!(
+        "created the cluster CA in {dir}: {cert}, {key}\nkeep {key} secret, ideally offline\n\
+         next: konorctl cert issue --ca-dir {dir} --node-id NODE --out DIR, for each node\n",
+        dir = dir.display(),
+        cert = tls::CA_CERT_FILE,
+        key = tls::CA_KEY_FILE,
+    );
+    render_local(text, &LocalOutcome::CaCreated { dir: dir.display().to_string(), files: files.into() }, output)
+}
+
+fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
+    let names = [tls::NODE_CERT_FILE, tls::NODE_KEY_FILE, tls::NODE_ID_FILE, tls::CA_CERT_FILE];
+    let files = names.map(|file| out.join(file).display().to_string());
+    let text = format!(
+        "issued a certificate for node {node_id} into {out}: {}\nnext: start konord with --node-id {node_id} \
+         --tls-dir {out}\n",
+        names.join(", "),
+        out = out.display(),
+    );
+    let outcome = LocalOutcome::CertIssued {
+        node_id: node_id.to_owned(),
+        out_dir: out.display().to_string(),
+        files: files.into(),
+    };
+    render_local(text, &outcome, output)
+}
+
+/// Writes a rendered result and returns its exit code. A closed stdout (`konorctl ... | head`)
+/// is not an error worth a message.
+fn emit(rendered: &Rendered) -> anyhow::Result<Exit> {
+    write_stdout(&rendered.stdout)?;
+    if !rendered.stderr.is_empty() {
+        // Nowhere left to report a failure to write to stderr.
+        let _ = std::io::stderr().lock().write_all(rendered.stderr.as_bytes());
+    }
+    Ok(rendered.exit)
+}
+
+/// Writes to stdout; `Ok(false)` when the reader has gone away.
+fn write_stdout(text: &str) -> anyhow::Result<bool> {
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(anyhow::Error::from(error).context("cannot write to stdout")),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use expect_test::expect;
+
+    fn run_line(line: &[&str]) -> (Exit, String) {
+        run_cli(Cli::try_parse_from(line).unwrap())
+    }
+
+    /// Runs as if KONOR_SOCKET were unset, whatever the test's environment holds.
+    fn run_cli(cli: Cli) -> (Exit, String) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        match runtime.block_on(run_with_socket_env(cli, None)) {
+            Ok(exit) => (exit, String::new()),
+            Err(error) => (exit::exit_for_error(&error), exit::render_error(&error)),
+        }
+    }
+
+    #[test]
+    fn ca_and_cert_are_created_locally() {
+        let directory = tempfile::tempdir().unwrap();
+        let ca = directory.path().join("ca");
+        let node = directory.path().join("n1");
+        let (exit, _) = run_line(&["konorctl", "ca", "init", "--dir", ca.to_str().unwrap()]);
+        assert_eq!(exit, Exit::Ok);
+        let (exit, _) = run_line(&[
+            "konorctl",
+            "cert",
+            "issue",
+            "--ca-dir",
+            ca.to_str().unwrap(),
+            "--node-id",
+            "n1",
+            "--out",
+            node.to_str().unwrap(),
+        ]);
+        assert_eq!(exit, Exit::Ok);
+        assert!(node.join(tls::NODE_CERT_FILE).exists());
+        let (exit, text) = run_line(&["konorctl", "ca", "init", "--dir", ca.to_str().unwrap()]);
+        assert_eq!(exit, Exit::File);
+        assert!(text.starts_with("error: cannot create the cluster CA in ") && text.contains("file exists"), "{text}");
+    }
+
+    #[test]
+    fn an_invalid_node_id_is_a_pki_error() {
+        let directory = tempfile::tempdir().unwrap();
+        let dir = directory.path().to_str().unwrap();
+        let (exit, text) = run_line(&["konorctl", "cert", "issue", "--ca-dir", dir, "--node-id", "N1", "--out", dir]);
+        assert_eq!(exit, Exit::File);
+        expect![[r#"
+            error: cannot issue a certificate for node N1: invalid node id 'N1': character 'N' is not allowed; use 1 to 32 characters of a-z, 0-9 and '-', not starting or ending with '-'
+        "#]]
+        .assert_eq(&text);
+    }
+
+    #[test]
+    fn daemon_commands_without_a_socket_say_how_to_name_one() {
+        let (exit, text) = run_line(&["konorctl", "nodes"]);
+        assert_eq!(exit, Exit::Unreachable);
+        assert!(text.contains("pass --socket PATH or set KONOR_SOCKET"), "{text}");
+    }
+
+    #[test]
+    fn the_socket_flag_wins_over_the_environment_and_an_empty_variable_is_unset() {
+        let flag = Some(PathBuf::from("/flag.sock"));
+        let env = || Some(OsString::from("/env.sock"));
+        assert_eq!(DaemonTarget::new(flag.clone(), env(), None).socket, flag);
+        assert_eq!(DaemonTarget::new(None, env(), None).socket, Some(PathBuf::from("/env.sock")));
+        assert_eq!(DaemonTarget::new(None, Some(OsString::new()), None).socket, None);
+    }
+
+    #[test]
+    fn a_socket_nobody_listens_on_exits_3() {
+        let directory = tempfile::tempdir().unwrap();
+        let socket = directory.path().join("konord.sock");
+        let (exit, text) = run_line(&["konorctl", "status", "app", "--socket", socket.to_str().unwrap()]);
+        assert_eq!(exit, Exit::Unreachable);
+        assert!(text.contains("is konord running?"), "{text}");
+    }
+
+    #[test]
+    fn a_key_given_twice_is_a_usage_error() {
+        let (exit, text) = run_line(&["konorctl", "set", "app", "a=1", "a=2", "--socket", "/nonexistent.sock"]);
+        assert_eq!(exit, Exit::Usage);
+        expect![[r#"
+            error: key `a` is given twice; give each key once
+        "#]]
+        .assert_eq(&text);
+    }
+
+    #[test]
+    fn apply_checks_the_file_before_connecting() {
+        let (exit, text) = run_line(&["konorctl", "apply", "app", "/nonexistent/app.toml", "--socket", "/x.sock"]);
+        assert_eq!(exit, Exit::File);
+        assert!(text.starts_with("error: cannot apply /nonexistent/app.toml to group app: cannot read"), "{text}");
+        let (exit, text) = run_line(&["konorctl", "apply", "app", "app.conf", "--socket", "/x.sock"]);
+        assert_eq!(exit, Exit::Usage);
+        assert!(text.contains("pass --format toml, yaml or json"), "{text}");
+    }
+}

@@ -1,0 +1,103 @@
+//! Plain aligned text tables for `konorctl`'s human output: a header row, columns padded to their
+//! widest cell, two spaces apart, numbers right-aligned, no trailing spaces.
+
+/// How a column's cells line up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Align {
+    /// Text.
+    Left,
+    /// Numbers, so their digits line up.
+    Right,
+}
+
+/// A table being filled row by row; [`Table::render`] lays it out.
+#[derive(Debug, Clone)]
+pub struct Table {
+    headers: Vec<String>,
+    aligns: Vec<Align>,
+    rows: Vec<Vec<String>>,
+}
+
+/// Space between columns.
+const GAP: &str = "  ";
+
+impl Table {
+    /// A table with these column headers, all left-aligned.
+    pub fn new(headers: &[&str]) -> Table {
+        Table {
+            headers: headers.iter().map(|header| (*header).to_owned()).collect(),
+            aligns: vec![Align::Left; headers.len()],
+            rows: Vec::new(),
+        }
+    }
+
+    /// Right-aligns the columns at these indexes.
+    pub fn right(mut self, columns: &[usize]) -> Table {
+        for &column in columns {
+            if let Some(align) = self.aligns.get_mut(column) {
+                *align = Align::Right;
+            }
+        }
+        self
+    }
+
+    /// Adds a row; missing cells are empty, extra cells are dropped.
+    pub fn row(&mut self, mut cells: Vec<String>) {
+        cells.resize(self.headers.len(), String::new());
+        self.rows.push(cells);
+    }
+
+    /// True when no row was added.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// The table as lines, each ending in a newline.
+    pub fn render(&self) -> String {
+        let mut widths: Vec<usize> = self.headers.iter().map(|header| header.chars().count()).collect();
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let mut text = String::new();
+        for row in std::iter::once(&self.headers).chain(&self.rows) {
+            let mut line = String::new();
+            for (index, cell) in row.iter().enumerate() {
+                if index > 0 {
+                    line.push_str(GAP);
+                }
+                let width = widths[index];
+                let padded = match self.aligns[index] {
+                    Align::Left => format!("{cell:<width$}"),
+                    Align::Right => format!("{cell:>width$}"),
+                };
+                line.push_str(&padded);
+            }
+            text.push_str(line.trim_end());
+            text.push('\n');
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+
+    #[test]
+    fn columns_line_up_and_lines_have_no_trailing_spaces() {
+        let mut table = Table::new(&["NAME", "COUNT", "NOTE"]).right(&[1]);
+        table.row(vec!["a".into(), "7".into(), "first".into()]);
+        table.row(vec!["longer-name".into(), "1234".into(), String::new()]);
+        table.row(vec!["é".into()]);
+        expect![[r#"
+            NAME         COUNT  NOTE
+            a                7  first
+            longer-name   1234
+            é
+        "#]]
+        .assert_eq(&table.render());
+    }
+}
