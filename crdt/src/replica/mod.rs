@@ -779,16 +779,20 @@ impl Replica {
             Ok(records) => records,
             Err(error) => return self.reply(id, Err(CommandError::TooLarge(error.to_string()))),
         };
-        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
         let keys = changed_keys(&before, state.doc.settings());
         let label = state.doc.label(&commit.version.id);
-        let revision = self.record_changes(&group, 1, keys);
-        self.compact_if_due(&group);
+        // Push first, then fsync: peers apply and persist while this node does. Safe because
+        // this node's actor is fresh per process start (a change lost in a crash is never
+        // re-issued under the same actor), and this node counts itself toward the quorum only
+        // through outputs that run after the persist below.
         let live = self.live_members(&group);
         for member in &live {
             let message = PeerMessage::Changes { group: group.clone(), changes: vec![commit.change.clone()] };
             self.outputs.push_back(Output::Send { to: member.clone(), message });
         }
+        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
+        let revision = self.record_changes(&group, 1, keys);
+        self.compact_if_due(&group);
         self.publish(&group);
         let receipt =
             CommitReceipt { group, version: commit.version, label, revision, acked_by: vec![self.node_id.clone()] };

@@ -197,17 +197,19 @@ fn a_write_on_any_node_reaches_every_member_and_its_watchers() {
 }
 
 #[test]
-fn a_local_write_is_persisted_before_it_is_sent_or_answered() {
+fn a_local_write_is_pushed_while_persisted_and_answered_only_after_persist() {
     let mut net = mesh_with_group(&["n1", "n2"]);
     net.log.clear();
     set(&mut net, "n1", "a", json!(1)).unwrap();
     let n1: Vec<&str> = net.log.iter().filter(|(node, _)| node == "n1").map(|(_, what)| what.as_str()).collect();
     let persist = n1.iter().position(|w| *w == "persist append").unwrap();
-    let send = n1.iter().position(|w| w.starts_with("send changes")).unwrap();
+    let notify = n1.iter().position(|w| *w == "notify").unwrap();
     let reply = n1.iter().position(|w| *w == "reply").unwrap();
-    assert!(persist < send && send < reply, "{n1:?}");
+    assert!(persist < notify && persist < reply, "{n1:?}");
     let n2: Vec<&str> = net.log.iter().filter(|(node, _)| node == "n2").map(|(_, what)| what.as_str()).collect();
     assert_eq!(n2.first(), Some(&"persist append"), "the receiver persists before anything else: {n2:?}");
+    let ack = n2.iter().position(|w| w.starts_with("send ack")).unwrap();
+    assert!(ack > 0, "the receiver acks only after its persist: {n2:?}");
 }
 
 #[test]
