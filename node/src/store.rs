@@ -55,6 +55,12 @@ const LOCK_FILE: &str = "LOCK";
 const GROUPS_DIR: &str = "groups";
 const QUARANTINE_DIR: &str = "quarantine";
 const GROUP_EXTENSION: &str = "konor";
+/// Extension of sync state files (`<group>.<peer>.sync`).
+const SYNC_EXTENSION: &str = "sync";
+
+/// Largest sync state read back: an encoded state holds only shared heads, a few hundred bytes.
+const SYNC_STATE_BYTES_MAX: usize = 64 * 1024;
+
 const KEY_EXTENSION: &str = "key";
 /// Suffix of temp files: a name that never ends in `.konor` or `.key`, so listings skip it.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -515,6 +521,39 @@ impl Store {
             return Err(StoreError::KeyTooLarge { name: name.to_owned(), bytes: key.len(), max: GROUP_KEY_BYTES_MAX });
         }
         write_atomic(&self.groups_dir, &file_name(name, KEY_EXTENSION), key.as_bytes())
+    }
+
+    /// Stores the Automerge sync state for (group, peer): small, rewritten when a sync session
+    /// goes quiet, so the next session with that peer starts from what both already share.
+    pub fn write_sync_state(&mut self, group: &str, peer: &str, state: &[u8]) -> Result<(), StoreError> {
+        validate_group_name(group).map_err(StoreError::BadGroupName)?;
+        validate_group_name(peer).map_err(StoreError::BadGroupName)?;
+        write_atomic(&self.groups_dir, &format!("{group}.{peer}.{SYNC_EXTENSION}"), state)
+    }
+
+    /// Every stored sync state of `group`, by peer. Unreadable or oversized ones are skipped:
+    /// a missing state only costs a larger first sync.
+    pub fn read_sync_states(&self, group: &str) -> Result<BTreeMap<String, Vec<u8>>, StoreError> {
+        validate_group_name(group).map_err(StoreError::BadGroupName)?;
+        let mut states = BTreeMap::new();
+        let entries = fs::read_dir(&self.groups_dir).map_err(|error| StoreError::Io {
+            action: "list",
+            path: self.groups_dir.clone(),
+            error,
+        })?;
+        let prefix = format!("{group}.");
+        let suffix = format!(".{SYNC_EXTENSION}");
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(peer) = name.strip_prefix(&prefix).and_then(|rest| rest.strip_suffix(&suffix)) else { continue };
+            if validate_group_name(peer).is_err() {
+                continue;
+            }
+            if let Ok(Some(bytes)) = read_bounded(&entry.path(), SYNC_STATE_BYTES_MAX) {
+                states.insert(peer.to_owned(), bytes);
+            }
+        }
+        Ok(states)
     }
 
     /// The group's secret key, or `None` if none was written.
@@ -1053,5 +1092,21 @@ mod tests {
         let error = store.read_group("big").unwrap_err();
         assert!(matches!(error, StoreError::FileTooLarge { .. }), "{error}");
         assert!(error.to_string().contains("quarantine it"), "{error}");
+    }
+
+    #[test]
+    fn sync_states_round_trip_per_peer_and_ignore_strangers() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(dir.path(), "n1").unwrap();
+        store.write_sync_state("app", "n2", b"state-2").unwrap();
+        store.write_sync_state("app", "n3", b"state-3").unwrap();
+        store.write_sync_state("other", "n2", b"other").unwrap();
+        store.write_sync_state("app", "n2", b"state-2b").unwrap();
+        let states = store.read_sync_states("app").unwrap();
+        assert_eq!(states.len(), 2);
+        assert_eq!(states["n2"], b"state-2b".to_vec());
+        assert_eq!(states["n3"], b"state-3".to_vec());
+        assert!(store.write_sync_state("app", "../x", b"x").is_err());
+        assert!(store.list_groups().unwrap().is_empty(), "sync files are not groups");
     }
 }
