@@ -70,6 +70,11 @@ impl fmt::Display for ContentHash {
     }
 }
 
+/// Lowercase hex of `bytes`.
+pub fn hex_of(bytes: &[u8]) -> String {
+    hex(bytes)
+}
+
 pub(crate) fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);

@@ -40,6 +40,11 @@ pub const MEMBERSHIP_POLL_DEFAULT: Duration = Duration::from_millis(100);
 /// Longest wait between replica ticks when it asks for none.
 const TICK_MAX: Duration = Duration::from_millis(500);
 
+/// Shortest wait between replica ticks: a replica that keeps asking for a tick already due (a
+/// timer that its tick does not clear) must not spin the loop. Found by konor-sim, whose paused
+/// clock never advances while a task spins.
+const TICK_MIN: Duration = Duration::from_millis(1);
+
 /// Local calls queued before socket readers wait.
 const CALL_QUEUE_MAX: usize = 1024;
 
@@ -93,6 +98,7 @@ struct Daemon {
     wall_base: Option<Millis>,
     seed: [u8; 32],
     keys_drawn: u64,
+    view_delivered: bool,
     next_command: u64,
     pending: BTreeMap<u64, PendingReply>,
     watchers: BTreeMap<String, Vec<Watcher>>,
@@ -180,7 +186,11 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     };
     let result = run_node(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
-    let _ = api.await;
+    let api_result = api.await;
+    let result = match (result, api_result) {
+        (Err(_), Ok(Err(api_error))) => Err(api_error.context("the local socket failed")),
+        (result, _) => result,
+    };
     network.close().await;
     info!("konord stopped");
     result
@@ -205,7 +215,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = Store::open(&data_dir, &node_id)?;
-    let actor = actor_for(&node_id, store.incarnation());
+    // The incarnation makes the actor unique per start; the seed also covers a data dir that
+    // was wiped or restored from an old backup (FACTS: never reuse an actor).
+    let actor = actor_for(&format!("{node_id}/{}", konor_crdt::settings::hex_of(&seed[..8])), store.incarnation());
     let (loaded, repairs) = load_groups(&mut store, &actor)?;
     let membership_config = MembershipConfig {
         node_id: node_id.clone(),
@@ -230,6 +242,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         wall_base,
         seed,
         keys_drawn: 0,
+        view_delivered: false,
         next_command: 0,
         pending: BTreeMap::new(),
         watchers: BTreeMap::new(),
@@ -255,8 +268,10 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             call = calls.recv() => match call {
                 Some(call) => daemon.handle_call(call),
                 None => {
+                    // The socket server ended (it failed to bind, or crashed): without it no
+                    // application can read, so the node stops with an error.
                     error!("local API stopped");
-                    break;
+                    anyhow::bail!("the local API stopped; see the log line before this one");
                 }
             },
             incoming = replica.recv() => {
@@ -382,7 +397,7 @@ impl Daemon {
         let wait = self
             .replica
             .poll_timeout()
-            .map_or(TICK_MAX, |at| Duration::from_millis(at.0.saturating_sub(now.0)).min(TICK_MAX));
+            .map_or(TICK_MAX, |at| Duration::from_millis(at.0.saturating_sub(now.0)).clamp(TICK_MIN, TICK_MAX));
         Instant::now() + wait
     }
 
@@ -410,7 +425,10 @@ impl Daemon {
         }
         let membership = MembershipView { peers };
         self.mesh = view;
-        if &membership != self.replica.membership() {
+        // The first view always goes in, even an empty one: a node alone in its mesh must learn
+        // that it has seen its view (strong groups stay fenced until then).
+        if !self.view_delivered || &membership != self.replica.membership() {
+            self.view_delivered = true;
             let now = self.now();
             self.replica.handle(now, Input::Membership(membership));
         }
@@ -460,6 +478,9 @@ impl Daemon {
                     };
                     self.reply(id, result);
                 }
+                // After a failed persist nothing further is announced: watchers and gossip must
+                // not learn of state that is not on disk (gossiped heads count as acks).
+                Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
                 Output::Notify(notification) => self.notify(notification),
                 Output::Publish { group, gossip } => {
                     let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());

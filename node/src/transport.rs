@@ -109,7 +109,16 @@ pub trait PeerNetwork: Send + Sync + 'static {
 }
 
 /// Writer queues by peer address, shared with the accept loop.
-type Senders = std::sync::Mutex<BTreeMap<SocketAddr, mpsc::Sender<Outgoing>>>;
+type Senders = std::sync::Mutex<BTreeMap<SocketAddr, mpsc::Sender<Job>>>;
+
+/// What a peer writer does next, in queue order.
+enum Job {
+    /// Write a frame.
+    Frame(Outgoing),
+    /// The peer reconnected to us (it restarted or lost our connection): finish the current
+    /// connection gracefully after the frames queued so far, and use a fresh one from now on.
+    Reconnect,
+}
 
 struct Outgoing {
     expect: Option<String>,
@@ -172,7 +181,7 @@ impl QuicNetwork {
         self.endpoint.wait_idle().await;
     }
 
-    fn sender_for(&self, addr: SocketAddr) -> Option<mpsc::Sender<Outgoing>> {
+    fn sender_for(&self, addr: SocketAddr) -> Option<mpsc::Sender<Job>> {
         let mut senders = self.senders.lock().ok()?;
         if let Some(sender) = senders.get(&addr)
             && !sender.is_closed()
@@ -201,7 +210,7 @@ impl PeerNetwork for QuicNetwork {
 
     fn send(&self, addr: SocketAddr, expect: Option<&str>, channel: Channel, bytes: Vec<u8>) {
         let outgoing = Outgoing { expect: expect.map(str::to_owned), channel, bytes };
-        let queued = self.sender_for(addr).is_some_and(|sender| sender.try_send(outgoing).is_ok());
+        let queued = self.sender_for(addr).is_some_and(|sender| sender.try_send(Job::Frame(outgoing)).is_ok());
         if !queued {
             self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
             debug!(%addr, ?channel, "outgoing frame dropped: peer queue full");
@@ -220,8 +229,15 @@ struct PeerWriter {
 }
 
 impl PeerWriter {
-    async fn run(mut self, mut queue: mpsc::Receiver<Outgoing>) {
-        while let Some(outgoing) = queue.recv().await {
+    async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        while let Some(job) = queue.recv().await {
+            let outgoing = match job {
+                Job::Frame(outgoing) => outgoing,
+                Job::Reconnect => {
+                    self.retire();
+                    continue;
+                }
+            };
             // One retry on a fresh connection: a peer that restarted leaves a dead connection.
             let mut delivered = false;
             for attempt in 0..2 {
@@ -245,6 +261,21 @@ impl PeerWriter {
                 self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Lets the current connection deliver what was written on it, then closes it; the next
+    /// frame opens a new one. Dropping a quinn connection abandons unacknowledged stream data,
+    /// so the old streams are finished and awaited (bounded) before the drop.
+    fn retire(&mut self) {
+        let streams = std::mem::take(&mut self.streams);
+        let Some(connection) = self.connection.take() else { return };
+        tokio::spawn(async move {
+            for (_, mut stream) in streams {
+                let _ = stream.finish();
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, stream.stopped()).await;
+            }
+            drop(connection);
+        });
     }
 
     async fn connection(&mut self, expect: Option<&str>) -> anyhow::Result<quinn::Connection> {
@@ -314,9 +345,11 @@ async fn accept_loop(
                 Ok(connection) => {
                     // A new connection from a peer means it (re)started or lost ours: our own
                     // connection to it may be dead without knowing it (QUIC notices only at the
-                    // idle timeout), so the next frame to it opens a fresh one.
-                    if let Ok(mut senders) = senders.lock() {
-                        senders.remove(&addr);
+                    // idle timeout), so frames after this point go on a fresh one.
+                    if let Ok(senders) = senders.lock()
+                        && let Some(sender) = senders.get(&addr)
+                    {
+                        let _ = sender.try_send(Job::Reconnect);
                     }
                     serve_connection(connection, gossip, replica, stats).await
                 }

@@ -28,7 +28,7 @@ pub(super) enum Round {
         deadline: Millis,
     },
     /// This node staged the round's change and voted yes; it waits for the decision.
-    Staged { id: RoundId, change: Vec<u8>, hash: ChangeHash, next_query: Millis },
+    Staged { id: RoundId, change: Vec<u8>, hash: ChangeHash, members: Vec<NodeId>, next_query: Millis },
 }
 
 impl Round {
@@ -37,6 +37,17 @@ impl Round {
         match self {
             Round::Coordinating { deadline, .. } => *deadline,
             Round::Staged { next_query, .. } => *next_query,
+        }
+    }
+
+    /// The record that restores this round after a restart: only a staged round needs one (a
+    /// coordinator's undecided round is aborted by its restart).
+    pub(super) fn staged_record(&self) -> Option<RoundRecord> {
+        match self {
+            Round::Staged { id, change, members, .. } => {
+                Some(RoundRecord::Staged { round: id.clone(), change: change.clone(), members: members.clone() })
+            }
+            Round::Coordinating { .. } => None,
         }
     }
 
@@ -209,7 +220,10 @@ impl Replica {
         let Some(state) = self.groups.get_mut(group) else { return };
         state.round_lamport = state.round_lamport.max(round.lamport);
         if let Some((_, commit)) = state.decisions.iter().find(|(id, _)| *id == round) {
-            let (yes, reason) = (*commit, if *commit { String::new() } else { "round already aborted".into() });
+            // A repeated prepare of a decided round: yes only if its change really is here.
+            let applied = crate::exchange::decode_change(&change).is_ok_and(|c| state.doc.has_change(&c.hash()));
+            let yes = *commit && applied;
+            let reason = if yes { String::new() } else { format!("round {round} was already decided here") };
             return self.vote(group, from, round, yes, reason);
         }
         match &state.round {
@@ -248,6 +262,7 @@ impl Replica {
             id: round.clone(),
             change: change.clone(),
             hash,
+            members: members.clone(),
             next_query: Millis(now.0 + DECISION_TIMEOUT_MS),
         });
         // Staged durably before the vote leaves (outputs run in order).
@@ -402,8 +417,7 @@ impl Replica {
         let Ok(decoded) = crate::exchange::decode_change(&change) else { return };
         let Some(state) = self.groups.get_mut(group) else { return };
         state.round_lamport = state.round_lamport.max(round.lamport);
-        let _ = members;
-        state.round = Some(Round::Staged { id: round, change, hash: decoded.hash(), next_query: self.now });
+        state.round = Some(Round::Staged { id: round, change, hash: decoded.hash(), members, next_query: self.now });
         self.settle_round_by_sync(group);
     }
 }

@@ -21,7 +21,7 @@ use crate::error::{EditError, RemoteError};
 use crate::exchange::{HeadsDigest, RemoteApplied, SyncPeer};
 use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::{GroupKey, derive_nonce, join_proof, verify_join_proof};
-use crate::journal::{change_record, needs_compaction, snapshot_file};
+use crate::journal::{RoundRecord, change_record, needs_compaction, round_record, snapshot_file};
 use crate::limits::{
     ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS,
     WATCH_EVENTS_KEPT,
@@ -840,10 +840,21 @@ impl Replica {
             return;
         }
         // A snapshot that no longer fits a record keeps appending instead (epochs will bound it).
-        if let Ok(file) = snapshot_file(&state.doc, None) {
-            state.tail_changes = 0;
-            self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
+        let Ok(mut file) = snapshot_file(&state.doc, None) else { return };
+        // Round records survive compaction: the decisions (which keep the round lamport
+        // monotonic and answer in-doubt peers) and a round staged here without a decision.
+        for (round, commit) in &state.decisions {
+            if let Ok(record) = round_record(&RoundRecord::Decided { round: round.clone(), commit: *commit }) {
+                file.extend(record);
+            }
         }
+        if let Some(staged) = state.round.as_ref().and_then(barrier::Round::staged_record)
+            && let Ok(record) = round_record(&staged)
+        {
+            file.extend(record);
+        }
+        state.tail_changes = 0;
+        self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
     }
 
     /// Persists and announces what a remote apply added.

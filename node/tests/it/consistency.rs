@@ -52,7 +52,8 @@ async fn a_strong_write_with_a_paused_member_aborts_everywhere_then_commits_afte
     let cluster = Cluster::new();
     let (nodes, clients) = start_mesh(&cluster, 3).await;
     group_on_all(&clients, "app", "strong").await;
-    clients[0].call(set("limit", json!(1))).await.unwrap();
+    let first = clients[0].call(set("limit", json!(1))).await;
+    assert!(first.is_ok(), "{first:?}");
     for client in &clients {
         eventually("v1 everywhere", || async { (client.get("app", "limit").await.ok()?? == json!(1)).then_some(()) })
             .await;
