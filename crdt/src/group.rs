@@ -7,7 +7,7 @@
 //!        meta:     { name, mode, epoch },
 //!        policy:   { version: 1 },
 //!        settings: { "<dotted.key>": "<canonical JSON>" },
-//!        versions: { "<counter:020>.<actor hex>": "<VersionInfo JSON>" } }
+//!        versions: { "<u64::MAX - counter, 20 digits>.<actor hex>": "<VersionInfo JSON>" } }
 //! ```
 //! Every local write is one Automerge change whose message is the version's storage key.
 

@@ -465,7 +465,16 @@ impl Daemon {
                     }
                 }
                 Output::Persist(op) => {
+                    let group = match &op {
+                        PersistOp::Append { group, .. } => Some(group.clone()),
+                        _ => None,
+                    };
                     if let Err(error) = self.persist(op) {
+                        // The store refuses appends to a file whose fsync failed until it is
+                        // rewritten: rewrite it from memory now rather than at the next compaction.
+                        if let Some(group) = group {
+                            self.rewrite_group_file(&group);
+                        }
                         self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
                         error!(%error, "persist failed: the change is not durable here");
                         persist_failed = Some(error.to_string());
@@ -491,6 +500,18 @@ impl Daemon {
                     warn!(peer = %from, %reason, "peer message dropped");
                 }
             }
+        }
+    }
+
+    /// Rewrites a group's file as a fresh snapshot of the in-memory document.
+    fn rewrite_group_file(&mut self, group: &str) {
+        let Some(doc) = self.replica.group(group) else { return };
+        match konor_crdt::journal::snapshot_file(doc, None) {
+            Ok(file) => match self.store.replace_group(group, &file) {
+                Ok(()) => warn!(group, "group file rewritten from memory after a failed append"),
+                Err(error) => error!(group, %error, "cannot rewrite the group file; appends stay refused"),
+            },
+            Err(error) => error!(group, %error, "cannot snapshot the group"),
         }
     }
 

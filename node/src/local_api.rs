@@ -281,7 +281,7 @@ async fn bind(config: &LocalApiConfig) -> anyhow::Result<UnixListener> {
 fn refuse_connection(connection: u64, stream: &UnixStream, connections_max: usize) {
     warn!(connection, connections_max, "refusing a local connection: too many connections");
     let message =
-        format!("too many connections: konord serves {connections_max} at most; close idle clients or raise the limit");
+        format!("too many connections: konord serves {connections_max} at most; close idle clients and retry");
     let frame = ServerFrame::Response { id: 0, response: Response::Error { code: ErrorCode::Internal, message } };
     if let Ok(bytes) = encode_frame(&frame) {
         let _ = stream.try_write(&bytes);

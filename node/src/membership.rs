@@ -27,7 +27,7 @@ use crate::transport::{Channel, GOSSIP_FRAME_BYTES_MAX, Incoming, PeerNetwork};
 /// Key prefix for labels (`label:region` = `eu-west`).
 pub const LABEL_PREFIX: &str = "label:";
 
-/// Key prefix for group summaries (`grp:checkout` = digest;revision;version;proof).
+/// Key prefix for group summaries (`grp:checkout` = digest;revision;version;proof;heads).
 pub const GROUP_PREFIX: &str = "grp:";
 
 /// Value of a group key after this node left the group (keys are overwritten, never deleted).

@@ -1,7 +1,7 @@
-//! The node's files on disk (SPEC F24): node identity, group record files, group keys and quarantine, written
+//! The node's files on disk (SPEC F24): node identity, group record files, group keys, sync states and quarantine, written
 //! crash-safely (temp file, fsync, rename, directory fsync; appends fsynced before the caller acknowledges).
 //!
-//! The bytes of group files come from `konor_crdt::journal` (snapshot, change and meta records, and the loader
+//! The bytes of group files come from `konor_crdt::journal` (snapshot, change, meta and round records, and the loader
 //! that recovers the longest valid prefix); this module only moves those bytes to and from the disk and never
 //! interprets them.
 //!

@@ -619,8 +619,13 @@ impl Replica {
     /// oldest kept notification starts after it (SPEC F13: never a silent gap).
     pub fn events_since(&self, group: &str, revision: u64) -> Option<EventsSince> {
         let state = self.groups.get(group)?;
-        if revision >= state.revision {
+        if revision == state.revision {
             return Some(EventsSince::Events(Vec::new()));
+        }
+        if revision > state.revision {
+            // This node's revision went down (a damaged tail was cut, the group re-joined):
+            // the watcher saw a history this node no longer has, so it must resync.
+            return Some(EventsSince::Resync);
         }
         let oldest_from = state.events.front().map_or(state.revision, |(from, _)| *from);
         if revision < oldest_from {
@@ -1214,6 +1219,18 @@ impl Replica {
         let Some(join) = self.joins.get(&group).filter(|join| join.asking.as_ref() == Some(&from)) else {
             return self.drop_message(from, format!("unexpected join grant for {group:?}"));
         };
+        // The joiner holds the key, so it can check the granter's membership proof in gossip:
+        // a node without the key cannot hand it a forged group.
+        let proven = self
+            .membership
+            .peers
+            .get(&from)
+            .and_then(|peer| peer.groups.get(&group))
+            .is_some_and(|gossip| gossip.proof == membership_proof(&join.key, &group, &from));
+        if !proven {
+            return self
+                .drop_message(from, format!("join grant for {group:?} from a node without a valid membership proof"));
+        }
         let doc = match GroupDoc::load(snapshot, self.actor.clone()) {
             Ok(doc) if doc.name() == group => doc,
             Ok(doc) => {

@@ -305,6 +305,7 @@ fn watchers_resume_from_a_revision_or_get_an_explicit_resync() {
     assert_eq!(events.iter().map(|e| e.revision).collect::<Vec<_>>(), vec![start + 2, start + 3]);
     assert_eq!(events[1].set.get("k"), Some(&json!(2)));
     assert_eq!(replica.events_since("app", start + 3), Some(EventsSince::Events(vec![])));
+    assert_eq!(replica.events_since("app", start + 9), Some(EventsSince::Resync), "ahead of this node: resync");
     assert_eq!(replica.events_since("app", start - 1), Some(EventsSince::Resync), "before the first kept event");
     assert_eq!(replica.events_since("nope", 0), None);
 }

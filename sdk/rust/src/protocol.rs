@@ -47,7 +47,7 @@ pub enum ServerFrame {
     },
 }
 
-/// Who makes a write: shown in history and the audit trail.
+/// Who makes a write: shown in history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WriteMeta {
     /// Author; the daemon fills in `<process>@<node>` from the connection when empty.
