@@ -430,3 +430,101 @@ async fn read_stream(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::{init_ca, issue_node_cert, load_identity};
+
+    struct Pki {
+        _dir: tempfile::TempDir,
+        a: TlsIdentity,
+        b: TlsIdentity,
+    }
+
+    fn pki() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(&dir.path().join("ca")).unwrap();
+        for id in ["a", "b"] {
+            issue_node_cert(&dir.path().join("ca"), id, &dir.path().join(id)).unwrap();
+        }
+        let a = load_identity(&dir.path().join("a")).unwrap();
+        let b = load_identity(&dir.path().join("b")).unwrap();
+        Pki { _dir: dir, a, b }
+    }
+
+    /// A raw client endpoint with `identity`, to speak garbage to a node.
+    async fn raw_connection(identity: &TlsIdentity, to: SocketAddr) -> quinn::Connection {
+        let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+        endpoint.set_default_client_config(identity.client_config().unwrap());
+        endpoint.connect(to, tls::SERVER_NAME).unwrap().await.unwrap()
+    }
+
+    async fn next(inbox: &mut mpsc::Receiver<Incoming>) -> Incoming {
+        tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.unwrap().unwrap()
+    }
+
+    #[tokio::test]
+    async fn frames_reach_the_peer_with_the_sender_identity_checked() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (b, _b_inbox) = QuicNetwork::start(&pki.b, "127.0.0.1:0".parse().unwrap()).unwrap();
+        b.send(a.local_addr(), Some("a"), Channel::Replica, b"hello".to_vec());
+        b.send(a.local_addr(), None, Channel::Gossip, b"gossip".to_vec());
+        let replica = next(&mut a_inbox.replica).await;
+        assert_eq!((replica.from.as_str(), replica.bytes.as_slice()), ("b", &b"hello"[..]));
+        assert_eq!(replica.addr, b.local_addr());
+        assert_eq!(next(&mut a_inbox.gossip).await.bytes, b"gossip");
+    }
+
+    #[tokio::test]
+    async fn a_claimed_node_id_that_the_certificate_does_not_name_is_refused() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let connection = raw_connection(&pki.b, a.local_addr()).await;
+        let mut stream = connection.open_uni().await.unwrap();
+        let mut header = STREAM_MAGIC.to_vec();
+        header.extend([Channel::Replica.to_byte(), 1, b'a']);
+        stream.write_all(&header).await.unwrap();
+        stream.write_all(&5u32.to_be_bytes()).await.unwrap();
+        stream.write_all(b"forged").await.unwrap();
+        let closed = tokio::time::timeout(Duration::from_secs(10), connection.closed()).await.unwrap();
+        assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+        assert_eq!(a.stats.refused_in.load(Ordering::Relaxed), 1);
+        assert!(a_inbox.replica.try_recv().is_err(), "nothing from a forged identity is delivered");
+    }
+
+    #[tokio::test]
+    async fn garbage_and_oversized_frames_close_the_connection_and_the_node_keeps_serving() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let garbage = raw_connection(&pki.b, a.local_addr()).await;
+        let mut stream = garbage.open_uni().await.unwrap();
+        stream.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), garbage.closed()).await.unwrap();
+        let oversized = raw_connection(&pki.b, a.local_addr()).await;
+        let mut stream = oversized.open_uni().await.unwrap();
+        let mut header = STREAM_MAGIC.to_vec();
+        header.extend([Channel::Gossip.to_byte(), 1, b'b']);
+        stream.write_all(&header).await.unwrap();
+        stream.write_all(&(GOSSIP_FRAME_BYTES_MAX as u32 + 1).to_be_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(10), oversized.closed()).await.unwrap();
+        assert_eq!(a.stats.refused_in.load(Ordering::Relaxed), 2);
+        // A well-behaved peer is still served.
+        let (b, _b_inbox) = QuicNetwork::start(&pki.b, "127.0.0.1:0".parse().unwrap()).unwrap();
+        b.send(a.local_addr(), Some("a"), Channel::Replica, b"still here".to_vec());
+        assert_eq!(next(&mut a_inbox.replica).await.bytes, b"still here");
+    }
+
+    #[tokio::test]
+    async fn a_peer_whose_certificate_names_another_node_gets_nothing() {
+        let pki = pki();
+        let (a, _a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (b, mut b_inbox) = QuicNetwork::start(&pki.b, "127.0.0.1:0".parse().unwrap()).unwrap();
+        // Gossip claims node "c" lives at b's address: a refuses to hand it c's data.
+        a.send(b.local_addr(), Some("c"), Channel::Replica, b"for c".to_vec());
+        a.send(b.local_addr(), Some("b"), Channel::Replica, b"for b".to_vec());
+        assert_eq!(next(&mut b_inbox.replica).await.bytes, b"for b");
+        assert_eq!(a.stats.dropped_out.load(Ordering::Relaxed), 1);
+    }
+}
