@@ -28,9 +28,9 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// Lines of a daemon's log shown when it fails.
 const LOG_TAIL_LINES: usize = 20;
 
-/// The daemons' log filter (`KONOR_LOG`): warnings only, so logging costs nothing on the measured
-/// paths.
-const DAEMON_LOG_FILTER: &str = "warn";
+/// The daemons' log filter when konor-bench's own environment sets no `KONOR_LOG`: warnings
+/// only, so logging costs nothing on the measured paths.
+const DAEMON_LOG_FILTER_DEFAULT: &str = "warn";
 
 /// One running konord.
 #[derive(Debug)]
@@ -163,7 +163,7 @@ impl KonorCluster {
             .arg(&socket)
             .arg("--tls-dir")
             .arg(&tls_dir)
-            .env("KONOR_LOG", DAEMON_LOG_FILTER)
+            .env("KONOR_LOG", std::env::var("KONOR_LOG").unwrap_or_else(|_| DAEMON_LOG_FILTER_DEFAULT.to_owned()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);

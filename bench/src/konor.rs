@@ -159,6 +159,7 @@ pub async fn run(cluster: &mut KonorCluster, plan: &Plan, seed: u64, report: &mu
         group_on_all(&clients, group).await?;
     }
     propagation(&clients, plan, seed, report).await?;
+    // `clients` has one entry per daemon, and a cluster has at least one (`--nodes` is 1 or more).
     socket_get(&clients[0], plan, report).await?;
     cached_get(&clients[0], plan, report).await?;
     cluster.check_running()?;
@@ -210,6 +211,16 @@ async fn group_on_all(clients: &[Client], group: &str) -> anyhow::Result<()> {
         if !matches!(joined, Response::Joined { .. }) {
             bail!("joining group {group} on n{} answered {}", index + 2, joined.kind());
         }
+    }
+    // Steady state before measuring: a node takes pushed changes only from peers whose
+    // membership proof it has seen in gossip; until then a change waits for a sync round.
+    for (index, client) in clients.iter().enumerate() {
+        eventually(&format!("node n{} sees all {} nodes as members of {group}", index + 1, clients.len()), || async {
+            let Ok(Response::Groups { groups }) = client.call(Request::GroupList).await else { return None };
+            let row = groups.into_iter().find(|row| row.name == group)?;
+            (row.members.len() == clients.len()).then_some(())
+        })
+        .await?;
     }
     Ok(())
 }

@@ -24,6 +24,9 @@ use crate::tls::{self, TlsIdentity};
 /// Magic bytes opening every stream.
 const STREAM_MAGIC: [u8; 4] = *b"KNR1";
 
+/// Boot ids last seen per peer address: a new one means the peer restarted.
+type Boots = std::sync::Mutex<BTreeMap<SocketAddr, u64>>;
+
 /// Largest gossip frame: chitchat keeps every message within one UDP-sized payload.
 pub const GOSSIP_FRAME_BYTES_MAX: usize = 65_507;
 
@@ -132,6 +135,9 @@ pub struct QuicNetwork {
     node_id: String,
     /// One writer queue per peer address; a plain mutex because `send` must not await.
     senders: Arc<Senders>,
+    /// Random per process start, sent in every stream header: peers tell a restart of this
+    /// node (new boot id) from an ordinary new connection.
+    boot_id: u64,
     /// Counters.
     pub stats: Arc<TransportStats>,
 }
@@ -165,10 +171,13 @@ impl QuicNetwork {
             endpoint: endpoint.clone(),
             node_id: identity.node_id().to_owned(),
             senders: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            boot_id: rand::random(),
             stats: Arc::new(TransportStats::default()),
         });
         let stats = network.stats.clone();
-        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, network.senders.clone()));
+        let peers =
+            PeerRegistry { senders: network.senders.clone(), boots: Arc::new(std::sync::Mutex::new(BTreeMap::new())) };
+        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, peers));
         Ok((network, Inbox { gossip: gossip_rx, replica: replica_rx }))
     }
 
@@ -193,6 +202,7 @@ impl QuicNetwork {
         let writer = PeerWriter {
             endpoint: self.endpoint.clone(),
             node_id: self.node_id.clone(),
+            boot_id: self.boot_id,
             addr,
             connection: None,
             streams: BTreeMap::new(),
@@ -222,6 +232,7 @@ impl PeerNetwork for QuicNetwork {
 struct PeerWriter {
     endpoint: quinn::Endpoint,
     node_id: String,
+    boot_id: u64,
     addr: SocketAddr,
     connection: Option<quinn::Connection>,
     streams: BTreeMap<Channel, quinn::SendStream>,
@@ -313,6 +324,7 @@ impl PeerWriter {
             let id = self.node_id.as_bytes();
             header.push(u8::try_from(id.len()).unwrap_or(0));
             header.extend_from_slice(id);
+            header.extend_from_slice(&self.boot_id.to_be_bytes());
             stream.write_all(&header).await?;
             self.streams.insert(outgoing.channel, stream);
         }
@@ -330,29 +342,44 @@ impl PeerWriter {
     }
 }
 
+/// What the accept side needs to react to a peer's restart.
+#[derive(Clone)]
+struct PeerRegistry {
+    senders: Arc<Senders>,
+    boots: Arc<Boots>,
+}
+
+impl PeerRegistry {
+    /// Records the boot id a peer sent; when it changed, the peer restarted and our connection
+    /// to it may be dead without QUIC knowing (it notices only at the idle timeout), so frames
+    /// after this point go on a fresh connection.
+    fn saw_boot(&self, addr: SocketAddr, boot_id: u64) {
+        let restarted = match self.boots.lock() {
+            Ok(mut boots) => boots.insert(addr, boot_id).is_some_and(|previous| previous != boot_id),
+            Err(_) => false,
+        };
+        if restarted
+            && let Ok(senders) = self.senders.lock()
+            && let Some(sender) = senders.get(&addr)
+        {
+            let _ = sender.try_send(Job::Reconnect);
+        }
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     gossip: mpsc::Sender<Incoming>,
     replica: mpsc::Sender<Incoming>,
     stats: Arc<TransportStats>,
-    senders: Arc<Senders>,
+    peers: PeerRegistry,
 ) {
     while let Some(incoming) = endpoint.accept().await {
-        let (gossip, replica, stats, senders) = (gossip.clone(), replica.clone(), stats.clone(), senders.clone());
+        let (gossip, replica, stats, peers) = (gossip.clone(), replica.clone(), stats.clone(), peers.clone());
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             match incoming.await {
-                Ok(connection) => {
-                    // A new connection from a peer means it (re)started or lost ours: our own
-                    // connection to it may be dead without knowing it (QUIC notices only at the
-                    // idle timeout), so frames after this point go on a fresh one.
-                    if let Ok(senders) = senders.lock()
-                        && let Some(sender) = senders.get(&addr)
-                    {
-                        let _ = sender.try_send(Job::Reconnect);
-                    }
-                    serve_connection(connection, gossip, replica, stats).await
-                }
+                Ok(connection) => serve_connection(connection, gossip, replica, stats, peers).await,
                 Err(error) => {
                     stats.refused_in.fetch_add(1, Ordering::Relaxed);
                     info!(%addr, %error, "incoming connection refused (TLS)");
@@ -367,6 +394,7 @@ async fn serve_connection(
     gossip: mpsc::Sender<Incoming>,
     replica: mpsc::Sender<Incoming>,
     stats: Arc<TransportStats>,
+    peers: PeerRegistry,
 ) {
     let addr = connection.remote_address();
     let Some(certificate) = tls::peer_certificate(&connection) else {
@@ -375,11 +403,11 @@ async fn serve_connection(
         return;
     };
     while let Ok(stream) = connection.accept_uni().await {
-        let (gossip, replica, stats) = (gossip.clone(), replica.clone(), stats.clone());
+        let (gossip, replica, stats, peers) = (gossip.clone(), replica.clone(), stats.clone(), peers.clone());
         let certificate = certificate.clone();
         let connection = connection.clone();
         tokio::spawn(async move {
-            if let Err(error) = read_stream(stream, addr, &certificate, gossip, replica, &stats).await {
+            if let Err(error) = read_stream(stream, addr, &certificate, gossip, replica, &stats, &peers).await {
                 stats.refused_in.fetch_add(1, Ordering::Relaxed);
                 warn!(%addr, %error, "peer stream refused; closing the connection");
                 connection.close(3u32.into(), b"bad stream");
@@ -395,6 +423,7 @@ async fn read_stream(
     gossip: mpsc::Sender<Incoming>,
     replica: mpsc::Sender<Incoming>,
     stats: &TransportStats,
+    peers: &PeerRegistry,
 ) -> anyhow::Result<()> {
     let mut header = [0u8; 6];
     stream.read_exact(&mut header).await?;
@@ -405,6 +434,9 @@ async fn read_stream(
     let from = String::from_utf8(id).map_err(|_| anyhow::anyhow!("node id is not UTF-8"))?;
     tls::validate_node_id(&from)?;
     tls::verify_node_identity(certificate, &from)?;
+    let mut boot = [0u8; 8];
+    stream.read_exact(&mut boot).await?;
+    peers.saw_boot(addr, u64::from_be_bytes(boot));
     let sink = match channel {
         Channel::Gossip => gossip,
         Channel::Replica => replica,
@@ -485,6 +517,7 @@ mod tests {
         let mut stream = connection.open_uni().await.unwrap();
         let mut header = STREAM_MAGIC.to_vec();
         header.extend([Channel::Replica.to_byte(), 1, b'a']);
+        header.extend(7u64.to_be_bytes());
         stream.write_all(&header).await.unwrap();
         stream.write_all(&5u32.to_be_bytes()).await.unwrap();
         stream.write_all(b"forged").await.unwrap();
@@ -506,6 +539,7 @@ mod tests {
         let mut stream = oversized.open_uni().await.unwrap();
         let mut header = STREAM_MAGIC.to_vec();
         header.extend([Channel::Gossip.to_byte(), 1, b'b']);
+        header.extend(7u64.to_be_bytes());
         stream.write_all(&header).await.unwrap();
         stream.write_all(&(GOSSIP_FRAME_BYTES_MAX as u32 + 1).to_be_bytes()).await.unwrap();
         tokio::time::timeout(Duration::from_secs(10), oversized.closed()).await.unwrap();
