@@ -34,6 +34,14 @@ const PROBE_KEY: &str = "probe.seq";
 /// Issue target: a change is seen by watchers on all nodes within 0.5 ms (p50).
 const PROPAGATION_TARGET_MICROS: f64 = 500.0;
 
+/// Issue 5's targets on 3 nodes: eventual commit p50 <= 0.5 ms, strong commit p50 <= 1.0 ms.
+const EVENTUAL_COMMIT_TARGET_MICROS: f64 = 500.0;
+const STRONG_COMMIT_TARGET_MICROS: f64 = 1_000.0;
+
+/// Groups for the commit-latency workloads, one per consistency mode.
+const GROUP_COMMIT_EVENTUAL: &str = "commit-eventual";
+const GROUP_COMMIT_STRONG: &str = "commit-strong";
+
 /// Issue target: a socket get answers within 20 µs (p50).
 const SOCKET_GET_TARGET_MICROS: f64 = 20.0;
 
@@ -73,6 +81,8 @@ const SEEN_QUEUE: usize = 1024;
 pub struct Plan {
     /// Timed propagation samples (after the warm-up).
     pub propagation_samples: u64,
+    /// Timed commits per consistency mode (after the warm-up).
+    pub commit_samples: u64,
     /// Timed socket gets.
     pub socket_gets: u64,
     /// Timed batches of cached gets.
@@ -95,6 +105,7 @@ impl Plan {
     pub fn full() -> Plan {
         Plan {
             propagation_samples: 5_000,
+            commit_samples: 2_000,
             socket_gets: 50_000,
             cached_batches: 10_000,
             warmup_samples: 50,
@@ -110,6 +121,7 @@ impl Plan {
     pub fn quick() -> Plan {
         Plan {
             propagation_samples: 300,
+            commit_samples: 200,
             socket_gets: 3_000,
             cached_batches: 300,
             warmup_samples: 20,
@@ -122,6 +134,7 @@ impl Plan {
     pub fn to_json(&self) -> Value {
         json!({
             "propagation_samples": self.propagation_samples,
+            "commit_samples": self.commit_samples,
             "socket_gets": self.socket_gets,
             "cached_batches": self.cached_batches,
             "cached_gets_per_batch": CACHED_GETS_PER_BATCH,
@@ -159,6 +172,7 @@ pub async fn run(cluster: &mut KonorCluster, plan: &Plan, seed: u64, report: &mu
         group_on_all(&clients, group).await?;
     }
     propagation(&clients, plan, seed, report).await?;
+    commit_latency(&clients, plan, seed, report).await?;
     // `clients` has one entry per daemon, and a cluster has at least one (`--nodes` is 1 or more).
     socket_get(&clients[0], plan, report).await?;
     cached_get(&clients[0], plan, report).await?;
@@ -194,9 +208,50 @@ fn set_request(group: &str, key: &str, value: Value) -> Request {
 
 /// Creates an eventual group on the first node and joins it on every other.
 async fn group_on_all(clients: &[Client], group: &str) -> anyhow::Result<()> {
+    group_on_all_with_mode(clients, group, "eventual").await
+}
+
+/// Commit latency per consistency mode: a `Set` from a random node, timed until it answers
+/// `Committed` (eventual: a live quorum holds it durably; strong: the barrier round decided).
+async fn commit_latency(clients: &[Client], plan: &Plan, seed: u64, report: &mut Report) -> anyhow::Result<()> {
+    let modes = [
+        (GROUP_COMMIT_EVENTUAL, "eventual", EVENTUAL_COMMIT_TARGET_MICROS),
+        (GROUP_COMMIT_STRONG, "strong", STRONG_COMMIT_TARGET_MICROS),
+    ];
+    for (group, mode, target) in modes {
+        group_on_all_with_mode(clients, group, mode).await?;
+        let mut rng = crate::xorshift::XorShift::new(seed ^ 0xc0c0_a5a5);
+        let mut latency = Latency::new()?;
+        for sample in 0..plan.warmup_samples + plan.commit_samples {
+            let writer = &clients[rng.below(clients.len())];
+            let started = Instant::now();
+            let answer = writer.call(set_request(group, "commit.seq", json!(sample))).await;
+            let elapsed = started.elapsed();
+            match answer {
+                Ok(Response::Committed { .. }) => {}
+                Ok(other) => bail!("{mode} commit answered {}", other.kind()),
+                Err(error) => bail!("{mode} commit failed: {error}"),
+            }
+            if sample >= plan.warmup_samples {
+                latency.record(elapsed);
+            }
+        }
+        let target = (clients.len() == 3).then_some(Target::P50AtMostMicros(target));
+        report.add(Figure {
+            system: SYSTEM,
+            name: format!("{mode} commit ack ({} nodes, writer on a random node)", clients.len()),
+            measured: Measured::Latency(latency),
+            target,
+        });
+    }
+    Ok(())
+}
+
+/// Creates a group of `mode` on the first node and joins it on every other.
+async fn group_on_all_with_mode(clients: &[Client], group: &str, mode: &str) -> anyhow::Result<()> {
     let Some((first, others)) = clients.split_first() else { bail!("no daemon to create group {group} on") };
     let created = first
-        .call(Request::GroupCreate { name: group.to_owned(), mode: "eventual".to_owned(), key: None })
+        .call(Request::GroupCreate { name: group.to_owned(), mode: mode.to_owned(), key: None })
         .await
         .with_context(|| format!("cannot create group {group}"))?;
     let Response::GroupCreated { key, .. } = created else {

@@ -109,6 +109,10 @@ pub const ROUND_TIMEOUT_MS: u64 = 3_000;
 /// than a round, so the coordinator has decided (or given up) by then.
 pub const DECISION_TIMEOUT_MS: u64 = 2 * ROUND_TIMEOUT_MS;
 
+/// Local writes to a strong group that may wait for the group's current round to end before
+/// being refused as busy: enough to absorb a burst from local clients without unbounded memory.
+pub const ROUND_QUEUE_MAX: usize = 64;
+
 /// Round outcomes a node remembers per group to answer in-doubt peers.
 pub const DECISIONS_KEPT: usize = 256;
 

@@ -10,7 +10,7 @@ use automerge::ChangeHash;
 use super::{CommandError, CommandId, CommandOutcome, CommitReceipt, NodeId, Output, PersistOp, Replica};
 use crate::group::{CommitMeta, Edit, Mode};
 use crate::journal::{RoundRecord, round_record};
-use crate::limits::{DECISION_TIMEOUT_MS, ROUND_TIMEOUT_MS};
+use crate::limits::{DECISION_TIMEOUT_MS, ROUND_QUEUE_MAX, ROUND_TIMEOUT_MS};
 use crate::peer_message::{PeerMessage, RoundId, RoundOutcome};
 use crate::time::Millis;
 
@@ -58,7 +58,46 @@ impl Round {
     }
 }
 
+/// A local write to a strong group waiting for the group's current round to end.
+#[derive(Debug)]
+pub(super) struct QueuedWrite {
+    command: CommandId,
+    edit: Edit,
+    meta: CommitMeta,
+    pub(super) deadline: Millis,
+}
+
 impl Replica {
+    /// Starts the next queued local write of every strong group whose round has ended, and
+    /// refuses queued writes that waited too long (a round in doubt can last).
+    pub(super) fn drain_round_queues(&mut self) {
+        let now = self.now;
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in names {
+            let mut expired = Vec::new();
+            let mut next = None;
+            if let Some(state) = self.groups.get_mut(&name) {
+                while state.queued.front().is_some_and(|write| write.deadline <= now) {
+                    if let Some(write) = state.queued.pop_front() {
+                        let round = state.round.as_ref().map(|r| r.id().to_string()).unwrap_or_default();
+                        expired.push((write.command, round));
+                    }
+                }
+                if state.round.is_none() {
+                    next = state.queued.pop_front();
+                }
+            }
+            for (command, round) in expired {
+                self.reply(command, Err(CommandError::RoundInProgress { group: name.clone(), round }));
+            }
+            // A round that ends at once (no other live member) lets the next one start too.
+            while let Some(write) = next.take() {
+                self.start_round(write.command, name.clone(), write.edit, write.meta);
+                next = self.groups.get_mut(&name).filter(|s| s.round.is_none()).and_then(|s| s.queued.pop_front());
+            }
+        }
+    }
+
     /// True when reads of `group` must be flagged stale: a strong group in doubt about a round,
     /// not yet compared with its peers since start, or behind a live member.
     pub fn is_fenced(&self, group: &str) -> bool {
@@ -84,6 +123,13 @@ impl Replica {
             return self.reply(command, Err(CommandError::UnknownGroup(group)));
         };
         if let Some(round) = &state.round {
+            // One round per group at a time (S3): later local writes wait their turn, bounded.
+            if state.queued.len() < ROUND_QUEUE_MAX {
+                // Long enough for a round in doubt to be settled by asking peers, then run.
+                let deadline = Millis(now.0 + DECISION_TIMEOUT_MS + ROUND_TIMEOUT_MS);
+                state.queued.push_back(QueuedWrite { command, edit, meta, deadline });
+                return;
+            }
             let round = round.id().to_string();
             return self.reply(command, Err(CommandError::RoundInProgress { group, round }));
         }

@@ -458,6 +458,8 @@ struct GroupState {
     decisions: VecDeque<(RoundId, bool)>,
     /// The last local write's commit: its label and who acknowledged it.
     last_commit: Option<(String, Vec<NodeId>)>,
+    /// Local writes waiting for the current strong round to end.
+    queued: VecDeque<barrier::QueuedWrite>,
     /// True until a membership view showed this node the group's other members (fencing).
     awaiting_view: bool,
 }
@@ -494,6 +496,7 @@ impl GroupState {
             round_lamport: 0,
             decisions: VecDeque::new(),
             last_commit: None,
+            queued: VecDeque::new(),
             awaiting_view: true,
         }
     }
@@ -659,6 +662,9 @@ impl Replica {
             if let Some(round) = &state.round {
                 consider(round.deadline());
             }
+            for write in &state.queued {
+                consider(write.deadline);
+            }
             for session in state.sync.values() {
                 if let Some(since) = session.diverged_since {
                     consider(Millis(since.0 + ANTI_ENTROPY_DELAY_MS));
@@ -683,6 +689,7 @@ impl Replica {
             Input::Membership(view) => self.handle_membership(view),
             Input::Tick => self.handle_tick(),
         }
+        self.drain_round_queues();
     }
 
     fn next_nonce(&mut self) -> Nonce {

@@ -579,3 +579,25 @@ fn a_node_that_missed_a_strong_commit_is_fenced_until_it_catches_up() {
     assert_eq!(net.settings("n3", "app"), json!({"k": 1}));
     assert!(!net.replicas["n3"].is_fenced("app"));
 }
+
+#[test]
+fn local_writes_during_a_round_wait_their_turn_and_commit() {
+    let mut net = mesh_with_strong_group(&["n1", "n2", "n3"]);
+    // n2 holds a staged round of n1's when its own write arrives: the write queues.
+    net.drop_kinds.insert("decide");
+    let first = send_command(&mut net, "n1", set_command("a", json!(1)));
+    net.run();
+    assert!(net.replies.remove(&first).unwrap().is_ok());
+    let second = send_command(&mut net, "n2", set_command("b", json!(2)));
+    net.run();
+    assert!(!net.replies.contains_key(&second), "queued behind the staged round");
+    net.drop_kinds.clear();
+    for _ in 0..8 {
+        net.advance(1_000);
+    }
+    let outcome = net.replies.remove(&second).unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
+    }
+}
