@@ -1,0 +1,512 @@
+//! Invariant checks. Two kinds:
+//!
+//! * Protocol checks on frames as nodes send them (docs/protocol-peer: E1, S1), which look at
+//!   the sender's files on disk at the instant it sends: an `Ack` only for changes durable on
+//!   the acker; a yes `Vote` only for a round staged durably on the voter; a commit `Decide`
+//!   only after every member's yes vote reached the coordinator.
+//! * SPEC invariants over what clients and watchers saw ([`crate::workload`] records them and
+//!   calls in here): convergence (1), no lost commit (2), strong atomicity and fencing (3),
+//!   watch completeness (4), membership detection and false positives (5).
+//!
+//! A violation stops the run; the report prints the seed, the time, the invariant and the
+//! command that replays it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use konor_crdt::journal::RoundRecord;
+use konor_crdt::{ActorId, ChangeHash, PeerMessage, load_group_file};
+use konor_sdk::protocol::{Request, Response};
+
+use crate::node::{Life, call};
+use crate::workload::{GroupKind, Outcome, Sim};
+
+/// Invariant names as reports print them.
+pub mod invariant {
+    /// SPEC 1.
+    pub const CONVERGENCE: &str = "1 convergence";
+    /// SPEC 2.
+    pub const NO_LOST_COMMIT: &str = "2 no lost commit";
+    /// protocol-peer E1, the ground of SPEC 2.
+    pub const DURABLE_ACK: &str = "2/E1 ack only after durable";
+    /// SPEC 3.
+    pub const STRONG_ATOMICITY: &str = "3 strong atomicity";
+    /// protocol-peer S2: a round has exactly one outcome, so one change.
+    pub const ONE_ROUND_ONE_CHANGE: &str = "3/S2 one round id, one change";
+    /// SPEC 3, second half (F12).
+    pub const FENCING: &str = "3 fencing";
+    /// protocol-peer S1, the ground of SPEC 3.
+    pub const ALL_ACK: &str = "3/S1 commit only after every member staged";
+    /// SPEC 4.
+    pub const WATCH: &str = "4 watch completeness";
+    /// SPEC 5, detection.
+    pub const DETECTION: &str = "5 membership detection";
+    /// SPEC 5, false positives.
+    pub const FALSE_DEAD: &str = "5 no false dead";
+    /// A node stopped on its own (its gossip task ended, its store failed).
+    pub const NODE_EXIT: &str = "node exited";
+    /// Simulated time must keep advancing: a task that never waits stalls every node.
+    pub const LIVENESS: &str = "liveness (no busy loop)";
+}
+
+/// An invariant that did not hold.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    /// Simulated microseconds since the start.
+    pub at_us: u64,
+    /// Which invariant ([`invariant`]).
+    pub invariant: &'static str,
+    /// What was seen.
+    pub detail: String,
+}
+
+/// What the checker needs to hear again when a frame is delivered.
+#[derive(Debug, Clone)]
+pub enum Observed {
+    /// A yes vote reached its coordinator.
+    VoteYes {
+        /// Round key.
+        round: RoundKey,
+        /// The voter.
+        voter: String,
+    },
+}
+
+/// (group, lamport, coordinator): a round's identity.
+pub type RoundKey = (String, u64, String);
+
+#[derive(Debug)]
+struct RoundSeen {
+    members: BTreeSet<String>,
+    change: Option<ChangeHash>,
+    yes_delivered: BTreeSet<String>,
+    decided: bool,
+}
+
+/// Checks E1 and S1 on frames.
+#[derive(Debug, Default)]
+pub struct ProtocolChecker {
+    rounds: BTreeMap<RoundKey, RoundSeen>,
+    /// Raw bytes of recently pushed or prepared changes, by hash: a file that holds a change
+    /// (appended, or inside a staged record) holds these bytes verbatim, which is far cheaper to
+    /// look for than loading the document (the slow path, kept for compacted files).
+    change_bytes: BTreeMap<[u8; 32], Vec<u8>>,
+    change_order: std::collections::VecDeque<[u8; 32]>,
+    /// Acks checked on disk.
+    pub acks_checked: u64,
+    /// Yes votes checked on disk.
+    pub votes_checked: u64,
+    /// Commit decisions checked against delivered votes.
+    pub decisions_checked: u64,
+}
+
+/// Rounds remembered at most; older ones are forgotten (they were decided long ago).
+const ROUNDS_KEPT: usize = 4096;
+
+/// Change bytes remembered at most for the fast path of the disk checks.
+const CHANGES_KEPT: usize = 4096;
+
+fn group_path(data_dir: &Path, group: &str) -> std::path::PathBuf {
+    data_dir.join("groups").join(format!("{group}.konor"))
+}
+
+/// True when `haystack` contains `needle` (files are small; a plain scan is enough).
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+/// What a node's group file holds, for the checks.
+struct OnDisk {
+    doc: konor_crdt::GroupDoc,
+    staged: Option<RoundRecord>,
+}
+
+fn read_group(data_dir: &Path, group: &str) -> Result<OnDisk, String> {
+    let path = group_path(data_dir, group);
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let loaded = load_group_file(&bytes, ActorId::from([0u8; 16]))
+        .map_err(|e| format!("{} does not load: {e}", path.display()))?;
+    Ok(OnDisk { doc: loaded.group, staged: loaded.staged })
+}
+
+impl ProtocolChecker {
+    fn remember_change(&mut self, bytes: &[u8]) -> Option<ChangeHash> {
+        let hash = konor_crdt::exchange::decode_change(bytes).ok()?.hash();
+        if let std::collections::btree_map::Entry::Vacant(entry) = self.change_bytes.entry(hash.0) {
+            entry.insert(bytes.to_vec());
+            self.change_order.push_back(hash.0);
+            while self.change_order.len() > CHANGES_KEPT {
+                if let Some(old) = self.change_order.pop_front() {
+                    self.change_bytes.remove(&old);
+                }
+            }
+        }
+        Some(hash)
+    }
+
+    /// The fast path: the file holds every one of these changes' bytes verbatim.
+    fn file_holds(&self, data_dir: &Path, group: &str, hashes: &[[u8; 32]]) -> bool {
+        let Ok(file) = std::fs::read(group_path(data_dir, group)) else { return false };
+        hashes.iter().all(|hash| self.change_bytes.get(hash).is_some_and(|bytes| contains(&file, bytes)))
+    }
+
+    /// Looks at a replica frame `from -> to` as it is sent; returns what to watch for at its
+    /// delivery and any violations. `nodes[i]` is node i's (id, data dir).
+    pub fn on_send(
+        &mut self,
+        from: usize,
+        to: usize,
+        bytes: &[u8],
+        nodes: &[(&str, &Path)],
+    ) -> (Option<Observed>, Vec<(&'static str, String)>) {
+        let mut found = Vec::new();
+        let Ok(message) = PeerMessage::decode(bytes) else { return (None, found) };
+        let (from_id, from_dir) = nodes[from];
+        let to_id = nodes.get(to).map_or("?", |n| n.0);
+        match message {
+            PeerMessage::Changes { changes, .. } => {
+                for change in &changes {
+                    self.remember_change(change);
+                }
+                (None, found)
+            }
+            PeerMessage::Ack { group, changes } => {
+                self.acks_checked += 1;
+                if self.file_holds(from_dir, &group, &changes) {
+                    return (None, found);
+                }
+                match read_group(from_dir, &group) {
+                    Ok(disk) => {
+                        let missing: Vec<String> =
+                            changes.iter().filter(|hash| !disk.doc.has_change(&ChangeHash(**hash))).map(hex8).collect();
+                        if !missing.is_empty() {
+                            found.push((
+                                invariant::DURABLE_ACK,
+                                format!(
+                                    "{from_id} acked change(s) [{}] of {group} to {to_id} but its file does not hold them",
+                                    missing.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                    Err(error) => found.push((invariant::DURABLE_ACK, format!("{from_id} acked {group}: {error}"))),
+                }
+                (None, found)
+            }
+            PeerMessage::Prepare { group, round, change, members } => {
+                let key = (group.clone(), round.lamport, round.node.clone());
+                let change = self.remember_change(&change);
+                if let Some(seen) = self.rounds.get(&key)
+                    && seen.change != change
+                {
+                    // One round id, two changes: members still holding the first change staged
+                    // under this id would vote yes for, and then commit, the wrong change.
+                    found.push((
+                        invariant::ONE_ROUND_ONE_CHANGE,
+                        format!(
+                            "{from_id} prepared round {round} of {group} again with a different change (the id was used before, e.g. before a restart)"
+                        ),
+                    ));
+                    self.rounds.remove(&key);
+                }
+                self.rounds.entry(key).or_insert_with(|| RoundSeen {
+                    members: members.into_iter().collect(),
+                    change,
+                    yes_delivered: BTreeSet::new(),
+                    decided: false,
+                });
+                while self.rounds.len() > ROUNDS_KEPT {
+                    self.rounds.pop_first();
+                }
+                (None, found)
+            }
+            PeerMessage::Vote { group, round, yes: true, .. } => {
+                let key = (group.clone(), round.lamport, round.node.clone());
+                let Some(seen) = self.rounds.get(&key).filter(|seen| !seen.decided) else {
+                    // A vote for a round already decided (or never prepared here) decides nothing.
+                    return (None, found);
+                };
+                self.votes_checked += 1;
+                let observed = Some(Observed::VoteYes { round: key.clone(), voter: from_id.to_owned() });
+                if seen.change.is_some_and(|hash| self.file_holds(from_dir, &group, &[hash.0])) {
+                    return (observed, found);
+                }
+                match read_group(from_dir, &group) {
+                    Ok(disk) => {
+                        // Staged under this round id *with this round's change*, or already applied.
+                        let staged = matches!(&disk.staged, Some(RoundRecord::Staged { round: r, change, .. })
+                            if *r == round && konor_crdt::exchange::decode_change(change).ok().map(|c| c.hash()) == seen.change);
+                        let applied = seen.change.is_some_and(|hash| disk.doc.has_change(&hash));
+                        if !(staged || applied) {
+                            found.push((
+                                invariant::ALL_ACK,
+                                format!("{from_id} voted yes for round {round} of {group} without staging it on disk"),
+                            ));
+                        }
+                    }
+                    Err(error) => found.push((invariant::ALL_ACK, format!("{from_id} voted on {group}: {error}"))),
+                }
+                (observed, found)
+            }
+            PeerMessage::Decide { group, round, commit } => {
+                let key = (group.clone(), round.lamport, round.node.clone());
+                if let Some(seen) = self.rounds.get_mut(&key)
+                    && !seen.decided
+                {
+                    seen.decided = true;
+                    if commit {
+                        self.decisions_checked += 1;
+                        let missing: Vec<&str> =
+                            seen.members.difference(&seen.yes_delivered).map(String::as_str).collect();
+                        if !missing.is_empty() {
+                            found.push((
+                                invariant::ALL_ACK,
+                                format!(
+                                    "{from_id} decided commit of round {round} of {group} without a yes vote from [{}]",
+                                    missing.join(", ")
+                                ),
+                            ));
+                        }
+                    }
+                }
+                (None, found)
+            }
+            _ => (None, found),
+        }
+    }
+
+    /// A frame with something observed was delivered.
+    pub fn on_delivered(&mut self, observed: Observed) {
+        match observed {
+            Observed::VoteYes { round, voter } => {
+                if let Some(seen) = self.rounds.get_mut(&round) {
+                    seen.yes_delivered.insert(voter);
+                }
+            }
+        }
+    }
+}
+
+/// One member's copy of a group as its node serves it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    /// Its revision.
+    pub revision: u64,
+    /// Its settings' content hash.
+    pub content_hash: String,
+    /// Its settings.
+    pub settings: BTreeMap<String, serde_json::Value>,
+}
+
+/// Every running member's copy of `group`.
+pub async fn served(sim: &Sim, group: GroupKind) -> BTreeMap<usize, Served> {
+    let members: Vec<usize> =
+        sim.records.borrow().members.get(&group).map(|m| m.iter().copied().collect()).unwrap_or_default();
+    let mut states = BTreeMap::new();
+    for node in members {
+        if sim.cluster.borrow().nodes[node].life != Life::Up {
+            continue;
+        }
+        if let Some(Response::Snapshot { settings, content_hash, freshness, .. }) =
+            call(&sim.cluster, node, Request::Snapshot { group: group.name().to_owned() }).await
+        {
+            states.insert(node, Served { revision: freshness.revision, content_hash, settings });
+        }
+    }
+    states
+}
+
+/// Waits until every running member of both groups serves the same settings at the same
+/// revision (SPEC 1); returns how long that took, or records a violation after `bound`.
+pub async fn await_convergence(sim: &Sim, bound: std::time::Duration) -> Option<u64> {
+    let start = sim.now_us();
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        let mut diverged = Vec::new();
+        for group in GroupKind::ALL {
+            let states = served(sim, group).await;
+            let distinct: BTreeSet<(u64, &str)> =
+                states.values().map(|s| (s.revision, s.content_hash.as_str())).collect();
+            if distinct.len() > 1 {
+                let sample: Vec<String> = states
+                    .iter()
+                    .take(6)
+                    .map(|(n, s)| format!("n{n}@r{}/{}", s.revision, s.content_hash.get(..8).unwrap_or("")))
+                    .collect();
+                diverged.push(format!("{}: {} distinct states ({})", group.name(), distinct.len(), sample.join(" ")));
+            }
+        }
+        if diverged.is_empty() {
+            return Some(sim.now_us() - start);
+        }
+        if tokio::time::Instant::now() >= deadline || sim.failed() {
+            sim.violation(
+                invariant::CONVERGENCE,
+                format!("members still differ {:?} after healing: {}", bound, diverged.join("; ")),
+            );
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// After convergence: identical heads digests on every running member (SPEC 1, same heads).
+pub async fn check_heads(sim: &Sim) {
+    for group in GroupKind::ALL {
+        let members: Vec<usize> =
+            sim.records.borrow().members.get(&group).map(|m| m.iter().copied().collect()).unwrap_or_default();
+        let mut digests: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for node in members {
+            if sim.cluster.borrow().nodes[node].life != Life::Up {
+                continue;
+            }
+            let own = format!("n{node}");
+            if let Some(Response::Status { nodes, .. }) =
+                call(&sim.cluster, node, Request::Status { group: group.name().to_owned() }).await
+                && let Some(row) = nodes.iter().find(|row| row.node == own)
+            {
+                digests.entry(row.heads.clone()).or_default().push(node);
+            }
+        }
+        if digests.len() > 1 {
+            let shown: Vec<String> = digests.iter().map(|(d, n)| format!("{d}: {} node(s)", n.len())).collect();
+            sim.violation(
+                invariant::CONVERGENCE,
+                format!("{} heads differ after convergence: {}", group.name(), shown.join(", ")),
+            );
+        }
+    }
+}
+
+/// Every write answered `Committed` is in the history of every running member (SPEC 2).
+pub async fn check_lost_commits(sim: &Sim) {
+    for group in GroupKind::ALL {
+        let committed: Vec<u64> = sim
+            .records
+            .borrow()
+            .writes
+            .iter()
+            .filter(|w| w.group == group && matches!(w.outcome, Outcome::Committed { .. }))
+            .map(|w| w.seq)
+            .collect();
+        if committed.is_empty() {
+            continue;
+        }
+        let members: Vec<usize> =
+            sim.records.borrow().members.get(&group).map(|m| m.iter().copied().collect()).unwrap_or_default();
+        for node in members {
+            if sim.cluster.borrow().nodes[node].life != Life::Up {
+                continue;
+            }
+            let Some(Response::History { versions, .. }) =
+                call(&sim.cluster, node, Request::History { group: group.name().to_owned() }).await
+            else {
+                continue;
+            };
+            let messages: BTreeSet<&str> = versions.iter().map(|v| v.message.as_str()).collect();
+            let lost: Vec<String> =
+                committed.iter().map(|seq| format!("w{seq}")).filter(|m| !messages.contains(m.as_str())).collect();
+            if !lost.is_empty() {
+                sim.violation(
+                    invariant::NO_LOST_COMMIT,
+                    format!("n{node} lacks committed write(s) [{}] of {}", lost.join(", "), group.name()),
+                );
+                return;
+            }
+        }
+    }
+}
+
+/// Each watcher rebuilt exactly its node's final settings from its snapshot and events (SPEC 4:
+/// every change once, in order, or a resync).
+pub fn check_watchers(sim: &Sim, finals: &BTreeMap<GroupKind, BTreeMap<usize, Served>>) {
+    let mut found = Vec::new();
+    {
+        let records = sim.records.borrow();
+        for ((node, group), watcher) in &records.watchers {
+            let Some(state) = finals.get(group).and_then(|states| states.get(node)) else { continue };
+            if !watcher.active {
+                continue;
+            }
+            if watcher.revision != state.revision {
+                found.push(format!(
+                    "watcher of {} on n{node} stopped at revision {} but the node is at {}",
+                    group.name(),
+                    watcher.revision,
+                    state.revision
+                ));
+            } else if watcher.settings != state.settings {
+                let differing: Vec<&String> = watcher
+                    .settings
+                    .keys()
+                    .chain(state.settings.keys())
+                    .filter(|k| watcher.settings.get(*k) != state.settings.get(*k))
+                    .take(5)
+                    .collect();
+                found.push(format!(
+                    "watcher of {} on n{node} rebuilt other settings than the node serves at revision {} (keys {differing:?})",
+                    group.name(),
+                    state.revision
+                ));
+            }
+        }
+    }
+    if let Some(first) = found.first() {
+        sim.violation(invariant::WATCH, format!("{first} ({} watcher(s) in all)", found.len()));
+    }
+}
+
+fn hex8(bytes: &[u8; 32]) -> String {
+    bytes.iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// A short description of a replica frame, for the text trace.
+pub fn describe(bytes: &[u8]) -> String {
+    match PeerMessage::decode(bytes) {
+        Ok(PeerMessage::Changes { group, changes }) => format!("Changes {group} x{}", changes.len()),
+        Ok(PeerMessage::Sync { group, message }) => format!("Sync {group} {}B", message.len()),
+        Ok(PeerMessage::Ack { group, changes }) => {
+            let hashes: Vec<String> = changes.iter().map(hex8).collect();
+            format!("Ack {group} [{}]", hashes.join(","))
+        }
+        Ok(PeerMessage::Prepare { group, round, members, .. }) => {
+            format!("Prepare {group} {round} members [{}]", members.join(","))
+        }
+        Ok(PeerMessage::Vote { group, round, yes, reason }) => format!("Vote {group} {round} yes={yes} {reason}"),
+        Ok(PeerMessage::Decide { group, round, commit }) => format!("Decide {group} {round} commit={commit}"),
+        Ok(PeerMessage::DecisionQuery { group, round, .. }) => format!("DecisionQuery {group} {round}"),
+        Ok(PeerMessage::DecisionAnswer { group, round, outcome }) => {
+            format!("DecisionAnswer {group} {round} {outcome:?}")
+        }
+        Ok(PeerMessage::JoinRequest { group, .. }) => format!("JoinRequest {group}"),
+        Ok(PeerMessage::JoinChallenge { group, .. }) => format!("JoinChallenge {group}"),
+        Ok(PeerMessage::JoinProof { group, .. }) => format!("JoinProof {group}"),
+        Ok(PeerMessage::JoinGrant { group, .. }) => format!("JoinGrant {group}"),
+        Ok(PeerMessage::JoinRefused { group, reason }) => format!("JoinRefused {group} {reason}"),
+        Err(error) => format!("undecodable: {error}"),
+    }
+}
+
+/// Percentile of sorted values (nearest rank); `None` for no values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), Some(50.0));
+        assert_eq!(percentile(&values, 99.0), Some(99.0));
+        assert_eq!(percentile(&values, 100.0), Some(100.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[3.0], 99.9), Some(3.0));
+    }
+}

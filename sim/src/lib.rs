@@ -1,0 +1,29 @@
+//! konor-sim: runs many real Konorkestra nodes (the same `run_node` as konord) in one process, on
+//! one paused clock and an in-memory network with latency, loss, duplication, reordering,
+//! partitions, crashes, restarts and pauses. One seed drives every random choice, chitchat's and
+//! std's included (see [`entropy`]), so a seed replays a run byte for byte; invariants are
+//! checked during and after each run (see [`check`]).
+//!
+//! Code map: [`config`] (what a run is), [`run`] (phases), [`node`] (spawn, crash, restart,
+//! pause), [`network`] (the hub), [`workload`] (writers, readers, watchers), [`fault`],
+//! [`observe`] (membership as nodes report it), [`check`] (invariants), [`report`], [`plot`],
+//! [`trace`], [`rng`], [`entropy`], [`log`].
+
+pub mod check;
+pub mod config;
+pub mod entropy;
+pub mod fault;
+pub mod log;
+pub mod network;
+pub mod node;
+pub mod observe;
+pub mod plot;
+pub mod report;
+pub mod rng;
+pub mod run;
+pub mod trace;
+pub mod workload;
+
+pub use config::RunConfig;
+pub use report::RunReport;
+pub use run::run;
