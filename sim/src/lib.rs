@@ -4,7 +4,7 @@
 //! std's included (see [`entropy`]), so a seed replays a run byte for byte; invariants are
 //! checked during and after each run (see [`check`]).
 //!
-//! Code map: [`config`] (what a run is), [`run`] (phases), [`node`] (spawn, crash, restart,
+//! Code map: [`config`] (what a run is), [`run`](mod@run) (phases), [`node`] (spawn, crash, restart,
 //! pause), [`network`] (the hub), [`workload`] (writers, readers, watchers), [`fault`],
 //! [`observe`] (membership as nodes report it), [`check`] (invariants), [`report`], [`plot`],
 //! [`trace`], [`rng`], [`entropy`], [`log`].
