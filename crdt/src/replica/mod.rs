@@ -666,7 +666,11 @@ impl Replica {
                 consider(write.deadline);
             }
             for session in state.sync.values() {
-                if let Some(since) = session.diverged_since {
+                // A session already in flight is not started again: its anti-entropy deadline would
+                // lie in the past and ask for a tick at once, over and over (found at 1,000 nodes).
+                if let Some(since) = session.diverged_since
+                    && session.in_flight_since.is_none()
+                {
                     consider(Millis(since.0 + ANTI_ENTROPY_DELAY_MS));
                 }
                 if let Some(since) = session.in_flight_since {
