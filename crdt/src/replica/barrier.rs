@@ -272,6 +272,18 @@ impl Replica {
             let reason = if yes { String::new() } else { format!("round {round} was already decided here") };
             return self.vote(group, from, round, yes, reason);
         }
+        if let Some(Round::Staged { id, hash, .. }) = &state.round
+            && *id != round
+            && crate::exchange::decode_change(&change).is_ok_and(|c| c.deps().contains(hash))
+        {
+            // The new round's change was made on top of the change staged here, so its
+            // coordinator holds that change: it was committed (a strong change enters a document
+            // only by a commit decision). The Decide is merely late; settle it now instead of
+            // refusing a writer that followed a commit it was told about.
+            let staged = id.clone();
+            self.handle_decision(group, &staged, true);
+        }
+        let Some(state) = self.groups.get_mut(group) else { return };
         match &state.round {
             Some(Round::Staged { id, .. }) if *id == round => {
                 return self.vote(group, from, round, true, String::new());

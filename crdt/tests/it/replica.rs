@@ -601,3 +601,24 @@ fn local_writes_during_a_round_wait_their_turn_and_commit() {
         assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
     }
 }
+
+#[test]
+fn a_round_built_on_a_staged_change_settles_it_as_committed_instead_of_refusing() {
+    let mut net = mesh_with_strong_group(&["n1", "n2", "n3"]);
+    // n2 and n3 never hear n1's decision: they hold round 1 staged.
+    net.drop_kinds.insert("decide");
+    let first = send_command(&mut net, "n1", set_command("a", json!(1)));
+    net.run();
+    assert!(net.replies.remove(&first).unwrap().is_ok());
+    assert!(net.replicas["n2"].is_fenced("app"), "n2 is in doubt about round 1");
+    net.drop_kinds.clear();
+    // n1 writes again at once: its change depends on round 1's, which proves round 1 committed.
+    let second = send_command(&mut net, "n1", set_command("b", json!(2)));
+    net.run();
+    let outcome = net.replies.remove(&second).expect("answered without waiting for a timeout");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
+        assert!(!net.replicas[node].is_fenced("app"), "{node} settled");
+    }
+}
