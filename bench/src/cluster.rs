@@ -1,8 +1,8 @@
 //! Local `konord` daemons for one benchmark run: a throw-away CA, one temp dir, one process per
 //! node, and a guard whose `Drop` kills every process before the temp dir is removed.
 //!
-//! A later comparison (issue 7) starts etcd members beside these; it needs only the same shape:
-//! start, wait until ready, pids for memory, and a guard that cleans up.
+//! `etcd.rs` starts etcd members beside these in the same shape: start, wait until ready, pids
+//! for memory, and a guard that cleans up.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -50,16 +50,9 @@ impl Daemon {
         self.child.id()
     }
 
-    /// Resident set size from `/proc/<pid>/status` (`VmRSS`), in KiB.
+    /// Resident set size in KiB.
     pub fn rss_kib(&self) -> anyhow::Result<u64> {
-        let path = format!("/proc/{}/status", self.pid());
-        let status = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-        let line = status
-            .lines()
-            .find(|line| line.starts_with("VmRSS:"))
-            .with_context(|| format!("{path} has no VmRSS line (is /proc mounted?)"))?;
-        let kib = line.split_whitespace().nth(1).and_then(|text| text.parse().ok());
-        kib.with_context(|| format!("cannot parse {line:?} in {path}"))
+        crate::workload::rss_kib(self.pid())
     }
 
     fn log_tail(&self) -> String {
