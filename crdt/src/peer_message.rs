@@ -20,18 +20,22 @@ pub const NONCE_BYTES: usize = 32;
 /// A random nonce for the join handshake.
 pub type Nonce = [u8; NONCE_BYTES];
 
-/// Identity and order of a strong round: `(lamport, coordinator)`, compared in that order.
+/// Identity and order of a strong round: `(lamport, coordinator, start)`, compared in that order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RoundId {
     /// One more than the largest round lamport the coordinator had seen for the group.
     pub lamport: u64,
     /// The coordinator.
     pub node: String,
+    /// The coordinator's start (from its actor, fresh at every start). A coordinator that
+    /// crashed in a round restarts without any record of it and may reach the same lamport
+    /// again; the start keeps the two rounds distinct, so an id always names one change (S2).
+    pub start: u64,
 }
 
 impl std::fmt::Display for RoundId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}@{}", self.lamport, self.node)
+        write!(f, "{}@{}.{:04x}", self.lamport, self.node, self.start & 0xffff)
     }
 }
 

@@ -72,8 +72,8 @@ pub enum Observed {
     },
 }
 
-/// (group, lamport, coordinator): a round's identity.
-pub type RoundKey = (String, u64, String);
+/// (group, round id): a round's identity.
+pub type RoundKey = (String, konor_crdt::peer_message::RoundId);
 
 #[derive(Debug)]
 struct RoundSeen {
@@ -194,7 +194,7 @@ impl ProtocolChecker {
                 (None, found)
             }
             PeerMessage::Prepare { group, round, change, members } => {
-                let key = (group.clone(), round.lamport, round.node.clone());
+                let key = (group.clone(), round.clone());
                 let change = self.remember_change(&change);
                 if let Some(seen) = self.rounds.get(&key)
                     && seen.change != change
@@ -221,7 +221,7 @@ impl ProtocolChecker {
                 (None, found)
             }
             PeerMessage::Vote { group, round, yes: true, .. } => {
-                let key = (group.clone(), round.lamport, round.node.clone());
+                let key = (group.clone(), round.clone());
                 let Some(seen) = self.rounds.get(&key).filter(|seen| !seen.decided) else {
                     // A vote for a round already decided (or never prepared here) decides nothing.
                     return (None, found);
@@ -249,7 +249,7 @@ impl ProtocolChecker {
                 (observed, found)
             }
             PeerMessage::Decide { group, round, commit } => {
-                let key = (group.clone(), round.lamport, round.node.clone());
+                let key = (group.clone(), round.clone());
                 if let Some(seen) = self.rounds.get_mut(&key)
                     && !seen.decided
                 {

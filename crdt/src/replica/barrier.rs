@@ -114,11 +114,23 @@ impl Replica {
             .any(|(_, live, gossip)| *live && gossip.digest != ours && gossip.revision > state.revision)
     }
 
+    /// This start's tag for round ids: the first 8 bytes of the actor, which is fresh at every
+    /// start (derived from the node id, a per-start seed and the incarnation).
+    fn start_tag(&self) -> u64 {
+        let bytes = self.actor.to_bytes();
+        let mut tag = [0u8; 8];
+        for (slot, byte) in tag.iter_mut().zip(bytes) {
+            *slot = *byte;
+        }
+        u64::from_be_bytes(tag)
+    }
+
     /// Starts a round for a local write to a strong group.
     pub(super) fn start_round(&mut self, command: CommandId, group: String, edit: Edit, meta: CommitMeta) {
         let live = self.live_members(&group);
         let node_id = self.node_id.clone();
         let now = self.now;
+        let start = self.start_tag();
         let Some(state) = self.groups.get_mut(&group) else {
             return self.reply(command, Err(CommandError::UnknownGroup(group)));
         };
@@ -138,7 +150,7 @@ impl Replica {
             Err(error) => return self.reply(command, Err(error.into())),
         };
         state.round_lamport += 1;
-        let id = RoundId { lamport: state.round_lamport, node: node_id.clone() };
+        let id = RoundId { lamport: state.round_lamport, node: node_id.clone(), start };
         let label = state.doc.label(&prepared.version.id);
         let receipt = Box::new(CommitReceipt {
             group: group.clone(),
