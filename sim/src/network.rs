@@ -10,6 +10,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -179,6 +180,8 @@ pub struct Hub {
     pub checker: Option<ProtocolChecker>,
     /// Invariant violations found so far (the run stops at the first).
     pub violations: Vec<Violation>,
+    /// Frames delivered, readable from other threads: the stall watchdog's sign of progress.
+    delivered_counter: Arc<AtomicU64>,
 }
 
 impl Hub {
@@ -333,6 +336,7 @@ impl Hub {
                 let stats = self.stats.channel(channel);
                 stats.delivered += 1;
                 stats.delivered_bytes += length;
+                self.delivered_counter.fetch_add(1, Ordering::Relaxed);
                 if let (Some(checker), Some(observed)) = (&mut self.checker, frame.observed) {
                     checker.on_delivered(observed);
                 }
@@ -400,6 +404,7 @@ impl SimNetwork {
             trace,
             checker: config.disk_checks().then(ProtocolChecker::default),
             violations: Vec::new(),
+            delivered_counter: Arc::new(AtomicU64::new(0)),
         };
         SimNetwork { hub: Arc::new(Mutex::new(hub)), wake: Arc::new(Notify::new()) }
     }
@@ -408,6 +413,11 @@ impl SimNetwork {
     /// poisoned lock (a panic while holding it) is taken over, since the run reports panics.
     pub fn lock(&self) -> MutexGuard<'_, Hub> {
         self.hub.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The count of delivered frames, for a watchdog on another thread.
+    pub fn delivered_counter(&self) -> Arc<AtomicU64> {
+        self.lock().delivered_counter.clone()
     }
 
     /// Attaches a (re)started node: frames to it go to these inbox senders from now on.

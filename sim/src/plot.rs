@@ -32,7 +32,7 @@ fn draw_spread(report: &RunReport, area: &DrawingArea<SVGBackend<'_>, plotters::
     all_s.sort_by(f64::total_cmp);
     let horizon_s = crate::check::percentile(&all_s, 99.0).unwrap_or(1.0).clamp(0.1, 120.0) * 1.2;
     let caption = format!(
-        "Members holding each change ({} nodes, seed {}, {} changes)",
+        "Members holding each change ({} nodes, seed {}, {} changes; blue ev, red st)",
         report.config.nodes,
         report.config.seed,
         changes.len()

@@ -177,7 +177,7 @@ impl RunReport {
             c.seed,
             duration_text(c.duration),
             secs(self.active_start_us),
-            secs(self.simulated_us.saturating_sub(self.heal_start_us)),
+            secs(if self.heal_start_us == 0 { 0 } else { self.simulated_us.saturating_sub(self.heal_start_us) }),
             c.loss,
             duration_text(c.latency.0),
             duration_text(c.latency.1),

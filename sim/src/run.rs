@@ -39,8 +39,9 @@ fn join_bound(nodes: usize) -> Duration {
 /// eventual writes and the round and decision timeouts of strong ones are a few seconds).
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(7);
 
-/// Real time without any simulated progress after which a run is declared stalled: some task
-/// keeps running without ever waiting, so the paused clock cannot advance (a busy loop).
+/// Real time without any progress (neither simulated time nor a delivered frame) after which a
+/// run is declared stalled: some task keeps running without ever waiting, so the paused clock
+/// cannot advance (a busy loop).
 const STALL_WALL: Duration = Duration::from_secs(120);
 
 /// How often the simulation reports progress to the stall watchdog (simulated time).
@@ -51,11 +52,17 @@ const HEARTBEAT: Duration = Duration::from_millis(100);
 struct Liveness {
     /// Simulated µs last reported by the heartbeat task.
     heartbeat_us: AtomicU64,
+    /// Frames the network delivered: a large mesh may take minutes of real time per simulated
+    /// heartbeat, but while frames flow it is working, not stuck.
+    delivered: std::sync::Mutex<Option<Arc<AtomicU64>>>,
     /// Set when the run ends, so the watchdog stops.
     finished: AtomicBool,
     /// Wakes the simulation when the watchdog declares a stall.
     stalled: Notify,
 }
+
+/// Node starts are spread over this long at the beginning of a run.
+const STARTUP_SPREAD: Duration = Duration::from_secs(1);
 
 /// How often the main loop looks for violations and nodes that stopped.
 const MAIN_TICK: Duration = Duration::from_millis(100);
@@ -140,11 +147,17 @@ pub fn run(config: RunConfig, log: Option<String>) -> anyhow::Result<RunReport> 
 
 /// Declares a stall when simulated time stops advancing for [`STALL_WALL`] of real time.
 fn watch_for_stalls(liveness: &Liveness) {
-    let mut last = u64::MAX;
+    let mut last = (u64::MAX, u64::MAX);
     let mut since = std::time::Instant::now();
     while !liveness.finished.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
-        let now = liveness.heartbeat_us.load(Ordering::Relaxed);
+        let delivered = liveness
+            .delivered
+            .lock()
+            .ok()
+            .and_then(|counter| counter.as_ref().map(|c| c.load(Ordering::Relaxed)))
+            .unwrap_or(0);
+        let now = (liveness.heartbeat_us.load(Ordering::Relaxed), delivered);
         if now != last {
             last = now;
             since = std::time::Instant::now();
@@ -190,6 +203,9 @@ async fn simulate(config: RunConfig, liveness: Arc<Liveness>) -> anyhow::Result<
         phase: Rc::new(Cell::new(Phase::Setup)),
     };
     let logs = Logs::default();
+    if let Ok(mut delivered) = liveness.delivered.lock() {
+        *delivered = Some(cluster.borrow().network.delivered_counter());
+    }
     let pump = cluster.borrow().network.clone();
     tokio::task::spawn_local(pump.pump());
     {
@@ -233,8 +249,13 @@ async fn phases(
 ) {
     let config = sim.config.clone();
     // Setup: every node at once, then the groups, then one watcher per (node, group).
+    // Starts are spread over the first second: hosts never boot on the same microsecond, and
+    // nodes started together would refresh their membership views in lockstep, so every
+    // observer would notice a crash at the very same instant.
+    let stagger_us = STARTUP_SPREAD.as_micros() as u64 / config.nodes.max(1) as u64;
     for index in 0..config.nodes {
         sim.cluster.borrow_mut().start(index);
+        tokio::time::sleep(Duration::from_micros(stagger_us)).await;
     }
     progress(sim, "nodes started");
     times.mesh_complete = observe::await_mesh(sim, &logs.observations, mesh_bound(config.nodes)).await;
@@ -363,10 +384,11 @@ fn build_report(
     for write in records.writes.iter().filter(|w| w.has_marker) {
         let members = records.members.get(&write.group).cloned().unwrap_or_default();
         let marker = format!("w{}", write.seq);
+        // Without final states (the run stopped early) every marked write is measured.
         let present = finals
             .get(&write.group)
             .and_then(|states| states.values().next())
-            .is_some_and(|state| state.settings.contains_key(&marker));
+            .is_none_or(|state| state.settings.contains_key(&marker));
         if !present {
             spreads_undone += 1;
             continue;
