@@ -90,7 +90,8 @@ struct ProcessReport {
 struct Daemon {
     node_id: String,
     replica: Replica,
-    store: Store,
+    store: Arc<std::sync::Mutex<Store>>,
+    store_io: StoreIo,
     network: Arc<dyn PeerNetwork>,
     membership: Membership,
     mesh: MeshView,
@@ -136,7 +137,24 @@ pub struct NodeParts {
     pub wall_base: Option<Millis>,
     /// How often the membership view is refreshed from gossip.
     pub membership_poll: Duration,
+    /// Where file writes and fsyncs run.
+    pub store_io: StoreIo,
 }
+
+/// Where the daemon's file writes and fsyncs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreIo {
+    /// On a blocking thread, awaited (production): while an fsync runs, the runtime keeps
+    /// sending (a writer's push leaves before its own fsync) and reading the socket.
+    Blocking,
+    /// On the daemon's task itself (the simulator): a thread would finish at a real-time
+    /// moment and break the run's determinism.
+    Inline,
+}
+
+/// Events (local calls, peer frames) handled together before their outputs run: the appends
+/// they cause share one write and one fsync per group file (group commit).
+const EVENTS_PER_BATCH_MAX: usize = 64;
 
 impl std::fmt::Debug for NodeParts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -183,6 +201,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         seed,
         wall_base: None,
         membership_poll: MEMBERSHIP_POLL_DEFAULT,
+        store_io: StoreIo::Blocking,
     };
     let result = run_node(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -212,6 +231,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         seed,
         wall_base,
         membership_poll,
+        store_io,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = Store::open(&data_dir, &node_id)?;
@@ -234,7 +254,8 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     let mut daemon = Daemon {
         node_id: node_id.clone(),
         replica: replica_state,
-        store,
+        store: Arc::new(std::sync::Mutex::new(store)),
+        store_io,
         network,
         membership,
         mesh: MeshView::default(),
@@ -289,6 +310,22 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
                 // node cannot tell live peers, so it stops and lets its supervisor restart it.
                 error!(?result, "gossip task ended; stopping the node");
                 anyhow::bail!("gossip task ended: {result:?}");
+            }
+        }
+        // Whatever else is already waiting joins this batch, so its appends share the fsync.
+        for _ in 1..EVENTS_PER_BATCH_MAX {
+            let mut handled = false;
+            if let Ok(call) = calls.try_recv() {
+                daemon.handle_call(call);
+                handled = true;
+            }
+            if let Ok(incoming) = replica.try_recv() {
+                let now = daemon.now();
+                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+                handled = true;
+            }
+            if !handled {
+                break;
             }
         }
         daemon.execute_outputs().await;
@@ -451,10 +488,49 @@ impl Daemon {
         self.mesh.nodes.get(node).map(|n| n.addr)
     }
 
+    /// Runs the replica's outputs in order, except that a run of appends is written together:
+    /// every append up to the next other persist operation goes into one write and one fsync
+    /// per group file, and the outputs between them wait until that is durable. Waiting longer
+    /// is always safe (an ack, a reply or a heads digest only ever follows its fsync), and
+    /// concurrent writers share the cost of the fsync.
     async fn execute_outputs(&mut self) {
         let mut persist_failed: Option<String> = None;
-        while let Some(output) = self.replica.poll_output() {
+        let mut outputs: std::collections::VecDeque<Output> =
+            std::iter::from_fn(|| self.replica.poll_output()).collect();
+        while let Some(output) = outputs.pop_front() {
             match output {
+                Output::Persist(PersistOp::Append { group, records }) => {
+                    let mut appends: Vec<(String, Vec<u8>)> = vec![(group, records)];
+                    let mut waiting = Vec::new();
+                    while let Some(next) = outputs.pop_front() {
+                        match next {
+                            Output::Persist(PersistOp::Append { group, records }) => appends.push((group, records)),
+                            Output::Persist(other) => {
+                                outputs.push_front(Output::Persist(other));
+                                break;
+                            }
+                            other => waiting.push(other),
+                        }
+                    }
+                    for (group, error) in self.append_all(appends).await {
+                        // The store refuses appends to a file whose fsync failed until it is
+                        // rewritten: rewrite it from memory now rather than at the next compaction.
+                        self.rewrite_group_file(&group);
+                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                        error!(%group, %error, "persist failed: the change is not durable here");
+                        persist_failed = Some(error);
+                    }
+                    for output in waiting.into_iter().rev() {
+                        outputs.push_front(output);
+                    }
+                }
+                Output::Persist(op) => {
+                    if let Err(error) = self.persist(op).await {
+                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                        error!(%error, "persist failed");
+                        persist_failed = Some(error.to_string());
+                    }
+                }
                 Output::Send { to, message } => {
                     if persist_failed.is_some() {
                         continue;
@@ -462,22 +538,6 @@ impl Daemon {
                     match self.peer_addr(&to) {
                         Some(addr) => self.network.send(addr, Some(&to), Channel::Replica, message.encode()),
                         None => warn!(peer = %to, "no address known for peer; message dropped"),
-                    }
-                }
-                Output::Persist(op) => {
-                    let group = match &op {
-                        PersistOp::Append { group, .. } => Some(group.clone()),
-                        _ => None,
-                    };
-                    if let Err(error) = self.persist(op) {
-                        // The store refuses appends to a file whose fsync failed until it is
-                        // rewritten: rewrite it from memory now rather than at the next compaction.
-                        if let Some(group) = group {
-                            self.rewrite_group_file(&group);
-                        }
-                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
-                        error!(%error, "persist failed: the change is not durable here");
-                        persist_failed = Some(error.to_string());
                     }
                 }
                 Output::Reply { id, result } => {
@@ -503,11 +563,48 @@ impl Daemon {
         }
     }
 
+    /// Runs `work` on the store where [`StoreIo`] says.
+    async fn with_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let store = self.store.clone();
+        let run = move || work(&mut store.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        match self.store_io {
+            StoreIo::Inline => Ok(run()),
+            StoreIo::Blocking => tokio::task::spawn_blocking(run).await.context("the store thread failed"),
+        }
+    }
+
+    /// Appends every record, grouped by file in order, with one write and one fsync per file.
+    /// Returns the groups whose append failed, with the error.
+    async fn append_all(&mut self, appends: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
+        let mut by_group: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for (group, records) in appends {
+            by_group.entry(group).or_default().push(records);
+        }
+        let groups: Vec<String> = by_group.keys().cloned().collect();
+        let written = self
+            .with_store(move |store| {
+                let mut failed = Vec::new();
+                for (group, records) in &by_group {
+                    let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+                    if let Err(error) = store.append_batch(group, &parts) {
+                        failed.push((group.clone(), error.to_string()));
+                    }
+                }
+                failed
+            })
+            .await;
+        written.unwrap_or_else(|error| groups.into_iter().map(|group| (group, format!("{error:#}"))).collect())
+    }
+
     /// Rewrites a group's file as a fresh snapshot of the in-memory document.
     fn rewrite_group_file(&mut self, group: &str) {
         let Some(doc) = self.replica.group(group) else { return };
+        let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         match konor_crdt::journal::snapshot_file(doc, None) {
-            Ok(file) => match self.store.replace_group(group, &file) {
+            Ok(file) => match store.replace_group(group, &file) {
                 Ok(()) => warn!(group, "group file rewritten from memory after a failed append"),
                 Err(error) => error!(group, %error, "cannot rewrite the group file; appends stay refused"),
             },
@@ -515,21 +612,26 @@ impl Daemon {
         }
     }
 
-    fn persist(&mut self, op: PersistOp) -> anyhow::Result<()> {
-        match op {
-            PersistOp::CreateGroup { group, file, key } => {
-                self.store.write_group_key(&group, &key.to_text())?;
-                self.store.create_group(&group, &file)?;
-            }
-            PersistOp::Append { group, records } => self.store.append(&group, &records)?,
-            PersistOp::Compact { group, file } => self.store.replace_group(&group, &file)?,
-            PersistOp::RemoveGroup { group } => {
-                self.store.remove_group(&group)?;
-                self.watchers.remove(&group);
-            }
-            PersistOp::SyncState { group, peer, state } => self.store.write_sync_state(&group, &peer, &state)?,
+    async fn persist(&mut self, op: PersistOp) -> anyhow::Result<()> {
+        if let PersistOp::RemoveGroup { group } = &op {
+            self.watchers.remove(group);
         }
-        Ok(())
+        self.with_store(move |store| -> anyhow::Result<()> {
+            match op {
+                PersistOp::CreateGroup { group, file, key } => {
+                    store.write_group_key(&group, &key.to_text())?;
+                    store.create_group(&group, &file)?;
+                }
+                PersistOp::Append { group, records } => store.append(&group, &records)?,
+                PersistOp::Compact { group, file } => store.replace_group(&group, &file)?,
+                PersistOp::RemoveGroup { group } => {
+                    store.remove_group(&group)?;
+                }
+                PersistOp::SyncState { group, peer, state } => store.write_sync_state(&group, &peer, &state)?,
+            }
+            Ok(())
+        })
+        .await?
     }
 
     fn reply(&mut self, id: u64, result: Result<Result<CommandOutcome, CommandError>, String>) {

@@ -23,7 +23,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use konor_crdt::Millis;
-use konor_node::daemon::{NodeParts, run_node};
+use konor_node::daemon::{NodeParts, StoreIo, run_node};
 use konor_node::local_api::{ClientInfo, LocalCall};
 use konor_node::transport::Inbox;
 use konor_sdk::protocol::{Request, Response};
@@ -207,6 +207,8 @@ impl Cluster {
             seed,
             wall_base: Some(WALL_BASE),
             membership_poll,
+            // A blocking thread would finish at a real-time moment: the run would not replay.
+            store_io: StoreIo::Inline,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();
