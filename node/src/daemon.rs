@@ -1,6 +1,7 @@
 //! The daemon: one task owns the [`Replica`] and waits on a closed set of events (local calls,
-//! peer frames, membership views, timers). It executes the replica's outputs strictly in order
-//! (persist before send before reply) and answers local reads from the replica's documents.
+//! peer frames, membership views, timers). It executes the replica's outputs in order (persist
+//! before send before reply; a run of appends is written with one fsync per file, and the
+//! outputs between them wait for it) and answers local reads from the replica's documents.
 //! It makes no protocol decisions: those are in konor-crdt.
 
 use std::collections::BTreeMap;
