@@ -1,6 +1,6 @@
 //! Stands in for `etcd.rs` in a build without the `etcd` feature (no protoc on the machine):
 //! the same API, refusing to start, so `main.rs` needs no conditional code. Run with
-//! `--no-etcd`, or build with the default features to compare.
+//! `--no-etcd`, or build with `--features etcd` to compare.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,7 +15,11 @@ pub enum EtcdCluster {}
 
 /// Always refuses, naming the fix.
 pub fn etcd_binary() -> anyhow::Result<PathBuf> {
-    bail!("this konor-bench was built without the `etcd` feature; rebuild with default features or run with --no-etcd")
+    bail!(
+        "this konor-bench was built without etcd support: build it with \
+         `cargo build --release -p konor-node -p konor-bench --features konor-bench/etcd` \
+         (needs protoc: apt-get install protobuf-compiler), or run with --no-etcd"
+    )
 }
 
 /// Never called: no binary is ever found.
