@@ -29,6 +29,7 @@ use tracing::{error, info, warn};
 
 use crate::local_api::{self, ClientInfo, LocalApiConfig, LocalCall};
 use crate::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::read_view::{GroupRead, ReadView};
 use crate::settings::DaemonSettings;
 use crate::store::Store;
 use crate::tls;
@@ -93,6 +94,7 @@ struct Daemon {
     replica: Replica,
     store: Arc<std::sync::Mutex<Store>>,
     store_io: StoreIo,
+    reads: Option<ReadView>,
     network: Arc<dyn PeerNetwork>,
     membership: Membership,
     mesh: MeshView,
@@ -140,6 +142,8 @@ pub struct NodeParts {
     pub membership_poll: Duration,
     /// Where file writes and fsyncs run.
     pub store_io: StoreIo,
+    /// The view the socket sessions answer `get` from (`None`: every read asks the daemon).
+    pub reads: Option<ReadView>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -183,8 +187,10 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         .context("cannot write the listen address file")?;
     let (calls_tx, calls) = mpsc::channel(CALL_QUEUE_MAX);
     let (api_shutdown_tx, api_shutdown) = watch::channel(false);
+    let reads = ReadView::default();
     let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
     api_config.mode = settings.socket_mode;
+    api_config.reads = Some(reads.clone());
     let api = tokio::spawn(local_api::serve(api_config, calls_tx, api_shutdown));
     info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord starting");
     let mut seed = [0u8; 32];
@@ -203,6 +209,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         wall_base: None,
         membership_poll: MEMBERSHIP_POLL_DEFAULT,
         store_io: StoreIo::Blocking,
+        reads: Some(reads),
     };
     let result = run_node(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -233,6 +240,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         wall_base,
         membership_poll,
         store_io,
+        reads,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = Store::open(&data_dir, &node_id)?;
@@ -257,6 +265,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         replica: replica_state,
         store: Arc::new(std::sync::Mutex::new(store)),
         store_io,
+        reads,
         network,
         membership,
         mesh: MeshView::default(),
@@ -551,7 +560,12 @@ impl Daemon {
                 // After a failed persist nothing further is announced: watchers and gossip must
                 // not learn of state that is not on disk (gossiped heads count as acks).
                 Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
-                Output::Notify(notification) => self.notify(notification),
+                Output::Notify(notification) => {
+                    if let Some(reads) = &self.reads {
+                        reads.apply(&notification);
+                    }
+                    self.notify(notification);
+                }
                 Output::Publish { group, gossip } => {
                     let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
                     self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
@@ -562,6 +576,32 @@ impl Daemon {
                 }
             }
         }
+        if persist_failed.is_none() {
+            self.settle_reads();
+        }
+    }
+
+    /// Brings the read view in line with the replica after a batch: groups that appeared, or
+    /// whose revision moved without a notification (load, join, repair), are copied whole;
+    /// stale flags follow fencing; groups that were left go.
+    fn settle_reads(&self) {
+        let Some(reads) = &self.reads else { return };
+        let present: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
+        let mut fenced = Vec::new();
+        for name in &present {
+            let Some(doc) = self.replica.group(name) else { continue };
+            let revision = self.replica.revision(name).unwrap_or(0);
+            if reads.revision(name) != Some(revision) {
+                let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
+                let changed = self.last_change.get(name).copied().unwrap_or(self.started);
+                let read = GroupRead { settings, revision, version: doc.latest_label(), changed, stale: false };
+                reads.replace(name, read);
+            }
+            if self.replica.is_fenced(name) {
+                fenced.push(name.clone());
+            }
+        }
+        reads.settle(&present, &fenced);
     }
 
     /// Runs `work` on the store where [`StoreIo`] says.

@@ -33,6 +33,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch}
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::read_view::ReadView;
+
 /// Default file mode of the socket: only the daemon's user may connect (F23). Operators who
 /// want a group of users to connect set 0o660 and the socket's group.
 pub const SOCKET_MODE_DEFAULT: u32 = 0o600;
@@ -148,6 +150,9 @@ pub struct LocalApiConfig {
     pub node_id: String,
     /// Counters.
     pub stats: Arc<LocalApiStats>,
+    /// The daemon's read view: `get` is answered from it without a hop to the daemon task
+    /// (groups not in it are asked of the daemon).
+    pub reads: Option<ReadView>,
 }
 
 impl LocalApiConfig {
@@ -159,6 +164,7 @@ impl LocalApiConfig {
             connections_max: CONNECTIONS_MAX_DEFAULT,
             node_id: node_id.into(),
             stats: Arc::default(),
+            reads: None,
         }
     }
 }
@@ -168,6 +174,7 @@ struct Shared {
     node_id: String,
     stats: Arc<LocalApiStats>,
     calls: mpsc::Sender<LocalCall>,
+    reads: Option<ReadView>,
 }
 
 /// Serves the local socket until `shutdown` becomes true (or its sender is dropped), then stops
@@ -182,7 +189,12 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let listener = bind(&config).await?;
     info!(path = %config.path.display(), mode = format!("{:o}", config.mode), "local API listening");
-    let shared = Arc::new(Shared { node_id: config.node_id.clone(), stats: config.stats.clone(), calls });
+    let shared = Arc::new(Shared {
+        node_id: config.node_id.clone(),
+        stats: config.stats.clone(),
+        calls,
+        reads: config.reads.clone(),
+    });
     let slots = Arc::new(Semaphore::new(config.connections_max));
     let mut connections = JoinSet::new();
     let mut connection_count = 0u64;
@@ -667,22 +679,27 @@ impl Session {
                 }
                 self.respond(id, Response::Done).await;
             }
-            request => {
-                let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
-                    // `run` reads only while a permit is free, and only it takes permits.
-                    return Flow::Close;
-                };
-                let span = info_span!(
-                    "local_request",
-                    connection = self.connection,
-                    pid = client.pid,
-                    id,
-                    kind = request.kind()
-                );
-                let task = run_request(self.shared.clone(), self.outbox.clone(), client, id, request, permit);
-                self.tasks.spawn(task.instrument(span));
+            Request::Get { group, key } if self.shared.reads.is_some() => {
+                match self.shared.reads.as_ref().and_then(|reads| reads.get(&group, &key)) {
+                    Some(response) => self.respond(id, response).await,
+                    None => return self.forward(id, client, Request::Get { group, key }),
+                }
             }
+            request => return self.forward(id, client, request),
         }
+        Flow::Continue
+    }
+
+    /// Hands a request to the daemon in a task of its own, which writes the answer.
+    fn forward(&mut self, id: u64, client: ClientInfo, request: Request) -> Flow {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            // `run` reads only while a permit is free, and only it takes permits.
+            return Flow::Close;
+        };
+        let span =
+            info_span!("local_request", connection = self.connection, pid = client.pid, id, kind = request.kind());
+        let task = run_request(self.shared.clone(), self.outbox.clone(), client, id, request, permit);
+        self.tasks.spawn(task.instrument(span));
         Flow::Continue
     }
 

@@ -209,6 +209,8 @@ impl Cluster {
             membership_poll,
             // A blocking thread would finish at a real-time moment: the run would not replay.
             store_io: StoreIo::Inline,
+            // The simulator's reads go through the daemon task.
+            reads: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -1,0 +1,138 @@
+//! The read view: what the daemon publishes for `get` so socket sessions answer it without a
+//! hop to the daemon task. It holds, per group, exactly what watchers have been told: it is
+//! updated from the replica's `Notify` outputs, which come after the change's fsync and before
+//! any reply that depends on it, so a client that got `Committed` reads its own write, and a
+//! get never serves a change that is not durable here. Freshness flags (fencing) are refreshed
+//! after every batch of events.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use konor_crdt::replica::Notification;
+use konor_sdk::protocol::{Freshness, Response};
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// One group as served to readers.
+#[derive(Debug, Clone)]
+pub struct GroupRead {
+    /// Key -> value, as of `revision`.
+    pub settings: BTreeMap<String, Value>,
+    /// This node's revision of the group.
+    pub revision: u64,
+    /// Label of the newest version served.
+    pub version: String,
+    /// When this node last applied a change to the group.
+    pub changed: Instant,
+    /// The group is fenced (strong, in doubt or behind): reads are flagged stale.
+    pub stale: bool,
+}
+
+/// Shared between the daemon (the only writer) and the socket sessions (readers).
+#[derive(Debug, Clone, Default)]
+pub struct ReadView(Arc<RwLock<BTreeMap<String, GroupRead>>>);
+
+impl ReadView {
+    /// Answers a get from the view; `None` when the group is not (yet) in it, so the caller asks
+    /// the daemon, which knows whether the group exists.
+    pub fn get(&self, group: &str, key: &str) -> Option<Response> {
+        let groups = self.0.read().unwrap_or_else(PoisonError::into_inner);
+        let read = groups.get(group)?;
+        Some(Response::Value {
+            group: group.to_owned(),
+            key: key.to_owned(),
+            value: read.settings.get(key).cloned(),
+            freshness: Freshness {
+                revision: read.revision,
+                version: read.version.clone(),
+                age_ms: read.changed.elapsed().as_millis() as u64,
+                stale: read.stale,
+            },
+        })
+    }
+
+    /// Applies one notification (a change the watchers are told about), if the group is in the
+    /// view and the notification follows what it holds.
+    pub fn apply(&self, notification: &Notification) {
+        let mut groups = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        let Some(read) = groups.get_mut(&notification.group) else { return };
+        if notification.revision <= read.revision {
+            return;
+        }
+        for key in &notification.removed {
+            read.settings.remove(key);
+        }
+        for (key, value) in &notification.set {
+            read.settings.insert(key.clone(), value.clone());
+        }
+        read.revision = notification.revision;
+        read.version.clone_from(&notification.version);
+        read.changed = Instant::now();
+    }
+
+    /// The revision the view holds for `group`.
+    pub fn revision(&self, group: &str) -> Option<u64> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).get(group).map(|read| read.revision)
+    }
+
+    /// Puts a whole group in (a group that appeared, or one whose revision moved without a
+    /// notification: load, join, repair).
+    pub fn replace(&self, group: &str, read: GroupRead) {
+        self.0.write().unwrap_or_else(PoisonError::into_inner).insert(group.to_owned(), read);
+    }
+
+    /// Sets the stale flag of every group in `fenced`, clears it elsewhere, and drops groups
+    /// that are not in `present`.
+    pub fn settle(&self, present: &[String], fenced: &[String]) {
+        let mut groups = self.0.write().unwrap_or_else(PoisonError::into_inner);
+        groups.retain(|name, _| present.contains(name));
+        for (name, read) in groups.iter_mut() {
+            read.stale = fenced.contains(name);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notification(revision: u64, set: &[(&str, i64)], removed: &[&str]) -> Notification {
+        Notification {
+            group: "app".into(),
+            revision,
+            version: format!("v{revision}"),
+            set: set.iter().map(|(k, v)| ((*k).to_owned(), Value::from(*v))).collect(),
+            removed: removed.iter().map(|k| (*k).to_owned()).collect(),
+        }
+    }
+
+    fn empty(revision: u64) -> GroupRead {
+        GroupRead { settings: BTreeMap::new(), revision, version: String::new(), changed: Instant::now(), stale: false }
+    }
+
+    #[tokio::test]
+    async fn notifications_update_the_view_in_order_and_old_ones_are_ignored() {
+        let view = ReadView::default();
+        assert!(view.get("app", "a").is_none(), "an unknown group is left to the daemon");
+        view.replace("app", empty(1));
+        view.apply(&notification(2, &[("a", 1), ("b", 2)], &[]));
+        view.apply(&notification(3, &[("a", 3)], &["b"]));
+        view.apply(&notification(3, &[("a", 99)], &[]));
+        let Some(Response::Value { value, freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        assert_eq!(value, Some(Value::from(3)));
+        assert_eq!((freshness.revision, freshness.version.as_str()), (3, "v3"));
+        let Some(Response::Value { value, .. }) = view.get("app", "b") else { panic!("no answer") };
+        assert_eq!(value, None, "removed");
+    }
+
+    #[tokio::test]
+    async fn settle_flags_fenced_groups_and_drops_left_ones() {
+        let view = ReadView::default();
+        view.replace("app", empty(1));
+        view.replace("old", empty(1));
+        view.settle(&["app".to_owned()], &["app".to_owned()]);
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        assert!(freshness.stale);
+        assert!(view.get("old", "a").is_none());
+    }
+}
