@@ -193,12 +193,27 @@ impl GroupDoc {
         let fresh: Vec<Change> = changes.into_iter().filter(|c| !self.has_change(&c.hash())).collect();
         for batch in fresh.chunks(APPLY_BATCH_CHANGES_MAX) {
             let before = self.doc.get_heads();
+            // Changes queued for missing dependencies may be applied by this batch too; only
+            // then must the added changes be found by a walk of the history.
+            let queued_before = self.has_missing_deps();
             let mut log = PatchLog::active();
             let result = self.doc.apply_changes_log_patches(batch.iter().cloned(), &mut log);
             let patches = self.doc.make_patches(&mut log);
             total.absorb(self.follow_patches(patches));
             if self.doc.get_heads() != before {
-                let added = self.doc.get_changes(&before);
+                let added: Vec<Change> = if queued_before {
+                    self.doc.get_changes(&before)
+                } else {
+                    let mut seen = std::collections::BTreeSet::new();
+                    batch
+                        .iter()
+                        .filter(|change| seen.insert(change.hash()) && self.has_change(&change.hash()))
+                        .cloned()
+                        .collect()
+                };
+                for change in &added {
+                    self.recent.push(change.hash(), change.deps().to_vec());
+                }
                 total.changes_applied += added.len();
                 total.new_changes.extend(added.iter().map(|change| change.raw_bytes().to_vec()));
             }

@@ -176,6 +176,8 @@ pub struct GroupDoc {
     pub(crate) invalid: BTreeSet<String>,
     pub(crate) versions: BTreeMap<VersionId, VersionEntry>,
     pub(crate) by_change: BTreeMap<ChangeHash, VersionId>,
+    /// The newest changes added here, for cheap ancestry questions.
+    pub(crate) recent: crate::recent::RecentChanges,
 }
 
 /// An edit as a list of primitive operations on settings.
@@ -304,6 +306,7 @@ impl GroupDoc {
             invalid: BTreeSet::new(),
             versions: BTreeMap::new(),
             by_change: BTreeMap::new(),
+            recent: crate::recent::RecentChanges::default(),
         };
         group.rebuild_derived_state();
         Ok(group)
@@ -400,8 +403,14 @@ impl GroupDoc {
     /// True when every head in `heads` is known here and `change` is among their ancestors (or
     /// is one of them): a peer gossiping those heads holds the change.
     pub fn heads_include(&self, heads: &[ChangeHash], change: &ChangeHash) -> bool {
+        if heads.contains(change) {
+            return self.has_change(change);
+        }
         if heads.is_empty() || !self.has_change(change) || !heads.iter().all(|head| self.has_change(head)) {
             return false;
+        }
+        if let Some(included) = self.recent.heads_include(heads, change) {
+            return included;
         }
         !self.doc.get_changes_meta(heads).iter().any(|meta| meta.hash == *change)
     }
@@ -581,7 +590,9 @@ impl GroupDoc {
     /// Automerge change. On any error nothing has changed.
     fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let plan = self.plan(ops, kind, meta)?;
+        let deps = self.doc.get_heads();
         let (change_hash, change) = write_plan(&mut self.doc, &self.objects, &plan, meta)?;
+        self.recent.push(change_hash, deps);
         let PlannedEdit { ops, info, hash_after } = plan;
         for op in ops {
             self.conflicted.remove(op.key());

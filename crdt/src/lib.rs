@@ -19,6 +19,7 @@ pub mod journal;
 pub mod key;
 pub mod limits;
 pub mod peer_message;
+mod recent;
 pub mod record;
 pub mod replica;
 pub mod settings;
