@@ -45,10 +45,6 @@ const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// the watch then resumes from its last revision, so a slow consumer loses nothing.
 const WATCH_BUFFER_EVENTS: usize = 1024;
 
-/// Frames queued for the writer task: a burst of concurrent callers fits; past it callers wait
-/// (within their timeout), which bounds the memory a stuck daemon can make a client hold.
-const OUTBOX_FRAMES_MAX: usize = 256;
-
 /// A group's settings: dotted key -> JSON value.
 pub type Settings = BTreeMap<String, Value>;
 
@@ -247,11 +243,13 @@ impl ConnectionState {
 /// One socket to the daemon, after a successful Hello.
 struct Connection {
     state: Arc<ConnectionState>,
-    outbox: mpsc::Sender<Vec<u8>>,
+    /// Callers write their own frames, one at a time: no hop through a writer task (a wakeup
+    /// of another thread per request). A stuck daemon makes callers wait within their timeout.
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
     /// Request ids start at 1: the daemon uses id 0 for errors about the connection itself.
     next_id: AtomicU64,
     node_id: String,
-    tasks: [AbortHandle; 2],
+    tasks: [AbortHandle; 1],
 }
 
 impl Drop for Connection {
@@ -272,15 +270,13 @@ impl Connection {
         };
         let (read_half, write_half) = stream.into_split();
         let state = Arc::new(ConnectionState::default());
-        let (outbox, outbox_receiver) = mpsc::channel(OUTBOX_FRAMES_MAX);
-        let writer = tokio::spawn(write_loop(write_half, outbox_receiver, state.clone(), timeout));
-        let reader = tokio::spawn(read_loop(read_half, state.clone(), timeout, writer.abort_handle()));
+        let reader = tokio::spawn(read_loop(read_half, state.clone(), timeout));
         let mut connection = Connection {
             state,
-            outbox,
+            writer: tokio::sync::Mutex::new(write_half),
             next_id: AtomicU64::new(1),
             node_id: String::new(),
-            tasks: [reader.abort_handle(), writer.abort_handle()],
+            tasks: [reader.abort_handle()],
         };
         let hello = Request::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), process: process_name() };
         connection.node_id = match connection.request(hello, timeout).await? {
@@ -312,12 +308,40 @@ impl Connection {
         }
         let _waiter = WaiterGuard { state: &self.state, id };
         let exchange = async {
-            self.outbox.send(frame).await.map_err(|_| self.state.closed_reason())?;
+            self.write_frame(&frame, timeout).await?;
             receiver.await.unwrap_or_else(|_| Err(self.state.closed_reason()))
         };
         match tokio::time::timeout(timeout, exchange).await {
             Ok(result) => result,
             Err(_) => Err(SdkError::Timeout { waited: timeout }),
+        }
+    }
+
+    /// Writes one whole frame. A caller that gives up in the middle of a write (a dropped
+    /// future) leaves half a frame on the socket: the guard then closes the connection, and the
+    /// next call opens a new one.
+    async fn write_frame(&self, frame: &[u8], timeout: Duration) -> Result<(), SdkError> {
+        let mut writer = self.writer.lock().await;
+        if let Some(reason) = &self.state.lock().closed {
+            return Err(reason.clone());
+        }
+        let mut guard = PartialWriteGuard { state: &self.state, finished: false };
+        let written = tokio::time::timeout(timeout, writer.write_all(frame)).await;
+        guard.finished = true;
+        match written {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => {
+                // The daemon closed the socket. The reader still gets what it sent last (such
+                // as "too many connections") and then the end of the stream, and closes the
+                // connection with the most useful reason.
+                debug!(%error, "writing to konord failed");
+                Err(SdkError::Closed(format!("write failed: {error}")))
+            }
+            Err(_) => {
+                let reason = SdkError::Closed(format!("konord did not take a frame within {} ms", timeout.as_millis()));
+                self.state.close(reason.clone());
+                Err(reason)
+            }
         }
     }
 
@@ -345,6 +369,20 @@ impl Drop for WaiterGuard<'_> {
     }
 }
 
+/// Closes the connection if a frame's write was abandoned half way.
+struct PartialWriteGuard<'a> {
+    state: &'a ConnectionState,
+    finished: bool,
+}
+
+impl Drop for PartialWriteGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.state.close(SdkError::Closed("a request was cancelled while its frame was being written".to_owned()));
+        }
+    }
+}
+
 fn process_name() -> String {
     std::env::current_exe()
         .ok()
@@ -352,32 +390,7 @@ fn process_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-async fn write_loop(
-    mut write_half: OwnedWriteHalf,
-    mut outbox: mpsc::Receiver<Vec<u8>>,
-    state: Arc<ConnectionState>,
-    timeout: Duration,
-) {
-    while let Some(frame) = outbox.recv().await {
-        match tokio::time::timeout(timeout, write_half.write_all(&frame)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => {
-                // The daemon closed the socket. The reader still gets what it sent last (such
-                // as "too many connections") and then the end of the stream, and closes the
-                // connection with the most useful reason.
-                debug!(%error, "writing to konord failed");
-                return;
-            }
-            Err(_) => {
-                let waited = timeout.as_millis();
-                state.close(SdkError::Closed(format!("konord did not take a frame within {waited} ms")));
-                return;
-            }
-        }
-    }
-}
-
-async fn read_loop(mut read_half: OwnedReadHalf, state: Arc<ConnectionState>, timeout: Duration, writer: AbortHandle) {
+async fn read_loop(mut read_half: OwnedReadHalf, state: Arc<ConnectionState>, timeout: Duration) {
     let reason = loop {
         let payload = match read_frame(&mut read_half, timeout).await {
             Ok(Some(payload)) => payload,
@@ -428,7 +441,6 @@ async fn read_loop(mut read_half: OwnedReadHalf, state: Arc<ConnectionState>, ti
         }
     };
     state.close(reason);
-    writer.abort();
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream between frames. The wait for a frame's
