@@ -56,7 +56,14 @@ fn draw_row(row: &Row, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift
         .y_label_area_size(44)
         .build_cartesian_2d((low * 0.8..high * 1.2).log_scale(), 0.0..1.0)
         .map_err(|e| anyhow!("{e}"))?;
-    chart.configure_mesh().x_desc("latency, µs (log)").y_desc("fraction ≤").draw().map_err(|e| anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_labels(6)
+        .x_label_formatter(&|micros| format_axis_micros(*micros))
+        .x_desc("latency, µs (log)")
+        .y_desc("fraction ≤")
+        .draw()
+        .map_err(|e| anyhow!("{e}"))?;
     for (points, color, label) in
         [(ours, BLUE, format!("konorkestra: {}", row.ours_how)), (etcd, RED, format!("etcd: {}", row.etcd_how))]
     {
@@ -77,4 +84,13 @@ fn draw_row(row: &Row, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+/// Axis labels: `0.02`, `35`, `1,200`: no decimals past 10 µs.
+fn format_axis_micros(micros: f64) -> String {
+    if micros < 10.0 {
+        format!("{micros:.2}")
+    } else {
+        crate::measure::format_micros(micros).trim_end_matches(" µs").to_owned()
+    }
 }

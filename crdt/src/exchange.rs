@@ -195,7 +195,12 @@ impl GroupDoc {
             let before = self.doc.get_heads();
             // Changes queued for missing dependencies may be applied by this batch too; only
             // then must the added changes be found by a walk of the history.
-            let queued_before = self.has_missing_deps();
+            // So may a batch that is not in causal order (a change before one it depends on):
+            // the window of recent changes and the file need the order they were applied in.
+            let out_of_order = batch.iter().enumerate().any(|(index, change)| {
+                change.deps().iter().any(|dep| batch[index + 1..].iter().any(|later| later.hash() == *dep))
+            });
+            let queued_before = out_of_order || self.has_missing_deps();
             let mut log = PatchLog::active();
             let result = self.doc.apply_changes_log_patches(batch.iter().cloned(), &mut log);
             let patches = self.doc.make_patches(&mut log);

@@ -67,8 +67,45 @@ pub fn round_record(record: &RoundRecord) -> Result<Vec<u8>, RecordTooLarge> {
     // postcard encodes these plain types infallibly into a Vec.
     let payload = postcard::to_stdvec(record).unwrap_or_default();
     let mut out = Vec::with_capacity(payload.len() + crate::record::FRAME_BYTES);
-    encode_record(&mut out, RecordKind::Round, &payload)?;
+    encode_record(&mut out, RecordKind::RoundV2, &payload)?;
     Ok(out)
+}
+
+/// A round record of the first format ([`RecordKind::Round`]): round ids without the start.
+#[derive(Debug, serde::Deserialize)]
+enum LegacyRoundRecord {
+    Staged { round: LegacyRoundId, change: Vec<u8>, members: Vec<String> },
+    Decided { round: LegacyRoundId, commit: bool },
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LegacyRoundId {
+    lamport: u64,
+    node: String,
+}
+
+impl LegacyRoundId {
+    /// Start 0: no coordinator draws it (starts come from actors), so an old round never
+    /// equals a new one.
+    fn upgrade(self) -> RoundId {
+        RoundId { lamport: self.lamport, node: self.node, start: 0 }
+    }
+}
+
+/// Decodes a round record of either format.
+fn decode_round_record(kind: RecordKind, payload: &[u8]) -> Option<RoundRecord> {
+    match kind {
+        RecordKind::RoundV2 => postcard::from_bytes::<RoundRecord>(payload).ok(),
+        RecordKind::Round => match postcard::from_bytes::<LegacyRoundRecord>(payload).ok()? {
+            LegacyRoundRecord::Staged { round, change, members } => {
+                Some(RoundRecord::Staged { round: round.upgrade(), change, members })
+            }
+            LegacyRoundRecord::Decided { round, commit } => {
+                Some(RoundRecord::Decided { round: round.upgrade(), commit })
+            }
+        },
+        _ => None,
+    }
 }
 
 /// A group rebuilt from a file, with what the reader had to drop.
@@ -129,8 +166,8 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
                 meta = Some(record.payload.to_vec());
                 continue;
             }
-            RecordKind::Round => match postcard::from_bytes::<RoundRecord>(record.payload) {
-                Ok(RoundRecord::Decided { round, commit }) => {
+            RecordKind::Round | RecordKind::RoundV2 => match decode_round_record(record.kind, record.payload) {
+                Some(RoundRecord::Decided { round, commit }) => {
                     if matches!(&staged, Some(RoundRecord::Staged { round: staged_round, .. }) if *staged_round == round)
                     {
                         staged = None;
@@ -138,11 +175,11 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
                     decisions.push((round, commit));
                     continue;
                 }
-                Ok(round @ RoundRecord::Staged { .. }) => {
+                Some(round @ RoundRecord::Staged { .. }) => {
                     staged = Some(round);
                     continue;
                 }
-                Err(_) => None,
+                None => None,
             },
         };
         let Some(changes) = decoded else {
@@ -187,6 +224,33 @@ mod tests {
             states.push(GroupDoc::load(&group.save(), actor(9)).unwrap());
         }
         (file, states)
+    }
+
+    #[test]
+    fn round_records_of_both_formats_load() {
+        /// The first format, as it was written before round ids carried a start.
+        #[derive(serde::Serialize)]
+        enum Old {
+            #[allow(dead_code, reason = "the variant index matters, not its use")]
+            Staged {
+                round: (u64, String),
+                change: Vec<u8>,
+                members: Vec<String>,
+            },
+            Decided {
+                round: (u64, String),
+                commit: bool,
+            },
+        }
+        let (mut file, _) = file_with_writes(1);
+        let old = postcard::to_stdvec(&Old::Decided { round: (7, "n2".into()), commit: true }).unwrap();
+        encode_record(&mut file, RecordKind::Round, &old).unwrap();
+        let new = RoundId { lamport: 8, node: "n3".into(), start: 42 };
+        file.extend(round_record(&RoundRecord::Decided { round: new.clone(), commit: false }).unwrap());
+        let loaded = load_group_file(&file, actor(2)).unwrap();
+        assert!(loaded.dropped.is_none(), "nothing dropped: {:?}", loaded.dropped);
+        let old_round = RoundId { lamport: 7, node: "n2".into(), start: 0 };
+        assert_eq!(loaded.decisions, vec![(old_round, true), (new, false)]);
     }
 
     #[test]

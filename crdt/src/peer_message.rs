@@ -11,8 +11,9 @@ use crate::error::RemoteError;
 use crate::group::Mode;
 use crate::limits::PEER_MESSAGE_BYTES_MAX;
 
-/// Version byte that starts every encoded peer message.
-pub const PEER_PROTOCOL_VERSION: u8 = 1;
+/// Version byte that starts every encoded peer message. 2: round ids carry the coordinator's
+/// start (1 is refused with a version error, never misread).
+pub const PEER_PROTOCOL_VERSION: u8 = 2;
 
 /// Bytes of a join nonce or proof.
 pub const NONCE_BYTES: usize = 32;

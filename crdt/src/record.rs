@@ -36,8 +36,12 @@ pub enum RecordKind {
     Change,
     /// Node-side metadata as JSON (revision counters, sync states); opaque to the core.
     Meta,
-    /// A strong round's staged change or its decision ([`crate::journal::RoundRecord`]).
+    /// A strong round's staged change or its decision, with round ids of the first format
+    /// (`lamport`, `node`), written before round ids carried the coordinator's start. Still
+    /// read; never written.
     Round,
+    /// A strong round's staged change or its decision ([`crate::journal::RoundRecord`]).
+    RoundV2,
 }
 
 impl RecordKind {
@@ -48,6 +52,7 @@ impl RecordKind {
             RecordKind::Change => 2,
             RecordKind::Meta => 3,
             RecordKind::Round => 4,
+            RecordKind::RoundV2 => 5,
         }
     }
 
@@ -58,6 +63,7 @@ impl RecordKind {
             2 => Some(RecordKind::Change),
             3 => Some(RecordKind::Meta),
             4 => Some(RecordKind::Round),
+            5 => Some(RecordKind::RoundV2),
             _ => None,
         }
     }

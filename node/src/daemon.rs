@@ -323,10 +323,19 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             }
         }
         // Whatever else is already waiting joins this batch, so its appends share the fsync.
+        // A call answered from the current state (a read, a watch) waits until the batch's
+        // outputs ran: it must not see changes that are not durable yet.
+        let mut read_after_batch = None;
         for _ in 1..EVENTS_PER_BATCH_MAX {
             let mut handled = false;
-            if let Ok(call) = calls.try_recv() {
-                daemon.handle_call(call);
+            if read_after_batch.is_none()
+                && let Ok(call) = calls.try_recv()
+            {
+                if answers_from_state(&call) {
+                    read_after_batch = Some(call);
+                } else {
+                    daemon.handle_call(call);
+                }
                 handled = true;
             }
             if let Ok(incoming) = replica.try_recv() {
@@ -339,12 +348,36 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             }
         }
         daemon.execute_outputs().await;
+        if let Some(call) = read_after_batch {
+            daemon.handle_call(call);
+            daemon.execute_outputs().await;
+        }
     }
     info!("shutting down: announcing leave");
     daemon.membership.set_leaving().await;
     tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
     daemon.membership.shutdown().await;
     Ok(())
+}
+
+/// True for a call the daemon answers at once from its state (reads, watches), false for
+/// commands whose answer follows their persist. Unknown kinds count as reads: deferring one is
+/// always safe.
+fn answers_from_state(call: &LocalCall) -> bool {
+    match call {
+        LocalCall::Request { request, .. } => !matches!(
+            request,
+            Request::Set { .. }
+                | Request::Delete { .. }
+                | Request::Apply { .. }
+                | Request::Rollback { .. }
+                | Request::GroupCreate { .. }
+                | Request::GroupJoin { .. }
+                | Request::GroupLeave { .. }
+        ),
+        LocalCall::Watch { .. } => true,
+        LocalCall::Disconnected { .. } => false,
+    }
 }
 
 /// Groups loaded at start, and groups to repair from peers (name and stored key).
@@ -511,7 +544,8 @@ impl Daemon {
             match output {
                 Output::Persist(PersistOp::Append { group, records }) => {
                     let mut appends: Vec<(String, Vec<u8>)> = vec![(group, records)];
-                    let mut waiting = Vec::new();
+                    // Each waiting output with the number of appends that came before it.
+                    let mut waiting: Vec<(usize, Output)> = Vec::new();
                     while let Some(next) = outputs.pop_front() {
                         match next {
                             Output::Persist(PersistOp::Append { group, records }) => appends.push((group, records)),
@@ -519,65 +553,101 @@ impl Daemon {
                                 outputs.push_front(Output::Persist(other));
                                 break;
                             }
-                            other => waiting.push(other),
+                            other => waiting.push((appends.len(), other)),
                         }
                     }
-                    for (group, error) in self.append_all(appends).await {
+                    let order: Vec<String> = appends.iter().map(|(group, _)| group.clone()).collect();
+                    let failed = self.append_all(appends).await;
+                    for (group, error) in &failed {
                         // The store refuses appends to a file whose fsync failed until it is
                         // rewritten: rewrite it from memory now rather than at the next compaction.
-                        self.rewrite_group_file(&group);
+                        self.rewrite_group_file(group);
+                        if let Some(reads) = &self.reads {
+                            reads.remove(group);
+                        }
                         self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
                         error!(%group, %error, "persist failed: the change is not durable here");
-                        persist_failed = Some(error);
                     }
-                    for output in waiting.into_iter().rev() {
-                        outputs.push_front(output);
+                    // As if run one by one: outputs before the first failed append go out as
+                    // usual, the ones after it see the failure.
+                    let first_failed = order.iter().position(|group| failed.iter().any(|(g, _)| g == group));
+                    for (appends_before, output) in waiting {
+                        if persist_failed.is_none()
+                            && let Some(index) = first_failed
+                            && appends_before > index
+                        {
+                            persist_failed = failed.first().map(|(_, error)| error.clone());
+                        }
+                        self.execute_plain(output, persist_failed.as_deref()).await;
+                    }
+                    if persist_failed.is_none() && first_failed.is_some() {
+                        persist_failed = failed.first().map(|(_, error)| error.clone());
                     }
                 }
                 Output::Persist(op) => {
+                    if let PersistOp::RemoveGroup { group } = &op
+                        && let Some(reads) = &self.reads
+                    {
+                        reads.remove(group);
+                    }
                     if let Err(error) = self.persist(op).await {
                         self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
                         error!(%error, "persist failed");
                         persist_failed = Some(error.to_string());
                     }
                 }
-                Output::Send { to, message } => {
-                    if persist_failed.is_some() {
-                        continue;
-                    }
-                    match self.peer_addr(&to) {
-                        Some(addr) => self.network.send(addr, Some(&to), Channel::Replica, message.encode()),
-                        None => warn!(peer = %to, "no address known for peer; message dropped"),
-                    }
-                }
-                Output::Reply { id, result } => {
-                    let result = match (&persist_failed, result) {
-                        (Some(error), Ok(_)) => Err(error.clone()),
-                        (_, result) => Ok(result),
-                    };
-                    self.reply(id, result);
-                }
-                // After a failed persist nothing further is announced: watchers and gossip must
-                // not learn of state that is not on disk (gossiped heads count as acks).
-                Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
-                Output::Notify(notification) => {
-                    if let Some(reads) = &self.reads {
-                        reads.apply(&notification);
-                    }
-                    self.notify(notification);
-                }
-                Output::Publish { group, gossip } => {
-                    let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
-                    self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
-                }
-                Output::Dropped { from, reason } => {
-                    self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
-                    warn!(peer = %from, %reason, "peer message dropped");
-                }
+                other => self.execute_plain(other, persist_failed.as_deref()).await,
             }
         }
         if persist_failed.is_none() {
             self.settle_reads();
+        }
+    }
+
+    /// Runs one output that is not a persist operation; `persist_failed` says an earlier
+    /// persist of this batch failed.
+    async fn execute_plain(&mut self, output: Output, persist_failed: Option<&str>) {
+        match output {
+            Output::Persist(op) => {
+                // Callers route persist operations elsewhere; run it rather than lose it.
+                if let Err(error) = self.persist(op).await {
+                    self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                    error!(%error, "persist failed");
+                }
+            }
+            Output::Send { to, message } => {
+                if persist_failed.is_some() {
+                    return;
+                }
+                match self.peer_addr(&to) {
+                    Some(addr) => self.network.send(addr, Some(&to), Channel::Replica, message.encode()),
+                    None => warn!(peer = %to, "no address known for peer; message dropped"),
+                }
+            }
+            Output::Reply { id, result } => {
+                let result = match (persist_failed, result) {
+                    (Some(error), Ok(_)) => Err(error.to_owned()),
+                    (_, result) => Ok(result),
+                };
+                self.reply(id, result);
+            }
+            // After a failed persist nothing further is announced: watchers and gossip must
+            // not learn of state that is not on disk (gossiped heads count as acks).
+            Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
+            Output::Notify(notification) => {
+                if let Some(reads) = &self.reads {
+                    reads.apply(&notification);
+                }
+                self.notify(notification);
+            }
+            Output::Publish { group, gossip } => {
+                let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
+                self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
+            }
+            Output::Dropped { from, reason } => {
+                self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
+                warn!(peer = %from, %reason, "peer message dropped");
+            }
         }
     }
 

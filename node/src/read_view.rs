@@ -81,6 +81,12 @@ impl ReadView {
         self.0.write().unwrap_or_else(PoisonError::into_inner).insert(group.to_owned(), read);
     }
 
+    /// Takes a group out: gets go to the daemon until the next settle copies it whole (a
+    /// failed append, a group removed).
+    pub fn remove(&self, group: &str) {
+        self.0.write().unwrap_or_else(PoisonError::into_inner).remove(group);
+    }
+
     /// Sets the stale flag of every group in `fenced`, clears it elsewhere, and drops groups
     /// that are not in `present`.
     pub fn settle(&self, present: &[String], fenced: &[String]) {

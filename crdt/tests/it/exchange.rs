@@ -158,3 +158,17 @@ fn heads_include_answers_like_a_walk_of_the_whole_history() {
     }
     assert!(included > 0 && included < snapshots.len() * changes.len(), "both answers occur");
 }
+
+#[test]
+fn a_batch_out_of_causal_order_still_answers_ancestry_right() {
+    let mut docs = replicas(2, Mode::Eventual);
+    let (left, right) = docs.split_at_mut(1);
+    let (a, b) = (&mut left[0], &mut right[0]);
+    let parent = a.set(vec![("k".into(), json!(1))], &meta(1)).unwrap();
+    let child = a.set(vec![("k".into(), json!(2))], &meta(2)).unwrap();
+    // The child first: Automerge queues it until its parent arrives in the same call.
+    b.apply_changes(&[child.change.clone(), parent.change.clone()]).unwrap();
+    assert_eq!(b.heads(), vec![child.change_hash]);
+    assert!(b.heads_include(&[child.change_hash], &parent.change_hash));
+    assert!(!b.heads_include(&[parent.change_hash], &child.change_hash));
+}

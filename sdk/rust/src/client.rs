@@ -245,7 +245,7 @@ struct Connection {
     state: Arc<ConnectionState>,
     /// Callers write their own frames, one at a time: no hop through a writer task (a wakeup
     /// of another thread per request). A stuck daemon makes callers wait within their timeout.
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     /// Request ids start at 1: the daemon uses id 0 for errors about the connection itself.
     next_id: AtomicU64,
     node_id: String,
@@ -273,7 +273,7 @@ impl Connection {
         let reader = tokio::spawn(read_loop(read_half, state.clone(), timeout));
         let mut connection = Connection {
             state,
-            writer: tokio::sync::Mutex::new(write_half),
+            writer: Arc::new(tokio::sync::Mutex::new(write_half)),
             next_id: AtomicU64::new(1),
             node_id: String::new(),
             tasks: [reader.abort_handle()],
@@ -317,32 +317,41 @@ impl Connection {
         }
     }
 
-    /// Writes one whole frame. A caller that gives up in the middle of a write (a dropped
-    /// future) leaves half a frame on the socket: the guard then closes the connection, and the
-    /// next call opens a new one.
+    /// Writes one whole frame. The common case is one non-blocking write in the caller's own
+    /// task; when the socket takes only part of it, a task of its own writes the rest, so a
+    /// caller that gives up (timeout, dropped future) never leaves half a frame on the socket.
     async fn write_frame(&self, frame: &[u8], timeout: Duration) -> Result<(), SdkError> {
-        let mut writer = self.writer.lock().await;
+        let mut writer = self.writer.clone().lock_owned().await;
         if let Some(reason) = &self.state.lock().closed {
             return Err(reason.clone());
         }
-        let mut guard = PartialWriteGuard { state: &self.state, finished: false };
-        let written = tokio::time::timeout(timeout, writer.write_all(frame)).await;
-        guard.finished = true;
-        match written {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(error)) => {
-                // The daemon closed the socket. The reader still gets what it sent last (such
-                // as "too many connections") and then the end of the stream, and closes the
-                // connection with the most useful reason.
-                debug!(%error, "writing to konord failed");
-                Err(SdkError::Closed(format!("write failed: {error}")))
-            }
-            Err(_) => {
-                let reason = SdkError::Closed(format!("konord did not take a frame within {} ms", timeout.as_millis()));
-                self.state.close(reason.clone());
-                Err(reason)
-            }
+        let written = match writer.try_write(frame) {
+            Ok(written) => written,
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => 0,
+            // The daemon closed the socket. The reader still gets what it sent last (such as
+            // "too many connections") and then the end of the stream, and closes the
+            // connection with the most useful reason.
+            Err(error) => return Err(SdkError::Closed(format!("write failed: {error}"))),
+        };
+        if written == frame.len() {
+            return Ok(());
         }
+        let rest = frame[written..].to_vec();
+        let state = self.state.clone();
+        let finish = tokio::spawn(async move {
+            match tokio::time::timeout(timeout, writer.write_all(&rest)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(SdkError::Closed(format!("write failed: {error}"))),
+                Err(_) => {
+                    // Half a frame is on the socket: nothing else can follow it.
+                    let waited = timeout.as_millis();
+                    let reason = SdkError::Closed(format!("konord did not take a frame within {waited} ms"));
+                    state.close(reason.clone());
+                    Err(reason)
+                }
+            }
+        });
+        finish.await.unwrap_or_else(|_| Err(SdkError::Closed("the frame writer task failed".to_owned())))
     }
 
     /// Routes the events of `group` on this connection to the returned receiver.
@@ -366,20 +375,6 @@ struct WaiterGuard<'a> {
 impl Drop for WaiterGuard<'_> {
     fn drop(&mut self) {
         self.state.lock().waiters.remove(&self.id);
-    }
-}
-
-/// Closes the connection if a frame's write was abandoned half way.
-struct PartialWriteGuard<'a> {
-    state: &'a ConnectionState,
-    finished: bool,
-}
-
-impl Drop for PartialWriteGuard<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            self.state.close(SdkError::Closed("a request was cancelled while its frame was being written".to_owned()));
-        }
     }
 }
 
