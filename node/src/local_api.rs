@@ -26,7 +26,7 @@ use konor_sdk::protocol::{
     ClientFrame, ErrorCode, PROTOCOL_VERSION, Request, Response, ServerFrame, WatchEvent, encode_frame, frame_length,
 };
 use serde::Deserialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
@@ -315,7 +315,7 @@ async fn serve_connection(
     let (inbox_sender, inbox) = mpsc::channel(INBOX_FRAMES_MAX);
     let closing = Arc::new(Notify::new());
     let writer = tokio::spawn(write_loop(write_half, outbox_receiver, closing.clone(), connection));
-    let reader = tokio::spawn(read_loop(read_half, inbox_sender));
+    let reader = tokio::spawn(read_loop(BufReader::new(read_half), inbox_sender));
     let mut session = Session {
         connection,
         credential_pid: credentials.and_then(|credentials| credentials.pid()).and_then(|pid| u32::try_from(pid).ok()),
@@ -358,7 +358,8 @@ enum Inbound {
 
 /// Reads frames until the end of the stream or a fault. Runs as its own task so the session
 /// loop can wait on other things without ever cutting a frame in half.
-async fn read_loop(mut read_half: OwnedReadHalf, inbox: mpsc::Sender<Inbound>) {
+/// The reader is buffered: one `read` usually brings a whole frame (length and payload).
+async fn read_loop(mut read_half: BufReader<OwnedReadHalf>, inbox: mpsc::Sender<Inbound>) {
     loop {
         let inbound = match read_frame(&mut read_half).await {
             Ok(Some(payload)) => Inbound::Payload(payload),
@@ -374,7 +375,7 @@ async fn read_loop(mut read_half: OwnedReadHalf, inbox: mpsc::Sender<Inbound>) {
 
 /// Reads one frame; `Ok(None)` is a clean end of stream between frames. Waiting for the first
 /// byte has no timeout (idle clients are fine); the rest must follow within [`IO_TIMEOUT`].
-async fn read_frame(read_half: &mut OwnedReadHalf) -> Result<Option<Vec<u8>>, String> {
+async fn read_frame(read_half: &mut BufReader<OwnedReadHalf>) -> Result<Option<Vec<u8>>, String> {
     let mut header = [0u8; 4];
     let first = read_half.read(&mut header).await.map_err(|error| format!("read failed: {error}"))?;
     if first == 0 {

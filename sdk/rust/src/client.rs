@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -270,7 +270,7 @@ impl Connection {
         };
         let (read_half, write_half) = stream.into_split();
         let state = Arc::new(ConnectionState::default());
-        let reader = tokio::spawn(read_loop(read_half, state.clone(), timeout));
+        let reader = tokio::spawn(read_loop(BufReader::new(read_half), state.clone(), timeout));
         let mut connection = Connection {
             state,
             writer: Arc::new(tokio::sync::Mutex::new(write_half)),
@@ -385,7 +385,8 @@ fn process_name() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-async fn read_loop(mut read_half: OwnedReadHalf, state: Arc<ConnectionState>, timeout: Duration) {
+/// The reader is buffered: one `read` usually brings a whole frame (length and payload).
+async fn read_loop(mut read_half: BufReader<OwnedReadHalf>, state: Arc<ConnectionState>, timeout: Duration) {
     let reason = loop {
         let payload = match read_frame(&mut read_half, timeout).await {
             Ok(Some(payload)) => payload,
@@ -441,7 +442,7 @@ async fn read_loop(mut read_half: OwnedReadHalf, state: Arc<ConnectionState>, ti
 /// Reads one frame. `Ok(None)` is a clean end of stream between frames. The wait for a frame's
 /// first byte has no timeout (a watch may be quiet for hours; a dead daemon's socket reports
 /// end of stream); the rest of the frame must follow within `timeout`.
-async fn read_frame(read_half: &mut OwnedReadHalf, timeout: Duration) -> Result<Option<Vec<u8>>, SdkError> {
+async fn read_frame(read_half: &mut BufReader<OwnedReadHalf>, timeout: Duration) -> Result<Option<Vec<u8>>, SdkError> {
     let mut header = [0u8; 4];
     let first = read_half.read(&mut header).await.map_err(|error| SdkError::Closed(format!("read failed: {error}")))?;
     if first == 0 {
