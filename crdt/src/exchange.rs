@@ -193,29 +193,16 @@ impl GroupDoc {
         let fresh: Vec<Change> = changes.into_iter().filter(|c| !self.has_change(&c.hash())).collect();
         for batch in fresh.chunks(APPLY_BATCH_CHANGES_MAX) {
             let before = self.doc.get_heads();
-            // Changes queued for missing dependencies may be applied by this batch too; only
-            // then must the added changes be found by a walk of the history.
-            // So may a batch that is not in causal order (a change before one it depends on):
-            // the window of recent changes and the file need the order they were applied in.
-            let out_of_order = batch.iter().enumerate().any(|(index, change)| {
-                change.deps().iter().any(|dep| batch[index + 1..].iter().any(|later| later.hash() == *dep))
-            });
-            let queued_before = out_of_order || self.has_missing_deps();
             let mut log = PatchLog::active();
             let result = self.doc.apply_changes_log_patches(batch.iter().cloned(), &mut log);
             let patches = self.doc.make_patches(&mut log);
             total.absorb(self.follow_patches(patches));
             if self.doc.get_heads() != before {
-                let added: Vec<Change> = if queued_before {
-                    self.doc.get_changes(&before)
-                } else {
-                    let mut seen = std::collections::BTreeSet::new();
-                    batch
-                        .iter()
-                        .filter(|change| seen.insert(change.hash()) && self.has_change(&change.hash()))
-                        .cloned()
-                        .collect()
-                };
+                // Not just this batch: changes Automerge had queued for missing dependencies
+                // may apply now too, and every added change must be persisted and counted.
+                // (Taking the batch alone lost a queued change in a simulator sweep with
+                // duplicated frames: applied, never written, never re-sent.)
+                let added = self.doc.get_changes(&before);
                 for change in &added {
                     self.recent.push(change.hash(), change.deps().to_vec());
                 }
