@@ -540,12 +540,21 @@ impl Daemon {
         let mut persist_failed: Option<String> = None;
         let mut outputs: std::collections::VecDeque<Output> =
             std::iter::from_fn(|| self.replica.poll_output()).collect();
-        while let Some(output) = outputs.pop_front() {
+        loop {
+            let Some(output) = outputs.pop_front() else {
+                // Outputs queued while these ran (a resumed apply) run in the same batch.
+                outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
+                if outputs.is_empty() {
+                    break;
+                }
+                continue;
+            };
             match output {
                 Output::Persist(PersistOp::Append { group, records }) => {
                     let mut appends: Vec<(String, Vec<u8>)> = vec![(group, records)];
                     // Each waiting output with the number of appends that came before it.
                     let mut waiting: Vec<(usize, Output)> = Vec::new();
+                    let mut resume = false;
                     while let Some(next) = outputs.pop_front() {
                         match next {
                             Output::Persist(PersistOp::Append { group, records }) => appends.push((group, records)),
@@ -553,11 +562,25 @@ impl Daemon {
                                 outputs.push_front(Output::Persist(other));
                                 break;
                             }
+                            Output::Resume => {
+                                resume = true;
+                                break;
+                            }
                             other => waiting.push((appends.len(), other)),
                         }
                     }
                     let order: Vec<String> = appends.iter().map(|(group, _)| group.clone()).collect();
-                    let failed = self.append_all(appends).await;
+                    let writing = self.start_appends(appends);
+                    if resume {
+                        // The replica applies while the fsync runs. What it queues belongs to its
+                        // newest deferred apply, which is the last event of the batch (a later
+                        // event would have finished it): those outputs go to the back, after
+                        // everything already queued, and run once the fsync is done.
+                        let now = self.now();
+                        self.replica.handle(now, Input::Resume);
+                        outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
+                    }
+                    let failed = writing.await;
                     for (group, error) in &failed {
                         // The store refuses appends to a file whose fsync failed until it is
                         // rewritten: rewrite it from memory now rather than at the next compaction.
@@ -648,6 +671,12 @@ impl Daemon {
                 self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
                 warn!(peer = %from, %reason, "peer message dropped");
             }
+            // Not after an append run (the replica resumed already): the outputs it queues are
+            // picked up before the batch ends.
+            Output::Resume => {
+                let now = self.now();
+                self.replica.handle(now, Input::Resume);
+            }
         }
     }
 
@@ -687,27 +716,43 @@ impl Daemon {
         }
     }
 
-    /// Appends every record, grouped by file in order, with one write and one fsync per file.
-    /// Returns the groups whose append failed, with the error.
-    async fn append_all(&mut self, appends: Vec<(String, Vec<u8>)>) -> Vec<(String, String)> {
+    /// Starts appending every record, grouped by file in order, with one write and one fsync
+    /// per file: at once on a blocking thread ([`StoreIo::Blocking`]), or right here
+    /// ([`StoreIo::Inline`]). The future answers the groups whose append failed, with the error.
+    fn start_appends(
+        &self,
+        appends: Vec<(String, Vec<u8>)>,
+    ) -> impl std::future::Future<Output = Vec<(String, String)>> + 'static {
         let mut by_group: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
         for (group, records) in appends {
             by_group.entry(group).or_default().push(records);
         }
         let groups: Vec<String> = by_group.keys().cloned().collect();
-        let written = self
-            .with_store(move |store| {
-                let mut failed = Vec::new();
-                for (group, records) in &by_group {
-                    let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-                    if let Err(error) = store.append_batch(group, &parts) {
-                        failed.push((group.clone(), error.to_string()));
-                    }
+        let store = self.store.clone();
+        let write = move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut failed = Vec::new();
+            for (group, records) in &by_group {
+                let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+                if let Err(error) = store.append_batch(group, &parts) {
+                    failed.push((group.clone(), error.to_string()));
                 }
-                failed
-            })
-            .await;
-        written.unwrap_or_else(|error| groups.into_iter().map(|group| (group, format!("{error:#}"))).collect())
+            }
+            failed
+        };
+        let (done, running) = match self.store_io {
+            StoreIo::Inline => (Some(write()), None),
+            StoreIo::Blocking => (None, Some(tokio::task::spawn_blocking(write))),
+        };
+        async move {
+            match (done, running) {
+                (Some(failed), _) => failed,
+                (None, Some(running)) => running.await.unwrap_or_else(|error| {
+                    groups.into_iter().map(|group| (group, format!("the store thread failed: {error}"))).collect()
+                }),
+                (None, None) => Vec::new(),
+            }
+        }
     }
 
     /// Rewrites a group's file as a fresh snapshot of the in-memory document.

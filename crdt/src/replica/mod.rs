@@ -56,6 +56,28 @@ pub fn actor_for(node_id: &str, incarnation: u64) -> ActorId {
     ActorId::from(actor)
 }
 
+/// The records to persist before applying `changes` pushed to an eventual group, when that is
+/// safe: every change decodes, is new here, and depends only on changes here or earlier in the
+/// push (so the apply will take all of them, in this order). `None` otherwise: the caller
+/// applies first and persists what was applied.
+fn persist_first_records(doc: &crate::group::GroupDoc, changes: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut earlier: Vec<automerge::ChangeHash> = Vec::new();
+    let mut records = Vec::new();
+    for bytes in changes {
+        let change = crate::exchange::decode_change(bytes).ok()?;
+        let hash = change.hash();
+        if doc.has_change(&hash) || earlier.contains(&hash) {
+            return None;
+        }
+        if !change.deps().iter().all(|dep| earlier.contains(dep) || doc.has_change(dep)) {
+            return None;
+        }
+        records.extend(change_record(bytes).ok()?);
+        earlier.push(hash);
+    }
+    (!records.is_empty()).then_some(records)
+}
+
 /// What a node publishes in gossip for each group it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupGossip {
@@ -389,6 +411,12 @@ pub enum Output {
         /// Why.
         reason: String,
     },
+    /// Start the persist operations queued before this output, then hand the replica
+    /// [`Input::Resume`] before waiting for them: the work it resumes (applying received
+    /// changes) overlaps their fsync. Outputs that follow (acks, notifications) still run only
+    /// after those persists, as always. A shell that ignores this output loses nothing: the
+    /// replica resumes at its next input anyway.
+    Resume,
 }
 
 /// The input a replica reacts to.
@@ -412,6 +440,8 @@ pub enum Input {
     Membership(MembershipView),
     /// Time passed; check timers.
     Tick,
+    /// The shell started the persist operations before [`Output::Resume`]: continue.
+    Resume,
 }
 
 /// A group loaded from disk at start.
@@ -533,6 +563,16 @@ pub struct Replica {
     challenges: BTreeMap<(NodeId, String), Challenge>,
     commits: BTreeMap<CommandId, quorum::PendingCommit>,
     outputs: VecDeque<Output>,
+    /// Received changes already queued for persisting, applied at [`Input::Resume`].
+    deferred: Option<DeferredApply>,
+}
+
+/// Changes a member persists before it applies them, so that the apply overlaps the fsync.
+#[derive(Debug)]
+struct DeferredApply {
+    group: String,
+    from: NodeId,
+    changes: Vec<Vec<u8>>,
 }
 
 impl Replica {
@@ -556,6 +596,7 @@ impl Replica {
             challenges: BTreeMap::new(),
             commits: BTreeMap::new(),
             outputs: VecDeque::new(),
+            deferred: None,
         };
         for (name, state) in loaded {
             let mut sync = BTreeMap::new();
@@ -684,6 +725,11 @@ impl Replica {
     /// Feeds one input at time `now`.
     pub fn handle(&mut self, now: Millis, input: Input) {
         self.now = self.now.max(now);
+        // A deferred apply finishes before anything else is looked at (at the latest here, if
+        // the shell did not resume it).
+        if let Some(deferred) = self.deferred.take() {
+            self.finish_deferred_apply(deferred);
+        }
         match input {
             Input::Command { id, command } => self.handle_command(id, command),
             Input::Peer { from, bytes } => match PeerMessage::decode(&bytes) {
@@ -692,6 +738,7 @@ impl Replica {
             },
             Input::Membership(view) => self.handle_membership(view),
             Input::Tick => self.handle_tick(),
+            Input::Resume => {}
         }
         self.drain_round_queues();
     }
@@ -849,12 +896,16 @@ impl Replica {
     }
 
     fn compact_if_due(&mut self, group: &str) {
+        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes)) {
+            self.compact(group);
+        }
+    }
+
+    /// Queues a new file for `group`: a snapshot of the document and the round records.
+    fn compact(&mut self, group: &str) {
         let Some(state) = self.groups.get_mut(group) else {
             return;
         };
-        if !needs_compaction(state.tail_changes) {
-            return;
-        }
         // A snapshot that no longer fits a record keeps appending instead (epochs will bound it).
         let Ok(mut file) = snapshot_file(&state.doc, None) else { return };
         // Round records survive compaction: the decisions (which keep the round lamport
@@ -873,13 +924,62 @@ impl Replica {
         self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
     }
 
+    /// Applies changes pushed by `from` and acks what is now here (durable: the persist
+    /// operations run before the ack). `persisted` were already queued for persisting.
+    fn apply_pushed(&mut self, group: &str, from: NodeId, changes: &[Vec<u8>], persisted: &[Vec<u8>]) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        match state.doc.apply_changes(changes) {
+            Ok(applied) => {
+                let missing_deps = state.doc.has_missing_deps();
+                self.after_remote_apply_except(group, applied, persisted);
+                // Durable now (the append above executes before this send): ack.
+                let hashes = changes
+                    .iter()
+                    .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
+                    .map(|change| change.hash())
+                    .filter(|hash| self.groups.get(group).is_some_and(|s| s.doc.has_change(hash)))
+                    .map(|hash| hash.0)
+                    .collect::<Vec<_>>();
+                if !hashes.is_empty() {
+                    let ack = PeerMessage::Ack { group: group.to_owned(), changes: hashes };
+                    self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
+                }
+                if missing_deps {
+                    // Nothing new became visible: either duplicates or changes waiting
+                    // for dependencies; a sync session settles which.
+                    self.start_sync(group, &from);
+                }
+            }
+            Err(error) => {
+                if !persisted.is_empty() {
+                    // Records of changes that do not apply are in the file: rewrite it from
+                    // the document, which never took them.
+                    self.compact(group);
+                }
+                self.drop_message(from, error.to_string());
+            }
+        }
+    }
+
+    /// Finishes the apply of changes persisted first.
+    fn finish_deferred_apply(&mut self, deferred: DeferredApply) {
+        let DeferredApply { group, from, changes } = deferred;
+        self.apply_pushed(&group, from, &changes, &changes);
+    }
+
     /// Persists and announces what a remote apply added.
     fn after_remote_apply(&mut self, group: &str, applied: RemoteApplied) {
+        self.after_remote_apply_except(group, applied, &[]);
+    }
+
+    /// The same, for an apply some of whose changes (`persisted`, raw bytes) were already
+    /// queued for persisting.
+    fn after_remote_apply_except(&mut self, group: &str, applied: RemoteApplied, persisted: &[Vec<u8>]) {
         if applied.new_changes.is_empty() {
             return;
         }
         let mut records = Vec::new();
-        for change in &applied.new_changes {
+        for change in applied.new_changes.iter().filter(|change| !persisted.contains(change)) {
             match change_record(change) {
                 Ok(record) => records.extend(record),
                 Err(error) => {
@@ -887,7 +987,9 @@ impl Replica {
                 }
             }
         }
-        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.to_owned(), records }));
+        if !records.is_empty() {
+            self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.to_owned(), records }));
+        }
         self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
         self.compact_if_due(group);
         self.publish(group);
@@ -919,30 +1021,14 @@ impl Replica {
                     // Strong groups change only through rounds (and sync of committed rounds).
                     return self.drop_message(from, format!("pushed changes for strong group {group:?}"));
                 }
-                match state.doc.apply_changes(&changes) {
-                    Ok(applied) => {
-                        let missing_deps = state.doc.has_missing_deps();
-                        self.after_remote_apply(&group, applied);
-                        // Durable now (the append above executes before this send): ack.
-                        let hashes = changes
-                            .iter()
-                            .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
-                            .map(|change| change.hash())
-                            .filter(|hash| self.groups.get(&group).is_some_and(|s| s.doc.has_change(hash)))
-                            .map(|hash| hash.0)
-                            .collect::<Vec<_>>();
-                        if !hashes.is_empty() {
-                            let ack = PeerMessage::Ack { group: group.clone(), changes: hashes };
-                            self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
-                        }
-                        if missing_deps {
-                            // Nothing new became visible: either duplicates or changes waiting
-                            // for dependencies; a sync session settles which.
-                            self.start_sync(&group, &from);
-                        }
-                    }
-                    Err(error) => self.drop_message(from, error.to_string()),
+                if let Some(records) = persist_first_records(&state.doc, &changes) {
+                    // Durable first, applied while the fsync runs (Output::Resume).
+                    self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
+                    self.outputs.push_back(Output::Resume);
+                    self.deferred = Some(DeferredApply { group, from, changes });
+                    return;
                 }
+                self.apply_pushed(&group, from, &changes, &[]);
             }
             PeerMessage::Sync { message, .. } => {
                 if !self.is_member(&group, &from) {

@@ -106,6 +106,8 @@ impl Net {
                             self.notified.entry(node.clone()).or_default().push(notification.revision);
                         }
                         Output::Persist(_) | Output::Dropped { .. } => {}
+                        // The harness persists nothing, so the deferred apply resumes at once.
+                        Output::Resume => self.input(node, Input::Resume),
                     }
                 }
             }
@@ -156,6 +158,7 @@ fn describe(output: &Output) -> String {
         Output::Notify(_) => "notify".into(),
         Output::Publish { .. } => "publish".into(),
         Output::Dropped { reason, .. } => format!("dropped: {reason}"),
+        Output::Resume => "resume".into(),
     }
 }
 
@@ -621,4 +624,19 @@ fn a_round_built_on_a_staged_change_settles_it_as_committed_instead_of_refusing(
         assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
         assert!(!net.replicas[node].is_fenced("app"), "{node} settled");
     }
+}
+
+#[test]
+fn a_member_persists_a_pushed_change_first_applies_it_during_the_fsync_and_acks_after() {
+    let mut net = mesh_with_group(&["n1", "n2", "n3"]);
+    net.log.clear();
+    set(&mut net, "n1", "k", json!(1)).unwrap();
+    let n2: Vec<&str> = net.log.iter().filter(|(node, _)| node == "n2").map(|(_, what)| what.as_str()).collect();
+    let at =
+        |what: &str| n2.iter().position(|line| line.starts_with(what)).unwrap_or_else(|| panic!("no {what}: {n2:?}"));
+    assert!(at("persist append") < at("resume"), "{n2:?}");
+    assert!(at("resume") < at("notify"), "applied after the shell started the fsync: {n2:?}");
+    assert!(at("notify") < at("send ack"), "{n2:?}");
+    assert_eq!(n2.iter().filter(|line| **line == "persist append").count(), 1, "written once: {n2:?}");
+    assert_eq!(net.settings("n2", "app"), json!({"k": 1}));
 }
