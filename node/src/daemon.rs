@@ -740,18 +740,17 @@ impl Daemon {
             }
             failed
         };
-        let (done, running) = match self.store_io {
-            StoreIo::Inline => (Some(write()), None),
-            StoreIo::Blocking => (None, Some(tokio::task::spawn_blocking(write))),
+        // Inline: written now, the future only hands the result over. Blocking: running now
+        // on the blocking pool, the future waits for it.
+        let (written, running) = match self.store_io {
+            StoreIo::Inline => (write(), None),
+            StoreIo::Blocking => (Vec::new(), Some(tokio::task::spawn_blocking(write))),
         };
         async move {
-            match (done, running) {
-                (Some(failed), _) => failed,
-                (None, Some(running)) => running.await.unwrap_or_else(|error| {
-                    groups.into_iter().map(|group| (group, format!("the store thread failed: {error}"))).collect()
-                }),
-                (None, None) => Vec::new(),
-            }
+            let Some(running) = running else { return written };
+            running.await.unwrap_or_else(|error| {
+                groups.into_iter().map(|group| (group, format!("the store thread failed: {error}"))).collect()
+            })
         }
     }
 

@@ -24,6 +24,31 @@ pub fn draw(report: &RunReport, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A chart of a fraction (0 to 1) against seconds, with its axes drawn.
+fn fraction_chart<'a, 'b>(
+    area: &'a DrawingArea<SVGBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    horizon_s: f64,
+    x_desc: &str,
+    y_desc: &str,
+) -> anyhow::Result<
+    ChartContext<
+        'a,
+        SVGBackend<'b>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+    >,
+> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(52)
+        .build_cartesian_2d(0.0..horizon_s, 0.0..1.02)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(chart)
+}
+
 fn draw_spread(report: &RunReport, area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()> {
     let changes: Vec<_> = report.spreads.iter().take(CURVES_MAX).collect();
     // The slowest changes (a node down or cut off) would squeeze every other curve against the
@@ -37,19 +62,7 @@ fn draw_spread(report: &RunReport, area: &DrawingArea<SVGBackend<'_>, plotters::
         report.config.seed,
         changes.len()
     );
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(52)
-        .build_cartesian_2d(0.0..horizon_s, 0.0..1.02)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the write")
-        .y_desc("fraction of members")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = fraction_chart(area, caption, horizon_s, "seconds since the write", "fraction of members")?;
     for spread in &changes {
         let color = match spread.group {
             GroupKind::Eventual => BLUE.mix(0.25),
@@ -77,19 +90,7 @@ fn draw_detection(
     let times: Vec<f64> = report.detections_us.iter().map(|&us| us as f64 / 1e6).collect();
     let horizon_s = times.last().copied().unwrap_or(1.0).max(1.0) * 1.1;
     let caption = format!("Failure detection: crash until marked dead ({} observations)", times.len());
-    let mut chart = ChartBuilder::on(area)
-        .caption(caption, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(52)
-        .build_cartesian_2d(0.0..horizon_s, 0.0..1.02)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    chart
-        .configure_mesh()
-        .x_desc("seconds since the crash")
-        .y_desc("fraction of observations")
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut chart = fraction_chart(area, caption, horizon_s, "seconds since the crash", "fraction of observations")?;
     if times.is_empty() {
         return Ok(());
     }
