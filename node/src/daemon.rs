@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use konor_crdt::replica::{
-    CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, MembershipView, Notification, PeerState,
-    actor_for,
+    CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, MembershipView, Notification, PeerLiveness,
+    PeerState, actor_for,
 };
 use konor_crdt::{
     Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
@@ -501,7 +501,13 @@ impl Daemon {
                 .iter()
                 .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
                 .collect();
-            peers.insert(node.id.clone(), PeerState { live: node.liveness == Liveness::Live, groups });
+            peers.insert(
+                node.id.clone(),
+                PeerState {
+                    liveness: if node.liveness == Liveness::Live { PeerLiveness::Live } else { PeerLiveness::Dead },
+                    groups,
+                },
+            );
         }
         let membership = MembershipView { peers };
         self.mesh = view;

@@ -93,6 +93,18 @@ pub struct GroupGossip {
     pub heads: Vec<ChangeHash>,
 }
 
+impl PeerState {
+    /// True when heartbeats arrive from it.
+    pub fn is_live(&self) -> bool {
+        self.liveness == PeerLiveness::Live
+    }
+
+    /// True when it may be up: live, or not judged yet.
+    pub fn may_be_up(&self) -> bool {
+        self.liveness != PeerLiveness::Dead
+    }
+}
+
 impl GroupGossip {
     /// The gossip value: `digest;revision;version;proof-hex;heads-hex,...` (short UTF-8, as
     /// chitchat needs: one head normally, a few after concurrent writes).
@@ -125,11 +137,26 @@ pub fn membership_proof(key: &GroupKey, group: &str, node: &str) -> [u8; 32] {
     join_proof(key, group, node, &[0; 32], &[1; 32])
 }
 
+/// What this node's failure detector can say about a peer (SPEC invariant 5, issue 11: unknown
+/// is not dead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub enum PeerLiveness {
+    /// Heartbeats arrive.
+    Live,
+    /// The detector cannot judge yet: this node just started or resumed from a pause, or has
+    /// not heard enough heartbeats from the peer. Quorums count it as a live member that has
+    /// not acknowledged; strong rounds never treat it as gone.
+    #[default]
+    Unknown,
+    /// The detector gave up on it, or it announced a graceful leave.
+    Dead,
+}
+
 /// One peer as the local membership view (gossip) sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PeerState {
-    /// Live by the failure detector and not leaving.
-    pub live: bool,
+    /// Its liveness by this node's failure detector (leaving counts as dead).
+    pub liveness: PeerLiveness,
     /// Groups it claims to hold, with its gossip for each.
     pub groups: BTreeMap<String, GroupGossip>,
 }
@@ -654,7 +681,7 @@ impl Replica {
             .filter_map(|(node, peer)| {
                 let gossip = peer.groups.get(group)?;
                 (gossip.proof == membership_proof(&state.key, group, node))
-                    .then(|| (node.clone(), peer.live, gossip.clone()))
+                    .then(|| (node.clone(), peer.is_live(), gossip.clone()))
             })
             .collect()
     }
@@ -1143,8 +1170,8 @@ impl Replica {
         // messages stall the protocol unless the state is reset).
         for state in self.groups.values_mut() {
             for (peer, session) in state.sync.iter_mut() {
-                let was_live = previous.peers.get(peer).is_some_and(|p| p.live);
-                let is_live = self.membership.peers.get(peer).is_some_and(|p| p.live);
+                let was_live = previous.peers.get(peer).is_some_and(PeerState::is_live);
+                let is_live = self.membership.peers.get(peer).is_some_and(PeerState::is_live);
                 if was_live != is_live {
                     session.peer.reset_after_disconnect();
                     session.in_flight_since = None;
@@ -1254,7 +1281,7 @@ impl Replica {
             .membership
             .peers
             .iter()
-            .filter(|(node, peer)| peer.live && peer.groups.contains_key(name) && !join.tried.contains(*node))
+            .filter(|(node, peer)| peer.is_live() && peer.groups.contains_key(name) && !join.tried.contains(*node))
             .map(|(node, _)| node.clone())
             .next();
         let Some(join) = self.joins.get_mut(name) else { return };

@@ -3,7 +3,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use konor_crdt::replica::{CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, PeerState, actor_for};
+use konor_crdt::replica::{
+    CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, PeerLiveness, PeerState, actor_for,
+};
 use konor_crdt::{Command, CommitMeta, GroupKey, Input, MembershipView, Millis, Mode, Output, PersistOp, Replica};
 use serde_json::json;
 
@@ -64,7 +66,13 @@ impl Net {
         let mut view = MembershipView::default();
         for other in self.replicas.keys().filter(|other| *other != node) {
             let groups = self.gossip.get(other).cloned().unwrap_or_default();
-            view.peers.insert(other.clone(), PeerState { live: !self.down.contains(other), groups });
+            view.peers.insert(
+                other.clone(),
+                PeerState {
+                    liveness: if self.down.contains(other) { PeerLiveness::Dead } else { PeerLiveness::Live },
+                    groups,
+                },
+            );
         }
         view
     }
