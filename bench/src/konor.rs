@@ -99,7 +99,13 @@ pub async fn commit(clients: &[Client], group: &str, plan: &Plan, random: &mut X
 async fn group_on_all_with_mode(clients: &[Client], group: &str, mode: &str) -> anyhow::Result<()> {
     let Some((first, others)) = clients.split_first() else { bail!("no daemon to create group {group} on") };
     let created = first
-        .call(Request::GroupCreate { name: group.to_owned(), mode: mode.to_owned(), key: None })
+        .call(Request::GroupCreate {
+            name: group.to_owned(),
+            mode: mode.to_owned(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+        })
         .await
         .with_context(|| format!("cannot create group {group}"))?;
     let Response::GroupCreated { key, .. } = created else {

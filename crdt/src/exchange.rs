@@ -48,6 +48,30 @@ impl RemoteApplied {
     }
 }
 
+/// A remote apply that stopped at an error. Changes applied before it stay applied (Automerge
+/// cannot take them back) and are listed in `applied`: the caller persists, counts and
+/// announces them like any apply, then drops the rest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{error}")]
+pub struct ApplyFailure {
+    /// What was applied before the error (often nothing).
+    pub applied: RemoteApplied,
+    /// What went wrong.
+    pub error: RemoteError,
+}
+
+impl From<RemoteError> for ApplyFailure {
+    fn from(error: RemoteError) -> ApplyFailure {
+        ApplyFailure { applied: RemoteApplied::default(), error }
+    }
+}
+
+impl From<ApplyFailure> for RemoteError {
+    fn from(failure: ApplyFailure) -> RemoteError {
+        failure.error
+    }
+}
+
 /// A short digest of a document's heads, carried in gossip so peers can tell cheaply whether
 /// they hold the same state: the first 8 bytes of SHA-256 over the sorted heads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -181,14 +205,15 @@ impl GroupDoc {
     }
 
     /// Applies remote changes given as raw bytes. All are decoded before any is applied: a
-    /// malformed one refuses the whole call with nothing changed.
-    pub fn apply_changes<B: AsRef<[u8]>>(&mut self, changes: &[B]) -> Result<RemoteApplied, RemoteError> {
+    /// malformed one refuses the whole call with nothing changed. An error from Automerge
+    /// during the apply reports what was applied before it ([`ApplyFailure`]).
+    pub fn apply_changes<B: AsRef<[u8]>>(&mut self, changes: &[B]) -> Result<RemoteApplied, ApplyFailure> {
         let decoded = changes.iter().map(|bytes| decode_change(bytes.as_ref())).collect::<Result<Vec<_>, _>>()?;
         self.apply_changes_decoded(decoded)
     }
 
     /// Applies decoded changes in bounded batches, following each batch's patches.
-    pub(crate) fn apply_changes_decoded(&mut self, changes: Vec<Change>) -> Result<RemoteApplied, RemoteError> {
+    pub(crate) fn apply_changes_decoded(&mut self, changes: Vec<Change>) -> Result<RemoteApplied, ApplyFailure> {
         let mut total = RemoteApplied::default();
         let fresh: Vec<Change> = changes.into_iter().filter(|c| !self.has_change(&c.hash())).collect();
         for batch in fresh.chunks(APPLY_BATCH_CHANGES_MAX) {
@@ -209,7 +234,10 @@ impl GroupDoc {
                 total.changes_applied += added.len();
                 total.new_changes.extend(added.iter().map(|change| change.raw_bytes().to_vec()));
             }
-            result.map_err(|e| RemoteError::Rejected { detail: e.to_string() })?;
+            if let Err(error) = result {
+                let error = RemoteError::Rejected { detail: error.to_string() };
+                return Err(ApplyFailure { applied: total, error });
+            }
         }
         debug_assert!(
             self.settings().len() > 512 || self.derived_state_matches_document(),
@@ -238,6 +266,10 @@ impl GroupDoc {
                     }
                     _ => {}
                 }
+            } else if patch.obj == automerge::ROOT
+                && matches!(&patch.action, PatchAction::PutMap { key, .. } if key == crate::group::CONFIGURATION_KEY)
+            {
+                self.configuration = crate::group::read_configuration(&self.doc);
             } else if patch.obj == self.objects.versions
                 && let PatchAction::PutMap { key, value: (AmValue::Scalar(text), op), .. } = patch.action
             {
@@ -299,13 +331,14 @@ impl GroupDoc {
 
     /// Receives a sync message from `peer`. Changes it carries are decoded first and applied in
     /// bounded batches; then the protocol state advances. Malformed bytes change nothing.
-    pub fn receive_sync_message(&mut self, peer: &mut SyncPeer, bytes: &[u8]) -> Result<RemoteApplied, RemoteError> {
+    pub fn receive_sync_message(&mut self, peer: &mut SyncPeer, bytes: &[u8]) -> Result<RemoteApplied, ApplyFailure> {
         if bytes.len() > SYNC_MESSAGE_BYTES_MAX {
             return Err(RemoteError::TooLarge {
                 what: "sync message",
                 bytes: bytes.len(),
                 max: SYNC_MESSAGE_BYTES_MAX,
-            });
+            }
+            .into());
         }
         let message = sync::Message::decode(bytes)
             .map_err(|e| RemoteError::Malformed { what: "sync message", detail: e.to_string() })?;
@@ -324,9 +357,9 @@ impl GroupDoc {
         }
         let applied = self.apply_changes_decoded(decoded)?;
         let rest = sync::Message { changes: sync::ChunkList::empty(), ..message };
-        self.doc
-            .receive_sync_message(&mut peer.state, rest)
-            .map_err(|e| RemoteError::Rejected { detail: e.to_string() })?;
+        if let Err(error) = self.doc.receive_sync_message(&mut peer.state, rest) {
+            return Err(ApplyFailure { applied, error: RemoteError::Rejected { detail: error.to_string() } });
+        }
         Ok(applied)
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Document layout (docs/data-model.md):
 //! ```text
-//! ROOT { format: 1,
+//! ROOT { format: 2,
 //!        meta:     { name, mode, epoch },
-//!        policy:   { version: 1 },
+//!        policy:   { version: 1, evict_after_ms, fencing },
+//!        configuration: "<Configuration JSON>"   (strong groups only)
 //!        settings: { "<dotted.key>": "<canonical JSON>" },
 //!        versions: { "<u64::MAX - counter, 20 digits>.<actor hex>": "<VersionInfo JSON>" } }
 //! ```
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config_file::{FileFormat, parse_config_file};
+use crate::configuration::{Configuration, Fencing, GroupPolicy};
 use crate::diff::SettingsDiff;
 use crate::error::{EditError, KeyError, LoadError, VersionError};
 use crate::key::{validate_group_name, validate_key};
@@ -30,8 +32,10 @@ use crate::time::Millis;
 use crate::value::{decode_value, encode_value};
 use crate::version::{VersionId, VersionInfo, VersionKind, VersionRef};
 
-/// Version of the document layout, stored at `ROOT.format`.
-pub const DOCUMENT_FORMAT: u64 = 1;
+/// Version of the document layout, stored at `ROOT.format`. 2 added the strong group's
+/// configuration (`ROOT.configuration`) and the policy's `evict_after_ms` and `fencing`; format 1
+/// documents still load (a strong group without a configuration refuses writes).
+pub const DOCUMENT_FORMAT: u64 = 2;
 
 /// Version of the (for now empty) policy map, stored at `ROOT.policy.version`.
 pub const POLICY_FORMAT: u64 = 1;
@@ -158,6 +162,9 @@ pub(crate) struct Objects {
     pub(crate) versions: ObjId,
 }
 
+/// Key of the configuration in the root map.
+pub(crate) const CONFIGURATION_KEY: &str = "configuration";
+
 /// A configuration group: the Automerge document plus derived indexes.
 ///
 /// Derived state (read view, conflict set, version index) is a pure function of the document;
@@ -168,6 +175,10 @@ pub struct GroupDoc {
     name: String,
     mode: Mode,
     epoch: u64,
+    policy: GroupPolicy,
+    /// A strong group's current configuration (`None` for eventual groups, and for strong
+    /// groups written by a konord before configurations existed).
+    pub(crate) configuration: Option<Configuration>,
     pub(crate) objects: Objects,
     pub(crate) view: Settings,
     pub(crate) conflicted: BTreeSet<String>,
@@ -195,7 +206,9 @@ impl Op {
 }
 
 impl GroupDoc {
-    /// Creates a new group: the genesis change holds the layout and version v1 (`Create`).
+    /// Creates a new group with the default policy and no configuration (a strong group made by
+    /// a replica gets its first configuration through [`GroupDoc::create_with`]): the genesis
+    /// change holds the layout and version v1 (`Create`).
     ///
     /// `actor` must be unique to this process incarnation (FACTS: never reuse an actor after
     /// losing unsaved changes).
@@ -204,6 +217,19 @@ impl GroupDoc {
         mode: Mode,
         actor: ActorId,
         meta: &CommitMeta,
+    ) -> Result<(GroupDoc, LocalCommit), EditError> {
+        GroupDoc::create_with(name, mode, actor, meta, &GroupPolicy::default(), None)
+    }
+
+    /// Creates a group with a policy and, for a strong group, its first configuration (the
+    /// creator alone).
+    pub fn create_with(
+        name: &str,
+        mode: Mode,
+        actor: ActorId,
+        meta: &CommitMeta,
+        policy: &GroupPolicy,
+        configuration: Option<&Configuration>,
     ) -> Result<(GroupDoc, LocalCommit), EditError> {
         validate_group_name(name)?;
         meta.validate()?;
@@ -226,8 +252,13 @@ impl GroupDoc {
             tx.put(&meta_obj, "name", name)?;
             tx.put(&meta_obj, "mode", mode.to_string())?;
             tx.put(&meta_obj, "epoch", 0u64)?;
-            let policy = tx.put_object(automerge::ROOT, "policy", ObjType::Map)?;
-            tx.put(&policy, "version", POLICY_FORMAT)?;
+            let policy_obj = tx.put_object(automerge::ROOT, "policy", ObjType::Map)?;
+            tx.put(&policy_obj, "version", POLICY_FORMAT)?;
+            tx.put(&policy_obj, "evict_after_ms", policy.evict_after.0)?;
+            tx.put(&policy_obj, "fencing", policy.fencing.to_string())?;
+            if let Some(configuration) = configuration {
+                tx.put(automerge::ROOT, CONFIGURATION_KEY, configuration.to_json())?;
+            }
             tx.put_object(automerge::ROOT, "settings", ObjType::Map)?;
             let versions = tx.put_object(automerge::ROOT, "versions", ObjType::Map)?;
             tx.put(&versions, id.storage_key(), version_json(&info))?;
@@ -295,11 +326,15 @@ impl GroupDoc {
             },
             _ => 0,
         };
+        let policy = read_policy(&doc);
+        let configuration = read_configuration(&doc);
         let mut group = GroupDoc {
             doc,
             name,
             mode,
             epoch,
+            policy,
+            configuration,
             objects,
             view: Settings::new(),
             conflicted: BTreeSet::new(),
@@ -361,6 +396,16 @@ impl GroupDoc {
     /// The group's consistency mode.
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// The group's policy.
+    pub fn policy(&self) -> &GroupPolicy {
+        &self.policy
+    }
+
+    /// A strong group's current configuration: the one its heads hold.
+    pub fn configuration(&self) -> Option<&Configuration> {
+        self.configuration.as_ref()
     }
 
     /// The epoch this document belongs to (docs/data-model.md, "Epochs").
@@ -593,7 +638,7 @@ impl GroupDoc {
         let deps = self.doc.get_heads();
         let (change_hash, change) = write_plan(&mut self.doc, &self.objects, &plan, meta)?;
         self.recent.push(change_hash, deps);
-        let PlannedEdit { ops, info, hash_after } = plan;
+        let PlannedEdit { ops, info, hash_after, .. } = plan;
         for op in ops {
             self.conflicted.remove(op.key());
             self.invalid.remove(op.key());
@@ -618,6 +663,22 @@ impl GroupDoc {
         let plan = self.plan(ops, kind, meta)?;
         // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
         // aborted change is never applied anywhere, so its sequence number is free to reuse.
+        let mut scratch = self.doc.clone();
+        let (change_hash, change) = write_plan(&mut scratch, &self.objects, &plan, meta)?;
+        Ok(LocalCommit { version: plan.info, change, change_hash })
+    }
+
+    /// Builds the change that moves a strong group to `next` (one version of kind
+    /// `membership`), without applying it anywhere: it commits through a round like any strong
+    /// write. Nothing changes.
+    pub fn prepare_reconfiguration(&self, next: &Configuration, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        let current = self.configuration.as_ref();
+        let added = next.members.iter().filter(|m| current.is_none_or(|c| !c.contains(m))).cloned().collect();
+        let removed =
+            current.map(|c| c.members.iter().filter(|m| !next.contains(m)).cloned().collect()).unwrap_or_default();
+        let kind = VersionKind::Membership { configuration: next.number, added, removed };
+        let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
+        plan.configuration = Some(next.clone());
         let mut scratch = self.doc.clone();
         let (change_hash, change) = write_plan(&mut scratch, &self.objects, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
@@ -676,6 +737,15 @@ impl GroupDoc {
 
     /// Drops no-op operations, checks limits and computes the version entry. Pure.
     fn plan(&self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        let plan = self.plan_unchecked(ops, kind, meta)?;
+        if plan.ops.is_empty() {
+            return Err(EditError::Unchanged);
+        }
+        Ok(plan)
+    }
+
+    /// [`GroupDoc::plan`] without refusing an edit that changes no setting.
+    fn plan_unchecked(&self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
         meta.validate()?;
         let ops: Vec<Op> = ops
             .into_iter()
@@ -689,9 +759,6 @@ impl GroupDoc {
                 }
             })
             .collect();
-        if ops.is_empty() {
-            return Err(EditError::Unchanged);
-        }
         let (mut keys_after, mut bytes_after) = (self.view.len(), self.view.bytes());
         for op in &ops {
             if let Some(old) = self.view.entry(op.key()) {
@@ -725,7 +792,7 @@ impl GroupDoc {
             content_hash: hash_after.to_hex(),
             parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
         };
-        Ok(PlannedEdit { ops, info, hash_after })
+        Ok(PlannedEdit { ops, info, hash_after, configuration: None })
     }
 
     /// Saves the whole document (a snapshot) in Automerge's compressed format.
@@ -745,6 +812,8 @@ struct PlannedEdit {
     ops: Vec<Op>,
     info: VersionInfo,
     hash_after: ContentHash,
+    /// A new configuration to store (a membership version).
+    configuration: Option<Configuration>,
 }
 
 /// Writes a planned edit into `doc` as one Automerge change; on error the transaction is
@@ -763,6 +832,9 @@ fn write_plan(
                 Op::Put { key, canonical, .. } => tx.put(&objects.settings, key.as_str(), canonical.as_str())?,
                 Op::Delete { key } => tx.delete(&objects.settings, key.as_str())?,
             }
+        }
+        if let Some(configuration) = &plan.configuration {
+            tx.put(automerge::ROOT, CONFIGURATION_KEY, configuration.to_json())?;
         }
         tx.put(&objects.versions, key.as_str(), version_json(&plan.info))
     })();
@@ -786,6 +858,33 @@ fn last_local_change_bytes(doc: &Automerge) -> Result<Vec<u8>, EditError> {
     doc.get_last_local_change()
         .map(|change| change.raw_bytes().to_vec())
         .ok_or_else(|| EditError::Document { detail: "no local change after commit".into() })
+}
+
+/// The policy map's settings; defaults for anything missing (format 1 documents).
+fn read_policy(doc: &Automerge) -> GroupPolicy {
+    let mut policy = GroupPolicy::default();
+    let Ok(Some((AmValue::Object(ObjType::Map), obj))) = doc.get(automerge::ROOT, "policy") else {
+        return policy;
+    };
+    if let Ok(Some((AmValue::Scalar(s), _))) = doc.get(&obj, "evict_after_ms")
+        && let ScalarValue::Uint(ms) = s.as_ref()
+    {
+        policy.evict_after = Millis((*ms).max(crate::limits::EVICT_AFTER_MIN_MS));
+    }
+    if let Ok(Some((AmValue::Scalar(s), _))) = doc.get(&obj, "fencing")
+        && let Some(fencing) = s.as_str().and_then(|t| t.parse::<Fencing>().ok())
+    {
+        policy.fencing = fencing;
+    }
+    policy
+}
+
+/// The configuration the document holds, if any (and if it parses).
+pub(crate) fn read_configuration(doc: &Automerge) -> Option<Configuration> {
+    match doc.get(automerge::ROOT, CONFIGURATION_KEY) {
+        Ok(Some((AmValue::Scalar(s), _))) => s.as_str().and_then(Configuration::from_json),
+        _ => None,
+    }
 }
 
 /// Reads the settings map (at `heads`, or now) into settings, the conflicted keys and the keys

@@ -8,11 +8,12 @@
 
 use automerge::{ActorId, Automerge};
 
+use crate::configuration::Configuration;
 use crate::error::LoadError;
 use crate::exchange::decode_change;
 use crate::group::GroupDoc;
 use crate::limits::COMPACT_TAIL_CHANGES_MAX;
-use crate::peer_message::RoundId;
+use crate::peer_message::{Ballot, RoundId, RoundKind};
 use crate::record::{DropReason, Dropped, RecordKind, RecordTooLarge, encode_header, encode_record, scan_records};
 
 /// A whole compacted file: header, a snapshot of `group`, and optionally a meta record.
@@ -41,25 +42,56 @@ pub fn meta_record(meta: &[u8]) -> Result<Vec<u8>, RecordTooLarge> {
     Ok(out)
 }
 
-/// What a group file records about strong rounds.
+/// What a group file records about strong rounds (docs/protocol.md, "Strong groups").
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RoundRecord {
-    /// A member staged a round's change (durable, not applied) and voted yes.
+    /// A member staged a round's change (durable, not applied) and voted yes; or a coordinator
+    /// staged its own round's change when it decided commit.
     Staged {
         /// The round.
         round: RoundId,
         /// The raw change.
         change: Vec<u8>,
-        /// The members the coordinator waits for.
-        members: Vec<String>,
+        /// What the round commits.
+        kind: RoundKind,
+        /// The configuration the round runs in (a majority of it decides).
+        configuration: Configuration,
     },
-    /// The round's outcome became known here.
+    /// The round's final outcome became known here.
     Decided {
         /// The round.
         round: RoundId,
         /// Commit or abort.
         commit: bool,
     },
+    /// This node promised to ignore decisions of the round below `ballot` (a recovery).
+    Promised {
+        /// The round.
+        round: RoundId,
+        /// The ballot.
+        ballot: Ballot,
+    },
+    /// This node recorded a proposed decision of the round.
+    Accepted {
+        /// The round.
+        round: RoundId,
+        /// The proposal's ballot.
+        ballot: Ballot,
+        /// Commit or abort.
+        commit: bool,
+    },
+}
+
+impl RoundRecord {
+    /// The round the record is about.
+    pub fn round(&self) -> &RoundId {
+        match self {
+            RoundRecord::Staged { round, .. }
+            | RoundRecord::Decided { round, .. }
+            | RoundRecord::Promised { round, .. }
+            | RoundRecord::Accepted { round, .. } => round,
+        }
+    }
 }
 
 /// The bytes to append for a round record.
@@ -67,15 +99,26 @@ pub fn round_record(record: &RoundRecord) -> Result<Vec<u8>, RecordTooLarge> {
     // postcard encodes these plain types infallibly into a Vec.
     let payload = postcard::to_stdvec(record).unwrap_or_default();
     let mut out = Vec::with_capacity(payload.len() + crate::record::FRAME_BYTES);
-    encode_record(&mut out, RecordKind::RoundV2, &payload)?;
+    encode_record(&mut out, RecordKind::RoundV3, &payload)?;
     Ok(out)
 }
 
-/// A round record of the first format ([`RecordKind::Round`]): round ids without the start.
+/// A round record of the first two formats ([`RecordKind::Round`], [`RecordKind::RoundV2`]).
+/// Their staged rounds carry no configuration: a node that finds one undecided at start treats
+/// it as in doubt with the configuration its document holds.
 #[derive(Debug, serde::Deserialize)]
-enum LegacyRoundRecord {
-    Staged { round: LegacyRoundId, change: Vec<u8>, members: Vec<String> },
-    Decided { round: LegacyRoundId, commit: bool },
+enum LegacyRoundRecord<Id> {
+    // `members` is decoded (postcard is positional) but no longer used.
+    Staged {
+        round: Id,
+        change: Vec<u8>,
+        #[allow(dead_code)]
+        members: Vec<String>,
+    },
+    Decided {
+        round: Id,
+        commit: bool,
+    },
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -92,20 +135,46 @@ impl LegacyRoundId {
     }
 }
 
-/// Decodes a round record of either format.
-fn decode_round_record(kind: RecordKind, payload: &[u8]) -> Option<RoundRecord> {
-    match kind {
-        RecordKind::RoundV2 => postcard::from_bytes::<RoundRecord>(payload).ok(),
-        RecordKind::Round => match postcard::from_bytes::<LegacyRoundRecord>(payload).ok()? {
-            LegacyRoundRecord::Staged { round, change, members } => {
-                Some(RoundRecord::Staged { round: round.upgrade(), change, members })
-            }
-            LegacyRoundRecord::Decided { round, commit } => {
-                Some(RoundRecord::Decided { round: round.upgrade(), commit })
-            }
+/// A legacy record: the staged change without its configuration, or a decision.
+enum Legacy {
+    Staged { round: RoundId, change: Vec<u8> },
+    Decided { round: RoundId, commit: bool },
+}
+
+fn decode_legacy(kind: RecordKind, payload: &[u8]) -> Option<Legacy> {
+    let (staged, decided) = match kind {
+        RecordKind::Round => match postcard::from_bytes::<LegacyRoundRecord<LegacyRoundId>>(payload).ok()? {
+            LegacyRoundRecord::Staged { round, change, .. } => (Some((round.upgrade(), change)), None),
+            LegacyRoundRecord::Decided { round, commit } => (None, Some((round.upgrade(), commit))),
         },
+        RecordKind::RoundV2 => match postcard::from_bytes::<LegacyRoundRecord<RoundId>>(payload).ok()? {
+            LegacyRoundRecord::Staged { round, change, .. } => (Some((round, change)), None),
+            LegacyRoundRecord::Decided { round, commit } => (None, Some((round, commit))),
+        },
+        _ => return None,
+    };
+    match (staged, decided) {
+        (Some((round, change)), _) => Some(Legacy::Staged { round, change }),
+        (_, Some((round, commit))) => Some(Legacy::Decided { round, commit }),
         _ => None,
     }
+}
+
+/// A round this node holds staged without a final decision, as its file records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedRound {
+    /// The round.
+    pub round: RoundId,
+    /// The raw change.
+    pub change: Vec<u8>,
+    /// What it commits.
+    pub kind: RoundKind,
+    /// Its configuration (`None` in files of an older konord).
+    pub configuration: Option<Configuration>,
+    /// The highest ballot promised for it.
+    pub promised: Ballot,
+    /// The decision accepted for it, with its ballot.
+    pub accepted: Option<(Ballot, bool)>,
 }
 
 /// A group rebuilt from a file, with what the reader had to drop.
@@ -122,7 +191,7 @@ pub struct LoadedGroup {
     /// What was dropped, if anything: the node reports it and repairs from peers.
     pub dropped: Option<Dropped>,
     /// A staged strong round without a recorded decision (this node is in doubt about it).
-    pub staged: Option<RoundRecord>,
+    pub staged: Option<StagedRound>,
     /// Decisions recorded in the file, oldest first.
     pub decisions: Vec<(RoundId, bool)>,
 }
@@ -137,6 +206,77 @@ impl LoadedGroup {
 /// The compaction policy: rewrite once the change tail is long.
 pub fn needs_compaction(tail_changes: usize) -> bool {
     tail_changes >= COMPACT_TAIL_CHANGES_MAX
+}
+
+/// A round record of any format, as the current one (legacy staged rounds without their
+/// configuration).
+fn read_round_record(kind: RecordKind, payload: &[u8]) -> Option<FoldedRecord> {
+    if kind == RecordKind::RoundV3 {
+        return postcard::from_bytes::<RoundRecord>(payload).ok().map(FoldedRecord::Current);
+    }
+    match decode_legacy(kind, payload)? {
+        Legacy::Staged { round, change } => Some(FoldedRecord::LegacyStaged { round, change }),
+        Legacy::Decided { round, commit } => Some(FoldedRecord::Current(RoundRecord::Decided { round, commit })),
+    }
+}
+
+enum FoldedRecord {
+    Current(RoundRecord),
+    LegacyStaged { round: RoundId, change: Vec<u8> },
+}
+
+/// Folds one round record into what the file says so far: the staged round (with its
+/// promises and acceptances) and the final decisions.
+fn fold_round_record(staged: &mut Option<StagedRound>, decisions: &mut Vec<(RoundId, bool)>, record: FoldedRecord) {
+    let record = match record {
+        FoldedRecord::LegacyStaged { round, change } => {
+            *staged = Some(StagedRound {
+                round,
+                change,
+                kind: RoundKind::Write,
+                configuration: None,
+                promised: Ballot::default(),
+                accepted: None,
+            });
+            return;
+        }
+        FoldedRecord::Current(record) => record,
+    };
+    let same = |staged: &Option<StagedRound>, round: &RoundId| staged.as_ref().is_some_and(|s| s.round == *round);
+    match record {
+        RoundRecord::Staged { round, change, kind, configuration } => {
+            if same(staged, &round) {
+                // Staged again (a coordinator's own round after a member's copy): keep the
+                // ballots recorded so far.
+                return;
+            }
+            *staged = Some(StagedRound {
+                round,
+                change,
+                kind,
+                configuration: Some(configuration),
+                promised: Ballot::default(),
+                accepted: None,
+            });
+        }
+        RoundRecord::Decided { round, commit } => {
+            if same(staged, &round) {
+                *staged = None;
+            }
+            decisions.push((round, commit));
+        }
+        RoundRecord::Promised { round, ballot } => {
+            if let Some(staged) = staged.as_mut().filter(|s| s.round == round) {
+                staged.promised = staged.promised.clone().max(ballot);
+            }
+        }
+        RoundRecord::Accepted { round, ballot, commit } => {
+            if let Some(staged) = staged.as_mut().filter(|s| s.round == round) {
+                staged.promised = staged.promised.clone().max(ballot.clone());
+                staged.accepted = Some((ballot, commit));
+            }
+        }
+    }
 }
 
 /// Rebuilds a group from a file's bytes, as `actor`. The longest valid prefix is used; a record
@@ -166,21 +306,15 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
                 meta = Some(record.payload.to_vec());
                 continue;
             }
-            RecordKind::Round | RecordKind::RoundV2 => match decode_round_record(record.kind, record.payload) {
-                Some(RoundRecord::Decided { round, commit }) => {
-                    if matches!(&staged, Some(RoundRecord::Staged { round: staged_round, .. }) if *staged_round == round)
-                    {
-                        staged = None;
+            RecordKind::Round | RecordKind::RoundV2 | RecordKind::RoundV3 => {
+                match read_round_record(record.kind, record.payload) {
+                    Some(round) => {
+                        fold_round_record(&mut staged, &mut decisions, round);
+                        continue;
                     }
-                    decisions.push((round, commit));
-                    continue;
+                    None => None,
                 }
-                Some(round @ RoundRecord::Staged { .. }) => {
-                    staged = Some(round);
-                    continue;
-                }
-                None => None,
-            },
+            }
         };
         let Some(changes) = decoded else {
             dropped = Some(Dropped {
@@ -194,7 +328,7 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
         tail_changes += changes.len();
         pending.extend(changes);
     }
-    group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?;
+    group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.error.to_string() })?;
     Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped, staged, decisions })
 }
 

@@ -10,6 +10,7 @@
 //! collection iterates in a deterministic order. `clippy.toml` in this crate enforces it.
 
 pub mod config_file;
+pub mod configuration;
 pub mod diff;
 pub mod error;
 pub mod exchange;
@@ -31,7 +32,7 @@ pub use automerge::{ActorId, ChangeHash};
 pub use config_file::FileFormat;
 pub use diff::SettingsDiff;
 pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, ValueError, VersionError};
-pub use exchange::{HeadsDigest, RemoteApplied, SyncPeer};
+pub use exchange::{ApplyFailure, HeadsDigest, RemoteApplied, SyncPeer};
 pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode};
 pub use join::GroupKey;
 pub use journal::{LoadedGroup, load_group_file};

@@ -117,3 +117,43 @@ pub const ROUND_QUEUE_MAX: usize = 64;
 pub const DECISIONS_KEPT: usize = 256;
 
 const _: () = assert!(DECISION_TIMEOUT_MS > ROUND_TIMEOUT_MS);
+
+/// Default of a strong group's `evict_after` policy: a member dead this long is removed from the
+/// configuration (if a majority agrees), so the rest can write again. Long enough that a
+/// restart or a short network blip never costs a member its seat; short enough that a dead host
+/// blocks writes for under a minute.
+pub const EVICT_AFTER_DEFAULT_MS: u64 = 30_000;
+
+/// Shortest `evict_after` a group accepts: eviction must wait until every read lease the
+/// evicted node may still hold has expired ([`LEASE_MS`] plus its margin), and beyond the
+/// failure detector's bound, or a paused node would be evicted while it still serves reads.
+pub const EVICT_AFTER_MIN_MS: u64 = 2 * (LEASE_MS + LEASE_MARGIN_MS);
+
+/// How long a read lease lasts, counted on the holder's clock from when it asked. A strong-group
+/// member serves reads as fresh only while a majority of its configuration granted it a lease
+/// this recent (SPEC F12). About the failure detector's bound at the default gossip period
+/// (2 s), so a paused or cut-off node turns stale about when its peers see it dead.
+pub const LEASE_MS: u64 = 2_000;
+
+/// How often a member asks for its read lease again: a few requests per lease, so one lost
+/// message does not let the lease lapse.
+pub const LEASE_RENEW_MS: u64 = 500;
+
+/// Extra time a granter keeps its promise (not to vote for the holder's eviction) beyond the
+/// lease: covers clocks that run at slightly different rates and the request's time in flight.
+pub const LEASE_MARGIN_MS: u64 = 1_000;
+
+const _: () = assert!(LEASE_RENEW_MS * 3 <= LEASE_MS);
+const _: () = assert!(EVICT_AFTER_MIN_MS <= EVICT_AFTER_DEFAULT_MS);
+
+/// How long a coordinator waits for a majority of the configuration to record its commit
+/// decision before it answers that the outcome is unknown (the round then settles by recovery).
+pub const DECIDE_TIMEOUT_MS: u64 = ROUND_TIMEOUT_MS;
+
+/// How long a node that holds a strong group but is not in its configuration waits between
+/// attempts to join the configuration (after a join, or after it was evicted and came back).
+pub const REJOIN_RETRY_MS: u64 = 1_000;
+
+/// How long a new member of an eventual group waits for the members it announced itself to
+/// (so that their next write counts it) before its join answers anyway.
+pub const ANNOUNCE_TIMEOUT_MS: u64 = 1_000;

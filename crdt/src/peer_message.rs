@@ -7,13 +7,16 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::configuration::Configuration;
 use crate::error::RemoteError;
 use crate::group::Mode;
 use crate::limits::PEER_MESSAGE_BYTES_MAX;
 
-/// Version byte that starts every encoded peer message. 2: round ids carry the coordinator's
-/// start (1 is refused with a version error, never misread).
-pub const PEER_PROTOCOL_VERSION: u8 = 2;
+/// Version byte that starts every encoded peer message. 3: strong groups by configuration
+/// (prepares name their round's kind and configuration, decisions carry ballots, recovery,
+/// leases and join announcements); 2 added the start of round ids. Other versions are refused
+/// with a version error, never misread.
+pub const PEER_PROTOCOL_VERSION: u8 = 3;
 
 /// Bytes of a join nonce or proof.
 pub const NONCE_BYTES: usize = 32;
@@ -40,12 +43,45 @@ impl std::fmt::Display for RoundId {
     }
 }
 
+/// The proposal number of a round's decision (single-decree Paxos over the round's outcome):
+/// the coordinator proposes at ballot `(0, coordinator)`; a member recovering an in-doubt round
+/// proposes at a higher one. Ordered by `(number, node)`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+pub struct Ballot {
+    /// 0 for the coordinator, larger for each recovery attempt.
+    pub number: u64,
+    /// The proposer.
+    pub node: String,
+}
+
+impl std::fmt::Display for Ballot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "b{}@{}", self.number, self.node)
+    }
+}
+
+/// What a strong round commits, which decides whose votes it needs (docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundKind {
+    /// A write: a yes from every member of the round's configuration.
+    Write,
+    /// A change of the configuration to `next`: a yes from a majority of the round's
+    /// configuration and from every member of `next` not seen dead; with `forced`, a yes from
+    /// every member of `next` alone (the operator's forced removal).
+    Reconfigure {
+        /// The configuration it installs.
+        next: Configuration,
+        /// Skips the majority of the old configuration.
+        forced: bool,
+    },
+}
+
 /// What a peer knows of a round's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RoundOutcome {
-    /// The change is committed (the peer holds it applied).
+    /// Final: the change is committed.
     Committed,
-    /// The round was aborted.
+    /// Final: the round was aborted; it never commits.
     Aborted,
     /// The peer does not know (yet).
     Unknown,
@@ -97,6 +133,8 @@ pub enum PeerMessage {
         mode: Mode,
         /// An Automerge save of the group document.
         snapshot: Vec<u8>,
+        /// The members the granter knows (itself included): the joiner announces itself to them.
+        members: Vec<String>,
     },
     /// The member refuses the join.
     JoinRefused {
@@ -118,9 +156,13 @@ pub enum PeerMessage {
         group: String,
         /// The round.
         round: RoundId,
-        /// The raw Automerge change.
+        /// The raw Automerge change (its dependencies are the position it commits at).
         change: Vec<u8>,
-        /// The live members the coordinator waits for.
+        /// Whose votes it needs.
+        kind: RoundKind,
+        /// The number of the configuration it runs in.
+        configuration: u64,
+        /// The nodes whose vote the coordinator waits for.
         members: Vec<String>,
     },
     /// A member's vote.
@@ -134,12 +176,14 @@ pub enum PeerMessage {
         /// Why not, for the operator.
         reason: String,
     },
-    /// Strong round, phase 2.
+    /// Strong round, phase 2: record this decision at `ballot` (Paxos accept request).
     Decide {
         /// Group.
         group: String,
         /// The round.
         round: RoundId,
+        /// The proposal.
+        ballot: Ballot,
         /// Commit (true) or abort.
         commit: bool,
     },
@@ -152,7 +196,8 @@ pub enum PeerMessage {
         /// The hash of the round's change: a peer holding it knows the round committed.
         change: [u8; 32],
     },
-    /// The answer.
+    /// What a peer knows of a round; `Committed` and `Aborted` are final (also sent unasked
+    /// once a decision is final).
     DecisionAnswer {
         /// Group.
         group: String,
@@ -160,6 +205,79 @@ pub enum PeerMessage {
         round: RoundId,
         /// What the peer knows.
         outcome: RoundOutcome,
+    },
+    /// The answer to `Decide`: recorded durably (`ok`), or refused because the member promised
+    /// a higher ballot (`promised`) or does not hold the round.
+    Accepted {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// The ballot of the `Decide`.
+        ballot: Ballot,
+        /// Recorded.
+        ok: bool,
+        /// The highest ballot the member promised.
+        promised: Ballot,
+    },
+    /// Recovery of an in-doubt round, phase 1 (Paxos prepare): promise to ignore lower
+    /// ballots and say what you accepted.
+    Recover {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// The recovery's ballot.
+        ballot: Ballot,
+    },
+    /// The answer to `Recover` from a member that holds the round staged.
+    Promise {
+        /// Group.
+        group: String,
+        /// The round.
+        round: RoundId,
+        /// The ballot promised (or refused).
+        ballot: Ballot,
+        /// Promised (durably).
+        ok: bool,
+        /// The decision it accepted, with its ballot.
+        accepted: Option<(Ballot, bool)>,
+        /// The highest ballot it promised.
+        promised: Ballot,
+    },
+    /// A strong-group member asks for a read lease (SPEC F12); `sent` is its own clock.
+    LeaseRequest {
+        /// Group.
+        group: String,
+        /// The requester's time of asking, echoed in the grant.
+        sent: u64,
+    },
+    /// The granter promises not to vote for the requester's removal for a lease's time, and
+    /// says what it holds so the requester can tell whether it is behind.
+    LeaseGrant {
+        /// Group.
+        group: String,
+        /// The request's `sent`.
+        sent: u64,
+        /// The granter's configuration number.
+        configuration: u64,
+        /// The granter's heads.
+        heads: Vec<[u8; 32]>,
+        /// A round the granter holds staged (in doubt), with its change hash.
+        staged: Option<(RoundId, [u8; 32])>,
+    },
+    /// A new member tells the members it holds the group (its membership proof), so their
+    /// next write counts it before gossip spreads the news.
+    Announce {
+        /// Group.
+        group: String,
+        /// Its membership proof.
+        proof: [u8; 32],
+    },
+    /// The announcement was taken.
+    AnnounceAck {
+        /// Group.
+        group: String,
     },
 }
 
@@ -179,7 +297,14 @@ impl PeerMessage {
             | PeerMessage::Vote { group, .. }
             | PeerMessage::Decide { group, .. }
             | PeerMessage::DecisionQuery { group, .. }
-            | PeerMessage::DecisionAnswer { group, .. } => group,
+            | PeerMessage::DecisionAnswer { group, .. }
+            | PeerMessage::Accepted { group, .. }
+            | PeerMessage::Recover { group, .. }
+            | PeerMessage::Promise { group, .. }
+            | PeerMessage::LeaseRequest { group, .. }
+            | PeerMessage::LeaseGrant { group, .. }
+            | PeerMessage::Announce { group, .. }
+            | PeerMessage::AnnounceAck { group } => group,
         }
     }
 
@@ -199,6 +324,13 @@ impl PeerMessage {
             PeerMessage::Decide { .. } => "decide",
             PeerMessage::DecisionQuery { .. } => "decision_query",
             PeerMessage::DecisionAnswer { .. } => "decision_answer",
+            PeerMessage::Accepted { .. } => "accepted",
+            PeerMessage::Recover { .. } => "recover",
+            PeerMessage::Promise { .. } => "promise",
+            PeerMessage::LeaseRequest { .. } => "lease_request",
+            PeerMessage::LeaseGrant { .. } => "lease_grant",
+            PeerMessage::Announce { .. } => "announce",
+            PeerMessage::AnnounceAck { .. } => "announce_ack",
         }
     }
 
@@ -257,7 +389,24 @@ mod tests {
             (group, bytes.clone()).prop_map(|(group, message)| PeerMessage::Sync { group, message }),
             (group, any::<[u8; 32]>()).prop_map(|(group, nonce)| PeerMessage::JoinRequest { group, nonce }),
             (group, any::<[u8; 32]>()).prop_map(|(group, proof)| PeerMessage::JoinProof { group, proof }),
-            (group, bytes).prop_map(|(group, snapshot)| PeerMessage::JoinGrant { group, mode: Mode::Strong, snapshot }),
+            (group, bytes).prop_map(|(group, snapshot)| PeerMessage::JoinGrant {
+                group,
+                mode: Mode::Strong,
+                snapshot,
+                members: vec!["n1".into()]
+            }),
+            (group, any::<u64>(), ".{0,8}").prop_map(|(group, number, node)| PeerMessage::Recover {
+                group,
+                round: RoundId { lamport: number, node: node.clone(), start: 7 },
+                ballot: Ballot { number, node },
+            }),
+            (group, any::<u64>()).prop_map(|(group, sent)| PeerMessage::LeaseGrant {
+                group,
+                sent,
+                configuration: 3,
+                heads: vec![[1; 32]],
+                staged: Some((RoundId { lamport: 1, node: "n".into(), start: 2 }, [2; 32])),
+            }),
             (group, ".{0,20}").prop_map(|(group, reason)| PeerMessage::JoinRefused { group, reason }),
         ]
     }

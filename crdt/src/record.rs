@@ -40,8 +40,12 @@ pub enum RecordKind {
     /// (`lamport`, `node`), written before round ids carried the coordinator's start. Still
     /// read; never written.
     Round,
-    /// A strong round's staged change or its decision ([`crate::journal::RoundRecord`]).
+    /// A strong round's staged change or its decision, with round ids carrying the start but
+    /// without configurations or ballots. Still read; never written.
     RoundV2,
+    /// A strong round's staged change, a ballot promised, a decision accepted, or its final
+    /// decision ([`crate::journal::RoundRecord`]).
+    RoundV3,
 }
 
 impl RecordKind {
@@ -53,6 +57,7 @@ impl RecordKind {
             RecordKind::Meta => 3,
             RecordKind::Round => 4,
             RecordKind::RoundV2 => 5,
+            RecordKind::RoundV3 => 6,
         }
     }
 
@@ -64,6 +69,7 @@ impl RecordKind {
             3 => Some(RecordKind::Meta),
             4 => Some(RecordKind::Round),
             5 => Some(RecordKind::RoundV2),
+            6 => Some(RecordKind::RoundV3),
             _ => None,
         }
     }

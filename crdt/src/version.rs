@@ -143,6 +143,15 @@ pub enum VersionKind {
         /// The version whose settings were restored.
         to: VersionId,
     },
+    /// A strong group's configuration changed (settings unchanged).
+    Membership {
+        /// The new configuration's number.
+        configuration: u64,
+        /// Members added.
+        added: Vec<String>,
+        /// Members removed.
+        removed: Vec<String>,
+    },
 }
 
 impl VersionKind {
@@ -154,6 +163,7 @@ impl VersionKind {
             VersionKind::Delete { .. } => "delete",
             VersionKind::Apply { .. } => "apply",
             VersionKind::Rollback { .. } => "rollback",
+            VersionKind::Membership { .. } => "membership",
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use konor_crdt::configuration::{Fencing, GroupPolicy};
 use konor_crdt::replica::{
     CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, MembershipView, Notification, PeerLiveness,
     PeerState, actor_for,
@@ -29,7 +30,7 @@ use tracing::{error, info, warn};
 
 use crate::local_api::{self, ClientInfo, LocalApiConfig, LocalCall};
 use crate::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
-use crate::read_view::{GroupRead, ReadView};
+use crate::read_view::{Fresh, GroupRead, ReadView};
 use crate::settings::DaemonSettings;
 use crate::store::Store;
 use crate::tls;
@@ -74,7 +75,53 @@ pub struct DaemonStats {
 /// How to shape a command's reply for the socket.
 enum PendingReply {
     Plain(oneshot::Sender<Response>),
-    Created { reply: oneshot::Sender<Response>, key: String },
+    Created {
+        reply: oneshot::Sender<Response>,
+        key: String,
+    },
+    /// A repair of a damaged group (a join with its stored key): on failure it is queued again.
+    Repair {
+        name: String,
+        key: GroupKey,
+    },
+}
+
+/// A group whose file was unreadable, to fetch again from a peer (SPEC F24). Kept across
+/// restarts: the group's key stays in `groups/` while its file is in quarantine.
+struct Repair {
+    name: String,
+    key: GroupKey,
+    /// Earliest next attempt.
+    next: Instant,
+    /// Attempts so far (the backoff doubles with each).
+    attempts: u32,
+}
+
+/// First wait before retrying a failed repair; doubled per attempt up to [`REPAIR_BACKOFF_MAX`].
+const REPAIR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// Longest wait between repair attempts: a lost group is worth a try every half minute.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// First wait before rewriting a group file that a failed fsync left in an unknown state; then
+/// doubled per attempt up to [`REPAIR_BACKOFF_MAX`] (the disk may stay full for a while).
+const REWRITE_BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+/// How long a read of a strong group with the `block` fencing policy waits for the node to be
+/// fresh before it fails with `unavailable`.
+const BLOCKED_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads waiting for freshness at most: beyond this, reads of a fenced `block` group fail at
+/// once (the node is cut off; queueing more only delays the error).
+const BLOCKED_READS_MAX: usize = 1024;
+
+/// A read of a `block` group waiting for the node to be fresh.
+struct BlockedRead {
+    group: String,
+    request: Request,
+    client: ClientInfo,
+    reply: oneshot::Sender<Response>,
+    deadline: Instant,
 }
 
 /// One watcher of a group.
@@ -92,6 +139,8 @@ struct ProcessReport {
 struct Daemon {
     node_id: String,
     replica: Replica,
+    /// The replica's actor, to load group files as this node (after a failed write).
+    replica_actor: konor_crdt::ActorId,
     store: Arc<std::sync::Mutex<Store>>,
     store_io: StoreIo,
     reads: Option<ReadView>,
@@ -108,7 +157,16 @@ struct Daemon {
     watchers: BTreeMap<String, Vec<Watcher>>,
     last_change: BTreeMap<String, Instant>,
     processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
-    repairs: Vec<(String, GroupKey)>,
+    repairs: Vec<Repair>,
+    /// Attempts of each repair so far (for its backoff).
+    repair_attempts: BTreeMap<String, u32>,
+    /// Groups whose file must be rewritten (a failed fsync left it unknown), with the next
+    /// attempt and the current backoff.
+    rewrites: BTreeMap<String, (Instant, Duration)>,
+    /// Groups whose last write to disk failed, with the error: the node is degraded until a
+    /// later write of that group succeeds (SPEC F24, issue 11).
+    degraded: BTreeMap<String, String>,
+    blocked_reads: Vec<BlockedRead>,
     stats: Arc<DaemonStats>,
 }
 
@@ -247,7 +305,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     // The incarnation makes the actor unique per start; the seed also covers a data dir that
     // was wiped or restored from an old backup (FACTS: never reuse an actor).
     let actor = actor_for(&format!("{node_id}/{}", konor_crdt::settings::hex_of(&seed[..8])), store.incarnation());
-    let (loaded, repairs) = load_groups(&mut store, &actor)?;
+    let (loaded, repair_list) = load_groups(&mut store, &actor)?;
+    let repairs =
+        repair_list.into_iter().map(|(name, key)| Repair { name, key, next: Instant::now(), attempts: 0 }).collect();
     let membership_config = MembershipConfig {
         node_id: node_id.clone(),
         generation: store.incarnation(),
@@ -258,11 +318,17 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         labels,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
-    let replica_state = Replica::new(node_id.clone(), actor, seed, loaded);
+    let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);
     let started = Instant::now();
+    let wall_now = match wall_base {
+        Some(base) => base,
+        None => system_clock(),
+    };
+    replica_state.set_wall_offset(wall_now.0);
     let mut daemon = Daemon {
         node_id: node_id.clone(),
         replica: replica_state,
+        replica_actor: actor,
         store: Arc::new(std::sync::Mutex::new(store)),
         store_io,
         reads,
@@ -280,6 +346,10 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         last_change: BTreeMap::new(),
         processes: BTreeMap::new(),
         repairs,
+        repair_attempts: BTreeMap::new(),
+        rewrites: BTreeMap::new(),
+        degraded: BTreeMap::new(),
+        blocked_reads: Vec::new(),
         stats: Arc::new(DaemonStats::default()),
     };
     info!(node = %node_id, "node running");
@@ -314,6 +384,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             _ = tokio::time::sleep_until(timeout) => {
                 let now = daemon.now();
                 daemon.replica.handle(now, Input::Tick);
+                daemon.rewrite_due_files().await;
             }
             result = &mut gossip_ended => {
                 // FACTS: a dead gossip task must never go unnoticed; without membership the
@@ -352,6 +423,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             daemon.handle_call(call);
             daemon.execute_outputs().await;
         }
+        daemon.answer_blocked_reads();
     }
     info!("shutting down: announcing leave");
     daemon.membership.set_leaving().await;
@@ -374,6 +446,7 @@ fn answers_from_state(call: &LocalCall) -> bool {
                 | Request::GroupCreate { .. }
                 | Request::GroupJoin { .. }
                 | Request::GroupLeave { .. }
+                | Request::GroupRemove { .. }
         ),
         LocalCall::Watch { .. } => true,
         LocalCall::Disconnected { .. } => false,
@@ -404,6 +477,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
                     store.truncate_group(&name, file.valid_bytes)?;
                 }
                 let state = LoadedState {
+                    damaged: file.dropped.is_some(),
                     doc: file.group,
                     key,
                     tail_changes: file.tail_changes,
@@ -420,7 +494,40 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
             }
         }
     }
+    // A key without a group file: a group quarantined by an earlier start whose repair never
+    // finished. The repair queue survives restarts this way.
+    for name in store.list_group_keys()? {
+        if loaded.contains_key(&name) || repairs.iter().any(|(pending, _)| *pending == name) {
+            continue;
+        }
+        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+            warn!(group = %name, "group file missing (quarantined earlier): repairing from peers");
+            repairs.push((name, key));
+        }
+    }
     Ok((loaded, repairs))
+}
+
+/// The group a persist operation writes.
+fn persist_op_group(op: &PersistOp) -> &str {
+    match op {
+        PersistOp::CreateGroup { group, .. }
+        | PersistOp::Append { group, .. }
+        | PersistOp::Compact { group, .. }
+        | PersistOp::RemoveGroup { group }
+        | PersistOp::SyncState { group, .. } => group,
+    }
+}
+
+/// What an operator reads when a write to disk failed: a full disk named as such.
+fn persist_error_text(group: &str, error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let full = text.contains("No space left") || text.contains("os error 28") || text.contains("quota");
+    if full {
+        format!("disk full while saving group {group:?} on this node ({text}); free space in the data dir")
+    } else {
+        format!("could not save group {group:?} on this node ({text})")
+    }
 }
 
 fn system_clock() -> Millis {
@@ -444,6 +551,11 @@ fn command_error_response(error: &CommandError) -> Response {
         CommandError::NotCommitted { .. } => ErrorCode::NotCommitted,
         CommandError::RoundAborted { .. } => ErrorCode::Aborted,
         CommandError::RoundInProgress { .. } => ErrorCode::Busy,
+        CommandError::OutcomeUnknown { .. } => ErrorCode::OutcomeUnknown,
+        CommandError::NotDurable(_) => ErrorCode::NotDurable,
+        CommandError::NotAMember { .. } => ErrorCode::Unavailable,
+        CommandError::LeaveFailed { .. } => ErrorCode::Unavailable,
+        CommandError::NoConfiguration(_) | CommandError::BadRequest(_) => ErrorCode::BadRequest,
         _ => ErrorCode::Internal,
     };
     error_response(code, error.to_string())
@@ -501,13 +613,11 @@ impl Daemon {
                 .iter()
                 .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
                 .collect();
-            peers.insert(
-                node.id.clone(),
-                PeerState {
-                    liveness: if node.liveness == Liveness::Live { PeerLiveness::Live } else { PeerLiveness::Dead },
-                    groups,
-                },
-            );
+            let liveness = match node.liveness {
+                Liveness::Live => PeerLiveness::Live,
+                Liveness::Dead | Liveness::Leaving => PeerLiveness::Dead,
+            };
+            peers.insert(node.id.clone(), PeerState { liveness, groups, left: node.left_groups.clone() });
         }
         let membership = MembershipView { peers };
         self.mesh = view;
@@ -518,17 +628,20 @@ impl Daemon {
             let now = self.now();
             self.replica.handle(now, Input::Membership(membership));
         }
-        // Groups found damaged at start are repaired by joining again once a peer holds them.
+        // Groups found damaged are repaired by joining again once a peer holds them; a failed
+        // attempt comes back here with a longer wait.
+        let now = Instant::now();
         let repairs = std::mem::take(&mut self.repairs);
-        for (name, key) in repairs {
+        for repair in repairs {
             let available =
-                self.mesh.nodes.values().any(|n| n.liveness == Liveness::Live && n.groups.contains_key(&name));
-            if available {
-                info!(group = %name, "repairing damaged group from a peer");
-                let (tx, _rx) = oneshot::channel();
-                self.command(Command::JoinGroup { name, key }, PendingReply::Plain(tx));
-            } else {
-                self.repairs.push((name, key));
+                self.mesh.nodes.values().any(|n| n.liveness == Liveness::Live && n.groups.contains_key(&repair.name));
+            if available && repair.next <= now && self.replica.group(&repair.name).is_none() {
+                info!(group = %repair.name, attempt = repair.attempts + 1, "repairing damaged group from a peer");
+                let command = Command::JoinGroup { name: repair.name.clone(), key: repair.key.clone(), repair: true };
+                self.repair_attempts.insert(repair.name.clone(), repair.attempts + 1);
+                self.command(command, PendingReply::Repair { name: repair.name, key: repair.key });
+            } else if self.replica.group(&repair.name).is_none() {
+                self.repairs.push(repair);
             }
         }
     }
@@ -543,7 +656,11 @@ impl Daemon {
     /// is always safe (an ack, a reply or a heads digest only ever follows its fsync), and
     /// concurrent writers share the cost of the fsync.
     async fn execute_outputs(&mut self) {
+        // Stale flags first: a vote or an acceptance about to leave makes this node in doubt,
+        // and no read may be served as fresh once it is (the commit may be reported any moment).
+        self.settle_reads();
         let mut persist_failed: Option<String> = None;
+        let mut failed_groups: Vec<String> = Vec::new();
         let mut outputs: std::collections::VecDeque<Output> =
             std::iter::from_fn(|| self.replica.poll_output()).collect();
         loop {
@@ -588,14 +705,15 @@ impl Daemon {
                     }
                     let failed = writing.await;
                     for (group, error) in &failed {
-                        // The store refuses appends to a file whose fsync failed until it is
-                        // rewritten: rewrite it from memory now rather than at the next compaction.
-                        self.rewrite_group_file(group);
                         if let Some(reads) = &self.reads {
                             reads.remove(group);
                         }
-                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
-                        error!(%group, %error, "persist failed: the change is not durable here");
+                        self.mark_degraded(group, error);
+                    }
+                    if failed.is_empty() {
+                        for group in &order {
+                            self.clear_degraded(group);
+                        }
                     }
                     // As if run one by one: outputs before the first failed append go out as
                     // usual, the ones after it see the failure.
@@ -612,6 +730,7 @@ impl Daemon {
                     if persist_failed.is_none() && first_failed.is_some() {
                         persist_failed = failed.first().map(|(_, error)| error.clone());
                     }
+                    failed_groups.extend(failed.into_iter().map(|(group, _)| group));
                 }
                 Output::Persist(op) => {
                     if let PersistOp::RemoveGroup { group } = &op
@@ -619,17 +738,138 @@ impl Daemon {
                     {
                         reads.remove(group);
                     }
-                    if let Err(error) = self.persist(op).await {
-                        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
-                        error!(%error, "persist failed");
-                        persist_failed = Some(error.to_string());
+                    let group = persist_op_group(&op).to_owned();
+                    let create_or_compact = matches!(op, PersistOp::CreateGroup { .. } | PersistOp::Compact { .. });
+                    let sync_state = matches!(op, PersistOp::SyncState { .. });
+                    match self.persist(op).await {
+                        Ok(()) if create_or_compact => self.clear_degraded(&group),
+                        Ok(()) => {}
+                        // A sync state is an optimisation: losing one costs a larger sync.
+                        Err(error) if sync_state => warn!(%group, %error, "could not save a sync state"),
+                        Err(error) => {
+                            let text = persist_error_text(&group, &error);
+                            self.mark_degraded(&group, &text);
+                            persist_failed = Some(text);
+                            failed_groups.push(group);
+                        }
                     }
                 }
                 other => self.execute_plain(other, persist_failed.as_deref()).await,
             }
         }
-        if persist_failed.is_none() {
-            self.settle_reads();
+        if let Some(error) = persist_failed {
+            // Whatever was not made durable is dropped from memory: the replica reloads the
+            // groups from their files and fails what depended on them.
+            failed_groups.sort();
+            failed_groups.dedup();
+            for group in failed_groups {
+                let reloaded = self.reload_group(&group).await;
+                let now = self.now();
+                let input = Input::PersistFailed { group, error: error.clone(), reloaded: reloaded.map(Box::new) };
+                self.replica.handle(now, input);
+            }
+            // Their outputs (error answers, the durable gossip) run in a batch of their own.
+            Box::pin(self.execute_outputs()).await;
+            return;
+        }
+        self.settle_reads();
+    }
+
+    /// A group as its file holds it now (what is durable), for the replica after a failed
+    /// persist; `None` when the file cannot be read (it is then repaired from peers).
+    async fn reload_group(&mut self, group: &str) -> Option<LoadedState> {
+        let name = group.to_owned();
+        let read = self.with_store(move |store| store.read_group(&name)).await;
+        let bytes = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(crate::store::StoreError::GroupNotFound { .. })) => return None,
+            Ok(Err(error)) => {
+                error!(%group, %error, "cannot read the group file after a failed write");
+                return None;
+            }
+            Err(error) => {
+                error!(%group, %error, "cannot read the group file after a failed write");
+                return None;
+            }
+        };
+        let file = match konor_crdt::load_group_file(&bytes, self.replica_actor()) {
+            Ok(file) => file,
+            Err(error) => {
+                error!(%group, %error, "the group file does not load after a failed write");
+                return None;
+            }
+        };
+        let name = group.to_owned();
+        let key = self.with_store(move |store| store.read_group_key(&name)).await.ok()?.ok()??;
+        let key = GroupKey::parse(&key).ok()?;
+        let needs_rewrite = {
+            let name = group.to_owned();
+            self.with_store(move |store| store.needs_recovery(&name)).await.unwrap_or(true)
+        };
+        if needs_rewrite {
+            self.rewrites
+                .entry(group.to_owned())
+                .or_insert((Instant::now() + REWRITE_BACKOFF_MIN, REWRITE_BACKOFF_MIN));
+        }
+        Some(LoadedState {
+            damaged: false,
+            doc: file.group,
+            key,
+            tail_changes: file.tail_changes,
+            sync_states: BTreeMap::new(),
+            staged: file.staged,
+            decisions: file.decisions,
+        })
+    }
+
+    /// The replica's actor, for loading documents as this node.
+    fn replica_actor(&self) -> konor_crdt::ActorId {
+        self.replica_actor.clone()
+    }
+
+    /// A write of `group` to disk failed: the node is degraded until a later one succeeds.
+    fn mark_degraded(&mut self, group: &str, error: &str) {
+        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+        if self.degraded.insert(group.to_owned(), error.to_owned()).is_none() {
+            error!(%group, %error, "disk write failed: node degraded (nothing that was not saved is served or acknowledged)");
+        } else {
+            warn!(%group, %error, "disk write failed again");
+        }
+    }
+
+    fn clear_degraded(&mut self, group: &str) {
+        if self.degraded.remove(group).is_some() {
+            info!(%group, "disk writes succeed again: no longer degraded");
+        }
+    }
+
+    /// Rewrites group files a failed fsync left unknown, once their backoff has passed.
+    async fn rewrite_due_files(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> =
+            self.rewrites.iter().filter(|(_, (at, _))| *at <= now).map(|(group, _)| group.clone()).collect();
+        for group in due {
+            let Some(file) = self.replica.compacted_file(&group) else {
+                self.rewrites.remove(&group);
+                continue;
+            };
+            let name = group.clone();
+            match self.with_store(move |store| store.replace_group(&name, &file)).await {
+                Ok(Ok(())) => {
+                    self.rewrites.remove(&group);
+                    self.clear_degraded(&group);
+                    warn!(%group, "group file rewritten after a failed write");
+                }
+                Ok(Err(error)) => {
+                    let text = persist_error_text(&group, &error);
+                    if let Some((at, backoff)) = self.rewrites.get_mut(&group) {
+                        *backoff = (*backoff * 2).min(REPAIR_BACKOFF_MAX);
+                        *at = now + *backoff;
+                    }
+                    self.mark_degraded(&group, &text);
+                }
+                Err(error) => warn!(%group, %error, "the store thread failed"),
+            }
         }
     }
 
@@ -692,21 +932,95 @@ impl Daemon {
     fn settle_reads(&self) {
         let Some(reads) = &self.reads else { return };
         let present: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
-        let mut fenced = Vec::new();
+        let mut fresh = BTreeMap::new();
         for name in &present {
             let Some(doc) = self.replica.group(name) else { continue };
             let revision = self.replica.revision(name).unwrap_or(0);
             if reads.revision(name) != Some(revision) {
                 let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
                 let changed = self.last_change.get(name).copied().unwrap_or(self.started);
-                let read = GroupRead { settings, revision, version: doc.latest_label(), changed, stale: false };
+                let read = GroupRead {
+                    settings,
+                    revision,
+                    version: doc.latest_label(),
+                    changed,
+                    stale: true,
+                    stale_reason: None,
+                    fresh_until: None,
+                    block: false,
+                };
                 reads.replace(name, read);
             }
-            if self.replica.is_fenced(name) {
-                fenced.push(name.clone());
+            let block = doc.policy().fencing == Fencing::Block && doc.mode() == Mode::Strong;
+            let state = match self.replica.freshness(name) {
+                Ok(until) => Fresh { stale_reason: None, fresh_until: until.map(|at| self.instant_at(at)), block },
+                Err(reason) => Fresh { stale_reason: Some(reason), fresh_until: None, block },
+            };
+            fresh.insert(name.clone(), state);
+        }
+        reads.settle(&present, &fresh);
+    }
+
+    /// The instant of a replica time.
+    fn instant_at(&self, at: Millis) -> Instant {
+        self.started + Duration::from_millis(at.0)
+    }
+
+    /// True for a read of a strong group with the `block` fencing policy while this node cannot
+    /// prove it is fresh.
+    fn must_block(&self, request: &Request) -> bool {
+        let group = match request {
+            Request::Get { group, .. } | Request::Snapshot { group } => group,
+            _ => return false,
+        };
+        self.replica.group(group).is_some_and(|doc| doc.policy().fencing == Fencing::Block)
+            && self.replica.is_fenced(group)
+    }
+
+    /// Holds a read until this node is fresh (fencing policy `block`), bounded in time and count.
+    fn block_read(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
+        let group = match &request {
+            Request::Get { group, .. } | Request::Snapshot { group } => group.clone(),
+            _ => return,
+        };
+        if self.blocked_reads.len() >= BLOCKED_READS_MAX {
+            let reason = self.replica.fencing_reason(&group).unwrap_or_default();
+            let message =
+                format!("group {group:?} cannot be read fresh here ({reason}) and too many reads wait already");
+            return send(reply, error_response(ErrorCode::Unavailable, message));
+        }
+        let deadline = Instant::now() + BLOCKED_READ_TIMEOUT;
+        self.blocked_reads.push(BlockedRead { group, request, client, reply, deadline });
+    }
+
+    /// Answers held reads whose node is fresh again, and fails those past their deadline.
+    fn answer_blocked_reads(&mut self) {
+        if self.blocked_reads.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let held = std::mem::take(&mut self.blocked_reads);
+        for read in held {
+            if !self.replica.is_fenced(&read.group) {
+                self.handle_request(read.client, read.request, read.reply);
+            } else if read.deadline <= now {
+                let reason = self.replica.fencing_reason(&read.group).unwrap_or_default();
+                let message = format!(
+                    "group {:?} could not be read fresh within {BLOCKED_READ_TIMEOUT:?}: {reason} (the group's fencing policy is block)",
+                    read.group
+                );
+                send(read.reply, error_response(ErrorCode::Unavailable, message));
+            } else {
+                self.blocked_reads.push(read);
             }
         }
-        reads.settle(&present, &fenced);
+    }
+
+    /// Queues a failed repair again, with a longer wait.
+    fn queue_repair(&mut self, name: String, key: GroupKey, attempts: u32, error: &str) {
+        let backoff = REPAIR_BACKOFF_MIN.saturating_mul(1 << attempts.min(5)).min(REPAIR_BACKOFF_MAX);
+        warn!(group = %name, %error, retry_in = ?backoff, "repair from a peer failed; it is tried again");
+        self.repairs.push(Repair { name, key, next: Instant::now() + backoff, attempts });
     }
 
     /// Runs `work` on the store where [`StoreIo`] says.
@@ -741,7 +1055,7 @@ impl Daemon {
             for (group, records) in &by_group {
                 let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
                 if let Err(error) = store.append_batch(group, &parts) {
-                    failed.push((group.clone(), error.to_string()));
+                    failed.push((group.clone(), persist_error_text(group, &error)));
                 }
             }
             failed
@@ -757,19 +1071,6 @@ impl Daemon {
             running.await.unwrap_or_else(|error| {
                 groups.into_iter().map(|group| (group, format!("the store thread failed: {error}"))).collect()
             })
-        }
-    }
-
-    /// Rewrites a group's file as a fresh snapshot of the in-memory document.
-    fn rewrite_group_file(&mut self, group: &str) {
-        let Some(doc) = self.replica.group(group) else { return };
-        let mut store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        match konor_crdt::journal::snapshot_file(doc, None) {
-            Ok(file) => match store.replace_group(group, &file) {
-                Ok(()) => warn!(group, "group file rewritten from memory after a failed append"),
-                Err(error) => error!(group, %error, "cannot rewrite the group file; appends stay refused"),
-            },
-            Err(error) => error!(group, %error, "cannot snapshot the group"),
         }
     }
 
@@ -800,11 +1101,24 @@ impl Daemon {
         let (sender, key) = match pending {
             PendingReply::Plain(sender) => (sender, None),
             PendingReply::Created { reply, key } => (reply, Some(key)),
+            PendingReply::Repair { name, key } => {
+                let attempts = self.repair_attempts.get(&name).copied().unwrap_or(1);
+                match result {
+                    Ok(Ok(_)) => {
+                        info!(group = %name, "group repaired from a peer");
+                        self.repair_attempts.remove(&name);
+                    }
+                    Ok(Err(CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_))) => {}
+                    Ok(Err(error)) => self.queue_repair(name, key, attempts, &error.to_string()),
+                    Err(error) => self.queue_repair(name, key, attempts, &error),
+                }
+                return;
+            }
         };
         let response = match result {
             Err(persist_error) => error_response(
-                ErrorCode::Internal,
-                format!("the change could not be made durable on this node: {persist_error}"),
+                ErrorCode::NotDurable,
+                format!("not committed: {persist_error}; nothing of it is served here"),
             ),
             Ok(Err(error)) => command_error_response(&error),
             Ok(Ok(CommandOutcome::Committed(receipt))) => Response::Committed {
@@ -817,6 +1131,9 @@ impl Daemon {
             Ok(Ok(CommandOutcome::Created { name })) => Response::GroupCreated { name, key: key.unwrap_or_default() },
             Ok(Ok(CommandOutcome::Joined { name, version })) => Response::Joined { name, version },
             Ok(Ok(CommandOutcome::Left { .. })) => Response::Done,
+            Ok(Ok(CommandOutcome::Reconfigured { group, configuration })) => {
+                Response::Reconfigured { group, configuration }
+            }
         };
         let _ = sender.send(response);
     }
@@ -838,6 +1155,7 @@ impl Daemon {
 
     fn freshness(&self, group: &str) -> Freshness {
         let doc = self.replica.group(group);
+        let stale_reason = self.replica.fencing_reason(group);
         Freshness {
             revision: self.replica.revision(group).unwrap_or(0),
             version: doc.map(|d| d.latest_label()).unwrap_or_default(),
@@ -845,7 +1163,8 @@ impl Daemon {
                 .last_change
                 .get(group)
                 .map_or_else(|| self.started.elapsed().as_millis() as u64, |at| at.elapsed().as_millis() as u64),
-            stale: self.replica.is_fenced(group),
+            stale: stale_reason.is_some(),
+            stale_reason,
         }
     }
 
@@ -925,6 +1244,9 @@ impl Daemon {
             )
         };
         let response = match request {
+            Request::Get { .. } | Request::Snapshot { .. } if self.must_block(&request) => {
+                return self.block_read(client, request, reply);
+            }
             Request::Get { group, key } => match self.replica.group(&group) {
                 Some(doc) => {
                     Response::Value { value: doc.get(&key).cloned(), freshness: self.freshness(&group), group, key }
@@ -952,11 +1274,28 @@ impl Daemon {
                 self.processes.entry(group).or_default().insert((client.connection, client.pid), ProcessReport { row });
                 Response::Done
             }
-            Request::GroupCreate { name, mode, key } => {
+            Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
                 let mode: Mode = match mode.parse() {
                     Ok(mode) => mode,
                     Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                 };
+                let mut policy = GroupPolicy::default();
+                if let Some(ms) = evict_after_ms {
+                    if ms < konor_crdt::limits::EVICT_AFTER_MIN_MS {
+                        let message = format!(
+                            "evict_after {ms} ms is below the minimum of {} ms (a member's read lease must run out before it is evicted)",
+                            konor_crdt::limits::EVICT_AFTER_MIN_MS
+                        );
+                        return send(reply, error_response(ErrorCode::BadRequest, message));
+                    }
+                    policy.evict_after = Millis(ms);
+                }
+                if let Some(text) = fencing {
+                    match text.parse::<Fencing>() {
+                        Ok(fencing) => policy.fencing = fencing,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    }
+                }
                 let key = match key {
                     Some(text) => match GroupKey::parse(&text) {
                         Ok(key) => key,
@@ -968,17 +1307,25 @@ impl Daemon {
                     CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", self.wall_clock());
                 let text = key.to_text();
                 self.command(
-                    Command::CreateGroup { name, mode, key, meta },
+                    Command::CreateGroup { name, mode, key, meta, policy },
                     PendingReply::Created { reply, key: text },
                 );
                 return;
             }
             Request::GroupJoin { name, key } => match GroupKey::parse(&key) {
-                Ok(key) => return self.command(Command::JoinGroup { name, key }, PendingReply::Plain(reply)),
+                Ok(key) => {
+                    return self.command(Command::JoinGroup { name, key, repair: false }, PendingReply::Plain(reply));
+                }
                 Err(message) => error_response(ErrorCode::BadRequest, message),
             },
-            Request::GroupLeave { name } => {
-                return self.command(Command::LeaveGroup { name }, PendingReply::Plain(reply));
+            Request::GroupLeave { name, force } => {
+                return self.command(Command::LeaveGroup { name, force }, PendingReply::Plain(reply));
+            }
+            Request::GroupRemove { group, node, force } => {
+                let message = format!("remove {node}{}", if force { " (forced)" } else { "" });
+                let meta = CommitMeta::new(format!("{}@{}", client.process, self.node_id), message, self.wall_clock());
+                let command = Command::RemoveMember { group, node, force, meta };
+                return self.command(command, PendingReply::Plain(reply));
             }
             Request::GroupList => Response::Groups { groups: self.group_rows() },
             Request::Set { group, entries, meta } => {
@@ -1099,6 +1446,7 @@ impl Daemon {
                 .to_owned(),
                 last_heartbeat_ms: node.heartbeat_age.map(|age| age.as_millis() as u64),
                 is_self: node.id == self.node_id,
+                degraded: (node.id == self.node_id).then(|| self.degraded_text()).flatten(),
             })
             .collect()
     }
@@ -1140,7 +1488,17 @@ impl Daemon {
             quorum: quorum.as_ref().map_or(1, |q| q.quorum),
             last_write: quorum.as_ref().and_then(|q| q.last_commit.clone()),
             fenced: quorum.as_ref().is_some_and(|q| q.fenced),
+            fenced_reason: quorum.as_ref().and_then(|q| q.fenced_reason.clone()),
+            configuration: quorum.as_ref().and_then(|q| q.configuration.as_ref().map(ToString::to_string)),
+            unknown: quorum.as_ref().map(|q| q.unknown.clone()).unwrap_or_default(),
+            degraded: self.degraded_text(),
         }
+    }
+
+    /// Why this node is degraded (a failed write to its disk), if it is.
+    fn degraded_text(&self) -> Option<String> {
+        let errors: Vec<&str> = self.degraded.values().map(String::as_str).collect();
+        (!errors.is_empty()).then(|| errors.join("; "))
     }
 }
 

@@ -828,7 +828,13 @@ mod tests {
         }
 
         fn freshness(&self) -> Freshness {
-            Freshness { revision: self.revision, version: format!("v{}", self.revision), age_ms: 0, stale: false }
+            Freshness {
+                revision: self.revision,
+                version: format!("v{}", self.revision),
+                age_ms: 0,
+                stale: false,
+                stale_reason: None,
+            }
         }
     }
 

@@ -94,6 +94,8 @@ pub struct MeshNode {
     pub heartbeat_age: Option<Duration>,
     /// Raw group summaries it publishes (left groups excluded).
     pub groups: BTreeMap<String, String>,
+    /// Groups it announced it left (their key holds the left marker).
+    pub left_groups: std::collections::BTreeSet<String>,
 }
 
 /// The mesh as this node sees it.
@@ -265,6 +267,11 @@ impl Membership {
                 .filter(|(_, v)| *v != GROUP_LEFT)
                 .filter_map(|(k, v)| k.strip_prefix(GROUP_PREFIX).map(|k| (k.to_owned(), v.to_owned())))
                 .collect();
+            let left_groups = state
+                .key_values()
+                .filter(|(_, v)| *v == GROUP_LEFT)
+                .filter_map(|(k, _)| k.strip_prefix(GROUP_PREFIX).map(str::to_owned))
+                .collect();
             let node = MeshNode {
                 id: id.node_id.to_string(),
                 addr: id.gossip_advertise_addr,
@@ -272,6 +279,7 @@ impl Membership {
                 liveness,
                 heartbeat_age: (!is_self).then(|| now.saturating_duration_since(entry.1)),
                 groups,
+                left_groups,
             };
             // Keep the newest generation of each node id (a restart starts a new one).
             let newer = view.nodes.get(&node.id).is_none_or(|_| {

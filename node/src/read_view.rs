@@ -26,6 +26,39 @@ pub struct GroupRead {
     pub changed: Instant,
     /// The group is fenced (strong, in doubt or behind): reads are flagged stale.
     pub stale: bool,
+    /// Why it is stale.
+    pub stale_reason: Option<String>,
+    /// A strong group served fresh only until its read lease runs out: reads after this
+    /// instant are stale even before the daemon settles the view again.
+    pub fresh_until: Option<Instant>,
+    /// The group's fencing policy is `block`: a stale read goes to the daemon, which waits.
+    pub block: bool,
+}
+
+/// A group's freshness as the daemon settles it after each batch.
+#[derive(Debug, Clone, Default)]
+pub struct Fresh {
+    /// Why reads are stale, or `None`.
+    pub stale_reason: Option<String>,
+    /// Until when the freshness proof holds (strong groups).
+    pub fresh_until: Option<Instant>,
+    /// Stale reads block (fencing policy `block`).
+    pub block: bool,
+}
+
+impl GroupRead {
+    /// Why a read now is stale, if it is.
+    fn stale_now(&self) -> Option<String> {
+        if self.stale {
+            return Some(self.stale_reason.clone().unwrap_or_else(|| "fenced".to_owned()));
+        }
+        match self.fresh_until {
+            Some(until) if Instant::now() >= until => {
+                Some("the read lease ran out: no recent contact with a majority of the configuration".to_owned())
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Shared between the daemon (the only writer) and the socket sessions (readers).
@@ -38,6 +71,11 @@ impl ReadView {
     pub fn get(&self, group: &str, key: &str) -> Option<Response> {
         let groups = self.0.read().unwrap_or_else(PoisonError::into_inner);
         let read = groups.get(group)?;
+        let stale_reason = read.stale_now();
+        if stale_reason.is_some() && read.block {
+            // The daemon holds the read until the node is fresh again (fencing policy block).
+            return None;
+        }
         Some(Response::Value {
             group: group.to_owned(),
             key: key.to_owned(),
@@ -46,7 +84,8 @@ impl ReadView {
                 revision: read.revision,
                 version: read.version.clone(),
                 age_ms: read.changed.elapsed().as_millis() as u64,
-                stale: read.stale,
+                stale: stale_reason.is_some(),
+                stale_reason,
             },
         })
     }
@@ -87,13 +126,17 @@ impl ReadView {
         self.0.write().unwrap_or_else(PoisonError::into_inner).remove(group);
     }
 
-    /// Sets the stale flag of every group in `fenced`, clears it elsewhere, and drops groups
-    /// that are not in `present`.
-    pub fn settle(&self, present: &[String], fenced: &[String]) {
+    /// Sets every group's freshness as `fresh` says (no entry: fresh), and drops groups that
+    /// are not in `present`.
+    pub fn settle(&self, present: &[String], fresh: &BTreeMap<String, Fresh>) {
         let mut groups = self.0.write().unwrap_or_else(PoisonError::into_inner);
         groups.retain(|name, _| present.contains(name));
         for (name, read) in groups.iter_mut() {
-            read.stale = fenced.contains(name);
+            let state = fresh.get(name).cloned().unwrap_or_default();
+            read.stale = state.stale_reason.is_some();
+            read.stale_reason = state.stale_reason;
+            read.fresh_until = state.fresh_until;
+            read.block = state.block;
         }
     }
 }
@@ -113,7 +156,16 @@ mod tests {
     }
 
     fn empty(revision: u64) -> GroupRead {
-        GroupRead { settings: BTreeMap::new(), revision, version: String::new(), changed: Instant::now(), stale: false }
+        GroupRead {
+            settings: BTreeMap::new(),
+            revision,
+            version: String::new(),
+            changed: Instant::now(),
+            stale: false,
+            stale_reason: None,
+            fresh_until: None,
+            block: false,
+        }
     }
 
     #[tokio::test]
@@ -136,9 +188,29 @@ mod tests {
         let view = ReadView::default();
         view.replace("app", empty(1));
         view.replace("old", empty(1));
-        view.settle(&["app".to_owned()], &["app".to_owned()]);
+        let fenced = Fresh { stale_reason: Some("in doubt".into()), ..Fresh::default() };
+        view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), fenced)]));
         let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
         assert!(freshness.stale);
+        assert_eq!(freshness.stale_reason.as_deref(), Some("in doubt"));
         assert!(view.get("old", "a").is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lapsed_lease_makes_reads_stale_without_waiting_for_a_settle() {
+        let view = ReadView::default();
+        view.replace("app", empty(1));
+        let until = Instant::now() + std::time::Duration::from_millis(100);
+        let lease = Fresh { fresh_until: Some(until), ..Fresh::default() };
+        view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), lease)]));
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        assert!(!freshness.stale);
+        tokio::time::advance(std::time::Duration::from_millis(100)).await;
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        assert!(freshness.stale, "{freshness:?}");
+        // With the block policy a stale read is left to the daemon.
+        let blocking = Fresh { stale_reason: Some("in doubt".into()), block: true, ..Fresh::default() };
+        view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), blocking)]));
+        assert!(view.get("app", "a").is_none());
     }
 }

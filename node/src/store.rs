@@ -224,6 +224,14 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the file system is out of space (or over quota).
+    pub fn is_disk_full(&self) -> bool {
+        matches!(self, StoreError::Io { error, .. }
+            if error.kind() == io::ErrorKind::StorageFull || matches!(error.raw_os_error(), Some(28 | 122)))
+    }
+}
+
 /// `node.json`.
 #[derive(Debug, Serialize, Deserialize)]
 struct NodeIdentity {
@@ -255,6 +263,8 @@ pub struct Store {
     append_handles: BTreeMap<String, AppendHandle>,
     /// Groups whose file tail is unknown after a failed write or fsync; appends are refused until a rewrite.
     needs_recovery: BTreeSet<String>,
+    /// For groups in `needs_recovery`: the length known durable, so a reload reads only that.
+    durable_bytes: BTreeMap<String, u64>,
 }
 
 impl Store {
@@ -312,7 +322,7 @@ impl Store {
             Ok(Some(bytes)) => serde_json::from_slice::<NodeIdentity>(&bytes)
                 .map_err(|e| StoreError::BadIdentity { path: identity_path.clone(), detail: e.to_string() })?,
             Ok(None) => {
-                if !group_names(&groups_dir)?.is_empty() {
+                if !group_names(&groups_dir, GROUP_EXTENSION)?.is_empty() {
                     return Err(StoreError::MissingIdentity { path: identity_path });
                 }
                 NodeIdentity { node_id: node_id.to_owned(), incarnation: 0, other: serde_json::Map::new() }
@@ -351,6 +361,7 @@ impl Store {
             _lock_file: lock_file,
             append_handles: BTreeMap::new(),
             needs_recovery: BTreeSet::new(),
+            durable_bytes: BTreeMap::new(),
         })
     }
 
@@ -372,7 +383,19 @@ impl Store {
     /// Names of the groups with a record file, sorted. Temp files and names that are not valid group names are
     /// skipped.
     pub fn list_groups(&self) -> Result<Vec<String>, StoreError> {
-        group_names(&self.groups_dir)
+        group_names(&self.groups_dir, GROUP_EXTENSION)
+    }
+
+    /// Names of the groups with a key file, sorted (a group whose record file was quarantined
+    /// keeps its key here until it is repaired).
+    pub fn list_group_keys(&self) -> Result<Vec<String>, StoreError> {
+        group_names(&self.groups_dir, KEY_EXTENSION)
+    }
+
+    /// True when appends to the group are refused until its file is rewritten (a failed fsync
+    /// left its contents unknown).
+    pub fn needs_recovery(&self, name: &str) -> bool {
+        self.needs_recovery.contains(name)
     }
 
     /// Creates a group file holding `bytes` (a `journal::snapshot_file`), durably. Refused if the group exists.
@@ -387,6 +410,7 @@ impl Store {
         self.append_handles.remove(name);
         write_atomic(&self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes)?;
         self.needs_recovery.remove(name);
+        self.durable_bytes.remove(name);
         Ok(())
     }
 
@@ -394,7 +418,13 @@ impl Store {
     pub fn read_group(&self, name: &str) -> Result<Vec<u8>, StoreError> {
         let path = self.group_path(name)?;
         match read_bounded(&path, GROUP_FILE_BYTES_MAX) {
-            Ok(Some(bytes)) => Ok(bytes),
+            Ok(Some(mut bytes)) => {
+                // After a failed fsync the tail is unknown: only the part known durable counts.
+                if let Some(durable) = self.durable_bytes.get(name) {
+                    bytes.truncate(usize::try_from(*durable).unwrap_or(usize::MAX));
+                }
+                Ok(bytes)
+            }
             Ok(None) => Err(StoreError::GroupNotFound { name: name.to_owned(), path }),
             Err(ReadBoundedError::TooLarge(bytes)) => {
                 Err(StoreError::FileTooLarge { path, bytes, max: GROUP_FILE_BYTES_MAX })
@@ -438,6 +468,7 @@ impl Store {
         self.append_handles.remove(name);
         write_atomic(&self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes)?;
         self.needs_recovery.remove(name);
+        self.durable_bytes.remove(name);
         Ok(())
     }
 
@@ -485,6 +516,7 @@ impl Store {
         let target = self.quarantine_dir.join(format!("{name}.{stamp}.{GROUP_EXTENSION}"));
         self.move_to_quarantine(&path, &target)?;
         self.needs_recovery.remove(name);
+        self.durable_bytes.remove(name);
         tracing::warn!(group = name, from = %path.display(), to = %target.display(), "quarantined a group file");
         Ok(target)
     }
@@ -508,6 +540,7 @@ impl Store {
         }
         self.move_to_quarantine(&path, &target)?;
         self.needs_recovery.remove(name);
+        self.durable_bytes.remove(name);
         tracing::info!(group = name, to = %target.display(), "left a group; its files are in quarantine");
         Ok(target)
     }
@@ -620,17 +653,21 @@ impl Store {
             // A partial record left in place would end the loader's valid prefix, hiding every record appended
             // after it, acknowledged ones included; so it is cut back before anything else is appended.
             let cut_back = handle.file.set_len(handle.end_bytes).and_then(|()| handle.file.sync_data());
+            let durable = handle.end_bytes;
             self.append_handles.remove(name);
             if cut_back.is_err() {
                 self.needs_recovery.insert(name.to_owned());
+                self.durable_bytes.insert(name.to_owned(), durable);
             }
             return Err(StoreError::Io { action: "append to", path, error });
         }
         if let Err(error) = handle.file.sync_data() {
             // After a failed fsync the kernel may have dropped the dirty pages and will not report it again
             // (PostgreSQL's "fsyncgate"): what the file holds is unknown until the group is rewritten.
+            let durable = handle.end_bytes;
             self.append_handles.remove(name);
             self.needs_recovery.insert(name.to_owned());
+            self.durable_bytes.insert(name.to_owned(), durable);
             return Err(StoreError::Io { action: "fsync", path, error });
         }
         handle.end_bytes += adding;
@@ -750,14 +787,14 @@ fn read_bounded(path: &Path, max: usize) -> Result<Option<Vec<u8>>, ReadBoundedE
     Ok(Some(bytes))
 }
 
-/// Valid group names that have a record file in `groups_dir`, sorted.
-fn group_names(groups_dir: &Path) -> Result<Vec<String>, StoreError> {
+/// Valid group names that have a file with `extension` in `groups_dir`, sorted.
+fn group_names(groups_dir: &Path, extension: &str) -> Result<Vec<String>, StoreError> {
     let mut names = Vec::new();
     for entry in fs::read_dir(groups_dir).map_err(io_error("list", groups_dir))? {
         let entry = entry.map_err(io_error("list", groups_dir))?;
         let file_name = entry.file_name();
         let Some(file_name) = file_name.to_str() else { continue };
-        let Some(name) = file_name.strip_suffix(&format!(".{GROUP_EXTENSION}")) else { continue };
+        let Some(name) = file_name.strip_suffix(&format!(".{extension}")) else { continue };
         if validate_group_name(name).is_ok() {
             names.push(name.to_owned());
         }

@@ -14,7 +14,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use konor_crdt::journal::RoundRecord;
 use konor_crdt::{ActorId, ChangeHash, PeerMessage, load_group_file};
 use konor_sdk::protocol::{Request, Response};
 
@@ -77,6 +76,8 @@ pub type RoundKey = (String, konor_crdt::peer_message::RoundId);
 
 #[derive(Debug)]
 struct RoundSeen {
+    /// A write (every member must vote yes) rather than a configuration change.
+    write: bool,
     members: BTreeSet<String>,
     change: Option<ChangeHash>,
     yes_delivered: BTreeSet<String>,
@@ -118,7 +119,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// What a node's group file holds, for the checks.
 struct OnDisk {
     doc: konor_crdt::GroupDoc,
-    staged: Option<RoundRecord>,
+    staged: Option<konor_crdt::journal::StagedRound>,
 }
 
 fn read_group(data_dir: &Path, group: &str) -> Result<OnDisk, String> {
@@ -193,7 +194,7 @@ impl ProtocolChecker {
                 }
                 (None, found)
             }
-            PeerMessage::Prepare { group, round, change, members } => {
+            PeerMessage::Prepare { group, round, change, members, kind, .. } => {
                 let key = (group.clone(), round.clone());
                 let change = self.remember_change(&change);
                 if let Some(seen) = self.rounds.get(&key)
@@ -210,6 +211,7 @@ impl ProtocolChecker {
                     self.rounds.remove(&key);
                 }
                 self.rounds.entry(key).or_insert_with(|| RoundSeen {
+                    write: kind == konor_crdt::peer_message::RoundKind::Write,
                     members: members.into_iter().collect(),
                     change,
                     yes_delivered: BTreeSet::new(),
@@ -234,8 +236,11 @@ impl ProtocolChecker {
                 match read_group(from_dir, &group) {
                     Ok(disk) => {
                         // Staged under this round id *with this round's change*, or already applied.
-                        let staged = matches!(&disk.staged, Some(RoundRecord::Staged { round: r, change, .. })
-                            if *r == round && konor_crdt::exchange::decode_change(change).ok().map(|c| c.hash()) == seen.change);
+                        let staged = disk.staged.as_ref().is_some_and(|staged| {
+                            staged.round == round
+                                && konor_crdt::exchange::decode_change(&staged.change).ok().map(|c| c.hash())
+                                    == seen.change
+                        });
                         let applied = seen.change.is_some_and(|hash| disk.doc.has_change(&hash));
                         if !(staged || applied) {
                             found.push((
@@ -248,7 +253,10 @@ impl ProtocolChecker {
                 }
                 (observed, found)
             }
-            PeerMessage::Decide { group, round, commit } => {
+            // The coordinator's commit proposal (ballot 0): a write needs a yes from every
+            // member, a configuration change from a majority at least. Recoveries (higher
+            // ballots) re-propose what a majority reported; the strong history checks them.
+            PeerMessage::Decide { group, round, commit, ballot } if ballot.number == 0 => {
                 let key = (group.clone(), round.clone());
                 if let Some(seen) = self.rounds.get_mut(&key)
                     && !seen.decided
@@ -258,7 +266,12 @@ impl ProtocolChecker {
                         self.decisions_checked += 1;
                         let missing: Vec<&str> =
                             seen.members.difference(&seen.yes_delivered).map(String::as_str).collect();
-                        if !missing.is_empty() {
+                        let enough = if seen.write {
+                            missing.is_empty()
+                        } else {
+                            2 * (seen.yes_delivered.len() + 1) > seen.members.len()
+                        };
+                        if !enough {
                             found.push((
                                 invariant::ALL_ACK,
                                 format!(
@@ -473,7 +486,20 @@ pub fn describe(bytes: &[u8]) -> String {
             format!("Prepare {group} {round} members [{}]", members.join(","))
         }
         Ok(PeerMessage::Vote { group, round, yes, reason }) => format!("Vote {group} {round} yes={yes} {reason}"),
-        Ok(PeerMessage::Decide { group, round, commit }) => format!("Decide {group} {round} commit={commit}"),
+        Ok(PeerMessage::Decide { group, round, commit, ballot }) => {
+            format!("Decide {group} {round} {ballot} commit={commit}")
+        }
+        Ok(PeerMessage::Accepted { group, round, ballot, ok, .. }) => {
+            format!("Accepted {group} {round} {ballot} ok={ok}")
+        }
+        Ok(PeerMessage::Recover { group, round, ballot }) => format!("Recover {group} {round} {ballot}"),
+        Ok(PeerMessage::Promise { group, round, ballot, ok, accepted, .. }) => {
+            format!("Promise {group} {round} {ballot} ok={ok} accepted={accepted:?}")
+        }
+        Ok(PeerMessage::LeaseRequest { group, .. }) => format!("LeaseRequest {group}"),
+        Ok(PeerMessage::LeaseGrant { group, configuration, .. }) => format!("LeaseGrant {group} c{configuration}"),
+        Ok(PeerMessage::Announce { group, .. }) => format!("Announce {group}"),
+        Ok(PeerMessage::AnnounceAck { group }) => format!("AnnounceAck {group}"),
         Ok(PeerMessage::DecisionQuery { group, round, .. }) => format!("DecisionQuery {group} {round}"),
         Ok(PeerMessage::DecisionAnswer { group, round, outcome }) => {
             format!("DecisionAnswer {group} {round} {outcome:?}")

@@ -529,7 +529,16 @@ pub async fn setup_groups(sim: &Sim, bound: Duration) -> bool {
     let strong_members = sim.config.strong_member_count();
     let mut keys = BTreeMap::new();
     for group in GroupKind::ALL {
-        let request = Request::GroupCreate { name: group.name().to_owned(), mode: group.mode().to_owned(), key: None };
+        // The strong group evicts members dead for the shortest time allowed, so that runs
+        // exercise evictions and rejoins, not only rounds that wait for a crashed member.
+        let evict_after_ms = (group == GroupKind::Strong).then_some(konor_crdt::limits::EVICT_AFTER_MIN_MS);
+        let request = Request::GroupCreate {
+            name: group.name().to_owned(),
+            mode: group.mode().to_owned(),
+            key: None,
+            evict_after_ms,
+            fencing: None,
+        };
         match call(&sim.cluster, 0, request).await {
             Some(Response::GroupCreated { key, .. }) => {
                 keys.insert(group, key);

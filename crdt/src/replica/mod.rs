@@ -17,6 +17,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config_file::FileFormat;
+use crate::configuration::{Configuration, GroupPolicy};
 use crate::error::{EditError, RemoteError};
 use crate::exchange::{HeadsDigest, RemoteApplied, SyncPeer};
 use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
@@ -26,10 +27,13 @@ use crate::limits::{
     ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS,
     WATCH_EVENTS_KEPT,
 };
-use crate::peer_message::{Nonce, PeerMessage, RoundId};
+use crate::peer_message::{Nonce, PeerMessage, RoundId, RoundOutcome};
 
-mod barrier;
+mod configuration;
+mod decision;
+mod lease;
 mod quorum;
+mod round;
 
 use crate::settings::{hex, unhex};
 use crate::time::Millis;
@@ -159,6 +163,8 @@ pub struct PeerState {
     pub liveness: PeerLiveness,
     /// Groups it claims to hold, with its gossip for each.
     pub groups: BTreeMap<String, GroupGossip>,
+    /// Groups it announced in gossip that it left.
+    pub left: BTreeSet<String>,
 }
 
 /// The whole membership view, handed in whenever it changes.
@@ -181,6 +187,8 @@ pub enum Command {
         key: GroupKey,
         /// Author, message, time.
         meta: CommitMeta,
+        /// Its policy (eviction delay, fencing).
+        policy: GroupPolicy,
     },
     /// Join a group held by some live peer.
     JoinGroup {
@@ -188,11 +196,27 @@ pub enum Command {
         name: String,
         /// Its key.
         key: GroupKey,
+        /// True when this node held the group and lost records of it (a damaged file): it then
+        /// answers questions about rounds it has no record of with "unknown" until it moved on.
+        repair: bool,
     },
-    /// Stop holding a group here.
+    /// Stop holding a group here. A strong group's member leaves the configuration first.
     LeaveGroup {
         /// Name.
         name: String,
+        /// Drop the group at once, without a configuration change (the others evict it).
+        force: bool,
+    },
+    /// Remove a member from a strong group's configuration.
+    RemoveMember {
+        /// Group.
+        group: String,
+        /// The member.
+        node: NodeId,
+        /// Agreed by the remaining members alone, without a majority of the configuration.
+        force: bool,
+        /// Author, message, time.
+        meta: CommitMeta,
     },
     /// Set keys.
     Set {
@@ -251,6 +275,9 @@ pub struct CommitReceipt {
 
 /// A successful command.
 #[derive(Debug, Clone, PartialEq)]
+// One value per answered command, moved once into a reply: boxing would cost an allocation per
+// write for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum CommandOutcome {
     /// A write.
     Committed(CommitReceipt),
@@ -270,6 +297,13 @@ pub enum CommandOutcome {
     Left {
         /// Name.
         name: String,
+    },
+    /// A strong group's configuration changed.
+    Reconfigured {
+        /// Group.
+        group: String,
+        /// The configuration now, as text.
+        configuration: String,
     },
 }
 
@@ -344,6 +378,49 @@ pub enum CommandError {
         /// Why, naming the members that blocked.
         reason: String,
     },
+    /// The strong round's commit was proposed but this node could not learn whether it became
+    /// final: the group settles it the same everywhere (committed or aborted, never both).
+    #[error(
+        "the outcome of the strong write to {group:?} (round {round}) is unknown: {reason}; read the group again (or its history) before retrying"
+    )]
+    OutcomeUnknown {
+        /// Group.
+        group: String,
+        /// The round.
+        round: String,
+        /// Why.
+        reason: String,
+    },
+    /// The strong group holds no configuration (made by an older konord). Nothing changed.
+    #[error("strong group {0:?} has no configuration (it was created by an older konord); create it anew")]
+    NoConfiguration(String),
+    /// This node is not a member of the strong group's configuration. Nothing changed.
+    #[error(
+        "{node} is not (yet) a member of the configuration of strong group {group:?} ({configuration}); it catches up and joins it on its own, retry shortly"
+    )]
+    NotAMember {
+        /// Group.
+        group: String,
+        /// This node.
+        node: NodeId,
+        /// The configuration, as text.
+        configuration: String,
+    },
+    /// Leaving the strong group's configuration failed; the node still holds the group.
+    #[error("cannot leave {group:?}: {reason}")]
+    LeaveFailed {
+        /// Group.
+        group: String,
+        /// Why.
+        reason: String,
+    },
+    /// A request that makes no sense here. Nothing changed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The change could not be made durable on this node (disk full, I/O error). It is not
+    /// served here; an eventual change may still reach peers it was pushed to.
+    #[error("{0}")]
+    NotDurable(String),
 }
 
 /// A change in what a group serves, for local watchers.
@@ -447,7 +524,7 @@ pub enum Output {
 }
 
 /// The input a replica reacts to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Input {
     /// A local command.
     Command {
@@ -469,6 +546,17 @@ pub enum Input {
     Tick,
     /// The shell started the persist operations before [`Output::Resume`]: continue.
     Resume,
+    /// A persist operation of `group` failed (disk full, I/O error): nothing after it in its
+    /// batch ran. `reloaded` is the group as its file holds it now (the durable state), or
+    /// `None` when the file cannot be read: the replica drops what was not made durable.
+    PersistFailed {
+        /// Group.
+        group: String,
+        /// What failed, for the error answers.
+        error: String,
+        /// The group reloaded from its file.
+        reloaded: Option<Box<LoadedState>>,
+    },
 }
 
 /// A group loaded from disk at start.
@@ -483,7 +571,10 @@ pub struct LoadedState {
     /// Persisted sync states per peer.
     pub sync_states: BTreeMap<NodeId, Vec<u8>>,
     /// A staged strong round without a decision in the file.
-    pub staged: Option<crate::journal::RoundRecord>,
+    pub staged: Option<crate::journal::StagedRound>,
+    /// True when the file lost records (a damaged tail was cut): the node may have forgotten
+    /// votes and acceptances.
+    pub damaged: bool,
     /// Decisions recorded in the file.
     pub decisions: Vec<(RoundId, bool)>,
 }
@@ -508,7 +599,7 @@ struct GroupState {
     tail_changes: usize,
     sync: BTreeMap<NodeId, SyncSession>,
     /// The strong round this node coordinates or has staged (at most one: invariant S3).
-    round: Option<barrier::Round>,
+    round: Option<round::Round>,
     /// The largest round lamport seen for the group.
     round_lamport: u64,
     /// Recent round outcomes, to answer in-doubt peers.
@@ -516,15 +607,22 @@ struct GroupState {
     /// The last local write's commit: its label and who acknowledged it.
     last_commit: Option<(String, Vec<NodeId>)>,
     /// Local writes waiting for the current strong round to end.
-    queued: VecDeque<barrier::QueuedWrite>,
-    /// True until a membership view showed this node the group's other members (fencing).
-    awaiting_view: bool,
+    queued: VecDeque<round::QueuedWrite>,
+    /// Leases, configuration upkeep and amnesia of a strong group.
+    strong: lease::StrongState,
+    /// Members that announced themselves since (their gossip may not have arrived yet).
+    announced: BTreeMap<NodeId, Millis>,
+    /// An eventual join waiting for the members to take this node's announcement.
+    announcing: Option<configuration::Announcing>,
+    /// True while this node leaves the group's configuration.
+    leaving: bool,
 }
 
 #[derive(Debug)]
 struct PendingJoin {
     id: CommandId,
     key: GroupKey,
+    repair: bool,
     nonce: Nonce,
     tried: BTreeSet<NodeId>,
     asking: Option<NodeId>,
@@ -554,8 +652,19 @@ impl GroupState {
             decisions: VecDeque::new(),
             last_commit: None,
             queued: VecDeque::new(),
-            awaiting_view: true,
+            strong: lease::StrongState::default(),
+            announced: BTreeMap::new(),
+            announcing: None,
+            leaving: false,
         }
+    }
+
+    /// The final outcome of `round` as recorded here, if known.
+    fn final_outcome(&self, round: &RoundId) -> Option<RoundOutcome> {
+        self.decisions
+            .iter()
+            .find(|(id, _)| id == round)
+            .map(|(_, commit)| if *commit { RoundOutcome::Committed } else { RoundOutcome::Aborted })
     }
 
     fn remember_decision(&mut self, round: RoundId, commit: bool) {
@@ -592,6 +701,10 @@ pub struct Replica {
     outputs: VecDeque<Output>,
     /// Received changes already queued for persisting, applied at [`Input::Resume`].
     deferred: Option<DeferredApply>,
+    /// Since when each peer has been dead in the membership view (evictions).
+    dead_since: BTreeMap<NodeId, Millis>,
+    /// Unix milliseconds at `now` = 0, for the stamps of versions this node writes on its own.
+    wall_offset: u64,
 }
 
 /// Changes a member persists before it applies them, so that the apply overlaps the fsync.
@@ -624,6 +737,8 @@ impl Replica {
             commits: BTreeMap::new(),
             outputs: VecDeque::new(),
             deferred: None,
+            dead_since: BTreeMap::new(),
+            wall_offset: 0,
         };
         for (name, state) in loaded {
             let mut sync = BTreeMap::new();
@@ -638,6 +753,11 @@ impl Replica {
             group.sync = sync;
             group.round_lamport = round_lamport;
             group.decisions = state.decisions.into_iter().collect();
+            if state.damaged {
+                let mut heads = group.doc.heads();
+                heads.sort();
+                group.strong.amnesic_at = Some(heads);
+            }
             replica.groups.insert(name.clone(), group);
             replica.restore_round(&name, state.staged);
             replica.publish(&name);
@@ -648,6 +768,16 @@ impl Replica {
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
+    }
+
+    /// Sets the wall clock: Unix milliseconds at `now` = 0 (for versions this node writes on
+    /// its own, such as evictions).
+    pub fn set_wall_offset(&mut self, unix_ms_at_zero: u64) {
+        self.wall_offset = unix_ms_at_zero;
+    }
+
+    fn wall_clock(&self) -> Millis {
+        Millis(self.wall_offset + self.now.0)
     }
 
     /// The group `name`, for reads (reads never go through the state machine).
@@ -684,6 +814,33 @@ impl Replica {
                     .then(|| (node.clone(), peer.is_live(), gossip.clone()))
             })
             .collect()
+    }
+
+    /// Every member of `group` this node knows of (this node excluded) with its liveness: peers
+    /// whose gossiped proof verifies, and members that announced themselves since (a new member
+    /// of an eventual group counts before gossip spreads its proof).
+    pub fn member_liveness(&self, group: &str) -> BTreeMap<NodeId, PeerLiveness> {
+        let mut members: BTreeMap<NodeId, PeerLiveness> = self
+            .members(group)
+            .into_iter()
+            .map(|(node, _, _)| {
+                let liveness = self.membership.peers.get(&node).map_or(PeerLiveness::Unknown, |p| p.liveness);
+                (node, liveness)
+            })
+            .collect();
+        if let Some(state) = self.groups.get(group) {
+            for node in state.announced.keys() {
+                if *node == self.node_id || members.contains_key(node) {
+                    continue;
+                }
+                let peer = self.membership.peers.get(node);
+                if peer.is_some_and(|p| p.left.contains(group)) {
+                    continue;
+                }
+                members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+            }
+        }
+        members
     }
 
     /// The notifications after `revision` for a watcher resuming there, or `Resync` when the
@@ -726,9 +883,19 @@ impl Replica {
         for commit in self.commits.values() {
             consider(commit.deadline);
         }
+        if let Some(at) = self.next_lease_request() {
+            consider(at);
+        }
         for state in self.groups.values() {
             if let Some(round) = &state.round {
                 consider(round.deadline());
+            }
+            if let Some((_, deadline)) = state.strong.joining {
+                consider(deadline);
+                consider(state.strong.next_reconfigure);
+            }
+            if let Some(announcing) = &state.announcing {
+                consider(announcing.deadline);
             }
             for write in &state.queued {
                 consider(write.deadline);
@@ -765,6 +932,7 @@ impl Replica {
             },
             Input::Membership(view) => self.handle_membership(view),
             Input::Tick => self.handle_tick(),
+            Input::PersistFailed { group, error, reloaded } => self.handle_persist_failed(&group, &error, reloaded),
             Input::Resume => {}
         }
         self.drain_round_queues();
@@ -796,23 +964,24 @@ impl Replica {
         }
     }
 
+    /// Members that may be up (live, or not judged yet): pushes go to them, and eventual
+    /// quorums count them.
     fn live_members(&self, group: &str) -> Vec<NodeId> {
-        self.members(group).into_iter().filter(|(_, live, _)| *live).map(|(node, _, _)| node).collect()
+        self.member_liveness(group)
+            .into_iter()
+            .filter(|(_, liveness)| *liveness != PeerLiveness::Dead)
+            .map(|(node, _)| node)
+            .collect()
     }
 
     fn handle_command(&mut self, id: CommandId, command: Command) {
         match command {
-            Command::CreateGroup { name, mode, key, meta } => self.create_group(id, name, mode, key, meta),
-            Command::JoinGroup { name, key } => self.start_join(id, name, key),
-            Command::LeaveGroup { name } => {
-                if self.groups.remove(&name).is_none() {
-                    return self.reply(id, Err(CommandError::UnknownGroup(name)));
-                }
-                self.challenges.retain(|(_, group), _| group != &name);
-                self.outputs.push_back(Output::Persist(PersistOp::RemoveGroup { group: name.clone() }));
-                self.outputs.push_back(Output::Publish { group: name.clone(), gossip: None });
-                self.reply(id, Ok(CommandOutcome::Left { name }));
+            Command::CreateGroup { name, mode, key, meta, policy } => {
+                self.create_group(id, name, mode, key, meta, policy)
             }
+            Command::JoinGroup { name, key, repair } => self.start_join(id, name, key, repair),
+            Command::LeaveGroup { name, force } => self.leave_group(id, name, force),
+            Command::RemoveMember { group, node, force, meta } => self.remove_member(id, group, node, force, meta),
             Command::Set { group, entries, meta } => self.local_write(id, group, Edit::Set(entries), meta),
             Command::Delete { group, keys, meta } => self.local_write(id, group, Edit::Delete(keys), meta),
             Command::Apply { group, format, text, meta } => {
@@ -822,11 +991,21 @@ impl Replica {
         }
     }
 
-    fn create_group(&mut self, id: CommandId, name: String, mode: Mode, key: GroupKey, meta: CommitMeta) {
+    fn create_group(
+        &mut self,
+        id: CommandId,
+        name: String,
+        mode: Mode,
+        key: GroupKey,
+        meta: CommitMeta,
+        policy: GroupPolicy,
+    ) {
         if self.groups.contains_key(&name) || self.joins.contains_key(&name) {
             return self.reply(id, Err(CommandError::AlreadyExists(name)));
         }
-        let (doc, _) = match GroupDoc::create(&name, mode, self.actor.clone(), &meta) {
+        let configuration = (mode == Mode::Strong).then(|| Configuration::initial(&self.node_id));
+        let created = GroupDoc::create_with(&name, mode, self.actor.clone(), &meta, &policy, configuration.as_ref());
+        let (doc, _) = match created {
             Ok(created) => created,
             Err(error) => return self.reply(id, Err(error.into())),
         };
@@ -841,9 +1020,7 @@ impl Replica {
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);
-        let mut state = GroupState::new(doc, key, proof, 0);
-        // Created here or just received whole from a member: nothing to catch up on.
-        state.awaiting_view = false;
+        let state = GroupState::new(doc, key, proof, 0);
         self.groups.insert(name.clone(), state);
         self.publish(&name);
         // Peers holding the group are now members of ours: compare digests at once.
@@ -889,6 +1066,67 @@ impl Replica {
         self.await_quorum(id, receipt, commit.change_hash, live);
     }
 
+    /// A persist of `group` failed: everything of the group that was not made durable is
+    /// dropped from memory (the group is rebuilt from what its file holds), and every write that
+    /// depended on it fails with the error. Nothing not on disk is served or acknowledged.
+    fn handle_persist_failed(&mut self, group: &str, error: &str, reloaded: Option<Box<LoadedState>>) {
+        let failed: Vec<CommandId> =
+            self.commits.iter().filter(|(_, pending)| pending.group() == group).map(|(id, _)| *id).collect();
+        for id in failed {
+            self.commits.remove(&id);
+            let text = format!("{error}; the write is not committed (it may still reach the peers it was sent to)");
+            self.reply(id, Err(CommandError::NotDurable(text)));
+        }
+        let reloaded_staged = reloaded.as_ref().and_then(|r| r.staged.as_ref().map(|s| s.round.clone()));
+        if let Some(round::Round::Coordinating(own)) = self.groups.get(group).and_then(|s| s.round.as_ref()) {
+            {
+                let proposed_durably = reloaded_staged.as_ref() == Some(&own.id);
+                if proposed_durably {
+                    self.give_up_deciding(group, format!("{error} while finishing the round"));
+                } else {
+                    // Its commit proposal (if any) never left: the Decides came after the
+                    // failed persist. Aborting is final.
+                    if let Some(state) = self.groups.get_mut(group)
+                        && let Some(round::Round::Coordinating(own)) = state.round.as_mut()
+                    {
+                        own.phase = round::Phase::Voting;
+                    }
+                    self.abort_own_round(group, format!("{error} on the coordinator"));
+                }
+            }
+        }
+        let Some(old) = self.groups.remove(group) else { return };
+        let Some(loaded) = reloaded else {
+            // The file cannot be read: the shell repairs the group from peers.
+            for write in old.queued {
+                self.reply(write.command, Err(CommandError::NotDurable(error.to_owned())));
+            }
+            self.outputs.push_back(Output::Publish { group: group.to_owned(), gossip: None });
+            return;
+        };
+        let LoadedState { doc, key, tail_changes, sync_states: _, staged, decisions, damaged: _ } = *loaded;
+        let mut state = GroupState::new(doc, key, old.proof, tail_changes);
+        state.round_lamport = old.round_lamport;
+        state.decisions = old.decisions;
+        for (round, commit) in decisions {
+            if state.final_outcome(&round).is_none() {
+                state.remember_decision(round, commit);
+            }
+        }
+        // Watchers were told only of durable changes (notifications follow their persist).
+        let revision = state.revision;
+        state.events = old.events.into_iter().filter(|(_, event)| event.revision <= revision).collect();
+        state.last_commit = old.last_commit;
+        state.queued = old.queued;
+        state.strong = old.strong;
+        state.announced = old.announced;
+        state.announcing = old.announcing;
+        state.leaving = old.leaving;
+        self.groups.insert(group.to_owned(), state);
+        self.restore_round(group, staged);
+        self.publish(group);
+    }
+
     /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
     fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>) -> u64 {
         let Some(state) = self.groups.get_mut(group) else {
@@ -928,6 +1166,24 @@ impl Replica {
         }
     }
 
+    /// The whole file `group` would be compacted into now: a snapshot of the document and the
+    /// round records (for a shell that must rewrite a file a failed fsync left unknown).
+    pub fn compacted_file(&self, group: &str) -> Option<Vec<u8>> {
+        let state = self.groups.get(group)?;
+        let mut file = snapshot_file(&state.doc, None).ok()?;
+        for (round, commit) in &state.decisions {
+            if let Ok(record) = round_record(&RoundRecord::Decided { round: round.clone(), commit: *commit }) {
+                file.extend(record);
+            }
+        }
+        for staged in state.round.as_ref().map(round::Round::staged_records).unwrap_or_default() {
+            if let Ok(record) = round_record(&staged) {
+                file.extend(record);
+            }
+        }
+        Some(file)
+    }
+
     /// Queues a new file for `group`: a snapshot of the document and the round records.
     fn compact(&mut self, group: &str) {
         let Some(state) = self.groups.get_mut(group) else {
@@ -942,10 +1198,10 @@ impl Replica {
                 file.extend(record);
             }
         }
-        if let Some(staged) = state.round.as_ref().and_then(barrier::Round::staged_record)
-            && let Ok(record) = round_record(&staged)
-        {
-            file.extend(record);
+        for staged in state.round.as_ref().map(round::Round::staged_records).unwrap_or_default() {
+            if let Ok(record) = round_record(&staged) {
+                file.extend(record);
+            }
         }
         state.tail_changes = 0;
         self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
@@ -955,36 +1211,38 @@ impl Replica {
     /// operations run before the ack). `persisted` were already queued for persisting.
     fn apply_pushed(&mut self, group: &str, from: NodeId, changes: &[Vec<u8>], persisted: &[Vec<u8>]) {
         let Some(state) = self.groups.get_mut(group) else { return };
-        match state.doc.apply_changes(changes) {
-            Ok(applied) => {
-                let missing_deps = state.doc.has_missing_deps();
-                self.after_remote_apply_except(group, applied, persisted);
-                // Durable now (the append above executes before this send): ack.
-                let hashes = changes
-                    .iter()
-                    .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
-                    .map(|change| change.hash())
-                    .filter(|hash| self.groups.get(group).is_some_and(|s| s.doc.has_change(hash)))
-                    .map(|hash| hash.0)
-                    .collect::<Vec<_>>();
-                if !hashes.is_empty() {
-                    let ack = PeerMessage::Ack { group: group.to_owned(), changes: hashes };
-                    self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
-                }
-                if missing_deps {
-                    // Nothing new became visible: either duplicates or changes waiting
-                    // for dependencies; a sync session settles which.
-                    self.start_sync(group, &from);
-                }
+        let (applied, failed) = match state.doc.apply_changes(changes) {
+            Ok(applied) => (applied, None),
+            // Whatever did apply before the failure is persisted, counted and announced like
+            // any apply: a document must never serve a change its file does not hold.
+            Err(failure) => (failure.applied, Some(failure.error)),
+        };
+        let missing_deps = state.doc.has_missing_deps();
+        self.after_remote_apply_except(group, applied, persisted);
+        // Durable now (the append above executes before this send): ack.
+        let hashes = changes
+            .iter()
+            .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
+            .map(|change| change.hash())
+            .filter(|hash| self.groups.get(group).is_some_and(|s| s.doc.has_change(hash)))
+            .map(|hash| hash.0)
+            .collect::<Vec<_>>();
+        if !hashes.is_empty() {
+            let ack = PeerMessage::Ack { group: group.to_owned(), changes: hashes.clone() };
+            self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
+        }
+        if let Some(error) = failed {
+            if persisted.len() > hashes.len() {
+                // Records of changes that did not apply are in the file: rewrite it from the
+                // document, which never took them.
+                self.compact(group);
             }
-            Err(error) => {
-                if !persisted.is_empty() {
-                    // Records of changes that do not apply are in the file: rewrite it from
-                    // the document, which never took them.
-                    self.compact(group);
-                }
-                self.drop_message(from, error.to_string());
-            }
+            return self.drop_message(from, error.to_string());
+        }
+        if missing_deps {
+            // Nothing new became visible: either duplicates or changes waiting for
+            // dependencies; a sync session settles which.
+            self.start_sync(group, &from);
         }
     }
 
@@ -1020,15 +1278,25 @@ impl Replica {
         self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
         self.compact_if_due(group);
         self.publish(group);
-        // A staged round whose change arrived by sync was committed elsewhere.
+        // A staged round whose change arrived by sync was committed elsewhere (or lost its
+        // position to another change).
         self.settle_round_by_sync(group);
+        if let Some(state) = self.groups.get_mut(group) {
+            state.strong.settle_amnesia(&state.doc);
+        }
+        // A change of the configuration may have seated this node.
+        self.answer_joins(group);
     }
 
-    /// True when `peer` proved membership of `group` in gossip.
+    /// True when `peer` proved membership of `group`: in gossip, or by announcing itself
+    /// (with the same proof) since.
     fn is_member(&self, group: &str, peer: &str) -> bool {
         let Some(state) = self.groups.get(group) else {
             return false;
         };
+        if state.announced.contains_key(peer) {
+            return true;
+        }
         self.membership
             .peers
             .get(peer)
@@ -1066,7 +1334,7 @@ impl Replica {
             PeerMessage::JoinRequest { nonce, .. } => self.serve_join_request(from, group, nonce),
             PeerMessage::JoinChallenge { nonce, .. } => self.answer_challenge(from, group, nonce),
             PeerMessage::JoinProof { proof, .. } => self.check_join_proof(from, group, proof),
-            PeerMessage::JoinGrant { snapshot, .. } => self.finish_join(from, group, &snapshot),
+            PeerMessage::JoinGrant { snapshot, members, .. } => self.finish_join(from, group, &snapshot, members),
             PeerMessage::JoinRefused { reason, .. } => {
                 let Some(join) = self.joins.remove(&group) else {
                     return self.drop_message(from, format!("unexpected join refusal for {group:?}"));
@@ -1079,11 +1347,11 @@ impl Replica {
                 }
                 self.handle_ack(&group, &from, &changes);
             }
-            PeerMessage::Prepare { round, change, members, .. } => {
+            PeerMessage::Prepare { round, change, kind, configuration, .. } => {
                 if !self.is_member(&group, &from) || round.node != from {
                     return self.drop_message(from, format!("prepare for group {group:?} from a non-member"));
                 }
-                self.handle_prepare(&group, from, round, change, members);
+                self.handle_prepare(&group, from, round, change, kind, configuration);
             }
             PeerMessage::Vote { round, yes, reason, .. } => {
                 if !self.is_member(&group, &from) {
@@ -1091,11 +1359,17 @@ impl Replica {
                 }
                 self.handle_vote(&group, from, round, yes, reason);
             }
-            PeerMessage::Decide { round, commit, .. } => {
-                if !self.is_member(&group, &from) || round.node != from {
-                    return self.drop_message(from, format!("decision for group {group:?} from a non-coordinator"));
+            PeerMessage::Decide { round, ballot, commit, .. } => {
+                if !self.is_member(&group, &from) || ballot.node != from {
+                    return self.drop_message(from, format!("decision for group {group:?} from a non-proposer"));
                 }
-                self.handle_decision(&group, &round, commit);
+                self.handle_decide(&group, from, round, ballot, commit);
+            }
+            PeerMessage::Accepted { round, ballot, ok, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("acceptance for group {group:?} from a non-member"));
+                }
+                self.handle_accepted(&group, from, round, ballot, ok);
             }
             PeerMessage::DecisionQuery { round, change, .. } => {
                 if !self.is_member(&group, &from) {
@@ -1107,8 +1381,34 @@ impl Replica {
                 if !self.is_member(&group, &from) {
                     return self.drop_message(from, format!("decision answer for group {group:?} from a non-member"));
                 }
-                self.handle_decision_answer(&group, &from, &round, outcome);
+                self.handle_decision_answer(&group, &round, outcome);
             }
+            PeerMessage::Recover { round, ballot, .. } => {
+                if !self.is_member(&group, &from) || ballot.node != from {
+                    return self.drop_message(from, format!("recovery for group {group:?} from a non-member"));
+                }
+                self.handle_recover(&group, from, round, ballot);
+            }
+            PeerMessage::Promise { round, ballot, ok, accepted, promised, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("promise for group {group:?} from a non-member"));
+                }
+                self.handle_promise(&group, from, round, ballot, ok, accepted, promised);
+            }
+            PeerMessage::LeaseRequest { sent, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("lease request for group {group:?} from a non-member"));
+                }
+                self.handle_lease_request(&group, from, sent);
+            }
+            PeerMessage::LeaseGrant { sent, configuration, heads, staged, .. } => {
+                if !self.is_member(&group, &from) {
+                    return self.drop_message(from, format!("lease grant for group {group:?} from a non-member"));
+                }
+                self.handle_lease_grant(&group, from, sent, configuration, heads, staged);
+            }
+            PeerMessage::Announce { proof, .. } => self.handle_announce(&group, from, proof),
+            PeerMessage::AnnounceAck { .. } => self.handle_announce_ack(&group, &from),
         }
     }
 
@@ -1119,7 +1419,10 @@ impl Replica {
         let result = state.doc.receive_sync_message(&mut session.peer, message);
         match result {
             Ok(applied) => self.after_remote_apply(group, applied),
-            Err(error) => {
+            Err(failure) => {
+                let error = failure.error;
+                // What applied before the failure is persisted and announced all the same.
+                self.after_remote_apply(group, failure.applied);
                 if let Some(session) = self.groups.get_mut(group).and_then(|s| s.sync.get_mut(&from)) {
                     session.peer.reset_after_disconnect();
                 }
@@ -1178,11 +1481,27 @@ impl Replica {
                 }
             }
         }
-        self.mark_divergence();
-        for state in self.groups.values_mut() {
-            state.awaiting_view = false;
+        // Announced members that gossip now shows (or shows as gone) are gossip's business.
+        let peers = &self.membership.peers;
+        for (name, state) in self.groups.iter_mut() {
+            state.announced.retain(|node, _| {
+                peers.get(node).is_none_or(|peer| {
+                    !peer.left.contains(name)
+                        && peer
+                            .groups
+                            .get(name)
+                            .is_none_or(|gossip| gossip.proof != membership_proof(&state.key, name, node))
+                })
+            });
         }
-        self.check_rounds_against_membership();
+        self.mark_divergence();
+        self.track_dead_peers();
+        // A member seen dead may block a write (abort it now) or no longer be needed by a
+        // configuration change (its votes may now suffice).
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in &names {
+            self.check_votes(name);
+        }
         self.count_gossip_acks();
         self.handle_tick();
     }
@@ -1232,13 +1551,15 @@ impl Replica {
         self.challenges.retain(|_, challenge| challenge.deadline > now);
         self.expire_commits();
         self.expire_rounds();
+        self.renew_leases();
+        self.expire_joins();
         let names: Vec<String> = self.joins.keys().cloned().collect();
         for name in names {
             self.advance_join(&name);
         }
     }
 
-    fn start_join(&mut self, id: CommandId, name: String, key: GroupKey) {
+    fn start_join(&mut self, id: CommandId, name: String, key: GroupKey, repair: bool) {
         if self.groups.contains_key(&name) {
             return self.reply(id, Err(CommandError::AlreadyExists(name)));
         }
@@ -1252,6 +1573,7 @@ impl Replica {
         let join = PendingJoin {
             id,
             key,
+            repair,
             nonce,
             tried: BTreeSet::new(),
             asking: None,
@@ -1331,15 +1653,20 @@ impl Replica {
         let Some(state) = self.groups.get(&group) else { return };
         let valid =
             verify_join_proof(&state.key, &group, &from, &challenge.joiner_nonce, &challenge.member_nonce, &proof);
-        let message = if valid {
-            PeerMessage::JoinGrant { group, mode: state.doc.mode(), snapshot: state.doc.save() }
-        } else {
-            PeerMessage::JoinRefused { group, reason: "wrong group key".to_owned() }
-        };
+        if !valid {
+            let message = PeerMessage::JoinRefused { group, reason: "wrong group key".to_owned() };
+            return self.outputs.push_back(Output::Send { to: from, message });
+        }
+        let mut members: Vec<NodeId> = self.member_liveness(&group).into_keys().collect();
+        members.push(self.node_id.clone());
+        let Some(state) = self.groups.get_mut(&group) else { return };
+        // The joiner proved it holds the key: count it from now on, before gossip says so.
+        state.announced.insert(from.clone(), self.now);
+        let message = PeerMessage::JoinGrant { group, mode: state.doc.mode(), snapshot: state.doc.save(), members };
         self.outputs.push_back(Output::Send { to: from, message });
     }
 
-    fn finish_join(&mut self, from: NodeId, group: String, snapshot: &[u8]) {
+    fn finish_join(&mut self, from: NodeId, group: String, snapshot: &[u8], granter_members: Vec<NodeId>) {
         let Some(join) = self.joins.get(&group).filter(|join| join.asking.as_ref() == Some(&from)) else {
             return self.drop_message(from, format!("unexpected join grant for {group:?}"));
         };
@@ -1365,9 +1692,19 @@ impl Replica {
         };
         let key = join.key.clone();
         let Some(join) = self.joins.remove(&group) else { return };
-        let version = doc.latest_label();
         match self.adopt_group(group.clone(), doc, key) {
-            Ok(()) => self.reply(join.id, Ok(CommandOutcome::Joined { name: group, version })),
+            Ok(()) => {
+                if join.repair
+                    && let Some(state) = self.groups.get_mut(&group)
+                {
+                    // Records of this group were lost here: until the document moves on, this
+                    // node cannot tell a round it never staged from one it forgot.
+                    let mut heads = state.doc.heads();
+                    heads.sort();
+                    state.strong.amnesic_at = Some(heads);
+                }
+                self.announce_and_answer(&group, join.id, granter_members);
+            }
             Err(error) => self.reply(join.id, Err(error)),
         }
     }

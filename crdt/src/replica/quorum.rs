@@ -25,19 +25,33 @@ pub(super) struct PendingCommit {
 pub struct QuorumInfo {
     /// Members: nodes whose gossip proves they hold the group, and this node.
     pub members: Vec<NodeId>,
-    /// Members live by this node's failure detector and not leaving, and this node.
+    /// Members live by this node's failure detector and not leaving, members it cannot judge
+    /// yet (counted as live members that have not acknowledged), and this node.
     pub live: Vec<NodeId>,
+    /// The members in `live` that the failure detector cannot judge yet.
+    pub unknown: Vec<NodeId>,
     /// `floor(live / 2) + 1`.
     pub quorum: usize,
     /// The last local write: its version label and the nodes that acknowledged it.
     pub last_commit: Option<(String, Vec<NodeId>)>,
     /// True when reads are fenced (strong group catching up or in doubt): served as stale.
     pub fenced: bool,
+    /// Why reads are fenced.
+    pub fenced_reason: Option<String>,
+    /// A strong group's configuration.
+    pub configuration: Option<crate::configuration::Configuration>,
 }
 
 /// `floor(live / 2) + 1`.
 pub fn quorum_of(live: usize) -> usize {
     live / 2 + 1
+}
+
+impl PendingCommit {
+    /// The group written.
+    pub(super) fn group(&self) -> &str {
+        &self.receipt.group
+    }
 }
 
 impl Replica {
@@ -46,9 +60,16 @@ impl Replica {
         let state = self.groups.get(group)?;
         let mut members = vec![self.node_id.clone()];
         let mut live = vec![self.node_id.clone()];
-        for (node, is_live, _) in self.members(group) {
-            if is_live {
-                live.push(node.clone());
+        let mut unknown = Vec::new();
+        for (node, liveness) in self.member_liveness(group) {
+            match liveness {
+                super::PeerLiveness::Live => live.push(node.clone()),
+                // Not judged yet: counted as a live member that has not acknowledged.
+                super::PeerLiveness::Unknown => {
+                    live.push(node.clone());
+                    unknown.push(node.clone());
+                }
+                super::PeerLiveness::Dead => {}
             }
             members.push(node);
         }
@@ -58,9 +79,12 @@ impl Replica {
         Some(QuorumInfo {
             members,
             live,
+            unknown,
             quorum,
             last_commit: state.last_commit.clone(),
             fenced: self.is_fenced(group),
+            fenced_reason: self.fencing_reason(group),
+            configuration: state.doc.configuration().cloned(),
         })
     }
 

@@ -1,7 +1,7 @@
 //! Change exchange: sync protocol sessions, far-behind peers, persisted sync state, and garbage
 //! from peers refused with nothing changed.
 
-use konor_crdt::{GroupDoc, Mode, RemoteError, SyncPeer};
+use konor_crdt::{ApplyFailure, GroupDoc, Mode, RemoteError, SyncPeer};
 use serde_json::json;
 
 use crate::support::{actor, meta, replicas, state};
@@ -95,7 +95,7 @@ fn garbage_from_peers_is_refused_and_changes_nothing() {
     ];
     for case in cases {
         let error = docs[1].apply_changes(&case).unwrap_err();
-        assert!(matches!(error, RemoteError::Malformed { .. }), "{error}");
+        assert!(matches!(error.error, RemoteError::Malformed { .. }), "{error}");
         assert_eq!(state(&docs[1]), before, "a refused batch changed the document");
     }
     let mut peer = SyncPeer::new();
@@ -104,7 +104,10 @@ fn garbage_from_peers_is_refused_and_changes_nothing() {
         assert_eq!(state(&docs[1]), before);
     }
     let oversized = vec![0u8; konor_crdt::limits::CHANGE_BYTES_MAX + 1];
-    assert!(matches!(docs[1].apply_changes(&[oversized]), Err(RemoteError::TooLarge { .. })));
+    assert!(matches!(
+        docs[1].apply_changes(&[oversized]),
+        Err(ApplyFailure { error: RemoteError::TooLarge { .. }, .. })
+    ));
 }
 
 #[test]

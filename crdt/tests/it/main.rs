@@ -8,4 +8,5 @@ mod convergence;
 mod edit;
 mod exchange;
 mod replica;
+mod strong;
 mod support;

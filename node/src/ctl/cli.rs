@@ -136,6 +136,13 @@ pub enum GroupCommand {
         /// The group's secret key; a random one is generated when left out.
         #[arg(long, value_name = "SECRET")]
         key: Option<String>,
+        /// Strong groups: remove a member from the configuration once it has been dead this
+        /// long (e.g. 30s, 2m; at least 6s; default 30s).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+        evict_after: Option<u64>,
+        /// Strong groups: what reads do while this node cannot prove it is fresh.
+        #[arg(long, value_enum)]
+        fencing: Option<FencingArg>,
     },
     /// Join an existing group with its secret key; this node then holds a copy.
     Join {
@@ -145,13 +152,70 @@ pub enum GroupCommand {
         #[arg(long, value_name = "SECRET")]
         key: String,
     },
-    /// Stop holding a group on this node.
+    /// Stop holding a group on this node (a strong group's member first leaves its
+    /// configuration, agreed by the others).
     Leave {
         /// Group name.
         name: String,
+        /// Drop the group here at once, without leaving the configuration first; the other
+        /// members evict this node afterwards.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Remove a member that is down for good from a strong group's configuration.
+    Remove {
+        /// Group name.
+        name: String,
+        /// The member's node id.
+        node: String,
+        /// Without a majority of the configuration: only when the others are gone for good
+        /// (the other member of a two-member group). Running this on both sides of a partition
+        /// splits the group: make sure the removed node is really gone.
+        #[arg(long)]
+        force: bool,
     },
     /// List the groups this node holds.
     List,
+}
+
+/// A strong group's fencing policy, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FencingArg {
+    /// Answer from the last durable state, flagged stale.
+    Stale,
+    /// Wait until this node is fresh again (up to 5 s), else fail.
+    Block,
+}
+
+impl FencingArg {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FencingArg::Stale => "stale",
+            FencingArg::Block => "block",
+        }
+    }
+}
+
+/// Parses `30s`, `2m`, `1500ms` (a bare number is seconds) into milliseconds.
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| c.is_ascii_alphabetic()) {
+        Some(at) => text.split_at(at),
+        None => (text, "s"),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("{text:?} is not a duration (try 30s or 2m)"))?;
+    let factor = match unit {
+        "ms" => 1.0,
+        "s" => 1_000.0,
+        "m" | "min" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use ms, s, m or h")),
+    };
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("{text:?} is not a duration (try 30s or 2m)"));
+    }
+    Ok((value * factor).round() as u64)
 }
 
 /// A group's consistency mode, as typed on the command line.

@@ -221,8 +221,15 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
     }
     println!("\n1. mesh: n1, n2, n3 see each other live after {:?} (mutual TLS over QUIC)", started.elapsed());
 
-    let created =
-        clients[0].call(Request::GroupCreate { name: "demo".into(), mode: "eventual".into(), key: None }).await?;
+    let created = clients[0]
+        .call(Request::GroupCreate {
+            name: "demo".into(),
+            mode: "eventual".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+        })
+        .await?;
     let Response::GroupCreated { key, .. } = created else { bail!("unexpected answer: {created:?}") };
     for client in &clients[1..] {
         client.call(Request::GroupJoin { name: "demo".into(), key: key.clone() }).await?;

@@ -84,15 +84,24 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
             emit(&cert_issued(&node_id, &out, output))
         }
-        Command::Group(GroupCommand::Create { name, mode, key }) => {
-            let request = Request::GroupCreate { name, mode: mode.as_str().to_owned(), key };
+        Command::Group(GroupCommand::Create { name, mode, key, evict_after, fencing }) => {
+            let request = Request::GroupCreate {
+                name,
+                mode: mode.as_str().to_owned(),
+                key,
+                evict_after_ms: evict_after,
+                fencing: fencing.map(|f| f.as_str().to_owned()),
+            };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::Group(GroupCommand::Join { name, key }) => {
             call(&target, JOIN_WAIT, Request::GroupJoin { name, key }, output).await
         }
-        Command::Group(GroupCommand::Leave { name }) => {
-            call(&target, TIMEOUT_DEFAULT, Request::GroupLeave { name }, output).await
+        Command::Group(GroupCommand::Leave { name, force }) => {
+            call(&target, TIMEOUT_DEFAULT, Request::GroupLeave { name, force }, output).await
+        }
+        Command::Group(GroupCommand::Remove { name, node, force }) => {
+            call(&target, TIMEOUT_DEFAULT, Request::GroupRemove { group: name, node, force }, output).await
         }
         Command::Group(GroupCommand::List) => call(&target, TIMEOUT_DEFAULT, Request::GroupList, output).await,
         Command::Set(args) => {

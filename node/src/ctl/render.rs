@@ -120,7 +120,12 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Value { group, key, value, freshness } => match value {
             Some(value) => Rendered {
                 stdout: format!("{}\n", display_value(value)),
-                stderr: stale_warning(freshness.stale, freshness.revision, &freshness.version),
+                stderr: stale_warning(
+                    freshness.stale,
+                    freshness.stale_reason.as_deref(),
+                    freshness.revision,
+                    &freshness.version,
+                ),
                 exit: Exit::Ok,
             },
             None => Rendered::failed(
@@ -147,7 +152,12 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             }
             Rendered {
                 stdout: text,
-                stderr: stale_warning(freshness.stale, freshness.revision, &freshness.version),
+                stderr: stale_warning(
+                    freshness.stale,
+                    freshness.stale_reason.as_deref(),
+                    freshness.revision,
+                    &freshness.version,
+                ),
                 exit: Exit::Ok,
             }
         }
@@ -179,7 +189,21 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         }
         Response::Conflicts { group, conflicts } => Rendered::ok(conflicts_text(group, conflicts)),
         Response::Nodes { nodes } => Rendered::ok(nodes_text(nodes)),
-        Response::Status { group, mode, nodes, processes, members: _, live: _, quorum, last_write, fenced } => {
+        Response::Status {
+            group,
+            mode,
+            nodes,
+            processes,
+            members: _,
+            live: _,
+            quorum,
+            last_write,
+            fenced,
+            fenced_reason,
+            configuration,
+            unknown: _,
+            degraded,
+        } => {
             let view = StatusView {
                 group,
                 mode,
@@ -188,11 +212,17 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
                 quorum: *quorum,
                 last_write: last_write.as_ref(),
                 fenced: *fenced,
+                fenced_reason: fenced_reason.as_deref(),
+                configuration: configuration.as_deref(),
+                degraded: degraded.as_deref(),
             };
             Rendered::ok(status_text(&view, now_ms))
         }
+        Response::Reconfigured { group, configuration } => {
+            Rendered::ok(format!("group {group} is now in configuration {configuration}\n"))
+        }
         Response::Done => Rendered::ok(match request {
-            Request::GroupLeave { name } => format!("left group {name}\n"),
+            Request::GroupLeave { name, .. } => format!("left group {name}\n"),
             _ => "done\n".to_owned(),
         }),
         Response::Error { code: ErrorCode::Unchanged, message } => {
@@ -273,19 +303,18 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::Diff { group, .. }
         | Request::Conflicts { group }
         | Request::Status { group } => Some(group),
-        Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name } => {
+        Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
             Some(name)
         }
+        Request::GroupRemove { group, .. } => Some(group),
         Request::Hello { .. } | Request::GroupList | Request::Nodes => None,
     }
 }
 
-fn stale_warning(stale: bool, revision: u64, version: &str) -> String {
+fn stale_warning(stale: bool, reason: Option<&str>, revision: u64, version: &str) -> String {
     if stale {
-        format!(
-            "warning: this node may be behind (it is fenced from the group's quorum); \
-             served {version} at revision {revision}\n"
-        )
+        let why = reason.map(|why| format!(": {why}")).unwrap_or_default();
+        format!("warning: this node may be behind{why}; served {version} at revision {revision}\n")
     } else {
         String::new()
     }
@@ -406,7 +435,8 @@ fn nodes_text(nodes: &[NodeRow]) -> String {
             _ => "-".to_owned(),
         };
         let labels = node.labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(",");
-        table.row(vec![name, node.address.clone(), node.state.clone(), heartbeat, cell(&labels)]);
+        let state = if node.degraded.is_some() { format!("{} (degraded)", node.state) } else { node.state.clone() };
+        table.row(vec![name, node.address.clone(), state, heartbeat, cell(&labels)]);
     }
     table.render()
 }
@@ -421,13 +451,34 @@ struct StatusView<'a> {
     quorum: usize,
     last_write: Option<&'a (String, Vec<String>)>,
     fenced: bool,
+    fenced_reason: Option<&'a str>,
+    configuration: Option<&'a str>,
+    degraded: Option<&'a str>,
 }
 
 fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
-    let StatusView { group, mode, nodes, processes, quorum, last_write, fenced } = *view;
+    let StatusView {
+        group,
+        mode,
+        nodes,
+        processes,
+        quorum,
+        last_write,
+        fenced,
+        fenced_reason,
+        configuration,
+        degraded,
+    } = *view;
     let mut text = format!("group {group} ({mode})\n");
+    if let Some(configuration) = configuration {
+        let _ = writeln!(text, "configuration: {configuration}");
+    }
     if fenced {
-        let _ = writeln!(text, "fenced: this node serves {group} as possibly stale until it catches up with the group");
+        let why = fenced_reason.map(|why| format!(" ({why})")).unwrap_or_default();
+        let _ = writeln!(text, "fenced: this node serves {group} as possibly stale{why}");
+    }
+    if let Some(degraded) = degraded {
+        let _ = writeln!(text, "degraded: {degraded}");
     }
     let mut table = Table::new(&["NODE", "VERSION", "REVISION", "HEADS", "LIVE"]).right(&[2]);
     for node in nodes {
@@ -754,7 +805,13 @@ mod tests {
 
     #[test]
     fn group_create_prints_the_key_and_how_to_share_it() {
-        let request = Request::GroupCreate { name: "app".into(), mode: "strong".into(), key: None };
+        let request = Request::GroupCreate {
+            name: "app".into(),
+            mode: "strong".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+        };
         let response = Response::GroupCreated { name: "app".into(), key: "k3y-0f-app".into() };
         table(
             &request,
@@ -900,6 +957,7 @@ mod tests {
                 state: "live".into(),
                 last_heartbeat_ms: None,
                 is_self: true,
+                degraded: None,
             },
             NodeRow {
                 id: "n2".into(),
@@ -908,6 +966,7 @@ mod tests {
                 state: "live".into(),
                 last_heartbeat_ms: Some(180),
                 is_self: false,
+                degraded: None,
             },
             NodeRow {
                 id: "n3".into(),
@@ -916,6 +975,7 @@ mod tests {
                 state: "dead".into(),
                 last_heartbeat_ms: Some(754_000),
                 is_self: false,
+                degraded: None,
             },
         ];
         table(
@@ -987,6 +1047,10 @@ mod tests {
                 quorum: 2,
                 last_write: Some(("v12".into(), vec!["n1".into(), "n2".into()])),
                 fenced: false,
+                fenced_reason: None,
+                configuration: None,
+                unknown: Vec::new(),
+                degraded: None,
             },
             expect![[r#"
                 [exit 0]
@@ -1017,6 +1081,10 @@ mod tests {
                 quorum: 0,
                 last_write: None,
                 fenced: true,
+                fenced_reason: None,
+                configuration: None,
+                unknown: Vec::new(),
+                degraded: None,
             },
             expect![[r#"
                 [exit 0]
@@ -1056,7 +1124,8 @@ mod tests {
     #[test]
     fn get_prints_the_value_or_fails_when_unset() {
         let request = Request::Get { group: "app".into(), key: "db.pool".into() };
-        let freshness = Freshness { revision: 14, version: "v12".into(), age_ms: 2_000, stale: false };
+        let freshness =
+            Freshness { revision: 14, version: "v12".into(), age_ms: 2_000, stale: false, stale_reason: None };
         let value = |value: Option<Value>, freshness: Freshness| Response::Value {
             group: "app".into(),
             key: "db.pool".into(),
@@ -1106,7 +1175,13 @@ mod tests {
             .into_iter()
             .collect(),
             content_hash: "3fa9c2d1e0aa77ab01cd9e21".into(),
-            freshness: Freshness { revision: 14, version: "v12".into(), age_ms: 65_000, stale: false },
+            freshness: Freshness {
+                revision: 14,
+                version: "v12".into(),
+                age_ms: 65_000,
+                stale: false,
+                stale_reason: None,
+            },
         };
         table(
             &Request::Snapshot { group: "app".into() },

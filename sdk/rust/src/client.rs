@@ -483,6 +483,8 @@ impl From<SdkError> for ReadError {
     }
 }
 
+// One value per frame read, handed on at once (see `ServerFrame`).
+#[allow(clippy::large_enum_variant)]
 enum Inbound {
     Response {
         id: u64,

@@ -32,6 +32,9 @@ pub struct ClientFrame {
 /// A frame sent by the daemon: the response to one request, or a pushed watch event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+// One frame per message, decoded and handed on at once: boxing the answer would cost an
+// allocation per frame for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum ServerFrame {
     /// The answer to request `id`.
     Response {
@@ -116,6 +119,15 @@ pub enum Request {
         /// The group's secret key; generated when absent.
         #[serde(default)]
         key: Option<String>,
+        /// Strong groups: how long a member may stay dead before the group's configuration
+        /// evicts it (SPEC F11 `evict_after`); the daemon's default (30 s) when absent, never
+        /// below its minimum (6 s).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        evict_after_ms: Option<u64>,
+        /// Strong groups: what reads do while the node cannot prove it is fresh: `stale` (the
+        /// default: answer, flagged stale) or `block` (wait, then `unavailable`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fencing: Option<String>,
     },
     /// Join an existing group with its key.
     GroupJoin {
@@ -128,6 +140,10 @@ pub enum Request {
     GroupLeave {
         /// Name.
         name: String,
+        /// Strong groups: drop the group at once, without leaving the configuration first
+        /// (the other members then evict this node).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
     },
     /// Groups this node holds.
     GroupList,
@@ -199,6 +215,18 @@ pub enum Request {
         /// Group.
         group: String,
     },
+    /// Remove a member from a strong group's configuration (SPEC F11): agreed by a majority, or
+    /// with `force` by the remaining members alone (a two-member group whose other member is
+    /// gone for good).
+    GroupRemove {
+        /// Group.
+        group: String,
+        /// The member to remove.
+        node: String,
+        /// Skip the majority of the configuration.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        force: bool,
+    },
 }
 
 /// Outcome of a client's reload callback.
@@ -226,6 +254,9 @@ pub struct Freshness {
     /// True when the node knows it may be behind (strong group, fenced).
     #[serde(default)]
     pub stale: bool,
+    /// Why the read is stale, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
 }
 
 /// One version in a history listing.
@@ -273,12 +304,15 @@ pub struct NodeRow {
     pub address: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// "live", "dead" or "leaving".
+    /// "live", "unknown" (the failure detector cannot judge yet), "dead" or "leaving".
     pub state: String,
     /// Milliseconds since its last heartbeat reached this node (None for this node itself).
     pub last_heartbeat_ms: Option<u64>,
     /// True for the node answering.
     pub is_self: bool,
+    /// For the node answering: why it is degraded (a failed write to its disk), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub degraded: Option<String>,
 }
 
 /// One node's copy of a group, in `status`.
@@ -455,6 +489,25 @@ pub enum Response {
         /// True when this node serves the group as stale (strong group catching up or in doubt).
         #[serde(default)]
         fenced: bool,
+        /// Why it is fenced.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fenced_reason: Option<String>,
+        /// Strong groups: the configuration this node holds (`c3 [n1, n2, n3]`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        configuration: Option<String>,
+        /// Members in `live` that this node's failure detector cannot judge yet (counted).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        unknown: Vec<String>,
+        /// Why this node is degraded (a failed write to its disk), if it is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        degraded: Option<String>,
+    },
+    /// A strong group's configuration changed.
+    Reconfigured {
+        /// Group.
+        group: String,
+        /// The configuration now (`c4 [n1, n2]`).
+        configuration: String,
     },
     /// Done, nothing to return.
     Done,
@@ -496,6 +549,12 @@ pub enum ErrorCode {
     Aborted,
     /// Another strong round of the group is in flight; retry.
     Busy,
+    /// A strong write's commit was proposed but this node could not learn whether it became
+    /// final: it is committed everywhere or nowhere; read before retrying.
+    OutcomeUnknown,
+    /// The change could not be made durable on this node (disk full, I/O error): not committed,
+    /// not served here.
+    NotDurable,
 }
 
 /// A change on a watched group.
@@ -605,6 +664,7 @@ impl Request {
             Request::GroupCreate { .. } => "group_create",
             Request::GroupJoin { .. } => "group_join",
             Request::GroupLeave { .. } => "group_leave",
+            Request::GroupRemove { .. } => "group_remove",
             Request::GroupList => "group_list",
             Request::Set { .. } => "set",
             Request::Delete { .. } => "delete",
@@ -636,6 +696,7 @@ impl Response {
             Response::Conflicts { .. } => "conflicts",
             Response::Nodes { .. } => "nodes",
             Response::Status { .. } => "status",
+            Response::Reconfigured { .. } => "reconfigured",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }
@@ -658,6 +719,8 @@ impl ErrorCode {
             ErrorCode::NotCommitted => "not_committed",
             ErrorCode::Aborted => "aborted",
             ErrorCode::Busy => "busy",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
+            ErrorCode::NotDurable => "not_durable",
         }
     }
 }
@@ -744,6 +807,22 @@ mod tests {
         expect![[r#"{"id":7,"request":{"type":"get","group":"app","key":"db.pool"}}"#]]
             .assert_eq(std::str::from_utf8(&bytes[4..]).unwrap());
         assert_eq!(decode_payload::<ClientFrame>(&bytes[4..]).unwrap(), frame);
+    }
+
+    #[test]
+    fn group_create_carries_evict_after_ms_only_when_set() {
+        let without = Request::GroupCreate {
+            name: "app".into(),
+            mode: "strong".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+        };
+        expect![[r#"{"type":"group_create","name":"app","mode":"strong","key":null}"#]]
+            .assert_eq(&serde_json::to_string(&without).unwrap());
+        let with = r#"{"type":"group_create","name":"app","mode":"strong","evict_after_ms":2000}"#;
+        let Request::GroupCreate { evict_after_ms, key, .. } = serde_json::from_str(with).unwrap() else { panic!() };
+        assert_eq!((evict_after_ms, key), (Some(2000), None));
     }
 
     #[test]

@@ -1,0 +1,543 @@
+//! Strong groups by configuration (SPEC F11, F12), driven synchronously through the in-test
+//! network of `replica.rs`: rounds over the configuration, commit decisions recorded at a
+//! majority, recovery of rounds in doubt, configuration changes (join, leave, eviction, forced
+//! removal), fencing by read leases, and honest answers when the disk fails.
+
+use std::collections::BTreeSet;
+
+use konor_crdt::configuration::{Fencing, GroupPolicy};
+use konor_crdt::limits::{EVICT_AFTER_MIN_MS, LEASE_MS, LEASE_RENEW_MS};
+use konor_crdt::replica::{CommandError, CommandOutcome};
+use konor_crdt::{Command, GroupKey, Input, Millis, Mode, VersionKind};
+use serde_json::json;
+
+use crate::replica::{KEY, Net, meta, send_command, set, set_command};
+
+/// A strong group created on the first node and joined by the others, with the shortest
+/// eviction delay, and leases granted all around.
+fn strong_mesh(nodes: &[&str]) -> Net {
+    let mut net = Net::new(nodes);
+    let policy = GroupPolicy { evict_after: Millis(EVICT_AFTER_MIN_MS), fencing: Fencing::Stale };
+    let create = Command::CreateGroup {
+        name: "app".into(),
+        mode: Mode::Strong,
+        key: GroupKey::from_bytes(KEY),
+        meta: meta(),
+        policy,
+    };
+    assert!(matches!(net.command(nodes[0], create), Ok(CommandOutcome::Created { .. })));
+    for node in &nodes[1..] {
+        let join = Command::JoinGroup { name: "app".into(), key: GroupKey::from_bytes(KEY), repair: false };
+        let joined = net.command(node, join);
+        assert!(matches!(joined, Ok(CommandOutcome::Joined { .. })), "{node}: {joined:?}");
+    }
+    net.advance(LEASE_RENEW_MS);
+    net
+}
+
+fn members(net: &Net, node: &str) -> Vec<String> {
+    let configuration = net.replicas[node].group("app").unwrap().configuration().unwrap();
+    configuration.members.iter().cloned().collect()
+}
+
+fn partition(net: &mut Net, side: &[&str], other: &[&str]) {
+    for a in side {
+        for b in other {
+            net.cut.insert(((*a).into(), (*b).into()));
+            net.cut.insert(((*b).into(), (*a).into()));
+        }
+    }
+}
+
+/// Marks every node of `other` dead in the views of `side` (and the reverse): what each side's
+/// failure detector concludes during a partition. The in-test network knows one "down" set per
+/// node seen from everyone, so a partition is modelled by cutting links and marking views.
+fn see_dead(net: &mut Net, side: &[&str], other: &[&str]) {
+    for node in side.iter().chain(other) {
+        let opposite = if side.contains(node) { other } else { side };
+        let mut view = net.view_for(node);
+        for peer in opposite {
+            if let Some(state) = view.peers.get_mut(*peer) {
+                state.liveness = konor_crdt::replica::PeerLiveness::Dead;
+            }
+        }
+        net.input(node, Input::Membership(view));
+    }
+}
+
+/// Advances time without letting the in-test gossip refresh views (it would undo `see_dead`).
+fn tick_partitioned(net: &mut Net, side: &[&str], other: &[&str], millis: u64) {
+    let step = 250;
+    let mut elapsed = 0;
+    while elapsed < millis {
+        net.now += step;
+        elapsed += step;
+        see_dead(net, side, other);
+        let nodes: Vec<String> = net.replicas.keys().cloned().collect();
+        for node in nodes {
+            net.input(&node, Input::Tick);
+        }
+        net.run_outputs_only();
+    }
+}
+
+#[test]
+fn a_join_returns_only_once_the_new_member_is_in_the_configuration() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(members(&net, node), vec!["n1", "n2", "n3"], "{node}");
+    }
+    // Right after the joins, a write needs the newest member's staged yes (issue 11, failure 4).
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n1", "limit", json!(5)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2", "n3"]);
+    let history: Vec<String> =
+        net.replicas["n3"].group("app").unwrap().history().map(|v| v.kind.name().to_owned()).collect();
+    assert_eq!(history, vec!["create", "membership", "membership", "set"]);
+}
+
+#[test]
+fn a_write_commits_after_every_member_staged_it_and_a_majority_recorded_the_decision() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.log.clear();
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n2", "limit", json!(5)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2", "n3"]);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"limit": 5}), "{node}");
+    }
+    let at = |node: &str, what: &str| net.log.iter().position(|(n, w)| n == node && w.starts_with(what));
+    // Members stage durably before voting.
+    assert!(at("n1", "persist append") < at("n1", "send vote"));
+    // The coordinator proposes the commit only after both votes, and answers only after a
+    // member recorded it (2 of 3 is a majority) and after applying it.
+    let votes: Vec<usize> =
+        net.log.iter().enumerate().filter(|(_, (_, w))| w == "send vote to n2").map(|(i, _)| i).collect();
+    let decide = at("n2", "send decide").unwrap();
+    assert_eq!(votes.len(), 2);
+    assert!(votes.iter().all(|v| *v < decide));
+    let accepted = net.log.iter().position(|(n, w)| n != "n2" && w == "send accepted to n2").unwrap();
+    let notify = at("n2", "notify").unwrap();
+    let reply = at("n2", "reply").unwrap();
+    assert!(decide < accepted && accepted < notify && notify < reply, "{:?}", net.log);
+}
+
+#[test]
+fn a_member_seen_dead_blocks_writes_until_it_is_evicted_and_then_the_rest_commit() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    set(&mut net, "n1", "v", json!(1)).unwrap();
+    net.down.insert("n3".into());
+    net.run();
+    // A dead member cannot stage: the write aborts at once, saying why and for how long.
+    let error = set(&mut net, "n1", "v", json!(2)).unwrap_err();
+    assert!(matches!(error, CommandError::RoundAborted { .. }), "{error}");
+    assert!(error.to_string().contains("[n3]") && error.to_string().contains("evict_after"), "{error}");
+    // Its leases run out, then after evict_after the others remove it and write again.
+    net.advance(EVICT_AFTER_MIN_MS + 1_000);
+    for node in ["n1", "n2"] {
+        assert_eq!(members(&net, node), vec!["n1", "n2"], "{node}");
+    }
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n1", "v", json!(3)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
+    // n3 comes back: it catches up, finds itself evicted, and rejoins on its own.
+    net.down.clear();
+    net.run();
+    net.advance(2_000);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(members(&net, node), vec!["n1", "n2", "n3"], "{node}");
+        assert_eq!(net.settings(node, "app"), json!({"v": 3}), "{node}");
+    }
+}
+
+#[test]
+fn the_minority_side_of_a_partition_never_commits_and_the_majority_continues_after_evicting() {
+    let nodes = ["n1", "n2", "n3", "n4", "n5"];
+    let mut net = strong_mesh(&nodes);
+    set(&mut net, "n1", "v", json!("before")).unwrap();
+    let (majority, minority) = (["n1", "n2", "n3"], ["n4", "n5"]);
+    partition(&mut net, &majority, &minority);
+    see_dead(&mut net, &majority, &minority);
+    let on_minority = send_command(&mut net, "n4", set_command("v", json!("minority")));
+    let on_majority = send_command(&mut net, "n1", set_command("v", json!("majority")));
+    net.run_outputs_only();
+    tick_partitioned(&mut net, &majority, &minority, 4_000);
+    assert!(net.replies.remove(&on_minority).unwrap().is_err(), "the minority must not commit");
+    assert!(net.replies.remove(&on_majority).unwrap().is_err(), "a write needs every member");
+    // Both sides see the other dead past evict_after: only the majority can evict.
+    tick_partitioned(&mut net, &majority, &minority, EVICT_AFTER_MIN_MS + 1_000);
+    assert_eq!(members(&net, "n1"), vec!["n1", "n2", "n3"]);
+    assert_eq!(members(&net, "n4"), nodes, "the minority cannot change the configuration");
+    let majority_write = send_command(&mut net, "n2", set_command("v", json!("majority")));
+    let minority_write = send_command(&mut net, "n5", set_command("v", json!("minority")));
+    net.run_outputs_only();
+    tick_partitioned(&mut net, &majority, &minority, 4_000);
+    assert!(net.replies.remove(&majority_write).unwrap().is_ok());
+    assert!(net.replies.remove(&minority_write).unwrap().is_err());
+    for node in minority {
+        assert!(net.replicas[node].is_fenced("app"), "{node} cannot prove it is fresh");
+    }
+    // Healed: one committed sequence, no merge; the minority rejoins.
+    net.cut.clear();
+    net.run();
+    for _ in 0..10 {
+        net.advance(500);
+    }
+    for node in nodes {
+        assert_eq!(net.settings(node, "app"), json!({"v": "majority"}), "{node}");
+        assert_eq!(members(&net, node), nodes, "{node}");
+        let doc = net.replicas[node].group("app").unwrap();
+        assert!(doc.history().all(|v| v.parents.len() <= 1), "{node}: a merge means two commits at one position");
+    }
+}
+
+#[test]
+fn the_old_rule_of_every_live_member_would_split_the_group() {
+    // The same partition as above, with every node's view of the other side dead: under the
+    // old rule each side would commit with the members it sees. Here neither does before the
+    // majority evicts, and the committed history stays a single chain.
+    let nodes = ["n1", "n2", "n3"];
+    let mut net = strong_mesh(&nodes);
+    partition(&mut net, &["n1", "n2"], &["n3"]);
+    see_dead(&mut net, &["n1", "n2"], &["n3"]);
+    let a = send_command(&mut net, "n3", set_command("side", json!("n3")));
+    let b = send_command(&mut net, "n1", set_command("side", json!("n1")));
+    net.run_outputs_only();
+    let outcomes = [net.replies.remove(&a).unwrap(), net.replies.remove(&b).unwrap()];
+    assert!(outcomes.iter().all(Result::is_err), "{outcomes:?}");
+}
+
+#[test]
+fn members_in_doubt_recover_an_uncommitted_round_without_its_coordinator() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // The coordinator n1 dies after its prepares left, before any vote reached it.
+    net.cut.insert(("n2".into(), "n1".into()));
+    net.cut.insert(("n3".into(), "n1".into()));
+    send_command(&mut net, "n1", set_command("k", json!("lost")));
+    net.run();
+    net.down.insert("n1".into());
+    net.run();
+    for node in ["n2", "n3"] {
+        assert!(net.replicas[node].is_fenced("app"), "{node} holds a staged round: fenced");
+    }
+    // n2 and n3 are a majority: after asking around they recover the round, as aborted (nobody
+    // recorded a commit), and stop being in doubt.
+    net.advance(7_000);
+    net.advance(4_000);
+    for node in ["n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({}), "{node}");
+        assert!(net.replicas[node].fencing_reason("app").is_none_or(|why| !why.contains("in doubt")), "{node} settled");
+    }
+}
+
+#[test]
+fn a_commit_recorded_by_a_majority_survives_its_coordinator_dying_before_telling_anyone() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // Members record the commit (Accepted reaches n1), but the final outcome never reaches them.
+    net.drop_kinds.insert("decision_answer");
+    let id = send_command(&mut net, "n1", set_command("k", json!("kept")));
+    net.run();
+    assert!(net.replies.remove(&id).unwrap().is_ok(), "a majority recorded the commit: final");
+    net.down.insert("n1".into());
+    net.drop_kinds.clear();
+    net.run();
+    assert_eq!(net.settings("n2", "app"), json!({}), "n2 is in doubt, shows nothing yet");
+    // n2 and n3 recover the round: a majority reports the recorded commit.
+    net.advance(7_000);
+    net.advance(4_000);
+    for node in ["n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"k": "kept"}), "{node}");
+    }
+    // The coordinator restarts from its files and learns the same.
+    net.restart("n1", 2);
+    net.down.clear();
+    net.run();
+    net.advance(1_100);
+    assert_eq!(net.settings("n1", "app"), json!({"k": "kept"}));
+}
+
+#[test]
+fn a_coordinator_that_cannot_reach_a_majority_reports_an_unknown_outcome_never_an_abort() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // Votes arrive, but no member's record of the commit comes back.
+    net.drop_kinds.insert("accepted");
+    let id = send_command(&mut net, "n1", set_command("k", json!("maybe")));
+    net.run();
+    net.advance(3_100);
+    let error = net.replies.remove(&id).unwrap().unwrap_err();
+    assert!(matches!(error, CommandError::OutcomeUnknown { .. }), "{error}");
+    // The members recorded the commit, so whoever recovers finds it: committed everywhere.
+    net.drop_kinds.clear();
+    net.advance(7_000);
+    net.advance(4_000);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"k": "maybe"}), "{node}");
+    }
+}
+
+#[test]
+fn an_eviction_while_a_round_is_in_doubt_settles_the_round_first() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // n1's round: both members stage it; n2 records the commit (with n1 a majority: final, and
+    // n1 answers committed); n3 never hears the proposal; then n1 dies before telling anyone.
+    net.drop_on.insert(("n1".into(), "n3".into(), "decide"));
+    net.drop_kinds.insert("decision_answer");
+    let id = send_command(&mut net, "n1", set_command("k", json!("final")));
+    net.run();
+    assert!(net.replies.remove(&id).unwrap().is_ok(), "recorded by n1 and n2: final");
+    net.down.insert("n1".into());
+    net.drop_on.clear();
+    net.drop_kinds.clear();
+    net.run();
+    for node in ["n2", "n3"] {
+        assert!(net.replicas[node].fencing_reason("app").unwrap().contains("in doubt"), "{node}");
+    }
+    // Past evict_after the others evict n1, but only after settling the round: n2's record of
+    // the commit decides it (any majority includes a member that recorded it).
+    for _ in 0..(EVICT_AFTER_MIN_MS + 8_000) / 500 {
+        net.advance(500);
+    }
+    for node in ["n2", "n3"] {
+        assert_eq!(members(&net, node), vec!["n2", "n3"], "{node}");
+        assert_eq!(net.settings(node, "app"), json!({"k": "final"}), "{node}: the reported commit holds");
+    }
+}
+
+#[test]
+fn no_round_reported_aborted_ever_becomes_visible() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.cut.insert(("n3".into(), "n1".into()));
+    let id = send_command(&mut net, "n1", set_command("k", json!("aborted")));
+    net.run();
+    net.advance(3_100);
+    let error = net.replies.remove(&id).unwrap().unwrap_err();
+    assert!(matches!(error, CommandError::RoundAborted { .. }), "{error}");
+    net.cut.clear();
+    net.advance(7_000);
+    net.advance(7_000);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({}), "{node}");
+    }
+}
+
+#[test]
+fn concurrent_rounds_never_commit_two_changes_at_one_position() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    let first = send_command(&mut net, "n1", set_command("who", json!("n1")));
+    let second = send_command(&mut net, "n2", set_command("who", json!("n2")));
+    net.run();
+    for _ in 0..10 {
+        net.advance(1_000);
+    }
+    let outcomes = [net.replies.remove(&first).unwrap(), net.replies.remove(&second).unwrap()];
+    assert!(outcomes.iter().filter(|o| o.is_ok()).count() <= 1, "{outcomes:?}");
+    let view = net.settings("n1", "app");
+    for node in ["n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), view, "{node}");
+    }
+    set(&mut net, "n2", "who", json!("retry")).unwrap();
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"who": "retry"}));
+        let doc = net.replicas[node].group("app").unwrap();
+        assert!(doc.history().all(|v| v.parents.len() <= 1), "{node}");
+    }
+}
+
+#[test]
+fn local_writes_during_a_round_wait_their_turn_and_commit() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_kinds.insert("decision_answer");
+    let first = send_command(&mut net, "n1", set_command("a", json!(1)));
+    net.run();
+    assert!(net.replies.remove(&first).unwrap().is_ok());
+    // n2 is in doubt about round 1 when its own write arrives: the write queues.
+    let second = send_command(&mut net, "n2", set_command("b", json!(2)));
+    net.run();
+    assert!(!net.replies.contains_key(&second), "queued behind the staged round");
+    net.drop_kinds.clear();
+    for _ in 0..10 {
+        net.advance(1_000);
+    }
+    let outcome = net.replies.remove(&second).unwrap();
+    assert!(outcome.is_ok(), "{outcome:?}");
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
+    }
+}
+
+#[test]
+fn a_round_built_on_a_staged_change_settles_it_as_committed() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_kinds.insert("decision_answer");
+    let first = send_command(&mut net, "n1", set_command("a", json!(1)));
+    net.run();
+    assert!(net.replies.remove(&first).unwrap().is_ok());
+    assert!(net.replicas["n3"].is_fenced("app"), "n3 is in doubt about round 1");
+    net.drop_kinds.clear();
+    // n1 writes again: its change depends on round 1's, which is then final.
+    let second = send_command(&mut net, "n1", set_command("b", json!(2)));
+    net.run();
+    let outcome = net.replies.remove(&second).expect("answered without waiting for a timeout");
+    assert!(outcome.is_ok(), "{outcome:?}");
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"a": 1, "b": 2}), "{node}");
+    }
+}
+
+#[test]
+fn a_member_leaves_through_a_configuration_change_and_writes_go_on_without_it() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    let left = net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }), "{left:?}");
+    assert!(net.replicas["n3"].group("app").is_none());
+    assert_eq!(members(&net, "n1"), vec!["n1", "n2"]);
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n2", "k", json!(1)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
+}
+
+#[test]
+fn leaving_in_the_middle_of_an_own_round_aborts_it_for_everyone() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_kinds.insert("vote");
+    let write = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    net.drop_kinds.clear();
+    let left = net.command("n1", Command::LeaveGroup { name: "app".into(), force: true }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }));
+    let error = net.replies.remove(&write).unwrap().unwrap_err();
+    assert!(matches!(error, CommandError::RoundAborted { .. }), "{error}");
+    // The members were told: they are not left in doubt.
+    for node in ["n2", "n3"] {
+        assert!(!net.replicas[node].fencing_reason("app").is_some_and(|why| why.contains("in doubt")), "{node}");
+    }
+    // n1 announced it left: the others evict it without waiting for evict_after.
+    net.advance(LEASE_MS + 1_500);
+    assert_eq!(members(&net, "n2"), vec!["n2", "n3"]);
+}
+
+#[test]
+fn a_two_member_group_needs_a_forced_removal_to_write_without_its_dead_member() {
+    let mut net = strong_mesh(&["n1", "n2"]);
+    net.down.insert("n2".into());
+    net.run();
+    net.advance(EVICT_AFTER_MIN_MS + 2_000);
+    assert_eq!(members(&net, "n1"), vec!["n1", "n2"], "one of two is no majority: never evicted automatically");
+    assert!(set(&mut net, "n1", "k", json!(1)).is_err());
+    let remove = Command::RemoveMember { group: "app".into(), node: "n2".into(), force: false, meta: meta() };
+    let error = net.command("n1", remove).unwrap_err();
+    assert!(error.to_string().contains("--force"), "without --force a majority is needed: {error}");
+    let forced = Command::RemoveMember { group: "app".into(), node: "n2".into(), force: true, meta: meta() };
+    let outcome = net.command("n1", forced).unwrap();
+    assert!(matches!(outcome, CommandOutcome::Reconfigured { .. }), "{outcome:?}");
+    assert_eq!(members(&net, "n1"), vec!["n1"]);
+    set(&mut net, "n1", "k", json!(1)).unwrap();
+    let last = net.replicas["n1"].group("app").unwrap().history().rev().nth(1).unwrap().kind.clone();
+    assert!(
+        matches!(last, VersionKind::Membership { ref removed, .. } if removed == &vec!["n2".to_owned()]),
+        "{last:?}"
+    );
+}
+
+#[test]
+fn reads_are_fresh_only_with_a_lease_from_a_majority() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.replicas[node].fencing_reason("app"), None, "{node}");
+    }
+    // Cut off from both others (its detector still says live): stale once its lease lapses.
+    partition(&mut net, &["n3"], &["n1", "n2"]);
+    net.advance(LEASE_MS + 100);
+    let why = net.replicas["n3"].fencing_reason("app").unwrap();
+    assert!(why.contains("read lease"), "{why}");
+    assert_eq!(net.replicas["n1"].fencing_reason("app"), None, "n1 still has n2's grant");
+    // A restarted node is stale until the others grant it a lease again.
+    net.cut.clear();
+    net.advance(LEASE_RENEW_MS);
+    assert_eq!(net.replicas["n3"].fencing_reason("app"), None);
+    net.restart("n2", 2);
+    assert!(net.replicas["n2"].is_fenced("app"), "just restarted");
+    net.run();
+    net.advance(LEASE_RENEW_MS);
+    assert_eq!(net.replicas["n2"].fencing_reason("app"), None);
+}
+
+#[test]
+fn a_node_that_missed_commits_is_not_fresh_even_with_leases() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    set(&mut net, "n1", "k", json!(1)).unwrap();
+    // n3's file lost its last records (a damaged tail): it restarts from an older state.
+    let file = net.disk.get_mut("n3").unwrap().get_mut("app").unwrap();
+    let cut = file.len() - 40;
+    file.truncate(cut);
+    net.restart("n3", 2);
+    net.drop_kinds.insert("sync");
+    net.run();
+    net.advance(LEASE_RENEW_MS);
+    assert_ne!(net.settings("n3", "app"), json!({"k": 1}));
+    assert!(net.replicas["n3"].is_fenced("app"), "behind the grants it got: stale");
+    net.drop_kinds.clear();
+    net.advance(1_100);
+    net.advance(LEASE_RENEW_MS);
+    assert_eq!(net.settings("n3", "app"), json!({"k": 1}));
+    assert!(!net.replicas["n3"].is_fenced("app"));
+}
+
+#[test]
+fn unknown_peers_count_in_an_eventual_quorum() {
+    let mut net = crate::replica::mesh_with_group(&["n1", "n2", "n3"]);
+    // n1 just started: it cannot judge n2 and n3 yet. They still count: quorum 2 of 3.
+    net.unknown.insert("n2".into());
+    net.unknown.insert("n3".into());
+    net.cut.insert(("n1".into(), "n2".into()));
+    net.cut.insert(("n1".into(), "n3".into()));
+    net.run();
+    let id = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    assert!(!net.replies.contains_key(&id), "not committed alone");
+    let info = net.replicas["n1"].quorum_info("app").unwrap();
+    assert_eq!(info.quorum, 2, "{info:?}");
+}
+
+#[test]
+fn an_eventual_write_right_after_a_join_counts_the_new_member() {
+    let mut net = crate::replica::mesh_with_group(&["n1", "n2"]);
+    net.replicas.insert(
+        "n3".into(),
+        konor_crdt::Replica::new("n3".into(), konor_crdt::replica::actor_for("n3", 1), [3; 32], Default::default()),
+    );
+    // n3's gossip never reaches anyone: only the join itself tells them.
+    let join = Command::JoinGroup { name: "app".into(), key: GroupKey::from_bytes(KEY), repair: false };
+    net.drop_kinds.insert("changes");
+    net.command("n3", join).unwrap();
+    net.drop_kinds.clear();
+    for writer in ["n1", "n2"] {
+        let info = net.replicas[writer].quorum_info("app").unwrap();
+        assert_eq!(info.live.len(), 3, "{writer}: {info:?}");
+        assert_eq!(info.quorum, 2, "{writer}");
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_write_and_serves_nothing_of_it() {
+    let mut net = crate::replica::mesh_with_group(&["n1", "n2", "n3"]);
+    crate::replica::set(&mut net, "n1", "k", json!("old")).unwrap();
+    net.failing_disk.insert("n1".into());
+    let error = crate::replica::set(&mut net, "n1", "k", json!("new")).unwrap_err();
+    assert!(matches!(error, CommandError::NotDurable(_)), "{error}");
+    assert!(error.to_string().contains("disk full"), "{error}");
+    assert_eq!(net.settings("n1", "app"), json!({"k": "old"}), "nothing undurable is served");
+    // Acks from the peers that got the push never make it a commit here.
+    net.advance(6_000);
+    assert!(net.replicas["n1"].quorum_info("app").unwrap().last_commit.is_none_or(|(label, _)| label != "v4"));
+}
+
+#[test]
+fn a_full_disk_on_a_strong_coordinator_fails_the_write_everywhere() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    set(&mut net, "n1", "k", json!("old")).unwrap();
+    net.failing_disk.insert("n1".into());
+    let outcome = set(&mut net, "n1", "k", json!("new"));
+    assert!(outcome.is_err(), "{outcome:?}");
+    net.failing_disk.clear();
+    net.advance(7_000);
+    net.advance(7_000);
+    let states: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|n| net.settings(n, "app").to_string()).collect();
+    assert_eq!(states.len(), 1, "one state everywhere: {states:?}");
+}
