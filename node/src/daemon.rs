@@ -256,6 +256,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         cluster_id: cluster,
         gossip_interval,
         labels,
+        poll_period: membership_poll,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let replica_state = Replica::new(node_id.clone(), actor, seed, loaded);
@@ -501,13 +502,13 @@ impl Daemon {
                 .iter()
                 .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
                 .collect();
-            peers.insert(
-                node.id.clone(),
-                PeerState {
-                    liveness: if node.liveness == Liveness::Live { PeerLiveness::Live } else { PeerLiveness::Dead },
-                    groups,
-                },
-            );
+            let liveness = match node.liveness {
+                Liveness::Live => PeerLiveness::Live,
+                Liveness::Unknown => PeerLiveness::Unknown,
+                // A leaving peer is gone for quorums as soon as it says so.
+                Liveness::Dead | Liveness::Leaving => PeerLiveness::Dead,
+            };
+            peers.insert(node.id.clone(), PeerState { liveness, groups });
         }
         let membership = MembershipView { peers };
         self.mesh = view;
@@ -1093,6 +1094,7 @@ impl Daemon {
                 labels: node.labels.clone(),
                 state: match node.liveness {
                     Liveness::Live => "live",
+                    Liveness::Unknown => "unknown",
                     Liveness::Dead => "dead",
                     Liveness::Leaving => "leaving",
                 }
