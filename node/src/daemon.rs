@@ -316,6 +316,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         cluster_id: cluster,
         gossip_interval,
         labels,
+        poll_period: membership_poll,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);
@@ -615,6 +616,8 @@ impl Daemon {
                 .collect();
             let liveness = match node.liveness {
                 Liveness::Live => PeerLiveness::Live,
+                Liveness::Unknown => PeerLiveness::Unknown,
+                // A leaving peer is gone for quorums as soon as it says so.
                 Liveness::Dead | Liveness::Leaving => PeerLiveness::Dead,
             };
             peers.insert(node.id.clone(), PeerState { liveness, groups, left: node.left_groups.clone() });
@@ -1440,6 +1443,7 @@ impl Daemon {
                 labels: node.labels.clone(),
                 state: match node.liveness {
                     Liveness::Live => "live",
+                    Liveness::Unknown => "unknown",
                     Liveness::Dead => "dead",
                     Liveness::Leaving => "leaving",
                 }

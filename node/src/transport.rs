@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use konor_crdt::limits::PEER_MESSAGE_BYTES_MAX;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::tls::{self, TlsIdentity};
@@ -42,6 +43,34 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long one frame write may take before the connection is considered broken.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A dial starts a fresh connection attempt this often until one succeeds or
+/// [`CONNECT_TIMEOUT`] passes. QUIC retransmits a lost handshake packet after a backoff that
+/// doubles (about 1 s, then 2 s, ...), so one attempt made during a partition may sleep through
+/// the heal; a fresh attempt every half second reaches a healed peer within about that.
+pub const DIAL_RETRY: Duration = Duration::from_millis(500);
+
+/// A connection on which something sent (a frame, a keep-alive) has gone without any
+/// acknowledgement this long is stuck: the path is cut, or was and QUIC's retransmission backoff
+/// (it doubles while nothing is acknowledged) would keep it silent for seconds after a heal,
+/// until the 10 s idle timeout. It is closed and the next frame dials a fresh connection. A
+/// healthy peer acknowledges within a round trip plus its 25 ms ack delay, so one second (or
+/// [`STUCK_RTTS`] round trips on a slower path) does not flap on a healthy connection.
+pub const STUCK_AFTER: Duration = Duration::from_secs(1);
+
+/// A stuck verdict also needs this many smoothed round trips without an acknowledgement.
+pub const STUCK_RTTS: u32 = 4;
+
+/// How often a writer looks at its connection's counters while something it sent is not yet
+/// acknowledged (and while a frame write waits on flow control).
+const PROGRESS_CHECK: Duration = Duration::from_millis(200);
+
+/// How often a writer looks at an idle connection: a keep-alive (every 2 s) that goes
+/// unanswered then shows a cut path before the next frame needs it.
+const IDLE_CHECK: Duration = Duration::from_secs(1);
+
+const _: () = assert!(DIAL_RETRY.as_millis() < CONNECT_TIMEOUT.as_millis());
+const _: () = assert!(PROGRESS_CHECK.as_millis() * 4 <= STUCK_AFTER.as_millis());
 
 /// Which logical stream a frame travels on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -98,6 +127,14 @@ pub struct TransportStats {
     pub dropped_out: AtomicU64,
     /// Incoming connections or streams refused (bad certificate, identity mismatch, garbage).
     pub refused_in: AtomicU64,
+    /// Connection attempts started (a dial may start several, [`DIAL_RETRY`] apart).
+    pub connect_attempts: AtomicU64,
+    /// Connections established to peers.
+    pub connects: AtomicU64,
+    /// Dials that found no peer within [`CONNECT_TIMEOUT`].
+    pub connect_failures: AtomicU64,
+    /// Connections closed because nothing sent on them was acknowledged ([`STUCK_AFTER`]).
+    pub stuck_closed: AtomicU64,
 }
 
 /// The seam between the node and its network: QUIC in production, in-memory in the simulator.
@@ -206,6 +243,8 @@ impl QuicNetwork {
             addr,
             connection: None,
             streams: BTreeMap::new(),
+            progress: Progress::default(),
+            wrote_since_check: false,
             stats: self.stats.clone(),
         };
         tokio::spawn(writer.run(rx));
@@ -228,6 +267,58 @@ impl PeerNetwork for QuicNetwork {
     }
 }
 
+/// Whether a connection still gets its sends acknowledged, from its counters: the pure part of
+/// stuck-connection detection ([`STUCK_AFTER`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Progress {
+    /// Ack-eliciting frames sent (stream data, pings: keep-alives and loss probes).
+    sent: u64,
+    /// ACK frames received.
+    acks: u64,
+    /// Since when something sent has waited for an acknowledgement.
+    waiting_since: Option<Instant>,
+}
+
+impl Progress {
+    /// Progress of a connection whose counters stand at `sent`, `acks` now.
+    fn start(sent: u64, acks: u64) -> Progress {
+        Progress { sent, acks, waiting_since: None }
+    }
+
+    /// Takes the counters at `now`; true when the connection is stuck: frames were sent and
+    /// nothing was acknowledged for `stuck_after`. The wait counts from the first look that saw
+    /// the send, so it starts up to one look late, never early.
+    fn observe(&mut self, now: Instant, sent: u64, acks: u64, stuck_after: Duration) -> bool {
+        if acks != self.acks {
+            *self = Progress::start(sent, acks);
+            return false;
+        }
+        if sent != self.sent {
+            self.sent = sent;
+            self.waiting_since.get_or_insert(now);
+        }
+        self.waiting_since.is_some_and(|since| now.saturating_duration_since(since) >= stuck_after)
+    }
+}
+
+/// The counters [`Progress`] reads.
+fn progress_counters(connection: &quinn::Connection) -> (u64, u64) {
+    let stats = connection.stats();
+    (stats.frame_tx.stream + stats.frame_tx.ping, stats.frame_rx.acks)
+}
+
+/// Why a frame was not written.
+enum WriteFailure {
+    /// No connection could be made within [`CONNECT_TIMEOUT`].
+    Unreachable(anyhow::Error),
+    /// The peer's certificate does not name the node meant.
+    Refused,
+    /// The connection was stuck and is closed.
+    Stuck,
+    /// The connection or stream failed (the peer restarted, a write timed out).
+    Broken(anyhow::Error),
+}
+
 /// Owns the connection to one peer address and writes its queue in order.
 struct PeerWriter {
     endpoint: quinn::Endpoint,
@@ -236,42 +327,97 @@ struct PeerWriter {
     addr: SocketAddr,
     connection: Option<quinn::Connection>,
     streams: BTreeMap<Channel, quinn::SendStream>,
+    progress: Progress,
+    /// A frame went out since the counters were last read: read them soon.
+    wrote_since_check: bool,
     stats: Arc<TransportStats>,
 }
 
 impl PeerWriter {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
-        while let Some(job) = queue.recv().await {
-            let outgoing = match job {
-                Job::Frame(outgoing) => outgoing,
-                Job::Reconnect => {
-                    self.retire();
-                    continue;
-                }
+        loop {
+            // While there is a connection, its counters are read now and then, often while a
+            // send waits for its acknowledgement, so a cut path is seen without a frame to send.
+            let look_in = match &self.connection {
+                None => None,
+                Some(_) if self.wrote_since_check || self.progress.waiting_since.is_some() => Some(PROGRESS_CHECK),
+                Some(_) => Some(IDLE_CHECK),
             };
-            // One retry on a fresh connection: a peer that restarted leaves a dead connection.
-            let mut delivered = false;
-            for attempt in 0..2 {
-                match self.write(&outgoing).await {
-                    Ok(()) => {
-                        delivered = true;
-                        break;
+            let job = match look_in {
+                None => queue.recv().await,
+                Some(wait) => match tokio::time::timeout(wait, queue.recv()).await {
+                    Ok(job) => job,
+                    Err(_) => {
+                        self.check_progress();
+                        continue;
                     }
-                    Err(error) => {
-                        self.connection = None;
-                        self.streams.clear();
-                        if attempt == 1 {
-                            debug!(addr = %self.addr, %error, "peer unreachable; frame dropped");
-                        }
-                    }
-                }
-            }
-            if delivered {
-                self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+                },
+            };
+            let Some(job) = job else { break };
+            match job {
+                Job::Frame(outgoing) => self.deliver(outgoing, &mut queue).await,
+                Job::Reconnect => self.retire(),
             }
         }
+    }
+
+    async fn deliver(&mut self, outgoing: Outgoing, queue: &mut mpsc::Receiver<Job>) {
+        // A stuck connection is replaced before it swallows this frame.
+        self.check_progress();
+        // One retry on a fresh connection: a peer that restarted leaves a dead connection.
+        for attempt in 0..2 {
+            match self.write(&outgoing).await {
+                Ok(()) => {
+                    self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                Err(WriteFailure::Unreachable(error)) => {
+                    // Everything queued meanwhile waited a whole connect timeout: gossip is
+                    // stale by now and anti-entropy repairs replica messages, so it goes too,
+                    // and the next frame dials again (a fresh attempt every `DIAL_RETRY`).
+                    let mut dropped = 1;
+                    while queue.try_recv().is_ok() {
+                        dropped += 1;
+                    }
+                    self.stats.dropped_out.fetch_add(dropped, Ordering::Relaxed);
+                    debug!(addr = %self.addr, %error, dropped, "peer unreachable; queued frames dropped");
+                    return;
+                }
+                Err(WriteFailure::Refused) => break,
+                Err(WriteFailure::Stuck) => {}
+                Err(WriteFailure::Broken(error)) => {
+                    self.connection = None;
+                    self.streams.clear();
+                    if attempt == 1 {
+                        debug!(addr = %self.addr, %error, "peer connection broken; frame dropped");
+                    }
+                }
+            }
+        }
+        self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads the connection's counters; closes it when stuck (true).
+    fn check_progress(&mut self) -> bool {
+        self.wrote_since_check = false;
+        let Some(connection) = &self.connection else { return false };
+        let (sent, acks) = progress_counters(connection);
+        let stuck_after = STUCK_AFTER.max(connection.rtt() * STUCK_RTTS);
+        if !self.progress.observe(Instant::now(), sent, acks, stuck_after) {
+            return false;
+        }
+        info!(
+            addr = %self.addr,
+            stuck_ms = stuck_after.as_millis() as u64,
+            "connection to peer stuck (nothing acknowledged); closing it, the next frame dials afresh"
+        );
+        // Closing, not retiring: what is unacknowledged on it is given up rather than delivered
+        // late, after frames sent on the new connection.
+        connection.close(4u32.into(), b"stuck");
+        self.connection = None;
+        self.streams.clear();
+        self.stats.stuck_closed.fetch_add(1, Ordering::Relaxed);
+        true
     }
 
     /// Lets the current connection deliver what was written on it, then closes it; the next
@@ -289,55 +435,112 @@ impl PeerWriter {
         });
     }
 
-    async fn connection(&mut self, expect: Option<&str>) -> anyhow::Result<quinn::Connection> {
+    /// Connects to the peer: a fresh attempt every [`DIAL_RETRY`] while earlier ones go on,
+    /// the first to succeed wins, the others are dropped (closed); [`CONNECT_TIMEOUT`] in all.
+    async fn dial(&self) -> anyhow::Result<quinn::Connection> {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut last_error = None;
+        while Instant::now() < deadline {
+            let connecting = self.endpoint.connect(self.addr, tls::SERVER_NAME)?;
+            self.stats.connect_attempts.fetch_add(1, Ordering::Relaxed);
+            attempts.spawn(connecting);
+            let next_attempt = (Instant::now() + DIAL_RETRY).min(deadline);
+            loop {
+                if attempts.is_empty() {
+                    tokio::time::sleep_until(next_attempt).await;
+                    break;
+                }
+                tokio::select! {
+                    done = attempts.join_next() => match done {
+                        Some(Ok(Ok(connection))) => {
+                            self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                            return Ok(connection);
+                        }
+                        Some(Ok(Err(error))) => last_error = Some(anyhow::Error::from(error)),
+                        Some(Err(error)) => last_error = Some(anyhow::Error::from(error)),
+                        None => {}
+                    },
+                    _ = tokio::time::sleep_until(next_attempt) => break,
+                }
+            }
+        }
+        self.stats.connect_failures.fetch_add(1, Ordering::Relaxed);
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("connect to {} timed out", self.addr)))
+    }
+
+    async fn connection(&mut self, expect: Option<&str>) -> Result<quinn::Connection, WriteFailure> {
         let connection = match &self.connection {
             Some(connection) if connection.close_reason().is_none() => connection.clone(),
             _ => {
-                let connecting = self.endpoint.connect(self.addr, tls::SERVER_NAME)?;
-                let connection = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-                    .await
-                    .map_err(|_| anyhow::anyhow!("connect to {} timed out", self.addr))??;
+                let connection = self.dial().await.map_err(WriteFailure::Unreachable)?;
                 self.streams.clear();
+                let (sent, acks) = progress_counters(&connection);
+                self.progress = Progress::start(sent, acks);
                 self.connection = Some(connection.clone());
                 connection
             }
         };
         if let Some(expected) = expect {
-            let certificate = tls::peer_certificate(&connection)
-                .ok_or_else(|| anyhow::anyhow!("peer at {} presented no certificate", self.addr))?;
-            if let Err(error) = tls::verify_node_identity(&certificate, expected) {
+            let verified = tls::peer_certificate(&connection)
+                .ok_or_else(|| anyhow::anyhow!("peer at {} presented no certificate", self.addr))
+                .and_then(|certificate| Ok(tls::verify_node_identity(&certificate, expected)?));
+            if let Err(error) = verified {
                 warn!(addr = %self.addr, expected, %error, "peer certificate does not match the node gossip places there");
                 connection.close(1u32.into(), b"identity mismatch");
                 self.connection = None;
-                anyhow::bail!("identity mismatch at {}", self.addr);
+                self.streams.clear();
+                return Err(WriteFailure::Refused);
             }
         }
         Ok(connection)
     }
 
-    async fn write(&mut self, outgoing: &Outgoing) -> anyhow::Result<()> {
+    async fn write(&mut self, outgoing: &Outgoing) -> Result<(), WriteFailure> {
         let connection = self.connection(outgoing.expect.as_deref()).await?;
-        if !self.streams.contains_key(&outgoing.channel) {
-            let mut stream = connection.open_uni().await?;
-            let mut header = STREAM_MAGIC.to_vec();
-            header.push(outgoing.channel.to_byte());
-            let id = self.node_id.as_bytes();
-            header.push(u8::try_from(id.len()).unwrap_or(0));
-            header.extend_from_slice(id);
-            header.extend_from_slice(&self.boot_id.to_be_bytes());
-            stream.write_all(&header).await?;
+        let mut stream = self.streams.remove(&outgoing.channel);
+        let mut header = STREAM_MAGIC.to_vec();
+        header.push(outgoing.channel.to_byte());
+        let id = self.node_id.as_bytes();
+        header.push(u8::try_from(id.len()).unwrap_or(0));
+        header.extend_from_slice(id);
+        header.extend_from_slice(&self.boot_id.to_be_bytes());
+        let result = {
+            let stream = &mut stream;
+            let write = async {
+                let stream = match stream {
+                    Some(stream) => stream,
+                    None => {
+                        let mut opened = connection.open_uni().await?;
+                        opened.write_all(&header).await?;
+                        stream.insert(opened)
+                    }
+                };
+                let length = u32::try_from(outgoing.bytes.len())?;
+                stream.write_all(&length.to_be_bytes()).await?;
+                stream.write_all(&outgoing.bytes).await?;
+                anyhow::Ok(())
+            };
+            tokio::pin!(write);
+            // Bounded, and watched: a write that waits on flow control over a cut path ends as
+            // soon as the connection is seen stuck, not at the write timeout.
+            let deadline = Instant::now() + WRITE_TIMEOUT;
+            loop {
+                match tokio::time::timeout(PROGRESS_CHECK, &mut write).await {
+                    Ok(result) => break result.map_err(WriteFailure::Broken),
+                    Err(_) if self.check_progress() => break Err(WriteFailure::Stuck),
+                    Err(_) if Instant::now() >= deadline => {
+                        break Err(WriteFailure::Broken(anyhow::anyhow!("write timed out")));
+                    }
+                    Err(_) => {}
+                }
+            }
+        };
+        self.wrote_since_check = true;
+        result?;
+        if let Some(stream) = stream {
             self.streams.insert(outgoing.channel, stream);
         }
-        let Some(stream) = self.streams.get_mut(&outgoing.channel) else {
-            anyhow::bail!("stream vanished");
-        };
-        let length = u32::try_from(outgoing.bytes.len())?;
-        let write = async {
-            stream.write_all(&length.to_be_bytes()).await?;
-            stream.write_all(&outgoing.bytes).await?;
-            anyhow::Ok(())
-        };
-        tokio::time::timeout(WRITE_TIMEOUT, write).await.map_err(|_| anyhow::anyhow!("write timed out"))??;
         Ok(())
     }
 }
@@ -494,6 +697,35 @@ mod tests {
 
     async fn next(inbox: &mut mpsc::Receiver<Incoming>) -> Incoming {
         tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.unwrap().unwrap()
+    }
+
+    #[test]
+    fn a_connection_whose_sends_go_unacknowledged_for_a_second_is_stuck() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut progress = Progress::start(10, 5);
+        // Sent at 0 (seen by the look at 0), nothing acknowledged since.
+        assert!(!progress.observe(at(0), 11, 5, STUCK_AFTER));
+        assert!(!progress.observe(at(200), 13, 5, STUCK_AFTER));
+        assert!(!progress.observe(at(999), 14, 5, STUCK_AFTER));
+        assert!(progress.observe(at(1_000), 14, 5, STUCK_AFTER));
+    }
+
+    #[test]
+    fn acknowledged_or_idle_connections_are_never_stuck() {
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        let mut progress = Progress::start(10, 5);
+        // A busy healthy connection: every look sees new acks.
+        for step in 1..50u64 {
+            assert!(!progress.observe(at(step * 200), 10 + step * 3, 5 + step, STUCK_AFTER));
+        }
+        // Then idle for a long time: nothing sent, nothing to answer.
+        assert!(!progress.observe(at(60_000), 10 + 49 * 3, 5 + 49, STUCK_AFTER));
+        // A keep-alive answered within the wait resets it.
+        assert!(!progress.observe(at(61_000), 10 + 49 * 3 + 1, 5 + 49, STUCK_AFTER));
+        assert!(!progress.observe(at(61_900), 10 + 49 * 3 + 1, 5 + 50, STUCK_AFTER));
+        assert!(!progress.observe(at(70_000), 10 + 49 * 3 + 1, 5 + 50, STUCK_AFTER));
     }
 
     #[tokio::test]

@@ -977,16 +977,26 @@ mod tests {
                 is_self: false,
                 degraded: None,
             },
+            NodeRow {
+                id: "n4".into(),
+                address: "10.0.0.4:7400".into(),
+                labels: BTreeMap::new(),
+                state: "unknown".into(),
+                last_heartbeat_ms: Some(40),
+                is_self: false,
+                degraded: None,
+            },
         ];
         table(
             &Request::Nodes,
             &Response::Nodes { nodes },
             expect![[r#"
                 [exit 0]
-                NODE       ADDRESS        STATE  HEARTBEAT   LABELS
-                n1 (self)  10.0.0.1:7400  live   -           rack=r1,region=eu-west
-                n2         10.0.0.2:7400  live   180ms ago
-                n3         10.0.0.3:7400  dead   12m34s ago  region=us-east
+                NODE       ADDRESS        STATE    HEARTBEAT   LABELS
+                n1 (self)  10.0.0.1:7400  live     -           rack=r1,region=eu-west
+                n2         10.0.0.2:7400  live     180ms ago
+                n3         10.0.0.3:7400  dead     12m34s ago  region=us-east
+                n4         10.0.0.4:7400  unknown  40ms ago
             "#]],
         );
     }

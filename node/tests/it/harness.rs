@@ -27,6 +27,10 @@ pub struct Node {
     pub seeds: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
+    /// The network namespace it runs in (`None`: the test's own, on loopback).
+    pub netns: Option<String>,
+    /// The IP address it listens on.
+    pub listen_ip: String,
 }
 
 impl Cluster {
@@ -52,15 +56,40 @@ impl Node {
         // Short socket paths: Unix socket paths are limited to ~108 bytes.
         let socket = base.join("s.sock");
         let seeds = seeds.iter().map(|n| n.addr()).collect();
-        Node { id: id.to_owned(), data_dir, tls_dir, socket, seeds, child: None, log: base.join("konord.log") }
+        Node {
+            id: id.to_owned(),
+            data_dir,
+            tls_dir,
+            socket,
+            seeds,
+            child: None,
+            log: base.join("konord.log"),
+            netns: None,
+            listen_ip: "127.0.0.1".to_owned(),
+        }
+    }
+
+    /// Moves the node into network namespace `netns` at `ip` (before its first start).
+    pub fn in_netns(mut self, netns: &str, ip: &str) -> Node {
+        self.netns = Some(netns.to_owned());
+        self.listen_ip = ip.to_owned();
+        self
     }
 
     pub fn start(&mut self) {
         // A restarted node keeps its address, as a real host does (peers know it there).
         let previous = self.addr();
-        let listen = if previous.is_empty() { "127.0.0.1:0".to_owned() } else { previous };
+        let listen = if previous.is_empty() { format!("{}:0", self.listen_ip) } else { previous };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_konord"));
+        // `ip netns exec` execs konord in place: the child's pid is konord's, for signals.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_konord")]);
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_konord")),
+        };
         command
             .arg("--data-dir")
             .arg(&self.data_dir)
@@ -159,6 +188,14 @@ where
     }
 }
 
+/// Each node's state ("live", "unknown", "dead", "leaving") as `client`'s node sees it.
+pub async fn node_states(client: &Client) -> Option<std::collections::BTreeMap<String, String>> {
+    match client.call(Request::Nodes).await {
+        Ok(Response::Nodes { nodes }) => Some(nodes.into_iter().map(|n| (n.id, n.state)).collect()),
+        _ => None,
+    }
+}
+
 /// The live node ids this node sees.
 pub async fn live_nodes(client: &Client) -> Vec<String> {
     match client.call(Request::Nodes).await {
@@ -197,8 +234,16 @@ pub async fn start_mesh(cluster: &Cluster, count: usize) -> (Vec<Node>, Vec<Clie
 
 /// Creates `group` on the first client and joins it on the others; returns the key.
 pub async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> String {
-    let created =
-        clients[0].call(Request::GroupCreate { name: group.into(), mode: mode.into(), key: None }).await.unwrap();
+    let created = clients[0]
+        .call(Request::GroupCreate {
+            name: group.into(),
+            mode: mode.into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+        })
+        .await
+        .unwrap();
     let Response::GroupCreated { key, .. } = created else { panic!("{created:?}") };
     for client in &clients[1..] {
         // A fresh group is known to peers once its gossip spreads; the join waits for that.

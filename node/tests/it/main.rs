@@ -7,5 +7,7 @@
 mod consistency;
 mod durability;
 mod harness;
+mod liveness;
 mod mesh;
+mod netns;
 mod security;

@@ -304,7 +304,8 @@ pub struct NodeRow {
     pub address: String,
     /// Labels.
     pub labels: BTreeMap<String, String>,
-    /// "live", "unknown" (the failure detector cannot judge yet), "dead" or "leaving".
+    /// "live", "unknown" (this node cannot judge it yet), "dead" or "leaving"; free text, so
+    /// a client shows a state it does not know as it is.
     pub state: String,
     /// Milliseconds since its last heartbeat reached this node (None for this node itself).
     pub last_heartbeat_ms: Option<u64>,
