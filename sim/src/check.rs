@@ -34,6 +34,8 @@ pub mod invariant {
     pub const ONE_ROUND_ONE_CHANGE: &str = "3/S2 one round id, one change";
     /// SPEC 3, second half (F12).
     pub const FENCING: &str = "3 fencing";
+    /// SPEC 3: the committed versions of a strong group form one sequence.
+    pub const ONE_SEQUENCE: &str = "3 one committed sequence";
     /// protocol-peer S1, the ground of SPEC 3.
     pub const ALL_ACK: &str = "3/S1 commit only after every member staged";
     /// SPEC 4.

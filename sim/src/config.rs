@@ -81,11 +81,14 @@ pub struct WorkloadRates {
     pub writes_per_s: f64,
     /// Snapshot reads of the strong group from random members (fencing checks).
     pub reads_per_s: f64,
+    /// Membership changes of the strong group during the writes: a random node that holds the
+    /// group leaves it, or one that does not joins it.
+    pub churn_per_s: f64,
 }
 
 impl Default for WorkloadRates {
     fn default() -> WorkloadRates {
-        WorkloadRates { writes_per_s: 5.0, reads_per_s: 2.0 }
+        WorkloadRates { writes_per_s: 5.0, reads_per_s: 2.0, churn_per_s: 0.0 }
     }
 }
 
@@ -209,7 +212,7 @@ impl RunConfig {
     /// The command line that replays this run exactly.
     pub fn replay_command(&self) -> String {
         let mut command = format!(
-            "konor-sim run --nodes {} --seed {} --duration {} --loss {} --latency {}..{} --faults {} --workload writes:{}/s,reads:{}/s --wire {} --gossip-interval {} --strong-members {}",
+            "konor-sim run --nodes {} --seed {} --duration {} --loss {} --latency {}..{} --faults {} --workload writes:{}/s,reads:{}/s,churn:{}/s --wire {} --gossip-interval {} --strong-members {}",
             self.nodes,
             self.seed,
             duration_text(self.duration),
@@ -219,6 +222,7 @@ impl RunConfig {
             self.faults.text(),
             self.workload.writes_per_s,
             self.workload.reads_per_s,
+            self.workload.churn_per_s,
             self.wire.name(),
             duration_text(self.gossip_interval),
             self.strong_members,
@@ -329,11 +333,12 @@ pub fn parse_workload(text: &str) -> anyhow::Result<WorkloadRates> {
         match name.as_str() {
             "writes" => workload.writes_per_s = rate,
             "reads" => workload.reads_per_s = rate,
-            _ => bail!("unknown workload {name:?}: use writes or reads"),
+            "churn" => workload.churn_per_s = rate,
+            _ => bail!("unknown workload {name:?}: use writes, reads or churn"),
         }
     }
     if text.trim() == "none" {
-        workload = WorkloadRates { writes_per_s: 0.0, reads_per_s: 0.0 };
+        workload = WorkloadRates { writes_per_s: 0.0, reads_per_s: 0.0, churn_per_s: 0.0 };
     }
     Ok(workload)
 }

@@ -6,13 +6,15 @@
 //!
 //! Code map: [`config`] (what a run is), [`run`](mod@run) (phases), [`node`] (spawn, crash, restart,
 //! pause), [`network`] (the hub), [`workload`] (writers, readers, watchers), [`fault`],
-//! [`observe`] (membership as nodes report it), [`check`] (invariants), [`report`], [`plot`],
+//! [`observe`] (membership as nodes report it), [`check`] (invariants), [`history`] (the strong
+//! group's one committed sequence and fresh reads), [`report`], [`plot`],
 //! [`trace`], [`rng`], [`entropy`], [`log`].
 
 pub mod check;
 pub mod config;
 pub mod entropy;
 pub mod fault;
+pub mod history;
 pub mod log;
 pub mod network;
 pub mod node;

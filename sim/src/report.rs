@@ -71,6 +71,8 @@ pub struct RunReport {
     /// The strong group's history at the end: versions, and versions with several parents
     /// (concurrent strong commits merged: each side of a partition committed on its own).
     pub strong_history: (usize, usize),
+    /// Observations of strong versions checked against the one committed sequence.
+    pub strong_observations: u64,
     /// Time from healing until every member served the same state.
     pub converge_after_heal_us: Option<u64>,
     /// How each measured change spread.
@@ -94,6 +96,10 @@ pub struct RunReport {
     pub commit_latency_us: BTreeMap<String, Vec<u64>>,
     /// Strong reads: fresh, stale, unanswered.
     pub reads: (u64, u64, u64),
+    /// Strong-group joins, leaves and failed attempts during the run.
+    pub churn: (u64, u64, u64),
+    /// A few distinct errors of writes that ended `failed`, for a reader to judge.
+    pub failure_samples: Vec<String>,
     /// Watch events checked, watchers.
     pub watch: (u64, usize),
     /// Protocol checks: acks, votes, decisions.
@@ -307,6 +313,16 @@ impl RunReport {
         }
         let _ =
             writeln!(out, "strong reads: {} fresh, {} stale, {} unanswered", self.reads.0, self.reads.1, self.reads.2);
+        for sample in &self.failure_samples {
+            let _ = writeln!(out, "  a failed write: {sample}");
+        }
+        if self.churn != (0, 0, 0) {
+            let _ = writeln!(
+                out,
+                "strong membership changes: {} joins, {} leaves, {} attempts failed",
+                self.churn.0, self.churn.1, self.churn.2
+            );
+        }
         let _ = writeln!(out, "invariants:");
         for (name, note) in self.invariant_lines() {
             let _ = writeln!(out, "  {name:<44} {note}");
@@ -376,8 +392,15 @@ impl RunReport {
             ),
             verdict(invariant::ONE_ROUND_ONE_CHANGE, "ok: no round id prepared with two changes".to_owned()),
             verdict(
+                invariant::ONE_SEQUENCE,
+                format!(
+                    "ok: {} observations of strong versions agree, one at each position; every member's history is one chain",
+                    self.strong_observations
+                ),
+            ),
+            verdict(
                 invariant::FENCING,
-                format!("ok: {} fresh reads never older than an acknowledged commit", self.reads.0),
+                format!("ok: {} fresh reads never older than a commit reported before them", self.reads.0),
             ),
             verdict(
                 invariant::WATCH,

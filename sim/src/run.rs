@@ -193,7 +193,7 @@ async fn simulate(config: RunConfig, liveness: Arc<Liveness>) -> anyhow::Result<
     let dirs = DataDirs::create(config.seed)?;
     let trace = Trace::new(config.trace.as_deref())?;
     let cluster = Rc::new(RefCell::new(Cluster::new(&config, &dirs.base, trace)));
-    let records = Records { strong_floor: vec![0; config.nodes], ..Records::default() };
+    let records = Records::default();
     let rng = SimRng::new(config.seed, 2);
     let sim = Sim {
         config: Rc::new(config),
@@ -275,6 +275,7 @@ async fn phases(
     sim.phase.set(Phase::Active);
     tokio::task::spawn_local(workload::writers(sim.clone()));
     tokio::task::spawn_local(workload::readers(sim.clone()));
+    tokio::task::spawn_local(workload::churn(sim.clone()));
     tokio::task::spawn_local(observe::detections(sim.clone(), logs.observations.clone()));
     tokio::task::spawn_local(observe::false_positives(sim.clone(), logs.observations.clone()));
     fault::start(sim, &logs.observations, &logs.faults);
@@ -315,20 +316,33 @@ async fn phases(
     check::check_watchers(sim, finals);
 }
 
-/// The strong group's history on node 0 at the end: (versions, versions with several parents).
-/// Several parents mean strong commits that were concurrent and merged later: each side of a
-/// partition committed with the members it could see (SPEC F11 asks for every *live* member).
+/// The strong group's history at the end: (versions on the first member up, versions with
+/// several parents there). Every member up must hold one chain (SPEC 3: one committed
+/// sequence); a merge or a fork is a violation.
 async fn strong_history(sim: &Sim) -> (usize, usize) {
-    if sim.cluster.borrow().nodes.first().is_none_or(|n| n.life != crate::node::Life::Up) {
-        return (0, 0);
-    }
-    match crate::node::call(&sim.cluster, 0, konor_sdk::protocol::Request::History { group: "st".to_owned() }).await {
-        Some(konor_sdk::protocol::Response::History { versions, .. }) => {
-            let merges = versions.iter().filter(|v| v.parents.len() > 1).count();
-            (versions.len(), merges)
+    let members: Vec<usize> =
+        sim.records.borrow().members.get(&GroupKind::Strong).map(|m| m.iter().copied().collect()).unwrap_or_default();
+    let mut summary = None;
+    for node in members {
+        if sim.cluster.borrow().nodes[node].life != crate::node::Life::Up {
+            continue;
         }
-        _ => (0, 0),
+        let request = konor_sdk::protocol::Request::History { group: "st".to_owned() };
+        let Some(konor_sdk::protocol::Response::History { versions, .. }) =
+            crate::node::call(&sim.cluster, node, request).await
+        else {
+            continue;
+        };
+        let chain: Vec<(String, Vec<String>)> = versions.iter().map(|v| (v.label.clone(), v.parents.clone())).collect();
+        if let Some(found) = crate::history::check_chain(&chain, &format!("n{node}")) {
+            sim.violation(invariant::ONE_SEQUENCE, found.0);
+        }
+        if summary.is_none() {
+            let merges = versions.iter().filter(|v| v.parents.len() > 1).count();
+            summary = Some((versions.len(), merges));
+        }
     }
+    summary.unwrap_or((0, 0))
 }
 
 /// Notices nodes that stopped on their own; a supervisor (systemd in production) restarts each
@@ -456,6 +470,7 @@ fn build_report(
         mesh_complete: times.mesh_complete,
         groups_ready: times.groups_ready,
         strong_history,
+        strong_observations: records.strong.observations,
         converge_after_heal_us: times.converge_after_heal_us,
         spreads,
         spreads_undone,
@@ -467,6 +482,19 @@ fn build_report(
         outcomes,
         commit_latency_us,
         reads: (records.reads_fresh, records.reads_stale, records.reads_unanswered),
+        churn: records.churn,
+        failure_samples: {
+            let mut samples: Vec<String> = Vec::new();
+            for write in &records.writes {
+                if let Outcome::Failed(message) = &write.outcome {
+                    let short: String = message.chars().take(160).collect();
+                    if samples.len() < 3 && !samples.contains(&short) {
+                        samples.push(short);
+                    }
+                }
+            }
+            samples
+        },
         watch: (records.watch_events, watchers.len()),
         protocol_checks,
         false_dead: (observations.false_dead.len(), observations.samples),

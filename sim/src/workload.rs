@@ -75,10 +75,13 @@ pub enum WriteKind {
 pub enum Outcome {
     /// No answer yet.
     Pending,
-    /// Committed (eventual: a live quorum holds it; strong: every live member staged it).
+    /// Committed (eventual: a live quorum holds it; strong: every member of the configuration
+    /// staged it and a majority recorded the decision).
     Committed {
         /// The writer's revision after it.
         revision: u64,
+        /// The version created.
+        version: String,
         /// Nodes that hold it durably.
         acked_by: Vec<String>,
     },
@@ -86,6 +89,9 @@ pub enum Outcome {
     NotCommitted,
     /// Strong round aborted: nothing visible anywhere.
     Aborted,
+    /// Strong round whose outcome the coordinator could not learn: committed everywhere or
+    /// nowhere, the checks accept either.
+    Unknown,
     /// Another strong round was in flight: nothing changed.
     Busy,
     /// Refused before anything changed (unchanged, no such key or version).
@@ -109,6 +115,7 @@ impl Outcome {
             Outcome::Committed { .. } => "committed",
             Outcome::NotCommitted => "not-committed",
             Outcome::Aborted => "aborted",
+            Outcome::Unknown => "unknown",
             Outcome::Busy => "busy",
             Outcome::Refused(_) => "refused",
             Outcome::Lost => "lost-reply",
@@ -166,9 +173,8 @@ pub struct Records {
     pub watchers: BTreeMap<(usize, GroupKind), WatcherState>,
     /// Members of each group (nodes whose join succeeded).
     pub members: BTreeMap<GroupKind, BTreeSet<usize>>,
-    /// Per node, the highest revision of a committed strong round that listed it: a fresh
-    /// (not stale) read there must be at least that new.
-    pub strong_floor: Vec<u64>,
+    /// The strong group's history as clients saw it (one sequence, no stale read as fresh).
+    pub strong: crate::history::StrongHistory,
     /// Strong reads answered fresh.
     pub reads_fresh: u64,
     /// Strong reads answered stale.
@@ -177,6 +183,10 @@ pub struct Records {
     pub reads_unanswered: u64,
     /// Watcher events checked.
     pub watch_events: u64,
+    /// Each group's key, for joins during the run.
+    pub keys: BTreeMap<GroupKind, String>,
+    /// Strong-group joins and leaves during the run: (joins, leaves, failed attempts).
+    pub churn: (u64, u64, u64),
 }
 
 /// Where the run is.
@@ -335,12 +345,18 @@ async fn write_once(sim: Sim) {
     };
     let outcome = match response {
         None => Outcome::Lost,
-        Some(Response::Committed { revision, acked_by, .. }) => Outcome::Committed { revision, acked_by },
+        Some(Response::Committed { revision, acked_by, version, .. }) => {
+            Outcome::Committed { revision, version, acked_by }
+        }
         Some(Response::Error { code, message }) => match code {
             ErrorCode::NotCommitted => Outcome::NotCommitted,
             ErrorCode::Aborted => Outcome::Aborted,
+            ErrorCode::OutcomeUnknown => Outcome::Unknown,
             ErrorCode::Busy => Outcome::Busy,
-            ErrorCode::BadRequest | ErrorCode::NotFound | ErrorCode::Unchanged => Outcome::Refused(format!("{code:?}")),
+            // Unavailable: this node is not (yet) in the strong group's configuration; nothing changed.
+            ErrorCode::BadRequest | ErrorCode::NotFound | ErrorCode::Unchanged | ErrorCode::Unavailable => {
+                Outcome::Refused(format!("{code:?}"))
+            }
             _ => Outcome::Failed(format!("{code:?}: {message}")),
         },
         Some(other) => Outcome::Failed(format!("unexpected answer {other:?}")),
@@ -352,24 +368,23 @@ async fn write_once(sim: Sim) {
 fn finish_write(sim: &Sim, seq: u64, outcome: Outcome) {
     let now = sim.now_us();
     sim.trace(&format!("write w{seq} {}", outcome.name()));
-    let (group, seen_at) = {
+    let (group, seen_at, contradiction) = {
         let mut records = sim.records.borrow_mut();
         let Some(write) = records.writes.get_mut(seq as usize) else { return };
         write.replied_us = Some(now);
         write.outcome = outcome.clone();
-        let group = write.group;
-        if let (GroupKind::Strong, Outcome::Committed { revision, acked_by }) = (group, &outcome) {
-            for id in acked_by {
-                if let Some(index) = id.strip_prefix('n').and_then(|n| n.parse::<usize>().ok())
-                    && let Some(floor) = records.strong_floor.get_mut(index)
-                {
-                    *floor = (*floor).max(*revision);
-                }
-            }
+        let (group, node) = (write.group, write.node);
+        let mut contradiction = None;
+        if let (GroupKind::Strong, Outcome::Committed { revision, version, .. }) = (group, &outcome) {
+            records.strong.committed(now, *revision);
+            contradiction = records.strong.observe(*revision, version, &format!("w{seq} committed on n{node}"));
         }
         let seen_at = records.sightings.get(&seq).and_then(|s| s.iter().next().map(|(n, t)| (*n, *t)));
-        (group, seen_at)
+        (group, seen_at, contradiction)
     };
+    if let Some(found) = contradiction {
+        sim.violation(invariant::ONE_SEQUENCE, found.0);
+    }
     if group == GroupKind::Strong
         && outcome.certainly_invisible()
         && let Some((node, at_us)) = seen_at
@@ -393,27 +408,90 @@ pub async fn readers(sim: Sim) {
         let Some(node) = sim.pick_member(GroupKind::Strong) else { continue };
         let task_sim = sim.clone();
         tokio::task::spawn_local(async move {
-            let floor = task_sim.records.borrow().strong_floor.get(node).copied().unwrap_or(0);
+            let asked_us = task_sim.now_us();
             let answer = call(&task_sim.cluster, node, Request::Snapshot { group: "st".to_owned() }).await;
             let Some(Response::Snapshot { freshness, .. }) = answer else {
                 task_sim.records.borrow_mut().reads_unanswered += 1;
                 return;
             };
-            if freshness.stale {
-                task_sim.records.borrow_mut().reads_stale += 1;
-                return;
+            let source = format!("a read on n{node}");
+            let mut records = task_sim.records.borrow_mut();
+            let mut found = Vec::new();
+            if let Some(contradiction) = records.strong.observe(freshness.revision, &freshness.version, &source) {
+                found.push((invariant::ONE_SEQUENCE, contradiction.0));
             }
-            task_sim.records.borrow_mut().reads_fresh += 1;
-            if freshness.revision < floor {
-                task_sim.violation(
-                    invariant::FENCING,
-                    format!(
-                        "n{node} served st at revision {} without the stale flag after a commit at revision {floor} that it acknowledged",
-                        freshness.revision
-                    ),
-                );
+            if freshness.stale {
+                records.reads_stale += 1;
+            } else {
+                records.reads_fresh += 1;
+                if let Some(contradiction) = records.strong.fresh_read(asked_us, freshness.revision, &source) {
+                    found.push((invariant::FENCING, contradiction.0));
+                }
+            }
+            drop(records);
+            for (name, detail) in found {
+                task_sim.violation(name, detail);
             }
         });
+    }
+}
+
+/// Changes the strong group's membership while writes run: at the configured rate a random
+/// node that is up leaves the group if it holds it (never below two members), or joins it
+/// otherwise (a join during writes: it must enter the configuration without losing a commit).
+pub async fn churn(sim: Sim) {
+    loop {
+        let Some(gap_s) = sim.rng.borrow_mut().exponential_s(sim.config.workload.churn_per_s) else { return };
+        tokio::time::sleep(Duration::from_secs_f64(gap_s)).await;
+        if sim.phase.get() != Phase::Active {
+            return;
+        }
+        let up = sim.cluster.borrow().indices(Life::Up);
+        if up.is_empty() {
+            continue;
+        }
+        let node = up[sim.rng.borrow_mut().index(up.len())];
+        let (member, members, key) = {
+            let records = sim.records.borrow();
+            let members = records.members.get(&GroupKind::Strong).map_or(0, BTreeSet::len);
+            let member = records.members.get(&GroupKind::Strong).is_some_and(|m| m.contains(&node));
+            (member, members, records.keys.get(&GroupKind::Strong).cloned().unwrap_or_default())
+        };
+        let task_sim = sim.clone();
+        let name = GroupKind::Strong.name().to_owned();
+        if member && members > 2 {
+            sim.trace(&format!("churn: n{node} leaves st"));
+            // Taken out of the checked members first: from now on it may stop holding the group.
+            sim.records.borrow_mut().members.entry(GroupKind::Strong).or_default().remove(&node);
+            tokio::task::spawn_local(async move {
+                let answer = call(&task_sim.cluster, node, Request::GroupLeave { name, force: false }).await;
+                let left = matches!(answer, Some(Response::Done));
+                let mut records = task_sim.records.borrow_mut();
+                if left {
+                    records.churn.1 += 1;
+                    records.watchers.remove(&(node, GroupKind::Strong));
+                } else {
+                    records.churn.2 += 1;
+                    records.members.entry(GroupKind::Strong).or_default().insert(node);
+                }
+            });
+        } else if !member {
+            sim.trace(&format!("churn: n{node} joins st"));
+            tokio::task::spawn_local(async move {
+                let answer = call(&task_sim.cluster, node, Request::GroupJoin { name, key }).await;
+                if matches!(answer, Some(Response::Joined { .. })) {
+                    {
+                        let mut records = task_sim.records.borrow_mut();
+                        records.churn.0 += 1;
+                        records.members.entry(GroupKind::Strong).or_default().insert(node);
+                        records.watchers.remove(&(node, GroupKind::Strong));
+                    }
+                    watch(&task_sim, node, GroupKind::Strong);
+                } else {
+                    task_sim.records.borrow_mut().churn.2 += 1;
+                }
+            });
+        }
     }
 }
 
@@ -475,9 +553,17 @@ fn on_event(sim: &Sim, node: usize, group: GroupKind, event: WatchEvent) {
     {
         let mut records = sim.records.borrow_mut();
         records.watch_events += 1;
-        let Records { watchers, sightings, writes, .. } = &mut *records;
+        let Records { watchers, sightings, writes, strong, .. } = &mut *records;
         let watcher = watchers.entry((node, group)).or_default();
         let revision = event.revision();
+        if group == GroupKind::Strong {
+            let version = match &event {
+                WatchEvent::Change { version, .. } | WatchEvent::Resync { version, .. } => version.clone(),
+            };
+            if let Some(contradiction) = strong.observe(revision, &version, &format!("the watcher on n{node}")) {
+                found.push((invariant::ONE_SEQUENCE, contradiction.0));
+            }
+        }
         if revision <= watcher.revision {
             found.push((
                 invariant::WATCH,
@@ -550,6 +636,7 @@ pub async fn setup_groups(sim: &Sim, bound: Duration) -> bool {
         }
         sim.records.borrow_mut().members.entry(group).or_default().insert(0);
     }
+    sim.records.borrow_mut().keys = keys.clone();
     let nodes = sim.config.nodes;
     let pending = Rc::new(Cell::new(0usize));
     for node in 1..nodes {

@@ -236,6 +236,7 @@ impl Replica {
         let Some(state) = self.groups.remove(name) else {
             return self.reply(command, Err(CommandError::UnknownGroup(name.to_owned())));
         };
+        self.left_lamports.insert(name.to_owned(), state.round_lamport);
         for write in state.queued {
             let error = CommandError::UnknownGroup(name.to_owned());
             self.reply(write.command, Err(error));

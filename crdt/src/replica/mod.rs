@@ -703,6 +703,9 @@ pub struct Replica {
     deferred: Option<DeferredApply>,
     /// Since when each peer has been dead in the membership view (evictions).
     dead_since: BTreeMap<NodeId, Millis>,
+    /// The round lamport of each group this node left during this run: a group joined again
+    /// starts above it, so this node never issues one round id twice (S2).
+    left_lamports: BTreeMap<String, u64>,
     /// Unix milliseconds at `now` = 0, for the stamps of versions this node writes on its own.
     wall_offset: u64,
 }
@@ -738,6 +741,7 @@ impl Replica {
             outputs: VecDeque::new(),
             deferred: None,
             dead_since: BTreeMap::new(),
+            left_lamports: BTreeMap::new(),
             wall_offset: 0,
         };
         for (name, state) in loaded {
@@ -1020,7 +1024,8 @@ impl Replica {
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);
-        let state = GroupState::new(doc, key, proof, 0);
+        let mut state = GroupState::new(doc, key, proof, 0);
+        state.round_lamport = self.left_lamports.get(&name).copied().unwrap_or(0);
         self.groups.insert(name.clone(), state);
         self.publish(&name);
         // Peers holding the group are now members of ours: compare digests at once.
@@ -1096,6 +1101,7 @@ impl Replica {
             }
         }
         let Some(old) = self.groups.remove(group) else { return };
+        self.left_lamports.insert(group.to_owned(), old.round_lamport);
         let Some(loaded) = reloaded else {
             // The file cannot be read: the shell repairs the group from peers.
             for write in old.queued {

@@ -32,6 +32,8 @@ pub(crate) struct Net {
     pub(crate) next_id: u64,
     /// Each node's group files, as its persist outputs wrote them (node -> group -> file).
     pub(crate) disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Every round id prepared, in order: (coordinator, round).
+    pub(crate) prepared: Vec<konor_crdt::peer_message::RoundId>,
     /// Nodes whose appends fail (a full disk): the rest of that drain is skipped, as the shell
     /// does, and the replica hears `PersistFailed` with its group reloaded from "disk".
     pub(crate) failing_disk: BTreeSet<String>,
@@ -60,6 +62,7 @@ impl Net {
             notified: BTreeMap::new(),
             next_id: 0,
             disk: BTreeMap::new(),
+            prepared: Vec::new(),
             failing_disk: BTreeSet::new(),
         }
     }
@@ -137,6 +140,11 @@ impl Net {
                     match output {
                         Output::Send { to, message } => {
                             let is_push = matches!(message, konor_crdt::PeerMessage::Changes { .. });
+                            if let konor_crdt::PeerMessage::Prepare { round, .. } = &message
+                                && self.prepared.last() != Some(round)
+                            {
+                                self.prepared.push(round.clone());
+                            }
                             if self.down.contains(&to)
                                 || self.down.contains(node)
                                 || (is_push && self.drop_pushes_to.contains(&to))

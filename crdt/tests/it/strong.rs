@@ -541,3 +541,19 @@ fn a_full_disk_on_a_strong_coordinator_fails_the_write_everywhere() {
     let states: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|n| net.settings(n, "app").to_string()).collect();
     assert_eq!(states.len(), 1, "one state everywhere: {states:?}");
 }
+
+#[test]
+fn regression_a_group_joined_again_never_reuses_a_round_id() {
+    // Found by konor-sim (seed 19 and 9 more of 100): a node that left a strong group and
+    // joined it again started its round lamport at 0, so its next round reused the id of a
+    // round it had coordinated before, with another change (S2).
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    set(&mut net, "n3", "a", json!(1)).unwrap();
+    net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    let join = Command::JoinGroup { name: "app".into(), key: GroupKey::from_bytes(KEY), repair: false };
+    net.command("n3", join).unwrap();
+    set(&mut net, "n3", "a", json!(2)).unwrap();
+    let ids: Vec<_> = net.prepared.iter().filter(|round| round.node == "n3").collect();
+    let distinct: BTreeSet<_> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{ids:?}");
+}
