@@ -157,3 +157,9 @@ pub const REJOIN_RETRY_MS: u64 = 1_000;
 /// How long a new member of an eventual group waits for the members it announced itself to
 /// (so that their next write counts it) before its join answers anyway.
 pub const ANNOUNCE_TIMEOUT_MS: u64 = 1_000;
+
+/// For this long after a start, members a node knew before and has not heard of yet in gossip
+/// count as members it cannot judge (unknown), so a node that just started never takes itself
+/// for the only member. Gossip brings every node's state within a few rounds; 10 s is several
+/// failure-detection bounds.
+pub const START_GRACE_MS: u64 = 10_000;

@@ -485,6 +485,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
                     sync_states: store.read_sync_states(&name).unwrap_or_default(),
                     staged: file.staged,
                     decisions: file.decisions,
+                    known_members: store.read_members(&name).into_iter().collect(),
                 };
                 loaded.insert(name, state);
             }
@@ -516,6 +517,7 @@ fn persist_op_group(op: &PersistOp) -> &str {
         | PersistOp::Append { group, .. }
         | PersistOp::Compact { group, .. }
         | PersistOp::RemoveGroup { group }
+        | PersistOp::Members { group, .. }
         | PersistOp::SyncState { group, .. } => group,
     }
 }
@@ -743,7 +745,9 @@ impl Daemon {
                     }
                     let group = persist_op_group(&op).to_owned();
                     let create_or_compact = matches!(op, PersistOp::CreateGroup { .. } | PersistOp::Compact { .. });
-                    let sync_state = matches!(op, PersistOp::SyncState { .. });
+                    // Best effort: a lost sync state costs a larger sync, lost members a less
+                    // careful first second after a restart.
+                    let sync_state = matches!(op, PersistOp::SyncState { .. } | PersistOp::Members { .. });
                     match self.persist(op).await {
                         Ok(()) if create_or_compact => self.clear_degraded(&group),
                         Ok(()) => {}
@@ -822,6 +826,7 @@ impl Daemon {
             sync_states: BTreeMap::new(),
             staged: file.staged,
             decisions: file.decisions,
+            known_members: Default::default(),
         })
     }
 
@@ -1093,6 +1098,7 @@ impl Daemon {
                     store.remove_group(&group)?;
                 }
                 PersistOp::SyncState { group, peer, state } => store.write_sync_state(&group, &peer, &state)?,
+                PersistOp::Members { group, members } => store.write_members(&group, &members)?,
             }
             Ok(())
         })

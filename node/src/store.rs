@@ -62,6 +62,13 @@ const SYNC_EXTENSION: &str = "sync";
 const SYNC_STATE_BYTES_MAX: usize = 64 * 1024;
 
 const KEY_EXTENSION: &str = "key";
+
+/// Extension of the file listing the members a node knows of a group.
+const MEMBERS_EXTENSION: &str = "members";
+
+/// Largest members file read: node ids are short (at most 64 bytes) and a mesh holds at most
+/// `MESH_NODES_MAX` nodes, so 64 KiB is ample.
+const MEMBERS_BYTES_MAX: usize = 64 * 1024;
 /// Suffix of temp files: a name that never ends in `.konor` or `.key`, so listings skip it.
 const TEMP_SUFFIX: &str = ".tmp";
 
@@ -562,6 +569,32 @@ impl Store {
         validate_group_name(group).map_err(StoreError::BadGroupName)?;
         validate_group_name(peer).map_err(StoreError::BadGroupName)?;
         write_atomic(&self.groups_dir, &format!("{group}.{peer}.{SYNC_EXTENSION}"), state)
+    }
+
+    /// Stores the members this node knows of `group` (one node id per line), durably: after a
+    /// restart, the node counts them before gossip has told it about them (issue 11).
+    pub fn write_members(&mut self, group: &str, members: &[String]) -> Result<(), StoreError> {
+        validate_group_name(group).map_err(StoreError::BadGroupName)?;
+        let text: String = members.iter().map(|member| format!("{member}\n")).collect();
+        write_atomic(&self.groups_dir, &format!("{group}.{MEMBERS_EXTENSION}"), text.as_bytes())
+    }
+
+    /// The members stored for `group`; none when the file is missing or unreadable (it only
+    /// makes a fresh start more careful).
+    pub fn read_members(&self, group: &str) -> Vec<String> {
+        if validate_group_name(group).is_err() {
+            return Vec::new();
+        }
+        let path = self.groups_dir.join(format!("{group}.{MEMBERS_EXTENSION}"));
+        match read_bounded(&path, MEMBERS_BYTES_MAX) {
+            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes)
+                .lines()
+                .map(str::trim)
+                .filter(|line| validate_group_name(line).is_ok())
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        }
     }
 
     /// Every stored sync state of `group`, by peer. Unreadable or oversized ones are skipped:

@@ -26,6 +26,9 @@ pub mod invariant {
     pub const CONVERGENCE: &str = "1 convergence";
     /// SPEC 2.
     pub const NO_LOST_COMMIT: &str = "2 no lost commit";
+    /// SPEC F9/F10: with every member up and reachable, an eventual commit is acknowledged by
+    /// a quorum of all of them (a node that just started or resumed must not commit alone).
+    pub const QUORUM: &str = "2 quorum of the members up";
     /// protocol-peer E1, the ground of SPEC 2.
     pub const DURABLE_ACK: &str = "2/E1 ack only after durable";
     /// SPEC 3.

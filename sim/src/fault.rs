@@ -52,9 +52,12 @@ enum Kind {
     Pause,
 }
 
-fn record(sim: &Sim, log: &Rc<RefCell<Vec<FaultRecord>>>, text: String) {
+/// Logs a fault event; `node` is the one node it concerns (none for a partition).
+fn record(sim: &Sim, log: &Rc<RefCell<Vec<FaultRecord>>>, node: Option<usize>, text: String) {
     sim.trace(&format!("fault {text}"));
-    log.borrow_mut().push(FaultRecord { at_us: sim.now_us(), text });
+    let now = sim.now_us();
+    sim.records.borrow_mut().fault_events.push((now, node));
+    log.borrow_mut().push(FaultRecord { at_us: now, text });
 }
 
 /// Nodes that may still be taken down: keeps down + paused under half the mesh.
@@ -99,7 +102,7 @@ async fn fault_loop(
                 } else {
                     sim.rng.borrow_mut().between(SHORT_DOWNTIME_MS.0, SHORT_DOWNTIME_MS.1)
                 };
-                record(&sim, &log, format!("crash n{target} for {downtime_ms} ms"));
+                record(&sim, &log, Some(target), format!("crash n{target} for {downtime_ms} ms"));
                 crash(&sim.cluster, target).await;
                 watch_crash(&sim, &observations, target);
                 let starts = sim.cluster.borrow().nodes[target].starts;
@@ -113,7 +116,7 @@ async fn fault_loop(
                         node.life == Life::Down && node.starts == starts
                     };
                     if still_down && task_sim.phase.get() == Phase::Active {
-                        record(&task_sim, &task_log, format!("restart n{target}"));
+                        record(&task_sim, &task_log, Some(target), format!("restart n{target}"));
                         restart(&task_sim, target);
                     }
                 });
@@ -142,7 +145,12 @@ async fn fault_loop(
                     side.iter().enumerate().filter(|(_, s)| **s).map(|(i, _)| format!("n{i}")).take(8).collect();
                 let count = side.iter().filter(|s| **s).count();
                 let shape = if oneway { "one-way partition (side cannot send)" } else { "partition" };
-                record(&sim, &log, format!("{shape} of {count} node(s) [{}] for {duration_ms} ms", members.join(" ")));
+                record(
+                    &sim,
+                    &log,
+                    None,
+                    format!("{shape} of {count} node(s) [{}] for {duration_ms} ms", members.join(" ")),
+                );
                 let id = sim.cluster.borrow().network.partition(side.clone(), oneway);
                 {
                     let mut observations = observations.borrow_mut();
@@ -165,7 +173,7 @@ async fn fault_loop(
                             span.end_us = Some(now);
                         }
                         drop(observations);
-                        record(&task_sim, &task_log, format!("heal partition {id}"));
+                        record(&task_sim, &task_log, None, format!("heal partition {id}"));
                     }
                 });
             }
@@ -175,7 +183,7 @@ async fn fault_loop(
                 }
                 let Some(target) = pick_up(&sim) else { continue };
                 let duration_ms = sim.rng.borrow_mut().between(PAUSE_MS.0, PAUSE_MS.1);
-                record(&sim, &log, format!("pause n{target} for {duration_ms} ms"));
+                record(&sim, &log, Some(target), format!("pause n{target} for {duration_ms} ms"));
                 sim.cluster.borrow_mut().set_paused(target, true);
                 let task_sim = sim.clone();
                 let task_log = log.clone();
@@ -184,7 +192,7 @@ async fn fault_loop(
                     let paused = task_sim.cluster.borrow().nodes[target].life == Life::Paused;
                     if paused && task_sim.phase.get() == Phase::Active {
                         task_sim.cluster.borrow_mut().set_paused(target, false);
-                        record(&task_sim, &task_log, format!("resume n{target}"));
+                        record(&task_sim, &task_log, Some(target), format!("resume n{target}"));
                     }
                 });
             }
@@ -222,7 +230,7 @@ pub fn heal_everything(sim: &Sim, observations: &Rc<RefCell<Observations>>, log:
     }
     let down = sim.cluster.borrow().indices(Life::Down);
     for index in down {
-        record(sim, log, format!("restart n{index} (heal)"));
+        record(sim, log, Some(index), format!("restart n{index} (heal)"));
         restart(sim, index);
     }
 }

@@ -480,6 +480,11 @@ impl SimNetwork {
         self.lock().partitions.retain(|p| p.id != id);
     }
 
+    /// True while any partition is active.
+    pub fn partitioned(&self) -> bool {
+        !self.lock().partitions.is_empty()
+    }
+
     /// Ends every partition.
     pub fn heal_all(&self) {
         self.lock().partitions.clear();

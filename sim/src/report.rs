@@ -96,6 +96,8 @@ pub struct RunReport {
     pub commit_latency_us: BTreeMap<String, Vec<u64>>,
     /// Strong reads: fresh, stale, unanswered.
     pub reads: (u64, u64, u64),
+    /// Eventual commits checked against the quorum of all members.
+    pub quorums_checked: u64,
     /// Strong-group joins, leaves and failed attempts during the run.
     pub churn: (u64, u64, u64),
     /// A few distinct errors of writes that ended `failed`, for a reader to judge.
@@ -384,6 +386,13 @@ impl RunReport {
                 },
             ),
             verdict(invariant::NO_LOST_COMMIT, format!("ok: {commits} committed writes in every member's history")),
+            verdict(
+                invariant::QUORUM,
+                format!(
+                    "ok: {} eventual commits made with every member up were acked by a quorum of all",
+                    self.quorums_checked
+                ),
+            ),
             verdict(invariant::DURABLE_ACK, format!("ok: {acks} acks checked against the acker's file{disk}")),
             verdict(invariant::STRONG_ATOMICITY, "ok: no watcher served a strong write whose round aborted".to_owned()),
             verdict(

@@ -359,6 +359,8 @@ fn supervise(sim: &Sim, exits: &Rc<RefCell<Vec<NodeExit>>>) {
             let down = task_sim.cluster.borrow().nodes[index].life == crate::node::Life::Down;
             if down && matches!(task_sim.phase.get(), Phase::Active | Phase::Healing) {
                 task_sim.trace(&format!("supervisor restarts n{index}"));
+                let now = task_sim.now_us();
+                task_sim.records.borrow_mut().fault_events.push((now, Some(index)));
                 fault::restart(&task_sim, index);
             }
         });
@@ -483,6 +485,7 @@ fn build_report(
         commit_latency_us,
         reads: (records.reads_fresh, records.reads_stale, records.reads_unanswered),
         churn: records.churn,
+        quorums_checked: records.quorums_checked,
         failure_samples: {
             let mut samples: Vec<String> = Vec::new();
             for write in &records.writes {

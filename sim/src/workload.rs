@@ -23,6 +23,10 @@ use crate::config::RunConfig;
 use crate::node::{Cluster, Life, call};
 use crate::rng::SimRng;
 
+/// How long after a fault (other than the writer's own restart or resume) the quorum check
+/// waits: the failure detector's bound plus its view refresh, so views have caught up.
+const QUORUM_SETTLE_US: u64 = 3_000_000;
+
 /// Keys that writes overwrite and delete (besides their own markers): few, so deletes and
 /// concurrent sets meet on the same keys.
 const PLAIN_KEYS: u64 = 16;
@@ -187,6 +191,11 @@ pub struct Records {
     pub keys: BTreeMap<GroupKind, String>,
     /// Strong-group joins and leaves during the run: (joins, leaves, failed attempts).
     pub churn: (u64, u64, u64),
+    /// When each fault began or ended (crash, restart, pause, resume, partition, heal), with
+    /// the node it concerned (none for a partition).
+    pub fault_events: Vec<(u64, Option<usize>)>,
+    /// Eventual commits checked against the quorum of all members (no fault during them).
+    pub quorums_checked: u64,
 }
 
 /// Where the run is.
@@ -368,22 +377,55 @@ async fn write_once(sim: Sim) {
 fn finish_write(sim: &Sim, seq: u64, outcome: Outcome) {
     let now = sim.now_us();
     sim.trace(&format!("write w{seq} {}", outcome.name()));
-    let (group, seen_at, contradiction) = {
+    let (group, seen_at, contradiction, quorum_violation) = {
         let mut records = sim.records.borrow_mut();
         let Some(write) = records.writes.get_mut(seq as usize) else { return };
         write.replied_us = Some(now);
         write.outcome = outcome.clone();
-        let (group, node) = (write.group, write.node);
+        let (group, node, issued_us) = (write.group, write.node, write.issued_us);
         let mut contradiction = None;
+        if let (GroupKind::Eventual, Outcome::Committed { acked_by, .. }) = (group, &outcome) {
+            // Ground truth: nothing failed or recovered since before the write, and every
+            // member is up, so the writer's quorum is a majority of all of them.
+            let members: Vec<usize> =
+                records.members.get(&group).map(|m| m.iter().copied().collect()).unwrap_or_default();
+            let all_up = {
+                let cluster = sim.cluster.borrow();
+                members.iter().all(|&m| cluster.nodes[m].life == Life::Up) && !cluster.network.partitioned()
+            };
+            // The writer's own restart or resume is the case under test (issue 11, failure 5);
+            // any other fault must have ended a detection bound before, so that the writer's
+            // view of who is live has caught up with the truth.
+            let settled = records
+                .fault_events
+                .iter()
+                .filter(|(_, concerned)| *concerned != Some(node))
+                .all(|(at, _)| at + QUORUM_SETTLE_US <= issued_us);
+            if settled && all_up && sim.phase.get() == Phase::Active {
+                records.quorums_checked += 1;
+                let needed = members.len() / 2 + 1;
+                if acked_by.len() < needed {
+                    contradiction = Some(crate::history::Contradiction(format!(
+                        "w{seq} committed on n{node} acked by [{}] only, with all {} members up and settled (quorum {needed})",
+                        acked_by.join(", "),
+                        members.len()
+                    )));
+                }
+            }
+        }
+        let quorum_violation = contradiction.take();
         if let (GroupKind::Strong, Outcome::Committed { revision, version, .. }) = (group, &outcome) {
             records.strong.committed(now, *revision);
             contradiction = records.strong.observe(*revision, version, &format!("w{seq} committed on n{node}"));
         }
         let seen_at = records.sightings.get(&seq).and_then(|s| s.iter().next().map(|(n, t)| (*n, *t)));
-        (group, seen_at, contradiction)
+        (group, seen_at, contradiction, quorum_violation)
     };
     if let Some(found) = contradiction {
         sim.violation(invariant::ONE_SEQUENCE, found.0);
+    }
+    if let Some(found) = quorum_violation {
+        sim.violation(invariant::QUORUM, found.0);
     }
     if group == GroupKind::Strong
         && outcome.certainly_invisible()

@@ -24,8 +24,8 @@ use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::{GroupKey, derive_nonce, join_proof, verify_join_proof};
 use crate::journal::{RoundRecord, change_record, needs_compaction, round_record, snapshot_file};
 use crate::limits::{
-    ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, SYNC_SESSION_TIMEOUT_MS,
-    WATCH_EVENTS_KEPT,
+    ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS, START_GRACE_MS,
+    SYNC_SESSION_TIMEOUT_MS, WATCH_EVENTS_KEPT,
 };
 use crate::peer_message::{Nonce, PeerMessage, RoundId, RoundOutcome};
 
@@ -469,6 +469,14 @@ pub enum PersistOp {
         /// Group.
         group: String,
     },
+    /// Store the members this node knows of the group (so that after a restart it counts them
+    /// before gossip tells it about them).
+    Members {
+        /// Group.
+        group: String,
+        /// The members, this node excluded.
+        members: Vec<NodeId>,
+    },
     /// Store the sync state for (group, peer).
     SyncState {
         /// Group.
@@ -575,6 +583,8 @@ pub struct LoadedState {
     /// True when the file lost records (a damaged tail was cut): the node may have forgotten
     /// votes and acceptances.
     pub damaged: bool,
+    /// The members this node knew of the group before it stopped.
+    pub known_members: BTreeSet<NodeId>,
     /// Decisions recorded in the file.
     pub decisions: Vec<(RoundId, bool)>,
 }
@@ -616,6 +626,9 @@ struct GroupState {
     announcing: Option<configuration::Announcing>,
     /// True while this node leaves the group's configuration.
     leaving: bool,
+    /// Every member this node has known of the group (persisted): just after a start, those it
+    /// has not heard of yet count as unknown, not absent.
+    known_members: BTreeSet<NodeId>,
 }
 
 #[derive(Debug)]
@@ -656,6 +669,7 @@ impl GroupState {
             announced: BTreeMap::new(),
             announcing: None,
             leaving: false,
+            known_members: BTreeSet::new(),
         }
     }
 
@@ -762,6 +776,7 @@ impl Replica {
                 heads.sort();
                 group.strong.amnesic_at = Some(heads);
             }
+            group.known_members = state.known_members;
             replica.groups.insert(name.clone(), group);
             replica.restore_round(&name, state.staged);
             replica.publish(&name);
@@ -833,6 +848,19 @@ impl Replica {
             })
             .collect();
         if let Some(state) = self.groups.get(group) {
+            if self.now.0 < START_GRACE_MS {
+                // Just started: gossip has not told this node about every member yet. Those it
+                // knew before count as members it cannot judge (unknown), never as absent.
+                for node in &state.known_members {
+                    if *node != self.node_id && !members.contains_key(node) {
+                        let peer = self.membership.peers.get(node);
+                        if peer.is_some_and(|p| p.left.contains(group)) {
+                            continue;
+                        }
+                        members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+                    }
+                }
+            }
             for node in state.announced.keys() {
                 if *node == self.node_id || members.contains_key(node) {
                     continue;
@@ -1110,7 +1138,8 @@ impl Replica {
             self.outputs.push_back(Output::Publish { group: group.to_owned(), gossip: None });
             return;
         };
-        let LoadedState { doc, key, tail_changes, sync_states: _, staged, decisions, damaged: _ } = *loaded;
+        let LoadedState { doc, key, tail_changes, sync_states: _, staged, decisions, damaged: _, known_members: _ } =
+            *loaded;
         let mut state = GroupState::new(doc, key, old.proof, tail_changes);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
@@ -1128,6 +1157,7 @@ impl Replica {
         state.announced = old.announced;
         state.announcing = old.announcing;
         state.leaving = old.leaving;
+        state.known_members = old.known_members;
         self.groups.insert(group.to_owned(), state);
         self.restore_round(group, staged);
         self.publish(group);
@@ -1502,6 +1532,7 @@ impl Replica {
         }
         self.mark_divergence();
         self.track_dead_peers();
+        self.remember_members();
         // A member seen dead may block a write (abort it now) or no longer be needed by a
         // configuration change (its votes may now suffice).
         let names: Vec<String> = self.groups.keys().cloned().collect();
@@ -1510,6 +1541,36 @@ impl Replica {
         }
         self.count_gossip_acks();
         self.handle_tick();
+    }
+
+    /// Adds the members gossip and announcements show to what this node knows of each group,
+    /// drops the ones that left (or, after the start grace, that gossip no longer knows), and
+    /// persists the list when it changed.
+    fn remember_members(&mut self) {
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in names {
+            let mut current: BTreeSet<NodeId> = self.members(&name).into_iter().map(|(node, _, _)| node).collect();
+            let Some(state) = self.groups.get(&name) else { continue };
+            current.extend(state.announced.keys().cloned());
+            if let Some(configuration) = state.doc.configuration() {
+                current.extend(configuration.members.iter().cloned());
+            }
+            let mut known = state.known_members.clone();
+            known.extend(current.iter().cloned());
+            let grace_over = self.now.0 >= START_GRACE_MS;
+            known.retain(|node| {
+                let peer = self.membership.peers.get(node);
+                *node != self.node_id
+                    && !peer.is_some_and(|p| p.left.contains(&name))
+                    && (current.contains(node) || !grace_over)
+            });
+            let Some(state) = self.groups.get_mut(&name) else { continue };
+            if known != state.known_members {
+                state.known_members = known.clone();
+                let members = known.into_iter().collect();
+                self.outputs.push_back(Output::Persist(PersistOp::Members { group: name.clone(), members }));
+            }
+        }
     }
 
     /// Notes, per group and live member, since when its gossiped digest differs from ours.

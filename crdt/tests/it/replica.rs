@@ -32,6 +32,8 @@ pub(crate) struct Net {
     pub(crate) next_id: u64,
     /// Each node's group files, as its persist outputs wrote them (node -> group -> file).
     pub(crate) disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
+    /// Each node's members files: (node, group) -> members.
+    pub(crate) members_disk: BTreeMap<(String, String), BTreeSet<String>>,
     /// Every round id prepared, in order: (coordinator, round).
     pub(crate) prepared: Vec<konor_crdt::peer_message::RoundId>,
     /// Nodes whose appends fail (a full disk): the rest of that drain is skipped, as the shell
@@ -63,6 +65,7 @@ impl Net {
             next_id: 0,
             disk: BTreeMap::new(),
             prepared: Vec::new(),
+            members_disk: BTreeMap::new(),
             failing_disk: BTreeSet::new(),
         }
     }
@@ -228,6 +231,9 @@ impl Net {
             PersistOp::RemoveGroup { group } => {
                 files.remove(group);
             }
+            PersistOp::Members { group, members } => {
+                self.members_disk.insert((node.to_owned(), group.clone()), members.iter().cloned().collect());
+            }
             PersistOp::SyncState { .. } => {}
         }
         Ok(())
@@ -245,6 +251,7 @@ impl Net {
             staged: loaded.staged,
             decisions: loaded.decisions,
             damaged: loaded.dropped.is_some(),
+            known_members: self.members_disk.get(&(node.to_owned(), group.to_owned())).cloned().unwrap_or_default(),
         })
     }
 
@@ -288,6 +295,7 @@ fn describe(output: &Output) -> String {
             PersistOp::Compact { .. } => "persist compact".into(),
             PersistOp::RemoveGroup { .. } => "persist remove".into(),
             PersistOp::SyncState { .. } => "persist sync-state".into(),
+            PersistOp::Members { .. } => "persist members".into(),
         },
         Output::Reply { .. } => "reply".into(),
         Output::Notify(_) => "notify".into(),
@@ -473,6 +481,7 @@ fn a_restarted_replica_keeps_its_revision_and_groups() {
         staged: None,
         decisions: Vec::new(),
         damaged: false,
+        known_members: BTreeSet::new(),
     };
     let mut restarted =
         Replica::new("n1".into(), actor_for("n1", 2), [9; 32], BTreeMap::from([("app".to_owned(), loaded)]));

@@ -557,3 +557,22 @@ fn regression_a_group_joined_again_never_reuses_a_round_id() {
     let distinct: BTreeSet<_> = ids.iter().collect();
     assert_eq!(distinct.len(), ids.len(), "{ids:?}");
 }
+
+#[test]
+fn a_node_that_just_restarted_counts_the_members_it_knew_before_gossip_tells_it() {
+    // Issue 11, failure 5: right after a restart a node's view is empty; it took itself for
+    // the only member and committed alone. The members it knew are persisted and count as
+    // unknown (not absent) for the start grace.
+    let mut net = crate::replica::mesh_with_group(&["n1", "n2", "n3"]);
+    crate::replica::set(&mut net, "n1", "k", json!(1)).unwrap();
+    net.restart("n1", 2);
+    let id = send_command(&mut net, "n1", set_command("k", json!(2)));
+    net.run_outputs_only();
+    assert!(!net.replies.contains_key(&id), "not committed alone: {:?}", net.replies.get(&id));
+    let info = net.replicas["n1"].quorum_info("app").unwrap();
+    assert_eq!((info.live.len(), info.quorum), (3, 2), "{info:?}");
+    // Once gossip arrives the acks count.
+    net.run();
+    let CommandOutcome::Committed(receipt) = net.replies.remove(&id).unwrap().unwrap() else { panic!() };
+    assert!(receipt.acked_by.len() >= 2, "{:?}", receipt.acked_by);
+}
