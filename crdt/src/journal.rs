@@ -194,6 +194,9 @@ pub struct LoadedGroup {
     pub staged: Option<StagedRound>,
     /// Decisions recorded in the file, oldest first.
     pub decisions: Vec<(RoundId, bool)>,
+    /// Ballots promised and decisions accepted for undecided rounds not staged here (this node
+    /// is an acceptor of a configuration change it did not vote for).
+    pub ballots: Vec<(RoundId, Ballot, Option<(Ballot, bool)>)>,
 }
 
 impl LoadedGroup {
@@ -225,9 +228,17 @@ enum FoldedRecord {
     LegacyStaged { round: RoundId, change: Vec<u8> },
 }
 
+/// Ballots of rounds not staged here, as folded from a file.
+type Ballots = std::collections::BTreeMap<RoundId, (Ballot, Option<(Ballot, bool)>)>;
+
 /// Folds one round record into what the file says so far: the staged round (with its
-/// promises and acceptances) and the final decisions.
-fn fold_round_record(staged: &mut Option<StagedRound>, decisions: &mut Vec<(RoundId, bool)>, record: FoldedRecord) {
+/// promises and acceptances), the ballots of other undecided rounds, and the final decisions.
+fn fold_round_record(
+    staged: &mut Option<StagedRound>,
+    ballots: &mut Ballots,
+    decisions: &mut Vec<(RoundId, bool)>,
+    record: FoldedRecord,
+) {
     let record = match record {
         FoldedRecord::LegacyStaged { round, change } => {
             *staged = Some(StagedRound {
@@ -263,19 +274,27 @@ fn fold_round_record(staged: &mut Option<StagedRound>, decisions: &mut Vec<(Roun
             if same(staged, &round) {
                 *staged = None;
             }
+            ballots.remove(&round);
             decisions.push((round, commit));
         }
-        RoundRecord::Promised { round, ballot } => {
-            if let Some(staged) = staged.as_mut().filter(|s| s.round == round) {
-                staged.promised = staged.promised.clone().max(ballot);
+        RoundRecord::Promised { round, ballot } => match staged.as_mut().filter(|s| s.round == round) {
+            Some(staged) => staged.promised = staged.promised.clone().max(ballot),
+            None => {
+                let entry = ballots.entry(round).or_default();
+                entry.0 = entry.0.clone().max(ballot);
             }
-        }
-        RoundRecord::Accepted { round, ballot, commit } => {
-            if let Some(staged) = staged.as_mut().filter(|s| s.round == round) {
+        },
+        RoundRecord::Accepted { round, ballot, commit } => match staged.as_mut().filter(|s| s.round == round) {
+            Some(staged) => {
                 staged.promised = staged.promised.clone().max(ballot.clone());
                 staged.accepted = Some((ballot, commit));
             }
-        }
+            None => {
+                let entry = ballots.entry(round).or_default();
+                entry.0 = entry.0.clone().max(ballot.clone());
+                entry.1 = Some((ballot, commit));
+            }
+        },
     }
 }
 
@@ -295,6 +314,7 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
     let mut dropped = scan.dropped;
     let mut pending = Vec::new();
     let mut staged = None;
+    let mut ballots = Ballots::new();
     let mut decisions = Vec::new();
     for record in records {
         let decoded = match record.kind {
@@ -309,7 +329,7 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
             RecordKind::Round | RecordKind::RoundV2 | RecordKind::RoundV3 => {
                 match read_round_record(record.kind, record.payload) {
                     Some(round) => {
-                        fold_round_record(&mut staged, &mut decisions, round);
+                        fold_round_record(&mut staged, &mut ballots, &mut decisions, round);
                         continue;
                     }
                     None => None,
@@ -329,7 +349,12 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
         pending.extend(changes);
     }
     group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.error.to_string() })?;
-    Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped, staged, decisions })
+    // A round staged here keeps its ballots with it.
+    if let Some(staged) = &staged {
+        ballots.remove(&staged.round);
+    }
+    let ballots = ballots.into_iter().map(|(round, (promised, accepted))| (round, promised, accepted)).collect();
+    Ok(LoadedGroup { group, meta, tail_changes, valid_bytes, dropped, staged, decisions, ballots })
 }
 
 #[cfg(test)]

@@ -195,6 +195,9 @@ pub enum PeerMessage {
         round: RoundId,
         /// The hash of the round's change: a peer holding it knows the round committed.
         change: [u8; 32],
+        /// What the round commits: a node that never staged a round that needs its yes can
+        /// abort it on the spot; one that a majority could commit without it cannot.
+        kind: RoundKind,
     },
     /// What a peer knows of a round; `Committed` and `Aborted` are final (also sent unasked
     /// once a decision is final).
@@ -229,6 +232,8 @@ pub enum PeerMessage {
         round: RoundId,
         /// The recovery's ballot.
         ballot: Ballot,
+        /// What the round commits (see `DecisionQuery`).
+        kind: RoundKind,
     },
     /// The answer to `Recover` from a member that holds the round staged.
     Promise {
@@ -399,6 +404,7 @@ mod tests {
                 group,
                 round: RoundId { lamport: number, node: node.clone(), start: 7 },
                 ballot: Ballot { number, node },
+                kind: RoundKind::Write,
             }),
             (group, any::<u64>()).prop_map(|(group, sent)| PeerMessage::LeaseGrant {
                 group,

@@ -486,6 +486,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
                     staged: file.staged,
                     decisions: file.decisions,
                     known_members: store.read_members(&name).into_iter().collect(),
+                    ballots: file.ballots,
                 };
                 loaded.insert(name, state);
             }
@@ -663,7 +664,8 @@ impl Daemon {
     async fn execute_outputs(&mut self) {
         // Stale flags first: a vote or an acceptance about to leave makes this node in doubt,
         // and no read may be served as fresh once it is (the commit may be reported any moment).
-        self.settle_reads();
+        // Flags only: the contents follow the notifications, which run after their persists.
+        self.settle_freshness();
         let mut persist_failed: Option<String> = None;
         let mut failed_groups: Vec<String> = Vec::new();
         let mut outputs: std::collections::VecDeque<Output> =
@@ -827,6 +829,7 @@ impl Daemon {
             staged: file.staged,
             decisions: file.decisions,
             known_members: Default::default(),
+            ballots: file.ballots,
         })
     }
 
@@ -938,13 +941,23 @@ impl Daemon {
     /// whose revision moved without a notification (load, join, repair), are copied whole;
     /// stale flags follow fencing; groups that were left go.
     fn settle_reads(&self) {
+        self.settle_view(true);
+    }
+
+    /// Refreshes the stale flags of the groups in the read view, copying nothing in: what the
+    /// replica holds may include changes whose persist has not run yet.
+    fn settle_freshness(&self) {
+        self.settle_view(false);
+    }
+
+    fn settle_view(&self, copy_contents: bool) {
         let Some(reads) = &self.reads else { return };
         let present: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
         let mut fresh = BTreeMap::new();
         for name in &present {
             let Some(doc) = self.replica.group(name) else { continue };
             let revision = self.replica.revision(name).unwrap_or(0);
-            if reads.revision(name) != Some(revision) {
+            if copy_contents && reads.revision(name) != Some(revision) {
                 let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
                 let changed = self.last_change.get(name).copied().unwrap_or(self.started);
                 let read = GroupRead {

@@ -24,6 +24,8 @@ use crate::workload::{GroupKind, Outcome, Sim};
 pub mod invariant {
     /// SPEC 1.
     pub const CONVERGENCE: &str = "1 convergence";
+    /// SPEC F11: after healing, every holder of the strong group is in its configuration.
+    pub const CONFIGURATION: &str = "1 configuration converges";
     /// SPEC 2.
     pub const NO_LOST_COMMIT: &str = "2 no lost commit";
     /// SPEC F9/F10: with every member up and reachable, an eventual commit is acknowledged by
@@ -396,6 +398,51 @@ pub async fn check_heads(sim: &Sim) {
     }
 }
 
+/// After healing, every running node that holds the strong group is in its configuration,
+/// and all of them agree on it: evicted members caught up and rejoined on their own (SPEC F11).
+pub async fn check_configurations(sim: &Sim) {
+    let holders: Vec<usize> =
+        sim.records.borrow().members.get(&GroupKind::Strong).map(|m| m.iter().copied().collect()).unwrap_or_default();
+    let mut seen: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for node in holders {
+        if sim.cluster.borrow().nodes[node].life != Life::Up {
+            continue;
+        }
+        let request = Request::Status { group: GroupKind::Strong.name().to_owned() };
+        if let Some(Response::Status { configuration: Some(configuration), .. }) =
+            call(&sim.cluster, node, request).await
+        {
+            seen.entry(configuration).or_default().push(node);
+        }
+    }
+    let up: Vec<usize> = seen.values().flatten().copied().collect();
+    // `c7 [n0, n2]`: the members are between the brackets.
+    let members_of = |text: &str| -> BTreeSet<String> {
+        let inner = text.split_once('[').and_then(|(_, rest)| rest.split_once(']')).map_or("", |(inner, _)| inner);
+        inner.split(", ").filter(|m| !m.is_empty()).map(str::to_owned).collect()
+    };
+    let outside: Vec<String> = seen
+        .keys()
+        .flat_map(|configuration| {
+            let members = members_of(configuration);
+            up.iter().map(|n| format!("n{n}")).filter(move |n| !members.contains(n))
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if seen.len() > 1 || !outside.is_empty() {
+        let shown: Vec<String> = seen.iter().map(|(c, nodes)| format!("{c} on {} node(s)", nodes.len())).collect();
+        sim.violation(
+            invariant::CONFIGURATION,
+            format!(
+                "after healing the strong group's configuration is [{}]; holders outside it: [{}]",
+                shown.join("; "),
+                outside.join(", ")
+            ),
+        );
+    }
+}
+
 /// Every write answered `Committed` is in the history of every running member (SPEC 2).
 pub async fn check_lost_commits(sim: &Sim) {
     for group in GroupKind::ALL {
@@ -497,7 +544,7 @@ pub fn describe(bytes: &[u8]) -> String {
         Ok(PeerMessage::Accepted { group, round, ballot, ok, .. }) => {
             format!("Accepted {group} {round} {ballot} ok={ok}")
         }
-        Ok(PeerMessage::Recover { group, round, ballot }) => format!("Recover {group} {round} {ballot}"),
+        Ok(PeerMessage::Recover { group, round, ballot, .. }) => format!("Recover {group} {round} {ballot}"),
         Ok(PeerMessage::Promise { group, round, ballot, ok, accepted, .. }) => {
             format!("Promise {group} {round} {ballot} ok={ok} accepted={accepted:?}")
         }

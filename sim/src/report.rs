@@ -385,6 +385,10 @@ impl RunReport {
                     None => "not reached (run stopped earlier)".to_owned(),
                 },
             ),
+            verdict(
+                invariant::CONFIGURATION,
+                "ok: every holder of the strong group is in its configuration after healing".to_owned(),
+            ),
             verdict(invariant::NO_LOST_COMMIT, format!("ok: {commits} committed writes in every member's history")),
             verdict(
                 invariant::QUORUM,

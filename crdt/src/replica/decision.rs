@@ -22,6 +22,26 @@ use crate::limits::DECISION_TIMEOUT_MS;
 use crate::peer_message::{Ballot, PeerMessage, RoundId, RoundKind, RoundOutcome};
 use crate::time::Millis;
 
+/// Paxos acceptor state of a round this node does not hold staged.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Acceptor {
+    /// The highest ballot promised.
+    pub(super) promised: Ballot,
+    /// The decision accepted, with its ballot.
+    pub(super) accepted: Option<(Ballot, bool)>,
+}
+
+/// True when `round` cannot commit without `node`'s staged yes: a write needs every member, a
+/// forced change every member of the new configuration. A node that never staged such a round
+/// may abort it on the spot; any other round a majority can decide without it.
+fn needs_yes_of(kind: &RoundKind, node: &str) -> bool {
+    match kind {
+        RoundKind::Write => true,
+        RoundKind::Reconfigure { next, forced: true } => next.contains(node),
+        RoundKind::Reconfigure { forced: false, .. } => false,
+    }
+}
+
 /// A recovery this node runs for a round in doubt.
 #[derive(Debug)]
 pub(super) struct Recovery {
@@ -65,6 +85,8 @@ impl Replica {
             self.give_up_deciding(group, reason);
         }
         let Some(state) = self.groups.get_mut(group) else { return };
+        let held = matches!(&state.round, Some(Round::Staged(staged)) if staged.id == round)
+            || matches!(&state.round, Some(Round::Coordinating(own)) if own.id == round);
         let (ok, promised) = match state.round.as_mut() {
             Some(Round::Staged(staged)) if staged.id == round => {
                 staged.highest_ballot = staged.highest_ballot.max(ballot.number);
@@ -76,8 +98,21 @@ impl Replica {
                     (false, staged.promised.clone())
                 }
             }
-            _ => (false, Ballot::default()),
+            _ if held => (false, Ballot::default()),
+            // An acceptor that did not stage the round (it voted no, or never heard of it): a
+            // configuration change is decided by a majority, with or without it.
+            _ => {
+                let acceptor = state.ballots.entry(round.clone()).or_default();
+                if ballot >= acceptor.promised {
+                    acceptor.promised = ballot.clone();
+                    acceptor.accepted = Some((ballot.clone(), commit));
+                    (true, ballot.clone())
+                } else {
+                    (false, acceptor.promised.clone())
+                }
+            }
         };
+        self.trim_ballots(group);
         if ok {
             // Durable before the answer leaves.
             let record = RoundRecord::Accepted { round: round.clone(), ballot: ballot.clone(), commit };
@@ -88,15 +123,28 @@ impl Replica {
     }
 
     /// `Accepted`: a member recorded (or refused) a decision this node proposed.
-    pub(super) fn handle_accepted(&mut self, group: &str, from: NodeId, round: RoundId, ballot: Ballot, ok: bool) {
+    pub(super) fn handle_accepted(
+        &mut self,
+        group: &str,
+        from: NodeId,
+        round: RoundId,
+        ballot: Ballot,
+        ok: bool,
+        promised: Ballot,
+    ) {
         let now = self.now;
         let Some(state) = self.groups.get_mut(group) else { return };
         match state.round.as_mut() {
             Some(Round::Coordinating(own)) if own.id == round && ballot == coordinator_ballot(&round) => {
                 let Phase::Deciding { accepted_by } = &mut own.phase else { return };
                 if !ok {
-                    let reason = format!("member {from} promised a recovery of the round a higher ballot");
-                    return self.give_up_deciding(group, reason);
+                    if promised > ballot {
+                        let reason = format!("member {from} promised a recovery of the round a higher ballot");
+                        return self.give_up_deciding(group, reason);
+                    }
+                    // The member cannot record it (it holds the round some other way): a
+                    // majority may still come from the others.
+                    return;
                 }
                 accepted_by.insert(from);
                 if majority_reached(decision_set(&own.base, &own.kind), accepted_by) {
@@ -188,15 +236,29 @@ impl Replica {
     }
 
     /// A member in doubt asks what became of `round`.
-    pub(super) fn answer_decision_query(&mut self, group: &str, from: NodeId, round: RoundId, change: ChangeHash) {
-        let outcome = self.outcome_for(group, &round, Some(&change));
+    pub(super) fn answer_decision_query(
+        &mut self,
+        group: &str,
+        from: NodeId,
+        round: RoundId,
+        change: ChangeHash,
+        kind: &RoundKind,
+    ) {
+        let outcome = self.outcome_for(group, &round, Some(&change), kind);
         self.answer(group, from, round, outcome);
     }
 
-    /// What this node can say of a round it is asked about. A node that never staged the round
-    /// aborts it here and records that (it never voted yes, so the round cannot commit); an
-    /// amnesic node (its file lost records) cannot say that and answers `Unknown`.
-    fn outcome_for(&mut self, group: &str, round: &RoundId, change: Option<&ChangeHash>) -> RoundOutcome {
+    /// What this node can say of a round it is asked about. A node that never staged a round
+    /// that needs its yes aborts it here and records that (the round cannot commit without it);
+    /// a round a majority can decide without it (a configuration change), or any round when
+    /// this node is amnesic (its file lost records), gets `Unknown`: recovery decides those.
+    fn outcome_for(
+        &mut self,
+        group: &str,
+        round: &RoundId,
+        change: Option<&ChangeHash>,
+        kind: &RoundKind,
+    ) -> RoundOutcome {
         let start = self.start_tag();
         let node_id = self.node_id.clone();
         let Some(state) = self.groups.get_mut(group) else { return RoundOutcome::Unknown };
@@ -212,6 +274,10 @@ impl Replica {
             None => false,
         };
         if held || state.strong.is_amnesic(&state.doc) {
+            return RoundOutcome::Unknown;
+        }
+        if state.ballots.contains_key(round) || !needs_yes_of(kind, &node_id) {
+            // This node is (or may become) an acceptor of the round: only a majority decides.
             return RoundOutcome::Unknown;
         }
         if round.node == node_id && round.start != start {
@@ -254,11 +320,17 @@ impl Replica {
             nodes.remove(&node_id);
             nodes
         };
+        let kind = staged.kind.clone();
         if staged.queries == 0 || amnesic {
             staged.queries += 1;
             let change = staged.hash.0;
             for peer in participants {
-                let message = PeerMessage::DecisionQuery { group: group.to_owned(), round: round.clone(), change };
+                let message = PeerMessage::DecisionQuery {
+                    group: group.to_owned(),
+                    round: round.clone(),
+                    change,
+                    kind: kind.clone(),
+                };
                 self.outputs.push_back(Output::Send { to: peer, message });
             }
             return;
@@ -281,8 +353,12 @@ impl Replica {
             Some(Recovery { ballot: ballot.clone(), promises, proposal: None, accepted_by: BTreeSet::new() });
         self.persist_rounds(group, &[RoundRecord::Promised { round: round.clone(), ballot: ballot.clone() }]);
         for peer in set.iter().filter(|m| **m != node_id) {
-            let message =
-                PeerMessage::Recover { group: group.to_owned(), round: round.clone(), ballot: ballot.clone() };
+            let message = PeerMessage::Recover {
+                group: group.to_owned(),
+                round: round.clone(),
+                ballot: ballot.clone(),
+                kind: kind.clone(),
+            };
             self.outputs.push_back(Output::Send { to: peer.clone(), message });
         }
         self.check_promises(group);
@@ -290,7 +366,14 @@ impl Replica {
 
     /// `Recover`: promise the ballot (if it is the highest) and say what was accepted; or give
     /// the outcome when it is known or can be decided here.
-    pub(super) fn handle_recover(&mut self, group: &str, from: NodeId, round: RoundId, ballot: Ballot) {
+    pub(super) fn handle_recover(
+        &mut self,
+        group: &str,
+        from: NodeId,
+        round: RoundId,
+        ballot: Ballot,
+        kind: &RoundKind,
+    ) {
         if matches!(self.groups.get(group).and_then(|s| s.round.as_ref()), Some(Round::Coordinating(own)) if own.id == round)
         {
             match self.groups.get(group).and_then(|s| s.round.as_ref()) {
@@ -323,9 +406,43 @@ impl Replica {
                 self.outputs.push_back(Output::Send { to: from, message });
             }
             None => {
-                let outcome = self.outcome_for(group, &round, None);
-                self.answer(group, from, round, outcome);
+                let outcome = self.outcome_for(group, &round, None, kind);
+                if outcome != RoundOutcome::Unknown {
+                    return self.answer(group, from, round, outcome);
+                }
+                let node_id = self.node_id.clone();
+                let Some(state) = self.groups.get_mut(group) else { return };
+                if state.strong.is_amnesic(&state.doc) && !state.ballots.contains_key(&round) {
+                    // It may have promised or accepted this round before its file lost records.
+                    return self.answer(group, from, round, RoundOutcome::Unknown);
+                }
+                if needs_yes_of(kind, &node_id) && !state.ballots.contains_key(&round) {
+                    return self.answer(group, from, round, RoundOutcome::Unknown);
+                }
+                // An acceptor of a round it did not stage: promise like any other.
+                let acceptor = state.ballots.entry(round.clone()).or_default();
+                let ok = ballot > acceptor.promised;
+                if ok {
+                    acceptor.promised = ballot.clone();
+                }
+                let (accepted, promised) = (acceptor.accepted.clone(), acceptor.promised.clone());
+                self.trim_ballots(group);
+                if ok {
+                    let record = RoundRecord::Promised { round: round.clone(), ballot: ballot.clone() };
+                    self.persist_rounds(group, &[record]);
+                }
+                let message = PeerMessage::Promise { group: group.to_owned(), round, ballot, ok, accepted, promised };
+                self.outputs.push_back(Output::Send { to: from, message });
             }
+        }
+    }
+
+    /// Keeps the acceptor state of at most [`DECISIONS_KEPT`] undecided rounds (the oldest go:
+    /// a round that old was decided long ago).
+    fn trim_ballots(&mut self, group: &str) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        while state.ballots.len() > crate::limits::DECISIONS_KEPT {
+            state.ballots.pop_first();
         }
     }
 

@@ -587,6 +587,8 @@ pub struct LoadedState {
     pub known_members: BTreeSet<NodeId>,
     /// Decisions recorded in the file.
     pub decisions: Vec<(RoundId, bool)>,
+    /// Ballots promised and decisions accepted for rounds not staged here.
+    pub ballots: Vec<(RoundId, crate::peer_message::Ballot, Option<(crate::peer_message::Ballot, bool)>)>,
 }
 
 #[derive(Debug, Default)]
@@ -614,6 +616,10 @@ struct GroupState {
     round_lamport: u64,
     /// Recent round outcomes, to answer in-doubt peers.
     decisions: VecDeque<(RoundId, bool)>,
+    /// Paxos acceptor state of rounds this node does not hold staged (a configuration change
+    /// it did not vote for can still be decided by a majority, so it answers recoveries):
+    /// the ballot promised and the decision accepted. Bounded like `decisions`.
+    ballots: BTreeMap<RoundId, decision::Acceptor>,
     /// The last local write's commit: its label and who acknowledged it.
     last_commit: Option<(String, Vec<NodeId>)>,
     /// Local writes waiting for the current strong round to end.
@@ -663,6 +669,7 @@ impl GroupState {
             round: None,
             round_lamport: 0,
             decisions: VecDeque::new(),
+            ballots: BTreeMap::new(),
             last_commit: None,
             queued: VecDeque::new(),
             strong: lease::StrongState::default(),
@@ -683,6 +690,7 @@ impl GroupState {
 
     fn remember_decision(&mut self, round: RoundId, commit: bool) {
         self.round_lamport = self.round_lamport.max(round.lamport);
+        self.ballots.remove(&round);
         self.decisions.push_back((round, commit));
         while self.decisions.len() > DECISIONS_KEPT {
             self.decisions.pop_front();
@@ -777,6 +785,9 @@ impl Replica {
                 group.strong.amnesic_at = Some(heads);
             }
             group.known_members = state.known_members;
+            for (round, promised, accepted) in state.ballots {
+                group.ballots.insert(round, decision::Acceptor { promised, accepted });
+            }
             replica.groups.insert(name.clone(), group);
             replica.restore_round(&name, state.staged);
             replica.publish(&name);
@@ -924,7 +935,9 @@ impl Replica {
             }
             if let Some((_, deadline)) = state.strong.joining {
                 consider(deadline);
-                consider(state.strong.next_reconfigure);
+            }
+            if let Some(at) = self.next_upkeep(state) {
+                consider(at);
             }
             if let Some(announcing) = &state.announcing {
                 consider(announcing.deadline);
@@ -946,6 +959,36 @@ impl Replica {
             }
         }
         earliest
+    }
+
+    /// When configuration upkeep of a strong group is due next: this node's own addition when
+    /// it holds the group outside the configuration, or the eviction of a member dead long
+    /// enough (or that left). Without this a quiet node would never retry (found by the fault
+    /// tests: an evicted node stayed out after a heal until some write woke it up).
+    fn next_upkeep(&self, state: &GroupState) -> Option<Millis> {
+        if state.doc.mode() != Mode::Strong || state.leaving {
+            return None;
+        }
+        let configuration = state.doc.configuration()?;
+        let earliest = state.strong.next_reconfigure;
+        if !configuration.contains(&self.node_id) {
+            return Some(earliest);
+        }
+        let evict_after = state.doc.policy().evict_after;
+        configuration
+            .members
+            .iter()
+            .filter(|member| **member != self.node_id)
+            .filter_map(|member| {
+                let left = self.membership.peers.get(member).is_some_and(|p| p.left.contains(state.doc.name()));
+                let due = if left {
+                    Some(self.now)
+                } else {
+                    self.dead_since.get(member).map(|since| Millis(since.0 + evict_after.0))
+                };
+                due.map(|at| at.max(earliest))
+            })
+            .min()
     }
 
     /// Feeds one input at time `now`.
@@ -1124,7 +1167,8 @@ impl Replica {
                     {
                         own.phase = round::Phase::Voting;
                     }
-                    self.abort_own_round(group, format!("{error} on the coordinator"));
+                    let text = format!("{error}; the strong write is not committed anywhere");
+                    self.abort_own_round_with(group, CommandError::NotDurable(text));
                 }
             }
         }
@@ -1138,11 +1182,21 @@ impl Replica {
             self.outputs.push_back(Output::Publish { group: group.to_owned(), gossip: None });
             return;
         };
-        let LoadedState { doc, key, tail_changes, sync_states: _, staged, decisions, damaged: _, known_members: _ } =
-            *loaded;
+        let LoadedState {
+            doc,
+            key,
+            tail_changes,
+            sync_states: _,
+            staged,
+            decisions,
+            damaged: _,
+            known_members: _,
+            ballots: _,
+        } = *loaded;
         let mut state = GroupState::new(doc, key, old.proof, tail_changes);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
+        state.ballots = old.ballots;
         for (round, commit) in decisions {
             if state.final_outcome(&round).is_none() {
                 state.remember_decision(round, commit);
@@ -1203,18 +1257,29 @@ impl Replica {
     }
 
     /// The whole file `group` would be compacted into now: a snapshot of the document and the
-    /// round records (for a shell that must rewrite a file a failed fsync left unknown).
+    /// round records (for a shell that must rewrite a file a failed fsync left unknown). Round
+    /// records survive compaction: the decisions (which keep the round lamport monotonic and
+    /// answer in-doubt peers), a round staged here without a decision, and the ballots of
+    /// undecided rounds this node is an acceptor of. `None` when the snapshot no longer fits a
+    /// record (the file keeps growing by appends instead; epochs will bound it).
     pub fn compacted_file(&self, group: &str) -> Option<Vec<u8>> {
         let state = self.groups.get(group)?;
         let mut file = snapshot_file(&state.doc, None).ok()?;
-        for (round, commit) in &state.decisions {
-            if let Ok(record) = round_record(&RoundRecord::Decided { round: round.clone(), commit: *commit }) {
-                file.extend(record);
+        let mut records: Vec<RoundRecord> = state
+            .decisions
+            .iter()
+            .map(|(round, commit)| RoundRecord::Decided { round: round.clone(), commit: *commit })
+            .collect();
+        records.extend(state.round.as_ref().map(round::Round::staged_records).unwrap_or_default());
+        for (round, acceptor) in &state.ballots {
+            records.push(RoundRecord::Promised { round: round.clone(), ballot: acceptor.promised.clone() });
+            if let Some((ballot, commit)) = &acceptor.accepted {
+                records.push(RoundRecord::Accepted { round: round.clone(), ballot: ballot.clone(), commit: *commit });
             }
         }
-        for staged in state.round.as_ref().map(round::Round::staged_records).unwrap_or_default() {
-            if let Ok(record) = round_record(&staged) {
-                file.extend(record);
+        for record in &records {
+            if let Ok(bytes) = round_record(record) {
+                file.extend(bytes);
             }
         }
         Some(file)
@@ -1222,24 +1287,10 @@ impl Replica {
 
     /// Queues a new file for `group`: a snapshot of the document and the round records.
     fn compact(&mut self, group: &str) {
-        let Some(state) = self.groups.get_mut(group) else {
-            return;
-        };
-        // A snapshot that no longer fits a record keeps appending instead (epochs will bound it).
-        let Ok(mut file) = snapshot_file(&state.doc, None) else { return };
-        // Round records survive compaction: the decisions (which keep the round lamport
-        // monotonic and answer in-doubt peers) and a round staged here without a decision.
-        for (round, commit) in &state.decisions {
-            if let Ok(record) = round_record(&RoundRecord::Decided { round: round.clone(), commit: *commit }) {
-                file.extend(record);
-            }
+        let Some(file) = self.compacted_file(group) else { return };
+        if let Some(state) = self.groups.get_mut(group) {
+            state.tail_changes = 0;
         }
-        for staged in state.round.as_ref().map(round::Round::staged_records).unwrap_or_default() {
-            if let Ok(record) = round_record(&staged) {
-                file.extend(record);
-            }
-        }
-        state.tail_changes = 0;
         self.outputs.push_back(Output::Persist(PersistOp::Compact { group: group.to_owned(), file }));
     }
 
@@ -1401,17 +1452,17 @@ impl Replica {
                 }
                 self.handle_decide(&group, from, round, ballot, commit);
             }
-            PeerMessage::Accepted { round, ballot, ok, .. } => {
+            PeerMessage::Accepted { round, ballot, ok, promised, .. } => {
                 if !self.is_member(&group, &from) {
                     return self.drop_message(from, format!("acceptance for group {group:?} from a non-member"));
                 }
-                self.handle_accepted(&group, from, round, ballot, ok);
+                self.handle_accepted(&group, from, round, ballot, ok, promised);
             }
-            PeerMessage::DecisionQuery { round, change, .. } => {
+            PeerMessage::DecisionQuery { round, change, kind, .. } => {
                 if !self.is_member(&group, &from) {
                     return self.drop_message(from, format!("decision query for group {group:?} from a non-member"));
                 }
-                self.answer_decision_query(&group, from, round, ChangeHash(change));
+                self.answer_decision_query(&group, from, round, ChangeHash(change), &kind);
             }
             PeerMessage::DecisionAnswer { round, outcome, .. } => {
                 if !self.is_member(&group, &from) {
@@ -1419,11 +1470,11 @@ impl Replica {
                 }
                 self.handle_decision_answer(&group, &round, outcome);
             }
-            PeerMessage::Recover { round, ballot, .. } => {
+            PeerMessage::Recover { round, ballot, kind, .. } => {
                 if !self.is_member(&group, &from) || ballot.node != from {
                     return self.drop_message(from, format!("recovery for group {group:?} from a non-member"));
                 }
-                self.handle_recover(&group, from, round, ballot);
+                self.handle_recover(&group, from, round, ballot, &kind);
             }
             PeerMessage::Promise { round, ballot, ok, accepted, promised, .. } => {
                 if !self.is_member(&group, &from) {

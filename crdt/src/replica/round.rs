@@ -490,6 +490,13 @@ impl Replica {
     /// Aborts a round of this node's that is still voting: nobody was asked to record a commit,
     /// so the abort is final at once.
     pub(super) fn abort_own_round(&mut self, group: &str, reason: String) {
+        let round = self.groups.get(group).and_then(|s| s.round.as_ref()).map(|r| r.id().to_string());
+        let error = CommandError::RoundAborted { group: group.to_owned(), round: round.unwrap_or_default(), reason };
+        self.abort_own_round_with(group, error);
+    }
+
+    /// [`Replica::abort_own_round`], answering the caller with `error`.
+    pub(super) fn abort_own_round_with(&mut self, group: &str, error: CommandError) {
         let Some(state) = self.groups.get_mut(group) else { return };
         if !matches!(state.round.as_ref(), Some(Round::Coordinating(c)) if matches!(c.phase, Phase::Voting)) {
             return;
@@ -506,7 +513,6 @@ impl Replica {
         if let Some(state) = self.groups.get_mut(group) {
             state.remember_decision(round.id.clone(), false);
         }
-        let error = CommandError::RoundAborted { group: group.to_owned(), round: round.id.to_string(), reason };
         self.answer_purpose(group, round.purpose, Err(error));
     }
 
@@ -567,10 +573,15 @@ impl Replica {
             }
             Purpose::Leave { command } => match outcome {
                 Ok(_) => self.remove_group_locally(group, command),
-                Err(error) => self.reply(
-                    command,
-                    Err(CommandError::LeaveFailed { group: group.to_owned(), reason: error.to_string() }),
-                ),
+                Err(error) => {
+                    // Still a member: configuration upkeep resumes (found by konor-sim, seed
+                    // 51: a node whose leave failed never rejoined after being evicted).
+                    if let Some(state) = self.groups.get_mut(group) {
+                        state.leaving = false;
+                    }
+                    let reason = error.to_string();
+                    self.reply(command, Err(CommandError::LeaveFailed { group: group.to_owned(), reason }));
+                }
             },
             Purpose::Remove { command } => {
                 let result = outcome.map(|_| CommandOutcome::Reconfigured {

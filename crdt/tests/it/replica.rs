@@ -251,6 +251,7 @@ impl Net {
             staged: loaded.staged,
             decisions: loaded.decisions,
             damaged: loaded.dropped.is_some(),
+            ballots: loaded.ballots,
             known_members: self.members_disk.get(&(node.to_owned(), group.to_owned())).cloned().unwrap_or_default(),
         })
     }
@@ -482,6 +483,7 @@ fn a_restarted_replica_keeps_its_revision_and_groups() {
         decisions: Vec::new(),
         damaged: false,
         known_members: BTreeSet::new(),
+        ballots: Vec::new(),
     };
     let mut restarted =
         Replica::new("n1".into(), actor_for("n1", 2), [9; 32], BTreeMap::from([("app".to_owned(), loaded)]));
