@@ -196,8 +196,12 @@ pub struct LoadedGroup {
     pub decisions: Vec<(RoundId, bool)>,
     /// Ballots promised and decisions accepted for undecided rounds not staged here (this node
     /// is an acceptor of a configuration change it did not vote for).
-    pub ballots: Vec<(RoundId, Ballot, Option<(Ballot, bool)>)>,
+    pub ballots: Vec<AcceptorRecord>,
 }
+
+/// What a file records of an undecided round this node did not stage: the round, the ballot
+/// promised, and the decision accepted with its ballot.
+pub type AcceptorRecord = (RoundId, Ballot, Option<(Ballot, bool)>);
 
 impl LoadedGroup {
     /// True when the file should be rewritten as a fresh snapshot.

@@ -588,7 +588,7 @@ pub struct LoadedState {
     /// Decisions recorded in the file.
     pub decisions: Vec<(RoundId, bool)>,
     /// Ballots promised and decisions accepted for rounds not staged here.
-    pub ballots: Vec<(RoundId, crate::peer_message::Ballot, Option<(crate::peer_message::Ballot, bool)>)>,
+    pub ballots: Vec<crate::journal::AcceptorRecord>,
 }
 
 #[derive(Debug, Default)]
