@@ -309,7 +309,7 @@ async fn phases(
     progress(sim, "converged");
     tokio::time::sleep(Duration::from_secs(1)).await;
     check::check_heads(sim).await;
-    check::check_configurations(sim).await;
+    check::check_configurations(sim, config.converge_bound).await;
     check::check_lost_commits(sim).await;
     for group in GroupKind::ALL {
         finals.insert(group, check::served(sim, group).await);
