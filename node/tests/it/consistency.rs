@@ -58,14 +58,14 @@ async fn a_strong_write_with_a_paused_member_aborts_everywhere_then_commits_afte
         eventually("v1 everywhere", || async { (client.get("app", "limit").await.ok()?? == json!(1)).then_some(()) })
             .await;
     }
-    nodes[2].signal("STOP");
+    nodes[2].pause();
     let error = clients[0].call(set("limit", json!(2))).await.unwrap_err();
     assert!(matches!(error, SdkError::Daemon { code: ErrorCode::Aborted, .. }), "{error}");
     assert!(error.to_string().contains("n3"), "the error names the member that blocked: {error}");
     for client in &clients[..2] {
         assert_eq!(client.get("app", "limit").await.unwrap(), Some(json!(1)), "nothing visible after an abort");
     }
-    nodes[2].signal("CONT");
+    nodes[2].resume();
     assert_eq!(clients[2].get("app", "limit").await.unwrap(), Some(json!(1)), "nor on the paused member");
     // Retry until the round goes through (the resumed member may still be finishing the old
     // round, or be briefly held dead by the others): then it is visible everywhere.

@@ -1,5 +1,7 @@
 //! Starts real `konord` processes in temp dirs with certificates from a throw-away CA, and
 //! waits on observable events (socket answers, gossip views, watch events) with deadlines.
+//! Faults for the fault tests live here too: signals (pause, kill -9), damaged group files, and
+//! meshes in network namespaces (`netns.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,8 +11,17 @@ use konor_sdk::client::Client;
 use konor_sdk::protocol::{Request, Response};
 use tempfile::TempDir;
 
+use crate::netns::NetnsLab;
+
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Set to keep every test cluster's directory (data dirs, konord logs) after the test.
+pub const KEEP_ENV: &str = "KONOR_IT_KEEP";
+
+/// The konord log filter for test clusters (`KONOR_LOG` syntax, `info` when unset), to read
+/// more of a failure in the logs [`KEEP_ENV`] keeps.
+pub const LOG_ENV: &str = "KONOR_IT_LOG";
 
 /// A test cluster: one CA, many nodes.
 pub struct Cluster {
@@ -27,15 +38,21 @@ pub struct Node {
     pub seeds: Vec<String>,
     pub child: Option<Child>,
     pub log: PathBuf,
-    /// The network namespace it runs in (`None`: the test's own, on loopback).
-    pub netns: Option<String>,
-    /// The IP address it listens on.
-    pub listen_ip: String,
+    /// Command prefix konord runs under (`ip netns exec <ns>`); empty: run it directly.
+    pub launcher: Vec<String>,
+    /// A fixed QUIC listen address; `None`: 127.0.0.1 with a port the kernel picks (and the
+    /// same address again after a restart).
+    pub listen: Option<String>,
 }
 
 impl Cluster {
     pub fn new() -> Cluster {
-        let dir = tempfile::Builder::new().prefix("konor-it").tempdir().unwrap();
+        let mut dir = tempfile::Builder::new().prefix("konor-it").tempdir().unwrap();
+        // KONOR_IT_KEEP=1 keeps the nodes' files and logs for a post-mortem.
+        if std::env::var_os(KEEP_ENV).is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("{KEEP_ENV}: keeping {}", dir.path().display());
+        }
         let ca_dir = dir.path().join("ca");
         konor_node::tls::init_ca(&ca_dir).unwrap();
         Cluster { dir, ca_dir }
@@ -64,28 +81,26 @@ impl Node {
             seeds,
             child: None,
             log: base.join("konord.log"),
-            netns: None,
-            listen_ip: "127.0.0.1".to_owned(),
+            launcher: Vec::new(),
+            listen: None,
         }
-    }
-
-    /// Moves the node into network namespace `netns` at `ip` (before its first start).
-    pub fn in_netns(mut self, netns: &str, ip: &str) -> Node {
-        self.netns = Some(netns.to_owned());
-        self.listen_ip = ip.to_owned();
-        self
     }
 
     pub fn start(&mut self) {
         // A restarted node keeps its address, as a real host does (peers know it there).
         let previous = self.addr();
-        let listen = if previous.is_empty() { format!("{}:0", self.listen_ip) } else { previous };
+        let listen = match &self.listen {
+            Some(fixed) => fixed.clone(),
+            None if previous.is_empty() => "127.0.0.1:0".to_owned(),
+            None => previous,
+        };
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        // `ip netns exec` execs konord in place: the child's pid is konord's, for signals.
-        let mut command = match &self.netns {
-            Some(netns) => {
-                let mut command = Command::new("ip");
-                command.args(["netns", "exec", netns, env!("CARGO_BIN_EXE_konord")]);
+        // `ip netns exec` execs konord in place, so the child's pid is konord's own and signals
+        // reach it directly.
+        let mut command = match self.launcher.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_konord"));
                 command
             }
             None => Command::new(env!("CARGO_BIN_EXE_konord")),
@@ -98,7 +113,7 @@ impl Node {
             .arg(&self.socket)
             .arg("--tls-dir")
             .arg(&self.tls_dir)
-            .env("KONOR_LOG", "info")
+            .env("KONOR_LOG", std::env::var(LOG_ENV).unwrap_or_else(|_| "info".to_owned()))
             .stdout(Stdio::null())
             .stderr(log);
         for seed in &self.seeds {
@@ -107,10 +122,18 @@ impl Node {
         self.child = Some(command.spawn().unwrap());
     }
 
-    /// The bound QUIC address, written by the daemon at start.
+    /// The bound QUIC address, written by the daemon at start (the fixed one before that).
     pub fn addr(&self) -> String {
         let path = self.data_dir.join(konor_node::daemon::LISTEN_ADDR_FILE);
-        std::fs::read_to_string(path).unwrap_or_default()
+        match std::fs::read_to_string(path) {
+            Ok(addr) => addr,
+            Err(_) => self.listen.clone().unwrap_or_default(),
+        }
+    }
+
+    /// The record file of one of this node's groups (the node must have created or joined it).
+    pub fn group_file(&self, group: &str) -> PathBuf {
+        self.data_dir.join("groups").join(format!("{group}.konor"))
     }
 
     /// Waits until the daemon answers on its socket, then returns a client.
@@ -136,9 +159,14 @@ impl Node {
         }
     }
 
-    /// Sends a signal (STOP, CONT, TERM...).
-    pub fn signal(&self, name: &str) {
-        signal(self.child.as_ref().expect("running").id(), name);
+    /// SIGSTOP: the process freezes with its sockets open (a long GC pause, a VM stall).
+    pub fn pause(&self) {
+        signal(self.child.as_ref().expect("running").id(), "STOP");
+    }
+
+    /// SIGCONT after [`Node::pause`].
+    pub fn resume(&self) {
+        signal(self.child.as_ref().expect("running").id(), "CONT");
     }
 
     /// SIGKILL.
@@ -157,7 +185,8 @@ impl Node {
     }
 }
 
-pub fn signal(pid: u32, name: &str) {
+/// Sends signal `name` (STOP, CONT, TERM) to process `pid`.
+fn signal(pid: u32, name: &str) {
     let status = Command::new("kill").args([&format!("-{name}"), &pid.to_string()]).status().unwrap();
     assert!(status.success());
 }
@@ -221,27 +250,98 @@ pub async fn start_mesh(cluster: &Cluster, count: usize) -> (Vec<Node>, Vec<Clie
         clients.push(node.client().await);
         nodes.push(node);
     }
+    await_whole_mesh(&nodes, &clients).await;
+    (nodes, clients)
+}
+
+/// Waits until every client's node sees every node of `nodes` live.
+pub async fn await_whole_mesh(nodes: &[Node], clients: &[Client]) {
     let expected: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
-    for client in &clients {
+    for client in clients {
         let expected = expected.clone();
         eventually("every node sees the whole mesh live", || async {
             (live_nodes(client).await == expected).then_some(())
         })
         .await;
     }
-    (nodes, clients)
+}
+
+/// The QUIC port every node of a namespace mesh listens on (each has its own address).
+const NETNS_PORT: u16 = 7400;
+
+/// A mesh of konord processes, each in its own network namespace of a [`NetnsLab`]. Fields drop
+/// in order: the processes die before their namespaces go, and the cluster's files go last.
+pub struct NetnsMesh {
+    pub nodes: Vec<Node>,
+    pub clients: Vec<Client>,
+    pub lab: NetnsLab,
+    pub cluster: Cluster,
+}
+
+impl NetnsMesh {
+    /// Starts `count` nodes (n1, n2...), node i in namespace i, seeded at n1, and waits until
+    /// every node sees all of them live. Fails the test when not root or `ip`/`nft` are missing.
+    pub async fn start(count: usize) -> NetnsMesh {
+        let lab = NetnsLab::new(count);
+        let cluster = Cluster::new();
+        let seed = format!("{}:{NETNS_PORT}", lab.hosts()[0].address);
+        let mut mesh = NetnsMesh { nodes: Vec::new(), clients: Vec::new(), lab, cluster };
+        for index in 0..count {
+            let mut node = mesh.cluster.node(&format!("n{}", index + 1), &[]);
+            node.launcher = mesh.lab.launcher(index);
+            node.listen = Some(format!("{}:{NETNS_PORT}", mesh.lab.hosts()[index].address));
+            if index > 0 {
+                node.seeds = vec![seed.clone()];
+            }
+            node.start();
+            mesh.nodes.push(node);
+        }
+        for node in &mut mesh.nodes {
+            let client = node.client().await;
+            mesh.clients.push(client);
+        }
+        await_whole_mesh(&mesh.nodes, &mesh.clients).await;
+        mesh
+    }
+}
+
+/// Damages a record file (a group's `.konor` file) from `from_offset` on: flips bytes in the
+/// payload of the first record that starts at or after that offset, so its checksum fails and a
+/// reader keeps only the records before it. `from_offset` is typically the file's length at an
+/// earlier moment: everything written since then is lost. Returns the length of the valid
+/// prefix that is left.
+pub fn damage_records_from(path: &Path, from_offset: usize) -> usize {
+    use konor_crdt::record::{FRAME_BYTES, scan_records};
+    let mut bytes = std::fs::read(path).unwrap();
+    let scan = scan_records(&bytes).unwrap();
+    assert!(scan.dropped.is_none(), "{} was damaged before: {:?}", path.display(), scan.dropped);
+    let target = scan
+        .records
+        .iter()
+        .find(|record| record.offset >= from_offset)
+        .map(|record| (record.offset, record.payload.len()))
+        .unwrap_or_else(|| panic!("{}: no record at or after offset {from_offset}", path.display()));
+    let (offset, payload_bytes) = target;
+    assert!(payload_bytes > 0, "an empty record has no payload to damage");
+    // The middle and the last byte of the payload: covered by the checksum, not by the frame.
+    for at in [offset + FRAME_BYTES + payload_bytes / 2, offset + FRAME_BYTES + payload_bytes - 1] {
+        bytes[at] ^= 0xa5;
+    }
+    std::fs::write(path, &bytes).unwrap();
+    let rescan = scan_records(&bytes).unwrap();
+    assert_eq!(rescan.valid_bytes, offset, "the damage must cut the file at the record");
+    rescan.valid_bytes
 }
 
 /// Creates `group` on the first client and joins it on the others; returns the key.
 pub async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> String {
+    group_on_all_with(clients, group, mode, None).await
+}
+
+/// [`group_on_all`] with the group's eviction policy (strong groups).
+pub async fn group_on_all_with(clients: &[Client], group: &str, mode: &str, evict_after_ms: Option<u64>) -> String {
     let created = clients[0]
-        .call(Request::GroupCreate {
-            name: group.into(),
-            mode: mode.into(),
-            key: None,
-            evict_after_ms: None,
-            fencing: None,
-        })
+        .call(Request::GroupCreate { name: group.into(), mode: mode.into(), key: None, evict_after_ms, fencing: None })
         .await
         .unwrap();
     let Response::GroupCreated { key, .. } = created else { panic!("{created:?}") };

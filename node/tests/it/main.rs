@@ -6,6 +6,7 @@
 
 mod consistency;
 mod durability;
+mod faults;
 mod harness;
 mod liveness;
 mod mesh;
