@@ -973,10 +973,21 @@ impl Daemon {
                 reads.replace(name, read);
             }
             let block = doc.policy().fencing == Fencing::Block && doc.mode() == Mode::Strong;
-            let state = match self.replica.freshness(name) {
+            let mut state = match self.replica.freshness(name) {
                 Ok(until) => Fresh { stale_reason: None, fresh_until: until.map(|at| self.instant_at(at)), block },
                 Err(reason) => Fresh { stale_reason: Some(reason), fresh_until: None, block },
             };
+            // The replica may already hold changes whose persist (and so whose notification)
+            // has not run: the view serves older contents until it has, and must not call them
+            // fresh (found by the fault tests: a joiner served the version before a commit as
+            // fresh for a moment, between applying the commit and saving it).
+            if !copy_contents
+                && doc.mode() == Mode::Strong
+                && state.stale_reason.is_none()
+                && reads.revision(name).is_some_and(|shown| shown != revision)
+            {
+                state.stale_reason = Some("a change is being saved here".to_owned());
+            }
             fresh.insert(name.clone(), state);
         }
         reads.settle(&present, &fresh);

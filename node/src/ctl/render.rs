@@ -1099,7 +1099,7 @@ mod tests {
             expect![[r#"
                 [exit 0]
                 group app (eventual)
-                fenced: this node serves app as possibly stale until it catches up with the group
+                fenced: this node serves app as possibly stale
                 NODE  VERSION  REVISION  HEADS             LIVE
                 n1    v12            14  0a1b2c3d4e5f6a7b  yes
                 n2    v12             9  ffffffffffffffff  yes
@@ -1165,11 +1165,11 @@ mod tests {
             &request,
             &value(Some(json!({"max": 16})), stale),
             expect![[r#"
-            [exit 0]
-            {"max":16}
-            [stderr]
-            warning: this node may be behind (it is fenced from the group's quorum); served v12 at revision 14
-        "#]],
+                [exit 0]
+                {"max":16}
+                [stderr]
+                warning: this node may be behind; served v12 at revision 14
+            "#]],
         );
     }
 

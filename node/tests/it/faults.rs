@@ -1,5 +1,5 @@
-//! Consistency under real faults: pauses (SIGSTOP), kill -9, damaged group files, joins racing
-//! writes.
+//! Consistency under real faults: network partitions (namespaces and nftables), a full disk
+//! (tmpfs), pauses (SIGSTOP), kill -9, damaged group files, joins and restarts racing writes.
 //!
 //! Each test states the contract users are promised (SPEC F10-F12, invariants 2 and 3), never
 //! how the protocol keeps it, and collects every violation it sees before failing, so a failure
@@ -8,6 +8,7 @@
 //! them failed; they now check the same promises against strong groups by configuration
 //! (eviction after `evict_after`, majority-recorded commit decisions, read leases, `not_durable`).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use konor_sdk::client::{Client, SdkError};
@@ -15,7 +16,10 @@ use konor_sdk::protocol::{ErrorCode, Freshness, Request, Response, WriteMeta};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
-use crate::harness::{Cluster, DEADLINE, damage_records_from, eventually, group_on_all_with, start_mesh};
+use crate::harness::{
+    Cluster, DEADLINE, NetnsMesh, Tmpfs, await_whole_mesh, damage_records_from, eventually, group_on_all,
+    group_on_all_with, live_nodes, start_mesh, start_mesh_with,
+};
 
 /// Eviction policy given to the strong groups of these tests: a member seen dead this long is
 /// evicted from the group's configuration (SPEC F11), after which the others commit without it.
@@ -260,6 +264,348 @@ impl Violations {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Split brain in a strong group under a partition.
+
+/// How long the partition lasts (a fault's duration is the point here): long enough for the
+/// failure detector to declare the other side dead (1-2 s at the 100 ms gossip interval the
+/// harness uses), for the majority to evict the unreachable members ([`EVICT_AFTER_MS`] later)
+/// and then commit for a few seconds, and for many strong rounds (3 s round timeout) to run on
+/// each side.
+const PARTITION: Duration = Duration::from_millis(EVICT_AFTER_MS + 6_000);
+
+/// One write made during the partition.
+#[derive(Debug, Clone)]
+struct PartitionWrite {
+    node: String,
+    side: &'static str,
+    /// When it was sent, from the start of the partition.
+    at_ms: u128,
+    key: String,
+    value: Value,
+    outcome: Outcome,
+}
+
+/// Writes a fresh key per write on `client` until `until`; every write is one slot of the
+/// group's history, so what each side was told is kept apart.
+async fn write_during(client: Client, side: &'static str, started: Instant, until: Instant) -> Vec<PartitionWrite> {
+    let node = client.node_id();
+    let mut writes = Vec::new();
+    for index in 1u32.. {
+        if Instant::now() >= until {
+            break;
+        }
+        let at_ms = started.elapsed().as_millis();
+        let key = format!("w.{node}.{index}");
+        let value = json!(format!("{side}-{node}-{index}"));
+        let outcome = Outcome::of(client.call(set("app", &[(&key, value.clone())])).await);
+        let quick_refusal = matches!(outcome, Outcome::Refused { .. });
+        writes.push(PartitionWrite { node: node.clone(), side, at_ms, key, value, outcome });
+        if quick_refusal {
+            // Aborted (a member seen dead) and busy come back at once: do not spin.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    writes
+}
+
+/// Per node: how many writes got which answer, and when the first commit came.
+fn partition_figures(writes: &[PartitionWrite]) -> String {
+    let mut per_node: BTreeMap<(&str, &str), BTreeMap<String, usize>> = BTreeMap::new();
+    let mut first_commit: BTreeMap<&str, u128> = BTreeMap::new();
+    for write in writes {
+        *per_node.entry((write.side, &write.node)).or_default().entry(outcome_kind(&write.outcome)).or_default() += 1;
+        if write.outcome.committed_acks().is_some() {
+            first_commit.entry(&write.node).or_insert(write.at_ms);
+        }
+    }
+    per_node
+        .iter()
+        .map(|((side, node), kinds)| {
+            let first = first_commit.get(node).map_or_else(|| "never".to_owned(), |ms| format!("+{ms} ms"));
+            format!("{side} {node}: {kinds:?}, first commit {first}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The configuration of `group` each client's node holds (`c4 [n1, n2, n3]`), from `status`.
+async fn configurations(clients: &[Client], group: &str) -> BTreeMap<String, String> {
+    let mut seen = BTreeMap::new();
+    for client in clients {
+        let configuration = match client.call(Request::Status { group: group.into() }).await {
+            Ok(Response::Status { configuration, .. }) => configuration.unwrap_or_else(|| "(none)".to_owned()),
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(error) => format!("error: {error}"),
+        };
+        seen.insert(client.node_id(), configuration);
+    }
+    seen
+}
+
+/// Waits until every client's node holds a configuration of `group` whose members are exactly
+/// `members`; how long it took, or each node's view of the group (see [`group_views`]) at
+/// [`DEADLINE`].
+async fn await_configuration(clients: &[Client], group: &str, members: &[String]) -> Result<Duration, String> {
+    let started = Instant::now();
+    let expected = format!("[{}]", members.join(", "));
+    loop {
+        let seen = configurations(clients, group).await;
+        if seen.values().all(|configuration| configuration.ends_with(&expected)) {
+            return Ok(started.elapsed());
+        }
+        if started.elapsed() >= DEADLINE {
+            return Err(group_views(clients, group).await);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// SPEC F11 and invariant 3: "the minority side of a partition never commits"; "the committed
+/// versions of a strong group form one sequence, on every side of every partition"; the
+/// majority evicts the members it has seen dead for `evict_after` and commits without them; a
+/// write reported committed is never lost (invariant 2) and one reported aborted never becomes
+/// visible; after the heal the evicted members rejoin on their own and hold every commit.
+///
+/// What broke: each side counted only the members it still saw live, so once the failure
+/// detector declared the other side dead the minority {n4, n5} committed alone, and both sides
+/// committed different versions at the same position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_split_brain_in_a_partitioned_strong_group() {
+    let mesh = NetnsMesh::start(5).await;
+    let clients = &mesh.clients;
+    let everyone: Vec<String> = mesh.nodes.iter().map(|n| n.id.clone()).collect();
+    group_on_all_with(clients, "app", "strong", Some(EVICT_AFTER_MS)).await;
+    write_until_committed(&clients[0], set("app", &[("before", json!(1))])).await;
+    await_value_everywhere(clients, "app", "before", &json!(1)).await;
+    let majority: &[usize] = &[0, 1, 2];
+    let minority: &[usize] = &[3, 4];
+    mesh.lab.partition(&[majority, minority]);
+    let started = Instant::now();
+    let until = started + PARTITION;
+    let majority_writer = tokio::spawn(write_during(clients[0].clone(), "majority", started, until));
+    let minority_writer = tokio::spawn(write_during(clients[3].clone(), "minority", started, until));
+    let mut writes = majority_writer.await.unwrap();
+    writes.extend(minority_writer.await.unwrap());
+    // Every write was answered before the partition heals: all outcomes are partition outcomes.
+    let configurations_in_partition = configurations(clients, "app").await;
+    mesh.lab.heal();
+    let healed = Instant::now();
+    await_whole_mesh(&mesh.nodes, clients).await;
+    let mesh_after = healed.elapsed();
+    // The evicted members catch up and propose their own addition (retried every second).
+    let rejoined = await_configuration(clients, "app", &everyone).await;
+
+    let mut violations = Violations::default();
+    for write in writes.iter().filter(|w| w.side == "minority") {
+        if let Outcome::Committed { version, acked_by, .. } = &write.outcome {
+            violations.add(
+                "the minority side answered committed",
+                format!(
+                    "+{} ms: {} answered committed {} = {} as {version} acked_by {acked_by:?}",
+                    write.at_ms, write.node, write.key, write.value
+                ),
+            );
+        }
+    }
+    let committed: Vec<&PartitionWrite> = writes.iter().filter(|w| w.outcome.committed_acks().is_some()).collect();
+    let sides: BTreeSet<&str> = committed.iter().map(|w| w.side).collect();
+    if sides.len() > 1 {
+        violations.add("both sides reported commits during the partition", format!("{sides:?}"));
+    }
+    if !sides.contains("majority") {
+        violations.add(
+            "the majority never committed, although the minority was unreachable longer than evict_after",
+            format!("configurations at the end of the partition: {configurations_in_partition:?}"),
+        );
+    }
+    let mut hashes_by_version: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for write in &committed {
+        if let Outcome::Committed { version, content_hash, .. } = &write.outcome {
+            hashes_by_version.entry(version.clone()).or_default().insert(format!("{content_hash} on {}", write.node));
+        }
+    }
+    for (version, hashes) in &hashes_by_version {
+        if hashes.len() > 1 {
+            violations.add("two different versions committed at one position", format!("{version}: {hashes:?}"));
+        }
+    }
+    if let Err(seen) = &rejoined {
+        violations.add(
+            "the evicted members did not rejoin the configuration after the heal",
+            format!("{} s after the heal:{seen}", DEADLINE.as_secs()),
+        );
+    }
+    // Once everyone is back in the configuration, every committed write is on every node.
+    let settle_deadline = Instant::now() + DEADLINE;
+    for client in clients {
+        for write in &committed {
+            loop {
+                if value_on(client, "app", &write.key).await.as_ref() == Some(&write.value) {
+                    break;
+                }
+                if Instant::now() >= settle_deadline {
+                    violations.add(
+                        "a committed write is missing on a node after the heal",
+                        format!(
+                            "{} = {} (committed by {}) not on {} after settling",
+                            write.key,
+                            write.value,
+                            write.node,
+                            client.node_id(),
+                        ),
+                    );
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // A write answered aborted is visible nowhere (checked once the committed ones arrived).
+    for write in writes.iter().filter(|w| matches!(w.outcome, Outcome::Refused { code: ErrorCode::Aborted, .. })) {
+        for client in clients {
+            if let Some(value) = value_on(client, "app", &write.key).await {
+                violations.add(
+                    "a write answered aborted is visible",
+                    format!("{} = {value} aborted on {} but visible on {}", write.key, write.node, client.node_id()),
+                );
+            }
+        }
+    }
+    violations.check(&format!(
+        "5 nodes in network namespaces, strong group (evict_after {EVICT_AFTER_MS} ms), partition \
+         {{n1,n2,n3}} | {{n4,n5}} for {} s, writers on n1 and n4: {}; configurations at the end of the \
+         partition: {configurations_in_partition:?}; whole mesh live {} ms after the heal, everyone back in \
+         the configuration after {rejoined:?}",
+        PARTITION.as_secs(),
+        partition_figures(&writes),
+        mesh_after.as_millis()
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// False commits on a full disk.
+
+/// Size of the writer's data dir: room for the node's files and two small groups; a filler file
+/// then takes the rest.
+const DATA_DIR_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Length of the value written onto the full disk: the record needs fresh pages whatever slack
+/// the last page of the group file has (4 KiB pages; hex text deflates by about half), and stays
+/// under the 16 KiB value limit.
+const FULL_DISK_VALUE_CHARS: usize = 12 * 1024;
+
+/// Text that does not compress much: hex digits of a xorshift stream.
+fn incompressible_text(chars: usize, mut seed: u64) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(chars);
+    while text.len() < chars {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        text.push(char::from(DIGITS[(seed & 0xf) as usize]));
+    }
+    text
+}
+
+/// How long n1 is read after a write its full disk refused: longer than anti-entropy takes to
+/// offer it the change back from the peers it was pushed to (1 s delay, then one sync).
+const FULL_DISK_READ_WINDOW: Duration = Duration::from_secs(3);
+
+/// Reads `key` on `client` for [`FULL_DISK_READ_WINDOW`]; the first read serving `refused`, if
+/// any, and what the reads served.
+async fn served_after_refusal(client: &Client, group: &str, key: &str, refused: &Value) -> (Option<String>, String) {
+    let started = Instant::now();
+    let mut first_refused = None;
+    let mut served: BTreeMap<String, usize> = BTreeMap::new();
+    while started.elapsed() < FULL_DISK_READ_WINDOW {
+        let at = started.elapsed().as_millis();
+        let text = match read(client, group, key).await {
+            Ok((Some(value), freshness)) if value == *refused => {
+                first_refused
+                    .get_or_insert_with(|| format!("+{at} ms: the refused value, version {}", freshness.version));
+                "the refused value".to_owned()
+            }
+            Ok((value, _)) => format!("{value:?}"),
+            Err(error) => format!("error {error}"),
+        };
+        *served.entry(text).or_default() += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (first_refused, format!("{served:?}"))
+}
+
+/// Invariant 2: "no commit is acknowledged that the writer itself failed to make durable"; F24:
+/// nothing partial is stored or served. A write the writer cannot make durable is answered
+/// `not_durable` and nothing of it is served there, in eventual and strong groups alike.
+///
+/// What broke: on a full disk the writer's append failed, yet the write could still be
+/// answered committed (peers' acks counted), and the node served the value it had not made
+/// durable from memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_false_commit_on_a_full_disk() {
+    let cluster = Cluster::new();
+    let mut tmpfs = None;
+    // Declared after the tmpfs guard: the nodes die before it is unmounted.
+    let (_nodes, clients) = start_mesh_with(&cluster, 3, |node| {
+        if node.id == "n1" {
+            tmpfs = Some(Tmpfs::mount(&node.data_dir, DATA_DIR_BYTES));
+        }
+    })
+    .await;
+    group_on_all(&clients, "ev", "eventual").await;
+    group_on_all_with(&clients, "st", "strong", Some(EVICT_AFTER_MS)).await;
+    for group in ["ev", "st"] {
+        write_until_committed(&clients[0], set(group, &[("k", json!("old"))])).await;
+        await_value_everywhere(&clients, group, "k", &json!("old")).await;
+    }
+    // Borrowed, not moved out: the guard must stay declared before the nodes.
+    let filled = tmpfs.as_ref().expect("n1's data dir is on a tmpfs").fill();
+    // Peers n2 and n3 stay up throughout: their acks must not turn a write the writer could not
+    // persist into a commit.
+    let mut violations = Violations::default();
+    let mut figures = Vec::new();
+    for (seed, group) in [(1u64, "ev"), (2, "st")] {
+        let value = json!(format!(
+            "new-{}",
+            incompressible_text(FULL_DISK_VALUE_CHARS, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        ));
+        let outcome = Outcome::of(clients[0].call(set(group, &[("k", value.clone())])).await);
+        let (first_refused, served) = served_after_refusal(&clients[0], group, "k", &value).await;
+        let degraded = match clients[0].call(Request::Status { group: group.into() }).await {
+            Ok(Response::Status { degraded, .. }) => format!("{degraded:?}"),
+            other => format!("status failed: {other:?}"),
+        };
+        figures.push(format!(
+            "{group}: the write was answered {}; n1 then served k over {} ms: {served}; n1 degraded: {degraded}",
+            outcome.text(),
+            FULL_DISK_READ_WINDOW.as_millis()
+        ));
+        match &outcome {
+            Outcome::Committed { version, acked_by, .. } => violations.add(
+                "a write the full disk refused was answered committed",
+                format!("{group}: committed {version} acked_by {acked_by:?}"),
+            ),
+            Outcome::Refused { code: ErrorCode::NotDurable, .. } => {}
+            Outcome::Refused { code, message } => violations.add(
+                "a write the full disk refused was answered another error than not_durable",
+                format!("{group}: {} ({message})", code.as_str()),
+            ),
+            Outcome::Unknown(detail) => {
+                violations.add("a write the full disk refused got no clear answer", format!("{group}: {detail}"))
+            }
+        }
+        if let Some(first) = first_refused {
+            violations.add("the node serves a write it could not persist", format!("{group}: n1 served {first}"));
+        }
+    }
+    violations.check(&format!(
+        "n1's data dir on a {} MiB tmpfs filled up ({filled} bytes of filler), n2 and n3 up:\n  {}",
+        DATA_DIR_BYTES / (1024 * 1024),
+        figures.join("\n  ")
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Stale reads flagged fresh after a pause, a kill -9 and restart, or a damaged group file.
 
 /// A 3-node mesh with a strong group `app` where `k` = 1 is committed and visible everywhere.
@@ -449,4 +795,91 @@ async fn regression_eventual_write_right_after_joins_commits_on_a_quorum_of_one(
     }
     violations
         .check(&format!("eventual group created on n1, n2 and n3 joined, write on n1 at once: {}", outcome.text()));
+}
+
+// ---------------------------------------------------------------------------------------------
+// A just-restarted node commits alone.
+
+/// How long the restarted node is written to, from the moment its socket answers: its first
+/// seconds, before it has heard from its peers again (about a second at 100 ms gossip).
+const RESTART_WRITE_WINDOW: Duration = Duration::from_millis(1_500);
+
+/// SPEC F9-F11 and invariant 5: a node that has just started knows nothing yet about its peers'
+/// liveness; it must not treat them as dead, so it can neither commit an eventual write with a
+/// quorum of itself nor a strong one without the other members.
+///
+/// What broke: right after kill -9 and restart, n5 saw its peers as dead (no heartbeat yet) and
+/// committed both eventual and strong writes acked only by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn regression_a_just_restarted_node_commits_alone() {
+    let cluster = Cluster::new();
+    let (mut nodes, mut clients) = start_mesh(&cluster, 5).await;
+    group_on_all(&clients, "ev", "eventual").await;
+    group_on_all_with(&clients, "st", "strong", Some(EVICT_AFTER_MS)).await;
+    let everyone: Vec<String> = nodes.iter().map(|n| n.id.clone()).collect();
+    // Traffic from another node while n5 restarts.
+    let background = {
+        let client = clients[0].clone();
+        tokio::spawn(async move {
+            for index in 0u64.. {
+                let group = if index % 2 == 0 { "ev" } else { "st" };
+                let _ = client.call(set(group, &[(&format!("bg.{index}"), json!(index))])).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    nodes[4].kill9_and_restart();
+    clients[4] = nodes[4].client().await;
+    let restarted = &clients[4];
+    let started = Instant::now();
+    let mut violations = Violations::default();
+    let mut figures = BTreeMap::<String, usize>::new();
+    for index in 0u64.. {
+        if started.elapsed() >= RESTART_WRITE_WINDOW {
+            break;
+        }
+        let at = started.elapsed().as_millis();
+        let eventual = Outcome::of(restarted.call(set("ev", &[(&format!("r.{index}"), json!(index))])).await);
+        *figures.entry(format!("ev {}", outcome_kind(&eventual))).or_default() += 1;
+        if let Some(acked_by) = eventual.committed_acks()
+            && acked_by.len() < 3
+        {
+            violations.add(
+                "an eventual write committed with fewer acks than a quorum (3) of 5",
+                format!("+{at} ms: acked_by {acked_by:?}"),
+            );
+        }
+        let strong = Outcome::of(restarted.call(set("st", &[(&format!("r.{index}"), json!(index))])).await);
+        *figures.entry(format!("st {}", outcome_kind(&strong))).or_default() += 1;
+        if let Some(acked_by) = strong.committed_acks() {
+            let mut acked: Vec<String> = acked_by.to_vec();
+            acked.sort();
+            if acked != everyone {
+                violations
+                    .add("a strong write committed without every member", format!("+{at} ms: acked_by {acked_by:?}"));
+            }
+        }
+        if let Ok(Response::Nodes { nodes: rows }) = restarted.call(Request::Nodes).await {
+            let dead: Vec<String> =
+                rows.into_iter().filter(|r| !r.is_self && r.state == "dead").map(|r| r.id).collect();
+            if !dead.is_empty() {
+                violations.add("peers that are up listed as dead", format!("+{at} ms: {dead:?}"));
+            }
+        }
+    }
+    background.abort();
+    let live_at_end = live_nodes(restarted).await;
+    violations.check(&format!(
+        "5 nodes, n5 killed (-9) and restarted at once, then written for {} ms from its first answer: \
+         outcomes {figures:?}; n5 sees live at the end: {live_at_end:?}",
+        RESTART_WRITE_WINDOW.as_millis()
+    ));
+}
+
+fn outcome_kind(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Committed { acked_by, .. } => format!("committed by {}", acked_by.len()),
+        Outcome::Refused { code, .. } => code.as_str().to_owned(),
+        Outcome::Unknown(_) => "unknown".to_owned(),
+    }
 }

@@ -1,7 +1,8 @@
 //! Starts real `konord` processes in temp dirs with certificates from a throw-away CA, and
 //! waits on observable events (socket answers, gossip views, watch events) with deadlines.
-//! Faults for the fault tests live here too: signals (pause, kill -9), damaged group files, and
-//! meshes in network namespaces (`netns.rs`).
+//! Faults for the fault tests live here too: signals (pause, kill -9), a data dir on a small
+//! tmpfs that can be filled up, damaged group files, and meshes in network namespaces
+//! (`netns.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -177,6 +178,12 @@ impl Node {
         }
     }
 
+    /// kill -9 and start again at once, on the same data dir and address.
+    pub fn kill9_and_restart(&mut self) {
+        self.kill9();
+        self.start();
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
@@ -239,13 +246,25 @@ pub async fn live_nodes(client: &Client) -> Vec<String> {
 
 /// Starts `count` nodes seeded at the first and waits until every node sees all of them live.
 pub async fn start_mesh(cluster: &Cluster, count: usize) -> (Vec<Node>, Vec<Client>) {
+    start_mesh_with(cluster, count, |_| {}).await
+}
+
+/// [`start_mesh`], calling `prepare` on each node before it first starts (to put its data dir
+/// on a tmpfs, say).
+pub async fn start_mesh_with(
+    cluster: &Cluster,
+    count: usize,
+    mut prepare: impl FnMut(&Node),
+) -> (Vec<Node>, Vec<Client>) {
     let mut first = cluster.node("n1", &[]);
+    prepare(&first);
     first.start();
     let first_client = first.client().await;
     let mut nodes = vec![first];
     let mut clients = vec![first_client];
     for n in 2..=count {
         let mut node = cluster.node(&format!("n{n}"), &[&nodes[0]]);
+        prepare(&node);
         node.start();
         clients.push(node.client().await);
         nodes.push(node);
@@ -302,6 +321,58 @@ impl NetnsMesh {
         }
         await_whole_mesh(&mesh.nodes, &mesh.clients).await;
         mesh
+    }
+}
+
+/// A tmpfs mounted over a directory (a node's data dir), to run out of space on purpose.
+/// Unmounted on drop; drop it after the process that uses it (declare it first).
+pub struct Tmpfs {
+    pub path: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size_bytes` at `path` (created if missing). Needs root.
+    pub fn mount(path: &Path, size_bytes: u64) -> Tmpfs {
+        crate::netns::require_root();
+        std::fs::create_dir_all(path).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_bytes},mode=0700"), "tmpfs"])
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount -t tmpfs at {} failed: {status}", path.display());
+        Tmpfs { path: path.to_owned() }
+    }
+
+    /// Writes a filler file until the file system answers ENOSPC, and returns its size. Bytes
+    /// go in pages: after this, any write that needs a fresh page fails.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut file = std::fs::File::create(self.path.join("filler")).unwrap();
+        let mut written = 0u64;
+        for chunk in [64 * 1024, 4096, 1] {
+            let bytes = vec![0x5au8; chunk];
+            loop {
+                match file.write(&bytes) {
+                    Ok(0) => break,
+                    Ok(count) => written += count as u64,
+                    Err(error) if error.raw_os_error() == Some(28) => break,
+                    Err(error) => panic!("filling {} failed: {error}", self.path.display()),
+                }
+            }
+        }
+        // Not fsynced: tmpfs has no disk behind it, the space is taken once written.
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount").arg(&self.path).output().is_ok_and(|out| out.status.success());
+        if !unmounted {
+            // Still busy (a process not yet reaped): detach it, the kernel frees it after.
+            let _ = Command::new("umount").arg("-l").arg(&self.path).output();
+        }
     }
 }
 

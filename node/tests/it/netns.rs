@@ -51,6 +51,13 @@ fn uid() -> u32 {
     std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid())
 }
 
+/// Fails the test, saying why, unless it runs as root (mounts, namespaces and firewall rules
+/// need it). These tests are evidence: a silent skip would hide that they did not run.
+pub fn require_root() {
+    let uid = uid();
+    assert!(uid == 0, "this test needs root (it mounts a tmpfs); running as uid {uid}: run the tests as root");
+}
+
 /// Fails the test, with what it needs, unless it runs as root with `ip` and `nft` installed.
 pub fn require_root_and_tools() {
     let uid = uid();
