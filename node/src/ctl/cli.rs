@@ -17,10 +17,12 @@ Exit codes:
   0  ok; also a write that changed nothing (\"no change: ...\"), so scripts can re-run writes
   1  konord refused the request or could not commit it: bad input, unknown group, key or
      version not found, wrong group key, no peer available, write not committed (busy,
-     round aborted, or no live quorum acknowledged it); also `get GROUP KEY` when KEY is unset
+     round aborted, no live quorum acknowledged it, or this node could not save it: disk
+     full); also `get GROUP KEY` when KEY is unset
   2  usage error: unknown flag, missing argument, malformed KEY=VALUE
-  3  cannot reach konord: no socket given, connect failed, no answer in time, connection lost
-     (after a timeout a write may or may not have been applied: check `konorctl history`)
+  3  the outcome is unknown: konord cannot be reached (no socket given, connect failed, no
+     answer in time, connection lost), or a strong write's commit could not be confirmed
+     (after either a write may or may not have been applied: check `konorctl history`)
   4  PKI or file error: CA or certificate files, the file given to `apply`
   5  internal error: konord failed internally (see its log), versions of konorctl and konord
      that do not understand each other, or a bug

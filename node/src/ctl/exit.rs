@@ -57,6 +57,8 @@ pub fn exit_for_code(code: ErrorCode) -> Exit {
     match code {
         ErrorCode::Unchanged => Exit::Ok,
         ErrorCode::Internal | ErrorCode::Protocol => Exit::Internal,
+        // Like a timeout: the write may or may not have happened.
+        ErrorCode::OutcomeUnknown => Exit::Unreachable,
         _ => Exit::Refused,
     }
 }

@@ -281,6 +281,14 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
              return (`konorctl status {group}` shows who has it)"
         )),
         ErrorCode::Aborted => Some("nothing changed anywhere; retry the write".to_owned()),
+        ErrorCode::OutcomeUnknown => Some(format!(
+            "the write is committed on every member or on none, not yet known here; `konorctl get {group}` or \
+             `konorctl history {group}` shows which before you retry"
+        )),
+        ErrorCode::NotDurable => Some(
+            "this node could not save the change (see `konorctl nodes`: degraded); free space in its data dir"
+                .to_owned(),
+        ),
         ErrorCode::Busy => Some(format!("another write to {group} is in flight; retry in a moment")),
         ErrorCode::Internal => Some("konord's log says more".to_owned()),
         ErrorCode::Protocol => Some("konorctl and konord are different versions; upgrade the older one".to_owned()),
