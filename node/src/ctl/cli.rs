@@ -404,6 +404,6 @@ mod tests {
     #[test]
     fn help_lists_the_exit_codes() {
         let help = Cli::command().render_long_help().to_string();
-        assert!(help.contains("Exit codes:") && help.contains("3  cannot reach konord"), "{help}");
+        assert!(help.contains("Exit codes:") && help.contains("3  the outcome is unknown"), "{help}");
     }
 }
