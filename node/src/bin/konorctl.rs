@@ -8,7 +8,8 @@
 //!   version not found, wrong group key, no peer available, write not committed (busy, round
 //!   aborted, or no live quorum acknowledged it); also `get GROUP KEY` when KEY is unset.
 //! - 2: usage error: unknown flag, missing argument, malformed `KEY=VALUE`.
-//! - 3: cannot reach konord: no socket given, connect failed, no answer in time, connection lost.
+//! - 3: the outcome is unknown: konord cannot be reached (no socket given, connect failed, no
+//!   answer in time, connection lost), or a strong write's commit could not be confirmed.
 //! - 4: PKI or file error: CA or certificate files, the file given to `apply`.
 //! - 5: internal error: konord failed internally, konorctl and konord do not understand each
 //!   other, or a bug.
