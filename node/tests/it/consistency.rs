@@ -2,6 +2,7 @@
 //! visible everywhere or nowhere, and a coordinator killed mid-round never splitting a group.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use konor_sdk::client::{Client, SdkError};
 use konor_sdk::protocol::{ErrorCode, Request, Response, WriteMeta};
@@ -115,4 +116,62 @@ async fn killing_the_coordinator_mid_round_never_splits_the_group() {
     .await;
     let value = client.get("app", "k").await.unwrap().unwrap();
     assert!(value == json!("before") || value == json!("during"), "{value}");
+}
+
+/// SPEC F12, the `block` fencing policy: a strong-group read that cannot be proven fresh waits
+/// (bounded) instead of answering stale, fails with `unavailable` when it stays unprovable, and
+/// answers fresh again once the node holds a lease from a majority.
+#[tokio::test]
+async fn a_block_group_holds_reads_it_cannot_prove_fresh() {
+    let cluster = Cluster::new();
+    let (mut nodes, clients) = start_mesh(&cluster, 2).await;
+    let created = clients[0]
+        .call(Request::GroupCreate {
+            name: "ledger".into(),
+            mode: "strong".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: Some("block".into()),
+        })
+        .await
+        .unwrap();
+    let Response::GroupCreated { key, .. } = created else { panic!("{created:?}") };
+    let joined = clients[1].call(Request::GroupJoin { name: "ledger".into(), key }).await.unwrap();
+    assert!(matches!(joined, Response::Joined { .. }), "{joined:?}");
+    let get = || Request::Get { group: "ledger".into(), key: "k".into() };
+    eventually("n1 reads ledger fresh", || async {
+        match clients[0].call(get()).await {
+            Ok(Response::Value { freshness, .. }) if !freshness.stale => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    // n2 stops: n1's lease (a majority of two is both) runs out, and reads wait, then fail.
+    nodes[1].pause();
+    let asked = std::time::Instant::now();
+    let answer = eventually("a read of ledger on n1 is refused as unprovable", || async {
+        match clients[0].call(get()).await {
+            Err(SdkError::Daemon { code: ErrorCode::Unavailable, message }) => Some(message),
+            Ok(Response::Value { freshness, .. }) => {
+                assert!(!freshness.stale, "a block group never answers stale: {freshness:?}");
+                None
+            }
+            _ => None,
+        }
+    })
+    .await;
+    assert!(answer.contains("fencing policy is block"), "{answer}");
+    assert!(asked.elapsed() >= Duration::from_secs(5), "the read waited for freshness first");
+    // n2 back: fresh reads again, without a stale answer in between.
+    nodes[1].resume();
+    eventually("n1 reads ledger fresh again", || async {
+        match clients[0].call(get()).await {
+            Ok(Response::Value { freshness, .. }) => {
+                assert!(!freshness.stale, "a block group never answers stale: {freshness:?}");
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
 }
