@@ -124,7 +124,7 @@ async fn killing_the_coordinator_mid_round_never_splits_the_group() {
 #[tokio::test]
 async fn a_block_group_holds_reads_it_cannot_prove_fresh() {
     let cluster = Cluster::new();
-    let (mut nodes, clients) = start_mesh(&cluster, 2).await;
+    let (nodes, clients) = start_mesh(&cluster, 2).await;
     let created = clients[0]
         .call(Request::GroupCreate {
             name: "ledger".into(),
