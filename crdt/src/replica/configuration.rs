@@ -63,10 +63,13 @@ impl Replica {
                 let _ = self.start_reconfiguration(&name, next, false, Purpose::Join, &meta);
                 continue;
             }
+            let granted = &state.strong.granted;
             let gone: BTreeSet<NodeId> = configuration
                 .members
                 .iter()
                 .filter(|m| **m != self.node_id && self.seat_abandoned(&name, m, evict_after))
+                // This node promised not to help remove a member while its lease runs.
+                .filter(|m| granted.get(*m).is_none_or(|until| *until <= now))
                 .cloned()
                 .collect();
             // The rest must still be a majority of the old configuration to agree; otherwise

@@ -301,6 +301,22 @@ impl Replica {
         let Some(base) = state.doc.configuration().cloned() else {
             return Err(CommandError::NoConfiguration(group.to_owned()));
         };
+        // The coordinator's own yes counts too: it must keep the promises of its grants like
+        // any voter (a member holding its lease may still be serving reads as fresh).
+        let now = self.now;
+        let leased: Vec<String> = base
+            .members
+            .iter()
+            .filter(|m| !next.contains(m) && **m != self.node_id)
+            .filter(|m| state.strong.granted.get(*m).is_some_and(|until| *until > now))
+            .cloned()
+            .collect();
+        if !leased.is_empty() {
+            return Err(CommandError::BadRequest(format!(
+                "[{}] hold a read lease from this node and may still serve reads as fresh: they cannot be removed until it ends (to remove a live node, run `konorctl group leave` on it)",
+                leased.join(", ")
+            )));
+        }
         let prepared = state.doc.prepare_reconfiguration(&next, meta)?;
         let kind = RoundKind::Reconfigure { next, forced };
         self.launch_round(group, purpose, prepared.change, prepared.change_hash, kind, base);
