@@ -418,6 +418,13 @@ impl GroupDoc {
         self.doc.get_actor()
     }
 
+    /// Writes from now on as `actor`. A replica that lost changes it had already sent (a failed
+    /// append) must never issue their sequence numbers again with other contents (FACTS: peers
+    /// refuse a "duplicate seq" and never converge): it takes a fresh actor.
+    pub fn set_actor(&mut self, actor: ActorId) {
+        self.doc.set_actor(actor);
+    }
+
     /// The current settings, from the read view (no Automerge access).
     pub fn settings(&self) -> &Settings {
         &self.view

@@ -1151,7 +1151,9 @@ impl Daemon {
         let response = match result {
             Err(persist_error) => error_response(
                 ErrorCode::NotDurable,
-                format!("not committed: {persist_error}; nothing of it is served here"),
+                format!(
+                    "{persist_error}; the write is not acknowledged by this node and nothing of it is served here (it may still reach the members it was sent to: read the group before retrying)"
+                ),
             ),
             Ok(Err(error)) => command_error_response(&error),
             Ok(Ok(CommandOutcome::Committed(receipt))) => Response::Committed {
@@ -1354,10 +1356,10 @@ impl Daemon {
             Request::GroupLeave { name, force } => {
                 return self.command(Command::LeaveGroup { name, force }, PendingReply::Plain(reply));
             }
-            Request::GroupRemove { group, node, force } => {
-                let message = format!("remove {node}{}", if force { " (forced)" } else { "" });
+            Request::GroupRemove { group, nodes, force } => {
+                let message = format!("remove {}{}", nodes.join(", "), if force { " (forced)" } else { "" });
                 let meta = CommitMeta::new(format!("{}@{}", client.process, self.node_id), message, self.wall_clock());
-                let command = Command::RemoveMember { group, node, force, meta };
+                let command = Command::RemoveMember { group, nodes, force, meta };
                 return self.command(command, PendingReply::Plain(reply));
             }
             Request::GroupList => Response::Groups { groups: self.group_rows() },

@@ -147,11 +147,18 @@ impl Replica {
         }
         members.remove(&node_id);
         let proof = state.proof;
+        // The granter verified these members' proofs (and a strong group's configuration names
+        // its members): count them before their gossip reaches this node, or their first
+        // pushes and prepares would be dropped as coming from non-members.
+        let now_members = members.clone();
         for member in &members {
             let message = PeerMessage::Announce { group: group.to_owned(), proof };
             self.outputs.push_back(Output::Send { to: member.clone(), message });
         }
         let Some(state) = self.groups.get_mut(group) else { return };
+        for member in now_members {
+            state.announced.entry(member).or_insert(now);
+        }
         let version = state.doc.latest_label();
         if state.doc.mode() == Mode::Strong {
             state.strong.joining = Some((command, Millis(now.0 + crate::limits::JOIN_TIMEOUT_MS)));
@@ -254,14 +261,14 @@ impl Replica {
         self.reply(command, Ok(CommandOutcome::Left { name: name.to_owned() }));
     }
 
-    /// `group remove NODE`: a configuration change without `node`, agreed by a majority; with
-    /// `force`, agreed by the remaining members alone (when no majority is left, e.g. the other
-    /// member of a two-member group is gone for good).
+    /// `group remove NODE...`: a configuration change without `nodes`, agreed by a majority; with
+    /// `force`, agreed by the remaining members alone (when no majority is left: the other member
+    /// of a two-member group, or two of three, gone for good).
     pub(super) fn remove_member(
         &mut self,
         command: CommandId,
         group: String,
-        node: NodeId,
+        nodes: Vec<NodeId>,
         force: bool,
         meta: CommitMeta,
     ) {
@@ -271,16 +278,21 @@ impl Replica {
         let Some(configuration) = state.doc.configuration().cloned() else {
             return self.reply(command, Err(CommandError::NoConfiguration(group)));
         };
-        if !configuration.contains(&node) {
-            let detail = format!("{node} is not a member of configuration {configuration}");
-            return self.reply(command, Err(CommandError::BadRequest(detail)));
-        }
-        if node == self.node_id {
-            let detail = "to remove this node, use `konorctl group leave` on it".to_owned();
-            return self.reply(command, Err(CommandError::BadRequest(detail)));
+        if nodes.is_empty() {
+            return self.reply(command, Err(CommandError::BadRequest("name at least one member to remove".to_owned())));
         }
         let mut members = configuration.members.clone();
-        members.remove(&node);
+        for node in &nodes {
+            if !configuration.contains(node) {
+                let detail = format!("{node} is not a member of configuration {configuration}");
+                return self.reply(command, Err(CommandError::BadRequest(detail)));
+            }
+            if *node == self.node_id {
+                let detail = "to remove this node, use `konorctl group leave` on it".to_owned();
+                return self.reply(command, Err(CommandError::BadRequest(detail)));
+            }
+            members.remove(node);
+        }
         let next = configuration.next(members);
         if let Err(error) = self.start_reconfiguration(&group, next, force, Purpose::Remove { command }, &meta) {
             self.reply(command, Err(error));

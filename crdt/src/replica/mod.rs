@@ -60,6 +60,19 @@ pub fn actor_for(node_id: &str, incarnation: u64) -> ActorId {
     ActorId::from(actor)
 }
 
+/// A fresh actor for the `count`-th reload of a group in this run: derived from the run's actor,
+/// so it is unique to this node, this start and this reload.
+fn reload_actor(actor: &ActorId, count: u64) -> ActorId {
+    let mut hasher = Sha256::new();
+    hasher.update(b"konorkestra/reload-actor/v1");
+    hasher.update(actor.to_bytes());
+    hasher.update(count.to_le_bytes());
+    let digest: [u8; 32] = hasher.finalize().into();
+    let mut fresh = [0u8; 16];
+    fresh.copy_from_slice(&digest[..16]);
+    ActorId::from(fresh)
+}
+
 /// The records to persist before applying `changes` pushed to an eventual group, when that is
 /// safe: every change decodes, is new here, and depends only on changes here or earlier in the
 /// push (so the apply will take all of them, in this order). `None` otherwise: the caller
@@ -207,12 +220,12 @@ pub enum Command {
         /// Drop the group at once, without a configuration change (the others evict it).
         force: bool,
     },
-    /// Remove a member from a strong group's configuration.
+    /// Remove members from a strong group's configuration.
     RemoveMember {
         /// Group.
         group: String,
-        /// The member.
-        node: NodeId,
+        /// The members.
+        nodes: Vec<NodeId>,
         /// Agreed by the remaining members alone, without a majority of the configuration.
         force: bool,
         /// Author, message, time.
@@ -725,6 +738,8 @@ pub struct Replica {
     deferred: Option<DeferredApply>,
     /// Since when each peer has been dead in the membership view (evictions).
     dead_since: BTreeMap<NodeId, Millis>,
+    /// Groups reloaded after a failed persist during this run (each takes a fresh actor).
+    reloads: u64,
     /// The round lamport of each group this node left during this run: a group joined again
     /// starts above it, so this node never issues one round id twice (S2).
     left_lamports: BTreeMap<String, u64>,
@@ -764,6 +779,7 @@ impl Replica {
             deferred: None,
             dead_since: BTreeMap::new(),
             left_lamports: BTreeMap::new(),
+            reloads: 0,
             wall_offset: 0,
         };
         for (name, state) in loaded {
@@ -1056,7 +1072,7 @@ impl Replica {
             }
             Command::JoinGroup { name, key, repair } => self.start_join(id, name, key, repair),
             Command::LeaveGroup { name, force } => self.leave_group(id, name, force),
-            Command::RemoveMember { group, node, force, meta } => self.remove_member(id, group, node, force, meta),
+            Command::RemoveMember { group, nodes, force, meta } => self.remove_member(id, group, nodes, force, meta),
             Command::Set { group, entries, meta } => self.local_write(id, group, Edit::Set(entries), meta),
             Command::Delete { group, keys, meta } => self.local_write(id, group, Edit::Delete(keys), meta),
             Command::Apply { group, format, text, meta } => {
@@ -1183,7 +1199,7 @@ impl Replica {
             return;
         };
         let LoadedState {
-            doc,
+            mut doc,
             key,
             tail_changes,
             sync_states: _,
@@ -1193,6 +1209,10 @@ impl Replica {
             known_members: _,
             ballots: _,
         } = *loaded;
+        // Changes lost with the failed append may have been sent already: write from now on
+        // under a fresh actor so their sequence numbers are never reused.
+        self.reloads += 1;
+        doc.set_actor(reload_actor(&self.actor, self.reloads));
         let mut state = GroupState::new(doc, key, old.proof, tail_changes);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;

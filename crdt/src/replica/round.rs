@@ -475,7 +475,13 @@ impl Replica {
     pub(super) fn finalize_own_commit(&mut self, group: &str) {
         let Some(state) = self.groups.get_mut(group) else { return };
         let Some(Round::Coordinating(round)) = state.round.take() else { return };
-        let Coordinating { id, purpose, change, hash, voters, base, .. } = *round;
+        let Coordinating { id, purpose, change, hash, voters, base, phase, .. } = *round;
+        // When this node recorded its decision before proposing it (every case but a
+        // configuration of one), the commit is durable here and at a majority already: the
+        // answer need not wait for the change's own append (whose failure, a full disk, must not
+        // turn a commit the members hold into "not committed").
+        let answer_first = matches!(phase, Phase::Deciding { .. });
+        let answer_at = self.outputs.len();
         if !state.doc.has_change(&hash) {
             match state.doc.apply_changes(std::slice::from_ref(&change)) {
                 Ok(applied) => self.after_remote_apply(group, applied),
@@ -500,7 +506,15 @@ impl Replica {
             state.remember_decision(id, true);
         }
         let acked_by: Vec<NodeId> = base.members.iter().cloned().collect();
+        let write = matches!(purpose, Purpose::Write { .. });
         self.answer_purpose(group, purpose, Ok(acked_by));
+        if answer_first
+            && write
+            && matches!(self.outputs.back(), Some(Output::Reply { .. }))
+            && let Some(reply) = self.outputs.pop_back()
+        {
+            self.outputs.insert(answer_at, reply);
+        }
     }
 
     /// Aborts a round of this node's that is still voting: nobody was asked to record a commit,

@@ -186,7 +186,11 @@ impl Net {
                     }
                 }
                 if let Some((group, error)) = failed {
-                    let reloaded = self.load(node, &group).map(Box::new);
+                    // As the daemon does: reloaded as the node's own actor.
+                    let reloaded = self.load(node, &group).map(|mut state| {
+                        state.doc = konor_crdt::GroupDoc::load(&state.doc.save(), actor_for(node, 1)).unwrap();
+                        Box::new(state)
+                    });
                     self.input(node, Input::PersistFailed { group, error, reloaded });
                 }
             }

@@ -132,7 +132,8 @@ pub enum GroupCommand {
     Create {
         /// Group name.
         name: String,
-        /// eventual: every node accepts writes and converges; strong: writes commit atomically.
+        /// eventual: every node accepts writes and converges; strong: a write commits on every
+        /// member of the group's configuration or on none.
         #[arg(long, value_enum)]
         mode: ModeArg,
         /// The group's secret key; a random one is generated when left out.
@@ -164,15 +165,17 @@ pub enum GroupCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Remove a member that is down for good from a strong group's configuration.
+    /// Remove members that are down for good from a strong group's configuration.
     Remove {
         /// Group name.
         name: String,
-        /// The member's node id.
-        node: String,
-        /// Without a majority of the configuration: only when the others are gone for good
-        /// (the other member of a two-member group). Running this on both sides of a partition
-        /// splits the group: make sure the removed node is really gone.
+        /// The members' node ids.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+        /// Without a majority of the configuration: only when the removed members are gone for
+        /// good and no majority is left (the other member of a two-member group, two of three).
+        /// Running this on both sides of a partition splits the group: make sure the removed
+        /// nodes are really gone.
         #[arg(long)]
         force: bool,
     },

@@ -100,8 +100,8 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Group(GroupCommand::Leave { name, force }) => {
             call(&target, TIMEOUT_DEFAULT, Request::GroupLeave { name, force }, output).await
         }
-        Command::Group(GroupCommand::Remove { name, node, force }) => {
-            call(&target, TIMEOUT_DEFAULT, Request::GroupRemove { group: name, node, force }, output).await
+        Command::Group(GroupCommand::Remove { name, nodes, force }) => {
+            call(&target, TIMEOUT_DEFAULT, Request::GroupRemove { group: name, nodes, force }, output).await
         }
         Command::Group(GroupCommand::List) => call(&target, TIMEOUT_DEFAULT, Request::GroupList, output).await,
         Command::Set(args) => {

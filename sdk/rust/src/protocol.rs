@@ -215,14 +215,14 @@ pub enum Request {
         /// Group.
         group: String,
     },
-    /// Remove a member from a strong group's configuration (SPEC F11): agreed by a majority, or
-    /// with `force` by the remaining members alone (a two-member group whose other member is
-    /// gone for good).
+    /// Remove members from a strong group's configuration (SPEC F11): agreed by a majority, or
+    /// with `force` by the remaining members alone (when no majority is left: the other member
+    /// of a two-member group, or two of three, gone for good).
     GroupRemove {
         /// Group.
         group: String,
-        /// The member to remove.
-        node: String,
+        /// The members to remove.
+        nodes: Vec<String>,
         /// Skip the majority of the configuration.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         force: bool,
