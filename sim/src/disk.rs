@@ -175,6 +175,10 @@ impl Frames {
     /// Forgets every record that does not end within the first `length` bytes.
     fn truncate(&mut self, length: usize) {
         if self.parsed <= length {
+            // Cut exactly where parsing stopped: whatever stopped it is gone.
+            if self.parsed == length {
+                self.stuck = false;
+            }
             return;
         }
         while self.ends.last().is_some_and(|end| *end > length) {
@@ -724,6 +728,22 @@ mod tests {
         state.renamed(0, temp, Path::new("groups/app.konor"));
         assert!(!state.change_durable(0, "app", &changes[0].0), "the old file is what a crash may leave");
         state.synced_dir(0, Path::new("groups"));
+        assert!(state.change_durable(0, "app", &changes[0].0));
+    }
+
+    #[test]
+    fn parsing_resumes_once_damage_is_cut() {
+        let mut state = state(true);
+        let (snapshot, changes) = group_with_changes(1);
+        write_new(&mut state, "app.konor", &snapshot);
+        let path = Path::new("groups/app.konor");
+        let end = snapshot.len() as u64;
+        let _ = state.write(0, path, end, &[0xff; 16]);
+        assert!(state.nodes[0].files[path].frames.as_ref().unwrap().stuck, "a length over the limit");
+        state.truncated(0, path, end);
+        let record = change_record(&changes[0].1).unwrap();
+        let _ = state.write(0, path, end, &record);
+        state.synced(0, path, end + record.len() as u64);
         assert!(state.change_durable(0, "app", &changes[0].0));
     }
 
