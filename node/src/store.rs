@@ -596,8 +596,9 @@ impl Store {
     /// Replaces the group file with `bytes` (compaction, or a repair from peers): a temp file in the same dir is
     /// written, fsynced and renamed over the old one, then the dir is fsynced.
     ///
-    /// On error the old file is intact (the rename is the commit point). On success appends continue on the new
-    /// file and an earlier [`StoreError::NeedsRecovery`] is cleared.
+    /// On error the old file is intact (the rename is the commit point), except when only the directory fsync after
+    /// the rename failed: the new file is then in place (and later appends go to it) but its name may not survive a
+    /// crash. On success appends continue on the new file and an earlier [`StoreError::NeedsRecovery`] is cleared.
     pub fn replace_group(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let path = self.group_path(name)?;
         check_file_size(&path, bytes.len())?;

@@ -52,22 +52,29 @@ pub enum DiskFault {
     Full,
     /// Every write fails with EIO, nothing written.
     WriteError,
-    /// The next fsync (of a file or a directory) fails with EIO; then the disk is healthy.
-    FsyncError,
+    /// The next fsync of a file (or, with `directory`, of a directory: the one that makes a
+    /// rename or creation durable) fails with EIO; then the disk is healthy.
+    FsyncError {
+        /// A directory's fsync fails rather than a file's.
+        directory: bool,
+    },
     /// Every write puts a random prefix of its bytes in the file, then fails with EIO.
     Torn,
 }
 
 impl DiskFault {
-    /// Every kind, in the order the fault loop draws from.
-    pub const ALL: [DiskFault; 4] = [DiskFault::Full, DiskFault::WriteError, DiskFault::FsyncError, DiskFault::Torn];
+    /// Every kind, in the order the fault loop draws from (it then draws whether an fsync
+    /// fault hits a file or a directory).
+    pub const ALL: [DiskFault; 4] =
+        [DiskFault::Full, DiskFault::WriteError, DiskFault::FsyncError { directory: false }, DiskFault::Torn];
 
     /// How the fault log names it.
     pub fn name(self) -> &'static str {
         match self {
             DiskFault::Full => "full (ENOSPC)",
             DiskFault::WriteError => "write errors (EIO)",
-            DiskFault::FsyncError => "one failed fsync",
+            DiskFault::FsyncError { directory: false } => "one failed fsync of a file",
+            DiskFault::FsyncError { directory: true } => "one failed fsync of a directory",
             DiskFault::Torn => "torn writes",
         }
     }
@@ -380,7 +387,7 @@ impl DiskState {
                 let note = format!("write to {} torn after {prefix} of {} bytes", path.display(), bytes.len());
                 (prefix, Err(WriteFault { prefix_bytes: prefix, error }), Some(note))
             }
-            Some(DiskFault::FsyncError) | None => (bytes.len(), Ok(()), None),
+            Some(DiskFault::FsyncError { .. }) | None => (bytes.len(), Ok(()), None),
         };
         let parse = self.parse;
         let file = self.nodes[node].file(path, parse);
@@ -395,7 +402,10 @@ impl DiskState {
 
     fn before_sync(&mut self, node: usize, path: &Path) -> (io::Result<()>, Option<String>) {
         let disk = &mut self.nodes[node];
-        if let Some((DiskFault::FsyncError, _)) = disk.fault {
+        // Files are known from their writes; anything else synced is a directory.
+        if let Some((DiskFault::FsyncError { directory }, _)) = disk.fault
+            && directory != disk.files.contains_key(path)
+        {
             disk.fault = None;
             self.stats.fsyncs_failed += 1;
             return (Err(io::Error::from_raw_os_error(EIO)), Some(format!("fsync of {} fails: EIO", path.display())));
@@ -852,9 +862,13 @@ mod tests {
         assert_eq!(state.nodes[0].files[path].bytes, b"0123456789"[..fault.prefix_bytes]);
         state.nodes[0].fault = Some((DiskFault::Full, 2));
         assert_eq!(state.write(0, path, 0, b"x").0.unwrap_err().error.raw_os_error(), Some(ENOSPC));
-        state.nodes[0].fault = Some((DiskFault::FsyncError, 3));
+        state.nodes[0].fault = Some((DiskFault::FsyncError { directory: false }, 3));
+        assert!(state.before_sync(0, Path::new("groups")).0.is_ok(), "a directory's fsync is not a file's");
         assert!(state.before_sync(0, path).0.is_err());
         assert!(state.before_sync(0, path).0.is_ok(), "one fsync only");
-        assert_eq!((state.stats.writes_torn, state.stats.writes_failed, state.stats.fsyncs_failed), (1, 1, 1));
+        state.nodes[0].fault = Some((DiskFault::FsyncError { directory: true }, 4));
+        assert!(state.before_sync(0, path).0.is_ok());
+        assert!(state.before_sync(0, Path::new("groups")).0.is_err());
+        assert_eq!((state.stats.writes_torn, state.stats.writes_failed, state.stats.fsyncs_failed), (1, 1, 2));
     }
 }

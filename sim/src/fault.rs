@@ -207,8 +207,12 @@ fn disk_fault(sim: &Sim, log: &Rc<RefCell<Vec<FaultRecord>>>) {
     let Some(target) = pick_up(sim) else { return };
     let (fault, duration_ms) = {
         let mut rng = sim.rng.borrow_mut();
-        let fault = DiskFault::ALL[rng.index(DiskFault::ALL.len())];
-        (fault, rng.between(DISK_FAULT_MS.0, DISK_FAULT_MS.1))
+        let mut fault = DiskFault::ALL[rng.index(DiskFault::ALL.len())];
+        let duration_ms = rng.between(DISK_FAULT_MS.0, DISK_FAULT_MS.1);
+        if let DiskFault::FsyncError { directory } = &mut fault {
+            *directory = rng.chance(0.5);
+        }
+        (fault, duration_ms)
     };
     record(sim, log, format!("disk n{target} {} for {duration_ms} ms", fault.name()));
     let generation = sim.cluster.borrow().disk.start_fault(target, fault);
