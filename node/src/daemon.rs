@@ -202,6 +202,9 @@ pub struct NodeParts {
     pub store_io: StoreIo,
     /// The view the socket sessions answer `get` from (`None`: every read asks the daemon).
     pub reads: Option<ReadView>,
+    /// Sees (and may fail) every write, fsync, rename and truncation of the store: the
+    /// simulator's disk model. `None` in production.
+    pub storage_hook: Option<Arc<dyn crate::store::StorageHook>>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -268,6 +271,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         membership_poll: MEMBERSHIP_POLL_DEFAULT,
         store_io: StoreIo::Blocking,
         reads: Some(reads),
+        storage_hook: None,
     };
     let result = run_node(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -299,9 +303,13 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         membership_poll,
         store_io,
         reads,
+        storage_hook,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
-    let mut store = Store::open(&data_dir, &node_id)?;
+    let mut store = match storage_hook {
+        Some(hook) => Store::open_with_hook(&data_dir, &node_id, hook)?,
+        None => Store::open(&data_dir, &node_id)?,
+    };
     // The incarnation makes the actor unique per start; the seed also covers a data dir that
     // was wiped or restored from an old backup (FACTS: never reuse an actor).
     let actor = actor_for(&format!("{node_id}/{}", konor_crdt::settings::hex_of(&seed[..8])), store.incarnation());

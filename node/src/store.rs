@@ -26,6 +26,7 @@ use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use konor_crdt::error::KeyError;
@@ -71,6 +72,132 @@ const MEMBERS_EXTENSION: &str = "members";
 const MEMBERS_BYTES_MAX: usize = 64 * 1024;
 /// Suffix of temp files: a name that never ends in `.konor` or `.key`, so listings skip it.
 const TEMP_SUFFIX: &str = ".tmp";
+
+/// A seam around the store's file I/O, for tests and the simulator: it sees every write,
+/// fsync, rename and truncation of the data dir, and may fail writes and fsyncs. Production
+/// passes none ([`Store::open`]); the cost is then one `Option` check per operation.
+///
+/// The store calls it synchronously, on the thread that does the I/O, and never while holding
+/// anything but the store itself. Paths are the store's own (under the data dir).
+pub trait StorageHook: Send + Sync + std::fmt::Debug {
+    /// Before `bytes` are written at `offset` of `path`. An error fails the write: its
+    /// `prefix_bytes` are written first (a torn write), then the store sees `error` as the
+    /// write's error.
+    fn before_write(&self, path: &Path, offset: u64, bytes: &[u8]) -> Result<(), WriteFault> {
+        let _ = (path, offset, bytes);
+        Ok(())
+    }
+
+    /// Before an fsync (`sync_data` or `sync_all`) of the file or directory `path`. An error
+    /// fails it without syncing.
+    fn before_sync(&self, path: &Path) -> io::Result<()> {
+        let _ = path;
+        Ok(())
+    }
+
+    /// After a successful fsync of the file `path`: its first `durable_bytes` are on disk.
+    fn after_sync(&self, path: &Path, durable_bytes: u64) {
+        let _ = (path, durable_bytes);
+    }
+
+    /// After a successful fsync of the directory `dir`: the entries renamed or created in it
+    /// are on disk.
+    fn after_sync_dir(&self, dir: &Path) {
+        let _ = dir;
+    }
+
+    /// After `from` was renamed to `to` (an atomic replace, or a move to quarantine). Not
+    /// durable until the directories are synced.
+    fn after_rename(&self, from: &Path, to: &Path) {
+        let _ = (from, to);
+    }
+
+    /// After `path` was cut to (or created with) `length` bytes.
+    fn after_truncate(&self, path: &Path, length: u64) {
+        let _ = (path, length);
+    }
+}
+
+/// A write a [`StorageHook`] fails: the first `prefix_bytes` are written, then `error` is
+/// returned (0 bytes: a plain failure; more: a torn write).
+#[derive(Debug)]
+pub struct WriteFault {
+    /// Bytes written before the failure (clamped to the write's length).
+    pub prefix_bytes: usize,
+    /// The error the write returns.
+    pub error: io::Error,
+}
+
+/// The store's file operations, through the hook when there is one.
+#[derive(Debug, Clone, Default)]
+struct Seam {
+    hook: Option<Arc<dyn StorageHook>>,
+}
+
+impl Seam {
+    fn write(&self, file: &mut File, path: &Path, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        if let Some(hook) = &self.hook
+            && let Err(fault) = hook.before_write(path, offset, bytes)
+        {
+            file.write_all(&bytes[..fault.prefix_bytes.min(bytes.len())])?;
+            return Err(fault.error);
+        }
+        file.write_all(bytes)
+    }
+
+    /// fdatasync (`data_only`) or fsync of `file`, whose length is then `durable_bytes`.
+    fn sync(&self, file: &File, path: &Path, durable_bytes: u64, data_only: bool) -> io::Result<()> {
+        if let Some(hook) = &self.hook {
+            hook.before_sync(path)?;
+        }
+        if data_only {
+            file.sync_data()?;
+        } else {
+            file.sync_all()?;
+        }
+        if let Some(hook) = &self.hook {
+            hook.after_sync(path, durable_bytes);
+        }
+        Ok(())
+    }
+
+    /// Makes renames, creations and removals in `dir` durable: on Linux a file's fsync does not
+    /// cover its entry.
+    fn sync_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        let synced = (|| {
+            if let Some(hook) = &self.hook {
+                hook.before_sync(dir)?;
+            }
+            File::open(dir)?.sync_all()
+        })();
+        synced.map_err(io_error("fsync the directory", dir))?;
+        if let Some(hook) = &self.hook {
+            hook.after_sync_dir(dir);
+        }
+        Ok(())
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)?;
+        if let Some(hook) = &self.hook {
+            hook.after_rename(from, to);
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, file: &File, path: &Path, length: u64) -> io::Result<()> {
+        file.set_len(length)?;
+        self.truncated(path, length);
+        Ok(())
+    }
+
+    /// `path` now holds `length` bytes (cut, or newly created empty).
+    fn truncated(&self, path: &Path, length: u64) {
+        if let Some(hook) = &self.hook {
+            hook.after_truncate(path, length);
+        }
+    }
+}
 
 /// Why a store operation failed. Each variant's doc says what happened to the files.
 #[derive(Debug, thiserror::Error)]
@@ -272,6 +399,8 @@ pub struct Store {
     needs_recovery: BTreeSet<String>,
     /// For groups in `needs_recovery`: the length known durable, so a reload reads only that.
     durable_bytes: BTreeMap<String, u64>,
+    /// Every file operation goes through here (and the hook, in tests and the simulator).
+    seam: Seam,
 }
 
 impl Store {
@@ -279,6 +408,16 @@ impl Store {
     ///
     /// On error nothing the caller can use was written; the lock, if taken, is released.
     pub fn open(data_dir: &Path, node_id: &str) -> Result<Store, StoreError> {
+        Store::open_seam(data_dir, node_id, Seam::default())
+    }
+
+    /// [`Store::open`], with every file operation reported to `hook` (which may fail writes and
+    /// fsyncs): for tests and the simulator.
+    pub fn open_with_hook(data_dir: &Path, node_id: &str, hook: Arc<dyn StorageHook>) -> Result<Store, StoreError> {
+        Store::open_seam(data_dir, node_id, Seam { hook: Some(hook) })
+    }
+
+    fn open_seam(data_dir: &Path, node_id: &str, seam: Seam) -> Result<Store, StoreError> {
         if node_id.is_empty() {
             return Err(StoreError::EmptyNodeId);
         }
@@ -291,7 +430,7 @@ impl Store {
                 Some(parent) if !parent.as_os_str().is_empty() => parent,
                 _ => Path::new("."),
             };
-            sync_dir(parent)?;
+            seam.sync_dir(parent)?;
         }
 
         // Lock before reading or writing anything else: two daemons on one data dir would both bump the same
@@ -320,9 +459,9 @@ impl Store {
         let quarantine_dir = data_dir.join(QUARANTINE_DIR);
         create_private_dir(&groups_dir)?;
         create_private_dir(&quarantine_dir)?;
-        sync_dir(&data_dir)?;
+        seam.sync_dir(&data_dir)?;
         // node.json.tmp needs no sweep: the identity write below replaces any stale one.
-        remove_temp_files(&groups_dir)?;
+        remove_temp_files(&seam, &groups_dir)?;
 
         let identity_path = data_dir.join(NODE_FILE);
         let mut identity = match read_bounded(&identity_path, NODE_FILE_BYTES_MAX) {
@@ -356,7 +495,7 @@ impl Store {
         bytes.push(b'\n');
         // FACTS: an actor id must never be reused after a crash, so the new incarnation is durable before any
         // actor id derived from it exists.
-        write_atomic(&data_dir, NODE_FILE, &bytes)?;
+        write_atomic(&seam, &data_dir, NODE_FILE, &bytes)?;
         tracing::info!(node_id, incarnation = identity.incarnation, data_dir = %data_dir.display(), "store opened");
 
         Ok(Store {
@@ -369,6 +508,7 @@ impl Store {
             append_handles: BTreeMap::new(),
             needs_recovery: BTreeSet::new(),
             durable_bytes: BTreeMap::new(),
+            seam,
         })
     }
 
@@ -415,7 +555,14 @@ impl Store {
             return Err(StoreError::GroupExists { name: name.to_owned(), path });
         }
         self.append_handles.remove(name);
-        write_atomic(&self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes)?;
+        if let Err(error) = write_atomic(&self.seam, &self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes) {
+            // The rename may have happened with only the directory fsync failing: the file's
+            // name might not survive a crash, so nothing is appended to it until a rewrite
+            // succeeds whole (found by the simulator's disk faults: acks after a failed
+            // directory fsync).
+            self.needs_recovery.insert(name.to_owned());
+            return Err(error);
+        }
         self.needs_recovery.remove(name);
         self.durable_bytes.remove(name);
         Ok(())
@@ -463,8 +610,10 @@ impl Store {
     /// Replaces the group file with `bytes` (compaction, or a repair from peers): a temp file in the same dir is
     /// written, fsynced and renamed over the old one, then the dir is fsynced.
     ///
-    /// On error the old file is intact (the rename is the commit point). On success appends continue on the new
-    /// file and an earlier [`StoreError::NeedsRecovery`] is cleared.
+    /// On error the old file is intact (the rename is the commit point), except when only the directory fsync after
+    /// the rename failed: the new file is then in place but its name may not survive a crash. Either way appends are
+    /// refused ([`StoreError::NeedsRecovery`]) until a later replace succeeds whole. On success appends continue on
+    /// the new file and an earlier [`StoreError::NeedsRecovery`] is cleared.
     pub fn replace_group(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let path = self.group_path(name)?;
         check_file_size(&path, bytes.len())?;
@@ -473,7 +622,14 @@ impl Store {
         }
         // A cached handle points at the old inode: after the rename its writes would land in an unlinked file.
         self.append_handles.remove(name);
-        write_atomic(&self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes)?;
+        if let Err(error) = write_atomic(&self.seam, &self.groups_dir, &file_name(name, GROUP_EXTENSION), bytes) {
+            // The rename may have happened with only the directory fsync failing: the file's
+            // name might not survive a crash, so nothing is appended to it until a rewrite
+            // succeeds whole (found by the simulator's disk faults: acks after a failed
+            // directory fsync).
+            self.needs_recovery.insert(name.to_owned());
+            return Err(error);
+        }
         self.needs_recovery.remove(name);
         self.durable_bytes.remove(name);
         Ok(())
@@ -502,9 +658,9 @@ impl Store {
         if valid == file_bytes {
             return Ok(());
         }
-        file.set_len(valid).map_err(io_error("truncate", &path))?;
+        self.seam.set_len(&file, &path, valid).map_err(io_error("truncate", &path))?;
         // sync_all: the new length is metadata, and the cut must be durable before anything is appended after it.
-        file.sync_all().map_err(io_error("fsync", &path))?;
+        self.seam.sync(&file, &path, valid, false).map_err(io_error("fsync", &path))?;
         tracing::warn!(group = name, cut_bytes = file_bytes - valid, path = %path.display(), "cut a damaged tail");
         Ok(())
     }
@@ -560,7 +716,7 @@ impl Store {
         if key.len() > GROUP_KEY_BYTES_MAX {
             return Err(StoreError::KeyTooLarge { name: name.to_owned(), bytes: key.len(), max: GROUP_KEY_BYTES_MAX });
         }
-        write_atomic(&self.groups_dir, &file_name(name, KEY_EXTENSION), key.as_bytes())
+        write_atomic(&self.seam, &self.groups_dir, &file_name(name, KEY_EXTENSION), key.as_bytes())
     }
 
     /// Stores the Automerge sync state for (group, peer): small, rewritten when a sync session
@@ -568,7 +724,7 @@ impl Store {
     pub fn write_sync_state(&mut self, group: &str, peer: &str, state: &[u8]) -> Result<(), StoreError> {
         validate_group_name(group).map_err(StoreError::BadGroupName)?;
         validate_group_name(peer).map_err(StoreError::BadGroupName)?;
-        write_atomic(&self.groups_dir, &format!("{group}.{peer}.{SYNC_EXTENSION}"), state)
+        write_atomic(&self.seam, &self.groups_dir, &format!("{group}.{peer}.{SYNC_EXTENSION}"), state)
     }
 
     /// Stores the members this node knows of `group` (one node id per line), durably: after a
@@ -576,7 +732,7 @@ impl Store {
     pub fn write_members(&mut self, group: &str, members: &[String]) -> Result<(), StoreError> {
         validate_group_name(group).map_err(StoreError::BadGroupName)?;
         let text: String = members.iter().map(|member| format!("{member}\n")).collect();
-        write_atomic(&self.groups_dir, &format!("{group}.{MEMBERS_EXTENSION}"), text.as_bytes())
+        write_atomic(&self.seam, &self.groups_dir, &format!("{group}.{MEMBERS_EXTENSION}"), text.as_bytes())
     }
 
     /// The members stored for `group`; none when the file is missing or unreadable (it only
@@ -682,10 +838,13 @@ impl Store {
         if bytes.is_empty() {
             return Ok(());
         }
-        if let Err(error) = handle.file.write_all(bytes) {
+        if let Err(error) = self.seam.write(&mut handle.file, &path, handle.end_bytes, bytes) {
             // A partial record left in place would end the loader's valid prefix, hiding every record appended
             // after it, acknowledged ones included; so it is cut back before anything else is appended.
-            let cut_back = handle.file.set_len(handle.end_bytes).and_then(|()| handle.file.sync_data());
+            let cut_back = self
+                .seam
+                .set_len(&handle.file, &path, handle.end_bytes)
+                .and_then(|()| self.seam.sync(&handle.file, &path, handle.end_bytes, true));
             let durable = handle.end_bytes;
             self.append_handles.remove(name);
             if cut_back.is_err() {
@@ -694,7 +853,7 @@ impl Store {
             }
             return Err(StoreError::Io { action: "append to", path, error });
         }
-        if let Err(error) = handle.file.sync_data() {
+        if let Err(error) = self.seam.sync(&handle.file, &path, handle.end_bytes + adding, true) {
             // After a failed fsync the kernel may have dropped the dirty pages and will not report it again
             // (PostgreSQL's "fsyncgate"): what the file holds is unknown until the group is rewritten.
             let durable = handle.end_bytes;
@@ -730,11 +889,11 @@ impl Store {
     }
 
     fn move_to_quarantine(&self, from: &Path, to: &Path) -> Result<(), StoreError> {
-        fs::rename(from, to).map_err(io_error("move to quarantine", from))?;
+        self.seam.rename(from, to).map_err(io_error("move to quarantine", from))?;
         // The new entry first: after a crash between the two fsyncs the file is in quarantine, maybe also still
         // listed in groups/, but never in neither.
-        sync_dir(&self.quarantine_dir)?;
-        sync_dir(&self.groups_dir)
+        self.seam.sync_dir(&self.quarantine_dir)?;
+        self.seam.sync_dir(&self.groups_dir)
     }
 }
 
@@ -762,14 +921,9 @@ fn create_private_dir(path: &Path) -> Result<(), StoreError> {
     DirBuilder::new().recursive(true).mode(DIR_MODE).create(path).map_err(io_error("create the directory", path))
 }
 
-/// Makes renames, creations and removals in `dir` durable: on Linux a file's fsync does not cover its entry.
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_error("fsync the directory", dir))
-}
-
 /// Writes `bytes` to `dir/name` so that after a crash the file holds either its old content or all of `bytes`:
 /// temp file, fsync, rename over, fsync of the directory.
-fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+fn write_atomic(seam: &Seam, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let path = dir.join(name);
     let temp_path = dir.join(format!("{name}{TEMP_SUFFIX}"));
     // A temp file left by a crash may have a looser mode; create_new below guarantees ours from the first byte.
@@ -780,18 +934,19 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> 
     }
     let written = (|| {
         let mut file = OpenOptions::new().write(true).create_new(true).mode(FILE_MODE).open(&temp_path)?;
-        file.write_all(bytes)?;
-        file.sync_all()
+        seam.truncated(&temp_path, 0);
+        seam.write(&mut file, &temp_path, 0, bytes)?;
+        seam.sync(&file, &temp_path, u64::try_from(bytes.len()).unwrap_or(u64::MAX), false)
     })();
     if let Err(error) = written {
         let _ = fs::remove_file(&temp_path);
         return Err(StoreError::Io { action: "write", path: temp_path, error });
     }
-    if let Err(error) = fs::rename(&temp_path, &path) {
+    if let Err(error) = seam.rename(&temp_path, &path) {
         let _ = fs::remove_file(&temp_path);
         return Err(StoreError::Io { action: "rename a temp file over", path, error });
     }
-    sync_dir(dir)
+    seam.sync_dir(dir)
 }
 
 enum ReadBoundedError {
@@ -838,7 +993,7 @@ fn group_names(groups_dir: &Path, extension: &str) -> Result<Vec<String>, StoreE
 
 /// Removes temp files of writes that never reached their rename: the file they were to replace is intact (or
 /// was never created and never acknowledged), so they hold nothing anyone relies on.
-fn remove_temp_files(dir: &Path) -> Result<(), StoreError> {
+fn remove_temp_files(seam: &Seam, dir: &Path) -> Result<(), StoreError> {
     let mut removed = false;
     for entry in fs::read_dir(dir).map_err(io_error("list", dir))? {
         let entry = entry.map_err(io_error("list", dir))?;
@@ -850,7 +1005,7 @@ fn remove_temp_files(dir: &Path) -> Result<(), StoreError> {
         }
     }
     if removed {
-        sync_dir(dir)?;
+        seam.sync_dir(dir)?;
     }
     Ok(())
 }
@@ -892,6 +1047,215 @@ mod tests {
 
     fn open(dir: &Path) -> Store {
         Store::open(dir, "node-a").unwrap()
+    }
+
+    /// What a [`ScriptedHook`] saw.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Seen {
+        Synced(String, u64),
+        SyncedDir(String),
+        Renamed(String, String),
+        Truncated(String, u64),
+    }
+
+    /// A hook that fails the next writes and fsyncs it is told to, and logs the rest.
+    #[derive(Debug, Default)]
+    struct ScriptedHook {
+        /// Each failed write's prefix, oldest first.
+        write_faults: std::sync::Mutex<std::collections::VecDeque<usize>>,
+        /// fsyncs still to fail.
+        sync_faults: std::sync::Mutex<u32>,
+        seen: std::sync::Mutex<Vec<Seen>>,
+    }
+
+    impl ScriptedHook {
+        fn fail_next_write(&self, prefix_bytes: usize) {
+            self.write_faults.lock().unwrap().push_back(prefix_bytes);
+        }
+
+        fn fail_next_syncs(&self, count: u32) {
+            *self.sync_faults.lock().unwrap() = count;
+        }
+
+        fn take_seen(&self) -> Vec<Seen> {
+            std::mem::take(&mut *self.seen.lock().unwrap())
+        }
+    }
+
+    /// The last two components of a path (`groups/app.konor`), so logs read the same in any temp dir.
+    fn short(path: &Path) -> String {
+        let parts: Vec<String> = path.iter().rev().take(2).map(|p| p.to_string_lossy().into_owned()).collect();
+        format!("{}/{}", parts[1], parts[0])
+    }
+
+    impl StorageHook for ScriptedHook {
+        fn before_write(&self, _: &Path, _: u64, _: &[u8]) -> Result<(), WriteFault> {
+            match self.write_faults.lock().unwrap().pop_front() {
+                Some(prefix_bytes) => Err(WriteFault { prefix_bytes, error: io::Error::from_raw_os_error(28) }),
+                None => Ok(()),
+            }
+        }
+
+        fn before_sync(&self, _: &Path) -> io::Result<()> {
+            let mut left = self.sync_faults.lock().unwrap();
+            if *left > 0 {
+                *left -= 1;
+                return Err(io::Error::from_raw_os_error(5));
+            }
+            Ok(())
+        }
+
+        fn after_sync(&self, path: &Path, durable_bytes: u64) {
+            self.seen.lock().unwrap().push(Seen::Synced(short(path), durable_bytes));
+        }
+
+        fn after_sync_dir(&self, dir: &Path) {
+            let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+            self.seen.lock().unwrap().push(Seen::SyncedDir(name));
+        }
+
+        fn after_rename(&self, from: &Path, to: &Path) {
+            self.seen.lock().unwrap().push(Seen::Renamed(short(from), short(to)));
+        }
+
+        fn after_truncate(&self, path: &Path, length: u64) {
+            self.seen.lock().unwrap().push(Seen::Truncated(short(path), length));
+        }
+    }
+
+    fn open_hooked(dir: &Path) -> (Store, Arc<ScriptedHook>) {
+        let hook = Arc::new(ScriptedHook::default());
+        let store = Store::open_with_hook(dir, "node-a", hook.clone()).unwrap();
+        hook.take_seen();
+        (store, hook)
+    }
+
+    #[test]
+    fn a_failed_write_cuts_the_partial_record_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, hook) = open_hooked(dir.path());
+        let (snapshot, records, states) = history(3);
+        store.create_group("app", &snapshot).unwrap();
+        store.append("app", &records[0]).unwrap();
+        // A plain failure and a torn one (half a record reached the file before ENOSPC).
+        for prefix in [0, records[1].len() / 2] {
+            hook.fail_next_write(prefix);
+            let error = store.append("app", &records[1]).unwrap_err();
+            assert!(error.is_disk_full(), "{error}");
+            assert!(!store.needs_recovery("app"));
+            let on_disk = fs::read(dir.path().join("groups/app.konor")).unwrap();
+            assert_eq!(on_disk, [&snapshot[..], &records[0]].concat(), "prefix {prefix}: nothing half-written stays");
+        }
+        store.append("app", &records[1]).unwrap();
+        store.append("app", &records[2]).unwrap();
+        let loaded = load_group_file(&store.read_group("app").unwrap(), actor(2)).unwrap();
+        assert_eq!(loaded.dropped, None);
+        assert_eq!(loaded.group.heads(), states[3].heads());
+    }
+
+    #[test]
+    fn a_torn_write_whose_cut_back_fails_is_never_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, hook) = open_hooked(dir.path());
+        let (snapshot, records, states) = history(2);
+        store.create_group("app", &snapshot).unwrap();
+        store.append("app", &records[0]).unwrap();
+        // The torn write, then the fsync of its cut-back fails: the tail is unknown.
+        hook.fail_next_write(records[1].len() - 3);
+        hook.fail_next_syncs(1);
+        assert!(store.append("app", &records[1]).is_err());
+        assert!(store.needs_recovery("app"));
+        assert!(matches!(store.append("app", &records[1]), Err(StoreError::NeedsRecovery { .. })));
+        // What the store serves is the durable prefix: it loads whole, without the torn record.
+        let loaded = load_group_file(&store.read_group("app").unwrap(), actor(2)).unwrap();
+        assert_eq!(loaded.dropped, None);
+        assert_eq!(loaded.group.heads(), states[1].heads());
+        // The disk as a crash may leave it, with the torn prefix back on the end: the loader
+        // stops before it, and the store cuts it before the next append.
+        drop(store);
+        let path = dir.path().join("groups/app.konor");
+        let torn = [&snapshot[..], &records[0], &records[1][..records[1].len() - 3]].concat();
+        fs::write(&path, &torn).unwrap();
+        let mut store = open(dir.path());
+        let loaded = load_group_file(&store.read_group("app").unwrap(), actor(2)).unwrap();
+        assert!(loaded.dropped.is_some());
+        assert_eq!(loaded.group.heads(), states[1].heads());
+        store.truncate_group("app", loaded.valid_bytes).unwrap();
+        store.append("app", &records[1]).unwrap();
+        let loaded = load_group_file(&store.read_group("app").unwrap(), actor(2)).unwrap();
+        assert_eq!((loaded.dropped, loaded.group.heads()), (None, states[2].heads()));
+    }
+
+    #[test]
+    fn a_failed_fsync_refuses_appends_until_the_group_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, hook) = open_hooked(dir.path());
+        let (snapshot, records, states) = history(3);
+        store.create_group("app", &snapshot).unwrap();
+        store.append("app", &records[0]).unwrap();
+        hook.fail_next_syncs(1);
+        let error = store.append("app", &records[1]).unwrap_err();
+        assert!(matches!(error, StoreError::Io { action: "fsync", .. }), "{error}");
+        assert!(store.needs_recovery("app"));
+        // The record is in the file, but nothing says it is on disk: it is not served.
+        assert_eq!(
+            fs::read(dir.path().join("groups/app.konor")).unwrap().len(),
+            snapshot.len() + records[0].len() + records[1].len()
+        );
+        let served = store.read_group("app").unwrap();
+        assert_eq!(served, [&snapshot[..], &records[0]].concat());
+        assert!(matches!(store.append("app", &records[1]), Err(StoreError::NeedsRecovery { .. })));
+        assert!(matches!(
+            store.append_batch("app", &[&records[1], &records[2]]),
+            Err(StoreError::NeedsRecovery { .. })
+        ));
+        // The rewrite from memory clears it.
+        store.replace_group("app", &snapshot_file(&states[1], None).unwrap()).unwrap();
+        assert!(!store.needs_recovery("app"));
+        store.append_batch("app", &[&records[1], &records[2]]).unwrap();
+        let loaded = load_group_file(&store.read_group("app").unwrap(), actor(2)).unwrap();
+        assert_eq!((loaded.dropped, loaded.group.heads()), (None, states[3].heads()));
+    }
+
+    #[test]
+    fn the_hook_sees_exactly_the_durable_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut store, hook) = open_hooked(dir.path());
+        let (snapshot, records, _) = history(2);
+        let group = "groups/app.konor".to_owned();
+        let temp = "groups/app.konor.tmp".to_owned();
+        let length = |bytes: usize| u64::try_from(bytes).unwrap();
+        store.create_group("app", &snapshot).unwrap();
+        assert_eq!(
+            hook.take_seen(),
+            [
+                Seen::Truncated(temp.clone(), 0),
+                Seen::Synced(temp.clone(), length(snapshot.len())),
+                Seen::Renamed(temp.clone(), group.clone()),
+                Seen::SyncedDir("groups".to_owned()),
+            ]
+        );
+        store.append("app", &records[0]).unwrap();
+        let after_first = snapshot.len() + records[0].len();
+        assert_eq!(hook.take_seen(), [Seen::Synced(group.clone(), length(after_first))]);
+        // A failed fsync reports nothing durable; the cut-back after a failed write does.
+        hook.fail_next_syncs(1);
+        assert!(store.append("app", &records[1]).is_err());
+        assert_eq!(hook.take_seen(), []);
+        store.truncate_group("app", after_first).unwrap();
+        assert_eq!(
+            hook.take_seen(),
+            [Seen::Truncated(group.clone(), length(after_first)), Seen::Synced(group.clone(), length(after_first))]
+        );
+        store.replace_group("app", &snapshot).unwrap();
+        hook.take_seen();
+        hook.fail_next_write(4);
+        assert!(store.append("app", &records[1]).is_err());
+        assert_eq!(
+            hook.take_seen(),
+            [Seen::Truncated(group.clone(), length(snapshot.len())), Seen::Synced(group, length(snapshot.len()))]
+        );
+        assert_eq!(fs::read(dir.path().join("groups/app.konor")).unwrap(), snapshot);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Invariant checks. Two kinds:
 //!
-//! * Protocol checks on frames as nodes send them (docs/protocol-peer: E1, S1), which look at
-//!   the sender's files on disk at the instant it sends: an `Ack` only for changes durable on
-//!   the acker; a yes `Vote` only for a round staged durably on the voter; a commit `Decide`
-//!   only after every member's yes vote reached the coordinator.
+//! * Protocol checks on frames as nodes send them (docs/protocol.md: E1, S1, S2), which ask the
+//!   simulated disk ([`crate::disk`]) what the sender holds durably at the instant it sends: an
+//!   `Ack` only for changes durable on the acker; a yes `Vote` only for a round staged durably
+//!   (with the round's change) on the voter; an `Accepted{ok: true}` only after the acceptor
+//!   durably recorded that ballot's decision; a commit `Decide` only after every member's yes
+//!   vote reached the coordinator. Each is a few map lookups, so they run at any mesh size.
 //! * SPEC invariants over what clients and watchers saw ([`crate::workload`] records them and
 //!   calls in here): convergence (1), no lost commit (2), strong atomicity and fencing (3),
 //!   watch completeness (4), membership detection and false positives (5).
@@ -12,11 +14,11 @@
 //! command that replays it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
 
-use konor_crdt::{ActorId, ChangeHash, PeerMessage, load_group_file};
+use konor_crdt::{ChangeHash, PeerMessage};
 use konor_sdk::protocol::{Request, Response};
 
+use crate::disk::Disk;
 use crate::node::{Life, call};
 use crate::workload::{GroupKind, Outcome, Sim};
 
@@ -43,6 +45,8 @@ pub mod invariant {
     pub const ONE_SEQUENCE: &str = "3 one committed sequence";
     /// protocol-peer S1, the ground of SPEC 3.
     pub const ALL_ACK: &str = "3/S1 commit only after every member staged";
+    /// protocol-peer S2 under recovery: an acceptance a recovery may count must survive a crash.
+    pub const DURABLE_ACCEPT: &str = "3/S2 accepted only after durable";
     /// SPEC 4.
     pub const WATCH: &str = "4 watch completeness";
     /// SPEC 5, detection.
@@ -91,19 +95,18 @@ struct RoundSeen {
     decided: bool,
 }
 
-/// Checks E1 and S1 on frames.
-#[derive(Debug, Default)]
+/// Checks E1, S1 and S2 on frames.
+#[derive(Debug)]
 pub struct ProtocolChecker {
     rounds: BTreeMap<RoundKey, RoundSeen>,
-    /// Raw bytes of recently pushed or prepared changes, by hash: a file that holds a change
-    /// (appended, or inside a staged record) holds these bytes verbatim, which is far cheaper to
-    /// look for than loading the document (the slow path, kept for compacted files).
-    change_bytes: BTreeMap<[u8; 32], Vec<u8>>,
-    change_order: std::collections::VecDeque<[u8; 32]>,
-    /// Acks checked on disk.
+    /// What each node holds durably.
+    disk: Disk,
+    /// Acks checked against the disk.
     pub acks_checked: u64,
-    /// Yes votes checked on disk.
+    /// Yes votes checked against the disk.
     pub votes_checked: u64,
+    /// Acceptances checked against the disk.
+    pub accepts_checked: u64,
     /// Commit decisions checked against delivered votes.
     pub decisions_checked: u64,
 }
@@ -111,99 +114,50 @@ pub struct ProtocolChecker {
 /// Rounds remembered at most; older ones are forgotten (they were decided long ago).
 const ROUNDS_KEPT: usize = 4096;
 
-/// Change bytes remembered at most for the fast path of the disk checks.
-const CHANGES_KEPT: usize = 4096;
-
-fn group_path(data_dir: &Path, group: &str) -> std::path::PathBuf {
-    data_dir.join("groups").join(format!("{group}.konor"))
-}
-
-/// True when `haystack` contains `needle` (files are small; a plain scan is enough).
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|window| window == needle)
-}
-
-/// What a node's group file holds, for the checks.
-struct OnDisk {
-    doc: konor_crdt::GroupDoc,
-    staged: Option<konor_crdt::journal::StagedRound>,
-}
-
-fn read_group(data_dir: &Path, group: &str) -> Result<OnDisk, String> {
-    let path = group_path(data_dir, group);
-    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let loaded = load_group_file(&bytes, ActorId::from([0u8; 16]))
-        .map_err(|e| format!("{} does not load: {e}", path.display()))?;
-    Ok(OnDisk { doc: loaded.group, staged: loaded.staged })
-}
-
 impl ProtocolChecker {
-    fn remember_change(&mut self, bytes: &[u8]) -> Option<ChangeHash> {
-        let hash = konor_crdt::exchange::decode_change(bytes).ok()?.hash();
-        if let std::collections::btree_map::Entry::Vacant(entry) = self.change_bytes.entry(hash.0) {
-            entry.insert(bytes.to_vec());
-            self.change_order.push_back(hash.0);
-            while self.change_order.len() > CHANGES_KEPT {
-                if let Some(old) = self.change_order.pop_front() {
-                    self.change_bytes.remove(&old);
-                }
-            }
+    /// A checker asking `disk` what nodes hold durably.
+    pub fn new(disk: Disk) -> ProtocolChecker {
+        ProtocolChecker {
+            rounds: BTreeMap::new(),
+            disk,
+            acks_checked: 0,
+            votes_checked: 0,
+            accepts_checked: 0,
+            decisions_checked: 0,
         }
-        Some(hash)
     }
 
-    /// The fast path: the file holds every one of these changes' bytes verbatim.
-    fn file_holds(&self, data_dir: &Path, group: &str, hashes: &[[u8; 32]]) -> bool {
-        let Ok(file) = std::fs::read(group_path(data_dir, group)) else { return false };
-        hashes.iter().all(|hash| self.change_bytes.get(hash).is_some_and(|bytes| contains(&file, bytes)))
-    }
-
-    /// Looks at a replica frame `from -> to` as it is sent; returns what to watch for at its
-    /// delivery and any violations. `nodes[i]` is node i's (id, data dir).
+    /// Looks at a replica frame from node `from` (`from_id`) to `to_id` as it is sent; returns
+    /// what to watch for at its delivery and any violations.
     pub fn on_send(
         &mut self,
         from: usize,
-        to: usize,
+        from_id: &str,
+        to_id: &str,
         bytes: &[u8],
-        nodes: &[(&str, &Path)],
     ) -> (Option<Observed>, Vec<(&'static str, String)>) {
         let mut found = Vec::new();
         let Ok(message) = PeerMessage::decode(bytes) else { return (None, found) };
-        let (from_id, from_dir) = nodes[from];
-        let to_id = nodes.get(to).map_or("?", |n| n.0);
         match message {
-            PeerMessage::Changes { changes, .. } => {
-                for change in &changes {
-                    self.remember_change(change);
-                }
-                (None, found)
-            }
             PeerMessage::Ack { group, changes } => {
                 self.acks_checked += 1;
-                if self.file_holds(from_dir, &group, &changes) {
-                    return (None, found);
-                }
-                match read_group(from_dir, &group) {
-                    Ok(disk) => {
-                        let missing: Vec<String> =
-                            changes.iter().filter(|hash| !disk.doc.has_change(&ChangeHash(**hash))).map(hex8).collect();
-                        if !missing.is_empty() {
-                            found.push((
-                                invariant::DURABLE_ACK,
-                                format!(
-                                    "{from_id} acked change(s) [{}] of {group} to {to_id} but its file does not hold them",
-                                    missing.join(", ")
-                                ),
-                            ));
-                        }
-                    }
-                    Err(error) => found.push((invariant::DURABLE_ACK, format!("{from_id} acked {group}: {error}"))),
+                let mut disk = self.disk.lock();
+                let missing: Vec<String> =
+                    changes.iter().filter(|hash| !disk.change_durable(from, &group, hash)).map(hex8).collect();
+                if !missing.is_empty() {
+                    found.push((
+                        invariant::DURABLE_ACK,
+                        format!(
+                            "{from_id} acked change(s) [{}] of {group} to {to_id} but its disk does not hold them durably",
+                            missing.join(", ")
+                        ),
+                    ));
                 }
                 (None, found)
             }
             PeerMessage::Prepare { group, round, change, members, kind, .. } => {
                 let key = (group.clone(), round.clone());
-                let change = self.remember_change(&change);
+                let change = konor_crdt::exchange::decode_change(&change).ok().map(|c| c.hash());
                 if let Some(seen) = self.rounds.get(&key)
                     && seen.change != change
                 {
@@ -237,28 +191,30 @@ impl ProtocolChecker {
                 };
                 self.votes_checked += 1;
                 let observed = Some(Observed::VoteYes { round: key.clone(), voter: from_id.to_owned() });
-                if seen.change.is_some_and(|hash| self.file_holds(from_dir, &group, &[hash.0])) {
-                    return (observed, found);
-                }
-                match read_group(from_dir, &group) {
-                    Ok(disk) => {
-                        // Staged under this round id *with this round's change*, or already applied.
-                        let staged = disk.staged.as_ref().is_some_and(|staged| {
-                            staged.round == round
-                                && konor_crdt::exchange::decode_change(&staged.change).ok().map(|c| c.hash())
-                                    == seen.change
-                        });
-                        let applied = seen.change.is_some_and(|hash| disk.doc.has_change(&hash));
-                        if !(staged || applied) {
-                            found.push((
-                                invariant::ALL_ACK,
-                                format!("{from_id} voted yes for round {round} of {group} without staging it on disk"),
-                            ));
-                        }
-                    }
-                    Err(error) => found.push((invariant::ALL_ACK, format!("{from_id} voted on {group}: {error}"))),
+                let mut disk = self.disk.lock();
+                // Staged under this round id *with this round's change*, or already applied.
+                let durable = seen.change.is_some_and(|hash| {
+                    disk.staged_durable(from, &group, &round, &hash.0) || disk.change_durable(from, &group, &hash.0)
+                });
+                if !durable {
+                    found.push((
+                        invariant::ALL_ACK,
+                        format!("{from_id} voted yes for round {round} of {group} without staging it durably"),
+                    ));
                 }
                 (observed, found)
+            }
+            PeerMessage::Accepted { group, round, ballot, ok: true, .. } => {
+                self.accepts_checked += 1;
+                if !self.disk.lock().accepted_durable(from, &group, &round, &ballot) {
+                    found.push((
+                        invariant::DURABLE_ACCEPT,
+                        format!(
+                            "{from_id} answered Accepted for round {round} of {group} at ballot {ballot} without recording it durably"
+                        ),
+                    ));
+                }
+                (None, found)
             }
             // The coordinator's commit proposal (ballot 0): a write needs a yes from every
             // member, a configuration change from a majority at least. Recoveries (higher

@@ -50,12 +50,19 @@ pub struct FaultRates {
     pub oneway_per_s: f64,
     /// A node stops (SIGSTOP-like) for a while, then resumes.
     pub pause_per_s: f64,
+    /// A running node's disk fails for a while: full, write errors, one failed fsync, or torn
+    /// writes ([`crate::disk::DiskFault`]).
+    pub disk_per_s: f64,
 }
 
 impl FaultRates {
     /// True when no fault is injected.
     pub fn is_none(&self) -> bool {
-        self.crash_per_s <= 0.0 && self.partition_per_s <= 0.0 && self.oneway_per_s <= 0.0 && self.pause_per_s <= 0.0
+        self.crash_per_s <= 0.0
+            && self.partition_per_s <= 0.0
+            && self.oneway_per_s <= 0.0
+            && self.pause_per_s <= 0.0
+            && self.disk_per_s <= 0.0
     }
 
     fn text(&self) -> String {
@@ -65,6 +72,7 @@ impl FaultRates {
             ("partition", self.partition_per_s),
             ("oneway", self.oneway_per_s),
             ("pause", self.pause_per_s),
+            ("disk", self.disk_per_s),
         ] {
             if rate > 0.0 {
                 parts.push(format!("{name}:{rate}/s"));
@@ -121,8 +129,9 @@ pub struct RunConfig {
     pub strong_members: usize,
     /// Nodes asked for their membership view when checking detection; `None`: all up to 100.
     pub observers: Option<usize>,
-    /// Check on disk that acks and votes follow durability (E1, S1); `None`: on up to 50 nodes.
-    pub check_disk: Option<bool>,
+    /// Check against the disk model that acks, votes and acceptances follow durability (E1,
+    /// S1, S2). On by default at any size; off skips parsing group files too.
+    pub check_disk: bool,
     /// Longest time after healing for every member to reach the same state (invariant 1).
     pub converge_bound: Duration,
     /// Longest time for every observer to mark a crashed node dead (invariant 5).
@@ -146,13 +155,13 @@ impl RunConfig {
             duplicate: 0.0,
             latency: (Duration::from_millis(1), Duration::from_millis(20)),
             wire: Wire::Datagram,
-            faults: FaultRates { crash_per_s: 0.01, partition_per_s: 0.005, oneway_per_s: 0.0, pause_per_s: 0.0 },
+            faults: FaultRates { crash_per_s: 0.01, partition_per_s: 0.005, ..FaultRates::default() },
             workload: WorkloadRates::default(),
             gossip_interval: Duration::from_millis(250),
             membership_poll: None,
             strong_members: 5,
             observers: None,
-            check_disk: None,
+            check_disk: true,
             converge_bound: Duration::from_secs(60),
             detect_bound: Duration::from_secs(15),
             plot: None,
@@ -175,11 +184,6 @@ impl RunConfig {
     /// Nodes whose views are polled for detection checks.
     pub fn observer_count(&self) -> usize {
         self.observers.unwrap_or(100).clamp(1, self.nodes.max(1))
-    }
-
-    /// Whether the on-disk checks of acks and votes run.
-    pub fn disk_checks(&self) -> bool {
-        self.check_disk.unwrap_or(self.nodes <= 50)
     }
 
     /// Members of the strong group.
@@ -236,8 +240,8 @@ impl RunConfig {
         if let Some(observers) = self.observers {
             command.push_str(&format!(" --observers {observers}"));
         }
-        if let Some(check) = self.check_disk {
-            command.push_str(&format!(" --check-disk {check}"));
+        if !self.check_disk {
+            command.push_str(" --check-disk false");
         }
         if self.converge_bound != RunConfig::new(1, 0).converge_bound {
             command.push_str(&format!(" --converge-bound {}", duration_text(self.converge_bound)));
@@ -311,7 +315,7 @@ fn parse_rates(text: &str) -> anyhow::Result<Vec<(String, f64)>> {
     Ok(rates)
 }
 
-/// Parses `crash:0.01/s,partition:0.005/s,oneway:0.002/s,pause:0.01/s`.
+/// Parses `crash:0.01/s,partition:0.005/s,oneway:0.002/s,pause:0.01/s,disk:0.01/s`.
 pub fn parse_faults(text: &str) -> anyhow::Result<FaultRates> {
     let mut faults = FaultRates::default();
     for (name, rate) in parse_rates(text)? {
@@ -320,7 +324,8 @@ pub fn parse_faults(text: &str) -> anyhow::Result<FaultRates> {
             "partition" => faults.partition_per_s = rate,
             "oneway" => faults.oneway_per_s = rate,
             "pause" => faults.pause_per_s = rate,
-            _ => bail!("unknown fault {name:?}: use crash, partition, oneway or pause"),
+            "disk" => faults.disk_per_s = rate,
+            _ => bail!("unknown fault {name:?}: use crash, partition, oneway, pause or disk"),
         }
     }
     Ok(faults)
@@ -391,8 +396,13 @@ mod tests {
     fn the_replay_command_parses_back_to_the_same_settings() {
         let mut config = RunConfig::new(7, 99);
         config.faults.pause_per_s = 0.02;
+        config.faults.disk_per_s = 0.05;
         let command = config.replay_command();
         assert!(command.contains("--nodes 7 --seed 99"), "{command}");
-        assert!(command.contains("pause:0.02/s"), "{command}");
+        assert!(command.contains("pause:0.02/s,disk:0.05/s"), "{command}");
+        assert_eq!(parse_faults("pause:0.02/s,disk:0.05/s").unwrap().disk_per_s, 0.05);
+        assert!(!command.contains("--check-disk"), "on by default: {command}");
+        config.check_disk = false;
+        assert!(config.replay_command().ends_with(" --check-disk false"));
     }
 }

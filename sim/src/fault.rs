@@ -1,12 +1,15 @@
 //! Fault injection during the active phase: crashes (with a restart after a short or a long
-//! downtime), symmetric and one-way partitions, and pauses, each arriving as a Poisson process
+//! downtime), symmetric and one-way partitions, pauses, and disk faults (a full disk, write
+//! errors, a failed fsync, torn writes; see [`crate::disk`]), each arriving as a Poisson process
 //! at its configured rate. At most half the mesh (rounded down, minus one) is down or paused at
-//! once, so an eventual quorum always stays alive with its disks.
+//! once, so an eventual quorum always stays alive with its disks. A node with a failing disk
+//! stays up and counts as up: it refuses what it cannot persist.
 
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
 
+use crate::disk::DiskFault;
 use crate::node::{Life, crash};
 use crate::observe::{Observations, PartitionSpan, watch_crash};
 use crate::workload::{GroupKind, Phase, Sim, watch};
@@ -19,6 +22,10 @@ const PAUSE_MS: (u64, u64) = (1_000, 5_000);
 
 /// A short downtime (restart before the failure detector settles) in ms.
 const SHORT_DOWNTIME_MS: (u64, u64) = (1_000, 4_000);
+
+/// Shortest and longest disk fault: a few seconds, long enough for writes, compactions and
+/// rewrites to run into it, short enough that the node recovers within the run.
+const DISK_FAULT_MS: (u64, u64) = (1_000, 5_000);
 
 /// One injected fault, for the report.
 #[derive(Debug, Clone)]
@@ -37,6 +44,7 @@ pub fn start(sim: &Sim, observations: &Rc<RefCell<Observations>>, log: &Rc<RefCe
         (Kind::Partition, rates.partition_per_s),
         (Kind::Oneway, rates.oneway_per_s),
         (Kind::Pause, rates.pause_per_s),
+        (Kind::Disk, rates.disk_per_s),
     ] {
         if rate > 0.0 {
             tokio::task::spawn_local(fault_loop(sim.clone(), observations.clone(), log.clone(), kind, rate));
@@ -50,6 +58,7 @@ enum Kind {
     Partition,
     Oneway,
     Pause,
+    Disk,
 }
 
 /// Logs a fault event; `node` is the one node it concerns (none for a partition).
@@ -177,6 +186,7 @@ async fn fault_loop(
                     }
                 });
             }
+            Kind::Disk => disk_fault(&sim, &log),
             Kind::Pause => {
                 if !may_take_down(&sim) {
                     continue;
@@ -200,6 +210,31 @@ async fn fault_loop(
     }
 }
 
+/// Gives an up node's disk one of the [`DiskFault`]s for a few seconds.
+fn disk_fault(sim: &Sim, log: &Rc<RefCell<Vec<FaultRecord>>>) {
+    let Some(target) = pick_up(sim) else { return };
+    let (fault, duration_ms) = {
+        let mut rng = sim.rng.borrow_mut();
+        let mut fault = DiskFault::ALL[rng.index(DiskFault::ALL.len())];
+        let duration_ms = rng.between(DISK_FAULT_MS.0, DISK_FAULT_MS.1);
+        if let DiskFault::FsyncError { directory } = &mut fault {
+            *directory = rng.chance(0.5);
+        }
+        (fault, duration_ms)
+    };
+    record(sim, log, Some(target), format!("disk n{target} {} for {duration_ms} ms", fault.name()));
+    let generation = sim.cluster.borrow().disk.start_fault(target, fault);
+    let task_sim = sim.clone();
+    let task_log = log.clone();
+    tokio::task::spawn_local(async move {
+        tokio::time::sleep(Duration::from_millis(duration_ms)).await;
+        let ended = task_sim.cluster.borrow().disk.end_fault(target, generation);
+        if ended && task_sim.phase.get() == Phase::Active {
+            record(&task_sim, &task_log, Some(target), format!("disk-heal n{target}"));
+        }
+    });
+}
+
 /// Starts a down node again and resubscribes its watchers (they resume from their revision).
 pub fn restart(sim: &Sim, index: usize) {
     sim.cluster.borrow_mut().start(index);
@@ -212,9 +247,11 @@ pub fn restart(sim: &Sim, index: usize) {
     }
 }
 
-/// Ends every fault: partitions healed, paused nodes resumed, down nodes restarted.
+/// Ends every fault: partitions healed, disks healthy, paused nodes resumed, down nodes
+/// restarted.
 pub fn heal_everything(sim: &Sim, observations: &Rc<RefCell<Observations>>, log: &Rc<RefCell<Vec<FaultRecord>>>) {
     sim.cluster.borrow().network.heal_all();
+    sim.cluster.borrow().disk.end_all_faults();
     {
         let mut observations = observations.borrow_mut();
         observations.partitions_active = 0;

@@ -5,13 +5,15 @@
 //! checked during and after each run (see [`check`]).
 //!
 //! Code map: [`config`] (what a run is), [`run`](mod@run) (phases), [`node`] (spawn, crash, restart,
-//! pause), [`network`] (the hub), [`workload`] (writers, readers, watchers), [`fault`],
-//! [`observe`] (membership as nodes report it), [`check`] (invariants), [`history`] (the strong
-//! group's one committed sequence and fresh reads), [`report`], [`plot`],
+//! pause), [`disk`] (what each node's files hold durably; disk faults and crashes), [`network`]
+//! (the hub), [`workload`] (writers, readers, watchers), [`fault`], [`observe`] (membership as
+//! nodes report it), [`check`] (invariants), [`history`] (the strong group's one committed
+//! sequence and fresh reads), [`report`], [`plot`],
 //! [`trace`], [`rng`], [`entropy`], [`log`].
 
 pub mod check;
 pub mod config;
+pub mod disk;
 pub mod entropy;
 pub mod fault;
 pub mod history;

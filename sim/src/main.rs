@@ -89,7 +89,8 @@ struct Options {
     /// in order per link, losses become retransmission delays, as over QUIC).
     #[arg(long, default_value = "datagram")]
     wire: Wire,
-    /// Fault rates: `crash:0.01/s,partition:0.005/s,oneway:0.002/s,pause:0.01/s` or `none`.
+    /// Fault rates: `crash:0.01/s,partition:0.005/s,oneway:0.002/s,pause:0.01/s,disk:0.01/s` or
+    /// `none`.
     #[arg(long, default_value = "crash:0.01/s,partition:0.005/s")]
     faults: String,
     /// Workload rates: `writes:5/s,reads:2/s` or `none`.
@@ -107,7 +108,8 @@ struct Options {
     /// Nodes asked for their membership view (default: all, up to 100).
     #[arg(long)]
     observers: Option<usize>,
-    /// Check acks and votes against the files on disk (default: on up to 50 nodes).
+    /// Check acks, votes and acceptances against what the disk model holds durably (default:
+    /// true; `false` also skips following group files' records).
     #[arg(long)]
     check_disk: Option<bool>,
     /// Longest time after healing until every member holds the same state.
@@ -132,7 +134,7 @@ impl Options {
         config.membership_poll = self.membership_poll;
         config.strong_members = self.strong_members;
         config.observers = self.observers;
-        config.check_disk = self.check_disk;
+        config.check_disk = self.check_disk.unwrap_or(true);
         config.converge_bound = self.converge_bound;
         config.detect_bound = self.detect_bound;
         config.validate()?;

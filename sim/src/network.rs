@@ -9,7 +9,6 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::net::{Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -20,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::check::{ProtocolChecker, Violation};
 use crate::config::{RunConfig, Wire};
+use crate::disk::Disk;
 use crate::rng::SimRng;
 use crate::trace::Trace;
 
@@ -153,7 +153,6 @@ struct Endpoint {
     gossip: Option<mpsc::Sender<Incoming>>,
     replica: Option<mpsc::Sender<Incoming>>,
     held: VecDeque<Frame>,
-    data_dir: PathBuf,
 }
 
 /// Everything behind the hub's lock.
@@ -176,7 +175,7 @@ pub struct Hub {
     pub stats: NetStats,
     /// The run's trace.
     pub trace: Trace,
-    /// Protocol-level invariant checks on frames (E1, S1), when enabled.
+    /// Protocol-level invariant checks on frames (E1, S1, S2), unless turned off.
     pub checker: Option<ProtocolChecker>,
     /// Invariant violations found so far (the run stops at the first).
     pub violations: Vec<Violation>,
@@ -244,9 +243,8 @@ impl Hub {
         }
         let observed = match (&mut self.checker, channel) {
             (Some(checker), Channel::Replica) => {
-                let endpoints: Vec<(&str, &std::path::Path)> =
-                    self.endpoints.iter().map(|e| (e.id.as_str(), e.data_dir.as_path())).collect();
-                let (observed, found) = checker.on_send(from, to, &bytes, &endpoints);
+                let (from_id, to_id) = (self.endpoints[from].id.as_str(), self.endpoints[to].id.as_str());
+                let (observed, found) = checker.on_send(from, from_id, to_id, &bytes);
                 for (invariant, detail) in found {
                     self.violation(invariant, detail);
                 }
@@ -370,19 +368,18 @@ pub struct SimNetwork {
 }
 
 impl SimNetwork {
-    /// A network for `node_ids` (node i at [`node_addr`]`(i)`, data in `data_dirs[i]`).
-    pub fn new(config: &RunConfig, node_ids: &[String], data_dirs: &[PathBuf], trace: Trace) -> SimNetwork {
+    /// A network for `node_ids` (node i at [`node_addr`]`(i)`); the protocol checks, when on,
+    /// ask `disk` what nodes hold durably.
+    pub fn new(config: &RunConfig, node_ids: &[String], disk: &Disk, trace: Trace) -> SimNetwork {
         let endpoints = node_ids
             .iter()
-            .zip(data_dirs)
-            .map(|(id, dir)| Endpoint {
+            .map(|id| Endpoint {
                 id: id.clone(),
                 incarnation: 0,
                 reach: Reach::Down,
                 gossip: None,
                 replica: None,
                 held: VecDeque::new(),
-                data_dir: dir.clone(),
             })
             .collect();
         let by_addr = (0..node_ids.len()).map(|i| (node_addr(i), i)).collect();
@@ -402,7 +399,7 @@ impl SimNetwork {
             next_partition: 0,
             stats: NetStats::default(),
             trace,
-            checker: config.disk_checks().then(ProtocolChecker::default),
+            checker: config.check_disk.then(|| ProtocolChecker::new(disk.clone())),
             violations: Vec::new(),
             delivered_counter: Arc::new(AtomicU64::new(0)),
         };

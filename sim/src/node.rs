@@ -1,7 +1,8 @@
 //! Simulated nodes: each is the real `konor_node::daemon::run_node` spawned as a task on the
 //! simulation's runtime, with an in-memory network handle, a data dir on tmpfs, a fixed
-//! wall-clock base and a seed drawn from the run seed. Nodes crash (the task is aborted: memory
-//! is lost, files stay, as after kill -9), restart (run_node again on the same data dir) and
+//! wall-clock base and a seed drawn from the run seed, and a storage hook onto the simulated disk
+//! ([`crate::disk`]). Nodes crash (the task is aborted: memory is lost, and the files lose what
+//! was written but not fsynced, as after a power cut), restart (run_node again on the same data dir) and
 //! pause (the daemon task is not polled and its network is held, as after SIGSTOP).
 //!
 //! Pause, precisely: the daemon's own task is frozen (never polled while paused; its timers
@@ -31,6 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::RunConfig;
+use crate::disk::Disk;
 use crate::network::{SimNetwork, node_addr};
 use crate::rng::mix64;
 
@@ -125,6 +127,8 @@ pub struct SimNode {
 pub struct Cluster {
     /// The network.
     pub network: SimNetwork,
+    /// The nodes' disks.
+    pub disk: Disk,
     /// The nodes, by index.
     pub nodes: Vec<SimNode>,
     seed: u64,
@@ -144,7 +148,8 @@ impl Cluster {
     pub fn new(config: &RunConfig, base: &Path, trace: crate::trace::Trace) -> Cluster {
         let ids: Vec<String> = (0..config.nodes).map(node_id).collect();
         let dirs: Vec<PathBuf> = ids.iter().map(|id| base.join(id)).collect();
-        let network = SimNetwork::new(config, &ids, &dirs, trace);
+        let disk = Disk::new(config.seed, &dirs, config.check_disk);
+        let network = SimNetwork::new(config, &ids, &disk, trace);
         let nodes = ids
             .into_iter()
             .zip(dirs)
@@ -164,6 +169,7 @@ impl Cluster {
             .collect();
         Cluster {
             network,
+            disk,
             nodes,
             seed: config.seed,
             gossip_interval: config.gossip_interval,
@@ -211,6 +217,7 @@ impl Cluster {
             store_io: StoreIo::Inline,
             // The simulator's reads go through the daemon task.
             reads: None,
+            storage_hook: Some(self.disk.hook(index, self.network.clone())),
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();
@@ -309,10 +316,17 @@ pub async fn call(cluster: &Rc<RefCell<Cluster>>, index: usize, request: Request
     answer.await.ok()
 }
 
-/// Crashes node `index` and waits until its task is gone (its files closed, its lock released).
+/// Crashes node `index` and waits until its task is gone (its files closed, its lock released),
+/// then cuts its disk back to what was durable, as a power cut would ([`Disk::crash`]).
 pub async fn crash(cluster: &Rc<RefCell<Cluster>>, index: usize) {
     let task = cluster.borrow_mut().crash(index);
-    if let Some(task) = task {
-        let _ = task.await;
+    let Some(task) = task else { return };
+    let _ = task.await;
+    let cluster = cluster.borrow();
+    let notes = cluster.disk.crash(index);
+    let mut hub = cluster.network.lock();
+    let now = hub.now_us();
+    for note in notes {
+        hub.trace.event(now, &format!("crash n{index} disk: {note}"));
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::check::{Violation, invariant, percentile};
 use crate::config::{RunConfig, duration_text};
+use crate::disk::DiskStats;
 use crate::fault::FaultRecord;
 use crate::network::{ChannelStats, NetStats};
 use crate::workload::GroupKind;
@@ -104,8 +105,10 @@ pub struct RunReport {
     pub failure_samples: Vec<String>,
     /// Watch events checked, watchers.
     pub watch: (u64, usize),
-    /// Protocol checks: acks, votes, decisions.
-    pub protocol_checks: (u64, u64, u64),
+    /// Protocol checks: acks, votes, acceptances, decisions.
+    pub protocol_checks: (u64, u64, u64, u64),
+    /// What the simulated disk did (faults injected, crashes applied).
+    pub disk: DiskStats,
     /// False dead verdicts, and views sampled.
     pub false_dead: (usize, u64),
     /// Nodes that stopped on their own: (µs, node, why).
@@ -325,6 +328,20 @@ impl RunReport {
                 self.churn.0, self.churn.1, self.churn.2
             );
         }
+        let d = &self.disk;
+        if d.writes_failed + d.writes_torn + d.fsyncs_failed + d.crash_bytes_dropped + d.crash_renames_undone > 0 {
+            let _ = writeln!(
+                out,
+                "disk: {} writes failed, {} torn, {} fsyncs failed; {} crash(es) dropped {} unsynced bytes ({} tails left torn, {} renames undone)",
+                d.writes_failed,
+                d.writes_torn,
+                d.fsyncs_failed,
+                d.crashes,
+                d.crash_bytes_dropped,
+                d.crash_torn_tails,
+                d.crash_renames_undone
+            );
+        }
         let _ = writeln!(out, "invariants:");
         for (name, note) in self.invariant_lines() {
             let _ = writeln!(out, "  {name:<44} {note}");
@@ -374,9 +391,9 @@ impl RunReport {
                 None => (name, ok),
             }
         };
-        let (acks, votes, decisions) = self.protocol_checks;
+        let (acks, votes, accepts, decisions) = self.protocol_checks;
         let commits: u64 = self.outcomes.iter().filter(|((_, o), _)| o == "committed").map(|(_, n)| n).sum();
-        let disk = if self.config.disk_checks() { "" } else { " (disk checks off at this size)" };
+        let disk = if self.config.check_disk { "" } else { " (disk checks off: --check-disk false)" };
         vec![
             verdict(
                 invariant::CONVERGENCE,
@@ -397,12 +414,13 @@ impl RunReport {
                     self.quorums_checked
                 ),
             ),
-            verdict(invariant::DURABLE_ACK, format!("ok: {acks} acks checked against the acker's file{disk}")),
+            verdict(invariant::DURABLE_ACK, format!("ok: {acks} acks durable on the acker{disk}")),
             verdict(invariant::STRONG_ATOMICITY, "ok: no watcher served a strong write whose round aborted".to_owned()),
             verdict(
                 invariant::ALL_ACK,
-                format!("ok: {votes} yes votes on disk, {decisions} commits after every vote{disk}"),
+                format!("ok: {votes} yes votes staged durably, {decisions} commits after every vote{disk}"),
             ),
+            verdict(invariant::DURABLE_ACCEPT, format!("ok: {accepts} acceptances durable on the acceptor{disk}")),
             verdict(invariant::ONE_ROUND_ONE_CHANGE, "ok: no round id prepared with two changes".to_owned()),
             verdict(
                 invariant::ONE_SEQUENCE,

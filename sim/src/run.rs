@@ -455,8 +455,10 @@ fn build_report(
     let cluster = sim.cluster.borrow();
     let mut hub = cluster.network.lock();
     hub.trace.flush();
-    let protocol_checks =
-        hub.checker.as_ref().map_or((0, 0, 0), |c| (c.acks_checked, c.votes_checked, c.decisions_checked));
+    let protocol_checks = hub
+        .checker
+        .as_ref()
+        .map_or((0, 0, 0, 0), |c| (c.acks_checked, c.votes_checked, c.accepts_checked, c.decisions_checked));
     let watchers: BTreeSet<&(usize, GroupKind)> = records.watchers.keys().collect();
     RunReport {
         config: (*sim.config).clone(),
@@ -501,6 +503,7 @@ fn build_report(
         },
         watch: (records.watch_events, watchers.len()),
         protocol_checks,
+        disk: cluster.disk.stats(),
         false_dead: (observations.false_dead.len(), observations.samples),
         node_exits: logs.exits.borrow().clone(),
         log_lines: Vec::new(),

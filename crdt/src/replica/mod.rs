@@ -1234,6 +1234,12 @@ impl Replica {
         state.known_members = old.known_members;
         self.groups.insert(group.to_owned(), state);
         self.restore_round(group, staged);
+        // Not at once: while the disk keeps failing, every answer would fail to save again
+        // (found by the simulator: thousands of queries a second from a node with write errors).
+        let retry = Millis(self.now.0 + crate::limits::DECISION_TIMEOUT_MS / 2);
+        if let Some(round::Round::Staged(staged)) = self.groups.get_mut(group).and_then(|s| s.round.as_mut()) {
+            staged.next_query = staged.next_query.max(retry);
+        }
         self.publish(group);
     }
 
