@@ -167,6 +167,8 @@ struct Daemon {
     /// later write of that group succeeds (SPEC F24, issue 11).
     degraded: BTreeMap<String, String>,
     blocked_reads: Vec<BlockedRead>,
+    /// When the replica last got a tick from the timer.
+    last_tick: Instant,
     stats: Arc<DaemonStats>,
 }
 
@@ -359,6 +361,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         rewrites: BTreeMap::new(),
         degraded: BTreeMap::new(),
         blocked_reads: Vec::new(),
+        last_tick: Instant::now(),
         stats: Arc::new(DaemonStats::default()),
     };
     info!(node = %node_id, "node running");
@@ -392,6 +395,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             _ = membership_poll.tick() => daemon.refresh_membership().await,
             _ = tokio::time::sleep_until(timeout) => {
                 let now = daemon.now();
+                daemon.last_tick = Instant::now();
                 daemon.replica.handle(now, Input::Tick);
                 daemon.rewrite_due_files().await;
             }
@@ -596,13 +600,19 @@ impl Daemon {
         Millis(self.started.elapsed().as_millis() as u64)
     }
 
+    /// When the next tick is due: the replica's next timer, and at the latest `TICK_MAX` after
+    /// the last tick. The cap counts from the last tick, not from now: the loop wakes every
+    /// membership poll (100 ms), and a cap from now would move away at each wake, so a replica
+    /// without timers (and the shell's own upkeep: rewriting files after a failed fsync) would
+    /// never tick (found by the simulator's disk faults: a degraded node never rewrote its file).
     fn tick_deadline(&self) -> Instant {
         let now = self.now();
-        let wait = self
-            .replica
-            .poll_timeout()
-            .map_or(TICK_MAX, |at| Duration::from_millis(at.0.saturating_sub(now.0)).clamp(TICK_MIN, TICK_MAX));
-        Instant::now() + wait
+        let latest = self.last_tick + TICK_MAX;
+        let at = match self.replica.poll_timeout() {
+            Some(at) => (Instant::now() + Duration::from_millis(at.0.saturating_sub(now.0))).min(latest),
+            None => latest,
+        };
+        at.max(Instant::now() + TICK_MIN)
     }
 
     fn command(&mut self, command: Command, reply: PendingReply) {

@@ -306,7 +306,7 @@ pub async fn await_convergence(sim: &Sim, bound: std::time::Duration) -> Option<
             if distinct.len() > 1 {
                 let sample: Vec<String> = states
                     .iter()
-                    .take(6)
+                    .take(12)
                     .map(|(n, s)| format!("n{n}@r{}/{}", s.revision, s.content_hash.get(..8).unwrap_or("")))
                     .collect();
                 diverged.push(format!("{}: {} distinct states ({})", group.name(), distinct.len(), sample.join(" ")));
@@ -316,9 +316,23 @@ pub async fn await_convergence(sim: &Sim, bound: std::time::Duration) -> Option<
             return Some(sim.now_us() - start);
         }
         if tokio::time::Instant::now() >= deadline || sim.failed() {
+            // What the members say of themselves, for whoever reads the report.
+            let mut notes = Vec::new();
+            for group in GroupKind::ALL {
+                let members: Vec<usize> =
+                    sim.records.borrow().members.get(&group).map(|m| m.iter().copied().collect()).unwrap_or_default();
+                for node in members {
+                    let request = Request::Status { group: group.name().to_owned() };
+                    if let Some(Response::Status { degraded: Some(why), .. }) = call(&sim.cluster, node, request).await
+                    {
+                        notes.push(format!("n{node} degraded: {why}"));
+                    }
+                }
+            }
+            let notes = if notes.is_empty() { String::new() } else { format!(" [{}]", notes.join("; ")) };
             sim.violation(
                 invariant::CONVERGENCE,
-                format!("members still differ {:?} after healing: {}", bound, diverged.join("; ")),
+                format!("members still differ {:?} after healing: {}{notes}", bound, diverged.join("; ")),
             );
             return None;
         }
