@@ -116,6 +116,11 @@ pub const ROUND_QUEUE_MAX: usize = 64;
 /// Round outcomes a node remembers per group to answer in-doubt peers.
 pub const DECISIONS_KEPT: usize = 256;
 
+/// Groups this node left during a run whose last round outcomes it keeps for the members it
+/// left behind (a member in doubt about the round of this node's leave may have no one else to
+/// ask). Each keeps at most [`DECISIONS_KEPT`] outcomes; a few hundred KiB at worst.
+pub const DEPARTED_GROUPS_KEPT: usize = 64;
+
 const _: () = assert!(DECISION_TIMEOUT_MS > ROUND_TIMEOUT_MS);
 
 /// Default of a strong group's `evict_after` policy: a member dead this long is removed from the

@@ -13,7 +13,7 @@ use super::round::Purpose;
 use super::{CommandError, CommandId, CommandOutcome, NodeId, Output, PersistOp, Replica};
 use crate::group::{CommitMeta, Mode};
 use crate::limits::ANNOUNCE_TIMEOUT_MS;
-use crate::peer_message::PeerMessage;
+use crate::peer_message::{PeerMessage, RoundId, RoundOutcome};
 use crate::time::Millis;
 
 /// How long an announced member counts without gossip confirming it: gossip spreads within
@@ -247,6 +247,12 @@ impl Replica {
             return self.reply(command, Err(CommandError::UnknownGroup(name.to_owned())));
         };
         self.left_lamports.insert(name.to_owned(), state.round_lamport);
+        let members = state.doc.configuration().map(|c| c.members.clone()).unwrap_or_default();
+        self.departed.retain(|(group, _)| group != name);
+        self.departed.push_back((name.to_owned(), super::Departed { members, decisions: state.decisions }));
+        while self.departed.len() > crate::limits::DEPARTED_GROUPS_KEPT {
+            self.departed.pop_front();
+        }
         for write in state.queued {
             let error = CommandError::UnknownGroup(name.to_owned());
             self.reply(write.command, Err(error));
@@ -259,6 +265,23 @@ impl Replica {
         self.outputs.push_back(Output::Persist(PersistOp::RemoveGroup { group: name.to_owned() }));
         self.outputs.push_back(Output::Publish { group: name.to_owned(), gossip: None });
         self.reply(command, Ok(CommandOutcome::Left { name: name.to_owned() }));
+    }
+
+    /// A member left behind asks about a round of a group this node left: the outcome, when
+    /// this node knew it (else nothing: the members decide without this node).
+    pub(super) fn answer_for_departed(&mut self, group: &str, from: NodeId, round: RoundId) {
+        let Some((_, departed)) = self.departed.iter().find(|(name, _)| name == group) else {
+            return self.drop_message(from, format!("round message for group {group:?}, not held here"));
+        };
+        if !departed.members.contains(&from) {
+            return self.drop_message(from, format!("round message for left group {group:?} from a non-member"));
+        }
+        let Some(commit) = departed.decisions.iter().find(|(id, _)| *id == round).map(|(_, commit)| *commit) else {
+            return;
+        };
+        let outcome = if commit { RoundOutcome::Committed } else { RoundOutcome::Aborted };
+        let message = PeerMessage::DecisionAnswer { group: group.to_owned(), round, outcome };
+        self.outputs.push_back(Output::Send { to: from, message });
     }
 
     /// `group remove NODE...`: a configuration change without `nodes`, agreed by a majority; with

@@ -292,6 +292,20 @@ impl Replica {
         RoundOutcome::Aborted
     }
 
+    /// Whether `node` takes part in `round`, the round this node holds in `group` (its
+    /// coordinator, a member of its configuration, or a member of the next one).
+    pub(super) fn takes_part_in(&self, group: &str, round: &RoundId, node: &str) -> bool {
+        let Some(state) = self.groups.get(group) else { return false };
+        let (base, kind) = match &state.round {
+            Some(Round::Staged(staged)) if staged.id == *round => (&staged.base, &staged.kind),
+            Some(Round::Coordinating(own)) if own.id == *round => (&own.base, &own.kind),
+            _ => return false,
+        };
+        round.node == node
+            || base.contains(node)
+            || matches!(kind, RoundKind::Reconfigure { next, .. } if next.contains(node))
+    }
+
     /// `DecisionAnswer`: a peer's knowledge of a round.
     pub(super) fn handle_decision_answer(&mut self, group: &str, round: &RoundId, outcome: RoundOutcome) {
         match outcome {

@@ -743,8 +743,23 @@ pub struct Replica {
     /// The round lamport of each group this node left during this run: a group joined again
     /// starts above it, so this node never issues one round id twice (S2).
     left_lamports: BTreeMap<String, u64>,
+    /// Groups this node left during this run (the newest last, at most
+    /// [`DEPARTED_GROUPS_KEPT`](crate::limits::DEPARTED_GROUPS_KEPT)): the outcomes of their last
+    /// rounds, told to the members left behind when they ask. In a configuration of two, the
+    /// one that stays cannot decide the round of the other's leave alone.
+    departed: VecDeque<(String, Departed)>,
     /// Unix milliseconds at `now` = 0, for the stamps of versions this node writes on its own.
     wall_offset: u64,
+}
+
+/// What this node keeps of a group it left: who it left behind and what it knew of the
+/// group's last rounds.
+#[derive(Debug)]
+struct Departed {
+    /// The members of the configuration when this node left (the only ones answered).
+    members: BTreeSet<NodeId>,
+    /// The outcomes of the group's last rounds, as `GroupState::decisions`.
+    decisions: VecDeque<(RoundId, bool)>,
 }
 
 /// Changes a member persists before it applies them, so that the apply overlaps the fsync.
@@ -779,6 +794,7 @@ impl Replica {
             deferred: None,
             dead_since: BTreeMap::new(),
             left_lamports: BTreeMap::new(),
+            departed: VecDeque::new(),
             reloads: 0,
             wall_offset: 0,
         };
@@ -1113,6 +1129,7 @@ impl Replica {
         let proof = membership_proof(&key, &name, &self.node_id);
         let mut state = GroupState::new(doc, key, proof, 0);
         state.round_lamport = self.left_lamports.get(&name).copied().unwrap_or(0);
+        self.departed.retain(|(group, _)| *group != name);
         self.groups.insert(name.clone(), state);
         self.publish(&name);
         // Peers holding the group are now members of ours: compare digests at once.
@@ -1484,6 +1501,11 @@ impl Replica {
                 }
                 self.handle_accepted(&group, from, round, ballot, ok, promised);
             }
+            PeerMessage::DecisionQuery { round, .. } | PeerMessage::Recover { round, .. }
+                if !self.groups.contains_key(&group) =>
+            {
+                self.answer_for_departed(&group, from, round);
+            }
             PeerMessage::DecisionQuery { round, change, kind, .. } => {
                 if !self.is_member(&group, &from) {
                     return self.drop_message(from, format!("decision query for group {group:?} from a non-member"));
@@ -1491,7 +1513,9 @@ impl Replica {
                 self.answer_decision_query(&group, from, round, ChangeHash(change), &kind);
             }
             PeerMessage::DecisionAnswer { round, outcome, .. } => {
-                if !self.is_member(&group, &from) {
+                // A participant of the round may have left the group since (its leave was the
+                // round): its answer still counts.
+                if !self.is_member(&group, &from) && !self.takes_part_in(&group, &round, &from) {
                     return self.drop_message(from, format!("decision answer for group {group:?} from a non-member"));
                 }
                 self.handle_decision_answer(&group, &round, outcome);

@@ -470,7 +470,9 @@ fn a_node_that_missed_commits_is_not_fresh_even_with_leases() {
     let cut = file.len() - 40;
     file.truncate(cut);
     net.restart("n3", 2);
+    // Neither sync nor the decision it asks for reaches it yet.
     net.drop_kinds.insert("sync");
+    net.drop_kinds.insert("decision_answer");
     net.run();
     net.advance(LEASE_RENEW_MS);
     assert_ne!(net.settings("n3", "app"), json!({"k": 1}));
@@ -662,4 +664,25 @@ fn regression_a_write_after_a_failed_append_never_reuses_a_change_sequence_numbe
     let states: BTreeSet<String> =
         ["n1", "n2", "n3"].iter().map(|n| net.replicas[*n].group("app").unwrap().heads_digest().to_string()).collect();
     assert_eq!(states.len(), 1, "the copies converge: {states:?}");
+}
+
+#[test]
+fn regression_a_member_in_doubt_about_a_leave_learns_it_from_the_node_that_left() {
+    // Found by konor-sim (seed 391 of the churn sweep): n3 left a two-member group; the
+    // decision it sent n2 was lost, and n3, gone from the group, answered nothing more. A
+    // configuration of two needs both to decide, so n2 stayed in doubt for good and refused
+    // every later round (a rejoin among them). The node that left keeps the outcomes of the
+    // group's last rounds and answers the members it left behind.
+    let mut net = strong_mesh(&["n1", "n2"]);
+    net.drop_on.insert(("n1".into(), "n2".into(), "decision_answer"));
+    let left = net.command("n1", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }), "{left:?}");
+    assert!(net.replicas["n1"].group("app").is_none());
+    assert_eq!(members(&net, "n2"), vec!["n1", "n2"], "the decision never reached n2");
+    net.drop_on.clear();
+    for _ in 0..20 {
+        net.advance(500);
+    }
+    assert_eq!(members(&net, "n2"), vec!["n2"], "n2 learned that the leave committed");
+    set(&mut net, "n2", "k", json!(1)).unwrap();
 }
