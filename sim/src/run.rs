@@ -308,7 +308,7 @@ async fn phases(
         Some(if again == 0 { first } else { sim.now_us().saturating_sub(times.heal_start_us) });
     progress(sim, "converged");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    check::check_heads(sim).await;
+    check::check_heads(sim, config.converge_bound).await;
     check::check_configurations(sim, config.converge_bound).await;
     check::check_lost_commits(sim).await;
     for group in GroupKind::ALL {
