@@ -1,0 +1,85 @@
+//! `docs/ARCHITECTURE.md` stays true to the tree: every source file it names exists, and every
+//! source file of the workspace's crates is named in it (by its path or its file name).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// The crates' source folders, relative to the workspace root.
+const SOURCE_DIRS: &[&str] = &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src"];
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+/// Every `.rs` file under `dir`, as a path relative to the workspace root with `/` separators.
+fn rust_files(root: &Path, dir: &Path, found: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            if path.file_name().is_some_and(|name| name == "target") {
+                continue;
+            }
+            rust_files(root, &path, found);
+        } else if path.extension().is_some_and(|ext| ext == "rs") {
+            let relative = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+            found.push(relative);
+        }
+    }
+}
+
+/// The `.rs` names between backticks in `text` (`replica/round.rs`, `daemon.rs`).
+fn named_files(text: &str) -> BTreeSet<String> {
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|quoted| {
+            quoted.ends_with(".rs")
+                && quoted.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '/'))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether `file` (a workspace path) is `name`, or ends with `/name`.
+fn is_named(file: &str, name: &str) -> bool {
+    file == name || file.ends_with(&format!("/{name}"))
+}
+
+#[test]
+fn architecture_names_only_files_that_exist() {
+    let root = workspace_root();
+    let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    for dir in ["crdt", "node", "sdk", "sim", "bench", "examples"] {
+        rust_files(&root, &root.join(dir), &mut files);
+    }
+    let stale: Vec<String> =
+        named_files(&text).into_iter().filter(|name| !files.iter().any(|file| is_named(file, name))).collect();
+    assert!(stale.is_empty(), "docs/ARCHITECTURE.md names files that do not exist: {stale:?}");
+}
+
+#[test]
+fn architecture_names_every_source_file() {
+    let root = workspace_root();
+    let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
+    let named = named_files(&text);
+    let mut files = Vec::new();
+    for dir in SOURCE_DIRS {
+        rust_files(&root, &root.join(dir), &mut files);
+    }
+    assert!(files.len() > 20, "found only {} source files under {SOURCE_DIRS:?}", files.len());
+    let missing: Vec<&String> = files.iter().filter(|file| !named.iter().any(|name| is_named(file, name))).collect();
+    assert!(
+        missing.is_empty(),
+        "source files docs/ARCHITECTURE.md does not name (add a line to its code map): {missing:?}"
+    );
+}
+
+#[test]
+fn named_files_reads_backticked_paths_only() {
+    let text = "see `replica/round.rs` and `daemon.rs`, not `Replica::round` or round.rs";
+    let expected: BTreeSet<String> = ["daemon.rs", "replica/round.rs"].map(str::to_owned).into();
+    assert_eq!(named_files(text), expected);
+    assert!(is_named("crdt/src/replica/round.rs", "replica/round.rs"));
+    assert!(!is_named("crdt/src/replica/around.rs", "round.rs"));
+}
