@@ -507,8 +507,15 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
         1 => "the live nodes hold identical state".to_owned(),
         count => format!("the live nodes differ ({count} distinct heads): still syncing, or partitioned"),
     };
-    // A daemon older than the quorum fields sends 0.
-    let quorum = if quorum > 0 { format!(" (quorum {quorum})") } else { String::new() };
+    // A strong group commits through its configuration, not a live quorum; a daemon older than
+    // the quorum fields sends 0.
+    let quorum = if configuration.is_some() {
+        " (a strong write needs every member of the configuration)".to_owned()
+    } else if quorum > 0 {
+        format!(" (quorum {quorum})")
+    } else {
+        String::new()
+    };
     let _ = writeln!(text, "{} of {} live{quorum}; {verdict}", live.len(), plural(nodes.len(), "node", "nodes"));
     if let Some((version, acked_by)) = last_write {
         let _ = writeln!(text, "last write on this node: {version}, acked by {}", acked_by.join(", "));
@@ -1066,18 +1073,19 @@ mod tests {
                 last_write: Some(("v12".into(), vec!["n1".into(), "n2".into()])),
                 fenced: false,
                 fenced_reason: None,
-                configuration: None,
+                configuration: Some("c3 [n1, n2]".into()),
                 unknown: Vec::new(),
                 degraded: None,
             },
             expect![[r#"
                 [exit 0]
                 group app (strong)
+                configuration: c3 [n1, n2]
                 NODE  VERSION  REVISION  HEADS             LIVE
                 n1    v12            14  0a1b2c3d4e5f6a7b  yes
                 n2    v12             9  0a1b2c3d4e5f6a7b  yes
                 n3    v11            13  77ab01cd9e21ff00  no
-                2 of 3 nodes live (quorum 2); the live nodes hold identical state
+                2 of 3 nodes live (a strong write needs every member of the configuration); the live nodes hold identical state
                 last write on this node: v12, acked by n1, n2
 
                  PID  PROCESS  VERSION  REVISION  RESULT                          REPORTED
