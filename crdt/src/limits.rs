@@ -118,7 +118,7 @@ pub const DECISIONS_KEPT: usize = 256;
 
 /// Groups this node left during a run whose last round outcomes it keeps for the members it
 /// left behind (a member in doubt about the round of this node's leave may have no one else to
-/// ask). Each keeps at most [`DECISIONS_KEPT`] outcomes; a few hundred KiB at worst.
+/// ask). Each keeps at most [`DECISIONS_KEPT`] outcomes (about 50 bytes each): under 1 MiB.
 pub const DEPARTED_GROUPS_KEPT: usize = 64;
 
 const _: () = assert!(DECISION_TIMEOUT_MS > ROUND_TIMEOUT_MS);
