@@ -29,12 +29,12 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use crate::local_api::{self, ClientInfo, LocalApiConfig, LocalCall};
-use crate::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::peer::tls;
+use crate::peer::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
 use crate::read_view::{Fresh, GroupRead, ReadView};
 use crate::settings::DaemonSettings;
 use crate::store::Store;
-use crate::tls;
-use crate::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
 
 /// How often the membership view is read from chitchat in production. Reading it costs O(mesh
 /// size); the simulator of large meshes passes a longer period.

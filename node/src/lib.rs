@@ -2,9 +2,7 @@
 pub mod ctl;
 pub mod daemon;
 pub mod local_api;
-pub mod membership;
+pub mod peer;
 pub mod read_view;
 pub mod settings;
 pub mod store;
-pub mod tls;
-pub mod transport;

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use konor_node::transport::{Channel, Incoming, PeerNetwork};
+use konor_node::peer::transport::{Channel, Incoming, PeerNetwork};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 

@@ -26,7 +26,7 @@ use std::time::Duration;
 use konor_crdt::Millis;
 use konor_node::daemon::{NodeParts, StoreIo, run_node};
 use konor_node::local_api::{ClientInfo, LocalCall};
-use konor_node::transport::Inbox;
+use konor_node::peer::transport::Inbox;
 use konor_sdk::protocol::{Request, Response};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;

@@ -5,7 +5,7 @@ use konor_sdk::SdkError;
 use konor_sdk::protocol::ErrorCode;
 
 use crate::ctl::input::InputError;
-use crate::tls::TlsError;
+use crate::peer::tls::TlsError;
 
 /// How `konorctl` ended. The numbers are a promise to scripts: never renumber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -30,7 +30,7 @@ use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, Output
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
 use crate::ctl::render::{Rendered, render, render_event, render_local};
-use crate::tls;
+use crate::peer::tls;
 
 /// How long `group join` waits by default: konord gives up on a join after
 /// [`JOIN_TIMEOUT_MS`], and its refusal should arrive before konorctl stops waiting.

@@ -13,9 +13,9 @@ async fn a_peer_with_a_certificate_from_another_ca_never_joins() {
     // A rogue node with its own CA, seeded at n1.
     let rogue_base = cluster.dir.path().join("rogue");
     let rogue_ca = rogue_base.join("ca");
-    konor_node::tls::init_ca(&rogue_ca).unwrap();
+    konor_node::peer::tls::init_ca(&rogue_ca).unwrap();
     let rogue_tls = rogue_base.join("tls");
-    konor_node::tls::issue_node_cert(&rogue_ca, "rogue", &rogue_tls).unwrap();
+    konor_node::peer::tls::issue_node_cert(&rogue_ca, "rogue", &rogue_tls).unwrap();
     let mut rogue = Node::new("rogue", &rogue_base, rogue_tls, &[&n1]);
     rogue.start();
     let rogue_client = rogue.client().await;

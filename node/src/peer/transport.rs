@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use crate::tls::{self, TlsIdentity};
+use crate::peer::tls::{self, TlsIdentity};
 
 /// Magic bytes opening every stream.
 const STREAM_MAGIC: [u8; 4] = *b"KNR1";
@@ -669,7 +669,7 @@ async fn read_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::{init_ca, issue_node_cert, load_identity};
+    use crate::peer::tls::{init_ca, issue_node_cert, load_identity};
 
     struct Pki {
         _dir: tempfile::TempDir,

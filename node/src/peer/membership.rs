@@ -22,7 +22,7 @@ use chitchat::{
 use tokio::sync::{Mutex, mpsc};
 use tracing::{error, warn};
 
-use crate::transport::{Channel, GOSSIP_FRAME_BYTES_MAX, Incoming, PeerNetwork};
+use crate::peer::transport::{Channel, GOSSIP_FRAME_BYTES_MAX, Incoming, PeerNetwork};
 
 /// Key prefix for labels (`label:region` = `eu-west`).
 pub const LABEL_PREFIX: &str = "label:";
