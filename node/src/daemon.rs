@@ -207,6 +207,9 @@ pub struct NodeParts {
     /// Sees (and may fail) every write, fsync, rename and truncation of the store: the
     /// simulator's disk model. `None` in production.
     pub storage_hook: Option<Arc<dyn crate::store::StorageHook>>,
+    /// Signs this node's gossip and checks its peers' (issue 12): the node's certificate in
+    /// production, a stand-in in the simulator.
+    pub gossip_seal: Arc<dyn crate::peer::gossip_seal::GossipSeal>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -241,6 +244,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         identity.node_id(),
         settings.node_id
     );
+    let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
     let (network, inbox) = QuicNetwork::start(&identity, settings.listen)?;
     let advertise = network.local_addr();
     std::fs::create_dir_all(&settings.data_dir)
@@ -274,6 +278,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         store_io: StoreIo::Blocking,
         reads: Some(reads),
         storage_hook: None,
+        gossip_seal,
     };
     let result = run_node(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -306,6 +311,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         store_io,
         reads,
         storage_hook,
+        gossip_seal,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -327,6 +333,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         gossip_interval,
         labels,
         poll_period: membership_poll,
+        seal: gossip_seal,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);

@@ -218,6 +218,7 @@ impl Cluster {
             // The simulator's reads go through the daemon task.
             reads: None,
             storage_hook: Some(self.disk.hook(index, self.network.clone())),
+            gossip_seal: Arc::new(konor_node::peer::gossip_seal::SimSeal::new(&node.id)),
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -22,6 +22,8 @@ use chitchat::{
 use tokio::sync::{Mutex, mpsc};
 use tracing::{error, warn};
 
+use super::gossip_filter::{GossipFilter, GossipSealStats, Refusal, Verdict};
+use super::gossip_seal::{BEAT_KEY, CERT_KEY, GossipSeal, payload, seal_value};
 use crate::peer::transport::{Channel, GOSSIP_FRAME_BYTES_MAX, Incoming, PeerNetwork};
 
 /// Key prefix for labels (`label:region` = `eu-west`).
@@ -65,6 +67,21 @@ pub const JUDGE_LAG_GOSSIP_INTERVALS: u32 = 2;
 /// advances a heartbeat), so a shorter stall cannot make it err, and a longer one may. A false
 /// alarm costs little: it only turns "dead" verdicts into "unknown" for one detection bound.
 pub const PAUSE_GOSSIP_INTERVALS: u32 = 2;
+
+/// A node signs a beat (its heartbeat, under [`BEAT_KEY`]) every this many gossip periods: 1 s
+/// at 250 ms. Often enough that a live node's latest beat is always younger than
+/// [`beat_fresh_for`]; rare enough that beats add about one signed value per node per second to
+/// gossip (and one signature check per node per second on every peer).
+pub const BEAT_GOSSIP_INTERVALS: u32 = 4;
+
+/// A peer whose signed beat advanced here less than this long ago is live, whatever chitchat's
+/// detector says of its (unsigned, forgeable) heartbeats: the detection bound. A live node's
+/// latest beat is at most [`BEAT_GOSSIP_INTERVALS`] periods old plus its way here, half the
+/// bound, so a forged heartbeat never makes it flicker dead; a crashed node's last beat goes
+/// stale within the bound plus that way, about when chitchat's detector gives up on it too.
+pub fn beat_fresh_for(gossip_interval: Duration) -> Duration {
+    detection_bound(gossip_interval)
+}
 
 /// How long a peer may stay silent before it is judged dead: [`PHI_THRESHOLD`] mean heartbeat
 /// intervals, with the mean taken as the gossip interval (chitchat starts every peer's mean
@@ -127,6 +144,9 @@ pub struct PeerEvidence {
     pub heartbeats_heard: u32,
     /// Time since its heartbeat last advanced here (since it appeared, if it never did).
     pub heartbeat_age: Duration,
+    /// Its signed beat advanced here less than [`beat_fresh_for`] ago (a new beat, not the one
+    /// it had when this node first saw it).
+    pub beat_fresh: bool,
 }
 
 /// Judges one peer (SPEC invariant 5; issue 11: unknown is not dead). chitchat 0.11.2 holds dead
@@ -143,12 +163,15 @@ pub struct PeerEvidence {
 ///   fresher heartbeat may not be judged yet (a peer coming back). A peer the detector rightly
 ///   holds dead has been silent for about eight mean intervals, far longer.
 ///
-/// A leaving peer stays leaving (dead for quorums); a live verdict always stands.
+/// A leaving peer stays leaving (dead for quorums); a live verdict always stands. A fresh signed
+/// beat is a live verdict too: chitchat's heartbeats ride unsigned in digests, so a relay could
+/// push one far ahead and make the detector ignore the real ones (issue 12); a beat only its
+/// owner can sign outweighs that.
 pub fn judge(clock: &JudgeClock, peer: &PeerEvidence) -> Liveness {
     if peer.leaving {
         return Liveness::Leaving;
     }
-    if peer.detector_live {
+    if peer.detector_live || peer.beat_fresh {
         return Liveness::Live;
     }
     let warming_up = clock.since_start < clock.detection_bound;
@@ -178,6 +201,8 @@ pub struct MembershipConfig {
     /// How often the daemon reads the view ([`Membership::view`]): a much later read means this
     /// node was paused.
     pub poll_period: Duration,
+    /// Signs this node's gossip and checks its peers' (issue 12).
+    pub seal: Arc<dyn GossipSeal>,
 }
 
 /// Liveness of a node as seen here.
@@ -237,6 +262,10 @@ struct Heard {
 #[derive(Debug, Default)]
 struct Tracker {
     heard: BTreeMap<ChitchatId, Heard>,
+    /// Each peer's signed beat (its version) as heard here.
+    beats: BTreeMap<ChitchatId, Heard>,
+    /// When this node last signed a beat.
+    last_beat: Option<Instant>,
     /// When the view was last read.
     last_read: Option<Instant>,
     /// When this node last resumed from a pause or stall.
@@ -247,6 +276,11 @@ struct Tracker {
 pub struct Membership {
     handle: ChitchatHandle,
     node_id: String,
+    self_id: ChitchatId,
+    cluster: String,
+    seal: Arc<dyn GossipSeal>,
+    filter: Arc<std::sync::Mutex<GossipFilter>>,
+    seal_stats: Arc<GossipSealStats>,
     started: Instant,
     gossip_interval: Duration,
     poll_period: Duration,
@@ -263,18 +297,20 @@ impl std::fmt::Debug for Membership {
 struct GossipTransport {
     network: Arc<dyn PeerNetwork>,
     inbox: Mutex<Option<mpsc::Receiver<Incoming>>>,
+    filter: Arc<std::sync::Mutex<GossipFilter>>,
 }
 
 struct GossipSocket {
     network: Arc<dyn PeerNetwork>,
     inbox: mpsc::Receiver<Incoming>,
+    filter: Arc<std::sync::Mutex<GossipFilter>>,
 }
 
 #[async_trait]
 impl Transport for GossipTransport {
     async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         let inbox = self.inbox.lock().await.take().ok_or_else(|| anyhow::anyhow!("gossip socket already open"))?;
-        Ok(Box::new(GossipSocket { network: self.network.clone(), inbox }))
+        Ok(Box::new(GossipSocket { network: self.network.clone(), inbox, filter: self.filter.clone() }))
     }
 }
 
@@ -290,7 +326,12 @@ impl Socket for GossipSocket {
     async fn recv(&mut self) -> anyhow::Result<(SocketAddr, ChitchatMessage)> {
         loop {
             let incoming = self.inbox.recv().await.ok_or_else(|| anyhow::anyhow!("network closed"))?;
-            let mut slice = incoming.bytes.as_slice();
+            let admitted = match self.admit(&incoming) {
+                Some(bytes) => bytes,
+                None => continue,
+            };
+            let bytes = admitted.as_deref().unwrap_or(&incoming.bytes);
+            let mut slice = bytes;
             let message = match ChitchatMessage::deserialize(&mut slice) {
                 Ok(message) => message,
                 Err(error) => {
@@ -298,16 +339,66 @@ impl Socket for GossipSocket {
                     continue;
                 }
             };
-            if matches!(message, ChitchatMessage::Syn { .. }) && incoming.bytes.len() > SYN_BYTES_MAX {
+            if matches!(message, ChitchatMessage::Syn { .. }) && bytes.len() > SYN_BYTES_MAX {
                 error!(
                     from = %incoming.from,
-                    bytes = incoming.bytes.len(),
+                    bytes = bytes.len(),
                     max_nodes = MESH_NODES_MAX,
                     "gossip digest too large: the mesh exceeds its node cap; message dropped"
                 );
                 continue;
             }
             return Ok((incoming.addr, message));
+        }
+    }
+}
+
+impl GossipSocket {
+    /// Runs the gossip filter over a received message: `None` drops it, `Some(None)` keeps it
+    /// as received, `Some(Some(bytes))` hands chitchat the filtered message instead.
+    fn admit(&self, incoming: &Incoming) -> Option<Option<Vec<u8>>> {
+        let mut filter = self.filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let verdict = filter.admit(&incoming.bytes);
+        let stats = filter.stats();
+        for (node, refusal) in filter.last_refusals() {
+            match refusal {
+                Refusal::Forged(why) => {
+                    // Logged at powers of two: a forger cannot flood the log.
+                    let count = stats.node_deltas_forged.load(std::sync::atomic::Ordering::Relaxed);
+                    if count.is_power_of_two() {
+                        warn!(
+                            relayed_by = %incoming.from,
+                            node = %node.node_id,
+                            generation = node.generation_id,
+                            why = %why,
+                            refused_so_far = count,
+                            "forged gossip refused: a peer relayed state its owner did not sign"
+                        );
+                    }
+                }
+                Refusal::OverCap => {
+                    let count = stats.nodes_over_cap.load(std::sync::atomic::Ordering::Relaxed);
+                    if count.is_power_of_two() {
+                        error!(
+                            node = %node.node_id,
+                            max_nodes = MESH_NODES_MAX,
+                            refused_so_far = count,
+                            "the mesh is at its node cap: a new node is refused"
+                        );
+                    }
+                }
+                Refusal::Unverifiable => {
+                    tracing::debug!(node = %node.node_id, generation = node.generation_id, "gossip about a node whose certificate is unknown here, skipped");
+                }
+            }
+        }
+        match verdict {
+            Verdict::Keep => Some(None),
+            Verdict::Rewritten(bytes) => Some(Some(bytes)),
+            Verdict::Drop(error) => {
+                warn!(from = %incoming.from, %error, "undecodable gossip message dropped");
+                None
+            }
         }
     }
 }
@@ -320,6 +411,10 @@ impl Membership {
         gossip_inbox: mpsc::Receiver<Incoming>,
     ) -> anyhow::Result<Membership> {
         let chitchat_id = ChitchatId::new(config.node_id.clone(), config.generation, config.advertise);
+        let filter = GossipFilter::new(config.seal.clone(), &config.cluster_id, chitchat_id.clone(), MESH_NODES_MAX);
+        let seal_stats = filter.stats();
+        let filter = Arc::new(std::sync::Mutex::new(filter));
+        let self_id = chitchat_id.clone();
         let failure_detector_config = failure_detector_config(config.gossip_interval);
         let chitchat_config = ChitchatConfig {
             chitchat_id,
@@ -330,17 +425,49 @@ impl Membership {
             failure_detector_config,
             marked_for_deletion_grace_period: DEAD_NODE_GRACE,
             catchup_callback: None,
-            extra_liveness_predicate: Some(Box::new(|state: &NodeState| state.get(LEAVING_KEY) != Some("1"))),
+            extra_liveness_predicate: Some(Box::new(|state: &NodeState| {
+                state.get(LEAVING_KEY).map(payload) != Some("1")
+            })),
         };
-        let mut initial = vec![(LEAVING_KEY.to_owned(), "0".to_owned())];
+        // chitchat sets the initial keys in this order at versions 1, 2, ... (after the first
+        // heartbeat), so each is signed for its version; the certificate comes first.
+        let mut initial = vec![
+            (CERT_KEY.to_owned(), config.seal.own_cert()),
+            (LEAVING_KEY.to_owned(), "0".to_owned()),
+            (BEAT_KEY.to_owned(), "1".to_owned()),
+        ];
         for (key, value) in &config.labels {
             initial.push((format!("{LABEL_PREFIX}{key}"), value.clone()));
         }
-        let transport = GossipTransport { network, inbox: Mutex::new(Some(gossip_inbox)) };
-        let handle = spawn_chitchat(chitchat_config, initial, &transport).await?;
+        let sealed = initial
+            .iter()
+            .zip(1u64..)
+            .map(|((key, value), version)| {
+                (key.clone(), seal_value(config.seal.as_ref(), &config.cluster_id, &self_id, key, version, value))
+            })
+            .collect();
+        let transport = GossipTransport { network, inbox: Mutex::new(Some(gossip_inbox)), filter: filter.clone() };
+        let handle = spawn_chitchat(chitchat_config, sealed, &transport).await?;
+        {
+            let chitchat = handle.chitchat();
+            let mut chitchat = chitchat.lock().await;
+            let state = chitchat.self_node_state();
+            for ((key, _), version) in initial.iter().zip(1u64..) {
+                let actual = state.get_versioned(key).map(|value| value.version);
+                anyhow::ensure!(
+                    actual == Some(version),
+                    "chitchat gave the initial key {key:?} version {actual:?}, not {version}: its signature would not verify"
+                );
+            }
+        }
         Ok(Membership {
             handle,
             node_id: config.node_id,
+            self_id,
+            cluster: config.cluster_id,
+            seal: config.seal,
+            filter,
+            seal_stats,
             started: Instant::now(),
             gossip_interval: config.gossip_interval,
             poll_period: config.poll_period,
@@ -348,11 +475,32 @@ impl Membership {
         })
     }
 
-    /// Publishes `value` under `key` for this node (overwriting; never deleting).
+    /// Publishes `value` under `key` for this node (overwriting; never deleting), signed for
+    /// the version chitchat gives it.
     pub async fn publish(&self, key: &str, value: &str) {
         let chitchat = self.handle.chitchat();
         let mut chitchat = chitchat.lock().await;
-        chitchat.self_node_state().set(key, value);
+        self.publish_locked(chitchat.self_node_state(), key, value);
+    }
+
+    fn publish_locked(&self, state: &mut NodeState, key: &str, value: &str) {
+        if state.get(key).map(payload) == Some(value) {
+            return;
+        }
+        // chitchat gives a changed value the next version (NodeState::set).
+        let version = state.max_version() + 1;
+        let sealed = seal_value(self.seal.as_ref(), &self.cluster, &self.self_id, key, version, value);
+        state.set(key, sealed);
+    }
+
+    /// What the gossip filter refused so far.
+    pub fn seal_stats(&self) -> Arc<GossipSealStats> {
+        self.seal_stats.clone()
+    }
+
+    /// Whether this node verified the certificate of `id` (for tests).
+    pub fn knows(&self, id: &ChitchatId) -> bool {
+        self.filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner).knows(id)
     }
 
     /// Announces a graceful shutdown: peers stop counting this node as live at once.
@@ -376,10 +524,17 @@ impl Membership {
     /// much later than that tells this node it was paused or stalled ([`is_pause`]).
     pub async fn view(&self) -> MeshView {
         let chitchat = self.handle.chitchat();
-        let chitchat = chitchat.lock().await;
+        let mut chitchat = chitchat.lock().await;
         let live: std::collections::BTreeSet<ChitchatId> = chitchat.live_nodes().cloned().collect();
         let now = Instant::now();
         let mut tracker = self.tracker.lock().await;
+        let beat_period = self.gossip_interval * BEAT_GOSSIP_INTERVALS;
+        if tracker.last_beat.is_none_or(|at| now.saturating_duration_since(at) >= beat_period) {
+            let state = chitchat.self_node_state();
+            let heartbeat = u64::from(state.heartbeat());
+            self.publish_locked(state, BEAT_KEY, &heartbeat.to_string());
+            tracker.last_beat = Some(now);
+        }
         if let Some(last) = tracker.last_read
             && is_pause(now.saturating_duration_since(last), self.poll_period, self.gossip_interval)
         {
@@ -399,6 +554,8 @@ impl Membership {
         };
         // Forget nodes chitchat forgot, so the tracker stays as small as the mesh.
         tracker.heard.retain(|id, _| chitchat.node_states().contains_key(id));
+        tracker.beats.retain(|id, _| chitchat.node_states().contains_key(id));
+        let beat_fresh_for = beat_fresh_for(self.gossip_interval);
         let mut view = MeshView::default();
         let self_id = chitchat.self_chitchat_id().clone();
         for (id, state) in chitchat.node_states() {
@@ -407,31 +564,42 @@ impl Membership {
             if heard.heartbeat != heartbeat {
                 *heard = Heard { heartbeat, at: now, count: heard.count.saturating_add(1) };
             }
+            let heard_at = heard.at;
+            // The beat's version: only its owner can sign a new one.
+            let beat = state.get_versioned(BEAT_KEY).map_or(0, |value| value.version);
+            let beat_heard = tracker.beats.entry(id.clone()).or_insert(Heard { heartbeat: beat, at: now, count: 1 });
+            if beat_heard.heartbeat != beat {
+                *beat_heard = Heard { heartbeat: beat, at: now, count: beat_heard.count.saturating_add(1) };
+            }
+            let beat_fresh = beat_heard.count >= 2 && now.saturating_duration_since(beat_heard.at) < beat_fresh_for;
+            let heard_count = tracker.heard.get(id).map_or(1, |heard| heard.count);
             let is_self = *id == self_id;
-            let leaving = state.get(LEAVING_KEY) == Some("1");
+            let leaving = state.get(LEAVING_KEY).map(payload) == Some("1");
             let liveness = if is_self && !leaving {
                 Liveness::Live
             } else {
                 let evidence = PeerEvidence {
                     leaving,
                     detector_live: live.contains(id),
-                    heartbeats_heard: heard.count,
-                    heartbeat_age: now.saturating_duration_since(heard.at),
+                    heartbeats_heard: heard_count,
+                    heartbeat_age: now.saturating_duration_since(heard_at),
+                    beat_fresh,
                 };
                 judge(&clock, &evidence)
             };
             let labels = state
                 .key_values()
-                .filter_map(|(k, v)| k.strip_prefix(LABEL_PREFIX).map(|k| (k.to_owned(), v.to_owned())))
+                .filter_map(|(k, v)| k.strip_prefix(LABEL_PREFIX).map(|k| (k.to_owned(), payload(v).to_owned())))
                 .collect();
             let groups = state
                 .key_values()
+                .map(|(k, v)| (k, payload(v)))
                 .filter(|(_, v)| *v != GROUP_LEFT)
                 .filter_map(|(k, v)| k.strip_prefix(GROUP_PREFIX).map(|k| (k.to_owned(), v.to_owned())))
                 .collect();
             let left_groups = state
                 .key_values()
-                .filter(|(_, v)| *v == GROUP_LEFT)
+                .filter(|(_, v)| payload(v) == GROUP_LEFT)
                 .filter_map(|(k, _)| k.strip_prefix(GROUP_PREFIX).map(str::to_owned))
                 .collect();
             let node = MeshNode {
@@ -439,7 +607,7 @@ impl Membership {
                 addr: id.gossip_advertise_addr,
                 labels,
                 liveness,
-                heartbeat_age: (!is_self).then(|| now.saturating_duration_since(heard.at)),
+                heartbeat_age: (!is_self).then(|| now.saturating_duration_since(heard_at)),
                 groups,
                 left_groups,
             };
@@ -483,6 +651,7 @@ mod tests {
             detector_live: false,
             heartbeats_heard: 40,
             heartbeat_age: Duration::from_millis(age_ms),
+            beat_fresh: false,
         }
     }
 
@@ -594,7 +763,7 @@ mod tests {
         let (tx, rx) = mpsc::channel(1024);
         hub.inboxes.lock().unwrap().insert(addr, (id.clone(), tx));
         let config = MembershipConfig {
-            node_id: id,
+            node_id: id.clone(),
             generation,
             advertise: addr,
             seeds: vec![SocketAddr::from(([10, 0, 0, 1], 7400))],
@@ -602,6 +771,7 @@ mod tests {
             gossip_interval: GOSSIP,
             labels: BTreeMap::new(),
             poll_period: POLL,
+            seal: Arc::new(crate::peer::gossip_seal::SimSeal::new(&id)),
         };
         Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
     }

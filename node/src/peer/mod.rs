@@ -1,5 +1,9 @@
 //! Everything between this node and its peers: the QUIC transport with mutual TLS, the node
-//! certificates, and membership (chitchat gossip over the transport).
+//! certificates, membership (chitchat gossip over the transport), and the signatures that make
+//! each node's gossip its own (`gossip_seal`, checked by `gossip_filter` over `gossip_wire`).
+pub mod gossip_filter;
+pub mod gossip_seal;
+pub mod gossip_wire;
 pub mod membership;
 pub mod tls;
 pub mod transport;

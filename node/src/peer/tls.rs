@@ -348,6 +348,21 @@ impl TlsIdentity {
         &self.node_id
     }
 
+    /// The node's certificate.
+    pub(crate) fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+
+    /// The node's private key (never logged: [`TlsIdentity`]'s `Debug` leaves it out).
+    pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
+        &self.key
+    }
+
+    /// The cluster CA's certificate.
+    pub(crate) fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca_cert
+    }
+
     /// The QUIC server config: TLS 1.3 only, ALPN [`ALPN`], and a client certificate from the cluster CA required.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
         let provider = crypto_provider();

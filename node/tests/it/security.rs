@@ -38,3 +38,170 @@ async fn the_socket_is_only_for_its_owner() {
     let mode = std::fs::metadata(&n1.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+/// What `client`'s node says of n2: its state, its address, and its revision of `ev`.
+async fn seen_of_n2(client: &konor_sdk::client::Client) -> Option<(String, String, Option<u64>)> {
+    use konor_sdk::protocol::{Request, Response};
+    let Ok(Response::Nodes { nodes }) = client.call(Request::Nodes).await else { return None };
+    let n2 = nodes.into_iter().find(|node| node.id == "n2")?;
+    let Ok(Response::Status { nodes, .. }) = client.call(Request::Status { group: "ev".into() }).await else {
+        return None;
+    };
+    let revision = nodes.iter().find(|row| row.node == "n2").map(|row| row.revision);
+    Some((n2.state, n2.address, revision))
+}
+
+/// Issue 12: a node with a valid certificate from the cluster CA (mallory) learns the mesh as
+/// any peer can, then gossips forged state about n2: a newer generation of n2 at its own
+/// address, n2's group summary claiming a revision n2 never reached (acks it never gave), n2
+/// leaving, n2's genuine summary replayed under a newer version, and n2's heartbeat pushed far
+/// ahead. The real n2 stays live at its own address on every other node, its summary stays its
+/// own, and the forgeries are refused and logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_a_valid_certificate_cannot_impersonate_another_or_forge_its_acks() {
+    use crate::harness::{group_on_all, start_mesh};
+    use konor_node::peer::gossip_seal::{BEAT_KEY, CERT_KEY, CertSeal, payload, seal_value};
+    use konor_node::peer::gossip_wire::{DigestEntry, KeyValue, Message, NodeDelta, decode, encode};
+    use konor_node::peer::transport::{Channel, PeerNetwork, QuicNetwork};
+    use std::net::SocketAddr;
+
+    const CLUSTER: &str = konor_node::settings::CLUSTER_DEFAULT;
+    const FORGED_REVISION: u64 = 999_999;
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 3).await;
+    group_on_all(&clients, "ev", "eventual").await;
+    let n2_addr = nodes[1].addr();
+    let before = seen_of_n2(&clients[0]).await.expect("n1 sees n2");
+    assert_eq!((before.0.as_str(), before.1.as_str()), ("live", n2_addr.as_str()));
+
+    // Mallory: a certificate from the cluster's own CA.
+    let mallory_tls = cluster.dir.path().join("mallory").join("tls");
+    konor_node::peer::tls::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
+    let identity = konor_node::peer::tls::load_identity(&mallory_tls).unwrap();
+    let mallory_seal = CertSeal::new(&identity).unwrap();
+    let (network, mut inbox) = QuicNetwork::start(&identity, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let targets: Vec<(SocketAddr, &str)> =
+        [&nodes[0], &nodes[2]].iter().map(|node| (node.addr().parse().unwrap(), node.id.as_str())).collect();
+
+    // Learn n2's state as any peer can: a SYN with an empty digest gets everything back.
+    let syn = encode(&Message::Syn { digest: vec![], cluster_id: CLUSTER.into() });
+    let learned = tokio::time::timeout(std::time::Duration::from_secs(15), async {
+        loop {
+            network.send(targets[0].0, Some(targets[0].1), Channel::Gossip, syn.clone());
+            let Ok(Some(incoming)) =
+                tokio::time::timeout(std::time::Duration::from_millis(300), inbox.gossip.recv()).await
+            else {
+                continue;
+            };
+            let Ok(Message::SynAck { delta, .. }) = decode(&incoming.bytes) else { continue };
+            // n2's whole state, once its summary of ev has spread to n1.
+            let found = delta.into_iter().find(|node| {
+                &*node.id.node_id == "n2"
+                    && node.from_version_excluded == 0
+                    && node.key_values.iter().any(|kv| kv.key == "grp:ev")
+            });
+            if let Some(n2) = found {
+                break n2;
+            }
+        }
+    })
+    .await;
+    let n2 = learned.expect("n1 answers mallory's SYN with n2's state");
+    let version_of = |key: &str| n2.key_values.iter().find(|kv| kv.key == key).cloned();
+    let cert = version_of(CERT_KEY).expect("n2 gossips its certificate");
+    let summary = version_of("grp:ev").expect("n2 gossips its summary of ev");
+    let max_version = n2.key_values.iter().map(|kv| kv.version).max().unwrap_or(0);
+    let mut forged_summary: Vec<String> = payload(&summary.value).split(';').map(str::to_owned).collect();
+    forged_summary[1] = FORGED_REVISION.to_string();
+    let forged_summary = forged_summary.join(";");
+
+    let signed = |id: &chitchat::ChitchatId, key: &str, version: u64, value: &str| KeyValue {
+        key: key.to_owned(),
+        value: seal_value(&mallory_seal, CLUSTER, id, key, version, value),
+        version,
+        status: 0,
+    };
+    // 1. A newer generation of n2 at mallory's address, with n2's certificate copied.
+    let taken = chitchat::ChitchatId::new("n2".to_owned(), n2.id.generation_id + 1, network.local_addr());
+    let takeover = Message::SynAck {
+        digest: vec![DigestEntry { id: taken.clone(), heartbeat: 1_000, last_gc_version: 0, max_version: 4 }],
+        delta: vec![NodeDelta {
+            id: taken.clone(),
+            last_gc_version: 0,
+            from_version_excluded: 0,
+            key_values: vec![
+                signed(&taken, CERT_KEY, 1, payload(&cert.value)),
+                signed(&taken, "leaving", 2, "0"),
+                signed(&taken, BEAT_KEY, 3, "1000"),
+                signed(&taken, "grp:ev", 4, &forged_summary),
+            ],
+            set_max_version: None,
+        }],
+    };
+    // 2. Forged acks and a leave on the real n2, with its heartbeat pushed far ahead.
+    let forged = Message::SynAck {
+        digest: vec![DigestEntry {
+            id: n2.id.clone(),
+            heartbeat: u64::MAX / 4,
+            last_gc_version: 0,
+            max_version: max_version + 2,
+        }],
+        delta: vec![NodeDelta {
+            id: n2.id.clone(),
+            last_gc_version: 0,
+            from_version_excluded: max_version,
+            key_values: vec![
+                signed(&n2.id, "grp:ev", max_version + 1, &forged_summary),
+                signed(&n2.id, "leaving", max_version + 2, "1"),
+            ],
+            set_max_version: None,
+        }],
+    };
+    // 3. n2's genuine summary, signature and all, replayed under a newer version.
+    let replayed = Message::Ack {
+        delta: vec![NodeDelta {
+            id: n2.id.clone(),
+            last_gc_version: 0,
+            from_version_excluded: max_version + 40,
+            key_values: vec![KeyValue { version: max_version + 50, ..summary.clone() }],
+            set_max_version: None,
+        }],
+    };
+
+    // Keep at it for well over the detection bound (800 ms at the tests' 100 ms gossip), and
+    // watch what n1 and n3 say of n2 all along.
+    let attack_until = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut looks = 0;
+    while tokio::time::Instant::now() < attack_until {
+        for (addr, id) in &targets {
+            for message in [&takeover, &forged, &replayed] {
+                network.send(*addr, Some(id), Channel::Gossip, encode(message));
+            }
+        }
+        for client in [&clients[0], &clients[2]] {
+            let Some((state, address, revision)) = seen_of_n2(client).await else { continue };
+            looks += 1;
+            assert_eq!(state, "live", "n2 must stay live");
+            assert_eq!(address, n2_addr, "n2 must stay at its own address");
+            assert_ne!(revision, Some(FORGED_REVISION), "n2's summary must stay its own (no forged acks)");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(looks > 20, "the nodes answered while under attack ({looks} looks)");
+    // The groups go on: a write on n1 is acknowledged by n2 itself.
+    let written = clients[0]
+        .call(konor_sdk::protocol::Request::Set {
+            group: "ev".into(),
+            entries: std::collections::BTreeMap::from([("k".to_owned(), serde_json::json!(1))]),
+            meta: konor_sdk::protocol::WriteMeta { author: "it".into(), message: String::new() },
+        })
+        .await
+        .unwrap();
+    assert!(matches!(written, konor_sdk::protocol::Response::Committed { .. }), "{written:?}");
+    for node in [&nodes[0], &nodes[2]] {
+        let log = std::fs::read_to_string(&node.log).unwrap();
+        assert!(log.contains("forged gossip refused"), "{} logs the forgeries", node.id);
+        assert!(log.contains("relayed_by=mallory"), "{} names who relayed them", node.id);
+    }
+    network.close().await;
+}

@@ -1,0 +1,444 @@
+//! What of a gossip message may reach chitchat (issue 12: gossip that only its owner can write).
+//! Pure decisions over a decoded message and what this node already verified; no I/O.
+//!
+//! Rules, for every message before chitchat reads it:
+//! * A node's state enters only with its certificate: a delta for a node this node holds no
+//!   certificate of must start with the node's [`CERT_KEY`] at version 1, issued by the cluster
+//!   CA to that node id and signed by its key for this exact node id, generation and address.
+//!   So no one can invent a node, take a newer generation of another node's id, or move it to
+//!   another address.
+//! * Every key-value must carry its owner's signature over the cluster, node, key, version and
+//!   value. One bad value refuses the whole node delta (chitchat's deltas must be contiguous).
+//! * Nothing may reset a node's state or delete keys (we never delete: `last_gc_version` 0, no
+//!   tombstones, no bare max version), and no one may tell this node about itself.
+//! * A digest entry survives only for a node whose certificate this node holds (or that the same
+//!   message brings): chitchat creates state for every node a digest names. Its heartbeat may be
+//!   at most [`HEARTBEAT_AHEAD_MAX`] past the heartbeat in the node's latest signed beat:
+//!   heartbeats cannot be signed (they ride in digests), and one forged far ahead would make
+//!   chitchat ignore the real ones and hold the node dead.
+//! * New node ids past [`super::membership::MESH_NODES_MAX`] are refused (chitchat's digest
+//!   must fit one datagram); a node id keeps at most [`GENERATIONS_PER_NODE_MAX`] generations.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use chitchat::ChitchatId;
+
+use super::gossip_seal::{BEAT_KEY, CERT_KEY, GossipSeal, PeerCert, payload, split_value, verify_value};
+use super::gossip_wire::{self, DigestEntry, Message, NodeDelta, WireError};
+
+/// How far a relayed heartbeat may run ahead of the heartbeat in the node's latest signed beat.
+/// chitchat advances a node's heartbeat once per gossip round and once per message it handles
+/// (a few dozen per second in a busy mesh), a beat is signed every second, and it may arrive
+/// seconds after the digests that passed it; 4,096 covers that many times over. A forger can
+/// push a heartbeat at most this far ahead: the real ones then count again after the node's
+/// heartbeat catches up (tens of seconds), and the signed beats keep it live meanwhile.
+pub const HEARTBEAT_AHEAD_MAX: u64 = 4096;
+
+/// Generations of one node id held at once: the running one and the one before (a restart). An
+/// older one is forgotten; its state no longer changes.
+pub const GENERATIONS_PER_NODE_MAX: usize = 2;
+
+/// Counters of what the filter refused, for logs, status and tests.
+#[derive(Debug, Default)]
+pub struct GossipSealStats {
+    /// Messages that were not chitchat messages, or expanded past the cap.
+    pub messages_undecodable: AtomicU64,
+    /// Node deltas refused as forged: a bad certificate or signature, a reset, a deletion, or
+    /// news about this node itself.
+    pub node_deltas_forged: AtomicU64,
+    /// Node deltas refused because their node's certificate is unknown here (an old generation
+    /// this node forgot, or a delta that does not start at the certificate).
+    pub node_deltas_unverifiable: AtomicU64,
+    /// New nodes refused past the mesh cap.
+    pub nodes_over_cap: AtomicU64,
+    /// Relayed heartbeats cut back to [`HEARTBEAT_AHEAD_MAX`] past the signed beat.
+    pub heartbeats_capped: AtomicU64,
+}
+
+/// Why a node delta was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// It does not verify: forged, replayed under another version, or tampered with.
+    Forged(String),
+    /// Its node's certificate is unknown here.
+    Unverifiable,
+    /// The mesh is full.
+    OverCap,
+}
+
+/// What to hand to chitchat.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The message as received.
+    Keep,
+    /// The message with refused parts removed or heartbeats capped.
+    Rewritten(Vec<u8>),
+    /// Nothing: the message is not a chitchat message.
+    Drop(WireError),
+}
+
+/// What this node verified of one node (one generation of one id).
+#[derive(Debug, Clone)]
+struct Known {
+    cert: PeerCert,
+    /// The heartbeat in its latest signed beat.
+    beat_heartbeat: Option<u64>,
+}
+
+/// The gossip filter of one node.
+pub struct GossipFilter {
+    seal: Arc<dyn GossipSeal>,
+    cluster: String,
+    self_id: ChitchatId,
+    nodes_max: usize,
+    known: BTreeMap<ChitchatId, Known>,
+    stats: Arc<GossipSealStats>,
+    /// The refusals of the last message, with the node each was about (for the log).
+    last_refusals: Vec<(ChitchatId, Refusal)>,
+}
+
+impl std::fmt::Debug for GossipFilter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GossipFilter").field("self_id", &self.self_id).field("known", &self.known.len()).finish()
+    }
+}
+
+impl GossipFilter {
+    /// The filter of node `self_id` in `cluster`, admitting at most `nodes_max` node ids.
+    pub fn new(seal: Arc<dyn GossipSeal>, cluster: &str, self_id: ChitchatId, nodes_max: usize) -> GossipFilter {
+        GossipFilter {
+            seal,
+            cluster: cluster.to_owned(),
+            self_id,
+            nodes_max,
+            known: BTreeMap::new(),
+            stats: Arc::default(),
+            last_refusals: Vec::new(),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<GossipSealStats> {
+        self.stats.clone()
+    }
+
+    /// The refusals of the last [`GossipFilter::admit`].
+    pub fn last_refusals(&self) -> &[(ChitchatId, Refusal)] {
+        &self.last_refusals
+    }
+
+    /// Whether this node verified `id`'s certificate.
+    pub fn knows(&self, id: &ChitchatId) -> bool {
+        self.known.contains_key(id)
+    }
+
+    /// Checks one received message.
+    pub fn admit(&mut self, bytes: &[u8]) -> Verdict {
+        self.last_refusals.clear();
+        let mut message = match gossip_wire::decode(bytes) {
+            Ok(message) => message,
+            Err(error) => {
+                self.stats.messages_undecodable.fetch_add(1, Ordering::Relaxed);
+                return Verdict::Drop(error);
+            }
+        };
+        let mut changed = false;
+        match &mut message {
+            Message::Syn { digest, .. } => changed |= self.filter_digest(digest),
+            Message::SynAck { digest, delta } => {
+                // The delta first: it may bring the certificates of nodes the digest names.
+                changed |= self.filter_delta(delta);
+                changed |= self.filter_digest(digest);
+            }
+            Message::Ack { delta } => changed |= self.filter_delta(delta),
+            Message::BadCluster => {}
+        }
+        if changed { Verdict::Rewritten(gossip_wire::encode(&message)) } else { Verdict::Keep }
+    }
+
+    fn filter_delta(&mut self, delta: &mut Vec<NodeDelta>) -> bool {
+        let before = delta.len();
+        delta.retain(|node| match self.check_node_delta(node) {
+            Ok(()) => true,
+            Err(refusal) => {
+                let counter = match refusal {
+                    Refusal::Forged(_) => &self.stats.node_deltas_forged,
+                    Refusal::Unverifiable => &self.stats.node_deltas_unverifiable,
+                    Refusal::OverCap => &self.stats.nodes_over_cap,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                self.last_refusals.push((node.id.clone(), refusal));
+                false
+            }
+        });
+        delta.len() != before
+    }
+
+    fn filter_digest(&mut self, digest: &mut Vec<DigestEntry>) -> bool {
+        let mut changed = false;
+        digest.retain(|entry| {
+            let keep = entry.id == self.self_id || self.known.contains_key(&entry.id);
+            changed |= !keep;
+            keep
+        });
+        for entry in digest.iter_mut() {
+            let Some(beat) = self.known.get(&entry.id).and_then(|known| known.beat_heartbeat) else { continue };
+            let ceiling = beat.saturating_add(HEARTBEAT_AHEAD_MAX);
+            if entry.heartbeat > ceiling {
+                entry.heartbeat = ceiling;
+                changed = true;
+                self.stats.heartbeats_capped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        changed
+    }
+
+    /// Checks a node delta and, if it passes, records what it proves (certificate, beat).
+    fn check_node_delta(&mut self, node: &NodeDelta) -> Result<(), Refusal> {
+        let forged = |why: &str| Err(Refusal::Forged(why.to_owned()));
+        if node.id == self.self_id {
+            return forged("news about this node itself");
+        }
+        if node.last_gc_version != 0 {
+            return forged("a state reset (nodes never delete keys)");
+        }
+        if node.set_max_version.is_some() {
+            return forged("a max version without key-values");
+        }
+        if node.key_values.iter().any(|key_value| key_value.status != 0) {
+            return forged("a deleted key (nodes never delete keys)");
+        }
+        let known_cert = self.known.get(&node.id).map(|known| known.cert.clone());
+        let (cert, new) = match known_cert {
+            Some(cert) => (cert, false),
+            None => {
+                let Some(first) = node.key_values.first().filter(|first| first.key == CERT_KEY) else {
+                    return Err(Refusal::Unverifiable);
+                };
+                if first.version != 1 {
+                    return forged("a certificate at a version other than 1");
+                }
+                let Some((text, _)) = split_value(&first.value) else { return forged("an unsigned certificate") };
+                let Some(cert) = self.seal.accept_cert(&node.id.node_id, text) else {
+                    return forged("a certificate not issued to this node id by the cluster CA");
+                };
+                (cert, true)
+            }
+        };
+        let mut beat_heartbeat = None;
+        for key_value in &node.key_values {
+            if key_value.key == CERT_KEY && key_value.version != 1 {
+                return forged("a second certificate");
+            }
+            if !verify_value(
+                self.seal.as_ref(),
+                &cert,
+                &self.cluster,
+                &node.id,
+                &key_value.key,
+                key_value.version,
+                &key_value.value,
+            ) {
+                return Err(Refusal::Forged(format!("a bad signature on {:?}", key_value.key)));
+            }
+            if key_value.key == BEAT_KEY
+                && let Ok(heartbeat) = payload(&key_value.value).parse::<u64>()
+            {
+                beat_heartbeat = Some(heartbeat);
+            }
+        }
+        if new {
+            self.make_room(&node.id)?;
+            self.known.insert(node.id.clone(), Known { cert, beat_heartbeat: None });
+        }
+        if let (Some(heartbeat), Some(known)) = (beat_heartbeat, self.known.get_mut(&node.id)) {
+            known.beat_heartbeat = Some(known.beat_heartbeat.map_or(heartbeat, |old| old.max(heartbeat)));
+        }
+        Ok(())
+    }
+
+    /// Makes room for a new generation `id`: forgets the oldest generations of its node id past
+    /// [`GENERATIONS_PER_NODE_MAX`]; refuses a new node id past the mesh cap, and a generation
+    /// older than every one held.
+    fn make_room(&mut self, id: &ChitchatId) -> Result<(), Refusal> {
+        let same_node: Vec<ChitchatId> =
+            self.known.keys().filter(|other| other.node_id == id.node_id).cloned().collect();
+        if same_node.is_empty() {
+            let node_ids: std::collections::BTreeSet<&str> = self.known.keys().map(|known| &*known.node_id).collect();
+            if node_ids.len() >= self.nodes_max {
+                return Err(Refusal::OverCap);
+            }
+            return Ok(());
+        }
+        if same_node.len() >= GENERATIONS_PER_NODE_MAX {
+            if same_node.iter().all(|other| other.generation_id > id.generation_id) {
+                return Err(Refusal::Unverifiable);
+            }
+            let oldest = same_node.iter().min_by_key(|other| other.generation_id).cloned();
+            if let Some(oldest) = oldest {
+                self.known.remove(&oldest);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::gossip_seal::{SimSeal, seal_value};
+    use crate::peer::gossip_wire::KeyValue;
+    use std::net::SocketAddr;
+
+    const CLUSTER: &str = "c";
+
+    fn id(name: &str, generation: u64) -> ChitchatId {
+        ChitchatId::new(name.to_owned(), generation, SocketAddr::from(([10, 0, 0, 2], 7400)))
+    }
+
+    fn filter() -> GossipFilter {
+        GossipFilter::new(Arc::new(SimSeal::new("n1")), CLUSTER, id("n1", 1), 3)
+    }
+
+    /// `owner`'s own delta of `(key, payload)` at versions `from+1..`, signed by `signer`.
+    fn delta(owner: &ChitchatId, signer: &str, from: u64, keys: &[(&str, &str)]) -> NodeDelta {
+        let seal = SimSeal::new(signer);
+        NodeDelta {
+            id: owner.clone(),
+            last_gc_version: 0,
+            from_version_excluded: from,
+            key_values: keys
+                .iter()
+                .zip(from + 1..)
+                .map(|((key, payload), version)| KeyValue {
+                    key: (*key).to_owned(),
+                    value: seal_value(&seal, CLUSTER, owner, key, version, payload),
+                    version,
+                    status: 0,
+                })
+                .collect(),
+            set_max_version: None,
+        }
+    }
+
+    fn cert_of(name: &str) -> String {
+        format!("sim:{name}")
+    }
+
+    fn digest(entries: &[(&ChitchatId, u64)]) -> Vec<DigestEntry> {
+        entries
+            .iter()
+            .map(|(id, heartbeat)| DigestEntry {
+                id: (*id).clone(),
+                heartbeat: *heartbeat,
+                last_gc_version: 0,
+                max_version: 3,
+            })
+            .collect()
+    }
+
+    fn kept(filter: &mut GossipFilter, message: &Message) -> Message {
+        match filter.admit(&gossip_wire::encode(message)) {
+            Verdict::Keep => message.clone(),
+            Verdict::Rewritten(bytes) => gossip_wire::decode(&bytes).unwrap(),
+            Verdict::Drop(error) => panic!("dropped: {error}"),
+        }
+    }
+
+    #[test]
+    fn a_node_enters_with_its_certificate_and_signed_values() {
+        let mut filter = filter();
+        let n2 = id("n2", 1);
+        let cert = cert_of("n2");
+        let message = Message::SynAck {
+            digest: digest(&[(&n2, 7)]),
+            delta: vec![delta(&n2, "n2", 0, &[(CERT_KEY, &cert), ("leaving", "0"), (BEAT_KEY, "5")])],
+        };
+        assert_eq!(kept(&mut filter, &message), message);
+        assert!(filter.knows(&n2));
+        // Later values need no certificate in the same message.
+        let later = Message::Ack { delta: vec![delta(&n2, "n2", 3, &[("grp:a", "x")])] };
+        assert_eq!(kept(&mut filter, &later), later);
+    }
+
+    #[test]
+    fn an_impersonator_cannot_take_a_newer_generation_or_forge_values() {
+        let mut filter = filter();
+        let n2 = id("n2", 1);
+        let cert = cert_of("n2");
+        kept(&mut filter, &Message::Ack { delta: vec![delta(&n2, "n2", 0, &[(CERT_KEY, &cert), ("leaving", "0")])] });
+        // n9 copies n2's certificate into a newer generation of n2, at its own address.
+        let taken = ChitchatId::new("n2".to_owned(), 2, SocketAddr::from(([10, 0, 0, 9], 7400)));
+        let takeover = Message::SynAck {
+            digest: digest(&[(&taken, 1_000)]),
+            delta: vec![delta(&taken, "n9", 0, &[(CERT_KEY, &cert), ("grp:a", "forged acks")])],
+        };
+        assert_eq!(kept(&mut filter, &takeover), Message::SynAck { digest: vec![], delta: vec![] });
+        assert!(!filter.knows(&taken));
+        // A forged value for the real n2, at a version far ahead (it would freeze n2's state).
+        let forged = Message::Ack { delta: vec![delta(&n2, "n9", 2, &[("grp:a", "forged acks")])] };
+        assert_eq!(kept(&mut filter, &forged), Message::Ack { delta: vec![] });
+        // A real value of n2 replayed under another version.
+        let mut replayed = delta(&n2, "n2", 2, &[("grp:a", "old")]);
+        replayed.key_values[0].version = 50;
+        assert_eq!(kept(&mut filter, &Message::Ack { delta: vec![replayed] }), Message::Ack { delta: vec![] });
+        // A certificate of another node, a reset, a deletion, a bare max version, news about us.
+        let wrong_cert = delta(&id("n3", 1), "n3", 0, &[(CERT_KEY, &cert)]);
+        let mut reset = delta(&n2, "n2", 2, &[("grp:a", "x")]);
+        reset.last_gc_version = 100;
+        let mut deleted = delta(&n2, "n2", 2, &[("grp:a", "x")]);
+        deleted.key_values[0].status = 1;
+        let mut bare = delta(&n2, "n2", 2, &[]);
+        bare.set_max_version = Some(1_000);
+        let about_us = delta(&id("n1", 1), "n1", 5, &[("leaving", "1")]);
+        for node in [wrong_cert, reset, deleted, bare, about_us] {
+            assert_eq!(kept(&mut filter, &Message::Ack { delta: vec![node] }), Message::Ack { delta: vec![] });
+        }
+        assert_eq!(filter.stats().node_deltas_forged.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn digests_name_only_verified_nodes_and_heartbeats_stay_near_the_signed_beat() {
+        let mut filter = filter();
+        let n2 = id("n2", 1);
+        let stranger = id("n7", 1);
+        let cert = cert_of("n2");
+        kept(&mut filter, &Message::Ack { delta: vec![delta(&n2, "n2", 0, &[(CERT_KEY, &cert), (BEAT_KEY, "40")])] });
+        let syn = Message::Syn {
+            digest: digest(&[(&id("n1", 1), 3), (&n2, u64::MAX / 2), (&stranger, 9)]),
+            cluster_id: CLUSTER.into(),
+        };
+        let Message::Syn { digest: kept_digest, .. } = kept(&mut filter, &syn) else { panic!() };
+        let kept_ids: Vec<_> = kept_digest.iter().map(|entry| (&*entry.id.node_id, entry.heartbeat)).collect();
+        assert_eq!(kept_ids, [("n1", 3), ("n2", 40 + HEARTBEAT_AHEAD_MAX)]);
+        // An honest heartbeat passes untouched.
+        let honest = Message::Syn { digest: digest(&[(&n2, 90)]), cluster_id: CLUSTER.into() };
+        assert_eq!(filter.admit(&gossip_wire::encode(&honest)), Verdict::Keep);
+    }
+
+    #[test]
+    fn new_node_ids_stop_at_the_cap_and_old_generations_give_way() {
+        let mut filter = filter();
+        for name in ["n2", "n3", "n4", "n5"] {
+            let node = id(name, 1);
+            kept(&mut filter, &Message::Ack { delta: vec![delta(&node, name, 0, &[(CERT_KEY, &cert_of(name))])] });
+        }
+        assert!(filter.knows(&id("n4", 1)));
+        assert!(!filter.knows(&id("n5", 1)), "past the cap of 3 node ids");
+        assert_eq!(filter.stats().nodes_over_cap.load(Ordering::Relaxed), 1);
+        for generation in 2..=3 {
+            let node = id("n2", generation);
+            kept(&mut filter, &Message::Ack { delta: vec![delta(&node, "n2", 0, &[(CERT_KEY, &cert_of("n2"))])] });
+        }
+        assert!(filter.knows(&id("n2", 3)) && filter.knows(&id("n2", 2)) && !filter.knows(&id("n2", 1)));
+    }
+
+    #[test]
+    fn what_is_not_a_chitchat_message_is_dropped() {
+        let mut filter = filter();
+        assert!(matches!(filter.admit(b"\x53\xb0\x00\x09"), Verdict::Drop(_)));
+        assert_eq!(filter.stats().messages_undecodable.load(Ordering::Relaxed), 1);
+    }
+}
