@@ -328,7 +328,7 @@ impl Hub {
         // The text copy names replica messages; the hash covers only the bytes.
         let note = (self.trace.has_copy() && channel == Channel::Replica).then(|| crate::check::describe(&frame.bytes));
         self.trace.delivery(at_us, from, to, channel_byte(channel), &frame.bytes, note);
-        let incoming = Incoming { from: from_id, addr: node_addr(from), bytes: frame.bytes };
+        let incoming = Incoming { from: from_id, addr: node_addr(from), bytes: frame.bytes, budget: None };
         match sender.try_send(incoming) {
             Ok(()) => {
                 let stats = self.stats.channel(channel);

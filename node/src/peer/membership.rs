@@ -753,7 +753,7 @@ mod tests {
             }
             let inboxes = self.hub.inboxes.lock().unwrap();
             let (Some((from, _)), Some((_, inbox))) = (inboxes.get(&self.addr), inboxes.get(&addr)) else { return };
-            let _ = inbox.try_send(Incoming { from: from.clone(), addr: self.addr, bytes });
+            let _ = inbox.try_send(Incoming { from: from.clone(), addr: self.addr, bytes, budget: None });
         }
     }
 

@@ -527,6 +527,11 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(KEEP_ALIVE_INTERVAL));
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS))));
+    // A peer's budget on one connection: a few unidirectional streams (we use one per
+    // channel), no bidirectional ones, and a bounded window of bytes in flight.
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(crate::peer::transport::PEER_STREAMS_MAX));
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    transport.receive_window(quinn::VarInt::from_u32(crate::peer::transport::PEER_RECEIVE_WINDOW_BYTES));
     Arc::new(transport)
 }
 

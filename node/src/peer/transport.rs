@@ -69,6 +69,35 @@ const PROGRESS_CHECK: Duration = Duration::from_millis(200);
 /// unanswered then shows a cut path before the next frame needs it.
 const IDLE_CHECK: Duration = Duration::from_secs(1);
 
+/// A new stream must deliver its header (magic, channel, node id, boot id) within this long.
+pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A frame being received must make progress at least this often: a peer that announces a
+/// frame and then stalls is cut off here, not at QUIC's idle timeout (which a live peer's
+/// keep-alives never reach).
+pub const FRAME_PROGRESS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A frame must arrive whole within this long of its length: the largest (a 65 MiB join grant)
+/// needs 13 s at 5 MB/s.
+pub const FRAME_READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A frame is read in steps of at most this many bytes, and its buffer grows with what arrived:
+/// announcing 65 MiB and sending nothing costs nothing.
+pub const FRAME_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Frames larger than one chunk, being read or waiting in the inbox, hold at most this many bytes
+/// across all peers; a larger frame waits (within [`FRAME_READ_TIMEOUT`]) for room. Four of the
+/// largest frames at once, far above what honest joins need.
+pub const LARGE_FRAMES_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Unidirectional streams a peer may have open to this node at once: it uses one per channel
+/// (two), and a few more while it replaces a stuck connection's streams.
+pub const PEER_STREAMS_MAX: u32 = 8;
+
+/// Bytes a peer may have in flight to this node on one connection (QUIC flow control), across
+/// its streams.
+pub const PEER_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 const _: () = assert!(DIAL_RETRY.as_millis() < CONNECT_TIMEOUT.as_millis());
 const _: () = assert!(PROGRESS_CHECK.as_millis() * 4 <= STUCK_AFTER.as_millis());
 
@@ -114,6 +143,9 @@ pub struct Incoming {
     pub addr: SocketAddr,
     /// The frame's bytes.
     pub bytes: Vec<u8>,
+    /// Its share of [`LARGE_FRAMES_BYTES_MAX`] (frames over [`FRAME_CHUNK_BYTES`]), given back
+    /// when the frame is dropped.
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Counters for metrics and tests.
@@ -212,8 +244,11 @@ impl QuicNetwork {
             stats: Arc::new(TransportStats::default()),
         });
         let stats = network.stats.clone();
-        let peers =
-            PeerRegistry { senders: network.senders.clone(), boots: Arc::new(std::sync::Mutex::new(BTreeMap::new())) };
+        let peers = PeerRegistry {
+            senders: network.senders.clone(),
+            boots: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            frame_budget: Arc::new(tokio::sync::Semaphore::new(LARGE_FRAMES_BYTES_MAX / 1024)),
+        };
         tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, peers));
         Ok((network, Inbox { gossip: gossip_rx, replica: replica_rx }))
     }
@@ -545,11 +580,13 @@ impl PeerWriter {
     }
 }
 
-/// What the accept side needs to react to a peer's restart.
+/// What the accept side needs to react to a peer's restart, and the budget its large frames
+/// share ([`LARGE_FRAMES_BYTES_MAX`], in KiB permits).
 #[derive(Clone)]
 struct PeerRegistry {
     senders: Arc<Senders>,
     boots: Arc<Boots>,
+    frame_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl PeerRegistry {
@@ -619,15 +656,14 @@ async fn serve_connection(
     }
 }
 
-async fn read_stream(
-    mut stream: quinn::RecvStream,
+/// Reads and checks a stream's header: its channel and the sender's node id (which must be the
+/// one its certificate names).
+async fn read_header(
+    stream: &mut quinn::RecvStream,
     addr: SocketAddr,
     certificate: &rustls_pki_types::CertificateDer<'static>,
-    gossip: mpsc::Sender<Incoming>,
-    replica: mpsc::Sender<Incoming>,
-    stats: &TransportStats,
     peers: &PeerRegistry,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<(Channel, String)> {
     let mut header = [0u8; 6];
     stream.read_exact(&mut header).await?;
     anyhow::ensure!(header[..4] == STREAM_MAGIC, "stream does not start with the konorkestra header");
@@ -640,6 +676,39 @@ async fn read_stream(
     let mut boot = [0u8; 8];
     stream.read_exact(&mut boot).await?;
     peers.saw_boot(addr, u64::from_be_bytes(boot));
+    Ok((channel, from))
+}
+
+/// Reads a frame of `length` bytes by chunks, its buffer growing with what arrives; fails if
+/// it stalls for [`FRAME_PROGRESS_TIMEOUT`] or is not whole by `deadline`.
+async fn read_frame(stream: &mut quinn::RecvStream, length: usize, deadline: Instant) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::with_capacity(length.min(FRAME_CHUNK_BYTES));
+    while bytes.len() < length {
+        let want = (length - bytes.len()).min(FRAME_CHUNK_BYTES);
+        let step_deadline = deadline.min(Instant::now() + FRAME_PROGRESS_TIMEOUT);
+        let chunk = tokio::time::timeout_at(step_deadline, stream.read_chunk(want, true))
+            .await
+            .map_err(|_| anyhow::anyhow!("a frame of {length} bytes stalled after {} bytes", bytes.len()))??
+            .ok_or_else(|| anyhow::anyhow!("the stream ended inside a frame of {length} bytes"))?;
+        bytes.extend_from_slice(&chunk.bytes);
+    }
+    Ok(bytes)
+}
+
+async fn read_stream(
+    mut stream: quinn::RecvStream,
+    addr: SocketAddr,
+    certificate: &rustls_pki_types::CertificateDer<'static>,
+    gossip: mpsc::Sender<Incoming>,
+    replica: mpsc::Sender<Incoming>,
+    stats: &TransportStats,
+    peers: &PeerRegistry,
+) -> anyhow::Result<()> {
+    let frame_budget = &peers.frame_budget;
+    let (channel, from) =
+        tokio::time::timeout(STREAM_HEADER_TIMEOUT, read_header(&mut stream, addr, certificate, peers))
+            .await
+            .map_err(|_| anyhow::anyhow!("no stream header within {STREAM_HEADER_TIMEOUT:?}"))??;
     let sink = match channel {
         Channel::Gossip => gossip,
         Channel::Replica => replica,
@@ -657,10 +726,20 @@ async fn read_stream(
         }
         let length = u32::from_be_bytes(length) as usize;
         anyhow::ensure!(length <= channel.frame_bytes_max(), "frame of {length} bytes over the {channel:?} limit");
-        let mut bytes = vec![0u8; length];
-        stream.read_exact(&mut bytes).await?;
+        let deadline = Instant::now() + FRAME_READ_TIMEOUT;
+        let budget = if length > FRAME_CHUNK_BYTES {
+            let kib = u32::try_from(length.div_ceil(1024))?;
+            let permit =
+                tokio::time::timeout_at(deadline, frame_budget.clone().acquire_many_owned(kib)).await.map_err(
+                    |_| anyhow::anyhow!("no room for a frame of {length} bytes within {FRAME_READ_TIMEOUT:?}"),
+                )??;
+            Some(permit)
+        } else {
+            None
+        };
+        let bytes = read_frame(&mut stream, length, deadline).await?;
         stats.frames_in.fetch_add(1, Ordering::Relaxed);
-        if sink.send(Incoming { from: from.clone(), addr, bytes }).await.is_err() {
+        if sink.send(Incoming { from: from.clone(), addr, bytes, budget }).await.is_err() {
             return Ok(());
         }
     }

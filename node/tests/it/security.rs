@@ -205,3 +205,60 @@ async fn a_node_with_a_valid_certificate_cannot_impersonate_another_or_forge_its
     }
     network.close().await;
 }
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|line| line.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Issue 12: a peer with a valid certificate opens as many streams as it may, announces a
+/// 65 MiB replica frame on each, sends a little of it and stalls. The node allocates only what
+/// arrived, cuts the peer off once a frame stops making progress (a live peer's keep-alives
+/// would hold QUIC's idle timeout off for ever), and keeps serving its mesh meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_announces_huge_frames_and_stalls_is_cut_off_without_costing_memory() {
+    use crate::harness::start_mesh;
+    use konor_node::peer::transport::{FRAME_PROGRESS_TIMEOUT, PEER_STREAMS_MAX};
+
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 2).await;
+    let pid = nodes[0].child.as_ref().unwrap().id();
+    let rss_before = rss_kib(pid);
+    let mallory_tls = cluster.dir.path().join("mallory").join("tls");
+    konor_node::peer::tls::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
+    let identity = konor_node::peer::tls::load_identity(&mallory_tls).unwrap();
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(identity.client_config().unwrap());
+    let n1: std::net::SocketAddr = nodes[0].addr().parse().unwrap();
+    let connection =
+        endpoint.connect(n1, konor_node::peer::tls::SERVER_NAME).unwrap().await.expect("a valid certificate connects");
+    let mut header = b"KNR1".to_vec();
+    header.push(2); // the replica channel, whose frames may be 65 MiB
+    header.push(7);
+    header.extend_from_slice(b"mallory");
+    header.extend_from_slice(&1u64.to_be_bytes());
+    let announced = konor_crdt::limits::PEER_MESSAGE_BYTES_MAX as u32;
+    let sent_each = 512 * 1024;
+    let mut streams = Vec::new();
+    for _ in 0..PEER_STREAMS_MAX {
+        let mut stream = connection.open_uni().await.unwrap();
+        stream.write_all(&header).await.unwrap();
+        stream.write_all(&announced.to_be_bytes()).await.unwrap();
+        stream.write_all(&vec![0u8; sent_each]).await.unwrap();
+        streams.push(stream);
+    }
+    // Then nothing more. The node closes the connection once the frames stall.
+    let started = tokio::time::Instant::now();
+    let closed = tokio::time::timeout(FRAME_PROGRESS_TIMEOUT * 3, connection.closed()).await;
+    assert!(closed.is_ok(), "a stalled peer must be cut off within {FRAME_PROGRESS_TIMEOUT:?} or so");
+    assert!(started.elapsed() >= FRAME_PROGRESS_TIMEOUT / 2, "cut off for stalling, not at once");
+    let grown_kib = rss_kib(pid).saturating_sub(rss_before);
+    // Announced: 8 x 65 MiB. Sent: 8 x 512 KiB. Allowed: what was sent, and room for noise.
+    assert!(grown_kib < 32 * 1024, "konord grew by {grown_kib} KiB for frames that never came");
+    // The node kept serving: n2 is live on it and a write commits.
+    assert_eq!(live_nodes(&clients[0]).await, ["n1", "n2"]);
+    drop(streams);
+    endpoint.close(0u32.into(), b"");
+}
