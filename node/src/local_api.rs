@@ -69,6 +69,13 @@ const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// connections cannot hold the connection slots.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connections that have not said Hello yet, at most: a new one past this closes the oldest
+/// silent one. A client says Hello as soon as it connects, so only silent connections (a slow
+/// loris, a stuck client) are ever old here, and they can hold no more than this many of the
+/// [`CONNECTIONS_MAX_DEFAULT`] slots, whoever opens them. (A cap per uid would not do: with the
+/// default socket mode every client has the daemon's uid.)
+pub const UNGREETED_CONNECTIONS_MAX: usize = 32;
+
 /// Pause after a failed accept (out of file descriptors, ...) so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
@@ -135,6 +142,8 @@ pub struct LocalApiStats {
     pub bad_frames: AtomicU64,
     /// Connections open now.
     pub connections: AtomicU64,
+    /// Silent connections closed to make room (see [`UNGREETED_CONNECTIONS_MAX`]).
+    pub ungreeted_closed: AtomicU64,
 }
 
 /// Settings of the local socket.
@@ -175,6 +184,32 @@ struct Shared {
     stats: Arc<LocalApiStats>,
     calls: mpsc::Sender<LocalCall>,
     reads: Option<ReadView>,
+    /// Connections that have not said Hello yet, oldest first, each with the signal that closes
+    /// it (see [`UNGREETED_CONNECTIONS_MAX`]).
+    ungreeted: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<Notify>)>>,
+}
+
+impl Shared {
+    /// Registers a new connection as not greeted yet; closes the oldest silent one if there
+    /// are too many. Returns the signal that closes this one.
+    fn expect_hello(&self, connection: u64) -> Arc<Notify> {
+        let close = Arc::new(Notify::new());
+        let mut ungreeted = self.ungreeted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while ungreeted.len() >= UNGREETED_CONNECTIONS_MAX {
+            let Some((_, oldest)) = ungreeted.pop_front() else { break };
+            // A stored permit: the session sees it even if it is not waiting yet.
+            oldest.notify_one();
+            self.stats.ungreeted_closed.fetch_add(1, Ordering::Relaxed);
+        }
+        ungreeted.push_back((connection, close.clone()));
+        close
+    }
+
+    /// The connection said Hello (or ended): it no longer counts as silent.
+    fn greeted(&self, connection: u64) {
+        let mut ungreeted = self.ungreeted.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ungreeted.retain(|(id, _)| *id != connection);
+    }
 }
 
 /// Serves the local socket until `shutdown` becomes true (or its sender is dropped), then stops
@@ -194,6 +229,7 @@ pub async fn serve(
         stats: config.stats.clone(),
         calls,
         reads: config.reads.clone(),
+        ungreeted: std::sync::Mutex::default(),
     });
     let slots = Arc::new(Semaphore::new(config.connections_max));
     let mut connections = JoinSet::new();
@@ -208,13 +244,12 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     connection_count += 1;
-                    match slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
-                            let (shared, receiver) = (shared.clone(), shutdown.clone());
-                            connections.spawn(serve_connection(connection_count, stream, shared, receiver, slot));
-                        }
-                        Err(_) => refuse_connection(connection_count, &stream, config.connections_max),
-                    }
+                    // A slot is taken at Hello; until then the connection counts among the
+                    // ungreeted, the oldest of which make room for new ones.
+                    let make_room = shared.expect_hello(connection_count);
+                    let (shared, receiver) = (shared.clone(), shutdown.clone());
+                    let slots = Slots { slots: slots.clone(), max: config.connections_max };
+                    connections.spawn(serve_connection(connection_count, stream, shared, receiver, slots, make_room));
                 }
                 Err(error) => {
                     warn!(%error, "accepting a local connection failed");
@@ -288,16 +323,10 @@ async fn bind(config: &LocalApiConfig) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
-/// Tells a connection over the cap why it is closed, without waiting: a fresh socket's buffer
-/// always has room for one small frame, and a flood of connections must not cost tasks.
-fn refuse_connection(connection: u64, stream: &UnixStream, connections_max: usize) {
-    warn!(connection, connections_max, "refusing a local connection: too many connections");
-    let message =
-        format!("too many connections: konord serves {connections_max} at most; close idle clients and retry");
-    let frame = ServerFrame::Response { id: 0, response: Response::Error { code: ErrorCode::Internal, message } };
-    if let Ok(bytes) = encode_frame(&frame) {
-        let _ = stream.try_write(&bytes);
-    }
+/// The connection slots ([`CONNECTIONS_MAX_DEFAULT`]), taken when a connection says Hello.
+struct Slots {
+    slots: Arc<Semaphore>,
+    max: usize,
 }
 
 /// One connection from accept to close.
@@ -306,7 +335,8 @@ async fn serve_connection(
     stream: UnixStream,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
-    _slot: OwnedSemaphorePermit,
+    slots: Slots,
+    make_room: Arc<Notify>,
 ) {
     shared.stats.connections.fetch_add(1, Ordering::Relaxed);
     let credentials = stream.peer_cred().ok();
@@ -328,6 +358,9 @@ async fn serve_connection(
         watches: HashMap::new(),
         watch_count: 0,
         in_flight: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT_MAX)),
+        slots,
+        slot: None,
+        make_room,
     };
     let span = info_span!("local_connection", connection, pid = tracing::field::Empty);
     session.run(inbox, shutdown).instrument(span).await;
@@ -507,6 +540,11 @@ struct Session {
     watches: HashMap<String, (u64, AbortHandle)>,
     watch_count: u64,
     in_flight: Arc<Semaphore>,
+    slots: Slots,
+    /// This connection's slot, taken at Hello.
+    slot: Option<OwnedSemaphorePermit>,
+    /// Closes this connection while it has not said Hello, to make room for a newer one.
+    make_room: Arc<Notify>,
 }
 
 /// Whether the session goes on after a frame.
@@ -522,13 +560,28 @@ impl Session {
     }
 
     async fn run(&mut self, mut inbox: mpsc::Receiver<Inbound>, mut shutdown: watch::Receiver<bool>) {
-        match tokio::time::timeout(HELLO_TIMEOUT, inbox.recv()).await {
+        let make_room = self.make_room.clone();
+        let first = tokio::select! {
+            first = tokio::time::timeout(HELLO_TIMEOUT, inbox.recv()) => Some(first),
+            () = make_room.notified() => None,
+        };
+        self.shared.greeted(self.connection);
+        let Some(first) = first else {
+            debug!(connection = self.connection, "closed to make room: it had not said hello");
+            return;
+        };
+        match first {
             Err(_) => {
                 debug!(connection = self.connection, "no hello in time; closing");
                 return;
             }
             Ok(None) => return,
             Ok(Some(inbound)) => {
+                let Ok(slot) = self.slots.slots.clone().try_acquire_owned() else {
+                    self.refuse_connection().await;
+                    return;
+                };
+                self.slot = Some(slot);
                 if self.handle_hello(inbound).await == Flow::Close {
                     return;
                 }
@@ -552,6 +605,16 @@ impl Session {
                 return;
             }
         }
+    }
+
+    /// Tells a client over the connection cap why it is closed.
+    async fn refuse_connection(&self) {
+        let connections_max = self.slots.max;
+        warn!(connection = self.connection, connections_max, "refusing a local connection: too many connections");
+        let message =
+            format!("too many connections: konord serves {connections_max} at most; close idle clients and retry");
+        let response = Response::Error { code: ErrorCode::Internal, message };
+        self.send(ServerFrame::Response { id: 0, response }).await;
     }
 
     async fn send(&self, frame: ServerFrame) {

@@ -262,3 +262,27 @@ async fn a_peer_that_announces_huge_frames_and_stalls_is_cut_off_without_costing
     drop(streams);
     endpoint.close(0u32.into(), b"");
 }
+
+/// Issue 12: a slow loris on the socket. 300 connections that never say Hello must not lock out
+/// a client that does: silent connections hold at most a few slots, the oldest making room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_hundred_silent_connections_do_not_lock_clients_out() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let _first = n1.client().await;
+    let mut silent = Vec::new();
+    for _ in 0..300 {
+        silent.push(tokio::net::UnixStream::connect(&n1.socket).await.unwrap());
+    }
+    // A client arriving after them is served at once, every time.
+    for _ in 0..5 {
+        let client =
+            tokio::time::timeout(std::time::Duration::from_secs(2), konor_sdk::client::Client::connect(&n1.socket))
+                .await
+                .expect("a client behind 300 silent connections connects in time")
+                .expect("a client behind 300 silent connections is served");
+        assert_eq!(live_nodes(&client).await, ["n1"]);
+    }
+    drop(silent);
+}
