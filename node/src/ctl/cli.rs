@@ -136,8 +136,17 @@ pub enum GroupCommand {
         /// member of the group's configuration or on none.
         #[arg(long, value_enum)]
         mode: ModeArg,
-        /// The group's secret key; a random one is generated when left out.
-        #[arg(long, value_name = "SECRET")]
+        /// Read the group's secret key from FILE (`-`: standard input) instead of generating
+        /// one. A key is never taken on the command line: it would show in `ps` and in shell
+        /// history.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
+        /// Write the group's key to FILE (created with mode 600, never overwritten) instead of
+        /// printing it.
+        #[arg(long, value_name = "FILE")]
+        key_out: Option<std::path::PathBuf>,
+        /// Refused: see --key-file.
+        #[arg(long, hide = true, value_name = "SECRET")]
         key: Option<String>,
         /// Strong groups: remove a member from the configuration once it has been dead this
         /// long (e.g. 30s, 2m; at least 6s; default 30s).
@@ -151,9 +160,13 @@ pub enum GroupCommand {
     Join {
         /// Group name.
         name: String,
-        /// The key printed by `konorctl group create`.
-        #[arg(long, value_name = "SECRET")]
-        key: String,
+        /// A file holding the group's key (`-`: standard input), as `group create --key-out`
+        /// writes it; else the KONOR_GROUP_KEY environment variable. Never the command line.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
+        /// Refused: see --key-file.
+        #[arg(long, hide = true, value_name = "SECRET")]
+        key: Option<String>,
     },
     /// Stop holding a group on this node (a strong group's member first leaves its
     /// configuration, agreed by the others).

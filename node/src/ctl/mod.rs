@@ -10,6 +10,7 @@
 pub mod cli;
 pub mod demo;
 pub mod exit;
+pub mod group_key;
 pub mod input;
 pub mod render;
 pub mod table;
@@ -84,7 +85,9 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
             emit(&cert_issued(&node_id, &out, output))
         }
-        Command::Group(GroupCommand::Create { name, mode, key, evict_after, fencing }) => {
+        Command::Group(GroupCommand::Create { name, mode, key_file, key_out, key, evict_after, fencing }) => {
+            refuse_key_on_command_line(key.as_deref())?;
+            let key = key_file.as_deref().map(group_key::read).transpose()?;
             let request = Request::GroupCreate {
                 name,
                 mode: mode.as_str().to_owned(),
@@ -92,9 +95,17 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 evict_after_ms: evict_after,
                 fencing: fencing.map(|f| f.as_str().to_owned()),
             };
-            call(&target, TIMEOUT_DEFAULT, request, output).await
+            match key_out {
+                Some(path) => create_with_key_out(&target, request, &path, output).await,
+                None => call(&target, TIMEOUT_DEFAULT, request, output).await,
+            }
         }
-        Command::Group(GroupCommand::Join { name, key }) => {
+        Command::Group(GroupCommand::Join { name, key_file, key }) => {
+            refuse_key_on_command_line(key.as_deref())?;
+            let key = match key_file {
+                Some(path) => group_key::read(&path)?,
+                None => group_key::from_env()?,
+            };
             call(&target, JOIN_WAIT, Request::GroupJoin { name, key }, output).await
         }
         Command::Group(GroupCommand::Leave { name, force }) => {
@@ -153,6 +164,53 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Nodes => call(&target, TIMEOUT_DEFAULT, Request::Nodes, output).await,
         Command::Status(args) => call(&target, TIMEOUT_DEFAULT, Request::Status { group: args.group }, output).await,
     }
+}
+
+/// A group key given as `--key SECRET` is refused: it would show in `ps` and shell history.
+fn refuse_key_on_command_line(key: Option<&str>) -> anyhow::Result<()> {
+    if key.is_some() {
+        return Err(UsageError(
+            "a group key is never taken on the command line (it would show in ps and in shell history): \
+             use --key-file FILE, --key-file - (standard input) or the KONOR_GROUP_KEY environment variable"
+                .to_owned(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// `group create --key-out FILE`: the key goes to a new private file, not to the terminal.
+async fn create_with_key_out(
+    target: &DaemonTarget,
+    request: Request,
+    path: &std::path::Path,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    // Refused before the group exists: a key that cannot be written would be lost.
+    if path.exists() {
+        return Err(UsageError(format!("{} exists; --key-out never overwrites a file", path.display())).into());
+    }
+    let client = target.connect(TIMEOUT_DEFAULT).await?;
+    let response = match client.call(request.clone()).await {
+        Ok(response) => response,
+        Err(SdkError::Daemon { code, message }) => Response::Error { code, message },
+        Err(error) => return Err(error.into()),
+    };
+    let Response::GroupCreated { name, key } = &response else {
+        return emit(&render(&request, &response, output, now_ms()));
+    };
+    group_key::write_new(path, key)
+        .with_context(|| format!("group {name} was created, but its key could not be written to {}", path.display()))?;
+    let stdout = match output {
+        OutputFormat::Json => format!("{}\n", serde_json::json!({ "created": name, "key_file": path })),
+        _ => format!(
+            "created group {name}\nkey written to {path} (mode 600)\n\
+             share it: copy the file to the nodes that should hold the group and run \
+             konorctl group join {name} --key-file FILE there\n",
+            path = path.display()
+        ),
+    };
+    emit(&Rendered { stdout, stderr: String::new(), exit: Exit::Ok })
 }
 
 /// Sends one request and prints the answer. A refusal from konord is an answer too: it is
@@ -353,6 +411,27 @@ mod tests {
             error: key `a` is given twice; give each key once
         "#]]
         .assert_eq(&text);
+    }
+
+    #[test]
+    fn a_group_key_on_the_command_line_is_refused() {
+        for line in [
+            &["konorctl", "group", "join", "app", "--key", "s3cret", "--socket", "/x.sock"][..],
+            &["konorctl", "group", "create", "app", "--mode", "eventual", "--key", "s3cret", "--socket", "/x.sock"],
+        ] {
+            let (exit, text) = run_line(line);
+            assert_eq!(exit, Exit::Usage, "{text}");
+            assert!(text.contains("never taken on the command line") && text.contains("--key-file"), "{text}");
+            assert!(!text.contains("s3cret"), "the refusal must not echo the key: {text}");
+        }
+    }
+
+    #[test]
+    fn a_join_without_a_key_says_where_to_put_it() {
+        // No test sets KONOR_GROUP_KEY.
+        let (exit, text) = run_line(&["konorctl", "group", "join", "app", "--socket", "/x.sock"]);
+        assert_eq!(exit, Exit::Usage, "{text}");
+        assert!(text.contains("--key-file FILE") && text.contains("KONOR_GROUP_KEY"), "{text}");
     }
 
     #[test]

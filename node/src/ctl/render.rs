@@ -174,7 +174,8 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             };
             Rendered::ok(format!(
                 "created group {name}{mode}\nkey: {key}\n\
-                 share it: konorctl group join {name} --key {key} on the nodes that should hold it\n"
+                 share it: put it in a file only you can read, then run konorctl group join {name} \
+                 --key-file FILE (or set KONOR_GROUP_KEY) on the nodes that should hold it\n"
             ))
         }
         Response::Joined { name, version } => Rendered::ok(format!("joined group {name} at {version}\n")),
@@ -835,7 +836,7 @@ mod tests {
                 [exit 0]
                 created group app (strong)
                 key: k3y-0f-app
-                share it: konorctl group join app --key k3y-0f-app on the nodes that should hold it
+                share it: put it in a file only you can read, then run konorctl group join app --key-file FILE (or set KONOR_GROUP_KEY) on the nodes that should hold it
             "#]],
         );
     }
