@@ -17,7 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 /// The Konorkestra peer daemon: one per host.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(name = "konord", version, about)]
 struct Args {
     /// Settings file (TOML, same keys as the flags); flags override it.
     #[arg(long)]
