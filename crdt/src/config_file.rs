@@ -68,7 +68,7 @@ pub fn parse_config_file(text: &str, format: FileFormat) -> Result<Settings, Fil
     }
     let syntax = |detail: String| FileError::Syntax { format, detail };
     let document: Value = match format {
-        FileFormat::Json => serde_json::from_str(text).map_err(|e| syntax(e.to_string()))?,
+        FileFormat::Json => crate::json_strict::parse(text).map_err(|e| syntax(e.to_string()))?,
         FileFormat::Toml => toml_to_json(toml::from_str(text).map_err(|e| syntax(e.to_string()))?),
         FileFormat::Yaml => serde_yaml::from_str(text).map_err(|e| syntax(e.to_string()))?,
     };

@@ -17,6 +17,7 @@ pub mod exchange;
 pub mod group;
 pub mod join;
 pub mod journal;
+pub mod json_strict;
 pub mod key;
 pub mod limits;
 pub mod peer_message;

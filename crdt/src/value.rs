@@ -31,9 +31,15 @@ pub fn decode_value(key: &str, text: &str) -> Result<Value, ValueError> {
 }
 
 /// Parses a value typed by a person on a command line: JSON when it parses as JSON, otherwise
-/// the text itself as a JSON string (`port=8080` is a number, `name=eu-west` a string).
-pub fn parse_cli_value(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_owned()))
+/// the text itself as a JSON string (`port=8080` is a number, `name=eu-west` a string). JSON is
+/// read strictly ([`crate::json_strict`]): an integer past 64 bits or a key given twice is
+/// refused, never rounded or dropped.
+pub fn parse_cli_value(text: &str) -> Result<Value, crate::json_strict::StrictJsonError> {
+    match crate::json_strict::parse(text) {
+        Ok(value) => Ok(value),
+        Err(crate::json_strict::StrictJsonError::Syntax(_)) => Ok(Value::String(text.to_owned())),
+        Err(refused) => Err(refused),
+    }
 }
 
 #[cfg(test)]
@@ -57,9 +63,12 @@ mod tests {
 
     #[test]
     fn cli_values_are_json_or_strings() {
-        assert_eq!(parse_cli_value("8080"), json!(8080));
-        assert_eq!(parse_cli_value("true"), json!(true));
-        assert_eq!(parse_cli_value("eu-west"), json!("eu-west"));
-        assert_eq!(parse_cli_value(r#"{"a":1}"#), json!({"a": 1}));
+        assert_eq!(parse_cli_value("8080").unwrap(), json!(8080));
+        assert_eq!(parse_cli_value("true").unwrap(), json!(true));
+        assert_eq!(parse_cli_value("eu-west").unwrap(), json!("eu-west"));
+        assert_eq!(parse_cli_value(r#"{"a":1}"#).unwrap(), json!({"a": 1}));
+        assert_eq!(parse_cli_value("95535577795.73523").unwrap().to_string(), "95535577795.73523");
+        assert!(parse_cli_value("12345678901234567890123").is_err());
+        assert!(parse_cli_value(r#"{"a":1,"a":2}"#).is_err());
     }
 }

@@ -517,11 +517,16 @@ fn parse_client_frame(payload: &[u8]) -> Parsed {
         #[serde(rename = "request")]
         _request: serde_json::Value,
     }
-    match serde_json::from_slice::<ClientFrame>(payload) {
+    // Read strictly (issue 12): an integer past 64 bits or a key given twice is refused, not
+    // rounded to a double or dropped.
+    let strict = std::str::from_utf8(payload)
+        .map_err(|error| error.to_string())
+        .and_then(|text| konor_crdt::json_strict::parse(text).map_err(|error| error.to_string()));
+    match strict.and_then(|value| serde_json::from_value::<ClientFrame>(value).map_err(|error| error.to_string())) {
         Ok(frame) => Parsed::Frame(frame),
-        Err(error) => match serde_json::from_slice::<Envelope>(payload) {
-            Ok(envelope) => Parsed::BadRequest { id: envelope.id, detail: error.to_string() },
-            Err(_) => Parsed::Malformed(format!("malformed frame: {error}")),
+        Err(detail) => match serde_json::from_slice::<Envelope>(payload) {
+            Ok(envelope) => Parsed::BadRequest { id: envelope.id, detail },
+            Err(_) => Parsed::Malformed(format!("malformed frame: {detail}")),
         },
     }
 }

@@ -83,3 +83,46 @@ fn named_files_reads_backticked_paths_only() {
     assert!(is_named("crdt/src/replica/round.rs", "replica/round.rs"));
     assert!(!is_named("crdt/src/replica/around.rs", "round.rs"));
 }
+
+/// The crates whose bounds an operator meets (the simulator's and the bench's are their own).
+const LIMIT_DIRS: &[&str] = &["crdt/src", "node/src", "sdk/rust/src"];
+
+/// The names of the `*_MAX` constants defined in `text` (`const NAME_MAX: ...`, any visibility).
+fn max_constants(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| line.trim_start().split_once("const ").map(|(_, rest)| rest))
+        .filter_map(|rest| rest.split_once(':').map(|(name, _)| name.trim()))
+        .filter(|name| {
+            name.ends_with("_MAX") && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Issue 12: every bound has a row in docs/operations.md's limits tables, so what an operator
+/// reads is what the code enforces.
+#[test]
+fn every_max_constant_is_in_the_limits_tables() {
+    let root = workspace_root();
+    let operations = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let limits = operations.split_once("## Limits").map(|(_, rest)| rest).unwrap_or_default();
+    let limits = limits.split_once("\n## ").map_or(limits, |(section, _)| section);
+    let mut files = Vec::new();
+    for dir in LIMIT_DIRS {
+        rust_files(&root, &root.join(dir), &mut files);
+    }
+    let mut constants = BTreeSet::new();
+    for file in &files {
+        constants.extend(max_constants(&std::fs::read_to_string(root.join(file)).unwrap()));
+    }
+    assert!(constants.len() > 30, "found only {} bounds", constants.len());
+    let missing: Vec<&String> = constants.iter().filter(|name| !limits.contains(&format!("`{name}`"))).collect();
+    assert!(missing.is_empty(), "bounds missing from the limits tables of docs/operations.md: {missing:?}");
+}
+
+#[test]
+fn max_constants_reads_definitions_only() {
+    let text = "pub const A_MAX: usize = 1;\n    const B_MAX: u64 = 2; // x\nlet c = A_MAX;\npub(crate) const C_MAX: u8 = 3;\nconst D_MIN: u8 = 0;";
+    let expected: BTreeSet<String> = ["A_MAX", "B_MAX", "C_MAX"].map(str::to_owned).into();
+    assert_eq!(max_constants(text), expected);
+}

@@ -27,7 +27,8 @@ pub fn parse_assignment(text: &str) -> Result<Assignment, String> {
     if key.is_empty() {
         return Err(format!("the key before `=` is empty in `{text}`"));
     }
-    Ok(Assignment { key: key.to_owned(), value: parse_cli_value(value) })
+    let value = parse_cli_value(value).map_err(|refused| format!("{key}: {refused}"))?;
+    Ok(Assignment { key: key.to_owned(), value })
 }
 
 /// A config file that cannot be sent; nothing was sent.

@@ -568,7 +568,7 @@ pub fn display_value(value: &Value) -> String {
             if !text.is_empty()
                 && text.trim() == text
                 && !text.chars().any(char::is_control)
-                && parse_cli_value(text) == *value =>
+                && parse_cli_value(text).as_ref() == Ok(value) =>
         {
             text.clone()
         }
@@ -1261,7 +1261,7 @@ mod tests {
             if let Value::String(text) = &value
                 && shown == *text
             {
-                assert_eq!(parse_cli_value(&shown), value);
+                assert_eq!(parse_cli_value(&shown).unwrap(), value);
             } else {
                 assert_eq!(serde_json::from_str::<Value>(&shown).unwrap(), value, "{shown}");
             }

@@ -12,3 +12,4 @@ mod liveness;
 mod mesh;
 mod netns;
 mod security;
+mod values;

@@ -10,6 +10,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A field that is present holds a value, `null` included (an absent field is `None` by
+/// `#[serde(default)]`): so `get` tells a key set to `null` from a key that is not set.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
 /// Version of this protocol, sent in `Hello` and answered in `Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -374,13 +380,15 @@ pub enum Response {
         /// The daemon's build version.
         daemon_version: String,
     },
-    /// A setting (`value` is absent when the key is not set).
+    /// A setting (`value` is absent when the key is not set, and `null` when it is set to JSON
+    /// `null`).
     Value {
         /// Group.
         group: String,
         /// Key.
         key: String,
-        /// Value.
+        /// Value: `None` when the key is not set; `Some(Value::Null)` when it holds `null`.
+        #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "present")]
         value: Option<Value>,
         /// Freshness.
         freshness: Freshness,
@@ -824,6 +832,20 @@ mod tests {
         let with = r#"{"type":"group_create","name":"app","mode":"strong","evict_after_ms":2000}"#;
         let Request::GroupCreate { evict_after_ms, key, .. } = serde_json::from_str(with).unwrap() else { panic!() };
         assert_eq!((evict_after_ms, key), (Some(2000), None));
+    }
+
+    #[test]
+    fn a_key_set_to_null_is_told_from_a_key_not_set() {
+        let answer = |value| ServerFrame::Response {
+            id: 1,
+            response: Response::Value { group: "app".into(), key: "k".into(), value, freshness: Freshness::default() },
+        };
+        for value in [None, Some(Value::Null), Some(Value::from(95_535_577_795.735_23))] {
+            let bytes = encode_frame(&answer(value.clone())).unwrap();
+            let text = std::str::from_utf8(&bytes[4..]).unwrap();
+            assert_eq!(text.contains("\"value\":"), value.is_some(), "{text}");
+            assert_eq!(decode_payload::<ServerFrame>(&bytes[4..]).unwrap(), answer(value));
+        }
     }
 
     #[test]
