@@ -244,6 +244,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         identity.node_id(),
         settings.node_id
     );
+    warn_on_open_permissions(&settings);
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
     let (network, inbox) = QuicNetwork::start(&identity, settings.listen)?;
     let advertise = network.local_addr();
@@ -290,6 +291,39 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     network.close().await;
     info!("konord stopped");
     result
+}
+
+/// Warns at start about secrets and doors left open (issue 12): a node key others can read
+/// lets them sign gossip and hold connections as this node; a socket anyone may write to lets
+/// any local user change configuration.
+fn warn_on_open_permissions(settings: &DaemonSettings) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = settings.tls_dir.join(tls::NODE_KEY_FILE);
+    if let Ok(metadata) = std::fs::metadata(&key)
+        && let Some(message) = open_permissions_warning(metadata.permissions().mode(), settings.socket_mode)
+    {
+        warn!(key = %key.display(), "{message}");
+    } else if let Some(message) = open_permissions_warning(0o600, settings.socket_mode) {
+        warn!("{message}");
+    }
+}
+
+/// What is wrong with a node key of mode `key_mode` and a socket of mode `socket_mode`, if
+/// anything.
+fn open_permissions_warning(key_mode: u32, socket_mode: u32) -> Option<String> {
+    let mut problems = Vec::new();
+    if key_mode & 0o077 != 0 {
+        problems.push(format!(
+            "the node key is readable by others (mode {:o}): whoever reads it can pose as this node; chmod 600 it",
+            key_mode & 0o777
+        ));
+    }
+    if socket_mode & 0o002 != 0 {
+        problems.push(format!(
+            "the socket mode {socket_mode:o} lets every local user change configuration; use 600, or 660 with a group"
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
 }
 
 /// Runs one node on the given seams until `shutdown` turns true (graceful leave) or its gossip
@@ -1572,5 +1606,20 @@ pub fn apply_result_text(result: &ApplyResult) -> String {
     match result {
         ApplyResult::Ok => "ok".to_owned(),
         ApplyResult::Error { message } => format!("error: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod permission_tests {
+    use super::open_permissions_warning;
+
+    #[test]
+    fn open_keys_and_world_writable_sockets_are_named() {
+        assert_eq!(open_permissions_warning(0o100600, 0o600), None);
+        assert_eq!(open_permissions_warning(0o600, 0o660), None);
+        let key = open_permissions_warning(0o100644, 0o600).unwrap();
+        assert!(key.contains("readable by others (mode 644)") && key.contains("chmod 600"), "{key}");
+        let socket = open_permissions_warning(0o600, 0o666).unwrap();
+        assert!(socket.contains("every local user"), "{socket}");
     }
 }
