@@ -6,7 +6,7 @@
 //! reused across measurements so the whole run stays well under two minutes on 2 cores.
 
 // Benches must read the clock: the purity rule of crdt/clippy.toml is for the core, not for this.
-#![allow(clippy::disallowed_methods)]
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
 // A bench has no caller to report errors to: a failed setup step should stop it loudly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

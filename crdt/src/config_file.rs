@@ -3,63 +3,14 @@
 //! Nested tables become dotted keys (`[db] pool = 10` -> `db.pool = 10`); arrays, scalars and
 //! empty tables are leaf values. The result is validated as a whole before anything is applied.
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde_json::{Map, Value};
 
 use crate::error::FileError;
+use crate::file_format::FileFormat;
 use crate::key::validate_key;
 use crate::limits::{CONFIG_FILE_BYTES_MAX, KEYS_PER_GROUP_MAX, SETTINGS_BYTES_MAX};
 use crate::settings::Settings;
 use crate::value::encode_value;
-
-/// The syntax of a configuration file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FileFormat {
-    /// TOML.
-    Toml,
-    /// YAML (one document).
-    Yaml,
-    /// JSON.
-    Json,
-}
-
-impl FileFormat {
-    /// Guesses the format from a file name's extension.
-    pub fn from_path(path: &str) -> Option<FileFormat> {
-        let extension = path.rsplit_once('.')?.1.to_ascii_lowercase();
-        match extension.as_str() {
-            "toml" => Some(FileFormat::Toml),
-            "yaml" | "yml" => Some(FileFormat::Yaml),
-            "json" => Some(FileFormat::Json),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for FileFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            FileFormat::Toml => "toml",
-            FileFormat::Yaml => "yaml",
-            FileFormat::Json => "json",
-        })
-    }
-}
-
-impl FromStr for FileFormat {
-    type Err = FileError;
-    fn from_str(text: &str) -> Result<Self, FileError> {
-        match text.to_ascii_lowercase().as_str() {
-            "toml" => Ok(FileFormat::Toml),
-            "yaml" | "yml" => Ok(FileFormat::Yaml),
-            "json" => Ok(FileFormat::Json),
-            other => Err(FileError::UnknownFormat { format: other.to_owned() }),
-        }
-    }
-}
 
 /// Parses `text` as `format` and flattens it into validated settings.
 pub fn parse_config_file(text: &str, format: FileFormat) -> Result<Settings, FileError> {

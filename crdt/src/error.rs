@@ -1,7 +1,7 @@
 //! Error enums, one per family of operations a caller branches on. Each variant's doc says what
 //! happened to state.
 
-use crate::config_file::FileFormat;
+use crate::file_format::FileFormat;
 
 /// A key or group name that breaks the naming rules. Nothing changed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,12 +92,6 @@ pub enum ValueError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FileError {
-    /// The named format is not one we read.
-    #[error("unknown file format {format:?}: use toml, yaml or json")]
-    UnknownFormat {
-        /// What was named.
-        format: String,
-    },
     /// The text does not parse.
     #[error("{format} file does not parse: {detail}")]
     Syntax {

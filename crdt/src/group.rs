@@ -21,10 +21,11 @@ use automerge::{ActorId, Automerge, ChangeHash, ObjId, ObjType, ReadDoc, ScalarV
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::config_file::{FileFormat, parse_config_file};
+use crate::config_file::parse_config_file;
 use crate::configuration::{Configuration, Fencing, GroupPolicy};
 use crate::diff::SettingsDiff;
 use crate::error::{EditError, KeyError, LoadError, VersionError};
+use crate::file_format::FileFormat;
 use crate::key::{validate_group_name, validate_key};
 use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SETTINGS_BYTES_MAX};
 use crate::settings::{ContentHash, Settings, hex};

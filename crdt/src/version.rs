@@ -11,8 +11,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config_file::FileFormat;
 use crate::error::VersionError;
+use crate::file_format::FileFormat;
 use crate::settings::{ContentHash, hex, unhex};
 use crate::time::Millis;
 

@@ -16,10 +16,10 @@ use automerge::{ActorId, ChangeHash};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::config_file::FileFormat;
 use crate::configuration::{Configuration, GroupPolicy};
 use crate::error::{EditError, RemoteError};
 use crate::exchange::{HeadsDigest, RemoteApplied, SyncPeer};
+use crate::file_format::FileFormat;
 use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::{GroupKey, derive_nonce, join_proof, verify_join_proof};
 use crate::journal::{RoundRecord, change_record, needs_compaction, round_record, snapshot_file};
