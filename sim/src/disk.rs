@@ -24,7 +24,7 @@ use konor_crdt::journal::RoundRecord;
 use konor_crdt::limits::RECORD_PAYLOAD_BYTES_MAX;
 use konor_crdt::peer_message::{Ballot, RoundId};
 use konor_crdt::record::{FILE_MAGIC, FRAME_BYTES, HEADER_BYTES, RecordKind};
-use konor_node::store::{StorageHook, WriteFault};
+use konor_node::storage::store::{StorageHook, WriteFault};
 
 use crate::network::SimNetwork;
 use crate::rng::SimRng;

@@ -24,8 +24,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use konor_crdt::Millis;
+use konor_node::api::socket::{ClientInfo, LocalCall};
 use konor_node::daemon::{NodeParts, StoreIo, run_node};
-use konor_node::local_api::{ClientInfo, LocalCall};
 use konor_node::peer::transport::Inbox;
 use konor_sdk::protocol::{Request, Response};
 use tokio::sync::{mpsc, oneshot, watch};

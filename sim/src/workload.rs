@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use konor_node::local_api::{LocalCall, WATCH_QUEUE_EVENTS};
+use konor_node::api::socket::{LocalCall, WATCH_QUEUE_EVENTS};
 use konor_sdk::protocol::{ErrorCode, Request, Response, WatchEvent, WriteMeta};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};

@@ -77,7 +77,7 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
     let socket = args.socket.or(file.socket).unwrap_or_else(|| data_dir.join(SOCKET_FILE));
     let socket_mode = match args.socket_mode.or(file.socket_mode) {
         Some(text) => parse_mode(&text)?,
-        None => konor_node::local_api::SOCKET_MODE_DEFAULT,
+        None => konor_node::api::socket::SOCKET_MODE_DEFAULT,
     };
     let tls_dir = args.tls_dir.or(file.tls_dir).unwrap_or_else(|| data_dir.join("tls"));
     let gossip_interval =

@@ -33,7 +33,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch}
 use tokio::task::{AbortHandle, JoinError, JoinSet};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::read_view::ReadView;
+use crate::api::read_view::ReadView;
 
 /// Default file mode of the socket: only the daemon's user may connect (F23). Operators who
 /// want a group of users to connect set 0o660 and the socket's group.

@@ -1,0 +1,737 @@
+//! The daemon: one task owns the [`Replica`] and waits on a closed set of events (local calls,
+//! peer frames, membership views, timers). It executes the replica's outputs in order (persist
+//! before send before reply; a run of appends is written with one fsync per file, and the
+//! outputs between them wait for it) and answers local reads from the replica's documents.
+//! It makes no protocol decisions: those are in konor-crdt.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use konor_crdt::configuration::{Fencing, GroupPolicy};
+use konor_crdt::replica::{
+    CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, MembershipView, Notification, PeerLiveness,
+    PeerState, actor_for,
+};
+use konor_crdt::{
+    Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
+};
+use konor_sdk::protocol::{
+    ApplyResult, ConflictRow, ErrorCode, Freshness, GroupRow, NodeGroupRow, NodeRow, ProcessRow, Request, Response,
+    VersionRow, WatchEvent,
+};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tracing::{error, info, warn};
+
+use crate::api::read_view::{Fresh, GroupRead, ReadView};
+use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
+use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::peer::tls;
+use crate::peer::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
+use crate::settings::DaemonSettings;
+use crate::storage::store::Store;
+
+mod outputs;
+mod requests;
+
+pub use requests::apply_result_text;
+
+/// How often the membership view is read from chitchat in production. Reading it costs O(mesh
+/// size); the simulator of large meshes passes a longer period.
+pub const MEMBERSHIP_POLL_DEFAULT: Duration = Duration::from_millis(100);
+
+/// Longest wait between replica ticks when it asks for none.
+const TICK_MAX: Duration = Duration::from_millis(500);
+
+/// Shortest wait between replica ticks: a replica that keeps asking for a tick already due (a
+/// timer that its tick does not clear) must not spin the loop. Found by konor-sim, whose paused
+/// clock never advances while a task spins.
+const TICK_MIN: Duration = Duration::from_millis(1);
+
+/// Local calls queued before socket readers wait.
+const CALL_QUEUE_MAX: usize = 1024;
+
+/// How long a graceful shutdown lets the leaving flag spread before stopping gossip.
+const LEAVE_GOSSIP_ROUNDS: u32 = 3;
+
+/// File in the data dir holding the bound QUIC address, written at start.
+pub const LISTEN_ADDR_FILE: &str = "listen.addr";
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let temp = path.with_extension("tmp");
+    std::fs::write(&temp, bytes)?;
+    std::fs::rename(&temp, path)
+}
+
+/// Counters of the daemon.
+#[derive(Debug, Default)]
+pub struct DaemonStats {
+    /// Peer messages the replica dropped.
+    pub peer_messages_dropped: AtomicU64,
+    /// Persist operations that failed.
+    pub persist_failures: AtomicU64,
+}
+
+/// How to shape a command's reply for the socket.
+enum PendingReply {
+    Plain(oneshot::Sender<Response>),
+    Created {
+        reply: oneshot::Sender<Response>,
+        key: String,
+    },
+    /// A repair of a damaged group (a join with its stored key): on failure it is queued again.
+    Repair {
+        name: String,
+        key: GroupKey,
+    },
+}
+
+/// A group whose file was unreadable, to fetch again from a peer (SPEC F24). Kept across
+/// restarts: the group's key stays in `groups/` while its file is in quarantine.
+struct Repair {
+    name: String,
+    key: GroupKey,
+    /// Earliest next attempt.
+    next: Instant,
+    /// Attempts so far (the backoff doubles with each).
+    attempts: u32,
+}
+
+/// First wait before retrying a failed repair; doubled per attempt up to [`REPAIR_BACKOFF_MAX`].
+const REPAIR_BACKOFF_MIN: Duration = Duration::from_secs(1);
+
+/// Longest wait between repair attempts: a lost group is worth a try every half minute.
+const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// First wait before rewriting a group file that a failed fsync left in an unknown state; then
+/// doubled per attempt up to [`REPAIR_BACKOFF_MAX`] (the disk may stay full for a while).
+const REWRITE_BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+/// How long a read of a strong group with the `block` fencing policy waits for the node to be
+/// fresh before it fails with `unavailable`.
+const BLOCKED_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Reads waiting for freshness at most: beyond this, reads of a fenced `block` group fail at
+/// once (the node is cut off; queueing more only delays the error).
+const BLOCKED_READS_MAX: usize = 1024;
+
+/// A read of a `block` group waiting for the node to be fresh.
+struct BlockedRead {
+    group: String,
+    request: Request,
+    client: ClientInfo,
+    reply: oneshot::Sender<Response>,
+    deadline: Instant,
+}
+
+/// One watcher of a group.
+struct Watcher {
+    connection: u64,
+    events: mpsc::Sender<WatchEvent>,
+}
+
+/// A process's last report for a group (F16).
+#[derive(Clone)]
+struct ProcessReport {
+    row: ProcessRow,
+}
+
+struct Daemon {
+    node_id: String,
+    replica: Replica,
+    /// The replica's actor, to load group files as this node (after a failed write).
+    replica_actor: konor_crdt::ActorId,
+    store: Arc<std::sync::Mutex<Store>>,
+    store_io: StoreIo,
+    reads: Option<ReadView>,
+    network: Arc<dyn PeerNetwork>,
+    membership: Membership,
+    mesh: MeshView,
+    started: Instant,
+    wall_base: Option<Millis>,
+    seed: [u8; 32],
+    keys_drawn: u64,
+    view_delivered: bool,
+    next_command: u64,
+    pending: BTreeMap<u64, PendingReply>,
+    watchers: BTreeMap<String, Vec<Watcher>>,
+    last_change: BTreeMap<String, Instant>,
+    processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
+    repairs: Vec<Repair>,
+    /// Attempts of each repair so far (for its backoff).
+    repair_attempts: BTreeMap<String, u32>,
+    /// Groups whose file must be rewritten (a failed fsync left it unknown), with the next
+    /// attempt and the current backoff.
+    rewrites: BTreeMap<String, (Instant, Duration)>,
+    /// Groups whose last write to disk failed, with the error: the node is degraded until a
+    /// later write of that group succeeds (SPEC F24, issue 11).
+    degraded: BTreeMap<String, String>,
+    blocked_reads: Vec<BlockedRead>,
+    /// When the replica last got a tick from the timer.
+    last_tick: Instant,
+    stats: Arc<DaemonStats>,
+}
+
+/// What a node needs from its environment: the seams through which network, time and
+/// randomness enter (SPEC: the same node code runs in production, tests and the simulator).
+pub struct NodeParts {
+    /// Node id.
+    pub node_id: String,
+    /// Data directory (group files, identity).
+    pub data_dir: std::path::PathBuf,
+    /// Seed addresses.
+    pub seeds: Vec<SocketAddr>,
+    /// Cluster name.
+    pub cluster: String,
+    /// Gossip period.
+    pub gossip_interval: Duration,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// The peer network (QUIC in production, in-memory in the simulator).
+    pub network: Arc<dyn PeerNetwork>,
+    /// Its receiving ends.
+    pub inbox: Inbox,
+    /// Local calls (from the socket in production, from the workload in the simulator).
+    pub calls: mpsc::Receiver<LocalCall>,
+    /// The node's only randomness (nonces, group keys): OS entropy in production.
+    pub seed: [u8; 32],
+    /// Unix milliseconds at the runtime's start, for wall-clock stamps; `None` reads the
+    /// system clock (production). The simulator passes a fixed value and its paused clock.
+    pub wall_base: Option<Millis>,
+    /// How often the membership view is refreshed from gossip.
+    pub membership_poll: Duration,
+    /// Where file writes and fsyncs run.
+    pub store_io: StoreIo,
+    /// The view the socket sessions answer `get` from (`None`: every read asks the daemon).
+    pub reads: Option<ReadView>,
+    /// Sees (and may fail) every write, fsync, rename and truncation of the store: the
+    /// simulator's disk model. `None` in production.
+    pub storage_hook: Option<Arc<dyn crate::storage::store::StorageHook>>,
+    /// Signs this node's gossip and checks its peers' (issue 12): the node's certificate in
+    /// production, a stand-in in the simulator.
+    pub gossip_seal: Arc<dyn crate::peer::gossip_seal::GossipSeal>,
+}
+
+/// Where the daemon's file writes and fsyncs run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreIo {
+    /// On a blocking thread, awaited (production): while an fsync runs, the runtime keeps
+    /// sending (a writer's push leaves before its own fsync) and reading the socket.
+    Blocking,
+    /// On the daemon's task itself (the simulator): a thread would finish at a real-time
+    /// moment and break the run's determinism.
+    Inline,
+}
+
+/// Events (local calls, peer frames) handled together before their outputs run: the appends
+/// they cause share one write and one fsync per group file (group commit).
+const EVENTS_PER_BATCH_MAX: usize = 64;
+
+impl std::fmt::Debug for NodeParts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeParts").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+/// Runs konord until `shutdown` turns true: graceful leave, flush, exit.
+pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let identity = tls::load_identity(&settings.tls_dir)
+        .with_context(|| format!("cannot load the node certificate from {}", settings.tls_dir.display()))?;
+    anyhow::ensure!(
+        identity.node_id() == settings.node_id,
+        "the certificate in {} is for node {:?}, but this daemon is {:?}",
+        settings.tls_dir.display(),
+        identity.node_id(),
+        settings.node_id
+    );
+    warn_on_open_permissions(&settings);
+    let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
+    let (network, inbox) = QuicNetwork::start(&identity, settings.listen)?;
+    let advertise = network.local_addr();
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
+    // Tools and tests started with `--listen 127.0.0.1:0` read the bound address here.
+    write_atomically(&settings.data_dir.join(LISTEN_ADDR_FILE), advertise.to_string().as_bytes())
+        .context("cannot write the listen address file")?;
+    let (calls_tx, calls) = mpsc::channel(CALL_QUEUE_MAX);
+    let (api_shutdown_tx, api_shutdown) = watch::channel(false);
+    let reads = ReadView::default();
+    let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
+    api_config.mode = settings.socket_mode;
+    api_config.reads = Some(reads.clone());
+    let api = tokio::spawn(socket::serve(api_config, calls_tx, api_shutdown));
+    info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord starting");
+    let mut seed = [0u8; 32];
+    rand::rng().fill_bytes(&mut seed);
+    let parts = NodeParts {
+        node_id: settings.node_id.clone(),
+        data_dir: settings.data_dir.clone(),
+        seeds: settings.seeds.clone(),
+        cluster: settings.cluster.clone(),
+        gossip_interval: settings.gossip_interval,
+        labels: settings.labels.clone(),
+        network: network.clone(),
+        inbox,
+        calls,
+        seed,
+        wall_base: None,
+        membership_poll: MEMBERSHIP_POLL_DEFAULT,
+        store_io: StoreIo::Blocking,
+        reads: Some(reads),
+        storage_hook: None,
+        gossip_seal,
+    };
+    let result = run_node(parts, shutdown).await;
+    let _ = api_shutdown_tx.send(true);
+    let api_result = api.await;
+    let result = match (result, api_result) {
+        (Err(_), Ok(Err(api_error))) => Err(api_error.context("the local socket failed")),
+        (result, _) => result,
+    };
+    network.close().await;
+    info!("konord stopped");
+    result
+}
+
+/// Warns at start about secrets and doors left open (issue 12): a node key others can read
+/// lets them sign gossip and hold connections as this node; a socket anyone may write to lets
+/// any local user change configuration.
+fn warn_on_open_permissions(settings: &DaemonSettings) {
+    use std::os::unix::fs::PermissionsExt;
+    let key = settings.tls_dir.join(tls::NODE_KEY_FILE);
+    if let Ok(metadata) = std::fs::metadata(&key)
+        && let Some(message) = open_permissions_warning(metadata.permissions().mode(), settings.socket_mode)
+    {
+        warn!(key = %key.display(), "{message}");
+    } else if let Some(message) = open_permissions_warning(0o600, settings.socket_mode) {
+        warn!("{message}");
+    }
+}
+
+/// What is wrong with a node key of mode `key_mode` and a socket of mode `socket_mode`, if
+/// anything.
+fn open_permissions_warning(key_mode: u32, socket_mode: u32) -> Option<String> {
+    let mut problems = Vec::new();
+    if key_mode & 0o077 != 0 {
+        problems.push(format!(
+            "the node key is readable by others (mode {:o}): whoever reads it can pose as this node; chmod 600 it",
+            key_mode & 0o777
+        ));
+    }
+    if socket_mode & 0o002 != 0 {
+        problems.push(format!(
+            "the socket mode {socket_mode:o} lets every local user change configuration; use 600, or 660 with a group"
+        ));
+    }
+    (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// Runs one node on the given seams until `shutdown` turns true (graceful leave) or its gossip
+/// task dies (an error: the supervisor restarts the node).
+pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let NodeParts {
+        node_id,
+        data_dir,
+        seeds,
+        cluster,
+        gossip_interval,
+        labels,
+        network,
+        inbox,
+        mut calls,
+        seed,
+        wall_base,
+        membership_poll,
+        store_io,
+        reads,
+        storage_hook,
+        gossip_seal,
+    } = parts;
+    let Inbox { gossip, mut replica } = inbox;
+    let mut store = match storage_hook {
+        Some(hook) => Store::open_with_hook(&data_dir, &node_id, hook)?,
+        None => Store::open(&data_dir, &node_id)?,
+    };
+    // The incarnation makes the actor unique per start; the seed also covers a data dir that
+    // was wiped or restored from an old backup (FACTS: never reuse an actor).
+    let actor = actor_for(&format!("{node_id}/{}", konor_crdt::settings::hex_of(&seed[..8])), store.incarnation());
+    let (loaded, repair_list) = load_groups(&mut store, &actor)?;
+    let repairs =
+        repair_list.into_iter().map(|(name, key)| Repair { name, key, next: Instant::now(), attempts: 0 }).collect();
+    let membership_config = MembershipConfig {
+        node_id: node_id.clone(),
+        generation: store.incarnation(),
+        advertise: network.local_addr(),
+        seeds,
+        cluster_id: cluster,
+        gossip_interval,
+        labels,
+        poll_period: membership_poll,
+        seal: gossip_seal,
+    };
+    let membership = Membership::start(membership_config, network.clone(), gossip).await?;
+    let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);
+    let started = Instant::now();
+    let wall_now = match wall_base {
+        Some(base) => base,
+        None => system_clock(),
+    };
+    replica_state.set_wall_offset(wall_now.0);
+    let mut daemon = Daemon {
+        node_id: node_id.clone(),
+        replica: replica_state,
+        replica_actor: actor,
+        store: Arc::new(std::sync::Mutex::new(store)),
+        store_io,
+        reads,
+        network,
+        membership,
+        mesh: MeshView::default(),
+        started,
+        wall_base,
+        seed,
+        keys_drawn: 0,
+        view_delivered: false,
+        next_command: 0,
+        pending: BTreeMap::new(),
+        watchers: BTreeMap::new(),
+        last_change: BTreeMap::new(),
+        processes: BTreeMap::new(),
+        repairs,
+        repair_attempts: BTreeMap::new(),
+        rewrites: BTreeMap::new(),
+        degraded: BTreeMap::new(),
+        blocked_reads: Vec::new(),
+        last_tick: Instant::now(),
+        stats: Arc::new(DaemonStats::default()),
+    };
+    info!(node = %node_id, "node running");
+    daemon.execute_outputs().await;
+    let mut membership_poll = tokio::time::interval(membership_poll);
+    membership_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let gossip_ended = daemon.membership.termination();
+    tokio::pin!(gossip_ended);
+    loop {
+        let timeout = daemon.tick_deadline();
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+            call = calls.recv() => match call {
+                Some(call) => daemon.handle_call(call),
+                None => {
+                    // The socket server ended (it failed to bind, or crashed): without it no
+                    // application can read, so the node stops with an error.
+                    error!("local API stopped");
+                    anyhow::bail!("the local API stopped; see the log line before this one");
+                }
+            },
+            incoming = replica.recv() => {
+                let Some(incoming) = incoming else { break };
+                let now = daemon.now();
+                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+            }
+            _ = membership_poll.tick() => daemon.refresh_membership().await,
+            _ = tokio::time::sleep_until(timeout) => {
+                let now = daemon.now();
+                daemon.last_tick = Instant::now();
+                daemon.replica.handle(now, Input::Tick);
+                daemon.rewrite_due_files().await;
+            }
+            result = &mut gossip_ended => {
+                // FACTS: a dead gossip task must never go unnoticed; without membership the
+                // node cannot tell live peers, so it stops and lets its supervisor restart it.
+                error!(?result, "gossip task ended; stopping the node");
+                anyhow::bail!("gossip task ended: {result:?}");
+            }
+        }
+        // Whatever else is already waiting joins this batch, so its appends share the fsync.
+        // A call answered from the current state (a read, a watch) waits until the batch's
+        // outputs ran: it must not see changes that are not durable yet.
+        let mut read_after_batch = None;
+        for _ in 1..EVENTS_PER_BATCH_MAX {
+            let mut handled = false;
+            if read_after_batch.is_none()
+                && let Ok(call) = calls.try_recv()
+            {
+                if answers_from_state(&call) {
+                    read_after_batch = Some(call);
+                } else {
+                    daemon.handle_call(call);
+                }
+                handled = true;
+            }
+            if let Ok(incoming) = replica.try_recv() {
+                let now = daemon.now();
+                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+                handled = true;
+            }
+            if !handled {
+                break;
+            }
+        }
+        daemon.execute_outputs().await;
+        if let Some(call) = read_after_batch {
+            daemon.handle_call(call);
+            daemon.execute_outputs().await;
+        }
+        daemon.answer_blocked_reads();
+    }
+    info!("shutting down: announcing leave");
+    daemon.membership.set_leaving().await;
+    tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
+    daemon.membership.shutdown().await;
+    Ok(())
+}
+
+/// True for a call the daemon answers at once from its state (reads, watches), false for
+/// commands whose answer follows their persist. Unknown kinds count as reads: deferring one is
+/// always safe.
+fn answers_from_state(call: &LocalCall) -> bool {
+    match call {
+        LocalCall::Request { request, .. } => !matches!(
+            request,
+            Request::Set { .. }
+                | Request::Delete { .. }
+                | Request::Apply { .. }
+                | Request::Rollback { .. }
+                | Request::GroupCreate { .. }
+                | Request::GroupJoin { .. }
+                | Request::GroupLeave { .. }
+                | Request::GroupRemove { .. }
+        ),
+        LocalCall::Watch { .. } => true,
+        LocalCall::Disconnected { .. } => false,
+    }
+}
+
+/// Groups loaded at start, and groups to repair from peers (name and stored key).
+type LoadedGroups = (BTreeMap<String, LoadedState>, Vec<(String, GroupKey)>);
+
+/// Loads every group file; a damaged tail is cut (and reported), an unreadable file is moved
+/// aside and queued for repair from peers with its stored key.
+fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result<LoadedGroups> {
+    let mut loaded = BTreeMap::new();
+    let mut repairs = Vec::new();
+    for name in store.list_groups()? {
+        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+            Some(Ok(key)) => key,
+            _ => {
+                error!(group = %name, "group key missing or unreadable; the group is not served");
+                continue;
+            }
+        };
+        let bytes = store.read_group(&name)?;
+        match konor_crdt::load_group_file(&bytes, actor.clone()) {
+            Ok(file) => {
+                if let Some(dropped) = file.dropped {
+                    warn!(group = %name, %dropped, "group file damaged: the intact prefix is kept, the rest comes back from peers");
+                    store.truncate_group(&name, file.valid_bytes)?;
+                }
+                let state = LoadedState {
+                    damaged: file.dropped.is_some(),
+                    doc: file.group,
+                    key,
+                    tail_changes: file.tail_changes,
+                    sync_states: store.read_sync_states(&name).unwrap_or_default(),
+                    staged: file.staged,
+                    decisions: file.decisions,
+                    known_members: store.read_members(&name).into_iter().collect(),
+                    ballots: file.ballots,
+                };
+                loaded.insert(name, state);
+            }
+            Err(error) => {
+                let moved = store.quarantine_group(&name)?;
+                error!(group = %name, %error, moved = %moved.display(), "group file unreadable; moved aside, repairing from peers");
+                repairs.push((name, key));
+            }
+        }
+    }
+    // A key without a group file: a group quarantined by an earlier start whose repair never
+    // finished. The repair queue survives restarts this way.
+    for name in store.list_group_keys()? {
+        if loaded.contains_key(&name) || repairs.iter().any(|(pending, _)| *pending == name) {
+            continue;
+        }
+        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+            warn!(group = %name, "group file missing (quarantined earlier): repairing from peers");
+            repairs.push((name, key));
+        }
+    }
+    Ok((loaded, repairs))
+}
+
+/// The group a persist operation writes.
+fn persist_op_group(op: &PersistOp) -> &str {
+    match op {
+        PersistOp::CreateGroup { group, .. }
+        | PersistOp::Append { group, .. }
+        | PersistOp::Compact { group, .. }
+        | PersistOp::RemoveGroup { group }
+        | PersistOp::Members { group, .. }
+        | PersistOp::SyncState { group, .. } => group,
+    }
+}
+
+/// What an operator reads when a write to disk failed: a full disk named as such.
+fn persist_error_text(group: &str, error: &dyn std::fmt::Display) -> String {
+    let text = error.to_string();
+    let full = text.contains("No space left") || text.contains("os error 28") || text.contains("quota");
+    if full {
+        format!("disk full while saving group {group:?} on this node ({text}); free space in the data dir")
+    } else {
+        format!("could not save group {group:?} on this node ({text})")
+    }
+}
+
+fn system_clock() -> Millis {
+    Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+}
+
+fn error_response(code: ErrorCode, message: impl Into<String>) -> Response {
+    Response::Error { code, message: message.into() }
+}
+
+fn command_error_response(error: &CommandError) -> Response {
+    let code = match error {
+        CommandError::UnknownGroup(_) => ErrorCode::UnknownGroup,
+        CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_) => ErrorCode::AlreadyExists,
+        CommandError::Edit(EditError::Unchanged) => ErrorCode::Unchanged,
+        CommandError::Edit(EditError::NoSuchKey { .. }) => ErrorCode::NotFound,
+        CommandError::Edit(EditError::Version(konor_crdt::VersionError::Unknown { .. })) => ErrorCode::NotFound,
+        CommandError::Edit(_) => ErrorCode::BadRequest,
+        CommandError::JoinRefused { .. } => ErrorCode::Forbidden,
+        CommandError::JoinUnavailable(_) => ErrorCode::Unavailable,
+        CommandError::NotCommitted { .. } => ErrorCode::NotCommitted,
+        CommandError::RoundAborted { .. } => ErrorCode::Aborted,
+        CommandError::RoundInProgress { .. } => ErrorCode::Busy,
+        CommandError::OutcomeUnknown { .. } => ErrorCode::OutcomeUnknown,
+        CommandError::NotDurable(_) => ErrorCode::NotDurable,
+        CommandError::NotAMember { .. } => ErrorCode::Unavailable,
+        CommandError::LeaveFailed { .. } => ErrorCode::Unavailable,
+        CommandError::NoConfiguration(_) | CommandError::BadRequest(_) => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    error_response(code, error.to_string())
+}
+
+impl Daemon {
+    /// Wall-clock Unix milliseconds for stamps (version times, reports): the system clock, or
+    /// the simulator's base plus its paused clock.
+    fn wall_clock(&self) -> Millis {
+        match self.wall_base {
+            Some(base) => Millis(base.0 + self.started.elapsed().as_millis() as u64),
+            None => system_clock(),
+        }
+    }
+
+    /// A fresh group key drawn from the node's seed.
+    fn draw_key(&mut self) -> GroupKey {
+        self.keys_drawn += 1;
+        let mut bytes = konor_crdt::join::derive_nonce(&self.seed, u64::MAX - self.keys_drawn);
+        // Domain-separate keys from the replica's nonces (which count up from 1).
+        bytes[0] ^= 0x4b;
+        GroupKey::from_bytes(bytes)
+    }
+
+    fn now(&self) -> Millis {
+        Millis(self.started.elapsed().as_millis() as u64)
+    }
+
+    /// When the next tick is due: the replica's next timer, and at the latest `TICK_MAX` after
+    /// the last tick. The cap counts from the last tick, not from now: the loop wakes every
+    /// membership poll (100 ms), and a cap from now would move away at each wake, so a replica
+    /// without timers (and the shell's own upkeep: rewriting files after a failed fsync) would
+    /// never tick (found by the simulator's disk faults: a degraded node never rewrote its file).
+    fn tick_deadline(&self) -> Instant {
+        let now = self.now();
+        let latest = self.last_tick + TICK_MAX;
+        let at = match self.replica.poll_timeout() {
+            Some(at) => (Instant::now() + Duration::from_millis(at.0.saturating_sub(now.0))).min(latest),
+            None => latest,
+        };
+        at.max(Instant::now() + TICK_MIN)
+    }
+
+    fn command(&mut self, command: Command, reply: PendingReply) {
+        self.next_command += 1;
+        let id = self.next_command;
+        self.pending.insert(id, reply);
+        let now = self.now();
+        self.replica.handle(now, Input::Command { id, command });
+    }
+
+    async fn refresh_membership(&mut self) {
+        let view = self.membership.view().await;
+        if view.over_cap && !self.mesh.over_cap {
+            error!(nodes = view.nodes.len(), "mesh reached its node cap; larger meshes are not supported");
+        }
+        let mut peers = BTreeMap::new();
+        for node in view.nodes.values().filter(|n| n.id != self.node_id) {
+            let groups = node
+                .groups
+                .iter()
+                .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
+                .collect();
+            let liveness = match node.liveness {
+                Liveness::Live => PeerLiveness::Live,
+                Liveness::Unknown => PeerLiveness::Unknown,
+                // A leaving peer is gone for quorums as soon as it says so.
+                Liveness::Dead | Liveness::Leaving => PeerLiveness::Dead,
+            };
+            peers.insert(node.id.clone(), PeerState { liveness, groups, left: node.left_groups.clone() });
+        }
+        let membership = MembershipView { peers };
+        self.mesh = view;
+        // The first view always goes in, even an empty one: a node alone in its mesh must learn
+        // that it has seen its view (strong groups stay fenced until then).
+        if !self.view_delivered || &membership != self.replica.membership() {
+            self.view_delivered = true;
+            let now = self.now();
+            self.replica.handle(now, Input::Membership(membership));
+        }
+        // Groups found damaged are repaired by joining again once a peer holds them; a failed
+        // attempt comes back here with a longer wait.
+        let now = Instant::now();
+        let repairs = std::mem::take(&mut self.repairs);
+        for repair in repairs {
+            let available =
+                self.mesh.nodes.values().any(|n| n.liveness == Liveness::Live && n.groups.contains_key(&repair.name));
+            if available && repair.next <= now && self.replica.group(&repair.name).is_none() {
+                info!(group = %repair.name, attempt = repair.attempts + 1, "repairing damaged group from a peer");
+                let command = Command::JoinGroup { name: repair.name.clone(), key: repair.key.clone(), repair: true };
+                self.repair_attempts.insert(repair.name.clone(), repair.attempts + 1);
+                self.command(command, PendingReply::Repair { name: repair.name, key: repair.key });
+            } else if self.replica.group(&repair.name).is_none() {
+                self.repairs.push(repair);
+            }
+        }
+    }
+
+    fn peer_addr(&self, node: &str) -> Option<SocketAddr> {
+        self.mesh.nodes.get(node).map(|n| n.addr)
+    }
+}
+
+#[cfg(test)]
+mod permission_tests {
+    use super::open_permissions_warning;
+
+    #[test]
+    fn open_keys_and_world_writable_sockets_are_named() {
+        assert_eq!(open_permissions_warning(0o100600, 0o600), None);
+        assert_eq!(open_permissions_warning(0o600, 0o660), None);
+        let key = open_permissions_warning(0o100644, 0o600).unwrap();
+        assert!(key.contains("readable by others (mode 644)") && key.contains("chmod 600"), "{key}");
+        let socket = open_permissions_warning(0o600, 0o666).unwrap();
+        assert!(socket.contains("every local user"), "{socket}");
+    }
+}

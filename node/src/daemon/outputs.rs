@@ -1,0 +1,483 @@
+//! Executing the replica's outputs: appends and their fsyncs (group commit), sends, publishes,
+//! notifications and replies, reloads and repairs of damaged files, and settling the read view.
+
+use super::*;
+
+impl Daemon {
+    /// Runs the replica's outputs in order, except that a run of appends is written together:
+    /// every append up to the next other persist operation goes into one write and one fsync
+    /// per group file, and the outputs between them wait until that is durable. Waiting longer
+    /// is always safe (an ack, a reply or a heads digest only ever follows its fsync), and
+    /// concurrent writers share the cost of the fsync.
+    pub(super) async fn execute_outputs(&mut self) {
+        // Stale flags first: a vote or an acceptance about to leave makes this node in doubt,
+        // and no read may be served as fresh once it is (the commit may be reported any moment).
+        // Flags only: the contents follow the notifications, which run after their persists.
+        self.settle_freshness();
+        let mut persist_failed: Option<String> = None;
+        let mut failed_groups: Vec<String> = Vec::new();
+        let mut outputs: std::collections::VecDeque<Output> =
+            std::iter::from_fn(|| self.replica.poll_output()).collect();
+        loop {
+            let Some(output) = outputs.pop_front() else {
+                // Outputs queued while these ran (a resumed apply) run in the same batch.
+                outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
+                if outputs.is_empty() {
+                    break;
+                }
+                continue;
+            };
+            match output {
+                Output::Persist(PersistOp::Append { group, records }) => {
+                    let mut appends: Vec<(String, Vec<u8>)> = vec![(group, records)];
+                    // Each waiting output with the number of appends that came before it.
+                    let mut waiting: Vec<(usize, Output)> = Vec::new();
+                    let mut resume = false;
+                    while let Some(next) = outputs.pop_front() {
+                        match next {
+                            Output::Persist(PersistOp::Append { group, records }) => appends.push((group, records)),
+                            Output::Persist(other) => {
+                                outputs.push_front(Output::Persist(other));
+                                break;
+                            }
+                            Output::Resume => {
+                                resume = true;
+                                break;
+                            }
+                            other => waiting.push((appends.len(), other)),
+                        }
+                    }
+                    let order: Vec<String> = appends.iter().map(|(group, _)| group.clone()).collect();
+                    let writing = self.start_appends(appends);
+                    if resume {
+                        // The replica applies while the fsync runs. What it queues belongs to its
+                        // newest deferred apply, which is the last event of the batch (a later
+                        // event would have finished it): those outputs go to the back, after
+                        // everything already queued, and run once the fsync is done.
+                        let now = self.now();
+                        self.replica.handle(now, Input::Resume);
+                        outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
+                    }
+                    let failed = writing.await;
+                    for (group, error) in &failed {
+                        if let Some(reads) = &self.reads {
+                            reads.remove(group);
+                        }
+                        self.mark_degraded(group, error);
+                    }
+                    if failed.is_empty() {
+                        for group in &order {
+                            self.clear_degraded(group);
+                        }
+                    }
+                    // As if run one by one: outputs before the first failed append go out as
+                    // usual, the ones after it see the failure.
+                    let first_failed = order.iter().position(|group| failed.iter().any(|(g, _)| g == group));
+                    for (appends_before, output) in waiting {
+                        if persist_failed.is_none()
+                            && let Some(index) = first_failed
+                            && appends_before > index
+                        {
+                            persist_failed = failed.first().map(|(_, error)| error.clone());
+                        }
+                        self.execute_plain(output, persist_failed.as_deref()).await;
+                    }
+                    if persist_failed.is_none() && first_failed.is_some() {
+                        persist_failed = failed.first().map(|(_, error)| error.clone());
+                    }
+                    failed_groups.extend(failed.into_iter().map(|(group, _)| group));
+                }
+                Output::Persist(op) => {
+                    if let PersistOp::RemoveGroup { group } = &op
+                        && let Some(reads) = &self.reads
+                    {
+                        reads.remove(group);
+                    }
+                    let group = persist_op_group(&op).to_owned();
+                    let create_or_compact = matches!(op, PersistOp::CreateGroup { .. } | PersistOp::Compact { .. });
+                    // Best effort: a lost sync state costs a larger sync, lost members a less
+                    // careful first second after a restart.
+                    let sync_state = matches!(op, PersistOp::SyncState { .. } | PersistOp::Members { .. });
+                    match self.persist(op).await {
+                        Ok(()) if create_or_compact => self.clear_degraded(&group),
+                        Ok(()) => {}
+                        // A sync state is an optimisation: losing one costs a larger sync.
+                        Err(error) if sync_state => warn!(%group, %error, "could not save a sync state"),
+                        Err(error) => {
+                            let text = persist_error_text(&group, &error);
+                            self.mark_degraded(&group, &text);
+                            persist_failed = Some(text);
+                            failed_groups.push(group);
+                        }
+                    }
+                }
+                other => self.execute_plain(other, persist_failed.as_deref()).await,
+            }
+        }
+        if let Some(error) = persist_failed {
+            // Whatever was not made durable is dropped from memory: the replica reloads the
+            // groups from their files and fails what depended on them.
+            failed_groups.sort();
+            failed_groups.dedup();
+            for group in failed_groups {
+                let reloaded = self.reload_group(&group).await;
+                let now = self.now();
+                let input = Input::PersistFailed { group, error: error.clone(), reloaded: reloaded.map(Box::new) };
+                self.replica.handle(now, input);
+            }
+            // Their outputs (error answers, the durable gossip) run in a batch of their own.
+            Box::pin(self.execute_outputs()).await;
+            return;
+        }
+        self.settle_reads();
+    }
+
+    /// A group as its file holds it now (what is durable), for the replica after a failed
+    /// persist; `None` when the file cannot be read (it is then repaired from peers).
+    pub(super) async fn reload_group(&mut self, group: &str) -> Option<LoadedState> {
+        let name = group.to_owned();
+        let read = self.with_store(move |store| store.read_group(&name)).await;
+        let bytes = match read {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(crate::storage::store::StoreError::GroupNotFound { .. })) => return None,
+            Ok(Err(error)) => {
+                error!(%group, %error, "cannot read the group file after a failed write");
+                return None;
+            }
+            Err(error) => {
+                error!(%group, %error, "cannot read the group file after a failed write");
+                return None;
+            }
+        };
+        let file = match konor_crdt::load_group_file(&bytes, self.replica_actor()) {
+            Ok(file) => file,
+            Err(error) => {
+                error!(%group, %error, "the group file does not load after a failed write");
+                return None;
+            }
+        };
+        let name = group.to_owned();
+        let key = self.with_store(move |store| store.read_group_key(&name)).await.ok()?.ok()??;
+        let key = GroupKey::parse(&key).ok()?;
+        let needs_rewrite = {
+            let name = group.to_owned();
+            self.with_store(move |store| store.needs_recovery(&name)).await.unwrap_or(true)
+        };
+        if needs_rewrite {
+            self.rewrites
+                .entry(group.to_owned())
+                .or_insert((Instant::now() + REWRITE_BACKOFF_MIN, REWRITE_BACKOFF_MIN));
+        }
+        Some(LoadedState {
+            damaged: false,
+            doc: file.group,
+            key,
+            tail_changes: file.tail_changes,
+            sync_states: BTreeMap::new(),
+            staged: file.staged,
+            decisions: file.decisions,
+            known_members: Default::default(),
+            ballots: file.ballots,
+        })
+    }
+
+    /// The replica's actor, for loading documents as this node.
+    pub(super) fn replica_actor(&self) -> konor_crdt::ActorId {
+        self.replica_actor.clone()
+    }
+
+    /// A write of `group` to disk failed: the node is degraded until a later one succeeds.
+    pub(super) fn mark_degraded(&mut self, group: &str, error: &str) {
+        self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+        if self.degraded.insert(group.to_owned(), error.to_owned()).is_none() {
+            error!(%group, %error, "disk write failed: node degraded (nothing that was not saved is served or acknowledged)");
+        } else {
+            warn!(%group, %error, "disk write failed again");
+        }
+    }
+
+    pub(super) fn clear_degraded(&mut self, group: &str) {
+        if self.degraded.remove(group).is_some() {
+            info!(%group, "disk writes succeed again: no longer degraded");
+        }
+    }
+
+    /// Rewrites group files a failed fsync left unknown, once their backoff has passed.
+    pub(super) async fn rewrite_due_files(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> =
+            self.rewrites.iter().filter(|(_, (at, _))| *at <= now).map(|(group, _)| group.clone()).collect();
+        for group in due {
+            let Some(file) = self.replica.compacted_file(&group) else {
+                self.rewrites.remove(&group);
+                continue;
+            };
+            let name = group.clone();
+            match self.with_store(move |store| store.replace_group(&name, &file)).await {
+                Ok(Ok(())) => {
+                    self.rewrites.remove(&group);
+                    self.clear_degraded(&group);
+                    warn!(%group, "group file rewritten after a failed write");
+                }
+                Ok(Err(error)) => {
+                    let text = persist_error_text(&group, &error);
+                    if let Some((at, backoff)) = self.rewrites.get_mut(&group) {
+                        *backoff = (*backoff * 2).min(REPAIR_BACKOFF_MAX);
+                        *at = now + *backoff;
+                    }
+                    self.mark_degraded(&group, &text);
+                }
+                Err(error) => warn!(%group, %error, "the store thread failed"),
+            }
+        }
+    }
+
+    /// Runs one output that is not a persist operation; `persist_failed` says an earlier
+    /// persist of this batch failed.
+    pub(super) async fn execute_plain(&mut self, output: Output, persist_failed: Option<&str>) {
+        match output {
+            Output::Persist(op) => {
+                // Callers route persist operations elsewhere; run it rather than lose it.
+                if let Err(error) = self.persist(op).await {
+                    self.stats.persist_failures.fetch_add(1, Ordering::Relaxed);
+                    error!(%error, "persist failed");
+                }
+            }
+            Output::Send { to, message } => {
+                if persist_failed.is_some() {
+                    return;
+                }
+                match self.peer_addr(&to) {
+                    Some(addr) => self.network.send(addr, Some(&to), Channel::Replica, message.encode()),
+                    None => warn!(peer = %to, "no address known for peer; message dropped"),
+                }
+            }
+            Output::Reply { id, result } => {
+                let result = match (persist_failed, result) {
+                    (Some(error), Ok(_)) => Err(error.to_owned()),
+                    (_, result) => Ok(result),
+                };
+                self.reply(id, result);
+            }
+            // After a failed persist nothing further is announced: watchers and gossip must
+            // not learn of state that is not on disk (gossiped heads count as acks).
+            Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
+            Output::Notify(notification) => {
+                if let Some(reads) = &self.reads {
+                    reads.apply(&notification);
+                }
+                self.notify(notification);
+            }
+            Output::Publish { group, gossip } => {
+                let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
+                self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
+            }
+            Output::Dropped { from, reason } => {
+                self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
+                warn!(peer = %from, %reason, "peer message dropped");
+            }
+            // Not after an append run (the replica resumed already): the outputs it queues are
+            // picked up before the batch ends.
+            Output::Resume => {
+                let now = self.now();
+                self.replica.handle(now, Input::Resume);
+            }
+        }
+    }
+
+    /// Brings the read view in line with the replica after a batch: groups that appeared, or
+    /// whose revision moved without a notification (load, join, repair), are copied whole;
+    /// stale flags follow fencing; groups that were left go.
+    pub(super) fn settle_reads(&self) {
+        self.settle_view(true);
+    }
+
+    /// Refreshes the stale flags of the groups in the read view, copying nothing in: what the
+    /// replica holds may include changes whose persist has not run yet.
+    pub(super) fn settle_freshness(&self) {
+        self.settle_view(false);
+    }
+
+    pub(super) fn settle_view(&self, copy_contents: bool) {
+        let Some(reads) = &self.reads else { return };
+        let present: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
+        let mut fresh = BTreeMap::new();
+        for name in &present {
+            let Some(doc) = self.replica.group(name) else { continue };
+            let revision = self.replica.revision(name).unwrap_or(0);
+            if copy_contents && reads.revision(name) != Some(revision) {
+                let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
+                let changed = self.last_change.get(name).copied().unwrap_or(self.started);
+                let read = GroupRead {
+                    settings,
+                    revision,
+                    version: doc.latest_label(),
+                    changed,
+                    stale: true,
+                    stale_reason: None,
+                    fresh_until: None,
+                    block: false,
+                };
+                reads.replace(name, read);
+            }
+            let block = doc.policy().fencing == Fencing::Block && doc.mode() == Mode::Strong;
+            let mut state = match self.replica.freshness(name) {
+                Ok(until) => Fresh { stale_reason: None, fresh_until: until.map(|at| self.instant_at(at)), block },
+                Err(reason) => Fresh { stale_reason: Some(reason), fresh_until: None, block },
+            };
+            // The replica may already hold changes whose persist (and so whose notification)
+            // has not run: the view serves older contents until it has, and must not call them
+            // fresh (found by the fault tests: a joiner served the version before a commit as
+            // fresh for a moment, between applying the commit and saving it).
+            if !copy_contents
+                && doc.mode() == Mode::Strong
+                && state.stale_reason.is_none()
+                && reads.revision(name).is_some_and(|shown| shown != revision)
+            {
+                state.stale_reason = Some("a change is being saved here".to_owned());
+            }
+            fresh.insert(name.clone(), state);
+        }
+        reads.settle(&present, &fresh);
+    }
+
+    /// Queues a failed repair again, with a longer wait.
+    pub(super) fn queue_repair(&mut self, name: String, key: GroupKey, attempts: u32, error: &str) {
+        let backoff = REPAIR_BACKOFF_MIN.saturating_mul(1 << attempts.min(5)).min(REPAIR_BACKOFF_MAX);
+        warn!(group = %name, %error, retry_in = ?backoff, "repair from a peer failed; it is tried again");
+        self.repairs.push(Repair { name, key, next: Instant::now() + backoff, attempts });
+    }
+
+    /// Runs `work` on the store where [`StoreIo`] says.
+    pub(super) async fn with_store<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Store) -> T + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let store = self.store.clone();
+        let run = move || work(&mut store.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        match self.store_io {
+            StoreIo::Inline => Ok(run()),
+            StoreIo::Blocking => tokio::task::spawn_blocking(run).await.context("the store thread failed"),
+        }
+    }
+
+    /// Starts appending every record, grouped by file in order, with one write and one fsync
+    /// per file: at once on a blocking thread ([`StoreIo::Blocking`]), or right here
+    /// ([`StoreIo::Inline`]). The future answers the groups whose append failed, with the error.
+    pub(super) fn start_appends(
+        &self,
+        appends: Vec<(String, Vec<u8>)>,
+    ) -> impl std::future::Future<Output = Vec<(String, String)>> + 'static {
+        let mut by_group: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+        for (group, records) in appends {
+            by_group.entry(group).or_default().push(records);
+        }
+        let groups: Vec<String> = by_group.keys().cloned().collect();
+        let store = self.store.clone();
+        let write = move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut failed = Vec::new();
+            for (group, records) in &by_group {
+                let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+                if let Err(error) = store.append_batch(group, &parts) {
+                    failed.push((group.clone(), persist_error_text(group, &error)));
+                }
+            }
+            failed
+        };
+        // Inline: written now, the future only hands the result over. Blocking: running now
+        // on the blocking pool, the future waits for it.
+        let (written, running) = match self.store_io {
+            StoreIo::Inline => (write(), None),
+            StoreIo::Blocking => (Vec::new(), Some(tokio::task::spawn_blocking(write))),
+        };
+        async move {
+            let Some(running) = running else { return written };
+            running.await.unwrap_or_else(|error| {
+                groups.into_iter().map(|group| (group, format!("the store thread failed: {error}"))).collect()
+            })
+        }
+    }
+
+    pub(super) async fn persist(&mut self, op: PersistOp) -> anyhow::Result<()> {
+        if let PersistOp::RemoveGroup { group } = &op {
+            self.watchers.remove(group);
+        }
+        self.with_store(move |store| -> anyhow::Result<()> {
+            match op {
+                PersistOp::CreateGroup { group, file, key } => {
+                    store.write_group_key(&group, &key.to_text())?;
+                    store.create_group(&group, &file)?;
+                }
+                PersistOp::Append { group, records } => store.append(&group, &records)?,
+                PersistOp::Compact { group, file } => store.replace_group(&group, &file)?,
+                PersistOp::RemoveGroup { group } => {
+                    store.remove_group(&group)?;
+                }
+                PersistOp::SyncState { group, peer, state } => store.write_sync_state(&group, &peer, &state)?,
+                PersistOp::Members { group, members } => store.write_members(&group, &members)?,
+            }
+            Ok(())
+        })
+        .await?
+    }
+
+    pub(super) fn reply(&mut self, id: u64, result: Result<Result<CommandOutcome, CommandError>, String>) {
+        let Some(pending) = self.pending.remove(&id) else { return };
+        let (sender, key) = match pending {
+            PendingReply::Plain(sender) => (sender, None),
+            PendingReply::Created { reply, key } => (reply, Some(key)),
+            PendingReply::Repair { name, key } => {
+                let attempts = self.repair_attempts.get(&name).copied().unwrap_or(1);
+                match result {
+                    Ok(Ok(_)) => {
+                        info!(group = %name, "group repaired from a peer");
+                        self.repair_attempts.remove(&name);
+                    }
+                    Ok(Err(CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_))) => {}
+                    Ok(Err(error)) => self.queue_repair(name, key, attempts, &error.to_string()),
+                    Err(error) => self.queue_repair(name, key, attempts, &error),
+                }
+                return;
+            }
+        };
+        let response = match result {
+            Err(persist_error) => error_response(
+                ErrorCode::NotDurable,
+                format!(
+                    "{persist_error}; the write is not acknowledged by this node and nothing of it is served here (it may still reach the members it was sent to: read the group before retrying)"
+                ),
+            ),
+            Ok(Err(error)) => command_error_response(&error),
+            Ok(Ok(CommandOutcome::Committed(receipt))) => Response::Committed {
+                group: receipt.group,
+                version: receipt.label,
+                revision: receipt.revision,
+                content_hash: receipt.version.content_hash.get(..12).unwrap_or_default().to_owned(),
+                acked_by: receipt.acked_by,
+            },
+            Ok(Ok(CommandOutcome::Created { name })) => Response::GroupCreated { name, key: key.unwrap_or_default() },
+            Ok(Ok(CommandOutcome::Joined { name, version })) => Response::Joined { name, version },
+            Ok(Ok(CommandOutcome::Left { .. })) => Response::Done,
+            Ok(Ok(CommandOutcome::Reconfigured { group, configuration })) => {
+                Response::Reconfigured { group, configuration }
+            }
+        };
+        let _ = sender.send(response);
+    }
+
+    pub(super) fn notify(&mut self, notification: Notification) {
+        self.last_change.insert(notification.group.clone(), Instant::now());
+        let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
+        let event = WatchEvent::Change {
+            group: notification.group.clone(),
+            revision: notification.revision,
+            version: notification.version.clone(),
+            set: notification.set.clone(),
+            removed: notification.removed.clone(),
+        };
+        // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
+        // from its last revision, so it misses nothing.
+        watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
+    }
+}

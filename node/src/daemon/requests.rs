@@ -1,0 +1,420 @@
+//! Answering local calls: reads (from the replica, or held until a `block` group is fresh),
+//! writes and group commands handed to the replica, watches, and the status and nodes views.
+
+use super::*;
+
+impl Daemon {
+    /// The instant of a replica time.
+    pub(super) fn instant_at(&self, at: Millis) -> Instant {
+        self.started + Duration::from_millis(at.0)
+    }
+
+    /// True for a read of a strong group with the `block` fencing policy while this node cannot
+    /// prove it is fresh.
+    pub(super) fn must_block(&self, request: &Request) -> bool {
+        let group = match request {
+            Request::Get { group, .. } | Request::Snapshot { group } => group,
+            _ => return false,
+        };
+        self.replica.group(group).is_some_and(|doc| doc.policy().fencing == Fencing::Block)
+            && self.replica.is_fenced(group)
+    }
+
+    /// Holds a read until this node is fresh (fencing policy `block`), bounded in time and count.
+    pub(super) fn block_read(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
+        let group = match &request {
+            Request::Get { group, .. } | Request::Snapshot { group } => group.clone(),
+            _ => return,
+        };
+        if self.blocked_reads.len() >= BLOCKED_READS_MAX {
+            let reason = self.replica.fencing_reason(&group).unwrap_or_default();
+            let message =
+                format!("group {group:?} cannot be read fresh here ({reason}) and too many reads wait already");
+            return send(reply, error_response(ErrorCode::Unavailable, message));
+        }
+        let deadline = Instant::now() + BLOCKED_READ_TIMEOUT;
+        self.blocked_reads.push(BlockedRead { group, request, client, reply, deadline });
+    }
+
+    /// Answers held reads whose node is fresh again, and fails those past their deadline.
+    pub(super) fn answer_blocked_reads(&mut self) {
+        if self.blocked_reads.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let held = std::mem::take(&mut self.blocked_reads);
+        for read in held {
+            if !self.replica.is_fenced(&read.group) {
+                self.handle_request(read.client, read.request, read.reply);
+            } else if read.deadline <= now {
+                let reason = self.replica.fencing_reason(&read.group).unwrap_or_default();
+                let message = format!(
+                    "group {:?} could not be read fresh within {BLOCKED_READ_TIMEOUT:?}: {reason} (the group's fencing policy is block)",
+                    read.group
+                );
+                send(read.reply, error_response(ErrorCode::Unavailable, message));
+            } else {
+                self.blocked_reads.push(read);
+            }
+        }
+    }
+
+    pub(super) fn freshness(&self, group: &str) -> Freshness {
+        let doc = self.replica.group(group);
+        let stale_reason = self.replica.fencing_reason(group);
+        Freshness {
+            revision: self.replica.revision(group).unwrap_or(0),
+            version: doc.map(|d| d.latest_label()).unwrap_or_default(),
+            age_ms: self
+                .last_change
+                .get(group)
+                .map_or_else(|| self.started.elapsed().as_millis() as u64, |at| at.elapsed().as_millis() as u64),
+            stale: stale_reason.is_some(),
+            stale_reason,
+        }
+    }
+
+    pub(super) fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
+        let author = if meta.author.is_empty() { format!("{}@{}", client.process, self.node_id) } else { meta.author };
+        CommitMeta::new(author, meta.message, self.wall_clock())
+    }
+
+    pub(super) fn handle_call(&mut self, call: LocalCall) {
+        match call {
+            LocalCall::Request { client, request, reply } => self.handle_request(client, request, reply),
+            LocalCall::Watch { client, group, from_revision, events, reply } => {
+                let response = self.start_watch(&client, &group, from_revision, events);
+                let _ = reply.send(response);
+            }
+            LocalCall::Disconnected { connection } => {
+                for watchers in self.watchers.values_mut() {
+                    watchers.retain(|w| w.connection != connection);
+                }
+            }
+        }
+    }
+
+    pub(super) fn start_watch(
+        &mut self,
+        client: &ClientInfo,
+        group: &str,
+        from_revision: Option<u64>,
+        events: mpsc::Sender<WatchEvent>,
+    ) -> Response {
+        let Some(doc) = self.replica.group(group) else {
+            return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
+        };
+        let revision = self.replica.revision(group).unwrap_or(0);
+        if let Some(from) = from_revision {
+            // A backlog that would fill most of the watcher's queue is replaced by one resync.
+            let backlog = match self.replica.events_since(group, from) {
+                Some(EventsSince::Events(backlog)) if backlog.len() < socket::WATCH_QUEUE_EVENTS / 2 => Some(backlog),
+                _ => None,
+            };
+            match backlog {
+                Some(backlog) => {
+                    for notification in backlog {
+                        let event = WatchEvent::Change {
+                            group: notification.group,
+                            revision: notification.revision,
+                            version: notification.version,
+                            set: notification.set,
+                            removed: notification.removed,
+                        };
+                        if events.try_send(event).is_err() {
+                            return error_response(ErrorCode::Internal, "watch queue full");
+                        }
+                    }
+                }
+                None => {
+                    let settings = doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect();
+                    let event =
+                        WatchEvent::Resync { group: group.to_owned(), revision, version: doc.latest_label(), settings };
+                    if events.try_send(event).is_err() {
+                        return error_response(ErrorCode::Internal, "watch queue full");
+                    }
+                }
+            }
+        }
+        self.watchers.entry(group.to_owned()).or_default().push(Watcher { connection: client.connection, events });
+        Response::Watching { group: group.to_owned(), revision }
+    }
+
+    pub(super) fn handle_request(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
+        let unknown = |group: &str| {
+            error_response(
+                ErrorCode::UnknownGroup,
+                format!("group {group:?} does not exist on this node (create it, or join it with its key)"),
+            )
+        };
+        let response = match request {
+            Request::Get { .. } | Request::Snapshot { .. } if self.must_block(&request) => {
+                return self.block_read(client, request, reply);
+            }
+            Request::Get { group, key } => match self.replica.group(&group) {
+                Some(doc) => {
+                    Response::Value { value: doc.get(&key).cloned(), freshness: self.freshness(&group), group, key }
+                }
+                None => unknown(&group),
+            },
+            Request::Snapshot { group } => match self.replica.group(&group) {
+                Some(doc) => Response::Snapshot {
+                    settings: doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect(),
+                    content_hash: doc.settings().content_hash().to_hex(),
+                    freshness: self.freshness(&group),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::ReportApply { group, version, revision, result } => {
+                let row = ProcessRow {
+                    pid: client.pid,
+                    process: client.process.clone(),
+                    version,
+                    revision,
+                    result,
+                    time_ms: self.wall_clock().0,
+                };
+                self.processes.entry(group).or_default().insert((client.connection, client.pid), ProcessReport { row });
+                Response::Done
+            }
+            Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
+                let mode: Mode = match mode.parse() {
+                    Ok(mode) => mode,
+                    Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                };
+                let mut policy = GroupPolicy::default();
+                if let Some(ms) = evict_after_ms {
+                    if ms < konor_crdt::limits::EVICT_AFTER_MIN_MS {
+                        let message = format!(
+                            "evict_after {ms} ms is below the minimum of {} ms (a member's read lease must run out before it is evicted)",
+                            konor_crdt::limits::EVICT_AFTER_MIN_MS
+                        );
+                        return send(reply, error_response(ErrorCode::BadRequest, message));
+                    }
+                    policy.evict_after = Millis(ms);
+                }
+                if let Some(text) = fencing {
+                    match text.parse::<Fencing>() {
+                        Ok(fencing) => policy.fencing = fencing,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    }
+                }
+                let key = match key {
+                    Some(text) => match GroupKey::parse(&text) {
+                        Ok(key) => key,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    },
+                    None => self.draw_key(),
+                };
+                let meta =
+                    CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", self.wall_clock());
+                let text = key.to_text();
+                self.command(
+                    Command::CreateGroup { name, mode, key, meta, policy },
+                    PendingReply::Created { reply, key: text },
+                );
+                return;
+            }
+            Request::GroupJoin { name, key } => match GroupKey::parse(&key) {
+                Ok(key) => {
+                    return self.command(Command::JoinGroup { name, key, repair: false }, PendingReply::Plain(reply));
+                }
+                Err(message) => error_response(ErrorCode::BadRequest, message),
+            },
+            Request::GroupLeave { name, force } => {
+                return self.command(Command::LeaveGroup { name, force }, PendingReply::Plain(reply));
+            }
+            Request::GroupRemove { group, nodes, force } => {
+                let message = format!("remove {}{}", nodes.join(", "), if force { " (forced)" } else { "" });
+                let meta = CommitMeta::new(format!("{}@{}", client.process, self.node_id), message, self.wall_clock());
+                let command = Command::RemoveMember { group, nodes, force, meta };
+                return self.command(command, PendingReply::Plain(reply));
+            }
+            Request::GroupList => Response::Groups { groups: self.group_rows() },
+            Request::Set { group, entries, meta } => {
+                let meta = self.write_meta(&client, meta);
+                let entries = entries.into_iter().collect();
+                return self.command(Command::Set { group, entries, meta }, PendingReply::Plain(reply));
+            }
+            Request::Delete { group, keys, meta } => {
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Delete { group, keys, meta }, PendingReply::Plain(reply));
+            }
+            Request::Apply { group, format, text, meta } => match format.parse::<FileFormat>() {
+                Ok(format) => {
+                    let meta = self.write_meta(&client, meta);
+                    return self.command(Command::Apply { group, format, text, meta }, PendingReply::Plain(reply));
+                }
+                Err(error) => error_response(ErrorCode::BadRequest, error.to_string()),
+            },
+            Request::Rollback { group, version, meta } => {
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
+            }
+            Request::History { group } => match self.replica.group(&group) {
+                Some(doc) => Response::History {
+                    versions: doc
+                        .history()
+                        .map(|v| VersionRow {
+                            label: doc.label(&v.id),
+                            author: v.author.clone(),
+                            time_ms: v.time.0,
+                            message: v.message.clone(),
+                            kind: v.kind.name().to_owned(),
+                            content_hash: v.content_hash.get(..12).unwrap_or_default().to_owned(),
+                            parents: v.parents.iter().map(|p| doc.label(p)).collect(),
+                        })
+                        .collect(),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::Diff { group, from, to } => match self.replica.group(&group) {
+                Some(doc) => {
+                    let ids = doc
+                        .resolve(&from)
+                        .map(|a| a.id.clone())
+                        .and_then(|a| doc.resolve(&to).map(|b| (a, b.id.clone())));
+                    match ids.and_then(|(a, b)| doc.diff(&a, &b)) {
+                        Ok(diff) => Response::Diff {
+                            added: diff.added.into_iter().collect(),
+                            removed: diff.removed.into_iter().collect(),
+                            changed: diff.changed.into_iter().map(|c| (c.key, (c.old, c.new))).collect(),
+                            group,
+                        },
+                        Err(error) => error_response(ErrorCode::NotFound, error.to_string()),
+                    }
+                }
+                None => unknown(&group),
+            },
+            Request::Conflicts { group } => match self.replica.group(&group) {
+                Some(doc) => Response::Conflicts {
+                    conflicts: doc
+                        .conflicts()
+                        .into_iter()
+                        .map(|c| ConflictRow {
+                            key: c.key,
+                            winner: c.winner.value,
+                            winner_version: c.winner.version.map(|v| doc.label(&v)),
+                            losers: c.losers.into_iter().map(|l| (l.value, l.version.map(|v| doc.label(&v)))).collect(),
+                        })
+                        .collect(),
+                    group,
+                },
+                None => unknown(&group),
+            },
+            Request::Nodes => Response::Nodes { nodes: self.node_rows() },
+            Request::Status { group } => self.status(&group),
+            Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } => {
+                error_response(ErrorCode::Protocol, "handled by the socket layer")
+            }
+        };
+        send(reply, response);
+    }
+
+    pub(super) fn group_rows(&self) -> Vec<GroupRow> {
+        self.replica
+            .group_names()
+            .filter_map(|name| {
+                let doc = self.replica.group(name)?;
+                let mut members: Vec<String> =
+                    self.replica.members(name).into_iter().map(|(node, _, _)| node).collect();
+                members.push(self.node_id.clone());
+                members.sort();
+                Some(GroupRow {
+                    name: name.to_owned(),
+                    mode: doc.mode().to_string(),
+                    version: doc.latest_label(),
+                    revision: self.replica.revision(name).unwrap_or(0),
+                    keys: doc.settings().len(),
+                    members,
+                })
+            })
+            .collect()
+    }
+
+    pub(super) fn node_rows(&self) -> Vec<NodeRow> {
+        self.mesh
+            .nodes
+            .values()
+            .map(|node| NodeRow {
+                id: node.id.clone(),
+                address: node.addr.to_string(),
+                labels: node.labels.clone(),
+                state: match node.liveness {
+                    Liveness::Live => "live",
+                    Liveness::Unknown => "unknown",
+                    Liveness::Dead => "dead",
+                    Liveness::Leaving => "leaving",
+                }
+                .to_owned(),
+                last_heartbeat_ms: node.heartbeat_age.map(|age| age.as_millis() as u64),
+                is_self: node.id == self.node_id,
+                degraded: (node.id == self.node_id).then(|| self.degraded_text()).flatten(),
+            })
+            .collect()
+    }
+
+    pub(super) fn status(&self, group: &str) -> Response {
+        let Some(doc) = self.replica.group(group) else {
+            return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
+        };
+        let mut nodes = vec![NodeGroupRow {
+            node: self.node_id.clone(),
+            version: doc.latest_label(),
+            revision: self.replica.revision(group).unwrap_or(0),
+            heads: doc.heads_digest().to_string(),
+            live: true,
+        }];
+        for (node, live, gossip) in self.replica.members(group) {
+            nodes.push(NodeGroupRow {
+                node,
+                version: gossip.version,
+                revision: gossip.revision,
+                heads: gossip.digest.to_string(),
+                live,
+            });
+        }
+        nodes.sort_by(|a, b| a.node.cmp(&b.node));
+        let processes = self
+            .processes
+            .get(group)
+            .map(|reports| reports.values().map(|report| report.row.clone()).collect())
+            .unwrap_or_default();
+        let quorum = self.replica.quorum_info(group);
+        Response::Status {
+            group: group.to_owned(),
+            mode: doc.mode().to_string(),
+            nodes,
+            processes,
+            members: quorum.as_ref().map(|q| q.members.clone()).unwrap_or_default(),
+            live: quorum.as_ref().map(|q| q.live.clone()).unwrap_or_default(),
+            quorum: quorum.as_ref().map_or(1, |q| q.quorum),
+            last_write: quorum.as_ref().and_then(|q| q.last_commit.clone()),
+            fenced: quorum.as_ref().is_some_and(|q| q.fenced),
+            fenced_reason: quorum.as_ref().and_then(|q| q.fenced_reason.clone()),
+            configuration: quorum.as_ref().and_then(|q| q.configuration.as_ref().map(ToString::to_string)),
+            unknown: quorum.as_ref().map(|q| q.unknown.clone()).unwrap_or_default(),
+            degraded: self.degraded_text(),
+        }
+    }
+
+    /// Why this node is degraded (a failed write to its disk), if it is.
+    pub(super) fn degraded_text(&self) -> Option<String> {
+        let errors: Vec<&str> = self.degraded.values().map(String::as_str).collect();
+        (!errors.is_empty()).then(|| errors.join("; "))
+    }
+}
+
+pub(super) fn send(reply: oneshot::Sender<Response>, response: Response) {
+    let _ = reply.send(response);
+}
+
+/// Used by `ApplyResult` consumers in tests and status rendering.
+pub fn apply_result_text(result: &ApplyResult) -> String {
+    match result {
+        ApplyResult::Ok => "ok".to_owned(),
+        ApplyResult::Error { message } => format!("error: {message}"),
+    }
+}
