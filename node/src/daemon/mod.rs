@@ -592,6 +592,27 @@ fn persist_error_text(group: &str, error: &dyn std::fmt::Display) -> String {
     }
 }
 
+/// Logs each peer whose state changed between two views (issue 12: an operator reads node
+/// up, down and leave in the log). A peer turning `unknown` (this node starting or resuming) is
+/// not news, so an ordinary restart logs each peer once, as live.
+fn log_liveness_changes(before: &MeshView, after: &MeshView, self_id: &str) {
+    for node in after.nodes.values().filter(|node| node.id != self_id) {
+        let previous = before.nodes.get(&node.id).map(|old| old.liveness);
+        if previous == Some(node.liveness) {
+            continue;
+        }
+        let since = node.heartbeat_age.map(|age| age.as_millis() as u64);
+        match node.liveness {
+            Liveness::Live => info!(node = %node.id, addr = %node.addr, "node is live"),
+            Liveness::Dead => {
+                warn!(node = %node.id, silent_ms = ?since, "node is dead: no heartbeat within the detection bound")
+            }
+            Liveness::Leaving => info!(node = %node.id, "node is leaving (graceful shutdown)"),
+            Liveness::Unknown => {}
+        }
+    }
+}
+
 fn system_clock() -> Millis {
     Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
 }
@@ -690,6 +711,7 @@ impl Daemon {
             peers.insert(node.id.clone(), PeerState { liveness, groups, left: node.left_groups.clone() });
         }
         let membership = MembershipView { peers };
+        log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
         // The first view always goes in, even an empty one: a node alone in its mesh must learn
         // that it has seen its view (strong groups stay fenced until then).

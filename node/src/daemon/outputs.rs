@@ -441,6 +441,7 @@ impl Daemon {
                 return;
             }
         };
+        log_outcome(&result);
         let response = match result {
             Err(persist_error) => error_response(
                 ErrorCode::NotDurable,
@@ -479,5 +480,22 @@ impl Daemon {
         // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
         // from its last revision, so it misses nothing.
         watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
+    }
+}
+
+/// Logs what an operator looks for in a command's outcome (issue 12): groups created, joined,
+/// left and reconfigured at INFO; writes not committed and refused joins at WARN. Committed writes
+/// are not logged (they are the normal case, and many).
+fn log_outcome(result: &Result<Result<CommandOutcome, CommandError>, String>) {
+    match result {
+        Ok(Ok(CommandOutcome::Created { name })) => info!(group = %name, "group created"),
+        Ok(Ok(CommandOutcome::Joined { name, version })) => info!(group = %name, %version, "group joined"),
+        Ok(Ok(CommandOutcome::Left { name })) => info!(group = %name, "group left"),
+        Ok(Ok(CommandOutcome::Reconfigured { group, configuration })) => {
+            info!(%group, %configuration, "strong group reconfigured")
+        }
+        Ok(Ok(CommandOutcome::Committed(_))) => {}
+        Ok(Err(error)) => warn!(%error, "command refused or not committed"),
+        Err(persist_error) => warn!(error = %persist_error, "write not durable on this node"),
     }
 }
