@@ -125,8 +125,7 @@ impl SyncPeer {
 
     /// Restores a persisted state.
     pub fn decode(bytes: &[u8]) -> Result<SyncPeer, RemoteError> {
-        let state = sync::State::decode(bytes)
-            .map_err(|e| RemoteError::Malformed { what: "sync state", detail: e.to_string() })?;
+        let state = shielded("sync state", || sync::State::decode(bytes).map_err(|e| e.to_string()))?;
         Ok(SyncPeer { state })
     }
 
@@ -136,6 +135,19 @@ impl SyncPeer {
     pub fn reset_after_disconnect(&mut self) {
         let persisted = self.state.encode();
         self.state = sync::State::decode(&persisted).unwrap_or_default();
+    }
+}
+
+/// Runs an Automerge decoder on bytes from outside (a peer, a file). Automerge 0.12 can panic on
+/// malformed bytes instead of returning an error: fuzzing found `Change::try_from` unwrapping a
+/// `None` in its RLE decoder (hexane 1.0.0-alpha.5, `rle/decoder.rs:216`) on 32 bytes. Such a
+/// panic becomes the same refusal as an error. The decoders build new values only, so nothing is
+/// left half-changed; applying decoded changes to a document is not shielded (a panic there
+/// could leave it inconsistent) and is only ever given what decoded cleanly.
+pub(crate) fn shielded<T>(what: &'static str, decode: impl FnOnce() -> Result<T, String>) -> Result<T, RemoteError> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
+        Ok(result) => result.map_err(|detail| RemoteError::Malformed { what, detail }),
+        Err(_) => Err(RemoteError::Malformed { what, detail: "the decoder failed on malformed bytes".to_owned() }),
     }
 }
 
@@ -182,7 +194,7 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RemoteError> {
     if bytes.len() > CHANGE_BYTES_MAX {
         return Err(RemoteError::TooLarge { what: "change", bytes: bytes.len(), max: CHANGE_BYTES_MAX });
     }
-    Change::try_from(bytes).map_err(|e| RemoteError::Malformed { what: "change", detail: e.to_string() })
+    shielded("change", || Change::try_from(bytes).map_err(|e| e.to_string()))
 }
 
 impl GroupDoc {
@@ -340,15 +352,13 @@ impl GroupDoc {
             }
             .into());
         }
-        let message = sync::Message::decode(bytes)
-            .map_err(|e| RemoteError::Malformed { what: "sync message", detail: e.to_string() })?;
+        let message = shielded("sync message", || sync::Message::decode(bytes).map_err(|e| e.to_string()))?;
         let mut decoded = Vec::new();
         for carried in message.changes.iter() {
             for chunk in split_chunks(carried)? {
                 if chunk[8] == CHUNK_TYPE_DOCUMENT {
                     // A far-behind peer is sent a whole document: load it aside, take what we lack.
-                    let other = Automerge::load(chunk)
-                        .map_err(|e| RemoteError::Malformed { what: "sync message", detail: e.to_string() })?;
+                    let other = shielded("sync message", || Automerge::load(chunk).map_err(|e| e.to_string()))?;
                     decoded.extend(self.doc.get_changes_added(&other));
                 } else {
                     decoded.push(decode_change(chunk)?);
@@ -367,6 +377,17 @@ impl GroupDoc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (issue 12): 32 bytes on which Automerge 0.12's change decoder panics
+    /// (an unwrap in hexane's RLE decoder). Refused as malformed, like any other garbage.
+    #[test]
+    fn regression_a_change_that_panics_automerges_decoder_is_refused() {
+        let bytes = [
+            0x85, 0x6f, 0x4a, 0x83, 0xff, 0x00, 0x28, 0x4a, 0x03, 0x0b, 0x00, 0x02, 0x00, 0x00, 0x00, 0x01, 0x23, 0x01,
+            0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x44, 0x02, 0x00, 0x00, 0x00, 0x00, 0x29, 0x00,
+        ];
+        assert!(matches!(decode_change(&bytes), Err(RemoteError::Malformed { what: "change", .. })));
+    }
 
     #[test]
     fn heads_digest_ignores_order_and_round_trips() {

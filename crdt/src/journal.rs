@@ -324,7 +324,9 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
         let decoded = match record.kind {
             RecordKind::Change => decode_change(record.payload).map(|change| vec![change]).ok(),
             RecordKind::Snapshot => {
-                Automerge::load(record.payload).ok().map(|other| group.doc.get_changes_added(&other))
+                crate::exchange::shielded("snapshot", || Automerge::load(record.payload).map_err(|e| e.to_string()))
+                    .ok()
+                    .map(|other| group.doc.get_changes_added(&other))
             }
             RecordKind::Meta => {
                 meta = Some(record.payload.to_vec());
