@@ -56,6 +56,10 @@ const TICK_MIN: Duration = Duration::from_millis(1);
 /// Local calls queued before socket readers wait.
 const CALL_QUEUE_MAX: usize = 1024;
 
+/// A process's apply report (F16) keeps at most this much of its error message: enough to say
+/// why a callback refused settings; rows are kept per connection and group while it is open.
+const REPORT_MESSAGE_BYTES_MAX: usize = 1024;
+
 /// How long a graceful shutdown lets the leaving flag spread before stopping gossip.
 const LEAVE_GOSSIP_ROUNDS: u32 = 3;
 

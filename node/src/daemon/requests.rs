@@ -90,6 +90,11 @@ impl Daemon {
                 for watchers in self.watchers.values_mut() {
                     watchers.retain(|w| w.connection != connection);
                 }
+                // A process's report rows (F16) live as long as its connection (issue 12).
+                for rows in self.processes.values_mut() {
+                    rows.retain(|(row_connection, _), _| *row_connection != connection);
+                }
+                self.processes.retain(|_, rows| !rows.is_empty());
             }
         }
     }
@@ -167,6 +172,21 @@ impl Daemon {
                 None => unknown(&group),
             },
             Request::ReportApply { group, version, revision, result } => {
+                // Rows only for groups this node holds, each message bounded: a client cannot
+                // grow the daemon's memory with made-up group names or long messages.
+                if self.replica.group(&group).is_none() {
+                    return send(reply, unknown(&group));
+                }
+                let result = match result {
+                    ApplyResult::Error { message } if message.len() > REPORT_MESSAGE_BYTES_MAX => {
+                        let mut cut = REPORT_MESSAGE_BYTES_MAX;
+                        while !message.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        ApplyResult::Error { message: format!("{}...", &message[..cut]) }
+                    }
+                    other => other,
+                };
                 let row = ProcessRow {
                     pid: client.pid,
                     process: client.process.clone(),

@@ -286,3 +286,52 @@ async fn three_hundred_silent_connections_do_not_lock_clients_out() {
     }
     drop(silent);
 }
+
+/// Issue 12: a process's apply reports (F16) live as long as its connection, and only for groups
+/// the node holds: reconnecting clients and made-up group names cannot grow the daemon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_rows_die_with_their_connection_and_need_a_held_group() {
+    use crate::harness::{eventually, group_on_all};
+    use konor_sdk::protocol::{ApplyResult, ErrorCode, Request, Response};
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let client = n1.client().await;
+    group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
+    let rows = |client: konor_sdk::client::Client| async move {
+        match client.call(Request::Status { group: "app".into() }).await {
+            Ok(Response::Status { processes, .. }) => Some(processes.len()),
+            _ => None,
+        }
+    };
+    let report = |group: &str| Request::ReportApply {
+        group: group.into(),
+        version: "v1".into(),
+        revision: 1,
+        result: ApplyResult::Error { message: "x".repeat(100_000) },
+    };
+    for _ in 0..5 {
+        let reporter = konor_sdk::client::Client::connect(&n1.socket).await.unwrap();
+        assert_eq!(reporter.call(report("app")).await.unwrap(), Response::Done);
+        assert_eq!(rows(client.clone()).await, Some(1), "the open connection's row is shown");
+        let Ok(Response::Status { processes, .. }) = client.call(Request::Status { group: "app".into() }).await else {
+            panic!("status")
+        };
+        let ApplyResult::Error { message } = &processes[0].result else { panic!("{processes:?}") };
+        assert!(message.len() <= 1024 + 3, "a report keeps at most 1 KiB of its message, not {}", message.len());
+        let refused = reporter.call(report("made-up")).await;
+        assert!(
+            matches!(refused, Err(konor_sdk::client::SdkError::Daemon { code: ErrorCode::UnknownGroup, .. })),
+            "{refused:?}"
+        );
+        drop(reporter);
+        eventually("the row goes with its connection", || async {
+            (rows(client.clone()).await == Some(0)).then_some(())
+        })
+        .await;
+    }
+    let Ok(Response::Status { processes, .. }) = client.call(Request::Status { group: "app".into() }).await else {
+        panic!("status")
+    };
+    assert!(processes.is_empty());
+}
