@@ -8,7 +8,8 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The crates' source folders, relative to the workspace root.
-const SOURCE_DIRS: &[&str] = &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src"];
+const SOURCE_DIRS: &[&str] =
+    &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src", "fuzz/src", "fuzz/tests"];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
@@ -53,7 +54,7 @@ fn architecture_names_only_files_that_exist() {
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
     let mut files = Vec::new();
-    for dir in ["crdt", "node", "sdk", "sim", "bench", "examples"] {
+    for dir in ["crdt", "node", "sdk", "sim", "bench", "examples", "fuzz"] {
         rust_files(&root, &root.join(dir), &mut files);
     }
     let stale: Vec<String> =

@@ -36,7 +36,7 @@ struct Args {
     /// Address of an existing node to join through (repeatable).
     #[arg(long = "seed")]
     seeds: Vec<String>,
-    /// Unix socket for SDKs and konorctl [default: <data-dir>/konord.sock].
+    /// Unix socket for SDKs and konorctl (default: `<data-dir>/konord.sock`).
     #[arg(long)]
     socket: Option<PathBuf>,
     /// Socket file mode, octal [default: 600: only the daemon's user may connect].
@@ -45,8 +45,8 @@ struct Args {
     /// Label key=value (repeatable), e.g. region=eu-west.
     #[arg(long = "label")]
     labels: Vec<String>,
-    /// Directory holding node.crt, node.key, ca.crt, from `konorctl cert issue` [default:
-    /// <data-dir>/tls].
+    /// Directory holding node.crt, node.key, ca.crt, from `konorctl cert issue` (default:
+    /// `<data-dir>/tls`).
     #[arg(long)]
     tls_dir: Option<PathBuf>,
     /// Cluster name; nodes of other clusters are refused [default: konorkestra].

@@ -1,0 +1,2 @@
+#![no_main]
+libfuzzer_sys::fuzz_target!(init: konor_fuzz::unwinding_panics(), |data: &[u8]| konor_fuzz::sync(data));
