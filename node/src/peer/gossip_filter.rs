@@ -36,6 +36,12 @@ use super::gossip_wire::{self, DigestEntry, Message, NodeDelta, WireError};
 /// heartbeat catches up (tens of seconds), and the signed beats keep it live meanwhile.
 pub const HEARTBEAT_AHEAD_MAX: u64 = 4096;
 
+/// A verified node that chitchat no longer holds (it forgot a node dead for its grace period) is
+/// forgotten here too once this many messages have passed without news of it, so the cap counts
+/// the mesh as it is, not every node it ever held. Messages, not time: the filter has no clock,
+/// and the margin only has to cover the moment between admitting a node and chitchat applying it.
+pub const FORGET_AFTER_MESSAGES: u64 = 10_000;
+
 /// Generations of one node id held at once: the running one and the one before (a restart). An
 /// older one is forgotten; its state no longer changes.
 pub const GENERATIONS_PER_NODE_MAX: usize = 2;
@@ -85,6 +91,8 @@ struct Known {
     cert: PeerCert,
     /// The heartbeat in its latest signed beat.
     beat_heartbeat: Option<u64>,
+    /// The number of the last message that brought news of it.
+    seen: u64,
 }
 
 /// The gossip filter of one node.
@@ -94,6 +102,8 @@ pub struct GossipFilter {
     self_id: ChitchatId,
     nodes_max: usize,
     known: BTreeMap<ChitchatId, Known>,
+    /// Messages admitted so far (the filter's clock, see [`FORGET_AFTER_MESSAGES`]).
+    messages: u64,
     stats: Arc<GossipSealStats>,
     /// The refusals of the last message, with the node each was about (for the log).
     last_refusals: Vec<(ChitchatId, Refusal)>,
@@ -114,6 +124,7 @@ impl GossipFilter {
             self_id,
             nodes_max,
             known: BTreeMap::new(),
+            messages: 0,
             stats: Arc::default(),
             last_refusals: Vec::new(),
         }
@@ -129,6 +140,13 @@ impl GossipFilter {
         &self.last_refusals
     }
 
+    /// Forgets the verified nodes chitchat no longer holds (`held` is false) and no message
+    /// mentioned for [`FORGET_AFTER_MESSAGES`] messages.
+    pub fn forget_unheld(&mut self, held: impl Fn(&ChitchatId) -> bool) {
+        let now = self.messages;
+        self.known.retain(|id, known| held(id) || now.saturating_sub(known.seen) < FORGET_AFTER_MESSAGES);
+    }
+
     /// Whether this node verified `id`'s certificate.
     pub fn knows(&self, id: &ChitchatId) -> bool {
         self.known.contains_key(id)
@@ -137,6 +155,7 @@ impl GossipFilter {
     /// Checks one received message.
     pub fn admit(&mut self, bytes: &[u8]) -> Verdict {
         self.last_refusals.clear();
+        self.messages += 1;
         let mut message = match gossip_wire::decode(bytes) {
             Ok(message) => message,
             Err(error) => {
@@ -178,8 +197,13 @@ impl GossipFilter {
 
     fn filter_digest(&mut self, digest: &mut Vec<DigestEntry>) -> bool {
         let mut changed = false;
+        let now = self.messages;
         digest.retain(|entry| {
-            let keep = entry.id == self.self_id || self.known.contains_key(&entry.id);
+            let known = self.known.get_mut(&entry.id);
+            let keep = entry.id == self.self_id || known.is_some();
+            if let Some(known) = known {
+                known.seen = now;
+            }
             changed |= !keep;
             keep
         });
@@ -251,10 +275,13 @@ impl GossipFilter {
         }
         if new {
             self.make_room(&node.id)?;
-            self.known.insert(node.id.clone(), Known { cert, beat_heartbeat: None });
+            self.known.insert(node.id.clone(), Known { cert, beat_heartbeat: None, seen: self.messages });
         }
-        if let (Some(heartbeat), Some(known)) = (beat_heartbeat, self.known.get_mut(&node.id)) {
-            known.beat_heartbeat = Some(known.beat_heartbeat.map_or(heartbeat, |old| old.max(heartbeat)));
+        if let Some(known) = self.known.get_mut(&node.id) {
+            known.seen = self.messages;
+            if let Some(heartbeat) = beat_heartbeat {
+                known.beat_heartbeat = Some(known.beat_heartbeat.map_or(heartbeat, |old| old.max(heartbeat)));
+            }
         }
         Ok(())
     }
@@ -433,6 +460,28 @@ mod tests {
             kept(&mut filter, &Message::Ack { delta: vec![delta(&node, "n2", 0, &[(CERT_KEY, &cert_of("n2"))])] });
         }
         assert!(filter.knows(&id("n2", 3)) && filter.knows(&id("n2", 2)) && !filter.knows(&id("n2", 1)));
+    }
+
+    #[test]
+    fn nodes_chitchat_forgot_leave_room_for_new_ones() {
+        let mut filter = filter();
+        for name in ["n2", "n3", "n4"] {
+            let node = id(name, 1);
+            kept(&mut filter, &Message::Ack { delta: vec![delta(&node, name, 0, &[(CERT_KEY, &cert_of(name))])] });
+        }
+        // Just admitted: kept even if chitchat does not hold them yet.
+        filter.forget_unheld(|_| false);
+        assert!(filter.knows(&id("n2", 1)));
+        // Long after, n2 and n3 are gone from chitchat; n4 is still held.
+        let quiet = gossip_wire::encode(&Message::Syn { digest: vec![], cluster_id: CLUSTER.into() });
+        for _ in 0..FORGET_AFTER_MESSAGES {
+            filter.admit(&quiet);
+        }
+        filter.forget_unheld(|held| &*held.node_id == "n4");
+        assert!(!filter.knows(&id("n2", 1)) && !filter.knows(&id("n3", 1)) && filter.knows(&id("n4", 1)));
+        let n5 = id("n5", 1);
+        kept(&mut filter, &Message::Ack { delta: vec![delta(&n5, "n5", 0, &[(CERT_KEY, &cert_of("n5"))])] });
+        assert!(filter.knows(&n5), "room was made under the cap of 3");
     }
 
     #[test]

@@ -555,6 +555,12 @@ impl Membership {
         // Forget nodes chitchat forgot, so the tracker stays as small as the mesh.
         tracker.heard.retain(|id, _| chitchat.node_states().contains_key(id));
         tracker.beats.retain(|id, _| chitchat.node_states().contains_key(id));
+        // The filter forgets, after a margin, the nodes chitchat forgot (the cap counts the mesh
+        // as it is).
+        self.filter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .forget_unheld(|id| chitchat.node_states().contains_key(id));
         let beat_fresh_for = beat_fresh_for(self.gossip_interval);
         let mut view = MeshView::default();
         let self_id = chitchat.self_chitchat_id().clone();
