@@ -46,6 +46,17 @@ pub const FORGET_AFTER_MESSAGES: u64 = 10_000;
 /// older one is forgotten; its state no longer changes.
 pub const GENERATIONS_PER_NODE_MAX: usize = 2;
 
+/// New generations of one node id come at most this often, with a burst of
+/// [`GENERATIONS_PER_NODE_MAX`] (a node just started learns the old and the new generation of a
+/// peer at once). A generation is a restart: honest nodes restart far less often, and a node with
+/// a valid certificate cannot flood chitchat's state with generations of its own id.
+pub const NEW_GENERATION_INTERVAL_MS: u64 = 5_000;
+
+/// New generations of node ids already in the mesh (restarts) are let in up to the mesh cap plus
+/// this share of it (1/32: 825 at 800), so restarts still get in at the cap; chitchat's digest
+/// overflows its datagram somewhere past 850 states with the longest ids.
+pub const RESTART_HEADROOM_DIVISOR: usize = 32;
+
 /// Counters of what the filter refused, for logs, status and tests.
 #[derive(Debug, Default)]
 pub struct GossipSealStats {
@@ -85,6 +96,18 @@ pub enum Verdict {
     Drop(WireError),
 }
 
+/// What the filter remembers of one node id's generations.
+#[derive(Debug, Clone, Copy)]
+struct Generations {
+    /// The highest generation admitted.
+    max: u64,
+    /// New generations it may still bring at once (refilled one per
+    /// [`NEW_GENERATION_INTERVAL_MS`], up to [`GENERATIONS_PER_NODE_MAX`]).
+    tokens: u64,
+    /// When the tokens were last refilled.
+    refilled_ms: u64,
+}
+
 /// What this node verified of one node (one generation of one id).
 #[derive(Debug, Clone)]
 struct Known {
@@ -104,6 +127,13 @@ pub struct GossipFilter {
     known: BTreeMap<ChitchatId, Known>,
     /// Messages admitted so far (the filter's clock, see [`FORGET_AFTER_MESSAGES`]).
     messages: u64,
+    /// Node states chitchat held at the last view, and new nodes admitted since.
+    held_states: usize,
+    admitted_since_view: usize,
+    /// Per node id: the highest generation ever admitted, and the tokens for new ones.
+    generations: BTreeMap<String, Generations>,
+    /// Milliseconds on the caller's clock (see [`GossipFilter::set_clock`]).
+    now_ms: u64,
     stats: Arc<GossipSealStats>,
     /// The refusals of the last message, with the node each was about (for the log).
     last_refusals: Vec<(ChitchatId, Refusal)>,
@@ -125,6 +155,10 @@ impl GossipFilter {
             nodes_max,
             known: BTreeMap::new(),
             messages: 0,
+            held_states: 0,
+            admitted_since_view: 0,
+            generations: BTreeMap::new(),
+            now_ms: 0,
             stats: Arc::default(),
             last_refusals: Vec::new(),
         }
@@ -138,6 +172,18 @@ impl GossipFilter {
     /// The refusals of the last [`GossipFilter::admit`].
     pub fn last_refusals(&self) -> &[(ChitchatId, Refusal)] {
         &self.last_refusals
+    }
+
+    /// Sets the filter's clock (milliseconds, any origin, never going back).
+    pub fn set_clock(&mut self, now_ms: u64) {
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    /// Tells the filter how many node states chitchat holds (every generation counts toward the
+    /// cap: chitchat's digest lists them all).
+    pub fn observe_held(&mut self, states: usize) {
+        self.held_states = states;
+        self.admitted_since_view = 0;
     }
 
     /// Forgets the verified nodes chitchat no longer holds (`held` is false) and no message
@@ -208,7 +254,10 @@ impl GossipFilter {
             keep
         });
         for entry in digest.iter_mut() {
-            let Some(beat) = self.known.get(&entry.id).and_then(|known| known.beat_heartbeat) else { continue };
+            // A node whose signed beat has not arrived yet (a delta cut short by the datagram
+            // size) is capped from 0: a lower heartbeat is harmless (chitchat keeps the highest),
+            // an unbounded one would make chitchat ignore the real ones for good.
+            let Some(beat) = self.known.get(&entry.id).map(|known| known.beat_heartbeat.unwrap_or(0)) else { continue };
             let ceiling = beat.saturating_add(HEARTBEAT_AHEAD_MAX);
             if entry.heartbeat > ceiling {
                 entry.heartbeat = ceiling;
@@ -286,27 +335,54 @@ impl GossipFilter {
         Ok(())
     }
 
-    /// Makes room for a new generation `id`: forgets the oldest generations of its node id past
-    /// [`GENERATIONS_PER_NODE_MAX`]; refuses a new node id past the mesh cap, and a generation
-    /// older than every one held.
+    /// Makes room for a new node state `id`. Refused: a generation not above every one seen of
+    /// its node id (an old one, or a replay), one that comes too soon after the last
+    /// ([`NEW_GENERATION_INTERVAL_MS`]), a new node id when chitchat holds the mesh cap, a new
+    /// generation when it holds the cap plus the restart headroom. Forgets the oldest generations
+    /// of the id past [`GENERATIONS_PER_NODE_MAX`].
     fn make_room(&mut self, id: &ChitchatId) -> Result<(), Refusal> {
+        let held = self.held_states + self.admitted_since_view;
+        let now = self.now_ms;
+        match self.generations.get_mut(&*id.node_id) {
+            Some(seen) => {
+                if id.generation_id <= seen.max {
+                    return Err(Refusal::Unverifiable);
+                }
+                let refills = now.saturating_sub(seen.refilled_ms) / NEW_GENERATION_INTERVAL_MS;
+                if refills > 0 {
+                    seen.tokens = (seen.tokens + refills).min(GENERATIONS_PER_NODE_MAX as u64);
+                    seen.refilled_ms = now;
+                }
+                if seen.tokens == 0 {
+                    return Err(Refusal::Unverifiable);
+                }
+                if held >= self.nodes_max + (self.nodes_max / RESTART_HEADROOM_DIVISOR).max(1) {
+                    return Err(Refusal::OverCap);
+                }
+                seen.tokens -= 1;
+                seen.max = id.generation_id;
+            }
+            None => {
+                if held >= self.nodes_max {
+                    return Err(Refusal::OverCap);
+                }
+                self.generations.insert(
+                    id.node_id.to_string(),
+                    Generations {
+                        max: id.generation_id,
+                        tokens: GENERATIONS_PER_NODE_MAX as u64 - 1,
+                        refilled_ms: now,
+                    },
+                );
+            }
+        }
+        self.admitted_since_view += 1;
         let same_node: Vec<ChitchatId> =
             self.known.keys().filter(|other| other.node_id == id.node_id).cloned().collect();
-        if same_node.is_empty() {
-            let node_ids: std::collections::BTreeSet<&str> = self.known.keys().map(|known| &*known.node_id).collect();
-            if node_ids.len() >= self.nodes_max {
-                return Err(Refusal::OverCap);
-            }
-            return Ok(());
-        }
-        if same_node.len() >= GENERATIONS_PER_NODE_MAX {
-            if same_node.iter().all(|other| other.generation_id > id.generation_id) {
-                return Err(Refusal::Unverifiable);
-            }
-            let oldest = same_node.iter().min_by_key(|other| other.generation_id).cloned();
-            if let Some(oldest) = oldest {
-                self.known.remove(&oldest);
-            }
+        if same_node.len() >= GENERATIONS_PER_NODE_MAX
+            && let Some(oldest) = same_node.iter().min_by_key(|other| other.generation_id)
+        {
+            self.known.remove(oldest);
         }
         Ok(())
     }
@@ -456,10 +532,33 @@ mod tests {
         assert!(!filter.knows(&id("n5", 1)), "past the cap of 3 node ids");
         assert_eq!(filter.stats().nodes_over_cap.load(Ordering::Relaxed), 1);
         for generation in 2..=3 {
+            filter.set_clock(generation * NEW_GENERATION_INTERVAL_MS);
+            filter.observe_held(3);
             let node = id("n2", generation);
             kept(&mut filter, &Message::Ack { delta: vec![delta(&node, "n2", 0, &[(CERT_KEY, &cert_of("n2"))])] });
         }
         assert!(filter.knows(&id("n2", 3)) && filter.knows(&id("n2", 2)) && !filter.knows(&id("n2", 1)));
+    }
+
+    #[test]
+    fn generations_only_rise_and_not_too_fast() {
+        let mut filter = filter();
+        let admit = |filter: &mut GossipFilter, generation: u64| {
+            let node = id("n2", generation);
+            kept(filter, &Message::Ack { delta: vec![delta(&node, "n2", 0, &[(CERT_KEY, &cert_of("n2"))])] });
+            filter.knows(&node)
+        };
+        assert!(admit(&mut filter, 5));
+        assert!(!admit(&mut filter, 4), "an older generation (a replay) is refused");
+        assert!(admit(&mut filter, 6), "a restart right after: the burst allows it");
+        assert!(!admit(&mut filter, 7), "a third generation at once is refused");
+        filter.set_clock(NEW_GENERATION_INTERVAL_MS);
+        assert!(admit(&mut filter, 7), "and let in once the interval passed");
+        // Chitchat at the cap (3 here): a new node id is refused.
+        filter.observe_held(3);
+        let n9 = id("n9", 1);
+        kept(&mut filter, &Message::Ack { delta: vec![delta(&n9, "n9", 0, &[(CERT_KEY, &cert_of("n9"))])] });
+        assert!(!filter.knows(&n9));
     }
 
     #[test]
@@ -478,6 +577,7 @@ mod tests {
             filter.admit(&quiet);
         }
         filter.forget_unheld(|held| &*held.node_id == "n4");
+        filter.observe_held(1);
         assert!(!filter.knows(&id("n2", 1)) && !filter.knows(&id("n3", 1)) && filter.knows(&id("n4", 1)));
         let n5 = id("n5", 1);
         kept(&mut filter, &Message::Ack { delta: vec![delta(&n5, "n5", 0, &[(CERT_KEY, &cert_of("n5"))])] });

@@ -304,13 +304,20 @@ struct GossipSocket {
     network: Arc<dyn PeerNetwork>,
     inbox: mpsc::Receiver<Incoming>,
     filter: Arc<std::sync::Mutex<GossipFilter>>,
+    /// The origin of the filter's clock.
+    started: Instant,
 }
 
 #[async_trait]
 impl Transport for GossipTransport {
     async fn open(&self, _listen_addr: SocketAddr) -> anyhow::Result<Box<dyn Socket>> {
         let inbox = self.inbox.lock().await.take().ok_or_else(|| anyhow::anyhow!("gossip socket already open"))?;
-        Ok(Box::new(GossipSocket { network: self.network.clone(), inbox, filter: self.filter.clone() }))
+        Ok(Box::new(GossipSocket {
+            network: self.network.clone(),
+            inbox,
+            filter: self.filter.clone(),
+            started: Instant::now(),
+        }))
     }
 }
 
@@ -358,6 +365,7 @@ impl GossipSocket {
     /// as received, `Some(Some(bytes))` hands chitchat the filtered message instead.
     fn admit(&self, incoming: &Incoming) -> Option<Option<Vec<u8>>> {
         let mut filter = self.filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        filter.set_clock(Instant::now().saturating_duration_since(self.started).as_millis() as u64);
         let verdict = filter.admit(&incoming.bytes);
         let stats = filter.stats();
         for (node, refusal) in filter.last_refusals() {
@@ -557,10 +565,11 @@ impl Membership {
         tracker.beats.retain(|id, _| chitchat.node_states().contains_key(id));
         // The filter forgets, after a margin, the nodes chitchat forgot (the cap counts the mesh
         // as it is).
-        self.filter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .forget_unheld(|id| chitchat.node_states().contains_key(id));
+        {
+            let mut filter = self.filter.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            filter.forget_unheld(|id| chitchat.node_states().contains_key(id));
+            filter.observe_held(chitchat.node_states().len());
+        }
         let beat_fresh_for = beat_fresh_for(self.gossip_interval);
         let mut view = MeshView::default();
         let self_id = chitchat.self_chitchat_id().clone();
