@@ -83,6 +83,15 @@ pub fn beat_fresh_for(gossip_interval: Duration) -> Duration {
     detection_bound(gossip_interval)
 }
 
+/// chitchat's "live" counts only while the peer's signed beat advanced (or it was first seen)
+/// less than this long ago: four detection bounds, 8 s at 250 ms. Heartbeats are unsigned, so
+/// a relay could keep a crashed node's heartbeat rising for an hour (up to
+/// `HEARTBEAT_AHEAD_MAX` past its last beat); without fresh beats it is `unknown` after this,
+/// never `live`. Four bounds leave room for beats slowed by a large mesh.
+pub fn beat_trusted_for(gossip_interval: Duration) -> Duration {
+    detection_bound(gossip_interval) * 4
+}
+
 /// How long a peer may stay silent before it is judged dead: [`PHI_THRESHOLD`] mean heartbeat
 /// intervals, with the mean taken as the gossip interval (chitchat starts every peer's mean
 /// there and smooths toward it). About 2 s at the default 250 ms gossip period. A crash is seen
@@ -147,6 +156,8 @@ pub struct PeerEvidence {
     /// Its signed beat advanced here less than [`beat_fresh_for`] ago (a new beat, not the one
     /// it had when this node first saw it).
     pub beat_fresh: bool,
+    /// Its signed beat advanced, or it appeared, less than [`beat_trusted_for`] ago.
+    pub beat_recent: bool,
 }
 
 /// Judges one peer (SPEC invariant 5; issue 11: unknown is not dead). chitchat 0.11.2 holds dead
@@ -163,16 +174,21 @@ pub struct PeerEvidence {
 ///   fresher heartbeat may not be judged yet (a peer coming back). A peer the detector rightly
 ///   holds dead has been silent for about eight mean intervals, far longer.
 ///
-/// A leaving peer stays leaving (dead for quorums); a live verdict always stands. A fresh signed
-/// beat is a live verdict too: chitchat's heartbeats ride unsigned in digests, so a relay could
-/// push one far ahead and make the detector ignore the real ones (issue 12); a beat only its
-/// owner can sign outweighs that.
+/// A leaving peer stays leaving (dead for quorums). A fresh signed beat is a live verdict:
+/// chitchat's heartbeats ride unsigned in digests, so a relay could push one far ahead and make
+/// the detector ignore the real ones (issue 12); a beat only its owner can sign outweighs that.
+/// chitchat's live verdict stands while the peer's beats are recent ([`beat_trusted_for`]);
+/// after that it only makes the peer `Unknown`, since a relay could be faking its heartbeats.
 pub fn judge(clock: &JudgeClock, peer: &PeerEvidence) -> Liveness {
     if peer.leaving {
         return Liveness::Leaving;
     }
-    if peer.detector_live || peer.beat_fresh {
+    if peer.beat_fresh || (peer.detector_live && peer.beat_recent) {
         return Liveness::Live;
+    }
+    if peer.detector_live {
+        // Heartbeats without signed beats for a long while: maybe relayed forgeries.
+        return Liveness::Unknown;
     }
     let warming_up = clock.since_start < clock.detection_bound;
     let resuming = clock.since_resume.is_some_and(|since| since < clock.detection_bound);
@@ -571,6 +587,7 @@ impl Membership {
             filter.observe_held(chitchat.node_states().len());
         }
         let beat_fresh_for = beat_fresh_for(self.gossip_interval);
+        let beat_trusted_for = beat_trusted_for(self.gossip_interval);
         let mut view = MeshView::default();
         let self_id = chitchat.self_chitchat_id().clone();
         for (id, state) in chitchat.node_states() {
@@ -586,7 +603,9 @@ impl Membership {
             if beat_heard.heartbeat != beat {
                 *beat_heard = Heard { heartbeat: beat, at: now, count: beat_heard.count.saturating_add(1) };
             }
-            let beat_fresh = beat_heard.count >= 2 && now.saturating_duration_since(beat_heard.at) < beat_fresh_for;
+            let beat_age = now.saturating_duration_since(beat_heard.at);
+            let beat_fresh = beat_heard.count >= 2 && beat_age < beat_fresh_for;
+            let beat_recent = beat_age < beat_trusted_for;
             let heard_count = tracker.heard.get(id).map_or(1, |heard| heard.count);
             let is_self = *id == self_id;
             let leaving = state.get(LEAVING_KEY).map(payload) == Some("1");
@@ -599,6 +618,7 @@ impl Membership {
                     heartbeats_heard: heard_count,
                     heartbeat_age: now.saturating_duration_since(heard_at),
                     beat_fresh,
+                    beat_recent,
                 };
                 judge(&clock, &evidence)
             };
@@ -667,6 +687,7 @@ mod tests {
             heartbeats_heard: 40,
             heartbeat_age: Duration::from_millis(age_ms),
             beat_fresh: false,
+            beat_recent: true,
         }
     }
 
@@ -699,6 +720,19 @@ mod tests {
         let leaving = PeerEvidence { leaving: true, ..live };
         assert_eq!(judge(&clock(60_000, None), &leaving), Liveness::Leaving);
         assert_eq!(judge(&clock(10, None), &PeerEvidence { leaving: true, ..silent(9_000) }), Liveness::Leaving);
+    }
+
+    #[test]
+    fn heartbeats_without_signed_beats_do_not_keep_a_node_live() {
+        // A fresh signed beat is life, whatever the (forgeable) heartbeats say.
+        let beating = PeerEvidence { beat_fresh: true, ..silent(9_000) };
+        assert_eq!(judge(&clock(60_000, None), &beating), Liveness::Live);
+        // Heartbeats (maybe relayed forgeries of a crashed node) with no beat for 4 bounds: not
+        // live, and not dead either (the detector is not silent).
+        let pumped = PeerEvidence { detector_live: true, beat_recent: false, ..silent(10) };
+        assert_eq!(judge(&clock(60_000, None), &pumped), Liveness::Unknown);
+        let honest = PeerEvidence { detector_live: true, ..silent(10) };
+        assert_eq!(judge(&clock(60_000, None), &honest), Liveness::Live);
     }
 
     #[test]
