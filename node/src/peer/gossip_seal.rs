@@ -69,7 +69,9 @@ pub fn signed_bytes(cluster: &str, id: &ChitchatId, key: &str, version: u64, pay
     field(cluster.as_bytes());
     field(id.node_id.as_bytes());
     field(&id.generation_id.to_le_bytes());
-    field(id.gossip_advertise_addr.to_string().as_bytes());
+    // The address as chitchat's wire carries it: IP and port (a V6 scope id does not travel).
+    let addr = id.gossip_advertise_addr;
+    field(format!("{}:{}", addr.ip(), addr.port()).as_bytes());
     field(key.as_bytes());
     field(&version.to_le_bytes());
     field(payload.as_bytes());
@@ -276,6 +278,17 @@ mod tests {
         let rogue = CertSeal::new(&identity(&other_ca, &rogue_dir, "n2")).unwrap();
         assert!(n1.accept_cert("n2", &rogue.own_cert()).is_none());
         assert!(n1.accept_cert("n2", "not base64!").is_none());
+    }
+
+    #[test]
+    fn a_scoped_ipv6_address_verifies_as_the_wire_carries_it() {
+        use std::net::{Ipv6Addr, SocketAddrV6};
+        let scoped = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 7400, 0, 3));
+        let wired = SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1), 7400, 0, 0));
+        let seal = SimSeal::new("n1");
+        let cert = seal.accept_cert("n1", &seal.own_cert()).unwrap();
+        let signed = seal_value(&seal, "c", &ChitchatId::new("n1".to_owned(), 1, scoped), "k", 1, "v");
+        assert!(verify_value(&seal, &cert, "c", &ChitchatId::new("n1".to_owned(), 1, wired), "k", 1, &signed));
     }
 
     #[test]
