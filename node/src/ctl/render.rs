@@ -256,7 +256,7 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
         }
         ErrorCode::UnknownGroup => Some(format!(
             "`konorctl group list` shows the groups on this node; \
-             `konorctl group join {group} --key KEY` makes this node hold {group}"
+             `konorctl group join {group} --key-file FILE` makes this node hold {group}"
         )),
         ErrorCode::NotFound => match request {
             Request::Rollback { .. } | Request::Diff { .. } => {
@@ -265,9 +265,9 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
             _ => Some(format!("`konorctl get {group}` lists the keys")),
         },
         ErrorCode::AlreadyExists => match request {
-            Request::GroupCreate { .. } => {
-                Some(format!("to hold an existing group on this node, run `konorctl group join {group} --key KEY`"))
-            }
+            Request::GroupCreate { .. } => Some(format!(
+                "to hold an existing group on this node, run `konorctl group join {group} --key-file FILE`"
+            )),
             _ => Some("`konorctl group list` shows what this node holds".to_owned()),
         },
         ErrorCode::Forbidden => Some(format!(
@@ -781,7 +781,7 @@ mod tests {
                 }
                 [stderr]
                 error: konord refused the request (unknown_group): group "app" does not exist on this node
-                hint: `konorctl group list` shows the groups on this node; `konorctl group join app --key KEY` makes this node hold app
+                hint: `konorctl group list` shows the groups on this node; `konorctl group join app --key-file FILE` makes this node hold app
             "#]],
         );
     }
