@@ -190,12 +190,7 @@ async fn create_with_key_out(
     if path.exists() {
         return Err(UsageError(format!("{} exists; --key-out never overwrites a file", path.display())).into());
     }
-    let client = target.connect(TIMEOUT_DEFAULT).await?;
-    let response = match client.call(request.clone()).await {
-        Ok(response) => response,
-        Err(SdkError::Daemon { code, message }) => Response::Error { code, message },
-        Err(error) => return Err(error.into()),
-    };
+    let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
     let Response::GroupCreated { name, key } = &response else {
         return emit(&render(&request, &response, output, now_ms()));
     };
@@ -221,13 +216,18 @@ async fn call(
     request: Request,
     output: OutputFormat,
 ) -> anyhow::Result<Exit> {
-    let client = target.connect(default_timeout).await?;
-    let response = match client.call(request.clone()).await {
-        Ok(response) => response,
-        Err(SdkError::Daemon { code, message }) => Response::Error { code, message },
-        Err(error) => return Err(error.into()),
-    };
+    let response = ask(target, default_timeout, &request).await?;
     emit(&render(&request, &response, output, now_ms()))
+}
+
+/// Sends one request and returns the answer; a refusal from konord is an answer too.
+async fn ask(target: &DaemonTarget, timeout: Duration, request: &Request) -> anyhow::Result<Response> {
+    let client = target.connect(timeout).await?;
+    match client.call(request.clone()).await {
+        Ok(response) => Ok(response),
+        Err(SdkError::Daemon { code, message }) => Ok(Response::Error { code, message }),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Prints every change of `group` until Ctrl-C (exit 0) or until the watch fails.
