@@ -219,6 +219,8 @@ impl Cluster {
             reads: None,
             storage_hook: Some(self.disk.hook(index, self.network.clone())),
             gossip_seal: Arc::new(konor_node::peer::gossip_seal::SimSeal::new(&node.id)),
+            // One runtime: gossip and daemon interleave as the seed says.
+            gossip_runtime: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -219,6 +219,9 @@ pub struct NodeParts {
     /// Signs this node's gossip and checks its peers' (issue 12): the node's certificate in
     /// production, a stand-in in the simulator.
     pub gossip_seal: Arc<dyn crate::peer::gossip_seal::GossipSeal>,
+    /// The runtime gossip runs on: the network's in konord (the daemon runs on a thread of its
+    /// own, see [`run`]); `None` in the simulator (the one runtime).
+    pub gossip_runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -289,8 +292,9 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         reads: Some(reads),
         storage_hook: None,
         gossip_seal,
+        gossip_runtime: Some(tokio::runtime::Handle::current()),
     };
-    let result = run_node(parts, shutdown).await;
+    let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
     let api_result = api.await;
     let result = match (result, api_result) {
@@ -300,6 +304,26 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     network.close().await;
     info!("konord stopped");
     result
+}
+
+/// Runs [`run_node`] on a thread of its own with its own runtime, while the caller's runtime
+/// keeps the QUIC endpoint, gossip, signed beats and the socket going (issue 12, CPU isolation):
+/// Automerge's long steps (a catch-up of a long history, a load, a save of a big group) then
+/// hold up this node's replica work, never its heartbeats, connections or local reads, so
+/// peers do not judge a busy node dead.
+async fn run_node_on_own_thread(parts: NodeParts, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("konord-daemon".to_owned())
+        .spawn(move || {
+            let result = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(runtime) => runtime.block_on(run_node(parts, shutdown)),
+                Err(error) => Err(anyhow::Error::new(error).context("cannot start the daemon's runtime")),
+            };
+            let _ = done_tx.send(result);
+        })
+        .context("cannot start the daemon thread")?;
+    done_rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the daemon thread panicked")))
 }
 
 /// Warns at start about secrets and doors left open (issue 12): a node key others can read
@@ -355,6 +379,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         reads,
         storage_hook,
         gossip_seal,
+        gossip_runtime,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -377,6 +402,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         labels,
         poll_period: membership_poll,
         seal: gossip_seal,
+        runtime: gossip_runtime,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);

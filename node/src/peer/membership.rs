@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use anyhow::Context as _;
 use async_trait::async_trait;
 use chitchat::transport::{Socket, Transport};
 use chitchat::{
@@ -219,6 +220,10 @@ pub struct MembershipConfig {
     pub poll_period: Duration,
     /// Signs this node's gossip and checks its peers' (issue 12).
     pub seal: Arc<dyn GossipSeal>,
+    /// The runtime gossip runs on (chitchat's task and the beat): in konord the network's,
+    /// not the daemon's, so that a daemon busy with Automerge for seconds never stops this
+    /// node's heartbeats (issue 12, CPU isolation). `None`: the caller's runtime (the simulator).
+    pub runtime: Option<tokio::runtime::Handle>,
 }
 
 /// Liveness of a node as seen here.
@@ -280,8 +285,6 @@ struct Tracker {
     heard: BTreeMap<ChitchatId, Heard>,
     /// Each peer's signed beat (its version) as heard here.
     beats: BTreeMap<ChitchatId, Heard>,
-    /// When this node last signed a beat.
-    last_beat: Option<Instant>,
     /// When the view was last read.
     last_read: Option<Instant>,
     /// When this node last resumed from a pause or stall.
@@ -301,6 +304,17 @@ pub struct Membership {
     gossip_interval: Duration,
     poll_period: Duration,
     tracker: Mutex<Tracker>,
+    /// Signs a beat every [`BEAT_GOSSIP_INTERVALS`] gossip periods; aborted with the membership.
+    _beats: AbortOnDrop,
+}
+
+/// A task that ends when its owner is dropped (a crashed simulated node's beats stop with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for Membership {
@@ -427,6 +441,46 @@ impl GossipSocket {
     }
 }
 
+/// Sets `key` to `value` in this node's own state (overwriting; never deleting), signed for
+/// the version chitchat gives it; nothing when the value is already there.
+fn publish_sealed(
+    seal: &dyn GossipSeal,
+    cluster: &str,
+    self_id: &ChitchatId,
+    state: &mut NodeState,
+    key: &str,
+    value: &str,
+) {
+    if state.get(key).map(payload) == Some(value) {
+        return;
+    }
+    // chitchat gives a changed value the next version (NodeState::set).
+    let version = state.max_version() + 1;
+    let sealed = seal_value(seal, cluster, self_id, key, version, value);
+    state.set(key, sealed);
+}
+
+/// Signs this node's heartbeat as a beat every `period`, on the gossip runtime: a beat says the
+/// node's process and gossip are alive, so a daemon busy with a long Automerge step does not
+/// stop it (issue 12, CPU isolation); a stopped or crashed process does.
+async fn sign_beats(
+    chitchat: Arc<Mutex<chitchat::Chitchat>>,
+    seal: Arc<dyn GossipSeal>,
+    cluster: String,
+    self_id: ChitchatId,
+    period: Duration,
+) {
+    let mut ticks = tokio::time::interval(period);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        let heartbeat = u64::from(state.heartbeat());
+        publish_sealed(seal.as_ref(), &cluster, &self_id, state, BEAT_KEY, &heartbeat.to_string());
+    }
+}
+
 impl Membership {
     /// Starts gossip: chitchat on our network, initial keys published.
     pub async fn start(
@@ -471,7 +525,12 @@ impl Membership {
             })
             .collect();
         let transport = GossipTransport { network, inbox: Mutex::new(Some(gossip_inbox)), filter: filter.clone() };
-        let handle = spawn_chitchat(chitchat_config, sealed, &transport).await?;
+        let runtime = config.runtime.clone().unwrap_or_else(tokio::runtime::Handle::current);
+        // chitchat spawns its task on the runtime that runs this call.
+        let handle = runtime
+            .spawn(async move { spawn_chitchat(chitchat_config, sealed, &transport).await })
+            .await
+            .context("the gossip task failed to start")??;
         {
             let chitchat = handle.chitchat();
             let mut chitchat = chitchat.lock().await;
@@ -484,8 +543,16 @@ impl Membership {
                 );
             }
         }
+        let beats = runtime.spawn(sign_beats(
+            handle.chitchat(),
+            config.seal.clone(),
+            config.cluster_id.clone(),
+            self_id.clone(),
+            config.gossip_interval * BEAT_GOSSIP_INTERVALS,
+        ));
         Ok(Membership {
             handle,
+            _beats: AbortOnDrop(beats),
             node_id: config.node_id,
             self_id,
             cluster: config.cluster_id,
@@ -508,13 +575,7 @@ impl Membership {
     }
 
     fn publish_locked(&self, state: &mut NodeState, key: &str, value: &str) {
-        if state.get(key).map(payload) == Some(value) {
-            return;
-        }
-        // chitchat gives a changed value the next version (NodeState::set).
-        let version = state.max_version() + 1;
-        let sealed = seal_value(self.seal.as_ref(), &self.cluster, &self.self_id, key, version, value);
-        state.set(key, sealed);
+        publish_sealed(self.seal.as_ref(), &self.cluster, &self.self_id, state, key, value);
     }
 
     /// What the gossip filter refused so far.
@@ -548,17 +609,10 @@ impl Membership {
     /// much later than that tells this node it was paused or stalled ([`is_pause`]).
     pub async fn view(&self) -> MeshView {
         let chitchat = self.handle.chitchat();
-        let mut chitchat = chitchat.lock().await;
+        let chitchat = chitchat.lock().await;
         let live: std::collections::BTreeSet<ChitchatId> = chitchat.live_nodes().cloned().collect();
         let now = Instant::now();
         let mut tracker = self.tracker.lock().await;
-        let beat_period = self.gossip_interval * BEAT_GOSSIP_INTERVALS;
-        if tracker.last_beat.is_none_or(|at| now.saturating_duration_since(at) >= beat_period) {
-            let state = chitchat.self_node_state();
-            let heartbeat = u64::from(state.heartbeat());
-            self.publish_locked(state, BEAT_KEY, &heartbeat.to_string());
-            tracker.last_beat = Some(now);
-        }
         if let Some(last) = tracker.last_read
             && is_pause(now.saturating_duration_since(last), self.poll_period, self.gossip_interval)
         {
@@ -821,6 +875,7 @@ mod tests {
             labels: BTreeMap::new(),
             poll_period: POLL,
             seal: Arc::new(crate::peer::gossip_seal::SimSeal::new(&id)),
+            runtime: None,
         };
         Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
     }

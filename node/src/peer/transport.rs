@@ -209,6 +209,8 @@ pub struct QuicNetwork {
     boot_id: u64,
     /// Counters.
     pub stats: Arc<TransportStats>,
+    /// The runtime the endpoint was started on: every task of the network runs there.
+    runtime: tokio::runtime::Handle,
 }
 
 impl std::fmt::Debug for QuicNetwork {
@@ -242,6 +244,7 @@ impl QuicNetwork {
             senders: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
             boot_id: rand::random(),
             stats: Arc::new(TransportStats::default()),
+            runtime: tokio::runtime::Handle::current(),
         });
         let stats = network.stats.clone();
         let peers = PeerRegistry {
@@ -282,7 +285,8 @@ impl QuicNetwork {
             wrote_since_check: false,
             stats: self.stats.clone(),
         };
-        tokio::spawn(writer.run(rx));
+        // On the network's runtime, whichever thread sends (the daemon runs on its own).
+        self.runtime.spawn(writer.run(rx));
         Some(tx)
     }
 }

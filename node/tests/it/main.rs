@@ -8,6 +8,7 @@ mod consistency;
 mod durability;
 mod faults;
 mod harness;
+mod isolation;
 mod liveness;
 mod mesh;
 mod netns;
