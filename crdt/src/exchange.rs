@@ -194,6 +194,8 @@ pub fn decode_change(bytes: &[u8]) -> Result<Change, RemoteError> {
     if bytes.len() > CHANGE_BYTES_MAX {
         return Err(RemoteError::TooLarge { what: "change", bytes: bytes.len(), max: CHANGE_BYTES_MAX });
     }
+    // Automerge trusts the row counts a change's columns declare (2 GB from 130 bytes).
+    crate::change_bounds::check_change(bytes)?;
     shielded("change", || Change::try_from(bytes).map_err(|e| e.to_string()))
 }
 

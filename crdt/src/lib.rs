@@ -9,6 +9,7 @@
 //! randomness; time comes in as [`Millis`], actor ids come from the caller, and every
 //! collection iterates in a deterministic order. `clippy.toml` in this crate enforces it.
 
+pub mod change_bounds;
 pub mod config_file;
 pub mod configuration;
 pub mod diff;

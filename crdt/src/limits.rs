@@ -49,6 +49,13 @@ pub const APPLY_BATCH_CHANGES_MAX: usize = 16;
 /// plus Automerge's own overhead.
 pub const CHANGE_BYTES_MAX: usize = 2 * SETTINGS_BYTES_MAX;
 
+/// Most rows one column of a remote change may declare, and most predecessors all its operations
+/// may name together, checked before Automerge decodes it (`change_bounds`): Automerge trusts
+/// these run-length counts, and 130 bytes declaring billions made it allocate over 2 GB. An
+/// honest change has one row per operation: a whole-file apply of a full group replaces at most
+/// `KEYS_PER_GROUP_MAX` keys (deletes and sets) plus a few metadata operations, 50 times less.
+pub const CHANGE_ROWS_MAX: u64 = 1 << 20;
+
 /// Largest sync message accepted from a peer: a sync message may carry a whole document save
 /// when the peer is far behind.
 pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
@@ -63,6 +70,7 @@ const _: () = assert!(CHANGE_BYTES_MAX >= SETTINGS_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX >= CHANGE_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(APPLY_BATCH_CHANGES_MAX >= 1);
+const _: () = assert!(CHANGE_ROWS_MAX >= 4 * KEYS_PER_GROUP_MAX as u64);
 
 /// Change records after the snapshot at which a group file is compacted into a fresh snapshot.
 /// Loading applies the tail in bounded batches and each remote-style apply costs O(history)

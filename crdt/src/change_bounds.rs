@@ -1,0 +1,312 @@
+//! What an Automerge change from outside may declare, checked before Automerge decodes it.
+//!
+//! A change stores its operations in columns, run-length encoded: a few bytes can declare a run
+//! of 2^40 rows, or an operation with 2^40 predecessors. Automerge 0.12 trusts those counts as it
+//! iterates (fuzzing found a 130-byte change that makes `Change::try_from` allocate more than
+//! 2 GB, and 156 bytes that take 12 s), and Rust aborts on a failed allocation, so no shield
+//! catches it. This module walks the change's header and every column's runs without allocating
+//! and refuses a change whose columns declare more than [`CHANGE_ROWS_MAX`] rows, or whose
+//! predecessor groups add up to more, before Automerge sees it.
+//!
+//! The format (Automerge's binary format, "change chunk"): the chunk header (magic, checksum,
+//! type, LEB128 length), then dependencies (count, 32-byte hashes), the actor (length-prefixed),
+//! `seq`, `start_op`, the time (signed), the message (length-prefixed), other actors (count, each
+//! length-prefixed), the column metadata (count, then `(spec, length)` pairs), the column data,
+//! and extra bytes. A column's spec carries its type in the low three bits and a deflate flag in
+//! the fourth. Run-length columns hold runs: a signed count `n`, then one value repeated `n`
+//! times (`n > 0`), `-n` literal values (`n < 0`), or an unsigned count of nulls (`n == 0`).
+//! Boolean columns hold alternating run lengths; raw value columns hold bytes.
+
+use crate::error::RemoteError;
+use crate::limits::CHANGE_ROWS_MAX;
+
+/// The Automerge chunk magic bytes.
+const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// Chunk type of an uncompressed change; compressed changes (type 2) are refused: no honest peer
+/// sends one (changes travel as `raw_bytes`), and inflating one is itself unbounded.
+const CHUNK_TYPE_CHANGE: u8 = 1;
+
+/// Column types (the low three bits of a column spec).
+const GROUP_CARD: u32 = 0;
+#[cfg(test)]
+const INTEGER_RLE: u32 = 2;
+const DELTA_INTEGER: u32 = 3;
+const BOOLEAN: u32 = 4;
+const STRING_RLE: u32 = 5;
+const VALUE_RAW: u32 = 7;
+/// The deflate flag of a column spec.
+const DEFLATE: u32 = 0b1000;
+
+/// Refuses `chunk` (one change chunk) when its header or columns are malformed or declare more
+/// than [`CHANGE_ROWS_MAX`] rows. Passing says nothing about validity otherwise: Automerge still
+/// decodes and checks everything.
+pub fn check_change(chunk: &[u8]) -> Result<(), RemoteError> {
+    let mut reader = Reader { bytes: chunk };
+    if reader.take(4)? != MAGIC {
+        return Err(refused("no Automerge magic bytes"));
+    }
+    reader.take(4)?; // checksum: Automerge verifies it
+    if reader.byte()? != CHUNK_TYPE_CHANGE {
+        return Err(refused("not an uncompressed change chunk"));
+    }
+    let length = reader.length()?;
+    let mut body = Reader { bytes: reader.take(length)? };
+    let dependencies = body.length()?;
+    body.take(dependencies.checked_mul(32).ok_or_else(|| refused("dependency count overflows"))?)?;
+    let actor = body.length()?;
+    body.take(actor)?;
+    body.unsigned()?; // seq
+    body.unsigned()?; // start_op
+    body.signed()?; // time
+    let message = body.length()?;
+    body.take(message)?;
+    let other_actors = body.length()?;
+    for _ in 0..other_actors {
+        let actor = body.length()?;
+        body.take(actor)?;
+    }
+    let columns = body.length()?;
+    let mut specs = Vec::new();
+    for _ in 0..columns {
+        let spec = u32::try_from(body.unsigned()?).map_err(|_| refused("column spec over 32 bits"))?;
+        let length = body.length()?;
+        specs.push((spec, length));
+    }
+    for (spec, length) in specs {
+        let data = body.take(length)?;
+        if spec & DEFLATE != 0 {
+            return Err(refused("deflated change column"));
+        }
+        check_column(spec & 0b111, data)?;
+    }
+    Ok(())
+}
+
+/// Counts the rows a column declares (and, for a group column, the rows of the group).
+fn check_column(column_type: u32, data: &[u8]) -> Result<(), RemoteError> {
+    let mut reader = Reader { bytes: data };
+    let mut rows = Rows::default();
+    match column_type {
+        BOOLEAN => {
+            while !reader.is_empty() {
+                rows.add(reader.unsigned()?)?;
+            }
+        }
+        // Raw values are bytes, sized by the value metadata column and the chunk itself.
+        VALUE_RAW => {}
+        // GROUP_CARD, ACTOR_ID, INTEGER_RLE, DELTA_INTEGER, STRING_RLE, VALUE_METADATA.
+        _ => {
+            let mut grouped = Rows::default();
+            while !reader.is_empty() {
+                let count = reader.signed()?;
+                if count > 0 {
+                    let count = count.unsigned_abs();
+                    rows.add(count)?;
+                    let value = reader.value(column_type)?;
+                    if column_type == GROUP_CARD {
+                        grouped.add(count.checked_mul(value).ok_or_else(|| refused("group size overflows"))?)?;
+                    }
+                } else if count < 0 {
+                    let count = count.unsigned_abs();
+                    rows.add(count)?;
+                    for _ in 0..count {
+                        let value = reader.value(column_type)?;
+                        if column_type == GROUP_CARD {
+                            grouped.add(value)?;
+                        }
+                    }
+                } else {
+                    rows.add(reader.unsigned()?)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A running row count, refused past [`CHANGE_ROWS_MAX`].
+#[derive(Default)]
+struct Rows(u64);
+
+impl Rows {
+    fn add(&mut self, count: u64) -> Result<(), RemoteError> {
+        self.0 = self.0.saturating_add(count);
+        if self.0 > CHANGE_ROWS_MAX {
+            return Err(RemoteError::TooLarge {
+                what: "change (rows of one column)",
+                bytes: usize::try_from(self.0).unwrap_or(usize::MAX),
+                max: usize::try_from(CHANGE_ROWS_MAX).unwrap_or(usize::MAX),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn refused(detail: &str) -> RemoteError {
+    RemoteError::Malformed { what: "change", detail: detail.to_owned() }
+}
+
+/// Reads LEB128 numbers and byte strings, refusing anything truncated or overlong.
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    fn take(&mut self, count: usize) -> Result<&'a [u8], RemoteError> {
+        if count > self.bytes.len() {
+            return Err(refused("truncated"));
+        }
+        let (taken, rest) = self.bytes.split_at(count);
+        self.bytes = rest;
+        Ok(taken)
+    }
+
+    fn byte(&mut self) -> Result<u8, RemoteError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn unsigned(&mut self) -> Result<u64, RemoteError> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            let bits = u64::from(byte & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(refused("LEB128 number over 64 bits"));
+            }
+            value |= bits << shift;
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(refused("LEB128 number over 64 bits"))
+    }
+
+    fn signed(&mut self) -> Result<i64, RemoteError> {
+        let mut value: i64 = 0;
+        for shift in (0..64).step_by(7) {
+            let byte = self.byte()?;
+            value |= i64::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                if shift < 57 && byte & 0x40 != 0 {
+                    value |= -1i64 << (shift + 7);
+                }
+                return Ok(value);
+            }
+        }
+        Err(refused("LEB128 number over 64 bits"))
+    }
+
+    /// A length that must fit what is left.
+    fn length(&mut self) -> Result<usize, RemoteError> {
+        let length = self.unsigned()?;
+        usize::try_from(length).ok().filter(|length| *length <= self.bytes.len()).ok_or_else(|| refused("truncated"))
+    }
+
+    /// One value of a run-length column: its number (0 for strings and deltas, which never
+    /// size a group).
+    fn value(&mut self, column_type: u32) -> Result<u64, RemoteError> {
+        match column_type {
+            DELTA_INTEGER => self.signed().map(|_| 0),
+            STRING_RLE => {
+                let length = self.length()?;
+                self.take(length).map(|_| 0)
+            }
+            _ => self.unsigned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use automerge::transaction::Transactable;
+
+    fn a_change(keys: usize) -> Vec<u8> {
+        let mut doc = automerge::AutoCommit::new();
+        for index in 0..keys {
+            doc.put(automerge::ROOT, format!("k{index}"), index as i64).unwrap();
+        }
+        doc.put(automerge::ROOT, "k0", "again").unwrap();
+        doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+    }
+
+    #[test]
+    fn honest_changes_pass() {
+        for keys in [0, 1, 2, 100, 10_000] {
+            let change = a_change(keys);
+            check_change(&change).unwrap_or_else(|e| panic!("{keys} keys: {e}"));
+        }
+    }
+
+    #[test]
+    fn truncations_and_garbage_are_refused_without_panicking() {
+        let change = a_change(20);
+        for end in 0..change.len() {
+            assert!(check_change(&change[..end]).is_err(), "cut at {end}");
+        }
+        let mut compressed = change.clone();
+        compressed[8] = 2;
+        assert!(check_change(&compressed).is_err());
+    }
+
+    #[test]
+    fn regression_a_change_declaring_billions_of_predecessors_is_refused() {
+        // Found by the `sync` fuzz target: 130 bytes that make Automerge 0.12 allocate over 2 GB.
+        let hex = concat!(
+            "856f4a83ff00ddb503760002000000012334343434343434343434343430303030303030303030303030cbcfcfcfcfcf",
+            "cfcf313135366f39393638343735300201004500ffffffffffffffffff000120028460fe000000000000006f01000000",
+            "00000053ffffffffffffffdfffffffffffffff0001ffffffff837fb0004a6f852900",
+        );
+        let bytes: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|at| u8::from_str_radix(&hex[at..at + 2], 16).unwrap()).collect();
+        let error = check_change(&bytes).unwrap_err();
+        eprintln!("{error}");
+        assert!(matches!(error, RemoteError::TooLarge { .. } | RemoteError::Malformed { .. }), "{error}");
+        // And through the one door every outside change takes.
+        assert!(crate::exchange::decode_change(&bytes).is_err());
+    }
+
+    #[test]
+    fn a_run_past_the_row_limit_is_refused() {
+        let mut column = Vec::new();
+        leb128_signed(&mut column, i64::try_from(CHANGE_ROWS_MAX).unwrap() + 1);
+        leb128_unsigned(&mut column, 7);
+        assert!(matches!(check_column(INTEGER_RLE, &column), Err(RemoteError::TooLarge { .. })));
+        let mut column = Vec::new();
+        leb128_signed(&mut column, 1);
+        leb128_unsigned(&mut column, CHANGE_ROWS_MAX + 1);
+        assert!(matches!(check_column(GROUP_CARD, &column), Err(RemoteError::TooLarge { .. })));
+        let mut column = Vec::new();
+        leb128_signed(&mut column, i64::try_from(CHANGE_ROWS_MAX).unwrap());
+        leb128_unsigned(&mut column, 7);
+        assert!(check_column(INTEGER_RLE, &column).is_ok());
+    }
+
+    fn leb128_unsigned(out: &mut Vec<u8>, mut value: u64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if value == 0 {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+
+    fn leb128_signed(out: &mut Vec<u8>, mut value: i64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if (value == 0 && byte & 0x40 == 0) || (value == -1 && byte & 0x40 != 0) {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
+        }
+    }
+}
