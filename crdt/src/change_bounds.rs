@@ -1,4 +1,5 @@
-//! What an Automerge change from outside may declare, checked before Automerge decodes it.
+//! What an Automerge change or document from outside may declare, checked before Automerge
+//! decodes it.
 //!
 //! A change stores its operations in columns, run-length encoded: a few bytes can declare a run
 //! of 2^40 rows, or an operation with 2^40 predecessors. Automerge 0.12 trusts those counts as it
@@ -16,12 +17,23 @@
 //! the fourth. Run-length columns hold runs: a signed count `n`, then one value repeated `n`
 //! times (`n > 0`), `-n` literal values (`n < 0`), or an unsigned count of nulls (`n == 0`).
 //! Boolean columns hold alternating run lengths; raw value columns hold bytes.
+//!
+//! Documents (a snapshot in a group file, a join grant, a whole document in a sync message) are
+//! checked the same way by [`check_chunks`]: their columns may be deflated, and Automerge 0.12
+//! inflates them without a limit (`raw_column.rs`, `read_to_end`), so 64 MiB of deflate bomb
+//! would become tens of GB. Each deflated column is inflated here into a buffer that stops at
+//! [`DOCUMENT_INFLATED_BYTES_MAX`] for the whole document, and every column's rows are counted
+//! against [`DOCUMENT_ROWS_MAX`].
 
 use crate::error::RemoteError;
-use crate::limits::CHANGE_ROWS_MAX;
+use std::io::Read as _;
+
+use crate::limits::{CHANGE_ROWS_MAX, DOCUMENT_INFLATED_BYTES_MAX, DOCUMENT_ROWS_MAX};
 
 /// The Automerge chunk magic bytes.
 const MAGIC: [u8; 4] = [0x85, 0x6f, 0x4a, 0x83];
+/// Chunk type of a document.
+const CHUNK_TYPE_DOCUMENT: u8 = 0;
 /// Chunk type of an uncompressed change; compressed changes (type 2) are refused: no honest peer
 /// sends one (changes travel as `raw_bytes`), and inflating one is itself unbounded.
 const CHUNK_TYPE_CHANGE: u8 = 1;
@@ -65,27 +77,94 @@ pub fn check_change(chunk: &[u8]) -> Result<(), RemoteError> {
         let actor = body.length()?;
         body.take(actor)?;
     }
-    let columns = body.length()?;
-    let mut specs = Vec::new();
-    for _ in 0..columns {
-        let spec = u32::try_from(body.unsigned()?).map_err(|_| refused("column spec over 32 bits"))?;
-        let length = body.length()?;
-        specs.push((spec, length));
-    }
-    for (spec, length) in specs {
+    for (spec, length) in body.columns()? {
         let data = body.take(length)?;
         if spec & DEFLATE != 0 {
             return Err(refused("deflated change column"));
         }
-        check_column(spec & 0b111, data)?;
+        check_column(spec & 0b111, data, CHANGE_ROWS_MAX)?;
     }
     Ok(())
 }
 
-/// Counts the rows a column declares (and, for a group column, the rows of the group).
-fn check_column(column_type: u32, data: &[u8]) -> Result<(), RemoteError> {
+/// Checks concatenated chunks (what `Automerge::load` takes): each a document
+/// ([`check_document`]) or an uncompressed change ([`check_change`]).
+pub fn check_chunks(mut bytes: &[u8]) -> Result<(), RemoteError> {
+    while !bytes.is_empty() {
+        let mut reader = Reader { bytes };
+        reader.take(9)?;
+        let length = reader.length()?;
+        let end = bytes.len() - reader.bytes.len() + length;
+        let (chunk, rest) = bytes.split_at(end);
+        if chunk[8] == CHUNK_TYPE_DOCUMENT {
+            check_document(chunk)?;
+        } else {
+            check_change(chunk)?;
+        }
+        bytes = rest;
+    }
+    Ok(())
+}
+
+/// Refuses a document chunk whose header or columns are malformed, whose deflated columns
+/// inflate past [`DOCUMENT_INFLATED_BYTES_MAX`] together, or whose columns declare more than
+/// [`DOCUMENT_ROWS_MAX`] rows.
+pub fn check_document(chunk: &[u8]) -> Result<(), RemoteError> {
+    check_document_within(chunk, DOCUMENT_INFLATED_BYTES_MAX)
+}
+
+/// [`check_document`] with `inflated_max` bytes for the deflated columns.
+fn check_document_within(chunk: &[u8], inflated_max: usize) -> Result<(), RemoteError> {
+    let mut reader = Reader { bytes: chunk };
+    if reader.take(4)? != MAGIC {
+        return Err(refused("no Automerge magic bytes"));
+    }
+    reader.take(4)?;
+    if reader.byte()? != CHUNK_TYPE_DOCUMENT {
+        return Err(refused("not a document chunk"));
+    }
+    let length = reader.length()?;
+    let mut body = Reader { bytes: reader.take(length)? };
+    let actors = body.length()?;
+    for _ in 0..actors {
+        let actor = body.length()?;
+        body.take(actor)?;
+    }
+    let heads = body.length()?;
+    body.take(heads.checked_mul(32).ok_or_else(|| refused("head count overflows"))?)?;
+    let mut specs = body.columns()?;
+    specs.extend(body.columns()?);
+    let mut inflated_total = 0usize;
+    for (spec, length) in specs {
+        let data = body.take(length)?;
+        if spec & DEFLATE == 0 {
+            check_column(spec & 0b111, data, DOCUMENT_ROWS_MAX)?;
+            continue;
+        }
+        let budget = inflated_max - inflated_total;
+        let mut inflated = Vec::new();
+        flate2::bufread::DeflateDecoder::new(data)
+            .take(budget as u64 + 1)
+            .read_to_end(&mut inflated)
+            .map_err(|e| refused(&format!("deflated column: {e}")))?;
+        if inflated.len() > budget {
+            return Err(RemoteError::TooLarge {
+                what: "document (inflated columns)",
+                bytes: inflated_total + inflated.len(),
+                max: inflated_max,
+            });
+        }
+        inflated_total += inflated.len();
+        check_column(spec & 0b111, &inflated, DOCUMENT_ROWS_MAX)?;
+    }
+    Ok(())
+}
+
+/// Counts the rows a column declares (and, for a group column, the rows of the group), refusing
+/// more than `max`.
+fn check_column(column_type: u32, data: &[u8], max: u64) -> Result<(), RemoteError> {
     let mut reader = Reader { bytes: data };
-    let mut rows = Rows::default();
+    let mut rows = Rows { count: 0, max };
     match column_type {
         BOOLEAN => {
             while !reader.is_empty() {
@@ -96,7 +175,7 @@ fn check_column(column_type: u32, data: &[u8]) -> Result<(), RemoteError> {
         VALUE_RAW => {}
         // GROUP_CARD, ACTOR_ID, INTEGER_RLE, DELTA_INTEGER, STRING_RLE, VALUE_METADATA.
         _ => {
-            let mut grouped = Rows::default();
+            let mut grouped = Rows { count: 0, max };
             while !reader.is_empty() {
                 let count = reader.signed()?;
                 if count > 0 {
@@ -124,18 +203,20 @@ fn check_column(column_type: u32, data: &[u8]) -> Result<(), RemoteError> {
     Ok(())
 }
 
-/// A running row count, refused past [`CHANGE_ROWS_MAX`].
-#[derive(Default)]
-struct Rows(u64);
+/// A running row count, refused past `max`.
+struct Rows {
+    count: u64,
+    max: u64,
+}
 
 impl Rows {
     fn add(&mut self, count: u64) -> Result<(), RemoteError> {
-        self.0 = self.0.saturating_add(count);
-        if self.0 > CHANGE_ROWS_MAX {
+        self.count = self.count.saturating_add(count);
+        if self.count > self.max {
             return Err(RemoteError::TooLarge {
-                what: "change (rows of one column)",
-                bytes: usize::try_from(self.0).unwrap_or(usize::MAX),
-                max: usize::try_from(CHANGE_ROWS_MAX).unwrap_or(usize::MAX),
+                what: "rows of one column",
+                bytes: usize::try_from(self.count).unwrap_or(usize::MAX),
+                max: usize::try_from(self.max).unwrap_or(usize::MAX),
             });
         }
         Ok(())
@@ -200,6 +281,19 @@ impl<'a> Reader<'a> {
         Err(refused("LEB128 number over 64 bits"))
     }
 
+    /// Column metadata: a count, then `(spec, length)` pairs (lengths checked as the data is
+    /// taken).
+    fn columns(&mut self) -> Result<Vec<(u32, usize)>, RemoteError> {
+        let columns = self.length()?;
+        let mut specs = Vec::new();
+        for _ in 0..columns {
+            let spec = u32::try_from(self.unsigned()?).map_err(|_| refused("column spec over 32 bits"))?;
+            let length = usize::try_from(self.unsigned()?).map_err(|_| refused("column length overflows"))?;
+            specs.push((spec, length));
+        }
+        Ok(specs)
+    }
+
     /// A length that must fit what is left.
     fn length(&mut self) -> Result<usize, RemoteError> {
         let length = self.unsigned()?;
@@ -243,6 +337,54 @@ mod tests {
     }
 
     #[test]
+    fn honest_documents_pass_and_a_deflate_bomb_does_not() {
+        let mut doc = automerge::AutoCommit::new();
+        for index in 0..2_000 {
+            doc.put(automerge::ROOT, format!("k{}", index % 300), "x".repeat(200)).unwrap();
+            doc.commit();
+        }
+        let saved = doc.save();
+        check_chunks(&saved).unwrap();
+        // A column inflating past the budget is refused (a 1 MiB budget here: the real one is
+        // 256 MiB, slow to deflate in a debug build).
+        let mut bomb_column = Vec::new();
+        let mut deflater = flate2::write::DeflateEncoder::new(&mut bomb_column, flate2::Compression::best());
+        std::io::Write::write_all(&mut deflater, &vec![0u8; 4 << 20]).unwrap();
+        deflater.finish().unwrap();
+        assert!(bomb_column.len() < 16 * 1024, "{} bytes", bomb_column.len());
+        let bomb = document_with_column(7 | DEFLATE, &bomb_column);
+        let refused = check_document_within(&bomb, 1 << 20);
+        assert!(matches!(refused, Err(RemoteError::TooLarge { .. })), "{refused:?}");
+        assert!(check_document_within(&bomb, 8 << 20).is_ok());
+        // A column declaring more rows than a document may have, through the door snapshots
+        // from files and join grants take.
+        let mut rows = Vec::new();
+        leb128_signed(&mut rows, i64::try_from(DOCUMENT_ROWS_MAX).unwrap() + 1);
+        leb128_unsigned(&mut rows, 1);
+        let too_many = document_with_column(INTEGER_RLE, &rows);
+        assert!(matches!(check_chunks(&too_many), Err(RemoteError::TooLarge { .. })));
+        assert!(crate::group::GroupDoc::load(&too_many, automerge::ActorId::from([7u8; 16].as_slice())).is_err());
+    }
+
+    /// A document chunk with no actors, heads or change columns and one ops column.
+    fn document_with_column(spec: u32, data: &[u8]) -> Vec<u8> {
+        let mut body = Vec::new();
+        leb128_unsigned(&mut body, 0); // actors
+        leb128_unsigned(&mut body, 0); // heads
+        leb128_unsigned(&mut body, 0); // change columns
+        leb128_unsigned(&mut body, 1); // ops columns
+        leb128_unsigned(&mut body, u64::from((1 << 4) | spec));
+        leb128_unsigned(&mut body, data.len() as u64);
+        body.extend(data);
+        let mut chunk = MAGIC.to_vec();
+        chunk.extend([0; 4]);
+        chunk.push(CHUNK_TYPE_DOCUMENT);
+        leb128_unsigned(&mut chunk, body.len() as u64);
+        chunk.extend(&body);
+        chunk
+    }
+
+    #[test]
     fn truncations_and_garbage_are_refused_without_panicking() {
         let change = a_change(20);
         for end in 0..change.len() {
@@ -275,15 +417,15 @@ mod tests {
         let mut column = Vec::new();
         leb128_signed(&mut column, i64::try_from(CHANGE_ROWS_MAX).unwrap() + 1);
         leb128_unsigned(&mut column, 7);
-        assert!(matches!(check_column(INTEGER_RLE, &column), Err(RemoteError::TooLarge { .. })));
+        assert!(matches!(check_column(INTEGER_RLE, &column, CHANGE_ROWS_MAX), Err(RemoteError::TooLarge { .. })));
         let mut column = Vec::new();
         leb128_signed(&mut column, 1);
         leb128_unsigned(&mut column, CHANGE_ROWS_MAX + 1);
-        assert!(matches!(check_column(GROUP_CARD, &column), Err(RemoteError::TooLarge { .. })));
+        assert!(matches!(check_column(GROUP_CARD, &column, CHANGE_ROWS_MAX), Err(RemoteError::TooLarge { .. })));
         let mut column = Vec::new();
         leb128_signed(&mut column, i64::try_from(CHANGE_ROWS_MAX).unwrap());
         leb128_unsigned(&mut column, 7);
-        assert!(check_column(INTEGER_RLE, &column).is_ok());
+        assert!(check_column(INTEGER_RLE, &column, CHANGE_ROWS_MAX).is_ok());
     }
 
     fn leb128_unsigned(out: &mut Vec<u8>, mut value: u64) {

@@ -360,6 +360,7 @@ impl GroupDoc {
             for chunk in split_chunks(carried)? {
                 if chunk[8] == CHUNK_TYPE_DOCUMENT {
                     // A far-behind peer is sent a whole document: load it aside, take what we lack.
+                    crate::change_bounds::check_document(chunk)?;
                     let other = shielded("sync message", || Automerge::load(chunk).map_err(|e| e.to_string()))?;
                     decoded.extend(self.doc.get_changes_added(&other));
                 } else {

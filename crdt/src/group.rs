@@ -279,7 +279,9 @@ impl GroupDoc {
 
     /// Loads a group from an Automerge save (a snapshot), as `actor`.
     pub fn load(snapshot: &[u8], actor: ActorId) -> Result<GroupDoc, LoadError> {
-        // Snapshots come from files and from peers (join grants): shielded like every decoder.
+        // Snapshots come from files and from peers (join grants): bounded, then shielded like
+        // every decoder.
+        crate::change_bounds::check_chunks(snapshot).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?;
         let doc = crate::exchange::shielded("snapshot", || Automerge::load(snapshot).map_err(|e| e.to_string()))
             .map_err(|e| LoadError::Snapshot { detail: e.to_string() })?
             .with_actor(actor);

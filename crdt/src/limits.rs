@@ -56,6 +56,17 @@ pub const CHANGE_BYTES_MAX: usize = 2 * SETTINGS_BYTES_MAX;
 /// `KEYS_PER_GROUP_MAX` keys (deletes and sets) plus a few metadata operations, 50 times less.
 pub const CHANGE_ROWS_MAX: u64 = 1 << 20;
 
+/// Most bytes the deflated columns of one document (a snapshot, a join grant, a whole document in
+/// a sync message) may inflate to, checked before Automerge inflates them without a limit: an
+/// honest save deflates a few times at most, so 4 times the largest sync message is room enough,
+/// while a 64 MiB deflate bomb would otherwise become tens of GB.
+pub const DOCUMENT_INFLATED_BYTES_MAX: usize = 4 * SYNC_MESSAGE_BYTES_MAX;
+
+/// Most rows one column of a document may declare (operations or changes of its whole history),
+/// checked before Automerge decodes it, as [`CHANGE_ROWS_MAX`] is for one change: 16 times
+/// the rows of a 1 million-change history of one operation each.
+pub const DOCUMENT_ROWS_MAX: u64 = 1 << 24;
+
 /// Largest sync message accepted from a peer: a sync message may carry a whole document save
 /// when the peer is far behind.
 pub const SYNC_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
