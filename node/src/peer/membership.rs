@@ -288,6 +288,34 @@ struct Tracker {
     resumed: Option<Instant>,
 }
 
+impl Tracker {
+    /// Forgets the peers chitchat forgot (`held` is false), so the tracker stays as small as the
+    /// mesh instead of growing with every node generation ever heard.
+    fn forget_unheld(&mut self, held: impl Fn(&ChitchatId) -> bool) {
+        self.heard.retain(|id, _| held(id));
+        self.beats.retain(|id, _| held(id));
+    }
+}
+
+#[cfg(test)]
+mod tracker_tests {
+    use super::*;
+
+    #[test]
+    fn heartbeats_of_nodes_chitchat_forgot_are_pruned() {
+        let node = |generation| ChitchatId::new("n2".to_owned(), generation, SocketAddr::from(([10, 0, 0, 2], 7400)));
+        let heard = Heard { heartbeat: 3, at: Instant::now(), count: 2 };
+        let mut tracker = Tracker::default();
+        for generation in [1, 2] {
+            tracker.heard.insert(node(generation), heard);
+            tracker.beats.insert(node(generation), heard);
+        }
+        // Generation 1 was garbage-collected by chitchat; generation 2 runs.
+        tracker.forget_unheld(|id| id.generation_id == 2);
+        assert_eq!(tracker.heard.keys().chain(tracker.beats.keys()).cloned().collect::<Vec<_>>(), [node(2), node(2)]);
+    }
+}
+
 /// The running membership layer.
 pub struct Membership {
     handle: ChitchatHandle,
@@ -577,8 +605,7 @@ impl Membership {
             gossip_interval: self.gossip_interval,
         };
         // Forget nodes chitchat forgot, so the tracker stays as small as the mesh.
-        tracker.heard.retain(|id, _| chitchat.node_states().contains_key(id));
-        tracker.beats.retain(|id, _| chitchat.node_states().contains_key(id));
+        tracker.forget_unheld(|id| chitchat.node_states().contains_key(id));
         // The filter forgets, after a margin, the nodes chitchat forgot (the cap counts the mesh
         // as it is).
         {
