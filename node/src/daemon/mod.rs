@@ -19,6 +19,7 @@ use konor_crdt::replica::{
 use konor_crdt::{
     Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
 };
+use konor_sdk::Secret;
 use konor_sdk::protocol::{
     ApplyResult, ConflictRow, ErrorCode, Freshness, GroupRow, NodeGroupRow, NodeRow, ProcessRow, Request, Response,
     VersionRow, WatchEvent,
@@ -86,7 +87,7 @@ enum PendingReply {
     Plain(oneshot::Sender<Response>),
     Created {
         reply: oneshot::Sender<Response>,
-        key: String,
+        key: Secret,
     },
     /// A repair of a damaged group (a join with its stored key): on failure it is queued again.
     Repair {
@@ -525,7 +526,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
     let mut loaded = BTreeMap::new();
     let mut repairs = Vec::new();
     for name in store.list_groups()? {
-        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
             Some(Ok(key)) => key,
             _ => {
                 error!(group = %name, "group key missing or unreadable; the group is not served");
@@ -565,7 +566,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
         if loaded.contains_key(&name) || repairs.iter().any(|(pending, _)| *pending == name) {
             continue;
         }
-        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
             warn!(group = %name, "group file missing (quarantined earlier): repairing from peers");
             repairs.push((name, key));
         }
