@@ -21,4 +21,16 @@ pub const PEER_WRITER_IDLE: Duration = Duration::from_secs(5 * 60);
 /// the ids whose last new generation is oldest are forgotten first, never one chitchat holds.
 pub const FORGOTTEN_NODE_IDS_MAX: usize = 4 * MESH_NODES_MAX;
 
+/// How long a starting konord waits for its QUIC port while another process holds it: a
+/// konord stopped by SIGTERM announces its leave for three gossip periods (0.75 s at 250 ms,
+/// 3 s at 1 s), drains its socket connections (up to 1 s) and lets go of its port last, so a
+/// restart issued right after SIGTERM finds the port taken for a second or a few. Past this the
+/// holder is not a konord that is stopping, and the start fails.
+pub const PREDECESSOR_EXIT_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a starting konord tries its held QUIC port again: the other process gives no sign
+/// when it lets go, and a bind costs a system call.
+pub const PORT_RETRY: Duration = Duration::from_millis(50);
+
 const _: () = assert!(FORGOTTEN_NODE_IDS_MAX >= MESH_NODES_MAX);
+const _: () = assert!(PORT_RETRY.as_millis() * 10 <= PREDECESSOR_EXIT_WAIT.as_millis());

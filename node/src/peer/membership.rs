@@ -298,8 +298,46 @@ impl Tracker {
 }
 
 #[cfg(test)]
-mod tracker_tests {
+mod adapter_tests {
     use super::*;
+
+    /// Counts what is sent, to where.
+    struct Recorder {
+        addr: SocketAddr,
+        sent: std::sync::Mutex<Vec<SocketAddr>>,
+    }
+
+    impl PeerNetwork for Recorder {
+        fn local_addr(&self) -> SocketAddr {
+            self.addr
+        }
+
+        fn send(&self, addr: SocketAddr, _expect: Option<&str>, _channel: Channel, _bytes: Vec<u8>) {
+            self.sent.lock().unwrap().push(addr);
+        }
+    }
+
+    #[tokio::test]
+    async fn regression_a_restarted_node_never_gossips_with_its_previous_generation_at_its_own_address() {
+        // A restart right after SIGTERM logged "forged gossip refused: news about this node
+        // itself": chitchat gossiped with the node's dead previous generation, at its address.
+        let own = SocketAddr::from(([10, 0, 0, 2], 7400));
+        let peer = SocketAddr::from(([10, 0, 0, 1], 7400));
+        let network = Arc::new(Recorder { addr: own, sent: std::sync::Mutex::default() });
+        let seal: Arc<dyn GossipSeal> = Arc::new(crate::peer::gossip_seal::SimSeal::new("n2"));
+        let self_id = ChitchatId::new("n2".to_owned(), 2, own);
+        let filter = GossipFilter::new(seal, "c", self_id, MESH_NODES_MAX);
+        let (_tx, inbox) = mpsc::channel(1);
+        let mut socket = GossipSocket {
+            network: network.clone(),
+            inbox,
+            filter: Arc::new(std::sync::Mutex::new(filter)),
+            started: Instant::now(),
+        };
+        socket.send(own, ChitchatMessage::BadCluster).await.unwrap();
+        socket.send(peer, ChitchatMessage::BadCluster).await.unwrap();
+        assert_eq!(*network.sent.lock().unwrap(), [peer]);
+    }
 
     #[test]
     fn heartbeats_of_nodes_chitchat_forgot_are_pruned() {
@@ -368,6 +406,12 @@ impl Transport for GossipTransport {
 #[async_trait]
 impl Socket for GossipSocket {
     async fn send(&mut self, to: SocketAddr, message: ChitchatMessage) -> anyhow::Result<()> {
+        // After a restart, peers' gossip holds this node's previous generation at this very
+        // address, dead, and chitchat now and then gossips with dead nodes: that would be this
+        // node talking to itself, and its answer news about itself, refused as forged.
+        if to == self.network.local_addr() {
+            return Ok(());
+        }
         let mut bytes = Vec::with_capacity(message.serialized_len());
         message.serialize(&mut bytes);
         self.network.send(to, None, Channel::Gossip, bytes);

@@ -256,8 +256,9 @@ impl QuicNetwork {
     ) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
         let server_config = identity.server_config()?;
         let client_config = identity.client_config()?;
+        // The io::Error stays the source: a caller may wait out `AddrInUse` (a restart).
         let mut endpoint = quinn::Endpoint::server(server_config, listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (UDP): {e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {listen} (UDP)")))?;
         endpoint.set_default_client_config(client_config);
         let (gossip_tx, gossip_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
         let (replica_tx, replica_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
@@ -729,12 +730,29 @@ async fn accept_loop(
             let addr = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => serve_connection(connection, gossip, replica, stats, peers).await,
+                Err(error) if abandoned_by_peer(&error) => {
+                    debug!(%addr, %error, "incoming connection abandoned by the peer during its handshake");
+                }
                 Err(error) => {
                     stats.refused_in.fetch_add(1, Ordering::Relaxed);
                     info!(%addr, %error, "incoming connection refused (TLS)");
                 }
             }
         });
+    }
+}
+
+/// True when the peer itself gave up a connection during its handshake: a dial sends a fresh
+/// attempt every [`DIAL_RETRY`] and drops the ones that lose, which quinn closes with the
+/// transport code `APPLICATION_ERROR`. A peer that comes back after a restart meets a burst of
+/// them; they are no refusal of ours and no sign of trouble.
+fn abandoned_by_peer(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+        }
+        quinn::ConnectionError::ApplicationClosed(_) => true,
+        _ => false,
     }
 }
 
@@ -941,6 +959,24 @@ mod tests {
         assert_eq!(a.peers_connected(), 1);
         b.close().await;
         eventually("a forgets b after b shut down", || a.peers_connected() == 0).await;
+    }
+
+    #[test]
+    fn a_dial_attempt_the_peer_gave_up_is_no_refusal() {
+        use quinn::{ConnectionError, TransportErrorCode};
+        let closed_by_peer = |code: TransportErrorCode| {
+            let ConnectionError::TransportError(error) = ConnectionError::TransportError(code.into()) else {
+                unreachable!()
+            };
+            ConnectionError::ConnectionClosed(error.into())
+        };
+        // A losing attempt of the peer's dial, dropped by quinn during the handshake.
+        assert!(abandoned_by_peer(&closed_by_peer(TransportErrorCode::APPLICATION_ERROR)));
+        // A TLS alert from the peer (it refused our certificate), our own refusal of its
+        // certificate, a handshake that never finished: refusals, still logged.
+        assert!(!abandoned_by_peer(&closed_by_peer(TransportErrorCode::crypto(42))));
+        assert!(!abandoned_by_peer(&ConnectionError::TransportError(TransportErrorCode::crypto(48).into())));
+        assert!(!abandoned_by_peer(&ConnectionError::TimedOut));
     }
 
     #[test]

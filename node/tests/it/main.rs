@@ -11,5 +11,6 @@ mod harness;
 mod liveness;
 mod mesh;
 mod netns;
+mod restart;
 mod security;
 mod values;
