@@ -188,7 +188,7 @@ pub struct Records {
     /// Watcher events checked.
     pub watch_events: u64,
     /// Each group's key, for joins during the run.
-    pub keys: BTreeMap<GroupKind, String>,
+    pub keys: BTreeMap<GroupKind, konor_sdk::Secret>,
     /// Strong-group joins and leaves during the run: (joins, leaves, failed attempts).
     pub churn: (u64, u64, u64),
     /// When each fault began or ended (crash, restart, pause, resume, partition, heal), with

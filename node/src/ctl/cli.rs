@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use konor_crdt::FileFormat;
+use konor_sdk::Secret;
 use konor_sdk::protocol::WriteMeta;
 
 use crate::ctl::input::{Assignment, parse_assignment};
@@ -147,7 +148,7 @@ pub enum GroupCommand {
         key_out: Option<std::path::PathBuf>,
         /// Refused: see --key-file.
         #[arg(long, hide = true, value_name = "SECRET")]
-        key: Option<String>,
+        key: Option<Secret>,
         /// Strong groups: remove a member from the configuration once it has been dead this
         /// long (e.g. 30s, 2m; at least 6s; default 30s).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
@@ -166,7 +167,7 @@ pub enum GroupCommand {
         key_file: Option<std::path::PathBuf>,
         /// Refused: see --key-file.
         #[arg(long, hide = true, value_name = "SECRET")]
-        key: Option<String>,
+        key: Option<Secret>,
     },
     /// Stop holding a group on this node (a strong group's member first leaves its
     /// configuration, agreed by the others).

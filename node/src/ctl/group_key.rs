@@ -7,6 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
+use konor_sdk::Secret;
 
 use crate::ctl::exit::UsageError;
 
@@ -17,32 +18,32 @@ pub const KEY_ENV: &str = "KONOR_GROUP_KEY";
 pub const KEY_FILE_BYTES_MAX: u64 = 4096;
 
 /// Reads a key from `path` (`-`: standard input): the first line, without surrounding space.
-pub fn read(path: &Path) -> anyhow::Result<String> {
-    let mut text = String::new();
+pub fn read(path: &Path) -> anyhow::Result<Secret> {
+    let mut text = Secret::new(String::new());
     let what = if path == Path::new("-") {
         std::io::stdin()
             .lock()
             .take(KEY_FILE_BYTES_MAX + 1)
-            .read_to_string(&mut text)
+            .read_to_string(text.expose_mut())
             .context("cannot read the group key from standard input")?;
         "standard input".to_owned()
     } else {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open the key file {}", path.display()))?;
         file.take(KEY_FILE_BYTES_MAX + 1)
-            .read_to_string(&mut text)
+            .read_to_string(text.expose_mut())
             .with_context(|| format!("cannot read the key file {}", path.display()))?;
         path.display().to_string()
     };
-    if text.len() as u64 > KEY_FILE_BYTES_MAX {
+    if text.expose().len() as u64 > KEY_FILE_BYTES_MAX {
         return Err(UsageError(format!("{what} holds more than {KEY_FILE_BYTES_MAX} bytes: not a group key")).into());
     }
-    checked(text.lines().next().unwrap_or_default(), &what)
+    checked(text.expose().lines().next().unwrap_or_default(), &what)
 }
 
 /// The key in [`KEY_ENV`].
-pub fn from_env() -> anyhow::Result<String> {
-    match std::env::var(KEY_ENV) {
-        Ok(key) => checked(&key, KEY_ENV),
+pub fn from_env() -> anyhow::Result<Secret> {
+    match std::env::var(KEY_ENV).map(Secret::new) {
+        Ok(key) => checked(key.expose(), KEY_ENV),
         Err(_) => Err(UsageError(format!(
             "group join needs the group's key: --key-file FILE (as group create --key-out wrote it), \
              --key-file - (standard input) or the {KEY_ENV} environment variable"
@@ -51,23 +52,24 @@ pub fn from_env() -> anyhow::Result<String> {
     }
 }
 
-fn checked(key: &str, what: &str) -> anyhow::Result<String> {
+fn checked(key: &str, what: &str) -> anyhow::Result<Secret> {
     let key = key.trim();
     if key.is_empty() {
         return Err(UsageError(format!("{what} holds no group key")).into());
     }
-    Ok(key.to_owned())
+    Ok(Secret::from(key))
 }
 
 /// Writes `key` to a new file at `path`, readable by its owner only; never overwrites.
-pub fn write_new(path: &Path, key: &str) -> anyhow::Result<()> {
+pub fn write_new(path: &Path, key: &Secret) -> anyhow::Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(path)
         .with_context(|| format!("cannot create {}", path.display()))?;
-    file.write_all(format!("{key}\n").as_bytes())?;
+    file.write_all(key.expose().as_bytes())?;
+    file.write_all(b"\n")?;
     file.sync_all()?;
     Ok(())
 }
@@ -81,12 +83,12 @@ mod tests {
     fn a_key_written_is_read_back_and_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("app.key");
-        write_new(&path, "0123abcd").unwrap();
+        write_new(&path, &"0123abcd".into()).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
-        assert_eq!(read(&path).unwrap(), "0123abcd");
-        let again = write_new(&path, "other").unwrap_err();
+        assert_eq!(read(&path).unwrap().expose(), "0123abcd");
+        let again = write_new(&path, &"other".into()).unwrap_err();
         assert!(format!("{again:#}").contains("cannot create"), "{again:#}");
-        assert_eq!(read(&path).unwrap(), "0123abcd", "never overwritten");
+        assert_eq!(read(&path).unwrap().expose(), "0123abcd", "never overwritten");
     }
 
     #[test]

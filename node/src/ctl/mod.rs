@@ -86,7 +86,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             emit(&cert_issued(&node_id, &out, output))
         }
         Command::Group(GroupCommand::Create { name, mode, key_file, key_out, key, evict_after, fencing }) => {
-            refuse_key_on_command_line(key.as_deref())?;
+            refuse_key_on_command_line(key.is_some())?;
             let key = key_file.as_deref().map(group_key::read).transpose()?;
             let request = Request::GroupCreate {
                 name,
@@ -101,7 +101,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             }
         }
         Command::Group(GroupCommand::Join { name, key_file, key }) => {
-            refuse_key_on_command_line(key.as_deref())?;
+            refuse_key_on_command_line(key.is_some())?;
             let key = match key_file {
                 Some(path) => group_key::read(&path)?,
                 None => group_key::from_env()?,
@@ -167,8 +167,8 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
 }
 
 /// A group key given as `--key SECRET` is refused: it would show in `ps` and shell history.
-fn refuse_key_on_command_line(key: Option<&str>) -> anyhow::Result<()> {
-    if key.is_some() {
+fn refuse_key_on_command_line(given: bool) -> anyhow::Result<()> {
+    if given {
         return Err(UsageError(
             "a group key is never taken on the command line (it would show in ps and in shell history): \
              use --key-file FILE, --key-file - (standard input) or the KONOR_GROUP_KEY environment variable"

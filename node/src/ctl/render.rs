@@ -175,7 +175,8 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             Rendered::ok(format!(
                 "created group {name}{mode}\nkey: {key}\n\
                  share it: put it in a file only you can read, then run konorctl group join {name} \
-                 --key-file FILE (or set KONOR_GROUP_KEY) on the nodes that should hold it\n"
+                 --key-file FILE (or set KONOR_GROUP_KEY) on the nodes that should hold it\n",
+                key = key.expose()
             ))
         }
         Response::Joined { name, version } => Rendered::ok(format!("joined group {name} at {version}\n")),

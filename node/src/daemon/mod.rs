@@ -19,6 +19,7 @@ use konor_crdt::replica::{
 use konor_crdt::{
     Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
 };
+use konor_sdk::Secret;
 use konor_sdk::protocol::{
     ApplyResult, ConflictRow, ErrorCode, Freshness, GroupRow, NodeGroupRow, NodeRow, ProcessRow, Request, Response,
     VersionRow, WatchEvent,
@@ -30,6 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
+use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
 use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
 use crate::peer::tls;
 use crate::peer::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
@@ -86,7 +88,7 @@ enum PendingReply {
     Plain(oneshot::Sender<Response>),
     Created {
         reply: oneshot::Sender<Response>,
-        key: String,
+        key: Secret,
     },
     /// A repair of a damaged group (a join with its stored key): on failure it is queued again.
     Repair {
@@ -258,7 +260,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     );
     warn_on_open_permissions(&settings);
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
-    let (network, inbox) = QuicNetwork::start(&identity, settings.listen)?;
+    let (network, inbox) = start_network(&identity, settings.listen).await?;
     let advertise = network.local_addr();
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
@@ -324,6 +326,35 @@ async fn run_node_on_own_thread(parts: NodeParts, shutdown: watch::Receiver<bool
         })
         .context("cannot start the daemon thread")?;
     done_rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the daemon thread panicked")))
+}
+
+/// Binds the QUIC endpoint. A port still held by a konord that is stopping (a restart right
+/// after SIGTERM: the old one announces its leave for a few gossip periods, then lets go of its
+/// port last, after its data dir and socket) is waited for, at most [`PREDECESSOR_EXIT_WAIT`].
+async fn start_network(identity: &tls::TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
+    let deadline = Instant::now() + PREDECESSOR_EXIT_WAIT;
+    let mut waiting = false;
+    loop {
+        match QuicNetwork::start(identity, listen) {
+            Err(error) if address_in_use(&error) && Instant::now() < deadline => {
+                if !waiting {
+                    info!(
+                        %listen,
+                        wait_ms = PREDECESSOR_EXIT_WAIT.as_millis() as u64,
+                        "the QUIC port is still held (by a konord that is stopping?); waiting for it"
+                    );
+                    waiting = true;
+                }
+                // Another process lets go of a port without telling: look again shortly.
+                tokio::time::sleep(PORT_RETRY).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn address_in_use(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<std::io::Error>().is_some_and(|error| error.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 /// Warns at start about secrets and doors left open (issue 12): a node key others can read
@@ -551,7 +582,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
     let mut loaded = BTreeMap::new();
     let mut repairs = Vec::new();
     for name in store.list_groups()? {
-        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
             Some(Ok(key)) => key,
             _ => {
                 error!(group = %name, "group key missing or unreadable; the group is not served");
@@ -591,7 +622,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
         if loaded.contains_key(&name) || repairs.iter().any(|(pending, _)| *pending == name) {
             continue;
         }
-        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(&text)) {
+        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
             warn!(group = %name, "group file missing (quarantined earlier): repairing from peers");
             repairs.push((name, key));
         }

@@ -158,7 +158,7 @@ impl Daemon {
         };
         let name = group.to_owned();
         let key = self.with_store(move |store| store.read_group_key(&name)).await.ok()?.ok()??;
-        let key = GroupKey::parse(&key).ok()?;
+        let key = GroupKey::parse(key.expose()).ok()?;
         let needs_rewrite = {
             let name = group.to_owned();
             self.with_store(move |store| store.needs_recovery(&name)).await.unwrap_or(true)
@@ -406,7 +406,7 @@ impl Daemon {
         self.with_store(move |store| -> anyhow::Result<()> {
             match op {
                 PersistOp::CreateGroup { group, file, key } => {
-                    store.write_group_key(&group, &key.to_text())?;
+                    store.write_group_key(&group, &Secret::new(key.to_text()))?;
                     store.create_group(&group, &file)?;
                 }
                 PersistOp::Append { group, records } => store.append(&group, &records)?,

@@ -221,7 +221,7 @@ impl Daemon {
                     }
                 }
                 let key = match key {
-                    Some(text) => match GroupKey::parse(&text) {
+                    Some(text) => match GroupKey::parse(text.expose()) {
                         Ok(key) => key,
                         Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                     },
@@ -229,14 +229,14 @@ impl Daemon {
                 };
                 let meta =
                     CommitMeta::new(format!("{}@{}", client.process, self.node_id), "create group", self.wall_clock());
-                let text = key.to_text();
+                let text = Secret::new(key.to_text());
                 self.command(
                     Command::CreateGroup { name, mode, key, meta, policy },
                     PendingReply::Created { reply, key: text },
                 );
                 return;
             }
-            Request::GroupJoin { name, key } => match GroupKey::parse(&key) {
+            Request::GroupJoin { name, key } => match GroupKey::parse(key.expose()) {
                 Ok(key) => {
                     return self.command(Command::JoinGroup { name, key, repair: false }, PendingReply::Plain(reply));
                 }

@@ -27,6 +27,7 @@ use chitchat::ChitchatId;
 
 use super::gossip_seal::{BEAT_KEY, CERT_KEY, GossipSeal, PeerCert, payload, split_value, verify_value};
 use super::gossip_wire::{self, DigestEntry, Message, NodeDelta, WireError};
+use crate::limits::FORGOTTEN_NODE_IDS_MAX;
 
 /// How far a relayed heartbeat may run ahead of the heartbeat in the node's latest signed beat.
 /// chitchat advances a node's heartbeat once per gossip round and once per message it handles
@@ -130,8 +131,11 @@ pub struct GossipFilter {
     /// Node states chitchat held at the last view, and new nodes admitted since.
     held_states: usize,
     admitted_since_view: usize,
-    /// Per node id: the highest generation ever admitted, and the tokens for new ones.
+    /// Per node id: the highest generation ever admitted, and the tokens for new ones. Ids with
+    /// no generation in `known` are kept up to `forgotten_ids_max`.
     generations: BTreeMap<String, Generations>,
+    /// [`FORGOTTEN_NODE_IDS_MAX`], smaller in tests.
+    forgotten_ids_max: usize,
     /// Milliseconds on the caller's clock (see [`GossipFilter::set_clock`]).
     now_ms: u64,
     stats: Arc<GossipSealStats>,
@@ -158,6 +162,7 @@ impl GossipFilter {
             held_states: 0,
             admitted_since_view: 0,
             generations: BTreeMap::new(),
+            forgotten_ids_max: FORGOTTEN_NODE_IDS_MAX,
             now_ms: 0,
             stats: Arc::default(),
             last_refusals: Vec::new(),
@@ -191,6 +196,28 @@ impl GossipFilter {
     pub fn forget_unheld(&mut self, held: impl Fn(&ChitchatId) -> bool) {
         let now = self.messages;
         self.known.retain(|id, known| held(id) || now.saturating_sub(known.seen) < FORGET_AFTER_MESSAGES);
+        self.forget_old_ids();
+    }
+
+    /// Keeps the generation memory of at most `forgotten_ids_max` node ids that have no
+    /// generation in `known`, forgetting first those whose last new generation is oldest
+    /// ([`FORGOTTEN_NODE_IDS_MAX`]).
+    fn forget_old_ids(&mut self) {
+        if self.generations.len() <= self.forgotten_ids_max {
+            return;
+        }
+        let held: std::collections::BTreeSet<&str> = self.known.keys().map(|id| &*id.node_id).collect();
+        let mut forgotten: Vec<(u64, String)> = self
+            .generations
+            .iter()
+            .filter(|(node_id, _)| !held.contains(node_id.as_str()))
+            .map(|(node_id, seen)| (seen.refilled_ms, node_id.clone()))
+            .collect();
+        let excess = forgotten.len().saturating_sub(self.forgotten_ids_max);
+        forgotten.sort_unstable();
+        for (_, node_id) in forgotten.into_iter().take(excess) {
+            self.generations.remove(&node_id);
+        }
     }
 
     /// Whether this node verified `id`'s certificate.
@@ -582,6 +609,39 @@ mod tests {
         let n5 = id("n5", 1);
         kept(&mut filter, &Message::Ack { delta: vec![delta(&n5, "n5", 0, &[(CERT_KEY, &cert_of("n5"))])] });
         assert!(filter.knows(&n5), "room was made under the cap of 3");
+    }
+
+    #[test]
+    fn the_generations_of_node_ids_long_gone_are_forgotten_past_a_bound() {
+        let mut gossip = filter();
+        gossip.forgotten_ids_max = 2;
+        let admit = |filter: &mut GossipFilter, name: &str, generation: u64| {
+            let node = id(name, generation);
+            kept(filter, &Message::Ack { delta: vec![delta(&node, name, 0, &[(CERT_KEY, &cert_of(name))])] });
+            filter.knows(&node)
+        };
+        // Five nodes come and go, one at a time (chitchat holds one at most: the cap of 3 never
+        // refuses them); the filter then forgets their certificates.
+        let quiet = gossip_wire::encode(&Message::Syn { digest: vec![], cluster_id: CLUSTER.into() });
+        for (at, name) in ["n2", "n3", "n4", "n5", "n6"].into_iter().enumerate() {
+            gossip.set_clock(at as u64 * 1_000);
+            assert!(admit(&mut gossip, name, 7));
+            gossip.observe_held(1);
+            for _ in 0..FORGET_AFTER_MESSAGES {
+                gossip.admit(&quiet);
+            }
+            gossip.forget_unheld(|_| false);
+        }
+        // The two gone last are remembered (an old generation of theirs is still refused); the
+        // three before are forgotten.
+        assert_eq!(gossip.generations.keys().map(String::as_str).collect::<Vec<_>>(), ["n5", "n6"]);
+        assert!(!admit(&mut gossip, "n6", 6), "a replayed generation of a recent id is refused");
+        // A held node id is never forgotten, whatever its age.
+        let mut filter_held = filter();
+        filter_held.forgotten_ids_max = 0;
+        assert!(admit(&mut filter_held, "n2", 1));
+        filter_held.forget_unheld(|_| true);
+        assert!(filter_held.generations.contains_key("n2"));
     }
 
     #[test]

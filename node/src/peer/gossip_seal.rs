@@ -121,12 +121,13 @@ pub fn verify_value(
 pub struct CertSeal {
     cert: CertificateDer<'static>,
     ca_cert: CertificateDer<'static>,
-    signer: Box<dyn rustls::sign::Signer>,
+    /// The node's private key, loaded to sign.
+    signer: konor_sdk::Secret<Box<dyn rustls::sign::Signer>>,
 }
 
 impl std::fmt::Debug for CertSeal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertSeal").finish_non_exhaustive()
+        f.debug_struct("CertSeal").field("signer", &self.signer).finish_non_exhaustive()
     }
 }
 
@@ -149,7 +150,11 @@ impl CertSeal {
         let signer = key.choose_scheme(&SCHEMES).ok_or_else(|| {
             anyhow::anyhow!("the node key is not ECDSA P-256/P-384 or Ed25519; it cannot sign gossip")
         })?;
-        Ok(CertSeal { cert: identity.cert().clone(), ca_cert: identity.ca_cert().clone(), signer })
+        Ok(CertSeal {
+            cert: identity.cert().clone(),
+            ca_cert: identity.ca_cert().clone(),
+            signer: konor_sdk::Secret::new(signer),
+        })
     }
 }
 
@@ -161,7 +166,7 @@ impl GossipSeal for CertSeal {
     fn sign(&self, message: &[u8]) -> Vec<u8> {
         // ring's signers fail only on a broken key, which load_identity has ruled out; an empty
         // signature would just be refused by every peer.
-        self.signer.sign(message).unwrap_or_default()
+        self.signer.expose().sign(message).unwrap_or_default()
     }
 
     fn accept_cert(&self, node_id: &str, cert: &str) -> Option<PeerCert> {

@@ -291,6 +291,72 @@ struct Tracker {
     resumed: Option<Instant>,
 }
 
+impl Tracker {
+    /// Forgets the peers chitchat forgot (`held` is false), so the tracker stays as small as the
+    /// mesh instead of growing with every node generation ever heard.
+    fn forget_unheld(&mut self, held: impl Fn(&ChitchatId) -> bool) {
+        self.heard.retain(|id, _| held(id));
+        self.beats.retain(|id, _| held(id));
+    }
+}
+
+#[cfg(test)]
+mod adapter_tests {
+    use super::*;
+
+    /// Counts what is sent, to where.
+    struct Recorder {
+        addr: SocketAddr,
+        sent: std::sync::Mutex<Vec<SocketAddr>>,
+    }
+
+    impl PeerNetwork for Recorder {
+        fn local_addr(&self) -> SocketAddr {
+            self.addr
+        }
+
+        fn send(&self, addr: SocketAddr, _expect: Option<&str>, _channel: Channel, _bytes: Vec<u8>) {
+            self.sent.lock().unwrap().push(addr);
+        }
+    }
+
+    #[tokio::test]
+    async fn regression_a_restarted_node_never_gossips_with_its_previous_generation_at_its_own_address() {
+        // A restart right after SIGTERM logged "forged gossip refused: news about this node
+        // itself": chitchat gossiped with the node's dead previous generation, at its address.
+        let own = SocketAddr::from(([10, 0, 0, 2], 7400));
+        let peer = SocketAddr::from(([10, 0, 0, 1], 7400));
+        let network = Arc::new(Recorder { addr: own, sent: std::sync::Mutex::default() });
+        let seal: Arc<dyn GossipSeal> = Arc::new(crate::peer::gossip_seal::SimSeal::new("n2"));
+        let self_id = ChitchatId::new("n2".to_owned(), 2, own);
+        let filter = GossipFilter::new(seal, "c", self_id, MESH_NODES_MAX);
+        let (_tx, inbox) = mpsc::channel(1);
+        let mut socket = GossipSocket {
+            network: network.clone(),
+            inbox,
+            filter: Arc::new(std::sync::Mutex::new(filter)),
+            started: Instant::now(),
+        };
+        socket.send(own, ChitchatMessage::BadCluster).await.unwrap();
+        socket.send(peer, ChitchatMessage::BadCluster).await.unwrap();
+        assert_eq!(*network.sent.lock().unwrap(), [peer]);
+    }
+
+    #[test]
+    fn heartbeats_of_nodes_chitchat_forgot_are_pruned() {
+        let node = |generation| ChitchatId::new("n2".to_owned(), generation, SocketAddr::from(([10, 0, 0, 2], 7400)));
+        let heard = Heard { heartbeat: 3, at: Instant::now(), count: 2 };
+        let mut tracker = Tracker::default();
+        for generation in [1, 2] {
+            tracker.heard.insert(node(generation), heard);
+            tracker.beats.insert(node(generation), heard);
+        }
+        // Generation 1 was garbage-collected by chitchat; generation 2 runs.
+        tracker.forget_unheld(|id| id.generation_id == 2);
+        assert_eq!(tracker.heard.keys().chain(tracker.beats.keys()).cloned().collect::<Vec<_>>(), [node(2), node(2)]);
+    }
+}
+
 /// The running membership layer.
 pub struct Membership {
     handle: ChitchatHandle,
@@ -354,6 +420,12 @@ impl Transport for GossipTransport {
 #[async_trait]
 impl Socket for GossipSocket {
     async fn send(&mut self, to: SocketAddr, message: ChitchatMessage) -> anyhow::Result<()> {
+        // After a restart, peers' gossip holds this node's previous generation at this very
+        // address, dead, and chitchat now and then gossips with dead nodes: that would be this
+        // node talking to itself, and its answer news about itself, refused as forged.
+        if to == self.network.local_addr() {
+            return Ok(());
+        }
         let mut bytes = Vec::with_capacity(message.serialized_len());
         message.serialize(&mut bytes);
         self.network.send(to, None, Channel::Gossip, bytes);
@@ -631,8 +703,7 @@ impl Membership {
             gossip_interval: self.gossip_interval,
         };
         // Forget nodes chitchat forgot, so the tracker stays as small as the mesh.
-        tracker.heard.retain(|id, _| chitchat.node_states().contains_key(id));
-        tracker.beats.retain(|id, _| chitchat.node_states().contains_key(id));
+        tracker.forget_unheld(|id| chitchat.node_states().contains_key(id));
         // The filter forgets, after a margin, the nodes chitchat forgot (the cap counts the mesh
         // as it is).
         {

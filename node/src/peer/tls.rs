@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use konor_sdk::Secret;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -221,16 +222,16 @@ pub fn init_ca(dir: &Path) -> Result<(), TlsError> {
     let key_path = dir.join(CA_KEY_FILE);
     refuse_existing(&[&key_path, &cert_path])?;
 
-    let key = KeyPair::generate()?;
-    let mut params = ca_params(&key);
+    let key = Secret::new(KeyPair::generate()?);
+    let mut params = ca_params(key.expose());
     set_validity(&mut params, CA_VALIDITY)?;
-    let cert = params.self_signed(&key)?;
+    let cert = params.self_signed(key.expose())?;
 
     create_private_dir(dir)?;
-    let key_pem = key.serialize_pem();
+    let key_pem = Secret::new(key.expose().serialize_pem());
     let cert_pem = cert.pem();
     write_new_files(&[
-        NewFile { path: key_path, contents: key_pem.as_bytes(), private: true },
+        NewFile { path: key_path, contents: key_pem.expose().as_bytes(), private: true },
         NewFile { path: cert_path, contents: cert_pem.as_bytes(), private: false },
     ])?;
     tracing::info!(dir = %dir.display(), "created cluster CA");
@@ -257,7 +258,7 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
         Some(_) => return Err(TlsError::FileExists { path: ca_copy_path }),
     };
 
-    let node_key = KeyPair::generate()?;
+    let node_key = Secret::new(KeyPair::generate()?);
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned(), identity_name(node_id)])?;
     params.distinguished_name = DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, node_id);
@@ -268,19 +269,19 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
     params.use_authority_key_identifier_extension = true;
     // The serial is left to rcgen, which derives it from the fresh node public key, so serials never repeat.
     set_validity(&mut params, NODE_VALIDITY)?;
-    let issuer = Issuer::new(ca_params(&ca.key), ca.key);
-    let cert = params.signed_by(&node_key, &issuer)?;
+    let issuer = Issuer::new(ca_params(ca.key.expose()), ca.key.into_exposed());
+    let cert = params.signed_by(node_key.expose(), &issuer)?;
 
     // rcgen rebuilt the issuer name from our constants and ca.key rather than from ca.crt, so prove the new
     // certificate chains to the CA on disk before handing it out.
     verify_chain(cert.der(), &ca.cert).map_err(|reason| TlsError::CaNotUsable { dir: ca_dir.to_owned(), reason })?;
 
     create_private_dir(out_dir)?;
-    let key_pem = node_key.serialize_pem();
+    let key_pem = Secret::new(node_key.expose().serialize_pem());
     let cert_pem = cert.pem();
     let id_text = format!("{node_id}\n");
     let mut files = vec![
-        NewFile { path: key_path, contents: key_pem.as_bytes(), private: true },
+        NewFile { path: key_path, contents: key_pem.expose().as_bytes(), private: true },
         NewFile { path: cert_path, contents: cert_pem.as_bytes(), private: false },
         NewFile { path: id_path, contents: id_text.as_bytes(), private: false },
     ];
@@ -296,14 +297,14 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
 pub struct TlsIdentity {
     node_id: String,
     cert: CertificateDer<'static>,
-    key: PrivateKeyDer<'static>,
+    key: Secret<PrivateKeyDer<'static>>,
     ca_cert: CertificateDer<'static>,
 }
 
-// Hand-written so the key and certificate bytes never reach a log line.
+// Hand-written so the certificate bytes do not fill a log line; the key is a `Secret`.
 impl std::fmt::Debug for TlsIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsIdentity").field("node_id", &self.node_id).finish_non_exhaustive()
+        f.debug_struct("TlsIdentity").field("node_id", &self.node_id).field("key", &self.key).finish_non_exhaustive()
     }
 }
 
@@ -318,7 +319,7 @@ pub fn load_identity(tls_dir: &Path) -> Result<TlsIdentity, TlsError> {
     let missing = |file| TlsError::NoIdentity { dir: tls_dir.to_owned(), file };
     let id_bytes = read_optional(&id_path)?.ok_or_else(|| missing(NODE_ID_FILE))?;
     let cert_bytes = read_optional(&cert_path)?.ok_or_else(|| missing(NODE_CERT_FILE))?;
-    let key_bytes = read_optional(&key_path)?.ok_or_else(|| missing(NODE_KEY_FILE))?;
+    let key_bytes = Secret::new(read_optional(&key_path)?.ok_or_else(|| missing(NODE_KEY_FILE))?);
     let ca_bytes = read_optional(&ca_path)?.ok_or_else(|| missing(CA_CERT_FILE))?;
 
     let node_id = String::from_utf8(id_bytes)
@@ -328,7 +329,7 @@ pub fn load_identity(tls_dir: &Path) -> Result<TlsIdentity, TlsError> {
     validate_node_id(&node_id).map_err(|error| unreadable(&id_path, "node id", error))?;
     let cert = parse_cert(&cert_path, &cert_bytes)?;
     let ca_cert = parse_cert(&ca_path, &ca_bytes)?;
-    let key = parse_key(&key_path, &key_bytes)?;
+    let key = Secret::new(parse_key(&key_path, key_bytes.expose())?);
 
     verify_chain(&cert, &ca_cert).map_err(|reason| TlsError::Untrusted {
         cert_path: cert_path.clone(),
@@ -338,7 +339,7 @@ pub fn load_identity(tls_dir: &Path) -> Result<TlsIdentity, TlsError> {
     if verify_node_identity(&cert, &node_id).is_err() {
         return Err(TlsError::CertNotForNode { cert_path, node_id });
     }
-    check_key_matches(&cert, &key, &cert_path, &key_path)?;
+    check_key_matches(&cert, key.expose(), &cert_path, &key_path)?;
     Ok(TlsIdentity { node_id, cert, key, ca_cert })
 }
 
@@ -355,7 +356,7 @@ impl TlsIdentity {
 
     /// The node's private key (never logged: [`TlsIdentity`]'s `Debug` leaves it out).
     pub(crate) fn key(&self) -> &PrivateKeyDer<'static> {
-        &self.key
+        self.key.expose()
     }
 
     /// The cluster CA's certificate.
@@ -373,7 +374,7 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error("server"))?
             .with_client_cert_verifier(client_verifier)
-            .with_single_cert(vec![self.cert.clone()], self.key.clone_key())
+            .with_single_cert(vec![self.cert.clone()], self.key.expose().clone_key())
             .map_err(config_error("server"))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         // max_early_data_size stays 0: 0-RTT data can be replayed, and peer messages are not idempotent.
@@ -393,7 +394,7 @@ impl TlsIdentity {
             .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(config_error("client"))?
             .with_webpki_verifier(server_verifier)
-            .with_client_auth_cert(vec![self.cert.clone()], self.key.clone_key())
+            .with_client_auth_cert(vec![self.cert.clone()], self.key.expose().clone_key())
             .map_err(config_error("client"))?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(config_error("client"))?;
@@ -436,7 +437,7 @@ struct LoadedCa {
     cert: CertificateDer<'static>,
     /// The exact bytes of `ca.crt`, copied verbatim into node directories.
     cert_pem: Vec<u8>,
-    key: KeyPair,
+    key: Secret<KeyPair>,
 }
 
 fn load_ca(ca_dir: &Path) -> Result<LoadedCa, TlsError> {
@@ -444,12 +445,14 @@ fn load_ca(ca_dir: &Path) -> Result<LoadedCa, TlsError> {
     let key_path = ca_dir.join(CA_KEY_FILE);
     let no_ca = || TlsError::NoCa { dir: ca_dir.to_owned() };
     let cert_pem = read_optional(&cert_path)?.ok_or_else(no_ca)?;
-    let key_pem = read_optional(&key_path)?.ok_or_else(no_ca)?;
+    let key_pem = Secret::new(read_optional(&key_path)?.ok_or_else(no_ca)?);
 
     let cert = parse_cert(&cert_path, &cert_pem)?;
-    check_key_matches(&cert, &parse_key(&key_path, &key_pem)?, &cert_path, &key_path)?;
-    let key_text = std::str::from_utf8(&key_pem).map_err(|error| unreadable(&key_path, "private key", error))?;
-    let key = KeyPair::from_pem(key_text).map_err(|error| unreadable(&key_path, "private key", error))?;
+    let parsed = Secret::new(parse_key(&key_path, key_pem.expose())?);
+    check_key_matches(&cert, parsed.expose(), &cert_path, &key_path)?;
+    let key_text =
+        std::str::from_utf8(key_pem.expose()).map_err(|error| unreadable(&key_path, "private key", error))?;
+    let key = Secret::new(KeyPair::from_pem(key_text).map_err(|error| unreadable(&key_path, "private key", error))?);
     Ok(LoadedCa { cert, cert_pem, key })
 }
 

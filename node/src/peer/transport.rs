@@ -20,13 +20,23 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::limits::PEER_WRITER_IDLE;
 use crate::peer::tls::{self, TlsIdentity};
 
 /// Magic bytes opening every stream.
 const STREAM_MAGIC: [u8; 4] = *b"KNR1";
 
-/// Boot ids last seen per peer address: a new one means the peer restarted.
-type Boots = std::sync::Mutex<BTreeMap<SocketAddr, u64>>;
+/// What this node knows of the peer at one address while it has connections to this node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct PeerBoot {
+    /// The boot id its streams last sent: a new one means the peer restarted.
+    boot_id: Option<u64>,
+    /// Its connections to this node being served; the entry goes with the last one.
+    connections: usize,
+}
+
+/// Peers by address, while they are connected to this node.
+type Boots = std::sync::Mutex<BTreeMap<SocketAddr, PeerBoot>>;
 
 /// Largest gossip frame: chitchat keeps every message within one UDP-sized payload.
 pub const GOSSIP_FRAME_BYTES_MAX: usize = 65_507;
@@ -167,6 +177,8 @@ pub struct TransportStats {
     pub connect_failures: AtomicU64,
     /// Connections closed because nothing sent on them was acknowledged ([`STUCK_AFTER`]).
     pub stuck_closed: AtomicU64,
+    /// Peer writers that ended after [`PEER_WRITER_IDLE`] with nothing to send.
+    pub writers_reaped: AtomicU64,
 }
 
 /// The seam between the node and its network: QUIC in production, in-memory in the simulator.
@@ -204,6 +216,10 @@ pub struct QuicNetwork {
     node_id: String,
     /// One writer queue per peer address; a plain mutex because `send` must not await.
     senders: Arc<Senders>,
+    /// Peers connected to this node, by address (shared with the accept loop).
+    boots: Arc<Boots>,
+    /// How long a writer waits for a frame before it ends ([`PEER_WRITER_IDLE`]).
+    writer_idle: Duration,
     /// Random per process start, sent in every stream header: peers tell a restart of this
     /// node (new boot id) from an ordinary new connection.
     boot_id: u64,
@@ -231,10 +247,20 @@ pub struct Inbox {
 impl QuicNetwork {
     /// Binds the endpoint on `listen` and starts accepting peers.
     pub fn start(identity: &TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
+        QuicNetwork::start_with(identity, listen, PEER_WRITER_IDLE)
+    }
+
+    /// [`QuicNetwork::start`], with writers ending after `writer_idle` without a frame.
+    fn start_with(
+        identity: &TlsIdentity,
+        listen: SocketAddr,
+        writer_idle: Duration,
+    ) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
         let server_config = identity.server_config()?;
         let client_config = identity.client_config()?;
+        // The io::Error stays the source: a caller may wait out `AddrInUse` (a restart).
         let mut endpoint = quinn::Endpoint::server(server_config, listen)
-            .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (UDP): {e}"))?;
+            .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {listen} (UDP)")))?;
         endpoint.set_default_client_config(client_config);
         let (gossip_tx, gossip_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
         let (replica_tx, replica_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
@@ -242,6 +268,8 @@ impl QuicNetwork {
             endpoint: endpoint.clone(),
             node_id: identity.node_id().to_owned(),
             senders: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            boots: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            writer_idle,
             boot_id: rand::random(),
             stats: Arc::new(TransportStats::default()),
             runtime: tokio::runtime::Handle::current(),
@@ -249,7 +277,7 @@ impl QuicNetwork {
         let stats = network.stats.clone();
         let peers = PeerRegistry {
             senders: network.senders.clone(),
-            boots: Arc::new(std::sync::Mutex::new(BTreeMap::new())),
+            boots: network.boots.clone(),
             frame_budget: Arc::new(tokio::sync::Semaphore::new(LARGE_FRAMES_BYTES_MAX / 1024)),
         };
         tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, peers));
@@ -265,15 +293,28 @@ impl QuicNetwork {
         self.endpoint.wait_idle().await;
     }
 
-    fn sender_for(&self, addr: SocketAddr) -> Option<mpsc::Sender<Job>> {
-        let mut senders = self.senders.lock().ok()?;
+    /// Peer writers running (one per address this node sent to within [`PEER_WRITER_IDLE`]).
+    pub fn peer_writers(&self) -> usize {
+        self.senders.lock().map_or(0, |senders| senders.len())
+    }
+
+    /// Peer addresses with connections to this node, whose boot ids it keeps.
+    pub fn peers_connected(&self) -> usize {
+        self.boots.lock().map_or(0, |boots| boots.len())
+    }
+
+    /// Queues `job` for the writer of `addr`, starting one if there is none. The queue is
+    /// written under the map's lock, so a writer that leaves the map (idle) after finding its
+    /// queue empty under the same lock can lose no frame.
+    fn queue(&self, addr: SocketAddr, job: Job) -> bool {
+        let Ok(mut senders) = self.senders.lock() else { return false };
         if let Some(sender) = senders.get(&addr)
             && !sender.is_closed()
         {
-            return Some(sender.clone());
+            return sender.try_send(job).is_ok();
         }
         let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-        senders.insert(addr, tx.clone());
+        let queued = tx.try_send(job).is_ok();
         let writer = PeerWriter {
             endpoint: self.endpoint.clone(),
             node_id: self.node_id.clone(),
@@ -284,10 +325,14 @@ impl QuicNetwork {
             progress: Progress::default(),
             wrote_since_check: false,
             stats: self.stats.clone(),
+            senders: self.senders.clone(),
+            own: tx.downgrade(),
+            idle: self.writer_idle,
         };
+        senders.insert(addr, tx);
         // On the network's runtime, whichever thread sends (the daemon runs on its own).
         self.runtime.spawn(writer.run(rx));
-        Some(tx)
+        queued
     }
 }
 
@@ -298,7 +343,7 @@ impl PeerNetwork for QuicNetwork {
 
     fn send(&self, addr: SocketAddr, expect: Option<&str>, channel: Channel, bytes: Vec<u8>) {
         let outgoing = Outgoing { expect: expect.map(str::to_owned), channel, bytes };
-        let queued = self.sender_for(addr).is_some_and(|sender| sender.try_send(Job::Frame(outgoing)).is_ok());
+        let queued = self.queue(addr, Job::Frame(outgoing));
         if !queued {
             self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
             debug!(%addr, ?channel, "outgoing frame dropped: peer queue full");
@@ -370,10 +415,17 @@ struct PeerWriter {
     /// A frame went out since the counters were last read: read them soon.
     wrote_since_check: bool,
     stats: Arc<TransportStats>,
+    /// The writer map, which this writer leaves when idle.
+    senders: Arc<Senders>,
+    /// Its own queue's sender, to tell its map entry from a newer writer's.
+    own: mpsc::WeakSender<Job>,
+    /// How long it waits for a frame before it ends.
+    idle: Duration,
 }
 
 impl PeerWriter {
     async fn run(mut self, mut queue: mpsc::Receiver<Job>) {
+        let mut last_job = Instant::now();
         loop {
             // While there is a connection, its counters are read now and then, often while a
             // send waits for its acknowledgement, so a cut path is seen without a frame to send.
@@ -382,17 +434,23 @@ impl PeerWriter {
                 Some(_) if self.wrote_since_check || self.progress.waiting_since.is_some() => Some(PROGRESS_CHECK),
                 Some(_) => Some(IDLE_CHECK),
             };
-            let job = match look_in {
-                None => queue.recv().await,
-                Some(wait) => match tokio::time::timeout(wait, queue.recv()).await {
-                    Ok(job) => job,
-                    Err(_) => {
-                        self.check_progress();
-                        continue;
+            let idle_at = last_job + self.idle;
+            let wake = look_in.map_or(idle_at, |wait| (Instant::now() + wait).min(idle_at));
+            let job = match tokio::time::timeout_at(wake, queue.recv()).await {
+                Ok(job) => job,
+                Err(_) => {
+                    if Instant::now() >= idle_at && self.leave_if_idle(&queue) {
+                        self.stats.writers_reaped.fetch_add(1, Ordering::Relaxed);
+                        debug!(addr = %self.addr, idle_s = self.idle.as_secs(), "peer writer idle; ended");
+                        self.retire();
+                        return;
                     }
-                },
+                    self.check_progress();
+                    continue;
+                }
             };
             let Some(job) = job else { break };
+            last_job = Instant::now();
             match job {
                 Job::Frame(outgoing) => self.deliver(outgoing, &mut queue).await,
                 Job::Reconnect => self.retire(),
@@ -434,6 +492,24 @@ impl PeerWriter {
             }
         }
         self.stats.dropped_out.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Leaves the writer map if nothing is queued (true: the writer may end). Frames are queued
+    /// under the map's lock, so none can slip in between the look and the leaving. A writer whose
+    /// entry a newer writer took (after [`QuicNetwork::close`]) leaves the entry alone.
+    fn leave_if_idle(&self, queue: &mpsc::Receiver<Job>) -> bool {
+        let Ok(mut senders) = self.senders.lock() else { return false };
+        if !queue.is_empty() {
+            return false;
+        }
+        let ours = match (senders.get(&self.addr), self.own.upgrade()) {
+            (Some(entry), Some(own)) => entry.same_channel(&own),
+            _ => false,
+        };
+        if ours {
+            senders.remove(&self.addr);
+        }
+        true
     }
 
     /// Reads the connection's counters; closes it when stuck (true).
@@ -593,13 +669,47 @@ struct PeerRegistry {
     frame_budget: Arc<tokio::sync::Semaphore>,
 }
 
+/// Counts one connection of a peer while it is served; the peer's entry goes with its last
+/// connection, so the map holds the peers connected now, not every address ever seen.
+struct ConnectionTracked {
+    boots: Arc<Boots>,
+    addr: SocketAddr,
+}
+
+impl Drop for ConnectionTracked {
+    fn drop(&mut self) {
+        if let Ok(mut boots) = self.boots.lock()
+            && let Some(peer) = boots.get_mut(&self.addr)
+        {
+            peer.connections = peer.connections.saturating_sub(1);
+            if peer.connections == 0 {
+                boots.remove(&self.addr);
+            }
+        }
+    }
+}
+
 impl PeerRegistry {
+    /// Counts a connection from `addr` until the guard drops.
+    fn track_connection(&self, addr: SocketAddr) -> ConnectionTracked {
+        if let Ok(mut boots) = self.boots.lock() {
+            boots.entry(addr).or_default().connections += 1;
+        }
+        ConnectionTracked { boots: self.boots.clone(), addr }
+    }
+
     /// Records the boot id a peer sent; when it changed, the peer restarted and our connection
     /// to it may be dead without QUIC knowing (it notices only at the idle timeout), so frames
-    /// after this point go on a fresh connection.
+    /// after this point go on a fresh connection. Only peers with a connection being served are
+    /// recorded ([`ConnectionTracked`]): a peer whose connections to this node all ended either
+    /// shut down, which closed ours to it too, or went silent past the idle timeout, which ends
+    /// ours as well; either way the next frame dials afresh.
     fn saw_boot(&self, addr: SocketAddr, boot_id: u64) {
         let restarted = match self.boots.lock() {
-            Ok(mut boots) => boots.insert(addr, boot_id).is_some_and(|previous| previous != boot_id),
+            Ok(mut boots) => boots
+                .get_mut(&addr)
+                .and_then(|peer| peer.boot_id.replace(boot_id))
+                .is_some_and(|previous| previous != boot_id),
             Err(_) => false,
         };
         if restarted
@@ -624,12 +734,29 @@ async fn accept_loop(
             let addr = incoming.remote_address();
             match incoming.await {
                 Ok(connection) => serve_connection(connection, gossip, replica, stats, peers).await,
+                Err(error) if abandoned_by_peer(&error) => {
+                    debug!(%addr, %error, "incoming connection abandoned by the peer during its handshake");
+                }
                 Err(error) => {
                     stats.refused_in.fetch_add(1, Ordering::Relaxed);
                     info!(%addr, %error, "incoming connection refused (TLS)");
                 }
             }
         });
+    }
+}
+
+/// True when the peer itself gave up a connection during its handshake: a dial sends a fresh
+/// attempt every [`DIAL_RETRY`] and drops the ones that lose, which quinn closes with the
+/// transport code `APPLICATION_ERROR`. A peer that comes back after a restart meets a burst of
+/// them; they are no refusal of ours and no sign of trouble.
+fn abandoned_by_peer(error: &quinn::ConnectionError) -> bool {
+    match error {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            close.error_code == quinn::TransportErrorCode::APPLICATION_ERROR
+        }
+        quinn::ConnectionError::ApplicationClosed(_) => true,
+        _ => false,
     }
 }
 
@@ -641,6 +768,7 @@ async fn serve_connection(
     peers: PeerRegistry,
 ) {
     let addr = connection.remote_address();
+    let _tracked = peers.track_connection(addr);
     let Some(certificate) = tls::peer_certificate(&connection) else {
         stats.refused_in.fetch_add(1, Ordering::Relaxed);
         connection.close(2u32.into(), b"no certificate");
@@ -780,6 +908,79 @@ mod tests {
 
     async fn next(inbox: &mut mpsc::Receiver<Incoming>) -> Incoming {
         tokio::time::timeout(Duration::from_secs(10), inbox.recv()).await.unwrap().unwrap()
+    }
+
+    /// Waits (at most 10 s) for `done`, which reads counters that change on no awaitable event.
+    async fn eventually(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 10 s: {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_idle_writer_ends_and_leaves_the_map_and_a_later_frame_starts_a_new_one() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let idle = Duration::from_millis(300);
+        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle).unwrap();
+        b.send(a.local_addr(), Some("a"), Channel::Replica, b"one".to_vec());
+        assert_eq!(next(&mut a_inbox.replica).await.bytes, b"one");
+        assert_eq!((b.peer_writers(), a.peers_connected()), (1, 1));
+        eventually("b's idle writer to a ends", || b.peer_writers() == 0).await;
+        assert_eq!(b.stats.writers_reaped.load(Ordering::Relaxed), 1);
+        // Its connection went with it, and with it a's record of b.
+        eventually("a forgets b once b's connection closed", || a.peers_connected() == 0).await;
+        b.send(a.local_addr(), Some("a"), Channel::Replica, b"two".to_vec());
+        assert_eq!(next(&mut a_inbox.replica).await.bytes, b"two");
+        assert_eq!(b.peer_writers(), 1);
+    }
+
+    #[tokio::test]
+    async fn frames_keep_a_writer_alive_and_none_is_lost_around_its_idle_end() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let idle = Duration::from_millis(50);
+        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle).unwrap();
+        // Frames at about the idle period: writers end and start around them.
+        for round in 0..20u8 {
+            b.send(a.local_addr(), Some("a"), Channel::Replica, vec![round]);
+            assert_eq!(next(&mut a_inbox.replica).await.bytes, vec![round]);
+            tokio::time::sleep(Duration::from_millis(u64::from(round % 4) * 20)).await;
+        }
+        assert_eq!(b.stats.dropped_out.load(Ordering::Relaxed), 0);
+        assert!(b.peer_writers() <= 1);
+    }
+
+    #[tokio::test]
+    async fn a_peer_is_forgotten_when_its_connections_end() {
+        let pki = pki();
+        let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let (b, _b_inbox) = QuicNetwork::start(&pki.b, "127.0.0.1:0".parse().unwrap()).unwrap();
+        b.send(a.local_addr(), Some("a"), Channel::Gossip, b"hi".to_vec());
+        next(&mut a_inbox.gossip).await;
+        assert_eq!(a.peers_connected(), 1);
+        b.close().await;
+        eventually("a forgets b after b shut down", || a.peers_connected() == 0).await;
+    }
+
+    #[test]
+    fn a_dial_attempt_the_peer_gave_up_is_no_refusal() {
+        use quinn::{ConnectionError, TransportErrorCode};
+        let closed_by_peer = |code: TransportErrorCode| {
+            let ConnectionError::TransportError(error) = ConnectionError::TransportError(code.into()) else {
+                unreachable!()
+            };
+            ConnectionError::ConnectionClosed(error.into())
+        };
+        // A losing attempt of the peer's dial, dropped by quinn during the handshake.
+        assert!(abandoned_by_peer(&closed_by_peer(TransportErrorCode::APPLICATION_ERROR)));
+        // A TLS alert from the peer (it refused our certificate), our own refusal of its
+        // certificate, a handshake that never finished: refusals, still logged.
+        assert!(!abandoned_by_peer(&closed_by_peer(TransportErrorCode::crypto(42))));
+        assert!(!abandoned_by_peer(&ConnectionError::TransportError(TransportErrorCode::crypto(48).into())));
+        assert!(!abandoned_by_peer(&ConnectionError::TimedOut));
     }
 
     #[test]

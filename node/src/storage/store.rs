@@ -32,6 +32,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use konor_crdt::error::KeyError;
 use konor_crdt::key::validate_group_name;
 use konor_crdt::limits::RECORD_PAYLOAD_BYTES_MAX;
+use konor_sdk::Secret;
 use serde::{Deserialize, Serialize};
 
 /// Largest group file the store reads or lets grow by appends: a snapshot record of the biggest document allowed
@@ -711,8 +712,9 @@ impl Store {
     /// Writes the group's secret key durably with mode 0600 (never readable by others, not even for a moment).
     ///
     /// On error the old key, if any, is intact.
-    pub fn write_group_key(&mut self, name: &str, key: &str) -> Result<(), StoreError> {
+    pub fn write_group_key(&mut self, name: &str, key: &Secret) -> Result<(), StoreError> {
         validate_group_name(name).map_err(StoreError::BadGroupName)?;
+        let key = key.expose();
         if key.len() > GROUP_KEY_BYTES_MAX {
             return Err(StoreError::KeyTooLarge { name: name.to_owned(), bytes: key.len(), max: GROUP_KEY_BYTES_MAX });
         }
@@ -779,7 +781,7 @@ impl Store {
     }
 
     /// The group's secret key, or `None` if none was written.
-    pub fn read_group_key(&self, name: &str) -> Result<Option<String>, StoreError> {
+    pub fn read_group_key(&self, name: &str) -> Result<Option<Secret>, StoreError> {
         validate_group_name(name).map_err(StoreError::BadGroupName)?;
         let path = self.groups_dir.join(file_name(name, KEY_EXTENSION));
         let bytes = match read_bounded(&path, GROUP_KEY_BYTES_MAX) {
@@ -801,7 +803,7 @@ impl Store {
                 "group key file is readable by other users; chmod 600 it");
         }
         String::from_utf8(bytes)
-            .map(Some)
+            .map(|text| Some(Secret::new(text)))
             .map_err(|e| StoreError::BadKeyFile { path, detail: format!("not UTF-8 text ({e})") })
     }
 
@@ -1427,14 +1429,14 @@ mod tests {
         let mut store = open(dir.path());
         store.create_group("app", b"damaged").unwrap();
         store.create_group("billing", b"fine").unwrap();
-        store.write_group_key("app", "secret").unwrap();
+        store.write_group_key("app", &"secret".into()).unwrap();
         store.append("app", b"!").unwrap();
         assert_eq!(store.list_groups().unwrap(), ["app", "billing"]);
         let first = store.quarantine_group("app").unwrap();
         assert_eq!(first.parent().unwrap(), dir.path().join("quarantine"));
         assert_eq!(fs::read(&first).unwrap(), b"damaged!");
         assert_eq!(store.list_groups().unwrap(), ["billing"]);
-        assert_eq!(store.read_group_key("app").unwrap().as_deref(), Some("secret"));
+        assert_eq!(store.read_group_key("app").unwrap().map(Secret::into_exposed).as_deref(), Some("secret"));
         assert!(matches!(store.append("app", b"x"), Err(StoreError::GroupNotFound { .. })));
         // A second quarantine in the same millisecond must not overwrite the first copy.
         store.create_group("app", b"again").unwrap();
@@ -1449,7 +1451,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
         store.create_group("app", b"data").unwrap();
-        store.write_group_key("app", "secret").unwrap();
+        store.write_group_key("app", &"secret".into()).unwrap();
         let moved = store.remove_group("app").unwrap();
         assert_eq!(fs::read(&moved).unwrap(), b"data");
         assert_eq!(fs::read(moved.with_extension("key")).unwrap(), b"secret");
@@ -1488,7 +1490,7 @@ mod tests {
             assert!(bad(store.truncate_group(name, 0)), "{name:?}");
             assert!(bad(store.quarantine_group(name).map(drop)), "{name:?}");
             assert!(bad(store.remove_group(name).map(drop)), "{name:?}");
-            assert!(bad(store.write_group_key(name, "k")), "{name:?}");
+            assert!(bad(store.write_group_key(name, &"k".into())), "{name:?}");
             assert!(bad(store.read_group_key(name).map(drop)), "{name:?}");
         }
         assert!(!dir.path().join("x.konor").exists());
@@ -1500,13 +1502,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = open(dir.path());
         assert_eq!(store.read_group_key("app").unwrap(), None);
-        store.write_group_key("app", "first").unwrap();
-        store.write_group_key("app", "second").unwrap();
-        assert_eq!(store.read_group_key("app").unwrap().as_deref(), Some("second"));
+        store.write_group_key("app", &"first".into()).unwrap();
+        store.write_group_key("app", &"second".into()).unwrap();
+        assert_eq!(store.read_group_key("app").unwrap().map(Secret::into_exposed).as_deref(), Some("second"));
         let mode = fs::metadata(dir.path().join("groups").join("app.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let too_long = "k".repeat(GROUP_KEY_BYTES_MAX + 1);
-        assert!(matches!(store.write_group_key("app", &too_long), Err(StoreError::KeyTooLarge { .. })));
+        assert!(matches!(store.write_group_key("app", &too_long.into()), Err(StoreError::KeyTooLarge { .. })));
     }
 
     #[test]

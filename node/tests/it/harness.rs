@@ -405,12 +405,17 @@ pub fn damage_records_from(path: &Path, from_offset: usize) -> usize {
 }
 
 /// Creates `group` on the first client and joins it on the others; returns the key.
-pub async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> String {
+pub async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> konor_sdk::Secret {
     group_on_all_with(clients, group, mode, None).await
 }
 
 /// [`group_on_all`] with the group's eviction policy (strong groups).
-pub async fn group_on_all_with(clients: &[Client], group: &str, mode: &str, evict_after_ms: Option<u64>) -> String {
+pub async fn group_on_all_with(
+    clients: &[Client],
+    group: &str,
+    mode: &str,
+    evict_after_ms: Option<u64>,
+) -> konor_sdk::Secret {
     let created = clients[0]
         .call(Request::GroupCreate { name: group.into(), mode: mode.into(), key: None, evict_after_ms, fencing: None })
         .await

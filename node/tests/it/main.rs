@@ -12,5 +12,6 @@ mod isolation;
 mod liveness;
 mod mesh;
 mod netns;
+mod restart;
 mod security;
 mod values;

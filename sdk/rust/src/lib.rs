@@ -5,8 +5,10 @@
 
 pub mod client;
 pub mod protocol;
+pub mod secret;
 
 pub use client::{
     CachedGroup, ChangeHandle, Client, SdkError, Settings, Snapshot, TIMEOUT_DEFAULT, Watch, apply_event, nest_settings,
 };
 pub use protocol::{ApplyResult, ErrorCode, Freshness, WatchEvent};
+pub use secret::Secret;

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::secret::Secret;
+
 /// A field that is present holds a value, `null` included (an absent field is `None` by
 /// `#[serde(default)]`): so `get` tells a key set to `null` from a key that is not set.
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
@@ -124,7 +126,7 @@ pub enum Request {
         mode: String,
         /// The group's secret key; generated when absent.
         #[serde(default)]
-        key: Option<String>,
+        key: Option<Secret>,
         /// Strong groups: how long a member may stay dead before the group's configuration
         /// evicts it (SPEC F11 `evict_after`); the daemon's default (30 s) when absent, never
         /// below its minimum (6 s).
@@ -140,7 +142,7 @@ pub enum Request {
         /// Name.
         name: String,
         /// The group's secret key.
-        key: String,
+        key: Secret,
     },
     /// Leave a group on this node.
     GroupLeave {
@@ -429,7 +431,7 @@ pub enum Response {
         /// Name.
         name: String,
         /// Its secret key: share it with nodes that should join.
-        key: String,
+        key: Secret,
     },
     /// This node joined a group.
     Joined {
