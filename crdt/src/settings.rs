@@ -7,6 +7,7 @@
 //! hashes once. It identifies content; it is not a signature (authenticity comes from mTLS and
 //! the Automerge change hashes).
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
@@ -183,14 +184,30 @@ impl Settings {
     /// given twice counts once, its last edit). One pass over the entries and the edits.
     pub fn hash_after<'a>(&self, edits: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> ContentHash {
         let edits: BTreeMap<&str, Option<&str>> = edits.collect();
-        let kept = self
-            .entries
-            .iter()
-            .filter(|(key, _)| !edits.contains_key(key.as_str()))
-            .map(|(key, entry)| (key.as_str(), entry.canonical.as_str()));
-        let written = edits.iter().filter_map(|(key, canonical)| canonical.map(|canonical| (*key, canonical)));
-        // Two runs in key order: the hash's sort merges them in one pass.
-        ContentHash::of(kept.chain(written))
+        let mut edits = edits.into_iter().peekable();
+        let mut entries = self.entries.iter().peekable();
+        // Both in key order: merge them, an edit replacing the entry of its key.
+        let merged = std::iter::from_fn(|| {
+            loop {
+                let order = match (entries.peek(), edits.peek()) {
+                    (Some((key, _)), Some((edited, _))) => (*edited).cmp(key.as_str()),
+                    (Some(_), None) => Ordering::Greater,
+                    (None, Some(_)) => Ordering::Less,
+                    (None, None) => return None,
+                };
+                if order == Ordering::Equal {
+                    // The edit replaces (or removes) this entry.
+                    entries.next();
+                }
+                if order == Ordering::Greater {
+                    return entries.next().map(|(key, entry)| (key.as_str(), entry.canonical.as_str()));
+                }
+                if let Some((key, Some(canonical))) = edits.next() {
+                    return Some((key, canonical));
+                }
+            }
+        });
+        ContentHash::of(merged)
     }
 
     /// Computes the hash from the entries, ignoring what is kept; assertions and tests use it.
