@@ -278,6 +278,29 @@ mod tests {
         assert_eq!(settings.hash_after(std::iter::empty()), predicted);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn hash_after_predicts_any_edit(
+            start in proptest::collection::btree_map("[a-e]{1,2}", 0u8..4, 0..8),
+            edits in proptest::collection::btree_map("[a-e]{1,2}", proptest::option::of(0u8..4), 0..6),
+        ) {
+            let mut settings = Settings::new();
+            for (key, value) in &start {
+                settings.insert(key.clone(), json!(value));
+            }
+            let texts: Vec<(String, Option<String>)> =
+                edits.iter().map(|(key, value)| (key.clone(), value.map(|v| v.to_string()))).collect();
+            let predicted = settings.hash_after(texts.iter().map(|(key, text)| (key.as_str(), text.as_deref())));
+            for (key, value) in edits {
+                match value {
+                    Some(value) => settings.insert(key, json!(value)),
+                    None => drop(settings.remove(&key)),
+                }
+            }
+            proptest::prop_assert_eq!(predicted, settings.content_hash());
+        }
+    }
+
     #[test]
     fn empty_settings_hash_the_domain_and_bytes_track_entries() {
         let mut s = Settings::new();
