@@ -31,7 +31,7 @@ use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SET
 use crate::settings::{ContentHash, Settings, hex};
 use crate::time::Millis;
 use crate::value::{decode_value, encode_value};
-use crate::version::{VersionId, VersionInfo, VersionKind, VersionRef};
+use crate::version::{CONTENT_HASH_SCHEME, VersionId, VersionInfo, VersionKind, VersionRef};
 
 /// Version of the document layout, stored at `ROOT.format`. 2 added the strong group's
 /// configuration (`ROOT.configuration`) and the policy's `evict_after_ms` and `fencing`; format 1
@@ -242,7 +242,8 @@ impl GroupDoc {
             time: meta.time,
             message: meta.message.clone(),
             kind: VersionKind::Create,
-            content_hash: ContentHash::default().to_hex(),
+            content_hash: Settings::new().content_hash().to_hex(),
+            hash_scheme: CONTENT_HASH_SCHEME,
             parents: Vec::new(),
         };
         let document_error = |e: automerge::AutomergeError| EditError::Document { detail: e.to_string() };
@@ -661,7 +662,8 @@ impl GroupDoc {
                 }
             }
         }
-        debug_assert_eq!(self.view.content_hash(), hash_after, "staged hash equals applied hash");
+        // The staged hash is the hash of the applied edit (checked in debug builds).
+        self.view.set_known_hash(hash_after);
         self.by_change.insert(change_hash, info.id.clone());
         self.versions.insert(info.id.clone(), VersionEntry { info: info.clone(), change: change_hash });
         debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
@@ -802,6 +804,7 @@ impl GroupDoc {
             message: meta.message.clone(),
             kind,
             content_hash: hash_after.to_hex(),
+            hash_scheme: CONTENT_HASH_SCHEME,
             parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
         };
         Ok(PlannedEdit { ops, info, hash_after, configuration: None })

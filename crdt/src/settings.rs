@@ -1,24 +1,33 @@
-//! A group's key -> value settings, with an order-independent content hash kept up to date on
-//! every insert and remove.
+//! A group's key -> value settings, with their content hash.
 //!
-//! The content hash identifies a ConfigSet by what it contains. It is the sum, modulo 2^256,
-//! of SHA-256(len(key) || key || canonical value) over all entries, so one insert or remove
-//! updates it in O(1) (a write must not rehash a 10k-key group). It identifies content; it is
-//! not a signature (authenticity comes from mTLS and the Automerge change hashes).
+//! The content hash identifies a ConfigSet by what it contains: SHA-256 over a domain prefix
+//! and every `(key, canonical value)` in key order, defined in docs/protocol.md and computed by
+//! [`konor_canon::content_hash`], the one implementation the SDK shares. It is computed when
+//! first asked for after a change and kept until the next change, so a burst of remote changes
+//! hashes once. It identifies content; it is not a signature (authenticity comes from mTLS and
+//! the Automerge change hashes).
 
+use std::cmp::Ordering;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::OnceLock;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
-use crate::value::canonical_json;
+pub(crate) use konor_canon::hex;
+
+use crate::value::{canonical_json, normalized};
 
 /// The content hash of a set of settings.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct ContentHash(pub [u8; 32]);
 
 impl ContentHash {
+    /// The content hash of `(key, canonical JSON)` entries (any order, each key once).
+    pub fn of<'a>(entries: impl IntoIterator<Item = (&'a str, &'a str)>) -> ContentHash {
+        ContentHash(konor_canon::content_hash(entries))
+    }
+
     /// Full lowercase hex.
     pub fn to_hex(&self) -> String {
         hex(&self.0)
@@ -33,28 +42,6 @@ impl ContentHash {
     /// The first 12 hex digits, for people.
     pub fn short(&self) -> String {
         self.to_hex()[..12].to_owned()
-    }
-
-    fn add(&mut self, other: &[u8; 32]) {
-        let mut carry = 0u16;
-        for index in (0..32).rev() {
-            let sum = u16::from(self.0[index]) + u16::from(other[index]) + carry;
-            self.0[index] = (sum & 0xff) as u8;
-            carry = sum >> 8;
-        }
-    }
-
-    fn sub(&mut self, other: &[u8; 32]) {
-        let mut borrow = 0i16;
-        for index in (0..32).rev() {
-            let mut diff = i16::from(self.0[index]) - i16::from(other[index]) - borrow;
-            borrow = 0;
-            if diff < 0 {
-                diff += 256;
-                borrow = 1;
-            }
-            self.0[index] = diff as u8;
-        }
     }
 }
 
@@ -75,16 +62,6 @@ pub fn hex_of(bytes: &[u8]) -> String {
     hex(bytes)
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        out.push(DIGITS[usize::from(byte >> 4)] as char);
-        out.push(DIGITS[usize::from(byte & 0xf)] as char);
-    }
-    out
-}
-
 pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     if !text.len().is_multiple_of(2) {
         return None;
@@ -92,35 +69,29 @@ pub(crate) fn unhex(text: &str) -> Option<Vec<u8>> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
-fn entry_hash(key: &str, canonical_value: &str) -> [u8; 32] {
-    let mut hasher = Sha256::new();
-    hasher.update((key.len() as u64).to_le_bytes());
-    hasher.update(key.as_bytes());
-    hasher.update(canonical_value.as_bytes());
-    hasher.finalize().into()
-}
-
 /// One stored setting: the parsed value and its canonical text (kept so hashing, sizing and
 /// comparing never re-serialize).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
-    /// The value.
+    /// The value, as every node reads it back from `canonical` (a double written `1.0` is the
+    /// integer `1`).
     pub value: Value,
     /// Its canonical JSON text.
     pub canonical: String,
 }
 
-/// Key -> value settings with a running content hash and byte count.
+/// Key -> value settings with a byte count and their content hash, computed on demand.
 #[derive(Debug, Clone, Default)]
 pub struct Settings {
     entries: BTreeMap<String, Entry>,
-    hash: ContentHash,
+    /// The content hash of `entries`; empty after a change until asked for.
+    hash: OnceLock<ContentHash>,
     bytes: usize,
 }
 
 impl PartialEq for Settings {
     fn eq(&self, other: &Self) -> bool {
-        self.hash == other.hash && self.entries == other.entries
+        self.entries == other.entries
     }
 }
 
@@ -130,11 +101,13 @@ impl Settings {
         Settings::default()
     }
 
-    /// Builds settings from canonical `(key, canonical JSON)` pairs that are already known valid.
+    /// Inserts `key` with `value` whose canonical text is `canonical` (already computed and
+    /// size-checked). The value stored is the one `canonical` reads back as.
     pub(crate) fn insert_canonical(&mut self, key: String, value: Value, canonical: String) {
         self.remove(&key);
-        self.hash.add(&entry_hash(&key, &canonical));
+        self.hash = OnceLock::new();
         self.bytes += key.len() + canonical.len();
+        let value = normalized(value, &canonical);
         self.entries.insert(key, Entry { value, canonical });
     }
 
@@ -147,7 +120,7 @@ impl Settings {
     /// Removes `key`, returning its entry.
     pub fn remove(&mut self, key: &str) -> Option<Entry> {
         let old = self.entries.remove(key)?;
-        self.hash.sub(&entry_hash(key, &old.canonical));
+        self.hash = OnceLock::new();
         self.bytes -= key.len() + old.canonical.len();
         Some(old)
     }
@@ -178,9 +151,17 @@ impl Settings {
         self.bytes
     }
 
-    /// The content hash.
+    /// The content hash: O(1) when nothing changed since it was last asked for, otherwise one
+    /// pass over the entries.
     pub fn content_hash(&self) -> ContentHash {
-        self.hash
+        *self.hash.get_or_init(|| self.recomputed_hash())
+    }
+
+    /// Records `hash` as the content hash of the current entries, when the caller has just
+    /// computed it ([`Settings::hash_after`] for the edit it then applied). Debug builds check it.
+    pub(crate) fn set_known_hash(&mut self, hash: ContentHash) {
+        debug_assert_eq!(hash, self.recomputed_hash(), "the known hash is the hash of the entries");
+        self.hash = OnceLock::from(hash);
     }
 
     /// Keys and values in key order.
@@ -199,27 +180,39 @@ impl Settings {
     }
 
     /// The content hash the settings would have after replacing each `(key, Some(canonical))`
-    /// and removing each `(key, None)`, without changing anything. Keys must be distinct.
+    /// and removing each `(key, None)`, without changing anything. Keys must be distinct (a key
+    /// given twice counts once, its last edit). One pass over the entries and the edits.
     pub fn hash_after<'a>(&self, edits: impl Iterator<Item = (&'a str, Option<&'a str>)>) -> ContentHash {
-        let mut hash = self.hash;
-        for (key, canonical) in edits {
-            if let Some(old) = self.entries.get(key) {
-                hash.sub(&entry_hash(key, &old.canonical));
+        let edits: BTreeMap<&str, Option<&str>> = edits.collect();
+        let mut edits = edits.into_iter().peekable();
+        let mut entries = self.entries.iter().peekable();
+        // Both in key order: merge them, an edit replacing the entry of its key.
+        let merged = std::iter::from_fn(|| {
+            loop {
+                let order = match (entries.peek(), edits.peek()) {
+                    (Some((key, _)), Some((edited, _))) => (*edited).cmp(key.as_str()),
+                    (Some(_), None) => Ordering::Greater,
+                    (None, Some(_)) => Ordering::Less,
+                    (None, None) => return None,
+                };
+                if order == Ordering::Equal {
+                    // The edit replaces (or removes) this entry.
+                    entries.next();
+                }
+                if order == Ordering::Greater {
+                    return entries.next().map(|(key, entry)| (key.as_str(), entry.canonical.as_str()));
+                }
+                if let Some((key, Some(canonical))) = edits.next() {
+                    return Some((key, canonical));
+                }
             }
-            if let Some(canonical) = canonical {
-                hash.add(&entry_hash(key, canonical));
-            }
-        }
-        hash
+        });
+        ContentHash::of(merged)
     }
 
-    /// Recomputes the hash from scratch; used by assertions and tests to check the running hash.
+    /// Computes the hash from the entries, ignoring what is kept; assertions and tests use it.
     pub fn recomputed_hash(&self) -> ContentHash {
-        let mut hash = ContentHash::default();
-        for (key, entry) in &self.entries {
-            hash.add(&entry_hash(key, &entry.canonical));
-        }
-        hash
+        ContentHash::of(self.entries.iter().map(|(key, entry)| (key.as_str(), entry.canonical.as_str())))
     }
 }
 
@@ -229,7 +222,7 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn hash_is_order_independent_and_incremental() {
+    fn hash_is_independent_of_insertion_order_and_follows_every_change() {
         let mut a = Settings::new();
         a.insert("x".into(), json!(1));
         a.insert("y".into(), json!("two"));
@@ -240,23 +233,98 @@ mod tests {
         assert_ne!(a.content_hash(), b.content_hash());
         b.remove("z");
         assert_eq!(a.content_hash(), b.content_hash());
-        assert_eq!(a.content_hash(), a.recomputed_hash());
         b.insert("x".into(), json!(2));
-        assert_ne!(a.content_hash(), b.content_hash());
+        assert_ne!(a.content_hash(), b.content_hash(), "a changed value");
         assert_eq!(b.content_hash(), b.recomputed_hash());
         b.insert("x".into(), json!(1));
         assert_eq!(a.content_hash(), b.content_hash());
+        // The entry x = 1 moved to key w.
+        b.remove("x");
+        b.insert("w".into(), json!(1));
+        assert_ne!(a.content_hash(), b.content_hash(), "a moved entry");
     }
 
     #[test]
-    fn empty_settings_hash_to_zero_and_bytes_track_entries() {
+    fn bytes_moved_between_key_and_value_change_the_hash() {
+        let mut a = Settings::new();
+        a.insert("ab".into(), json!("c"));
+        let mut b = Settings::new();
+        b.insert("a".into(), json!("bc"));
+        assert_ne!(a.content_hash(), b.content_hash());
+        let mut c = Settings::new();
+        c.insert("a1".into(), json!(23));
+        let mut d = Settings::new();
+        d.insert("a".into(), json!(123));
+        assert_ne!(c.content_hash(), d.content_hash());
+    }
+
+    #[test]
+    fn hash_after_equals_the_hash_of_the_edited_settings() {
+        let mut settings = Settings::new();
+        for (key, value) in [("a", json!(1)), ("c", json!([2])), ("e", json!({"k": 3})), ("g", json!(null))] {
+            settings.insert(key.into(), value);
+        }
+        let edits = [("c", None), ("b", Some("\"new\"")), ("g", Some("4")), ("h", Some("5")), ("0", Some("6"))];
+        let predicted = settings.hash_after(edits.iter().map(|(key, canonical)| (*key, *canonical)));
+        let before = settings.content_hash();
+        for (key, canonical) in edits {
+            match canonical {
+                Some(text) => settings.insert(key.into(), serde_json::from_str(text).unwrap()),
+                None => drop(settings.remove(key)),
+            }
+        }
+        assert_ne!(before, predicted);
+        assert_eq!(settings.content_hash(), predicted);
+        assert_eq!(settings.hash_after(std::iter::empty()), predicted);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hash_after_predicts_any_edit(
+            start in proptest::collection::btree_map("[a-e]{1,2}", 0u8..4, 0..8),
+            edits in proptest::collection::btree_map("[a-e]{1,2}", proptest::option::of(0u8..4), 0..6),
+        ) {
+            let mut settings = Settings::new();
+            for (key, value) in &start {
+                settings.insert(key.clone(), json!(value));
+            }
+            let texts: Vec<(String, Option<String>)> =
+                edits.iter().map(|(key, value)| (key.clone(), value.map(|v| v.to_string()))).collect();
+            let predicted = settings.hash_after(texts.iter().map(|(key, text)| (key.as_str(), text.as_deref())));
+            for (key, value) in edits {
+                match value {
+                    Some(value) => settings.insert(key, json!(value)),
+                    None => drop(settings.remove(&key)),
+                }
+            }
+            proptest::prop_assert_eq!(predicted, settings.content_hash());
+        }
+    }
+
+    #[test]
+    fn empty_settings_hash_the_domain_and_bytes_track_entries() {
         let mut s = Settings::new();
-        assert_eq!(s.content_hash(), ContentHash::default());
+        let empty = ContentHash::of([]);
+        assert_eq!(s.content_hash(), empty);
+        assert_ne!(empty, ContentHash::default());
         s.insert("key".into(), json!([1, 2]));
         assert_eq!(s.bytes(), 3 + 5);
+        assert_ne!(s.content_hash(), empty);
         s.remove("key");
         assert_eq!(s.bytes(), 0);
-        assert_eq!(s.content_hash(), ContentHash::default());
+        assert_eq!(s.content_hash(), empty);
+    }
+
+    #[test]
+    fn values_are_held_as_their_canonical_text_reads_back() {
+        let mut s = Settings::new();
+        s.insert("f".into(), json!(1.0));
+        s.insert("z".into(), json!(-0.0));
+        s.insert("x".into(), json!(0.5));
+        assert_eq!(s.get("f"), Some(&json!(1)));
+        assert_eq!(s.get("z"), Some(&json!(0)));
+        assert_eq!(s.get("x"), Some(&json!(0.5)));
+        assert_eq!(s.entry("f").unwrap().canonical, "1");
     }
 
     #[test]

@@ -6,11 +6,30 @@ use serde_json::Value;
 use crate::error::ValueError;
 use crate::limits::VALUE_BYTES_MAX;
 
-/// Canonical JSON text of `value`: object keys sorted (serde_json's default map is ordered),
-/// no insignificant whitespace, shortest round-trip numbers.
+/// Canonical JSON text of `value` (RFC 8785 with 64-bit integers kept exact; docs/protocol.md,
+/// "Canonical JSON"): [`konor_canon::canonical_json`], the implementation the SDK shares.
 pub fn canonical_json(value: &Value) -> String {
-    // Serializing a `serde_json::Value` to a String cannot fail: every map key is a string.
-    serde_json::to_string(value).unwrap_or_default()
+    konor_canon::canonical_json(value)
+}
+
+/// `value` as its canonical text reads back, which is how every other node holds it: canonical
+/// JSON prints an integral double without a fraction, so `1.0` reads back as the integer `1`
+/// and `-0.0` as `0`. Values without doubles are returned as they are, unparsed.
+pub fn normalized(value: Value, canonical: &str) -> Value {
+    if !has_double(&value) {
+        return value;
+    }
+    // Canonical text of a JSON value is JSON; the fallback is never taken.
+    serde_json::from_str(canonical).unwrap_or(value)
+}
+
+fn has_double(value: &Value) -> bool {
+    match value {
+        Value::Number(number) => number.is_f64(),
+        Value::Array(items) => items.iter().any(has_double),
+        Value::Object(members) => members.values().any(has_double),
+        Value::Null | Value::Bool(_) | Value::String(_) => false,
+    }
 }
 
 /// Encodes `value` for storage, refusing values over [`VALUE_BYTES_MAX`].
@@ -51,6 +70,20 @@ mod tests {
     fn canonical_json_sorts_object_keys() {
         let value: Value = serde_json::from_str(r#"{"b": 1, "a": [true, null]}"#).unwrap();
         assert_eq!(canonical_json(&value), r#"{"a":[true,null],"b":1}"#);
+    }
+
+    #[test]
+    fn normalized_values_read_back_from_their_canonical_text() {
+        for text in
+            ["1.0", "[1.5, {\"a\": -0.0}]", "1e21", "1e20", "0.1", "{\"n\": 7}", "\"s\"", "18446744073709551615"]
+        {
+            let value: Value = serde_json::from_str(text).unwrap();
+            let canonical = canonical_json(&value);
+            let held = normalized(value, &canonical);
+            assert_eq!(held, serde_json::from_str::<Value>(&canonical).unwrap(), "{text}");
+            assert_eq!(canonical_json(&held), canonical, "{text}");
+        }
+        assert_eq!(normalized(json!([1.0, 2]), "[1,2]"), json!([1, 2]));
     }
 
     #[test]

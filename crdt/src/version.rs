@@ -184,13 +184,29 @@ pub struct VersionInfo {
     pub kind: VersionKind,
     /// Hex of the content hash of the settings the writer had right after writing.
     pub content_hash: String,
+    /// Which definition `content_hash` follows: [`CONTENT_HASH_SCHEME`] in versions written
+    /// since issue 12. Older versions have no such field (read as 1): their hash was a sum of
+    /// per-entry hashes, and is kept as written, for display only.
+    #[serde(default = "retired_hash_scheme")]
+    pub hash_scheme: u8,
     /// The versions the writer had as its heads when writing (more than one after a merge).
     pub parents: Vec<VersionId>,
 }
 
+/// The content hash definition of docs/protocol.md (SHA-256 over the sorted canonical entries).
+pub const CONTENT_HASH_SCHEME: u8 = 2;
+
+fn retired_hash_scheme() -> u8 {
+    1
+}
+
 impl VersionInfo {
-    /// The content hash, when it parses.
+    /// The content hash, when it parses and follows today's definition (a version written
+    /// before it carries a hash that cannot be compared with today's).
     pub fn content_hash(&self) -> Option<ContentHash> {
+        if self.hash_scheme != CONTENT_HASH_SCHEME {
+            return None;
+        }
         ContentHash::from_hex(&self.content_hash)
     }
 }
@@ -232,10 +248,32 @@ mod tests {
             time: Millis(5),
             message: "m".into(),
             kind: VersionKind::Rollback { to: VersionId { counter: 1, actor: "ab".into() } },
-            content_hash: ContentHash::default().to_hex(),
+            content_hash: ContentHash::of([]).to_hex(),
+            hash_scheme: CONTENT_HASH_SCHEME,
             parents: vec![VersionId { counter: 1, actor: "ab".into() }],
         };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<VersionInfo>(&text).unwrap(), info);
+        assert_eq!(info.content_hash(), Some(ContentHash::of([])));
+    }
+
+    #[test]
+    fn versions_written_before_the_hash_scheme_load_without_a_comparable_hash() {
+        // A version record as konord wrote it before issue 12: no `hash_scheme`, a summed hash.
+        let old = VersionInfo {
+            id: VersionId { counter: 1, actor: "ab".into() },
+            author: "ops".into(),
+            time: Millis(5),
+            message: String::new(),
+            kind: VersionKind::Create,
+            content_hash: "0".repeat(64),
+            hash_scheme: 1,
+            parents: Vec::new(),
+        };
+        let text = serde_json::to_string(&old).unwrap().replace(",\"hash_scheme\":1", "");
+        assert!(!text.contains("hash_scheme"), "{text}");
+        let info: VersionInfo = serde_json::from_str(&text).unwrap();
+        assert_eq!(info, old, "loads, its hash kept as written");
+        assert_eq!(info.content_hash(), None, "not comparable with today's hashes");
     }
 }

@@ -8,8 +8,17 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 /// The crates' source folders, relative to the workspace root.
-const SOURCE_DIRS: &[&str] =
-    &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src", "fuzz/src", "fuzz/tests"];
+const SOURCE_DIRS: &[&str] = &[
+    "crdt/src",
+    "node/src",
+    "sdk/canon/src",
+    "sdk/rust/src",
+    "sim/src",
+    "bench/src",
+    "examples/src",
+    "fuzz/src",
+    "fuzz/tests",
+];
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()

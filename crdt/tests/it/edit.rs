@@ -1,5 +1,7 @@
 //! Local writes: set, delete, apply, rollback, history and diff, and refusals that change nothing.
 
+use automerge::ReadDoc;
+use automerge::transaction::Transactable;
 use expect_test::expect;
 use konor_crdt::{CommitMeta, EditError, FileFormat, GroupDoc, Millis, Mode, VersionKind};
 use serde_json::json;
@@ -127,4 +129,63 @@ fn invalid_group_names_are_refused() {
     let reloaded = GroupDoc::load(&strong.save(), actor(2)).unwrap();
     assert_eq!(reloaded.mode(), Mode::Strong);
     assert_eq!(reloaded.epoch(), 0);
+}
+
+#[test]
+fn a_double_is_served_as_its_canonical_text_reads_back_on_every_node() {
+    let mut docs = replicas(2, Mode::Eventual);
+    let commit =
+        docs[0].set(vec![("f".into(), json!(1.0)), ("z".into(), json!(-0.0)), ("x".into(), json!(0.5))], &meta(1));
+    let commit = commit.unwrap();
+    crate::support::deliver(&mut docs, 0, 1);
+    for doc in &docs {
+        assert_eq!(doc.settings().to_json().to_string(), r#"{"f":1,"x":0.5,"z":0}"#);
+        assert_eq!(doc.settings().content_hash(), commit.version.content_hash().unwrap());
+        assert!(doc.derived_state_matches_document());
+    }
+    // 1 and 1.0 are one value: writing the other changes nothing.
+    assert!(matches!(docs[1].set(vec![("f".into(), json!(1))], &meta(2)), Err(EditError::Unchanged)));
+}
+
+#[test]
+fn versions_written_with_the_retired_summed_hash_still_load_and_read() {
+    // Build a document as konord wrote it before issue 12: version records without
+    // `hash_scheme`, their `content_hash` a sum of per-entry hashes (here a stand-in value).
+    let mut g = group();
+    g.set(vec![("a".into(), json!(1)), ("b".into(), json!([1.5]))], &meta(1)).unwrap();
+    g.delete(vec!["a".into()], &meta(2)).unwrap();
+    let mut doc = automerge::Automerge::load(&g.save()).unwrap();
+    let old_hash = "12".repeat(32);
+    let versions = match doc.get(automerge::ROOT, "versions").unwrap() {
+        Some((automerge::Value::Object(_), id)) => id,
+        other => panic!("versions map: {other:?}"),
+    };
+    let records: Vec<(String, String)> = doc
+        .map_range(&versions, ..)
+        .map(|item| match item.value {
+            automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) => {
+                (item.key.into_owned(), text.to_string())
+            }
+            other => panic!("version record: {other:?}"),
+        })
+        .collect();
+    let mut tx = doc.transaction();
+    for (key, text) in records {
+        let mut record: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let record = record.as_object_mut().unwrap();
+        assert!(record.remove("hash_scheme").is_some(), "today's records carry hash_scheme");
+        record.insert("content_hash".into(), json!(old_hash));
+        tx.put(&versions, key, serde_json::to_string(record).unwrap()).unwrap();
+    }
+    tx.commit();
+
+    let loaded = GroupDoc::load(&doc.save(), actor(9)).unwrap();
+    assert_eq!(loaded.version_count(), 3);
+    for version in loaded.history() {
+        assert_eq!(version.content_hash, old_hash, "shown as written");
+        assert_eq!(version.content_hash(), None, "not compared with today's hashes");
+        // Reading the settings as of an old version does not trip the hash check.
+        loaded.settings_at(&version.id).unwrap();
+    }
+    assert_eq!(loaded.settings().to_json(), json!({"b": [1.5]}));
 }

@@ -75,3 +75,26 @@ async fn values_come_back_exactly_as_written() {
     assert_eq!(client.get("app", "id").await.unwrap(), None, "nothing of a refused write is applied");
     assert_eq!(client.get("app", "k").await.unwrap(), None, "nothing of a refused write is applied");
 }
+
+/// The content hash a real konord serves is the one docs/protocol.md defines (its example
+/// snapshot, also a golden vector in sdk/spec/content_hash.json), and the SDK computes the same
+/// from the settings it received. A double without a fraction is served as its canonical text
+/// reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_served_content_hash_is_the_documented_one() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let client = n1.client().await;
+    group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
+
+    let empty = client.snapshot("app").await.unwrap();
+    assert_eq!(empty.content_hash, "ee007d05d10bcf5b45eb4ddd26f8ee9487d0e4cbea5071e5d291ce5160663d27");
+    let written = client.call(set(&[("db.pool", json!(20.0)), ("feature.beta", json!(true))])).await.unwrap();
+    let Response::Committed { content_hash, .. } = written else { panic!("{written:?}") };
+    let snapshot = client.snapshot("app").await.unwrap();
+    assert_eq!(snapshot.content_hash, "1501894d75f799ec6b913a4b8017e889a2800b03b782f797cdfc646c1bfd8252");
+    assert_eq!(content_hash, snapshot.content_hash[..12], "the committed version records it");
+    assert_eq!(konor_sdk::protocol::content_hash(&snapshot.settings), snapshot.content_hash);
+    assert_eq!(serde_json::to_string(&snapshot.settings).unwrap(), r#"{"db.pool":20,"feature.beta":true}"#);
+}

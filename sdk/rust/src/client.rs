@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
@@ -25,8 +25,8 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, warn};
 
 use crate::protocol::{
-    ApplyResult, ClientFrame, ContentHashSum, ErrorCode, FrameError, Freshness, PROTOCOL_VERSION, Request, Response,
-    SOCKET_ENV, ServerFrame, WatchEvent, encode_frame, frame_length,
+    ApplyResult, ClientFrame, ErrorCode, FrameError, Freshness, PROTOCOL_VERSION, Request, Response, SOCKET_ENV,
+    ServerFrame, WatchEvent, content_hash, encode_frame, frame_length,
 };
 
 /// How long any one exchange with the daemon may take (connect, a request and its answer, the
@@ -714,19 +714,16 @@ impl Client {
     pub async fn cached(&self, group: &str) -> Result<CachedGroup, SdkError> {
         let snapshot = self.snapshot(group).await?;
         let mut watch = self.watch(group, Some(snapshot.freshness.revision)).await?;
-        let mut hash = ContentHashSum::default();
-        for (key, value) in &snapshot.settings {
-            hash.add_entry(key, value);
-        }
-        if hash.to_hex() != snapshot.content_hash {
-            warn!(group, daemon = %snapshot.content_hash, local = %hash.to_hex(), "content hash differs from konord's");
+        let hash = content_hash(&snapshot.settings);
+        if hash != snapshot.content_hash {
+            warn!(group, daemon = %snapshot.content_hash, local = %hash, "content hash differs from konord's");
         }
         let revision = snapshot.freshness.revision;
         let state = Arc::new(RwLock::new(CacheState {
             settings: snapshot.settings,
             revision,
             version: snapshot.freshness.version,
-            hash,
+            hash: OnceLock::from(hash),
         }));
         let (revisions, revision_receiver) = watch::channel(revision);
         let task_state = state.clone();
@@ -923,37 +920,30 @@ struct CacheState {
     settings: Settings,
     revision: u64,
     version: String,
-    hash: ContentHashSum,
+    /// The content hash of `settings`; empty after a change until asked for.
+    hash: OnceLock<String>,
 }
 
 impl CacheState {
     fn apply(&mut self, event: &WatchEvent) {
         match event {
             WatchEvent::Resync { settings, revision, version, .. } => {
-                self.hash = ContentHashSum::default();
-                for (key, value) in settings {
-                    self.hash.add_entry(key, value);
-                }
                 self.settings.clone_from(settings);
                 self.revision = *revision;
                 self.version.clone_from(version);
             }
             WatchEvent::Change { set, removed, revision, version, .. } => {
                 for (key, value) in set {
-                    if let Some(old) = self.settings.insert(key.clone(), value.clone()) {
-                        self.hash.remove_entry(key, &old);
-                    }
-                    self.hash.add_entry(key, value);
+                    self.settings.insert(key.clone(), value.clone());
                 }
                 for key in removed {
-                    if let Some(old) = self.settings.remove(key) {
-                        self.hash.remove_entry(key, &old);
-                    }
+                    self.settings.remove(key);
                 }
                 self.revision = *revision;
                 self.version.clone_from(version);
             }
         }
+        self.hash = OnceLock::new();
     }
 }
 
@@ -1041,9 +1031,11 @@ impl CachedGroup {
         read_cache(&self.inner.state).version.clone()
     }
 
-    /// The content hash of the cached settings (full hex), kept current per change.
+    /// The content hash of the cached settings (full hex), computed from them once after each
+    /// change (see [`content_hash`]).
     pub fn content_hash(&self) -> String {
-        read_cache(&self.inner.state).hash.to_hex()
+        let state = read_cache(&self.inner.state);
+        state.hash.get_or_init(|| content_hash(&state.settings)).clone()
     }
 
     /// Waits until the cache reflects `revision` or later. Fails when the cache stopped

@@ -736,72 +736,20 @@ impl ErrorCode {
     }
 }
 
-/// The content hash of a group's settings, as `Snapshot.content_hash` carries it (full hex).
+/// Canonical JSON text of a value (docs/protocol.md, "Canonical JSON"), as konord computes it.
+pub use konor_canon::canonical_json;
+
+/// The content hash of a group's settings, as `Snapshot.content_hash` carries it (64 lowercase
+/// hex digits).
 ///
-/// Definition (docs/protocol.md): the sum modulo 2^256, as 32-byte big-endian integers, of
-/// `SHA-256(u64_le(len(key)) || key || canonical JSON of the value)` over all entries, where the
-/// canonical JSON is serde_json's compact form with object keys sorted. A sum makes the hash
-/// independent of order and lets a cache update it in O(1) per changed key.
+/// Definition (docs/protocol.md, "Content hash"): SHA-256 over the prefix
+/// `konor-content-hash-v2\n` and then, for each entry in key order, `u64_le(len key) || key ||
+/// u64_le(len canonical) || canonical`, where `canonical` is the value's canonical JSON (RFC 8785
+/// with 64-bit integers kept exact). Computed by `konor-canon`, the code konord runs.
 pub fn content_hash(settings: &BTreeMap<String, Value>) -> String {
-    let mut sum = ContentHashSum::default();
-    for (key, value) in settings {
-        sum.add_entry(key, value);
-    }
-    sum.to_hex()
-}
-
-/// A running content hash (see [`content_hash`]), updated per entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ContentHashSum([u8; 32]);
-
-impl ContentHashSum {
-    /// Adds `key = value` to the sum.
-    pub fn add_entry(&mut self, key: &str, value: &Value) {
-        let digest = entry_digest(key, value);
-        let mut carry = 0u16;
-        for index in (0..32).rev() {
-            let sum = u16::from(self.0[index]) + u16::from(digest[index]) + carry;
-            self.0[index] = (sum & 0xff) as u8;
-            carry = sum >> 8;
-        }
-    }
-
-    /// Takes `key = value` out of the sum (it must have been added).
-    pub fn remove_entry(&mut self, key: &str, value: &Value) {
-        let digest = entry_digest(key, value);
-        let mut borrow = 0i16;
-        for index in (0..32).rev() {
-            let mut difference = i16::from(self.0[index]) - i16::from(digest[index]) - borrow;
-            borrow = 0;
-            if difference < 0 {
-                difference += 256;
-                borrow = 1;
-            }
-            self.0[index] = difference as u8;
-        }
-    }
-
-    /// Full lowercase hex, 64 digits.
-    pub fn to_hex(&self) -> String {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
-        let mut text = String::with_capacity(64);
-        for byte in self.0 {
-            text.push(char::from(DIGITS[usize::from(byte >> 4)]));
-            text.push(char::from(DIGITS[usize::from(byte & 0xf)]));
-        }
-        text
-    }
-}
-
-fn entry_digest(key: &str, value: &Value) -> [u8; 32] {
-    use sha2::Digest;
-    // Serializing a `serde_json::Value` cannot fail: every map key is a string.
-    let canonical = serde_json::to_string(value).unwrap_or_default();
-    let mut hasher = sha2::Sha256::new();
-    hasher.update((key.len() as u64).to_le_bytes());
-    hasher.update(key.as_bytes());
-    hasher.update(canonical.as_bytes());
-    hasher.finalize().into()
+    let canonical: Vec<(&str, String)> =
+        settings.iter().map(|(key, value)| (key.as_str(), canonical_json(value))).collect();
+    konor_canon::hex(&konor_canon::content_hash(canonical.iter().map(|(key, text)| (*key, text.as_str()))))
 }
 
 #[cfg(test)]
@@ -858,19 +806,19 @@ mod tests {
     }
 
     #[test]
-    fn content_hash_is_order_free_and_incremental() {
+    fn content_hash_follows_every_change() {
         let mut settings = BTreeMap::new();
         settings.insert("db.pool".to_owned(), serde_json::json!(10));
         settings.insert("name".to_owned(), serde_json::json!({"b": 1, "a": "x"}));
         let full = content_hash(&settings);
         assert_eq!(full.len(), 64);
-        let mut running = ContentHashSum::default();
-        running.add_entry("name", &settings["name"]);
-        running.add_entry("old", &serde_json::json!(true));
-        running.add_entry("db.pool", &settings["db.pool"]);
-        running.remove_entry("old", &serde_json::json!(true));
-        assert_eq!(running.to_hex(), full);
-        assert_eq!(content_hash(&BTreeMap::new()), "0".repeat(64));
+        let mut moved = settings.clone();
+        let value = moved.remove("db.pool").unwrap();
+        moved.insert("db.size".to_owned(), value);
+        assert_ne!(content_hash(&moved), full);
+        settings.insert("db.pool".to_owned(), serde_json::json!(10.0));
+        assert_eq!(content_hash(&settings), full, "10.0 and 10 are one number in canonical JSON");
+        assert_ne!(content_hash(&BTreeMap::new()), full);
     }
 
     #[test]
