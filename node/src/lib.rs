@@ -2,6 +2,7 @@
 pub mod api;
 pub mod ctl;
 pub mod daemon;
+pub mod limits;
 pub mod peer;
 pub mod settings;
 pub mod storage;

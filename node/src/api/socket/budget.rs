@@ -1,0 +1,186 @@
+//! Byte budgets of the local socket. Each direction has one: frames read and not yet answered,
+//! and frames queued for writing (answers and watch events) and not yet written. A connection
+//! draws from its own budget and from the pool all connections share, before it holds the bytes;
+//! the [`Charge`] gives them back when it is dropped (the answer went out, the frame was written).
+//!
+//! Waiting for room ([`Budget::charge`]) is the backpressure: a reader stops reading, an answer
+//! waits for the client to read. The daemon never waits: it pushes watch events with
+//! [`WatchSender::try_send`], which fails when the watch's queue or a budget is full, and the
+//! daemon then drops the watch (the client resumes from its last revision).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use konor_sdk::protocol::{ServerFrame, WatchEvent, encode_frame};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tracing::error;
+
+use super::LocalApiStats;
+
+/// One direction's budget over all connections, with the most it has held.
+#[derive(Debug)]
+pub struct BytePool {
+    permits: Arc<Semaphore>,
+    max: usize,
+    peak: AtomicU64,
+}
+
+impl BytePool {
+    /// A pool of `max` bytes.
+    pub fn new(max: usize) -> BytePool {
+        BytePool { permits: Arc::new(Semaphore::new(max)), max, peak: AtomicU64::new(0) }
+    }
+
+    /// Bytes held now.
+    pub fn held(&self) -> u64 {
+        self.max.saturating_sub(self.permits.available_permits()) as u64
+    }
+
+    /// The most bytes held at once since the pool was made.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// The pool's size.
+    pub fn max(&self) -> u64 {
+        self.max as u64
+    }
+
+    fn note_peak(&self) {
+        self.peak.fetch_max(self.held(), Ordering::Relaxed);
+    }
+}
+
+/// One direction's budget of one connection, drawn from its pool.
+#[derive(Debug, Clone)]
+pub(super) struct Budget {
+    connection: Arc<Semaphore>,
+    connection_max: usize,
+    pool: Arc<BytePool>,
+}
+
+/// Bytes held against a budget; given back when dropped.
+#[derive(Debug)]
+pub(super) struct Charge {
+    _connection: OwnedSemaphorePermit,
+    _pool: OwnedSemaphorePermit,
+}
+
+impl Budget {
+    pub(super) fn new(connection_max: usize, pool: Arc<BytePool>) -> Budget {
+        Budget { connection: Arc::new(Semaphore::new(connection_max)), connection_max, pool }
+    }
+
+    /// A charge can never exceed what its budgets hold, or it would wait for ever. Frames are
+    /// at most `FRAME_BYTES_MAX`, which both budgets hold (limits.rs), so this only matters for
+    /// a pool made smaller than that in tests.
+    fn permits(&self, bytes: usize) -> u32 {
+        let most = self.connection_max.min(self.pool.max);
+        u32::try_from(bytes.min(most)).unwrap_or(u32::MAX)
+    }
+
+    /// Waits until the connection and the pool have room for `bytes`, then holds them. Tokio's
+    /// semaphore is fair: a large frame is not starved by small ones behind it. `None` only if
+    /// a semaphore was closed, which nothing does; callers close the connection then.
+    pub(super) async fn charge(&self, bytes: usize) -> Option<Charge> {
+        let permits = self.permits(bytes);
+        let connection = self.connection.clone().acquire_many_owned(permits).await.ok()?;
+        let pool = self.pool.permits.clone().acquire_many_owned(permits).await.ok()?;
+        self.pool.note_peak();
+        Some(Charge { _connection: connection, _pool: pool })
+    }
+
+    /// Holds `bytes` if there is room now, without waiting.
+    pub(super) fn try_charge(&self, bytes: usize) -> Option<Charge> {
+        let permits = self.permits(bytes);
+        let connection = self.connection.clone().try_acquire_many_owned(permits).ok()?;
+        let pool = self.pool.permits.clone().try_acquire_many_owned(permits).ok()?;
+        self.pool.note_peak();
+        Some(Charge { _connection: connection, _pool: pool })
+    }
+}
+
+/// A frame on its way to a connection's writer, with the bytes it holds against the budget.
+#[derive(Debug)]
+pub(super) struct OutFrame {
+    /// The whole frame, length prefix included. Shared: one event goes to many watchers.
+    pub(super) bytes: Arc<Vec<u8>>,
+    pub(super) _charge: Charge,
+}
+
+/// A watch event encoded once as a frame, shared by every watcher it goes to: the daemon
+/// encodes a change once however many clients watch the group.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent(Result<Arc<Vec<u8>>, Arc<str>>);
+
+impl From<WatchEvent> for EncodedEvent {
+    fn from(event: WatchEvent) -> EncodedEvent {
+        EncodedEvent(
+            encode_frame(&ServerFrame::Event { event }).map(Arc::new).map_err(|error| error.to_string().into()),
+        )
+    }
+}
+
+/// The daemon pushed an event the watch could not take; the daemon drops the watch, the
+/// connection closes, and the client resumes from its last revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchFull;
+
+/// Where the daemon pushes one watch's events: at most `WATCH_QUEUE_EVENTS` of them, and no more
+/// bytes than the connection's and the socket's write budgets hold. Dropping it ends the watch
+/// and closes its connection.
+#[derive(Debug)]
+pub struct WatchSender {
+    queue: mpsc::Sender<OutFrame>,
+    budget: Budget,
+    stats: Arc<LocalApiStats>,
+    connection: u64,
+    /// Set when an event did not fit: the socket then stops forwarding this watch's queue and
+    /// closes the connection without flushing it, so the bytes go back to the budgets at once.
+    fell_behind: Arc<AtomicBool>,
+}
+
+impl WatchSender {
+    pub(super) fn new(
+        queue: mpsc::Sender<OutFrame>,
+        budget: Budget,
+        stats: Arc<LocalApiStats>,
+        connection: u64,
+    ) -> WatchSender {
+        WatchSender { queue, budget, stats, connection, fell_behind: Arc::default() }
+    }
+
+    /// Whether the watch fell behind, as the socket side sees it.
+    pub(super) fn fell_behind(&self) -> Arc<AtomicBool> {
+        self.fell_behind.clone()
+    }
+
+    /// Queues one event without waiting. Fails when the watch is too far behind (its queue or a
+    /// byte budget is full), when the event does not fit in a frame, or when the connection is
+    /// gone: the caller then drops this sender.
+    pub fn try_send(&self, event: impl Into<EncodedEvent>) -> Result<(), WatchFull> {
+        let bytes = match event.into().0 {
+            Ok(bytes) => bytes,
+            Err(failure) => {
+                // Skipping an event would leave a gap; ending the watch makes the client resume.
+                error!(connection = self.connection, %failure, "a watch event does not fit in a frame; dropping the watch");
+                return Err(self.dropped());
+            }
+        };
+        let Some(charge) = self.budget.try_charge(bytes.len()) else {
+            return Err(self.dropped());
+        };
+        match self.queue.try_send(OutFrame { bytes, _charge: charge }) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(self.dropped()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(WatchFull),
+        }
+    }
+
+    fn dropped(&self) -> WatchFull {
+        if !self.fell_behind.swap(true, Ordering::Relaxed) {
+            self.stats.watches_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        WatchFull
+    }
+}
