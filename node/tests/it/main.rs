@@ -12,4 +12,5 @@ mod liveness;
 mod mesh;
 mod netns;
 mod security;
+mod socket;
 mod values;

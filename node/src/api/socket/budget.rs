@@ -3,13 +3,17 @@
 //! draws from its own budget and from the pool all connections share, before it holds the bytes;
 //! the [`Charge`] gives them back when it is dropped (the answer went out, the frame was written).
 //!
+//! A watch event goes to every watcher of its group as one shared frame: it counts once against
+//! the pool (that is the memory it takes) and once against each connection's budget (that is
+//! how far behind that client is).
+//!
 //! Waiting for room ([`Budget::charge`]) is the backpressure: a reader stops reading, an answer
 //! waits for the client to read. The daemon never waits: it pushes watch events with
 //! [`WatchSender::try_send`], which fails when the watch's queue or a budget is full, and the
 //! daemon then drops the watch (the client resumes from its last revision).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use konor_sdk::protocol::{ServerFrame, WatchEvent, encode_frame};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -59,11 +63,12 @@ pub(super) struct Budget {
     pool: Arc<BytePool>,
 }
 
-/// Bytes held against a budget; given back when dropped.
+/// Bytes held against a budget; given back when dropped. A watch event shared by many
+/// connections holds the pool once, in its [`SharedFrame`], and each connection's budget apart.
 #[derive(Debug)]
 pub(super) struct Charge {
     _connection: OwnedSemaphorePermit,
-    _pool: OwnedSemaphorePermit,
+    _pool: Option<OwnedSemaphorePermit>,
 }
 
 impl Budget {
@@ -87,36 +92,70 @@ impl Budget {
         let connection = self.connection.clone().acquire_many_owned(permits).await.ok()?;
         let pool = self.pool.permits.clone().acquire_many_owned(permits).await.ok()?;
         self.pool.note_peak();
-        Some(Charge { _connection: connection, _pool: pool })
+        Some(Charge { _connection: connection, _pool: Some(pool) })
     }
 
-    /// Holds `bytes` if there is room now, without waiting.
-    pub(super) fn try_charge(&self, bytes: usize) -> Option<Charge> {
-        let permits = self.permits(bytes);
+    /// Holds a shared frame's bytes if there is room now, without waiting: the connection's
+    /// budget for this connection, and the pool once for the frame (the first connection to
+    /// take it charges it).
+    fn try_charge_shared(&self, frame: &SharedFrame) -> Option<Charge> {
+        let permits = self.permits(frame.bytes.len());
         let connection = self.connection.clone().try_acquire_many_owned(permits).ok()?;
-        let pool = self.pool.permits.clone().try_acquire_many_owned(permits).ok()?;
-        self.pool.note_peak();
-        Some(Charge { _connection: connection, _pool: pool })
+        let pool = frame.pool.get_or_init(|| {
+            let held = self.pool.permits.clone().try_acquire_many_owned(permits).ok();
+            self.pool.note_peak();
+            held
+        });
+        pool.as_ref()?;
+        Some(Charge { _connection: connection, _pool: None })
     }
 }
 
-/// A frame on its way to a connection's writer, with the bytes it holds against the budget.
+/// A frame's bytes: one connection's own, or a watch event's shared by every watcher.
+#[derive(Debug)]
+pub(super) enum FrameBytes {
+    Own(Vec<u8>),
+    Shared(Arc<SharedFrame>),
+}
+
+impl FrameBytes {
+    pub(super) fn as_slice(&self) -> &[u8] {
+        match self {
+            FrameBytes::Own(bytes) => bytes,
+            FrameBytes::Shared(frame) => &frame.bytes,
+        }
+    }
+}
+
+/// A frame on its way to a connection's writer, with the bytes it holds against the budgets.
 #[derive(Debug)]
 pub(super) struct OutFrame {
-    /// The whole frame, length prefix included. Shared: one event goes to many watchers.
-    pub(super) bytes: Arc<Vec<u8>>,
+    /// The whole frame, length prefix included.
+    pub(super) bytes: FrameBytes,
     pub(super) _charge: Charge,
 }
 
+/// A watch event encoded once, with its one charge against the socket's pool (taken by the
+/// first watcher that queues it, given back when the last one has written it).
+#[derive(Debug)]
+pub struct SharedFrame {
+    bytes: Vec<u8>,
+    pool: OnceLock<Option<OwnedSemaphorePermit>>,
+}
+
 /// A watch event encoded once as a frame, shared by every watcher it goes to: the daemon
-/// encodes a change once however many clients watch the group.
+/// encodes a change once however many clients watch the group, and it counts once against the
+/// socket's write budget.
 #[derive(Debug, Clone)]
-pub struct EncodedEvent(Result<Arc<Vec<u8>>, Arc<str>>);
+pub struct EncodedEvent(Result<Arc<SharedFrame>, Arc<str>>);
 
 impl From<WatchEvent> for EncodedEvent {
     fn from(event: WatchEvent) -> EncodedEvent {
+        let encoded = encode_frame(&ServerFrame::Event { event });
         EncodedEvent(
-            encode_frame(&ServerFrame::Event { event }).map(Arc::new).map_err(|error| error.to_string().into()),
+            encoded
+                .map(|bytes| Arc::new(SharedFrame { bytes, pool: OnceLock::new() }))
+                .map_err(|error| error.to_string().into()),
         )
     }
 }
@@ -159,18 +198,18 @@ impl WatchSender {
     /// byte budget is full), when the event does not fit in a frame, or when the connection is
     /// gone: the caller then drops this sender.
     pub fn try_send(&self, event: impl Into<EncodedEvent>) -> Result<(), WatchFull> {
-        let bytes = match event.into().0 {
-            Ok(bytes) => bytes,
+        let frame = match event.into().0 {
+            Ok(frame) => frame,
             Err(failure) => {
                 // Skipping an event would leave a gap; ending the watch makes the client resume.
                 error!(connection = self.connection, %failure, "a watch event does not fit in a frame; dropping the watch");
                 return Err(self.dropped());
             }
         };
-        let Some(charge) = self.budget.try_charge(bytes.len()) else {
+        let Some(charge) = self.budget.try_charge_shared(&frame) else {
             return Err(self.dropped());
         };
-        match self.queue.try_send(OutFrame { bytes, _charge: charge }) {
+        match self.queue.try_send(OutFrame { bytes: FrameBytes::Shared(frame), _charge: charge }) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Full(_)) => Err(self.dropped()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(WatchFull),

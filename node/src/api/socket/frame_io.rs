@@ -114,7 +114,7 @@ pub(super) async fn write_loop(
     connection: u64,
 ) {
     while let Some(frame) = outbox.recv().await {
-        match tokio::time::timeout(IO_TIMEOUT, write_half.write_all(&frame.bytes)).await {
+        match tokio::time::timeout(IO_TIMEOUT, write_half.write_all(frame.bytes.as_slice())).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
                 debug!(connection, %error, "writing to a local client failed");

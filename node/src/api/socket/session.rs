@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use super::admission::Slot;
-use super::budget::{Budget, Charge, OutFrame, WatchSender};
+use super::budget::{Budget, Charge, FrameBytes, OutFrame, WatchSender};
 use super::frame_io::{Inbound, encode_answer};
 use super::request_check::check_request;
 use super::{ClientInfo, LocalCall, Shared};
@@ -268,7 +268,7 @@ impl Session {
     async fn send(&self, bytes: Vec<u8>) {
         // A closed outbox means the writer is gone; the session notices through `closing`.
         if let Some(charge) = self.write_budget.charge(bytes.len()).await {
-            let _ = self.outbox.send(OutFrame { bytes: Arc::new(bytes), _charge: charge }).await;
+            let _ = self.outbox.send(OutFrame { bytes: FrameBytes::Own(bytes), _charge: charge }).await;
         }
     }
 
@@ -554,7 +554,7 @@ impl TaskContext {
         // Freed before the answer can reach the client, which may reuse the id at once.
         self.ids.free(self.id);
         self.id_freed = true;
-        let sent = self.outbox.send(OutFrame { bytes: Arc::new(bytes), _charge: charge }).await.is_ok();
+        let sent = self.outbox.send(OutFrame { bytes: FrameBytes::Own(bytes), _charge: charge }).await.is_ok();
         self.request_charge = None;
         sent
     }

@@ -102,6 +102,30 @@ async fn slow_watchers_together_hold_at_most_the_sockets_write_budget() {
     fresh_client_reads(&harness.path).await;
 }
 
+/// A change goes to every watcher as one shared frame, so it counts once against the socket's
+/// budget: many readers of one group are not dropped by a change larger than budget / readers.
+#[tokio::test]
+async fn a_change_counts_once_against_the_sockets_budget_however_many_watch_it() {
+    let pool = 3 * MIB;
+    let harness = start(|config| config.stats = Arc::new(LocalApiStats::with_budgets(64 * MIB, pool))).await;
+    let mut watchers = Vec::new();
+    for _ in 0..8 {
+        let mut stream = greeted(&harness.path).await;
+        stream.write_all(&request_frame(2, watch_request(GROUP))).await.unwrap();
+        assert!(matches!(read_raw(&mut stream).await, Some(ServerFrame::Response { id: 2, .. })));
+        watchers.push(stream);
+    }
+    let revision = push_change(&harness.daemon, &[("big", json!("x".repeat(MIB)))], &[]);
+    assert_eq!(count(&harness.stats.watches_dropped), 0, "8 MiB went out with 3 MiB of budget");
+    for stream in &mut watchers {
+        match read_raw(stream).await {
+            Some(ServerFrame::Event { event }) => assert_eq!(event.revision(), revision),
+            other => panic!("expected the change, got {other:?}"),
+        }
+    }
+    assert!(harness.stats.write.peak() <= pool as u64);
+}
+
 #[tokio::test]
 async fn requests_waiting_for_the_daemon_hold_at_most_the_connections_read_budget() {
     let harness = start(|_| {}).await;

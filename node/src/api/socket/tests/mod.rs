@@ -207,6 +207,8 @@ fn push_change(daemon: &Mutex<DaemonState>, set: &[(&str, Value)], removed: &[&s
         removed: removed.iter().map(|key| (*key).to_owned()).collect(),
     };
     state.history.push(event.clone());
+    // Encoded once and shared, as konord does.
+    let event = EncodedEvent::from(event);
     state.watchers.retain(|watcher| watcher.try_send(event.clone()).is_ok());
     state.revision
 }
