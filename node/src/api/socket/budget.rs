@@ -15,11 +15,12 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use konor_sdk::protocol::{ServerFrame, WatchEvent, encode_frame};
+use konor_sdk::protocol::{ServerFrame, WatchEvent, decode_payload, encode_frame};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::error;
 
 use super::LocalApiStats;
+use crate::limits::{CONNECTION_WRITE_BYTES_MAX, WATCH_QUEUE_EVENTS};
 
 /// One direction's budget over all connections, with the most it has held.
 #[derive(Debug)]
@@ -189,6 +190,16 @@ impl WatchSender {
         WatchSender { queue, budget, stats, connection, fell_behind: Arc::default() }
     }
 
+    /// A watch sender tied to no connection, for callers that subscribe with the daemon directly
+    /// (the simulator): the same queue and budgets as a connection's, and a receiver that
+    /// decodes each frame back into its event.
+    pub fn detached(connection: u64) -> (WatchSender, WatchReceiver) {
+        let stats = Arc::new(LocalApiStats::default());
+        let budget = Budget::new(CONNECTION_WRITE_BYTES_MAX, stats.write.clone());
+        let (queue, events) = mpsc::channel(WATCH_QUEUE_EVENTS);
+        (WatchSender::new(queue, budget, stats, connection), WatchReceiver(events))
+    }
+
     /// Whether the watch fell behind, as the socket side sees it.
     pub(super) fn fell_behind(&self) -> Arc<AtomicBool> {
         self.fell_behind.clone()
@@ -221,5 +232,24 @@ impl WatchSender {
             self.stats.watches_dropped.fetch_add(1, Ordering::Relaxed);
         }
         WatchFull
+    }
+}
+
+/// The other end of [`WatchSender::detached`].
+#[derive(Debug)]
+pub struct WatchReceiver(mpsc::Receiver<OutFrame>);
+
+impl WatchReceiver {
+    /// The next event; `None` once the daemon dropped the watch and every event was taken.
+    pub async fn recv(&mut self) -> Option<WatchEvent> {
+        loop {
+            let frame = self.0.recv().await?;
+            // Frames come from `EncodedEvent`, so they decode; a frame that did not would be
+            // skipped, which a watcher sees as a gap in revisions.
+            let payload = frame.bytes.as_slice().get(4..).unwrap_or_default();
+            if let Ok(ServerFrame::Event { event }) = decode_payload(payload) {
+                return Some(event);
+            }
+        }
     }
 }

@@ -41,7 +41,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use self::admission::{Slots, Ungreeted};
 use self::budget::Budget;
-pub use self::budget::{BytePool, EncodedEvent, WatchFull, WatchSender};
+pub use self::budget::{BytePool, EncodedEvent, WatchFull, WatchReceiver, WatchSender};
 use self::session::Session;
 use crate::api::read_view::ReadView;
 use crate::limits::{
