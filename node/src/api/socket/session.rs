@@ -12,7 +12,7 @@ use konor_sdk::protocol::{ClientFrame, ErrorCode, PROTOCOL_VERSION, Request, Res
 use serde::Deserialize;
 use tokio::net::unix::UCred;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
-use tokio::task::{AbortHandle, JoinError, JoinSet};
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
@@ -26,6 +26,8 @@ use crate::limits::{HELLO_TIMEOUT, REQUESTS_IN_FLIGHT_MAX, WATCH_QUEUE_EVENTS};
 /// How a task of the session ended.
 enum TaskEnd {
     Request,
+    /// The client unwatched the group (after the watch was answered).
+    Unwatched,
     /// The daemon refused the watch; the group may be watched again.
     WatchRefused {
         group: String,
@@ -96,7 +98,9 @@ impl IdsInUse {
 struct ActiveWatch {
     /// Tells this watch from a later one of the same group.
     number: u64,
-    task: AbortHandle,
+    /// Ends the watch's task once its own request is answered: every request gets its answer,
+    /// a `watch` unwatched at once included.
+    stop: Arc<Notify>,
     /// Its place among [`REQUESTS_IN_FLIGHT_MAX`], given back as soon as it is unwatched.
     _place: OwnedSemaphorePermit,
 }
@@ -428,16 +432,18 @@ impl Session {
                 let (queue, events) = mpsc::channel(WATCH_QUEUE_EVENTS);
                 let sender =
                     WatchSender::new(queue, self.write_budget.clone(), self.shared.stats.clone(), self.connection);
-                let events = WatchEvents { events, fell_behind: sender.fell_behind(), group: group.clone(), watch };
+                let stop = Arc::new(Notify::new());
+                let fell_behind = sender.fell_behind();
+                let events = WatchEvents { events, fell_behind, stop: stop.clone(), group: group.clone(), watch };
                 let (reply, answer) = oneshot::channel();
                 let call = LocalCall::Watch { client, group: group.clone(), from_revision, events: sender, reply };
                 let task = run_watch(self.task_context(id, charge, None), call, answer, events);
-                let handle = self.tasks.spawn(task.instrument(span));
-                self.watches.insert(group, ActiveWatch { number: watch, task: handle, _place: permit });
+                self.tasks.spawn(task.instrument(span));
+                self.watches.insert(group, ActiveWatch { number: watch, stop, _place: permit });
             }
             Request::Unwatch { group } => {
                 if let Some(watch) = self.watches.remove(&group) {
-                    watch.task.abort();
+                    watch.stop.notify_one();
                 }
                 self.answer_inline(id, Response::Done).await;
             }
@@ -485,7 +491,7 @@ impl Session {
 
     fn handle_task_end(&mut self, ended: Result<TaskEnd, JoinError>) -> Flow {
         match ended {
-            Ok(TaskEnd::Request) => Flow::Continue,
+            Ok(TaskEnd::Request | TaskEnd::Unwatched) => Flow::Continue,
             Ok(TaskEnd::WatchRefused { group, watch }) => {
                 if self.watches.get(&group).is_some_and(|current| current.number == watch) {
                     self.watches.remove(&group);
@@ -536,8 +542,7 @@ struct TaskContext {
 }
 
 impl Drop for TaskContext {
-    /// A task aborted before it answered (an `unwatch` right after its `watch`, the connection
-    /// closing) frees its id too: the client will get no answer for it and may use it again.
+    /// A task aborted before it answered (the connection closing) frees its id too.
     fn drop(&mut self) {
         if !self.id_freed {
             self.ids.free(self.id);
@@ -573,6 +578,7 @@ async fn run_request(mut context: TaskContext, client: ClientInfo, request: Requ
 struct WatchEvents {
     events: mpsc::Receiver<OutFrame>,
     fell_behind: Arc<AtomicBool>,
+    stop: Arc<Notify>,
     group: String,
     watch: u64,
 }
@@ -583,7 +589,7 @@ async fn run_watch(
     answer: oneshot::Receiver<Response>,
     watch: WatchEvents,
 ) -> TaskEnd {
-    let WatchEvents { mut events, fell_behind, group, watch } = watch;
+    let WatchEvents { mut events, fell_behind, stop, group, watch } = watch;
     let response = ask_daemon(&context.shared, call, answer).await;
     let watching = matches!(response, Response::Watching { .. });
     // The answer goes out before any event: events wait in `events` until then.
@@ -593,7 +599,12 @@ async fn run_watch(
     if !watching {
         return TaskEnd::WatchRefused { group, watch };
     }
-    while let Some(event) = events.recv().await {
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = stop.notified() => return TaskEnd::Unwatched,
+        };
+        let Some(event) = event else { break };
         if fell_behind.load(Ordering::Relaxed) {
             return TaskEnd::WatchFellBehind { group };
         }

@@ -317,6 +317,31 @@ async fn watches_take_places_in_flight_but_never_the_last_one() {
     assert!(matches!(answer, Some(ServerFrame::Response { id: 5, response: Response::Watching { .. } })), "{answer:?}");
 }
 
+/// Every request gets its answer: a watch unwatched before the daemon answered it included.
+#[tokio::test]
+async fn a_watch_unwatched_at_once_is_still_answered() {
+    let harness = start(|_| {}).await;
+    let mut stream = greeted(&harness.path).await;
+    let mut both = request_frame(2, watch_request(GROUP));
+    both.extend(request_frame(3, Request::Unwatch { group: GROUP.into() }));
+    stream.write_all(&both).await.unwrap();
+    let mut answered = BTreeSet::new();
+    for _ in 0..2 {
+        let Some(ServerFrame::Response { id, .. }) = read_raw(&mut stream).await else { panic!("no answer") };
+        answered.insert(id);
+    }
+    assert_eq!(answered, BTreeSet::from([2, 3]));
+    // The place the watch took is free again: 63 watches fit.
+    for index in 0..REQUESTS_IN_FLIGHT_MAX as u64 - 1 {
+        stream.write_all(&request_frame(10 + index, watch_request(&format!("app-{index}")))).await.unwrap();
+        let answer = read_raw(&mut stream).await;
+        assert!(
+            matches!(answer, Some(ServerFrame::Response { response: Response::Watching { .. }, .. })),
+            "{answer:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn socket_stats_are_answered_by_the_socket() {
     let harness = start(|_| {}).await;
