@@ -88,9 +88,9 @@ pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// that cannot take or finish a frame in 10 s is stuck; its connection is closed.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A connection that said Hello, has no request in flight and no watch, and sends nothing for
-/// this long is closed (after an id-0 `idle` error frame), so forgotten clients give their slot
-/// back. The daemon handles nothing on it after deciding, so the SDK reconnects and resends a
+/// A connection that said Hello, has no request in flight, no watch and no apply report (F16)
+/// the daemon shows, and sends nothing for this long is closed (after an id-0 `idle` error
+/// frame), so forgotten clients give their slot back. The daemon handles nothing on it after deciding, so the SDK reconnects and resends a
 /// request that crossed the close. Five minutes keeps a client that calls every minute (a cron,
 /// a health check) on one connection; reconnecting costs well under a millisecond.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);

@@ -39,7 +39,9 @@ pub const SOCKET_ENV: &str = "KONOR_SOCKET";
 /// A frame sent by a client: a request with an id chosen by the client, echoed in the response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientFrame {
-    /// Correlates the response; unique among the client's outstanding requests.
+    /// Correlates the response: at least 1 (id 0 is the daemon's, for errors about the
+    /// connection), and unique among the connection's requests still waiting for an answer.
+    /// konord closes a connection that breaks either rule.
     pub id: u64,
     /// What the client asks.
     pub request: Request,
@@ -904,6 +906,21 @@ mod tests {
             assert_eq!(text.contains("\"value\":"), value.is_some(), "{text}");
             assert_eq!(decode_payload::<ServerFrame>(&bytes[4..]).unwrap(), answer(value));
         }
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_null_or_absent() {
+        let null = r#"{"type":"set","group":"app","entries":{},"meta":null}"#;
+        let absent = r#"{"type":"set","group":"app","entries":{}}"#;
+        let empty = r#"{"type":"set","group":"app","entries":{},"meta":{"author":null,"message":null}}"#;
+        let [null, absent, empty] = [null, absent, empty].map(|text| serde_json::from_str::<Request>(text).unwrap());
+        assert_eq!((&null, &empty), (&absent, &absent));
+        let leave: Request = serde_json::from_str(r#"{"type":"group_leave","name":"app","force":null}"#).unwrap();
+        assert_eq!(leave, Request::GroupLeave { name: "app".into(), force: false });
+        let watch: Request = serde_json::from_str(r#"{"type":"watch","group":"app","from_revision":null}"#).unwrap();
+        assert_eq!(watch, Request::Watch { group: "app".into(), from_revision: None });
+        // A required field may not be null.
+        assert!(serde_json::from_str::<Request>(r#"{"type":"watch","group":null}"#).is_err());
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub(super) struct Session {
     /// The connection closes because its client does not read: what is queued for it is
     /// dropped instead of flushed.
     abandon_outbox: bool,
+    /// The daemon keeps an apply report (F16) of this connection: it never idles out.
+    reported: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -170,6 +172,7 @@ impl Session {
             make_room,
             last_activity: Instant::now(),
             abandon_outbox: false,
+            reported: Arc::default(),
         }
     }
 
@@ -218,8 +221,10 @@ impl Session {
         loop {
             let free = self.in_flight.available_permits();
             let reading = free > 0;
-            // Nothing in flight and no watch: the connection may idle out.
-            let idle = free == REQUESTS_IN_FLIGHT_MAX;
+            // Nothing in flight, no watch and no apply report shown in `status`: the connection
+            // may idle out. (A report's row lives as long as its connection, and a process that
+            // reported is running; closing it would hide it from operators.)
+            let idle = free == REQUESTS_IN_FLIGHT_MAX && !self.reported.load(Ordering::Relaxed);
             let idle_deadline = self.last_activity + self.shared.idle_timeout;
             let flow = tokio::select! {
                 () = self.closing.notified() => Flow::Close,
@@ -261,7 +266,7 @@ impl Session {
         let seconds = self.shared.idle_timeout.as_secs_f64();
         debug!(connection = self.connection, pid = self.pid(), seconds, "closing an idle local connection");
         let message = format!(
-            "no request and no watch for {seconds} s: konord closed this idle connection and handled nothing \
+            "no request, no watch and no apply report for {seconds} s: konord closed this idle connection and handled nothing \
              after its last answer; reconnect to go on"
         );
         self.respond(0, Response::Error { code: ErrorCode::Idle, message }).await;
@@ -473,6 +478,7 @@ impl Session {
             id,
             request_charge: Some(charge),
             _place: place,
+            reported: self.reported.clone(),
         }
     }
 
@@ -539,6 +545,8 @@ struct TaskContext {
     /// A request's place among [`REQUESTS_IN_FLIGHT_MAX`], held until it is answered (a
     /// watch's place is in [`ActiveWatch`]).
     _place: Option<OwnedSemaphorePermit>,
+    /// Set when the daemon took an apply report of this connection.
+    reported: Arc<AtomicBool>,
 }
 
 impl Drop for TaskContext {
@@ -568,7 +576,11 @@ impl TaskContext {
 /// Hands one request to the daemon and writes its answer.
 async fn run_request(mut context: TaskContext, client: ClientInfo, request: Request) -> TaskEnd {
     let (reply, answer) = oneshot::channel();
+    let report = matches!(request, Request::ReportApply { .. });
     let response = ask_daemon(&context.shared, LocalCall::Request { client, request, reply }, answer).await;
+    if report && response == Response::Done {
+        context.reported.store(true, Ordering::Relaxed);
+    }
     if context.answer(response).await { TaskEnd::Request } else { TaskEnd::OutboxClosed }
 }
 

@@ -160,7 +160,7 @@ async fn requests_waiting_for_the_daemon_hold_at_most_the_connections_read_budge
 }
 
 #[tokio::test]
-async fn an_idle_connection_is_closed_but_not_one_with_a_watch_or_a_request_in_flight() {
+async fn an_idle_connection_is_closed_but_not_one_with_a_watch_a_request_in_flight_or_a_report() {
     let mut harness = start(|config| config.idle_timeout = Duration::from_millis(300)).await;
     let client = Client::connect(&harness.path).await.unwrap();
     let mut watch = client.watch(GROUP, None).await.unwrap();
@@ -168,6 +168,12 @@ async fn an_idle_connection_is_closed_but_not_one_with_a_watch_or_a_request_in_f
     let mut busy = greeted(&harness.path).await;
     busy.write_all(&request_frame(2, held_write(8))).await.unwrap();
     wait_until(|| harness.daemon.lock().unwrap().held.len() == 1).await;
+    // A process whose apply report `status` shows stays connected, as its row must.
+    let mut reporter = greeted(&harness.path).await;
+    let report =
+        Request::ReportApply { group: GROUP.into(), version: "v0".into(), revision: 0, result: ApplyResult::Ok };
+    reporter.write_all(&request_frame(2, report)).await.unwrap();
+    assert!(matches!(read_raw(&mut reporter).await, Some(ServerFrame::Response { id: 2, response: Response::Done })));
     // Opened last, so when it is closed the others have been open longer than the timeout.
     let mut idle = greeted(&harness.path).await;
     let (code, message) = connection_error(read_raw(&mut idle).await);
@@ -183,6 +189,8 @@ async fn an_idle_connection_is_closed_but_not_one_with_a_watch_or_a_request_in_f
     assert!(harness.watch_requests.try_recv().is_err(), "the watch never had to resubscribe");
     release_held(&harness.daemon);
     assert!(matches!(read_raw(&mut busy).await, Some(ServerFrame::Response { id: 2, response: Response::Done })));
+    reporter.write_all(&request_frame(3, Request::GroupList)).await.unwrap();
+    assert!(matches!(read_raw(&mut reporter).await, Some(ServerFrame::Response { id: 3, .. })));
 }
 
 #[tokio::test]
