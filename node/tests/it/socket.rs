@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use crate::harness::{Cluster, DEADLINE, eventually, group_on_all};
+use crate::harness::{Cluster, DEADLINE, Node, eventually, group_on_all};
 
 /// Resident memory of a process and its peak so far, in KiB (`VmRSS`, `VmHWM`).
 fn memory_kib(pid: u32) -> (u64, u64) {
@@ -62,6 +62,15 @@ async fn watching(socket: &std::path::Path, group: &str, from_revision: Option<u
     }
 }
 
+/// A started node holding the eventual group `app`, and a client of it.
+async fn node_with_app(cluster: &Cluster) -> (Node, konor_sdk::client::Client) {
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let client = n1.client().await;
+    group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
+    (n1, client)
+}
+
 async fn socket_stats(client: &konor_sdk::client::Client) -> konor_sdk::protocol::SocketStats {
     match client.call(Request::SocketStats).await.unwrap() {
         Response::SocketStats { stats } => stats,
@@ -93,10 +102,7 @@ async fn watchers_that_never_read_cost_konord_a_bounded_queue() {
     use konor_node::limits::SOCKET_WRITE_BYTES_MAX;
 
     let cluster = Cluster::new();
-    let mut n1 = cluster.node("n1", &[]);
-    n1.start();
-    let writer = n1.client().await;
-    group_on_all(std::slice::from_ref(&writer), "app", "eventual").await;
+    let (n1, writer) = node_with_app(&cluster).await;
     for first in [0, 64, 128, 192] {
         assert!(matches!(writer.call(megabyte(first, 0)).await.unwrap(), Response::Committed { .. }));
     }
@@ -117,7 +123,7 @@ async fn watchers_that_never_read_cost_konord_a_bounded_queue() {
         }
     }
     let opening = opening.elapsed();
-    let reader = n1.client().await;
+    let reader = konor_sdk::client::Client::connect(&n1.socket).await.unwrap();
     let started = Instant::now();
     let mut slowest_read = Duration::ZERO;
     let versions = 8;
@@ -156,10 +162,7 @@ async fn watchers_that_never_read_cost_konord_a_bounded_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn from_revision_above_at_and_below_the_current_revision() {
     let cluster = Cluster::new();
-    let mut n1 = cluster.node("n1", &[]);
-    n1.start();
-    let client = n1.client().await;
-    group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
+    let (n1, client) = node_with_app(&cluster).await;
     for value in 1..=2 {
         client
             .call(Request::Set {

@@ -1154,14 +1154,7 @@ mod tests {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 let answer = answer.clone();
                 tokio::spawn(async move {
-                    loop {
-                        let mut header = [0u8; 4];
-                        if stream.read_exact(&mut header).await.is_err() {
-                            return;
-                        }
-                        let mut payload = vec![0u8; frame_length(header).unwrap()];
-                        stream.read_exact(&mut payload).await.unwrap();
-                        let frame: ClientFrame = decode_payload(&payload).unwrap();
+                    while let Some(frame) = read_client_frame(&mut stream).await {
                         let bytes = match answer(&frame) {
                             Some(bytes) => bytes,
                             None if matches!(frame.request, Request::Hello { .. }) => respond(frame.id, welcome(1)),
@@ -1175,6 +1168,15 @@ mod tests {
             }
         });
         (directory, path)
+    }
+
+    /// The next client frame on a fake daemon's connection; `None` at the end of the stream.
+    async fn read_client_frame(stream: &mut tokio::net::UnixStream) -> Option<ClientFrame> {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.ok()?;
+        let mut payload = vec![0u8; frame_length(header).unwrap()];
+        stream.read_exact(&mut payload).await.unwrap();
+        Some(decode_payload(&payload).unwrap())
     }
 
     fn welcome(protocol: u32) -> Response {
@@ -1275,14 +1277,7 @@ mod tests {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
                 tokio::spawn(async move {
-                    loop {
-                        let mut header = [0u8; 4];
-                        if stream.read_exact(&mut header).await.is_err() {
-                            return;
-                        }
-                        let mut payload = vec![0u8; frame_length(header).unwrap()];
-                        stream.read_exact(&mut payload).await.unwrap();
-                        let frame: ClientFrame = decode_payload(&payload).unwrap();
+                    while let Some(frame) = read_client_frame(&mut stream).await {
                         let answer = match frame.request {
                             Request::Hello { .. } => respond(frame.id, welcome(1)),
                             // The first connection idles out just as the request arrives.

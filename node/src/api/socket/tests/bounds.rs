@@ -22,6 +22,15 @@ async fn greeted(path: &Path) -> UnixStream {
     stream
 }
 
+/// A raw connection that said hello and watches [`GROUP`], and will read nothing more unless
+/// the test does.
+async fn watcher(path: &Path) -> UnixStream {
+    let mut stream = greeted(path).await;
+    stream.write_all(&request_frame(2, watch_request(GROUP))).await.unwrap();
+    assert!(matches!(read_raw(&mut stream).await, Some(ServerFrame::Response { id: 2, .. })));
+    stream
+}
+
 fn held_write(bytes: usize) -> Request {
     let entries = BTreeMap::from([("k".to_owned(), json!("x".repeat(bytes)))]);
     Request::Set { group: HELD.into(), entries, meta: Default::default() }
@@ -49,9 +58,7 @@ fn connection_error(frame: Option<ServerFrame>) -> (ErrorCode, String) {
 async fn a_watch_that_is_never_read_holds_at_most_its_connections_write_budget() {
     let harness = start(|_| {}).await;
     push_change(&harness.daemon, &[("a", json!(1))], &[]);
-    let mut slow = greeted(&harness.path).await;
-    slow.write_all(&request_frame(2, watch_request(GROUP))).await.unwrap();
-    assert!(matches!(read_raw(&mut slow).await, Some(ServerFrame::Response { id: 2, .. })));
+    let slow = watcher(&harness.path).await;
     // Events of half a MiB each, until twice the budget was pushed; the client reads none.
     let value = "x".repeat(MIB / 2);
     for index in 0..(2 * CONNECTION_WRITE_BYTES_MAX / (MIB / 2)) {
@@ -86,10 +93,7 @@ async fn slow_watchers_together_hold_at_most_the_sockets_write_budget() {
     push_change(&harness.daemon, &[("a", json!(1))], &[]);
     let mut slow = Vec::new();
     for _ in 0..2 {
-        let mut stream = greeted(&harness.path).await;
-        stream.write_all(&request_frame(2, watch_request(GROUP))).await.unwrap();
-        assert!(matches!(read_raw(&mut stream).await, Some(ServerFrame::Response { id: 2, .. })));
-        slow.push(stream);
+        slow.push(watcher(&harness.path).await);
     }
     let value = "x".repeat(MIB / 2);
     for index in 0..32 {
@@ -110,10 +114,7 @@ async fn a_change_counts_once_against_the_sockets_budget_however_many_watch_it()
     let harness = start(|config| config.stats = Arc::new(LocalApiStats::with_budgets(64 * MIB, pool))).await;
     let mut watchers = Vec::new();
     for _ in 0..8 {
-        let mut stream = greeted(&harness.path).await;
-        stream.write_all(&request_frame(2, watch_request(GROUP))).await.unwrap();
-        assert!(matches!(read_raw(&mut stream).await, Some(ServerFrame::Response { id: 2, .. })));
-        watchers.push(stream);
+        watchers.push(watcher(&harness.path).await);
     }
     let revision = push_change(&harness.daemon, &[("big", json!("x".repeat(MIB)))], &[]);
     assert_eq!(count(&harness.stats.watches_dropped), 0, "8 MiB went out with 3 MiB of budget");
