@@ -43,8 +43,9 @@ pub(super) async fn read_loop(mut read_half: BufReader<OwnedReadHalf>, inbox: mp
 }
 
 /// Reads one frame; `Ok(None)` is a clean end of stream between frames. Waiting for the first
-/// byte has no timeout (idle clients are fine; the session closes idle ones), nor has waiting
-/// for room in the read budget (backpressure); the rest must follow within [`IO_TIMEOUT`].
+/// byte has no timeout (the session closes idle connections); the rest must follow within
+/// [`IO_TIMEOUT`] of it, not counting the time the reader waits for room in the read budget
+/// (backpressure: the client is not late, the daemon is full).
 async fn read_frame(
     read_half: &mut BufReader<OwnedReadHalf>,
     limit: usize,
@@ -55,8 +56,9 @@ async fn read_frame(
     if first == 0 {
         return Ok(None);
     }
+    let mut deadline = tokio::time::Instant::now() + IO_TIMEOUT;
     let rest_of_header = read_half.read_exact(&mut header[first..]);
-    match tokio::time::timeout(IO_TIMEOUT, rest_of_header).await {
+    match tokio::time::timeout_at(deadline, rest_of_header).await {
         Ok(Ok(_)) => {}
         Ok(Err(error)) => return Err(truncated(error)),
         Err(_) => return Err(too_slow()),
@@ -68,9 +70,11 @@ async fn read_frame(
             "the first frame announces {length} bytes, but it must be a hello of at most {HELLO_FRAME_BYTES_MAX} bytes"
         ));
     }
+    let waiting = tokio::time::Instant::now();
     let charge = budget.charge(length).await.ok_or_else(|| "the connection is closing".to_owned())?;
+    deadline += waiting.elapsed();
     let mut payload = vec![0u8; length];
-    match tokio::time::timeout(IO_TIMEOUT, read_half.read_exact(&mut payload)).await {
+    match tokio::time::timeout_at(deadline, read_half.read_exact(&mut payload)).await {
         Ok(Ok(_)) => Ok(Some((payload, charge))),
         Ok(Err(error)) => Err(truncated(error)),
         Err(_) => Err(too_slow()),
