@@ -13,10 +13,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use konor_node::api::socket::{LocalCall, WATCH_QUEUE_EVENTS};
+use konor_node::api::socket::{LocalCall, WatchSender};
 use konor_sdk::protocol::{ErrorCode, Request, Response, WatchEvent, WriteMeta};
 use serde_json::Value;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::check::invariant;
 use crate::config::RunConfig;
@@ -563,7 +563,7 @@ pub fn watch(sim: &Sim, node: usize, group: GroupKind) {
             }
         };
         let Some((calls, client)) = sim.cluster.borrow_mut().caller(node) else { return };
-        let (events_tx, mut events) = mpsc::channel(WATCH_QUEUE_EVENTS);
+        let (events_tx, mut events) = WatchSender::detached(client.connection);
         let (reply, answer) = oneshot::channel();
         let subscribe = LocalCall::Watch {
             client,

@@ -223,6 +223,22 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Reconfigured { group, configuration } => {
             Rendered::ok(format!("group {group} is now in configuration {configuration}\n"))
         }
+        Response::SocketStats { stats } => Rendered::ok(format!(
+            "connections {}\nread bytes {} (peak {}, budget {})\nwrite bytes {} (peak {}, budget {})\n\
+             bad frames {}\nrefused {}\nsilent closed {}\nidle closed {}\nwatches dropped {}\n",
+            stats.connections,
+            stats.read_bytes,
+            stats.read_bytes_peak,
+            stats.read_bytes_max,
+            stats.write_bytes,
+            stats.write_bytes_peak,
+            stats.write_bytes_max,
+            stats.bad_frames,
+            stats.refused,
+            stats.ungreeted_closed,
+            stats.idle_closed,
+            stats.watches_dropped,
+        )),
         Response::Done => Rendered::ok(match request {
             Request::GroupLeave { name, .. } => format!("left group {name}\n"),
             _ => "done\n".to_owned(),
@@ -317,7 +333,7 @@ fn request_group(request: &Request) -> Option<&str> {
             Some(name)
         }
         Request::GroupRemove { group, .. } => Some(group),
-        Request::Hello { .. } | Request::GroupList | Request::Nodes => None,
+        Request::Hello { .. } | Request::GroupList | Request::Nodes | Request::SocketStats => None,
     }
 }
 

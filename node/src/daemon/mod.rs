@@ -138,7 +138,7 @@ struct BlockedRead {
 /// One watcher of a group.
 struct Watcher {
     connection: u64,
-    events: mpsc::Sender<WatchEvent>,
+    events: socket::WatchSender,
 }
 
 /// A process's last report for a group (F16).

@@ -470,13 +470,14 @@ impl Daemon {
     pub(super) fn notify(&mut self, notification: Notification) {
         self.last_change.insert(notification.group.clone(), Instant::now());
         let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
-        let event = WatchEvent::Change {
+        // Encoded once, shared by every watcher of the group.
+        let event = socket::EncodedEvent::from(WatchEvent::Change {
             group: notification.group.clone(),
             revision: notification.revision,
             version: notification.version.clone(),
             set: notification.set.clone(),
             removed: notification.removed.clone(),
-        };
+        });
         // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
         // from its last revision, so it misses nothing.
         watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());

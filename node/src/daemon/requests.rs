@@ -104,7 +104,7 @@ impl Daemon {
         client: &ClientInfo,
         group: &str,
         from_revision: Option<u64>,
-        events: mpsc::Sender<WatchEvent>,
+        events: socket::WatchSender,
     ) -> Response {
         let Some(doc) = self.replica.group(group) else {
             return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
@@ -326,7 +326,7 @@ impl Daemon {
             },
             Request::Nodes => Response::Nodes { nodes: self.node_rows() },
             Request::Status { group } => self.status(&group),
-            Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } => {
+            Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } | Request::SocketStats => {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }
         };

@@ -14,4 +14,5 @@ mod mesh;
 mod netns;
 mod restart;
 mod security;
+mod socket;
 mod values;

@@ -24,9 +24,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 use tracing::{debug, warn};
 
+use crate::connect::{ConnectOptions, DAEMON_UID_ENV, DaemonUid, check_daemon};
 use crate::protocol::{
-    ApplyResult, ClientFrame, ErrorCode, FrameError, Freshness, PROTOCOL_VERSION, Request, Response, SOCKET_ENV,
-    ServerFrame, WatchEvent, content_hash, encode_frame, frame_length,
+    ApplyResult, ErrorCode, FrameError, Freshness, PROTOCOL_VERSION, Request, Response, SOCKET_ENV, ServerFrame,
+    WatchEvent, content_hash, encode_frame, frame_length,
 };
 
 /// How long any one exchange with the daemon may take (connect, a request and its answer, the
@@ -107,6 +108,32 @@ pub enum SdkError {
     /// was sent.
     #[error("invalid call: {0}")]
     InvalidCall(String),
+    /// The process listening on the socket runs as a user this client does not trust as konord
+    /// (see [`DaemonUid`]). Nothing was sent.
+    #[error("{}", untrusted_daemon(path, *uid, *own, *also))]
+    UntrustedDaemon {
+        /// The socket path.
+        path: PathBuf,
+        /// The uid the listening process runs as (its peer credentials).
+        uid: u32,
+        /// This process's effective uid.
+        own: u32,
+        /// The uid named as konord's, if one was.
+        also: Option<u32>,
+    },
+    /// A client setting (such as `KONOR_DAEMON_UID`) is invalid. Nothing was sent.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
+}
+
+fn untrusted_daemon(path: &Path, uid: u32, own: u32, also: Option<u32>) -> String {
+    let named = also.map(|also| format!(", nor as uid {also} named as konord's")).unwrap_or_default();
+    format!(
+        "the process listening on {} runs as uid {uid}, not as root or as this process's uid {own}{named}, so it may \
+         not be konord and nothing was sent to it; if konord does run as uid {uid}, set {DAEMON_UID_ENV}={uid} \
+         (or ConnectOptions::daemon_uid)",
+        path.display()
+    )
 }
 
 fn unexpected(expected: &str, response: &Response) -> SdkError {
@@ -246,7 +273,7 @@ struct Connection {
     /// Callers write their own frames, one at a time: no hop through a writer task (a wakeup
     /// of another thread per request). A stuck daemon makes callers wait within their timeout.
     writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
-    /// Request ids start at 1: the daemon uses id 0 for errors about the connection itself.
+    /// Request ids start at 1: the daemon reserves id 0 for errors about the connection itself.
     next_id: AtomicU64,
     node_id: String,
     tasks: [AbortHandle; 1],
@@ -261,13 +288,14 @@ impl Drop for Connection {
 }
 
 impl Connection {
-    async fn open(path: &Path, timeout: Duration) -> Result<Connection, SdkError> {
+    async fn open(path: &Path, timeout: Duration, daemon_uid: DaemonUid) -> Result<Connection, SdkError> {
         let connect_error = |detail: String| SdkError::Connect { path: path.to_owned(), detail };
         let stream = match tokio::time::timeout(timeout, UnixStream::connect(path)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => return Err(connect_error(error.to_string())),
             Err(_) => return Err(connect_error(format!("no answer within {} ms", timeout.as_millis()))),
         };
+        check_daemon(&stream, path, daemon_uid)?;
         let (read_half, write_half) = stream.into_split();
         let state = Arc::new(ConnectionState::default());
         let reader = tokio::spawn(read_loop(BufReader::new(read_half), state.clone(), timeout));
@@ -279,7 +307,7 @@ impl Connection {
             tasks: [reader.abort_handle()],
         };
         let hello = Request::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), process: process_name() };
-        connection.node_id = match connection.request(hello, timeout).await? {
+        connection.node_id = match connection.request(&hello, timeout).await? {
             Response::Welcome { protocol, node_id, .. } if protocol == PROTOCOL_VERSION => node_id,
             Response::Welcome { protocol, .. } => {
                 return Err(SdkError::Protocol(format!(
@@ -295,9 +323,15 @@ impl Connection {
     }
 
     /// Sends one request and waits for its answer, all within `timeout`.
-    async fn request(&self, request: Request, timeout: Duration) -> Result<Response, SdkError> {
+    async fn request(&self, request: &Request, timeout: Duration) -> Result<Response, SdkError> {
+        /// `ClientFrame` by reference, so a request can be sent again without a copy.
+        #[derive(serde::Serialize)]
+        struct ClientFrameRef<'a> {
+            id: u64,
+            request: &'a Request,
+        }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let frame = encode_frame(&ClientFrame { id, request })?;
+        let frame = encode_frame(&ClientFrameRef { id, request })?;
         let (sender, receiver) = oneshot::channel();
         {
             let mut demux = self.state.lock();
@@ -308,7 +342,15 @@ impl Connection {
         }
         let _waiter = WaiterGuard { state: &self.state, id };
         let exchange = async {
-            self.write_frame(&frame, timeout).await?;
+            if let Err(error) = self.write_frame(&frame, timeout).await {
+                // The daemon closed the socket. Its reason (an idle close, too many connections)
+                // comes with the end of the stream, which the reader turns into this waiter's
+                // answer; a frame that could not be written was not handled.
+                return match error {
+                    SdkError::Closed(_) => receiver.await.unwrap_or(Err(error)),
+                    other => Err(other),
+                };
+            }
             receiver.await.unwrap_or_else(|_| Err(self.state.closed_reason()))
         };
         match tokio::time::timeout(timeout, exchange).await {
@@ -534,6 +576,8 @@ pub struct Client {
 
 struct ClientShared {
     path: PathBuf,
+    /// Whose daemon this client accepts, on every reconnect and every watch's connection.
+    daemon_uid: DaemonUid,
     current: Mutex<Arc<Connection>>,
     /// Serializes reconnects so a burst of callers opens one connection, not many.
     reconnect: tokio::sync::Mutex<()>,
@@ -551,13 +595,24 @@ impl fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the daemon's socket at `path` and says Hello.
+    /// Connects to the daemon's socket at `path` and says Hello, with the default options and
+    /// the daemon user named by `KONOR_DAEMON_UID` (see [`ConnectOptions::from_env`]).
     pub async fn connect(path: impl AsRef<Path>) -> Result<Client, SdkError> {
+        Client::connect_with(path, ConnectOptions::from_env()?).await
+    }
+
+    /// Connects to the daemon's socket at `path` with `options`, checks that the daemon runs
+    /// as a user `options` accepts, and says Hello.
+    pub async fn connect_with(path: impl AsRef<Path>, options: ConnectOptions) -> Result<Client, SdkError> {
         let path = path.as_ref().to_owned();
-        let connection = Connection::open(&path, TIMEOUT_DEFAULT).await?;
-        let shared =
-            ClientShared { path, current: Mutex::new(Arc::new(connection)), reconnect: tokio::sync::Mutex::new(()) };
-        Ok(Client { shared: Arc::new(shared), timeout: TIMEOUT_DEFAULT })
+        let connection = Connection::open(&path, options.timeout, options.daemon_uid).await?;
+        let shared = ClientShared {
+            path,
+            daemon_uid: options.daemon_uid,
+            current: Mutex::new(Arc::new(connection)),
+            reconnect: tokio::sync::Mutex::new(()),
+        };
+        Ok(Client { shared: Arc::new(shared), timeout: options.timeout })
     }
 
     /// Connects to the socket named by the `KONOR_SOCKET` environment variable.
@@ -601,7 +656,7 @@ impl Client {
             return Ok(current);
         }
         debug!(path = %self.shared.path.display(), "reconnecting to konord");
-        let fresh = Arc::new(Connection::open(&self.shared.path, self.timeout).await?);
+        let fresh = Arc::new(Connection::open(&self.shared.path, self.timeout, self.shared.daemon_uid).await?);
         *self.shared.current.lock().unwrap_or_else(PoisonError::into_inner) = fresh.clone();
         Ok(fresh)
     }
@@ -617,7 +672,16 @@ impl Client {
             )));
         }
         let connection = self.connection().await?;
-        match connection.request(request, self.timeout).await? {
+        let answer = match connection.request(&request, self.timeout).await {
+            // The daemon closed the connection as idle and handled nothing after its last
+            // answer, so this request was not handled: send it again on a new connection.
+            Err(SdkError::Daemon { code: ErrorCode::Idle, .. }) => {
+                debug!("konord closed an idle connection under a request; sending it again");
+                self.connection().await?.request(&request, self.timeout).await?
+            }
+            answer => answer?,
+        };
+        match answer {
             Response::Error { code, message } => Err(SdkError::Daemon { code, message }),
             response => Ok(response),
         }
@@ -655,10 +719,12 @@ impl Client {
     /// Subscribes to a group's changes after `from_revision` (`None`: from now on). The watch
     /// has a connection of its own and survives daemon restarts (see [`Watch`]).
     pub async fn watch(&self, group: &str, from_revision: Option<u64>) -> Result<Watch, SdkError> {
-        let (link, revision) = WatchLink::open(&self.shared.path, self.timeout, group, from_revision).await?;
+        let (path, daemon_uid) = (&self.shared.path, self.shared.daemon_uid);
+        let (link, revision) = WatchLink::open(path, self.timeout, daemon_uid, group, from_revision).await?;
         Ok(Watch {
             path: self.shared.path.clone(),
             timeout: self.timeout,
+            daemon_uid,
             group: group.to_owned(),
             last_revision: from_revision.unwrap_or(revision),
             link: Some(link),
@@ -784,6 +850,7 @@ where
 pub struct Watch {
     path: PathBuf,
     timeout: Duration,
+    daemon_uid: DaemonUid,
     group: String,
     last_revision: u64,
     link: Option<WatchLink>,
@@ -813,13 +880,14 @@ impl WatchLink {
     async fn open(
         path: &Path,
         timeout: Duration,
+        daemon_uid: DaemonUid,
         group: &str,
         from_revision: Option<u64>,
     ) -> Result<(WatchLink, u64), SdkError> {
-        let connection = Connection::open(path, timeout).await?;
+        let connection = Connection::open(path, timeout, daemon_uid).await?;
         let events = connection.subscribe(group)?;
         let request = Request::Watch { group: group.to_owned(), from_revision };
-        match connection.request(request, timeout).await? {
+        match connection.request(&request, timeout).await? {
             Response::Watching { revision, .. } => Ok((WatchLink { _connection: connection, events }, revision)),
             other => Err(unexpected("watching", &other)),
         }
@@ -839,7 +907,7 @@ impl Watch {
             let Some(link) = &mut self.link else {
                 tokio::time::sleep(self.backoff).await;
                 let from_revision = Some(self.last_revision);
-                match WatchLink::open(&self.path, self.timeout, &self.group, from_revision).await {
+                match WatchLink::open(&self.path, self.timeout, self.daemon_uid, &self.group, from_revision).await {
                     Ok((link, _)) => {
                         debug!(group = %self.group, from_revision = self.last_revision, "watch resubscribed");
                         self.link = Some(link);
@@ -884,12 +952,14 @@ impl Watch {
 }
 
 /// True for errors a reconnect cannot cure: the daemon refused the subscription (unknown group,
-/// forbidden, ...) or speaks another protocol. "Too many connections" (`Internal`) and
-/// `Unavailable` pass, so the watch keeps retrying.
+/// forbidden, ...), speaks another protocol, or runs as a user this client does not trust. "Too
+/// many connections" (`Internal`), `Unavailable` and `Idle` pass, so the watch keeps retrying.
 fn is_final(error: &SdkError) -> bool {
     match error {
-        SdkError::Daemon { code, .. } => !matches!(code, ErrorCode::Internal | ErrorCode::Unavailable),
-        SdkError::Protocol(_) => true,
+        SdkError::Daemon { code, .. } => {
+            !matches!(code, ErrorCode::Internal | ErrorCode::Unavailable | ErrorCode::Idle)
+        }
+        SdkError::Protocol(_) | SdkError::UntrustedDaemon { .. } | SdkError::InvalidSetting(_) => true,
         _ => false,
     }
 }
@@ -1055,7 +1125,7 @@ impl CachedGroup {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::{decode_payload, encode_frame};
+    use crate::protocol::{ClientFrame, decode_payload, encode_frame};
     use serde::Deserialize;
     use serde_json::json;
     use tokio::net::UnixListener;
@@ -1076,14 +1146,7 @@ mod tests {
                 let Ok((mut stream, _)) = listener.accept().await else { return };
                 let answer = answer.clone();
                 tokio::spawn(async move {
-                    loop {
-                        let mut header = [0u8; 4];
-                        if stream.read_exact(&mut header).await.is_err() {
-                            return;
-                        }
-                        let mut payload = vec![0u8; frame_length(header).unwrap()];
-                        stream.read_exact(&mut payload).await.unwrap();
-                        let frame: ClientFrame = decode_payload(&payload).unwrap();
+                    while let Some(frame) = read_client_frame(&mut stream).await {
                         let bytes = match answer(&frame) {
                             Some(bytes) => bytes,
                             None if matches!(frame.request, Request::Hello { .. }) => respond(frame.id, welcome(1)),
@@ -1097,6 +1160,15 @@ mod tests {
             }
         });
         (directory, path)
+    }
+
+    /// The next client frame on a fake daemon's connection; `None` at the end of the stream.
+    async fn read_client_frame(stream: &mut tokio::net::UnixStream) -> Option<ClientFrame> {
+        let mut header = [0u8; 4];
+        stream.read_exact(&mut header).await.ok()?;
+        let mut payload = vec![0u8; frame_length(header).unwrap()];
+        stream.read_exact(&mut payload).await.unwrap();
+        Some(decode_payload(&payload).unwrap())
     }
 
     fn welcome(protocol: u32) -> Response {
@@ -1180,6 +1252,43 @@ mod tests {
         let error = client.get("nope", "x").await.unwrap_err();
         assert!(matches!(error, SdkError::Daemon { code: ErrorCode::UnknownGroup, .. }), "{error:?}");
         assert_eq!(error.to_string(), "konord refused the request (unknown_group): no group `nope`");
+    }
+
+    /// Issue 12: konord closes a connection that idled, with an id-0 `idle` frame, and handles
+    /// nothing it sent after that. A request that crossed the close is sent again on a new
+    /// connection instead of failing.
+    #[tokio::test]
+    async fn a_request_that_crosses_an_idle_close_is_sent_again() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("konord.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let connections = Arc::new(AtomicU64::new(0));
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let first = counted.fetch_add(1, Ordering::Relaxed) == 0;
+                tokio::spawn(async move {
+                    while let Some(frame) = read_client_frame(&mut stream).await {
+                        let answer = match frame.request {
+                            Request::Hello { .. } => respond(frame.id, welcome(1)),
+                            // The first connection idles out just as the request arrives.
+                            _ if first => {
+                                let message = "idle for 300 s".to_owned();
+                                let idle = respond(0, Response::Error { code: ErrorCode::Idle, message });
+                                let _ = stream.write_all(&idle).await;
+                                return;
+                            }
+                            _ => value_of(&frame).unwrap(),
+                        };
+                        stream.write_all(&answer).await.unwrap();
+                    }
+                });
+            }
+        });
+        let client = Client::connect(&path).await.unwrap();
+        assert_eq!(client.get("app", "a").await.unwrap(), Some(json!("value of a")));
+        assert_eq!(connections.load(Ordering::Relaxed), 2, "sent again on a second connection");
     }
 
     #[tokio::test]

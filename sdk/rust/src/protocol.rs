@@ -18,6 +18,16 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<V
     Value::deserialize(deserializer).map(Some)
 }
 
+/// An optional field given as `null` reads as if it were absent (its default), so that every
+/// optional field of a request may be absent or `null` alike (docs/protocol.md).
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Option::unwrap_or_default)
+}
+
 /// Version of this protocol, sent in `Hello` and answered in `Welcome`.
 pub const PROTOCOL_VERSION: u32 = 1;
 
@@ -31,7 +41,9 @@ pub const SOCKET_ENV: &str = "KONOR_SOCKET";
 /// A frame sent by a client: a request with an id chosen by the client, echoed in the response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientFrame {
-    /// Correlates the response; unique among the client's outstanding requests.
+    /// Correlates the response: at least 1 (id 0 is the daemon's, for errors about the
+    /// connection), and unique among the connection's requests still waiting for an answer.
+    /// konord closes a connection that breaks either rule.
     pub id: u64,
     /// What the client asks.
     pub request: Request,
@@ -62,10 +74,10 @@ pub enum ServerFrame {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WriteMeta {
     /// Author; the daemon fills in `<process>@<node>` from the connection when empty.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub author: String,
     /// Why.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
 }
 
@@ -150,7 +162,7 @@ pub enum Request {
         name: String,
         /// Strong groups: drop the group at once, without leaving the configuration first
         /// (the other members then evict this node).
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not", deserialize_with = "null_as_default")]
         force: bool,
     },
     /// Groups this node holds.
@@ -162,7 +174,7 @@ pub enum Request {
         /// Key -> JSON value.
         entries: BTreeMap<String, Value>,
         /// Author and message.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
     },
     /// Delete keys.
@@ -172,7 +184,7 @@ pub enum Request {
         /// Keys.
         keys: Vec<String>,
         /// Author and message.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
     },
     /// Replace the settings with a file's contents.
@@ -184,7 +196,7 @@ pub enum Request {
         /// The file's text.
         text: String,
         /// Author and message.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
     },
     /// Roll back to a version.
@@ -194,7 +206,7 @@ pub enum Request {
         /// Version label (`v12`).
         version: String,
         /// Author and message.
-        #[serde(default)]
+        #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
     },
     /// Version list.
@@ -232,9 +244,12 @@ pub enum Request {
         /// The members to remove.
         nodes: Vec<String>,
         /// Skip the majority of the configuration.
-        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        #[serde(default, skip_serializing_if = "std::ops::Not::not", deserialize_with = "null_as_default")]
         force: bool,
     },
+    /// The local socket's own counters: connections, bytes held against its budgets, and what
+    /// it refused or closed. Answered by the socket itself, without a hop to the daemon task.
+    SocketStats,
 }
 
 /// Outcome of a client's reload callback.
@@ -520,6 +535,11 @@ pub enum Response {
         /// The configuration now (`c4 [n1, n2]`).
         configuration: String,
     },
+    /// The local socket's counters.
+    SocketStats {
+        /// The counters.
+        stats: SocketStats,
+    },
     /// Done, nothing to return.
     Done,
     /// Refused.
@@ -529,6 +549,39 @@ pub enum Response {
         /// What was wrong and what to do.
         message: String,
     },
+}
+
+/// The local socket's counters, as `socket_stats` answers them. Bytes are frame bytes (the
+/// length prefix not counted); "held" means read and not yet answered, or queued for writing and
+/// not yet written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
+pub struct SocketStats {
+    /// Connections open now, said Hello or not.
+    pub connections: u64,
+    /// Bytes of frames read and not yet answered, all connections together.
+    pub read_bytes: u64,
+    /// The most `read_bytes` has been since konord started.
+    pub read_bytes_peak: u64,
+    /// The budget of `read_bytes`: past it, readers wait.
+    pub read_bytes_max: u64,
+    /// Bytes of answers and events queued for writing, all connections together.
+    pub write_bytes: u64,
+    /// The most `write_bytes` has been since konord started.
+    pub write_bytes_peak: u64,
+    /// The budget of `write_bytes`: past it, answers wait and events drop their watch.
+    pub write_bytes_max: u64,
+    /// Frames refused: not JSON, an unknown request, an oversized length, truncated, a request
+    /// before Hello, a reserved or repeated id.
+    pub bad_frames: u64,
+    /// Connections refused at Hello: over the connection cap or the cap per user.
+    pub refused: u64,
+    /// Silent connections closed to make room for new ones.
+    pub ungreeted_closed: u64,
+    /// Connections closed for being idle.
+    pub idle_closed: u64,
+    /// Watches dropped because their client fell behind (its queue or a byte budget was full).
+    pub watches_dropped: u64,
 }
 
 /// Classes of errors a client may branch on.
@@ -566,6 +619,10 @@ pub enum ErrorCode {
     /// The change could not be made durable on this node (disk full, I/O error): not committed,
     /// not served here.
     NotDurable,
+    /// On id 0 only: the connection was idle too long and the daemon closed it. The daemon
+    /// handled no request on it after its last answer, so a request still waiting for an answer
+    /// was not handled: reconnect and send it again.
+    Idle,
 }
 
 /// A change on a watched group.
@@ -686,6 +743,7 @@ impl Request {
             Request::Conflicts { .. } => "conflicts",
             Request::Nodes => "nodes",
             Request::Status { .. } => "status",
+            Request::SocketStats => "socket_stats",
         }
     }
 }
@@ -708,6 +766,7 @@ impl Response {
             Response::Nodes { .. } => "nodes",
             Response::Status { .. } => "status",
             Response::Reconfigured { .. } => "reconfigured",
+            Response::SocketStats { .. } => "socket_stats",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }
@@ -732,6 +791,7 @@ impl ErrorCode {
             ErrorCode::Busy => "busy",
             ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::NotDurable => "not_durable",
+            ErrorCode::Idle => "idle",
         }
     }
 }
@@ -796,6 +856,21 @@ mod tests {
             assert_eq!(text.contains("\"value\":"), value.is_some(), "{text}");
             assert_eq!(decode_payload::<ServerFrame>(&bytes[4..]).unwrap(), answer(value));
         }
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_null_or_absent() {
+        let null = r#"{"type":"set","group":"app","entries":{},"meta":null}"#;
+        let absent = r#"{"type":"set","group":"app","entries":{}}"#;
+        let empty = r#"{"type":"set","group":"app","entries":{},"meta":{"author":null,"message":null}}"#;
+        let [null, absent, empty] = [null, absent, empty].map(|text| serde_json::from_str::<Request>(text).unwrap());
+        assert_eq!((&null, &empty), (&absent, &absent));
+        let leave: Request = serde_json::from_str(r#"{"type":"group_leave","name":"app","force":null}"#).unwrap();
+        assert_eq!(leave, Request::GroupLeave { name: "app".into(), force: false });
+        let watch: Request = serde_json::from_str(r#"{"type":"watch","group":"app","from_revision":null}"#).unwrap();
+        assert_eq!(watch, Request::Watch { group: "app".into(), from_revision: None });
+        // A required field may not be null.
+        assert!(serde_json::from_str::<Request>(r#"{"type":"watch","group":null}"#).is_err());
     }
 
     #[test]
