@@ -280,7 +280,7 @@ impl GroupDoc {
     /// Loads a group from an Automerge save (a snapshot), as `actor`.
     pub fn load(snapshot: &[u8], actor: ActorId) -> Result<GroupDoc, LoadError> {
         // Snapshots come from files and from peers (join grants): shielded like every decoder.
-        let doc = crate::exchange::shielded("snapshot", || Automerge::load(snapshot).map_err(|e| e.to_string()))
+        let doc = crate::shield::shielded("snapshot", || Automerge::load(snapshot).map_err(|e| e.to_string()))
             .map_err(|e| LoadError::Snapshot { detail: e.to_string() })?
             .with_actor(actor);
         GroupDoc::from_document(doc)

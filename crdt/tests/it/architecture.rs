@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 const SOURCE_DIRS: &[&str] =
     &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src", "fuzz/src", "fuzz/tests"];
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Every `.rs` file under `dir`, as a path relative to the workspace root with `/` separators.
-fn rust_files(root: &Path, dir: &Path, found: &mut Vec<String>) {
+pub(crate) fn rust_files(root: &Path, dir: &Path, found: &mut Vec<String>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {
