@@ -119,6 +119,15 @@ impl SyncPeer {
         SyncPeer::default()
     }
 
+    /// A fresh state for a peer that may count changes as sent to this node which this node
+    /// has lost (a failed write dropped them from memory): its first message carries
+    /// Automerge's sync reset, so the peer sends them again instead of skipping them.
+    pub fn after_loss() -> SyncPeer {
+        let mut state = sync::State::new();
+        state.needs_reset = true;
+        SyncPeer { state }
+    }
+
     /// The persistable part of the state.
     pub fn encode(&self) -> Vec<u8> {
         self.state.encode()
