@@ -25,7 +25,7 @@ const GOSSIP: Duration = Duration::from_millis(250);
 /// Replica frames a test may send in all: far above what these tests exchange. Two nodes
 /// trading frames without end never let the paused clock move; past this, the test fails
 /// instead of hanging.
-const REPLICA_FRAMES_MAX: u64 = 100_000;
+const BUSY_LOOP_FRAMES: u64 = 100_000;
 const POLL: Duration = Duration::from_millis(100);
 
 /// A running node as the hub knows it: its id and its inboxes (gossip, replica).
@@ -78,7 +78,7 @@ impl PeerNetwork for Port {
         };
         if channel == Channel::Replica {
             let sent = self.hub.sent.fetch_add(1, Ordering::Relaxed);
-            assert!(sent < REPLICA_FRAMES_MAX, "the nodes exchange replica frames without end (a busy loop)");
+            assert!(sent < BUSY_LOOP_FRAMES, "the nodes exchange replica frames without end (a busy loop)");
         }
         if channel == Channel::Replica
             && let Ok(message) = PeerMessage::decode(&bytes)
