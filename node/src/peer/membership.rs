@@ -807,22 +807,8 @@ mod tests {
     }
 
     async fn member(hub: &Arc<Hub>, index: u8, generation: u64) -> Membership {
-        let addr = SocketAddr::from(([10, 0, 0, index], 7400));
         let id = format!("n{index}");
-        let (tx, rx) = mpsc::channel(1024);
-        hub.inboxes.lock().unwrap().insert(addr, (id.clone(), tx));
-        let config = MembershipConfig {
-            node_id: id.clone(),
-            generation,
-            advertise: addr,
-            seeds: vec![SocketAddr::from(([10, 0, 0, 1], 7400))],
-            cluster_id: "test".into(),
-            gossip_interval: GOSSIP,
-            labels: BTreeMap::new(),
-            poll_period: POLL,
-            seal: Arc::new(crate::peer::gossip_seal::SimSeal::new(&id)),
-        };
-        Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
+        member_with(hub, &id, SocketAddr::from(([10, 0, 0, index], 7400)), generation, sim_seal(&id), &[]).await
     }
 
     fn state(view: &MeshView, id: &str) -> Option<Liveness> {
@@ -923,7 +909,7 @@ mod tests {
     // -----------------------------------------------------------------------------------------
     // The view as the daemon reads it (issue 12): summaries, leaving, beats, generations, seals.
 
-    /// A member like [`member`], with its own address, seal and labels.
+    /// A member of the in-process mesh, with its address, seal and labels, seeded with n1.
     async fn member_with(
         hub: &Arc<Hub>,
         id: &str,
