@@ -1231,14 +1231,6 @@ impl Replica {
         self.reloads += 1;
         doc.set_actor(reload_actor(&self.actor, self.reloads));
         let mut state = GroupState::new(doc, key, old.proof, tail_changes);
-        // A peer that offered changes by sync counts them as sent; the failed write dropped
-        // them here. Each session starts over with a sync reset, so the peer sends them again
-        // (without it, once the disk worked, both sides exchanged sync messages as fast as they
-        // could, none carrying the lost changes: found by the daemon's in-process tests).
-        for peer in old.sync.keys() {
-            let session = SyncSession { peer: SyncPeer::after_loss(), ..SyncSession::default() };
-            state.sync.insert(peer.clone(), session);
-        }
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
         state.ballots = old.ballots;
