@@ -17,6 +17,7 @@ use crate::group::GroupDoc;
 use crate::key::validate_key;
 use crate::limits::{APPLY_BATCH_CHANGES_MAX, CHANGE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 use crate::settings::hex;
+use crate::shield::shielded;
 use crate::value::decode_value;
 use crate::version::VersionId;
 
@@ -135,19 +136,6 @@ impl SyncPeer {
     pub fn reset_after_disconnect(&mut self) {
         let persisted = self.state.encode();
         self.state = sync::State::decode(&persisted).unwrap_or_default();
-    }
-}
-
-/// Runs an Automerge decoder on bytes from outside (a peer, a file). Automerge 0.12 can panic on
-/// malformed bytes instead of returning an error: fuzzing found `Change::try_from` unwrapping a
-/// `None` in its RLE decoder (hexane 1.0.0-alpha.5, `rle/decoder.rs:216`) on 32 bytes. Such a
-/// panic becomes the same refusal as an error. The decoders build new values only, so nothing is
-/// left half-changed; applying decoded changes to a document is not shielded (a panic there
-/// could leave it inconsistent) and is only ever given what decoded cleanly.
-pub(crate) fn shielded<T>(what: &'static str, decode: impl FnOnce() -> Result<T, String>) -> Result<T, RemoteError> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)) {
-        Ok(result) => result.map_err(|detail| RemoteError::Malformed { what, detail }),
-        Err(_) => Err(RemoteError::Malformed { what, detail: "the decoder failed on malformed bytes".to_owned() }),
     }
 }
 
@@ -355,6 +343,13 @@ impl GroupDoc {
             .into());
         }
         let message = shielded("sync message", || sync::Message::decode(bytes).map_err(|e| e.to_string()))?;
+        // A peer that asks for a change this node already sent it did not keep it (a failed
+        // write dropped it there): send everything again. Automerge skips what it counts as
+        // sent, and the two would trade sync messages without end, none carrying the change
+        // (found by the daemon's in-process tests).
+        if message.need.iter().any(|hash| peer.state.sent_hashes.contains(hash)) {
+            peer.state.sent_hashes.clear();
+        }
         let mut decoded = Vec::new();
         for carried in message.changes.iter() {
             for chunk in split_chunks(carried)? {
@@ -380,6 +375,14 @@ impl GroupDoc {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (issue 12): a change that made Automerge allocate over 2 GB is refused
+    /// by the one door every outside change takes, before Automerge sees it.
+    #[test]
+    fn regression_a_change_declaring_billions_of_predecessors_is_refused() {
+        let bytes = crate::change_bounds::tests::billions_of_predecessors();
+        assert!(matches!(decode_change(&bytes), Err(RemoteError::TooLarge { .. } | RemoteError::Malformed { .. })));
+    }
 
     /// Found by fuzzing (issue 12): 32 bytes on which Automerge 0.12's change decoder panics
     /// (an unwrap in hexane's RLE decoder). Refused as malformed, like any other garbage.

@@ -283,7 +283,7 @@ impl GroupDoc {
         // Snapshots come from files and from peers (join grants): bounded, then shielded like
         // every decoder.
         crate::change_bounds::check_chunks(snapshot).map_err(|e| LoadError::Snapshot { detail: e.to_string() })?;
-        let doc = crate::exchange::shielded("snapshot", || Automerge::load(snapshot).map_err(|e| e.to_string()))
+        let doc = crate::shield::shielded("snapshot", || Automerge::load(snapshot).map_err(|e| e.to_string()))
             .map_err(|e| LoadError::Snapshot { detail: e.to_string() })?
             .with_actor(actor);
         GroupDoc::from_document(doc)
@@ -943,5 +943,21 @@ pub fn actor_hex(actor: &ActorId) -> String {
 impl From<KeyError> for LoadError {
     fn from(error: KeyError) -> Self {
         LoadError::NotAGroup { detail: error.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Snapshots from files and join grants are bounded before Automerge reads them: a document
+    /// column declaring more rows than a document may have is refused (issue 12).
+    #[test]
+    fn a_snapshot_past_the_row_limit_is_refused() {
+        let too_many = crate::change_bounds::tests::document_with_too_many_rows();
+        let refused = GroupDoc::load(&too_many, ActorId::from([7u8; 16].as_slice()));
+        // Refused by the bound, not by Automerge finding the column short.
+        let Err(LoadError::Snapshot { detail }) = refused else { panic!("{refused:?}") };
+        assert!(detail.contains("over the limit"), "{detail}");
     }
 }

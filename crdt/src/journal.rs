@@ -325,7 +325,7 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
             RecordKind::Change => decode_change(record.payload).map(|change| vec![change]).ok(),
             RecordKind::Snapshot => crate::change_bounds::check_chunks(record.payload)
                 .and_then(|()| {
-                    crate::exchange::shielded("snapshot", || Automerge::load(record.payload).map_err(|e| e.to_string()))
+                    crate::shield::shielded("snapshot", || Automerge::load(record.payload).map_err(|e| e.to_string()))
                 })
                 .ok()
                 .map(|other| group.doc.get_changes_added(&other)),

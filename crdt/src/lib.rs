@@ -27,6 +27,7 @@ mod recent;
 pub mod record;
 pub mod replica;
 pub mod settings;
+mod shield;
 pub mod time;
 pub mod value;
 pub mod version;

@@ -7,9 +7,12 @@ use std::time::Duration;
 
 use konor_sdk::protocol::FRAME_BYTES_MAX;
 
-use crate::peer::membership::MESH_NODES_MAX;
-
 // Peers and the mesh.
+
+/// Most nodes a mesh may hold. FACTS: the whole digest must fit one 65,507-byte message; that
+/// held for ~1,340 nodes with 9-character ids and 850-900 with 32-character ids. 800 leaves
+/// headroom for the longest ids we allow; larger meshes are refused with a clear error.
+pub const MESH_NODES_MAX: usize = 800;
 
 /// A peer writer (its task, queue and QUIC connection to one address) that had nothing to send
 /// this long ends and leaves the writer map; the next frame to that address starts a new one.

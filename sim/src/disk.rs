@@ -26,11 +26,15 @@ use konor_crdt::peer_message::{Ballot, RoundId};
 use konor_crdt::record::{FILE_MAGIC, FRAME_BYTES, HEADER_BYTES, RecordKind};
 use konor_node::storage::store::{StorageHook, WriteFault};
 
-use crate::network::SimNetwork;
 use crate::rng::SimRng;
 
 /// A change hash's bytes.
 pub type Hash = [u8; 32];
+
+/// Where a node's disk reports the faults it injects: the run's trace, at the network's clock
+/// ([`crate::node`] passes the network's). A function, so that the disk needs nothing of the
+/// network, whose frame checks ask the disk what is durable.
+pub type FaultTrace = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// The seeded stream of the disk's own choices (the network has 1, the workload and faults 2).
 const DISK_STREAM: u64 = 3;
@@ -487,10 +491,10 @@ impl Disk {
         self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// The hook node `node`'s store reports to; injected faults are traced through `network`.
-    pub fn hook(&self, node: usize, network: SimNetwork) -> Arc<dyn StorageHook> {
+    /// The hook node `node`'s store reports to; injected faults go to `trace`.
+    pub fn hook(&self, node: usize, trace: FaultTrace) -> Arc<dyn StorageHook> {
         let data_dir = self.lock().nodes[node].data_dir.clone();
-        Arc::new(DiskHook { disk: self.clone(), node, data_dir, network })
+        Arc::new(DiskHook { disk: self.clone(), node, data_dir, trace })
     }
 
     /// Puts `fault` in force on `node`'s disk; returns its generation for [`Disk::end_fault`].
@@ -599,12 +603,17 @@ impl Disk {
 }
 
 /// One node's [`StorageHook`]: reports to the run's [`Disk`].
-#[derive(Debug)]
 struct DiskHook {
     disk: Disk,
     node: usize,
     data_dir: PathBuf,
-    network: SimNetwork,
+    trace: FaultTrace,
+}
+
+impl std::fmt::Debug for DiskHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskHook").field("node", &self.node).field("data_dir", &self.data_dir).finish_non_exhaustive()
+    }
 }
 
 impl DiskHook {
@@ -618,9 +627,7 @@ impl DiskHook {
     /// is never taken while holding it.
     fn trace(&self, note: Option<String>) {
         if let Some(note) = note {
-            let mut hub = self.network.lock();
-            let now = hub.now_us();
-            hub.trace.event(now, &format!("disk n{}: {note}", self.node));
+            (self.trace)(&format!("disk n{}: {note}", self.node));
         }
     }
 }

@@ -17,9 +17,10 @@ use konor_node::peer::transport::{Channel, Incoming, PeerNetwork};
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
-use crate::check::{ProtocolChecker, Violation};
 use crate::config::{RunConfig, Wire};
 use crate::disk::Disk;
+use crate::frame_check::{Observed, ProtocolChecker};
+use crate::invariant::Violation;
 use crate::rng::SimRng;
 use crate::trace::Trace;
 
@@ -117,7 +118,7 @@ pub(crate) struct Frame {
     channel: Channel,
     bytes: Vec<u8>,
     /// What the protocol checker wants to know when this frame is delivered.
-    pub(crate) observed: Option<crate::check::Observed>,
+    pub(crate) observed: Option<Observed>,
 }
 
 #[derive(Debug)]
@@ -326,7 +327,8 @@ impl Hub {
         let from_id = self.endpoints[from].id.clone();
         let length = frame.bytes.len() as u64;
         // The text copy names replica messages; the hash covers only the bytes.
-        let note = (self.trace.has_copy() && channel == Channel::Replica).then(|| crate::check::describe(&frame.bytes));
+        let note =
+            (self.trace.has_copy() && channel == Channel::Replica).then(|| crate::frame_check::describe(&frame.bytes));
         self.trace.delivery(at_us, from, to, channel_byte(channel), &frame.bytes, note);
         let incoming = Incoming { from: from_id, addr: node_addr(from), bytes: frame.bytes, budget: None };
         match sender.try_send(incoming) {
@@ -404,6 +406,13 @@ impl SimNetwork {
             delivered_counter: Arc::new(AtomicU64::new(0)),
         };
         SimNetwork { hub: Arc::new(Mutex::new(hub)), wake: Arc::new(Notify::new()) }
+    }
+
+    /// Puts `text` in the run's trace at the hub's clock.
+    pub fn trace_event(&self, text: &str) {
+        let mut hub = self.lock();
+        let now = hub.now_us();
+        hub.trace.event(now, text);
     }
 
     /// The hub, locked. The simulation is single-threaded: the lock is never contended, and a

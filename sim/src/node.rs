@@ -217,7 +217,10 @@ impl Cluster {
             store_io: StoreIo::Inline,
             // The simulator's reads go through the daemon task.
             reads: None,
-            storage_hook: Some(self.disk.hook(index, self.network.clone())),
+            storage_hook: Some(self.disk.hook(index, {
+                let network = self.network.clone();
+                Arc::new(move |note: &str| network.trace_event(note))
+            })),
             gossip_seal: Arc::new(konor_node::peer::gossip_seal::SimSeal::new(&node.id)),
             // One runtime: gossip and daemon interleave as the seed says.
             gossip_runtime: None,

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use konor_sdk::protocol::{Request, Response};
 
-use crate::check::invariant;
+use crate::invariant;
 use crate::node::{Life, call};
 use crate::workload::{Phase, Sim};
 

@@ -55,7 +55,7 @@ fn draw_spread(report: &RunReport, area: &DrawingArea<SVGBackend<'_>, plotters::
     // axis: the chart spans the 99th percentile of all delays, and longer ones run off its edge.
     let mut all_s: Vec<f64> = changes.iter().flat_map(|s| s.delays_us.iter().map(|&us| us as f64 / 1e6)).collect();
     all_s.sort_by(f64::total_cmp);
-    let horizon_s = crate::check::percentile(&all_s, 99.0).unwrap_or(1.0).clamp(0.1, 120.0) * 1.2;
+    let horizon_s = crate::report::percentile(&all_s, 99.0).unwrap_or(1.0).clamp(0.1, 120.0) * 1.2;
     let caption = format!(
         "Members holding each change ({} nodes, seed {}, {} changes; blue ev, red st)",
         report.config.nodes,

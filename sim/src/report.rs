@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use crate::check::{Violation, invariant, percentile};
 use crate::config::{RunConfig, duration_text};
 use crate::disk::DiskStats;
 use crate::fault::FaultRecord;
+use crate::invariant::{self, Violation};
 use crate::network::{ChannelStats, NetStats};
 use crate::workload::GroupKind;
 
@@ -475,9 +475,28 @@ impl RunReport {
     }
 }
 
+/// Percentile of sorted values (nearest rank); `None` for no values.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let values: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&values, 50.0), Some(50.0));
+        assert_eq!(percentile(&values, 99.0), Some(99.0));
+        assert_eq!(percentile(&values, 100.0), Some(100.0));
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[3.0], 99.9), Some(3.0));
+    }
 
     #[test]
     fn spread_fractions_round_up_to_whole_members() {

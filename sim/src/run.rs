@@ -14,9 +14,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::sync::Notify;
 
-use crate::check::{self, Served, invariant};
+use crate::check::{self, Served};
 use crate::config::RunConfig;
 use crate::fault::{self, FaultRecord};
+use crate::invariant;
 use crate::node::Cluster;
 use crate::observe::{self, Observations};
 use crate::report::{RunReport, Spread};

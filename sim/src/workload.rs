@@ -18,8 +18,8 @@ use konor_sdk::protocol::{ErrorCode, Request, Response, WatchEvent, WriteMeta};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
-use crate::check::invariant;
 use crate::config::RunConfig;
+use crate::invariant;
 use crate::node::{Cluster, Life, call};
 use crate::rng::SimRng;
 

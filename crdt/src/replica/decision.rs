@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use automerge::ChangeHash;
 
-use super::round::{Phase, Round, Staged, coordinator_ballot, decision_set, majority_reached};
+use super::round::{Phase, Recovery, Round, Staged, coordinator_ballot, decision_set, majority_reached};
 use super::{NodeId, Output, Replica};
 use crate::journal::{RoundRecord, StagedRound};
 use crate::limits::DECISION_TIMEOUT_MS;
@@ -40,17 +40,6 @@ fn needs_yes_of(kind: &RoundKind, node: &str) -> bool {
         RoundKind::Reconfigure { next, forced: true } => next.contains(node),
         RoundKind::Reconfigure { forced: false, .. } => false,
     }
-}
-
-/// A recovery this node runs for a round in doubt.
-#[derive(Debug)]
-pub(super) struct Recovery {
-    ballot: Ballot,
-    /// Promises so far, with what each member accepted.
-    promises: BTreeMap<NodeId, Option<(Ballot, bool)>>,
-    /// The decision proposed in phase 2, once a majority promised.
-    proposal: Option<bool>,
-    accepted_by: BTreeSet<NodeId>,
 }
 
 impl Replica {

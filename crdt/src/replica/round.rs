@@ -94,7 +94,18 @@ pub(super) struct Staged {
     /// The largest ballot number seen for the round, to pick the next recovery's.
     pub(super) highest_ballot: u64,
     /// The recovery this node runs, if any.
-    pub(super) recovery: Option<super::decision::Recovery>,
+    pub(super) recovery: Option<Recovery>,
+}
+
+/// A recovery this node runs for a round in doubt (driven by `decision.rs`).
+#[derive(Debug)]
+pub(super) struct Recovery {
+    pub(super) ballot: Ballot,
+    /// Promises so far, with what each member accepted.
+    pub(super) promises: BTreeMap<NodeId, Option<(Ballot, bool)>>,
+    /// The decision proposed in phase 2, once a majority promised.
+    pub(super) proposal: Option<bool>,
+    pub(super) accepted_by: BTreeSet<NodeId>,
 }
 
 impl Round {

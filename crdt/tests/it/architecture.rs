@@ -20,12 +20,12 @@ const SOURCE_DIRS: &[&str] = &[
     "fuzz/tests",
 ];
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 /// Every `.rs` file under `dir`, as a path relative to the workspace root with `/` separators.
-fn rust_files(root: &Path, dir: &Path, found: &mut Vec<String>) {
+pub(crate) fn rust_files(root: &Path, dir: &Path, found: &mut Vec<String>) {
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
         if path.is_dir() {

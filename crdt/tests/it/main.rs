@@ -8,6 +8,7 @@ mod conflict;
 mod convergence;
 mod edit;
 mod exchange;
+mod module_graph;
 mod replica;
 mod strong;
 mod support;

@@ -3,6 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use konor_crdt::limits::ANTI_ENTROPY_DELAY_MS;
 use konor_crdt::replica::{
     CommandError, CommandOutcome, EventsSince, GroupGossip, LoadedState, PeerLiveness, PeerState, actor_for,
 };
@@ -572,4 +573,33 @@ fn a_member_persists_a_pushed_change_first_applies_it_during_the_fsync_and_acks_
     assert!(at("notify") < at("send ack"), "{n2:?}");
     assert_eq!(n2.iter().filter(|line| **line == "persist append").count(), 1, "written once: {n2:?}");
     assert_eq!(net.settings("n2", "app"), json!({"k": 1}));
+}
+
+#[test]
+fn regression_a_change_lost_to_a_failed_write_is_synced_again_without_spinning() {
+    // Found by the daemon's in-process tests (issue 12): n1's disk refused a change that n2
+    // then offered it by sync. n2 counted it as sent; n1 dropped it with the failed write. Once
+    // the disk worked again, the two exchanged sync messages as fast as they could (thousands a
+    // second, none carrying the change), and never converged.
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    set(&mut net, "n1", "k", json!("old")).unwrap();
+    net.failing_disk.insert("n1".into());
+    // The write reaches n2 (pushed while persisting), n1's own append fails.
+    assert!(set(&mut net, "n1", "k", json!("refused")).is_err());
+    // Anti-entropy: n2 offers the change by sync, and n1's append fails again.
+    net.advance(ANTI_ENTROPY_DELAY_MS + 100);
+    net.failing_disk.clear();
+    set(&mut net, "n1", "k", json!("after")).unwrap();
+    let syncs = |net: &Net| net.log.iter().filter(|(_, what)| what.starts_with("send sync")).count();
+    let mut most_per_round = 0;
+    for _ in 0..8 {
+        net.log.clear();
+        net.advance(ANTI_ENTROPY_DELAY_MS);
+        most_per_round = most_per_round.max(syncs(&net));
+    }
+    let digests: BTreeSet<String> =
+        ["n1", "n2"].iter().map(|n| net.replicas[*n].group("app").unwrap().heads_digest().to_string()).collect();
+    assert_eq!(digests.len(), 1, "the copies converge ({most_per_round} sync messages in one anti-entropy round)");
+    assert_eq!(net.settings("n1", "app"), net.settings("n2", "app"));
+    assert!(most_per_round <= 8, "{most_per_round} sync messages in one anti-entropy round");
 }

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 
 use konor_crdt::configuration::{Fencing, GroupPolicy};
-use konor_crdt::limits::{EVICT_AFTER_MIN_MS, LEASE_MS, LEASE_RENEW_MS};
+use konor_crdt::limits::{DECISION_TIMEOUT_MS, EVICT_AFTER_MIN_MS, LEASE_MS, LEASE_RENEW_MS, ROUND_TIMEOUT_MS};
 use konor_crdt::replica::{CommandError, CommandOutcome};
 use konor_crdt::{Command, GroupKey, Input, Millis, Mode, VersionKind};
 use serde_json::json;
@@ -685,4 +685,122 @@ fn regression_a_member_in_doubt_about_a_leave_learns_it_from_the_node_that_left(
     }
     assert_eq!(members(&net, "n2"), vec!["n2"], "n2 learned that the leave committed");
     set(&mut net, "n2", "k", json!(1)).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// A member leaving while a round it takes part in is open (issue 12): the round resolves
+// (committed, aborted or outcome_unknown, docs/protocol.md "Rounds"), never hangs, and leaves no
+// member in doubt for good.
+
+/// Advances time in half-second steps until `id` is answered; at most `limit_ms`. Returns how
+/// long it took.
+fn answered_within(net: &mut Net, id: u64, limit_ms: u64) -> Option<u64> {
+    let start = net.now;
+    while !net.replies.contains_key(&id) {
+        if net.now - start >= limit_ms {
+            return None;
+        }
+        net.advance(500);
+    }
+    Some(net.now - start)
+}
+
+/// No member of `nodes` holds a round without its final decision.
+fn nobody_in_doubt(net: &Net, nodes: &[&str]) {
+    for node in nodes {
+        let reason = net.replicas[*node].fencing_reason("app");
+        assert!(!reason.as_deref().is_some_and(|why| why.contains("in doubt")), "{node}: {reason:?}");
+    }
+}
+
+#[test]
+fn a_member_going_down_while_its_vote_is_awaited_aborts_the_write_at_once() {
+    // The daemon reports a peer that announced a graceful shutdown (leaving) as dead: the
+    // coordinator must not wait out the round's timeout for a vote that will not come.
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_on.insert(("n1".into(), "n3".into(), "prepare"));
+    let write = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    assert!(!net.replies.contains_key(&write), "the round waits for n3's vote");
+    net.down.insert("n3".into());
+    net.run();
+    let error = net.replies.remove(&write).expect("answered without waiting for a timeout").unwrap_err();
+    assert!(matches!(error, CommandError::RoundAborted { .. }), "{error}");
+    nobody_in_doubt(&net, &["n1", "n2"]);
+    assert_eq!(net.settings("n2", "app"), json!({}), "an aborted write is nowhere");
+}
+
+#[test]
+fn a_member_that_force_leaves_before_voting_makes_the_write_abort_by_its_timeout() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_on.insert(("n1".into(), "n3".into(), "prepare"));
+    let write = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    let left = net.command("n3", Command::LeaveGroup { name: "app".into(), force: true }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }), "{left:?}");
+    net.drop_on.clear();
+    let waited = answered_within(&mut net, write, ROUND_TIMEOUT_MS + 1_000);
+    assert!(waited.is_some(), "the write is answered within the round timeout");
+    let error = net.replies.remove(&write).unwrap().unwrap_err();
+    assert!(matches!(error, CommandError::RoundAborted { .. }), "{error}");
+    nobody_in_doubt(&net, &["n1", "n2"]);
+    // n3 announced it left: the others evict it and write without it.
+    net.advance(LEASE_MS + 1_500);
+    assert_eq!(members(&net, "n1"), vec!["n1", "n2"]);
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n2", "k", json!(2)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
+}
+
+#[test]
+fn a_member_that_force_leaves_after_staging_a_write_leaves_nobody_in_doubt() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // n3 stages the write and votes yes, but its vote never arrives.
+    net.drop_on.insert(("n3".into(), "n1".into(), "vote"));
+    let write = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    assert!(!net.replies.contains_key(&write));
+    let left = net.command("n3", Command::LeaveGroup { name: "app".into(), force: true }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }), "{left:?}");
+    assert!(net.replicas["n3"].group("app").is_none());
+    net.drop_on.clear();
+    let waited = answered_within(&mut net, write, ROUND_TIMEOUT_MS + 1_000);
+    assert!(waited.is_some(), "the write is answered within the round timeout");
+    let outcome = net.replies.remove(&write).unwrap();
+    // Every member's yes is needed and one never arrived: the write did not commit.
+    assert!(matches!(outcome, Err(CommandError::RoundAborted { .. })), "{outcome:?}");
+    net.advance(DECISION_TIMEOUT_MS);
+    nobody_in_doubt(&net, &["n1", "n2"]);
+    assert_eq!(net.settings("n2", "app"), json!({}));
+    net.advance(LEASE_MS + 1_500);
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n1", "k", json!(2)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
+}
+
+#[test]
+fn a_member_in_doubt_cannot_leave_until_the_round_settles_and_then_leaves() {
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    // n3 staged the write; the coordinator's decision and answers never reach it: in doubt.
+    net.drop_on.insert(("n1".into(), "n3".into(), "decide"));
+    net.drop_on.insert(("n1".into(), "n3".into(), "decision_answer"));
+    let outcome = set(&mut net, "n1", "k", json!(1));
+    assert!(matches!(outcome, Ok(CommandOutcome::Committed(_))), "{outcome:?}");
+    let in_doubt = |net: &Net| net.replicas["n3"].fencing_reason("app").is_some_and(|why| why.contains("in doubt"));
+    assert!(in_doubt(&net), "n3 holds the round staged");
+    // Its leave is refused at once, saying why (a leave is a round, and it holds one).
+    let error = net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap_err();
+    assert!(matches!(error, CommandError::LeaveFailed { .. }) && error.to_string().contains("in doubt"), "{error}");
+    // It learns the outcome from the other member that applied it, the coordinator still silent.
+    let start = net.now;
+    while in_doubt(&net) && net.now - start < 3 * DECISION_TIMEOUT_MS {
+        net.advance(500);
+    }
+    assert!(!in_doubt(&net), "n3 stayed in doubt");
+    assert_eq!(net.settings("n3", "app"), json!({"k": 1}), "the committed write is applied on n3");
+    // Now the leave goes through, and the others write on without n3.
+    let left = net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    assert!(matches!(left, CommandOutcome::Left { .. }), "{left:?}");
+    assert_eq!(members(&net, "n1"), vec!["n1", "n2"]);
+    nobody_in_doubt(&net, &["n1", "n2"]);
+    let CommandOutcome::Committed(receipt) = set(&mut net, "n2", "k", json!(2)).unwrap() else { panic!() };
+    assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
 }

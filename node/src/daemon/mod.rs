@@ -40,6 +40,8 @@ use crate::storage::store::Store;
 
 mod outputs;
 mod requests;
+#[cfg(test)]
+mod tests;
 
 pub use requests::apply_result_text;
 

@@ -402,6 +402,8 @@ impl Daemon {
     pub(super) async fn persist(&mut self, op: PersistOp) -> anyhow::Result<()> {
         if let PersistOp::RemoveGroup { group } = &op {
             self.watchers.remove(group);
+            // Apply reports (F16) were about the copy this node leaves.
+            self.processes.remove(group);
         }
         self.with_store(move |store| -> anyhow::Result<()> {
             match op {

@@ -39,10 +39,7 @@ pub const GROUP_LEFT: &str = "-";
 /// Key of the graceful-leave flag (SPEC F1).
 pub const LEAVING_KEY: &str = "leaving";
 
-/// Most nodes a mesh may hold. FACTS: the whole digest must fit one 65,507-byte message; that
-/// held for ~1,340 nodes with 9-character ids and 850-900 with 32-character ids. 800 leaves
-/// headroom for the longest ids we allow; larger meshes are refused with a clear error.
-pub const MESH_NODES_MAX: usize = 800;
+pub use crate::limits::MESH_NODES_MAX;
 
 /// A gossip message whose digest alone is this large would overflow chitchat's reply budget
 /// (its receiving task asserts); such messages are dropped and the overflow reported.
@@ -932,23 +929,8 @@ mod tests {
     }
 
     async fn member(hub: &Arc<Hub>, index: u8, generation: u64) -> Membership {
-        let addr = SocketAddr::from(([10, 0, 0, index], 7400));
         let id = format!("n{index}");
-        let (tx, rx) = mpsc::channel(1024);
-        hub.inboxes.lock().unwrap().insert(addr, (id.clone(), tx));
-        let config = MembershipConfig {
-            node_id: id.clone(),
-            generation,
-            advertise: addr,
-            seeds: vec![SocketAddr::from(([10, 0, 0, 1], 7400))],
-            cluster_id: "test".into(),
-            gossip_interval: GOSSIP,
-            labels: BTreeMap::new(),
-            poll_period: POLL,
-            seal: Arc::new(crate::peer::gossip_seal::SimSeal::new(&id)),
-            runtime: None,
-        };
-        Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
+        member_with(hub, &id, SocketAddr::from(([10, 0, 0, index], 7400)), generation, sim_seal(&id), &[]).await
     }
 
     fn state(view: &MeshView, id: &str) -> Option<Liveness> {
@@ -1043,6 +1025,245 @@ mod tests {
         assert!(
             seen.iter().all(|(n1, n2)| *n1 != Some(Liveness::Dead) && *n2 != Some(Liveness::Dead)),
             "the restarted node saw a healthy peer dead: {seen:?}"
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // The view as the daemon reads it (issue 12): summaries, leaving, beats, generations, seals.
+
+    /// A member of the in-process mesh, with its address, seal and labels, seeded with n1.
+    async fn member_with(
+        hub: &Arc<Hub>,
+        id: &str,
+        addr: SocketAddr,
+        generation: u64,
+        seal: Arc<dyn GossipSeal>,
+        labels: &[(&str, &str)],
+    ) -> Membership {
+        let (tx, rx) = mpsc::channel(1024);
+        hub.inboxes.lock().unwrap().insert(addr, (id.to_owned(), tx));
+        let config = MembershipConfig {
+            node_id: id.to_owned(),
+            generation,
+            advertise: addr,
+            seeds: vec![SocketAddr::from(([10, 0, 0, 1], 7400))],
+            cluster_id: "test".into(),
+            gossip_interval: GOSSIP,
+            labels: labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            poll_period: POLL,
+            seal,
+            runtime: None,
+        };
+        Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
+    }
+
+    fn sim_seal(id: &str) -> Arc<dyn GossipSeal> {
+        Arc::new(crate::peer::gossip_seal::SimSeal::new(id))
+    }
+
+    /// This node's own keys as chitchat holds them: (key, version, value).
+    async fn own_keys(member: &Membership) -> Vec<(String, u64, String)> {
+        let chitchat = member.handle.chitchat();
+        let mut chitchat = chitchat.lock().await;
+        let state = chitchat.self_node_state();
+        let keys: Vec<String> = state.key_values().map(|(key, _)| key.to_owned()).collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let value = state.get_versioned(&key)?;
+                Some((key, value.version, value.value.clone()))
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn labels_and_group_summaries_reach_peers_and_a_left_group_is_listed_apart() {
+        let hub = Arc::new(Hub::default());
+        let a =
+            member_with(&hub, "n1", SocketAddr::from(([10, 0, 0, 1], 7400)), 1, sim_seal("n1"), &[("zone", "a")]).await;
+        let b = member(&hub, 2, 1).await;
+        a.publish(&format!("{GROUP_PREFIX}app"), "d1;3;v3;proof;heads").await;
+        a.publish(&format!("{GROUP_PREFIX}old"), GROUP_LEFT).await;
+        let seen = poll_until(
+            &[&a, &b],
+            Duration::from_secs(10),
+            |_| {},
+            |views| {
+                views[1].nodes.get("n1").is_some_and(|n1| n1.groups.contains_key("app") && !n1.left_groups.is_empty())
+            },
+        )
+        .await;
+        assert!(seen.is_some(), "n2 sees n1's summaries");
+        let view = b.view().await;
+        let n1 = &view.nodes["n1"];
+        assert_eq!(n1.labels, BTreeMap::from([("zone".to_owned(), "a".to_owned())]));
+        assert_eq!(n1.groups, BTreeMap::from([("app".to_owned(), "d1;3;v3;proof;heads".to_owned())]));
+        assert_eq!(n1.left_groups, ["old".to_owned()].into());
+        assert_eq!(n1.addr, SocketAddr::from(([10, 0, 0, 1], 7400)));
+        // Its own view shows it live, without a heartbeat age; the peer's has one.
+        let own = a.view().await;
+        assert_eq!(own.nodes["n1"].liveness, Liveness::Live);
+        assert_eq!(own.nodes["n1"].heartbeat_age, None);
+        assert!(view.nodes["n1"].heartbeat_age.is_some());
+        // Leaving the group later moves it from one list to the other (keys are overwritten).
+        a.publish(&format!("{GROUP_PREFIX}app"), GROUP_LEFT).await;
+        let moved = poll_until(
+            &[&a, &b],
+            Duration::from_secs(10),
+            |_| {},
+            |views| views[1].nodes.get("n1").is_some_and(|n1| n1.groups.is_empty() && n1.left_groups.len() == 2),
+        )
+        .await;
+        assert!(moved.is_some(), "n2 sees n1 left app: {:?}", b.view().await.nodes.get("n1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_published_value_is_sealed_for_its_version_and_repeats_take_no_version() {
+        let hub = Arc::new(Hub::default());
+        let a =
+            member_with(&hub, "n1", SocketAddr::from(([10, 0, 0, 1], 7400)), 1, sim_seal("n1"), &[("zone", "a")]).await;
+        a.publish("grp:app", "first").await;
+        a.publish("grp:app", "second").await;
+        let before = own_keys(&a).await;
+        // The daemon publishes after every batch; an unchanged value must not churn gossip.
+        a.publish("grp:app", "second").await;
+        assert_eq!(own_keys(&a).await, before, "an unchanged value took a new version");
+        let seal = sim_seal("n1");
+        let cert = seal.accept_cert("n1", &seal.own_cert()).unwrap();
+        for (key, version, value) in &before {
+            assert!(
+                crate::peer::gossip_seal::verify_value(seal.as_ref(), &cert, "test", &a.self_id, key, *version, value),
+                "{key} at version {version} is not sealed for it: {value:?}"
+            );
+        }
+        let keys: Vec<&str> = before.iter().map(|(key, _, _)| key.as_str()).collect();
+        for key in [CERT_KEY, LEAVING_KEY, BEAT_KEY, "label:zone", "grp:app"] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        a.set_leaving().await;
+        let leaving = own_keys(&a).await;
+        let (_, version, value) = leaving.iter().find(|(key, _, _)| key == LEAVING_KEY).unwrap();
+        assert_eq!(payload(value), "1");
+        assert!(crate::peer::gossip_seal::verify_value(
+            seal.as_ref(),
+            &cert,
+            "test",
+            &a.self_id,
+            LEAVING_KEY,
+            *version,
+            value
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_signs_a_beat_once_per_beat_period_however_often_it_is_read() {
+        let hub = Arc::new(Hub::default());
+        let a = member(&hub, 1, 1).await;
+        let beat_version = |keys: Vec<(String, u64, String)>| {
+            keys.into_iter().find(|(key, _, _)| key == BEAT_KEY).map(|(_, version, _)| version).unwrap()
+        };
+        let mut versions = std::collections::BTreeSet::new();
+        let period = GOSSIP * BEAT_GOSSIP_INTERVALS;
+        let start = Instant::now();
+        // Read ten times per beat period, for ten periods.
+        while start.elapsed() < period * 10 {
+            a.view().await;
+            versions.insert(beat_version(own_keys(&a).await));
+            tokio::time::sleep(period / 10).await;
+        }
+        // The initial beat, then one per period: reads do not sign beats.
+        assert!((10..=12).contains(&versions.len()), "beats signed in 10 periods: {}", versions.len());
+        // Unread, the node still signs one beat per period: beats come from the gossip runtime,
+        // so a daemon loop busy with a long step is not judged dead (issue 12, CPU isolation).
+        let last = beat_version(own_keys(&a).await);
+        tokio::time::sleep(period * 5).await;
+        let signed = beat_version(own_keys(&a).await) - last;
+        assert!((4..=6).contains(&signed), "beats signed in 5 unread periods: {signed}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leaving_node_is_leaving_in_every_view_including_its_own() {
+        let hub = Arc::new(Hub::default());
+        let (a, b) = (member(&hub, 1, 1).await, member(&hub, 2, 1).await);
+        poll_until(&[&a, &b], Duration::from_secs(10), |_| {}, |v| all_live(v, &["n1", "n2"])).await;
+        b.set_leaving().await;
+        let seen = poll_until(
+            &[&a, &b],
+            Duration::from_secs(5),
+            |_| {},
+            |v| v.iter().all(|view| state(view, "n2") == Some(Liveness::Leaving)),
+        )
+        .await;
+        // A gossip round or two, not a detection bound: quorums stop counting it at once.
+        assert!(seen.is_some_and(|t| t < detection_bound(GOSSIP)), "leaving seen after {seen:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_node_appears_once_at_its_newest_generation_and_address() {
+        let hub = Arc::new(Hub::default());
+        let (a, b) = (member(&hub, 1, 1).await, member(&hub, 2, 1).await);
+        poll_until(&[&a, &b], Duration::from_secs(10), |_| {}, |v| all_live(v, &["n1", "n2"])).await;
+        b.shutdown().await;
+        let moved = SocketAddr::from(([10, 0, 0, 9], 7400));
+        let b = member_with(&hub, "n2", moved, 2, sim_seal("n2"), &[]).await;
+        let seen = poll_until(
+            &[&a, &b],
+            Duration::from_secs(10),
+            |_| {},
+            |v| v[0].nodes.get("n2").is_some_and(|n2| n2.addr == moved && n2.liveness == Liveness::Live),
+        )
+        .await;
+        assert!(seen.is_some(), "n1 sees n2's new generation: {:?}", a.view().await.nodes.get("n2"));
+        // chitchat still holds the old generation for a while; the view shows the newest only,
+        // and keeps doing so as views are read again.
+        for _ in 0..20 {
+            let view = a.view().await;
+            assert_eq!(view.nodes.len(), 2, "{:?}", view.nodes.keys());
+            assert_eq!(view.nodes["n2"].addr, moved);
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_whose_certificate_names_another_never_enters_a_view() {
+        let hub = Arc::new(Hub::default());
+        let (a, b) = (member(&hub, 1, 1).await, member(&hub, 2, 1).await);
+        // n3 signs with n2's seal: its certificate is n2's, not its own.
+        let forger = member_with(&hub, "n3", SocketAddr::from(([10, 0, 0, 3], 7400)), 1, sim_seal("n2"), &[]).await;
+        let mut shown = 0;
+        poll_until(
+            &[&a, &b, &forger],
+            Duration::from_secs(10),
+            |views| shown += views[..2].iter().filter(|view| view.nodes.contains_key("n3")).count(),
+            |_| false,
+        )
+        .await;
+        assert_eq!(shown, 0, "a node with another's certificate was shown");
+        let view = a.view().await;
+        assert_eq!(view.nodes.keys().collect::<Vec<_>>(), ["n1", "n2"]);
+        assert_eq!(view.nodes["n2"].liveness, Liveness::Live, "the real n2 is unaffected");
+        assert!(!a.knows(&forger.self_id) && !b.knows(&forger.self_id));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_long_after_the_last_makes_silent_peers_unknown_before_dead() {
+        let hub = Arc::new(Hub::default());
+        let (a, b) = (member(&hub, 1, 1).await, member(&hub, 2, 1).await);
+        poll_until(&[&a, &b], Duration::from_secs(10), |_| {}, |v| all_live(v, &["n1", "n2"])).await;
+        poll_until(&[&a, &b], Duration::from_secs(5), |_| {}, |_| false).await;
+        // n2 falls silent, and n1's daemon does not read its view for 5 s (a stall).
+        hub.cut.lock().unwrap().insert(SocketAddr::from(([10, 0, 0, 2], 7400)));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // chitchat holds n2 dead by now, but this node was away: it cannot tell a peer's silence
+        // from its own, so the first reads say unknown, for one detection bound.
+        let after_stall = Instant::now();
+        assert_eq!(state(&a.view().await, "n2"), Some(Liveness::Unknown));
+        let dead =
+            poll_until(&[&a], Duration::from_secs(5), |_| {}, |v| state(&v[0], "n2") == Some(Liveness::Dead)).await;
+        let waited = after_stall.elapsed();
+        assert!(dead.is_some(), "n2 is dead once this node can judge again");
+        assert!(
+            waited >= detection_bound(GOSSIP) && waited <= detection_bound(GOSSIP) + POLL * 2,
+            "dead after {waited:?}"
         );
     }
 }

@@ -85,6 +85,14 @@ const IDLE_TIMEOUT_MS: u32 = 10_000;
 // Several keep-alives must fit in one idle timeout, or a single lost packet would close a healthy connection.
 const _: () = assert!(KEEP_ALIVE_INTERVAL.as_millis() * 4 <= IDLE_TIMEOUT_MS as u128);
 
+/// Unidirectional streams a peer may have open to this node at once: it uses one per channel
+/// (two), and a few more while it replaces a stuck connection's streams.
+pub const PEER_STREAMS_MAX: u32 = 8;
+
+/// Bytes a peer may have in flight to this node on one connection (QUIC flow control), across
+/// its streams.
+pub const PEER_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
+
 /// Why a PKI or TLS operation failed. Every operation that writes files either writes all of them or none.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -532,9 +540,9 @@ fn transport_config() -> Arc<quinn::TransportConfig> {
     transport.max_idle_timeout(Some(quinn::IdleTimeout::from(quinn::VarInt::from_u32(IDLE_TIMEOUT_MS))));
     // A peer's budget on one connection: a few unidirectional streams (we use one per
     // channel), no bidirectional ones, and a bounded window of bytes in flight.
-    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(crate::peer::transport::PEER_STREAMS_MAX));
+    transport.max_concurrent_uni_streams(quinn::VarInt::from_u32(PEER_STREAMS_MAX));
     transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
-    transport.receive_window(quinn::VarInt::from_u32(crate::peer::transport::PEER_RECEIVE_WINDOW_BYTES));
+    transport.receive_window(quinn::VarInt::from_u32(PEER_RECEIVE_WINDOW_BYTES));
     Arc::new(transport)
 }
 

@@ -100,14 +100,6 @@ pub const FRAME_CHUNK_BYTES: usize = 64 * 1024;
 /// largest frames at once, far above what honest joins need.
 pub const LARGE_FRAMES_BYTES_MAX: usize = 256 * 1024 * 1024;
 
-/// Unidirectional streams a peer may have open to this node at once: it uses one per channel
-/// (two), and a few more while it replaces a stuck connection's streams.
-pub const PEER_STREAMS_MAX: u32 = 8;
-
-/// Bytes a peer may have in flight to this node on one connection (QUIC flow control), across
-/// its streams.
-pub const PEER_RECEIVE_WINDOW_BYTES: u32 = 16 * 1024 * 1024;
-
 const _: () = assert!(DIAL_RETRY.as_millis() < CONNECT_TIMEOUT.as_millis());
 const _: () = assert!(PROGRESS_CHECK.as_millis() * 4 <= STUCK_AFTER.as_millis());
 

@@ -220,7 +220,8 @@ fn rss_kib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_announces_huge_frames_and_stalls_is_cut_off_without_costing_memory() {
     use crate::harness::start_mesh;
-    use konor_node::peer::transport::{FRAME_PROGRESS_TIMEOUT, PEER_STREAMS_MAX};
+    use konor_node::peer::tls::PEER_STREAMS_MAX;
+    use konor_node::peer::transport::FRAME_PROGRESS_TIMEOUT;
 
     let cluster = Cluster::new();
     let (nodes, clients) = start_mesh(&cluster, 2).await;

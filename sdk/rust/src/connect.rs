@@ -15,11 +15,13 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 
-use crate::client::{SdkError, TIMEOUT_DEFAULT};
+use crate::error::SdkError;
+pub use crate::protocol::DAEMON_UID_ENV;
 
-/// Environment variable naming the uid konord runs as, when it is neither root nor the
-/// client's own user (a number, or `any` to accept every user).
-pub const DAEMON_UID_ENV: &str = "KONOR_DAEMON_UID";
+/// How long any one exchange with the daemon may take (connect, a request and its answer, the
+/// rest of a frame once its first byte arrived). The daemon answers reads from memory in
+/// microseconds and writes after an fsync; 10 s means it is stuck, not slow.
+pub const TIMEOUT_DEFAULT: Duration = Duration::from_secs(10);
 
 /// Which users the client accepts as the daemon at the socket path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

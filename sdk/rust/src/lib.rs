@@ -5,12 +5,12 @@
 
 pub mod client;
 pub mod connect;
+pub mod error;
 pub mod protocol;
 pub mod secret;
 
-pub use client::{
-    CachedGroup, ChangeHandle, Client, SdkError, Settings, Snapshot, TIMEOUT_DEFAULT, Watch, apply_event, nest_settings,
-};
-pub use connect::{ConnectOptions, DAEMON_UID_ENV, DaemonUid};
+pub use client::{CachedGroup, ChangeHandle, Client, Settings, Snapshot, Watch, apply_event, nest_settings};
+pub use connect::{ConnectOptions, DAEMON_UID_ENV, DaemonUid, TIMEOUT_DEFAULT};
+pub use error::SdkError;
 pub use protocol::{ApplyResult, ErrorCode, Freshness, WatchEvent};
 pub use secret::Secret;

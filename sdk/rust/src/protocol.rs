@@ -38,6 +38,10 @@ pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 /// Environment variable naming the daemon's socket path.
 pub const SOCKET_ENV: &str = "KONOR_SOCKET";
 
+/// Environment variable naming the uid konord runs as, when it is neither root nor the
+/// client's own user (a number, or `any` to accept every user).
+pub const DAEMON_UID_ENV: &str = "KONOR_DAEMON_UID";
+
 /// A frame sent by a client: a request with an id chosen by the client, echoed in the response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ClientFrame {
@@ -906,5 +910,31 @@ mod tests {
         assert_eq!(serde_json::to_value(&response).unwrap()["type"], response.kind());
         let code = ErrorCode::UnknownGroup;
         assert_eq!(serde_json::to_value(code).unwrap(), code.as_str());
+    }
+
+    #[test]
+    fn requests_and_answers_carrying_a_group_key_do_not_print_it() {
+        const KEY: &str = crate::secret::tests::KEY;
+        let carriers = [
+            format!("{:?}", Request::GroupJoin { name: "app".into(), key: KEY.into() }),
+            format!(
+                "{:?}",
+                Request::GroupCreate {
+                    name: "app".into(),
+                    mode: "strong".into(),
+                    key: Some(KEY.into()),
+                    evict_after_ms: None,
+                    fencing: None,
+                }
+            ),
+            format!("{:#?}", Response::GroupCreated { name: "app".into(), key: KEY.into() }),
+        ];
+        for text in carriers {
+            assert!(!text.contains(KEY) && !text.contains(&KEY[..16]), "{text}");
+            assert!(text.contains("Secret(..)"), "{text}");
+        }
+        // The wire is unchanged: the key travels as a string.
+        let json = serde_json::to_string(&Request::GroupJoin { name: "app".into(), key: KEY.into() }).unwrap();
+        assert!(json.contains(&format!("\"key\":\"{KEY}\"")), "{json}");
     }
 }

@@ -71,11 +71,10 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Secret<T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
-    use crate::protocol::{Request, Response};
 
-    const KEY: &str = "5ec2e7b1a9d04c3f8e6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a";
+    pub(crate) const KEY: &str = "5ec2e7b1a9d04c3f8e6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a";
 
     #[test]
     fn debug_never_shows_the_value_and_the_wire_carries_it_plain() {
@@ -86,30 +85,5 @@ mod tests {
         assert_eq!(serde_json::to_string(&secret).unwrap(), format!("\"{KEY}\""));
         let back: Secret = serde_json::from_str(&format!("\"{KEY}\"")).unwrap();
         assert_eq!(back, secret);
-    }
-
-    #[test]
-    fn requests_and_answers_carrying_a_group_key_do_not_print_it() {
-        let carriers = [
-            format!("{:?}", Request::GroupJoin { name: "app".into(), key: KEY.into() }),
-            format!(
-                "{:?}",
-                Request::GroupCreate {
-                    name: "app".into(),
-                    mode: "strong".into(),
-                    key: Some(KEY.into()),
-                    evict_after_ms: None,
-                    fencing: None,
-                }
-            ),
-            format!("{:#?}", Response::GroupCreated { name: "app".into(), key: KEY.into() }),
-        ];
-        for text in carriers {
-            assert!(!text.contains(KEY) && !text.contains(&KEY[..16]), "{text}");
-            assert!(text.contains("Secret(..)"), "{text}");
-        }
-        // The wire is unchanged: the key travels as a string.
-        let json = serde_json::to_string(&Request::GroupJoin { name: "app".into(), key: KEY.into() }).unwrap();
-        assert!(json.contains(&format!("\"key\":\"{KEY}\"")), "{json}");
     }
 }

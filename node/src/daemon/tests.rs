@@ -1,0 +1,512 @@
+//! The daemon's own paths, driven in process (issue 12): real [`run_node`]s on real group files in
+//! temp dirs, wired by an in-memory network, on tokio's paused clock (time jumps whenever every
+//! task waits, so timeouts and backoffs cost nothing). A storage hook, the seam the simulator's
+//! disk uses, fails writes and fsyncs on demand. These are the paths the end-to-end tests cannot
+//! steer precisely: a write the disk refuses and the recovery after it, the rewrite after a
+//! failed fsync, a repair that fails and is retried, apply reports, and a member leaving while a
+//! round needs its vote.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+
+use konor_crdt::PeerMessage;
+use konor_sdk::Secret;
+use konor_sdk::protocol::WriteMeta;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::api::socket::{WatchReceiver, WatchSender};
+use crate::peer::gossip_seal::SimSeal;
+use crate::peer::transport::Incoming;
+use crate::storage::store::{StorageHook, WriteFault};
+
+const GOSSIP: Duration = Duration::from_millis(250);
+
+/// Replica frames a test may send in all: far above what these tests exchange. Two nodes
+/// trading frames without end never let the paused clock move; past this, the test fails
+/// instead of hanging.
+const BUSY_LOOP_FRAMES: u64 = 100_000;
+const POLL: Duration = Duration::from_millis(100);
+
+/// A running node as the hub knows it: its id and its inboxes (gossip, replica).
+type Attached = (String, mpsc::Sender<Incoming>, mpsc::Sender<Incoming>);
+
+/// The in-memory network: frames go straight to the receiver's inbox, unless a test drops them.
+#[derive(Default)]
+struct Hub {
+    /// Running nodes by address.
+    nodes: Mutex<BTreeMap<SocketAddr, Attached>>,
+    /// Replica frames of these kinds on these links are dropped: (from, to, kind).
+    drop: Mutex<BTreeSet<(String, String, &'static str)>>,
+    /// Replica frames dropped so far, by (from, to, kind).
+    dropped: Mutex<BTreeMap<(String, String, &'static str), u64>>,
+    /// Replica frames sent so far.
+    sent: std::sync::atomic::AtomicU64,
+}
+
+impl Hub {
+    fn drop_frames(&self, from: &str, to: &str, kinds: &[&'static str]) {
+        let mut drop = self.drop.lock().unwrap();
+        for kind in kinds {
+            drop.insert((from.to_owned(), to.to_owned(), *kind));
+        }
+    }
+
+    fn deliver_all(&self) {
+        self.drop.lock().unwrap().clear();
+    }
+
+    fn dropped(&self, from: &str, to: &str, kind: &'static str) -> u64 {
+        self.dropped.lock().unwrap().get(&(from.to_owned(), to.to_owned(), kind)).copied().unwrap_or(0)
+    }
+}
+
+struct Port {
+    hub: Arc<Hub>,
+    addr: SocketAddr,
+}
+
+impl PeerNetwork for Port {
+    fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    fn send(&self, addr: SocketAddr, _expect: Option<&str>, channel: Channel, bytes: Vec<u8>) {
+        let nodes = self.hub.nodes.lock().unwrap();
+        let (Some((from, _, _)), Some((to, gossip, replica))) = (nodes.get(&self.addr), nodes.get(&addr)) else {
+            return;
+        };
+        if channel == Channel::Replica {
+            let sent = self.hub.sent.fetch_add(1, Ordering::Relaxed);
+            assert!(sent < BUSY_LOOP_FRAMES, "the nodes exchange replica frames without end (a busy loop)");
+        }
+        if channel == Channel::Replica
+            && let Ok(message) = PeerMessage::decode(&bytes)
+        {
+            let link = (from.clone(), to.clone(), message.kind());
+            if self.hub.drop.lock().unwrap().contains(&link) {
+                *self.hub.dropped.lock().unwrap().entry(link).or_default() += 1;
+                return;
+            }
+        }
+        let inbox = if channel == Channel::Gossip { gossip } else { replica };
+        let _ = inbox.try_send(Incoming { from: from.clone(), addr: self.addr, bytes, budget: None });
+    }
+}
+
+/// A disk that can be made full (every write fails with ENOSPC) or made to fail fsyncs.
+#[derive(Debug, Default)]
+struct FlakyDisk {
+    full: AtomicBool,
+    /// fsyncs still to fail (EIO).
+    syncs_to_fail: AtomicU32,
+}
+
+impl StorageHook for FlakyDisk {
+    fn before_write(&self, _: &Path, _: u64, _: &[u8]) -> Result<(), WriteFault> {
+        if self.full.load(Ordering::SeqCst) {
+            return Err(WriteFault { prefix_bytes: 0, error: std::io::Error::from_raw_os_error(28) });
+        }
+        Ok(())
+    }
+
+    fn before_sync(&self, _: &Path) -> std::io::Result<()> {
+        let failing = self.syncs_to_fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1));
+        match failing {
+            Ok(_) => Err(std::io::Error::from_raw_os_error(5)),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// One running node.
+struct TestNode {
+    id: String,
+    addr: SocketAddr,
+    data_dir: PathBuf,
+    disk: Arc<FlakyDisk>,
+    calls: mpsc::Sender<LocalCall>,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn addr_of(index: u8) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, index], 7400))
+}
+
+fn client(connection: u64) -> ClientInfo {
+    ClientInfo { connection, pid: 1000 + connection as u32, process: "daemon-test".to_owned(), uid: None }
+}
+
+impl TestNode {
+    /// Starts node `n<index>` on `data_dir` (kept across restarts), seeded with node 1.
+    fn start(hub: &Arc<Hub>, index: u8, data_dir: &Path) -> TestNode {
+        let id = format!("n{index}");
+        let addr = addr_of(index);
+        let (gossip_tx, gossip) = mpsc::channel(4096);
+        let (replica_tx, replica) = mpsc::channel(4096);
+        hub.nodes.lock().unwrap().insert(addr, (id.clone(), gossip_tx, replica_tx));
+        let (calls_tx, calls) = mpsc::channel(64);
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let disk = Arc::new(FlakyDisk::default());
+        let parts = NodeParts {
+            node_id: id.clone(),
+            data_dir: data_dir.to_owned(),
+            seeds: if index == 1 { Vec::new() } else { vec![addr_of(1)] },
+            cluster: "daemon-test".to_owned(),
+            gossip_interval: GOSSIP,
+            labels: BTreeMap::new(),
+            network: Arc::new(Port { hub: hub.clone(), addr }),
+            inbox: Inbox { gossip, replica },
+            calls,
+            seed: [index; 32],
+            wall_base: None,
+            membership_poll: POLL,
+            store_io: StoreIo::Inline,
+            reads: None,
+            storage_hook: Some(disk.clone()),
+            gossip_seal: Arc::new(SimSeal::new(&id)),
+            gossip_runtime: None,
+        };
+        let task = tokio::spawn(run_node(parts, shutdown_rx));
+        TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }
+    }
+
+    /// Stops the node gracefully (it announces that it is leaving) and waits until it is gone.
+    async fn stop(self, hub: &Hub) -> PathBuf {
+        let _ = self.shutdown.send(true);
+        let result = self.task.await.unwrap();
+        assert!(result.is_ok(), "{} stopped with {result:?}", self.id);
+        hub.nodes.lock().unwrap().remove(&self.addr);
+        self.data_dir
+    }
+
+    async fn call_as(&self, connection: u64, request: Request) -> Response {
+        let (reply, answer) = oneshot::channel();
+        self.calls.send(LocalCall::Request { client: client(connection), request, reply }).await.unwrap();
+        answer.await.unwrap()
+    }
+
+    async fn call(&self, request: Request) -> Response {
+        self.call_as(1, request).await
+    }
+
+    async fn set(&self, key: &str, value: Value) -> Response {
+        let entries = BTreeMap::from([(key.to_owned(), value)]);
+        self.call(Request::Set { group: "app".into(), entries, meta: WriteMeta::default() }).await
+    }
+
+    async fn get(&self, key: &str) -> Option<Value> {
+        match self.call(Request::Get { group: "app".into(), key: key.into() }).await {
+            Response::Value { value, .. } => value,
+            _ => None,
+        }
+    }
+
+    /// `status` of `app`: (nodes, processes, degraded).
+    async fn status(&self) -> Option<(Vec<NodeGroupRow>, Vec<ProcessRow>, Option<String>)> {
+        match self.call(Request::Status { group: "app".into() }).await {
+            Response::Status { nodes, processes, degraded, .. } => Some((nodes, processes, degraded)),
+            _ => None,
+        }
+    }
+
+    /// The heads of `node` in this node's `status` of `app` (its own, or as its gossip says).
+    async fn heads_of(&self, node: &str) -> Option<String> {
+        let (nodes, _, _) = self.status().await?;
+        nodes.into_iter().find(|row| row.node == node).map(|row| row.heads)
+    }
+
+    async fn watch(&self, connection: u64) -> WatchReceiver {
+        let (events, received) = WatchSender::detached(connection);
+        let (reply, answer) = oneshot::channel();
+        let call =
+            LocalCall::Watch { client: client(connection), group: "app".into(), from_revision: None, events, reply };
+        self.calls.send(call).await.unwrap();
+        assert!(matches!(answer.await.unwrap(), Response::Watching { .. }));
+        received
+    }
+}
+
+/// Polls `check` every poll period until it gives a value, at most `limit` of (paused) time.
+async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "not within {limit:?}: {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Starts `count` nodes in temp dirs and waits until every one sees every other live.
+async fn mesh(hub: &Arc<Hub>, dirs: &tempfile::TempDir, count: u8) -> Vec<TestNode> {
+    let nodes: Vec<TestNode> =
+        (1..=count).map(|index| TestNode::start(hub, index, &dirs.path().join(format!("n{index}")))).collect();
+    for node in &nodes {
+        eventually("the mesh forms", Duration::from_secs(20), || async {
+            let Response::Nodes { nodes: rows } = node.call(Request::Nodes).await else { return None };
+            (rows.iter().filter(|row| row.state == "live").count() == usize::from(count)).then_some(())
+        })
+        .await;
+    }
+    nodes
+}
+
+/// Creates `app` on the first node and joins it on the others; returns its key.
+async fn group_everywhere(nodes: &[TestNode], mode: &str) -> Secret {
+    let create = Request::GroupCreate {
+        name: "app".into(),
+        mode: mode.into(),
+        key: None,
+        evict_after_ms: (mode == "strong").then_some(konor_crdt::limits::EVICT_AFTER_MIN_MS),
+        fencing: None,
+    };
+    let Response::GroupCreated { key, .. } = nodes[0].call(create).await else { panic!("group create failed") };
+    for node in &nodes[1..] {
+        eventually("the join succeeds", Duration::from_secs(20), || async {
+            let join = Request::GroupJoin { name: "app".into(), key: key.clone() };
+            matches!(node.call(join).await, Response::Joined { .. }).then_some(())
+        })
+        .await;
+    }
+    key
+}
+
+async fn commit(node: &TestNode, key: &str, value: Value) {
+    eventually("the write commits", Duration::from_secs(30), || async {
+        matches!(node.set(key, value.clone()).await, Response::Committed { .. }).then_some(())
+    })
+    .await;
+}
+
+fn error_code(response: &Response) -> Option<ErrorCode> {
+    match response {
+        Response::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+/// How long the failure is watched for what must not happen: anti-entropy offers a peer's
+/// changes within a second or two.
+const REFUSAL_WINDOW: Duration = Duration::from_secs(4);
+
+/// docs/protocol.md: a write the writer cannot make durable is answered `not_durable`, and
+/// nothing of it is notified to watchers or published in gossip (gossiped heads count as acks);
+/// the node is degraded while its disk fails, and serves and writes again once it works.
+#[tokio::test(start_paused = true)]
+async fn a_write_the_disk_refuses_is_not_durable_never_announced_and_the_node_recovers() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 2).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!("old")).await;
+    let durable_heads = eventually("n2 sees n1's heads", Duration::from_secs(10), || async {
+        let own = nodes[0].heads_of("n1").await?;
+        (nodes[1].heads_of("n1").await? == own).then_some(own)
+    })
+    .await;
+    let mut events = nodes[0].watch(7).await;
+    nodes[0].disk.full.store(true, Ordering::SeqCst);
+    let refused = nodes[0].set("k", json!("refused")).await;
+    assert_eq!(error_code(&refused), Some(ErrorCode::NotDurable), "{refused:?}");
+    let started = Instant::now();
+    while started.elapsed() < REFUSAL_WINDOW {
+        // A zero timeout polls the watch once: an event already queued is taken.
+        let event = tokio::time::timeout(Duration::ZERO, events.recv()).await;
+        assert!(event.is_err(), "a watcher was told of a write the disk refused: {event:?}");
+        assert_eq!(nodes[0].get("k").await, Some(json!("old")), "n1 serves what it could not persist");
+        assert_eq!(nodes[0].heads_of("n1").await.as_ref(), Some(&durable_heads), "n1's own heads moved");
+        let gossiped = nodes[1].heads_of("n1").await;
+        assert_eq!(gossiped.as_ref(), Some(&durable_heads), "n1 gossiped heads it does not hold durably");
+        tokio::time::sleep(POLL).await;
+    }
+    let (_, _, degraded) = nodes[0].status().await.unwrap();
+    assert!(degraded.as_deref().is_some_and(|text| text.contains("disk full")), "{degraded:?}");
+    // The disk works again: the next write commits, the node is no longer degraded, watchers
+    // and peers hear of it.
+    nodes[0].disk.full.store(false, Ordering::SeqCst);
+    commit(&nodes[0], "k", json!("after")).await;
+    let (_, _, degraded) = nodes[0].status().await.unwrap();
+    assert_eq!(degraded, None);
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(event) = events.recv().await {
+            if let WatchEvent::Change { set, .. } = event
+                && set.get("k") == Some(&json!("after"))
+            {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(heard, Ok(true), "the watcher hears the write");
+    // n2 may hold the refused change (pushed before the append failed): the copies converge
+    // either way, and n1 gossips what it holds again.
+    eventually("n1 and n2 converge and n2 sees n1's new heads", Duration::from_secs(10), || async {
+        let own = nodes[0].heads_of("n1").await?;
+        let same = nodes[1].heads_of("n2").await? == own && nodes[1].get("k").await == nodes[0].get("k").await;
+        (same && own != durable_heads && nodes[1].heads_of("n1").await? == own).then_some(())
+    })
+    .await;
+}
+
+/// SPEC F24, issue 11: a failed fsync leaves the group file in an unknown state; the node is
+/// degraded until it has rewritten the file from what it holds durably, retried with a backoff
+/// while the disk keeps failing, with no new write needed. The rewritten file holds nothing of
+/// the refused write.
+#[tokio::test(start_paused = true)]
+async fn a_failed_fsync_degrades_the_node_until_its_group_file_is_rewritten() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let mut nodes = mesh(&hub, &dirs, 1).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!(1)).await;
+    // The append's fsync fails, then the fsyncs of the first rewrites.
+    nodes[0].disk.syncs_to_fail.store(3, Ordering::SeqCst);
+    let refused = nodes[0].set("k", json!(2)).await;
+    assert_eq!(error_code(&refused), Some(ErrorCode::NotDurable), "{refused:?}");
+    let (_, _, degraded) = nodes[0].status().await.unwrap();
+    assert!(degraded.is_some());
+    eventually("the group file is rewritten", Duration::from_secs(20), || async {
+        let (_, _, degraded) = nodes[0].status().await?;
+        degraded.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(nodes[0].disk.syncs_to_fail.load(Ordering::SeqCst), 0, "the failed rewrites were retried");
+    assert_eq!(nodes[0].get("k").await, Some(json!(1)));
+    // What is on disk now loads, and holds the committed value only.
+    let node = nodes.pop().unwrap();
+    let data_dir = node.stop(&hub).await;
+    let node = TestNode::start(&hub, 1, &data_dir);
+    let served =
+        eventually("the restarted node serves app", Duration::from_secs(10), || async { node.get("k").await }).await;
+    assert_eq!(served, json!(1));
+    commit(&node, "k", json!(3)).await;
+}
+
+/// SPEC F24: a group file found unreadable at start is repaired from a peer; an attempt that
+/// fails (the peer does not answer) is tried again, with a backoff, until it succeeds, without
+/// a restart.
+#[tokio::test(start_paused = true)]
+async fn a_repair_that_fails_is_retried_until_a_peer_answers() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let mut nodes = mesh(&hub, &dirs, 2).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!("kept")).await;
+    eventually("n2 holds the write", Duration::from_secs(10), || async {
+        (nodes[1].get("k").await == Some(json!("kept"))).then_some(())
+    })
+    .await;
+    let n2 = nodes.pop().unwrap();
+    let data_dir = n2.stop(&hub).await;
+    let file = data_dir.join("groups").join("app.konor");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[..16].copy_from_slice(b"not a group file");
+    std::fs::write(&file, &bytes).unwrap();
+    // n1 gossips that it holds app, but answers none of n2's joins for a while.
+    hub.drop_frames("n2", "n1", &["join_request", "join_proof"]);
+    let n2 = TestNode::start(&hub, 2, &data_dir);
+    eventually("n2 tries to repair app", Duration::from_secs(30), || async {
+        (hub.dropped("n2", "n1", "join_request") > 0).then_some(())
+    })
+    .await;
+    // Past the join's own timeout, that attempt has failed.
+    tokio::time::sleep(Duration::from_millis(konor_crdt::limits::JOIN_TIMEOUT_MS + 1_000)).await;
+    assert_eq!(n2.get("k").await, None, "the unreadable group is not served");
+    assert!(!file.exists(), "the unreadable file was moved to quarantine");
+    hub.deliver_all();
+    let repaired = eventually("n2 repaired app", Duration::from_secs(60), || async { n2.get("k").await }).await;
+    assert_eq!(repaired, json!("kept"));
+}
+
+/// F16: each connection's latest report per group is one row, cut to 1 KiB at a character
+/// boundary; rows go with their connection, and with the group when this node leaves it.
+#[tokio::test(start_paused = true)]
+async fn report_rows_are_one_per_connection_and_go_with_the_connection_or_the_group() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 2).await;
+    let key = group_everywhere(&nodes, "eventual").await;
+    let report = |version: &str, result: ApplyResult| Request::ReportApply {
+        group: "app".into(),
+        version: version.into(),
+        revision: 1,
+        result,
+    };
+    assert_eq!(nodes[0].call_as(7, report("v1", ApplyResult::Ok)).await, Response::Done);
+    assert_eq!(nodes[0].call_as(7, report("v2", ApplyResult::Ok)).await, Response::Done);
+    // Three-byte characters: 1024 falls inside one.
+    let long = ApplyResult::Error { message: "€".repeat(1_000) };
+    assert_eq!(nodes[0].call_as(8, report("v2", long)).await, Response::Done);
+    let (_, rows, _) = nodes[0].status().await.unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].version, "v2", "a connection's latest report replaces its earlier one");
+    let ApplyResult::Error { message } = &rows[1].result else { panic!("{rows:?}") };
+    assert!(message.len() <= REPORT_MESSAGE_BYTES_MAX + 3 && message.ends_with("€..."), "{} bytes", message.len());
+    nodes[0].calls.send(LocalCall::Disconnected { connection: 7 }).await.unwrap();
+    let (_, rows, _) = nodes[0].status().await.unwrap();
+    assert_eq!(rows.iter().map(|row| row.pid).collect::<Vec<_>>(), [1008], "connection 7's row went with it");
+    // n1 leaves app and joins it again: the reports were about the copy it left.
+    let left = nodes[0].call(Request::GroupLeave { name: "app".into(), force: false }).await;
+    assert_eq!(left, Response::Done);
+    let join = Request::GroupJoin { name: "app".into(), key };
+    assert!(matches!(nodes[0].call(join).await, Response::Joined { .. }));
+    let (_, rows, _) = nodes[0].status().await.unwrap();
+    assert!(rows.is_empty(), "reports outlived the group they were about: {rows:?}");
+}
+
+/// docs/protocol.md "Rounds": a write needs every member's yes, and a member seen dead aborts it
+/// at once. A member shutting down gracefully announces it (`leaving`), and the daemon counts it
+/// dead for quorums from then on: a write waiting for its vote is aborted as soon as that
+/// spreads, not at the round's timeout, and the others write on without it.
+#[tokio::test(start_paused = true)]
+async fn a_member_shutting_down_while_a_write_awaits_its_vote_aborts_it_at_once() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let mut nodes = mesh(&hub, &dirs, 3).await;
+    group_everywhere(&nodes, "strong").await;
+    commit(&nodes[0], "k", json!(1)).await;
+    hub.drop_frames("n1", "n3", &["prepare"]);
+    let n1 = nodes.remove(0);
+    let n1 = Arc::new(n1);
+    let writer = {
+        let n1 = n1.clone();
+        tokio::spawn(async move { n1.set("k", json!(2)).await })
+    };
+    eventually("the write's round is open", Duration::from_secs(5), || async {
+        (hub.dropped("n1", "n3", "prepare") > 0).then_some(())
+    })
+    .await;
+    let n3 = nodes.pop().unwrap();
+    let leaving = Instant::now();
+    let shutdown = tokio::spawn({
+        let hub = hub.clone();
+        async move { n3.stop(&hub).await }
+    });
+    let answer = writer.await.unwrap();
+    let waited = leaving.elapsed();
+    assert_eq!(error_code(&answer), Some(ErrorCode::Aborted), "{answer:?}");
+    let round_timeout = Duration::from_millis(konor_crdt::limits::ROUND_TIMEOUT_MS);
+    assert!(waited < round_timeout / 2, "the write waited {waited:?} for a member that said it was leaving");
+    shutdown.await.unwrap();
+    hub.deliver_all();
+    // After evict_after, n1 and n2 write without n3.
+    let acked = eventually("a write commits without n3", Duration::from_secs(30), || async {
+        match n1.set("k", json!(3)).await {
+            Response::Committed { acked_by, .. } => Some(acked_by),
+            _ => None,
+        }
+    })
+    .await;
+    assert_eq!(acked, ["n1", "n2"]);
+    assert_eq!(nodes[0].get("k").await, Some(json!(3)));
+}
