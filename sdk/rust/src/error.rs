@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::protocol::{DAEMON_UID_ENV, ErrorCode, FrameError};
+use crate::protocol::{DAEMON_UID_ENV, ErrorCode, FrameError, Response};
 
 /// Everything that can go wrong talking to `konord`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -91,4 +91,13 @@ fn untrusted_daemon(path: &Path, uid: u32, own: u32, also: Option<u32>) -> Strin
          (or ConnectOptions::daemon_uid)",
         path.display()
     )
+}
+
+/// The error for an answer of another kind than `expected`: the daemon's own refusal, or a
+/// protocol error.
+pub(crate) fn unexpected(expected: &str, response: &Response) -> SdkError {
+    match response {
+        Response::Error { code, message } => SdkError::Daemon { code: *code, message: message.clone() },
+        other => SdkError::Protocol(format!("expected a `{expected}` answer, got `{}`", other.kind())),
+    }
 }

@@ -3,14 +3,23 @@
 //! languages. [`Client`] is the way in: `get`, `snapshot`, `watch`, `on_change` and the local
 //! read cache `cached`; [`ConnectOptions`] says how it connects and whose daemon it trusts.
 
+pub mod cache;
 pub mod client;
 pub mod connect;
+pub mod connection;
 pub mod error;
+pub mod on_change;
 pub mod protocol;
 pub mod secret;
+pub mod settings;
+pub mod watch;
 
-pub use client::{CachedGroup, ChangeHandle, Client, Settings, Snapshot, Watch, apply_event, nest_settings};
+pub use cache::CachedGroup;
+pub use client::Client;
 pub use connect::{ConnectOptions, DAEMON_UID_ENV, DaemonUid, TIMEOUT_DEFAULT};
 pub use error::SdkError;
+pub use on_change::ChangeHandle;
 pub use protocol::{ApplyResult, ErrorCode, Freshness, WatchEvent};
 pub use secret::Secret;
+pub use settings::{Settings, Snapshot, apply_event, nest_settings};
+pub use watch::Watch;
