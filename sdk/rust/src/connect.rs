@@ -183,7 +183,12 @@ mod tests {
         let directory = tempfile::tempdir().unwrap();
         std::fs::set_permissions(directory.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         let path = directory.path().join("konord.sock");
-        let daemon = std::process::Command::new(std::env::current_exe().unwrap())
+        // The other user runs a copy of this test binary from the temp dir: the build dir may
+        // sit under a directory only root can enter (a CI clone in a 0700 temp dir).
+        let binary = directory.path().join("fake-daemon");
+        std::fs::copy(std::env::current_exe().unwrap(), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let daemon = std::process::Command::new(&binary)
             .args(["--exact", "connect::tests::serve_as_a_fake_daemon_when_asked", "--nocapture"])
             .env(FAKE_DAEMON_ENV, &path)
             .uid(OTHER_UID)
