@@ -86,8 +86,8 @@ impl TlsIdentity {
 
 /// Checks that a certificate, already verified against the cluster CA by the handshake, names node `node_id`.
 ///
-/// The handshake proves only cluster membership (every node answers to [`SERVER_NAME`](super::SERVER_NAME)); this proves the peer is the
-/// node the caller meant, since the CA issues `<node_id>.node.konor` to that node alone.
+/// The handshake proves only cluster membership (every node answers to [`SERVER_NAME`](super::SERVER_NAME)); this
+/// proves the peer is the node the caller meant, since the CA issues `<node_id>.node.konor` to that node alone.
 pub fn verify_node_identity(cert: &CertificateDer<'_>, node_id: &str) -> Result<(), PkiError> {
     validate_node_id(node_id)?;
     let peer_not_node = |reason| PkiError::PeerNotNode { node_id: node_id.to_owned(), reason };
