@@ -119,7 +119,7 @@ impl KonorCluster {
             .tempdir_in(parent)
             .with_context(|| format!("cannot create a temp dir in {}", parent.display()))?;
         let ca_dir = dir.path().join("ca");
-        konor_node::peer::tls::init_ca(&ca_dir).context("cannot create the cluster CA")?;
+        konor_node::pki::ca::init_ca(&ca_dir).context("cannot create the cluster CA")?;
         let mut cluster = KonorCluster { daemons: Vec::new(), konord: konord.to_owned(), ca_dir, dir };
         cluster.spawn("n1", &[])?;
         let seed = cluster.listen_addr(0).await?;
@@ -140,7 +140,7 @@ impl KonorCluster {
     fn spawn(&mut self, id: &str, seeds: &[String]) -> anyhow::Result<()> {
         let base = self.dir.path().join(id);
         let tls_dir = base.join("tls");
-        konor_node::peer::tls::issue_node_cert(&self.ca_dir, id, &tls_dir)
+        konor_node::pki::ca::issue_node_cert(&self.ca_dir, id, &tls_dir)
             .with_context(|| format!("cannot issue the certificate of {id}"))?;
         let data_dir = base.join("data");
         // Short: Unix socket paths are limited to about 108 bytes.

@@ -4,6 +4,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod limits;
 pub mod peer;
+pub mod pki;
 pub mod settings;
 pub mod storage;
 
@@ -16,7 +17,8 @@ mod secret_redaction_tests {
 
     use crate::api::socket::{ClientInfo, LocalCall};
     use crate::ctl::cli::Cli;
-    use crate::peer::{gossip_seal, tls};
+    use crate::peer::gossip_seal;
+    use crate::pki;
 
     const GROUP_KEY: &str = "5ec2e7b1a9d04c3f8e6a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6a";
 
@@ -38,10 +40,10 @@ mod secret_redaction_tests {
     fn structures_holding_keys_format_without_them() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
-        tls::init_ca(&ca).unwrap();
-        tls::issue_node_cert(&ca, "n1", &dir.path().join("n1")).unwrap();
-        let node_key = pem_body(&dir.path().join("n1").join(tls::NODE_KEY_FILE));
-        let identity = tls::load_identity(&dir.path().join("n1")).unwrap();
+        pki::ca::init_ca(&ca).unwrap();
+        pki::ca::issue_node_cert(&ca, "n1", &dir.path().join("n1")).unwrap();
+        let node_key = pem_body(&dir.path().join("n1").join(pki::NODE_KEY_FILE));
+        let identity = pki::identity::load_identity(&dir.path().join("n1")).unwrap();
         assert_redacted("TlsIdentity", &format!("{identity:?} {identity:#?}"), &node_key);
         let seal = gossip_seal::CertSeal::new(&identity).unwrap();
         assert_redacted("CertSeal", &format!("{seal:?} {seal:#?}"), &node_key);

@@ -64,7 +64,7 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
     };
     let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required (or data-dir in --config)")?;
     let node_id = args.node_id.or(file.node_id).context("--node-id is required (or node-id in --config)")?;
-    konor_node::peer::tls::validate_node_id(&node_id)?;
+    konor_node::pki::validate_node_id(&node_id)?;
     let listen = args.listen.or(file.listen).unwrap_or_else(|| "127.0.0.1:7400".to_owned());
     let listen: SocketAddr = parse_addr(&listen)?;
     let seeds = if args.seeds.is_empty() { file.seed } else { args.seeds };

@@ -185,12 +185,12 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
     let base = demo.dir.path().to_path_buf();
     println!("Konorkestra demo: 3 konord processes on loopback, in {}", base.display());
     let ca = base.join("ca");
-    crate::peer::tls::init_ca(&ca)?;
+    crate::pki::ca::init_ca(&ca)?;
     println!("  created a throw-away cluster CA (konorctl ca init)");
     for n in 1..=3 {
         let id = format!("n{n}");
         let tls = base.join(&id).join("tls");
-        crate::peer::tls::issue_node_cert(&ca, &id, &tls)?;
+        crate::pki::ca::issue_node_cert(&ca, &id, &tls)?;
         let node_dir = base.join(&id);
         demo.nodes.push(DemoNode {
             data: node_dir.join("data"),

@@ -5,7 +5,7 @@ use konor_sdk::SdkError;
 use konor_sdk::protocol::ErrorCode;
 
 use crate::ctl::input::InputError;
-use crate::peer::tls::TlsError;
+use crate::pki::PkiError;
 
 /// How `konorctl` ended. The numbers are a promise to scripts: never renumber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +81,7 @@ pub fn exit_for_error(error: &anyhow::Error) -> Exit {
                 _ => Exit::File,
             };
         }
-        if cause.is::<TlsError>() {
+        if cause.is::<PkiError>() {
             return Exit::File;
         }
         if cause.is::<NoSocket>() {
@@ -193,7 +193,7 @@ mod tests {
             error: cannot apply app.toml to group app: cannot read app.toml: No such file or directory (os error 2)
         "#]]
         .assert_eq(&transcript(error));
-        let error = TlsError::NoCa { dir: PathBuf::from("/ca") };
+        let error = PkiError::NoCa { dir: PathBuf::from("/ca") };
         expect![[r#"
             [exit 4]
             error: no CA in /ca: run `konorctl ca init --dir /ca` first

@@ -31,7 +31,7 @@ use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, Output
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
 use crate::ctl::render::{Rendered, render, render_event, render_local};
-use crate::peer::tls;
+use crate::pki;
 
 /// How long `group join` waits by default: konord gives up on a join after
 /// [`JOIN_TIMEOUT_MS`], and its refusal should arrive before konorctl stops waiting.
@@ -77,11 +77,11 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             Ok(Exit::Ok)
         }
         Command::Ca(CaCommand::Init { dir }) => {
-            tls::init_ca(&dir).with_context(|| format!("cannot create the cluster CA in {}", dir.display()))?;
+            pki::ca::init_ca(&dir).with_context(|| format!("cannot create the cluster CA in {}", dir.display()))?;
             emit(&ca_created(&dir, output))
         }
         Command::Cert(CertCommand::Issue { ca_dir, node_id, out }) => {
-            tls::issue_node_cert(&ca_dir, &node_id, &out)
+            pki::ca::issue_node_cert(&ca_dir, &node_id, &out)
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
             emit(&cert_issued(&node_id, &out, output))
         }
@@ -269,19 +269,19 @@ enum LocalOutcome {
 }
 
 fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
-    let files = [tls::CA_CERT_FILE, tls::CA_KEY_FILE].map(|file| dir.join(file).display().to_string());
+    let files = [pki::CA_CERT_FILE, pki::CA_KEY_FILE].map(|file| dir.join(file).display().to_string());
     let text = format!(
         "created the cluster CA in {dir}: {cert}, {key}\nkeep {key} secret, ideally offline\n\
          next: konorctl cert issue --ca-dir {dir} --node-id NODE --out DIR, for each node\n",
         dir = dir.display(),
-        cert = tls::CA_CERT_FILE,
-        key = tls::CA_KEY_FILE,
+        cert = pki::CA_CERT_FILE,
+        key = pki::CA_KEY_FILE,
     );
     render_local(text, &LocalOutcome::CaCreated { dir: dir.display().to_string(), files: files.into() }, output)
 }
 
 fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
-    let names = [tls::NODE_CERT_FILE, tls::NODE_KEY_FILE, tls::NODE_ID_FILE, tls::CA_CERT_FILE];
+    let names = [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::NODE_ID_FILE, pki::CA_CERT_FILE];
     let files = names.map(|file| out.join(file).display().to_string());
     let text = format!(
         "issued a certificate for node {node_id} into {out}: {}\nnext: start konord with --node-id {node_id} \
@@ -360,7 +360,7 @@ mod tests {
             node.to_str().unwrap(),
         ]);
         assert_eq!(exit, Exit::Ok);
-        assert!(node.join(tls::NODE_CERT_FILE).exists());
+        assert!(node.join(pki::NODE_CERT_FILE).exists());
         let (exit, text) = run_line(&["konorctl", "ca", "init", "--dir", ca.to_str().unwrap()]);
         assert_eq!(exit, Exit::File);
         assert!(text.starts_with("error: cannot create the cluster CA in ") && text.contains("file exists"), "{text}");

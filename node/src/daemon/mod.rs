@@ -33,8 +33,8 @@ use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
 use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
-use crate::peer::tls;
 use crate::peer::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
+use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;
 use crate::storage::store::Store;
 
@@ -251,7 +251,7 @@ impl std::fmt::Debug for NodeParts {
 
 /// Runs konord until `shutdown` turns true: graceful leave, flush, exit.
 pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
-    let identity = tls::load_identity(&settings.tls_dir)
+    let identity = pki::identity::load_identity(&settings.tls_dir)
         .with_context(|| format!("cannot load the node certificate from {}", settings.tls_dir.display()))?;
     anyhow::ensure!(
         identity.node_id() == settings.node_id,
@@ -333,7 +333,7 @@ async fn run_node_on_own_thread(parts: NodeParts, shutdown: watch::Receiver<bool
 /// Binds the QUIC endpoint. A port still held by a konord that is stopping (a restart right
 /// after SIGTERM: the old one announces its leave for a few gossip periods, then lets go of its
 /// port last, after its data dir and socket) is waited for, at most [`PREDECESSOR_EXIT_WAIT`].
-async fn start_network(identity: &tls::TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
+async fn start_network(identity: &TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
     let deadline = Instant::now() + PREDECESSOR_EXIT_WAIT;
     let mut waiting = false;
     loop {
@@ -364,7 +364,7 @@ fn address_in_use(error: &anyhow::Error) -> bool {
 /// any local user change configuration.
 fn warn_on_open_permissions(settings: &DaemonSettings) {
     use std::os::unix::fs::PermissionsExt;
-    let key = settings.tls_dir.join(tls::NODE_KEY_FILE);
+    let key = settings.tls_dir.join(pki::NODE_KEY_FILE);
     if let Ok(metadata) = std::fs::metadata(&key)
         && let Some(message) = open_permissions_warning(metadata.permissions().mode(), settings.socket_mode)
     {

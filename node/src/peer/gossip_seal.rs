@@ -20,7 +20,7 @@ use rustls::SignatureScheme;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use sha2::{Digest as _, Sha256};
 
-use super::tls::TlsIdentity;
+use crate::pki::identity::{TlsIdentity, verify_node_identity};
 
 /// The key under which a node gossips its certificate. Published first, so it has version 1.
 pub const CERT_KEY: &str = "cert";
@@ -177,7 +177,7 @@ impl GossipSeal for CertSeal {
         end_entity
             .verify_for_usage(&ALGORITHMS, &anchors, &[], now, webpki::KeyUsage::client_auth(), None, None)
             .ok()?;
-        super::tls::verify_node_identity(&der, node_id).ok()?;
+        verify_node_identity(&der, node_id).ok()?;
         Some(PeerCert(Arc::from(der.as_ref())))
     }
 
@@ -243,15 +243,15 @@ mod tests {
 
     fn identity(ca: &std::path::Path, root: &std::path::Path, node: &str) -> TlsIdentity {
         let dir = root.join(node);
-        super::super::tls::issue_node_cert(ca, node, &dir).unwrap();
-        super::super::tls::load_identity(&dir).unwrap()
+        crate::pki::ca::issue_node_cert(ca, node, &dir).unwrap();
+        crate::pki::identity::load_identity(&dir).unwrap()
     }
 
     #[test]
     fn a_value_verifies_only_as_signed() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca");
-        super::super::tls::init_ca(&ca).unwrap();
+        crate::pki::ca::init_ca(&ca).unwrap();
         let n1 = CertSeal::new(&identity(&ca, dir.path(), "n1")).unwrap();
         let n2 = CertSeal::new(&identity(&ca, dir.path(), "n2")).unwrap();
         let n1_cert = n2.accept_cert("n1", &n1.own_cert()).expect("n1's certificate is from the cluster CA");
@@ -275,8 +275,8 @@ mod tests {
     fn a_certificate_from_another_ca_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (ca, other_ca) = (dir.path().join("ca"), dir.path().join("other-ca"));
-        super::super::tls::init_ca(&ca).unwrap();
-        super::super::tls::init_ca(&other_ca).unwrap();
+        crate::pki::ca::init_ca(&ca).unwrap();
+        crate::pki::ca::init_ca(&other_ca).unwrap();
         let n1 = CertSeal::new(&identity(&ca, dir.path(), "n1")).unwrap();
         let rogue_dir = dir.path().join("rogue");
         std::fs::create_dir_all(&rogue_dir).unwrap();

@@ -21,7 +21,9 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::limits::PEER_WRITER_IDLE;
-use crate::peer::tls::{self, TlsIdentity};
+use crate::peer::tls;
+use crate::pki::identity::{TlsIdentity, verify_node_identity};
+use crate::pki::{SERVER_NAME, validate_node_id};
 
 /// Magic bytes opening every stream.
 const STREAM_MAGIC: [u8; 4] = *b"KNR1";
@@ -248,8 +250,8 @@ impl QuicNetwork {
         listen: SocketAddr,
         writer_idle: Duration,
     ) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
-        let server_config = identity.server_config()?;
-        let client_config = identity.client_config()?;
+        let server_config = tls::server_config(identity)?;
+        let client_config = tls::client_config(identity)?;
         // The io::Error stays the source: a caller may wait out `AddrInUse` (a restart).
         let mut endpoint = quinn::Endpoint::server(server_config, listen)
             .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {listen} (UDP)")))?;
@@ -549,7 +551,7 @@ impl PeerWriter {
         let mut attempts = tokio::task::JoinSet::new();
         let mut last_error = None;
         while Instant::now() < deadline {
-            let connecting = self.endpoint.connect(self.addr, tls::SERVER_NAME)?;
+            let connecting = self.endpoint.connect(self.addr, SERVER_NAME)?;
             self.stats.connect_attempts.fetch_add(1, Ordering::Relaxed);
             attempts.spawn(connecting);
             let next_attempt = (Instant::now() + DIAL_RETRY).min(deadline);
@@ -591,7 +593,7 @@ impl PeerWriter {
         if let Some(expected) = expect {
             let verified = tls::peer_certificate(&connection)
                 .ok_or_else(|| anyhow::anyhow!("peer at {} presented no certificate", self.addr))
-                .and_then(|certificate| Ok(tls::verify_node_identity(&certificate, expected)?));
+                .and_then(|certificate| Ok(verify_node_identity(&certificate, expected)?));
             if let Err(error) = verified {
                 warn!(addr = %self.addr, expected, %error, "peer certificate does not match the node gossip places there");
                 connection.close(1u32.into(), b"identity mismatch");
@@ -795,8 +797,8 @@ async fn read_header(
     let mut id = vec![0u8; usize::from(header[5])];
     stream.read_exact(&mut id).await?;
     let from = String::from_utf8(id).map_err(|_| anyhow::anyhow!("node id is not UTF-8"))?;
-    tls::validate_node_id(&from)?;
-    tls::verify_node_identity(certificate, &from)?;
+    validate_node_id(&from)?;
+    verify_node_identity(certificate, &from)?;
     let mut boot = [0u8; 8];
     stream.read_exact(&mut boot).await?;
     peers.saw_boot(addr, u64::from_be_bytes(boot));
@@ -872,7 +874,8 @@ async fn read_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peer::tls::{init_ca, issue_node_cert, load_identity};
+    use crate::pki::ca::{init_ca, issue_node_cert};
+    use crate::pki::identity::load_identity;
 
     struct Pki {
         _dir: tempfile::TempDir,
@@ -894,8 +897,8 @@ mod tests {
     /// A raw client endpoint with `identity`, to speak garbage to a node.
     async fn raw_connection(identity: &TlsIdentity, to: SocketAddr) -> quinn::Connection {
         let mut endpoint = quinn::Endpoint::client(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
-        endpoint.set_default_client_config(identity.client_config().unwrap());
-        endpoint.connect(to, tls::SERVER_NAME).unwrap().await.unwrap()
+        endpoint.set_default_client_config(tls::client_config(identity).unwrap());
+        endpoint.connect(to, SERVER_NAME).unwrap().await.unwrap()
     }
 
     async fn next(inbox: &mut mpsc::Receiver<Incoming>) -> Incoming {

@@ -55,7 +55,7 @@ impl Cluster {
             eprintln!("{KEEP_ENV}: keeping {}", dir.path().display());
         }
         let ca_dir = dir.path().join("ca");
-        konor_node::peer::tls::init_ca(&ca_dir).unwrap();
+        konor_node::pki::ca::init_ca(&ca_dir).unwrap();
         Cluster { dir, ca_dir }
     }
 
@@ -63,7 +63,7 @@ impl Cluster {
     pub fn node(&self, id: &str, seeds: &[&Node]) -> Node {
         let base = self.dir.path().join(id);
         let tls_dir = base.join("tls");
-        konor_node::peer::tls::issue_node_cert(&self.ca_dir, id, &tls_dir).unwrap();
+        konor_node::pki::ca::issue_node_cert(&self.ca_dir, id, &tls_dir).unwrap();
         Node::new(id, &base, tls_dir, seeds)
     }
 }

@@ -13,9 +13,9 @@ async fn a_peer_with_a_certificate_from_another_ca_never_joins() {
     // A rogue node with its own CA, seeded at n1.
     let rogue_base = cluster.dir.path().join("rogue");
     let rogue_ca = rogue_base.join("ca");
-    konor_node::peer::tls::init_ca(&rogue_ca).unwrap();
+    konor_node::pki::ca::init_ca(&rogue_ca).unwrap();
     let rogue_tls = rogue_base.join("tls");
-    konor_node::peer::tls::issue_node_cert(&rogue_ca, "rogue", &rogue_tls).unwrap();
+    konor_node::pki::ca::issue_node_cert(&rogue_ca, "rogue", &rogue_tls).unwrap();
     let mut rogue = Node::new("rogue", &rogue_base, rogue_tls, &[&n1]);
     rogue.start();
     let rogue_client = rogue.client().await;
@@ -76,8 +76,8 @@ async fn a_node_with_a_valid_certificate_cannot_impersonate_another_or_forge_its
 
     // Mallory: a certificate from the cluster's own CA.
     let mallory_tls = cluster.dir.path().join("mallory").join("tls");
-    konor_node::peer::tls::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
-    let identity = konor_node::peer::tls::load_identity(&mallory_tls).unwrap();
+    konor_node::pki::ca::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
+    let identity = konor_node::pki::identity::load_identity(&mallory_tls).unwrap();
     let mallory_seal = CertSeal::new(&identity).unwrap();
     let (network, mut inbox) = QuicNetwork::start(&identity, "127.0.0.1:0".parse().unwrap()).unwrap();
     let targets: Vec<(SocketAddr, &str)> =
@@ -228,13 +228,13 @@ async fn a_peer_that_announces_huge_frames_and_stalls_is_cut_off_without_costing
     let pid = nodes[0].child.as_ref().unwrap().id();
     let rss_before = rss_kib(pid);
     let mallory_tls = cluster.dir.path().join("mallory").join("tls");
-    konor_node::peer::tls::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
-    let identity = konor_node::peer::tls::load_identity(&mallory_tls).unwrap();
+    konor_node::pki::ca::issue_node_cert(&cluster.ca_dir, "mallory", &mallory_tls).unwrap();
+    let identity = konor_node::pki::identity::load_identity(&mallory_tls).unwrap();
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(identity.client_config().unwrap());
+    endpoint.set_default_client_config(konor_node::peer::tls::client_config(&identity).unwrap());
     let n1: std::net::SocketAddr = nodes[0].addr().parse().unwrap();
     let connection =
-        endpoint.connect(n1, konor_node::peer::tls::SERVER_NAME).unwrap().await.expect("a valid certificate connects");
+        endpoint.connect(n1, konor_node::pki::SERVER_NAME).unwrap().await.expect("a valid certificate connects");
     let mut header = b"KNR1".to_vec();
     header.push(2); // the replica channel, whose frames may be 65 MiB
     header.push(7);

@@ -9,7 +9,7 @@ use konor_crdt::limits::{AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEYS_PER_GROUP
 use konor_sdk::protocol::{Request, WriteMeta};
 
 use crate::limits::{MESH_NODES_MAX, PROCESS_NAME_BYTES_MAX, VERSION_LABEL_BYTES_MAX};
-use crate::peer::tls::{NODE_ID_CHARS_MAX, validate_node_id};
+use crate::pki::{NODE_ID_CHARS_MAX, validate_node_id};
 
 /// What is wrong with `request`, if anything, in words for the client.
 pub(super) fn check_request(request: &Request) -> Result<(), String> {
