@@ -1,0 +1,142 @@
+//! Changes pushed by a member of an eventual group (`PeerMessage::Changes`), and what every
+//! remote apply does here, pushed or synced (`after_remote_apply`): persist what is new, advance
+//! the revision and notify, compact when due, publish, settle a staged round the change decides,
+//! and answer joins a configuration change seats. A push whose changes all apply in order is
+//! persisted first and applied while the fsync runs (`Output::Resume`); either way the `Ack`
+//! follows the persist.
+
+use super::{NodeId, Output, PersistOp, Replica};
+use crate::exchange::RemoteApplied;
+use crate::group::Mode;
+use crate::journal::change_record;
+use crate::peer_message::PeerMessage;
+
+/// Changes a member persists before it applies them, so that the apply overlaps the fsync.
+#[derive(Debug)]
+pub(super) struct DeferredApply {
+    group: String,
+    from: NodeId,
+    changes: Vec<Vec<u8>>,
+}
+
+impl Replica {
+    /// Takes changes pushed by `from`, a member of the group.
+    pub(super) fn handle_changes(&mut self, group: String, from: NodeId, changes: Vec<Vec<u8>>) {
+        let Some(state) = self.groups.get_mut(&group) else { return };
+        if state.doc.mode() == Mode::Strong {
+            // Strong groups change only through rounds (and sync of committed rounds).
+            return self.drop_message(from, format!("pushed changes for strong group {group:?}"));
+        }
+        if let Some(records) = persist_first_records(&state.doc, &changes) {
+            // Durable first, applied while the fsync runs (Output::Resume).
+            self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
+            self.outputs.push_back(Output::Resume);
+            self.deferred = Some(DeferredApply { group, from, changes });
+            return;
+        }
+        self.apply_pushed(&group, from, &changes, &[]);
+    }
+
+    /// Applies changes pushed by `from` and acks what is now here (durable: the persist
+    /// operations run before the ack). `persisted` were already queued for persisting.
+    fn apply_pushed(&mut self, group: &str, from: NodeId, changes: &[Vec<u8>], persisted: &[Vec<u8>]) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        let (applied, failed) = match state.doc.apply_changes(changes) {
+            Ok(applied) => (applied, None),
+            // Whatever did apply before the failure is persisted, counted and announced like
+            // any apply: a document must never serve a change its file does not hold.
+            Err(failure) => (failure.applied, Some(failure.error)),
+        };
+        let missing_deps = state.doc.has_missing_deps();
+        self.after_remote_apply_except(group, applied, persisted);
+        // Durable now (the append above executes before this send): ack.
+        let hashes = changes
+            .iter()
+            .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
+            .map(|change| change.hash())
+            .filter(|hash| self.groups.get(group).is_some_and(|s| s.doc.has_change(hash)))
+            .map(|hash| hash.0)
+            .collect::<Vec<_>>();
+        if !hashes.is_empty() {
+            let ack = PeerMessage::Ack { group: group.to_owned(), changes: hashes.clone() };
+            self.outputs.push_back(Output::Send { to: from.clone(), message: ack });
+        }
+        if let Some(error) = failed {
+            if persisted.len() > hashes.len() {
+                // Records of changes that did not apply are in the file: rewrite it from the
+                // document, which never took them.
+                self.compact(group);
+            }
+            return self.drop_message(from, error.to_string());
+        }
+        if missing_deps {
+            // Nothing new became visible: either duplicates or changes waiting for
+            // dependencies; a sync session settles which.
+            self.start_sync(group, &from);
+        }
+    }
+
+    /// Finishes the apply of changes persisted first.
+    pub(super) fn finish_deferred_apply(&mut self, deferred: DeferredApply) {
+        let DeferredApply { group, from, changes } = deferred;
+        self.apply_pushed(&group, from, &changes, &changes);
+    }
+
+    /// Persists and announces what a remote apply added.
+    pub(super) fn after_remote_apply(&mut self, group: &str, applied: RemoteApplied) {
+        self.after_remote_apply_except(group, applied, &[]);
+    }
+
+    /// The same, for an apply some of whose changes (`persisted`, raw bytes) were already
+    /// queued for persisting.
+    fn after_remote_apply_except(&mut self, group: &str, applied: RemoteApplied, persisted: &[Vec<u8>]) {
+        if applied.new_changes.is_empty() {
+            return;
+        }
+        let mut records = Vec::new();
+        for change in applied.new_changes.iter().filter(|change| !persisted.contains(change)) {
+            match change_record(change) {
+                Ok(record) => records.extend(record),
+                Err(error) => {
+                    return self.drop_message(self.node_id.clone(), format!("cannot persist a change: {error}"));
+                }
+            }
+        }
+        if !records.is_empty() {
+            self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.to_owned(), records }));
+        }
+        self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
+        self.compact_if_due(group);
+        self.publish(group);
+        // A staged round whose change arrived by sync was committed elsewhere (or lost its
+        // position to another change).
+        self.settle_round_by_sync(group);
+        if let Some(state) = self.groups.get_mut(group) {
+            state.strong.settle_amnesia(&state.doc);
+        }
+        // A change of the configuration may have seated this node.
+        self.answer_joins(group);
+    }
+}
+
+/// The records to persist before applying `changes` pushed to an eventual group, when that is
+/// safe: every change decodes, is new here, and depends only on changes here or earlier in the
+/// push (so the apply will take all of them, in this order). `None` otherwise: the caller
+/// applies first and persists what was applied.
+fn persist_first_records(doc: &crate::group::GroupDoc, changes: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut earlier: Vec<automerge::ChangeHash> = Vec::new();
+    let mut records = Vec::new();
+    for bytes in changes {
+        let change = crate::exchange::decode_change(bytes).ok()?;
+        let hash = change.hash();
+        if doc.has_change(&hash) || earlier.contains(&hash) {
+            return None;
+        }
+        if !change.deps().iter().all(|dep| earlier.contains(dep) || doc.has_change(dep)) {
+            return None;
+        }
+        records.extend(change_record(bytes).ok()?);
+        earlier.push(hash);
+    }
+    (!records.is_empty()).then_some(records)
+}

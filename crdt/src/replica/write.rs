@@ -1,0 +1,104 @@
+//! Local commands that make or change a group here: `create_group`, `adopt_group` (a group
+//! created here or received by a join is stored and published) and `local_write`, an edit of an
+//! eventual group: applied at once, pushed to the members that may be up, persisted, then
+//! answered when a live quorum acknowledged it (quorum.rs). A strong group's edit runs as a
+//! round instead (round.rs).
+
+use std::collections::BTreeSet;
+
+use super::{
+    CommandError, CommandId, CommandOutcome, CommitReceipt, GroupState, Output, PersistOp, Replica, membership_proof,
+};
+use crate::configuration::{Configuration, GroupPolicy};
+use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
+use crate::join::GroupKey;
+use crate::journal::{change_record, snapshot_file};
+use crate::peer_message::PeerMessage;
+
+impl Replica {
+    pub(super) fn create_group(
+        &mut self,
+        id: CommandId,
+        name: String,
+        mode: Mode,
+        key: GroupKey,
+        meta: CommitMeta,
+        policy: GroupPolicy,
+    ) {
+        if self.groups.contains_key(&name) || self.joins.contains_key(&name) {
+            return self.reply(id, Err(CommandError::AlreadyExists(name)));
+        }
+        let configuration = (mode == Mode::Strong).then(|| Configuration::initial(&self.node_id));
+        let created = GroupDoc::create_with(&name, mode, self.actor.clone(), &meta, &policy, configuration.as_ref());
+        let (doc, _) = match created {
+            Ok(created) => created,
+            Err(error) => return self.reply(id, Err(error.into())),
+        };
+        if let Err(error) = self.adopt_group(name.clone(), doc, key) {
+            return self.reply(id, Err(error));
+        }
+        self.reply(id, Ok(CommandOutcome::Created { name }));
+    }
+
+    /// Stores a new group (created here or received by a join) and starts publishing it.
+    pub(super) fn adopt_group(&mut self, name: String, doc: GroupDoc, key: GroupKey) -> Result<(), CommandError> {
+        let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
+        self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
+        let proof = membership_proof(&key, &name, &self.node_id);
+        let mut state = GroupState::new(doc, key, proof, 0);
+        state.round_lamport = self.left_lamports.get(&name).copied().unwrap_or(0);
+        self.departed.retain(|(group, _)| *group != name);
+        self.groups.insert(name.clone(), state);
+        self.publish(&name);
+        // Peers holding the group are now members of ours: compare digests at once.
+        self.mark_divergence();
+        Ok(())
+    }
+
+    /// A local edit: applied at once in eventual groups (the reply waits for a live quorum),
+    /// run as a barrier round in strong groups.
+    pub(super) fn local_write(&mut self, id: CommandId, group: String, edit: Edit, meta: CommitMeta) {
+        let Some(state) = self.groups.get_mut(&group) else {
+            return self.reply(id, Err(CommandError::UnknownGroup(group)));
+        };
+        if state.doc.mode() == Mode::Strong {
+            return self.start_round(id, group, edit, meta);
+        }
+        let before = state.doc.settings().clone();
+        let commit = match state.doc.edit(edit, &meta) {
+            Ok(commit) => commit,
+            Err(error) => return self.reply(id, Err(error.into())),
+        };
+        let records = match change_record(&commit.change) {
+            Ok(records) => records,
+            Err(error) => return self.reply(id, Err(CommandError::TooLarge(error.to_string()))),
+        };
+        let keys = changed_keys(&before, state.doc.settings());
+        let label = state.doc.label(&commit.version.id);
+        // Push first, then fsync: peers apply and persist while this node does. Safe because
+        // this node's actor is fresh per process start (a change lost in a crash is never
+        // re-issued under the same actor), and this node counts itself toward the quorum only
+        // through outputs that run after the persist below.
+        let live = self.live_members(&group);
+        for member in &live {
+            let message = PeerMessage::Changes { group: group.clone(), changes: vec![commit.change.clone()] };
+            self.outputs.push_back(Output::Send { to: member.clone(), message });
+        }
+        self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
+        let revision = self.record_changes(&group, 1, keys);
+        self.compact_if_due(&group);
+        self.publish(&group);
+        let receipt =
+            CommitReceipt { group, version: commit.version, label, revision, acked_by: vec![self.node_id.clone()] };
+        self.await_quorum(id, receipt, commit.change_hash, live);
+    }
+}
+
+/// The keys whose served value differs between two settings.
+fn changed_keys(before: &crate::settings::Settings, after: &crate::settings::Settings) -> BTreeSet<String> {
+    let changed = crate::diff::SettingsDiff::between(before, after);
+    let mut keys: BTreeSet<String> = changed.added.into_iter().map(|(k, _)| k).collect();
+    keys.extend(changed.removed.into_iter().map(|(k, _)| k));
+    keys.extend(changed.changed.into_iter().map(|c| c.key));
+    keys
+}
