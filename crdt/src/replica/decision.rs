@@ -440,7 +440,7 @@ impl Replica {
         }
     }
 
-    /// Keeps the acceptor state of at most [`DECISIONS_KEPT`] undecided rounds (the oldest go:
+    /// Keeps the acceptor state of at most [`DECISIONS_KEPT`](crate::limits::DECISIONS_KEPT) undecided rounds (the oldest go:
     /// a round that old was decided long ago).
     fn trim_ballots(&mut self, group: &str) {
         let Some(state) = self.groups.get_mut(group) else { return };

@@ -2,7 +2,7 @@
 //! among the silent ones ([`UNGREETED_CONNECTIONS_MAX`]): past that, the oldest silent connection
 //! of the user holding the most of them is closed, so one user's flood makes room from its own
 //! connections. At Hello a connection takes a slot (at most `connections_max`) and, for users
-//! other than konord's own and root, one of its user's ([`CONNECTIONS_PER_UID_MAX`] by default).
+//! other than konord's own and root, one of its user's ([`CONNECTIONS_PER_UID_MAX`](crate::limits::CONNECTIONS_PER_UID_MAX) by default).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
