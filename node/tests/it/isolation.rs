@@ -33,7 +33,8 @@ const SAMPLE: Duration = Duration::from_millis(20);
 async fn a_node_catching_up_a_long_history_is_never_judged_dead() {
     let changes: usize =
         std::env::var("KONOR_CATCHUP_CHANGES").ok().and_then(|n| n.parse().ok()).unwrap_or(CATCHUP_CHANGES_DEFAULT);
-    let catchup_deadline = CATCHUP_DEADLINE_MIN.max(Duration::from_millis(20) * u32::try_from(changes).unwrap_or(u32::MAX));
+    let catchup_deadline =
+        CATCHUP_DEADLINE_MIN.max(Duration::from_millis(20) * u32::try_from(changes).unwrap_or(u32::MAX));
     let cluster = Cluster::new();
     let (mut nodes, mut clients) = start_mesh(&cluster, 3).await;
     group_on_all(&clients, "big", "eventual").await;
