@@ -206,22 +206,6 @@ fn signal(pid: u32, name: &str) {
     crate::lab::run_quietly("kill", &[&format!("-{name}"), &pid.to_string()]);
 }
 
-/// Kills the konord processes a run dir's pid file lists (only processes that still are konord,
-/// so a reused pid is left alone); returns the pids killed.
-pub fn kill_listed(run_dir: &Path) -> Vec<u32> {
-    let Ok(text) = std::fs::read_to_string(run_dir.join(PID_FILE)) else { return Vec::new() };
-    let mut killed = Vec::new();
-    for pid in text.lines().filter_map(|line| line.trim().parse::<u32>().ok()) {
-        let command_line = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&command_line).contains("konord") {
-            crate::lab::run_quietly("kill", &["-KILL", &pid.to_string()]);
-            killed.push(pid);
-        }
-    }
-    let _ = std::fs::remove_file(run_dir.join(PID_FILE));
-    killed
-}
-
 /// A tmpfs of the suite over a directory (the disk node's data dir). Unmounted on drop; drop it
 /// after the process that uses it.
 pub struct Tmpfs {
@@ -280,17 +264,4 @@ impl Drop for Tmpfs {
             crate::lab::run_quietly("umount", &["-l", &self.path.to_string_lossy()]);
         }
     }
-}
-
-/// Mount points of the suite's tmpfs mounts still mounted (from /proc/mounts).
-pub fn suite_mounts() -> Vec<String> {
-    let text = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let source = fields.next()?;
-            let target = fields.next()?;
-            (source == TMPFS_SOURCE).then(|| target.replace("\\040", " "))
-        })
-        .collect()
 }

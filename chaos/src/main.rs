@@ -3,6 +3,7 @@
 //! and was judged clean; 1 a run failed or was judged to have violations; 2 bad arguments;
 //! 130 interrupted (ctrl-C or SIGTERM), after cleaning up.
 
+mod cleanup;
 mod cluster;
 mod faults;
 mod lab;
@@ -226,12 +227,12 @@ async fn execute(command: Command) -> anyhow::Result<bool> {
             let mut removed: Vec<String> = Vec::new();
             if let Ok(entries) = std::fs::read_dir(&out) {
                 for entry in entries.flatten() {
-                    for pid in cluster::kill_listed(&entry.path()) {
+                    for pid in cleanup::kill_listed(&entry.path()) {
                         removed.push(format!("konord {pid} listed in {}", entry.path().display()));
                     }
                 }
             }
-            removed.extend(lab::cleanup_leftovers());
+            removed.extend(cleanup::cleanup_leftovers());
             for line in &removed {
                 println!("removed {line}");
             }

@@ -204,9 +204,9 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
 /// and tmpfs first).
 fn prepare_run_dir(out: &Path) -> anyhow::Result<PathBuf> {
     if out.exists() {
-        crate::cluster::kill_listed(out);
+        crate::cleanup::kill_listed(out);
         let absolute = std::fs::canonicalize(out)?;
-        for mount in crate::cluster::suite_mounts() {
+        for mount in crate::cleanup::suite_mounts() {
             if Path::new(&mount).starts_with(&absolute) {
                 crate::lab::run_quietly("umount", &["-l", &mount]);
             }
