@@ -62,21 +62,9 @@ pub fn run_quietly(program: &str, args: &[&str]) {
     let _ = Command::new(program).args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
 }
 
-/// What the suite needs from the machine: root, `ip` and `nft`, and `mount`. The error lists
-/// everything missing at once.
+/// Fails, listing everything missing at once, unless the machine has root, `ip` and `nft`.
 pub fn require_root_and_tools() -> anyhow::Result<()> {
-    let uid = rustix::process::geteuid().as_raw();
-    let has = |tool: &str, flag: &str| Command::new(tool).arg(flag).output().is_ok_and(|out| out.status.success());
-    let mut missing = Vec::new();
-    if uid != 0 {
-        missing.push(format!("root (running as uid {uid})"));
-    }
-    if !has("ip", "-V") {
-        missing.push("`ip` from iproute2 (apt-get install iproute2)".to_owned());
-    }
-    if !has("nft", "--version") {
-        missing.push("`nft` from nftables (apt-get install nftables)".to_owned());
-    }
+    let missing = konor_chaos::requirement::missing_requirements();
     if missing.is_empty() {
         return Ok(());
     }

@@ -3,3 +3,4 @@
 //! checker judges the history afterwards (docs/testing.md, "Chaos").
 
 pub mod history;
+pub mod requirement;

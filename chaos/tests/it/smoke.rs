@@ -3,7 +3,6 @@
 //! namespaces) and the `konord` binary in the same target dir; without them it fails, naming
 //! what is missing: it is evidence, and a silent skip would hide that it did not run.
 
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -11,18 +10,7 @@ use konor_chaos::history::{self, Record};
 
 /// Fails the test, with what it needs, unless it runs as root with `ip` and `nft` installed.
 fn require_root_and_tools() {
-    let uid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
-    let has = |tool: &str, flag: &str| Command::new(tool).arg(flag).output().is_ok_and(|out| out.status.success());
-    let mut missing = Vec::new();
-    if uid != 0 {
-        missing.push(format!("root (running as uid {uid})"));
-    }
-    if !has("ip", "-V") {
-        missing.push("`ip` from iproute2 (apt-get install iproute2)".to_owned());
-    }
-    if !has("nft", "--version") {
-        missing.push("`nft` from nftables (apt-get install nftables)".to_owned());
-    }
+    let missing = konor_chaos::requirement::missing_requirements();
     assert!(
         missing.is_empty(),
         "the chaos smoke runs konord in network namespaces and needs: {}; run it as root on Linux with \
