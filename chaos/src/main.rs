@@ -36,14 +36,14 @@ enum Command {
         /// Seed of the fault schedule and the workload: the same seed replays the same schedule.
         #[arg(long)]
         seed: u64,
-        /// Run dir (default: chaos-runs/seed-<N> under the current dir).
+        /// Run dir (default: chaos-runs/seed-N under the current dir).
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
         common: CommonArgs,
     },
     /// Runs seeds one after the other (`--seeds 1..20`: 1 to 20, both included), each in
-    /// <out>/seed-<N>.
+    /// OUT/seed-N.
     Sweep {
         /// Seeds, `A..B` (both included) or one number.
         #[arg(long)]
