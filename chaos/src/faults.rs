@@ -1,0 +1,257 @@
+//! The seeded fault schedule and its execution. Faults run one at a time: a gap, a fault held
+//! for a while, its end, a gap, and so on until the fault phase is over. The kinds come in
+//! passes, each pass every kind once in a seeded order, so a run of a minute or more sees every
+//! kind. Each fault writes a `FaultStart` before it acts and a `FaultEnd` after it healed.
+//!
+//! Delay, reordering and duplication need a fault layer the suite does not have yet (this
+//! kernel has no netem): they are not in the schedule.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{RngExt, SeedableRng};
+
+use crate::cluster::{Cluster, Tmpfs};
+use crate::history::{FaultEnd, FaultStart, Record};
+use crate::lab::Lab;
+use crate::record::Recorder;
+
+/// Shortest pause between two faults, ms.
+const GAP_MIN_MS: u64 = 1_000;
+/// Longest pause between two faults, ms.
+const GAP_MAX_MS: u64 = 3_000;
+/// Shortest time a fault is held, ms.
+const HOLD_MIN_MS: u64 = 2_000;
+/// Longest time a fault is held, ms: below a strong group's default eviction (30 s), so no
+/// fault evicts a member.
+const HOLD_MAX_MS: u64 = 8_000;
+
+/// Egress loss percentages drawn: up to 5 counts as a healthy network for the membership check
+/// (no false dead), 10 and 20 as a bad one.
+const LOSS_PERCENTS: [u32; 5] = [2, 5, 5, 10, 20];
+
+/// One fault, with the nodes it hits (indexes).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// kill -9, down for the hold, then started again on its data dir.
+    Kill9(usize),
+    /// SIGSTOP for the hold, then SIGCONT.
+    Pause(usize),
+    /// Two sides that do not see each other (a majority and a minority).
+    Partition(Vec<usize>, Vec<usize>),
+    /// One node cut from all others.
+    Isolate(usize),
+    /// Packets from the first to the second node are dropped; the other way flows.
+    OneWay(usize, usize),
+    /// Two sides that do not see each other; the third node sees both.
+    Bridge(Vec<usize>, Vec<usize>, usize),
+    /// A percentage of one node's outgoing packets dropped at random.
+    Loss(usize, u32),
+    /// The disk node's data dir filled to the last byte, freed at the end.
+    DiskFull(usize),
+}
+
+/// The kinds in a pass.
+const KINDS: [&str; 8] = ["kill9", "pause", "partition", "isolate", "oneway", "bridge", "loss", "disk_full"];
+
+/// A fault with its timing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlannedFault {
+    /// Wait this long after the previous fault ended, ms.
+    pub gap_ms: u64,
+    /// Hold the fault this long, ms.
+    pub hold_ms: u64,
+    /// What.
+    pub fault: Fault,
+}
+
+impl Fault {
+    /// The `FaultStart` kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::Kill9(_) => "kill9",
+            Fault::Pause(_) => "pause",
+            Fault::Partition(..) => "partition",
+            Fault::Isolate(_) => "isolate",
+            Fault::OneWay(..) => "oneway",
+            Fault::Bridge(..) => "bridge",
+            Fault::Loss(..) => "loss",
+            Fault::DiskFull(_) => "disk_full",
+        }
+    }
+}
+
+/// The schedule for `seed`: faults whose gaps and holds fill `duration_ms`, on `node_count`
+/// nodes, the disk node being `disk_node`. The same seed gives the same schedule.
+pub fn plan(seed: u64, duration_ms: u64, node_count: usize, disk_node: usize) -> Vec<PlannedFault> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut planned = Vec::new();
+    let mut elapsed_ms = 0;
+    let mut pass: Vec<&str> = Vec::new();
+    loop {
+        let gap_ms = rng.random_range(GAP_MIN_MS..=GAP_MAX_MS);
+        let hold_ms = rng.random_range(HOLD_MIN_MS..=HOLD_MAX_MS);
+        if elapsed_ms + gap_ms + hold_ms > duration_ms {
+            break;
+        }
+        elapsed_ms += gap_ms + hold_ms;
+        if pass.is_empty() {
+            pass = KINDS.to_vec();
+            pass.shuffle(&mut rng);
+        }
+        let kind = pass.pop().unwrap_or("kill9");
+        let fault = draw(&mut rng, kind, node_count, disk_node);
+        planned.push(PlannedFault { gap_ms, hold_ms, fault });
+    }
+    planned
+}
+
+fn draw(rng: &mut StdRng, kind: &str, node_count: usize, disk_node: usize) -> Fault {
+    let mut order: Vec<usize> = (0..node_count).collect();
+    order.shuffle(rng);
+    let one = order[0];
+    match kind {
+        "pause" => Fault::Pause(one),
+        "partition" => {
+            // A minority of 1..=floor((n-1)/2) nodes, the rest the majority.
+            let minority = rng.random_range(1..=((node_count - 1) / 2).max(1));
+            let (small, large) = order.split_at(minority);
+            Fault::Partition(large.to_vec(), small.to_vec())
+        }
+        "isolate" => Fault::Isolate(one),
+        "oneway" => Fault::OneWay(order[0], order[1 % node_count]),
+        "bridge" => {
+            let middle = order[0];
+            let rest = &order[1..];
+            let half = rest.len().div_ceil(2);
+            Fault::Bridge(rest[..half].to_vec(), rest[half..].to_vec(), middle)
+        }
+        "loss" => Fault::Loss(one, LOSS_PERCENTS[rng.random_range(0..LOSS_PERCENTS.len())]),
+        "disk_full" => Fault::DiskFull(disk_node),
+        _ => Fault::Kill9(one),
+    }
+}
+
+/// What a fault acts on.
+pub struct Targets<'a> {
+    /// The processes.
+    pub cluster: &'a mut Cluster,
+    /// The network.
+    pub lab: &'a Lab,
+    /// The disk node's tmpfs.
+    pub disk: &'a Tmpfs,
+    /// The history.
+    pub recorder: &'a Recorder,
+}
+
+/// Runs the schedule; returns how many faults ran. Stops early if `deadline_ms` (run clock)
+/// passes.
+pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_ms: u64) -> anyhow::Result<usize> {
+    let Targets { cluster, lab, disk, recorder } = targets;
+    let names: Vec<String> = cluster.nodes.iter().map(|n| n.id.clone()).collect();
+    let name = |index: &usize| names[*index].clone();
+    let mut ran = 0;
+    for (id, planned) in schedule.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(planned.gap_ms)).await;
+        if recorder.now_ms() + planned.hold_ms > deadline_ms {
+            break;
+        }
+        let id = u32::try_from(id).unwrap_or(u32::MAX);
+        let (nodes, sides, detail) = describe(&planned.fault, &names);
+        let at_ms = recorder.now_ms();
+        recorder.write(&Record::FaultStart(FaultStart {
+            id,
+            at_ms,
+            kind: planned.fault.kind().into(),
+            nodes,
+            sides,
+            detail,
+        }))?;
+        tracing::info!(id, fault = ?planned.fault, hold_ms = planned.hold_ms, "fault starts");
+        match &planned.fault {
+            Fault::Kill9(index) => cluster.kill9(*index),
+            Fault::Pause(index) => cluster.pause(*index),
+            Fault::Partition(large, small) => lab.partition(&[large.clone(), small.clone()])?,
+            Fault::Isolate(index) => {
+                let others: Vec<usize> = (0..names.len()).filter(|i| i != index).collect();
+                lab.partition(&[vec![*index], others])?;
+            }
+            Fault::OneWay(from, to) => lab.one_way(*from, *to)?,
+            Fault::Bridge(left, right, _) => lab.bridge_partition(left, right)?,
+            Fault::Loss(index, percent) => lab.egress_loss(*index, *percent)?,
+            Fault::DiskFull(_) => {
+                let bytes = disk.fill()?;
+                tracing::info!(bytes, "disk filled");
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(planned.hold_ms)).await;
+        match &planned.fault {
+            Fault::Kill9(index) => cluster.start(*index).with_context(|| format!("restarting {}", name(index)))?,
+            Fault::Pause(index) => cluster.resume(*index),
+            Fault::DiskFull(_) => disk.free(),
+            _ => lab.heal(),
+        }
+        recorder.write(&Record::FaultEnd(FaultEnd { id, at_ms: recorder.now_ms() }))?;
+        ran += 1;
+    }
+    Ok(ran)
+}
+
+/// A fault's nodes, sides and detail for its `FaultStart`.
+fn describe(fault: &Fault, names: &[String]) -> (Vec<String>, Vec<Vec<String>>, String) {
+    let name = |index: &usize| names[*index].clone();
+    let names_of = |indexes: &[usize]| indexes.iter().map(name).collect::<Vec<_>>();
+    match fault {
+        Fault::Kill9(i) => (vec![name(i)], Vec::new(), "kill -9, then a restart on the same data dir".into()),
+        Fault::Pause(i) => (vec![name(i)], Vec::new(), "SIGSTOP, then SIGCONT".into()),
+        Fault::Partition(large, small) => {
+            (names.to_vec(), vec![names_of(large), names_of(small)], "majority | minority".into())
+        }
+        Fault::Isolate(i) => {
+            let others: Vec<String> = names.iter().filter(|n| **n != names[*i]).cloned().collect();
+            (names.to_vec(), vec![vec![name(i)], others], format!("{} cut from all others", name(i)))
+        }
+        Fault::OneWay(from, to) => (
+            vec![name(from), name(to)],
+            Vec::new(),
+            format!("packets {} -> {} dropped; {} -> {} flow", name(from), name(to), name(to), name(from)),
+        ),
+        Fault::Bridge(left, right, middle) => (
+            names.to_vec(),
+            vec![names_of(left), names_of(right)],
+            format!("{} sees both sides; the sides do not see each other", name(middle)),
+        ),
+        Fault::Loss(i, percent) => (vec![name(i)], Vec::new(), format!("egress loss {percent}%")),
+        Fault::DiskFull(i) => (vec![name(i)], Vec::new(), "data dir tmpfs filled to ENOSPC, then freed".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_gives_one_schedule_and_a_long_run_sees_every_kind() {
+        let first = plan(7, 90_000, 5, 4);
+        assert_eq!(first, plan(7, 90_000, 5, 4));
+        assert_ne!(first, plan(8, 90_000, 5, 4));
+        for kind in KINDS {
+            assert!(first.iter().any(|p| p.fault.kind() == kind), "{kind} missing from {first:?}");
+        }
+        let total: u64 = first.iter().map(|p| p.gap_ms + p.hold_ms).sum();
+        assert!(total <= 90_000);
+    }
+
+    #[test]
+    fn partitions_keep_a_majority_on_three_nodes() {
+        for seed in 0..50 {
+            for planned in plan(seed, 60_000, 3, 2) {
+                if let Fault::Partition(large, small) = planned.fault {
+                    assert!(large.len() > small.len(), "{large:?} {small:?}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! konor-chaos: real `konord` processes, each in its own network namespace, under a seeded
+//! schedule of faults, with SDK clients whose every operation is recorded ([`history`]); a
+//! checker judges the history afterwards (docs/testing.md, "Chaos").
+
+pub mod history;
+pub mod requirement;

@@ -1,0 +1,3 @@
+//! konor-chaos integration tests: the CI smoke of the chaos suite.
+
+mod smoke;
