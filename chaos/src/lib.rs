@@ -1,5 +1,8 @@
 //! konor-chaos: real `konord` processes, each in its own network namespace, under a seeded
 //! schedule of faults, with SDK clients whose every operation is recorded ([`history`]); a
-//! checker judges the history afterwards (docs/testing.md, "Chaos").
+//! checker judges the history afterwards ([`check`]; docs/testing.md, "Chaos").
 
+pub mod check;
 pub mod history;
+
+pub use check::{Report, check_file};
