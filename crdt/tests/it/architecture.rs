@@ -18,6 +18,7 @@ const SOURCE_DIRS: &[&str] = &[
     "examples/src",
     "fuzz/src",
     "fuzz/tests",
+    "chaos/src",
 ];
 
 pub(crate) fn workspace_root() -> PathBuf {
@@ -63,7 +64,7 @@ fn architecture_names_only_files_that_exist() {
     let root = workspace_root();
     let text = std::fs::read_to_string(root.join("docs/ARCHITECTURE.md")).unwrap();
     let mut files = Vec::new();
-    for dir in ["crdt", "node", "sdk", "sim", "bench", "examples", "fuzz"] {
+    for dir in ["crdt", "node", "sdk", "sim", "bench", "examples", "fuzz", "chaos"] {
         rust_files(&root, &root.join(dir), &mut files);
     }
     let stale: Vec<String> =

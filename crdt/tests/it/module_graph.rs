@@ -16,7 +16,7 @@ use crate::architecture::{rust_files, workspace_root};
 
 /// Each crate's source folder, relative to the workspace root.
 const CRATE_DIRS: &[&str] =
-    &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src", "fuzz/src"];
+    &["crdt/src", "node/src", "sdk/rust/src", "sim/src", "bench/src", "examples/src", "fuzz/src", "chaos/src"];
 
 /// A module: the path of names from the crate root (`["replica", "round"]`; the root is empty).
 type Module = Vec<String>;
