@@ -17,7 +17,6 @@
 //! not used: an eventual group's conflict winner is chosen by op id, not by the wall clock, so
 //! a write acknowledged earlier may rightly win over one acknowledged later.
 
-use super::version::VersionGraph;
 use super::{Invariant, Run, Violation};
 
 pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
@@ -27,7 +26,7 @@ pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
         // Missing final states are the convergence check's to report.
         let Some(finals) = run.finals.get(group) else { continue };
         for (&node, &(final_index, state)) in finals {
-            let graph = VersionGraph::of(state);
+            let Some(graph) = run.graph(group, node) else { continue };
             let lost = |explanation: String, also: Option<usize>| {
                 let mut involved = vec![run.involved(write.index), run.involved(final_index)];
                 involved.extend(also.map(|index| run.involved(index)));

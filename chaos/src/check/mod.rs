@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use report::{Invariant, Involved, Report, Violation};
+use version::VersionGraph;
 
 use crate::history::{self, FinalState, HistoryError, Op, OpKind, Outcome, Record, RunInfo, WatchedEvent};
 
@@ -75,6 +76,8 @@ pub(crate) struct Run<'a> {
     pub(crate) write_of_value: BTreeMap<&'a str, usize>,
     /// Group -> node -> (record index, final state); the last one wins if a node has several.
     pub(crate) finals: BTreeMap<&'a str, BTreeMap<&'a str, (usize, &'a FinalState)>>,
+    /// Group -> node -> the version graph of its final state.
+    graphs: BTreeMap<&'a str, BTreeMap<&'a str, VersionGraph<'a>>>,
 }
 
 impl<'a> Run<'a> {
@@ -87,6 +90,7 @@ impl<'a> Run<'a> {
             writes: Vec::new(),
             write_of_value: BTreeMap::new(),
             finals: BTreeMap::new(),
+            graphs: BTreeMap::new(),
         };
         for (index, record) in records.iter().enumerate() {
             match record {
@@ -134,6 +138,13 @@ impl<'a> Run<'a> {
                 _ => {}
             }
         }
+        run.graphs = run
+            .finals
+            .iter()
+            .map(|(&group, finals)| {
+                (group, finals.iter().map(|(&node, &(_, state))| (node, VersionGraph::of(state))).collect())
+            })
+            .collect();
         if run.info.is_none() {
             violations.push(Violation {
                 invariant: Invariant::History,
@@ -157,6 +168,11 @@ impl<'a> Run<'a> {
             Record::Final(state) => (Some(state.node.clone()), state.at_ms, state.at_ms),
         };
         Involved { record: index, node, from_ms, to_ms }
+    }
+
+    /// The version graph of `node`'s final state of `group`.
+    pub(crate) fn graph(&self, group: &str, node: &str) -> Option<&VersionGraph<'a>> {
+        self.graphs.get(group)?.get(node)
     }
 
     /// The write that wrote `value`.
@@ -271,6 +287,14 @@ mod tests {
         assert_eq!(report.final_states, 6);
         let summary = report.to_string();
         assert!(summary.contains("violations: 0") && summary.ends_with("PASSED\n"), "{summary}");
+    }
+
+    #[test]
+    fn a_long_clean_history_passes() {
+        let history = Scenario::long(2_000, 5);
+        let report = check(&history);
+        assert!(report.passed(), "{report}");
+        assert_eq!(report.operations.get("write committed"), Some(&4_000));
     }
 
     #[test]

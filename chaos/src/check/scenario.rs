@@ -191,3 +191,47 @@ impl Scenario {
         records
     }
 }
+
+impl Scenario {
+    /// A clean run of `writes` writes to each group over five keys, each seen by a watcher
+    /// and followed by a fresh strong read, with identical final states on `nodes` nodes.
+    pub(crate) fn long(writes: u64, nodes: usize) -> Vec<Record> {
+        let names: Vec<String> = (1..=nodes).map(|node| format!("n{node}")).collect();
+        let Record::Run(mut info) = Scenario::run() else { unreachable!() };
+        info.nodes = names.clone();
+        let mut records = vec![Record::Run(info)];
+        records.push(Scenario::watch(1, "n1", "e", 1, Scenario::start(1, "v1", &[])));
+        records.push(Scenario::watch(2, "n2", "s", 1, Scenario::start(1, "v1", &[])));
+        let mut labels = vec!["v1".to_owned()];
+        let mut settings: [BTreeMap<String, String>; 2] = Default::default();
+        for sequence in 0..writes {
+            let at_ms = 10 + sequence * 20;
+            let version = format!("v{}", sequence + 2);
+            let key = format!("k{}", sequence % 5);
+            for (slot, group) in ["e", "s"].into_iter().enumerate() {
+                let value = format!("c{slot}-{sequence}");
+                records.push(Scenario::committed("n1", group, &key, &value, at_ms, &version));
+                let revision = sequence + 2;
+                records.push(Scenario::watch(
+                    slot as u32 + 1,
+                    &names[slot],
+                    group,
+                    at_ms + 5,
+                    Scenario::change(revision, &version, &key, &value),
+                ));
+                settings[slot].insert(key.clone(), value);
+            }
+            records.push(Scenario::read("n2", "s", &key, Some(&format!("c1-{sequence}")), &version, at_ms + 12, false));
+            labels.push(version);
+        }
+        let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+        for node in &names {
+            for (slot, group) in ["e", "s"].into_iter().enumerate() {
+                let pairs: Vec<(&str, &str)> =
+                    settings[slot].iter().map(|(key, value)| (key.as_str(), value.as_str())).collect();
+                records.push(Scenario::final_state(node, group, group, &pairs, &labels));
+            }
+        }
+        records
+    }
+}

@@ -27,8 +27,8 @@
 
 use std::collections::BTreeMap;
 
-use super::version::labels_match;
-use super::{Invariant, Mode, Run, Violation, refusal_is_final};
+use super::version::{VersionGraph, counter_part, labels_match};
+use super::{Invariant, Mode, Run, Violation, Write, refusal_is_final};
 use crate::history::{OpKind, Outcome, Record, WatchedEvent};
 
 /// How many records a violation lists as witnesses of one refused write.
@@ -39,8 +39,10 @@ pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
         if mode == Mode::Strong {
             let sequence = committed_sequence(run, group, violations);
             check_shared_labels(run, group, violations);
-            if let Some(sequence) = sequence {
-                check_fresh_reads(run, group, &sequence, violations);
+            if let Some((node, sequence)) = sequence
+                && let Some(graph) = run.graph(group, node)
+            {
+                check_fresh_reads(run, group, &sequence, graph, violations);
             }
         }
     }
@@ -48,8 +50,12 @@ pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
 }
 
 /// Checks that every node's final history is a chain and that the chains are prefixes of one
-/// another; returns the longest (`None` without final states).
-fn committed_sequence<'a>(run: &Run<'a>, group: &str, violations: &mut Vec<Violation>) -> Option<Vec<&'a str>> {
+/// another; returns the longest and its node (`None` without final states).
+fn committed_sequence<'a>(
+    run: &Run<'a>,
+    group: &str,
+    violations: &mut Vec<Violation>,
+) -> Option<(&'a str, Vec<&'a str>)> {
     let finals = run.finals.get(group)?;
     let mut longest: Option<(&str, usize, Vec<&str>)> = None;
     for (&node, &(index, state)) in finals {
@@ -88,50 +94,95 @@ fn committed_sequence<'a>(run: &Run<'a>, group: &str, violations: &mut Vec<Viola
             });
         }
     }
-    Some(sequence)
+    Some((longest_node, sequence))
 }
 
 /// Checks that no two writes were acknowledged with labels that may name the same version.
 fn check_shared_labels(run: &Run<'_>, group: &str, violations: &mut Vec<Violation>) {
-    let committed: Vec<_> = run
-        .writes
-        .iter()
-        .filter(|write| write.op.group == group)
-        .filter_map(|write| Some((write, write.committed_version()?)))
-        .collect();
-    for (position, (first, first_label)) in committed.iter().enumerate() {
-        for (second, second_label) in &committed[position + 1..] {
-            if labels_match(first_label, second_label) {
-                violations.push(Violation {
-                    invariant: Invariant::StrongSequence,
-                    group: Some(group.to_owned()),
-                    explanation: format!(
-                        "writes `{}` and `{}` were both acknowledged as {first_label}: two versions at one position",
-                        first.value, second.value
-                    ),
-                    involved: vec![run.involved(first.index), run.involved(second.index)],
-                });
+    let mut by_counter: BTreeMap<&str, Vec<_>> = BTreeMap::new();
+    for write in run.writes.iter().filter(|write| write.op.group == group) {
+        if let Some(label) = write.committed_version() {
+            by_counter.entry(counter_part(label)).or_default().push((write, label));
+        }
+    }
+    for committed in by_counter.values() {
+        for (position, (first, first_label)) in committed.iter().enumerate() {
+            for (second, second_label) in &committed[position + 1..] {
+                if labels_match(first_label, second_label) {
+                    violations.push(Violation {
+                        invariant: Invariant::StrongSequence,
+                        group: Some(group.to_owned()),
+                        explanation: format!(
+                            "writes `{}` and `{}` were both acknowledged as {first_label}: two versions at one \
+                             position",
+                            first.value, second.value
+                        ),
+                        involved: vec![run.involved(first.index), run.involved(second.index)],
+                    });
+                }
             }
         }
     }
 }
 
-/// The one position of `label` in `sequence`, if it names exactly one.
-fn position_of(sequence: &[&str], label: &str) -> Option<usize> {
-    let mut matches = (0..sequence.len()).filter(|&position| labels_match(sequence[position], label));
-    let first = matches.next()?;
-    matches.next().is_none().then_some(first)
+/// The one position of `label` in the committed sequence (the list of `graph`), if it names
+/// exactly one.
+fn position_of(graph: &VersionGraph<'_>, label: &str) -> Option<usize> {
+    match graph.candidates(label)[..] {
+        [position] => Some(position),
+        _ => None,
+    }
+}
+
+/// Acknowledged writes in order of completion, with the newest position acknowledged so far.
+#[derive(Debug, Default)]
+struct Acknowledged<'r, 'w> {
+    complete_ms: Vec<u64>,
+    /// `newest[i]`: the write at the latest position among the first `i + 1`.
+    newest: Vec<(usize, &'r Write<'w>)>,
+}
+
+impl<'r, 'w> Acknowledged<'r, 'w> {
+    /// Adds a write completed no earlier than the ones before.
+    fn push(&mut self, position: usize, write: &'r Write<'w>) {
+        let newest = match self.newest.last() {
+            Some(&(best, best_write)) if best >= position => (best, best_write),
+            _ => (position, write),
+        };
+        self.complete_ms.push(write.op.complete_ms);
+        self.newest.push(newest);
+    }
+
+    /// The write at the latest position among those acknowledged before `invoke_ms`.
+    fn newest_before(&self, invoke_ms: u64) -> Option<(usize, &'r Write<'w>)> {
+        let count = self.complete_ms.partition_point(|&complete_ms| complete_ms < invoke_ms);
+        self.newest.get(count.checked_sub(1)?).copied()
+    }
 }
 
 /// Checks every read flagged fresh against the writes acknowledged before it began.
-fn check_fresh_reads(run: &Run<'_>, group: &str, sequence: &[&str], violations: &mut Vec<Violation>) {
-    // (complete_ms, position, write) of every placed acknowledged write of the group.
-    let placed: Vec<_> = run
+fn check_fresh_reads(
+    run: &Run<'_>,
+    group: &str,
+    sequence: &[&str],
+    graph: &VersionGraph<'_>,
+    violations: &mut Vec<Violation>,
+) {
+    // Every acknowledged write of the group placed in the sequence, for the whole group and
+    // per key.
+    let mut whole = Acknowledged::default();
+    let mut per_key: BTreeMap<&str, Acknowledged<'_, '_>> = BTreeMap::new();
+    let mut placed: Vec<_> = run
         .writes
         .iter()
         .filter(|write| write.op.group == group)
-        .filter_map(|write| Some((write.op.complete_ms, position_of(sequence, write.committed_version()?)?, write)))
+        .filter_map(|write| Some((position_of(graph, write.committed_version()?)?, write)))
         .collect();
+    placed.sort_by_key(|(_, write)| write.op.complete_ms);
+    for &(position, write) in &placed {
+        whole.push(position, write);
+        per_key.entry(&write.op.key).or_default().push(position, write);
+    }
     for (index, record) in run.records.iter().enumerate() {
         let Record::Op(op) = record else { continue };
         let (OpKind::Read, Outcome::Value { value, version, stale: false, .. }) = (&op.kind, &op.outcome) else {
@@ -140,7 +191,6 @@ fn check_fresh_reads(run: &Run<'_>, group: &str, sequence: &[&str], violations: 
         if op.group != group {
             continue;
         }
-        let before = placed.iter().filter(|(complete_ms, _, _)| *complete_ms < op.invoke_ms);
         let stale = |explanation: String, write_index: usize| Violation {
             invariant: Invariant::StaleFreshRead,
             group: Some(group.to_owned()),
@@ -148,8 +198,8 @@ fn check_fresh_reads(run: &Run<'_>, group: &str, sequence: &[&str], violations: 
             involved: vec![run.involved(index), run.involved(write_index)],
         };
         // The state served must include every version acknowledged before the read began.
-        if let Some(&(_, newest, write)) = before.clone().max_by_key(|(_, position, _)| *position) {
-            match position_of(sequence, version) {
+        if let Some((newest, write)) = whole.newest_before(op.invoke_ms) {
+            match position_of(graph, version) {
                 Some(served) if served >= newest => {}
                 Some(_) | None => violations.push(stale(
                     format!(
@@ -161,15 +211,13 @@ fn check_fresh_reads(run: &Run<'_>, group: &str, sequence: &[&str], violations: 
             }
         }
         // The value must be that of the newest write of the key acknowledged before, or newer.
-        let Some(&(_, newest, write)) =
-            before.filter(|(_, _, write)| write.op.key == op.key).max_by_key(|(_, position, _)| *position)
-        else {
+        let Some((newest, write)) = per_key.get(op.key.as_str()).and_then(|key| key.newest_before(op.invoke_ms)) else {
             continue;
         };
         let served = match value {
             None => "the key unset".to_owned(),
             Some(value) => {
-                match run.write_of(value).and_then(|served| position_of(sequence, served.committed_version()?)) {
+                match run.write_of(value).and_then(|served| position_of(graph, served.committed_version()?)) {
                     Some(position) if position >= newest => continue,
                     Some(position) => format!("`{value}` of {}", sequence[position]),
                     // A value the checker cannot place is not judged.

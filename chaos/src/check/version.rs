@@ -7,6 +7,8 @@
 //! other (or absent). Every judgement built on this is careful to stay sound when a label
 //! matches more than one version.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::history::FinalState;
 
 /// Whether labels `a` and `b` may name the same version.
@@ -25,6 +27,11 @@ pub(crate) fn labels_match(a: &str, b: &str) -> bool {
     }
 }
 
+/// `v12-3fa9` -> `v12`: labels that may name the same version share it.
+pub(crate) fn counter_part(label: &str) -> &str {
+    split(label).0
+}
+
 /// `v12-3fa9` -> (`v12`, `Some("3fa9")`).
 fn split(label: &str) -> (&str, Option<&str>) {
     match label.split_once('-') {
@@ -33,11 +40,20 @@ fn split(label: &str) -> (&str, Option<&str>) {
     }
 }
 
+/// The Lamport counter of a label (`v12-3fa9` -> 12): a version that saw another has a larger
+/// one (docs/data-model.md, "Identity and order").
+pub(crate) fn counter(label: &str) -> Option<u64> {
+    split(label).0.strip_prefix('v')?.parse().ok()
+}
+
 /// One node's versions with their parents, by position in its list.
 #[derive(Debug)]
 pub(crate) struct VersionGraph<'a> {
     labels: Vec<&'a str>,
+    counters: Vec<Option<u64>>,
     parents: Vec<Vec<usize>>,
+    /// Counter part of a label (`v12`) -> the positions of the labels that have it.
+    by_counter: BTreeMap<&'a str, Vec<usize>>,
 }
 
 impl<'a> VersionGraph<'a> {
@@ -45,40 +61,53 @@ impl<'a> VersionGraph<'a> {
     /// by every label that may name it.
     pub(crate) fn of(state: &'a FinalState) -> VersionGraph<'a> {
         let labels: Vec<&str> = state.versions.iter().map(|version| version.label.as_str()).collect();
-        let parents = state
+        let mut by_counter: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut by_label: BTreeMap<&str, usize> = BTreeMap::new();
+        for (position, label) in labels.iter().enumerate() {
+            by_counter.entry(split(label).0).or_default().push(position);
+            by_label.entry(label).or_insert(position);
+        }
+        let mut graph = VersionGraph {
+            counters: labels.iter().map(|label| counter(label)).collect(),
+            labels,
+            parents: Vec::new(),
+            by_counter,
+        };
+        graph.parents = state
             .versions
             .iter()
             .map(|version| {
                 version
                     .parents
                     .iter()
-                    .flat_map(|parent| match labels.iter().position(|label| label == parent) {
-                        Some(position) => vec![position],
-                        None => (0..labels.len()).filter(|&position| labels_match(labels[position], parent)).collect(),
+                    .flat_map(|parent| match by_label.get(parent.as_str()) {
+                        Some(&position) => vec![position],
+                        None => graph.candidates(parent),
                     })
                     .collect()
             })
             .collect();
-        VersionGraph { labels, parents }
+        graph
     }
 
     /// Positions of the versions `label` may name.
     pub(crate) fn candidates(&self, label: &str) -> Vec<usize> {
-        (0..self.labels.len()).filter(|&position| labels_match(self.labels[position], label)).collect()
+        let positions = self.by_counter.get(split(label).0).map_or(&[][..], Vec::as_slice);
+        positions.iter().copied().filter(|&position| labels_match(self.labels[position], label)).collect()
     }
 
-    /// Whether the version at `ancestor` is a strict ancestor of the one at `descendant`.
+    /// Whether the version at `ancestor` is a strict ancestor of the one at `descendant`. The
+    /// walk stops at versions whose counter is below the ancestor's: they cannot lead to it.
     pub(crate) fn is_strict_ancestor(&self, ancestor: usize, descendant: usize) -> bool {
-        let mut seen = vec![false; self.labels.len()];
+        let floor = self.counters.get(ancestor).copied().flatten();
+        let mut seen = BTreeSet::new();
         let mut stack = self.parents.get(descendant).cloned().unwrap_or_default();
         while let Some(position) = stack.pop() {
             if position == ancestor {
                 return true;
             }
-            if let Some(slot) = seen.get_mut(position)
-                && !*slot
-            {
-                *slot = true;
+            let below = matches!((self.counters[position], floor), (Some(here), Some(floor)) if here < floor);
+            if !below && seen.insert(position) {
                 stack.extend(self.parents[position].iter().copied());
             }
         }
@@ -88,6 +117,11 @@ impl<'a> VersionGraph<'a> {
     /// Whether `earlier` is certainly causally before `later`: every version `earlier` may name
     /// is a strict ancestor of every version `later` may name (and both name at least one).
     pub(crate) fn certainly_before(&self, earlier: &str, later: &str) -> bool {
+        if let (Some(earlier), Some(later)) = (counter(earlier), counter(later))
+            && earlier >= later
+        {
+            return false;
+        }
         let (earlier, later) = (self.candidates(earlier), self.candidates(later));
         !earlier.is_empty()
             && !later.is_empty()

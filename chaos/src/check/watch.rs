@@ -21,9 +21,11 @@
 //!   to exactly its node's final settings. The runner reads the final states after the settle
 //!   period and stops the watchers after that, so every change has been delivered by then.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::version::VersionGraph;
+use super::version::counter;
+
 use super::{Invariant, Run, Violation};
 use crate::history::{Record, WatchedEvent};
 
@@ -120,9 +122,17 @@ pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
 
 /// Checks that every write acknowledged while `segment` was open shows in it.
 fn check_missed(run: &Run<'_>, segment: &Segment<'_>, violations: &mut Vec<Violation>) {
-    let graph = run.finals.get(segment.group).and_then(|finals| finals.get(segment.node)).map(|(_, state)| state);
-    let graph = graph.map(|state| VersionGraph::of(state));
+    let graph = run.graph(segment.group, segment.node);
     let until_ms = segment.ended.map_or(u64::MAX, |(_, at_ms)| at_ms);
+    // Per key, the labels of the values it showed, newest first; `None` (a value of a write
+    // with no label) covers any write, so those come first.
+    let mut shown: BTreeMap<&str, Vec<Option<&str>>> = BTreeMap::new();
+    for &(key, value) in &segment.seen {
+        shown.entry(key).or_default().push(run.write_of(value).and_then(|write| write.committed_version()));
+    }
+    for labels in shown.values_mut() {
+        labels.sort_by_key(|label| Reverse(label.map_or(Some(u64::MAX), counter)));
+    }
     let missed: Vec<_> = run
         .writes
         .iter()
@@ -131,16 +141,15 @@ fn check_missed(run: &Run<'_>, segment: &Segment<'_>, violations: &mut Vec<Viola
         .filter_map(|write| Some((write, write.committed_version()?)))
         .filter(|&(write, label)| {
             let key = write.op.key.as_str();
-            let covered = segment.seen.iter().filter(|(seen_key, _)| *seen_key == key).any(|&(_, value)| {
-                if value == write.value {
-                    return true;
-                }
-                // Another value of the key covers the write unless it is certainly older.
-                let other_label = run.write_of(value).and_then(|other| other.committed_version());
-                match (&graph, other_label) {
-                    (Some(graph), Some(other_label)) => !graph.certainly_before(other_label, label),
+            if segment.seen.contains(&(key, write.value)) {
+                return false;
+            }
+            // Another value of the key covers the write unless it is certainly older.
+            let covered = shown.get(key).is_some_and(|labels| {
+                labels.iter().any(|other| match (graph, other) {
+                    (Some(graph), Some(other)) => !graph.certainly_before(other, label),
                     _ => true,
-                }
+                })
             });
             !covered
         })
