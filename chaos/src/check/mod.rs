@@ -18,7 +18,7 @@ mod sequence;
 mod version;
 mod watch;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 pub use report::{Invariant, Involved, Report, Violation};
@@ -145,15 +145,38 @@ impl<'a> Run<'a> {
                 (group, finals.iter().map(|(&node, &(_, state))| (node, VersionGraph::of(state))).collect())
             })
             .collect();
-        if run.info.is_none() {
-            violations.push(Violation {
+        match run.info {
+            None => violations.push(Violation {
                 invariant: Invariant::History,
                 group: None,
                 explanation: "no run record: the groups' modes and the nodes are unknown".to_owned(),
                 involved: Vec::new(),
-            });
+            }),
+            Some(info) => run.check_groups_named(info, violations),
         }
         run
+    }
+
+    /// Reports records about a group the run did not set up (once per group): nothing checks
+    /// them, so they must not pass unnoticed.
+    fn check_groups_named(&self, info: &RunInfo, violations: &mut Vec<Violation>) {
+        let mut reported = BTreeSet::new();
+        for (index, record) in self.records.iter().enumerate() {
+            let group = match record {
+                Record::Op(op) => &op.group,
+                Record::Watch(watch) => &watch.group,
+                Record::Final(state) => &state.group,
+                _ => continue,
+            };
+            if !info.groups.iter().any(|known| &known.name == group) && reported.insert(group) {
+                violations.push(Violation {
+                    invariant: Invariant::History,
+                    group: Some(group.clone()),
+                    explanation: "records of a group the run record does not name: they are not checked".to_owned(),
+                    involved: vec![self.involved(index)],
+                });
+            }
+        }
     }
 
     /// The record at `index` as a violation names it.
@@ -304,6 +327,17 @@ mod tests {
         let report = check(&history);
         assert_eq!(report.of(Invariant::History).count(), 1, "{report}");
         assert!(report.to_string().ends_with("FAILED\n"));
+    }
+
+    #[test]
+    fn records_of_a_group_the_run_did_not_set_up_are_reported_once() {
+        let mut history = Scenario::clean();
+        history.push(Scenario::committed("n1", "x", "k1", "c1-9", 7_000, "v2"));
+        history.push(Scenario::read("n1", "x", "k1", Some("c1-9"), "v2", 7_100, false));
+        let report = check(&history);
+        let unread: Vec<_> = report.of(Invariant::History).collect();
+        assert_eq!(unread.len(), 1, "{report}");
+        assert_eq!(unread[0].group.as_deref(), Some("x"));
     }
 
     #[test]

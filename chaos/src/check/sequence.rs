@@ -329,6 +329,12 @@ mod tests {
         let refused: Vec<_> = report.of(Invariant::RefusedVisible).collect();
         assert_eq!(refused.len(), 1, "{report}");
         assert_eq!(refused[0].involved.len(), 2, "{report}");
+        // A watcher shown the aborted value is a witness too.
+        history.insert(19, Scenario::watch(2, "n2", "s", 6_290, Scenario::change(4, "v4", "k2", "c2-3")));
+        let report = check(&history);
+        let refused: Vec<_> = report.of(Invariant::RefusedVisible).collect();
+        assert_eq!(refused.len(), 1, "{report}");
+        assert_eq!(refused[0].involved.len(), 3, "{report}");
     }
 
     #[test]
