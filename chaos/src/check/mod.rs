@@ -1,14 +1,24 @@
 //! The history checker: judges a chaos run from its recorded history alone (issue 13, item 3),
 //! without asking the daemons anything. Pure: no I/O except [`check_file`], no clock.
 //!
-//! Each invariant has a file of its own: [`lost_write`] (SPEC 2), [`sequence`] (SPEC 3: one
-//! committed sequence, no refused write visible, no stale read flagged fresh), [`watch`]
-//! (SPEC 4), [`convergence`] (SPEC 1) and [`membership`] (SPEC 5). They share [`Run`], an
+//! Each invariant has a file of its own: `lost_write.rs` (SPEC 2), `sequence.rs` (SPEC 3: one
+//! committed sequence, no refused write visible, no stale read flagged fresh), `watch.rs`
+//! (SPEC 4), `convergence.rs` (SPEC 1) and `membership.rs` (SPEC 5). They share `Run`, an
 //! index of the history built once.
 //!
 //! Every check is built to be sound first: it reports a violation only when the history proves
 //! one (a write the checker cannot place, such as one whose outcome is unknown, is never held
 //! against the system), and the unit tests of each file show it catching an injected bug.
+//!
+//! **What the checks assume of the runner** (beyond [`crate::history`]'s own rules):
+//! * every value written is unique in the run (a repeat is a [`Invariant::History`] violation);
+//! * every node of the run has a `final` record of every group, read after the settle period;
+//! * a watcher's events are recorded until after the final states were read, and a watch the
+//!   runner (re)opens starts with a `start` record carrying its snapshot;
+//! * a fault's `fault_end` is timed before the healing begins: a `kill9` ends when the process
+//!   is started again, not when it is ready, so that no sample of a restarted node falls inside
+//!   the kill;
+//! * `loss` faults say their rate as `loss=N%` in `detail`.
 
 mod convergence;
 mod lost_write;
