@@ -9,7 +9,7 @@
 //!   on the way there). A run whose samples all fall before the bound judges nothing.
 //! * **No false dead.** A sample in which observer `o` calls node `y` `dead` fails when, over
 //!   the detection bound before it, no fault hit `y` or `o` and no network fault was active
-//!   anywhere. Loss up to [`LOSS_HEALTHY_PERCENT_MAX`] % (`detail` `loss=N%`) counts as a
+//!   anywhere. Loss up to [`HEALTHY_LOSS_PERCENT`] % (`detail` `loss=N%`) counts as a
 //!   healthy network (SPEC: no false positives at 5 % loss). The bound is the grace after a
 //!   fault ends: a restarted node may be seen dead until the detector hears from it again.
 
@@ -19,7 +19,7 @@ use super::{Invariant, Run, Violation};
 use crate::history::{FaultStart, MembershipSample, Record};
 
 /// Loss on a link up to this percentage is a healthy network (SPEC invariant 5).
-const LOSS_HEALTHY_PERCENT_MAX: f64 = 5.0;
+const HEALTHY_LOSS_PERCENT: f64 = 5.0;
 
 /// Fault kinds that hit only their nodes and leave the network healthy. Any other kind (or an
 /// unknown one) counts as a network fault, so the false-dead rule judges less, never wrongly.
@@ -47,7 +47,7 @@ impl Fault<'_> {
 
     /// Loss of at most 5 %: no fault at all for these rules.
     fn is_healthy_loss(&self) -> bool {
-        self.start.kind == "loss" && loss_percent(&self.start.detail).is_some_and(|p| p <= LOSS_HEALTHY_PERCENT_MAX)
+        self.start.kind == "loss" && loss_percent(&self.start.detail).is_some_and(|p| p <= HEALTHY_LOSS_PERCENT)
     }
 
     fn is_network(&self) -> bool {

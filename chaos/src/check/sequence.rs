@@ -32,7 +32,7 @@ use super::{Invariant, Mode, Run, Violation, Write, refusal_is_final};
 use crate::history::{OpKind, Outcome, Record, WatchedEvent};
 
 /// How many records a violation lists as witnesses of one refused write.
-const WITNESSES_SHOWN_MAX: usize = 5;
+const WITNESSES_SHOWN: usize = 5;
 
 pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
     for (group, mode) in run.groups() {
@@ -197,18 +197,32 @@ fn check_fresh_reads(
             explanation,
             involved: vec![run.involved(index), run.involved(write_index)],
         };
-        // The state served must include every version acknowledged before the read began.
-        if let Some((newest, write)) = whole.newest_before(op.invoke_ms) {
-            match position_of(graph, version) {
-                Some(served) if served >= newest => {}
-                Some(_) | None => violations.push(stale(
-                    format!(
-                        "read of `{}` at {} ms served {version} as fresh, but {} was acknowledged at {} ms",
-                        op.key, op.invoke_ms, sequence[newest], write.op.complete_ms
-                    ),
-                    write.index,
-                )),
-            }
+        // A version served as fresh must be a committed one.
+        if graph.candidates(version).is_empty() {
+            violations.push(Violation {
+                invariant: Invariant::StrongSequence,
+                group: Some(group.to_owned()),
+                explanation: format!(
+                    "read of `{}` at {} ms served {version} as fresh, a version in no node's final history",
+                    op.key, op.invoke_ms
+                ),
+                involved: vec![run.involved(index)],
+            });
+            continue;
+        }
+        // The state served must include every version acknowledged before the read began (a
+        // label naming two versions, after a fork, is not judged here).
+        if let Some((newest, write)) = whole.newest_before(op.invoke_ms)
+            && let Some(served) = position_of(graph, version)
+            && served < newest
+        {
+            violations.push(stale(
+                format!(
+                    "read of `{}` at {} ms served {version} as fresh, but {} was acknowledged at {} ms",
+                    op.key, op.invoke_ms, sequence[newest], write.op.complete_ms
+                ),
+                write.index,
+            ));
         }
         // The value must be that of the newest write of the key acknowledged before, or newer.
         let Some((newest, write)) = per_key.get(op.key.as_str()).and_then(|key| key.newest_before(op.invoke_ms)) else {
@@ -271,7 +285,7 @@ fn check_refused_visible(run: &Run<'_>, violations: &mut Vec<Violation>) {
         let Record::Op(op) = &run.records[write_index] else { continue };
         let (OpKind::Write { value }, Outcome::Refused { code, .. }) = (&op.kind, &op.outcome) else { continue };
         let mut involved = vec![run.involved(write_index)];
-        involved.extend(shown.iter().take(WITNESSES_SHOWN_MAX).map(|&index| run.involved(index)));
+        involved.extend(shown.iter().take(WITNESSES_SHOWN).map(|&index| run.involved(index)));
         violations.push(Violation {
             invariant: Invariant::RefusedVisible,
             group: Some(op.group.clone()),
@@ -357,6 +371,16 @@ mod tests {
         assert_eq!(stale.len(), 2, "{report}");
         assert!(stale[0].explanation.contains("served v2 as fresh"), "{report}");
         assert!(stale[1].explanation.contains("returned `c2-1`"), "{report}");
+    }
+
+    #[test]
+    fn a_fresh_read_of_a_version_no_node_committed_is_caught() {
+        let mut history = Scenario::clean();
+        history.insert(18, Scenario::read("n3", "s", "k1", Some("c2-2"), "v9", 6_400, false));
+        let report = check(&history);
+        let sequence: Vec<_> = report.of(Invariant::StrongSequence).collect();
+        assert_eq!(sequence.len(), 1, "{report}");
+        assert!(sequence[0].explanation.contains("served v9 as fresh"), "{report}");
     }
 
     #[test]

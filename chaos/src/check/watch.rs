@@ -30,7 +30,7 @@ use super::{Invariant, Run, Violation};
 use crate::history::{Record, WatchedEvent};
 
 /// How many missed writes a violation lists.
-const MISSED_SHOWN_MAX: usize = 5;
+const MISSED_SHOWN: usize = 5;
 
 /// One watch, from a `start` to its `ended` (or the end of the history).
 #[derive(Debug)]
@@ -156,7 +156,7 @@ fn check_missed(run: &Run<'_>, segment: &Segment<'_>, violations: &mut Vec<Viola
         .collect();
     let Some(&(first, label)) = missed.first() else { return };
     let mut involved: Vec<_> = segment.start.map(|index| run.involved(index)).into_iter().collect();
-    involved.extend(missed.iter().take(MISSED_SHOWN_MAX).map(|(write, _)| run.involved(write.index)));
+    involved.extend(missed.iter().take(MISSED_SHOWN).map(|(write, _)| run.involved(write.index)));
     violations.push(Violation {
         invariant: Invariant::Watch,
         group: Some(segment.group.to_owned()),
