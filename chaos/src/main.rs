@@ -1,5 +1,5 @@
-//! `konor-chaos`: runs chaos runs (`run`, `sweep`) and removes what a killed run left
-//! (`cleanup`); docs/testing.md, "Chaos". Exit codes: 0 a run (or every run of a sweep) ended
+//! `konor-chaos`: runs chaos runs and judges them (`run`, `sweep`), judges a kept history again
+//! (`check`) and removes what a killed run left (`cleanup`); docs/testing.md, "Chaos". Exit codes: 0 a run (or every run of a sweep) ended
 //! and was judged clean; 1 a run failed or was judged to have violations; 2 bad arguments;
 //! 130 interrupted (ctrl-C or SIGTERM), after cleaning up.
 
@@ -53,6 +53,11 @@ enum Command {
         out: PathBuf,
         #[command(flatten)]
         common: CommonArgs,
+    },
+    /// Judges a kept history again (a run dir or its history.jsonl) and prints the summary.
+    Check {
+        /// A run dir or a history file.
+        path: PathBuf,
     },
     /// Removes what killed runs left: processes in the suite's namespaces and in the pid files
     /// under --out, the suite's tmpfs mounts, veths, namespaces and bridges with its prefixes.
@@ -223,6 +228,11 @@ async fn execute(command: Command) -> anyhow::Result<bool> {
             println!("sweep: {} runs, {} failed {:?}", seeds.len(), failed.len(), failed);
             Ok(failed.is_empty())
         }
+        Command::Check { path } => {
+            let report = konor_chaos::check_file(&path)?;
+            println!("{report}");
+            Ok(report.passed())
+        }
         Command::Cleanup { out } => {
             let mut removed: Vec<String> = Vec::new();
             if let Ok(entries) = std::fs::read_dir(&out) {
@@ -271,26 +281,12 @@ fn report(seed: u64, summary: &RunSummary) -> anyhow::Result<bool> {
     Ok(clean)
 }
 
-/// The checker's single call site. The checker (chaos/src/check/) is written on another
-/// branch; until it is merged this only prints what the history holds and judges nothing.
-/// When merging, replace the body with `konor_chaos::check::check(records)` (printing its
-/// summary, clean when it found no violation).
+/// Judges a history with the checker (`konor_chaos::check`) and prints its summary; true when
+/// it found no violation.
 fn judge(records: &[Record]) -> bool {
-    let mut by_kind = std::collections::BTreeMap::<&str, usize>::new();
-    for record in records {
-        let kind = match record {
-            Record::Run(_) => "run",
-            Record::Op(_) => "op",
-            Record::Watch(_) => "watch",
-            Record::FaultStart(_) => "fault_start",
-            Record::FaultEnd(_) => "fault_end",
-            Record::Membership(_) => "membership",
-            Record::Final(_) => "final",
-        };
-        *by_kind.entry(kind).or_default() += 1;
-    }
-    println!("history records: {by_kind:?} (checker not wired in yet: nothing judged)");
-    true
+    let report = konor_chaos::check::check(records);
+    println!("{report}");
+    report.passed()
 }
 
 #[cfg(test)]

@@ -48,6 +48,8 @@ fn a_short_run_records_operations_faults_and_final_states_and_leaves_no_namespac
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "konor-chaos run failed ({}):\n{stdout}\n{stderr}", output.status);
     assert!(stdout.contains(&run_dir.display().to_string()), "the run dir is printed:\n{stdout}");
+    // The checker judged the history (a violation would have failed the run above).
+    assert!(stdout.contains("violations: 0") && stdout.contains("PASSED"), "the checker's summary:\n{stdout}");
 
     let text = std::fs::read_to_string(run_dir.join("history.jsonl")).unwrap();
     let records = history::parse(&text).unwrap();
