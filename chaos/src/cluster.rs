@@ -25,6 +25,10 @@ pub const TMPFS_SOURCE: &str = "konor-chaos";
 /// The file in the run dir listing every konord pid started, one a line.
 pub const PID_FILE: &str = "konord.pids";
 
+/// How long konord may take to acknowledge new fault settings (it reads them every 100 ms; a
+/// node busy catching up may take a few polls).
+const FAULTS_APPLIED_DEADLINE: Duration = Duration::from_secs(5);
+
 /// How long a node may take to answer on its socket after a start.
 const START_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -46,6 +50,8 @@ pub struct Node {
     pub listen: String,
     /// Seed addresses.
     pub seeds: Vec<String>,
+    /// The control file of konord's fault layer (delay, reordering, duplication, slow disk).
+    pub fault_control: PathBuf,
     child: Option<Child>,
     paused: bool,
 }
@@ -78,6 +84,7 @@ impl Cluster {
                 tls_dir,
                 socket: base.join("s.sock"),
                 log: base.join("konord.log"),
+                fault_control: base.join("faults"),
                 namespace: namespace.clone(),
                 listen: format!("{address}:{NODE_PORT}"),
                 seeds: if index == 0 { Vec::new() } else { vec![seed.clone()] },
@@ -107,6 +114,7 @@ impl Cluster {
             .arg("--tls-dir")
             .arg(&node.tls_dir)
             .env("KONOR_LOG", &self.log_filter)
+            .env(konor_node::fault_layer::FAULT_CONTROL_ENV, &node.fault_control)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log);
@@ -168,6 +176,33 @@ impl Cluster {
         if let Some(child) = &node.child {
             signal(child.id(), "CONT");
             node.paused = false;
+        }
+    }
+
+    /// Sets node `index`'s fault layer to `settings` (the control file's text; empty heals) and
+    /// waits until konord acknowledges it. A node not running takes it at its next start.
+    pub async fn set_faults(&mut self, index: usize, settings: &str) -> anyhow::Result<()> {
+        let node = &self.nodes[index];
+        let staged = node.fault_control.with_extension("next");
+        std::fs::write(&staged, settings)
+            .and_then(|()| std::fs::rename(&staged, &node.fault_control))
+            .with_context(|| format!("writing {}", node.fault_control.display()))?;
+        if node.child.is_none() || node.paused {
+            return Ok(());
+        }
+        let applied = konor_node::fault_layer::applied_path(&node.fault_control);
+        let deadline = tokio::time::Instant::now() + FAULTS_APPLIED_DEADLINE;
+        loop {
+            if std::fs::read_to_string(&applied).is_ok_and(|text| text == settings) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "konord {} did not take its fault settings {settings:?} within {FAULTS_APPLIED_DEADLINE:?}",
+                    node.id
+                );
+            }
+            tokio::time::sleep(konor_node::fault_layer::CONTROL_POLL / 4).await;
         }
     }
 

@@ -3,8 +3,9 @@
 //! passes, each pass every kind once in a seeded order, so a run of a minute or more sees every
 //! kind. Each fault writes a `FaultStart` before it acts and a `FaultEnd` after it healed.
 //!
-//! Delay, reordering and duplication need a fault layer the suite does not have yet (this
-//! kernel has no netem): they are not in the schedule.
+//! Delay, reordering and duplication (this kernel has no netem) and a slow disk come from
+//! konord's own fault layer (`konor_node::fault_layer`), which every node of a run starts with:
+//! the runner writes a node's control file and waits for konord's acknowledgement.
 
 use std::time::Duration;
 
@@ -32,6 +33,13 @@ const HOLD_MAX_MS: u64 = 8_000;
 /// (no false dead), 10 and 20 as a bad one.
 const LOSS_PERCENTS: [u32; 5] = [2, 5, 5, 10, 20];
 
+/// Delays drawn for the `delay` kind, ms: from a LAN to a slow WAN link. The checker counts
+/// delay (with jitter) up to 250 ms as a healthy network.
+const DELAYS_MS: [u32; 4] = [20, 50, 100, 200];
+
+/// fsync delays drawn for the `slow_disk` kind, ms: a busy SSD to a struggling spinning disk.
+const FSYNC_DELAYS_MS: [u32; 4] = [20, 100, 300, 1000];
+
 /// One fault, with the nodes it hits (indexes).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
@@ -51,10 +59,51 @@ pub enum Fault {
     Loss(usize, u32),
     /// The disk node's data dir filled to the last byte, freed at the end.
     DiskFull(usize),
+    /// Datagrams leaving these nodes delayed, reordered or duplicated by konord's fault layer;
+    /// the kind names the flavour.
+    Link(&'static str, Vec<usize>, LinkFaults),
+    /// Every fsync (and write) of one node's store slowed by this many ms.
+    SlowDisk(usize, u32),
+}
+
+/// What the fault layer does to a node's outgoing datagrams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkFaults {
+    /// Fixed delay, ms.
+    pub delay_ms: u32,
+    /// Random extra delay up to this, ms.
+    pub jitter_ms: u32,
+    /// Percent held back so that later ones overtake them.
+    pub reorder_percent: u32,
+    /// Percent sent twice.
+    pub duplicate_percent: u32,
+}
+
+impl LinkFaults {
+    /// The control file's text, also the fault's detail.
+    pub fn control_text(&self) -> String {
+        format!(
+            "delay={}ms jitter={}ms reorder={}% duplicate={}%",
+            self.delay_ms, self.jitter_ms, self.reorder_percent, self.duplicate_percent
+        )
+    }
 }
 
 /// The kinds in a pass.
-const KINDS: [&str; 8] = ["kill9", "pause", "partition", "isolate", "oneway", "bridge", "loss", "disk_full"];
+const KINDS: [&str; 12] = [
+    "kill9",
+    "pause",
+    "partition",
+    "isolate",
+    "oneway",
+    "bridge",
+    "loss",
+    "disk_full",
+    "delay",
+    "reorder",
+    "duplicate",
+    "slow_disk",
+];
 
 /// A fault with its timing.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +128,8 @@ impl Fault {
             Fault::Bridge(..) => "bridge",
             Fault::Loss(..) => "loss",
             Fault::DiskFull(_) => "disk_full",
+            Fault::Link(kind, ..) => kind,
+            Fault::SlowDisk(..) => "slow_disk",
         }
     }
 }
@@ -130,7 +181,40 @@ fn draw(rng: &mut StdRng, kind: &str, node_count: usize, disk_node: usize) -> Fa
         }
         "loss" => Fault::Loss(one, LOSS_PERCENTS[rng.random_range(0..LOSS_PERCENTS.len())]),
         "disk_full" => Fault::DiskFull(disk_node),
+        "delay" | "reorder" | "duplicate" => {
+            // One node's egress, or every node's (then every link carries the fault both ways).
+            let nodes = if rng.random_bool(0.5) { vec![one] } else { (0..node_count).collect() };
+            let link = match kind {
+                "delay" => {
+                    let delay_ms = DELAYS_MS[rng.random_range(0..DELAYS_MS.len())];
+                    LinkFaults { delay_ms, jitter_ms: delay_ms / 4, reorder_percent: 0, duplicate_percent: 0 }
+                }
+                "reorder" => LinkFaults {
+                    delay_ms: 5,
+                    jitter_ms: 10,
+                    reorder_percent: rng.random_range(5..=30),
+                    duplicate_percent: 0,
+                },
+                _ => LinkFaults {
+                    delay_ms: 0,
+                    jitter_ms: 0,
+                    reorder_percent: 0,
+                    duplicate_percent: rng.random_range(5..=30),
+                },
+            };
+            Fault::Link(kind_name(kind), nodes, link)
+        }
+        "slow_disk" => Fault::SlowDisk(one, FSYNC_DELAYS_MS[rng.random_range(0..FSYNC_DELAYS_MS.len())]),
         _ => Fault::Kill9(one),
+    }
+}
+
+/// The static name of a link fault kind.
+fn kind_name(kind: &str) -> &'static str {
+    match kind {
+        "delay" => "delay",
+        "reorder" => "reorder",
+        _ => "duplicate",
     }
 }
 
@@ -185,12 +269,24 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
                 let bytes = disk.fill()?;
                 tracing::info!(bytes, "disk filled");
             }
+            Fault::Link(_, nodes, link) => {
+                for index in nodes {
+                    cluster.set_faults(*index, &link.control_text()).await?;
+                }
+            }
+            Fault::SlowDisk(index, ms) => cluster.set_faults(*index, &slow_disk_text(*ms)).await?,
         }
         tokio::time::sleep(Duration::from_millis(planned.hold_ms)).await;
         match &planned.fault {
             Fault::Kill9(index) => cluster.start(*index).with_context(|| format!("restarting {}", name(index)))?,
             Fault::Pause(index) => cluster.resume(*index),
             Fault::DiskFull(_) => disk.free(),
+            Fault::Link(_, nodes, _) => {
+                for index in nodes {
+                    cluster.set_faults(*index, "").await?;
+                }
+            }
+            Fault::SlowDisk(index, _) => cluster.set_faults(*index, "").await?,
             _ => lab.heal(),
         }
         recorder.write(&Record::FaultEnd(FaultEnd { id, at_ms: recorder.now_ms() }))?;
@@ -223,9 +319,18 @@ fn describe(fault: &Fault, names: &[String]) -> (Vec<String>, Vec<Vec<String>>, 
             vec![names_of(left), names_of(right)],
             format!("{} sees both sides; the sides do not see each other", name(middle)),
         ),
-        Fault::Loss(i, percent) => (vec![name(i)], Vec::new(), format!("egress loss {percent}%")),
+        Fault::Loss(i, percent) => (vec![name(i)], Vec::new(), konor_chaos::history::loss_detail(*percent)),
         Fault::DiskFull(i) => (vec![name(i)], Vec::new(), "data dir tmpfs filled to ENOSPC, then freed".into()),
+        Fault::Link(_, nodes, link) => {
+            (names_of(nodes), Vec::new(), konor_chaos::history::link_detail(&link.control_text()))
+        }
+        Fault::SlowDisk(i, ms) => (vec![name(i)], Vec::new(), slow_disk_text(*ms)),
     }
+}
+
+/// The control text of a slow disk: every fsync waits `ms`, every write a tenth of it.
+fn slow_disk_text(ms: u32) -> String {
+    format!("fsync_delay={ms}ms write_delay={}ms", ms / 10)
 }
 
 #[cfg(test)]

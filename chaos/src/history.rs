@@ -194,6 +194,18 @@ pub enum WatchedEvent {
     },
 }
 
+/// The `detail` of a `loss` fault: the membership check reads the percentage from it.
+pub fn loss_detail(percent: u32) -> String {
+    format!("egress loss={percent}%")
+}
+
+/// The `detail` of a link fault (`delay`, `reorder`, `duplicate`): the fault layer's control
+/// text (`delay=40ms jitter=10ms reorder=0% duplicate=0%`), whose delay and jitter the
+/// membership check reads.
+pub fn link_detail(control_text: &str) -> String {
+    format!("egress {control_text}")
+}
+
 /// A fault started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultStart {

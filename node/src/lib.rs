@@ -2,6 +2,7 @@
 pub mod api;
 pub mod ctl;
 pub mod daemon;
+pub mod fault_layer;
 pub mod limits;
 pub mod peer;
 pub mod pki;

@@ -42,6 +42,9 @@ pub struct DaemonSettings {
     pub cluster: String,
     /// Gossip period.
     pub gossip_interval: Duration,
+    /// The fault layer's control file (tests only; from [`crate::fault_layer::FAULT_CONTROL_ENV`],
+    /// never a flag or a settings-file key). `None`: no fault layer.
+    pub fault_control: Option<PathBuf>,
 }
 
 /// The TOML form of the settings (`konord --config konord.toml`); keys as the flags.

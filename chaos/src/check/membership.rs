@@ -10,7 +10,9 @@
 //! * **No false dead.** A sample in which observer `o` calls node `y` `dead` fails when, over
 //!   the detection bound before it, no fault hit `y` or `o` and no network fault was active
 //!   anywhere. Loss up to [`HEALTHY_LOSS_PERCENT`] % (`detail` `loss=N%`) counts as a
-//!   healthy network (SPEC: no false positives at 5 % loss). The bound is the grace after a
+//!   healthy network (SPEC: no false positives at 5 % loss), and so do the fault layer's link
+//!   faults (`delay`, `reorder`, `duplicate`) whose delay plus jitter is at most
+//!   [`HEALTHY_DELAY_MS`] ms (detail `delay=Nms jitter=Mms ...`). The bound is the grace after a
 //!   fault ends: a restarted node may be seen dead until the detector hears from it again.
 
 use std::collections::BTreeSet;
@@ -20,6 +22,13 @@ use crate::history::{FaultStart, MembershipSample, Record};
 
 /// Loss on a link up to this percentage is a healthy network (SPEC invariant 5).
 const HEALTHY_LOSS_PERCENT: f64 = 5.0;
+
+/// Delay plus jitter of a link up to this is a healthy network: a slow WAN link, far from the
+/// seconds of silence a failure detector needs to call a node dead.
+const HEALTHY_DELAY_MS: u64 = 250;
+
+/// The fault layer's link faults: delay, reordering, duplication of datagrams.
+const LINK_FAULT_KINDS: &[&str] = &["delay", "reorder", "duplicate"];
 
 /// Fault kinds that hit only their nodes and leave the network healthy. Any other kind (or an
 /// unknown one) counts as a network fault, so the false-dead rule judges less, never wrongly.
@@ -45,14 +54,30 @@ impl Fault<'_> {
         self.start.nodes.iter().any(|hit| hit == node)
     }
 
-    /// Loss of at most 5 %: no fault at all for these rules.
+    /// Loss of at most 5 %, or a link fault of at most [`HEALTHY_DELAY_MS`]: no fault at all
+    /// for these rules.
     fn is_healthy_loss(&self) -> bool {
-        self.start.kind == "loss" && loss_percent(&self.start.detail).is_some_and(|p| p <= HEALTHY_LOSS_PERCENT)
+        let detail = &self.start.detail;
+        match self.start.kind.as_str() {
+            "loss" => loss_percent(detail).is_some_and(|p| p <= HEALTHY_LOSS_PERCENT),
+            kind if LINK_FAULT_KINDS.contains(&kind) => {
+                let delay = millis_of(detail, "delay=");
+                let jitter = millis_of(detail, "jitter=");
+                delay.zip(jitter).is_some_and(|(delay, jitter)| delay + jitter <= HEALTHY_DELAY_MS)
+            }
+            _ => false,
+        }
     }
 
     fn is_network(&self) -> bool {
         !self.is_healthy_loss() && !NODE_FAULT_KINDS.contains(&self.start.kind.as_str())
     }
+}
+
+/// `delay=40ms` (anywhere in the detail, for `key` `delay=`) -> 40.
+fn millis_of(detail: &str, key: &str) -> Option<u64> {
+    let at = detail.split_whitespace().find_map(|word| word.strip_prefix(key))?;
+    at.strip_suffix("ms")?.parse().ok()
 }
 
 /// `loss=3%` (anywhere in the detail) -> 3.
@@ -200,6 +225,31 @@ mod tests {
         let mut history = Scenario::clean();
         history.insert(13, Scenario::sample("n1", 7_000, &n3_dead));
         assert!(check(&history).passed());
+    }
+
+    #[test]
+    fn a_false_dead_under_a_moderate_link_fault_is_caught_and_under_a_long_delay_is_not() {
+        let n2_dead = [("n1", "live"), ("n2", "dead"), ("n3", "live")];
+        for (kind, detail, caught) in [
+            ("delay", "egress delay=200ms jitter=50ms reorder=0% duplicate=0%", true),
+            ("duplicate", "egress delay=0ms jitter=0ms reorder=0% duplicate=30%", true),
+            ("delay", "egress delay=1000ms jitter=250ms reorder=0% duplicate=0%", false),
+            ("delay", "egress delay=unreadable", false),
+        ] {
+            let mut history = Scenario::clean();
+            history.insert(18, Scenario::fault(2, 6_500, kind, &["n1", "n2", "n3"], detail));
+            history.insert(21, Scenario::sample("n3", 12_000, &n2_dead));
+            let report = check(&history);
+            assert_eq!(report.of(Invariant::FalseDead).count(), usize::from(caught), "{detail}: {report}");
+        }
+    }
+
+    #[test]
+    fn the_runners_details_are_read_as_it_writes_them() {
+        use crate::history::{link_detail, loss_detail};
+        let detail = link_detail("delay=40ms jitter=10ms reorder=0% duplicate=0%");
+        assert_eq!((super::millis_of(&detail, "delay="), super::millis_of(&detail, "jitter=")), (Some(40), Some(10)));
+        assert_eq!(super::loss_percent(&loss_detail(5)), Some(5.0));
     }
 
     #[test]

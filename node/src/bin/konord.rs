@@ -97,6 +97,9 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
         tls_dir,
         cluster: args.cluster.or(file.cluster).unwrap_or_else(|| CLUSTER_DEFAULT.to_owned()),
         gossip_interval,
+        fault_control: std::env::var_os(konor_node::fault_layer::FAULT_CONTROL_ENV)
+            .filter(|path| !path.is_empty())
+            .map(PathBuf::from),
     })
 }
 

@@ -262,7 +262,15 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     );
     warn_on_open_permissions(&settings);
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
-    let (network, inbox) = start_network(&identity, settings.listen).await?;
+    let fault_layer = settings.fault_control.as_deref().map(|path| {
+        warn!(
+            control = %path.display(),
+            "konord runs with a fault layer ({}): peer traffic and the disk are slowed as that file says; a test setting, never for production",
+            crate::fault_layer::FAULT_CONTROL_ENV
+        );
+        crate::fault_layer::FaultLayer::start(path)
+    });
+    let (network, inbox) = start_network(&identity, settings.listen, fault_layer.as_ref()).await?;
     let advertise = network.local_addr();
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
@@ -294,7 +302,9 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         membership_poll: MEMBERSHIP_POLL_DEFAULT,
         store_io: StoreIo::Blocking,
         reads: Some(reads),
-        storage_hook: None,
+        storage_hook: fault_layer.map(|layer| {
+            Arc::new(crate::fault_layer::disk::SlowDisk::new(layer)) as Arc<dyn crate::storage::store::StorageHook>
+        }),
         gossip_seal,
         gossip_runtime: Some(tokio::runtime::Handle::current()),
     };
@@ -333,11 +343,19 @@ async fn run_node_on_own_thread(parts: NodeParts, shutdown: watch::Receiver<bool
 /// Binds the QUIC endpoint. A port still held by a konord that is stopping (a restart right
 /// after SIGTERM: the old one announces its leave for a few gossip periods, then lets go of its
 /// port last, after its data dir and socket) is waited for, at most [`PREDECESSOR_EXIT_WAIT`].
-async fn start_network(identity: &TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
+async fn start_network(
+    identity: &TlsIdentity,
+    listen: SocketAddr,
+    fault_layer: Option<&Arc<crate::fault_layer::FaultLayer>>,
+) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
     let deadline = Instant::now() + PREDECESSOR_EXIT_WAIT;
     let mut waiting = false;
     loop {
-        match QuicNetwork::start(identity, listen) {
+        let started = match fault_layer {
+            Some(layer) => QuicNetwork::start_with_faults(identity, listen, layer.clone()),
+            None => QuicNetwork::start(identity, listen),
+        };
+        match started {
             Err(error) if address_in_use(&error) && Instant::now() < deadline => {
                 if !waiting {
                     info!(

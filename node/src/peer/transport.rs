@@ -241,7 +241,17 @@ pub struct Inbox {
 impl QuicNetwork {
     /// Binds the endpoint on `listen` and starts accepting peers.
     pub fn start(identity: &TlsIdentity, listen: SocketAddr) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
-        QuicNetwork::start_with(identity, listen, PEER_WRITER_IDLE)
+        QuicNetwork::start_with(identity, listen, PEER_WRITER_IDLE, None)
+    }
+
+    /// [`QuicNetwork::start`] over the fault layer's socket (tests of real processes: delay,
+    /// reordering, duplication of datagrams).
+    pub fn start_with_faults(
+        identity: &TlsIdentity,
+        listen: SocketAddr,
+        layer: Arc<crate::fault_layer::FaultLayer>,
+    ) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
+        QuicNetwork::start_with(identity, listen, PEER_WRITER_IDLE, Some(layer))
     }
 
     /// [`QuicNetwork::start`], with writers ending after `writer_idle` without a frame.
@@ -249,12 +259,24 @@ impl QuicNetwork {
         identity: &TlsIdentity,
         listen: SocketAddr,
         writer_idle: Duration,
+        fault_layer: Option<Arc<crate::fault_layer::FaultLayer>>,
     ) -> anyhow::Result<(Arc<QuicNetwork>, Inbox)> {
         let server_config = tls::server_config(identity)?;
         let client_config = tls::client_config(identity)?;
+        let endpoint = match fault_layer {
+            None => quinn::Endpoint::server(server_config, listen),
+            Some(layer) => crate::fault_layer::socket::FaultySocket::bind(listen, layer).and_then(|socket| {
+                quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server_config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            }),
+        };
         // The io::Error stays the source: a caller may wait out `AddrInUse` (a restart).
-        let mut endpoint = quinn::Endpoint::server(server_config, listen)
-            .map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {listen} (UDP)")))?;
+        let mut endpoint =
+            endpoint.map_err(|e| anyhow::Error::new(e).context(format!("cannot listen on {listen} (UDP)")))?;
         endpoint.set_default_client_config(client_config);
         let (gossip_tx, gossip_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
         let (replica_tx, replica_rx) = mpsc::channel(INCOMING_QUEUE_MAX);
@@ -919,7 +941,7 @@ mod tests {
         let pki = pki();
         let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
         let idle = Duration::from_millis(300);
-        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle).unwrap();
+        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle, None).unwrap();
         b.send(a.local_addr(), Some("a"), Channel::Replica, b"one".to_vec());
         assert_eq!(next(&mut a_inbox.replica).await.bytes, b"one");
         assert_eq!((b.peer_writers(), a.peers_connected()), (1, 1));
@@ -937,7 +959,7 @@ mod tests {
         let pki = pki();
         let (a, mut a_inbox) = QuicNetwork::start(&pki.a, "127.0.0.1:0".parse().unwrap()).unwrap();
         let idle = Duration::from_millis(50);
-        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle).unwrap();
+        let (b, _b_inbox) = QuicNetwork::start_with(&pki.b, "127.0.0.1:0".parse().unwrap(), idle, None).unwrap();
         // Frames at about the idle period: writers end and start around them.
         for round in 0..20u8 {
             b.send(a.local_addr(), Some("a"), Channel::Replica, vec![round]);
@@ -946,6 +968,39 @@ mod tests {
         }
         assert_eq!(b.stats.dropped_out.load(Ordering::Relaxed), 0);
         assert!(b.peer_writers() <= 1);
+    }
+
+    #[tokio::test]
+    async fn frames_cross_a_delaying_reordering_duplicating_network_once_each() {
+        use crate::fault_layer::FaultLayer;
+        use crate::fault_layer::control::FaultSettings;
+        let pki = pki();
+        let settings = FaultSettings::parse("delay=30ms jitter=20ms reorder=20% duplicate=20%").unwrap();
+        let (a_layer, b_layer) = (FaultLayer::fixed(settings), FaultLayer::fixed(settings));
+        let any = "127.0.0.1:0".parse().unwrap();
+        let (a, mut a_inbox) = QuicNetwork::start_with_faults(&pki.a, any, a_layer.clone()).unwrap();
+        let (b, _b_inbox) = QuicNetwork::start_with_faults(&pki.b, any, b_layer.clone()).unwrap();
+        b.send(a.local_addr(), Some("a"), Channel::Replica, vec![0]);
+        assert_eq!(next(&mut a_inbox.replica).await.bytes, vec![0]);
+        // On the open connection: a frame takes at least the delay of its datagrams.
+        let sent = Instant::now();
+        b.send(a.local_addr(), Some("a"), Channel::Replica, vec![1]);
+        assert_eq!(next(&mut a_inbox.replica).await.bytes, vec![1]);
+        assert!(sent.elapsed() >= Duration::from_millis(30), "a frame crossed in {:?}", sent.elapsed());
+        let frames: Vec<Vec<u8>> = (2..202u32).map(|n| n.to_be_bytes().repeat(300)).collect();
+        for frame in &frames {
+            b.send(a.local_addr(), Some("a"), Channel::Replica, frame.clone());
+        }
+        let mut received = Vec::new();
+        while received.len() < frames.len() {
+            received.push(next(&mut a_inbox.replica).await.bytes);
+        }
+        received.sort();
+        assert_eq!(received, frames, "every frame once, none twice");
+        let (delayed, duplicated) = b_layer.counts();
+        assert!(delayed > 200 && duplicated > 10, "b's layer delayed {delayed} and duplicated {duplicated} datagrams");
+        assert!(a_layer.counts().0 > 0, "a's acks were delayed too");
+        assert_eq!(b.stats.dropped_out.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test]

@@ -44,6 +44,8 @@ pub struct Node {
     /// A fixed QUIC listen address; `None`: 127.0.0.1 with a port the kernel picks (and the
     /// same address again after a restart).
     pub listen: Option<String>,
+    /// The control file of konord's fault layer; `None`: no fault layer.
+    pub fault_control: Option<PathBuf>,
 }
 
 impl Cluster {
@@ -84,6 +86,7 @@ impl Node {
             log: base.join("konord.log"),
             launcher: Vec::new(),
             listen: None,
+            fault_control: None,
         }
     }
 
@@ -119,6 +122,9 @@ impl Node {
             .stderr(log);
         for seed in &self.seeds {
             command.args(["--seed", seed]);
+        }
+        if let Some(control) = &self.fault_control {
+            command.env(konor_node::fault_layer::FAULT_CONTROL_ENV, control);
         }
         self.child = Some(command.spawn().unwrap());
     }

@@ -6,6 +6,7 @@
 
 mod consistency;
 mod durability;
+mod fault_layer;
 mod faults;
 mod harness;
 mod isolation;
