@@ -161,6 +161,23 @@ impl Cluster {
         self.write_pid_file();
     }
 
+    /// A power cut of node `index`: kill -9, then every byte its fault layer's ledger does not
+    /// show as fsynced is dropped from its files (a kill -9 alone loses nothing the kernel was
+    /// handed). Returns the bytes dropped. [`Cluster::start`] brings it back.
+    pub fn power_cut(&mut self, index: usize) -> anyhow::Result<u64> {
+        self.kill9(index);
+        let node = &self.nodes[index];
+        let ledger = konor_node::fault_layer::disk::ledger_path(&node.fault_control);
+        let text = match std::fs::read_to_string(&ledger) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(error) => return Err(error).with_context(|| format!("reading {}", ledger.display())),
+        };
+        konor_node::fault_layer::disk::DurableModel::from_ledger(&text)
+            .apply()
+            .with_context(|| format!("dropping {}'s unsynced bytes", node.id))
+    }
+
     /// SIGSTOP: the process freezes with its sockets open.
     pub fn pause(&mut self, index: usize) {
         let node = &mut self.nodes[index];

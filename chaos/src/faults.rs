@@ -64,6 +64,8 @@ pub enum Fault {
     Link(&'static str, Vec<usize>, LinkFaults),
     /// Every fsync (and write) of one node's store slowed by this many ms.
     SlowDisk(usize, u32),
+    /// Power cut: these nodes killed at once, their unsynced bytes dropped, restarted at the end.
+    PowerCut(Vec<usize>),
 }
 
 /// What the fault layer does to a node's outgoing datagrams.
@@ -90,7 +92,7 @@ impl LinkFaults {
 }
 
 /// The kinds in a pass.
-const KINDS: [&str; 12] = [
+const KINDS: [&str; 13] = [
     "kill9",
     "pause",
     "partition",
@@ -103,6 +105,7 @@ const KINDS: [&str; 12] = [
     "reorder",
     "duplicate",
     "slow_disk",
+    "power_cut",
 ];
 
 /// A fault with its timing.
@@ -130,6 +133,7 @@ impl Fault {
             Fault::DiskFull(_) => "disk_full",
             Fault::Link(kind, ..) => kind,
             Fault::SlowDisk(..) => "slow_disk",
+            Fault::PowerCut(_) => "power_cut",
         }
     }
 }
@@ -205,6 +209,9 @@ fn draw(rng: &mut StdRng, kind: &str, node_count: usize, disk_node: usize) -> Fa
             Fault::Link(kind_name(kind), nodes, link)
         }
         "slow_disk" => Fault::SlowDisk(one, FSYNC_DELAYS_MS[rng.random_range(0..FSYNC_DELAYS_MS.len())]),
+        // One host, or the whole cluster (a data centre losing power): every acknowledged
+        // write must be on some node's disk, not only in page caches.
+        "power_cut" => Fault::PowerCut(if rng.random_bool(0.5) { vec![one] } else { (0..node_count).collect() }),
         _ => Fault::Kill9(one),
     }
 }
@@ -254,6 +261,7 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
             detail,
         }))?;
         tracing::info!(id, fault = ?planned.fault, hold_ms = planned.hold_ms, "fault starts");
+        let mut end_detail = String::new();
         match &planned.fault {
             Fault::Kill9(index) => cluster.kill9(*index),
             Fault::Pause(index) => cluster.pause(*index),
@@ -275,6 +283,13 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
                 }
             }
             Fault::SlowDisk(index, ms) => cluster.set_faults(*index, &slow_disk_text(*ms)).await?,
+            Fault::PowerCut(nodes) => {
+                let mut dropped = Vec::new();
+                for index in nodes {
+                    dropped.push(format!("{} {} B", name(index), cluster.power_cut(*index)?));
+                }
+                end_detail = format!("unsynced bytes dropped: {}", dropped.join(", "));
+            }
         }
         tokio::time::sleep(Duration::from_millis(planned.hold_ms)).await;
         match &planned.fault {
@@ -287,9 +302,14 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
                 }
             }
             Fault::SlowDisk(index, _) => cluster.set_faults(*index, "").await?,
+            Fault::PowerCut(nodes) => {
+                for index in nodes {
+                    cluster.start(*index).with_context(|| format!("restarting {} after its power cut", name(index)))?;
+                }
+            }
             _ => lab.heal(),
         }
-        recorder.write(&Record::FaultEnd(FaultEnd { id, at_ms: recorder.now_ms() }))?;
+        recorder.write(&Record::FaultEnd(FaultEnd { id, at_ms: recorder.now_ms(), detail: end_detail }))?;
         ran += 1;
     }
     Ok(ran)
@@ -325,6 +345,11 @@ fn describe(fault: &Fault, names: &[String]) -> (Vec<String>, Vec<Vec<String>>, 
             (names_of(nodes), Vec::new(), konor_chaos::history::link_detail(&link.control_text()))
         }
         Fault::SlowDisk(i, ms) => (vec![name(i)], Vec::new(), slow_disk_text(*ms)),
+        Fault::PowerCut(nodes) => (
+            names_of(nodes),
+            Vec::new(),
+            "kill -9, bytes not fsynced dropped (from konord's durability ledger), then a restart".into(),
+        ),
     }
 }
 

@@ -233,6 +233,10 @@ pub struct FaultEnd {
     pub id: u32,
     /// When.
     pub at_ms: u64,
+    /// What the fault did that was known only once it acted (a power cut: the unsynced bytes
+    /// dropped per node); empty for most kinds.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
 }
 
 /// One node's view of liveness.
@@ -320,7 +324,7 @@ mod tests {
                 complete_ms: 12,
                 outcome: Outcome::Committed { version: "v2".into(), revision: 2, acked_by: vec!["n1".into()] },
             }),
-            Record::FaultEnd(FaultEnd { id: 3, at_ms: 40 }),
+            Record::FaultEnd(FaultEnd { id: 3, at_ms: 40, detail: String::new() }),
         ];
         let mut text: String = records.iter().map(|r| serde_json::to_string(r).unwrap() + "\n").collect();
         assert_eq!(parse(&text).unwrap(), records);

@@ -3,7 +3,7 @@
 //!
 //! Membership is sampled, so both rules are judged on the samples there are:
 //!
-//! * **Detection.** For a `kill9` of node `x` at `t` that lasts past `t + detection_bound_ms`,
+//! * **Detection.** For a `kill9` (or `power_cut`) of node `x` at `t` that lasts past `t + detection_bound_ms`,
 //!   every sample taken in `[t + bound, restart)` by another observer that is not itself
 //!   killed or paused at that time must show `x` as anything but `live` (`dead`, or `suspect`
 //!   on the way there). A run whose samples all fall before the bound judges nothing.
@@ -32,10 +32,13 @@ const LINK_FAULT_KINDS: &[&str] = &["delay", "reorder", "duplicate"];
 
 /// Fault kinds that hit only their nodes and leave the network healthy. Any other kind (or an
 /// unknown one) counts as a network fault, so the false-dead rule judges less, never wrongly.
-const NODE_FAULT_KINDS: &[&str] = &["kill9", "pause", "disk_full", "slow_disk", "clock_jump"];
+const NODE_FAULT_KINDS: &[&str] = &["kill9", "pause", "disk_full", "slow_disk", "clock_jump", "power_cut"];
 
 /// Fault kinds after which a node's own membership view may be stale (it was not running).
-const STOPPED_KINDS: &[&str] = &["kill9", "pause"];
+const STOPPED_KINDS: &[&str] = &["kill9", "pause", "power_cut"];
+
+/// Fault kinds that kill their nodes until the fault ends: every other node must see them go.
+const KILLED_KINDS: &[&str] = &["kill9", "power_cut"];
 
 /// A fault and when it ended (`None`: never healed in the history).
 #[derive(Debug)]
@@ -112,7 +115,7 @@ pub(super) fn check(run: &Run<'_>, violations: &mut Vec<Violation>) {
         })
     };
     // Detection of every kill.
-    for kill in faults.iter().filter(|fault| fault.start.kind == "kill9") {
+    for kill in faults.iter().filter(|fault| KILLED_KINDS.contains(&fault.start.kind.as_str())) {
         let deadline_ms = kill.start.at_ms.saturating_add(bound_ms);
         for victim in &kill.start.nodes {
             let mut blamed = BTreeSet::new();

@@ -122,7 +122,7 @@ impl Scenario {
 
     /// A fault ending.
     pub(crate) fn heal(id: u32, at_ms: u64) -> Record {
-        Record::FaultEnd(FaultEnd { id, at_ms })
+        Record::FaultEnd(FaultEnd { id, at_ms, detail: String::new() })
     }
 
     /// A membership sample.

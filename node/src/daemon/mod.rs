@@ -302,9 +302,15 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         membership_poll: MEMBERSHIP_POLL_DEFAULT,
         store_io: StoreIo::Blocking,
         reads: Some(reads),
-        storage_hook: fault_layer.map(|layer| {
-            Arc::new(crate::fault_layer::disk::SlowDisk::new(layer)) as Arc<dyn crate::storage::store::StorageHook>
-        }),
+        storage_hook: match (fault_layer, &settings.fault_control) {
+            (Some(layer), Some(control)) => {
+                let ledger = crate::fault_layer::disk::ledger_path(control);
+                let disk = crate::fault_layer::disk::FaultDisk::new(layer, Some(&ledger))
+                    .with_context(|| format!("cannot create the fault layer's ledger {}", ledger.display()))?;
+                Some(Arc::new(disk) as Arc<dyn crate::storage::store::StorageHook>)
+            }
+            _ => None,
+        },
         gossip_seal,
         gossip_runtime: Some(tokio::runtime::Handle::current()),
     };

@@ -7,7 +7,8 @@
 //! - [`control`]: the file's settings and the pure decision per datagram.
 //! - [`socket`]: the UDP socket under the QUIC endpoint that applies them to outgoing
 //!   datagrams (QUIC sees a real network's delay, reordering and duplicates).
-//! - [`disk`]: the store hook that slows writes and fsyncs.
+//! - [`disk`]: the store hook that slows writes and fsyncs, and keeps a ledger of what is
+//!   durable, from which a test cuts the power (drops every unsynced byte).
 //!
 //! Each accepted file is acknowledged: its text is copied to the same path with `.applied`
 //! appended ([`applied_path`]), so a test knows when a fault is in force (or healed) instead of
