@@ -54,6 +54,18 @@ enum Command {
         #[command(flatten)]
         common: CommonArgs,
     },
+    /// Prints the fault schedule a seed would run, without running anything (to pick seeds).
+    Plan {
+        /// Seed.
+        #[arg(long)]
+        seed: u64,
+        /// Length of the fault phase.
+        #[arg(long, default_value = "90s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Nodes, 3 to 7.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+    },
     /// Judges a kept history again (a run dir or its history.jsonl) and prints the summary.
     Check {
         /// A run dir or a history file.
@@ -227,6 +239,20 @@ async fn execute(command: Command) -> anyhow::Result<bool> {
             }
             println!("sweep: {} runs, {} failed {:?}", seeds.len(), failed.len(), failed);
             Ok(failed.is_empty())
+        }
+        Command::Plan { seed, duration, nodes } => {
+            if !(3..=7).contains(&nodes) {
+                bail!("--nodes must be 3 to 7, not {nodes}");
+            }
+            let disk_node = run::disk_node(seed, nodes);
+            println!("seed {seed} on {nodes} nodes: n{} on a tmpfs", disk_node + 1);
+            let mut at_ms = 0;
+            for planned in faults::plan(seed, duration.as_millis() as u64, nodes, disk_node) {
+                at_ms += planned.gap_ms;
+                println!("  {:>6} ms  {:<6} ms  {:?}", at_ms, planned.hold_ms, planned.fault);
+                at_ms += planned.hold_ms;
+            }
+            Ok(true)
         }
         Command::Check { path } => {
             let report = konor_chaos::check_file(&path)?;
