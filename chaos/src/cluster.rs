@@ -199,7 +199,7 @@ impl Cluster {
     /// Sets node `index`'s fault layer to `settings` (the control file's text; empty heals) and
     /// waits until konord acknowledges it. A node not running takes it at its next start.
     pub async fn set_faults(&mut self, index: usize, settings: &str) -> anyhow::Result<()> {
-        let node = &self.nodes[index];
+        let node = &mut self.nodes[index];
         let staged = node.fault_control.with_extension("next");
         std::fs::write(&staged, settings)
             .and_then(|()| std::fs::rename(&staged, &node.fault_control))
@@ -211,6 +211,14 @@ impl Cluster {
         let deadline = tokio::time::Instant::now() + FAULTS_APPLIED_DEADLINE;
         loop {
             if std::fs::read_to_string(&applied).is_ok_and(|text| text == settings) {
+                return Ok(());
+            }
+            // A konord that exited on its own (it refused its data dir after a power cut, say)
+            // takes nothing: the run goes on, and the node's missing final state fails it.
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                eprintln!("konor-chaos: konord {} exited with {status}; see {}", node.id, node.log.display());
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
