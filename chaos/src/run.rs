@@ -196,16 +196,15 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
     // power cut, say) gets no final state, which the convergence check reports.
     let mut probes = Vec::new();
     let mut answering = Vec::new();
-    for index in 0..options.nodes {
+    for (index, node) in node_ids.iter().enumerate() {
         match cluster.client(index, PROBE_TIMEOUT).await {
             Ok(probe) => {
                 probes.push(probe);
-                answering.push(node_ids[index].clone());
+                answering.push(node.clone());
             }
-            Err(error) => eprintln!(
-                "konor-chaos: {} is not back after healing, so it has no final state: {error:#}",
-                node_ids[index]
-            ),
+            Err(error) => {
+                eprintln!("konor-chaos: {node} is not back after healing, so it has no final state: {error:#}")
+            }
         }
     }
     let settle_started_ms = recorder.now_ms();
