@@ -109,6 +109,11 @@ pub enum Outcome {
         revision: u64,
         /// Nodes the daemon said hold it durably.
         acked_by: Vec<String>,
+        /// The content hash of the version it made: with the label, what identifies that
+        /// version in a final history (a label alone may be reused once the version is lost:
+        /// a later version on another actor can take its counter). Empty in older histories.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        content_hash: String,
     },
     /// The daemon refused or aborted it: by the contract, it never takes effect (the code says
     /// which: `not_committed`, `aborted`, `not_durable`, `busy`, `unavailable`, ...).
@@ -274,6 +279,9 @@ pub struct FinalVersion {
     pub label: String,
     /// Parent labels.
     pub parents: Vec<String>,
+    /// Its content hash (see `Outcome::Committed`); empty in older histories.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub content_hash: String,
 }
 
 /// Reads a history file: one record per line; a line that does not parse is an error naming
@@ -322,7 +330,12 @@ mod tests {
                 kind: OpKind::Write { value: "c1-1".into() },
                 invoke_ms: 10,
                 complete_ms: 12,
-                outcome: Outcome::Committed { version: "v2".into(), revision: 2, acked_by: vec!["n1".into()] },
+                outcome: Outcome::Committed {
+                    version: "v2".into(),
+                    revision: 2,
+                    acked_by: vec!["n1".into()],
+                    content_hash: "0a1b2c3d4e5f".into(),
+                },
             }),
             Record::FaultEnd(FaultEnd { id: 3, at_ms: 40, detail: String::new() }),
         ];

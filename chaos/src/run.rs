@@ -348,7 +348,10 @@ async fn final_state(client: &Client, node: &str, group: &str, recorder: &Record
     let Response::History { versions, .. } = client.call(Request::History { group: group.into() }).await? else {
         bail!("history: unexpected answer");
     };
-    let versions = versions.into_iter().map(|row| FinalVersion { label: row.label, parents: row.parents }).collect();
+    let versions = versions
+        .into_iter()
+        .map(|row| FinalVersion { label: row.label, parents: row.parents, content_hash: row.content_hash })
+        .collect();
     Ok(FinalState {
         node: node.to_owned(),
         group: group.to_owned(),

@@ -99,8 +99,8 @@ async fn write(client: &Client, group: &str, key: &str, value: &str) -> Outcome 
     let entries = BTreeMap::from([(key.to_owned(), Value::String(value.to_owned()))]);
     let request = Request::Set { group: group.to_owned(), entries, meta: WriteMeta::default() };
     match client.call(request).await {
-        Ok(Response::Committed { version, revision, acked_by, .. }) => {
-            Outcome::Committed { version, revision, acked_by }
+        Ok(Response::Committed { version, revision, acked_by, content_hash, .. }) => {
+            Outcome::Committed { version, revision, acked_by, content_hash }
         }
         Ok(other) => Outcome::Unknown { detail: format!("unexpected answer `{}`", other.kind()) },
         Err(error) => outcome_of_error(error),

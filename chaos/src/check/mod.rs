@@ -60,6 +60,14 @@ impl Write<'_> {
             _ => None,
         }
     }
+
+    /// The content hash of the version it made, if it was acknowledged with one.
+    pub(crate) fn committed_hash(&self) -> &str {
+        match &self.op.outcome {
+            Outcome::Committed { content_hash, .. } => content_hash,
+            _ => "",
+        }
+    }
 }
 
 /// Whether a refusal with `code` means, by the protocol's contract (docs/protocol.md, "Error

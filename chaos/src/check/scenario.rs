@@ -57,6 +57,7 @@ impl Scenario {
             version: version.into(),
             revision: version.trim_start_matches('v').parse().unwrap_or(0),
             acked_by: vec![node.into()],
+            content_hash: String::new(),
         };
         Scenario::write(node, group, key, value, invoke_ms, outcome)
     }
@@ -144,6 +145,7 @@ impl Scenario {
             .map(|(position, label)| FinalVersion {
                 label: label.to_string(),
                 parents: if position == 0 { Vec::new() } else { vec![labels[position - 1].to_string()] },
+                content_hash: String::new(),
             })
             .collect();
         Record::Final(FinalState {

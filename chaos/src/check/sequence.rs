@@ -315,7 +315,11 @@ mod tests {
         history[position] =
             Scenario::final_state("n3", "s", "hx", &[("k1", "c2-1"), ("k2", "c3-1")], &["v1", "v2", "v3"]);
         let Record::Final(state) = &mut history[position] else { unreachable!() };
-        state.versions.push(FinalVersion { label: "v4".into(), parents: vec!["v2".into(), "v3".into()] });
+        state.versions.push(FinalVersion {
+            label: "v4".into(),
+            parents: vec!["v2".into(), "v3".into()],
+            content_hash: String::new(),
+        });
         let report = check(&history);
         let sequence: Vec<_> = report.of(Invariant::StrongSequence).collect();
         assert!(sequence.iter().any(|violation| violation.explanation.contains("both acknowledged as v3")), "{report}");

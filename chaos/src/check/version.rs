@@ -50,6 +50,8 @@ pub(crate) fn counter(label: &str) -> Option<u64> {
 #[derive(Debug)]
 pub(crate) struct VersionGraph<'a> {
     labels: Vec<&'a str>,
+    /// Content hashes ("" where the history had none).
+    hashes: Vec<&'a str>,
     counters: Vec<Option<u64>>,
     parents: Vec<Vec<usize>>,
     /// Counter part of a label (`v12`) -> the positions of the labels that have it.
@@ -68,6 +70,7 @@ impl<'a> VersionGraph<'a> {
             by_label.entry(label).or_insert(position);
         }
         let mut graph = VersionGraph {
+            hashes: state.versions.iter().map(|version| version.content_hash.as_str()).collect(),
             counters: labels.iter().map(|label| counter(label)).collect(),
             labels,
             parents: Vec::new(),
@@ -94,6 +97,17 @@ impl<'a> VersionGraph<'a> {
     pub(crate) fn candidates(&self, label: &str) -> Vec<usize> {
         let positions = self.by_counter.get(split(label).0).map_or(&[][..], Vec::as_slice);
         positions.iter().copied().filter(|&position| labels_match(self.labels[position], label)).collect()
+    }
+
+    /// Positions of the versions `label` may name that also have `content_hash` (where both
+    /// hashes are known): a write's own version, not a later one that took its counter after
+    /// it was lost.
+    pub(crate) fn candidates_with_hash(&self, label: &str, content_hash: &str) -> Vec<usize> {
+        let mut positions = self.candidates(label);
+        if !content_hash.is_empty() {
+            positions.retain(|&position| self.hashes[position].is_empty() || self.hashes[position] == content_hash);
+        }
+        positions
     }
 
     /// Whether the version at `ancestor` is a strict ancestor of the one at `descendant`. The
@@ -149,6 +163,7 @@ mod tests {
         let version = |label: &str, parents: &[&str]| FinalVersion {
             label: label.into(),
             parents: parents.iter().map(|parent| parent.to_string()).collect(),
+            content_hash: String::new(),
         };
         let state = FinalState {
             node: "n1".into(),

@@ -243,7 +243,11 @@ mod tests {
         for position in [history.len() - 5, history.len() - 3, history.len() - 1] {
             let Record::Final(state) = &mut history[position] else { unreachable!() };
             state.settings.insert("k1".into(), "c2-3".into());
-            state.versions.push(FinalVersion { label: "v4".into(), parents: vec!["v3".into()] });
+            state.versions.push(FinalVersion {
+                label: "v4".into(),
+                parents: vec!["v3".into()],
+                content_hash: String::new(),
+            });
         }
         let report = check(&history);
         assert!(report.passed(), "{report}");
