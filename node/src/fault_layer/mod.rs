@@ -117,7 +117,11 @@ impl FaultLayer {
     /// the new stamp.
     fn reload(&self, seen: Option<Stamp>) -> Option<Stamp> {
         let stamp = match std::fs::metadata(&self.path) {
-            Ok(metadata) => Some(Stamp { modified: metadata.modified().ok(), bytes: metadata.len() }),
+            Ok(metadata) => Some(Stamp {
+                modified: metadata.modified().ok(),
+                bytes: metadata.len(),
+                inode: std::os::unix::fs::MetadataExt::ino(&metadata),
+            }),
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
             Err(error) => {
                 warn!(path = %self.path.display(), %error, "fault layer: cannot read the control file");
@@ -155,11 +159,13 @@ impl FaultLayer {
     }
 }
 
-/// What identifies a version of the control file.
+/// What identifies a version of the control file: a file replaced by a rename (as the chaos
+/// runner writes it) has a new inode even within one tick of the modified time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     bytes: u64,
+    inode: u64,
 }
 
 #[cfg(test)]
