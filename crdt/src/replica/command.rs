@@ -99,6 +99,22 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The group it concerns.
+    pub fn group(&self) -> &str {
+        match self {
+            Command::CreateGroup { name, .. } | Command::JoinGroup { name, .. } | Command::LeaveGroup { name, .. } => {
+                name
+            }
+            Command::RemoveMember { group, .. }
+            | Command::Set { group, .. }
+            | Command::Delete { group, .. }
+            | Command::Apply { group, .. }
+            | Command::Rollback { group, .. } => group,
+        }
+    }
+}
+
 /// A local write that is applied and durable on this node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommitReceipt {

@@ -167,6 +167,8 @@ struct Daemon {
     view_delivered: bool,
     next_command: u64,
     pending: BTreeMap<u64, PendingReply>,
+    /// The group of each pending command: a failed persist silences its own group's replies.
+    pending_groups: BTreeMap<u64, String>,
     watchers: BTreeMap<String, Vec<Watcher>>,
     last_change: BTreeMap<String, Instant>,
     processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
@@ -486,6 +488,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         view_delivered: false,
         next_command: 0,
         pending: BTreeMap::new(),
+        pending_groups: BTreeMap::new(),
         watchers: BTreeMap::new(),
         last_change: BTreeMap::new(),
         processes: BTreeMap::new(),
@@ -773,6 +776,7 @@ impl Daemon {
         self.next_command += 1;
         let id = self.next_command;
         self.pending.insert(id, reply);
+        self.pending_groups.insert(id, command.group().to_owned());
         let now = self.now();
         self.replica.handle(now, Input::Command { id, command });
     }

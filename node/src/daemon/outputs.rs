@@ -14,8 +14,12 @@ impl Daemon {
         // and no read may be served as fresh once it is (the commit may be reported any moment).
         // Flags only: the contents follow the notifications, which run after their persists.
         self.settle_freshness();
-        let mut persist_failed: Option<String> = None;
-        let mut failed_groups: Vec<String> = Vec::new();
+        // Groups whose persist failed in this batch, with the error. A failure silences the
+        // later outputs of its own group only: each group's outputs depend on that group's
+        // persists alone, and a durable write of another group must still be answered and
+        // announced (chaos seed 238: a strong group's watcher missed a revision because an
+        // eventual group's append had failed just before it in the batch).
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
         let mut outputs: std::collections::VecDeque<Output> =
             std::iter::from_fn(|| self.replica.poll_output()).collect();
         loop {
@@ -58,34 +62,37 @@ impl Daemon {
                         self.replica.handle(now, Input::Resume);
                         outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
                     }
-                    let failed = writing.await;
-                    for (group, error) in &failed {
+                    let failed_now = writing.await;
+                    for (group, error) in &failed_now {
                         if let Some(reads) = &self.reads {
                             reads.remove(group);
                         }
                         self.mark_degraded(group, error);
                     }
-                    if failed.is_empty() {
-                        for group in &order {
+                    for group in &order {
+                        if !failed_now.iter().any(|(failed_group, _)| failed_group == group) {
                             self.clear_degraded(group);
                         }
                     }
-                    // As if run one by one: outputs before the first failed append go out as
-                    // usual, the ones after it see the failure.
-                    let first_failed = order.iter().position(|group| failed.iter().any(|(g, _)| g == group));
+                    // As if run one by one: an output sees the failure of its group's append
+                    // only if that append came before it.
+                    let mut seen = failed.clone();
+                    let mut appended = 0;
                     for (appends_before, output) in waiting {
-                        if persist_failed.is_none()
-                            && let Some(index) = first_failed
-                            && appends_before > index
-                        {
-                            persist_failed = failed.first().map(|(_, error)| error.clone());
+                        while appended < appends_before {
+                            let group = &order[appended];
+                            if let Some((_, error)) = failed_now.iter().find(|(failed_group, _)| failed_group == group)
+                            {
+                                seen.entry(group.clone()).or_insert_with(|| error.clone());
+                            }
+                            appended += 1;
                         }
-                        self.execute_plain(output, persist_failed.as_deref()).await;
+                        let failure = self.failure_for(&output, &seen);
+                        self.execute_plain(output, failure.as_deref()).await;
                     }
-                    if persist_failed.is_none() && first_failed.is_some() {
-                        persist_failed = failed.first().map(|(_, error)| error.clone());
+                    for (group, error) in failed_now {
+                        failed.entry(group).or_insert(error);
                     }
-                    failed_groups.extend(failed.into_iter().map(|(group, _)| group));
                 }
                 Output::Persist(op) => {
                     if let PersistOp::RemoveGroup { group } = &op
@@ -106,23 +113,23 @@ impl Daemon {
                         Err(error) => {
                             let text = persist_error_text(&group, &error);
                             self.mark_degraded(&group, &text);
-                            persist_failed = Some(text);
-                            failed_groups.push(group);
+                            failed.entry(group).or_insert(text);
                         }
                     }
                 }
-                other => self.execute_plain(other, persist_failed.as_deref()).await,
+                other => {
+                    let failure = self.failure_for(&other, &failed);
+                    self.execute_plain(other, failure.as_deref()).await;
+                }
             }
         }
-        if let Some(error) = persist_failed {
+        if !failed.is_empty() {
             // Whatever was not made durable is dropped from memory: the replica reloads the
             // groups from their files and fails what depended on them.
-            failed_groups.sort();
-            failed_groups.dedup();
-            for group in failed_groups {
+            for (group, error) in failed {
                 let reloaded = self.reload_group(&group).await;
                 let now = self.now();
-                let input = Input::PersistFailed { group, error: error.clone(), reloaded: reloaded.map(Box::new) };
+                let input = Input::PersistFailed { group, error, reloaded: reloaded.map(Box::new) };
                 self.replica.handle(now, input);
             }
             // Their outputs (error answers, the durable gossip) run in a batch of their own.
@@ -130,6 +137,26 @@ impl Daemon {
             return;
         }
         self.settle_reads();
+    }
+
+    /// The persist failure `output` must see, if any: its group's, from `failed`. An output of
+    /// no known group (a reply whose command is gone) sees any failure, as all outputs did
+    /// before failures were scoped to groups.
+    fn failure_for(&self, output: &Output, failed: &BTreeMap<String, String>) -> Option<String> {
+        if failed.is_empty() {
+            return None;
+        }
+        let group = match output {
+            Output::Send { message, .. } => Some(message.group()),
+            Output::Reply { id, .. } => self.pending_groups.get(id).map(String::as_str),
+            Output::Notify(notification) => Some(notification.group.as_str()),
+            Output::Publish { group, .. } => Some(group.as_str()),
+            Output::Persist(_) | Output::Dropped { .. } | Output::Resume => return None,
+        };
+        match group {
+            Some(group) => failed.get(group).cloned(),
+            None => failed.values().next().cloned(),
+        }
     }
 
     /// A group as its file holds it now (what is durable), for the replica after a failed
@@ -425,6 +452,7 @@ impl Daemon {
     }
 
     pub(super) fn reply(&mut self, id: u64, result: Result<Result<CommandOutcome, CommandError>, String>) {
+        self.pending_groups.remove(&id);
         let Some(pending) = self.pending.remove(&id) else { return };
         let (sender, key) = match pending {
             PendingReply::Plain(sender) => (sender, None),
