@@ -161,11 +161,19 @@ impl Cluster {
         self.write_pid_file();
     }
 
-    /// A power cut of node `index`: kill -9, then every byte its fault layer's ledger does not
-    /// show as fsynced is dropped from its files (a kill -9 alone loses nothing the kernel was
-    /// handed). Returns the bytes dropped. [`Cluster::start`] brings it back.
-    pub fn power_cut(&mut self, index: usize) -> anyhow::Result<u64> {
-        self.kill9(index);
+    /// A power cut of nodes `indexes`, all killed (-9) first, then every byte their fault
+    /// layers' ledgers do not show as fsynced dropped from their files (a kill -9 alone loses
+    /// nothing the kernel was handed). Returns the bytes dropped per node, in order.
+    /// [`Cluster::start`] brings them back.
+    pub fn power_cut(&mut self, indexes: &[usize]) -> anyhow::Result<Vec<u64>> {
+        for &index in indexes {
+            self.kill9(index);
+        }
+        indexes.iter().map(|&index| self.drop_unsynced(index)).collect()
+    }
+
+    /// Cuts a stopped node's files to what its ledger shows as durable.
+    fn drop_unsynced(&self, index: usize) -> anyhow::Result<u64> {
         let node = &self.nodes[index];
         let ledger = konor_node::fault_layer::disk::ledger_path(&node.fault_control);
         let text = match std::fs::read_to_string(&ledger) {

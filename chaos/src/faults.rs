@@ -284,10 +284,9 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
             }
             Fault::SlowDisk(index, ms) => cluster.set_faults(*index, &slow_disk_text(*ms)).await?,
             Fault::PowerCut(nodes) => {
-                let mut dropped = Vec::new();
-                for index in nodes {
-                    dropped.push(format!("{} {} B", name(index), cluster.power_cut(*index)?));
-                }
+                let dropped = cluster.power_cut(nodes)?;
+                let dropped: Vec<String> =
+                    nodes.iter().zip(dropped).map(|(index, bytes)| format!("{} {bytes} B", name(index))).collect();
                 end_detail = format!("unsynced bytes dropped: {}", dropped.join(", "));
             }
         }

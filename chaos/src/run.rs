@@ -335,6 +335,8 @@ async fn settle(clients: &[Client], nodes: &[String], bound: Duration) -> bool {
 /// One node's final state of a group: heads from `status`, settings from `snapshot`, versions
 /// from `history`.
 async fn final_state(client: &Client, node: &str, group: &str, recorder: &Recorder) -> anyhow::Result<FinalState> {
+    // Stamped before the first read: a write acknowledged after this may or may not be in it.
+    let at_ms = recorder.now_ms();
     let heads = own_heads(client, node, group).await.context("status did not name this node's heads")?;
     let snapshot = client.snapshot(group).await?;
     let settings = snapshot
@@ -352,12 +354,5 @@ async fn final_state(client: &Client, node: &str, group: &str, recorder: &Record
         .into_iter()
         .map(|row| FinalVersion { label: row.label, parents: row.parents, content_hash: row.content_hash })
         .collect();
-    Ok(FinalState {
-        node: node.to_owned(),
-        group: group.to_owned(),
-        at_ms: recorder.now_ms(),
-        heads,
-        settings,
-        versions,
-    })
+    Ok(FinalState { node: node.to_owned(), group: group.to_owned(), at_ms, heads, settings, versions })
 }

@@ -112,8 +112,9 @@ impl FaultSettings {
         !self.delay.is_zero() || !self.jitter.is_zero() || self.reorder_percent > 0 || self.duplicate_percent > 0
     }
 
-    /// When each copy of one outgoing datagram leaves, after now: empty never happens (the
-    /// layer drops nothing; loss is nftables' job), one entry normally, two for a duplicate.
+    /// When each copy of one outgoing datagram leaves, after now: once normally, twice for a
+    /// duplicate. The plan drops nothing (loss is nftables' job); a delayed copy is lost only
+    /// if the send buffer is full when its time comes, as a full router queue would lose it.
     /// `draws` supplies uniform random numbers in `0..1`.
     pub fn plan_send(&self, mut draws: impl FnMut() -> f64) -> SendPlan {
         let first = self.copy_wait(&mut draws);

@@ -11,8 +11,13 @@
 //! write   <offset> <path>     bytes are being written at offset (the file had at least offset)
 //! sync    <bytes>  <path>     the first bytes of path are durable (fsync returned)
 //! cut     <bytes>  <path>     path was cut to (or created with) bytes
+//! renaming <to>    <from>     from is about to be renamed to `to`
 //! rename  <to>     <from>     from was renamed to `to` (`to` comes first: the path is last)
 //! ```
+//!
+//! Only lines ended by a newline count: a kill may tear the last one. A note that cannot be
+//! written ends the ledger (it is removed): a gap in it could make the model harsher than a
+//! power loss, and no ledger means a power cut drops nothing.
 //!
 //! Reading it back ([`DurableModel`]) is lenient where the model cannot know: a file the ledger
 //! never names is kept as found, and renames and creations count as durable at once (no
@@ -39,7 +44,14 @@ pub fn ledger_path(control: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct FaultDisk {
     layer: Arc<FaultLayer>,
-    ledger: Option<Mutex<File>>,
+    ledger: Option<Mutex<Ledger>>,
+}
+
+#[derive(Debug)]
+struct Ledger {
+    path: PathBuf,
+    /// `None` once a note failed: the ledger was removed and nothing more is noted.
+    file: Option<File>,
 }
 
 impl FaultDisk {
@@ -47,18 +59,26 @@ impl FaultDisk {
     /// (created empty; `None`: no ledger).
     pub fn new(layer: Arc<FaultLayer>, ledger: Option<&Path>) -> io::Result<FaultDisk> {
         let ledger = match ledger {
-            Some(path) => Some(Mutex::new(File::create(path)?)),
+            Some(path) => Some(Mutex::new(Ledger { path: path.to_owned(), file: Some(File::create(path)?) })),
             None => None,
         };
         Ok(FaultDisk { layer, ledger })
     }
 
     fn note(&self, line: std::fmt::Arguments<'_>) {
-        if let Some(ledger) = &self.ledger {
-            let mut file = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            // One write per line (O_APPEND is not needed: one writer); a failed note only
-            // makes a later power cut more lenient for that file.
-            let _ = file.write_all(format!("{line}\n").as_bytes());
+        let Some(ledger) = &self.ledger else { return };
+        let mut ledger = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(file) = ledger.file.as_mut() else { return };
+        // One write per line, under the lock (one writer at a time).
+        if let Err(error) = file.write_all(format!("{line}\n").as_bytes()) {
+            ledger.file = None;
+            let removed = std::fs::remove_file(&ledger.path);
+            tracing::warn!(
+                ledger = %ledger.path.display(),
+                %error,
+                removed = removed.is_ok(),
+                "fault layer: cannot note in the durability ledger; it is removed, and a power cut will drop nothing"
+            );
         }
     }
 }
@@ -85,6 +105,10 @@ impl StorageHook for FaultDisk {
         self.note(format_args!("sync\t{durable_bytes}\t{}", path.display()));
     }
 
+    fn before_rename(&self, from: &Path, to: &Path) {
+        self.note(format_args!("renaming\t{}\t{}", to.display(), from.display()));
+    }
+
     fn after_rename(&self, from: &Path, to: &Path) {
         self.note(format_args!("rename\t{}\t{}", to.display(), from.display()));
     }
@@ -102,15 +126,24 @@ pub struct DurableModel {
 }
 
 impl DurableModel {
-    /// Reads a ledger's text. Lines that do not parse (a line torn by the kill) are skipped.
+    /// Reads a ledger's text. Only newline-ended lines count (the last may be torn by the
+    /// kill); lines that do not parse are skipped.
     pub fn from_ledger(text: &str) -> DurableModel {
         let mut durable: BTreeMap<PathBuf, u64> = BTreeMap::new();
-        for line in text.lines() {
+        let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+        for line in complete.split('\n') {
             let mut fields = line.splitn(3, '\t');
             let (Some(op), Some(value), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
                 continue;
             };
             let path = PathBuf::from(path);
+            if op == "renaming" {
+                // The rename may be done without its `rename` note (a kill in between): both
+                // files are kept as found from here, never cut to the other's length.
+                durable.remove(&path);
+                durable.remove(&PathBuf::from(value));
+                continue;
+            }
             if op == "rename" {
                 // value is the new name: the old one's durable bytes go with it.
                 let to = PathBuf::from(value);
@@ -170,15 +203,15 @@ mod tests {
                       write\t500\t/d/b\n\
                       cut\t0\t/d/t\nwrite\t0\t/d/t\nsync\t40\t/d/t\nrename\t/d/c\t/d/t\n\
                       cut\t30\t/d/e\nsync\t30\t/d/e\nwrite\t30\t/d/e\n\
-                      rename\t/d/f\t/d/unknown\nsync\t7\t/d/torn";
+                      rename\t/d/f\t/d/unknown\n\
+                      sync\t80\t/d/g\nsync\t90\t/d/h\nrenaming\t/d/g\t/d/h\n\
+                      cut\t0\t/d/x\nsync\t7\t/d/torn";
         let model = DurableModel::from_ledger(ledger);
-        let expected: BTreeMap<PathBuf, u64> = [("/d/a", 100), ("/d/b", 500), ("/d/c", 40), ("/d/e", 30)]
+        let expected: BTreeMap<PathBuf, u64> = [("/d/a", 100), ("/d/b", 500), ("/d/c", 40), ("/d/e", 30), ("/d/x", 0)]
             .into_iter()
             .map(|(path, bytes)| (PathBuf::from(path), bytes))
             .collect();
-        let mut durable = model.durable.clone();
-        assert_eq!(durable.remove(Path::new("/d/torn")), Some(7), "a last line without newline still counts");
-        assert_eq!(durable, expected);
+        assert_eq!(model.durable, expected, "a rename begun is kept as found; a torn last line is ignored");
     }
 
     #[test]

@@ -54,6 +54,7 @@ pub struct FaultLayer {
     settings: RwLock<FaultSettings>,
     delayed: AtomicU64,
     duplicated: AtomicU64,
+    lost: AtomicU64,
 }
 
 impl FaultLayer {
@@ -87,12 +88,25 @@ impl FaultLayer {
             settings: RwLock::new(settings),
             delayed: AtomicU64::new(0),
             duplicated: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
         })
     }
 
     /// Datagrams sent later than asked, and datagrams sent twice, since the start.
     pub fn counts(&self) -> (u64, u64) {
         (self.delayed.load(Ordering::Relaxed), self.duplicated.load(Ordering::Relaxed))
+    }
+
+    /// Delayed datagrams the socket could not take when their time came (a full send buffer):
+    /// lost, as a full router queue loses them.
+    pub fn lost(&self) -> u64 {
+        self.lost.load(Ordering::Relaxed)
+    }
+
+    fn count_lost(&self) {
+        if self.lost.fetch_add(1, Ordering::Relaxed).is_power_of_two() {
+            warn!(lost = self.lost(), "fault layer: delayed datagrams lost to a full send buffer");
+        }
     }
 
     fn count(&self, plan: &control::SendPlan) {

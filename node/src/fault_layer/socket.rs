@@ -11,16 +11,24 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 
 use super::FaultLayer;
+
+/// Delayed datagrams held at once (each a timer task and a copy of at most one datagram): a
+/// 200 ms delay at a few thousand datagrams a second. Past it a datagram leaves at once, so
+/// the layer's memory and tasks stay bounded whatever the traffic.
+pub const DELAYED_DATAGRAMS_MAX: usize = 8_192;
 
 /// The faulty socket over a real one.
 pub struct FaultySocket {
     inner: Arc<dyn AsyncUdpSocket>,
     layer: Arc<FaultLayer>,
     runtime: tokio::runtime::Handle,
+    delayed: Arc<AtomicUsize>,
 }
 
 impl fmt::Debug for FaultySocket {
@@ -34,16 +42,19 @@ impl FaultySocket {
     pub fn bind(listen: SocketAddr, layer: Arc<FaultLayer>) -> io::Result<Arc<FaultySocket>> {
         let socket = std::net::UdpSocket::bind(listen)?;
         let inner = quinn::TokioRuntime.wrap_udp_socket(socket)?;
-        Ok(Arc::new(FaultySocket {
-            inner,
-            layer,
-            runtime: tokio::runtime::Handle::try_current().map_err(io::Error::other)?,
-        }))
+        let runtime = tokio::runtime::Handle::try_current().map_err(io::Error::other)?;
+        Ok(Arc::new(FaultySocket { inner, layer, runtime, delayed: Arc::new(AtomicUsize::new(0)) }))
     }
 
-    /// Sends a copy of `transmit`'s datagram after `wait`. A datagram the socket cannot take
-    /// then (a full send buffer) is lost, as a router's full queue would lose it.
-    fn send_later(&self, transmit: &Transmit<'_>, wait: Duration) {
+    /// Sends a copy of `transmit`'s datagram after `wait`; `false` when [`DELAYED_DATAGRAMS_MAX`]
+    /// are held already (the caller sends it now). A datagram the socket cannot take then (a
+    /// full send buffer) is lost, as a router's full queue would lose it, and counted.
+    fn send_later(&self, transmit: &Transmit<'_>, wait: Duration) -> bool {
+        if self.delayed.fetch_add(1, Ordering::Relaxed) >= DELAYED_DATAGRAMS_MAX {
+            self.delayed.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        let (delayed, layer) = (self.delayed.clone(), self.layer.clone());
         let inner = self.inner.clone();
         let destination = transmit.destination;
         let ecn = transmit.ecn;
@@ -51,8 +62,13 @@ impl FaultySocket {
         let contents = transmit.contents.to_vec();
         self.runtime.spawn(async move {
             tokio::time::sleep(wait).await;
-            let _ = inner.try_send(&Transmit { destination, ecn, contents: &contents, segment_size: None, src_ip });
+            if inner.try_send(&Transmit { destination, ecn, contents: &contents, segment_size: None, src_ip }).is_err()
+            {
+                layer.count_lost();
+            }
+            delayed.fetch_sub(1, Ordering::Relaxed);
         });
+        true
     }
 }
 
@@ -69,8 +85,7 @@ impl AsyncUdpSocket for FaultySocket {
         let plan = settings.plan_send(rand::random::<f64>);
         self.layer.count(&plan);
         for (copy, wait) in std::iter::once(plan.first).chain(plan.second).enumerate() {
-            if !wait.is_zero() {
-                self.send_later(transmit, wait);
+            if !wait.is_zero() && self.send_later(transmit, wait) {
                 continue;
             }
             // The datagram's own errors (WouldBlock included) go to quinn, which retries it;

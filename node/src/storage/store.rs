@@ -107,6 +107,11 @@ pub trait StorageHook: Send + Sync + std::fmt::Debug {
         let _ = dir;
     }
 
+    /// Before `from` is renamed to `to`.
+    fn before_rename(&self, from: &Path, to: &Path) {
+        let _ = (from, to);
+    }
+
     /// After `from` was renamed to `to` (an atomic replace, or a move to quarantine). Not
     /// durable until the directories are synced.
     fn after_rename(&self, from: &Path, to: &Path) {
@@ -179,6 +184,9 @@ impl Seam {
     }
 
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if let Some(hook) = &self.hook {
+            hook.before_rename(from, to);
+        }
         fs::rename(from, to)?;
         if let Some(hook) = &self.hook {
             hook.after_rename(from, to);
