@@ -207,17 +207,32 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
             }
         }
     }
+    // The final states must be one cut: the daemons may still commit after the clients stopped
+    // (a strong write whose client timed out, say; seed 231 once read n1's final just before
+    // such a commit reached every node). So they are read until every node's heads agree in
+    // them, within the settle bound; the last reading is what the checker judges.
     let settle_started_ms = recorder.now_ms();
-    let settled = !probes.is_empty() && settle(&probes, &answering, options.settle).await;
-    let converged = settled && answering.len() == options.nodes;
-    let settled_after_ms = recorder.now_ms() - settle_started_ms;
-    for (probe, node) in probes.iter().zip(&answering) {
-        for (group, _) in GROUPS {
-            match final_state(probe, node, group, &recorder).await {
-                Ok(state) => recorder.write(&Record::Final(state))?,
-                Err(error) => eprintln!("konor-chaos: no final state of {group} from {node}: {error:#}"),
+    let deadline = tokio::time::Instant::now() + options.settle;
+    let (settled, finals) = loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let settled = !probes.is_empty() && settle(&probes, &answering, remaining).await;
+        let mut finals = Vec::new();
+        for (probe, node) in probes.iter().zip(&answering) {
+            for (group, _) in GROUPS {
+                match final_state(probe, node, group, &recorder).await {
+                    Ok(state) => finals.push(state),
+                    Err(error) => eprintln!("konor-chaos: no final state of {group} from {node}: {error:#}"),
+                }
             }
         }
+        if !settled || one_cut(&finals) || tokio::time::Instant::now() >= deadline {
+            break (settled && one_cut(&finals), finals);
+        }
+    };
+    let converged = settled && answering.len() == options.nodes;
+    let settled_after_ms = recorder.now_ms() - settle_started_ms;
+    for state in finals {
+        recorder.write(&Record::Final(state))?;
     }
     let _ = stop_observers.send(true);
     let joined = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} });
@@ -226,6 +241,14 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
     }
     let counts = recorder.counts();
     Ok(RunSummary { run_dir, counts, faults_ran, converged, settled_after_ms })
+}
+
+/// Whether every group's final states name the same heads.
+fn one_cut(finals: &[FinalState]) -> bool {
+    GROUPS.iter().all(|(group, _)| {
+        let mut heads = finals.iter().filter(|state| state.group == *group).map(|state| &state.heads);
+        heads.next().is_none_or(|first| heads.all(|other| other == first))
+    })
 }
 
 /// The node (index) whose data dir is on the small tmpfs, drawn from the seed.
