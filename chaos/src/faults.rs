@@ -1,11 +1,15 @@
 //! The seeded fault schedule and its execution. Faults run one at a time: a gap, a fault held
 //! for a while, its end, a gap, and so on until the fault phase is over. The kinds come in
-//! passes, each pass every kind once in a seeded order, so a run of a minute or more sees every
-//! kind. Each fault writes a `FaultStart` before it acts and a `FaultEnd` after it healed.
+//! passes, each pass every kind once in a seeded order. The first pass is fitted into the run
+//! (shorter gaps and holds) whenever the duration leaves room for every kind's shortest slot
+//! (about 50 s), so a 90 s run sees every kind; kills are always held past the detection bound,
+//! so every run judges failure detection. Each fault writes a `FaultStart` before it acts and a
+//! `FaultEnd` after it healed.
 //!
-//! Delay, reordering and duplication (this kernel has no netem) and a slow disk come from
-//! konord's own fault layer (`konor_node::fault_layer`), which every node of a run starts with:
-//! the runner writes a node's control file and waits for konord's acknowledgement.
+//! Delay, reordering and duplication (this kernel has no netem), a slow disk and clock jumps
+//! come from konord's own fault layer (`konor_node::fault_layer`), which every node of a run
+//! starts with: the runner writes a node's control file and waits for konord's
+//! acknowledgement.
 
 use std::time::Duration;
 
@@ -28,6 +32,20 @@ const HOLD_MIN_MS: u64 = 2_000;
 /// Longest time a fault is held, ms: below a strong group's default eviction (30 s), so no
 /// fault evicts a member.
 const HOLD_MAX_MS: u64 = 8_000;
+
+/// Shortest hold of a kill (`kill9`, `power_cut`), ms: past the detection bound, so the
+/// membership check judges whether every other node saw the node go.
+const KILL_HOLD_MIN_MS: u64 = crate::run::DETECTION_BOUND_MS + 1_000;
+
+/// The share of the run the first pass is fitted into: the plan does not count what the
+/// faults themselves take (restarts, the fault layer's acknowledgements).
+const FIRST_PASS_SHARE_PERCENT: u64 = 90;
+
+/// Clock jumps drawn for the `clock_jump` kind (the fault layer's `clock_offset`): an NTP step,
+/// a VM resumed hours or days later. All leave every certificate valid: back at most 50 min
+/// (the CA backdates certificates by an hour), ahead at most 3 days (a node certificate lasts
+/// a year), so the membership check counts them as a healthy network.
+const CLOCK_JUMPS: [&str; 7] = ["-50m", "-10m", "-30s", "+30s", "+10m", "+6h", "+3d"];
 
 /// Egress loss percentages drawn: up to 5 counts as a healthy network for the membership check
 /// (no false dead), 10 and 20 as a bad one.
@@ -66,6 +84,8 @@ pub enum Fault {
     SlowDisk(usize, u32),
     /// Power cut: these nodes killed at once, their unsynced bytes dropped, restarted at the end.
     PowerCut(Vec<usize>),
+    /// These nodes' wall clocks jump by this offset (`-50m`, `+3d`), and back at the end.
+    ClockJump(Vec<usize>, &'static str),
 }
 
 /// What the fault layer does to a node's outgoing datagrams.
@@ -92,7 +112,7 @@ impl LinkFaults {
 }
 
 /// The kinds in a pass.
-const KINDS: [&str; 13] = [
+const KINDS: [&str; 14] = [
     "kill9",
     "pause",
     "partition",
@@ -106,6 +126,7 @@ const KINDS: [&str; 13] = [
     "duplicate",
     "slow_disk",
     "power_cut",
+    "clock_jump",
 ];
 
 /// A fault with its timing.
@@ -134,6 +155,7 @@ impl Fault {
             Fault::Link(kind, ..) => kind,
             Fault::SlowDisk(..) => "slow_disk",
             Fault::PowerCut(_) => "power_cut",
+            Fault::ClockJump(..) => "clock_jump",
         }
     }
 }
@@ -144,23 +166,54 @@ pub fn plan(seed: u64, duration_ms: u64, node_count: usize, disk_node: usize) ->
     let mut rng = StdRng::seed_from_u64(seed);
     let mut planned = Vec::new();
     let mut elapsed_ms = 0;
-    let mut pass: Vec<&str> = Vec::new();
+    let mut pass: Vec<&str> = KINDS.to_vec();
+    pass.shuffle(&mut rng);
+    // The first pass fits in this budget if every kind's shortest slot does.
+    let budget_ms = duration_ms * FIRST_PASS_SHARE_PERCENT / 100;
+    let mut fitting = pass.iter().map(|kind| shortest_slot_ms(kind)).sum::<u64>() <= budget_ms;
     loop {
-        let gap_ms = rng.random_range(GAP_MIN_MS..=GAP_MAX_MS);
-        let hold_ms = rng.random_range(HOLD_MIN_MS..=HOLD_MAX_MS);
+        if pass.is_empty() {
+            fitting = false;
+            pass = KINDS.to_vec();
+            pass.shuffle(&mut rng);
+        }
+        let kind = pass[pass.len() - 1];
+        let (hold_min_ms, hold_max_ms) = hold_range(kind);
+        let (gap_ms, hold_ms) = if fitting {
+            // Every kind still to come keeps its shortest slot; this one takes about its share
+            // of the slack left (up to twice it), so the pass ends inside the budget.
+            let reserved: u64 = pass[..pass.len() - 1].iter().map(|kind| shortest_slot_ms(kind)).sum();
+            let slack = budget_ms.saturating_sub(elapsed_ms + reserved + shortest_slot_ms(kind));
+            let share = (2 * slack / pass.len() as u64).min(slack);
+            let extra = rng.random_range(0..=share);
+            let gap_extra = (extra / 3).min(GAP_MAX_MS - GAP_MIN_MS);
+            let hold_extra = (extra - gap_extra).min(hold_max_ms - hold_min_ms);
+            (GAP_MIN_MS + gap_extra, hold_min_ms + hold_extra)
+        } else {
+            (rng.random_range(GAP_MIN_MS..=GAP_MAX_MS), rng.random_range(hold_min_ms..=hold_max_ms))
+        };
         if elapsed_ms + gap_ms + hold_ms > duration_ms {
             break;
         }
         elapsed_ms += gap_ms + hold_ms;
-        if pass.is_empty() {
-            pass = KINDS.to_vec();
-            pass.shuffle(&mut rng);
-        }
-        let kind = pass.pop().unwrap_or("kill9");
+        pass.pop();
         let fault = draw(&mut rng, kind, node_count, disk_node);
         planned.push(PlannedFault { gap_ms, hold_ms, fault });
     }
     planned
+}
+
+/// How long a fault of `kind` is held, shortest and longest, ms.
+fn hold_range(kind: &str) -> (u64, u64) {
+    match kind {
+        "kill9" | "power_cut" => (KILL_HOLD_MIN_MS, HOLD_MAX_MS.max(KILL_HOLD_MIN_MS)),
+        _ => (HOLD_MIN_MS, HOLD_MAX_MS),
+    }
+}
+
+/// The shortest gap and hold of a fault of `kind`, ms.
+fn shortest_slot_ms(kind: &str) -> u64 {
+    GAP_MIN_MS + hold_range(kind).0
 }
 
 fn draw(rng: &mut StdRng, kind: &str, node_count: usize, disk_node: usize) -> Fault {
@@ -212,6 +265,11 @@ fn draw(rng: &mut StdRng, kind: &str, node_count: usize, disk_node: usize) -> Fa
         // One host, or the whole cluster (a data centre losing power): every acknowledged
         // write must be on some node's disk, not only in page caches.
         "power_cut" => Fault::PowerCut(if rng.random_bool(0.5) { vec![one] } else { (0..node_count).collect() }),
+        // One node's clock, or every node's (then they jump together and stay in step).
+        "clock_jump" => Fault::ClockJump(
+            if rng.random_bool(0.5) { vec![one] } else { (0..node_count).collect() },
+            CLOCK_JUMPS[rng.random_range(0..CLOCK_JUMPS.len())],
+        ),
         _ => Fault::Kill9(one),
     }
 }
@@ -283,6 +341,11 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
                 }
             }
             Fault::SlowDisk(index, ms) => cluster.set_faults(*index, &slow_disk_text(*ms)).await?,
+            Fault::ClockJump(nodes, offset) => {
+                for index in nodes {
+                    cluster.set_faults(*index, &clock_jump_text(offset)).await?;
+                }
+            }
             Fault::PowerCut(nodes) => {
                 let dropped = cluster.power_cut(nodes)?;
                 let dropped: Vec<String> =
@@ -301,6 +364,11 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
                 }
             }
             Fault::SlowDisk(index, _) => cluster.set_faults(*index, "").await?,
+            Fault::ClockJump(nodes, _) => {
+                for index in nodes {
+                    cluster.set_faults(*index, "").await?;
+                }
+            }
             Fault::PowerCut(nodes) => {
                 for index in nodes {
                     cluster.start(*index).with_context(|| format!("restarting {} after its power cut", name(index)))?;
@@ -349,7 +417,15 @@ fn describe(fault: &Fault, names: &[String]) -> (Vec<String>, Vec<Vec<String>>, 
             Vec::new(),
             "kill -9, bytes not fsynced dropped (from konord's durability ledger), then a restart".into(),
         ),
+        Fault::ClockJump(nodes, offset) => {
+            (names_of(nodes), Vec::new(), konor_chaos::history::clock_jump_detail(&clock_jump_text(offset)))
+        }
     }
+}
+
+/// The control text of a clock jump (also the fault's detail, which the membership check reads).
+fn clock_jump_text(offset: &str) -> String {
+    format!("clock_offset={offset}")
 }
 
 /// The control text of a slow disk: every fsync waits `ms`, every write a tenth of it.
@@ -362,15 +438,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_seed_gives_one_schedule_and_a_long_run_sees_every_kind() {
+    fn a_seed_gives_one_schedule() {
         let first = plan(7, 90_000, 5, 4);
         assert_eq!(first, plan(7, 90_000, 5, 4));
         assert_ne!(first, plan(8, 90_000, 5, 4));
-        for kind in KINDS {
-            assert!(first.iter().any(|p| p.fault.kind() == kind), "{kind} missing from {first:?}");
+    }
+
+    #[test]
+    fn every_90_second_run_sees_every_kind_and_holds_kills_past_detection() {
+        for nodes in [3, 5, 7] {
+            for seed in 0..300 {
+                let schedule = plan(seed, 90_000, nodes, nodes - 1);
+                for kind in KINDS {
+                    assert!(schedule.iter().any(|p| p.fault.kind() == kind), "seed {seed}: {kind} missing");
+                }
+                let first_pass: u64 = schedule[..KINDS.len()].iter().map(|p| p.gap_ms + p.hold_ms).sum();
+                assert!(first_pass <= 81_000, "seed {seed}: the first pass takes {first_pass} ms");
+                let total: u64 = schedule.iter().map(|p| p.gap_ms + p.hold_ms).sum();
+                assert!(total <= 90_000, "seed {seed}: {total} ms");
+                for planned in &schedule {
+                    assert!((GAP_MIN_MS..=GAP_MAX_MS).contains(&planned.gap_ms), "{planned:?}");
+                    let (shortest, longest) = hold_range(planned.fault.kind());
+                    assert!((shortest..=longest).contains(&planned.hold_ms), "{planned:?}");
+                }
+                let kill = schedule.iter().find(|p| p.fault.kind() == "kill9").unwrap();
+                assert!(kill.hold_ms > crate::run::DETECTION_BOUND_MS, "{kill:?}");
+            }
         }
-        let total: u64 = first.iter().map(|p| p.gap_ms + p.hold_ms).sum();
-        assert!(total <= 90_000);
+    }
+
+    #[test]
+    fn a_run_too_short_for_a_pass_still_draws_full_slots() {
+        let schedule = plan(3, 20_000, 5, 4);
+        assert!(!schedule.is_empty());
+        for planned in &schedule {
+            let (shortest, _) = hold_range(planned.fault.kind());
+            assert!(planned.hold_ms >= shortest, "{planned:?}");
+        }
     }
 
     #[test]

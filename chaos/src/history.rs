@@ -211,6 +211,12 @@ pub fn link_detail(control_text: &str) -> String {
     format!("egress {control_text}")
 }
 
+/// The `detail` of a clock jump (`clock_jump`): the fault layer's control text
+/// (`clock_offset=-50m`), whose offset the membership check reads.
+pub fn clock_jump_detail(control_text: &str) -> String {
+    format!("{control_text}, then back")
+}
+
 /// A fault started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FaultStart {

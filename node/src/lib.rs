@@ -8,6 +8,7 @@ pub mod peer;
 pub mod pki;
 pub mod settings;
 pub mod storage;
+pub mod wall_clock;
 
 /// Issue 12: no secret reaches `Debug` (and so no log line): formats every structure that holds
 /// a group key or private key material and looks for the secret's bytes in the text.

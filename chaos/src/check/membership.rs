@@ -12,7 +12,9 @@
 //!   anywhere. Loss up to [`HEALTHY_LOSS_PERCENT`] % (`detail` `loss=N%`) counts as a
 //!   healthy network (SPEC: no false positives at 5 % loss), and so do the fault layer's link
 //!   faults (`delay`, `reorder`, `duplicate`) whose delay plus jitter is at most
-//!   [`HEALTHY_DELAY_MS`] ms (detail `delay=Nms jitter=Mms ...`). The bound is the grace after a
+//!   [`HEALTHY_DELAY_MS`] ms (detail `delay=Nms jitter=Mms ...`), and clock jumps that leave
+//!   every certificate valid (detail `clock_offset=-50m`; see [`HEALTHY_CLOCK_BEHIND_MS`]):
+//!   no protocol timer reads the wall clock, so a jump must not cost a node its place. The bound is the grace after a
 //!   fault ends: a restarted node may be seen dead until the detector hears from it again.
 
 use std::collections::BTreeSet;
@@ -26,6 +28,13 @@ const HEALTHY_LOSS_PERCENT: f64 = 5.0;
 /// Delay plus jitter of a link up to this is a healthy network: a slow WAN link, far from the
 /// seconds of silence a failure detector needs to call a node dead.
 const HEALTHY_DELAY_MS: u64 = 250;
+
+/// A clock jump back by up to this is harmless: the CA backdates every certificate by an hour
+/// (konord's `CLOCK_SKEW_ALLOWANCE`), so a node this far behind still finds them valid.
+const HEALTHY_CLOCK_BEHIND_MS: i64 = 55 * 60 * 1000;
+
+/// A clock jump ahead by up to this is harmless: a node certificate lasts a year.
+const HEALTHY_CLOCK_AHEAD_MS: i64 = 300 * 24 * 60 * 60 * 1000;
 
 /// The fault layer's link faults: delay, reordering, duplication of datagrams.
 const LINK_FAULT_KINDS: &[&str] = &["delay", "reorder", "duplicate"];
@@ -57,8 +66,8 @@ impl Fault<'_> {
         self.start.nodes.iter().any(|hit| hit == node)
     }
 
-    /// Loss of at most 5 %, or a link fault of at most [`HEALTHY_DELAY_MS`]: no fault at all
-    /// for these rules.
+    /// Loss of at most 5 %, a link fault of at most [`HEALTHY_DELAY_MS`], or a clock jump that
+    /// leaves certificates valid: no fault at all for these rules.
     fn is_healthy_loss(&self) -> bool {
         let detail = &self.start.detail;
         match self.start.kind.as_str() {
@@ -68,6 +77,8 @@ impl Fault<'_> {
                 let jitter = millis_of(detail, "jitter=");
                 delay.zip(jitter).is_some_and(|(delay, jitter)| delay + jitter <= HEALTHY_DELAY_MS)
             }
+            "clock_jump" => clock_offset_ms(detail)
+                .is_some_and(|offset| (-HEALTHY_CLOCK_BEHIND_MS..=HEALTHY_CLOCK_AHEAD_MS).contains(&offset)),
             _ => false,
         }
     }
@@ -81,6 +92,13 @@ impl Fault<'_> {
 fn millis_of(detail: &str, key: &str) -> Option<u64> {
     let at = detail.split_whitespace().find_map(|word| word.strip_prefix(key))?;
     at.strip_suffix("ms")?.parse().ok()
+}
+
+/// `clock_offset=-50m` (anywhere in the detail) -> -3,000,000, read as konord's fault layer
+/// reads it.
+fn clock_offset_ms(detail: &str) -> Option<i64> {
+    let word = detail.split([' ', ',']).find(|word| word.starts_with("clock_offset="))?;
+    konor_node::fault_layer::control::FaultSettings::parse(word).ok().map(|settings| settings.clock_offset_ms)
 }
 
 /// `loss=3%` (anywhere in the detail) -> 3.
@@ -231,13 +249,18 @@ mod tests {
     }
 
     #[test]
-    fn a_false_dead_under_a_moderate_link_fault_is_caught_and_under_a_long_delay_is_not() {
+    fn a_false_dead_under_a_moderate_link_fault_or_clock_jump_is_caught_and_under_a_long_delay_is_not() {
+        use crate::history::clock_jump_detail;
         let n2_dead = [("n1", "live"), ("n2", "dead"), ("n3", "live")];
         for (kind, detail, caught) in [
             ("delay", "egress delay=200ms jitter=50ms reorder=0% duplicate=0%", true),
             ("duplicate", "egress delay=0ms jitter=0ms reorder=0% duplicate=30%", true),
             ("delay", "egress delay=1000ms jitter=250ms reorder=0% duplicate=0%", false),
             ("delay", "egress delay=unreadable", false),
+            ("clock_jump", &clock_jump_detail("clock_offset=-50m"), true),
+            ("clock_jump", &clock_jump_detail("clock_offset=+3d"), true),
+            ("clock_jump", &clock_jump_detail("clock_offset=-2h"), false),
+            ("clock_jump", &clock_jump_detail("clock_offset=+400d"), false),
         ] {
             let mut history = Scenario::clean();
             history.insert(18, Scenario::fault(2, 6_500, kind, &["n1", "n2", "n3"], detail));
@@ -253,6 +276,8 @@ mod tests {
         let detail = link_detail("delay=40ms jitter=10ms reorder=0% duplicate=0%");
         assert_eq!((super::millis_of(&detail, "delay="), super::millis_of(&detail, "jitter=")), (Some(40), Some(10)));
         assert_eq!(super::loss_percent(&loss_detail(5)), Some(5.0));
+        let jump = crate::history::clock_jump_detail("clock_offset=-50m");
+        assert_eq!(super::clock_offset_ms(&jump), Some(-50 * 60 * 1000));
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::Context;
 use konor_crdt::configuration::{Fencing, GroupPolicy};
@@ -704,7 +704,7 @@ fn log_liveness_changes(before: &MeshView, after: &MeshView, self_id: &str) {
 }
 
 fn system_clock() -> Millis {
-    Millis(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64))
+    Millis(crate::wall_clock::unix_millis())
 }
 
 fn error_response(code: ErrorCode, message: impl Into<String>) -> Response {

@@ -7,6 +7,7 @@
 //! ```text
 //! delay=40ms jitter=20ms reorder=10% duplicate=5%
 //! fsync_delay=200ms write_delay=20ms
+//! clock_offset=-45m
 //! ```
 
 use std::time::Duration;
@@ -14,6 +15,11 @@ use std::time::Duration;
 /// Longest delay or jitter accepted: longer than any timeout of the mesh, so a larger value is
 /// a typo, not a test.
 pub const DELAY_MAX: Duration = Duration::from_secs(60);
+
+/// Largest clock jump accepted, either way: past the longest certificate validity (the CA's 10
+/// years), so every certificate question can be asked, and far from where `SystemTime`
+/// arithmetic could overflow.
+pub const CLOCK_OFFSET_MAX: Duration = Duration::from_secs(20 * 365 * 24 * 60 * 60);
 
 /// Largest control file read (a few words are expected).
 pub const CONTROL_BYTES_MAX: usize = 4 * 1024;
@@ -37,6 +43,9 @@ pub struct FaultSettings {
     pub fsync_delay: Duration,
     /// Every write of the store waits this long first.
     pub write_delay: Duration,
+    /// The wall clock reads this many ms ahead (negative: behind) of the system clock: a clock
+    /// jump, for konord's stamps and certificate checks (`crate::wall_clock`).
+    pub clock_offset_ms: i64,
 }
 
 /// A control file that cannot be used. The layer keeps its settings when a new file is bad.
@@ -49,7 +58,9 @@ pub enum ControlError {
         word: String,
     },
     /// A key the layer does not know.
-    #[error("unknown fault setting {key:?} (known: delay, jitter, reorder, duplicate, fsync_delay, write_delay)")]
+    #[error(
+        "unknown fault setting {key:?} (known: delay, jitter, reorder, duplicate, fsync_delay, write_delay, clock_offset)"
+    )]
     UnknownKey {
         /// The key.
         key: String,
@@ -101,6 +112,7 @@ impl FaultSettings {
                 "duplicate" => settings.duplicate_percent = percent(key, value)?,
                 "fsync_delay" => settings.fsync_delay = duration(key, value)?,
                 "write_delay" => settings.write_delay = duration(key, value)?,
+                "clock_offset" => settings.clock_offset_ms = clock_offset(key, value)?,
                 _ => return Err(ControlError::UnknownKey { key: key.to_owned() }),
             }
         }
@@ -147,11 +159,7 @@ fn chance(percent: u8, draw: f64) -> bool {
 }
 
 fn duration(key: &str, value: &str) -> Result<Duration, ControlError> {
-    let bad = |reason: &str| ControlError::BadValue {
-        key: key.to_owned(),
-        value: value.to_owned(),
-        reason: reason.to_owned(),
-    };
+    let bad = bad_value(key, value);
     let (number, unit) = match value.strip_suffix("ms") {
         Some(number) => (number, Duration::from_millis(1)),
         None => match value.strip_suffix('s') {
@@ -167,12 +175,32 @@ fn duration(key: &str, value: &str) -> Result<Duration, ControlError> {
     Ok(total)
 }
 
-fn percent(key: &str, value: &str) -> Result<u8, ControlError> {
-    let bad = |reason: &str| ControlError::BadValue {
-        key: key.to_owned(),
-        value: value.to_owned(),
-        reason: reason.to_owned(),
+/// A signed span: `+90s`, `-45m`, `3d`; units ms, s, m, h, d.
+fn clock_offset(key: &str, value: &str) -> Result<i64, ControlError> {
+    let bad = bad_value(key, value);
+    let (negative, unsigned) = match value.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, value.strip_prefix('+').unwrap_or(value)),
     };
+    let units: [(&str, u64); 5] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000), ("d", 86_400_000)];
+    let (number, unit_ms) = units
+        .iter()
+        .find_map(|(suffix, ms)| unsigned.strip_suffix(suffix).map(|number| (number, *ms)))
+        .ok_or_else(|| bad("give a unit: -45m, +90s, 3d (ms, s, m, h, d)"))?;
+    let count: u64 = number.parse().map_err(|_| bad("not a whole number"))?;
+    let magnitude = count.checked_mul(unit_ms).filter(|ms| u128::from(*ms) <= CLOCK_OFFSET_MAX.as_millis());
+    let magnitude = magnitude.ok_or_else(|| bad(&format!("more than {} days", CLOCK_OFFSET_MAX.as_secs() / 86_400)))?;
+    let signed = i64::try_from(magnitude).map_err(|_| bad("out of range"))?;
+    Ok(if negative { -signed } else { signed })
+}
+
+/// The error for `key=value`, given its reason.
+fn bad_value<'a>(key: &'a str, value: &'a str) -> impl Fn(&str) -> ControlError + 'a {
+    move |reason| ControlError::BadValue { key: key.to_owned(), value: value.to_owned(), reason: reason.to_owned() }
+}
+
+fn percent(key: &str, value: &str) -> Result<u8, ControlError> {
+    let bad = bad_value(key, value);
     let number = value.strip_suffix('%').ok_or_else(|| bad("give a percentage: 10%"))?;
     let percent: u8 = number.parse().map_err(|_| bad("not a whole number"))?;
     if percent > 100 {
@@ -188,7 +216,7 @@ mod tests {
     #[test]
     fn a_full_file_parses_with_comments_and_newlines() {
         let text = "# chaos seed 7\ndelay=40ms jitter=20ms   reorder=10%\nduplicate=5% # half the links\n\
-                    fsync_delay=2s write_delay=0ms\n";
+                    fsync_delay=2s write_delay=0ms clock_offset=-45m\n";
         let settings = FaultSettings::parse(text).unwrap();
         assert_eq!(
             settings,
@@ -199,9 +227,21 @@ mod tests {
                 duplicate_percent: 5,
                 fsync_delay: Duration::from_secs(2),
                 write_delay: Duration::ZERO,
+                clock_offset_ms: -45 * 60 * 1000,
             }
         );
         assert!(settings.touches_network());
+    }
+
+    #[test]
+    fn clock_offsets_take_a_sign_and_a_unit() {
+        let offset = |text: &str| FaultSettings::parse(&format!("clock_offset={text}")).map(|s| s.clock_offset_ms);
+        assert_eq!(offset("+90s"), Ok(90_000));
+        assert_eq!(offset("90s"), Ok(90_000));
+        assert_eq!(offset("-250ms"), Ok(-250));
+        assert_eq!(offset("-2h"), Ok(-7_200_000));
+        assert_eq!(offset("3d"), Ok(3 * 86_400_000));
+        assert_eq!(offset("0s"), Ok(0));
     }
 
     #[test]
@@ -222,6 +262,11 @@ mod tests {
             ("delay=1ms delay=2ms", "given twice"),
             ("latency=4ms", "unknown fault setting"),
             ("delay", "not key=value"),
+            ("clock_offset=45", "give a unit"),
+            ("clock_offset=--4m", "not a whole number"),
+            ("clock_offset=+7301d", "more than 7300 days"),
+            ("clock_offset=99999999999999999999d", "not a whole number"),
+            ("clock_offset=9999999999999999d", "more than 7300 days"),
         ];
         for (text, expected) in cases {
             let error = FaultSettings::parse(text).unwrap_err().to_string();

@@ -10,6 +10,9 @@
 //! - [`disk`]: the store hook that slows writes and fsyncs, and keeps a ledger of what is
 //!   durable, from which a test cuts the power (drops every unsynced byte).
 //!
+//! - a clock jump (`clock_offset`): the layer shifts konord's wall clock
+//!   ([`crate::wall_clock`]), which stamps versions and judges certificates.
+//!
 //! Each accepted file is acknowledged: its text is copied to the same path with `.applied`
 //! appended ([`applied_path`]), so a test knows when a fault is in force (or healed) instead of
 //! guessing a delay.
@@ -159,6 +162,10 @@ impl FaultLayer {
             Ok((text, settings)) => {
                 if settings != self.settings() {
                     info!(path = %self.path.display(), ?settings, "fault layer: new settings");
+                }
+                if settings.clock_offset_ms != crate::wall_clock::offset_ms() {
+                    warn!(offset_ms = settings.clock_offset_ms, "fault layer: the wall clock jumps");
+                    crate::wall_clock::set_offset(settings.clock_offset_ms);
                 }
                 self.set(settings);
                 if let Err(error) = std::fs::write(applied_path(&self.path), text) {

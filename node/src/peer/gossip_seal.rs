@@ -17,7 +17,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD as BASE64;
 use chitchat::ChitchatId;
 use rustls::SignatureScheme;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 use sha2::{Digest as _, Sha256};
 
 use crate::pki::identity::{TlsIdentity, verify_node_identity};
@@ -173,7 +173,7 @@ impl GossipSeal for CertSeal {
         let der = CertificateDer::from(BASE64.decode(cert).ok()?);
         let anchors = [webpki::anchor_from_trusted_cert(&self.ca_cert).ok()?];
         let end_entity = webpki::EndEntityCert::try_from(&der).ok()?;
-        let now = UnixTime::now();
+        let now = crate::wall_clock::unix_time();
         end_entity
             .verify_for_usage(&ALGORITHMS, &anchors, &[], now, webpki::KeyUsage::client_auth(), None, None)
             .ok()?;

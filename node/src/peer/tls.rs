@@ -11,6 +11,8 @@ use std::time::Duration;
 use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
 use rustls::server::WebPkiClientVerifier;
+
+use crate::wall_clock::WallTime;
 use rustls_pki_types::CertificateDer;
 
 use crate::pki::crypto_provider;
@@ -52,7 +54,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsC
     let client_verifier = WebPkiClientVerifier::builder_with_provider(ca_roots(identity, "server")?, provider.clone())
         .build()
         .map_err(config_error("server"))?;
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let mut tls = rustls::ServerConfig::builder_with_details(provider, Arc::new(WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error("server"))?
         .with_client_cert_verifier(client_verifier)
@@ -72,7 +74,7 @@ pub fn client_config(identity: &TlsIdentity) -> Result<quinn::ClientConfig, TlsC
     let server_verifier = WebPkiServerVerifier::builder_with_provider(ca_roots(identity, "client")?, provider.clone())
         .build()
         .map_err(config_error("client"))?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+    let mut tls = rustls::ClientConfig::builder_with_details(provider, Arc::new(WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error("client"))?
         .with_webpki_verifier(server_verifier)

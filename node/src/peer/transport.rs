@@ -344,6 +344,7 @@ impl QuicNetwork {
             senders: self.senders.clone(),
             own: tx.downgrade(),
             idle: self.writer_idle,
+            refused_since_success: false,
         };
         senders.insert(addr, tx);
         // On the network's runtime, whichever thread sends (the daemon runs on its own).
@@ -437,6 +438,8 @@ struct PeerWriter {
     own: mpsc::WeakSender<Job>,
     /// How long it waits for a frame before it ends.
     idle: Duration,
+    /// A handshake was refused since the last frame went out (warned once, not per retry).
+    refused_since_success: bool,
 }
 
 impl PeerWriter {
@@ -482,9 +485,17 @@ impl PeerWriter {
             match self.write(&outgoing).await {
                 Ok(()) => {
                     self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                    self.refused_since_success = false;
                     return;
                 }
                 Err(WriteFailure::Unreachable(error)) => {
+                    // A TLS refusal (a certificate not yet valid or expired: a clock off by more
+                    // than the CA's skew allowance; a peer of another cluster) will not heal by
+                    // retrying, and the peer's log is not this operator's: say it here, once.
+                    if handshake_refused(&error) && !self.refused_since_success {
+                        self.refused_since_success = true;
+                        warn!(addr = %self.addr, node = %self.node_id, %error, "TLS handshake with a peer failed; check both clocks and certificates");
+                    }
                     // Everything queued meanwhile waited a whole connect timeout: gossip is
                     // stale by now and anti-entropy repairs replica messages, so it goes too,
                     // and the next frame dials again (a fresh attempt every `DIAL_RETRY`).
@@ -766,6 +777,17 @@ async fn accept_loop(
 /// attempt every [`DIAL_RETRY`] and drops the ones that lose, which quinn closes with the
 /// transport code `APPLICATION_ERROR`. A peer that comes back after a restart meets a burst of
 /// them; they are no refusal of ours and no sign of trouble.
+/// Whether a dial failed in the TLS handshake (QUIC's crypto error codes, 0x100-0x1ff), by
+/// either side's verdict, rather than on an unreachable address.
+fn handshake_refused(error: &anyhow::Error) -> bool {
+    let code = match error.downcast_ref::<quinn::ConnectionError>() {
+        Some(quinn::ConnectionError::TransportError(transport)) => u64::from(transport.code),
+        Some(quinn::ConnectionError::ConnectionClosed(close)) => u64::from(close.error_code),
+        _ => return false,
+    };
+    (0x100..0x200).contains(&code)
+}
+
 fn abandoned_by_peer(error: &quinn::ConnectionError) -> bool {
     match error {
         quinn::ConnectionError::ConnectionClosed(close) => {

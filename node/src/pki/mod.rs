@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 /// The DNS name every node certificate carries and every dialer asks for: a dialer knows an address, not yet which
 /// node answers there, so the handshake proves cluster membership and [`identity::verify_node_identity`] proves the
@@ -177,7 +177,7 @@ fn verify_chain(cert: &CertificateDer<'_>, ca_cert: &CertificateDer<'_>) -> Resu
     let anchors = [webpki::anchor_from_trusted_cert(ca_cert)?];
     let end_entity = webpki::EndEntityCert::try_from(cert)?;
     let algorithms = crypto_provider().signature_verification_algorithms.all;
-    let now = UnixTime::now();
+    let now = crate::wall_clock::unix_time();
     for usage in [webpki::KeyUsage::server_auth(), webpki::KeyUsage::client_auth()] {
         end_entity.verify_for_usage(algorithms, &anchors, &[], now, usage, None, None)?;
     }

@@ -27,7 +27,6 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use konor_crdt::error::KeyError;
 use konor_crdt::key::validate_group_name;
@@ -879,7 +878,7 @@ impl Store {
     /// A millisecond stamp under which neither `<name>.<stamp>.konor` nor `<name>.<stamp>.key` exists in
     /// quarantine, so an earlier quarantined copy is never overwritten (rename replaces silently).
     fn free_quarantine_stamp(&self, name: &str) -> Result<String, StoreError> {
-        let millis = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let millis = crate::wall_clock::unix_millis();
         for attempt in 0u32.. {
             let stamp = if attempt == 0 { millis.to_string() } else { format!("{millis}-{attempt}") };
             let taken = [GROUP_EXTENSION, KEY_EXTENSION]

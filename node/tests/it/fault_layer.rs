@@ -12,7 +12,7 @@ use konor_sdk::protocol::{Request, Response, WriteMeta};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::harness::{Cluster, eventually, group_on_all};
+use crate::harness::{Cluster, eventually, group_on_all, live_nodes};
 
 /// Writes `key` on `client`'s node and returns how long the commit took.
 async fn timed_write(client: &Client, key: &str) -> Duration {
@@ -73,5 +73,82 @@ async fn a_fault_layer_slows_the_disk_and_the_peer_traffic_its_file_names() {
             }
         })
         .await;
+    }
+}
+
+/// The stamp of the version labelled `label` in `client`'s node's history of `app`.
+async fn stamp_of(client: &Client, label: &str) -> u64 {
+    let Ok(Response::History { versions, .. }) = client.call(Request::History { group: "app".into() }).await else {
+        panic!("no history")
+    };
+    versions.iter().find(|row| row.label == label).map(|row| row.time_ms).unwrap_or_else(|| panic!("no {label}"))
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A clock jump (`clock_offset`) moves what konord reads as the time of day: the stamps of the
+/// versions it writes, and the clock that judges certificates at a handshake. A node started
+/// two hours behind (its clock jumps back past the CA's one-hour skew allowance once its own
+/// credentials are loaded) finds every peer certificate not yet
+/// valid and stays out of the mesh until its clock comes back; jumps within the allowance, either
+/// way, change stamps and nothing else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clock_jump_moves_stamps_and_certificate_checks() {
+    const HOUR_MS: u64 = 3_600_000;
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let c1 = n1.client().await;
+    let mut n2 = cluster.node("n2", &[&n1]);
+    let control = cluster.dir.path().join("n2-faults");
+    std::fs::write(&control, "clock_offset=-2h").unwrap();
+    n2.fault_control = Some(control.clone());
+    n2.start();
+    let c2 = n2.client().await;
+    // n2 says why it cannot reach n1 (and n1 logs each handshake n2 aborted).
+    eventually("n2 refuses n1's certificate as not yet valid", || async {
+        let log = std::fs::read_to_string(&n2.log).unwrap_or_default();
+        log.lines()
+            .any(|line| line.contains("TLS handshake with a peer failed") && line.contains("not valid yet"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(live_nodes(&c2).await, vec!["n2".to_owned()], "n2 joined with its clock two hours behind");
+
+    // Back to the system clock, n2 joins.
+    set_faults(&control, "").await;
+    eventually("n2 joins once its clock is back", || async {
+        (live_nodes(&c2).await.len() == 2 && live_nodes(&c1).await.len() == 2).then_some(())
+    })
+    .await;
+    let clients = [c1, c2];
+    group_on_all(&clients, "app", "eventual").await;
+
+    // A day ahead, then 50 minutes behind: n2's versions carry its clock, and commit as before.
+    set_faults(&control, "clock_offset=+1d").await;
+    let ahead = write_label(&clients[1], "ahead").await;
+    set_faults(&control, "clock_offset=-50m").await;
+    let behind = write_label(&clients[1], "behind").await;
+    let now = unix_ms();
+    for client in &clients {
+        let ahead_ms = stamp_of(client, &ahead).await;
+        let behind_ms = stamp_of(client, &behind).await;
+        assert!(ahead_ms > now + 23 * HOUR_MS, "the version written a day ahead is stamped {ahead_ms} (now {now})");
+        assert!(behind_ms + 45 * 60_000 < now, "the version written 50 min behind is stamped {behind_ms} (now {now})");
+    }
+}
+
+/// Writes `key` on `client`'s node and returns the label of the version it committed.
+async fn write_label(client: &Client, key: &str) -> String {
+    let request = Request::Set {
+        group: "app".into(),
+        entries: BTreeMap::from([(key.to_owned(), json!(1))]),
+        meta: WriteMeta { author: "it".into(), message: String::new() },
+    };
+    match client.call(request).await.unwrap() {
+        Response::Committed { version, .. } => version,
+        other => panic!("{other:?}"),
     }
 }
