@@ -239,6 +239,22 @@ impl Cluster {
         }
     }
 
+    /// The nodes whose konord exited on its own since the last look (the runner kills only
+    /// through `kill9` and `power_cut`, which take the process first): each with its exit
+    /// status and the last lines of its log. They count as stopped: `revive_all` starts them.
+    pub fn exited(&mut self) -> Vec<(usize, String, Vec<String>)> {
+        let mut exited = Vec::new();
+        for (index, node) in self.nodes.iter_mut().enumerate() {
+            if let Some(child) = node.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                node.child = None;
+                exited.push((index, status.to_string(), log_tail(&node.log, EXIT_LOG_LINES)));
+            }
+        }
+        exited
+    }
+
     /// Resumes every paused node and starts every stopped one.
     pub fn revive_all(&mut self) -> anyhow::Result<()> {
         for index in 0..self.nodes.len() {
@@ -332,4 +348,15 @@ impl Drop for Tmpfs {
             crate::lab::run_quietly("umount", &["-l", &self.path.to_string_lossy()]);
         }
     }
+}
+
+/// Lines of a node's log kept with its unexpected exit: enough for a panic message or
+/// `fatal runtime error: stack overflow` and what came just before.
+const EXIT_LOG_LINES: usize = 6;
+
+/// The last `lines` lines of the file at `path` (nothing if it cannot be read).
+fn log_tail(path: &Path, lines: usize) -> Vec<String> {
+    let text = std::fs::read(path).map(|bytes| String::from_utf8_lossy(&bytes).into_owned()).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].iter().map(|line| line.chars().take(400).collect()).collect()
 }

@@ -19,9 +19,14 @@ use rand::seq::SliceRandom;
 use rand::{RngExt, SeedableRng};
 
 use crate::cluster::{Cluster, Tmpfs};
-use crate::history::{FaultEnd, FaultStart, Record};
+use crate::history::{FaultEnd, FaultStart, NodeExit, Record};
 use crate::lab::Lab;
 use crate::record::Recorder;
+
+/// The failure detection bound written to the Run record for the membership check: with a
+/// 100 ms gossip period konord marks a crashed node dead in 1-3 s (FACTS measured 1.8-2.7 s at
+/// 300 ms); 5 s leaves room for a loaded 2-core machine.
+pub const DETECTION_BOUND_MS: u64 = 5_000;
 
 /// Shortest pause between two faults, ms.
 const GAP_MIN_MS: u64 = 1_000;
@@ -35,7 +40,7 @@ const HOLD_MAX_MS: u64 = 8_000;
 
 /// Shortest hold of a kill (`kill9`, `power_cut`), ms: past the detection bound, so the
 /// membership check judges whether every other node saw the node go.
-const KILL_HOLD_MIN_MS: u64 = crate::run::DETECTION_BOUND_MS + 1_000;
+const KILL_HOLD_MIN_MS: u64 = DETECTION_BOUND_MS + 1_000;
 
 /// The share of the run the first pass is fitted into: the plan does not count what the
 /// faults themselves take (restarts, the fault layer's acknowledgements).
@@ -304,6 +309,7 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
     let mut ran = 0;
     for (id, planned) in schedule.iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(planned.gap_ms)).await;
+        record_exits(cluster, recorder)?;
         if recorder.now_ms() + planned.hold_ms > deadline_ms {
             break;
         }
@@ -354,6 +360,7 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
             }
         }
         tokio::time::sleep(Duration::from_millis(planned.hold_ms)).await;
+        record_exits(cluster, recorder)?;
         match &planned.fault {
             Fault::Kill9(index) => cluster.start(*index).with_context(|| format!("restarting {}", name(index)))?,
             Fault::Pause(index) => cluster.resume(*index),
@@ -380,6 +387,16 @@ pub async fn execute(schedule: &[PlannedFault], targets: Targets<'_>, deadline_m
         ran += 1;
     }
     Ok(ran)
+}
+
+/// Writes a `NodeExit` for every konord that exited on its own since the last look.
+pub fn record_exits(cluster: &mut Cluster, recorder: &Recorder) -> anyhow::Result<()> {
+    for (index, status, log_tail) in cluster.exited() {
+        let node = cluster.nodes[index].id.clone();
+        tracing::warn!(%node, %status, "konord exited on its own");
+        recorder.write(&Record::NodeExit(NodeExit { node, at_ms: recorder.now_ms(), status, log_tail }))?;
+    }
+    Ok(())
 }
 
 /// A fault's nodes, sides and detail for its `FaultStart`.
@@ -462,7 +479,7 @@ mod tests {
                     assert!((shortest..=longest).contains(&planned.hold_ms), "{planned:?}");
                 }
                 let kill = schedule.iter().find(|p| p.fault.kind() == "kill9").unwrap();
-                assert!(kill.hold_ms > crate::run::DETECTION_BOUND_MS, "{kill:?}");
+                assert!(kill.hold_ms > DETECTION_BOUND_MS, "{kill:?}");
             }
         }
     }

@@ -29,6 +29,8 @@ pub enum Record {
     FaultStart(FaultStart),
     /// A fault ended (healed, resumed, restarted).
     FaultEnd(FaultEnd),
+    /// A konord exited on its own: not killed by the runner (a crash, an abort).
+    NodeExit(NodeExit),
     /// One node's view of every node's liveness, sampled.
     Membership(MembershipSample),
     /// A node's state of a group after healing and settling (one per node and group).
@@ -248,6 +250,20 @@ pub struct FaultEnd {
     /// dropped per node); empty for most kinds.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+}
+
+/// A konord that exited without the runner killing it, as the runner found it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeExit {
+    /// The node.
+    pub node: String,
+    /// When the runner noticed (the exit came before).
+    pub at_ms: u64,
+    /// The exit status (`signal: 6 (SIGABRT)`, `exit status: 1`).
+    pub status: String,
+    /// The last lines of its log.
+    #[serde(default)]
+    pub log_tail: Vec<String>,
 }
 
 /// One node's view of liveness.

@@ -96,7 +96,7 @@ impl Recorder {
             Record::FaultStart(_) => counts.faults += 1,
             Record::Membership(_) => counts.membership_samples += 1,
             Record::Final(_) => counts.finals += 1,
-            Record::Run(_) | Record::FaultEnd(_) => {}
+            Record::Run(_) | Record::FaultEnd(_) | Record::NodeExit(_) => {}
         }
     }
 }

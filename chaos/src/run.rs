@@ -44,11 +44,6 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the mesh and the groups may take to form before the run gives up.
 const SETUP_DEADLINE: Duration = Duration::from_secs(60);
 
-/// The failure detection bound written to the Run record for the membership check: with a
-/// 100 ms gossip period konord marks a crashed node dead in 1-3 s (FACTS measured 1.8-2.7 s at
-/// 300 ms); 5 s leaves room for a loaded 2-core machine.
-pub const DETECTION_BOUND_MS: u64 = 5_000;
-
 /// What a run is asked to do.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
@@ -136,7 +131,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
         groups: GROUPS.iter().map(|(name, mode)| GroupInfo { name: (*name).into(), mode: (*mode).into() }).collect(),
         duration_ms,
         settle_ms,
-        detection_bound_ms: DETECTION_BOUND_MS,
+        detection_bound_ms: faults::DETECTION_BOUND_MS,
         started_unix_ms: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
     }))?;
 
@@ -176,6 +171,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
     let left = duration_ms.saturating_sub(recorder.now_ms());
     tokio::time::sleep(Duration::from_millis(left)).await;
 
+    faults::record_exits(&mut cluster, &recorder)?;
     // Heal everything (the schedule ends each fault, this covers an interrupted one).
     let _ = stop_clients.send(true);
     lab.heal();
@@ -234,6 +230,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
     for state in finals {
         recorder.write(&Record::Final(state))?;
     }
+    faults::record_exits(&mut cluster, &recorder)?;
     let _ = stop_observers.send(true);
     let joined = tokio::time::timeout(Duration::from_secs(10), async { while tasks.join_next().await.is_some() {} });
     if joined.await.is_err() {

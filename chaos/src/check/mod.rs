@@ -21,6 +21,7 @@
 //! * `loss` faults say their rate as `loss=N%` in `detail`.
 
 mod convergence;
+mod crash;
 mod lost_write;
 mod membership;
 mod report;
@@ -207,6 +208,7 @@ impl<'a> Run<'a> {
             Record::FaultEnd(end) => (None, end.at_ms, end.at_ms),
             Record::Membership(sample) => (Some(sample.observer.clone()), sample.at_ms, sample.at_ms),
             Record::Final(state) => (Some(state.node.clone()), state.at_ms, state.at_ms),
+            Record::NodeExit(exit) => (Some(exit.node.clone()), exit.at_ms, exit.at_ms),
         };
         Involved { record: index, node, from_ms, to_ms }
     }
@@ -236,6 +238,7 @@ pub fn check(records: &[Record]) -> Report {
     watch::check(&run, &mut violations);
     convergence::check(&run, &mut violations);
     membership::check(&run, &mut violations);
+    crash::check(records, &mut violations);
     let mut report = Report {
         seed: run.info.map(|info| info.seed),
         violations,

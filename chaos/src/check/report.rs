@@ -28,6 +28,8 @@ pub enum Invariant {
     MembershipDetection,
     /// SPEC 5: a node on a healthy network was marked dead.
     FalseDead,
+    /// A konord exited without being killed: a crash is never an acceptable answer to a fault.
+    Crash,
 }
 
 impl Invariant {
@@ -43,6 +45,7 @@ impl Invariant {
             Invariant::Convergence => "convergence",
             Invariant::MembershipDetection => "membership_detection",
             Invariant::FalseDead => "false_dead",
+            Invariant::Crash => "crash",
         }
     }
 }

@@ -552,15 +552,24 @@ impl Replica {
 
     /// Restores a round found staged in the group file at start (in doubt, asked about at
     /// once), unless what the document holds already settles it.
-    pub(super) fn restore_round(&mut self, group: &str, staged: Option<StagedRound>) {
+    pub(super) fn restore_round(&mut self, group: &str, staged: Option<StagedRound>, on_disk: Durability) {
         let Some(StagedRound { round, change, kind, configuration, promised, accepted }) = staged else { return };
         let Ok(decoded) = crate::exchange::decode_change(&change) else { return };
         let now = self.now;
         let Some(state) = self.groups.get_mut(group) else { return };
         if round.node == self.node_id && accepted.is_none() {
-            // Our own round from a file of an older konord, never proposed: abort it for good.
+            // Our own round never proposed (a file of an older konord, or an append torn after
+            // its Staged record, so no Decide left): abort it for good.
             state.remember_decision(round.clone(), false);
-            return self.persist_rounds(group, &[RoundRecord::Decided { round, commit: false }]);
+            return match on_disk {
+                Durability::Writable => self.persist_rounds(group, &[RoundRecord::Decided { round, commit: false }]),
+                // The disk just refused an append of this group: another one now would fail
+                // the same way, and handling that failure would land here again (chaos seed
+                // 302: the daemon recursed until its stack overflowed). The decision stays in
+                // memory; the shell's rewrite of the group file from memory, once the disk
+                // takes writes, records it, and a crash before that redoes this abort at start.
+                Durability::JustFailed => {}
+            };
         }
         let Some(base) = configuration.or_else(|| state.doc.configuration().cloned()) else { return };
         state.round_lamport = state.round_lamport.max(round.lamport);
@@ -583,4 +592,13 @@ impl Replica {
         })));
         self.settle_round_by_sync(group);
     }
+}
+
+/// Whether a group's file may be appended to now, for [`Replica::restore_round`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// At start: the file was just read and takes appends.
+    Writable,
+    /// After a failed persist: an append would fail again.
+    JustFailed,
 }

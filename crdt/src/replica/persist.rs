@@ -87,7 +87,7 @@ impl Replica {
         state.leaving = old.leaving;
         state.known_members = old.known_members;
         self.groups.insert(group.to_owned(), state);
-        self.restore_round(group, staged);
+        self.restore_round(group, staged, super::decision::Durability::JustFailed);
         // Not at once: while the disk keeps failing, every answer would fail to save again
         // (found by the simulator: thousands of queries a second from a node with write errors).
         let retry = Millis(self.now.0 + crate::limits::DECISION_TIMEOUT_MS / 2);

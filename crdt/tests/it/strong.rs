@@ -804,3 +804,46 @@ fn a_member_in_doubt_cannot_leave_until_the_round_settles_and_then_leaves() {
     let CommandOutcome::Committed(receipt) = set(&mut net, "n2", "k", json!(2)).unwrap() else { panic!() };
     assert_eq!(receipt.acked_by, vec!["n1", "n2"]);
 }
+
+#[test]
+fn regression_a_failed_append_never_makes_the_replica_append_again_at_once() {
+    // Found by the chaos suite (seed 302): a full disk tore a strong coordinator's append after
+    // its `Staged` record, before `Accepted`. Every later append of the group failed (the
+    // store refuses appends to a file whose tail is unknown until it is rewritten). On each
+    // failure the replica reloaded the group, found its own round staged and never proposed,
+    // and appended its abort at once; that append failed in turn, and the daemon handled the
+    // failures one inside the other until its thread overflowed its stack. Handling a failed
+    // persist must not, by itself, ask for another append.
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    set(&mut net, "n1", "k", json!(1)).unwrap();
+    net.drop_kinds.insert("accepted");
+    let id = send_command(&mut net, "n1", set_command("k", json!(2)));
+    net.run();
+    assert!(!net.replies.contains_key(&id), "the round is still deciding");
+    let mut loaded = net.load("n1", "app").expect("n1's file");
+    let staged = loaded.staged.as_mut().expect("n1 staged its own round with its proposal");
+    assert_eq!(staged.round.node, "n1");
+    assert!(staged.accepted.is_some());
+    // The append that carried the proposal was torn after the Staged record.
+    staged.accepted = None;
+    net.input(
+        "n1",
+        Input::PersistFailed { group: "app".into(), error: "disk full".into(), reloaded: Some(Box::new(loaded)) },
+    );
+    let mut appends = Vec::new();
+    while let Some(output) = net.replicas.get_mut("n1").unwrap().poll_output() {
+        if let konor_crdt::Output::Persist(konor_crdt::PersistOp::Append { records, .. }) = output {
+            appends.push(records.len());
+        }
+    }
+    assert!(appends.is_empty(), "a failed persist made the replica append again at once: {appends:?}");
+    // The round is aborted all the same (it never proposed), and the group moves on.
+    net.drop_kinds.clear();
+    for _ in 0..4 {
+        net.advance(DECISION_TIMEOUT_MS);
+    }
+    set(&mut net, "n1", "k", json!(3)).unwrap();
+    for node in ["n1", "n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), json!({"k": 3}), "{node}");
+    }
+}

@@ -116,6 +116,12 @@ const REPAIR_BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// Longest wait between repair attempts: a lost group is worth a try every half minute.
 const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Batches of outputs one `execute_outputs` runs while persists keep failing: each failure
+/// reloads its group and runs the outputs that follows in a new batch, which normally ends it
+/// (error answers, gossip); a batch that fails again and again hands the main loop its turn
+/// rather than spinning (or, as a recursion once did, overflowing the stack).
+const FAILED_BATCHES_MAX: u32 = 4;
+
 /// First wait before rewriting a group file that a failed fsync left in an unknown state; then
 /// doubled per attempt up to [`REPAIR_BACKOFF_MAX`] (the disk may stay full for a while).
 const REWRITE_BACKOFF_MIN: Duration = Duration::from_millis(500);
