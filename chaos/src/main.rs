@@ -7,6 +7,7 @@ mod cleanup;
 mod cluster;
 mod faults;
 mod lab;
+mod py_clients;
 mod record;
 mod run;
 mod workload;
@@ -99,6 +100,9 @@ struct CommonArgs {
     /// Workload clients per node.
     #[arg(long, default_value_t = 2)]
     clients_per_node: u32,
+    /// Workload clients per node on the Python SDK (`python3` and sdk/python; 0: none).
+    #[arg(long, default_value_t = 1)]
+    python_clients_per_node: u32,
     /// konord's log filter (KONOR_LOG syntax).
     #[arg(long, default_value = "info")]
     log: String,
@@ -140,6 +144,7 @@ impl CommonArgs {
             konord: konord_path(self.konord.as_deref())?,
             settle: self.settle,
             clients_per_node: self.clients_per_node,
+            python_clients_per_node: self.python_clients_per_node,
             log_filter: self.log.clone(),
         })
     }

@@ -18,6 +18,8 @@ pub struct Recorder {
 
 struct RecorderInner {
     started: Instant,
+    /// CLOCK_MONOTONIC at `started`, ns: the zero other processes (the Python clients) count from.
+    started_monotonic_ns: u128,
     file: Mutex<BufWriter<File>>,
     counts: Mutex<RecordCounts>,
 }
@@ -49,13 +51,24 @@ impl Recorder {
     /// Creates (truncates) the history file; the run's clock starts now.
     pub fn create(path: &Path) -> std::io::Result<Recorder> {
         let file = File::create(path)?;
+        let started = Instant::now();
+        let monotonic = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let started_monotonic_ns = u128::try_from(monotonic.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u128::try_from(monotonic.tv_nsec).unwrap_or(0);
         Ok(Recorder {
             inner: Arc::new(RecorderInner {
-                started: Instant::now(),
+                started,
+                started_monotonic_ns,
                 file: Mutex::new(BufWriter::new(file)),
                 counts: Mutex::new(RecordCounts::default()),
             }),
         })
+    }
+
+    /// The run's zero on CLOCK_MONOTONIC (which `Instant` reads on Linux), ns: a process of
+    /// its own times its records as `monotonic now - this`.
+    pub fn zero_monotonic_ns(&self) -> u128 {
+        self.inner.started_monotonic_ns
     }
 
     /// Milliseconds since the run started.

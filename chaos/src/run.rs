@@ -20,6 +20,7 @@ use konor_chaos::history::{FinalState, FinalVersion, GroupInfo, Record, RunInfo}
 use crate::cluster::{Cluster, Tmpfs};
 use crate::faults::{self, Targets};
 use crate::lab::Lab;
+use crate::py_clients::{PythonClient, PythonClients};
 use crate::record::{RecordCounts, Recorder};
 use crate::workload::{self, WorkloadClient};
 
@@ -61,6 +62,8 @@ pub struct RunOptions {
     pub settle: Duration,
     /// Workload clients per node.
     pub clients_per_node: u32,
+    /// Workload clients per node on the Python SDK (a process each).
+    pub python_clients_per_node: u32,
     /// konord's `KONOR_LOG` filter.
     pub log_filter: String,
 }
@@ -165,6 +168,13 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
         tasks.spawn(workload::run_membership(node.clone(), probe, recorder.clone(), observers_stopped.clone()));
     }
 
+    let python: Vec<PythonClient> = (0..options.python_clients_per_node)
+        .flat_map(|_| cluster.nodes.iter().map(|node| (node.id.clone(), node.socket.clone())).collect::<Vec<_>>())
+        .enumerate()
+        .map(|(offset, (node, socket))| PythonClient { number: client_number + 1 + offset as u32, node, socket })
+        .collect();
+    let python_clients = PythonClients::start(&python, &groups, options.seed, &recorder, &run_dir)?;
+
     let schedule = faults::plan(options.seed, duration_ms, options.nodes, disk_node);
     let targets = Targets { cluster: &mut cluster, lab: &lab, disk: &disk, recorder: &recorder };
     let faults_ran = faults::execute(&schedule, targets, duration_ms).await?;
@@ -188,6 +198,7 @@ pub async fn run(options: &RunOptions) -> anyhow::Result<RunSummary> {
         client_tasks.abort_all();
         bail!("workload clients did not stop within {:?} of their timeout", CLIENTS_STOP_GRACE);
     }
+    python_clients.stop(CLIENT_TIMEOUT + CLIENTS_STOP_GRACE).await?;
     // A node that does not come back (konord exited on its own: it refused its data dir after a
     // power cut, say) gets no final state, which the convergence check reports.
     let mut probes = Vec::new();

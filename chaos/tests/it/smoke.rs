@@ -56,6 +56,12 @@ fn a_short_run_records_operations_faults_and_final_states_and_leaves_no_namespac
     assert!(matches!(records.first(), Some(Record::Run(info)) if info.seed == 1 && info.nodes.len() == 3));
     let count = |wanted: fn(&Record) -> bool| records.iter().filter(|r| wanted(r)).count();
     assert!(count(|r| matches!(r, Record::Op(_))) > 50, "too few operations:\n{stdout}");
+    // Clients 1-6 are the Rust SDK's (two per node), 7-9 the Python SDK's (one per node).
+    let python_ops = count(|r| matches!(r, Record::Op(op) if op.client > 6));
+    let python_commits = count(
+        |r| matches!(r, Record::Op(op) if op.client > 6 && matches!(op.outcome, history::Outcome::Committed { .. })),
+    );
+    assert!(python_ops > 20 && python_commits > 0, "the Python clients' operations are in the history:\n{stdout}");
     let starts = count(|r| matches!(r, Record::FaultStart(_)));
     assert!(starts >= 1, "no fault ran:\n{stdout}");
     assert_eq!(count(|r| matches!(r, Record::FaultEnd(_))), starts, "every fault ended");
