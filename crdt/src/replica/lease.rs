@@ -20,7 +20,7 @@ use super::round::Round;
 use super::{NodeId, Output, Replica};
 use crate::group::{GroupDoc, Mode};
 use crate::limits::{LEASE_MARGIN_MS, LEASE_MS, LEASE_RENEW_MS, REJOIN_RETRY_MS};
-use crate::peer_message::{PeerMessage, RoundId};
+use crate::peer_message::{PeerMessage, RoundId, RoundOutcome};
 use crate::time::Millis;
 
 /// A grant this node received.
@@ -206,10 +206,12 @@ impl Replica {
                 let valid = grant.sent.0 + LEASE_MS > now.0
                     && grant.configuration == configuration.number
                     && grant.heads.iter().all(|head| state.doc.has_change(head))
-                    && grant
-                        .staged
-                        .as_ref()
-                        .is_none_or(|(round, hash)| state.doc.has_change(hash) || state.final_outcome(round).is_some());
+                    // The granter's round in doubt: held here, or known aborted. One known
+                    // committed whose change is not here shows this node behind (chaos seed
+                    // 336: a node that lost a staged commit but remembered its decision).
+                    && grant.staged.as_ref().is_none_or(|(round, hash)| {
+                        state.doc.has_change(hash) || state.final_outcome(round) == Some(RoundOutcome::Aborted)
+                    });
                 valid.then_some(grant.sent.0 + LEASE_MS)
             })
             .collect();

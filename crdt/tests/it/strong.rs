@@ -847,3 +847,47 @@ fn regression_a_failed_append_never_makes_the_replica_append_again_at_once() {
         assert_eq!(net.settings(node, "app"), json!({"k": 3}), "{node}");
     }
 }
+
+#[test]
+fn a_node_that_knows_a_commit_it_does_not_hold_is_not_fresh_on_grants_that_staged_it() {
+    // Found by the chaos suite (seed 336): a member staged a write, learned that it committed,
+    // and then lost both its copy of the change and the round in doubt (its disk refused the
+    // change's append and a later append of the group left a file without the round staged).
+    // It kept the decision in memory. A grant from a member still in doubt about that round
+    // (heads without the change, the round staged) said nothing it lacked, as far as the
+    // grant's heads go: it must not count, since the round it shows committed.
+    let mut net = strong_mesh(&["n1", "n2", "n3"]);
+    net.drop_kinds.insert("decision_answer");
+    net.drop_kinds.insert("sync");
+    let id = send_command(&mut net, "n1", set_command("k", json!(1)));
+    net.run();
+    assert!(net.replies.remove(&id).unwrap().is_ok(), "k = 1 committed");
+    let round = net.prepared.last().unwrap().clone();
+    // n2's file: the round staged, without its decision or its change.
+    let mut on_disk = net.load("n2", "app").expect("n2's file");
+    assert_eq!(on_disk.staged.as_ref().map(|s| &s.round), Some(&round));
+    // n2 learns the commit; saving it fails, and the file it reloads has lost the round.
+    let answer = konor_crdt::PeerMessage::DecisionAnswer {
+        group: "app".into(),
+        round,
+        outcome: konor_crdt::peer_message::RoundOutcome::Committed,
+    };
+    net.input("n2", Input::Peer { from: "n1".into(), bytes: answer.encode() });
+    while net.replicas.get_mut("n2").unwrap().poll_output().is_some() {}
+    on_disk.staged = None;
+    let failed =
+        Input::PersistFailed { group: "app".into(), error: "disk full".into(), reloaded: Some(Box::new(on_disk)) };
+    net.input("n2", failed);
+    net.run();
+    assert_eq!(net.settings("n2", "app"), json!({}), "n2 lost k = 1");
+    assert!(net.replicas["n3"].is_fenced("app"), "n3 is still in doubt about k = 1");
+    // New grants: n1's holds k = 1 (n2 lacks it); n3's shows the round it is in doubt about.
+    for _ in 0..3 {
+        net.advance(LEASE_RENEW_MS);
+        assert!(
+            net.replicas["n2"].is_fenced("app"),
+            "n2 serves {} as fresh, though k = 1 committed",
+            net.settings("n2", "app")
+        );
+    }
+}
