@@ -93,6 +93,8 @@ def main() -> None:
             outcome = outcome_of(error)
             if isinstance(error, ConnectError):
                 client = None
+        except (KeyError, TypeError) as error:  # an answer without the fields of its type
+            outcome = {"outcome": "unknown", "detail": f"unreadable answer: {error!r}"}
         kind: Dict[str, Any] = {"op": "write", "value": value} if write else {"op": "read"}
         record = {"type": "op", "client": args.client, "node": args.node, "group": group, "key": key, "kind": kind,
                   "invoke_ms": invoke_ms, "complete_ms": now_ms(), "outcome": outcome}

@@ -72,8 +72,9 @@ impl PythonClients {
     /// Stops every client (SIGTERM: each ends after its operation in flight) and waits until
     /// their last lines are in the history, at most `patience`; the rest are killed.
     pub async fn stop(mut self, patience: Duration) -> anyhow::Result<()> {
-        for (child, _) in &self.running {
-            crate::lab::run_quietly("kill", &["-TERM", &child.id().to_string()]);
+        let pids: Vec<String> = self.running.iter().map(|(child, _)| child.id().to_string()).collect();
+        for pid in &pids {
+            crate::lab::run_quietly("kill", &["-TERM", pid]);
         }
         let running = std::mem::take(&mut self.running);
         let waited = tokio::time::timeout(
@@ -86,7 +87,14 @@ impl PythonClients {
             }),
         )
         .await;
-        anyhow::ensure!(waited.is_ok(), "Python clients did not stop within {patience:?}");
+        if waited.is_err() {
+            // The waiting thread still holds the children: kill them by pid, so they end and it
+            // can reap them.
+            for pid in &pids {
+                crate::lab::run_quietly("kill", &["-KILL", pid]);
+            }
+            anyhow::bail!("Python clients did not stop within {patience:?}; killed");
+        }
         Ok(())
     }
 }

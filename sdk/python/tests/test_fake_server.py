@@ -17,6 +17,7 @@ import pytest
 from konorkestra import (
     Client,
     ConnectionClosedError,
+    KonorError,
     KonorTimeoutError,
     ProtocolError,
     ProtocolRefusedError,
@@ -37,6 +38,10 @@ def answer(request_id: int, body: dict) -> bytes:
 
 
 WELCOME = {"type": "welcome", "protocol": 1, "node_id": "fake", "daemon_version": "0"}
+
+
+class Close(bytes):
+    """A reply to send, after which the fake daemon closes the connection."""
 
 
 class FakeDaemon:
@@ -81,12 +86,17 @@ class FakeDaemon:
                 if out is None:
                     return
                 conn.sendall(out)
+                if isinstance(out, Close):
+                    return
 
     @staticmethod
     def read(conn: socket.socket, count: int) -> Optional[bytes]:
         data = b""
         while len(data) < count:
-            chunk = conn.recv(count - len(data))
+            try:
+                chunk = conn.recv(count - len(data))
+            except OSError:
+                return None
             if not chunk:
                 return None
             data += chunk
@@ -125,7 +135,7 @@ def value_of(request: dict, value: object) -> bytes:
         (frame({"response": {"id": 2, "response": {"no": "type"}}}), "without a type"),
         (frame({"something": 1}), "neither a response nor an event"),
         (frame({"response": {"id": 2, "response": {"type": "snapshot"}}}), "expected a `value` answer"),
-        (b'\x00\x00\x00\x1a{"response":{"id":2,"a":1,', "closed"),
+        (Close(b'\x00\x00\x00\x40{"response":{"id":2,"a":1,'), "closed in the middle of a frame"),
     ],
 )
 def test_malformed_answers_raise_clear_errors(fake: Callable[..., FakeDaemon], raw: bytes, message: str) -> None:
@@ -251,3 +261,145 @@ def test_a_daemon_of_another_user_is_refused_before_anything_is_sent() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_write_whose_connection_closes_before_its_answer_is_not_sent_again(fake: Callable[..., FakeDaemon]) -> None:
+    daemon = fake(lambda request: Close(b""))
+    client = Client(daemon.path, timeout=2, daemon_uid="any")
+    with pytest.raises(ConnectionClosedError):
+        client.set("g", {"k": 1})
+    sets = [request for request in daemon.requests if request["request"]["type"] == "set"]
+    assert len(sets) == 1, "a write that may have been applied was sent again"
+
+
+def test_a_read_whose_connection_closes_is_sent_again(fake: Callable[..., FakeDaemon]) -> None:
+    gets: List[int] = []
+
+    def reply(request: dict) -> Optional[bytes]:
+        gets.append(request["id"])
+        return Close(b"") if len(gets) == 1 else value_of(request, 9)
+
+    daemon = fake(reply)
+    assert Client(daemon.path, timeout=2, daemon_uid="any").get("g", "k") == 9
+    assert len(gets) == 2
+
+
+def test_half_a_frame_is_a_truncated_frame_not_a_hang(fake: Callable[..., FakeDaemon]) -> None:
+    # A call: the length says 64 bytes, 10 come, the connection stays open. It ends in time,
+    # as a truncated frame or as the call's own timeout, whichever limit comes first.
+    daemon = fake(lambda request: b"\x00\x00\x00\x40" + b'{"respons"')
+    with pytest.raises((ProtocolError, KonorTimeoutError)):
+        Client(daemon.path, timeout=0.5, daemon_uid="any").get("g", "k")
+    # A watch waits for events without a deadline, yet half an event does not hold it: the rest
+    # is due within the timeout, and the watch then resumes on a new connection.
+    watches: List[int] = []
+
+    def reply(request: dict) -> Optional[bytes]:
+        watches.append(request["id"])
+        return answer(request["id"], {"type": "watching", "group": "g", "revision": 1}) + b"\x00\x00\x00\x40{"
+
+    watcher = fake(reply)
+    watch = Client(watcher.path, timeout=0.3, daemon_uid="any").watch("g", 1)
+    assert watch.next_event(timeout=2) is None
+    watch.close()
+    assert len(watches) >= 2, "the watch never gave up on the truncated frame"
+
+
+def test_calls_that_need_a_connection_of_their_own_are_refused(fake: Callable[..., FakeDaemon]) -> None:
+    daemon = fake(lambda request: value_of(request, 1))
+    client = Client(daemon.path, timeout=2, daemon_uid="any")
+    for kind in ("watch", "unwatch", "hello"):
+        with pytest.raises(ValueError, match="use watch"):
+            client.call({"type": kind, "group": "g"})
+    assert [r["request"]["type"] for r in daemon.requests] == ["hello"]
+
+
+def test_deeply_nested_or_out_of_range_answers_are_protocol_errors(fake: Callable[..., FakeDaemon]) -> None:
+    for raw in (b"[" * 100_000, b'{"response":{"id":2,"response":{"type":"value","value":1e400}}}'):
+        daemon = fake(lambda request, raw=raw: struct.pack(">I", len(raw)) + raw)
+        with pytest.raises(ProtocolError, match="not JSON"):
+            Client(daemon.path, timeout=2, daemon_uid="any").get("g", "k")
+
+
+def test_a_watch_polled_with_short_timeouts_still_reconnects(fake: Callable[..., FakeDaemon]) -> None:
+    watches: List[int] = []
+
+    def reply(request: dict) -> Optional[bytes]:
+        if request["request"]["type"] != "watch":
+            return None
+        watches.append(request["id"])
+        watching = answer(request["id"], {"type": "watching", "group": "g", "revision": 5})
+        if len(watches) == 1:
+            return Close(watching)  # the first connection drops at once
+        event = frame({"event": {"event": {"type": "change", "group": "g", "revision": 6, "version": "v6",
+                                           "set": {"k": 1}, "removed": None}}})
+        return watching + event
+
+    daemon = fake(reply)
+    watch = Client(daemon.path, timeout=2, daemon_uid="any").watch("g", 5)
+    event = None
+    for _ in range(400):  # polls far shorter than the reconnect pause
+        event = watch.next_event(timeout=0.01)
+        if event is not None:
+            break
+    watch.close()
+    assert event is not None and event.revision == 6 and event.set == {"k": 1}, watches
+    assert len(watches) == 2
+
+
+
+def test_aio_a_write_that_could_not_be_flushed_in_time_is_not_sent_again(fake: Callable[..., FakeDaemon]) -> None:
+    import asyncio
+    import time as clock
+
+    from konorkestra import aio
+
+    def reply(request: dict) -> Optional[bytes]:
+        if request["request"]["type"] == "get":
+            clock.sleep(1.5)  # the daemon stops reading for a while
+            return value_of(request, 1)
+        return answer(request["id"], {"type": "committed", "group": "g", "version": "v2", "revision": 2,
+                                      "content_hash": "0" * 12, "acked_by": ["fake"]})
+
+    daemon = fake(reply)
+
+    async def main() -> None:
+        client = await aio.Client.connect(daemon.path, timeout=0.4, daemon_uid="any")
+        stuck = asyncio.ensure_future(client.get("g", "k"))
+        await asyncio.sleep(0.05)
+        with pytest.raises((KonorTimeoutError, ConnectionClosedError)):
+            await client.apply("g", "x = '" + "y" * (8 * 1024 * 1024) + "'\n", "toml")
+        with pytest.raises(KonorError):
+            await stuck
+        await client.close()
+
+    asyncio.run(main())
+    clock.sleep(2)  # let the fake daemon wake and read whatever reached it
+    applies = [request for request in daemon.requests if request["request"]["type"] == "apply"]
+    assert len(applies) <= 1, f"the write went out {len(applies)} times"
+
+
+def test_aio_an_unreadable_frame_fails_the_call_and_the_next_call_reconnects(fake: Callable[..., FakeDaemon]) -> None:
+    import asyncio
+
+    from konorkestra import aio
+
+    calls: List[int] = []
+
+    def reply(request: dict) -> Optional[bytes]:
+        calls.append(request["id"])
+        if len(calls) == 1:
+            raw = b"[" * 100_000
+            return struct.pack(">I", len(raw)) + raw
+        return value_of(request, 3)
+
+    daemon = fake(reply)
+
+    async def main() -> None:
+        client = await aio.Client.connect(daemon.path, timeout=2, daemon_uid="any")
+        with pytest.raises(ProtocolError, match="not JSON"):
+            await client.get("g", "k")
+        assert await client.get("g", "k") == 3
+        await client.close()
+
+    asyncio.run(main())

@@ -22,7 +22,7 @@ import socket
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 from .canon import content_hash
-from .client import _READS, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN, _is_final, _rows
+from .client import _READS, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN, _CacheState, _is_final, _rows
 from .connection import DaemonUid, check_daemon
 from .errors import (
     ConnectError,
@@ -57,6 +57,7 @@ from .wire import (
     read_watching,
     resolve_socket,
     write_meta,
+    RESERVED_REQUESTS,
 )
 
 __all__ = ["Client", "Watch", "ChangeHandle", "CachedGroup"]
@@ -68,9 +69,14 @@ _NOT_GIVEN: Any = object()
 Callback = Callable[[WatchEvent, Settings], Union[None, Awaitable[None]]]
 
 
+#: Events a watch link holds for its reader: past it the link stops reading, the daemon's write
+#: budget fills, the daemon drops the watch, and the watch resumes from its last revision.
+WATCH_BUFFER_EVENTS = 1024
+
+
 class _Link:
     """One greeted connection whose reader task routes answers to waiting calls by id and
-    events to a queue."""
+    events to a bounded queue."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
         self._reader = reader
@@ -78,29 +84,31 @@ class _Link:
         self.timeout = timeout
         self._next_id = 1
         self._waiting: Dict[int, "asyncio.Future[Dict[str, Any]]"] = {}
-        self.events: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue()
+        self.events: "asyncio.Queue[Optional[Dict[str, Any]]]" = asyncio.Queue(WATCH_BUFFER_EVENTS)
         self.closed: Optional[KonorError] = None
         self.node_id = ""
         self._task = asyncio.ensure_future(self._read_loop())
 
     @classmethod
     async def open(cls, path: str, timeout: float, daemon_uid: DaemonUid, process: Optional[str]) -> "_Link":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as error:
+            raise ConnectError(path, error.strerror or str(error)) from None
         sock.setblocking(False)
         try:
             await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, path), timeout)
+            check_daemon(sock, path, daemon_uid)
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
         except asyncio.TimeoutError:
             sock.close()
             raise ConnectError(path, "timed out") from None
         except OSError as error:
             sock.close()
             raise ConnectError(path, error.strerror or str(error)) from None
-        try:
-            check_daemon(sock, path, daemon_uid)
         except BaseException:
             sock.close()
             raise
-        reader, writer = await asyncio.open_unix_connection(sock=sock)
         link = cls(reader, writer, timeout)
         try:
             link.node_id = check_welcome(await link.exchange(hello(process)))
@@ -113,12 +121,14 @@ class _Link:
         error: KonorError = ConnectionClosedError("connection to konord closed")
         try:
             while True:
-                header = await self._reader.readexactly(4)
-                length = frame_length(header)
+                first = await self._reader.readexactly(1)
+                # Once a frame began, the rest must follow within the timeout (truncated else).
+                rest = await asyncio.wait_for(self._reader.readexactly(3), self.timeout)
+                length = frame_length(first + rest)
                 payload = await asyncio.wait_for(self._reader.readexactly(length), self.timeout)
                 kind, answer_id, body = read_server_frame(payload)
                 if kind == "event":
-                    self.events.put_nowait(body)
+                    await self.events.put(body)
                 elif answer_id == 0:
                     try:
                         expect(body, "error")
@@ -134,12 +144,15 @@ class _Link:
             where = "in the middle of a frame" if incomplete.partial else "before the answer"
             error = ConnectionClosedError(f"connection to konord closed {where}")
         except asyncio.TimeoutError:
-            error = ConnectionClosedError("connection to konord closed: a frame stopped half-way")
-        except ProtocolError as bad:
+            error = ProtocolError(f"truncated frame: its rest did not arrive within {self.timeout:.1f} s")
+        except KonorError as bad:
             error = bad
-        except (OSError, asyncio.CancelledError) as gone:
-            error = ConnectionClosedError(f"connection to konord closed: {gone}")
-        self._fail(error)
+        except asyncio.CancelledError:
+            error = ConnectionClosedError("connection to konord closed by this client")
+        except Exception as unexpected:  # noqa: BLE001 - the reader must never die silently
+            error = ProtocolError(f"unreadable frame from the daemon: {unexpected!r}")
+        finally:
+            self._fail(error)
 
     def _fail(self, error: KonorError) -> None:
         if self.closed is None:
@@ -148,29 +161,40 @@ class _Link:
             if not waiter.done():
                 waiter.set_exception(error)
         self._waiting.clear()
+        # Undelivered events go: the watch resumes from the last one it delivered.
+        while not self.events.empty():
+            self.events.get_nowait()
         self.events.put_nowait(None)
         self._writer.close()
 
     async def exchange(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """Sends ``request`` and waits for its answer, all within the timeout. ``_NotSent`` only
+        when the link was closed before anything was written; once written, a request counts as
+        sent (a timeout then closes the link: its outcome is unknown)."""
         if self.closed is not None:
             raise _NotSent(str(self.closed))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         request_id = self._next_id
         self._next_id += 1
-        waiter: "asyncio.Future[Dict[str, Any]]" = asyncio.get_running_loop().create_future()
+        waiter: "asyncio.Future[Dict[str, Any]]" = loop.create_future()
         self._waiting[request_id] = waiter
+        self._writer.write(encode_frame(request_id, request))
         try:
-            self._writer.write(encode_frame(request_id, request))
-            await asyncio.wait_for(self._writer.drain(), self.timeout)
-        except (OSError, asyncio.TimeoutError) as error:
-            self._waiting.pop(request_id, None)
-            raise _NotSent(f"the connection to konord is closed ({error})") from None
-        try:
-            return await asyncio.wait_for(asyncio.shield(waiter), self.timeout)
+            await asyncio.wait_for(self._writer.drain(), max(deadline - loop.time(), 0))
+            return await asyncio.wait_for(asyncio.shield(waiter), max(deadline - loop.time(), 0))
         except asyncio.TimeoutError:
             self._waiting.pop(request_id, None)
+            self.close()
             raise KonorTimeoutError(self.timeout) from None
+        except OSError as error:
+            self._waiting.pop(request_id, None)
+            self.close()
+            raise ConnectionClosedError(f"connection to konord closed: {error}") from None
 
     def close(self) -> None:
+        if self.closed is None:
+            self.closed = ConnectionClosedError("connection to konord closed by this client")
         self._task.cancel()
         self._writer.close()
 
@@ -227,6 +251,8 @@ class Client:
     async def call(self, request: Mapping[str, Any]) -> Dict[str, Any]:
         """One request; the answer's body. An ``error`` answer is raised as its DaemonError."""
         kind = str(request.get("type", ""))
+        if kind in RESERVED_REQUESTS:
+            raise ValueError(f"`{kind}` cannot go through call(): use watch() (a watch needs a connection of its own)")
         for attempt in range(3):
             link = await self._current()
             try:
@@ -326,7 +352,8 @@ class Client:
 
 class Watch:
     """An async iterator of events with the blocking Watch's guarantees (exactly once, in
-    order, or a Resync; resumed after dropped connections and daemon restarts)."""
+    order, or a Resync; resumed after dropped connections and daemon restarts, pauses kept
+    across polls, so polling with a short timeout still reconnects)."""
 
     def __init__(self, client: Client, group: str) -> None:
         self.group = group
@@ -334,6 +361,9 @@ class Watch:
         self._link: Optional[_Link] = None
         self._closed = False
         self._backoff = RECONNECT_BACKOFF_MIN
+        self._retry_at = 0.0
+        # A reconnect in progress: it outlives one poll's timeout, so no half-open link leaks.
+        self._opening: Optional["asyncio.Task[int]"] = None
         self.last_revision = 0
 
     async def _start(self, from_revision: Optional[int]) -> None:
@@ -350,14 +380,19 @@ class Watch:
         except BaseException:
             link.close()
             raise
-        self._link = link
+        if self._closed:
+            link.close()
+        else:
+            self._link = link
         return revision
 
     def close(self) -> None:
+        """Ends the watch; an iteration in progress stops."""
         self._closed = True
+        if self._opening is not None:
+            self._opening.cancel()
         if self._link is not None:
             self._link.close()
-            self._link.events.put_nowait(None)
 
     def __aiter__(self) -> "Watch":
         return self
@@ -370,38 +405,52 @@ class Watch:
 
     async def next_event(self, timeout: Optional[float] = None) -> Optional[WatchEvent]:
         """The next event; ``None`` once closed or after ``timeout`` seconds."""
-        try:
-            return await asyncio.wait_for(self._next(), timeout)
-        except asyncio.TimeoutError:
-            return None
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
 
-    async def _next(self) -> Optional[WatchEvent]:
+        def left() -> Optional[float]:
+            return None if deadline is None else max(deadline - loop.time(), 0)
+
         while not self._closed:
             link = self._link
             if link is None:
-                await asyncio.sleep(self._backoff)
-                if self._closed:
+                if self._opening is None:
+                    wait = self._retry_at - loop.time()
+                    if wait > 0:
+                        remaining = left()
+                        await asyncio.sleep(wait if remaining is None else min(wait, remaining))
+                        if self._closed or loop.time() < self._retry_at:
+                            return None
+                    self._opening = asyncio.ensure_future(self._open(self.last_revision))
+                opening = self._opening
+                done, _ = await asyncio.wait({opening}, timeout=left())
+                if not done:
                     return None
+                self._opening = None
                 try:
-                    await self._open(self.last_revision)
+                    opening.result()
                     self._backoff = RECONNECT_BACKOFF_MIN
+                except asyncio.CancelledError:
+                    return None
                 except KonorError as error:
                     if _is_final(error):
                         self._closed = True
                         raise
+                    self._retry_at = loop.time() + self._backoff
                     self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_MAX)
                 continue
-            body = await link.events.get()
+            try:
+                body = await asyncio.wait_for(link.events.get(), left())
+            except asyncio.TimeoutError:
+                return None
             if body is None:
-                link.close()
-                self._link = None
+                self._lose(link)
                 continue
             try:
                 event = read_event(body)
             except ProtocolError as error:
                 log.warning("watch of %s: unreadable event (%s); resuming", self.group, error)
-                link.close()
-                self._link = None
+                self._lose(link)
                 continue
             if event is None:
                 continue
@@ -411,13 +460,19 @@ class Watch:
             return event
         return None
 
+    def _lose(self, link: _Link) -> None:
+        link.close()
+        if self._link is link:
+            self._link = None
+            self._retry_at = asyncio.get_running_loop().time() + self._backoff
+
 
 class ChangeHandle:
     """A running ``on_change``; ``await handle.stop()`` ends it."""
 
     def __init__(self, client: Client, snapshot: Snapshot, watch: Watch, callback: Callback) -> None:
         self.group = snapshot.group
-        self.error: Optional[KonorError] = None
+        self.error: Optional[Exception] = None
         self._client = client
         self._watch = watch
         self._callback = callback
@@ -433,7 +488,7 @@ class ChangeHandle:
             async for event in self._watch:
                 settings = apply_event(settings, event)
                 await self._run_and_report(event, settings)
-        except KonorError as error:
+        except Exception as error:  # noqa: BLE001 - the task must not die silently
             self.error = error
             log.warning("on_change of %s stopped: the watch ended: %s", self.group, error)
 
@@ -459,50 +514,65 @@ class CachedGroup:
 
     def __init__(self, snapshot: Snapshot, watch: Watch) -> None:
         self.group = snapshot.group
-        self._settings: Settings = dict(snapshot.settings)
-        self.revision = snapshot.revision
-        self.version = snapshot.version
-        self._hash: Optional[str] = snapshot.content_hash
+        self._state = _CacheState(dict(snapshot.settings), snapshot.revision, snapshot.version, snapshot.content_hash)
         self._watch = watch
-        self._changed = asyncio.Event()
-        self.error: Optional[KonorError] = None
+        self._changed = asyncio.Condition()
+        self._following = True
+        self.error: Optional[Exception] = None
         self._task = asyncio.ensure_future(self._follow())
 
     async def _follow(self) -> None:
         try:
             async for event in self._watch:
-                self._settings = apply_event(self._settings, event)
-                self.revision = event.revision
-                self.version = event.version
-                self._hash = None
-                self._changed.set()
-                self._changed = asyncio.Event()
-        except KonorError as error:
+                state = _CacheState(apply_event(self._state.settings, event), event.revision, event.version, None)
+                async with self._changed:
+                    self._state = state
+                    self._changed.notify_all()
+        except Exception as error:  # noqa: BLE001 - the task must not die silently
             self.error = error
+        finally:
+            self._following = False
+            async with self._changed:
+                self._changed.notify_all()
 
     def get(self, key: str, default: Any = UNSET) -> Any:
-        return self._settings.get(key, default)
+        return self._state.settings.get(key, default)
 
     @property
     def settings(self) -> Settings:
-        return dict(self._settings)
+        return dict(self._state.settings)
+
+    @property
+    def revision(self) -> int:
+        return self._state.revision
+
+    @property
+    def version(self) -> str:
+        return self._state.version
 
     @property
     def content_hash(self) -> str:
-        if self._hash is None:
-            self._hash = content_hash(self._settings)
-        return self._hash
+        state = self._state
+        if state.hash is None:
+            try:
+                state.hash = content_hash(state.settings)
+            except ValueError as error:
+                raise ProtocolError(f"the cached settings of {self.group!r} cannot be hashed: {error}") from None
+        return state.hash
 
     async def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
+        """Waits until the cache holds ``revision`` or later; False on timeout or once the
+        cache stopped following."""
+
         async def reach() -> None:
-            while self.revision < revision:
-                await self._changed.wait()
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._state.revision >= revision or not self._following)
 
         try:
             await asyncio.wait_for(reach(), timeout)
-            return True
         except asyncio.TimeoutError:
             return False
+        return self._state.revision >= revision
 
     async def close(self) -> None:
         """Stops following (the last state stays readable)."""

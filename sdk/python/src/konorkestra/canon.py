@@ -47,7 +47,15 @@ def content_hash(settings: Mapping[str, Any]) -> str:
 def parse_json(text: str | bytes) -> Any:
     """Reads JSON as konord does: integer literals that fit 64 bits as ``int``, other numbers as
     ``float``; an object that gives a key twice is refused (``ValueError``)."""
-    return json.loads(text, parse_int=_parse_int, object_pairs_hook=_unique_pairs, parse_constant=_no_constant)
+    return json.loads(text, parse_int=_parse_int, parse_float=_parse_float, object_pairs_hook=_unique_pairs,
+                      parse_constant=_no_constant)
+
+
+def _parse_float(text: str) -> float:
+    number = float(text)
+    if math.isinf(number):
+        raise ValueError(f"the number {text} is out of range for a double")
+    return number
 
 
 def _parse_int(text: str) -> int | float:

@@ -39,6 +39,7 @@ from .wire import (
     read_watching,
     resolve_socket,
     write_meta,
+    RESERVED_REQUESTS,
 )
 
 __all__ = ["Client", "Watch", "ChangeHandle", "CachedGroup", "RECONNECT_BACKOFF_MIN", "RECONNECT_BACKOFF_MAX"]
@@ -104,33 +105,36 @@ class Client:
 
     def call(self, request: Mapping[str, Any]) -> Dict[str, Any]:
         """Sends one request (a dict with ``type``, as in docs/protocol.md) and returns the
-        answer's body. An ``error`` answer is raised as its DaemonError subclass."""
+        answer's body. An ``error`` answer is raised as its DaemonError subclass. The whole
+        call, waiting for its turn on the connection included, takes at most ``timeout``
+        (a reconnect adds its own connect, at most ``timeout`` more)."""
         kind = str(request.get("type", ""))
+        if kind in RESERVED_REQUESTS:
+            raise ValueError(f"`{kind}` cannot go through call(): use watch() (a watch needs a connection of its own)")
+        deadline = time.monotonic() + self.timeout
         attempts = 0
         while True:
             attempts += 1
-            with self._lock:
+            if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+                raise KonorTimeoutError(self.timeout)
+            try:
                 if self._connection is None:
                     self._connection = self._connect()
                     self.node_id = self._connection.node_id
                 connection = self._connection
                 try:
-                    body = connection.exchange(request)
-                except NotSent:
-                    # The daemon closed this connection before the request (a restart): it
-                    # handled nothing, so it goes again on a new one.
+                    body = connection.exchange(request, deadline)
+                except (NotSent, IdleError):
+                    # The daemon cannot have handled it (it never arrived whole, or the
+                    # connection was closed as idle before it): again, on a new connection.
                     self._drop(connection)
-                    if attempts > 2:
-                        raise
-                    continue
-                except IdleError:
-                    self._drop(connection)
-                    if attempts > 2:
+                    if attempts > 2 or time.monotonic() >= deadline:
                         raise
                     continue
                 except ConnectionClosedError:
+                    # It may have been handled: only a read goes again.
                     self._drop(connection)
-                    if kind in _READS and attempts <= 2:
+                    if kind in _READS and attempts <= 2 and time.monotonic() < deadline:
                         continue
                     raise
                 except (KonorTimeoutError, ProtocolError):
@@ -141,6 +145,8 @@ class Client:
                     # An id-0 error: the daemon closes the connection after it.
                     self._drop(connection)
                     raise
+            finally:
+                self._lock.release()
             if body["type"] == "error":
                 expect(body, "error")  # raises the daemon's refusal as its DaemonError
             return body
@@ -293,15 +299,20 @@ class Watch:
     """Iterate to receive events (``for event in watch``). Every change after the starting
     revision arrives exactly once, in order, or a ``Resync`` replaces the state. A dropped
     connection or a daemon restart is resumed from the last revision delivered (pauses of 50 ms
-    doubling to 2 s). Iteration ends after ``close()``; an error a reconnect cannot cure (the
-    group is gone) is raised once."""
+    doubling to 2 s, kept across calls, so polling with a short timeout still reconnects).
+    Iteration ends after ``close()``; an error a reconnect cannot cure (the group is gone) is
+    raised once."""
 
     def __init__(self, client: Client, group: str, from_revision: Optional[int]) -> None:
         self.group = group
         self._client = client
         self._closed = threading.Event()
+        # Held while a thread reads the connection: close() then only shuts it down (the reader
+        # closes it); otherwise close() closes it at once.
+        self._reading = threading.Lock()
         self._connection: Optional[Connection] = None
         self._backoff = RECONNECT_BACKOFF_MIN
+        self._retry_at = 0.0
         revision = self._open(from_revision)
         #: The revision of the last event delivered (or the starting revision).
         self.last_revision = from_revision if from_revision is not None else revision
@@ -311,20 +322,27 @@ class Watch:
         connection = Connection(client.path, client.timeout, client.daemon_uid, client.process)
         try:
             request: Dict[str, Any] = {"type": "watch", "group": self.group, "from_revision": from_revision}
-            revision = read_watching(connection.exchange(request))
+            revision = read_watching(connection.exchange(request, time.monotonic() + client.timeout))
         except BaseException:
             connection.close()
             raise
         self._connection = connection
         if self._closed.is_set():
-            connection.shutdown()
+            self._lose(connection)
         return revision
 
     def close(self) -> None:
         """Ends the watch (from any thread); an iteration in progress stops."""
         self._closed.set()
         connection = self._connection
-        if connection is not None:
+        if connection is None:
+            return
+        if self._reading.acquire(blocking=False):
+            try:
+                self._lose(connection)
+            finally:
+                self._reading.release()
+        else:
             connection.shutdown()
 
     def __enter__(self) -> "Watch":
@@ -341,15 +359,27 @@ class Watch:
             yield event
 
     def next_event(self, timeout: Optional[float] = None) -> Optional[WatchEvent]:
-        """The next event; ``None`` once closed, or when ``timeout`` seconds pass first."""
+        """The next event; ``None`` once closed, or when ``timeout`` seconds pass first (a
+        reconnect in progress may add up to the client's timeout)."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        with self._reading:
+            try:
+                return self._next(deadline)
+            finally:
+                if self._closed.is_set() and self._connection is not None:
+                    self._lose(self._connection)
+
+    def _next(self, deadline: Optional[float]) -> Optional[WatchEvent]:
         while not self._closed.is_set():
             connection = self._connection
             if connection is None:
-                if deadline is not None and time.monotonic() + self._backoff > deadline:
+                wait = self._retry_at - time.monotonic()
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                if wait > 0 and self._closed.wait(wait):
                     return None
-                if self._closed.wait(self._backoff):
-                    return None
+                if time.monotonic() < self._retry_at:
+                    return None  # the deadline came first; the next call goes on waiting
                 try:
                     self._open(self.last_revision)
                     log.debug("watch of %s resubscribed from revision %d", self.group, self.last_revision)
@@ -358,6 +388,7 @@ class Watch:
                     if _is_final(error):
                         self._closed.set()
                         raise
+                    self._retry_at = time.monotonic() + self._backoff
                     self._backoff = min(self._backoff * 2, RECONNECT_BACKOFF_MAX)
                 continue
             try:
@@ -392,15 +423,16 @@ class Watch:
         connection.close()
         if self._connection is connection:
             self._connection = None
+            self._retry_at = time.monotonic() + self._backoff
 
 
 class ChangeHandle:
     """A running ``on_change``: ``stop()`` ends it. ``error`` holds what ended it on its own
-    (the group is gone), if anything."""
+    (the group is gone, or the daemon's bytes broke the client), if anything."""
 
     def __init__(self, client: Client, group: str, callback: Callable[[WatchEvent, Settings], None]) -> None:
         self.group = group
-        self.error: Optional[KonorError] = None
+        self.error: Optional[Exception] = None
         self._client = client
         self._callback = callback
         snapshot = client.snapshot(group)
@@ -418,7 +450,7 @@ class ChangeHandle:
             for event in self._watch:
                 settings = apply_event(settings, event)
                 self._run_and_report(event, settings)
-        except KonorError as error:
+        except Exception as error:  # noqa: BLE001 - the thread must not die silently
             self.error = error
             log.warning("on_change of %s stopped: the watch ended: %s", self.group, error)
 
@@ -443,6 +475,18 @@ class ChangeHandle:
         return self._thread.is_alive()
 
 
+class _CacheState:
+    """What a cache holds, swapped as one: readers see one state or the next, never a mix."""
+
+    __slots__ = ("settings", "revision", "version", "hash")
+
+    def __init__(self, settings: Settings, revision: int, version: str, hash: Optional[str]) -> None:
+        self.settings = settings
+        self.revision = revision
+        self.version = version
+        self.hash = hash
+
+
 class CachedGroup:
     """A group held in memory and kept current by a watch on a thread of its own: ``get`` reads
     memory only. While the daemon is unreachable it serves the last state it saw."""
@@ -450,64 +494,63 @@ class CachedGroup:
     def __init__(self, client: Client, group: str) -> None:
         self.group = group
         snapshot = client.snapshot(group)
-        self._settings: Settings = dict(snapshot.settings)
-        self._revision = snapshot.revision
-        self._version = snapshot.version
-        self._hash: Optional[str] = snapshot.content_hash
+        self._state = _CacheState(dict(snapshot.settings), snapshot.revision, snapshot.version, snapshot.content_hash)
         self._changed = threading.Condition()
+        self._following = True
         self._watch = client.watch(group, snapshot.revision)
-        self.error: Optional[KonorError] = None
+        self.error: Optional[Exception] = None
         self._thread = threading.Thread(target=self._follow, name=f"konor-cache-{group}", daemon=True)
         self._thread.start()
 
     def _follow(self) -> None:
         try:
             for event in self._watch:
-                settings = apply_event(self._settings, event)
+                state = _CacheState(apply_event(self._state.settings, event), event.revision, event.version, None)
                 with self._changed:
-                    # One reference swap: a reader sees the old settings or the new, never half.
-                    self._settings = settings
-                    self._revision = event.revision
-                    self._version = event.version
-                    self._hash = None
+                    self._state = state
                     self._changed.notify_all()
-        except KonorError as error:
+        except Exception as error:  # noqa: BLE001 - the thread must not die silently
             self.error = error
             log.warning("the cache of %s stopped following: %s", self.group, error)
+        finally:
+            with self._changed:
+                self._following = False
+                self._changed.notify_all()
 
     def get(self, key: str, default: Any = UNSET) -> Any:
         """The value of ``key`` from memory (``default``, ``UNSET`` unless given, when unset)."""
-        return self._settings.get(key, default)
+        return self._state.settings.get(key, default)
 
     @property
     def settings(self) -> Settings:
         """The settings as a new dict."""
-        return dict(self._settings)
+        return dict(self._state.settings)
 
     @property
     def revision(self) -> int:
-        return self._revision
+        return self._state.revision
 
     @property
     def version(self) -> str:
-        return self._version
+        return self._state.version
 
     @property
     def content_hash(self) -> str:
-        """The content hash of the settings held, recomputed once per change."""
-        settings = self._settings
-        cached = self._hash
-        if cached is None:
-            cached = content_hash(settings)
-            with self._changed:
-                if self._settings is settings:
-                    self._hash = cached
-        return cached
+        """The content hash of the settings held, computed once per change."""
+        state = self._state
+        if state.hash is None:
+            try:
+                state.hash = content_hash(state.settings)
+            except ValueError as error:
+                raise ProtocolError(f"the cached settings of {self.group!r} cannot be hashed: {error}") from None
+        return state.hash
 
     def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
-        """Waits until the cache holds ``revision`` or later; False on timeout."""
+        """Waits until the cache holds ``revision`` or later; False on timeout, or once the
+        cache stopped following (``error`` says why)."""
         with self._changed:
-            return self._changed.wait_for(lambda: self._revision >= revision, timeout)
+            self._changed.wait_for(lambda: self._state.revision >= revision or not self._following, timeout)
+            return self._state.revision >= revision
 
     def close(self) -> None:
         """Stops following (the last state stays readable)."""

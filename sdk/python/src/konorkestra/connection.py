@@ -21,16 +21,24 @@ from .wire import ServerFrame, check_welcome, daemon_accepted, encode_frame, fra
 
 DaemonUid = Optional[Union[int, str]]
 
-_CRED = struct.Struct("3i")
+#: struct ucred: pid (signed), uid and gid (unsigned: a uid of 2^31 or more is not negative).
+_CRED = struct.Struct("iII")
+
+#: Bytes asked of the kernel per read.
+_READ_CHUNK = 65536
 
 
 class Connection:
-    """A connected, greeted socket. ``node_id`` is the daemon's, from its welcome."""
+    """A connected, greeted socket. ``node_id`` is the daemon's, from its welcome. ``timeout``
+    bounds connect, each exchange, and the rest of a frame once its first byte arrived."""
 
     def __init__(self, path: str, timeout: float, daemon_uid: DaemonUid, process: Optional[str]) -> None:
         self.path = path
         self.timeout = timeout
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as error:  # out of file descriptors, say
+            raise ConnectError(path, error.strerror or str(error)) from None
         try:
             sock.settimeout(timeout)
             sock.connect(path)
@@ -39,42 +47,42 @@ class Connection:
             raise ConnectError(path, error.strerror or str(error)) from None
         self._sock = sock
         self._buffer = bytearray()
+        # When the first byte of the frame now partly in the buffer arrived (monotonic s).
+        self._frame_started: Optional[float] = None
         self._next_id = 1
         try:
             check_daemon(sock, path, daemon_uid)
-            answer = self.exchange(hello(process))
+            answer = self.exchange(hello(process), time.monotonic() + timeout)
             self.node_id = check_welcome(answer)
         except BaseException:
             sock.close()
             raise
 
     def close(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.shutdown()
         self._sock.close()
 
-    def send(self, request: Mapping[str, Any]) -> int:
-        """Sends ``request`` under a fresh id and returns the id. A closed peer raises
-        ConnectionClosedError with ``sent=False`` semantics (nothing reached the daemon)."""
+    def send(self, request: Mapping[str, Any], deadline: float) -> int:
+        """Sends ``request`` under a fresh id and returns the id. ``NotSent`` when the frame did
+        not leave whole (the daemon handles no partial frame): safe to send again elsewhere."""
         request_id = self._next_id
         self._next_id += 1
         frame = encode_frame(request_id, request)
         try:
-            self._sock.settimeout(self.timeout)
+            self._sock.settimeout(max(deadline - time.monotonic(), 0.001))
             self._sock.sendall(frame)
         except socket.timeout:
-            raise KonorTimeoutError(self.timeout) from None
+            # Part of it may be in the daemon's buffer: that frame is cut short, never handled,
+            # but the stream is unusable.
+            raise NotSent(f"konord did not take the request within {self.timeout:.1f} s") from None
         except OSError as error:
             raise NotSent(f"the connection to konord is closed ({error.strerror or error})") from None
         return request_id
 
-    def exchange(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+    def exchange(self, request: Mapping[str, Any], deadline: float) -> Dict[str, Any]:
         """Sends ``request`` and returns its answer's body (an ``error`` body included; an
-        error about the connection itself, on id 0, is raised)."""
-        request_id = self.send(request)
-        deadline = time.monotonic() + self.timeout
+        error about the connection itself, on id 0, is raised). All by ``deadline``."""
+        request_id = self.send(request, deadline)
         while True:
             kind, answer_id, body = self.read_frame(deadline)
             if kind != "response":
@@ -85,27 +93,33 @@ class Connection:
                 raise connection_error(body)
 
     def read_frame(self, deadline: Optional[float]) -> ServerFrame:
-        """The next frame; ``deadline`` (monotonic seconds) or ``None`` to wait for ever. A
-        timeout keeps what was read, so the next call goes on where this one stopped."""
+        """The next frame; ``deadline`` (monotonic seconds) or ``None`` to wait for ever for its
+        first byte. Once that byte is here the rest must follow within ``timeout``, whatever
+        the deadline (else ProtocolError: a truncated frame). A deadline reached between frames
+        raises KonorTimeoutError and keeps what was read."""
         header = self._read_exactly(4, deadline)
         length = frame_length(header)
         payload = self._read_exactly(4 + length, deadline)[4:]
         del self._buffer[: 4 + length]
+        self._frame_started = time.monotonic() if self._buffer else None
         return read_server_frame(bytes(payload))
 
     def _read_exactly(self, count: int, deadline: Optional[float]) -> bytes:
         while len(self._buffer) < count:
-            if deadline is None:
-                self._sock.settimeout(None)
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise KonorTimeoutError(self.timeout)
-                self._sock.settimeout(remaining)
+            if self._buffer and self._frame_started is None:
+                self._frame_started = time.monotonic()
+            limit = deadline
+            if self._frame_started is not None:
+                rest_by = self._frame_started + self.timeout
+                limit = rest_by if limit is None else min(limit, rest_by)
+            remaining = None if limit is None else limit - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise self._late(deadline)
+            self._sock.settimeout(remaining)
             try:
-                chunk = self._sock.recv(max(65536, count - len(self._buffer)))
+                chunk = self._sock.recv(max(_READ_CHUNK, count - len(self._buffer)))
             except socket.timeout:
-                raise KonorTimeoutError(self.timeout) from None
+                raise self._late(deadline) from None
             except OSError as error:
                 raise ConnectionClosedError(f"connection to konord closed: {error.strerror or error}") from None
             if not chunk:
@@ -113,6 +127,12 @@ class Connection:
                 raise ConnectionClosedError(f"connection to konord closed {where}")
             self._buffer.extend(chunk)
         return bytes(self._buffer[:count])
+
+    def _late(self, deadline: Optional[float]) -> Exception:
+        started = self._frame_started
+        if started is not None and time.monotonic() >= started + self.timeout:
+            return ProtocolError(f"truncated frame: its rest did not arrive within {self.timeout:.1f} s")
+        return KonorTimeoutError(self.timeout if deadline is None else self.timeout)
 
     def shutdown(self) -> None:
         """Unblocks a reader in another thread (it sees the connection closed)."""
@@ -123,8 +143,7 @@ class Connection:
 
 
 class NotSent(ConnectionClosedError):
-    """The request never reached the daemon (the connection was already closed): safe to send
-    again on a new connection."""
+    """The request never reached the daemon whole: safe to send again on a new connection."""
 
 
 def connection_error(body: Dict[str, Any]) -> DaemonError:
@@ -155,4 +174,3 @@ def check_daemon(sock: socket.socket, path: str, accepted: DaemonUid) -> None:
     own = os.geteuid()
     if not daemon_accepted(accepted, uid, own):
         raise UntrustedDaemonError(path, uid, own, accepted if isinstance(accepted, int) else None)
-

@@ -156,7 +156,8 @@ def frame_length(header: bytes) -> int:
 def hello(process: Optional[str] = None) -> Dict[str, Any]:
     """The hello request: this protocol version, this process's pid and name."""
     name = process if process is not None else os.path.basename(sys.argv[0] or "") or "python"
-    encoded = name.encode("utf-8")[:PROCESS_BYTES_MAX]
+    # A name with undecodable bytes (surrogate escapes from argv) is sent with replacements.
+    encoded = name.encode("utf-8", "replace")[:PROCESS_BYTES_MAX]
     return {"type": "hello", "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
             "process": encoded.decode("utf-8", "ignore")}
 
@@ -168,7 +169,7 @@ def read_server_frame(payload: bytes) -> ServerFrame:
     """``("response", id, body)`` or ``("event", 0, body)``; anything else is a ProtocolError."""
     try:
         frame = parse_json(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
+    except (ValueError, RecursionError) as error:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"the daemon sent a frame that is not JSON: {error}") from None
     if not isinstance(frame, dict):
         raise ProtocolError("the daemon sent a frame that is not an object")
@@ -225,7 +226,8 @@ def read_freshness(value: Any) -> Freshness:
         revision=_int(value, "revision"),
         version=_text(value, "version"),
         age_ms=_int(value, "age_ms"),
-        stale=_bool(value, "stale"),
+        # An older daemon may leave the flag out: not stale, as the Rust SDK reads it.
+        stale=value.get("stale") is True,
         stale_reason=reason if isinstance(reason, str) else None,
     )
 
@@ -242,7 +244,10 @@ def read_snapshot(body: Dict[str, Any]) -> Snapshot:
     snapshot = expect(body, "snapshot")
     settings = _object(snapshot, "settings")
     announced = _text(snapshot, "content_hash")
-    computed = content_hash(settings)
+    try:
+        computed = content_hash(settings)
+    except ValueError as error:  # a lone surrogate, a number JSON cannot hold
+        raise ProtocolError(f"the snapshot of {snapshot.get('group')!r} cannot be hashed: {error}") from None
     if computed != announced:
         raise ProtocolError(
             f"the snapshot of {snapshot.get('group')!r} hashes to {computed}, not to the {announced} the daemon sent"
@@ -270,15 +275,24 @@ def read_event(body: Dict[str, Any]) -> Optional[WatchEvent]:
     """A watch event; ``None`` for an event type this client does not know (skipped)."""
     kind = body["type"]
     if kind == "change":
-        removed = body.get("removed", [])
+        # Absent or null lists and maps are empty (readers default what they do not get).
+        removed = body.get("removed") or []
+        changed = body.get("set") or {}
         if not isinstance(removed, list) or not all(isinstance(key, str) for key in removed):
             raise ProtocolError("a `change` event whose `removed` is not a list of keys")
+        if not isinstance(changed, dict):
+            raise ProtocolError("a `change` event whose `set` is not an object")
         return Change(group=_text(body, "group"), revision=_int(body, "revision"), version=_text(body, "version"),
-                      set=_object(body, "set") if "set" in body else {}, removed=list(removed))
+                      set=changed, removed=list(removed))
     if kind == "resync":
         return Resync(group=_text(body, "group"), revision=_int(body, "revision"), version=_text(body, "version"),
                       settings=_object(body, "settings"))
     return None
+
+
+#: Requests a client call may not send: the connection's own hello, and watches, which need a
+#: connection of their own (``watch()``).
+RESERVED_REQUESTS = frozenset({"hello", "watch", "unwatch"})
 
 
 def write_meta(author: str, message: str) -> Dict[str, str]:
@@ -296,13 +310,6 @@ def _int(body: Mapping[str, Any], name: str) -> int:
     value = body.get(name)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"a `{body.get('type', 'freshness')}` answer without the count `{name}`")
-    return value
-
-
-def _bool(body: Mapping[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if not isinstance(value, bool):
-        raise ProtocolError(f"an answer without the flag `{name}`")
     return value
 
 
