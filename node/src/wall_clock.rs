@@ -7,7 +7,7 @@
 //!   value's certificate is accepted, and when the node's own credentials are loaded.
 //!
 //! A process has one wall clock. The fault layer (chaos tests, [`crate::fault_layer`]) may
-//! shift it to play a clock jump ([`set_offset`]); nothing else does, so in production it is
+//! shift it to play a clock jump (`set_offset`); nothing else does, so in production it is
 //! the system clock. Reading the shifted clock everywhere above is what makes the jump real
 //! for konord's own code; the kernel's clock (file times, log timestamps) does not move.
 
