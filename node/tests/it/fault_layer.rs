@@ -3,7 +3,7 @@
 //! nothing once the file is emptied.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use konor_node::fault_layer::applied_path;
@@ -12,7 +12,7 @@ use konor_sdk::protocol::{Request, Response, WriteMeta};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::harness::{Cluster, eventually, group_on_all, live_nodes};
+use crate::harness::{Cluster, Node, eventually, group_on_all, live_nodes};
 
 /// Writes `key` on `client`'s node and returns how long the commit took.
 async fn timed_write(client: &Client, key: &str) -> Duration {
@@ -27,6 +27,21 @@ async fn timed_write(client: &Client, key: &str) -> Duration {
     started.elapsed()
 }
 
+/// n1, and n2 seeded at it with a fault layer whose control file holds `faults` from the start;
+/// both running. Returns them and n2's control file.
+async fn two_nodes_n2_with_a_fault_layer(cluster: &Cluster, faults: &str) -> (Node, Node, PathBuf) {
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    // n2 is seeded at n1's address, known once n1 answers.
+    n1.client().await;
+    let mut n2 = cluster.node("n2", &[&n1]);
+    let control = cluster.dir.path().join("n2-faults");
+    std::fs::write(&control, faults).unwrap();
+    n2.fault_control = Some(control.clone());
+    n2.start();
+    (n1, n2, control)
+}
+
 /// Sets the control file and waits for konord's acknowledgement.
 async fn set_faults(control: &Path, text: &str) {
     std::fs::write(control, text).unwrap();
@@ -39,15 +54,8 @@ async fn set_faults(control: &Path, text: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fault_layer_slows_the_disk_and_the_peer_traffic_its_file_names() {
     let cluster = Cluster::new();
-    let mut n1 = cluster.node("n1", &[]);
-    n1.start();
-    let c1 = n1.client().await;
-    let mut n2 = cluster.node("n2", &[&n1]);
-    let control = cluster.dir.path().join("n2-faults");
-    n2.fault_control = Some(control.clone());
-    n2.start();
-    let c2 = n2.client().await;
-    let clients = [c1, c2];
+    let (mut n1, mut n2, control) = two_nodes_n2_with_a_fault_layer(&cluster, "").await;
+    let clients = [n1.client().await, n2.client().await];
     group_on_all(&clients, "app", "eventual").await;
     timed_write(&clients[1], "warm").await;
 
@@ -98,15 +106,8 @@ fn unix_ms() -> u64 {
 async fn a_clock_jump_moves_stamps_and_certificate_checks() {
     const HOUR_MS: u64 = 3_600_000;
     let cluster = Cluster::new();
-    let mut n1 = cluster.node("n1", &[]);
-    n1.start();
-    let c1 = n1.client().await;
-    let mut n2 = cluster.node("n2", &[&n1]);
-    let control = cluster.dir.path().join("n2-faults");
-    std::fs::write(&control, "clock_offset=-2h").unwrap();
-    n2.fault_control = Some(control.clone());
-    n2.start();
-    let c2 = n2.client().await;
+    let (mut n1, mut n2, control) = two_nodes_n2_with_a_fault_layer(&cluster, "clock_offset=-2h").await;
+    let (c1, c2) = (n1.client().await, n2.client().await);
     // n2 says why it cannot reach n1 (and n1 logs each handshake n2 aborted).
     eventually("n2 refuses n1's certificate as not yet valid", || async {
         let log = std::fs::read_to_string(&n2.log).unwrap_or_default();

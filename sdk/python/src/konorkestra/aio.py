@@ -21,8 +21,7 @@ import os
 import socket
 from typing import Any, Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Union
 
-from .canon import content_hash
-from .client import _READS, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN, _CacheState, _is_final, _rows
+from .client import _READS, RECONNECT_BACKOFF_MAX, RECONNECT_BACKOFF_MIN, _CachedReads, _CacheState, _is_final, _rows
 from .connection import DaemonUid, check_daemon
 from .errors import (
     ConnectError,
@@ -509,7 +508,7 @@ class ChangeHandle:
         await _end(self._watch, self._task)
 
 
-class CachedGroup:
+class CachedGroup(_CachedReads):
     """A group held in memory, kept current by a watch task. ``get`` reads memory."""
 
     def __init__(self, snapshot: Snapshot, watch: Watch) -> None:
@@ -534,31 +533,6 @@ class CachedGroup:
             self._following = False
             async with self._changed:
                 self._changed.notify_all()
-
-    def get(self, key: str, default: Any = UNSET) -> Any:
-        return self._state.settings.get(key, default)
-
-    @property
-    def settings(self) -> Settings:
-        return dict(self._state.settings)
-
-    @property
-    def revision(self) -> int:
-        return self._state.revision
-
-    @property
-    def version(self) -> str:
-        return self._state.version
-
-    @property
-    def content_hash(self) -> str:
-        state = self._state
-        if state.hash is None:
-            try:
-                state.hash = content_hash(state.settings)
-            except ValueError as error:
-                raise ProtocolError(f"the cached settings of {self.group!r} cannot be hashed: {error}") from None
-        return state.hash
 
     async def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
         """Waits until the cache holds ``revision`` or later; False on timeout or once the

@@ -487,7 +487,43 @@ class _CacheState:
         self.hash = hash
 
 
-class CachedGroup:
+class _CachedReads:
+    """The read side both caches share (the blocking one here, the asyncio one in aio.py): one
+    ``_CacheState`` swapped whole by the follower, read without a lock."""
+
+    group: str
+    _state: _CacheState
+
+    def get(self, key: str, default: Any = UNSET) -> Any:
+        """The value of ``key`` from memory (``default``, ``UNSET`` unless given, when unset)."""
+        return self._state.settings.get(key, default)
+
+    @property
+    def settings(self) -> Settings:
+        """The settings as a new dict."""
+        return dict(self._state.settings)
+
+    @property
+    def revision(self) -> int:
+        return self._state.revision
+
+    @property
+    def version(self) -> str:
+        return self._state.version
+
+    @property
+    def content_hash(self) -> str:
+        """The content hash of the settings held, computed once per change."""
+        state = self._state
+        if state.hash is None:
+            try:
+                state.hash = content_hash(state.settings)
+            except ValueError as error:
+                raise ProtocolError(f"the cached settings of {self.group!r} cannot be hashed: {error}") from None
+        return state.hash
+
+
+class CachedGroup(_CachedReads):
     """A group held in memory and kept current by a watch on a thread of its own: ``get`` reads
     memory only. While the daemon is unreachable it serves the last state it saw."""
 
@@ -517,33 +553,6 @@ class CachedGroup:
                 self._following = False
                 self._changed.notify_all()
 
-    def get(self, key: str, default: Any = UNSET) -> Any:
-        """The value of ``key`` from memory (``default``, ``UNSET`` unless given, when unset)."""
-        return self._state.settings.get(key, default)
-
-    @property
-    def settings(self) -> Settings:
-        """The settings as a new dict."""
-        return dict(self._state.settings)
-
-    @property
-    def revision(self) -> int:
-        return self._state.revision
-
-    @property
-    def version(self) -> str:
-        return self._state.version
-
-    @property
-    def content_hash(self) -> str:
-        """The content hash of the settings held, computed once per change."""
-        state = self._state
-        if state.hash is None:
-            try:
-                state.hash = content_hash(state.settings)
-            except ValueError as error:
-                raise ProtocolError(f"the cached settings of {self.group!r} cannot be hashed: {error}") from None
-        return state.hash
 
     def wait_for_revision(self, revision: int, timeout: Optional[float] = None) -> bool:
         """Waits until the cache holds ``revision`` or later; False on timeout, or once the
