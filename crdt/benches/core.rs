@@ -92,6 +92,22 @@ fn main() {
     let name = format!("remote apply per change, {APPLY_BATCH} per call, 1,000 keys, {history}");
     rows.push(Row::new(&name, &batched, Unit::MicrosPer(APPLY_BATCH)));
 
+    // 3c. Remote apply at ~100k history: flat since document format 3 (issue 14's goal: within
+    // 2x of the 1k figure).
+    grow_to(&mut big, 100_000, &mut clock);
+    let before = big.version_count();
+    let mut replica = GroupDoc::load(&big.save(), actor(5)).unwrap();
+    let (set_100k, apply_100k) = measure_applies(&mut big, &mut replica, &mut clock);
+    let history_100k = span(before, big.version_count());
+    rows.push(Row::new(&format!("local set+commit, 1,000 keys, {history_100k}"), &set_100k, Unit::Micros).target(40.0));
+    rows.push(Row::new(&format!("remote apply per change, 1,000 keys, {history_100k}"), &apply_100k, Unit::Micros));
+    let growth = |h: &Histogram<u64>| h.value_at_quantile(0.5) as f64 / apply_1k.value_at_quantile(0.5).max(1) as f64;
+    println!(
+        "remote apply p50 relative to 1k history: 10k {:.2}x, 100k {:.2}x (goal: within 2x)",
+        growth(&apply_10k),
+        growth(&apply_100k)
+    );
+
     print_table(&rows);
     println!();
     println!("sizes (bytes)");

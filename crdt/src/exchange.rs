@@ -9,16 +9,14 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, Change, ChangeHash, PatchAction, PatchLog, ReadDoc, Value as AmValue};
+use automerge::{Automerge, Change, ChangeHash, PatchAction, PatchLog, Value as AmValue};
 use sha2::{Digest, Sha256};
 
 use crate::error::RemoteError;
-use crate::group::GroupDoc;
-use crate::key::validate_key;
+use crate::group::{GroupDoc, KeyState};
 use crate::limits::{APPLY_BATCH_CHANGES_MAX, CHANGE_BYTES_MAX, SYNC_MESSAGE_BYTES_MAX};
 use crate::settings::hex;
 use crate::shield::shielded;
-use crate::value::decode_value;
 use crate::version::VersionId;
 
 /// What applying remote changes did to this replica.
@@ -258,7 +256,12 @@ impl GroupDoc {
         let mut applied = RemoteApplied::default();
         let mut touched = BTreeSet::new();
         for patch in patches {
-            if patch.obj == self.objects.settings {
+            if let Some((parent, automerge::Prop::Map(key))) = patch.path.last()
+                && *parent == self.objects.settings
+            {
+                // A patch inside a key's register (format 3).
+                touched.insert(key.clone());
+            } else if patch.obj == self.objects.settings {
                 match patch.action {
                     PatchAction::PutMap { key, .. } | PatchAction::DeleteMap { key } => {
                         touched.insert(key);
@@ -272,6 +275,11 @@ impl GroupDoc {
                 && matches!(&patch.action, PatchAction::PutMap { key, .. } if key == crate::group::CONFIGURATION_KEY)
             {
                 self.configuration = crate::group::read_configuration(&self.doc);
+            } else if patch.obj == automerge::ROOT
+                && matches!(&patch.action, PatchAction::PutMap { key, .. } if key == "format")
+            {
+                // Another node converted the document (`write_plan`); never move backwards.
+                self.format = self.format.max(crate::group::read_format(&self.doc));
             } else if patch.obj == self.objects.versions
                 && let PatchAction::PutMap { key, value: (AmValue::Scalar(text), op), .. } = patch.action
             {
@@ -282,6 +290,9 @@ impl GroupDoc {
                 }
             }
         }
+        // Automerge reports nothing for a change inside a register that is not the winner at
+        // its key (two nodes made the key's first register concurrently): read those back too.
+        touched.extend(self.split_keys.iter().cloned());
         for key in touched {
             let before = self.view.entry(&key).map(|entry| entry.canonical.clone());
             self.refresh_key(&key);
@@ -294,31 +305,32 @@ impl GroupDoc {
 
     /// Reads one settings key back from the document into the read view and conflict set.
     fn refresh_key(&mut self, key: &str) {
-        let all = self.doc.get_all(&self.objects.settings, key).unwrap_or_default();
-        let winner = self.doc.get(&self.objects.settings, key).ok().flatten();
-        if all.len() > 1 {
+        let conflict = match crate::group::read_key(&self.doc, &self.objects.settings, key, None) {
+            KeyState::Absent => {
+                self.view.remove(key);
+                self.invalid.remove(key);
+                false
+            }
+            KeyState::Invalid { conflict } => {
+                self.view.remove(key);
+                self.invalid.insert(key.to_owned());
+                conflict
+            }
+            KeyState::Value { value, conflict } => {
+                self.invalid.remove(key);
+                self.view.insert(key.to_owned(), value);
+                conflict
+            }
+        };
+        if conflict {
             self.conflicted.insert(key.to_owned());
         } else {
             self.conflicted.remove(key);
         }
-        let decoded = match &winner {
-            Some((AmValue::Scalar(s), _)) => s.as_str().map(|text| (validate_key(key), decode_value(key, text))),
-            Some((AmValue::Object(_), _)) => None,
-            None => {
-                self.view.remove(key);
-                self.invalid.remove(key);
-                return;
-            }
-        };
-        match decoded {
-            Some((Ok(()), Ok(value))) => {
-                self.invalid.remove(key);
-                self.view.insert(key.to_owned(), value);
-            }
-            _ => {
-                self.view.remove(key);
-                self.invalid.insert(key.to_owned());
-            }
+        if crate::register::is_split(&self.doc, &self.objects.settings, key) {
+            self.split_keys.insert(key.to_owned());
+        } else {
+            self.split_keys.remove(key);
         }
     }
 

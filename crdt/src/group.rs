@@ -3,14 +3,16 @@
 //!
 //! Document layout (docs/data-model.md):
 //! ```text
-//! ROOT { format: 2,
+//! ROOT { format: 3,
 //!        meta:     { name, mode, epoch },
 //!        policy:   { version: 1, evict_after_ms, fencing },
 //!        configuration: "<Configuration JSON>"   (strong groups only)
-//!        settings: { "<dotted.key>": "<canonical JSON>" },
+//!        settings: { "<dotted.key>": { "<version storage key>": "<canonical JSON>" } },
 //!        versions: { "<u64::MAX - counter, 20 digits>.<actor hex>": "<VersionInfo JSON>" } }
 //! ```
-//! Every local write is one Automerge change whose message is the version's storage key.
+//! Every local write is one Automerge change whose message is the version's storage key. Each
+//! key is a register of its own (`register.rs`), so a change walks a bounded part of the
+//! document whatever the group's age.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -35,8 +37,11 @@ use crate::version::{CONTENT_HASH_SCHEME, VersionId, VersionInfo, VersionKind, V
 
 /// Version of the document layout, stored at `ROOT.format`. 2 added the strong group's
 /// configuration (`ROOT.configuration`) and the policy's `evict_after_ms` and `fencing`; format 1
-/// documents still load (a strong group without a configuration refuses writes).
-pub const DOCUMENT_FORMAT: u64 = 2;
+/// documents still load (a strong group without a configuration refuses writes). 3 made each
+/// setting a register of its own (`register.rs`); format 1 and 2 documents load and convert
+/// key by key as keys are written, and the first write puts `ROOT.format = 3`, so an older
+/// konord refuses the file rather than misread it.
+pub const DOCUMENT_FORMAT: u64 = 3;
 
 /// Version of the (for now empty) policy map, stored at `ROOT.policy.version`.
 pub const POLICY_FORMAT: u64 = 1;
@@ -176,6 +181,8 @@ pub struct GroupDoc {
     name: String,
     mode: Mode,
     epoch: u64,
+    /// `ROOT.format` as this node last read or wrote it.
+    pub(crate) format: u64,
     policy: GroupPolicy,
     /// A strong group's current configuration (`None` for eventual groups, and for strong
     /// groups written by a konord before configurations existed).
@@ -183,6 +190,9 @@ pub struct GroupDoc {
     pub(crate) objects: Objects,
     pub(crate) view: Settings,
     pub(crate) conflicted: BTreeSet<String>,
+    /// Keys holding more than one value at `settings.<key>` (registers made concurrently), which
+    /// a remote apply reads back whatever its patches say (`exchange.rs`).
+    pub(crate) split_keys: BTreeSet<String>,
     /// Settings entries that fail validation (only a faulty or hostile peer writes them); they
     /// are never served.
     pub(crate) invalid: BTreeSet<String>,
@@ -298,13 +308,7 @@ impl GroupDoc {
                 _ => Err(not_a_group(&format!("missing map {key:?}"))),
             }
         };
-        let format = match doc.get(automerge::ROOT, "format") {
-            Ok(Some((AmValue::Scalar(s), _))) => match s.as_ref() {
-                ScalarValue::Uint(n) => *n,
-                _ => 0,
-            },
-            _ => 0,
-        };
+        let format = read_format(&doc);
         if format == 0 || format > DOCUMENT_FORMAT {
             return Err(not_a_group(&format!(
                 "document format {format}, this version reads 1 to {DOCUMENT_FORMAT}; upgrade konord"
@@ -339,11 +343,13 @@ impl GroupDoc {
             name,
             mode,
             epoch,
+            format,
             policy,
             configuration,
             objects,
             view: Settings::new(),
             conflicted: BTreeSet::new(),
+            split_keys: BTreeSet::new(),
             invalid: BTreeSet::new(),
             versions: BTreeMap::new(),
             by_change: BTreeMap::new(),
@@ -356,6 +362,7 @@ impl GroupDoc {
     /// Recomputes the read view, the conflict set and the version index from the document.
     fn rebuild_derived_state(&mut self) {
         let (view, conflicted, invalid) = settings_from_document(&self.doc, &self.objects.settings, None);
+        self.split_keys = split_keys(&self.doc, &self.objects.settings);
         self.view = view;
         self.conflicted = conflicted;
         self.invalid = invalid;
@@ -392,6 +399,12 @@ impl GroupDoc {
                 self.invalid.insert(format!("versions/{key}"));
             }
         }
+    }
+
+    /// The document format (`ROOT.format`): below [`DOCUMENT_FORMAT`] until this node writes
+    /// to an older document or receives a write that converted it.
+    pub fn format(&self) -> u64 {
+        self.format
     }
 
     /// The group's name.
@@ -574,32 +587,17 @@ impl GroupDoc {
         self.conflicted
             .iter()
             .filter_map(|key| {
-                let all = self.doc.get_all(&self.objects.settings, key.as_str()).ok()?;
-                if all.len() < 2 {
+                let values = crate::register::values_of(&self.doc, &self.objects.settings, key, None);
+                if values.len() < 2 {
                     return None;
                 }
-                // `get` returns the winner every node serves; the others lost.
-                let (_, winner_op) = self.doc.get(&self.objects.settings, key.as_str()).ok()??;
-                let side = |value: &AmValue<'_>, op: &ObjId| ConflictValue {
-                    value: match value {
-                        AmValue::Scalar(s) => {
-                            s.as_str().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null)
-                        }
-                        AmValue::Object(_) => Value::Null,
-                    },
-                    version: self.doc.hash_for_opid(op).and_then(|h| self.by_change.get(&h).cloned()),
-                };
-                let mut winner = None;
-                let mut losers = Vec::new();
-                for (value, op) in &all {
-                    if *op == winner_op {
-                        winner = Some(side(value, op));
-                    } else {
-                        losers.push(side(value, op));
-                    }
-                }
-                let winner = winner?;
-                Some(Conflict { key: key.clone(), winner, losers })
+                // The first value is the winner every node serves; the others lost.
+                let mut sides = values.iter().map(|value| ConflictValue {
+                    value: value.text.as_deref().and_then(|t| serde_json::from_str(t).ok()).unwrap_or(Value::Null),
+                    version: self.doc.hash_for_opid(&value.op).and_then(|h| self.by_change.get(&h).cloned()),
+                });
+                let winner = sides.next()?;
+                Some(Conflict { key: key.clone(), winner, losers: sides.collect() })
             })
             .collect()
     }
@@ -649,7 +647,8 @@ impl GroupDoc {
     fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let plan = self.plan(ops, kind, meta)?;
         let deps = self.doc.get_heads();
-        let (change_hash, change) = write_plan(&mut self.doc, &self.objects, &plan, meta)?;
+        let (change_hash, change) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
+        self.format = DOCUMENT_FORMAT;
         self.recent.push(change_hash, deps);
         let PlannedEdit { ops, info, hash_after, .. } = plan;
         for op in ops {
@@ -678,7 +677,7 @@ impl GroupDoc {
         // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
         // aborted change is never applied anywhere, so its sequence number is free to reuse.
         let mut scratch = self.doc.clone();
-        let (change_hash, change) = write_plan(&mut scratch, &self.objects, &plan, meta)?;
+        let (change_hash, change) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -694,7 +693,7 @@ impl GroupDoc {
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.configuration = Some(next.clone());
         let mut scratch = self.doc.clone();
-        let (change_hash, change) = write_plan(&mut scratch, &self.objects, &plan, meta)?;
+        let (change_hash, change) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -818,7 +817,10 @@ impl GroupDoc {
     /// Checks that the derived state equals what the document says (tests and debug builds).
     pub fn derived_state_matches_document(&self) -> bool {
         let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);
-        view == self.view && conflicted == self.conflicted && self.view.recomputed_hash() == self.view.content_hash()
+        view == self.view
+            && conflicted == self.conflicted
+            && split_keys(&self.doc, &self.objects.settings) == self.split_keys
+            && self.view.recomputed_hash() == self.view.content_hash()
     }
 }
 
@@ -833,19 +835,27 @@ struct PlannedEdit {
 
 /// Writes a planned edit into `doc` as one Automerge change; on error the transaction is
 /// rolled back and `doc` is unchanged.
+/// A document of an older format is converted by its first write: registers for the keys
+/// written, and `ROOT.format` set to this version's.
 fn write_plan(
     doc: &mut Automerge,
     objects: &Objects,
+    format: u64,
     plan: &PlannedEdit,
     meta: &CommitMeta,
 ) -> Result<(ChangeHash, Vec<u8>), EditError> {
     let key = plan.info.id.storage_key();
     let mut tx = doc.transaction();
     let written = (|| {
+        if format < DOCUMENT_FORMAT {
+            tx.put(automerge::ROOT, "format", DOCUMENT_FORMAT)?;
+        }
         for op in &plan.ops {
             match op {
-                Op::Put { key, canonical, .. } => tx.put(&objects.settings, key.as_str(), canonical.as_str())?,
-                Op::Delete { key } => tx.delete(&objects.settings, key.as_str())?,
+                Op::Put { key: setting, canonical, .. } => {
+                    crate::register::put(&mut tx, &objects.settings, setting, &key, canonical)?
+                }
+                Op::Delete { key: setting } => crate::register::delete(&mut tx, &objects.settings, setting)?,
             }
         }
         if let Some(configuration) = &plan.configuration {
@@ -873,6 +883,17 @@ fn last_local_change_bytes(doc: &Automerge) -> Result<Vec<u8>, EditError> {
     doc.get_last_local_change()
         .map(|change| change.raw_bytes().to_vec())
         .ok_or_else(|| EditError::Document { detail: "no local change after commit".into() })
+}
+
+/// `ROOT.format` (0 when missing or not a number).
+pub(crate) fn read_format(doc: &Automerge) -> u64 {
+    match doc.get(automerge::ROOT, "format") {
+        Ok(Some((AmValue::Scalar(s), _))) => match s.as_ref() {
+            ScalarValue::Uint(n) => *n,
+            _ => 0,
+        },
+        _ => 0,
+    }
 }
 
 /// The policy map's settings; defaults for anything missing (format 1 documents).
@@ -912,27 +933,56 @@ pub(crate) fn settings_from_document(
     let mut view = Settings::new();
     let mut conflicted = BTreeSet::new();
     let mut invalid = BTreeSet::new();
-    let items = match heads {
-        Some(heads) => doc.map_range_at(settings, .., heads),
-        None => doc.map_range(settings, ..),
+    let keys: Vec<String> = match heads {
+        Some(heads) => doc.map_range_at(settings, .., heads).map(|item| item.key.into_owned()).collect(),
+        None => doc.map_range(settings, ..).map(|item| item.key.into_owned()).collect(),
     };
-    for item in items {
-        let key = item.key.into_owned();
-        if item.conflict {
-            conflicted.insert(key.clone());
-        }
-        let text = match &item.value {
-            automerge::ValueRef::Scalar(automerge::ScalarValueRef::Str(text)) => Some(text.as_ref()),
-            _ => None,
-        };
-        match text.map(|t| (validate_key(&key), decode_value(&key, t), t)) {
-            Some((Ok(()), Ok(value), _)) => view.insert(key, value),
-            _ => {
+    for key in keys {
+        match read_key(doc, settings, &key, heads) {
+            KeyState::Absent => {}
+            KeyState::Invalid { conflict } => {
+                if conflict {
+                    conflicted.insert(key.clone());
+                }
                 invalid.insert(key);
+            }
+            KeyState::Value { value, conflict } => {
+                if conflict {
+                    conflicted.insert(key.clone());
+                }
+                view.insert(key, value);
             }
         }
     }
     (view, conflicted, invalid)
+}
+
+/// The keys holding more than one value at `settings.<key>`.
+fn split_keys(doc: &Automerge, settings: &ObjId) -> BTreeSet<String> {
+    doc.map_range(settings, ..).filter(|item| item.conflict).map(|item| item.key.into_owned()).collect()
+}
+
+/// What one key holds, as the read view serves it.
+pub(crate) enum KeyState {
+    /// No visible value.
+    Absent,
+    /// The winning value fails validation (only a faulty or hostile peer writes one): not served.
+    Invalid { conflict: bool },
+    /// The winning value; `conflict` when concurrent values are visible beside it.
+    Value { value: Value, conflict: bool },
+}
+
+/// Reads one key (at `heads`, or now).
+pub(crate) fn read_key(doc: &Automerge, settings: &ObjId, key: &str, heads: Option<&[ChangeHash]>) -> KeyState {
+    let values = crate::register::values_of(doc, settings, key, heads);
+    let conflict = values.len() > 1;
+    let Some(winner) = values.first() else {
+        return KeyState::Absent;
+    };
+    match winner.text.as_deref().map(|text| (validate_key(key), decode_value(key, text))) {
+        Some((Ok(()), Ok(value))) => KeyState::Value { value, conflict },
+        _ => KeyState::Invalid { conflict },
+    }
 }
 
 /// The hex form of an actor, as used in version ids.

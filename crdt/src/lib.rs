@@ -25,6 +25,7 @@ pub mod limits;
 pub mod peer_message;
 mod recent;
 pub mod record;
+mod register;
 pub mod replica;
 pub mod settings;
 mod shield;

@@ -12,11 +12,12 @@ use crate::error::RemoteError;
 use crate::group::Mode;
 use crate::limits::PEER_MESSAGE_BYTES_MAX;
 
-/// Version byte that starts every encoded peer message. 3: strong groups by configuration
+/// Version byte that starts every encoded peer message. 4: document format 3 (each setting a
+/// register; a format-2 node would misread the changes a format-3 node sends). 3: strong groups by configuration
 /// (prepares name their round's kind and configuration, decisions carry ballots, recovery,
 /// leases and join announcements); 2 added the start of round ids. Other versions are refused
 /// with a version error, never misread.
-pub const PEER_PROTOCOL_VERSION: u8 = 3;
+pub const PEER_PROTOCOL_VERSION: u8 = 4;
 
 /// Bytes of a join nonce or proof.
 pub const NONCE_BYTES: usize = 32;

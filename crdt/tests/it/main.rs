@@ -8,6 +8,7 @@ mod conflict;
 mod convergence;
 mod edit;
 mod exchange;
+mod format_upgrade;
 mod module_graph;
 mod replica;
 mod strong;
