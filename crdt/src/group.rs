@@ -190,9 +190,9 @@ pub struct GroupDoc {
     pub(crate) objects: Objects,
     pub(crate) view: Settings,
     pub(crate) conflicted: BTreeSet<String>,
-    /// Keys holding more than one value at `settings.<key>` (registers made concurrently), which
-    /// a remote apply reads back whatever its patches say (`exchange.rs`).
-    pub(crate) split_keys: BTreeSet<String>,
+    /// Every visible register (`register.rs`), by the id of the op that made it (counter,
+    /// actor), to its key: a remote op on a register names only the register.
+    pub(crate) registers: BTreeMap<(u64, ActorId), String>,
     /// Settings entries that fail validation (only a faulty or hostile peer writes them); they
     /// are never served.
     pub(crate) invalid: BTreeSet<String>,
@@ -349,7 +349,7 @@ impl GroupDoc {
             objects,
             view: Settings::new(),
             conflicted: BTreeSet::new(),
-            split_keys: BTreeSet::new(),
+            registers: BTreeMap::new(),
             invalid: BTreeSet::new(),
             versions: BTreeMap::new(),
             by_change: BTreeMap::new(),
@@ -362,7 +362,7 @@ impl GroupDoc {
     /// Recomputes the read view, the conflict set and the version index from the document.
     fn rebuild_derived_state(&mut self) {
         let (view, conflicted, invalid) = settings_from_document(&self.doc, &self.objects.settings, None);
-        self.split_keys = split_keys(&self.doc, &self.objects.settings);
+        self.registers = registers(&self.doc, &self.objects.settings);
         self.view = view;
         self.conflicted = conflicted;
         self.invalid = invalid;
@@ -388,8 +388,17 @@ impl GroupDoc {
 
     /// Adds one `versions` entry to the index; malformed entries are skipped and remembered.
     pub(crate) fn index_version(&mut self, key: &str, text: &str, op: &ObjId) {
-        let parsed = serde_json::from_str::<VersionInfo>(text).ok();
         let change = self.doc.hash_for_opid(op);
+        self.index_version_in(key, text, change);
+    }
+
+    /// [`GroupDoc::index_version`] for an entry written by the change `change`.
+    pub(crate) fn index_version_of(&mut self, key: &str, text: &str, change: ChangeHash) {
+        self.index_version_in(key, text, Some(change));
+    }
+
+    fn index_version_in(&mut self, key: &str, text: &str, change: Option<ChangeHash>) {
+        let parsed = serde_json::from_str::<VersionInfo>(text).ok();
         match (parsed, change) {
             (Some(info), Some(change)) if info.id.storage_key() == key => {
                 self.by_change.insert(change, info.id.clone());
@@ -647,8 +656,13 @@ impl GroupDoc {
     fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let plan = self.plan(ops, kind, meta)?;
         let deps = self.doc.get_heads();
-        let (change_hash, change) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
+        let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
         self.format = DOCUMENT_FORMAT;
+        for (register, key) in made {
+            if let ObjId::Id(counter, actor, _) = register {
+                self.registers.insert((counter, actor), key);
+            }
+        }
         self.recent.push(change_hash, deps);
         let PlannedEdit { ops, info, hash_after, .. } = plan;
         for op in ops {
@@ -677,7 +691,7 @@ impl GroupDoc {
         // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
         // aborted change is never applied anywhere, so its sequence number is free to reuse.
         let mut scratch = self.doc.clone();
-        let (change_hash, change) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
+        let (change_hash, change, _) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -693,7 +707,7 @@ impl GroupDoc {
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.configuration = Some(next.clone());
         let mut scratch = self.doc.clone();
-        let (change_hash, change) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
+        let (change_hash, change, _) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -819,7 +833,7 @@ impl GroupDoc {
         let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);
         view == self.view
             && conflicted == self.conflicted
-            && split_keys(&self.doc, &self.objects.settings) == self.split_keys
+            && registers(&self.doc, &self.objects.settings) == self.registers
             && self.view.recomputed_hash() == self.view.content_hash()
     }
 }
@@ -835,16 +849,21 @@ struct PlannedEdit {
 
 /// Writes a planned edit into `doc` as one Automerge change; on error the transaction is
 /// rolled back and `doc` is unchanged.
+/// Registers a write made, with their keys.
+type MadeRegisters = Vec<(ObjId, String)>;
+
 /// A document of an older format is converted by its first write: registers for the keys
-/// written, and `ROOT.format` set to this version's.
+/// written, and `ROOT.format` set to this version's. Returns the registers it made, with their
+/// keys.
 fn write_plan(
     doc: &mut Automerge,
     objects: &Objects,
     format: u64,
     plan: &PlannedEdit,
     meta: &CommitMeta,
-) -> Result<(ChangeHash, Vec<u8>), EditError> {
+) -> Result<(ChangeHash, Vec<u8>, MadeRegisters), EditError> {
     let key = plan.info.id.storage_key();
+    let mut made = Vec::new();
     let mut tx = doc.transaction();
     let written = (|| {
         if format < DOCUMENT_FORMAT {
@@ -853,7 +872,10 @@ fn write_plan(
         for op in &plan.ops {
             match op {
                 Op::Put { key: setting, canonical, .. } => {
-                    crate::register::put(&mut tx, &objects.settings, setting, &key, canonical)?
+                    if let Some(register) = crate::register::put(&mut tx, &objects.settings, setting, &key, canonical)?
+                    {
+                        made.push((register, setting.clone()));
+                    }
                 }
                 Op::Delete { key: setting } => crate::register::delete(&mut tx, &objects.settings, setting)?,
             }
@@ -871,7 +893,7 @@ fn write_plan(
     let (hash, _) = tx.commit_with(options);
     let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty change".into() })?;
     let change = last_local_change_bytes(doc)?;
-    Ok((change_hash, change))
+    Ok((change_hash, change, made))
 }
 
 fn version_json(info: &VersionInfo) -> String {
@@ -957,9 +979,18 @@ pub(crate) fn settings_from_document(
     (view, conflicted, invalid)
 }
 
-/// The keys holding more than one value at `settings.<key>`.
-fn split_keys(doc: &Automerge, settings: &ObjId) -> BTreeSet<String> {
-    doc.map_range(settings, ..).filter(|item| item.conflict).map(|item| item.key.into_owned()).collect()
+/// Every visible register of the settings map, by the id of the op that made it.
+fn registers(doc: &Automerge, settings: &ObjId) -> BTreeMap<(u64, ActorId), String> {
+    let keys: Vec<String> = doc.map_range(settings, ..).map(|item| item.key.into_owned()).collect();
+    let mut registers = BTreeMap::new();
+    for key in keys {
+        for (value, id) in doc.get_all(settings, key.as_str()).unwrap_or_default() {
+            if let (AmValue::Object(ObjType::Map), ObjId::Id(counter, actor, _)) = (value, id) {
+                registers.insert((counter, actor), key.clone());
+            }
+        }
+    }
+    registers
 }
 
 /// What one key holds, as the read view serves it.

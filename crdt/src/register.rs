@@ -107,29 +107,24 @@ fn legacy_values<R: ReadDoc>(
     values
 }
 
-/// True when `key` holds more than one value at `settings.<key>`: registers made concurrently
-/// (or a format-2 value written concurrently with the first register).
-pub(crate) fn is_split<R: ReadDoc>(doc: &R, settings: &ObjId, key: &str) -> bool {
-    doc.get_all(settings, key).map(|all| all.len() > 1).unwrap_or(false)
-}
-
-/// Writes `canonical` as the value of `key` in the version stored under `entry_key`.
+/// Writes `canonical` as the value of `key` in the version stored under `entry_key`. Returns
+/// the register it made, when the key had none.
 pub(crate) fn put<T: Transactable>(
     tx: &mut T,
     settings: &ObjId,
     key: &str,
     entry_key: &str,
     canonical: &str,
-) -> Result<(), AutomergeError> {
+) -> Result<Option<ObjId>, AutomergeError> {
     let registers = registers_of(tx, settings, key)?;
     let Some(target) = registers.last() else {
         let register = tx.put_object(settings, key, ObjType::Map)?;
         tx.put(&register, entry_key, canonical)?;
-        return Ok(());
+        return Ok(Some(register));
     };
     delete_entries(tx, &registers)?;
     tx.put(target, entry_key, canonical)?;
-    Ok(())
+    Ok(None)
 }
 
 /// Deletes every value of `key` this document sees.
