@@ -28,7 +28,7 @@ const GROUP_SEQUENTIAL: &str = "seqwrite";
 const GROUP_CONCURRENT: &str = "concwrite";
 
 /// The key the propagation workload writes; its value is the sample's sequence number.
-const PROBE_KEY: &str = "probe.seq";
+pub const PROBE_KEY: &str = "probe.seq";
 
 /// Groups for the commit-latency workloads, one per consistency mode.
 pub const GROUP_COMMIT_EVENTUAL: &str = "commit-eventual";
@@ -70,7 +70,7 @@ fn meta() -> WriteMeta {
     WriteMeta { author: "konor-bench".to_owned(), message: "benchmark".to_owned() }
 }
 
-fn set_request(group: &str, key: &str, value: Value) -> Request {
+pub fn set_request(group: &str, key: &str, value: Value) -> Request {
     Request::Set { group: group.to_owned(), entries: BTreeMap::from([(key.to_owned(), value)]), meta: meta() }
 }
 
@@ -96,7 +96,7 @@ pub async fn commit(clients: &[Client], group: &str, plan: &Plan, random: &mut X
 }
 
 /// Creates a group of `mode` on the first node and joins it on every other.
-async fn group_on_all_with_mode(clients: &[Client], group: &str, mode: &str) -> anyhow::Result<()> {
+pub async fn group_on_all_with_mode(clients: &[Client], group: &str, mode: &str) -> anyhow::Result<()> {
     let Some((first, others)) = clients.split_first() else { bail!("no daemon to create group {group} on") };
     let created = first
         .call(Request::GroupCreate {
@@ -183,11 +183,31 @@ pub async fn propagation(
     random: &mut XorShift,
     next_sequence: &mut u64,
 ) -> anyhow::Result<Latency> {
+    propagation_in(
+        clients,
+        GROUP_PROBE,
+        plan.warmup_samples + plan.propagation_samples,
+        plan.warmup_samples,
+        random,
+        next_sequence,
+    )
+    .await
+}
+
+/// [`propagation`] in `group` (its probe key is [`PROBE_KEY`]): `samples` writes, the first
+/// `warmup` not recorded.
+pub async fn propagation_in(
+    clients: &[Client],
+    group: &str,
+    samples: u64,
+    warmup: u64,
+    random: &mut XorShift,
+    next_sequence: &mut u64,
+) -> anyhow::Result<Latency> {
     let (seen_sender, mut seen) = mpsc::channel::<Seen>(SEEN_QUEUE);
     let mut watcher_tasks = Vec::new();
     for (node, client) in clients.iter().enumerate() {
-        let mut watch =
-            client.watch(GROUP_PROBE, None).await.with_context(|| format!("cannot watch on n{}", node + 1))?;
+        let mut watch = client.watch(group, None).await.with_context(|| format!("cannot watch on n{}", node + 1))?;
         let sender = seen_sender.clone();
         watcher_tasks.push(tokio::spawn(async move {
             while let Some(next) = watch.next().await {
@@ -215,13 +235,13 @@ pub async fn propagation(
     let _watchers = AbortOnDrop(watcher_tasks);
 
     let mut everywhere = Latency::new()?;
-    for sample in 0..plan.warmup_samples + plan.propagation_samples {
+    for sample in 0..samples {
         *next_sequence += 1;
         let sequence = *next_sequence;
         let writer = random.below(clients.len());
         let started = Instant::now();
         let committed = clients[writer]
-            .call(set_request(GROUP_PROBE, PROBE_KEY, json!(sequence)))
+            .call(set_request(group, PROBE_KEY, json!(sequence)))
             .await
             .with_context(|| format!("write {sequence} on n{} failed", writer + 1))?;
         if !matches!(committed, Response::Committed { .. }) {
@@ -254,7 +274,7 @@ pub async fn propagation(
                 bail!("n{} reported write {} before write {sequence}", sighting.node + 1, sighting.sequence);
             }
         }
-        if sample >= plan.warmup_samples {
+        if sample >= warmup {
             let last = seen_at.iter().flatten().max().copied().unwrap_or(started);
             everywhere.record(last.saturating_duration_since(started));
         }
@@ -371,7 +391,7 @@ async fn write_loop(
 
 /// Waits until every node serves the same content for `group`: the peers' backlog of remote
 /// changes after a write workload, so the next workload starts on a quiet mesh.
-async fn catch_up(clients: &[Client], group: &str) -> anyhow::Result<()> {
+pub async fn catch_up(clients: &[Client], group: &str) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let mut hashes = Vec::with_capacity(clients.len());

@@ -11,6 +11,7 @@ mod cluster;
 mod compare;
 #[cfg_attr(not(feature = "etcd"), path = "etcd_absent.rs")]
 mod etcd;
+mod history;
 mod konor;
 mod measure;
 mod plot;
@@ -59,6 +60,14 @@ struct Args {
     /// Seed of the generator that picks the writing node.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// The long-history mode instead of the comparison: one group written up to `--versions`
+    /// versions, with propagation, commit latency and memory at 1k, 10k and 100k (Konorkestra
+    /// only; `--nodes` defaults to 3; `--quick` takes fewer samples).
+    #[arg(long)]
+    long_history: bool,
+    /// Versions the long-history mode writes the group up to.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000))]
+    versions: u64,
     /// Directory under which both systems' temp dirs are made (default: the system temp dir).
     /// The filesystem matters: both fsync every write.
     #[arg(long)]
@@ -123,6 +132,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("WARNING: konor-bench is a debug build; build it with --release for meaningful figures");
     }
     let konord = cluster::konord_next_to_this_executable()?;
+    if args.long_history {
+        return long_history(&args, &konord, started).await;
+    }
     let etcd_binary = if args.no_etcd { None } else { Some(etcd::etcd_binary()?) };
     let mut plan = if args.quick { Plan::quick() } else { Plan::full() };
     plan.rounds = usize::from(args.rounds);
@@ -170,6 +182,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 "work_dir_filesystem": filesystem_of(&work_dir),
             },
             "rows": comparison.to_json(),
+            "wall_s": started.elapsed().as_secs_f64(),
+        });
+        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    println!("wall time {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The long-history mode: one run per size, Konorkestra only.
+async fn long_history(args: &Args, konord: &Path, started: std::time::Instant) -> anyhow::Result<()> {
+    let plan = if args.quick { Plan::quick() } else { Plan::full() };
+    let sizes: Vec<usize> =
+        if args.nodes.is_empty() { vec![3] } else { args.nodes.iter().map(|size| usize::from(*size)).collect() };
+    let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
+    println!(
+        "konord: {}; long history up to {} versions; sizes {sizes:?}; data under {} on {}; {} samples per figure",
+        konord.display(),
+        args.versions,
+        work_dir.display(),
+        filesystem_of(&work_dir),
+        plan.commit_samples
+    );
+    let mut reports = Vec::new();
+    for &nodes in &sizes {
+        println!("\n== {nodes} nodes ==");
+        reports.push(history::run(konord, nodes, args.versions, &work_dir, &plan, args.seed).await?);
+    }
+    if let Some(path) = &args.json {
+        let report = json!({
+            "machine": Machine::describe().to_json(),
+            "mode": "long_history",
+            "versions": args.versions,
+            "plan": plan.to_json(),
+            "runs": reports,
             "wall_s": started.elapsed().as_secs_f64(),
         });
         let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
