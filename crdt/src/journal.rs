@@ -12,7 +12,7 @@ use crate::configuration::Configuration;
 use crate::error::LoadError;
 use crate::exchange::decode_change;
 use crate::group::GroupDoc;
-use crate::limits::COMPACT_TAIL_CHANGES_MAX;
+use crate::limits::{COMPACT_TAIL_CHANGES_MAX, COMPACT_TAIL_FRACTION};
 use crate::peer_message::{Ballot, RoundId, RoundKind};
 use crate::record::{DropReason, Dropped, RecordKind, RecordTooLarge, encode_header, encode_record, scan_records};
 
@@ -206,13 +206,18 @@ pub type AcceptorRecord = (RoundId, Ballot, Option<(Ballot, bool)>);
 impl LoadedGroup {
     /// True when the file should be rewritten as a fresh snapshot.
     pub fn needs_compaction(&self) -> bool {
-        needs_compaction(self.tail_changes) || self.dropped.is_some()
+        needs_compaction(self.tail_changes, self.group.change_count()) || self.dropped.is_some()
     }
 }
 
-/// The compaction policy: rewrite once the change tail is long.
-pub fn needs_compaction(tail_changes: usize) -> bool {
-    tail_changes >= COMPACT_TAIL_CHANGES_MAX
+/// The compaction policy: rewrite once the change tail is long, in proportion to the document
+/// (at least [`COMPACT_TAIL_CHANGES_MAX`] changes, at least 1/[`COMPACT_TAIL_FRACTION`] of the
+/// document's). A rewrite saves the whole document, which costs O(history) until epochs exist;
+/// a tail in proportion keeps the cost per change constant (geometric, as in a log-structured
+/// store) and the replay on start at most a fraction of the load.
+pub fn needs_compaction(tail_changes: usize, document_changes: u64) -> bool {
+    let proportional = usize::try_from(document_changes / COMPACT_TAIL_FRACTION as u64).unwrap_or(usize::MAX);
+    tail_changes >= COMPACT_TAIL_CHANGES_MAX.max(proportional)
 }
 
 /// A round record of any format, as the current one (legacy staged rounds without their
@@ -367,6 +372,18 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Compaction waits for a tail in proportion to the document, so that rewriting the whole
+    /// document costs the same per change at any age (issue 14).
+    #[test]
+    fn compaction_is_due_at_the_floor_or_at_an_eighth_of_the_document() {
+        assert!(!needs_compaction(COMPACT_TAIL_CHANGES_MAX - 1, 100));
+        assert!(needs_compaction(COMPACT_TAIL_CHANGES_MAX, 100));
+        assert!(!needs_compaction(COMPACT_TAIL_CHANGES_MAX, 10_000), "a 10k document waits for 1,250");
+        assert!(!needs_compaction(1_249, 10_000));
+        assert!(needs_compaction(1_250, 10_000));
+        assert!(needs_compaction(12_500, 100_000) && !needs_compaction(12_499, 100_000));
+    }
     use crate::group::{CommitMeta, Mode};
     use crate::time::Millis;
     use serde_json::json;

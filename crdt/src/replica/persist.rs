@@ -98,7 +98,7 @@ impl Replica {
     }
 
     pub(super) fn compact_if_due(&mut self, group: &str) {
-        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes)) {
+        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes, state.doc.change_count())) {
             self.compact(group);
         }
     }
