@@ -248,7 +248,6 @@ impl Replica {
         change: Option<&ChangeHash>,
         kind: &RoundKind,
     ) -> RoundOutcome {
-        let start = self.start_tag();
         let node_id = self.node_id.clone();
         let Some(state) = self.groups.get_mut(group) else { return RoundOutcome::Unknown };
         if change.is_some_and(|hash| state.doc.has_change(hash)) {
@@ -269,11 +268,11 @@ impl Replica {
             // This node is (or may become) an acceptor of the round: only a majority decides.
             return RoundOutcome::Unknown;
         }
-        if round.node == node_id && round.start != start {
-            // A round of an earlier run of this node that left no record here: it never
-            // proposed its commit (that is recorded first), so it never commits.
-            state.remember_decision(round.clone(), false);
-            return RoundOutcome::Aborted;
+        if round.node == node_id {
+            // A round of this node's (of an earlier run, or dropped with a failed persist) that
+            // left no record here: its Decides may have left before its own record was durable
+            // (`propose_commit`), so a majority may hold its commit. Only a majority decides.
+            return RoundOutcome::Unknown;
         }
         // Never staged here: this node's yes is missing for good.
         state.remember_decision(round.clone(), false);
@@ -552,25 +551,14 @@ impl Replica {
 
     /// Restores a round found staged in the group file at start (in doubt, asked about at
     /// once), unless what the document holds already settles it.
-    pub(super) fn restore_round(&mut self, group: &str, staged: Option<StagedRound>, on_disk: Durability) {
+    pub(super) fn restore_round(&mut self, group: &str, staged: Option<StagedRound>) {
         let Some(StagedRound { round, change, kind, configuration, promised, accepted }) = staged else { return };
         let Ok(decoded) = crate::exchange::decode_change(&change) else { return };
         let now = self.now;
         let Some(state) = self.groups.get_mut(group) else { return };
-        if round.node == self.node_id && accepted.is_none() {
-            // Our own round never proposed (a file of an older konord, or an append torn after
-            // its Staged record, so no Decide left): abort it for good.
-            state.remember_decision(round.clone(), false);
-            return match on_disk {
-                Durability::Writable => self.persist_rounds(group, &[RoundRecord::Decided { round, commit: false }]),
-                // The disk just refused an append of this group: another one now would fail
-                // the same way, and handling that failure would land here again (chaos seed
-                // 302: the daemon recursed until its stack overflowed). The decision stays in
-                // memory; the shell's rewrite of the group file from memory, once the disk
-                // takes writes, records it, and a crash before that redoes this abort at start.
-                Durability::JustFailed => {}
-            };
-        }
+        // This node's own round staged without its acceptance (an append torn after the Staged
+        // record, or a file of an older konord) is in doubt like any other: its Decides may
+        // have left before its record was durable (`propose_commit`).
         let Some(base) = configuration.or_else(|| state.doc.configuration().cloned()) else { return };
         state.round_lamport = state.round_lamport.max(round.lamport);
         let mut deps = decoded.deps().to_vec();
@@ -592,13 +580,4 @@ impl Replica {
         })));
         self.settle_round_by_sync(group);
     }
-}
-
-/// Whether a group's file may be appended to now, for [`Replica::restore_round`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Durability {
-    /// At start: the file was just read and takes appends.
-    Writable,
-    /// After a failed persist: an append would fail again.
-    JustFailed,
 }

@@ -243,7 +243,7 @@ impl Replica {
                 group.ballots.insert(round, decision::Acceptor { promised, accepted });
             }
             replica.groups.insert(name.clone(), group);
-            replica.restore_round(&name, state.staged, decision::Durability::Writable);
+            replica.restore_round(&name, state.staged);
             replica.publish(&name);
         }
         replica

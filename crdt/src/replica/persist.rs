@@ -26,12 +26,14 @@ impl Replica {
         let reloaded_staged = reloaded.as_ref().and_then(|r| r.staged.as_ref().map(|s| s.round.clone()));
         if let Some(round::Round::Coordinating(own)) = self.groups.get(group).and_then(|s| s.round.as_ref()) {
             {
-                let proposed_durably = reloaded_staged.as_ref() == Some(&own.id);
-                if proposed_durably {
+                // Its commit proposal left before its own record (`propose_commit`): once it is
+                // deciding, only a majority knows the outcome, whatever the file holds.
+                let proposed =
+                    matches!(own.phase, round::Phase::Deciding { .. }) || reloaded_staged.as_ref() == Some(&own.id);
+                if proposed {
                     self.give_up_deciding(group, format!("{error} while finishing the round"));
                 } else {
-                    // Its commit proposal (if any) never left: the Decides came after the
-                    // failed persist. Aborting is final.
+                    // Still voting: no commit proposal left. Aborting is final.
                     if let Some(state) = self.groups.get_mut(group)
                         && let Some(round::Round::Coordinating(own)) = state.round.as_mut()
                     {
@@ -87,7 +89,7 @@ impl Replica {
         state.leaving = old.leaving;
         state.known_members = old.known_members;
         self.groups.insert(group.to_owned(), state);
-        self.restore_round(group, staged, super::decision::Durability::JustFailed);
+        self.restore_round(group, staged);
         // Not at once: while the disk keeps failing, every answer would fail to save again
         // (found by the simulator: thousands of queries a second from a node with write errors).
         let retry = Millis(self.now.0 + crate::limits::DECISION_TIMEOUT_MS / 2);

@@ -117,10 +117,11 @@ fn a_write_commits_after_every_member_staged_it_and_a_majority_recorded_the_deci
     let accepted = net.log.iter().position(|(n, w)| n != "n2" && w == "send accepted to n2").unwrap();
     let reply = at("n2", "reply").unwrap();
     assert!(decide < accepted && accepted < reply, "{:?}", net.log);
-    // The coordinator recorded its decision durably before proposing it, so its answer need
-    // not wait for the append of the change itself.
+    // The coordinator writes its own record of the decision while the acceptors write theirs
+    // (its Decides leave first: one forced write in series fewer, issue 14), and answers only
+    // once it is durable; the answer need not wait for the append of the change itself.
     let recorded = at("n2", "persist append").unwrap();
-    assert!(recorded < decide, "{:?}", net.log);
+    assert!(decide < recorded && recorded < reply, "{:?}", net.log);
 }
 
 #[test]
@@ -534,17 +535,23 @@ fn a_full_disk_fails_the_write_and_serves_nothing_of_it() {
 }
 
 #[test]
-fn a_full_disk_on_a_strong_coordinator_fails_the_write_everywhere() {
+fn a_full_disk_on_a_strong_coordinator_answers_an_unknown_outcome_and_the_majority_decides() {
+    // The coordinator's Decides leave before its own record (issue 14), so when that record
+    // cannot be written the acceptors may still make the commit final: the coordinator answers
+    // `outcome_unknown`, never an abort, and every node ends with the one outcome.
     let mut net = strong_mesh(&["n1", "n2", "n3"]);
     set(&mut net, "n1", "k", json!("old")).unwrap();
     net.failing_disk.insert("n1".into());
     let outcome = set(&mut net, "n1", "k", json!("new"));
-    assert!(outcome.is_err(), "{outcome:?}");
+    assert!(matches!(outcome, Err(CommandError::OutcomeUnknown { .. })), "{outcome:?}");
     net.failing_disk.clear();
-    net.advance(7_000);
-    net.advance(7_000);
+    // Recovery by the members in doubt (after DECISION_TIMEOUT_MS), then n1 syncs.
+    for _ in 0..3 {
+        net.advance(7_000);
+    }
     let states: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|n| net.settings(n, "app").to_string()).collect();
-    assert_eq!(states.len(), 1, "one state everywhere: {states:?}");
+    // n2 and n3, a majority, recorded the commit before n1 found its disk full: it is final.
+    assert_eq!(states, BTreeSet::from([json!({"k": "new"}).to_string()]));
 }
 
 #[test]
