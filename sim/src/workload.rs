@@ -98,6 +98,10 @@ pub enum Outcome {
     Unknown,
     /// Another strong round was in flight: nothing changed.
     Busy,
+    /// The node could not save the change (`not_durable`). Of a strong write this says "not
+    /// committed anywhere" (docs/protocol.md), so it must be invisible everywhere; an eventual
+    /// change may still reach the peers it was pushed to.
+    NotDurable { strong: bool },
     /// Refused before anything changed (unchanged, no such key or version).
     Refused(String),
     /// The node went down before answering: unknown.
@@ -109,7 +113,7 @@ pub enum Outcome {
 impl Outcome {
     /// True when the write certainly became visible nowhere.
     pub fn certainly_invisible(&self) -> bool {
-        matches!(self, Outcome::Aborted | Outcome::Busy | Outcome::Refused(_))
+        matches!(self, Outcome::Aborted | Outcome::Busy | Outcome::Refused(_) | Outcome::NotDurable { strong: true })
     }
 
     /// A short name for counts.
@@ -121,6 +125,7 @@ impl Outcome {
             Outcome::Aborted => "aborted",
             Outcome::Unknown => "unknown",
             Outcome::Busy => "busy",
+            Outcome::NotDurable { .. } => "not-durable",
             Outcome::Refused(_) => "refused",
             Outcome::Lost => "lost-reply",
             Outcome::Failed(_) => "failed",
@@ -362,6 +367,7 @@ async fn write_once(sim: Sim) {
             ErrorCode::Aborted => Outcome::Aborted,
             ErrorCode::OutcomeUnknown => Outcome::Unknown,
             ErrorCode::Busy => Outcome::Busy,
+            ErrorCode::NotDurable => Outcome::NotDurable { strong: group == GroupKind::Strong },
             // Unavailable: this node is not (yet) in the strong group's configuration; nothing changed.
             ErrorCode::BadRequest | ErrorCode::NotFound | ErrorCode::Unchanged | ErrorCode::Unavailable => {
                 Outcome::Refused(format!("{code:?}"))
