@@ -501,6 +501,7 @@ impl GroupDoc {
     }
 
     /// The number of Automerge changes in the document: a replica's revision after loading.
+    /// Walks the whole history (O(changes)): for loading, never per write.
     pub fn change_count(&self) -> u64 {
         self.doc.get_changes_meta(&[]).len() as u64
     }

@@ -99,8 +99,10 @@ impl Replica {
         self.publish(group);
     }
 
+    /// Compacts `group` when its tail is due. The revision is the document's change count (kept
+    /// as changes arrive: counting them in the document walks its whole history).
     pub(super) fn compact_if_due(&mut self, group: &str) {
-        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes, state.doc.change_count())) {
+        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes, state.revision)) {
             self.compact(group);
         }
     }
