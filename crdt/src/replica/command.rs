@@ -128,6 +128,11 @@ pub struct CommitReceipt {
     pub revision: u64,
     /// Nodes known to hold it durably (this node).
     pub acked_by: Vec<NodeId>,
+    /// The commit was final before this answer was queued (a strong round whose decision a
+    /// majority recorded, this node's own record included): no later persist of this node can
+    /// undo it, so the shell must not turn this answer into `not_durable` when a persist of the
+    /// group that came before it in the same batch failed.
+    pub final_before_reply: bool,
 }
 
 /// A successful command.

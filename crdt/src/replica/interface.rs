@@ -90,7 +90,10 @@ pub enum Output {
     Resume,
 }
 
-/// A durable write the shell must perform before executing later outputs.
+/// A durable write the shell must perform before executing later outputs, and before handing
+/// the replica any input other than [`Input::Resume`]: the replica relies on it (a strong
+/// coordinator counts its own acceptance as durable once its record's persist is queued, and
+/// any answer that reaches it later comes after that persist; `round.rs`, `propose_commit`).
 #[derive(Debug, Clone)]
 pub enum PersistOp {
     /// Create the group's file and store its key.

@@ -289,6 +289,7 @@ impl Replica {
             label,
             revision: 0,
             acked_by: Vec::new(),
+            final_before_reply: false,
         });
         let purpose = Purpose::Write { command, receipt };
         self.launch_round(&group, purpose, prepared.change, prepared.change_hash, RoundKind::Write, base);
@@ -490,12 +491,15 @@ impl Replica {
     pub(super) fn finalize_own_commit(&mut self, group: &str) {
         let Some(state) = self.groups.get_mut(group) else { return };
         let Some(Round::Coordinating(round)) = state.round.take() else { return };
-        let Coordinating { id, purpose, change, hash, voters, base, phase, .. } = *round;
+        let Coordinating { id, mut purpose, change, hash, voters, base, phase, .. } = *round;
         // When this node recorded its decision before proposing it (every case but a
         // configuration of one), the commit is durable here and at a majority already: the
         // answer need not wait for the change's own append (whose failure, a full disk, must not
         // turn a commit the members hold into "not committed").
         let answer_first = matches!(phase, Phase::Deciding { .. });
+        if let Purpose::Write { receipt, .. } = &mut purpose {
+            receipt.final_before_reply = answer_first;
+        }
         let answer_at = self.outputs.len();
         if !state.doc.has_change(&hash) {
             match state.doc.apply_changes(std::slice::from_ref(&change)) {

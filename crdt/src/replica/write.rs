@@ -88,8 +88,14 @@ impl Replica {
         let revision = self.record_changes(&group, 1, keys);
         self.compact_if_due(&group);
         self.publish(&group);
-        let receipt =
-            CommitReceipt { group, version: commit.version, label, revision, acked_by: vec![self.node_id.clone()] };
+        let receipt = CommitReceipt {
+            group,
+            version: commit.version,
+            label,
+            revision,
+            acked_by: vec![self.node_id.clone()],
+            final_before_reply: false,
+        };
         self.await_quorum(id, receipt, commit.change_hash, live);
     }
 }

@@ -534,17 +534,41 @@ fn a_full_disk_fails_the_write_and_serves_nothing_of_it() {
     assert!(net.replicas["n1"].quorum_info("app").unwrap().last_commit.is_none_or(|(label, _)| label != "v4"));
 }
 
-#[test]
-fn a_full_disk_on_a_strong_coordinator_answers_an_unknown_outcome_and_the_majority_decides() {
-    // The coordinator's Decides leave before its own record (issue 14), so when that record
-    // cannot be written the acceptors may still make the commit final: the coordinator answers
-    // `outcome_unknown`, never an abort, and every node ends with the one outcome.
+/// A strong mesh of three where n1 wrote k = "old", then k = "new" while its own disk refused
+/// every write: the write is answered `outcome_unknown` (n2 and n3 may hold a final commit). The
+/// disk works again when this returns.
+fn new_value_written_by_a_coordinator_with_a_full_disk() -> Net {
     let mut net = strong_mesh(&["n1", "n2", "n3"]);
     set(&mut net, "n1", "k", json!("old")).unwrap();
     net.failing_disk.insert("n1".into());
     let outcome = set(&mut net, "n1", "k", json!("new"));
     assert!(matches!(outcome, Err(CommandError::OutcomeUnknown { .. })), "{outcome:?}");
     net.failing_disk.clear();
+    net
+}
+
+/// The coordinator's Decides leave before its own record (issue 14). A coordinator that then
+/// restarts without that record must not answer "aborted" for its round, as it did when the
+/// record came first: a majority accepted the commit, so the commit was chosen, and recovery
+/// must find it. (With the old answer the members dropped a chosen commit.)
+#[test]
+fn a_coordinator_restarted_without_its_record_never_aborts_a_commit_a_majority_accepted() {
+    let mut net = new_value_written_by_a_coordinator_with_a_full_disk();
+    // A crash: the next run of n1 holds no record of the round (its append never landed).
+    net.restart("n1", 2);
+    for _ in 0..3 {
+        net.advance(7_000);
+    }
+    let states: BTreeSet<String> = ["n1", "n2", "n3"].iter().map(|n| net.settings(n, "app").to_string()).collect();
+    assert_eq!(states, BTreeSet::from([json!({"k": "new"}).to_string()]));
+}
+
+#[test]
+fn a_full_disk_on_a_strong_coordinator_answers_an_unknown_outcome_and_the_majority_decides() {
+    // The coordinator's Decides leave before its own record (issue 14), so when that record
+    // cannot be written the acceptors may still make the commit final: the coordinator answers
+    // `outcome_unknown`, never an abort, and every node ends with the one outcome.
+    let mut net = new_value_written_by_a_coordinator_with_a_full_disk();
     // Recovery by the members in doubt (after DECISION_TIMEOUT_MS), then n1 syncs.
     for _ in 0..3 {
         net.advance(7_000);

@@ -3,6 +3,23 @@
 
 use super::*;
 
+/// What a reply says when a persist of its group failed earlier in the batch: the failure
+/// (`not_durable`: not committed) for an answer that depended on it, except a strong commit a
+/// majority recorded before the batch (its receipt says so), which is final whatever this
+/// node's disk does now.
+fn reply_after(
+    persist_failed: Option<&str>,
+    result: Result<CommandOutcome, CommandError>,
+) -> Result<Result<CommandOutcome, CommandError>, String> {
+    match (persist_failed, result) {
+        (Some(_), Ok(CommandOutcome::Committed(receipt))) if receipt.final_before_reply => {
+            Ok(Ok(CommandOutcome::Committed(receipt)))
+        }
+        (Some(error), Ok(_)) => Err(error.to_owned()),
+        (_, result) => Ok(result),
+    }
+}
+
 impl Daemon {
     /// Runs the replica's outputs in order, except that a run of appends is written together:
     /// every append up to the next other persist operation goes into one write and one fsync
@@ -322,13 +339,7 @@ impl Daemon {
                     None => warn!(peer = %to, "no address known for peer; message dropped"),
                 }
             }
-            Output::Reply { id, result } => {
-                let result = match (persist_failed, result) {
-                    (Some(error), Ok(_)) => Err(error.to_owned()),
-                    (_, result) => Ok(result),
-                };
-                self.reply(id, result);
-            }
+            Output::Reply { id, result } => self.reply(id, reply_after(persist_failed, result)),
             // After a failed persist nothing further is announced: watchers and gossip must
             // not learn of state that is not on disk (gossiped heads count as acks).
             Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
@@ -571,5 +582,39 @@ fn log_outcome(result: &Result<Result<CommandOutcome, CommandError>, String>) {
         Ok(Ok(CommandOutcome::Committed(_))) => {}
         Ok(Err(error)) => warn!(%error, "command refused or not committed"),
         Err(persist_error) => warn!(error = %persist_error, "write not durable on this node"),
+    }
+}
+
+#[cfg(test)]
+mod reply_tests {
+    use super::*;
+
+    fn committed(final_before_reply: bool) -> Result<CommandOutcome, CommandError> {
+        let (doc, commit) = konor_crdt::GroupDoc::create(
+            "app",
+            konor_crdt::Mode::Strong,
+            konor_crdt::ActorId::from([1u8; 16]),
+            &konor_crdt::CommitMeta::new("a", "m", konor_crdt::Millis(1)),
+        )
+        .unwrap();
+        Ok(CommandOutcome::Committed(konor_crdt::replica::CommitReceipt {
+            group: doc.name().to_owned(),
+            version: commit.version,
+            label: "v1".into(),
+            revision: 1,
+            acked_by: vec!["n1".into()],
+            final_before_reply,
+        }))
+    }
+
+    /// Found in review (issue 14): a strong commit final at a majority was answered
+    /// `not_durable` ("not committed") when an unrelated append of its group failed earlier in
+    /// the batch; the simulator now holds a strong `not_durable` to "committed nowhere".
+    #[test]
+    fn a_failed_persist_earlier_in_the_batch_does_not_unsay_a_final_strong_commit() {
+        assert!(matches!(reply_after(Some("disk full"), committed(true)), Ok(Ok(CommandOutcome::Committed(_)))));
+        // Any other answer that came after the failure depended on it.
+        assert_eq!(reply_after(Some("disk full"), committed(false)), Err("disk full".to_owned()));
+        assert!(matches!(reply_after(None, committed(false)), Ok(Ok(CommandOutcome::Committed(_)))));
     }
 }
