@@ -483,10 +483,12 @@ impl GroupDoc {
     /// True when every head in `heads` is known here and `change` is among their ancestors (or
     /// is one of them): a peer gossiping those heads holds the change.
     pub fn heads_include(&self, heads: &[ChangeHash], change: &ChangeHash) -> bool {
+        // The window of recent changes answers "is it in the document" without asking Automerge.
+        let known = |hash: &ChangeHash| self.recent.contains(hash) || self.has_change(hash);
         if heads.contains(change) {
-            return self.has_change(change);
+            return known(change);
         }
-        if heads.is_empty() || !self.has_change(change) || !heads.iter().all(|head| self.has_change(head)) {
+        if heads.is_empty() || !known(change) || !heads.iter().all(known) {
             return false;
         }
         if let Some(included) = self.recent.heads_include(heads, change) {

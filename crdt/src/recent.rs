@@ -11,10 +11,16 @@ use automerge::ChangeHash;
 /// Changes remembered: older ones fall back to Automerge's walk.
 pub(crate) const RECENT_CHANGES_MAX: usize = 1024;
 
-/// A bounded window of the newest changes, oldest first.
+/// A bounded window of the newest changes, oldest first, indexed by hash: a question about a
+/// change costs the changes it visits, not the window (with 16 writes waiting for acks from
+/// every member, building the window per question was a tenth of a daemon's time, issue 14).
 #[derive(Debug, Default, Clone)]
 pub(crate) struct RecentChanges {
     entries: VecDeque<(ChangeHash, Vec<ChangeHash>)>,
+    /// Each remembered change's sequence number: how many changes were pushed before it.
+    index: BTreeMap<ChangeHash, u64>,
+    /// The sequence number of `entries[0]`.
+    first: u64,
 }
 
 impl RecentChanges {
@@ -22,10 +28,22 @@ impl RecentChanges {
     /// in the order they are added).
     pub(crate) fn push(&mut self, hash: ChangeHash, deps: Vec<ChangeHash>) {
         if self.entries.len() == RECENT_CHANGES_MAX {
-            self.entries.pop_front();
+            if let Some((old, _)) = self.entries.pop_front() {
+                // A hash pushed twice keeps the index of its later entry.
+                if self.index.get(&old) == Some(&self.first) {
+                    self.index.remove(&old);
+                }
+            }
+            self.first += 1;
         }
+        self.index.insert(hash, self.first + self.entries.len() as u64);
         self.entries.push_back((hash, deps));
         debug_assert!(self.entries.len() <= RECENT_CHANGES_MAX);
+    }
+
+    /// Whether `hash` is in the window (so in the document).
+    pub(crate) fn contains(&self, hash: &ChangeHash) -> bool {
+        self.index.contains_key(hash)
     }
 
     /// Whether `change` is `heads` or one of their ancestors, when `change` is in the window;
@@ -35,21 +53,21 @@ impl RecentChanges {
     /// path from a head down to `change` runs through descendants of `change` only. A head
     /// outside the window was added before `change` and cannot descend from it.
     pub(crate) fn heads_include(&self, heads: &[ChangeHash], change: &ChangeHash) -> Option<bool> {
-        let start = self.entries.iter().position(|(hash, _)| hash == change)?;
-        let window: BTreeMap<&ChangeHash, &[ChangeHash]> =
-            self.entries.range(start..).map(|(hash, deps)| (hash, deps.as_slice())).collect();
-        let mut stack: Vec<&ChangeHash> = heads.iter().filter(|head| window.contains_key(head)).collect();
+        let start = *self.index.get(change)?;
+        // Changes added at or after `change`, by sequence number.
+        let after = |hash: &ChangeHash| self.index.get(hash).copied().filter(|seq| *seq >= start);
+        let mut stack: Vec<u64> = heads.iter().filter_map(after).collect();
         let mut seen = BTreeSet::new();
-        while let Some(hash) = stack.pop() {
-            if hash == change {
+        while let Some(seq) = stack.pop() {
+            if seq == start {
                 return Some(true);
             }
-            if !seen.insert(hash) {
+            if !seen.insert(seq) {
                 continue;
             }
-            if let Some(deps) = window.get(hash) {
-                stack.extend(deps.iter().filter(|dep| window.contains_key(dep)));
-            }
+            let position = usize::try_from(seq - self.first).ok()?;
+            let (_, deps) = self.entries.get(position)?;
+            stack.extend(deps.iter().filter_map(after));
         }
         Some(false)
     }
@@ -89,6 +107,17 @@ mod tests {
             recent.push(ChangeHash(hash), vec![]);
         }
         assert_eq!(recent.entries.len(), RECENT_CHANGES_MAX);
+        assert_eq!(recent.index.len(), RECENT_CHANGES_MAX);
         assert_eq!(recent.heads_include(&[], &ChangeHash([0; 32])), None, "the oldest fell out");
+        assert!(!recent.contains(&ChangeHash([0; 32])));
+        // The window still answers across the sequence numbers it dropped.
+        let hash = |n: usize| {
+            let mut hash = [0u8; 32];
+            hash[..8].copy_from_slice(&(n as u64).to_le_bytes());
+            ChangeHash(hash)
+        };
+        recent.push(h(0xee), vec![hash(RECENT_CHANGES_MAX + 9)]);
+        assert_eq!(recent.heads_include(&[h(0xee)], &hash(RECENT_CHANGES_MAX + 9)), Some(true));
+        assert_eq!(recent.heads_include(&[h(0xee)], &hash(RECENT_CHANGES_MAX + 8)), Some(false));
     }
 }
