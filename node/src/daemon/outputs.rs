@@ -351,7 +351,7 @@ impl Daemon {
             }
             Output::Publish { group, gossip } => {
                 let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
-                self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value).await;
+                self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value);
             }
             Output::Dropped { from, reason } => {
                 self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
