@@ -175,3 +175,47 @@ fn a_batch_out_of_causal_order_still_answers_ancestry_right() {
     assert!(b.heads_include(&[child.change_hash], &parent.change_hash));
     assert!(!b.heads_include(&[parent.change_hash], &child.change_hash));
 }
+
+/// What a remote apply reports as new (and the node persists and acknowledges) is every change
+/// that became part of the document, exactly once, whatever order the changes came in: the
+/// batch itself when it applies as given, plus changes Automerge had queued for a missing
+/// dependency when that dependency arrives (issue 14 takes the batch as the answer only when
+/// nothing is queued and every dependency is in place).
+#[test]
+fn remote_apply_reports_every_added_change_once_in_any_arrival_order() {
+    let mut docs = replicas(3, Mode::Eventual);
+    let changes: Vec<Vec<u8>> =
+        (0..4u64).map(|n| docs[0].set(vec![(format!("k{n}"), json!(n))], &meta(n + 1)).unwrap().change).collect();
+    let new_of = |applied: &konor_crdt::RemoteApplied| {
+        let mut new = applied.new_changes.clone();
+        new.sort();
+        new
+    };
+    let sorted = |list: &[&Vec<u8>]| {
+        let mut list: Vec<Vec<u8>> = list.iter().map(|bytes| (*bytes).clone()).collect();
+        list.sort();
+        list
+    };
+    // In order, with a duplicate in the batch: each reported once.
+    let applied = docs[1].apply_changes(&[&changes[0], &changes[1], &changes[1]]).unwrap();
+    assert_eq!(applied.changes_applied, 2);
+    assert_eq!(new_of(&applied), sorted(&[&changes[0], &changes[1]]));
+    // A change before its dependency: queued, nothing reported.
+    let applied = docs[1].apply_changes(&[&changes[3]]).unwrap();
+    assert!(applied.is_empty(), "{:?}", applied.changes_applied);
+    assert!(docs[1].has_missing_deps());
+    // The dependency arrives: both are reported, the queued one included.
+    let applied = docs[1].apply_changes(&[&changes[2]]).unwrap();
+    assert_eq!(applied.changes_applied, 2);
+    assert_eq!(new_of(&applied), sorted(&[&changes[2], &changes[3]]));
+    assert_eq!(state(&docs[1]), state(&docs[0]));
+    assert!(docs[1].derived_state_matches_document());
+    // Reversed order in one batch on a fresh replica: all four, once each.
+    let fresh = &mut docs[2];
+    let reversed: Vec<&Vec<u8>> = changes.iter().rev().collect();
+    let applied = fresh.apply_changes(&reversed).unwrap();
+    assert_eq!(applied.changes_applied, 4);
+    assert_eq!(new_of(&applied), sorted(&changes.iter().collect::<Vec<_>>()));
+    assert!(fresh.derived_state_matches_document());
+    assert_eq!(state(fresh), state(&docs[0]));
+}
