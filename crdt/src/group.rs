@@ -831,6 +831,12 @@ impl GroupDoc {
         self.doc.save()
     }
 
+    /// Saves the whole document without Automerge's deflate (for snapshot records, which
+    /// compress it as a whole).
+    pub fn save_uncompressed(&self) -> Vec<u8> {
+        self.doc.save_nocompress()
+    }
+
     /// Checks that the derived state equals what the document says (tests and debug builds).
     pub fn derived_state_matches_document(&self) -> bool {
         let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);

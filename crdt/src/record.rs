@@ -46,6 +46,10 @@ pub enum RecordKind {
     /// A strong round's staged change, a ballot promised, a decision accepted, or its final
     /// decision ([`crate::journal::RoundRecord`]).
     RoundV3,
+    /// A whole Automerge document save without Automerge's own deflate, compressed as one zstd
+    /// frame that declares its size (what compaction writes since issue 14; `Snapshot` is
+    /// still read).
+    SnapshotZstd,
 }
 
 impl RecordKind {
@@ -58,6 +62,7 @@ impl RecordKind {
             RecordKind::Round => 4,
             RecordKind::RoundV2 => 5,
             RecordKind::RoundV3 => 6,
+            RecordKind::SnapshotZstd => 7,
         }
     }
 
@@ -70,6 +75,7 @@ impl RecordKind {
             4 => Some(RecordKind::Round),
             5 => Some(RecordKind::RoundV2),
             6 => Some(RecordKind::RoundV3),
+            7 => Some(RecordKind::SnapshotZstd),
             _ => None,
         }
     }
@@ -243,6 +249,7 @@ mod tests {
     fn kind_strategy() -> impl Strategy<Value = RecordKind> {
         prop_oneof![
             Just(RecordKind::Snapshot),
+            Just(RecordKind::SnapshotZstd),
             Just(RecordKind::Change),
             Just(RecordKind::Meta),
             Just(RecordKind::Round)

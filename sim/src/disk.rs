@@ -107,6 +107,7 @@ pub struct DiskStats {
 /// (loading an Automerge document is the costly part of the model).
 #[derive(Debug)]
 struct SnapshotRecord {
+    kind: RecordKind,
     payload: Range<usize>,
     end: usize,
     hashes: Option<BTreeSet<Hash>>,
@@ -161,7 +162,9 @@ impl Frames {
             }
             let payload = start + FRAME_BYTES..end;
             match RecordKind::from_byte(bytes[start + 8]) {
-                Some(RecordKind::Snapshot) => self.snapshots.push(SnapshotRecord { payload, end, hashes: None }),
+                Some(kind @ (RecordKind::Snapshot | RecordKind::SnapshotZstd)) => {
+                    self.snapshots.push(SnapshotRecord { kind, payload, end, hashes: None })
+                }
                 Some(RecordKind::Change) => {
                     if let Some(hash) = change_hash(&bytes[payload]) {
                         self.changes.entry(hash).or_insert(end);
@@ -214,8 +217,9 @@ fn change_hash(bytes: &[u8]) -> Option<Hash> {
 }
 
 /// Every change an Automerge save holds (empty if it does not load).
-fn snapshot_hashes(payload: &[u8]) -> BTreeSet<Hash> {
-    match automerge::Automerge::load(payload) {
+fn snapshot_hashes(kind: RecordKind, payload: &[u8]) -> BTreeSet<Hash> {
+    let Ok(save) = konor_crdt::journal::snapshot_bytes(kind, payload) else { return BTreeSet::new() };
+    match automerge::Automerge::load(&save) {
         Ok(doc) => doc.get_changes(&[]).iter().map(|change| change.hash().0).collect(),
         Err(_) => BTreeSet::new(),
     }
@@ -282,7 +286,8 @@ impl FileModel {
         }
         let bytes = &self.bytes;
         frames.snapshots.iter_mut().filter(|snapshot| snapshot.end <= synced).any(|snapshot| {
-            snapshot.hashes.get_or_insert_with(|| snapshot_hashes(&bytes[snapshot.payload.clone()])).contains(hash)
+            let (kind, payload) = (snapshot.kind, &bytes[snapshot.payload.clone()]);
+            snapshot.hashes.get_or_insert_with(|| snapshot_hashes(kind, payload)).contains(hash)
         })
     }
 }
