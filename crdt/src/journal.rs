@@ -26,9 +26,16 @@ pub fn snapshot_file(group: &GroupDoc, meta: Option<&[u8]>) -> Result<Vec<u8>, R
     // versions of a 1,000-key group, most of a compaction, on the daemon's thread. Saved
     // without it (1.6-2.2 ms) and compressed as a whole with zstd level 1 (1.9 ms), the record
     // is also smaller (291 KB against 347 KB; one-off program, issue 14).
-    let (kind, snapshot) = match zstd::bulk::compress(&group.save_uncompressed(), SNAPSHOT_ZSTD_LEVEL) {
-        Ok(compressed) => (RecordKind::SnapshotZstd, compressed),
-        Err(_) => (RecordKind::Snapshot, group.save()),
+    // A save larger than a reader decompresses (DOCUMENT_INFLATED_BYTES_MAX) goes in
+    // Automerge's own format, which readers bound by its inflated columns instead.
+    let save = group.save_uncompressed();
+    let compressed = (save.len() <= DOCUMENT_INFLATED_BYTES_MAX)
+        .then(|| zstd::bulk::compress(&save, SNAPSHOT_ZSTD_LEVEL).ok())
+        .flatten();
+    drop(save);
+    let (kind, snapshot) = match compressed {
+        Some(compressed) => (RecordKind::SnapshotZstd, compressed),
+        None => (RecordKind::Snapshot, group.save()),
     };
     let mut file = encode_header().to_vec();
     encode_record(&mut file, kind, &snapshot)?;

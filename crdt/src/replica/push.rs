@@ -108,6 +108,8 @@ impl Replica {
         self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
         self.compact_if_due(group);
         self.publish(group);
+        // A member's gossiped heads that named these changes count as its acks only now.
+        self.count_gossip_acks_in(group);
         // A staged round whose change arrived by sync was committed elsewhere (or lost its
         // position to another change).
         self.settle_round_by_sync(group);

@@ -129,6 +129,18 @@ impl Replica {
         self.finish_commits();
     }
 
+    /// Recounts the pending writes of `group` after changes arrived: a member's gossiped heads
+    /// may name a change that was not here before, and could not count until it was.
+    pub(super) fn count_gossip_acks_in(&mut self, group: &str) {
+        let ids: Vec<CommandId> =
+            self.commits.iter().filter(|(_, pending)| pending.group() == group).map(|(id, _)| *id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        self.count_gossip_acks_of(&ids);
+        self.finish_commits();
+    }
+
     /// Adds to each of the pending writes `ids` the members whose gossiped heads include it.
     /// Each group's members are read once (a proof check each), and a member that acked is
     /// not asked again: with many writes waiting, this ran for every write and every member

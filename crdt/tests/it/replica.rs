@@ -603,3 +603,37 @@ fn regression_a_change_lost_to_a_failed_write_is_synced_again_without_spinning()
     assert_eq!(net.settings("n1", "app"), net.settings("n2", "app"));
     assert!(most_per_round <= 8, "{most_per_round} sync messages in one anti-entropy round");
 }
+
+/// Found in review (issue 14): a pending write counts gossiped acks when the membership view
+/// changes, and a gossiped head this node does not hold yet cannot count (every head must be
+/// known). When the member's own later write then arrives by sync, its gossip does not change,
+/// so nothing recounted: the write timed out as not committed although a quorum held it. (Before
+/// issue 14 every new local write recounted all pending writes, which hid it under load.)
+#[test]
+fn a_pending_write_counts_a_gossiped_ack_once_the_heads_it_names_arrive() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    // n2's direct ack and its pushes to n1 are lost; sync and gossip still work.
+    net.drop_on.insert(("n2".into(), "n1".into(), "ack"));
+    net.drop_on.insert(("n2".into(), "n1".into(), "changes"));
+    net.input("n1", Input::Command { id: 901, command: set_command("c", json!(1)) });
+    net.run_outputs_only();
+    // n2 writes on top of it: its gossiped heads name a change n1 lacks.
+    net.input("n2", Input::Command { id: 902, command: set_command("x", json!(2)) });
+    net.run_outputs_only();
+    let view = net.view_for("n1");
+    net.input("n1", Input::Membership(view));
+    net.run_outputs_only();
+    assert!(!net.replies.contains_key(&901), "n1 cannot count n2 yet: {:?}", net.replies.get(&901));
+    // Anti-entropy brings n2's write to n1; no view changes.
+    for _ in 0..3 {
+        net.now += 1_000;
+        for node in ["n1", "n2"] {
+            net.input(node, Input::Tick);
+        }
+        net.run_outputs_only();
+    }
+    assert_eq!(net.settings("n1", "app"), json!({"c": 1, "x": 2}), "sync delivered n2's write");
+    let reply = net.replies.remove(&901).expect("n1's write was answered within the commit timeout");
+    let Ok(CommandOutcome::Committed(receipt)) = reply else { panic!("{reply:?}") };
+    assert!(receipt.acked_by.contains(&"n2".to_owned()), "{:?}", receipt.acked_by);
+}

@@ -595,22 +595,26 @@ async fn flush_outbox(
 ) {
     loop {
         outbox.ready.notified().await;
-        publish_all(&chitchat, seal.as_ref(), &cluster, &self_id, outbox.take()).await;
+        publish_all(&chitchat, seal.as_ref(), &cluster, &self_id, &outbox).await;
         tokio::time::sleep(PUBLISH_COALESCE).await;
     }
 }
 
+/// Signs what `outbox` holds into chitchat's state. The outbox is emptied under chitchat's
+/// lock: two flushes (the flusher's and [`Membership::flush`]) must not write what they took
+/// in another order than they took it, or an older value would overwrite a newer one.
 async fn publish_all(
     chitchat: &Mutex<chitchat::Chitchat>,
     seal: &dyn GossipSeal,
     cluster: &str,
     self_id: &ChitchatId,
-    values: Vec<(String, String)>,
+    outbox: &Outbox,
 ) {
+    let mut chitchat = chitchat.lock().await;
+    let values = outbox.take();
     if values.is_empty() {
         return;
     }
-    let mut chitchat = chitchat.lock().await;
     let state = chitchat.self_node_state();
     for (key, value) in values {
         publish_sealed(seal, cluster, self_id, state, &key, &value);
@@ -722,8 +726,7 @@ impl Membership {
 
     /// Signs every value published so far into chitchat's state now.
     pub async fn flush(&self) {
-        let values = self.outbox.take();
-        publish_all(&self.handle.chitchat(), self.seal.as_ref(), &self.cluster, &self.self_id, values).await;
+        publish_all(&self.handle.chitchat(), self.seal.as_ref(), &self.cluster, &self.self_id, &self.outbox).await;
     }
 
     /// What the gossip filter refused so far.
