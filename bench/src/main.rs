@@ -184,9 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "rows": comparison.to_json(),
             "wall_s": started.elapsed().as_secs_f64(),
         });
-        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("figures written to {}", path.display());
+        write_report(path, &report)?;
     }
     println!("wall time {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
@@ -220,11 +218,17 @@ async fn long_history(args: &Args, konord: &Path, started: std::time::Instant) -
             "runs": reports,
             "wall_s": started.elapsed().as_secs_f64(),
         });
-        let text = serde_json::to_string_pretty(&report).context("cannot encode the JSON report")?;
-        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        println!("figures written to {}", path.display());
+        write_report(path, &report)?;
     }
     println!("wall time {:.0} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Writes a run's figures to `path` as pretty JSON, and says so.
+fn write_report(path: &Path, report: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report).context("cannot encode the JSON report")?;
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    println!("figures written to {}", path.display());
     Ok(())
 }
 
