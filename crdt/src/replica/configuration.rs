@@ -247,6 +247,7 @@ impl Replica {
             return self.reply(command, Err(CommandError::UnknownGroup(name.to_owned())));
         };
         self.left_lamports.insert(name.to_owned(), state.round_lamport);
+        self.left_revisions.insert(name.to_owned(), state.revision);
         let members = state.doc.configuration().map(|c| c.members.clone()).unwrap_or_default();
         self.departed.retain(|(group, _)| group != name);
         self.departed.push_back((name.to_owned(), super::Departed { members, decisions: state.decisions }));

@@ -156,6 +156,9 @@ pub struct Notification {
     pub set: BTreeMap<String, Value>,
     /// Keys removed.
     pub removed: Vec<String>,
+    /// True when the change came from a peer, which holds it durably: the shell may tell
+    /// watchers of an eventual group before this node's own fsync (issue 14).
+    pub pushed: bool,
 }
 
 /// A group loaded from disk at start.

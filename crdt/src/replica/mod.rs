@@ -79,6 +79,9 @@ struct GroupState {
     revision: u64,
     /// Recent notifications with the revision each one started from.
     events: VecDeque<(u64, Notification)>,
+    /// The document's change count, kept as changes arrive (counting them in the document
+    /// walks its whole history). Not the revision, which starts at a base per run.
+    changes: u64,
     tail_changes: usize,
     sync: BTreeMap<NodeId, SyncSession>,
     /// The strong round this node coordinates or has staged (at most one: invariant S3).
@@ -109,9 +112,10 @@ struct GroupState {
 }
 
 impl GroupState {
-    fn new(doc: GroupDoc, key: GroupKey, proof: [u8; 32], tail_changes: usize) -> GroupState {
+    fn new(doc: GroupDoc, key: GroupKey, proof: [u8; 32], tail_changes: usize, revision: u64) -> GroupState {
         GroupState {
-            revision: doc.change_count(),
+            revision,
+            changes: doc.change_count(),
             doc,
             key,
             proof,
@@ -180,6 +184,13 @@ pub struct Replica {
     departed: VecDeque<(String, Departed)>,
     /// Unix milliseconds at `now` = 0, for the stamps of versions this node writes on its own.
     wall_offset: u64,
+    /// Where this run's revisions start: above every revision an earlier run of this node can
+    /// have told a watcher (see [`Replica::start_revisions_at`]).
+    revision_base: u64,
+    /// The last revision of each group this node dropped during this run (left, or reloaded
+    /// after a failed persist): a group taken again starts above it, so no revision is given
+    /// twice with two meanings (SPEC invariant 4).
+    left_revisions: BTreeMap<String, u64>,
 }
 
 /// What this node keeps of a group it left: who it left behind and what it knew of the
@@ -219,6 +230,8 @@ impl Replica {
             departed: VecDeque::new(),
             reloads: 0,
             wall_offset: 0,
+            revision_base: 0,
+            left_revisions: BTreeMap::new(),
         };
         for (name, state) in loaded {
             let mut sync = BTreeMap::new();
@@ -229,7 +242,8 @@ impl Replica {
             }
             let proof = membership_proof(&state.key, &name, &replica.node_id);
             let round_lamport = state.decisions.iter().map(|(round, _)| round.lamport).max().unwrap_or(0);
-            let mut group = GroupState::new(state.doc, state.key, proof, state.tail_changes);
+            let revision = state.doc.change_count();
+            let mut group = GroupState::new(state.doc, state.key, proof, state.tail_changes, revision);
             group.sync = sync;
             group.round_lamport = round_lamport;
             group.decisions = state.decisions.into_iter().collect();
@@ -247,6 +261,36 @@ impl Replica {
             replica.publish(&name);
         }
         replica
+    }
+
+    /// Starts this run's revisions of eventual groups at `base` (call it right after
+    /// [`Replica::new`]): each one's revision becomes `base` plus its change count. A watcher
+    /// may have been told of a pushed change before this node's fsync (issue 14), so the
+    /// revisions an earlier run gave can name changes that were lost with it; the shell passes
+    /// a base above all of them ([`crate::limits::revision_base`] of the incarnation), and a
+    /// watcher resuming from one gets an explicit resync. A strong group's revision stays its
+    /// change count: its watchers are told only what is saved, and the count is the version's
+    /// position in the group's one sequence, the same on every node.
+    pub fn start_revisions_at(&mut self, base: u64) {
+        self.revision_base = base;
+        for state in self.groups.values_mut().filter(|state| state.doc.mode() == Mode::Eventual) {
+            state.revision = base.saturating_add(state.doc.change_count());
+            state.events.clear();
+        }
+    }
+
+    /// The revision a group taken now (created, joined, reloaded) starts at: its change count,
+    /// and in an eventual group above this run's base and above any revision this run gave
+    /// the name before (see [`Replica::start_revisions_at`]).
+    fn starting_revision(&self, name: &str, doc: &GroupDoc) -> u64 {
+        if doc.mode() == Mode::Strong {
+            return doc.change_count();
+        }
+        let counted = self.revision_base.saturating_add(doc.change_count());
+        match self.left_revisions.get(name) {
+            Some(last) => counted.max(last.saturating_add(1)),
+            None => counted,
+        }
     }
 
     /// This node's id.

@@ -8,6 +8,7 @@ use automerge::ActorId;
 use sha2::{Digest, Sha256};
 
 use super::{CommandError, CommandId, GroupState, LoadedState, Output, PersistOp, Replica, round};
+use crate::group::Mode;
 use crate::journal::{RoundRecord, needs_compaction, round_record, snapshot_file};
 use crate::time::Millis;
 
@@ -46,6 +47,7 @@ impl Replica {
         }
         let Some(old) = self.groups.remove(group) else { return };
         self.left_lamports.insert(group.to_owned(), old.round_lamport);
+        self.left_revisions.insert(group.to_owned(), old.revision);
         let Some(loaded) = reloaded else {
             // The file cannot be read: the shell repairs the group from peers.
             for write in old.queued {
@@ -69,7 +71,8 @@ impl Replica {
         // under a fresh actor so their sequence numbers are never reused.
         self.reloads += 1;
         doc.set_actor(reload_actor(&self.actor, self.reloads));
-        let mut state = GroupState::new(doc, key, old.proof, tail_changes);
+        let revision = self.starting_revision(group, &doc);
+        let mut state = GroupState::new(doc, key, old.proof, tail_changes, revision);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
         state.ballots = old.ballots;
@@ -78,9 +81,15 @@ impl Replica {
                 state.remember_decision(round, commit);
             }
         }
-        // Watchers were told only of durable changes (notifications follow their persist).
-        let revision = state.revision;
-        state.events = old.events.into_iter().filter(|(_, event)| event.revision <= revision).collect();
+        // In an eventual group watchers may have been told of pushed changes before their
+        // persist (issue 14), and the ring cannot tell which of its events were durable: it
+        // starts empty above every revision given before, so a watcher resuming from any of
+        // them gets a resync (live watchers get one from the shell). A strong group's watchers
+        // were told only of durable changes: its revision is back at the durable count.
+        if state.doc.mode() == Mode::Strong {
+            let revision = state.revision;
+            state.events = old.events.into_iter().filter(|(_, event)| event.revision <= revision).collect();
+        }
         state.last_commit = old.last_commit;
         state.queued = old.queued;
         state.strong = old.strong;
@@ -99,10 +108,9 @@ impl Replica {
         self.publish(group);
     }
 
-    /// Compacts `group` when its tail is due. The revision is the document's change count (kept
-    /// as changes arrive: counting them in the document walks its whole history).
+    /// Compacts `group` when its tail is due.
     pub(super) fn compact_if_due(&mut self, group: &str) {
-        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes, state.revision)) {
+        if self.groups.get(group).is_some_and(|state| needs_compaction(state.tail_changes, state.changes)) {
             self.compact(group);
         }
     }

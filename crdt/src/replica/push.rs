@@ -105,7 +105,7 @@ impl Replica {
         if !records.is_empty() {
             self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.to_owned(), records }));
         }
-        self.record_changes(group, applied.new_changes.len(), applied.changed_keys);
+        self.record_changes(group, applied.new_changes.len(), applied.changed_keys, true);
         self.compact_if_due(group);
         self.publish(group);
         // A member's gossiped heads that named these changes count as its acks only now.

@@ -44,13 +44,15 @@ impl Replica {
     }
 
     /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
-    pub(super) fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>) -> u64 {
+    /// `pushed`: the changes came from a peer.
+    pub(super) fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>, pushed: bool) -> u64 {
         let Some(state) = self.groups.get_mut(group) else {
             return 0;
         };
         let from = state.revision;
-        state.revision += changes as u64;
+        state.revision = state.revision.saturating_add(changes as u64);
         state.tail_changes += changes;
+        state.changes = state.changes.saturating_add(changes as u64);
         let mut set = BTreeMap::new();
         let mut removed = Vec::new();
         for key in keys {
@@ -67,6 +69,7 @@ impl Replica {
             version: state.doc.latest_label(),
             set,
             removed,
+            pushed,
         };
         state.events.push_back((from, notification.clone()));
         while state.events.len() > WATCH_EVENTS_KEPT {

@@ -45,7 +45,8 @@ impl Replica {
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);
-        let mut state = GroupState::new(doc, key, proof, 0);
+        let revision = self.starting_revision(&name, &doc);
+        let mut state = GroupState::new(doc, key, proof, 0, revision);
         state.round_lamport = self.left_lamports.get(&name).copied().unwrap_or(0);
         self.departed.retain(|(group, _)| *group != name);
         self.groups.insert(name.clone(), state);
@@ -85,7 +86,7 @@ impl Replica {
             self.outputs.push_back(Output::Send { to: member.clone(), message });
         }
         self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
-        let revision = self.record_changes(&group, 1, keys);
+        let revision = self.record_changes(&group, 1, keys, false);
         self.compact_if_due(&group);
         self.publish(&group);
         let receipt = CommitReceipt {

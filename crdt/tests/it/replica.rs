@@ -128,10 +128,21 @@ impl Net {
                     moved = true;
                     self.log.push((node.clone(), describe(&output)));
                     if let Some((_, error)) = &failed {
-                        // After a failed persist the shell skips what depended on it.
-                        if let Output::Reply { id, result } = output {
-                            let result = result.and_then(|_| Err(CommandError::NotDurable(error.clone())));
-                            self.replies.insert(id, result);
+                        // After a failed persist the shell skips what depended on it, except a
+                        // pushed change's notification, which it may have sent while the fsync
+                        // ran (issue 14).
+                        match output {
+                            Output::Reply { id, result } => {
+                                let result = result.and_then(|_| Err(CommandError::NotDurable(error.clone())));
+                                self.replies.insert(id, result);
+                            }
+                            Output::Notify(notification) if notification.pushed => {
+                                self.notified.entry(node.clone()).or_default().push(notification.revision);
+                            }
+                            // The shell resumes a deferred apply while its append runs, failed
+                            // or not.
+                            Output::Resume => self.input(node, Input::Resume),
+                            _ => {}
                         }
                         continue;
                     }
@@ -636,4 +647,34 @@ fn a_pending_write_counts_a_gossiped_ack_once_the_heads_it_names_arrive() {
     let reply = net.replies.remove(&901).expect("n1's write was answered within the commit timeout");
     let Ok(CommandOutcome::Committed(receipt)) = reply else { panic!("{reply:?}") };
     assert!(receipt.acked_by.contains(&"n2".to_owned()), "{:?}", receipt.acked_by);
+}
+
+/// Issue 14: a member notifies its watchers of a pushed change before its own fsync, so a
+/// revision a watcher saw can be lost with a failed persist. After the reload no revision is
+/// given twice, and a watcher resuming at a lost revision gets an explicit resync (SPEC
+/// invariant 4), whatever arrives next.
+#[test]
+fn a_revision_lost_with_a_failed_persist_is_never_given_again() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    net.failing_disk.insert("n2".into());
+    send_command(&mut net, "n1", set_command("lost", json!(1)));
+    net.run();
+    let seen = *net.notified.get("n2").and_then(|n| n.last()).unwrap_or_else(|| panic!("{:?}", net.log));
+    assert_eq!(net.replicas["n2"].group("app").unwrap().get("lost"), None, "dropped with the failed persist");
+    eprintln!(
+        "rev after failure {:?} log {:?}",
+        net.replicas["n2"].revision("app"),
+        net.log.iter().filter(|(n, _)| n == "n2").collect::<Vec<_>>()
+    );
+    net.failing_disk.clear();
+    net.notified.clear();
+    // The next change n2 takes does not build on the lost one.
+    net.drop_pushes_to.insert("n2".into());
+    set(&mut net, "n2", "other", json!(1)).unwrap_or_else(|e| panic!("{e}"));
+    for r in 0..5 {
+        eprintln!("ring {r} {:?}", net.replicas["n2"].events_since("app", r));
+    }
+    let after: Vec<u64> = net.notified.get("n2").cloned().unwrap_or_else(|| panic!("{:?}", net.log));
+    assert!(after.iter().all(|revision| *revision > seen), "revision {seen} given again: {after:?}");
+    assert_eq!(net.replicas["n2"].events_since("app", seen), Some(EventsSince::Resync), "seen {seen}, after {after:?}");
 }

@@ -152,6 +152,7 @@ mod tests {
             version: format!("v{revision}"),
             set: set.iter().map(|(k, v)| ((*k).to_owned(), Value::from(*v))).collect(),
             removed: removed.iter().map(|k| (*k).to_owned()).collect(),
+            pushed: false,
         }
     }
 

@@ -4,7 +4,7 @@
 //! outputs between them wait for it) and answers local reads from the replica's documents.
 //! It makes no protocol decisions: those are in konor-crdt.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -176,6 +176,9 @@ struct Daemon {
     /// The group of each pending command: a failed persist silences its own group's replies.
     pending_groups: BTreeMap<u64, String>,
     watchers: BTreeMap<String, Vec<Watcher>>,
+    /// Groups whose watchers were told of a change before its fsync, in the outputs running
+    /// now: a failed persist of one of them resyncs its watchers.
+    told_early: BTreeSet<String>,
     last_change: BTreeMap<String, Instant>,
     processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
     repairs: Vec<Repair>,
@@ -471,6 +474,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);
+    // Revisions of this run start above every revision an earlier run can have told a watcher
+    // (which may name a pushed change lost with it: watchers are told before the fsync).
+    replica_state.start_revisions_at(konor_crdt::limits::revision_base(store.incarnation()));
     let started = Instant::now();
     let wall_now = match wall_base {
         Some(base) => base,
@@ -496,6 +502,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         pending: BTreeMap::new(),
         pending_groups: BTreeMap::new(),
         watchers: BTreeMap::new(),
+        told_early: BTreeSet::new(),
         last_change: BTreeMap::new(),
         processes: BTreeMap::new(),
         repairs,

@@ -30,6 +30,7 @@ impl Daemon {
         for batch in 1.. {
             let failed = self.execute_batch().await;
             if failed.is_empty() {
+                self.told_early.clear();
                 self.settle_reads();
                 return;
             }
@@ -39,8 +40,12 @@ impl Daemon {
             for (group, error) in failed {
                 let reloaded = self.reload_group(&group).await;
                 let now = self.now();
-                let input = Input::PersistFailed { group, error, reloaded: reloaded.map(Box::new) };
+                let input = Input::PersistFailed { group: group.clone(), error, reloaded: reloaded.map(Box::new) };
                 self.replica.handle(now, input);
+                // Watchers may have been told of changes the reload dropped.
+                if self.told_early.remove(&group) {
+                    self.resync_watchers(&group);
+                }
             }
             if batch >= FAILED_BATCHES_MAX {
                 // Those outputs failed again and again: give the main loop its turn (ticks,
@@ -113,14 +118,33 @@ impl Daemon {
                     }
                     let order: Vec<String> = appends.iter().map(|(group, _)| group.clone()).collect();
                     let writing = self.start_appends(appends);
+                    // Pushed changes of eventual groups are told while the fsync runs.
+                    let mut held = BTreeSet::new();
+                    let early;
+                    (early, waiting) =
+                        waiting.into_iter().partition(|(_, output)| self.goes_early(output, &failed, &mut held));
+                    for (_, output) in early {
+                        self.notify_early(output);
+                    }
                     if resume {
                         // The replica applies while the fsync runs. What it queues belongs to its
                         // newest deferred apply, which is the last event of the batch (a later
                         // event would have finished it): those outputs go to the back, after
-                        // everything already queued, and run once the fsync is done.
+                        // everything already queued, and run once the fsync is done (except the
+                        // notifications that go early, as above).
                         let now = self.now();
                         self.replica.handle(now, Input::Resume);
                         outputs.extend(std::iter::from_fn(|| self.replica.poll_output()));
+                        let mut scanning = true;
+                        let (early, late): (Vec<Output>, Vec<Output>) = outputs.drain(..).partition(|output| {
+                            scanning &=
+                                !matches!(output, Output::Persist(op) if !matches!(op, PersistOp::Append { .. }));
+                            scanning && self.goes_early(output, &failed, &mut held)
+                        });
+                        outputs.extend(late);
+                        for output in early {
+                            self.notify_early(output);
+                        }
                     }
                     let failed_now = writing.await;
                     for (group, error) in &failed_now {
@@ -184,6 +208,60 @@ impl Daemon {
             }
         }
         failed
+    }
+
+    /// True for a notification that may run before the fsync it follows (issue 14): a change
+    /// a peer pushed (its writer saves it too) to an eventual group, whose group has no
+    /// notification held before it (`held`, filled as outputs are looked at in order: a
+    /// group's notifications keep their order), and whose persists did not fail in this batch
+    /// or last time (a node whose disk fails tells nothing it has not saved: anti-entropy
+    /// offers the same change every second, and its watchers would see it come and go). If this
+    /// node then loses the change (a crash, a failed persist), its watchers learn it: revisions
+    /// never repeat ([`Replica::start_revisions_at`]), a watcher resuming at a lost one gets a
+    /// resync, and a reload resyncs the live ones ([`Daemon::resync_watchers`]). Commits still
+    /// count only durable acknowledgements: acks and gossiped heads wait for the fsync.
+    fn goes_early(&self, output: &Output, failed: &BTreeMap<String, String>, held: &mut BTreeSet<String>) -> bool {
+        let Output::Notify(notification) = output else { return false };
+        let group = &notification.group;
+        let early = notification.pushed
+            && !held.contains(group)
+            && !failed.contains_key(group)
+            && !self.degraded.contains_key(group)
+            && self.replica.group(group).is_some_and(|doc| doc.mode() == Mode::Eventual);
+        if !early {
+            held.insert(group.clone());
+        }
+        early
+    }
+
+    /// Runs a notification [`Daemon::goes_early`] let through, remembering its group.
+    fn notify_early(&mut self, output: Output) {
+        let Output::Notify(notification) = output else { return };
+        self.told_early.insert(notification.group.clone());
+        if let Some(reads) = &self.reads {
+            reads.apply(&notification);
+        }
+        self.notify(notification);
+    }
+
+    /// Tells the live watchers of `group` its whole state after a reload (they may have seen
+    /// changes the reload dropped): an explicit resync at the group's new revision, which is
+    /// above every revision given before. A group that is gone (its file could not be read;
+    /// it is repaired from peers) ends its watches: the clients resume and are told.
+    pub(super) fn resync_watchers(&mut self, group: &str) {
+        let Some(watchers) = self.watchers.get_mut(group) else { return };
+        let (Some(doc), Some(revision)) = (self.replica.group(group), self.replica.revision(group)) else {
+            self.watchers.remove(group);
+            return;
+        };
+        let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
+        let event = socket::EncodedEvent::from(WatchEvent::Resync {
+            group: group.to_owned(),
+            revision,
+            version: doc.latest_label(),
+            settings,
+        });
+        watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
     }
 
     /// True for a persist operation that must not run once an earlier persist of its group

@@ -141,6 +141,28 @@ struct FlakyDisk {
     /// The next writes to paths containing this fail with ENOSPC, as many as the count says
     /// (the first append of a batch fails, a later one fits, as on a disk nearly full).
     writes_to_fail: std::sync::Mutex<Option<(String, u32)>>,
+    /// While true, every fsync of the group `app`'s file waits (a slow disk).
+    syncs_held: std::sync::Mutex<bool>,
+    syncs_released: std::sync::Condvar,
+    /// fsyncs of the group `app`'s file that returned.
+    syncs_done: AtomicU32,
+}
+
+/// Releases held fsyncs when dropped, so a failed assertion does not leave a store thread
+/// waiting for ever (the runtime would wait for it at the end of the test).
+struct ReleaseSyncs<'a>(&'a FlakyDisk);
+
+impl Drop for ReleaseSyncs<'_> {
+    fn drop(&mut self) {
+        self.0.hold_syncs(false);
+    }
+}
+
+impl FlakyDisk {
+    fn hold_syncs(&self, hold: bool) {
+        *self.syncs_held.lock().unwrap() = hold;
+        self.syncs_released.notify_all();
+    }
 }
 
 impl StorageHook for FlakyDisk {
@@ -161,7 +183,15 @@ impl StorageHook for FlakyDisk {
         Ok(())
     }
 
-    fn before_sync(&self, _: &Path) -> std::io::Result<()> {
+    fn before_sync(&self, path: &Path) -> std::io::Result<()> {
+        let mut held = self.syncs_held.lock().unwrap();
+        while *held && path.to_string_lossy().contains("groups/app.") {
+            held = self.syncs_released.wait(held).unwrap();
+        }
+        drop(held);
+        if path.to_string_lossy().contains("groups/app.") {
+            self.syncs_done.fetch_add(1, Ordering::SeqCst);
+        }
         let failing = self.syncs_to_fail.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |left| left.checked_sub(1));
         match failing {
             Ok(_) => Err(std::io::Error::from_raw_os_error(5)),
@@ -192,6 +222,12 @@ fn client(connection: u64) -> ClientInfo {
 impl TestNode {
     /// Starts node `n<index>` on `data_dir` (kept across restarts), seeded with node 1.
     fn start(hub: &Arc<Hub>, index: u8, data_dir: &Path) -> TestNode {
+        TestNode::start_with(hub, index, data_dir, StoreIo::Inline)
+    }
+
+    /// The same, with the store's I/O run as `store_io` says (`Blocking`: as konord runs it,
+    /// so the daemon goes on while a write or an fsync waits).
+    fn start_with(hub: &Arc<Hub>, index: u8, data_dir: &Path, store_io: StoreIo) -> TestNode {
         let id = format!("n{index}");
         let addr = addr_of(index);
         let (gossip_tx, gossip) = mpsc::channel(4096);
@@ -213,7 +249,7 @@ impl TestNode {
             seed: [index; 32],
             wall_base: None,
             membership_poll: POLL,
-            store_io: StoreIo::Inline,
+            store_io,
             reads: None,
             storage_hook: Some(disk.clone()),
             gossip_seal: Arc::new(SimSeal::new(&id)),
@@ -303,14 +339,19 @@ where
 async fn mesh(hub: &Arc<Hub>, dirs: &tempfile::TempDir, count: u8) -> Vec<TestNode> {
     let nodes: Vec<TestNode> =
         (1..=count).map(|index| TestNode::start(hub, index, &dirs.path().join(format!("n{index}")))).collect();
-    for node in &nodes {
+    await_mesh(&nodes).await;
+    nodes
+}
+
+/// Waits until every one of `nodes` sees every other live.
+async fn await_mesh(nodes: &[TestNode]) {
+    for node in nodes {
         eventually("the mesh forms", Duration::from_secs(20), || async {
             let Response::Nodes { nodes: rows } = node.call(Request::Nodes).await else { return None };
-            (rows.iter().filter(|row| row.state == "live").count() == usize::from(count)).then_some(())
+            (rows.iter().filter(|row| row.state == "live").count() == nodes.len()).then_some(())
         })
         .await;
     }
-    nodes
 }
 
 /// Creates `app` on the first node and joins it on the others; returns its key.
@@ -698,4 +739,97 @@ async fn a_failed_append_is_never_followed_by_a_later_append_of_its_group_in_the
         (nodes[1].get("k").await == Some(json!(2))).then_some(())
     })
     .await;
+}
+
+/// Issue 14: a member tells its watchers of a change pushed to an eventual group while its own
+/// fsync runs, not after it; its acknowledgement still waits for the fsync, so the write does
+/// not commit on it before.
+#[tokio::test(start_paused = true)]
+async fn a_pushed_change_reaches_watchers_before_the_members_fsync_and_commits_only_after_it() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = vec![
+        TestNode::start(&hub, 1, &dirs.path().join("n1")),
+        TestNode::start_with(&hub, 2, &dirs.path().join("n2"), StoreIo::Blocking),
+    ];
+    await_mesh(&nodes).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!("before")).await;
+    let mut events = nodes[1].watch(7).await;
+    nodes[1].disk.hold_syncs(true);
+    let _release = ReleaseSyncs(&nodes[1].disk);
+    // The paused clock does not move while a store thread waits: if the change is not told
+    // before the fsync, a watchdog on real time releases it, and the check below fails.
+    let disk = nodes[1].disk.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        disk.hold_syncs(false);
+    });
+    let synced = nodes[1].disk.syncs_done.load(Ordering::SeqCst);
+    let writer = {
+        let calls = nodes[0].calls.clone();
+        tokio::spawn(async move {
+            let (reply, answer) = oneshot::channel();
+            let entries = BTreeMap::from([("k".to_owned(), json!("early"))]);
+            let request = Request::Set { group: "app".into(), entries, meta: WriteMeta::default() };
+            calls.send(LocalCall::Request { client: client(1), request, reply }).await.unwrap();
+            answer.await.unwrap()
+        })
+    };
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert!(
+        matches!(&event, Ok(Some(WatchEvent::Change { set, .. })) if set.get("k") == Some(&json!("early"))),
+        "n2's watcher was not told of the pushed change: {event:?}"
+    );
+    assert_eq!(nodes[1].disk.syncs_done.load(Ordering::SeqCst), synced, "n2 saved the change before telling");
+    // A group of two needs n2's durable acknowledgement: no commit while its fsync waits.
+    if writer.is_finished() {
+        let answer = writer.await.unwrap();
+        assert!(!matches!(answer, Response::Committed { .. }), "committed before n2's fsync: {answer:?}");
+    } else {
+        nodes[1].disk.hold_syncs(false);
+        let answer = writer.await.unwrap();
+        let Response::Committed { acked_by, .. } = &answer else { panic!("{answer:?}") };
+        assert!(acked_by.contains(&"n2".to_owned()), "{answer:?}");
+    }
+    nodes[1].disk.hold_syncs(false);
+}
+
+/// Issue 14: a watcher told of a pushed change that its node then fails to save gets an
+/// explicit resync to what the node holds, at a revision above every one it was given (SPEC
+/// invariant 4), and the change arrives again once the disk works.
+#[tokio::test(start_paused = true)]
+async fn a_watcher_told_of_a_change_its_node_fails_to_save_gets_a_resync() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 2).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!("before")).await;
+    eventually("n2 holds k", Duration::from_secs(10), || async {
+        (nodes[1].get("k").await == Some(json!("before"))).then_some(())
+    })
+    .await;
+    let mut events = nodes[1].watch(7).await;
+    *nodes[1].disk.full_for.lock().unwrap() = Some("groups/app.".to_owned());
+    let _ = nodes[0].set("k", json!("lost here")).await;
+    let told = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.ok().flatten();
+    let Some(WatchEvent::Change { revision: told_at, set, .. }) = &told else { panic!("{told:?}") };
+    assert_eq!(set.get("k"), Some(&json!("lost here")));
+    let resync = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.ok().flatten();
+    let Some(WatchEvent::Resync { revision, settings, .. }) = &resync else { panic!("no resync: {resync:?}") };
+    assert!(revision > told_at, "the resync's revision {revision} is not above {told_at}");
+    assert_eq!(settings.get("k"), Some(&json!("before")), "{settings:?}");
+    assert_eq!(nodes[1].get("k").await, Some(json!("before")));
+    *nodes[1].disk.full_for.lock().unwrap() = None;
+    let again = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(WatchEvent::Change { set, .. }) if set.get("k") == Some(&json!("lost here")) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await;
+    assert_eq!(again, Ok(true), "the change did not arrive again");
 }
