@@ -176,9 +176,6 @@ struct Daemon {
     /// The group of each pending command: a failed persist silences its own group's replies.
     pending_groups: BTreeMap<u64, String>,
     watchers: BTreeMap<String, Vec<Watcher>>,
-    /// Groups whose watchers were told of a change before its fsync, in the outputs running
-    /// now: a failed persist of one of them resyncs its watchers.
-    told_early: BTreeSet<String>,
     last_change: BTreeMap<String, Instant>,
     processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
     repairs: Vec<Repair>,
@@ -502,7 +499,6 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         pending: BTreeMap::new(),
         pending_groups: BTreeMap::new(),
         watchers: BTreeMap::new(),
-        told_early: BTreeSet::new(),
         last_change: BTreeMap::new(),
         processes: BTreeMap::new(),
         repairs,

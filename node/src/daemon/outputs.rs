@@ -30,7 +30,6 @@ impl Daemon {
         for batch in 1.. {
             let failed = self.execute_batch().await;
             if failed.is_empty() {
-                self.told_early.clear();
                 self.settle_reads();
                 return;
             }
@@ -42,8 +41,10 @@ impl Daemon {
                 let now = self.now();
                 let input = Input::PersistFailed { group: group.clone(), error, reloaded: reloaded.map(Box::new) };
                 self.replica.handle(now, input);
-                // Watchers may have been told of changes the reload dropped.
-                if self.told_early.remove(&group) {
+                // An eventual group's watchers may have been told of changes the reload dropped,
+                // and its revision moved above theirs: they get a resync. A strong group's were
+                // told only what is saved, and its revision is back where they are.
+                if self.replica.group(&group).is_none_or(|doc| doc.mode() == Mode::Eventual) {
                     self.resync_watchers(&group);
                 }
             }
@@ -234,19 +235,18 @@ impl Daemon {
         early
     }
 
-    /// Runs a notification [`Daemon::goes_early`] let through, remembering its group.
+    /// Runs a notification [`Daemon::goes_early`] let through.
     fn notify_early(&mut self, output: Output) {
         let Output::Notify(notification) = output else { return };
-        self.told_early.insert(notification.group.clone());
         if let Some(reads) = &self.reads {
             reads.apply(&notification);
         }
         self.notify(notification);
     }
 
-    /// Tells the live watchers of `group` its whole state after a reload (they may have seen
-    /// changes the reload dropped): an explicit resync at the group's new revision, which is
-    /// above every revision given before. A group that is gone (its file could not be read;
+    /// Tells the live watchers of an eventual `group` its whole state after a reload (they may
+    /// have seen changes the reload dropped): an explicit resync at the group's new revision,
+    /// which is above every revision given before. A group that is gone (its file could not be read;
     /// it is repaired from peers) ends its watches: the clients resume and are told.
     pub(super) fn resync_watchers(&mut self, group: &str) {
         let Some(watchers) = self.watchers.get_mut(group) else { return };
