@@ -273,9 +273,15 @@ impl Replica {
     /// position in the group's one sequence, the same on every node.
     pub fn start_revisions_at(&mut self, base: u64) {
         self.revision_base = base;
-        for state in self.groups.values_mut().filter(|state| state.doc.mode() == Mode::Eventual) {
+        let mut moved = Vec::new();
+        for (name, state) in self.groups.iter_mut().filter(|(_, state)| state.doc.mode() == Mode::Eventual) {
             state.revision = base.saturating_add(state.doc.change_count());
             state.events.clear();
+            moved.push(name.clone());
+        }
+        // The summaries published at load carry the revision from before.
+        for name in moved {
+            self.publish(&name);
         }
     }
 
