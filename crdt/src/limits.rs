@@ -106,12 +106,13 @@ pub const PEER_MESSAGE_BYTES_MAX: usize = SYNC_MESSAGE_BYTES_MAX + 1024 * 1024;
 /// explicit resync (SPEC F13). 1,024 events cover minutes of heavy writes.
 pub const WATCH_EVENTS_KEPT: usize = 1024;
 
-/// Revisions one run of a node may give a group: run `i` (its store's incarnation) counts from
-/// `(i - 1) × 10⁹`, so a revision never names two states across restarts, though a watcher
-/// may have seen a pushed change the restart lost (issue 14). A billion changes to one group
-/// in one run is out of reach (a document that long would not fit in memory: 100,000
-/// versions take about 270 MB), and the base stays below 2⁵³, the largest integer every JSON
-/// reader keeps exact, for 9 million restarts.
+/// The span of revisions each run of a node has for an eventual group: run `i` (its store's
+/// incarnation) counts from `(i - 1) × 10⁹` plus the group's change count, so a revision never
+/// names two states across restarts, though a watcher may have seen a pushed change the
+/// restart lost (issue 14). It holds while a group's whole history stays under a billion
+/// changes, out of reach (a document that long would not fit in memory: 100,000 versions take
+/// about 270 MB), and the base stays below 2⁵³, the largest integer every JSON reader keeps
+/// exact, for 9 million restarts (then it stops growing).
 pub const REVISIONS_PER_RUN_MAX: u64 = 1_000_000_000;
 
 /// The first revision of run `incarnation` (see [`REVISIONS_PER_RUN_MAX`]), kept below 2⁵³.

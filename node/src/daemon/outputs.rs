@@ -244,14 +244,16 @@ impl Daemon {
         self.notify(notification);
     }
 
-    /// Tells the live watchers of `group` its whole state: an explicit resync at the group's
-    /// revision. After a reload of an eventual group (they may have seen changes the reload
-    /// dropped, and its revision moved above every one given before), and after a repair from
-    /// a peer. A group that is gone (its file could not be read after a failed write) keeps its
-    /// watchers, silent, until its repair resyncs them.
+    /// Tells the live watchers of an eventual `group` its whole state after a reload (they may
+    /// have seen changes the reload dropped, and its revision moved above every one given
+    /// before): an explicit resync at the group's new revision. A group that is gone (its file
+    /// could not be read after a failed write) ends its watches: the clients resume and are
+    /// told `unknown_group`. Kept, they would hear the changes of a copy joined again later as
+    /// diffs against one they never saw.
     pub(super) fn resync_watchers(&mut self, group: &str) {
         let Some(watchers) = self.watchers.get_mut(group) else { return };
         let (Some(doc), Some(revision)) = (self.replica.group(group), self.replica.revision(group)) else {
+            self.watchers.remove(group);
             return;
         };
         let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
@@ -595,8 +597,6 @@ impl Daemon {
                     Ok(Ok(_)) => {
                         info!(group = %name, "group repaired from a peer");
                         self.repair_attempts.remove(&name);
-                        // Its watchers saw the copy that was lost.
-                        self.resync_watchers(&name);
                     }
                     Ok(Err(CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_))) => {}
                     Ok(Err(error)) => self.queue_repair(name, key, attempts, &error.to_string()),
