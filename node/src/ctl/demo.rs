@@ -342,8 +342,8 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
         println!("7. status of group demo as n3 sees it (konorctl status demo):");
         for node in nodes {
             println!(
-                "   node {:<4} version {:<6} revision {:<4} heads {}",
-                node.node, node.version, node.revision, node.heads
+                "   node {:<4} version {:<6} heads {} revision {} (local to the node)",
+                node.node, node.version, node.heads, node.revision
             );
         }
         for process in processes {
