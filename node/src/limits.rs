@@ -132,6 +132,32 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 /// a health check) on one connection; reconnecting costs well under a millisecond.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 
+// The HTTP API (issue 15).
+
+/// HTTPS connections open at once; more are closed at accept. An operator's tools, a scraper,
+/// a load balancer and a few dashboards need tens; 256 bounds the memory a flood can take
+/// (each connection holds a TLS session and a request of at most [`HTTP_BODY_BYTES_MAX`]).
+pub const HTTP_CONNECTIONS_MAX: usize = 256;
+
+/// Bytes of one request body: an `apply` carries a whole config file (at most
+/// `CONFIG_FILE_BYTES_MAX`) as a JSON string, where escaping can double it.
+pub const HTTP_BODY_BYTES_MAX: usize = 2 * konor_crdt::limits::CONFIG_FILE_BYTES_MAX + 4096;
+
+/// Watch streams (Server-Sent Events) open at once: each holds a queue of at most
+/// `WATCH_QUEUE_EVENTS` events within its own write budget. A dashboard watches a few groups;
+/// applications watch through the socket.
+pub const HTTP_WATCHES_MAX: usize = 64;
+
+/// How long a TLS handshake, or the headers of a request, may take: a client that is this
+/// slow is stuck (or holding a slot on purpose).
+pub const HTTP_IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a request waits for the daemon's answer. A strong write answers within its round's
+/// timeouts (3 s to vote, 3 s to decide) and a `block` read within 5 s; 30 s is a bound for a
+/// daemon that is stuck, after which the caller gets `timeout` and the write's outcome is
+/// unknown.
+pub const HTTP_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 const _: () = assert!(CONNECTION_READ_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(CONNECTION_WRITE_BYTES_MAX >= FRAME_BYTES_MAX);
 const _: () = assert!(SOCKET_READ_BYTES_MAX >= CONNECTION_READ_BYTES_MAX);

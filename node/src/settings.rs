@@ -42,6 +42,8 @@ pub struct DaemonSettings {
     pub cluster: String,
     /// Gossip period.
     pub gossip_interval: Duration,
+    /// Where the HTTP API listens (TCP, HTTPS); `None`: no HTTP API (the default).
+    pub http_listen: Option<SocketAddr>,
     /// The fault layer's control file (tests only; from [`crate::fault_layer::FAULT_CONTROL_ENV`],
     /// never a flag or a settings-file key). `None`: no fault layer.
     pub fault_control: Option<PathBuf>,
@@ -73,6 +75,8 @@ pub struct SettingsFile {
     pub cluster: Option<String>,
     /// Milliseconds.
     pub gossip_interval_ms: Option<u64>,
+    /// See [`DaemonSettings::http_listen`].
+    pub http_listen: Option<String>,
 }
 
 impl SettingsFile {

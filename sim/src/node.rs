@@ -224,6 +224,7 @@ impl Cluster {
             gossip_seal: Arc::new(konor_node::peer::gossip_seal::SimSeal::new(&node.id)),
             // One runtime: gossip and daemon interleave as the seed says.
             gossip_runtime: None,
+            metrics: Default::default(),
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -55,6 +55,10 @@ struct Args {
     /// Gossip period in milliseconds; a crash is seen within about 8 periods [default: 250].
     #[arg(long)]
     gossip_interval_ms: Option<u64>,
+    /// Serve the HTTP API (HTTPS with the node's certificate; JSON under /api/v1, /metrics) on
+    /// this TCP address, e.g. 127.0.0.1:7480 [default: off].
+    #[arg(long)]
+    http_listen: Option<String>,
 }
 
 fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
@@ -97,6 +101,7 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
         tls_dir,
         cluster: args.cluster.or(file.cluster).unwrap_or_else(|| CLUSTER_DEFAULT.to_owned()),
         gossip_interval,
+        http_listen: args.http_listen.or(file.http_listen).map(|text| parse_addr(&text)).transpose()?,
         fault_control: std::env::var_os(konor_node::fault_layer::FAULT_CONTROL_ENV)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from),

@@ -32,8 +32,9 @@ use tracing::{error, info, warn};
 use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
+use crate::metrics::Metrics;
 use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
-use crate::peer::transport::{Channel, Inbox, PeerNetwork, QuicNetwork};
+use crate::peer::transport::{Channel, Inbox, Incoming, PeerNetwork, QuicNetwork};
 use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;
 use crate::storage::store::Store;
@@ -191,6 +192,11 @@ struct Daemon {
     /// When the replica last got a tick from the timer.
     last_tick: Instant,
     stats: Arc<DaemonStats>,
+    metrics: Metrics,
+    /// When each pending write reached the daemon, for the commit latency metric.
+    command_started: BTreeMap<u64, Instant>,
+    /// Local calls waiting in the queue when the last one was taken (for `/metrics`).
+    calls_waiting: usize,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -234,6 +240,8 @@ pub struct NodeParts {
     /// The runtime gossip runs on: the network's in konord (the daemon runs on a thread of its
     /// own, see [`run`]); `None` in the simulator (the one runtime).
     pub gossip_runtime: Option<tokio::runtime::Handle>,
+    /// Latencies for `/metrics` (issue 15), shared with the HTTP door.
+    pub metrics: Metrics,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -288,9 +296,29 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     let (calls_tx, calls) = mpsc::channel(CALL_QUEUE_MAX);
     let (api_shutdown_tx, api_shutdown) = watch::channel(false);
     let reads = ReadView::default();
+    let metrics = Metrics::default();
     let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
     api_config.mode = settings.socket_mode;
     api_config.reads = Some(reads.clone());
+    let http = match settings.http_listen {
+        Some(listen) => {
+            let listener = crate::api::http::bind(listen).await?;
+            let bound = listener.local_addr().context("cannot read the HTTP API's address")?;
+            write_atomically(&settings.data_dir.join(crate::api::http::HTTP_ADDR_FILE), bound.to_string().as_bytes())
+                .context("cannot write the HTTP address file")?;
+            let config = crate::api::http::HttpConfig {
+                node_id: settings.node_id.clone(),
+                tls: crate::api::http::server_config(&identity)?,
+                calls: calls_tx.clone(),
+                reads: Some(reads.clone()),
+                socket_stats: api_config.stats.clone(),
+                transport: network.stats.clone(),
+                metrics: metrics.clone(),
+            };
+            Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
+        }
+        None => None,
+    };
     let api = tokio::spawn(socket::serve(api_config, calls_tx, api_shutdown));
     info!(node = %settings.node_id, %advertise, socket = %settings.socket.display(), "konord starting");
     let mut seed = [0u8; 32];
@@ -321,9 +349,13 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         },
         gossip_seal,
         gossip_runtime: Some(tokio::runtime::Handle::current()),
+        metrics,
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
+    if let Some(http) = http {
+        let _ = http.await;
+    }
     let api_result = api.await;
     let result = match (result, api_result) {
         (Err(_), Ok(Err(api_error))) => Err(api_error.context("the local socket failed")),
@@ -445,6 +477,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         storage_hook,
         gossip_seal,
         gossip_runtime,
+        metrics,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -508,6 +541,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         blocked_reads: Vec::new(),
         last_tick: Instant::now(),
         stats: Arc::new(DaemonStats::default()),
+        metrics,
+        command_started: BTreeMap::new(),
+        calls_waiting: 0,
     };
     info!(node = %node_id, "node running");
     daemon.execute_outputs().await;
@@ -524,7 +560,10 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
                 }
             }
             call = calls.recv() => match call {
-                Some(call) => daemon.handle_call(call),
+                Some(call) => {
+                    daemon.calls_waiting = calls.len();
+                    daemon.handle_call(call);
+                }
                 None => {
                     // The socket server ended (it failed to bind, or crashed): without it no
                     // application can read, so the node stops with an error.
@@ -534,8 +573,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             },
             incoming = replica.recv() => {
                 let Some(incoming) = incoming else { break };
-                let now = daemon.now();
-                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+                daemon.handle_peer(incoming);
             }
             _ = membership_poll.tick() => daemon.refresh_membership().await,
             _ = tokio::time::sleep_until(timeout) => {
@@ -568,8 +606,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
                 handled = true;
             }
             if let Ok(incoming) = replica.try_recv() {
-                let now = daemon.now();
-                daemon.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+                daemon.handle_peer(incoming);
                 handled = true;
             }
             if !handled {
@@ -595,6 +632,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
 /// always safe.
 fn answers_from_state(call: &LocalCall) -> bool {
     match call {
+        LocalCall::Health { .. } => true,
         LocalCall::Request { request, .. } => !matches!(
             request,
             Request::Set { .. }
@@ -781,9 +819,18 @@ impl Daemon {
         at.max(Instant::now() + TICK_MIN)
     }
 
+    /// Hands a peer's message to the replica, timed for `/metrics`.
+    fn handle_peer(&mut self, incoming: Incoming) {
+        let started = Instant::now();
+        let now = self.now();
+        self.replica.handle(now, Input::Peer { from: incoming.from, bytes: incoming.bytes });
+        self.metrics.observe_apply(started.elapsed());
+    }
+
     fn command(&mut self, command: Command, reply: PendingReply) {
         self.next_command += 1;
         let id = self.next_command;
+        self.command_started.insert(id, Instant::now());
         self.pending.insert(id, reply);
         self.pending_groups.insert(id, command.group().to_owned());
         let now = self.now();

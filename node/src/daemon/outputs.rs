@@ -535,12 +535,16 @@ impl Daemon {
         }
         let groups: Vec<String> = by_group.keys().cloned().collect();
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let write = move || {
             let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut failed = Vec::new();
             for (group, records) in &by_group {
                 let parts: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
-                if let Err(error) = store.append_batch(group, &parts) {
+                let started = std::time::Instant::now();
+                let appended = store.append_batch(group, &parts);
+                metrics.observe_persist(started.elapsed());
+                if let Err(error) = appended {
                     failed.push((group.clone(), persist_error_text(group, &error)));
                 }
             }
@@ -587,6 +591,12 @@ impl Daemon {
 
     pub(super) fn reply(&mut self, id: u64, result: Result<Result<CommandOutcome, CommandError>, String>) {
         self.pending_groups.remove(&id);
+        let started = self.command_started.remove(&id);
+        if let (Some(started), Ok(Ok(CommandOutcome::Committed(receipt)))) = (started, &result)
+            && let Some(doc) = self.replica.group(&receipt.group)
+        {
+            self.metrics.observe_commit(doc.mode(), started.elapsed());
+        }
         let Some(pending) = self.pending.remove(&id) else { return };
         let (sender, key) = match pending {
             PendingReply::Plain(sender) => (sender, None),

@@ -2,6 +2,7 @@
 //! writes and group commands handed to the replica, watches, and the status and nodes views.
 
 use super::*;
+use crate::health::{DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
 
 impl Daemon {
     /// The instant of a replica time.
@@ -85,6 +86,9 @@ impl Daemon {
             LocalCall::Watch { client, group, from_revision, events, reply } => {
                 let response = self.start_watch(&client, &group, from_revision, events);
                 let _ = reply.send(response);
+            }
+            LocalCall::Health { reply } => {
+                let _ = reply.send(self.health());
             }
             LocalCall::Disconnected { connection } => {
                 for watchers in self.watchers.values_mut() {
@@ -331,6 +335,55 @@ impl Daemon {
             }
         };
         send(reply, response);
+    }
+
+    /// The node's health now (`/api/v1/health`, `/metrics`).
+    pub(super) fn health(&self) -> NodeHealth {
+        let mut members = MemberCounts::default();
+        for node in self.mesh.nodes.values() {
+            let count = match node.liveness {
+                Liveness::Live => &mut members.live,
+                Liveness::Unknown => &mut members.unknown,
+                Liveness::Dead => &mut members.dead,
+                Liveness::Leaving => &mut members.leaving,
+            };
+            *count += 1;
+        }
+        let groups = self
+            .group_rows()
+            .into_iter()
+            .map(|row| {
+                let stale_reason = self.replica.fencing_reason(&row.name);
+                let since_change =
+                    self.last_change.get(&row.name).map_or_else(|| self.started.elapsed(), |at| at.elapsed());
+                GroupHealth {
+                    since_change_ms: since_change.as_millis() as u64,
+                    members: row.members.len() as u64,
+                    stale: stale_reason.is_some(),
+                    stale_reason,
+                    name: row.name,
+                    mode: row.mode,
+                    revision: row.revision,
+                }
+            })
+            .collect();
+        NodeHealth {
+            node_id: self.node_id.clone(),
+            uptime_ms: self.started.elapsed().as_millis() as u64,
+            members,
+            groups,
+            degraded: self.degraded.clone(),
+            queues: QueueDepths {
+                calls: self.calls_waiting as u64,
+                pending_commands: self.pending.len() as u64,
+                blocked_reads: self.blocked_reads.len() as u64,
+                watchers: self.watchers.values().map(|w| w.len() as u64).sum(),
+            },
+            dropped: DroppedCounts {
+                peer_messages: self.stats.peer_messages_dropped.load(Ordering::Relaxed),
+                persist_failures: self.stats.persist_failures.load(Ordering::Relaxed),
+            },
+        }
     }
 
     pub(super) fn group_rows(&self) -> Vec<GroupRow> {

@@ -254,6 +254,7 @@ impl TestNode {
             storage_hook: Some(disk.clone()),
             gossip_seal: Arc::new(SimSeal::new(&id)),
             gossip_runtime: None,
+            metrics: Default::default(),
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
         TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }

@@ -48,6 +48,13 @@ pub struct TlsConfigError {
     source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+impl TlsConfigError {
+    /// The HTTP API's server config could not be built.
+    pub(crate) fn http<E: std::error::Error + Send + Sync + 'static>(error: E) -> TlsConfigError {
+        TlsConfigError { side: "HTTP server", source: Box::new(error) }
+    }
+}
+
 /// The QUIC server config: TLS 1.3 only, ALPN [`ALPN`], and a client certificate from the cluster CA required.
 pub fn server_config(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsConfigError> {
     let provider = crypto_provider();

@@ -173,6 +173,33 @@ pub struct TransportStats {
     pub stuck_closed: AtomicU64,
     /// Peer writers that ended after [`PEER_WRITER_IDLE`] with nothing to send.
     pub writers_reaped: AtomicU64,
+    /// Gossip frames and their bytes (`/metrics`).
+    pub gossip: ChannelCounters,
+    /// Replica frames and their bytes (`/metrics`).
+    pub replica: ChannelCounters,
+}
+
+/// Frames and payload bytes of one channel, each way.
+#[derive(Debug, Default)]
+pub struct ChannelCounters {
+    /// Frames received and accepted.
+    pub frames_in: AtomicU64,
+    /// Their payload bytes.
+    pub bytes_in: AtomicU64,
+    /// Frames written to a peer.
+    pub frames_out: AtomicU64,
+    /// Their payload bytes.
+    pub bytes_out: AtomicU64,
+}
+
+impl TransportStats {
+    /// The counters of `channel`.
+    pub fn channel(&self, channel: Channel) -> &ChannelCounters {
+        match channel {
+            Channel::Gossip => &self.gossip,
+            Channel::Replica => &self.replica,
+        }
+    }
 }
 
 /// The seam between the node and its network: QUIC in production, in-memory in the simulator.
@@ -485,6 +512,9 @@ impl PeerWriter {
             match self.write(&outgoing).await {
                 Ok(()) => {
                     self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
+                    let counters = self.stats.channel(outgoing.channel);
+                    counters.frames_out.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes_out.fetch_add(outgoing.bytes.len() as u64, Ordering::Relaxed);
                     self.refused_since_success = false;
                     return;
                 }
@@ -909,6 +939,9 @@ async fn read_stream(
         };
         let bytes = read_frame(&mut stream, length, deadline).await?;
         stats.frames_in.fetch_add(1, Ordering::Relaxed);
+        let counters = stats.channel(channel);
+        counters.frames_in.fetch_add(1, Ordering::Relaxed);
+        counters.bytes_in.fetch_add(length as u64, Ordering::Relaxed);
         if sink.send(Incoming { from: from.clone(), addr, bytes, budget }).await.is_err() {
             return Ok(());
         }

@@ -84,6 +84,18 @@ impl TlsIdentity {
     }
 }
 
+/// The identity a certificate, already verified against the cluster CA by the handshake, was issued to: the
+/// `<id>` of its `<id>.node.konor` name (a node, or an operator given a certificate with `konorctl cert issue`).
+/// `None` when it carries no such name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    end_entity
+        .valid_dns_names()
+        .filter_map(|name| name.strip_suffix(super::IDENTITY_NAME_SUFFIX))
+        .find(|id| validate_node_id(id).is_ok())
+        .map(str::to_owned)
+}
+
 /// Checks that a certificate, already verified against the cluster CA by the handshake, names node `node_id`.
 ///
 /// The handshake proves only cluster membership (every node answers to [`SERVER_NAME`](super::SERVER_NAME)); this

@@ -62,16 +62,20 @@ class Node:
     def address(self) -> str:
         return (self.dir / "listen.addr").read_text().strip()
 
+    def http_port(self) -> int:
+        """The port of the node's HTTP API (konord writes http.addr at start)."""
+        return int((self.dir / "http.addr").read_text().strip().rsplit(":", 1)[1])
+
     def start(self, seeds: List[str]) -> None:
         listen = self.address() if (self.dir / "listen.addr").exists() else "127.0.0.1:0"
         args = [str(binary("konord")), "--data-dir", str(self.dir), "--node-id", self.id, "--listen", listen,
-                "--gossip-interval-ms", "100"]
+                "--gossip-interval-ms", "100", "--http-listen", "127.0.0.1:0"]
         for seed in seeds:
             args += ["--seed", seed]
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log)
         eventually(f"{self.id} listens", lambda: True if self.socket.exists() and (self.dir / "listen.addr").exists()
-                   else None)
+                   and (self.dir / "http.addr").exists() else None)
 
     def kill(self) -> None:
         if self.process is not None:
@@ -96,6 +100,7 @@ class Mesh:
     def __init__(self, root: Path) -> None:
         self.root = root
         ca = root / "ca"
+        self.ca = ca
         subprocess.run([str(binary("konorctl")), "ca", "init", "--dir", str(ca)], check=True, capture_output=True)
         self.nodes = [Node(root, f"n{i}", ca) for i in (1, 2, 3)]
         self.nodes[0].start([])

@@ -8,7 +8,7 @@
 //!
 //! Per connection: a reader task turns bytes into frames (`frame_io.rs`), a writer task writes
 //! whole frames with a timeout, and the session loop in between (`session.rs`) enforces Hello,
-//! checks each request's names and sizes (`request_check.rs`), forwards requests (up to
+//! checks each request's names and sizes (`api/request_check.rs`, shared with the HTTP door), forwards requests (up to
 //! [`REQUESTS_IN_FLIGHT_MAX`] requests and watches at once, each in its own task and span), runs
 //! watches, and closes the connection when it idles. What a connection may hold, and all of them
 //! together, is bounded in bytes (`budget.rs`); who gets a slot is decided in `admission.rs`.
@@ -19,7 +19,6 @@
 mod admission;
 mod budget;
 mod frame_io;
-mod request_check;
 mod session;
 #[cfg(test)]
 mod tests;
@@ -109,6 +108,11 @@ pub enum LocalCall {
         events: WatchSender,
         /// Where the answer goes.
         reply: oneshot::Sender<Response>,
+    },
+    /// The node's health now (the HTTP door's `/api/v1/health` and `/metrics`).
+    Health {
+        /// Where the answer goes.
+        reply: oneshot::Sender<crate::health::NodeHealth>,
     },
     /// A connection that said Hello has ended; its watches are gone.
     Disconnected {

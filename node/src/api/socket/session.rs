@@ -19,8 +19,8 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::admission::Slot;
 use super::budget::{Budget, Charge, FrameBytes, OutFrame, WatchSender};
 use super::frame_io::{Inbound, encode_answer};
-use super::request_check::check_request;
 use super::{ClientInfo, LocalCall, Shared};
+use crate::api::request_check::check_request;
 use crate::limits::{HELLO_TIMEOUT, REQUESTS_IN_FLIGHT_MAX, WATCH_QUEUE_EVENTS};
 
 /// How a task of the session ended.

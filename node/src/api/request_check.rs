@@ -12,7 +12,7 @@ use crate::limits::{MESH_NODES_MAX, PROCESS_NAME_BYTES_MAX, VERSION_LABEL_BYTES_
 use crate::pki::{NODE_ID_CHARS_MAX, validate_node_id};
 
 /// What is wrong with `request`, if anything, in words for the client.
-pub(super) fn check_request(request: &Request) -> Result<(), String> {
+pub(crate) fn check_request(request: &Request) -> Result<(), String> {
     match request {
         Request::Hello { process, .. } => check_length("process", process, PROCESS_NAME_BYTES_MAX),
         Request::Get { group, key } => {

@@ -1,0 +1,58 @@
+//! Who is calling on one connection (fixed by its TLS handshake), and what each route's handler
+//! shares: the door and the caller, with the rules that follow from the caller's identity.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::StatusCode;
+use konor_sdk::protocol::WriteMeta;
+
+use super::Door;
+use super::answer::{HttpError, http_error};
+use crate::api::socket::ClientInfo;
+
+/// The process name the daemon sees for an HTTP caller without a certificate.
+const PROCESS: &str = "http";
+
+/// Who is calling on one connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Caller {
+    /// The identity in the client certificate (`<id>` of `<id>.node.konor`); `None` without one.
+    pub(crate) identity: Option<String>,
+    /// The remote address.
+    pub(crate) remote: SocketAddr,
+}
+
+/// A route's state: the door and the caller of the connection.
+#[derive(Debug, Clone)]
+pub(super) struct Ctx {
+    pub(super) door: Arc<Door>,
+    pub(super) caller: Caller,
+}
+
+impl Ctx {
+    /// The caller's identity, or the answer that refuses a caller without a certificate.
+    pub(super) fn identity(&self) -> Result<&str, HttpError> {
+        self.caller.identity.as_deref().ok_or_else(|| {
+            http_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "this route needs a client certificate issued by the cluster CA (konorctl cert issue); only /api/v1/health and /metrics are open without one",
+            )
+        })
+    }
+
+    /// The caller as the daemon sees it: its process name is the certificate's identity, so
+    /// versions it makes are authored `<identity>@<this node>`.
+    pub(super) fn client(&self, connection: u64) -> ClientInfo {
+        let process = self.caller.identity.clone().unwrap_or_else(|| PROCESS.to_owned());
+        ClientInfo { connection, pid: 0, process, uid: None }
+    }
+
+    /// Write metadata for an authenticated caller. The author is left to the daemon, which
+    /// takes it from the certificate's identity: an HTTP caller cannot claim another.
+    pub(super) fn meta(&self, message: Option<String>) -> Result<WriteMeta, HttpError> {
+        self.identity()?;
+        Ok(WriteMeta { author: String::new(), message: message.unwrap_or_default() })
+    }
+}

@@ -1,0 +1,318 @@
+//! The routes of `/api/v1` and `/metrics`. Each handler turns its path, query and body into the
+//! socket's `Request`, asks the daemon through [`ask`] (the checks and the read view the socket
+//! uses, then a `LocalCall`), and answers the socket's `Response` as JSON with an HTTP status
+//! (errors: `{"type":"error","code":…,"message":…}` with the socket's stable codes, plus
+//! `unauthenticated`, `timeout` and `not_found` of the HTTP door itself).
+
+use std::collections::BTreeMap;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use konor_sdk::Secret;
+use konor_sdk::protocol::{ErrorCode, Request, Response};
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use tracing::{Instrument, info, info_span};
+
+use super::Door;
+use super::answer::{Answer, HttpError, answer, http_error};
+use super::context::Ctx;
+use super::extract::{GroupKey, GroupName, JsonBody, QueryOf};
+use crate::api::request_check::check_request;
+use crate::api::socket::LocalCall;
+use crate::health::{Thresholds, failures};
+use crate::limits::HTTP_CALL_TIMEOUT;
+use crate::metrics::{Scrape, render};
+
+/// Asks the daemon, as the socket does: the request's checks first, `get` from the read view
+/// when it can answer, else a `LocalCall` awaited at most [`HTTP_CALL_TIMEOUT`].
+async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
+    if let Err(message) = check_request(&request) {
+        return answer(Response::Error { code: ErrorCode::BadRequest, message });
+    }
+    if let Request::Get { group, key } = &request
+        && let Some(response) = ctx.door.reads.as_ref().and_then(|reads| reads.get(group, key))
+    {
+        return answer(response);
+    }
+    let identity = ctx.caller.identity.as_deref().unwrap_or("-");
+    let span = info_span!("http_request", identity, remote = %ctx.caller.remote, kind = request.kind());
+    if is_write(&request) {
+        // Who changed what, from where: the log line an operator looks for (an audit log
+        // proper comes with the security issue).
+        span.in_scope(|| info!("HTTP write"));
+    }
+    let (reply, answered) = oneshot::channel();
+    let call = LocalCall::Request { client: ctx.client(ctx.door.connection_number()), request, reply };
+    let asked = async {
+        ctx.door.calls.send(call).await.ok()?;
+        answered.await.ok()
+    };
+    match tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).instrument(span).await {
+        Ok(Some(response)) => answer(response),
+        Ok(None) => {
+            http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the daemon is stopping").into_response()
+        }
+        Err(_) => http_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "no answer from the daemon within {}s; a write's outcome is unknown: read the group before retrying",
+                HTTP_CALL_TIMEOUT.as_secs()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// True for requests that change state.
+fn is_write(request: &Request) -> bool {
+    !matches!(
+        request,
+        Request::Get { .. }
+            | Request::Snapshot { .. }
+            | Request::History { .. }
+            | Request::Diff { .. }
+            | Request::Conflicts { .. }
+            | Request::Nodes
+            | Request::Status { .. }
+            | Request::GroupList
+    )
+}
+
+/// The daemon's health, or the answer that says it could not be had.
+pub(super) async fn ask_health(door: &Door) -> Result<crate::health::NodeHealth, HttpError> {
+    let (reply, answered) = oneshot::channel();
+    let asked = async {
+        door.calls.send(LocalCall::Health { reply }).await.ok()?;
+        answered.await.ok()
+    };
+    match tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).await {
+        Ok(Some(health)) => Ok(health),
+        Ok(None) => Err(http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the daemon is stopping")),
+        Err(_) => Err(http_error(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the daemon did not answer in time")),
+    }
+}
+
+pub(super) async fn not_found() -> HttpError {
+    http_error(StatusCode::NOT_FOUND, "not_found", "no such route; the API is described in docs/http-api.md")
+}
+
+pub(super) async fn method_not_allowed() -> HttpError {
+    http_error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this route does not take that method")
+}
+
+pub(super) async fn metrics(State(ctx): State<Ctx>) -> Answer {
+    let health = ask_health(&ctx.door).await?;
+    let scrape = Scrape { health, socket: ctx.door.socket_stats.snapshot(), transport: ctx.door.transport.clone() };
+    let text = render(&ctx.door.metrics, scrape)
+        .map_err(|_| http_error(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the metrics could not be encoded"))?;
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    Ok(([(header::CONTENT_TYPE, content_type)], text).into_response())
+}
+
+pub(super) async fn health(State(ctx): State<Ctx>, QueryOf(thresholds): QueryOf<Thresholds>) -> Answer {
+    let health = ask_health(&ctx.door).await?;
+    let failed = failures(&health, &thresholds);
+    let status = if failed.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = serde_json::json!({ "healthy": failed.is_empty(), "failures": failed, "health": health });
+    Ok((status, axum::Json(body)).into_response())
+}
+
+/// Asks the daemon for an authenticated caller: the answer to every read route.
+async fn read(ctx: &Ctx, request: Request) -> Answer {
+    ctx.identity()?;
+    Ok(ask(ctx, request).await)
+}
+
+pub(super) async fn nodes(State(ctx): State<Ctx>) -> Answer {
+    read(&ctx, Request::Nodes).await
+}
+
+pub(super) async fn groups(State(ctx): State<Ctx>) -> Answer {
+    read(&ctx, Request::GroupList).await
+}
+
+pub(super) async fn snapshot(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+    read(&ctx, Request::Snapshot { group }).await
+}
+
+pub(super) async fn get_one(State(ctx): State<Ctx>, GroupKey(group, key): GroupKey) -> Answer {
+    read(&ctx, Request::Get { group, key }).await
+}
+
+pub(super) async fn versions(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+    read(&ctx, Request::History { group }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DiffQuery {
+    from: String,
+    to: String,
+}
+
+pub(super) async fn diff(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    QueryOf(DiffQuery { from, to }): QueryOf<DiffQuery>,
+) -> Answer {
+    read(&ctx, Request::Diff { group, from, to }).await
+}
+
+pub(super) async fn conflicts(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+    read(&ctx, Request::Conflicts { group }).await
+}
+
+pub(super) async fn status(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+    read(&ctx, Request::Status { group }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct GroupCreateBody {
+    name: String,
+    mode: String,
+    #[serde(default)]
+    evict_after_ms: Option<u64>,
+    #[serde(default)]
+    fencing: Option<String>,
+}
+
+pub(super) async fn group_create(State(ctx): State<Ctx>, JsonBody(body): JsonBody<GroupCreateBody>) -> Answer {
+    let GroupCreateBody { name, mode, evict_after_ms, fencing } = body;
+    read(&ctx, Request::GroupCreate { name, mode, key: None, evict_after_ms, fencing }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct GroupJoinBody {
+    key: String,
+}
+
+pub(super) async fn group_join(
+    State(ctx): State<Ctx>,
+    GroupName(name): GroupName,
+    JsonBody(GroupJoinBody { key }): JsonBody<GroupJoinBody>,
+) -> Answer {
+    read(&ctx, Request::GroupJoin { name, key: Secret::new(key) }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ForceBody {
+    #[serde(default)]
+    force: bool,
+}
+
+pub(super) async fn group_leave(
+    State(ctx): State<Ctx>,
+    GroupName(name): GroupName,
+    JsonBody(ForceBody { force }): JsonBody<ForceBody>,
+) -> Answer {
+    read(&ctx, Request::GroupLeave { name, force }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RemoveBody {
+    nodes: Vec<String>,
+    #[serde(default)]
+    force: bool,
+}
+
+pub(super) async fn group_remove(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    JsonBody(RemoveBody { nodes, force }): JsonBody<RemoveBody>,
+) -> Answer {
+    read(&ctx, Request::GroupRemove { group, nodes, force }).await
+}
+
+/// A write's message, in a body or a query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Message {
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SetMany {
+    entries: BTreeMap<String, Value>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub(super) async fn set_many(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    JsonBody(SetMany { entries, message }): JsonBody<SetMany>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Set { group, entries, meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SetOne {
+    value: Value,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub(super) async fn set_one(
+    State(ctx): State<Ctx>,
+    GroupKey(group, key): GroupKey,
+    JsonBody(SetOne { value, message }): JsonBody<SetOne>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Set { group, entries: BTreeMap::from([(key, value)]), meta }).await)
+}
+
+pub(super) async fn delete_one(
+    State(ctx): State<Ctx>,
+    GroupKey(group, key): GroupKey,
+    QueryOf(Message { message }): QueryOf<Message>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Delete { group, keys: vec![key], meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ApplyBody {
+    format: String,
+    text: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub(super) async fn apply(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    JsonBody(ApplyBody { format, text, message }): JsonBody<ApplyBody>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Apply { group, format, text, meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RollbackBody {
+    version: String,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub(super) async fn rollback(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    JsonBody(RollbackBody { version, message }): JsonBody<RollbackBody>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Rollback { group, version, meta }).await)
+}

@@ -1,0 +1,190 @@
+//! A node's health as its daemon sees it (members, groups, queues, what it dropped), and the
+//! check of it against a caller's thresholds. The HTTP door answers `/api/v1/health` and fills
+//! `/metrics` from it; the check is pure so that its rules are tested here, not through HTTP.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A node's health at one moment, built by the daemon's thread (`LocalCall::Health`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeHealth {
+    /// This node.
+    pub node_id: String,
+    /// Milliseconds since the daemon started.
+    pub uptime_ms: u64,
+    /// The mesh's nodes by state, this node included.
+    pub members: MemberCounts,
+    /// The groups this node holds.
+    pub groups: Vec<GroupHealth>,
+    /// Groups whose last write to disk failed, with the error (SPEC F24): the node is degraded.
+    pub degraded: BTreeMap<String, String>,
+    /// Work waiting on the daemon's thread.
+    pub queues: QueueDepths,
+    /// Inputs the daemon dropped or failed, counted since it started.
+    pub dropped: DroppedCounts,
+}
+
+/// Nodes of the mesh by the failure detector's verdict, as this node sees them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberCounts {
+    /// Heartbeats arrive.
+    pub live: u64,
+    /// Not judged yet (just started, or not heard twice).
+    pub unknown: u64,
+    /// The detector gave up on them.
+    pub dead: u64,
+    /// They announced a graceful shutdown.
+    pub leaving: u64,
+}
+
+/// One group on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupHealth {
+    /// Name.
+    pub name: String,
+    /// `eventual` or `strong`.
+    pub mode: String,
+    /// This node's revision of it.
+    pub revision: u64,
+    /// Milliseconds since this node last applied a change to it (since the start if never).
+    pub since_change_ms: u64,
+    /// Members as gossip shows them, this node included.
+    pub members: u64,
+    /// True when reads here may be behind (a strong group that cannot prove it is fresh).
+    pub stale: bool,
+    /// Why, when stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_reason: Option<String>,
+}
+
+/// Lengths of the daemon's queues.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueDepths {
+    /// Local calls (socket and HTTP requests) waiting for the daemon's thread.
+    pub calls: u64,
+    /// Commands (writes, joins, leaves) waiting for their outcome.
+    pub pending_commands: u64,
+    /// Reads of `block` groups waiting for the node to be fresh.
+    pub blocked_reads: u64,
+    /// Watchers of all groups.
+    pub watchers: u64,
+}
+
+/// What the daemon dropped or failed since it started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DroppedCounts {
+    /// Peer messages the replica refused (unreadable, from a non-member, over a bound).
+    pub peer_messages: u64,
+    /// Writes to disk that failed.
+    pub persist_failures: u64,
+}
+
+/// What a caller of `/api/v1/health` tolerates; each bound left out is not checked, except
+/// `degraded`, which fails unless allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Thresholds {
+    /// Most dead members allowed.
+    pub max_dead: Option<u64>,
+    /// Most stale groups allowed.
+    pub max_stale: Option<u64>,
+    /// Longest time since a group's last change, in milliseconds (a group that should see
+    /// regular writes and has gone quiet here is lagging).
+    pub max_since_change_ms: Option<u64>,
+    /// Accept a degraded node (a failed disk write).
+    #[serde(default)]
+    pub allow_degraded: bool,
+}
+
+/// Why `health` fails `thresholds`: one sentence per broken bound, empty when healthy.
+pub fn failures(health: &NodeHealth, thresholds: &Thresholds) -> Vec<String> {
+    let mut failures = Vec::new();
+    if !thresholds.allow_degraded && !health.degraded.is_empty() {
+        let groups: Vec<&str> = health.degraded.keys().map(String::as_str).collect();
+        failures.push(format!("degraded: the last write to disk failed for {}", groups.join(", ")));
+    }
+    if let Some(max) = thresholds.max_dead
+        && health.members.dead > max
+    {
+        failures.push(format!("{} dead members, more than {max}", health.members.dead));
+    }
+    let stale: Vec<&str> = health.groups.iter().filter(|g| g.stale).map(|g| g.name.as_str()).collect();
+    if let Some(max) = thresholds.max_stale
+        && stale.len() as u64 > max
+    {
+        failures.push(format!("{} stale groups ({}), more than {max}", stale.len(), stale.join(", ")));
+    }
+    if let Some(max) = thresholds.max_since_change_ms {
+        for group in health.groups.iter().filter(|g| g.since_change_ms > max) {
+            failures.push(format!(
+                "group {} last changed here {} ms ago, more than {max} ms",
+                group.name, group.since_change_ms
+            ));
+        }
+    }
+    failures
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> NodeHealth {
+        NodeHealth {
+            node_id: "n1".to_owned(),
+            uptime_ms: 1000,
+            members: MemberCounts { live: 2, unknown: 0, dead: 1, leaving: 0 },
+            groups: vec![
+                GroupHealth {
+                    name: "app".to_owned(),
+                    mode: "strong".to_owned(),
+                    revision: 3,
+                    since_change_ms: 500,
+                    members: 3,
+                    stale: true,
+                    stale_reason: Some("no lease".to_owned()),
+                },
+                GroupHealth {
+                    name: "web".to_owned(),
+                    mode: "eventual".to_owned(),
+                    revision: 9,
+                    since_change_ms: 20,
+                    members: 3,
+                    stale: false,
+                    stale_reason: None,
+                },
+            ],
+            degraded: BTreeMap::new(),
+            queues: QueueDepths::default(),
+            dropped: DroppedCounts::default(),
+        }
+    }
+
+    #[test]
+    fn no_thresholds_fail_only_a_degraded_node() {
+        let mut health = health();
+        assert!(failures(&health, &Thresholds::default()).is_empty());
+        health.degraded.insert("app".to_owned(), "No space left on device".to_owned());
+        assert_eq!(failures(&health, &Thresholds::default()), ["degraded: the last write to disk failed for app"]);
+        assert!(failures(&health, &Thresholds { allow_degraded: true, ..Thresholds::default() }).is_empty());
+    }
+
+    #[test]
+    fn each_bound_fails_only_past_its_value() {
+        let health = health();
+        let at =
+            Thresholds { max_dead: Some(1), max_stale: Some(1), max_since_change_ms: Some(500), ..Default::default() };
+        assert!(failures(&health, &at).is_empty());
+        let below =
+            Thresholds { max_dead: Some(0), max_stale: Some(0), max_since_change_ms: Some(499), ..Default::default() };
+        assert_eq!(
+            failures(&health, &below),
+            [
+                "1 dead members, more than 0",
+                "1 stale groups (app), more than 0",
+                "group app last changed here 500 ms ago, more than 499 ms"
+            ]
+        );
+    }
+}
