@@ -1,5 +1,6 @@
 //! konorctl: the Konorkestra operator CLI. It talks to the local konord over its Unix socket
-//! (`--socket PATH`, else `KONOR_SOCKET`) and runs PKI commands locally; the work is in
+//! (`--socket PATH`, else `KONOR_SOCKET`), or to any node's HTTP API (`--endpoint URL`, else
+//! `KONOR_ENDPOINT`, with `--tls-dir`), and runs PKI commands locally; the work is in
 //! `konor_node::ctl`.
 //!
 //! Exit codes (also shown by `konorctl --help`):

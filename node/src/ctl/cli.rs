@@ -29,7 +29,9 @@ Exit codes:
      that do not understand each other, or a bug
 
 The daemon's socket comes from --socket, else from the KONOR_SOCKET environment variable
-(konord listens on <data-dir>/konord.sock unless started with --socket).";
+(konord listens on <data-dir>/konord.sock unless started with --socket). With --endpoint
+https://HOST:PORT (or KONOR_ENDPOINT), every command goes to that node's HTTP API instead,
+with the certificate in --tls-dir (or KONOR_TLS_DIR).";
 
 /// Operate a Konorkestra cluster through the local konord: groups, settings, versions, nodes.
 #[derive(Debug, Parser)]
@@ -40,6 +42,15 @@ pub struct Cli {
     // "not set" (exit 3 with advice) instead of a usage error.
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Talk to any node's HTTP API instead of the local socket: https://HOST:PORT (konord
+    /// --http-listen) [default: $KONOR_ENDPOINT].
+    #[arg(long, global = true, value_name = "URL")]
+    pub endpoint: Option<String>,
+    /// With --endpoint: the directory with this caller's certificate from the cluster CA
+    /// (node.crt, node.key, node.id, ca.crt, as `konorctl cert issue` writes them)
+    /// [default: $KONOR_TLS_DIR].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Output: aligned tables for people, or the daemon's answer as JSON for scripts.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,

@@ -84,7 +84,7 @@ pub fn exit_for_error(error: &anyhow::Error) -> Exit {
         if cause.is::<PkiError>() {
             return Exit::File;
         }
-        if cause.is::<NoSocket>() {
+        if cause.is::<NoSocket>() || cause.is::<crate::ctl::remote::Unreachable>() {
             return Exit::Unreachable;
         }
         if cause.is::<UsageError>() {

@@ -12,6 +12,7 @@ pub mod demo;
 pub mod exit;
 pub mod group_key;
 pub mod input;
+pub mod remote;
 pub mod render;
 pub mod table;
 
@@ -42,6 +43,9 @@ const JOIN_WAIT: Duration = Duration::from_millis(JOIN_TIMEOUT_MS + 5_000);
 pub struct DaemonTarget {
     socket: Option<PathBuf>,
     timeout: Option<Duration>,
+    /// `--endpoint` (or `KONOR_ENDPOINT`) with `--tls-dir` (or `KONOR_TLS_DIR`): a node's HTTP
+    /// API instead of the local socket.
+    endpoint: Option<(String, Option<PathBuf>)>,
 }
 
 impl DaemonTarget {
@@ -49,7 +53,25 @@ impl DaemonTarget {
     pub fn new(socket: Option<PathBuf>, socket_env: Option<OsString>, timeout: Option<Duration>) -> DaemonTarget {
         // An empty KONOR_SOCKET is as good as none.
         let from_env = socket_env.filter(|path| !path.is_empty()).map(PathBuf::from);
-        DaemonTarget { socket: socket.or(from_env), timeout }
+        DaemonTarget { socket: socket.or(from_env), timeout, endpoint: None }
+    }
+
+    /// Sends every request to `endpoint`'s HTTP API with the certificate in `tls_dir`.
+    pub fn with_endpoint(mut self, endpoint: String, tls_dir: Option<PathBuf>) -> DaemonTarget {
+        self.endpoint = Some((endpoint, tls_dir));
+        self
+    }
+
+    /// The HTTP API to use, if any.
+    fn endpoint(&self) -> anyhow::Result<Option<remote::Endpoint>> {
+        let Some((url, tls_dir)) = &self.endpoint else { return Ok(None) };
+        let tls_dir = tls_dir.as_deref().ok_or_else(|| {
+            UsageError(format!(
+                "--endpoint needs this caller's certificate: pass --tls-dir DIR or set {} (konorctl cert issue makes one)",
+                remote::TLS_DIR_ENV
+            ))
+        })?;
+        Ok(Some(remote::Endpoint::new(url, tls_dir)?))
     }
 
     /// Connects and says hello; `default_timeout` applies to each exchange unless `--timeout-ms`
@@ -70,7 +92,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<Exit> {
 /// [`run`] with the value of `KONOR_SOCKET` passed in.
 pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyhow::Result<Exit> {
     let output = cli.output;
-    let target = DaemonTarget::new(cli.socket, socket_env, cli.timeout_ms.map(Duration::from_millis));
+    let mut target = DaemonTarget::new(cli.socket, socket_env, cli.timeout_ms.map(Duration::from_millis));
+    let endpoint = cli.endpoint.or_else(|| std::env::var(remote::ENDPOINT_ENV).ok()).filter(|url| !url.is_empty());
+    if let Some(endpoint) = endpoint {
+        let tls_dir = cli
+            .tls_dir
+            .or_else(|| std::env::var_os(remote::TLS_DIR_ENV).filter(|dir| !dir.is_empty()).map(PathBuf::from));
+        target = target.with_endpoint(endpoint, tls_dir);
+    }
     match cli.command {
         Command::Demo => {
             demo::run().await?;
@@ -222,6 +251,13 @@ async fn call(
 
 /// Sends one request and returns the answer; a refusal from konord is an answer too.
 async fn ask(target: &DaemonTarget, timeout: Duration, request: &Request) -> anyhow::Result<Response> {
+    if let Some(endpoint) = target.endpoint()? {
+        let timeout = target.timeout.unwrap_or(timeout);
+        return match tokio::time::timeout(timeout, endpoint.ask(request)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(SdkError::Timeout { waited: timeout }.into()),
+        };
+    }
     let client = target.connect(timeout).await?;
     match client.call(request.clone()).await {
         Ok(response) => Ok(response),
@@ -232,6 +268,9 @@ async fn ask(target: &DaemonTarget, timeout: Duration, request: &Request) -> any
 
 /// Prints every change of `group` until Ctrl-C (exit 0) or until the watch fails.
 async fn watch(target: &DaemonTarget, group: &str, from: Option<u64>, output: OutputFormat) -> anyhow::Result<Exit> {
+    if let Some(endpoint) = target.endpoint()? {
+        return watch_remote(&endpoint, group, from, output).await;
+    }
     let client = target.connect(TIMEOUT_DEFAULT).await?;
     let mut watch = client.watch(group, from).await?;
     if output == OutputFormat::Table {
@@ -255,6 +294,31 @@ async fn watch(target: &DaemonTarget, group: &str, from: Option<u64>, output: Ou
                 Some(Err(error)) => return Err(anyhow::Error::from(error).context(format!("watching {group} stopped"))),
                 None => return Ok(Exit::Ok),
             },
+        }
+    }
+}
+
+/// [`watch`] through a node's HTTP API (Server-Sent Events).
+async fn watch_remote(
+    endpoint: &remote::Endpoint,
+    group: &str,
+    from: Option<u64>,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let each = |event| write_stdout(&format!("{}\n", render_event(&event, output)));
+    let on_watching = |revision| {
+        if output == OutputFormat::Table {
+            eprintln!("watching {group} after revision {revision}; Ctrl-C stops");
+        }
+    };
+    tokio::select! {
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("cannot listen for Ctrl-C")?;
+            Ok(Exit::Ok)
+        }
+        watched = endpoint.watch(group, from, each, on_watching) => {
+            watched.with_context(|| format!("watching {group} stopped"))?;
+            Ok(Exit::Ok)
         }
     }
 }

@@ -46,6 +46,8 @@ pub struct Node {
     pub listen: Option<String>,
     /// The control file of konord's fault layer; `None`: no fault layer.
     pub fault_control: Option<PathBuf>,
+    /// Serve the HTTP API on 127.0.0.1 (a port the kernel picks; see [`Node::http_endpoint`]).
+    pub http: bool,
 }
 
 impl Cluster {
@@ -87,6 +89,7 @@ impl Node {
             launcher: Vec::new(),
             listen: None,
             fault_control: None,
+            http: false,
         }
     }
 
@@ -126,6 +129,9 @@ impl Node {
         if let Some(control) = &self.fault_control {
             command.env(konor_node::fault_layer::FAULT_CONTROL_ENV, control);
         }
+        if self.http {
+            command.args(["--http-listen", "127.0.0.1:0"]);
+        }
         self.child = Some(command.spawn().unwrap());
     }
 
@@ -136,6 +142,13 @@ impl Node {
             Ok(addr) => addr,
             Err(_) => self.listen.clone().unwrap_or_default(),
         }
+    }
+
+    /// `https://127.0.0.1:PORT` of the HTTP API (the node must run with [`Node::http`] and have
+    /// answered on its socket: it writes the address before it serves).
+    pub fn http_endpoint(&self) -> String {
+        let addr = std::fs::read_to_string(self.data_dir.join(konor_node::api::http::HTTP_ADDR_FILE)).unwrap();
+        format!("https://{}", addr.trim())
     }
 
     /// The record file of one of this node's groups (the node must have created or joined it).

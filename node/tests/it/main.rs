@@ -9,6 +9,7 @@ mod durability;
 mod fault_layer;
 mod faults;
 mod harness;
+mod http;
 mod isolation;
 mod liveness;
 mod mesh;

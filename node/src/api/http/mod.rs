@@ -213,6 +213,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
             "/api/v1/groups/{group}/settings/{key}",
             get(routes::get_one).put(routes::set_one).delete(routes::delete_one),
         )
+        .route("/api/v1/groups/{group}/delete", post(routes::delete_many))
         .route("/api/v1/groups/{group}/apply", post(routes::apply))
         .route("/api/v1/groups/{group}/rollback", post(routes::rollback))
         .route("/api/v1/groups/{group}/versions", get(routes::versions))

@@ -175,6 +175,9 @@ pub(super) async fn status(State(ctx): State<Ctx>, GroupName(group): GroupName) 
 pub(super) struct GroupCreateBody {
     name: String,
     mode: String,
+    /// The group's key; the node makes one when absent.
+    #[serde(default)]
+    key: Option<String>,
     #[serde(default)]
     evict_after_ms: Option<u64>,
     #[serde(default)]
@@ -182,8 +185,9 @@ pub(super) struct GroupCreateBody {
 }
 
 pub(super) async fn group_create(State(ctx): State<Ctx>, JsonBody(body): JsonBody<GroupCreateBody>) -> Answer {
-    let GroupCreateBody { name, mode, evict_after_ms, fencing } = body;
-    read(&ctx, Request::GroupCreate { name, mode, key: None, evict_after_ms, fencing }).await
+    let GroupCreateBody { name, mode, key, evict_after_ms, fencing } = body;
+    let key = key.map(Secret::new);
+    read(&ctx, Request::GroupCreate { name, mode, key, evict_after_ms, fencing }).await
 }
 
 #[derive(Deserialize)]
@@ -280,6 +284,23 @@ pub(super) async fn delete_one(
 ) -> Answer {
     let meta = ctx.meta(message)?;
     Ok(ask(&ctx, Request::Delete { group, keys: vec![key], meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct DeleteMany {
+    keys: Vec<String>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+pub(super) async fn delete_many(
+    State(ctx): State<Ctx>,
+    GroupName(group): GroupName,
+    JsonBody(DeleteMany { keys, message }): JsonBody<DeleteMany>,
+) -> Answer {
+    let meta = ctx.meta(message)?;
+    Ok(ask(&ctx, Request::Delete { group, keys, meta }).await)
 }
 
 #[derive(Deserialize)]

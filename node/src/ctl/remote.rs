@@ -1,0 +1,362 @@
+//! `konorctl --endpoint https://HOST:PORT`: the same requests as on the socket, sent to any
+//! node's HTTP API (docs/http-api.md), as `etcdctl --endpoints` does. Each request becomes its
+//! route; the answer's JSON is the socket's answer, so rendering and exit codes do not change.
+//! The caller presents a certificate from the cluster CA (`--tls-dir`, from `konorctl cert
+//! issue`) and checks the node's against the same CA under the name every node answers to.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use konor_sdk::protocol::{ErrorCode, FRAME_BYTES_MAX, Request, Response, WatchEvent};
+use rustls::RootCertStore;
+use rustls_pki_types::ServerName;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::api::request_check::check_request;
+use crate::ctl::exit::UsageError;
+use crate::pki::identity::load_identity;
+use crate::pki::{SERVER_NAME, crypto_provider};
+use crate::wall_clock::WallTime;
+
+/// Environment variable naming the endpoint when `--endpoint` is not given.
+pub const ENDPOINT_ENV: &str = "KONOR_ENDPOINT";
+
+/// Environment variable naming the caller's certificate directory when `--tls-dir` is not given.
+pub const TLS_DIR_ENV: &str = "KONOR_TLS_DIR";
+
+/// Largest answer read: an answer on the socket is one frame at most.
+const ANSWER_BYTES_MAX: usize = FRAME_BYTES_MAX;
+
+/// The node could not be reached, or did not answer: the outcome of a write is unknown (exit 3).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot reach konord at {authority}: {reason}")]
+pub struct Unreachable {
+    authority: String,
+    reason: String,
+}
+
+/// A node's HTTP API, with the caller's TLS config.
+#[derive(Clone)]
+pub struct Endpoint {
+    /// `host:port`.
+    authority: String,
+    tls: TlsConnector,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("authority", &self.authority).finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// `url` is `https://HOST:PORT`; `tls_dir` holds `node.crt`, `node.key`, `node.id` and
+    /// `ca.crt` as `konorctl cert issue` writes them.
+    pub fn new(url: &str, tls_dir: &std::path::Path) -> anyhow::Result<Endpoint> {
+        let Some(authority) = url.strip_prefix("https://") else {
+            return Err(UsageError(format!(
+                "the endpoint {url:?} must start with https:// (the HTTP API is served over TLS only)"
+            ))
+            .into());
+        };
+        let authority = authority.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
+            return Err(UsageError(format!("the endpoint {url:?} must be https://HOST:PORT, with no path")).into());
+        }
+        let identity = load_identity(tls_dir).with_context(|| {
+            format!(
+                "cannot load the caller's certificate from {} (make one with konorctl cert issue)",
+                tls_dir.display()
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(identity.ca_cert().clone()).context("the cluster CA's certificate is not usable")?;
+        let config = rustls::ClientConfig::builder_with_details(crypto_provider(), Arc::new(WallTime))
+            .with_safe_default_protocol_versions()
+            .context("cannot build the TLS config")?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(vec![identity.cert().clone()], identity.key().clone_key())
+            .context("cannot use the caller's certificate")?;
+        Ok(Endpoint { authority: authority.to_owned(), tls: TlsConnector::from(Arc::new(config)) })
+    }
+
+    /// Opens a connection and sends one request; the answer's status and headers, and its body
+    /// to read.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let unreachable = |reason: String| Unreachable { authority: self.authority.clone(), reason };
+        let tcp = TcpStream::connect(&self.authority).await.map_err(|error| unreachable(error.to_string()))?;
+        let name = ServerName::try_from(SERVER_NAME).context("the server name")?;
+        let tls = self.tls.connect(name, tcp).await.map_err(|error| unreachable(format!("TLS handshake: {error}")))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|error| unreachable(format!("HTTP: {error}")))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (name, value) in headers {
+            request = request.header(*name, value);
+        }
+        let request = request.body(Full::new(bytes)).context("cannot build the request")?;
+        Ok(sender.send_request(request).await.map_err(|error| unreachable(format!("no answer: {error}")))?)
+    }
+
+    /// Sends `request` to its route and returns the node's answer, as the socket would have it.
+    pub async fn ask(&self, request: &Request) -> anyhow::Result<Response> {
+        if let Err(message) = check_request(request) {
+            return Ok(Response::Error { code: ErrorCode::BadRequest, message });
+        }
+        let (method, path, body) = route(request)?;
+        let answer = self.send(method, &path, body.as_ref(), &[]).await?;
+        let status = answer.status();
+        let bytes = Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
+            .collect()
+            .await
+            .map_err(|error| anyhow::anyhow!("cannot read the answer from {}: {error}", self.authority))?
+            .to_bytes();
+        parse_answer(status, &bytes)
+    }
+
+    /// Watches `group` after `from` (or from now) and calls `each` with every event until it
+    /// returns false. A stream that ends is resumed from the last revision seen, as the SDK
+    /// resumes a watch.
+    pub async fn watch(
+        &self,
+        group: &str,
+        mut from: Option<u64>,
+        mut each: impl FnMut(WatchEvent) -> anyhow::Result<bool>,
+        mut on_watching: impl FnMut(u64),
+    ) -> anyhow::Result<()> {
+        check_request(&Request::Watch { group: group.to_owned(), from_revision: from })
+            .map_err(|message| anyhow::anyhow!(message))?;
+        let mut told = false;
+        loop {
+            let path = match from {
+                Some(revision) => format!("/api/v1/groups/{group}/watch?from_revision={revision}"),
+                None => format!("/api/v1/groups/{group}/watch"),
+            };
+            let answer = self.send(Method::GET, &path, None, &[]).await?;
+            if answer.status() != StatusCode::OK {
+                let status = answer.status();
+                let bytes = Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
+                    .collect()
+                    .await
+                    .map_err(|error| anyhow::anyhow!("{error}"))?
+                    .to_bytes();
+                let response = parse_answer(status, &bytes)?;
+                bail!("the watch was refused: {}", serde_json::to_string(&response).unwrap_or_default());
+            }
+            let mut body = answer.into_body();
+            let mut pending = String::new();
+            while let Some(frame) = body.frame().await {
+                let frame = frame.context("the watch stream broke")?;
+                let Some(data) = frame.data_ref() else { continue };
+                pending.push_str(&String::from_utf8_lossy(data));
+                if pending.len() > ANSWER_BYTES_MAX {
+                    bail!("an event of the watch stream is over {ANSWER_BYTES_MAX} bytes");
+                }
+                while let Some(end) = pending.find("\n\n") {
+                    let block: String = pending.drain(..end + 2).collect();
+                    let (kind, data) = sse_fields(&block);
+                    match kind.as_deref() {
+                        Some("watching") => {
+                            let revision = serde_json::from_str::<Value>(&data)
+                                .ok()
+                                .and_then(|v| v.get("revision").and_then(Value::as_u64));
+                            if let Some(revision) = revision
+                                && !told
+                            {
+                                on_watching(revision);
+                                told = true;
+                            }
+                        }
+                        Some(_) => {
+                            let event: WatchEvent =
+                                serde_json::from_str(&data).context("an event of the watch stream is not readable")?;
+                            from = Some(match &event {
+                                WatchEvent::Change { revision, .. } | WatchEvent::Resync { revision, .. } => *revision,
+                                #[allow(unreachable_patterns)]
+                                _ => from.unwrap_or(0),
+                            });
+                            if !each(event)? {
+                                return Ok(());
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            // The node ended the stream (it stops, or the watch fell behind): resume.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The `event:` and joined `data:` lines of one SSE block.
+fn sse_fields(block: &str) -> (Option<String>, String) {
+    let mut kind = None;
+    let mut data = Vec::new();
+    for line in block.lines() {
+        if let Some(value) = line.strip_prefix("event:") {
+            kind = Some(value.trim_start().to_owned());
+        } else if let Some(value) = line.strip_prefix("data:") {
+            data.push(value.strip_prefix(' ').unwrap_or(value));
+        }
+    }
+    (kind, data.join("\n"))
+}
+
+/// The route of a request: method, path and query, body.
+fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
+    let groups = "/api/v1/groups";
+    Ok(match request {
+        Request::Get { group, key } => (Method::GET, format!("{groups}/{group}/settings/{key}"), None),
+        Request::Snapshot { group } => (Method::GET, format!("{groups}/{group}/settings"), None),
+        Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
+            let key = key.as_ref().map(|key| key.expose().clone());
+            let body =
+                json!({ "name": name, "mode": mode, "key": key, "evict_after_ms": evict_after_ms, "fencing": fencing });
+            (Method::POST, groups.to_owned(), Some(body))
+        }
+        Request::GroupJoin { name, key } => {
+            (Method::POST, format!("{groups}/{name}/join"), Some(json!({ "key": key.expose() })))
+        }
+        Request::GroupLeave { name, force } => {
+            (Method::POST, format!("{groups}/{name}/leave"), Some(json!({ "force": force })))
+        }
+        Request::GroupRemove { group, nodes, force } => {
+            (Method::POST, format!("{groups}/{group}/remove"), Some(json!({ "nodes": nodes, "force": force })))
+        }
+        Request::GroupList => (Method::GET, groups.to_owned(), None),
+        Request::Set { group, entries, meta } => (
+            Method::POST,
+            format!("{groups}/{group}/settings"),
+            Some(json!({ "entries": entries, "message": meta.message })),
+        ),
+        Request::Delete { group, keys, meta } => {
+            (Method::POST, format!("{groups}/{group}/delete"), Some(json!({ "keys": keys, "message": meta.message })))
+        }
+        Request::Apply { group, format, text, meta } => (
+            Method::POST,
+            format!("{groups}/{group}/apply"),
+            Some(json!({ "format": format, "text": text, "message": meta.message })),
+        ),
+        Request::Rollback { group, version, meta } => (
+            Method::POST,
+            format!("{groups}/{group}/rollback"),
+            Some(json!({ "version": version, "message": meta.message })),
+        ),
+        Request::History { group } => (Method::GET, format!("{groups}/{group}/versions"), None),
+        Request::Diff { group, from, to } => (
+            Method::GET,
+            format!("{groups}/{group}/diff?from={}&to={}", percent_encode(from), percent_encode(to)),
+            None,
+        ),
+        Request::Conflicts { group } => (Method::GET, format!("{groups}/{group}/conflicts"), None),
+        Request::Nodes => (Method::GET, "/api/v1/nodes".to_owned(), None),
+        Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
+        other => bail!("{} is not served over HTTP", other.kind()),
+    })
+}
+
+/// `text` for a query value: unreserved bytes as they are, every other byte as `%XX`.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The node's answer as the socket's: the door's own error codes map to the nearest socket code
+/// (the exit code follows it), with the original code in the message.
+fn parse_answer(status: StatusCode, bytes: &[u8]) -> anyhow::Result<Response> {
+    if let Ok(response) = serde_json::from_slice::<Response>(bytes) {
+        return Ok(response);
+    }
+    let value: Value = serde_json::from_slice(bytes).with_context(|| {
+        format!("the node answered {status} with a body that is not JSON: {}", String::from_utf8_lossy(bytes))
+    })?;
+    let code = value.get("code").and_then(Value::as_str).unwrap_or("unknown");
+    let message = value.get("message").and_then(Value::as_str).unwrap_or_default();
+    let mapped = match code {
+        "unauthenticated" => ErrorCode::Forbidden,
+        "not_found" => ErrorCode::NotFound,
+        "timeout" => ErrorCode::OutcomeUnknown,
+        "unavailable" | "busy" => ErrorCode::Unavailable,
+        "bad_request" | "method_not_allowed" => ErrorCode::BadRequest,
+        _ => ErrorCode::Internal,
+    };
+    Ok(Response::Error { code: mapped, message: format!("{message} ({code}, HTTP {status})") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn each_request_has_its_route() {
+        let set = Request::Set {
+            group: "app".into(),
+            entries: BTreeMap::from([("a.b".into(), json!(1))]),
+            meta: Default::default(),
+        };
+        let (method, path, body) = route(&set).unwrap();
+        assert_eq!((method, path.as_str()), (Method::POST, "/api/v1/groups/app/settings"));
+        assert_eq!(body.unwrap()["entries"], json!({ "a.b": 1 }));
+        let diff = Request::Diff { group: "app".into(), from: "v1".into(), to: "v2-ab&c".into() };
+        assert_eq!(route(&diff).unwrap().1, "/api/v1/groups/app/diff?from=v1&to=v2-ab%26c");
+        let delete = Request::Delete {
+            group: "app".into(),
+            keys: vec!["k".into(), "l".into()],
+            meta: konor_sdk::protocol::WriteMeta { author: String::new(), message: "a b".into() },
+        };
+        let (method, path, body) = route(&delete).unwrap();
+        assert_eq!((method, path.as_str()), (Method::POST, "/api/v1/groups/app/delete"));
+        assert_eq!(body.unwrap(), json!({ "keys": ["k", "l"], "message": "a b" }));
+        assert_eq!(percent_encode("a b&c"), "a%20b%26c");
+        assert!(route(&Request::SocketStats).is_err());
+    }
+
+    #[test]
+    fn the_doors_own_errors_become_socket_errors_that_name_them() {
+        let body = br#"{"type":"error","code":"unauthenticated","message":"needs a certificate"}"#;
+        let answer = parse_answer(StatusCode::UNAUTHORIZED, body).unwrap();
+        assert_eq!(
+            answer,
+            Response::Error {
+                code: ErrorCode::Forbidden,
+                message: "needs a certificate (unauthenticated, HTTP 401 Unauthorized)".into()
+            }
+        );
+        let body = br#"{"type":"error","code":"unknown_group","message":"no"}"#;
+        assert_eq!(
+            parse_answer(StatusCode::NOT_FOUND, body).unwrap(),
+            Response::Error { code: ErrorCode::UnknownGroup, message: "no".into() }
+        );
+        assert!(parse_answer(StatusCode::BAD_GATEWAY, b"<html>").is_err());
+    }
+}
