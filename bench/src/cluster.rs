@@ -151,7 +151,7 @@ impl KonorCluster {
         command
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--node-id", id, "--listen", "127.0.0.1:0"])
+            .args(["--node-id", id, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
             .arg("--socket")
             .arg(&socket)
             .arg("--tls-dir")
@@ -213,6 +213,19 @@ impl KonorCluster {
             clients.push(self.connect(index).await?);
         }
         Ok(clients)
+    }
+
+    /// The HTTP API of daemon `index`, with a client certificate from the cluster's CA.
+    pub fn http_endpoint(&self, index: usize) -> anyhow::Result<konor_node::ctl::remote::Endpoint> {
+        let client_dir = self.dir.path().join("bench-client");
+        if !client_dir.exists() {
+            konor_node::pki::ca::issue_node_cert(&self.ca_dir, "bench-client", &client_dir)
+                .context("cannot issue the HTTP client's certificate")?;
+        }
+        let daemon = &self.daemons[index];
+        let path = daemon.data_dir.join(konor_node::api::http::HTTP_ADDR_FILE);
+        let addr = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        konor_node::ctl::remote::Endpoint::new(&format!("https://{}", addr.trim()), &client_dir)
     }
 
     /// An error naming the daemon that exited, if one did.

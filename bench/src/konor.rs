@@ -299,6 +299,27 @@ pub async fn socket_get(client: &Client, plan: &Plan) -> anyhow::Result<Latency>
     Ok(latency)
 }
 
+/// A get over the HTTP API (HTTPS, one kept-alive connection), as a remote tool or a dashboard
+/// reads: the same answer as [`socket_get`], through the HTTP door.
+pub async fn https_get(endpoint: &konor_node::ctl::remote::Endpoint, plan: &Plan) -> anyhow::Result<Latency> {
+    let mut session = endpoint.session().await?;
+    let request = konor_sdk::protocol::Request::Get { group: GROUP_PROBE.to_owned(), key: PROBE_KEY.to_owned() };
+    let mut latency = Latency::new()?;
+    for sample in 0..plan.warmup_samples + plan.local_gets {
+        let started = Instant::now();
+        let answer = session.ask(&request).await.context("HTTPS get failed")?;
+        let elapsed = started.elapsed();
+        match answer {
+            konor_sdk::protocol::Response::Value { value: Some(_), .. } => {}
+            other => bail!("HTTPS get of {PROBE_KEY} in {GROUP_PROBE} answered {other:?}"),
+        }
+        if sample >= plan.warmup_samples {
+            latency.record(elapsed);
+        }
+    }
+    Ok(latency)
+}
+
 /// `CachedGroup::get` in a tight loop on a blocking thread, timed per batch.
 pub async fn cached_get(client: &Client, plan: &Plan) -> anyhow::Result<Latency> {
     let cached = client.cached(GROUP_PROBE).await.context("cannot open the read cache")?;

@@ -399,19 +399,26 @@ async fn rounds(
             async {
                 let socket = konor::socket_get(&clients[0], plan).await?;
                 let cached = konor::cached_get(&clients[0], plan).await?;
-                anyhow::Ok((socket, cached))
+                let https = konor::https_get(&konor.http_endpoint(0)?, plan).await?;
+                anyhow::Ok((socket, cached, https))
             },
             optional(etcd.as_deref_mut(), async |etcd: &mut EtcdCluster| {
                 etcd.serializable_get(leader, plan.local_gets, plan.warmup_samples).await
             }),
         )
         .await;
-        let ((socket, cached), theirs) = (ours?, theirs?.map(Measured::Latency));
+        let ((socket, cached, https), theirs) = (ours?, theirs?.map(Measured::Latency));
         let local = "serializable get on the leader";
         table.record(
             "local read",
             row("SDK get over the socket, n1", local, Unit::Micros, Some(Goal::AtMost(0.15))),
             Measured::Latency(socket),
+            theirs.clone(),
+        );
+        table.record(
+            "read over the HTTP API (HTTPS, kept-alive connection)",
+            row("HTTPS get on n1's /api/v1", local, Unit::Micros, None),
+            Measured::Latency(https),
             theirs.clone(),
         );
         table.record(

@@ -87,6 +87,25 @@ impl Endpoint {
         Ok(Endpoint { authority: authority.to_owned(), tls: TlsConnector::from(Arc::new(config)) })
     }
 
+    fn unreachable(&self, reason: String) -> Unreachable {
+        Unreachable { authority: self.authority.clone(), reason }
+    }
+
+    /// Opens a connection (TCP, TLS, HTTP/1.1) for requests one after another.
+    pub async fn session(&self) -> anyhow::Result<Session> {
+        let tcp = TcpStream::connect(&self.authority).await.map_err(|error| self.unreachable(error.to_string()))?;
+        let name = ServerName::try_from(SERVER_NAME).context("the server name")?;
+        let tls =
+            self.tls.connect(name, tcp).await.map_err(|error| self.unreachable(format!("TLS handshake: {error}")))?;
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .map_err(|error| self.unreachable(format!("HTTP: {error}")))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Session { endpoint: self.clone(), sender })
+    }
+
     /// Opens a connection and sends one request; the answer's status and headers, and its body
     /// to read.
     async fn send(
@@ -94,45 +113,14 @@ impl Endpoint {
         method: Method,
         path: &str,
         body: Option<&Value>,
-        headers: &[(&str, String)],
     ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
-        let unreachable = |reason: String| Unreachable { authority: self.authority.clone(), reason };
-        let tcp = TcpStream::connect(&self.authority).await.map_err(|error| unreachable(error.to_string()))?;
-        let name = ServerName::try_from(SERVER_NAME).context("the server name")?;
-        let tls = self.tls.connect(name, tcp).await.map_err(|error| unreachable(format!("TLS handshake: {error}")))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .map_err(|error| unreachable(format!("HTTP: {error}")))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.authority)
-            .header(hyper::header::CONTENT_TYPE, "application/json");
-        for (name, value) in headers {
-            request = request.header(*name, value);
-        }
-        let request = request.body(Full::new(bytes)).context("cannot build the request")?;
-        Ok(sender.send_request(request).await.map_err(|error| unreachable(format!("no answer: {error}")))?)
+        self.session().await?.send(method, path, body).await
     }
 
-    /// Sends `request` to its route and returns the node's answer, as the socket would have it.
+    /// Sends `request` to its route on a new connection and returns the node's answer, as the
+    /// socket would have it.
     pub async fn ask(&self, request: &Request) -> anyhow::Result<Response> {
-        if let Err(message) = check_request(request) {
-            return Ok(Response::Error { code: ErrorCode::BadRequest, message });
-        }
-        let (method, path, body) = route(request)?;
-        let answer = self.send(method, &path, body.as_ref(), &[]).await?;
-        let status = answer.status();
-        let bytes = Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
-            .collect()
-            .await
-            .map_err(|error| anyhow::anyhow!("cannot read the answer from {}: {error}", self.authority))?
-            .to_bytes();
-        parse_answer(status, &bytes)
+        self.session().await?.ask(request).await
     }
 
     /// Watches `group` after `from` (or from now) and calls `each` with every event until it
@@ -153,14 +141,10 @@ impl Endpoint {
                 Some(revision) => format!("/api/v1/groups/{group}/watch?from_revision={revision}"),
                 None => format!("/api/v1/groups/{group}/watch"),
             };
-            let answer = self.send(Method::GET, &path, None, &[]).await?;
+            let answer = self.send(Method::GET, &path, None).await?;
             if answer.status() != StatusCode::OK {
                 let status = answer.status();
-                let bytes = Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
-                    .collect()
-                    .await
-                    .map_err(|error| anyhow::anyhow!("{error}"))?
-                    .to_bytes();
+                let bytes = read_body(answer, &self.authority).await?;
                 let response = parse_answer(status, &bytes)?;
                 bail!("the watch was refused: {}", serde_json::to_string(&response).unwrap_or_default());
             }
@@ -208,6 +192,64 @@ impl Endpoint {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// One connection to a node's HTTP API: requests go one after another, each after the last
+/// answer was read (HTTP/1.1 keep-alive).
+pub struct Session {
+    endpoint: Endpoint,
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("endpoint", &self.endpoint).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<hyper::Response<hyper::body::Incoming>> {
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.endpoint.authority)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(bytes))
+            .context("cannot build the request")?;
+        self.sender.ready().await.map_err(|error| self.endpoint.unreachable(format!("connection lost: {error}")))?;
+        Ok(self
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|error| self.endpoint.unreachable(format!("no answer: {error}")))?)
+    }
+
+    /// Sends `request` to its route on this connection; the node's answer, as the socket's.
+    pub async fn ask(&mut self, request: &Request) -> anyhow::Result<Response> {
+        if let Err(message) = check_request(request) {
+            return Ok(Response::Error { code: ErrorCode::BadRequest, message });
+        }
+        let (method, path, body) = route(request)?;
+        let answer = self.send(method, &path, body.as_ref()).await?;
+        let status = answer.status();
+        let bytes = read_body(answer, &self.endpoint.authority).await?;
+        parse_answer(status, &bytes)
+    }
+}
+
+/// An answer's whole body, at most [`ANSWER_BYTES_MAX`].
+async fn read_body(answer: hyper::Response<hyper::body::Incoming>, authority: &str) -> anyhow::Result<Bytes> {
+    Ok(Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
+        .collect()
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot read the answer from {authority}: {error}"))?
+        .to_bytes())
 }
 
 /// The `event:` and joined `data:` lines of one SSE block.

@@ -643,6 +643,14 @@ impl Daemon {
 
     pub(super) fn notify(&mut self, notification: Notification) {
         self.last_change.insert(notification.group.clone(), Instant::now());
+        if notification.pushed
+            && let Some(origin) = self.replica.group(&notification.group).and_then(|doc| doc.latest_version())
+        {
+            // Origin time (the writer's wall clock) to now on this node's: clocks apart by a
+            // skew count it in; a change that seems to come from the future counts as 0.
+            let lag = self.wall_clock().0.saturating_sub(origin.time.0);
+            self.metrics.observe_propagation(Duration::from_millis(lag));
+        }
         let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
         // Encoded once, shared by every watcher of the group.
         let event = socket::EncodedEvent::from(WatchEvent::Change {

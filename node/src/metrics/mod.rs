@@ -50,6 +50,8 @@ pub struct Metrics {
     persist: Histogram,
     /// The replica's handling of one peer message (decoding, Automerge's apply, the protocol).
     apply: Histogram,
+    /// A peer's change: from its version's time at the writer to this node telling watchers.
+    propagation: Histogram,
     /// HTTP requests answered, and refused at the door (connection cap, TLS handshake).
     pub http: Arc<HttpCounters>,
 }
@@ -74,6 +76,7 @@ impl Default for Metrics {
             commit_strong: Histogram::new(latency_buckets()),
             persist: Histogram::new(latency_buckets()),
             apply: Histogram::new(latency_buckets()),
+            propagation: Histogram::new(latency_buckets()),
             http: Arc::default(),
         }
     }
@@ -92,6 +95,11 @@ impl Metrics {
     /// A group file's append and fsync took `elapsed`.
     pub fn observe_persist(&self, elapsed: Duration) {
         self.persist.observe(elapsed.as_secs_f64());
+    }
+
+    /// A change a peer wrote reached this node's watchers `lag` after its version's time.
+    pub fn observe_propagation(&self, lag: Duration) {
+        self.propagation.observe(lag.as_secs_f64());
     }
 
     /// A peer message took `elapsed` on the daemon's thread.
@@ -125,6 +133,12 @@ pub fn render(metrics: &Metrics, scrape: Scrape) -> Result<String, fmt::Error> {
         "Time the daemon's thread spent on one peer message (decoding, Automerge apply, protocol)",
         prometheus_client::registry::Unit::Seconds,
         metrics.apply.clone(),
+    );
+    registry.register_with_unit(
+        "propagation_lag",
+        "Time from a change's version time at its writer to this node telling its watchers (changes from peers; milliseconds of clock skew between the nodes count in)",
+        prometheus_client::registry::Unit::Seconds,
+        metrics.propagation.clone(),
     );
     registry.register_collector(Box::new(ScrapeCollector {
         scrape,

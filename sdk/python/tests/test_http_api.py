@@ -222,6 +222,10 @@ def test_metrics_count_commits_and_show_each_group(mesh: Mesh, operator: Path) -
     assert commits.get("strong", 0) >= 1
     revisions = {s.labels["group"]: s for s in families["konord_group_revision"].samples}
     assert revisions["counted"].labels["mode"] == "strong" and revisions["counted"].value >= 2
+    assert families["konord_http_requests"].samples[0].value >= 1
+    gossip_in = [s.value for s in families["konord_peer_frames"].samples
+                 if s.labels == {"channel": "gossip", "direction": "in"}]
+    assert gossip_in and gossip_in[0] > 0
 
     def members_seen() -> Optional[bool]:
         text = call(n1, context(mesh.ca), "GET", "/metrics")[1]
@@ -230,9 +234,22 @@ def test_metrics_count_commits_and_show_each_group(mesh: Mesh, operator: Path) -
         return True if members["counted"] == 3 else None
 
     eventually("n1's gossip shows the group's three members", members_seen)
-    assert families["konord_http_requests"].samples[0].value >= 1
-    gossip_in = [s.value for s in families["konord_peer_frames"].samples
-                 if s.labels == {"channel": "gossip", "direction": "in"}]
-    assert gossip_in and gossip_in[0] > 0
+    for client in (c1, c2, c3):
+        client.close()
+
+
+def test_metrics_measure_how_long_a_peers_change_took_to_arrive(mesh: Mesh) -> None:
+    c1, c2, c3 = mesh.group("lagged")
+    n1 = mesh.nodes[0]
+
+    def lag_samples() -> float:
+        text = call(n1, context(mesh.ca), "GET", "/metrics")[1]
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        return sum(s.value for s in families["konord_propagation_lag_seconds"].samples if s.name.endswith("_count"))
+
+    before = lag_samples()
+    c2.set("lagged", {"from": "n2"})
+    eventually("n1 reads n2's change", lambda: True if c1.get("lagged", "from") == "n2" else None)
+    eventually("n1 measured the change's propagation", lambda: True if lag_samples() > before else None)
     for client in (c1, c2, c3):
         client.close()
