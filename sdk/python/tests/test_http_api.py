@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
+import yaml
+from openapi_spec_validator import validate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from conftest import Mesh, Node, binary, eventually
@@ -77,6 +79,14 @@ def test_health_and_metrics_answer_without_a_certificate(mesh: Mesh) -> None:
     live = [s for s in families["konord_members"].samples if s.labels == {"state": "live"}]
     assert [s.value for s in live] == [3.0]
     assert families["konord_degraded"].samples[0].value == 0.0
+
+
+def test_the_served_openapi_description_is_valid_openapi(mesh: Mesh) -> None:
+    status, text = call(mesh.nodes[0], context(mesh.ca), "GET", "/api/v1/openapi.yaml")
+    assert status == 200
+    description = yaml.safe_load(text)
+    validate(description)
+    assert "/api/v1/groups/{group}/watch" in description["paths"]
 
 
 def test_health_thresholds_answer_503_with_the_reasons(mesh: Mesh) -> None:

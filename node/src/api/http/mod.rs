@@ -201,6 +201,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
     let ctx = Ctx { door: door.clone(), caller };
     let counters = door.metrics.http.clone();
     Router::new()
+        .route("/api/v1/openapi.yaml", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
         .route("/api/v1/health", get(routes::health))
         .route("/api/v1/nodes", get(routes::nodes))
@@ -235,4 +236,52 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
             }
         }))
         .with_state(ctx)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    /// (method, path) of every route `router` serves, read from this file's source.
+    fn routed() -> BTreeSet<(String, String)> {
+        let source = include_str!("mod.rs");
+        let body = source.split("fn router(").nth(1).unwrap().split(".fallback(").next().unwrap();
+        let mut routes = BTreeSet::new();
+        for chunk in body.split(".route(").skip(1) {
+            let path = chunk.trim_start().trim_start_matches('"').split('"').next().unwrap().to_owned();
+            for method in ["get", "post", "put", "delete"] {
+                if chunk.contains(&format!("{method}(routes::")) || chunk.contains(&format!("{method}(watch::")) {
+                    routes.insert((method.to_owned(), path.clone()));
+                }
+            }
+        }
+        routes
+    }
+
+    /// (method, path) of every operation in docs/openapi.yaml.
+    fn documented() -> BTreeSet<(String, String)> {
+        let doc: serde_yaml::Value = serde_yaml::from_str(super::routes::OPENAPI).unwrap();
+        let mut operations = BTreeSet::new();
+        for (path, item) in doc["paths"].as_mapping().unwrap() {
+            for (method, _) in item.as_mapping().unwrap() {
+                let method = method.as_str().unwrap();
+                if method != "parameters" {
+                    operations.insert((method.to_owned(), path.as_str().unwrap().to_owned()));
+                }
+            }
+        }
+        operations
+    }
+
+    #[test]
+    fn the_openapi_description_names_exactly_the_routes_served() {
+        let (routed, documented) = (routed(), documented());
+        assert!(routed.len() > 20, "the source scan found too few routes: {routed:?}");
+        let undocumented: Vec<_> = routed.difference(&documented).collect();
+        let unserved: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            undocumented.is_empty() && unserved.is_empty(),
+            "served but not in docs/openapi.yaml: {undocumented:?}; in it but not served: {unserved:?}"
+        );
+    }
 }

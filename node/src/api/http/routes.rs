@@ -96,6 +96,13 @@ pub(super) async fn ask_health(door: &Door) -> Result<crate::health::NodeHealth,
     }
 }
 
+/// The API's OpenAPI description, built into the binary (a test keeps it and the router in step).
+pub(super) const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
+
+pub(super) async fn openapi() -> HttpResponse {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
+}
+
 pub(super) async fn not_found() -> HttpError {
     http_error(StatusCode::NOT_FOUND, "not_found", "no such route; the API is described in docs/http-api.md")
 }
