@@ -34,6 +34,10 @@ pub const TLS_DIR_ENV: &str = "KONOR_TLS_DIR";
 /// Largest answer read: an answer on the socket is one frame at most.
 const ANSWER_BYTES_MAX: usize = FRAME_BYTES_MAX;
 
+/// A watch stream silent this long is given up and opened again: the node sends a comment
+/// line every 15 s (`api/http/watch.rs`), so three missed ones mean it is gone.
+const WATCH_SILENCE_MAX: Duration = Duration::from_secs(45);
+
 /// The node could not be reached, or did not answer: the outcome of a write is unknown (exit 3).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot reach konord at {authority}: {reason}")]
@@ -141,7 +145,9 @@ impl Endpoint {
                 Some(revision) => format!("/api/v1/groups/{group}/watch?from_revision={revision}"),
                 None => format!("/api/v1/groups/{group}/watch"),
             };
-            let answer = self.send(Method::GET, &path, None).await?;
+            let answer = tokio::time::timeout(WATCH_SILENCE_MAX, self.send(Method::GET, &path, None))
+                .await
+                .map_err(|_| self.unreachable(format!("no answer to the watch within {WATCH_SILENCE_MAX:?}")))??;
             if answer.status() != StatusCode::OK {
                 let status = answer.status();
                 let bytes = read_body(answer, &self.authority).await?;
@@ -149,27 +155,34 @@ impl Endpoint {
                 bail!("the watch was refused: {}", serde_json::to_string(&response).unwrap_or_default());
             }
             let mut body = answer.into_body();
-            let mut pending = String::new();
-            while let Some(frame) = body.frame().await {
+            // Bytes, split into events before decoding: a character may straddle two frames.
+            let mut pending: Vec<u8> = Vec::new();
+            loop {
+                // The node sends a comment line every 15 s: a longer silence is a dead node.
+                let Ok(next) = tokio::time::timeout(WATCH_SILENCE_MAX, body.frame()).await else { break };
+                let Some(frame) = next else { break };
                 let frame = frame.context("the watch stream broke")?;
                 let Some(data) = frame.data_ref() else { continue };
-                pending.push_str(&String::from_utf8_lossy(data));
+                pending.extend_from_slice(data);
                 if pending.len() > ANSWER_BYTES_MAX {
                     bail!("an event of the watch stream is over {ANSWER_BYTES_MAX} bytes");
                 }
-                while let Some(end) = pending.find("\n\n") {
-                    let block: String = pending.drain(..end + 2).collect();
+                while let Some(end) = pending.windows(2).position(|pair| pair == b"\n\n") {
+                    let block: Vec<u8> = pending.drain(..end + 2).collect();
+                    let block = String::from_utf8(block).context("an event of the watch stream is not UTF-8")?;
                     let (kind, data) = sse_fields(&block);
                     match kind.as_deref() {
                         Some("watching") => {
                             let revision = serde_json::from_str::<Value>(&data)
                                 .ok()
                                 .and_then(|v| v.get("revision").and_then(Value::as_u64));
-                            if let Some(revision) = revision
-                                && !told
-                            {
-                                on_watching(revision);
-                                told = true;
+                            if let Some(revision) = revision {
+                                // A watch from now resumes after the revision it started at.
+                                from = from.or(Some(revision));
+                                if !told {
+                                    on_watching(revision);
+                                    told = true;
+                                }
                             }
                         }
                         Some(_) => {
@@ -188,7 +201,8 @@ impl Endpoint {
                     }
                 }
             }
-            // The node ended the stream (it stops, or the watch fell behind): resume.
+            // The node ended the stream (it stops, or the watch fell behind), or went silent:
+            // resume after the last revision seen.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

@@ -598,6 +598,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
             if read_after_batch.is_none()
                 && let Ok(call) = calls.try_recv()
             {
+                daemon.calls_waiting = calls.len();
                 if answers_from_state(&call) {
                     read_after_batch = Some(call);
                 } else {

@@ -109,9 +109,15 @@ async fn konorctl_with_an_endpoint_runs_every_command_on_a_remote_node() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let line = BufReader::new(watch.stdout.take().unwrap()).lines().next().unwrap().unwrap();
+    let out = watch.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(BufReader::new(out).lines().next().map(|line| line.unwrap()));
+    });
+    let line = rx.recv_timeout(crate::harness::DEADLINE);
     watch.kill().unwrap();
     watch.wait().unwrap();
+    let line = line.expect("the watch over HTTP printed nothing in time").expect("the watch ended without an event");
     let event: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!((event["type"].as_str(), event["set"]["color"].as_str()), (Some("change"), Some("blue")), "{event}");
 }

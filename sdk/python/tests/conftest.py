@@ -68,6 +68,8 @@ class Node:
 
     def start(self, seeds: List[str]) -> None:
         listen = self.address() if (self.dir / "listen.addr").exists() else "127.0.0.1:0"
+        # The HTTP port is new at each start: an address left by the last run must not be read.
+        (self.dir / "http.addr").unlink(missing_ok=True)
         args = [str(binary("konord")), "--data-dir", str(self.dir), "--node-id", self.id, "--listen", listen,
                 "--gossip-interval-ms", "100", "--http-listen", "127.0.0.1:0"]
         for seed in seeds:

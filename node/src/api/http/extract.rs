@@ -10,6 +10,7 @@ use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::answer::{HttpError, http_error};
+use crate::limits::HTTP_CALL_TIMEOUT;
 
 fn bad_request(detail: impl Into<String>) -> HttpError {
     http_error(StatusCode::BAD_REQUEST, "bad_request", detail)
@@ -60,7 +61,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryOf<T> {
     }
 }
 
-/// The body as `T`, read strictly; at most `HTTP_BODY_BYTES_MAX` (the router's body limit).
+/// The body as `T`, read strictly; at most `HTTP_BODY_BYTES_MAX` (the router's body limit),
+/// within `HTTP_CALL_TIMEOUT` (a body trickled in slower holds no connection longer).
 #[derive(Debug)]
 pub(super) struct JsonBody<T>(pub(super) T);
 
@@ -68,9 +70,23 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = HttpError;
 
     async fn from_request(request: Request, state: &S) -> Result<JsonBody<T>, HttpError> {
-        let bytes = Bytes::from_request(request, state).await.map_err(|rejection| {
-            http_error(rejection.status(), "bad_request", format!("cannot read the body: {}", rejection.body_text()))
-        })?;
+        let read = tokio::time::timeout(HTTP_CALL_TIMEOUT, Bytes::from_request(request, state));
+        let bytes = read
+            .await
+            .map_err(|_| {
+                http_error(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "timeout",
+                    format!("the body did not arrive within {}s", HTTP_CALL_TIMEOUT.as_secs()),
+                )
+            })?
+            .map_err(|rejection| {
+                http_error(
+                    rejection.status(),
+                    "bad_request",
+                    format!("cannot read the body: {}", rejection.body_text()),
+                )
+            })?;
         let bad = |detail: String| bad_request(format!("bad JSON body: {detail}"));
         let text = std::str::from_utf8(&bytes).map_err(|error| bad(error.to_string()))?;
         let text = if text.trim().is_empty() { "{}" } else { text };

@@ -82,6 +82,8 @@ struct Door {
     next_connection: AtomicU64,
     /// Turns true when the node stops: watch streams end then.
     shutdown: signal::Receiver<bool>,
+    /// The daemon's last health answer and when it came (see `routes::ask_health`).
+    health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::health::NodeHealth)>>,
 }
 
 impl Door {
@@ -107,6 +109,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         watches: Arc::new(Semaphore::new(HTTP_WATCHES_MAX)),
         next_connection: AtomicU64::new(CONNECTION_NUMBERS_START),
         shutdown: shutdown.clone(),
+        health: tokio::sync::Mutex::new(None),
     });
     let acceptor = TlsAcceptor::from(config.tls);
     let places = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
@@ -200,10 +203,14 @@ async fn serve_connection(
 fn router(door: Arc<Door>, caller: Caller) -> Router {
     let ctx = Ctx { door: door.clone(), caller };
     let counters = door.metrics.http.clone();
-    Router::new()
+    // Anyone who completes the TLS handshake may call these.
+    let open = Router::new()
         .route("/api/v1/openapi.yaml", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
-        .route("/api/v1/health", get(routes::health))
+        .route("/api/v1/health", get(routes::health));
+    // Everything else needs a certificate from the cluster CA, checked before anything of the
+    // request (its body) is read.
+    let guarded = Router::new()
         .route("/api/v1/nodes", get(routes::nodes))
         .route("/api/v1/groups", get(routes::groups).post(routes::group_create))
         .route("/api/v1/groups/{group}/join", post(routes::group_join))
@@ -222,6 +229,8 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/api/v1/groups/{group}/conflicts", get(routes::conflicts))
         .route("/api/v1/groups/{group}/status", get(routes::status))
         .route("/api/v1/groups/{group}/watch", get(watch::watch))
+        .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), routes::require_certificate));
+    open.merge(guarded)
         .fallback(routes::not_found)
         .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(HTTP_BODY_BYTES_MAX))

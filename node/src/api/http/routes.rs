@@ -59,7 +59,7 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             format!(
-                "no answer from the daemon within {}s; a write's outcome is unknown: read the group before retrying",
+                "no answer from the daemon within {}s; if this was a write, its outcome is unknown: read the group before retrying",
                 HTTP_CALL_TIMEOUT.as_secs()
             ),
         )
@@ -83,7 +83,26 @@ fn is_write(request: &Request) -> bool {
 }
 
 /// The daemon's health, or the answer that says it could not be had.
+/// The daemon's health, asked at most once per [`HEALTH_FRESH_FOR`]: health and metrics are open
+/// to callers without a certificate, and each answer costs the daemon's thread a walk over its
+/// groups, so a flood of scrapes costs it one call a second. Concurrent callers wait for one
+/// answer.
 pub(super) async fn ask_health(door: &Door) -> Result<crate::health::NodeHealth, HttpError> {
+    let mut cached = door.health.lock().await;
+    if let Some((at, health)) = cached.as_ref()
+        && at.elapsed() < HEALTH_FRESH_FOR
+    {
+        return Ok(health.clone());
+    }
+    let health = ask_daemon_health(door).await?;
+    *cached = Some((tokio::time::Instant::now(), health.clone()));
+    Ok(health)
+}
+
+/// How long an answer of the daemon's health is served again.
+const HEALTH_FRESH_FOR: std::time::Duration = std::time::Duration::from_millis(500);
+
+async fn ask_daemon_health(door: &Door) -> Result<crate::health::NodeHealth, HttpError> {
     let (reply, answered) = oneshot::channel();
     let asked = async {
         door.calls.send(LocalCall::Health { reply }).await.ok()?;
@@ -101,6 +120,16 @@ pub(super) const OPENAPI: &str = include_str!("../../../../docs/openapi.yaml");
 
 pub(super) async fn openapi() -> HttpResponse {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
+}
+
+/// Refuses a caller without a certificate before the route reads anything of the request.
+pub(super) async fn require_certificate(
+    State(ctx): State<Ctx>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Answer {
+    ctx.identity()?;
+    Ok(next.run(request).await)
 }
 
 pub(super) async fn not_found() -> HttpError {
@@ -121,8 +150,14 @@ pub(super) async fn metrics(State(ctx): State<Ctx>) -> Answer {
 }
 
 pub(super) async fn health(State(ctx): State<Ctx>, QueryOf(thresholds): QueryOf<Thresholds>) -> Answer {
-    let health = ask_health(&ctx.door).await?;
+    let mut health = ask_health(&ctx.door).await?;
     let failed = failures(&health, &thresholds);
+    if ctx.caller.identity.is_none() {
+        // The disk's error text names files; callers with a certificate see it.
+        for error in health.degraded.values_mut() {
+            *error = "a write to disk failed (the error is shown to callers with a certificate)".to_owned();
+        }
+    }
     let status = if failed.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let body = serde_json::json!({ "healthy": failed.is_empty(), "failures": failed, "health": health });
     Ok((status, axum::Json(body)).into_response())

@@ -56,7 +56,9 @@ struct StreamState {
     _guard: StreamGuard,
 }
 
-fn sse_event(event: &WatchEvent) -> Event {
+/// An event with its id `<node>:<revision>`: revisions are local to a node, so a client that
+/// resumes on another node (behind a load balancer) is known and gets a resync.
+fn sse_event(node: &str, event: &WatchEvent) -> Event {
     let (kind, revision) = match event {
         WatchEvent::Change { revision, .. } => ("change", *revision),
         WatchEvent::Resync { revision, .. } => ("resync", *revision),
@@ -64,7 +66,7 @@ fn sse_event(event: &WatchEvent) -> Event {
         _ => ("event", 0),
     };
     let data = serde_json::to_string(event).unwrap_or_default();
-    Event::default().event(kind).id(revision.to_string()).data(data)
+    Event::default().event(kind).id(format!("{node}:{revision}")).data(data)
 }
 
 pub(super) async fn watch(
@@ -74,9 +76,11 @@ pub(super) async fn watch(
     headers: HeaderMap,
 ) -> Result<HttpResponse, HttpError> {
     ctx.identity()?;
-    let from_revision = match query.from_revision {
+    // A reconnecting event source sends the URL it first used, with the id it saw last: the
+    // id wins.
+    let from_revision = match last_event_id(&headers, &ctx.door.node_id)? {
         Some(from) => Some(from),
-        None => last_event_id(&headers)?,
+        None => query.from_revision,
     };
     if let Err(message) = check_request(&Request::Watch { group: group.clone(), from_revision }) {
         return Ok(answer(Response::Error { code: ErrorCode::BadRequest, message }));
@@ -89,7 +93,7 @@ pub(super) async fn watch(
         ));
     };
     let connection = ctx.door.connection_number();
-    let (sender, events) = WatchSender::detached(connection);
+    let (sender, events) = WatchSender::within(connection, ctx.door.socket_stats.clone());
     let (reply, answered) = oneshot::channel();
     let guard = StreamGuard { calls: ctx.door.calls.clone(), connection, _place: place };
     let call = LocalCall::Watch { client: ctx.client(connection), group, from_revision, events: sender, reply };
@@ -105,30 +109,58 @@ pub(super) async fn watch(
             return Err(http_error(StatusCode::GATEWAY_TIMEOUT, "timeout", "the daemon did not answer the watch"));
         }
     };
-    let revision = match &watching {
-        Response::Watching { revision, .. } => *revision,
-        _ => 0,
-    };
-    let first = Event::default()
-        .event("watching")
-        .id(revision.to_string())
-        .data(serde_json::to_string(&watching).unwrap_or_default());
+    // No id: the backlog of a resumed watch follows it with older revisions, and a client that
+    // drops before them must resume where it asked to, not after this node's revision.
+    let first = Event::default().event("watching").data(serde_json::to_string(&watching).unwrap_or_default());
+    let node = ctx.door.node_id.clone();
     let state = StreamState { events, shutdown: ctx.door.shutdown.clone(), _guard: guard };
-    let rest = futures_util::stream::unfold(state, |mut state| async move {
-        let next = tokio::select! {
-            event = state.events.recv() => event,
-            _ = state.shutdown.changed() => None,
-        };
-        next.map(|event| (Ok::<Event, Infallible>(sse_event(&event)), state))
+    let rest = futures_util::stream::unfold(state, move |mut state| {
+        let node = node.clone();
+        async move {
+            let next = tokio::select! {
+                event = state.events.recv() => event,
+                _ = state.shutdown.changed() => None,
+            };
+            next.map(|event| (Ok::<Event, Infallible>(sse_event(&node, &event)), state))
+        }
     });
     let stream = futures_util::StreamExt::chain(futures_util::stream::once(async { Ok(first) }), rest);
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
 }
 
-/// The `Last-Event-ID` a reconnecting event source sends: the revision it saw last.
-pub(super) fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, HttpError> {
+/// The revision to resume after, from the `Last-Event-ID` a reconnecting event source sends
+/// (`<node>:<revision>`, the id of the last event it saw). An id of another node asks for a
+/// resync (`u64::MAX` is above every revision, which the daemon answers with one).
+pub(super) fn last_event_id(headers: &HeaderMap, this_node: &str) -> Result<Option<u64>, HttpError> {
     let Some(value) = headers.get("last-event-id") else { return Ok(None) };
-    value.to_str().ok().and_then(|text| text.trim().parse().ok()).map(Some).ok_or_else(|| {
-        http_error(StatusCode::BAD_REQUEST, "bad_request", "Last-Event-ID must be the revision of the last event seen")
-    })
+    let bad = || {
+        http_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "Last-Event-ID must be the id of the last event seen (NODE:REVISION)",
+        )
+    };
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    let (node, revision) = text.rsplit_once(':').ok_or_else(bad)?;
+    let revision: u64 = revision.parse().map_err(|_| bad())?;
+    Ok(Some(if node == this_node { revision } else { u64::MAX }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(value: &str) -> Result<Option<u64>, String> {
+        let mut headers = HeaderMap::new();
+        headers.insert("last-event-id", value.parse().unwrap());
+        last_event_id(&headers, "n1").map_err(|error| format!("{error:?}"))
+    }
+
+    #[test]
+    fn an_event_id_of_this_node_resumes_after_it_and_one_of_another_node_resyncs() {
+        assert_eq!(id("n1:42"), Ok(Some(42)));
+        assert_eq!(id("n2:42"), Ok(Some(u64::MAX)));
+        assert!(id("42").is_err() && id("n1:x").is_err());
+        assert_eq!(last_event_id(&HeaderMap::new(), "n1").unwrap(), None);
+    }
 }

@@ -194,7 +194,13 @@ impl WatchSender {
     /// (the simulator): the same queue and budgets as a connection's, and a receiver that
     /// decodes each frame back into its event.
     pub fn detached(connection: u64) -> (WatchSender, WatchReceiver) {
-        let stats = Arc::new(LocalApiStats::default());
+        WatchSender::within(connection, Arc::new(LocalApiStats::default()))
+    }
+
+    /// [`WatchSender::detached`] within the byte pool and counters of `stats` (the HTTP door's
+    /// watch streams share the socket's write pool, so all watches together stay within
+    /// `SOCKET_WRITE_BYTES_MAX`, and a stream that falls behind is counted with the others).
+    pub fn within(connection: u64, stats: Arc<LocalApiStats>) -> (WatchSender, WatchReceiver) {
         let budget = Budget::new(CONNECTION_WRITE_BYTES_MAX, stats.write.clone());
         let (queue, events) = mpsc::channel(WATCH_QUEUE_EVENTS);
         (WatchSender::new(queue, budget, stats, connection), WatchReceiver(events))
