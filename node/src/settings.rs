@@ -44,6 +44,9 @@ pub struct DaemonSettings {
     pub gossip_interval: Duration,
     /// Where the HTTP API listens (TCP, HTTPS); `None`: no HTTP API (the default).
     pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP API's reads to callers without a client certificate (the dashboard in a
+    /// browser); writes still need one. Off by default.
+    pub http_open_reads: bool,
     /// The fault layer's control file (tests only; from [`crate::fault_layer::FAULT_CONTROL_ENV`],
     /// never a flag or a settings-file key). `None`: no fault layer.
     pub fault_control: Option<PathBuf>,
@@ -77,6 +80,9 @@ pub struct SettingsFile {
     pub gossip_interval_ms: Option<u64>,
     /// See [`DaemonSettings::http_listen`].
     pub http_listen: Option<String>,
+    /// See [`DaemonSettings::http_open_reads`].
+    #[serde(default)]
+    pub http_open_reads: bool,
 }
 
 impl SettingsFile {

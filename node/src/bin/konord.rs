@@ -59,6 +59,10 @@ struct Args {
     /// this TCP address, e.g. 127.0.0.1:7480 [default: off].
     #[arg(long)]
     http_listen: Option<String>,
+    /// Serve the HTTP API's reads (and so the dashboard) to browsers and tools without a client
+    /// certificate; writes still need one. Bind --http-listen where only operators reach it.
+    #[arg(long)]
+    http_open_reads: bool,
 }
 
 fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
@@ -102,6 +106,7 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
         cluster: args.cluster.or(file.cluster).unwrap_or_else(|| CLUSTER_DEFAULT.to_owned()),
         gossip_interval,
         http_listen: args.http_listen.or(file.http_listen).map(|text| parse_addr(&text)).transpose()?,
+        http_open_reads: args.http_open_reads || file.http_open_reads,
         fault_control: std::env::var_os(konor_node::fault_layer::FAULT_CONTROL_ENV)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from),

@@ -87,7 +87,7 @@ pub fn exit_for_error(error: &anyhow::Error) -> Exit {
         if cause.is::<NoSocket>() || cause.is::<crate::ctl::remote::Unreachable>() {
             return Exit::Unreachable;
         }
-        if cause.is::<UsageError>() {
+        if cause.is::<UsageError>() || cause.is::<crate::ctl::remote::BadEndpoint>() {
             return Exit::Usage;
         }
     }

@@ -20,7 +20,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::api::request_check::check_request;
-use crate::ctl::exit::UsageError;
 use crate::pki::identity::load_identity;
 use crate::pki::{SERVER_NAME, crypto_provider};
 use crate::wall_clock::WallTime;
@@ -46,6 +45,14 @@ pub struct Unreachable {
     reason: String,
 }
 
+/// The endpoint given is not `https://HOST:PORT` (a usage error, exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("the endpoint {url:?} {problem}")]
+pub struct BadEndpoint {
+    url: String,
+    problem: &'static str,
+}
+
 /// A node's HTTP API, with the caller's TLS config.
 #[derive(Clone)]
 pub struct Endpoint {
@@ -64,15 +71,13 @@ impl Endpoint {
     /// `url` is `https://HOST:PORT`; `tls_dir` holds `node.crt`, `node.key`, `node.id` and
     /// `ca.crt` as `konorctl cert issue` writes them.
     pub fn new(url: &str, tls_dir: &std::path::Path) -> anyhow::Result<Endpoint> {
+        let bad = |problem| BadEndpoint { url: url.to_owned(), problem };
         let Some(authority) = url.strip_prefix("https://") else {
-            return Err(UsageError(format!(
-                "the endpoint {url:?} must start with https:// (the HTTP API is served over TLS only)"
-            ))
-            .into());
+            return Err(bad("must start with https:// (the HTTP API is served over TLS only)").into());
         };
         let authority = authority.trim_end_matches('/');
         if authority.is_empty() || authority.contains('/') || !authority.contains(':') {
-            return Err(UsageError(format!("the endpoint {url:?} must be https://HOST:PORT, with no path")).into());
+            return Err(bad("must be https://HOST:PORT, with no path").into());
         }
         let identity = load_identity(tls_dir).with_context(|| {
             format!(

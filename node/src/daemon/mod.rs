@@ -302,6 +302,12 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     api_config.reads = Some(reads.clone());
     let http = match settings.http_listen {
         Some(listen) => {
+            if settings.http_open_reads {
+                warn!(
+                    %listen,
+                    "the HTTP API serves reads to callers without a certificate (--http-open-reads): every group's settings can be read by whoever reaches this address"
+                );
+            }
             let listener = crate::api::http::bind(listen).await?;
             let bound = listener.local_addr().context("cannot read the HTTP API's address")?;
             write_atomically(&settings.data_dir.join(crate::api::http::HTTP_ADDR_FILE), bound.to_string().as_bytes())
@@ -314,6 +320,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
                 socket_stats: api_config.stats.clone(),
                 transport: network.stats.clone(),
                 metrics: metrics.clone(),
+                open_reads: settings.http_open_reads,
             };
             Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
         }

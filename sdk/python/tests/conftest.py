@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, TypeVar
+from typing import Callable, Iterator, List, Optional, Sequence, TypeVar
 
 import pytest
 
@@ -50,8 +50,9 @@ def eventually(what: str, check: Callable[[], Optional[T]], timeout: float = 30.
 
 
 class Node:
-    def __init__(self, root: Path, node_id: str, ca: Path) -> None:
+    def __init__(self, root: Path, node_id: str, ca: Path, extra_args: Sequence[str] = ()) -> None:
         self.id = node_id
+        self.extra_args = list(extra_args)
         self.dir = root / node_id
         self.socket = self.dir / "konord.sock"
         self.log = root / f"{node_id}.log"
@@ -71,7 +72,7 @@ class Node:
         # The HTTP port is new at each start: an address left by the last run must not be read.
         (self.dir / "http.addr").unlink(missing_ok=True)
         args = [str(binary("konord")), "--data-dir", str(self.dir), "--node-id", self.id, "--listen", listen,
-                "--gossip-interval-ms", "100", "--http-listen", "127.0.0.1:0"]
+                "--gossip-interval-ms", "100", "--http-listen", "127.0.0.1:0", *self.extra_args]
         for seed in seeds:
             args += ["--seed", seed]
         with open(self.log, "ab") as log:
@@ -99,12 +100,12 @@ class Node:
 
 
 class Mesh:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, extra_args: Sequence[str] = ()) -> None:
         self.root = root
         ca = root / "ca"
         self.ca = ca
         subprocess.run([str(binary("konorctl")), "ca", "init", "--dir", str(ca)], check=True, capture_output=True)
-        self.nodes = [Node(root, f"n{i}", ca) for i in (1, 2, 3)]
+        self.nodes = [Node(root, f"n{i}", ca, extra_args) for i in (1, 2, 3)]
         self.nodes[0].start([])
         for node in self.nodes[1:]:
             node.start([self.nodes[0].address()])

@@ -37,9 +37,17 @@ impl Ctx {
             http_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
-                "this route needs a client certificate issued by the cluster CA (konorctl cert issue); only /api/v1/health and /metrics are open without one",
+                "this route needs a client certificate issued by the cluster CA (konorctl cert issue); health, metrics, the dashboard page and the OpenAPI description are open without one (reads too, on a node started with --http-open-reads)",
             )
         })
+    }
+
+    /// Refuses a read to a caller without a certificate, unless the node serves reads openly.
+    pub(super) fn may_read(&self) -> Result<(), HttpError> {
+        if self.door.open_reads {
+            return Ok(());
+        }
+        self.identity().map(|_| ())
     }
 
     /// The caller as the daemon sees it: its process name is the certificate's identity, so

@@ -65,6 +65,9 @@ pub struct HttpConfig {
     pub transport: Arc<TransportStats>,
     /// Latencies and the door's counters.
     pub metrics: Metrics,
+    /// Serve reads (`GET`s of `/api/v1`) to callers without a certificate (`--http-open-reads`),
+    /// for a browser showing the dashboard; writes still need one.
+    pub open_reads: bool,
 }
 
 /// What every request's handler shares.
@@ -82,6 +85,8 @@ struct Door {
     next_connection: AtomicU64,
     /// Turns true when the node stops: watch streams end then.
     shutdown: signal::Receiver<bool>,
+    /// See [`HttpConfig::open_reads`].
+    open_reads: bool,
     /// The daemon's last health answer and when it came (see `routes::ask_health`).
     health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::health::NodeHealth)>>,
 }
@@ -109,6 +114,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         watches: Arc::new(Semaphore::new(HTTP_WATCHES_MAX)),
         next_connection: AtomicU64::new(CONNECTION_NUMBERS_START),
         shutdown: shutdown.clone(),
+        open_reads: config.open_reads,
         health: tokio::sync::Mutex::new(None),
     });
     let acceptor = TlsAcceptor::from(config.tls);
@@ -207,7 +213,9 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
     let open = Router::new()
         .route("/api/v1/openapi.yaml", get(routes::openapi))
         .route("/metrics", get(routes::metrics))
-        .route("/api/v1/health", get(routes::health));
+        .route("/api/v1/health", get(routes::health))
+        .route("/", get(routes::root))
+        .route("/dashboard", get(routes::dashboard));
     // Everything else needs a certificate from the cluster CA, checked before anything of the
     // request (its body) is read.
     let guarded = Router::new()

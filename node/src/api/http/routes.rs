@@ -122,14 +122,29 @@ pub(super) async fn openapi() -> HttpResponse {
     ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI).into_response()
 }
 
-/// Refuses a caller without a certificate before the route reads anything of the request.
+/// Refuses a caller without a certificate before the route reads anything of the request
+/// (reads are let through when the node serves them openly, `--http-open-reads`).
 pub(super) async fn require_certificate(
     State(ctx): State<Ctx>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Answer {
-    ctx.identity()?;
+    if request.method() == axum::http::Method::GET {
+        ctx.may_read()?;
+    } else {
+        ctx.identity()?;
+    }
     Ok(next.run(request).await)
+}
+
+/// The dashboard: one page that reads this node's API (no data in it).
+pub(super) async fn dashboard() -> HttpResponse {
+    let page = include_str!("dashboard.html");
+    ([(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")], page).into_response()
+}
+
+pub(super) async fn root() -> axum::response::Redirect {
+    axum::response::Redirect::to("/dashboard")
 }
 
 pub(super) async fn not_found() -> HttpError {
@@ -163,8 +178,14 @@ pub(super) async fn health(State(ctx): State<Ctx>, QueryOf(thresholds): QueryOf<
     Ok((status, axum::Json(body)).into_response())
 }
 
-/// Asks the daemon for an authenticated caller: the answer to every read route.
+/// Asks the daemon for a caller that may read (see [`Ctx::may_read`]).
 async fn read(ctx: &Ctx, request: Request) -> Answer {
+    ctx.may_read()?;
+    Ok(ask(ctx, request).await)
+}
+
+/// Asks the daemon for a caller with a certificate: a command that changes state.
+async fn command(ctx: &Ctx, request: Request) -> Answer {
     ctx.identity()?;
     Ok(ask(ctx, request).await)
 }
@@ -229,7 +250,7 @@ pub(super) struct GroupCreateBody {
 pub(super) async fn group_create(State(ctx): State<Ctx>, JsonBody(body): JsonBody<GroupCreateBody>) -> Answer {
     let GroupCreateBody { name, mode, key, evict_after_ms, fencing } = body;
     let key = key.map(Secret::new);
-    read(&ctx, Request::GroupCreate { name, mode, key, evict_after_ms, fencing }).await
+    command(&ctx, Request::GroupCreate { name, mode, key, evict_after_ms, fencing }).await
 }
 
 #[derive(Deserialize)]
@@ -243,7 +264,7 @@ pub(super) async fn group_join(
     GroupName(name): GroupName,
     JsonBody(GroupJoinBody { key }): JsonBody<GroupJoinBody>,
 ) -> Answer {
-    read(&ctx, Request::GroupJoin { name, key: Secret::new(key) }).await
+    command(&ctx, Request::GroupJoin { name, key: Secret::new(key) }).await
 }
 
 #[derive(Deserialize)]
@@ -258,7 +279,7 @@ pub(super) async fn group_leave(
     GroupName(name): GroupName,
     JsonBody(ForceBody { force }): JsonBody<ForceBody>,
 ) -> Answer {
-    read(&ctx, Request::GroupLeave { name, force }).await
+    command(&ctx, Request::GroupLeave { name, force }).await
 }
 
 #[derive(Deserialize)]
@@ -274,7 +295,7 @@ pub(super) async fn group_remove(
     GroupName(group): GroupName,
     JsonBody(RemoveBody { nodes, force }): JsonBody<RemoveBody>,
 ) -> Answer {
-    read(&ctx, Request::GroupRemove { group, nodes, force }).await
+    command(&ctx, Request::GroupRemove { group, nodes, force }).await
 }
 
 /// A write's message, in a body or a query.
