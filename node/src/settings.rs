@@ -47,6 +47,10 @@ pub struct DaemonSettings {
     /// Serve the HTTP API's reads to callers without a client certificate (the dashboard in a
     /// browser); writes still need one. Off by default.
     pub http_open_reads: bool,
+    /// Where alerts are POSTed as JSON (settings file only: such URLs often hold a token).
+    pub alert_webhooks: Vec<crate::health::webhook::WebhookUrl>,
+    /// The CA bundle that verifies `https` webhook receivers; `None`: the system's.
+    pub alert_webhook_ca: Option<PathBuf>,
     /// The fault layer's control file (tests only; from [`crate::fault_layer::FAULT_CONTROL_ENV`],
     /// never a flag or a settings-file key). `None`: no fault layer.
     pub fault_control: Option<PathBuf>,
@@ -83,6 +87,11 @@ pub struct SettingsFile {
     /// See [`DaemonSettings::http_open_reads`].
     #[serde(default)]
     pub http_open_reads: bool,
+    /// See [`DaemonSettings::alert_webhooks`]: URLs.
+    #[serde(default)]
+    pub alert_webhook: Vec<String>,
+    /// See [`DaemonSettings::alert_webhook_ca`].
+    pub alert_webhook_ca: Option<PathBuf>,
 }
 
 impl SettingsFile {

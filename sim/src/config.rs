@@ -142,6 +142,9 @@ pub struct RunConfig {
     pub trace: Option<PathBuf>,
     /// Print progress lines while running.
     pub progress: bool,
+    /// Nodes carry the label `region=rK` with K = index mod this (0: no region label); the
+    /// anomaly rules judge labels ([`crate::alerts`]).
+    pub regions: usize,
 }
 
 impl RunConfig {
@@ -167,6 +170,7 @@ impl RunConfig {
             plot: None,
             trace: None,
             progress: false,
+            regions: 0,
         }
     }
 

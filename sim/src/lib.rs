@@ -12,6 +12,7 @@
 //! sequence and fresh reads), [`report`], [`plot`],
 //! [`trace`], [`rng`], [`entropy`], [`log`].
 
+pub mod alerts;
 pub mod check;
 pub mod config;
 pub mod disk;

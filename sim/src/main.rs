@@ -30,6 +30,26 @@ enum Command {
     Run(RunArgs),
     /// Many seeds; prints one line per seed and the failures with their replay commands.
     Sweep(SweepArgs),
+    /// One scripted fault (or none) on a labelled mesh; prints the anomaly alerts every node
+    /// raised (`konor_node::health::alerts`).
+    Alerts(AlertArgs),
+}
+
+#[derive(Args, Debug)]
+struct AlertArgs {
+    /// `flap` (a node crashes and restarts three times), `label-cut` (region r1 is cut off
+    /// from the others for 25 s) or `healthy` (no fault).
+    #[arg(long)]
+    scenario: konor_sim::alerts::Scenario,
+    /// Number of nodes, spread over regions r0, r1, r2.
+    #[arg(long, default_value_t = 9)]
+    nodes: usize,
+    /// The seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Probability that a frame is lost.
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +183,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Sweep(args) => sweep(args),
+        Command::Alerts(args) => alerts(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -179,6 +200,15 @@ fn report_panics() {
     if panics > 0 {
         println!("panics inside node tasks: {panics} (caught by the runtime; see the node exits above)");
     }
+}
+
+fn alerts(args: AlertArgs) -> anyhow::Result<bool> {
+    let report = konor_sim::alerts::run_scenario(args.scenario, args.nodes, args.seed, args.loss)?;
+    print!("{}", report.text());
+    if let Some(why) = report.incomplete {
+        anyhow::bail!("the scenario could not run as scripted: {why}");
+    }
+    Ok(true)
 }
 
 fn run(args: RunArgs) -> anyhow::Result<bool> {

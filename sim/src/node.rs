@@ -135,6 +135,16 @@ pub struct Cluster {
     gossip_interval: Duration,
     membership_poll: Duration,
     next_connection: u64,
+    regions: usize,
+}
+
+/// A node's labels: `sim=1`, and `region=rK` (K = index mod `regions`) when regions are asked for.
+pub fn region_labels(index: usize, regions: usize) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([("sim".to_owned(), "1".to_owned())]);
+    if regions > 0 {
+        labels.insert("region".to_owned(), format!("r{}", index % regions));
+    }
+    labels
 }
 
 /// Node ids are short (`n0` ... `n999`): chitchat's digest holds every id and must fit one
@@ -175,6 +185,7 @@ impl Cluster {
             gossip_interval: config.gossip_interval,
             membership_poll: config.membership_poll(),
             next_connection: 0,
+            regions: config.regions,
         }
     }
 
@@ -206,7 +217,7 @@ impl Cluster {
             seeds,
             cluster: "konor-sim".to_owned(),
             gossip_interval,
-            labels: BTreeMap::from([("sim".to_owned(), "1".to_owned())]),
+            labels: region_labels(index, self.regions),
             network: Arc::new(handle),
             inbox: Inbox { gossip: gossip_rx, replica: replica_rx },
             calls: calls_rx,
@@ -225,6 +236,7 @@ impl Cluster {
             // One runtime: gossip and daemon interleave as the seed says.
             gossip_runtime: None,
             metrics: Default::default(),
+            webhooks: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -72,19 +72,19 @@ const MAIN_TICK: Duration = Duration::from_millis(100);
 const SUPERVISOR_DELAY: Duration = Duration::from_secs(1);
 
 /// Stack of the simulation thread: deep futures of a debug build need more than the default.
-const SIM_STACK_BYTES: usize = 64 * 1024 * 1024;
+pub(crate) const SIM_STACK_BYTES: usize = 64 * 1024 * 1024;
 
 /// Distinguishes data dirs of runs in one process (tests and sweeps run several at once).
 static RUN_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// The data dirs of a run, removed when dropped.
-struct DataDirs {
-    base: PathBuf,
+pub(crate) struct DataDirs {
+    pub(crate) base: PathBuf,
 }
 
 impl DataDirs {
     /// `/dev/shm/konor-sim-<pid>-<n>` when tmpfs is there (fsync costs nothing), else the temp dir.
-    fn create(seed: u64) -> anyhow::Result<DataDirs> {
+    pub(crate) fn create(seed: u64) -> anyhow::Result<DataDirs> {
         let shm = Path::new("/dev/shm");
         let parent = if shm.is_dir() { shm.to_path_buf() } else { std::env::temp_dir() };
         let run = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
@@ -126,13 +126,7 @@ pub fn run(config: RunConfig, log: Option<String>) -> anyhow::Result<RunReport> 
             // First thing on this thread: every later draw of randomness comes from the seed.
             crate::entropy::seed_this_thread(seed);
             let (log_counts, _log_guard) = crate::log::install(log.as_deref());
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .start_paused(true)
-                .build()
-                .context("cannot build the simulation runtime")?;
-            let local = tokio::task::LocalSet::new();
-            let mut report = local.block_on(&runtime, simulate(config, sim_liveness))?;
+            let mut report = on_simulated_clock(simulate(config, sim_liveness))?;
             report.log_lines = crate::log::sorted(&log_counts);
             Ok(report)
         })
@@ -144,6 +138,17 @@ pub fn run(config: RunConfig, log: Option<String>) -> anyhow::Result<RunReport> 
     report.wall = wall.elapsed();
     report.peak_rss_kib = crate::report::peak_rss_kib();
     Ok(report)
+}
+
+/// Runs `future` to its end on a fresh single-threaded runtime whose clock is paused (time
+/// jumps to the next timer), with a `LocalSet` for the nodes' `spawn_local`.
+pub(crate) fn on_simulated_clock<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .context("cannot build the simulation runtime")?;
+    tokio::task::LocalSet::new().block_on(&runtime, future)
 }
 
 /// Declares a stall when simulated time stops advancing for [`STALL_WALL`] of real time.

@@ -73,7 +73,7 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_label("from", from)?;
             check_label("to", to)
         }
-        Request::GroupList | Request::Nodes | Request::SocketStats => Ok(()),
+        Request::GroupList | Request::Nodes | Request::SocketStats | Request::Health | Request::Alerts => Ok(()),
     }
 }
 

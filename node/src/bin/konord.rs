@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
+use konor_node::health::webhook::{WEBHOOKS_MAX, WebhookUrl};
 use konor_node::settings::{
     CLUSTER_DEFAULT, DaemonSettings, GOSSIP_INTERVAL_DEFAULT, SOCKET_FILE, SettingsFile, parse_addr, parse_label,
     parse_mode,
@@ -94,6 +95,13 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
     let gossip_interval =
         args.gossip_interval_ms.or(file.gossip_interval_ms).map_or(GOSSIP_INTERVAL_DEFAULT, Duration::from_millis);
     anyhow::ensure!(gossip_interval >= Duration::from_millis(10), "gossip interval must be at least 10 ms");
+    anyhow::ensure!(
+        file.alert_webhook.len() <= WEBHOOKS_MAX,
+        "the settings file names {} alert webhooks; at most {WEBHOOKS_MAX} are allowed",
+        file.alert_webhook.len()
+    );
+    let alert_webhooks =
+        file.alert_webhook.iter().map(|url| WebhookUrl::parse(url)).collect::<anyhow::Result<Vec<_>>>()?;
     Ok(DaemonSettings {
         data_dir,
         node_id,
@@ -107,6 +115,8 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
         gossip_interval,
         http_listen: args.http_listen.or(file.http_listen).map(|text| parse_addr(&text)).transpose()?,
         http_open_reads: args.http_open_reads || file.http_open_reads,
+        alert_webhooks,
+        alert_webhook_ca: file.alert_webhook_ca,
         fault_control: std::env::var_os(konor_node::fault_layer::FAULT_CONTROL_ENV)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from),

@@ -27,6 +27,7 @@ Exit codes:
   4  PKI or file error: CA or certificate files, the file given to `apply`
   5  internal error: konord failed internally (see its log), versions of konorctl and konord
      that do not understand each other, or a bug
+  6  `health`: the node fails a threshold given (or is degraded)
 
 The daemon's socket comes from --socket, else from the KONOR_SOCKET environment variable
 (konord listens on <data-dir>/konord.sock unless started with --socket). With --endpoint
@@ -107,6 +108,29 @@ pub enum Command {
     Nodes,
     /// Show a group's state on every member node and in local processes.
     Status(GroupArg),
+    /// Show this node's health (members, groups, degraded groups, queues, alerts); exit 6 when
+    /// it fails a threshold given (a degraded node fails unless --allow-degraded).
+    Health(HealthArgs),
+    /// List the anomaly alerts that hold (flapping nodes, late heartbeats, a label's nodes
+    /// lost at once) and those that cleared.
+    Alerts,
+}
+
+/// `konorctl health`
+#[derive(Debug, Clone, Args)]
+pub struct HealthArgs {
+    /// Fail when more members than this are dead.
+    #[arg(long, value_name = "N")]
+    pub max_dead: Option<u64>,
+    /// Fail when more groups than this are stale here.
+    #[arg(long, value_name = "N")]
+    pub max_stale: Option<u64>,
+    /// Fail when a group last changed here longer ago than this.
+    #[arg(long, value_name = "MS")]
+    pub max_since_change_ms: Option<u64>,
+    /// Do not fail on a degraded node (a failed write to disk).
+    #[arg(long)]
+    pub allow_degraded: bool,
 }
 
 /// `konorctl ca ...`

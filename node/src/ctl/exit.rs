@@ -23,6 +23,8 @@ pub enum Exit {
     File,
     /// konord failed internally, or the two sides do not understand each other.
     Internal,
+    /// `health`: the node fails a threshold.
+    Unhealthy,
 }
 
 impl Exit {
@@ -35,6 +37,7 @@ impl Exit {
             Exit::Unreachable => 3,
             Exit::File => 4,
             Exit::Internal => 5,
+            Exit::Unhealthy => 6,
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod demo;
 pub mod exit;
 pub mod group_key;
+pub mod health_text;
 pub mod input;
 pub mod remote;
 pub mod render;
@@ -28,7 +29,7 @@ use konor_sdk::protocol::{Request, Response, SOCKET_ENV};
 use konor_sdk::{Client, SdkError, TIMEOUT_DEFAULT};
 use serde::Serialize;
 
-use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, OutputFormat};
+use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat};
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
 use crate::ctl::render::{Rendered, render, render_event, render_local};
@@ -192,7 +193,37 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Watch(args) => watch(&target, &args.group, args.from, output).await,
         Command::Nodes => call(&target, TIMEOUT_DEFAULT, Request::Nodes, output).await,
         Command::Status(args) => call(&target, TIMEOUT_DEFAULT, Request::Status { group: args.group }, output).await,
+        Command::Health(args) => health(&target, args, output).await,
+        Command::Alerts => call(&target, TIMEOUT_DEFAULT, Request::Alerts, output).await,
     }
+}
+
+/// `konorctl health`: the node's health, judged against the thresholds given; exit 6 when it
+/// fails one (as `GET /api/v1/health` answers 503).
+async fn health(target: &DaemonTarget, args: HealthArgs, output: OutputFormat) -> anyhow::Result<Exit> {
+    let request = Request::Health;
+    let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
+    let Response::Health { health } = &response else {
+        return emit(&render(&request, &response, output, now_ms()));
+    };
+    let thresholds = crate::health::Thresholds {
+        max_dead: args.max_dead,
+        max_stale: args.max_stale,
+        max_since_change_ms: args.max_since_change_ms,
+        allow_degraded: args.allow_degraded,
+    };
+    let failures = crate::health::failures(health, &thresholds);
+    let exit = if failures.is_empty() { Exit::Ok } else { Exit::Unhealthy };
+    let mut rendered = match output {
+        OutputFormat::Table => Rendered::ok(health_text::health_text(health, &failures)),
+        OutputFormat::Json => {
+            let document =
+                serde_json::json!({ "healthy": failures.is_empty(), "failures": failures, "health": health });
+            render_local(String::new(), &document, OutputFormat::Json)
+        }
+    };
+    rendered.exit = exit;
+    emit(&rendered)
 }
 
 /// A group key given as `--key SECRET` is refused: it would show in `ps` and shell history.

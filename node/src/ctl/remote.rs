@@ -333,6 +333,8 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         ),
         Request::Conflicts { group } => (Method::GET, format!("{groups}/{group}/conflicts"), None),
         Request::Nodes => (Method::GET, "/api/v1/nodes".to_owned(), None),
+        Request::Health => (Method::GET, "/api/v1/health".to_owned(), None),
+        Request::Alerts => (Method::GET, "/api/v1/alerts".to_owned(), None),
         Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
         other => bail!("{} is not served over HTTP", other.kind()),
     })
@@ -360,6 +362,12 @@ fn parse_answer(status: StatusCode, bytes: &[u8]) -> anyhow::Result<Response> {
     let value: Value = serde_json::from_slice(bytes).with_context(|| {
         format!("the node answered {status} with a body that is not JSON: {}", String::from_utf8_lossy(bytes))
     })?;
+    // `/api/v1/health` answers its own document, 503 when the node fails the thresholds; the
+    // node's health is in it either way (konorctl judges its own thresholds).
+    if let Some(health) = value.get("health") {
+        let health = serde_json::from_value(health.clone()).context("the node's health document is not readable")?;
+        return Ok(Response::Health { health });
+    }
     let code = value.get("code").and_then(Value::as_str).unwrap_or("unknown");
     let message = value.get("message").and_then(Value::as_str).unwrap_or_default();
     let mapped = match code {

@@ -15,7 +15,8 @@ use serde_json::Value;
 
 use crate::ctl::cli::OutputFormat;
 use crate::ctl::exit::{Exit, exit_for_code};
-use crate::ctl::table::Table;
+use crate::ctl::health_text::{alerts_text, health_text};
+use crate::ctl::table::{Table, format_age};
 
 /// Hex digits of a content hash shown to people: as many as the commit line and history carry.
 const CONTENT_HASH_SHOWN_CHARS: usize = 12;
@@ -32,7 +33,8 @@ pub struct Rendered {
 }
 
 impl Rendered {
-    fn ok(stdout: String) -> Rendered {
+    /// Output that exits 0.
+    pub fn ok(stdout: String) -> Rendered {
         Rendered { stdout, stderr: String::new(), exit: Exit::Ok }
     }
 
@@ -223,6 +225,8 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Reconfigured { group, configuration } => {
             Rendered::ok(format!("group {group} is now in configuration {configuration}\n"))
         }
+        Response::Health { health } => Rendered::ok(health_text(health, &[])),
+        Response::Alerts { alerts } => Rendered::ok(alerts_text(alerts, now_ms)),
         Response::SocketStats { stats } => Rendered::ok(format!(
             "connections {}\nread bytes {} (peak {}, budget {})\nwrite bytes {} (peak {}, budget {})\n\
              bad frames {}\nrefused {}\nsilent closed {}\nidle closed {}\nwatches dropped {}\n",
@@ -333,7 +337,12 @@ fn request_group(request: &Request) -> Option<&str> {
             Some(name)
         }
         Request::GroupRemove { group, .. } => Some(group),
-        Request::Hello { .. } | Request::GroupList | Request::Nodes | Request::SocketStats => None,
+        Request::Hello { .. }
+        | Request::GroupList
+        | Request::Nodes
+        | Request::SocketStats
+        | Request::Health
+        | Request::Alerts => None,
     }
 }
 
@@ -619,21 +628,6 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
     let year = year_of_era + era * 400 + u64::from(month <= 2);
     (year, month, day)
-}
-
-/// A duration for people: `850ms`, `12s`, `5m03s`, `2h05m`, `3d04h`.
-pub fn format_age(ms: u64) -> String {
-    const SECOND: u64 = 1000;
-    const MINUTE: u64 = 60 * SECOND;
-    const HOUR: u64 = 60 * MINUTE;
-    const DAY: u64 = 24 * HOUR;
-    match ms {
-        0..SECOND => format!("{ms}ms"),
-        SECOND..MINUTE => format!("{}s", ms / SECOND),
-        MINUTE..HOUR => format!("{}m{:02}s", ms / MINUTE, ms % MINUTE / SECOND),
-        HOUR..DAY => format!("{}h{:02}m", ms / HOUR, ms % HOUR / MINUTE),
-        _ => format!("{}d{:02}h", ms / DAY, ms % DAY / HOUR),
-    }
 }
 
 #[cfg(test)]

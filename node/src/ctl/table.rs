@@ -81,6 +81,21 @@ impl Table {
     }
 }
 
+/// A duration for people: `850ms`, `12s`, `5m03s`, `2h05m`, `3d04h`.
+pub fn format_age(ms: u64) -> String {
+    const SECOND: u64 = 1000;
+    const MINUTE: u64 = 60 * SECOND;
+    const HOUR: u64 = 60 * MINUTE;
+    const DAY: u64 = 24 * HOUR;
+    match ms {
+        0..SECOND => format!("{ms}ms"),
+        SECOND..MINUTE => format!("{}s", ms / SECOND),
+        MINUTE..HOUR => format!("{}m{:02}s", ms / MINUTE, ms % MINUTE / SECOND),
+        HOUR..DAY => format!("{}h{:02}m", ms / HOUR, ms % HOUR / MINUTE),
+        _ => format!("{}d{:02}h", ms / DAY, ms % DAY / HOUR),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,8 @@ use tracing::{error, info, warn};
 
 use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
+use crate::health::alerts::{AlertChange, AlertRules, Observed, Seen};
+use crate::health::webhook::{SYSTEM_CA_BUNDLE, Webhooks, read_ca_bundle};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
 use crate::metrics::Metrics;
 use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
@@ -197,6 +199,10 @@ struct Daemon {
     command_started: BTreeMap<u64, Instant>,
     /// Local calls waiting in the queue when the last one was taken (for `/metrics`).
     calls_waiting: usize,
+    /// The anomaly rules over the mesh this node sees (issue 15).
+    alerts: AlertRules,
+    /// Where alert changes are POSTed.
+    webhooks: Option<Webhooks>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -242,6 +248,8 @@ pub struct NodeParts {
     pub gossip_runtime: Option<tokio::runtime::Handle>,
     /// Latencies for `/metrics` (issue 15), shared with the HTTP door.
     pub metrics: Metrics,
+    /// Where alerts are POSTed (the settings file's `alert-webhook`); `None`: nowhere.
+    pub webhooks: Option<Webhooks>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -357,6 +365,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         gossip_seal,
         gossip_runtime: Some(tokio::runtime::Handle::current()),
         metrics,
+        webhooks: start_webhooks(&settings)?,
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -463,6 +472,22 @@ fn open_permissions_warning(key_mode: u32, socket_mode: u32) -> Option<String> {
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
+/// Starts the senders of the settings' alert webhooks, if any; the CA bundle is read only when
+/// a receiver speaks https.
+fn start_webhooks(settings: &DaemonSettings) -> anyhow::Result<Option<Webhooks>> {
+    if settings.alert_webhooks.is_empty() {
+        return Ok(None);
+    }
+    let roots = if settings.alert_webhooks.iter().any(|url| url.is_https()) {
+        let bundle = settings.alert_webhook_ca.clone().unwrap_or_else(|| SYSTEM_CA_BUNDLE.into());
+        read_ca_bundle(&bundle)?
+    } else {
+        Vec::new()
+    };
+    info!(webhooks = settings.alert_webhooks.len(), "alerts are posted to webhooks");
+    Ok(Some(Webhooks::start(&settings.node_id, settings.alert_webhooks.clone(), roots)?))
+}
+
 /// Runs one node on the given seams until `shutdown` turns true (graceful leave) or its gossip
 /// task dies (an error: the supervisor restarts the node).
 pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
@@ -485,6 +510,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         gossip_seal,
         gossip_runtime,
         metrics,
+        webhooks,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -551,6 +577,8 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         metrics,
         command_started: BTreeMap::new(),
         calls_waiting: 0,
+        alerts: AlertRules::default(),
+        webhooks,
     };
     info!(node = %node_id, "node running");
     daemon.execute_outputs().await;
@@ -868,6 +896,7 @@ impl Daemon {
         let membership = MembershipView { peers };
         log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
+        self.judge_alerts();
         // The first view always goes in, even an empty one: a node alone in its mesh must learn
         // that it has seen its view (strong groups stay fenced until then).
         if !self.view_delivered || &membership != self.replica.membership() {
@@ -889,6 +918,41 @@ impl Daemon {
                 self.command(command, PendingReply::Repair { name: repair.name, key: repair.key });
             } else if self.replica.group(&repair.name).is_none() {
                 self.repairs.push(repair);
+            }
+        }
+    }
+
+    /// Runs the anomaly rules over the view just taken and logs what they raised and cleared.
+    fn judge_alerts(&mut self) {
+        let observed: Vec<Observed<'_>> = self
+            .mesh
+            .nodes
+            .values()
+            .filter(|node| node.id != self.node_id)
+            .map(|node| Observed {
+                id: &node.id,
+                labels: &node.labels,
+                seen: match node.liveness {
+                    Liveness::Live => Seen::Live,
+                    Liveness::Unknown => Seen::Unknown,
+                    Liveness::Dead => Seen::Dead,
+                    Liveness::Leaving => Seen::Leaving,
+                },
+                heartbeat_age_ms: node.heartbeat_age.map(|age| age.as_millis() as u64),
+            })
+            .collect();
+        let now_ms = self.wall_clock().0;
+        for change in self.alerts.observe(now_ms, &observed) {
+            if let Some(webhooks) = &self.webhooks {
+                webhooks.notify(&change);
+            }
+            match change {
+                AlertChange::Raised(alert) => {
+                    warn!(kind = alert.kind.as_str(), subject = %alert.subject, "alert: {}", alert.message)
+                }
+                AlertChange::Cleared(alert) => {
+                    info!(kind = alert.kind.as_str(), subject = %alert.subject, "alert cleared: {}", alert.message)
+                }
             }
         }
     }

@@ -2,7 +2,7 @@
 //! writes and group commands handed to the replica, watches, and the status and nodes views.
 
 use super::*;
-use crate::health::{DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
+use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
 
 impl Daemon {
     /// The instant of a replica time.
@@ -330,6 +330,10 @@ impl Daemon {
             },
             Request::Nodes => Response::Nodes { nodes: self.node_rows() },
             Request::Status { group } => self.status(&group),
+            Request::Health => Response::Health { health: Box::new(self.health()) },
+            Request::Alerts => {
+                Response::Alerts { alerts: Alerts { active: self.alerts.active(), history: self.alerts.history() } }
+            }
             Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } | Request::SocketStats => {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }
@@ -383,6 +387,7 @@ impl Daemon {
                 peer_messages: self.stats.peer_messages_dropped.load(Ordering::Relaxed),
                 persist_failures: self.stats.persist_failures.load(Ordering::Relaxed),
             },
+            alerts: self.alerts.active(),
         }
     }
 

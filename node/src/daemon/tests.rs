@@ -255,6 +255,7 @@ impl TestNode {
             gossip_seal: Arc::new(SimSeal::new(&id)),
             gossip_runtime: None,
             metrics: Default::default(),
+            webhooks: None,
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
         TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }

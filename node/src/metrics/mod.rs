@@ -17,7 +17,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::health::NodeHealth;
+use crate::health::{AlertKind, NodeHealth};
 use crate::peer::transport::{ChannelCounters, TransportStats};
 use konor_crdt::Mode;
 
@@ -160,6 +160,11 @@ struct ScrapeCollector {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: &'static str,
 }
@@ -266,6 +271,14 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
                 ("leaving", members.leaving),
             ]
             .map(|(state, count)| (StateLabel { state }, count as f64)),
+        )?;
+        let active = |kind: AlertKind| health.alerts.iter().filter(|alert| alert.kind == kind).count() as f64;
+        gauges(
+            &mut encoder,
+            "alerts_active",
+            "Anomaly alerts that hold now, by rule (docs/operations.md, Alerts)",
+            [AlertKind::Flapping, AlertKind::HeartbeatDelay, AlertKind::LabelLost]
+                .map(|kind| (KindLabel { kind: kind.as_str() }, active(kind))),
         )?;
         gauge(&mut encoder, "uptime_seconds", "Seconds since the daemon started", health.uptime_ms as f64 / 1000.0)?;
         gauge(

@@ -48,6 +48,8 @@ pub struct Node {
     pub fault_control: Option<PathBuf>,
     /// Serve the HTTP API on 127.0.0.1 (a port the kernel picks; see [`Node::http_endpoint`]).
     pub http: bool,
+    /// More arguments for konord (`--label`, `--config`).
+    pub extra_args: Vec<String>,
 }
 
 impl Cluster {
@@ -90,6 +92,7 @@ impl Node {
             listen: None,
             fault_control: None,
             http: false,
+            extra_args: Vec::new(),
         }
     }
 
@@ -132,6 +135,7 @@ impl Node {
         if self.http {
             command.args(["--http-listen", "127.0.0.1:0"]);
         }
+        command.args(&self.extra_args);
         self.child = Some(command.spawn().unwrap());
     }
 

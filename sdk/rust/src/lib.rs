@@ -8,6 +8,7 @@ pub mod client;
 pub mod connect;
 pub mod connection;
 pub mod error;
+pub mod health;
 pub mod on_change;
 pub mod protocol;
 pub mod secret;

@@ -254,6 +254,11 @@ pub enum Request {
     /// The local socket's own counters: connections, bytes held against its budgets, and what
     /// it refused or closed. Answered by the socket itself, without a hop to the daemon task.
     SocketStats,
+    /// The node's health: members by state, groups, degraded groups, queues, what it dropped,
+    /// the alerts that hold (`konorctl health`; `GET /api/v1/health` over HTTP).
+    Health,
+    /// The node's anomaly alerts, those that hold and those that cleared (`konorctl alerts`).
+    Alerts,
 }
 
 /// Outcome of a client's reload callback.
@@ -544,6 +549,16 @@ pub enum Response {
         /// The counters.
         stats: SocketStats,
     },
+    /// The node's health.
+    Health {
+        /// As the daemon sees it now.
+        health: Box<crate::health::NodeHealth>,
+    },
+    /// The node's alerts.
+    Alerts {
+        /// Those that hold and those that cleared.
+        alerts: crate::health::Alerts,
+    },
     /// Done, nothing to return.
     Done,
     /// Refused.
@@ -748,6 +763,8 @@ impl Request {
             Request::Nodes => "nodes",
             Request::Status { .. } => "status",
             Request::SocketStats => "socket_stats",
+            Request::Health => "health",
+            Request::Alerts => "alerts",
         }
     }
 }
@@ -771,6 +788,8 @@ impl Response {
             Response::Status { .. } => "status",
             Response::Reconfigured { .. } => "reconfigured",
             Response::SocketStats { .. } => "socket_stats",
+            Response::Health { .. } => "health",
+            Response::Alerts { .. } => "alerts",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }

@@ -220,6 +220,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
     // request (its body) is read.
     let guarded = Router::new()
         .route("/api/v1/nodes", get(routes::nodes))
+        .route("/api/v1/alerts", get(routes::alerts))
         .route("/api/v1/groups", get(routes::groups).post(routes::group_create))
         .route("/api/v1/groups/{group}/join", post(routes::group_join))
         .route("/api/v1/groups/{group}/leave", post(routes::group_leave))

@@ -194,6 +194,10 @@ pub(super) async fn nodes(State(ctx): State<Ctx>) -> Answer {
     read(&ctx, Request::Nodes).await
 }
 
+pub(super) async fn alerts(State(ctx): State<Ctx>) -> Answer {
+    read(&ctx, Request::Alerts).await
+}
+
 pub(super) async fn groups(State(ctx): State<Ctx>) -> Answer {
     read(&ctx, Request::GroupList).await
 }

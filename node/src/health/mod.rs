@@ -2,83 +2,14 @@
 //! check of it against a caller's thresholds. The HTTP door answers `/api/v1/health` and fills
 //! `/metrics` from it; the check is pure so that its rules are tested here, not through HTTP.
 
-use std::collections::BTreeMap;
+pub mod alerts;
+pub mod webhook;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// A node's health at one moment, built by the daemon's thread (`LocalCall::Health`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NodeHealth {
-    /// This node.
-    pub node_id: String,
-    /// Milliseconds since the daemon started.
-    pub uptime_ms: u64,
-    /// The mesh's nodes by state, this node included.
-    pub members: MemberCounts,
-    /// The groups this node holds.
-    pub groups: Vec<GroupHealth>,
-    /// Groups whose last write to disk failed, with the error (SPEC F24): the node is degraded.
-    pub degraded: BTreeMap<String, String>,
-    /// Work waiting on the daemon's thread.
-    pub queues: QueueDepths,
-    /// Inputs the daemon dropped or failed, counted since it started.
-    pub dropped: DroppedCounts,
-}
-
-/// Nodes of the mesh by the failure detector's verdict, as this node sees them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MemberCounts {
-    /// Heartbeats arrive.
-    pub live: u64,
-    /// Not judged yet (just started, or not heard twice).
-    pub unknown: u64,
-    /// The detector gave up on them.
-    pub dead: u64,
-    /// They announced a graceful shutdown.
-    pub leaving: u64,
-}
-
-/// One group on this node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupHealth {
-    /// Name.
-    pub name: String,
-    /// `eventual` or `strong`.
-    pub mode: String,
-    /// This node's revision of it.
-    pub revision: u64,
-    /// Milliseconds since this node last applied a change to it (since the start if never).
-    pub since_change_ms: u64,
-    /// Members as gossip shows them, this node included.
-    pub members: u64,
-    /// True when reads here may be behind (a strong group that cannot prove it is fresh).
-    pub stale: bool,
-    /// Why, when stale.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stale_reason: Option<String>,
-}
-
-/// Lengths of the daemon's queues.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct QueueDepths {
-    /// Local calls (socket and HTTP requests) waiting for the daemon's thread.
-    pub calls: u64,
-    /// Commands (writes, joins, leaves) waiting for their outcome.
-    pub pending_commands: u64,
-    /// Reads of `block` groups waiting for the node to be fresh.
-    pub blocked_reads: u64,
-    /// Watchers of all groups.
-    pub watchers: u64,
-}
-
-/// What the daemon dropped or failed since it started.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DroppedCounts {
-    /// Peer messages the replica refused (unreadable, from a non-member, over a bound).
-    pub peer_messages: u64,
-    /// Writes to disk that failed.
-    pub persist_failures: u64,
-}
+pub use konor_sdk::health::{
+    Alert, AlertKind, Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths,
+};
 
 /// What a caller of `/api/v1/health` tolerates; each bound left out is not checked, except
 /// `degraded`, which fails unless allowed.
@@ -129,6 +60,7 @@ pub fn failures(health: &NodeHealth, thresholds: &Thresholds) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn health() -> NodeHealth {
         NodeHealth {
@@ -158,6 +90,7 @@ mod tests {
             degraded: BTreeMap::new(),
             queues: QueueDepths::default(),
             dropped: DroppedCounts::default(),
+            alerts: Vec::new(),
         }
     }
 

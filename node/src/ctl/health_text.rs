@@ -1,0 +1,119 @@
+//! How `konorctl health` and `konorctl alerts` print a node's health and alerts for people
+//! (`--output json` prints the daemon's answer as it is).
+
+use std::fmt::Write as _;
+
+use konor_sdk::health::{Alert, Alerts, NodeHealth};
+
+use crate::ctl::table::{Table, format_age};
+
+/// A node's health: members, groups, degraded groups, queues, what it dropped, active alerts;
+/// then the thresholds it fails, if any.
+pub fn health_text(health: &NodeHealth, failures: &[String]) -> String {
+    let mut out = String::new();
+    let verdict = if failures.is_empty() { "healthy" } else { "UNHEALTHY" };
+    let _ = writeln!(out, "node {}: {verdict}, up {}", health.node_id, format_age(health.uptime_ms));
+    let m = &health.members;
+    let _ = writeln!(out, "members: {} live, {} unknown, {} dead, {} leaving", m.live, m.unknown, m.dead, m.leaving);
+    let q = &health.queues;
+    let _ = writeln!(
+        out,
+        "queues: {} calls, {} pending commands, {} blocked reads, {} watchers",
+        q.calls, q.pending_commands, q.blocked_reads, q.watchers
+    );
+    let d = &health.dropped;
+    let _ = writeln!(out, "dropped: {} peer messages, {} failed disk writes", d.peer_messages, d.persist_failures);
+    for (group, error) in &health.degraded {
+        let _ = writeln!(out, "degraded: the last write of group {group} to disk failed: {error}");
+    }
+    if !health.groups.is_empty() {
+        let mut table = Table::new(&["GROUP", "MODE", "REVISION", "CHANGED", "MEMBERS", "STALE"]).right(&[2, 4]);
+        for group in &health.groups {
+            let stale = match (&group.stale, &group.stale_reason) {
+                (true, Some(reason)) => format!("yes: {reason}"),
+                (true, None) => "yes".to_owned(),
+                (false, _) => "no".to_owned(),
+            };
+            table.row(vec![
+                group.name.clone(),
+                group.mode.clone(),
+                group.revision.to_string(),
+                format!("{} ago", format_age(group.since_change_ms)),
+                group.members.to_string(),
+                stale,
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&table.render());
+    }
+    if !health.alerts.is_empty() {
+        out.push('\n');
+        out.push_str(&alerts_table(&health.alerts, None));
+    }
+    for failure in failures {
+        let _ = writeln!(out, "fails: {failure}");
+    }
+    out
+}
+
+/// The alerts that hold, then those that cleared (newest first).
+pub fn alerts_text(alerts: &Alerts, now_ms: u64) -> String {
+    let mut out = String::new();
+    if alerts.active.is_empty() {
+        out.push_str("no alert holds\n");
+    } else {
+        out.push_str(&alerts_table(&alerts.active, Some(now_ms)));
+    }
+    if !alerts.history.is_empty() {
+        let cleared: Vec<Alert> = alerts.history.iter().rev().cloned().collect();
+        out.push_str("\ncleared:\n");
+        out.push_str(&alerts_table(&cleared, Some(now_ms)));
+    }
+    out
+}
+
+fn alerts_table(alerts: &[Alert], now_ms: Option<u64>) -> String {
+    let mut table = Table::new(&["ALERT", "SUBJECT", "RAISED", "CLEARED", "WHAT"]);
+    for alert in alerts {
+        let ago = |at: u64| match now_ms {
+            Some(now) => format!("{} ago", format_age(now.saturating_sub(at))),
+            None => format!("at {at}"),
+        };
+        table.row(vec![
+            alert.kind.as_str().to_owned(),
+            alert.subject.clone(),
+            ago(alert.raised_ms),
+            alert.cleared_ms.map_or_else(|| "-".to_owned(), ago),
+            alert.message.clone(),
+        ]);
+    }
+    table.render()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use konor_sdk::health::AlertKind;
+
+    #[test]
+    fn alerts_show_what_holds_and_what_cleared_newest_first() {
+        let alert = |subject: &str, raised_ms: u64, cleared_ms: Option<u64>| Alert {
+            kind: AlertKind::Flapping,
+            subject: subject.to_owned(),
+            message: format!("{subject} fell dead 3 times"),
+            raised_ms,
+            cleared_ms,
+        };
+        let alerts = Alerts {
+            active: vec![alert("n3", 50_000, None)],
+            history: vec![alert("n1", 1_000, Some(2_000)), alert("n2", 3_000, Some(4_000))],
+        };
+        let text = alerts_text(&alerts, 60_000);
+        assert!(text.starts_with("ALERT"), "{text}");
+        assert!(text.contains("flapping  n3       10s ago  -"), "{text}");
+        let n2 = text.find("n2 fell").unwrap();
+        let n1 = text.find("n1 fell").unwrap();
+        assert!(text.contains("cleared:") && n2 < n1, "{text}");
+        assert_eq!(alerts_text(&Alerts::default(), 0), "no alert holds\n");
+    }
+}
