@@ -237,6 +237,7 @@ impl Cluster {
             gossip_runtime: None,
             metrics: Default::default(),
             webhooks: None,
+            keep_history: false,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -32,6 +32,11 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
         Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
             check_group(name)
         }
+        Request::NodeHistory { node: Some(node) } => {
+            check_length("node id", node, NODE_ID_CHARS_MAX)?;
+            validate_node_id(node).map_err(|error| error.to_string())
+        }
+        Request::NodeHistory { node: None } => Ok(()),
         Request::GroupRemove { group, nodes, .. } => {
             check_group(group)?;
             check_count("nodes", nodes.len(), MESH_NODES_MAX)?;

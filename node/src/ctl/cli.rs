@@ -114,6 +114,12 @@ pub enum Command {
     /// List the anomaly alerts that hold (flapping nodes, late heartbeats, a label's nodes
     /// lost at once) and those that cleared.
     Alerts,
+    /// Show what this node's failure detector saw over the last hours: every node over the
+    /// last hour and the labels now, or one node's state changes and its last hour by minute.
+    NodeHistory {
+        /// A node id; without it, the whole mesh.
+        node: Option<String>,
+    },
 }
 
 /// `konorctl health`

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use konor_sdk::health::{Alert, Alerts, NodeHealth};
+use konor_sdk::health::{Alert, Alerts, MeshHistory, NodeHealth, NodeHistory};
 
 use crate::ctl::table::{Table, format_age};
 
@@ -68,6 +68,78 @@ pub fn alerts_text(alerts: &Alerts, now_ms: u64) -> String {
         let cleared: Vec<Alert> = alerts.history.iter().rev().cloned().collect();
         out.push_str("\ncleared:\n");
         out.push_str(&alerts_table(&cleared, Some(now_ms)));
+    }
+    out
+}
+
+/// Every node over the last hour, then the labels.
+pub fn mesh_history_text(history: &MeshHistory) -> String {
+    if history.nodes.is_empty() {
+        return "no node seen yet\n".to_owned();
+    }
+    let window = format_age(history.window_ms);
+    let mut out = format!("over the last {window}:\n");
+    let mut table = Table::new(&["NODE", "STATE", "LIVE", "CHANGES", "HEARTBEAT MEAN", "HEARTBEAT MAX", "LABELS"])
+        .right(&[2, 3, 4, 5]);
+    for node in &history.nodes {
+        let labels = node.labels.iter().map(|(key, value)| format!("{key}={value}")).collect::<Vec<_>>().join(",");
+        table.row(vec![
+            node.node.clone(),
+            node.state.clone(),
+            format!("{:.1}%", node.live_share * 100.0),
+            node.transitions.to_string(),
+            format_age(node.heartbeat_age_mean_ms),
+            format_age(node.heartbeat_age_max_ms),
+            labels,
+        ]);
+    }
+    out.push_str(&table.render());
+    if !history.labels.is_empty() {
+        out.push_str("\nby label, now:\n");
+        let mut table =
+            Table::new(&["LABEL", "LIVE", "UNKNOWN", "DEAD", "LEAVING", "HEARTBEAT MEAN"]).right(&[1, 2, 3, 4, 5]);
+        for label in &history.labels {
+            table.row(vec![
+                label.label.clone(),
+                label.live.to_string(),
+                label.unknown.to_string(),
+                label.dead.to_string(),
+                label.leaving.to_string(),
+                format_age(label.heartbeat_age_mean_ms),
+            ]);
+        }
+        out.push_str(&table.render());
+    }
+    out
+}
+
+/// One node's state changes and its last hour, minute by minute.
+pub fn node_history_text(history: &NodeHistory, now_ms: u64) -> String {
+    let mut out = format!("node {}\n", history.node);
+    if history.transitions.is_empty() {
+        out.push_str("no state change seen\n");
+    } else {
+        out.push_str("state changes:\n");
+        let mut table = Table::new(&["WHEN", "STATE"]);
+        for change in &history.transitions {
+            table.row(vec![format!("{} ago", format_age(now_ms.saturating_sub(change.at_ms))), change.state.clone()]);
+        }
+        out.push_str(&table.render());
+    }
+    if !history.minutes.is_empty() {
+        out.push_str("\nlast hour, by minute:\n");
+        let mut table =
+            Table::new(&["MINUTE", "POLLS", "LIVE", "HEARTBEAT MEAN", "HEARTBEAT MAX"]).right(&[1, 2, 3, 4]);
+        for bucket in &history.minutes {
+            table.row(vec![
+                format!("{} ago", format_age(now_ms.saturating_sub(bucket.start_ms))),
+                bucket.polls.to_string(),
+                bucket.live.to_string(),
+                format_age(bucket.age_sum_ms.checked_div(bucket.polls).unwrap_or(0)),
+                format_age(bucket.age_max_ms),
+            ]);
+        }
+        out.push_str(&table.render());
     }
     out
 }

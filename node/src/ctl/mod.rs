@@ -195,6 +195,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Status(args) => call(&target, TIMEOUT_DEFAULT, Request::Status { group: args.group }, output).await,
         Command::Health(args) => health(&target, args, output).await,
         Command::Alerts => call(&target, TIMEOUT_DEFAULT, Request::Alerts, output).await,
+        Command::NodeHistory { node } => call(&target, TIMEOUT_DEFAULT, Request::NodeHistory { node }, output).await,
     }
 }
 

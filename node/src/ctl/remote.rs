@@ -335,6 +335,8 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Nodes => (Method::GET, "/api/v1/nodes".to_owned(), None),
         Request::Health => (Method::GET, "/api/v1/health".to_owned(), None),
         Request::Alerts => (Method::GET, "/api/v1/alerts".to_owned(), None),
+        Request::NodeHistory { node: None } => (Method::GET, "/api/v1/history".to_owned(), None),
+        Request::NodeHistory { node: Some(node) } => (Method::GET, format!("/api/v1/history/{node}"), None),
         Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
         other => bail!("{} is not served over HTTP", other.kind()),
     })

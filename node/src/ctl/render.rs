@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::ctl::cli::OutputFormat;
 use crate::ctl::exit::{Exit, exit_for_code};
-use crate::ctl::health_text::{alerts_text, health_text};
+use crate::ctl::health_text::{alerts_text, health_text, mesh_history_text, node_history_text};
 use crate::ctl::table::{Table, format_age};
 
 /// Hex digits of a content hash shown to people: as many as the commit line and history carry.
@@ -227,6 +227,8 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         }
         Response::Health { health } => Rendered::ok(health_text(health, &[])),
         Response::Alerts { alerts } => Rendered::ok(alerts_text(alerts, now_ms)),
+        Response::NodeHistory { history } => Rendered::ok(node_history_text(history, now_ms)),
+        Response::MeshHistory { history } => Rendered::ok(mesh_history_text(history)),
         Response::SocketStats { stats } => Rendered::ok(format!(
             "connections {}\nread bytes {} (peak {}, budget {})\nwrite bytes {} (peak {}, budget {})\n\
              bad frames {}\nrefused {}\nsilent closed {}\nidle closed {}\nwatches dropped {}\n",
@@ -342,7 +344,8 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::Nodes
         | Request::SocketStats
         | Request::Health
-        | Request::Alerts => None,
+        | Request::Alerts
+        | Request::NodeHistory { .. } => None,
     }
 }
 

@@ -32,6 +32,7 @@ use tracing::{error, info, warn};
 use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
 use crate::health::alerts::{AlertChange, AlertRules, Observed, Seen};
+use crate::health::history::HealthHistory;
 use crate::health::webhook::{SYSTEM_CA_BUNDLE, Webhooks, read_ca_bundle};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
 use crate::metrics::Metrics;
@@ -203,6 +204,12 @@ struct Daemon {
     alerts: AlertRules,
     /// Where alert changes are POSTed.
     webhooks: Option<Webhooks>,
+    /// What the failure detector saw over the last hours; `None` when not kept (the simulator).
+    history: Option<HealthHistory>,
+    /// When the history was last saved.
+    history_saved: Instant,
+    /// Where it is saved.
+    history_file: std::path::PathBuf,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -250,6 +257,9 @@ pub struct NodeParts {
     pub metrics: Metrics,
     /// Where alerts are POSTed (the settings file's `alert-webhook`); `None`: nowhere.
     pub webhooks: Option<Webhooks>,
+    /// Keep the health history and save it in the data dir ([`HISTORY_FILE`]). Off in the
+    /// simulator: a thousand nodes each keeping a thousand peers' history would cost gigabytes.
+    pub keep_history: bool,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -366,6 +376,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         gossip_runtime: Some(tokio::runtime::Handle::current()),
         metrics,
         webhooks: start_webhooks(&settings)?,
+        keep_history: true,
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -472,6 +483,43 @@ fn open_permissions_warning(key_mode: u32, socket_mode: u32) -> Option<String> {
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
+/// The health history's file in the data dir.
+pub const HISTORY_FILE: &str = "health-history.bin";
+
+/// How often the health history is saved: a crash loses at most this much of it.
+const HISTORY_SAVE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The saved health history is read only up to this size; a larger file is not ours. At 1,600
+/// nodes with full rings it is about 3 MB.
+pub const HISTORY_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+
+/// The health history saved by the last run, or an empty one (a missing file is the first
+/// start; a damaged or foreign one is logged and set aside).
+fn load_history(data_dir: &std::path::Path) -> HealthHistory {
+    let path = data_dir.join(HISTORY_FILE);
+    let bytes = match std::fs::metadata(&path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return HealthHistory::default(),
+        Ok(meta) if meta.len() > HISTORY_FILE_BYTES_MAX => {
+            warn!(path = %path.display(), bytes = meta.len(), "the health history file is too large; starting a new history");
+            return HealthHistory::default();
+        }
+        _ => std::fs::read(&path),
+    };
+    match bytes
+        .map_err(|error| error.to_string())
+        .and_then(|bytes| HealthHistory::restore(&bytes).map_err(|error| error.to_string()))
+    {
+        Ok(history) => {
+            info!(nodes = history.len(), "health history loaded");
+            history
+        }
+        Err(error) => {
+            warn!(path = %path.display(), %error, "cannot read the health history; starting a new one");
+            HealthHistory::default()
+        }
+    }
+}
+
 /// Starts the senders of the settings' alert webhooks, if any; the CA bundle is read only when
 /// a receiver speaks https.
 fn start_webhooks(settings: &DaemonSettings) -> anyhow::Result<Option<Webhooks>> {
@@ -511,6 +559,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         gossip_runtime,
         metrics,
         webhooks,
+        keep_history,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -579,6 +628,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         calls_waiting: 0,
         alerts: AlertRules::default(),
         webhooks,
+        history: keep_history.then(|| load_history(&data_dir)),
+        history_saved: Instant::now(),
+        history_file: data_dir.join(HISTORY_FILE),
     };
     info!(node = %node_id, "node running");
     daemon.execute_outputs().await;
@@ -656,6 +708,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         }
         daemon.answer_blocked_reads();
     }
+    daemon.save_history(true).await;
     info!("shutting down: announcing leave");
     daemon.membership.set_leaving().await;
     tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
@@ -897,6 +950,7 @@ impl Daemon {
         log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
         self.judge_alerts();
+        self.save_history(false).await;
         // The first view always goes in, even an empty one: a node alone in its mesh must learn
         // that it has seen its view (strong groups stay fenced until then).
         if !self.view_delivered || &membership != self.replica.membership() {
@@ -942,6 +996,9 @@ impl Daemon {
             })
             .collect();
         let now_ms = self.wall_clock().0;
+        if let Some(history) = &mut self.history {
+            history.observe(now_ms, &observed);
+        }
         for change in self.alerts.observe(now_ms, &observed) {
             if let Some(webhooks) = &self.webhooks {
                 webhooks.notify(&change);
@@ -954,6 +1011,35 @@ impl Daemon {
                     info!(kind = alert.kind.as_str(), subject = %alert.subject, "alert cleared: {}", alert.message)
                 }
             }
+        }
+    }
+
+    /// Saves the health history when it is due (every [`HISTORY_SAVE_INTERVAL`]) or `now`. The
+    /// bytes are made here and written off this thread; a failed write is logged, and the next
+    /// one tries again.
+    async fn save_history(&mut self, now: bool) {
+        let Some(history) = &self.history else { return };
+        if !now && self.history_saved.elapsed() < HISTORY_SAVE_INTERVAL {
+            return;
+        }
+        self.history_saved = Instant::now();
+        let bytes = match history.snapshot() {
+            Ok(bytes) => bytes,
+            Err(error) => return warn!(%error, "cannot encode the health history"),
+        };
+        let path = self.history_file.clone();
+        let write = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes));
+        if now {
+            // At shutdown: the write must end before the process does.
+            if let Ok(Err(error)) = write.await {
+                warn!(%error, "cannot save the health history");
+            }
+        } else {
+            tokio::spawn(async move {
+                if let Ok(Err(error)) = write.await {
+                    warn!(%error, "cannot save the health history");
+                }
+            });
         }
     }
 

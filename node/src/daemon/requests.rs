@@ -2,6 +2,7 @@
 //! writes and group commands handed to the replica, watches, and the status and nodes views.
 
 use super::*;
+use crate::health::history::MeshHistory;
 use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
 
 impl Daemon {
@@ -334,11 +335,38 @@ impl Daemon {
             Request::Alerts => {
                 Response::Alerts { alerts: Alerts { active: self.alerts.active(), history: self.alerts.history() } }
             }
+            Request::NodeHistory { node } => self.node_history(node),
             Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } | Request::SocketStats => {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }
         };
         send(reply, response);
+    }
+
+    /// What the failure detector saw over the last hours (`konorctl node-history`).
+    fn node_history(&self, node: Option<String>) -> Response {
+        let Some(history) = &self.history else {
+            return error_response(ErrorCode::Unavailable, "this node keeps no health history");
+        };
+        match node {
+            Some(node) => match history.node(&node) {
+                Some(history) => Response::NodeHistory { history },
+                None => error_response(
+                    ErrorCode::NotFound,
+                    format!("no history of node {node:?} here (not seen in the last six hours)"),
+                ),
+            },
+            None => {
+                let window_ms = crate::health::history::SUMMARY_WINDOW_MS;
+                Response::MeshHistory {
+                    history: MeshHistory {
+                        window_ms,
+                        nodes: history.summaries(self.wall_clock().0, window_ms),
+                        labels: history.labels(),
+                    },
+                }
+            }
+        }
     }
 
     /// The node's health now (`/api/v1/health`, `/metrics`).

@@ -256,6 +256,7 @@ impl TestNode {
             gossip_runtime: None,
             metrics: Default::default(),
             webhooks: None,
+            keep_history: false,
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
         TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }

@@ -3,6 +3,7 @@
 //! `/metrics` from it; the check is pure so that its rules are tested here, not through HTTP.
 
 pub mod alerts;
+pub mod history;
 pub mod webhook;
 
 use serde::Deserialize;

@@ -1,7 +1,8 @@
 //! Alerts on real processes (issue 15): two of three nodes of a label killed at once raise
 //! `label_lost` on the node that sees it, which logs it, lists it in `konorctl alerts`, fails
 //! `konorctl health --max-dead 0` (exit 6) and POSTs it to its webhook, retrying a receiver
-//! that first answers 503, without the webhook's token ever reaching its log.
+//! that first answers 503, without the webhook's token ever reaching its log. The health
+//! history shows a peer's fall and survives a restart of the node that kept it.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -119,4 +120,56 @@ async fn a_label_losing_most_of_its_nodes_raises_an_alert_in_the_log_konorctl_an
     let log = std::fs::read_to_string(&nodes[0].log).unwrap();
     assert!(log.contains("alert: 2 of 3 nodes with zone=b fell dead"), "{log}");
     assert!(!log.contains("SECRET-TOKEN"), "the webhook's token reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_health_history_shows_a_peers_fall_and_survives_a_restart() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let mut clients = vec![n1.client().await];
+    let mut n2 = cluster.node("n2", &[&n1]);
+    n2.extra_args = vec!["--label".into(), "zone=b".into()];
+    n2.start();
+    clients.push(n2.client().await);
+    let mut nodes = vec![n1, n2];
+    await_whole_mesh(&nodes, &clients).await;
+    let socket = nodes[0].socket.clone();
+    let history_of_n2 = |socket: std::path::PathBuf| async move {
+        let output = konorctl(&socket, &["node-history", "n2", "--output", "json"]);
+        let answer: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
+        let states: Vec<String> = answer["history"]["transitions"]
+            .as_array()?
+            .iter()
+            .map(|change| change["state"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        Some((states, answer))
+    };
+
+    nodes[1].kill9();
+    let (states, answer) = eventually("n1's history shows n2 dead", || {
+        let socket = socket.clone();
+        async move { history_of_n2(socket).await.filter(|(states, _)| states.last().is_some_and(|s| s == "dead")) }
+    })
+    .await;
+    assert!(states.contains(&"live".to_owned()), "{states:?}");
+    let minutes = answer["history"]["minutes"].as_array().unwrap();
+    assert!(minutes.iter().any(|bucket| bucket["live"].as_u64() > Some(0)), "{answer}");
+    let mesh = konorctl(&socket, &["node-history"]);
+    let text = String::from_utf8_lossy(&mesh.stdout);
+    assert!(text.contains("n2") && text.contains("dead") && text.contains("zone=b"), "{text}");
+
+    // A restart keeps it: saved at shutdown, read back at start.
+    nodes[0].stop();
+    assert!(nodes[0].data_dir.join(konor_node::daemon::HISTORY_FILE).exists());
+    nodes[0].start();
+    let _ = nodes[0].client().await;
+    let (after, _) = eventually("n1 answers n2's history after its restart", || {
+        let socket = socket.clone();
+        async move { history_of_n2(socket).await }
+    })
+    .await;
+    assert_eq!(after[..states.len()], states[..], "the history before the restart was lost: {after:?}");
+    let log = std::fs::read_to_string(&nodes[0].log).unwrap();
+    assert!(log.contains("health history loaded"), "{log}");
 }

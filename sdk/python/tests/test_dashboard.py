@@ -77,6 +77,8 @@ def test_the_dashboard_shows_live_nodes_a_crash_and_a_write_with_its_diff(open_m
     # Three live nodes, and the group.
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, '#nodes td[data-state="live"]')) == 3)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '#groups tr[data-group="shop"]'))
+    # The node table reads the health history: n2 has been seen live since it was first seen.
+    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, '#nodes td[data-live-share="n2"]').text.endswith("%"))
     # The alerts panel reads /api/v1/alerts: a healthy mesh has none.
     wait.until(lambda d: d.find_element(By.ID, "alerts").text.endswith("no alert"))
     screenshot(browser, "dashboard-nodes.png")

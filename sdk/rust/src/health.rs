@@ -131,3 +131,89 @@ pub struct Alerts {
     /// Alerts that cleared since the daemon started, oldest first (a bounded number).
     pub history: Vec<Alert>,
 }
+
+/// One state change of a node, as this node's failure detector saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// When (Unix ms).
+    pub at_ms: u64,
+    /// `live`, `unknown`, `dead` or `leaving`.
+    pub state: String,
+}
+
+/// What the membership polls of one stretch of time saw of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Start of the stretch (Unix ms, a multiple of its length).
+    pub start_ms: u64,
+    /// Polls that saw the node.
+    pub polls: u64,
+    /// Of those, polls that saw it live.
+    pub live: u64,
+    /// Sum of the heartbeat ages seen (ms): divided by `polls`, the mean.
+    pub age_sum_ms: u64,
+    /// The largest heartbeat age seen (ms).
+    pub age_max_ms: u64,
+}
+
+/// One node's kept history (`konorctl node-history NODE`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeHistory {
+    /// The node.
+    pub node: String,
+    /// Its labels, as last seen.
+    pub labels: BTreeMap<String, String>,
+    /// Its last state changes, oldest first.
+    pub transitions: Vec<Transition>,
+    /// One-minute buckets of the last hour, oldest first (the newest still filling).
+    pub minutes: Vec<Bucket>,
+    /// Ten-minute buckets of the last six hours, oldest first (closed minutes only).
+    pub ten_minutes: Vec<Bucket>,
+}
+
+/// One node over a recent window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// The node.
+    pub node: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Its state now.
+    pub state: String,
+    /// The share of polls that saw it live (0 to 1).
+    pub live_share: f64,
+    /// Its state changes.
+    pub transitions: u64,
+    /// Mean heartbeat age (ms).
+    pub heartbeat_age_mean_ms: u64,
+    /// Largest heartbeat age (ms).
+    pub heartbeat_age_max_ms: u64,
+}
+
+/// The nodes of one label, now.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelSummary {
+    /// `key=value`.
+    pub label: String,
+    /// Nodes live.
+    pub live: u64,
+    /// Nodes not judged yet.
+    pub unknown: u64,
+    /// Nodes dead.
+    pub dead: u64,
+    /// Nodes leaving.
+    pub leaving: u64,
+    /// Mean heartbeat age of its live nodes over the last minute (ms).
+    pub heartbeat_age_mean_ms: u64,
+}
+
+/// The mesh's history as this node kept it (`konorctl node-history`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MeshHistory {
+    /// The window of the node summaries (ms): the last hour.
+    pub window_ms: u64,
+    /// Every node remembered, over the window.
+    pub nodes: Vec<NodeSummary>,
+    /// Labels, now.
+    pub labels: Vec<LabelSummary>,
+}

@@ -259,6 +259,14 @@ pub enum Request {
     Health,
     /// The node's anomaly alerts, those that hold and those that cleared (`konorctl alerts`).
     Alerts,
+    /// What this node's failure detector saw over the last hours (`konorctl node-history`):
+    /// one node's whole kept history, or (without `node`) every node over the last hour and
+    /// the labels now.
+    NodeHistory {
+        /// A node id; `None`: the whole mesh.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+    },
 }
 
 /// Outcome of a client's reload callback.
@@ -559,6 +567,16 @@ pub enum Response {
         /// Those that hold and those that cleared.
         alerts: crate::health::Alerts,
     },
+    /// One node's kept history.
+    NodeHistory {
+        /// Its state changes and its downsampled polls.
+        history: crate::health::NodeHistory,
+    },
+    /// The mesh's history.
+    MeshHistory {
+        /// Every node over the last hour, and the labels now.
+        history: crate::health::MeshHistory,
+    },
     /// Done, nothing to return.
     Done,
     /// Refused.
@@ -765,6 +783,7 @@ impl Request {
             Request::SocketStats => "socket_stats",
             Request::Health => "health",
             Request::Alerts => "alerts",
+            Request::NodeHistory { .. } => "node_history",
         }
     }
 }
@@ -790,6 +809,8 @@ impl Response {
             Response::SocketStats { .. } => "socket_stats",
             Response::Health { .. } => "health",
             Response::Alerts { .. } => "alerts",
+            Response::NodeHistory { .. } => "node_history",
+            Response::MeshHistory { .. } => "mesh_history",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }

@@ -16,18 +16,18 @@ fn bad_request(detail: impl Into<String>) -> HttpError {
     http_error(StatusCode::BAD_REQUEST, "bad_request", detail)
 }
 
-/// The `{group}` of a route.
+/// The one `{group}` or `{node}` of a route.
 #[derive(Debug)]
-pub(super) struct GroupName(pub(super) String);
+pub(super) struct PathSegment(pub(super) String);
 
-impl<S: Send + Sync> FromRequestParts<S> for GroupName {
+impl<S: Send + Sync> FromRequestParts<S> for PathSegment {
     type Rejection = HttpError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<GroupName, HttpError> {
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<PathSegment, HttpError> {
         let Path(group) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| bad_request(rejection.body_text()))?;
-        Ok(GroupName(group))
+        Ok(PathSegment(group))
     }
 }
 

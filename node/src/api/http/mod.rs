@@ -221,6 +221,8 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
     let guarded = Router::new()
         .route("/api/v1/nodes", get(routes::nodes))
         .route("/api/v1/alerts", get(routes::alerts))
+        .route("/api/v1/history", get(routes::mesh_history))
+        .route("/api/v1/history/{node}", get(routes::node_history))
         .route("/api/v1/groups", get(routes::groups).post(routes::group_create))
         .route("/api/v1/groups/{group}/join", post(routes::group_join))
         .route("/api/v1/groups/{group}/leave", post(routes::group_leave))

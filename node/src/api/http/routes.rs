@@ -19,7 +19,7 @@ use tracing::{Instrument, info, info_span};
 use super::Door;
 use super::answer::{Answer, HttpError, answer, http_error};
 use super::context::Ctx;
-use super::extract::{GroupKey, GroupName, JsonBody, QueryOf};
+use super::extract::{GroupKey, JsonBody, PathSegment, QueryOf};
 use crate::api::request_check::check_request;
 use crate::api::socket::LocalCall;
 use crate::health::{Thresholds, failures};
@@ -198,11 +198,19 @@ pub(super) async fn alerts(State(ctx): State<Ctx>) -> Answer {
     read(&ctx, Request::Alerts).await
 }
 
+pub(super) async fn mesh_history(State(ctx): State<Ctx>) -> Answer {
+    read(&ctx, Request::NodeHistory { node: None }).await
+}
+
+pub(super) async fn node_history(State(ctx): State<Ctx>, PathSegment(node): PathSegment) -> Answer {
+    read(&ctx, Request::NodeHistory { node: Some(node) }).await
+}
+
 pub(super) async fn groups(State(ctx): State<Ctx>) -> Answer {
     read(&ctx, Request::GroupList).await
 }
 
-pub(super) async fn snapshot(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+pub(super) async fn snapshot(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
     read(&ctx, Request::Snapshot { group }).await
 }
 
@@ -210,7 +218,7 @@ pub(super) async fn get_one(State(ctx): State<Ctx>, GroupKey(group, key): GroupK
     read(&ctx, Request::Get { group, key }).await
 }
 
-pub(super) async fn versions(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+pub(super) async fn versions(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
     read(&ctx, Request::History { group }).await
 }
 
@@ -223,17 +231,17 @@ pub(super) struct DiffQuery {
 
 pub(super) async fn diff(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     QueryOf(DiffQuery { from, to }): QueryOf<DiffQuery>,
 ) -> Answer {
     read(&ctx, Request::Diff { group, from, to }).await
 }
 
-pub(super) async fn conflicts(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+pub(super) async fn conflicts(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
     read(&ctx, Request::Conflicts { group }).await
 }
 
-pub(super) async fn status(State(ctx): State<Ctx>, GroupName(group): GroupName) -> Answer {
+pub(super) async fn status(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
     read(&ctx, Request::Status { group }).await
 }
 
@@ -265,7 +273,7 @@ pub(super) struct GroupJoinBody {
 
 pub(super) async fn group_join(
     State(ctx): State<Ctx>,
-    GroupName(name): GroupName,
+    PathSegment(name): PathSegment,
     JsonBody(GroupJoinBody { key }): JsonBody<GroupJoinBody>,
 ) -> Answer {
     command(&ctx, Request::GroupJoin { name, key: Secret::new(key) }).await
@@ -280,7 +288,7 @@ pub(super) struct ForceBody {
 
 pub(super) async fn group_leave(
     State(ctx): State<Ctx>,
-    GroupName(name): GroupName,
+    PathSegment(name): PathSegment,
     JsonBody(ForceBody { force }): JsonBody<ForceBody>,
 ) -> Answer {
     command(&ctx, Request::GroupLeave { name, force }).await
@@ -296,7 +304,7 @@ pub(super) struct RemoveBody {
 
 pub(super) async fn group_remove(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     JsonBody(RemoveBody { nodes, force }): JsonBody<RemoveBody>,
 ) -> Answer {
     command(&ctx, Request::GroupRemove { group, nodes, force }).await
@@ -320,7 +328,7 @@ pub(super) struct SetMany {
 
 pub(super) async fn set_many(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     JsonBody(SetMany { entries, message }): JsonBody<SetMany>,
 ) -> Answer {
     let meta = ctx.meta(message)?;
@@ -363,7 +371,7 @@ pub(super) struct DeleteMany {
 
 pub(super) async fn delete_many(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     JsonBody(DeleteMany { keys, message }): JsonBody<DeleteMany>,
 ) -> Answer {
     let meta = ctx.meta(message)?;
@@ -381,7 +389,7 @@ pub(super) struct ApplyBody {
 
 pub(super) async fn apply(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     JsonBody(ApplyBody { format, text, message }): JsonBody<ApplyBody>,
 ) -> Answer {
     let meta = ctx.meta(message)?;
@@ -398,7 +406,7 @@ pub(super) struct RollbackBody {
 
 pub(super) async fn rollback(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     JsonBody(RollbackBody { version, message }): JsonBody<RollbackBody>,
 ) -> Answer {
     let meta = ctx.meta(message)?;

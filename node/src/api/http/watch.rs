@@ -20,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot, watch as signal};
 
 use super::answer::{HttpError, answer, http_error};
 use super::context::Ctx;
-use super::extract::{GroupName, QueryOf};
+use super::extract::{PathSegment, QueryOf};
 use crate::api::request_check::check_request;
 use crate::api::socket::{LocalCall, WatchReceiver, WatchSender};
 use crate::limits::{HTTP_CALL_TIMEOUT, HTTP_WATCHES_MAX};
@@ -71,7 +71,7 @@ fn sse_event(node: &str, event: &WatchEvent) -> Event {
 
 pub(super) async fn watch(
     State(ctx): State<Ctx>,
-    GroupName(group): GroupName,
+    PathSegment(group): PathSegment,
     QueryOf(query): QueryOf<WatchQuery>,
     headers: HeaderMap,
 ) -> Result<HttpResponse, HttpError> {
