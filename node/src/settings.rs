@@ -98,8 +98,40 @@ impl SettingsFile {
     /// Reads and parses a settings file.
     pub fn read(path: &Path) -> anyhow::Result<SettingsFile> {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("{} is not a valid konord settings file", path.display()))
+        toml::from_str(&text).map_err(|error| {
+            // toml's own text quotes the offending line, and a settings file may hold a webhook
+            // URL with a token: only the place and the message, with quoted values left out.
+            let place = error.span().map(|span| {
+                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                format!(" at line {line}")
+            });
+            anyhow::anyhow!(
+                "{} is not a valid konord settings file{}: {}",
+                path.display(),
+                place.unwrap_or_default(),
+                without_quoted(error.message())
+            )
+        })
     }
+}
+
+/// `text` with every quoted value (`"..."`, `'...'`) replaced by `"…"`; serde's backticked key
+/// names stay (`unknown field `lisen``).
+fn without_quoted(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut quote = None;
+    for c in text.chars() {
+        match quote {
+            Some(open) if c == open => quote = None,
+            Some(_) => {}
+            None if matches!(c, '"' | '\'') => {
+                quote = Some(c);
+                out.push_str("\"…\"");
+            }
+            None => out.push(c),
+        }
+    }
+    out
 }
 
 /// Parses `key=value` labels.
@@ -124,4 +156,29 @@ pub fn parse_mode(text: &str) -> anyhow::Result<u32> {
         .map_err(|_| anyhow::anyhow!("{text:?} is not an octal file mode (e.g. 0600)"))?;
     anyhow::ensure!(mode <= 0o777, "file mode {text:?} out of range");
     Ok(mode)
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_settings_file_is_reported_without_its_values() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in [
+            "alert-webhook = [\"https://hooks.example.com/T0/SECRET]\n",
+            "alert-webhook = \"https://hooks.example.com/T0/SECRET\"\n",
+            "listen = 'SECRET'\nnot-a-key = 1\n",
+        ] {
+            let path = dir.path().join("konord.toml");
+            std::fs::write(&path, text).unwrap();
+            let error = format!("{:#}", SettingsFile::read(&path).unwrap_err());
+            assert!(error.contains("is not a valid konord settings file at line"), "{error}");
+            assert!(!error.contains("SECRET"), "{error}");
+        }
+        let path = dir.path().join("konord.toml");
+        std::fs::write(&path, "lisen = '127.0.0.1:7400'\n").unwrap();
+        let error = format!("{:#}", SettingsFile::read(&path).unwrap_err());
+        assert!(error.contains("`lisen`"), "{error}");
+    }
 }

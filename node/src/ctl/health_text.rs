@@ -9,7 +9,7 @@ use crate::ctl::table::{Table, format_age};
 
 /// A node's health: members, groups, degraded groups, queues, what it dropped, active alerts;
 /// then the thresholds it fails, if any.
-pub fn health_text(health: &NodeHealth, failures: &[String]) -> String {
+pub fn health_text(health: &NodeHealth, failures: &[String], now_ms: u64) -> String {
     let mut out = String::new();
     let verdict = if failures.is_empty() { "healthy" } else { "UNHEALTHY" };
     let _ = writeln!(out, "node {}: {verdict}, up {}", health.node_id, format_age(health.uptime_ms));
@@ -48,7 +48,7 @@ pub fn health_text(health: &NodeHealth, failures: &[String]) -> String {
     }
     if !health.alerts.is_empty() {
         out.push('\n');
-        out.push_str(&alerts_table(&health.alerts, None));
+        out.push_str(&alerts_table(&health.alerts, now_ms));
     }
     for failure in failures {
         let _ = writeln!(out, "fails: {failure}");
@@ -62,12 +62,12 @@ pub fn alerts_text(alerts: &Alerts, now_ms: u64) -> String {
     if alerts.active.is_empty() {
         out.push_str("no alert holds\n");
     } else {
-        out.push_str(&alerts_table(&alerts.active, Some(now_ms)));
+        out.push_str(&alerts_table(&alerts.active, now_ms));
     }
     if !alerts.history.is_empty() {
         let cleared: Vec<Alert> = alerts.history.iter().rev().cloned().collect();
         out.push_str("\ncleared:\n");
-        out.push_str(&alerts_table(&cleared, Some(now_ms)));
+        out.push_str(&alerts_table(&cleared, now_ms));
     }
     out
 }
@@ -144,13 +144,10 @@ pub fn node_history_text(history: &NodeHistory, now_ms: u64) -> String {
     out
 }
 
-fn alerts_table(alerts: &[Alert], now_ms: Option<u64>) -> String {
+fn alerts_table(alerts: &[Alert], now_ms: u64) -> String {
     let mut table = Table::new(&["ALERT", "SUBJECT", "RAISED", "CLEARED", "WHAT"]);
     for alert in alerts {
-        let ago = |at: u64| match now_ms {
-            Some(now) => format!("{} ago", format_age(now.saturating_sub(at))),
-            None => format!("at {at}"),
-        };
+        let ago = |at: u64| format!("{} ago", format_age(now_ms.saturating_sub(at)));
         table.row(vec![
             alert.kind.as_str().to_owned(),
             alert.subject.clone(),

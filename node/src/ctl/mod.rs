@@ -216,7 +216,7 @@ async fn health(target: &DaemonTarget, args: HealthArgs, output: OutputFormat) -
     let failures = crate::health::failures(health, &thresholds);
     let exit = if failures.is_empty() { Exit::Ok } else { Exit::Unhealthy };
     let mut rendered = match output {
-        OutputFormat::Table => Rendered::ok(health_text::health_text(health, &failures)),
+        OutputFormat::Table => Rendered::ok(health_text::health_text(health, &failures, now_ms())),
         OutputFormat::Json => {
             let document =
                 serde_json::json!({ "healthy": failures.is_empty(), "failures": failures, "health": health });

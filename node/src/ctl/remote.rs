@@ -366,7 +366,7 @@ fn parse_answer(status: StatusCode, bytes: &[u8]) -> anyhow::Result<Response> {
     })?;
     // `/api/v1/health` answers its own document, 503 when the node fails the thresholds; the
     // node's health is in it either way (konorctl judges its own thresholds).
-    if let Some(health) = value.get("health") {
+    if let (Some(health), Some(_)) = (value.get("health"), value.get("healthy")) {
         let health = serde_json::from_value(health.clone()).context("the node's health document is not readable")?;
         return Ok(Response::Health { health });
     }

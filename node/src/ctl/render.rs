@@ -225,7 +225,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Reconfigured { group, configuration } => {
             Rendered::ok(format!("group {group} is now in configuration {configuration}\n"))
         }
-        Response::Health { health } => Rendered::ok(health_text(health, &[])),
+        Response::Health { health } => Rendered::ok(health_text(health, &[], now_ms)),
         Response::Alerts { alerts } => Rendered::ok(alerts_text(alerts, now_ms)),
         Response::NodeHistory { history } => Rendered::ok(node_history_text(history, now_ms)),
         Response::MeshHistory { history } => Rendered::ok(mesh_history_text(history)),

@@ -31,7 +31,7 @@ use tracing::{error, info, warn};
 
 use crate::api::read_view::{Fresh, GroupRead, ReadView};
 use crate::api::socket::{self, ClientInfo, LocalApiConfig, LocalCall};
-use crate::health::alerts::{AlertChange, AlertRules, Observed, Seen};
+use crate::health::alerts::{AlertChange, AlertRules, Moment, Observed, Seen};
 use crate::health::history::HealthHistory;
 use crate::health::webhook::{SYSTEM_CA_BUNDLE, Webhooks, read_ca_bundle};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
@@ -374,8 +374,8 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         },
         gossip_seal,
         gossip_runtime: Some(tokio::runtime::Handle::current()),
+        webhooks: start_webhooks(&settings, &metrics)?,
         metrics,
-        webhooks: start_webhooks(&settings)?,
         keep_history: true,
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
@@ -522,7 +522,7 @@ fn load_history(data_dir: &std::path::Path) -> HealthHistory {
 
 /// Starts the senders of the settings' alert webhooks, if any; the CA bundle is read only when
 /// a receiver speaks https.
-fn start_webhooks(settings: &DaemonSettings) -> anyhow::Result<Option<Webhooks>> {
+fn start_webhooks(settings: &DaemonSettings, metrics: &Metrics) -> anyhow::Result<Option<Webhooks>> {
     if settings.alert_webhooks.is_empty() {
         return Ok(None);
     }
@@ -533,7 +533,7 @@ fn start_webhooks(settings: &DaemonSettings) -> anyhow::Result<Option<Webhooks>>
         Vec::new()
     };
     info!(webhooks = settings.alert_webhooks.len(), "alerts are posted to webhooks");
-    Ok(Some(Webhooks::start(&settings.node_id, settings.alert_webhooks.clone(), roots)?))
+    Ok(Some(Webhooks::start(&settings.node_id, settings.alert_webhooks.clone(), roots, metrics.webhooks.clone())?))
 }
 
 /// Runs one node on the given seams until `shutdown` turns true (graceful leave) or its gossip
@@ -626,7 +626,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         metrics,
         command_started: BTreeMap::new(),
         calls_waiting: 0,
-        alerts: AlertRules::default(),
+        alerts: AlertRules::for_gossip_interval(gossip_interval),
         webhooks,
         history: keep_history.then(|| load_history(&data_dir)),
         history_saved: Instant::now(),
@@ -995,11 +995,11 @@ impl Daemon {
                 heartbeat_age_ms: node.heartbeat_age.map(|age| age.as_millis() as u64),
             })
             .collect();
-        let now_ms = self.wall_clock().0;
+        let now = Moment { mono_ms: self.now().0, wall_ms: self.wall_clock().0 };
         if let Some(history) = &mut self.history {
-            history.observe(now_ms, &observed);
+            history.observe(now.wall_ms, &observed);
         }
-        for change in self.alerts.observe(now_ms, &observed) {
+        for change in self.alerts.observe(now, &observed) {
             if let Some(webhooks) = &self.webhooks {
                 webhooks.notify(&change);
             }

@@ -8,14 +8,18 @@
 //!   cleared after a window without a new fall.
 //! * **heartbeat delay**: a live node's heartbeat age, smoothed over about a second, is more than
 //!   [`DELAY_FACTOR`] times its own baseline (smoothed over minutes) and at least
-//!   [`DELAY_MARGIN_MS`] above it, for [`DELAY_HOLD_MS`] on end, after [`DELAY_WARMUP_SAMPLES`]
-//!   samples; the baseline stops learning while the alert holds. (A crashed node's heartbeats
-//!   age too, for the few seconds before the detector calls it dead: the hold keeps that quiet.)
+//!   [`DELAY_MARGIN_MS`] above it, for [`DELAY_HOLD_MS`] on end (longer at a slow gossip), after
+//!   [`DELAY_WARMUP_SAMPLES`] samples (their mean is the first baseline); the baseline stops
+//!   learning while the alert holds. (A crashed node's heartbeats age too, for the few seconds
+//!   before the detector calls it dead: the hold keeps that quiet.)
 //! * **label lost**: at least half (and at least two) of the nodes carrying one label
 //!   (`region=eu-west`, `infra=cloud`) fell dead within [`LABEL_LOSS_WINDOW_MS`] of each other:
 //!   a partition, or a zone down. Labels on fewer than [`LABEL_MIN_NODES`] nodes are not judged.
 //!
-//! A graceful leave is not a failure: leaving nodes count for none of them.
+//! A graceful leave is not a failure: leaving nodes count for none of them. `Unknown` is no
+//! news (this node just started or resumed from a pause and cannot judge yet): it changes no
+//! rule's memory, so a restart does not take long-dead nodes for a fresh loss, and a stall does
+//! not clear and raise alerts again.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -33,6 +37,9 @@ pub const DELAY_MARGIN_MS: f64 = 1_000.0;
 /// How long the delay must stay high before it is an alert: longer than a crashed node takes
 /// to be judged dead (about 2-8 s), which is the detector's news, not this rule's.
 pub const DELAY_HOLD_MS: u64 = 10_000;
+/// The hold in gossip periods: the detection bound is about 8 of them (2 s at 250 ms), so 40
+/// leaves a wide margin at any gossip period.
+pub const DELAY_HOLD_GOSSIP_INTERVALS: u64 = 40;
 /// Samples of a node before its baseline is trusted (at the daemon's 100 ms poll: 30 s).
 pub const DELAY_WARMUP_SAMPLES: u32 = 300;
 /// Weight of a new sample in the fast average (about 1 s at a 100 ms poll).
@@ -43,6 +50,8 @@ const BASELINE_WEIGHT: f64 = 1.0 / 1024.0;
 pub const LABEL_LOSS_WINDOW_MS: u64 = 10_000;
 /// Labels carried by fewer nodes than this are not judged (losing one of two is not a pattern).
 pub const LABEL_MIN_NODES: usize = 3;
+/// Nodes a label-lost message names; the rest are counted (a message goes to every webhook).
+const LABEL_NAMES_SHOWN: usize = 10;
 /// Alerts kept after they cleared, newest last.
 pub const ALERT_HISTORY_MAX: usize = 256;
 
@@ -98,15 +107,46 @@ struct NodeTrack {
 /// Per label: how many nodes carry it, and when each of its dead ones fell.
 type LabelFalls<'a> = (usize, Vec<(&'a str, u64)>);
 
+/// The time of an observation: monotonic milliseconds for the rules' windows (a step of the wall
+/// clock must not end a window early or keep it open), wall-clock Unix milliseconds for the
+/// times an alert shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// Milliseconds on a clock that never steps (since the daemon started).
+    pub mono_ms: u64,
+    /// Unix milliseconds.
+    pub wall_ms: u64,
+}
+
 /// The rules' memory: per node, and the alerts that hold.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct AlertRules {
     nodes: BTreeMap<String, NodeTrack>,
     active: BTreeMap<(AlertKind, String), Alert>,
     history: VecDeque<Alert>,
+    delay_hold_ms: u64,
+}
+
+impl Default for AlertRules {
+    fn default() -> AlertRules {
+        AlertRules {
+            nodes: BTreeMap::new(),
+            active: BTreeMap::new(),
+            history: VecDeque::new(),
+            delay_hold_ms: DELAY_HOLD_MS,
+        }
+    }
 }
 
 impl AlertRules {
+    /// Rules for a mesh gossiping every `gossip_interval`: a crashed node takes longer to be
+    /// judged dead at a slower gossip, so the heartbeat delay must hold longer before it is an
+    /// alert ([`DELAY_HOLD_GOSSIP_INTERVALS`] gossip periods, at least [`DELAY_HOLD_MS`]).
+    pub fn for_gossip_interval(gossip_interval: std::time::Duration) -> AlertRules {
+        let hold = (gossip_interval.as_millis() as u64).saturating_mul(DELAY_HOLD_GOSSIP_INTERVALS);
+        AlertRules { delay_hold_ms: hold.max(DELAY_HOLD_MS), ..AlertRules::default() }
+    }
+
     /// Alerts that hold now, by kind and subject.
     pub fn active(&self) -> Vec<Alert> {
         self.active.values().cloned().collect()
@@ -119,23 +159,30 @@ impl AlertRules {
 
     /// Takes one observation of the whole mesh (this node excluded) at `now_ms` (unix ms) and
     /// answers the alerts it raised and cleared.
-    pub fn observe(&mut self, now_ms: u64, nodes: &[Observed<'_>]) -> Vec<AlertChange> {
+    pub fn observe(&mut self, now: Moment, nodes: &[Observed<'_>]) -> Vec<AlertChange> {
+        let now_ms = now.mono_ms;
         let mut holds: BTreeMap<(AlertKind, String), String> = BTreeMap::new();
         for node in nodes {
             if !self.nodes.contains_key(node.id) {
                 self.nodes.insert(node.id.to_owned(), NodeTrack::default());
             }
             let Some(track) = self.nodes.get_mut(node.id) else { continue };
-            if node.seen == Seen::Dead && track.last != Some(Seen::Dead) {
-                if track.last == Some(Seen::Live) {
-                    track.falls.push_back(now_ms);
+            match node.seen {
+                // No news: this node just started or resumed and cannot judge it yet. A peer
+                // long dead that turns unknown and dead again did not fall again.
+                Seen::Unknown => {}
+                Seen::Dead => {
+                    if track.last == Some(Seen::Live) {
+                        track.falls.push_back(now_ms);
+                        track.dead_since = Some(now_ms);
+                    }
+                    track.last = Some(Seen::Dead);
                 }
-                track.dead_since = Some(now_ms);
+                Seen::Live | Seen::Leaving => {
+                    track.dead_since = None;
+                    track.last = Some(node.seen);
+                }
             }
-            if node.seen != Seen::Dead {
-                track.dead_since = None;
-            }
-            track.last = Some(node.seen);
             while track.falls.front().is_some_and(|at| now_ms.saturating_sub(*at) > FLAP_WINDOW_MS) {
                 track.falls.pop_front();
             }
@@ -151,41 +198,50 @@ impl AlertRules {
                 holds.insert(flapping_key, message);
             }
             let delay_key = (AlertKind::HeartbeatDelay, node.id.to_owned());
+            let alerting = self.active.get(&delay_key).map(|alert| alert.message.clone());
             match (node.seen, node.heartbeat_age_ms) {
                 (Seen::Live, Some(age)) => {
                     let age = age as f64;
-                    if track.samples == 0 {
+                    track.samples = track.samples.saturating_add(1);
+                    if track.samples == 1 {
                         (track.fast, track.baseline) = (age, age);
                     } else {
                         track.fast += FAST_WEIGHT * (age - track.fast);
                     }
-                    track.samples = track.samples.saturating_add(1);
-                    let alerting = self.active.contains_key(&delay_key);
+                    let judged = track.samples >= DELAY_WARMUP_SAMPLES;
                     let high =
                         track.fast > DELAY_FACTOR * track.baseline && track.fast > track.baseline + DELAY_MARGIN_MS;
                     let back = track.fast < 2.0 * track.baseline.max(1.0);
-                    let judged = track.samples >= DELAY_WARMUP_SAMPLES;
                     if judged && high {
                         track.high_since.get_or_insert(now_ms);
-                    } else if !alerting || back {
+                    } else if alerting.is_none() || back {
                         track.high_since = None;
                     }
-                    let held = track.high_since.is_some_and(|since| now_ms.saturating_sub(since) >= DELAY_HOLD_MS);
-                    if judged && (held || (alerting && !back)) {
+                    let held = track.high_since.is_some_and(|since| now_ms.saturating_sub(since) >= self.delay_hold_ms);
+                    if judged && (held || (alerting.is_some() && !back)) {
                         holds.insert(
                             delay_key,
                             format!(
-                                "heartbeats of {} arrive {:.0} ms apart, against {:.0} ms usually",
+                                "heartbeats of {} are {:.0} ms old on average, against {:.0} ms usually",
                                 node.id, track.fast, track.baseline
                             ),
                         );
-                    } else if track.samples > 1 {
+                    } else if !judged {
+                        // Warming up: the baseline is the plain mean of the samples so far.
+                        track.baseline += (age - track.baseline) / f64::from(track.samples);
+                    } else {
                         // The baseline learns only while no alert holds.
                         track.baseline += BASELINE_WEIGHT * (age - track.baseline);
                     }
                 }
-                _ => {
-                    // Not live: the delay's story is the failure detector's now; start over.
+                (Seen::Unknown, _) | (Seen::Live, None) => {
+                    // No sample: an alert that holds keeps holding.
+                    if let Some(message) = alerting {
+                        holds.insert(delay_key, message);
+                    }
+                }
+                (Seen::Dead | Seen::Leaving, _) => {
+                    // Gone: the delay's story is the failure detector's now; start over.
                     track.samples = 0;
                     track.high_since = None;
                 }
@@ -198,7 +254,7 @@ impl AlertRules {
             let present: std::collections::BTreeSet<&str> = nodes.iter().map(|node| node.id).collect();
             self.nodes.retain(|id, _| present.contains(id.as_str()));
         }
-        self.settle(now_ms, holds)
+        self.settle(now.wall_ms, holds)
     }
 
     fn judge_labels(&self, nodes: &[Observed<'_>], holds: &mut BTreeMap<(AlertKind, String), String>) {
@@ -226,7 +282,11 @@ impl AlertRules {
             let needed = carried.div_ceil(2).max(2);
             let holding = self.active.contains_key(&key);
             if together >= needed || (holding && fallen.len() >= needed) {
-                let names: Vec<&str> = fallen.iter().map(|(id, _)| *id).collect();
+                let mut names: Vec<&str> = fallen.iter().take(LABEL_NAMES_SHOWN).map(|(id, _)| *id).collect();
+                let more = format!("{} more", fallen.len().saturating_sub(LABEL_NAMES_SHOWN));
+                if fallen.len() > LABEL_NAMES_SHOWN {
+                    names.push(&more);
+                }
                 holds.insert(
                     key,
                     format!(
@@ -294,7 +354,7 @@ mod tests {
                     Observed { id: &ids[i], labels: &self.labels[i], seen: state, heartbeat_age_ms: Some(age) }
                 })
                 .collect();
-            rules.observe(now, &nodes)
+            rules.observe(Moment { mono_ms: now, wall_ms: 1_700_000_000_000 + now }, &nodes)
         }
     }
 
@@ -362,6 +422,33 @@ mod tests {
             (if i == 3 || i == 4 { Seen::Dead } else { Seen::Live }, 100)
         });
         assert!(raised(&changes).is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn an_observer_that_restarts_or_stalls_sees_no_new_loss_and_clears_nothing() {
+        let mesh = Mesh::new(7, 3);
+        // A restart: nodes 3 and 4 died long ago; a fresh observer sees them unknown, then dead.
+        let mut rules = AlertRules::default();
+        mesh.observe(&mut rules, 0, |i| (if i == 3 || i == 4 { Seen::Unknown } else { Seen::Live }, 100));
+        let changes =
+            mesh.observe(&mut rules, 2_000, |i| (if i == 3 || i == 4 { Seen::Dead } else { Seen::Live }, 100));
+        assert!(changes.is_empty(), "a restart raised {changes:?}");
+        // A real loss raises; a stall (every peer unknown for 2 s) neither clears nor raises again.
+        let mut rules = AlertRules::default();
+        mesh.observe(&mut rules, 0, |_| (Seen::Live, 100));
+        let raised_first =
+            mesh.observe(&mut rules, 1_000, |i| (if i == 3 || i == 4 { Seen::Dead } else { Seen::Live }, 100));
+        assert_eq!(raised(&raised_first), [(AlertKind::LabelLost, "region=b".to_owned())]);
+        let stalled = mesh.observe(&mut rules, 3_000, |_| (Seen::Unknown, 100));
+        let after = mesh.observe(&mut rules, 5_000, |i| (if i == 3 || i == 4 { Seen::Dead } else { Seen::Live }, 100));
+        assert!(stalled.is_empty() && after.is_empty(), "{stalled:?} {after:?}");
+        assert_eq!(rules.active().len(), 1);
+    }
+
+    #[test]
+    fn a_slow_gossip_holds_the_delay_longer_than_a_crash_takes_to_be_judged() {
+        assert_eq!(AlertRules::for_gossip_interval(std::time::Duration::from_millis(250)).delay_hold_ms, DELAY_HOLD_MS);
+        assert_eq!(AlertRules::for_gossip_interval(std::time::Duration::from_secs(2)).delay_hold_ms, 80_000);
     }
 
     #[test]

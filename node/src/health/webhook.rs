@@ -6,7 +6,7 @@
 //! [`WEBHOOK_QUEUE_MAX`] notices at most and never slows the daemon. One task per URL sends its
 //! queue in order, one notice at a time; a notice is retried after 1 s, 2 s, 4 s ... up to
 //! [`WEBHOOK_BACKOFF_MAX`], at most [`WEBHOOK_ATTEMPTS_MAX`] times, and dropped (logged) after
-//! that or on an answer that retrying cannot fix (a 4xx other than 408 and 429).
+//! that or on an answer that retrying cannot fix (a redirect, a 4xx other than 408 and 429).
 //!
 //! Webhook URLs often carry a token (Slack's and most chat services' do): they come from the
 //! settings file only, never a flag, and a log line names a URL by scheme, host and port only.
@@ -42,7 +42,8 @@ use crate::wall_clock::WallTime;
 /// with a flapping node sees about one notice a minute: 256 holds hours of them, at about 1 KiB
 /// each.
 pub const WEBHOOK_QUEUE_MAX: usize = 256;
-/// Tries per notice: with the backoff, about eight minutes of a receiver's downtime.
+/// Tries per notice: with the backoff, about four minutes of a receiver's downtime (four more
+/// if every try waits out its timeout).
 pub const WEBHOOK_ATTEMPTS_MAX: u32 = 10;
 /// The longest wait between two tries.
 pub const WEBHOOK_BACKOFF_MAX: Duration = Duration::from_secs(60);
@@ -72,7 +73,8 @@ impl Verdict {
         match status {
             Some(200..=299) => Verdict::Delivered,
             Some(408 | 429) | None => Verdict::Retry,
-            Some(400..=499) => Verdict::GiveUp,
+            // A redirect will not heal by itself: the URL must change.
+            Some(300..=499) => Verdict::GiveUp,
             Some(_) => Verdict::Retry,
         }
     }
@@ -170,6 +172,7 @@ struct Queue {
 pub struct Webhooks {
     node_id: String,
     queues: Vec<Arc<Queue>>,
+    stats: Arc<WebhookStats>,
 }
 
 /// Delivered and dropped notices, for tests and logs.
@@ -187,6 +190,7 @@ impl Webhooks {
         node_id: &str,
         urls: Vec<WebhookUrl>,
         roots: Vec<CertificateDer<'static>>,
+        stats: Arc<WebhookStats>,
     ) -> anyhow::Result<Webhooks> {
         let mut store = rustls::RootCertStore::empty();
         for root in roots {
@@ -198,7 +202,6 @@ impl Webhooks {
             .with_root_certificates(store)
             .with_no_client_auth();
         let tls = TlsConnector::from(Arc::new(config));
-        let stats = Arc::new(WebhookStats::default());
         let queues = urls
             .into_iter()
             .map(|url| {
@@ -207,7 +210,7 @@ impl Webhooks {
                 queue
             })
             .collect();
-        Ok(Webhooks { node_id: node_id.to_owned(), queues })
+        Ok(Webhooks { node_id: node_id.to_owned(), queues, stats })
     }
 
     /// Queues one change for every URL; never waits.
@@ -223,6 +226,7 @@ impl Webhooks {
             if notices.len() >= WEBHOOK_QUEUE_MAX {
                 notices.pop_front();
                 queue.dropped.fetch_add(1, Ordering::Relaxed);
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
             }
             notices.push_back(body.clone());
             drop(notices);
@@ -264,7 +268,7 @@ async fn send_loop(url: WebhookUrl, queue: Arc<Queue>, tls: TlsConnector, stats:
                     break;
                 }
                 Verdict::GiveUp => {
-                    warn!(webhook = %url.redacted(), status, "alert webhook refused a notice; dropped (check the URL and its token)");
+                    warn!(webhook = %url.redacted(), status, "alert webhook refused a notice; dropped (check the URL and its token; redirects are not followed)");
                     stats.dropped.fetch_add(1, Ordering::Relaxed);
                     break;
                 }
@@ -330,7 +334,7 @@ mod tests {
         for retry in [None, Some(500), Some(502), Some(503), Some(408), Some(429)] {
             assert_eq!(Verdict::of(retry), Verdict::Retry, "{retry:?}");
         }
-        for give_up in [Some(400), Some(401), Some(403), Some(404), Some(410)] {
+        for give_up in [Some(301), Some(308), Some(400), Some(401), Some(403), Some(404), Some(410)] {
             assert_eq!(Verdict::of(give_up), Verdict::GiveUp, "{give_up:?}");
         }
     }

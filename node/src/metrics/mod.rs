@@ -54,6 +54,8 @@ pub struct Metrics {
     propagation: Histogram,
     /// HTTP requests answered, and refused at the door (connection cap, TLS handshake).
     pub http: Arc<HttpCounters>,
+    /// Alert notices delivered to webhooks, and dropped.
+    pub webhooks: Arc<crate::health::webhook::WebhookStats>,
 }
 
 /// The HTTP door's own counters.
@@ -78,6 +80,7 @@ impl Default for Metrics {
             apply: Histogram::new(latency_buckets()),
             propagation: Histogram::new(latency_buckets()),
             http: Arc::default(),
+            webhooks: Arc::default(),
         }
     }
 }
@@ -143,6 +146,7 @@ pub fn render(metrics: &Metrics, scrape: Scrape) -> Result<String, fmt::Error> {
     registry.register_collector(Box::new(ScrapeCollector {
         scrape,
         http: metrics.http.clone(),
+        webhooks: metrics.webhooks.clone(),
         commit: [("eventual", metrics.commit_eventual.clone()), ("strong", metrics.commit_strong.clone())],
     }));
     let mut text = String::new();
@@ -155,8 +159,14 @@ pub fn render(metrics: &Metrics, scrape: Scrape) -> Result<String, fmt::Error> {
 struct ScrapeCollector {
     scrape: Scrape,
     http: Arc<HttpCounters>,
+    webhooks: Arc<crate::health::webhook::WebhookStats>,
     /// The commit latency histograms by mode.
     commit: [(&'static str, Histogram); 2],
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -351,6 +361,13 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
                 "in" => c.bytes_in.load(Ordering::Relaxed),
                 _ => c.bytes_out.load(Ordering::Relaxed),
             }),
+        )?;
+        counters(
+            &mut encoder,
+            "webhook_notices",
+            "Alert notices sent to webhooks: delivered (a 2xx), dropped (out of tries, refused, or pushed out of a full queue)",
+            [("delivered", &self.webhooks.delivered), ("dropped", &self.webhooks.dropped)]
+                .map(|(outcome, count)| (OutcomeLabel { outcome }, count.load(Ordering::Relaxed))),
         )?;
         counter(&mut encoder, "http_requests", "HTTP requests answered", self.http.requests.load(Ordering::Relaxed))?;
         counter(

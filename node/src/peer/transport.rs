@@ -1053,7 +1053,9 @@ mod tests {
         received.sort();
         assert_eq!(received, frames, "every frame once, none twice");
         let (delayed, duplicated) = b_layer.counts();
-        assert!(delayed > 200 && duplicated > 10, "b's layer delayed {delayed} and duplicated {duplicated} datagrams");
+        // How many datagrams carry 200 frames depends on how QUIC packs them (fewer when the
+        // machine is busy and frames queue up): at least one per two frames, whatever the load.
+        assert!(delayed > 100 && duplicated > 10, "b's layer delayed {delayed} and duplicated {duplicated} datagrams");
         assert!(a_layer.counts().0 > 0, "a's acks were delayed too");
         assert_eq!(b.stats.dropped_out.load(Ordering::Relaxed), 0);
     }

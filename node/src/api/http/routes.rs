@@ -67,19 +67,35 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
     }
 }
 
-/// True for requests that change state.
+/// True for requests that change state (logged as writes). Every request is named: a new one
+/// must be sorted here.
 fn is_write(request: &Request) -> bool {
-    !matches!(
-        request,
+    match request {
         Request::Get { .. }
-            | Request::Snapshot { .. }
-            | Request::History { .. }
-            | Request::Diff { .. }
-            | Request::Conflicts { .. }
-            | Request::Nodes
-            | Request::Status { .. }
-            | Request::GroupList
-    )
+        | Request::Snapshot { .. }
+        | Request::History { .. }
+        | Request::Diff { .. }
+        | Request::Conflicts { .. }
+        | Request::Nodes
+        | Request::Status { .. }
+        | Request::GroupList
+        | Request::Health
+        | Request::Alerts
+        | Request::NodeHistory { .. }
+        | Request::SocketStats
+        | Request::Hello { .. }
+        | Request::Watch { .. }
+        | Request::Unwatch { .. } => false,
+        Request::ReportApply { .. }
+        | Request::GroupCreate { .. }
+        | Request::GroupJoin { .. }
+        | Request::GroupLeave { .. }
+        | Request::GroupRemove { .. }
+        | Request::Set { .. }
+        | Request::Delete { .. }
+        | Request::Apply { .. }
+        | Request::Rollback { .. } => true,
+    }
 }
 
 /// The daemon's health, or the answer that says it could not be had.
@@ -171,6 +187,12 @@ pub(super) async fn health(State(ctx): State<Ctx>, QueryOf(thresholds): QueryOf<
         // The disk's error text names files; callers with a certificate see it.
         for error in health.degraded.values_mut() {
             *error = "a write to disk failed (the error is shown to callers with a certificate)".to_owned();
+        }
+        // Alerts name nodes and labels, which `/api/v1/nodes` shows only to callers with a
+        // certificate: others learn that an alert of a kind holds, and when it was raised.
+        for alert in &mut health.alerts {
+            alert.subject = "(shown to callers with a certificate)".to_owned();
+            alert.message = format!("a {} alert holds", alert.kind.as_str());
         }
     }
     let status = if failed.is_empty() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
