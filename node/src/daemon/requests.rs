@@ -363,6 +363,7 @@ impl Daemon {
                         window_ms,
                         nodes: history.summaries(self.wall_clock().0, window_ms),
                         labels: history.labels(),
+                        live_by_minute: history.live_by_minute(self.wall_clock().0, window_ms),
                     },
                 }
             }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-pub use konor_sdk::health::{Bucket, LabelSummary, MeshHistory, NodeHistory, NodeSummary, Transition};
+pub use konor_sdk::health::{Bucket, LabelSummary, MeshHistory, MinuteLive, NodeHistory, NodeSummary, Transition};
 
 use crate::health::alerts::{Observed, Seen};
 
@@ -172,6 +172,19 @@ impl HealthHistory {
             .collect()
     }
 
+    /// Peers live minute by minute since `now_ms - window_ms`, oldest first: per minute, the sum
+    /// of each peer's share of polls that saw it live.
+    pub fn live_by_minute(&self, now_ms: u64, window_ms: u64) -> Vec<MinuteLive> {
+        let since = now_ms.saturating_sub(window_ms);
+        let mut minutes: BTreeMap<u64, f64> = BTreeMap::new();
+        for track in self.nodes.values() {
+            for bucket in track.fine.iter().filter(|bucket| bucket.start_ms + FINE_MS > since && bucket.polls > 0) {
+                *minutes.entry(bucket.start_ms).or_default() += bucket.live as f64 / bucket.polls as f64;
+            }
+        }
+        minutes.into_iter().map(|(start_ms, live)| MinuteLive { start_ms, live }).collect()
+    }
+
     /// Per label (`region=eu-west`): nodes by their state now, and the mean heartbeat age of its
     /// live nodes over the newest fine bucket.
     pub fn labels(&self) -> Vec<LabelSummary> {
@@ -297,6 +310,9 @@ mod tests {
         assert!((summary.live_share - 59.0 / 60.0).abs() < 0.01, "{summary:?}");
         assert_eq!(summary.transitions, 2);
         assert_eq!(summary.heartbeat_age_max_ms, 9_000);
+        let minutes = history.live_by_minute(now, 3_600_000);
+        assert_eq!(minutes.len(), 60);
+        assert_eq!((minutes[0].live, minutes[1].live), (0.0, 1.0));
         // A node gone from the view is forgotten once its history is older than six hours.
         observe(&mut history, now + 6 * 3_600_000 + COARSE_MS, &[], &labels);
         assert!(history.is_empty());

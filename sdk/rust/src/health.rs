@@ -216,4 +216,17 @@ pub struct MeshHistory {
     pub nodes: Vec<NodeSummary>,
     /// Labels, now.
     pub labels: Vec<LabelSummary>,
+    /// Peers live, minute by minute over the window: per minute, the sum over peers of the
+    /// share of polls that saw each live (this node not counted).
+    #[serde(default)]
+    pub live_by_minute: Vec<MinuteLive>,
+}
+
+/// Peers live during one minute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MinuteLive {
+    /// Start of the minute (Unix ms).
+    pub start_ms: u64,
+    /// Peers live, on average over the minute.
+    pub live: f64,
 }
