@@ -102,7 +102,7 @@ impl SettingsFile {
             // toml's own text quotes the offending line, and a settings file may hold a webhook
             // URL with a token: only the place and the message, with quoted values left out.
             let place = error.span().map(|span| {
-                let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+                let line = text.as_bytes().iter().take(span.start).filter(|byte| **byte == b'\n').count() + 1;
                 format!(" at line {line}")
             });
             anyhow::anyhow!(
@@ -120,8 +120,11 @@ impl SettingsFile {
 fn without_quoted(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut quote = None;
+    let mut escaped = false;
     for c in text.chars() {
         match quote {
+            Some(_) if escaped => escaped = false,
+            Some('"') if c == '\\' => escaped = true,
             Some(open) if c == open => quote = None,
             Some(_) => {}
             None if matches!(c, '"' | '\'') => {
@@ -169,6 +172,7 @@ mod file_tests {
             "alert-webhook = [\"https://hooks.example.com/T0/SECRET]\n",
             "alert-webhook = \"https://hooks.example.com/T0/SECRET\"\n",
             "listen = 'SECRET'\nnot-a-key = 1\n",
+            "alert-webhook = \"https://h/a\\\"SECRET\"\n",
         ] {
             let path = dir.path().join("konord.toml");
             std::fs::write(&path, text).unwrap();

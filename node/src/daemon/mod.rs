@@ -210,6 +210,8 @@ struct Daemon {
     history_saved: Instant,
     /// Where it is saved.
     history_file: std::path::PathBuf,
+    /// The save in progress, if any.
+    history_write: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -490,7 +492,7 @@ pub const HISTORY_FILE: &str = "health-history.bin";
 const HISTORY_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The saved health history is read only up to this size; a larger file is not ours. At 1,600
-/// nodes with full rings it is about 3 MB.
+/// nodes with full rings it is about 4 MB.
 pub const HISTORY_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
 
 /// The health history saved by the last run, or an empty one (a missing file is the first
@@ -518,6 +520,28 @@ fn load_history(data_dir: &std::path::Path) -> HealthHistory {
             HealthHistory::default()
         }
     }
+}
+
+/// Logs a failed save of the health history (the next save tries again).
+fn report_history_write(result: Result<std::io::Result<()>, tokio::task::JoinError>) {
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => warn!(%error, "cannot save the health history"),
+        Err(error) => warn!(%error, "the health history's save did not finish"),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file readable by the owner only (the history
+/// names nodes and labels, which the HTTP API shows only to callers with a certificate), then
+/// renames it into place.
+fn write_private_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let temp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&temp)?;
+    file.write_all(bytes)?;
+    drop(file);
+    std::fs::rename(&temp, path)
 }
 
 /// Starts the senders of the settings' alert webhooks, if any; the CA bundle is read only when
@@ -631,6 +655,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         history: keep_history.then(|| load_history(&data_dir)),
         history_saved: Instant::now(),
         history_file: data_dir.join(HISTORY_FILE),
+        history_write: None,
     };
     info!(node = %node_id, "node running");
     daemon.execute_outputs().await;
@@ -1018,28 +1043,32 @@ impl Daemon {
     /// bytes are made here and written off this thread; a failed write is logged, and the next
     /// one tries again.
     async fn save_history(&mut self, now: bool) {
-        let Some(history) = &self.history else { return };
-        if !now && self.history_saved.elapsed() < HISTORY_SAVE_INTERVAL {
+        if self.history.is_none() || (!now && self.history_saved.elapsed() < HISTORY_SAVE_INTERVAL) {
             return;
         }
+        // One write at a time: a periodic save still running is skipped (a stalled disk does not
+        // pile writers up) and awaited before the last one (two writers would share the file).
+        if let Some(write) = &self.history_write {
+            if !now && !write.is_finished() {
+                return;
+            }
+            if let Some(write) = self.history_write.take() {
+                report_history_write(write.await);
+            }
+        }
         self.history_saved = Instant::now();
+        let Some(history) = &self.history else { return };
         let bytes = match history.snapshot() {
             Ok(bytes) => bytes,
             Err(error) => return warn!(%error, "cannot encode the health history"),
         };
         let path = self.history_file.clone();
-        let write = tokio::task::spawn_blocking(move || write_atomically(&path, &bytes));
+        let write = tokio::task::spawn_blocking(move || write_private_atomically(&path, &bytes));
         if now {
             // At shutdown: the write must end before the process does.
-            if let Ok(Err(error)) = write.await {
-                warn!(%error, "cannot save the health history");
-            }
+            report_history_write(write.await);
         } else {
-            tokio::spawn(async move {
-                if let Ok(Err(error)) = write.await {
-                    warn!(%error, "cannot save the health history");
-                }
-            });
+            self.history_write = Some(write);
         }
     }
 

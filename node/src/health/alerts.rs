@@ -229,8 +229,9 @@ impl AlertRules {
                     } else if !judged {
                         // Warming up: the baseline is the plain mean of the samples so far.
                         track.baseline += (age - track.baseline) / f64::from(track.samples);
-                    } else {
-                        // The baseline learns only while no alert holds.
+                    } else if track.high_since.is_none() {
+                        // The baseline learns only while the delay is not high: learning during
+                        // the hold would lift it until the delay no longer counts as high.
                         track.baseline += BASELINE_WEIGHT * (age - track.baseline);
                     }
                 }
@@ -446,9 +447,27 @@ mod tests {
     }
 
     #[test]
-    fn a_slow_gossip_holds_the_delay_longer_than_a_crash_takes_to_be_judged() {
+    fn a_slow_gossip_holds_the_delay_longer_and_a_steady_delay_still_raises() {
         assert_eq!(AlertRules::for_gossip_interval(std::time::Duration::from_millis(250)).delay_hold_ms, DELAY_HOLD_MS);
-        assert_eq!(AlertRules::for_gossip_interval(std::time::Duration::from_secs(2)).delay_hold_ms, 80_000);
+        let mut rules = AlertRules::for_gossip_interval(std::time::Duration::from_secs(2));
+        assert_eq!(rules.delay_hold_ms, 80_000);
+        let mesh = Mesh::new(3, 3);
+        let mut now = 0;
+        for _ in 0..600 {
+            now += 100;
+            mesh.observe(&mut rules, now, |_| (Seen::Live, 1_000));
+        }
+        // n1's heartbeats stay 5 times their usual age: raised after the 80 s hold, not before.
+        let mut raised_at = None;
+        for _ in 0..1_200 {
+            now += 100;
+            let changes = mesh.observe(&mut rules, now, |i| (Seen::Live, if i == 1 { 5_000 } else { 1_000 }));
+            if raised_at.is_none() && !raised(&changes).is_empty() {
+                raised_at = Some(now);
+            }
+        }
+        let after = raised_at.expect("a steady delay of 5 times the baseline was never raised") - 60_000;
+        assert!((80_000..85_000).contains(&after), "raised {after} ms after the delay began");
     }
 
     #[test]

@@ -4,14 +4,19 @@
 //! then, and loads it back at start, so a restart keeps the last hours.
 //!
 //! Per node it keeps
-//! * its last [`TRANSITIONS_MAX`] state changes (live, unknown, dead, leaving) with their times;
+//! * its last [`TRANSITIONS_MAX`] state changes (live, dead, leaving) with their times;
 //! * downsampled rings of what each membership poll saw: one-minute buckets for the last hour
 //!   ([`FINE_BUCKETS`]) and ten-minute buckets for the last six hours ([`COARSE_BUCKETS`]); a
 //!   bucket holds how many polls saw the node, how many saw it live, and the mean and largest
 //!   heartbeat age (the failure detector's input: how long since its heartbeat last advanced).
 //!
-//! At 800 nodes that is about 2.5 MB. Nodes that leave the mesh view keep their history until
-//! their newest bucket is older than the coarse ring.
+//! `unknown` is no news, as for the alert rules: a poll that cannot judge a node (this node just
+//! started or resumed) neither counts nor changes its state. The first sighting of a node is
+//! its state, not a change. Times never go back: a wall clock stepped back is held at the newest
+//! time seen until it catches up, so rings stay in order.
+//!
+//! About 3.5 KB per node with full rings: under 3 MB at 800 nodes. Nodes that leave the mesh
+//! view keep their history until their newest bucket is older than the coarse ring.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -34,70 +39,124 @@ pub const COARSE_MS: u64 = 600_000;
 /// The window of the mesh summary (`konorctl node-history` without a node): the last hour,
 /// the fine ring.
 pub const SUMMARY_WINDOW_MS: u64 = FINE_MS * FINE_BUCKETS as u64;
+/// How far back the coarse ring reaches.
+const KEPT_MS: u64 = COARSE_MS * COARSE_BUCKETS as u64;
 /// Nodes remembered at most (a mesh holds at most `MESH_NODES_MAX`; nodes gone from the view
 /// stay a while, so twice that).
 pub const HISTORY_NODES_MAX: usize = 2 * crate::limits::MESH_NODES_MAX;
 
-/// Everything kept, in the form that is saved.
+/// Everything kept, in the form that is saved (its own types, not the SDK's: postcard has no
+/// field names, so the saved form must change only with [`HISTORY_FORMAT`]).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct HealthHistory {
     nodes: BTreeMap<String, Track>,
+    /// The newest time observed (Unix ms): later observations never go before it.
+    latest_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 struct Track {
     labels: BTreeMap<String, String>,
-    state: Option<String>,
-    transitions: VecDeque<Transition>,
-    fine: VecDeque<Bucket>,
-    coarse: VecDeque<Bucket>,
+    state: Option<State>,
+    /// The last poll that saw it (Unix ms).
+    seen_ms: u64,
+    transitions: VecDeque<(u64, State)>,
+    fine: VecDeque<Sums>,
+    coarse: VecDeque<Sums>,
 }
 
-fn state_name(seen: Seen) -> &'static str {
-    match seen {
-        Seen::Live => "live",
-        Seen::Unknown => "unknown",
-        Seen::Dead => "dead",
-        Seen::Leaving => "leaving",
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum State {
+    Live,
+    Dead,
+    Leaving,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Live => "live",
+            State::Dead => "dead",
+            State::Leaving => "leaving",
+        }
     }
 }
 
-fn empty(start_ms: u64) -> Bucket {
-    Bucket { start_ms, polls: 0, live: 0, age_sum_ms: 0, age_max_ms: 0 }
+/// A bucket as kept: what the polls of one stretch saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Sums {
+    start_ms: u64,
+    polls: u64,
+    live: u64,
+    age_sum_ms: u64,
+    age_max_ms: u64,
 }
 
-fn add(into: &mut Bucket, other: &Bucket) {
-    into.polls += other.polls;
-    into.live += other.live;
-    into.age_sum_ms += other.age_sum_ms;
-    into.age_max_ms = into.age_max_ms.max(other.age_max_ms);
+impl Sums {
+    fn empty(start_ms: u64) -> Sums {
+        Sums { start_ms, polls: 0, live: 0, age_sum_ms: 0, age_max_ms: 0 }
+    }
+
+    fn add(&mut self, other: &Sums) {
+        self.polls = self.polls.saturating_add(other.polls);
+        self.live = self.live.saturating_add(other.live);
+        self.age_sum_ms = self.age_sum_ms.saturating_add(other.age_sum_ms);
+        self.age_max_ms = self.age_max_ms.max(other.age_max_ms);
+    }
+
+    fn end_ms(&self, width: u64) -> u64 {
+        self.start_ms.saturating_add(width)
+    }
+
+    fn shown(&self) -> Bucket {
+        Bucket {
+            start_ms: self.start_ms,
+            polls: self.polls,
+            live: self.live,
+            age_sum_ms: self.age_sum_ms,
+            age_max_ms: self.age_max_ms,
+        }
+    }
+
+    /// Sane as read from a file: aligned to `width`, no more live polls than polls.
+    fn sane(&self, width: u64) -> bool {
+        self.start_ms.is_multiple_of(width) && self.live <= self.polls && self.age_max_ms <= self.age_sum_ms
+    }
 }
 
 /// Pushes `sample` into the ring of `width` buckets, at most `keep`: into the newest bucket if
 /// it covers `sample.start_ms`, else into a new one (the oldest leaves past `keep`). Answers the
-/// bucket that closed, if one did.
-fn push(ring: &mut VecDeque<Bucket>, width: u64, keep: usize, sample: &Bucket) -> Option<Bucket> {
+/// bucket that closed, if one did. Samples come in time order ([`HealthHistory::observe`]).
+fn push(ring: &mut VecDeque<Sums>, width: u64, keep: usize, sample: &Sums) -> Option<Sums> {
     let start = sample.start_ms - sample.start_ms % width;
     if let Some(newest) = ring.back_mut()
-        && newest.start_ms == start
+        && newest.start_ms >= start
     {
-        add(newest, sample);
+        newest.add(sample);
         return None;
     }
-    let closed = ring.back().cloned();
-    let mut bucket = empty(start);
-    add(&mut bucket, sample);
-    ring.push_back(bucket);
-    while ring.len() > keep {
+    let closed = ring.back().copied();
+    if ring.len() >= keep {
         ring.pop_front();
     }
+    let mut bucket = Sums::empty(start);
+    bucket.add(sample);
+    ring.push_back(bucket);
     closed
 }
 
 impl HealthHistory {
     /// Takes one membership poll at `now_ms` (Unix ms): the mesh without this node.
     pub fn observe(&mut self, now_ms: u64, nodes: &[Observed<'_>]) {
+        let now_ms = now_ms.max(self.latest_ms);
+        self.latest_ms = now_ms;
         for node in nodes {
+            let state = match node.seen {
+                Seen::Unknown => continue,
+                Seen::Live => State::Live,
+                Seen::Dead => State::Dead,
+                Seen::Leaving => State::Leaving,
+            };
             if !self.nodes.contains_key(node.id) {
                 if self.nodes.len() >= HISTORY_NODES_MAX {
                     continue;
@@ -108,66 +167,87 @@ impl HealthHistory {
             if &track.labels != node.labels {
                 track.labels = node.labels.clone();
             }
-            let state = state_name(node.seen);
-            if track.state.as_deref() != Some(state) {
-                track.state = Some(state.to_owned());
-                track.transitions.push_back(Transition { at_ms: now_ms, state: state.to_owned() });
-                while track.transitions.len() > TRANSITIONS_MAX {
+            track.seen_ms = now_ms;
+            if track.state.is_some_and(|last| last != state) {
+                if track.transitions.len() >= TRANSITIONS_MAX {
                     track.transitions.pop_front();
                 }
+                track.transitions.push_back((now_ms, state));
             }
+            track.state = Some(state);
             let age = node.heartbeat_age_ms.unwrap_or(0);
-            let sample = Bucket {
+            let sample = Sums {
                 start_ms: now_ms,
                 polls: 1,
-                live: u64::from(node.seen == Seen::Live),
+                live: u64::from(state == State::Live),
                 age_sum_ms: age,
                 age_max_ms: age,
             };
-            let mut closed = push(&mut track.fine, FINE_MS, FINE_BUCKETS, &sample);
             // A fine bucket that closes goes into the coarse ring whole.
-            if let Some(closed) = closed.take() {
+            if let Some(closed) = push(&mut track.fine, FINE_MS, FINE_BUCKETS, &sample) {
                 push(&mut track.coarse, COARSE_MS, COARSE_BUCKETS, &closed);
             }
         }
-        // Forget nodes with nothing newer than the coarse ring covers.
-        let horizon = now_ms.saturating_sub(COARSE_MS * COARSE_BUCKETS as u64);
-        self.nodes.retain(|_, track| track.fine.back().is_some_and(|newest| newest.start_ms >= horizon));
+        // Forget nodes not seen for as long as the coarse ring reaches.
+        let horizon = now_ms.saturating_sub(KEPT_MS);
+        self.nodes.retain(|_, track| track.seen_ms >= horizon);
     }
 
-    /// One node's whole history, or `None` when it is not known here.
+    /// One node's history, or `None` when it is not known here: its state changes, its minutes
+    /// of the last hour, its ten-minute buckets of the last six hours (the minutes not folded yet
+    /// included).
     pub fn node(&self, id: &str) -> Option<NodeHistory> {
         let track = self.nodes.get(id)?;
-        // The coarse ring lacks the fine bucket still open; the reader gets both as they are.
+        let now = self.latest_ms;
+        let minutes: Vec<Bucket> = track
+            .fine
+            .iter()
+            .filter(|bucket| bucket.end_ms(FINE_MS) > now.saturating_sub(SUMMARY_WINDOW_MS))
+            .map(Sums::shown)
+            .collect();
+        // The coarse ring holds closed minutes; the newest one is still open, and folded here.
+        let mut coarse: VecDeque<Sums> = track.coarse.clone();
+        if let Some(open) = track.fine.back() {
+            push(&mut coarse, COARSE_MS, COARSE_BUCKETS, open);
+        }
+        let ten_minutes = coarse
+            .iter()
+            .filter(|bucket| bucket.end_ms(COARSE_MS) > now.saturating_sub(KEPT_MS))
+            .map(Sums::shown)
+            .collect();
         Some(NodeHistory {
             node: id.to_owned(),
             labels: track.labels.clone(),
-            transitions: track.transitions.iter().cloned().collect(),
-            minutes: track.fine.iter().cloned().collect(),
-            ten_minutes: track.coarse.iter().cloned().collect(),
+            transitions: track
+                .transitions
+                .iter()
+                .map(|(at_ms, state)| Transition { at_ms: *at_ms, state: state.name().to_owned() })
+                .collect(),
+            minutes,
+            ten_minutes,
         })
     }
 
-    /// Each node over the last `window_ms`: the share of polls that saw it live, its state
-    /// changes, its mean and largest heartbeat age.
+    /// Each node seen in the last `window_ms`, over that window: the share of polls that saw it
+    /// live, its state changes, its mean and largest heartbeat age.
     pub fn summaries(&self, now_ms: u64, window_ms: u64) -> Vec<NodeSummary> {
-        let since = now_ms.saturating_sub(window_ms);
+        let since = now_ms.max(self.latest_ms).saturating_sub(window_ms);
         self.nodes
             .iter()
-            .map(|(id, track)| {
-                let mut total = empty(since);
-                for bucket in track.fine.iter().filter(|bucket| bucket.start_ms + FINE_MS > since) {
-                    add(&mut total, bucket);
+            .filter_map(|(id, track)| {
+                let mut total = Sums::empty(since);
+                for bucket in track.fine.iter().filter(|bucket| bucket.end_ms(FINE_MS) > since) {
+                    total.add(bucket);
                 }
-                NodeSummary {
+                (total.polls > 0).then(|| NodeSummary {
                     node: id.clone(),
                     labels: track.labels.clone(),
-                    state: track.state.clone().unwrap_or_default(),
-                    live_share: if total.polls == 0 { 0.0 } else { total.live as f64 / total.polls as f64 },
-                    transitions: track.transitions.iter().filter(|t| t.at_ms >= since).count() as u64,
-                    heartbeat_age_mean_ms: total.age_sum_ms.checked_div(total.polls).unwrap_or(0),
+                    state: track.state.map(State::name).unwrap_or_default().to_owned(),
+                    live_share: total.live as f64 / total.polls as f64,
+                    transitions: track.transitions.iter().filter(|(at_ms, _)| *at_ms >= since).count() as u64,
+                    heartbeat_age_mean_ms: total.age_sum_ms / total.polls,
                     heartbeat_age_max_ms: total.age_max_ms,
-                }
+                })
             })
             .collect()
     }
@@ -175,38 +255,44 @@ impl HealthHistory {
     /// Peers live minute by minute since `now_ms - window_ms`, oldest first: per minute, the sum
     /// of each peer's share of polls that saw it live.
     pub fn live_by_minute(&self, now_ms: u64, window_ms: u64) -> Vec<MinuteLive> {
-        let since = now_ms.saturating_sub(window_ms);
+        let since = now_ms.max(self.latest_ms).saturating_sub(window_ms);
         let mut minutes: BTreeMap<u64, f64> = BTreeMap::new();
         for track in self.nodes.values() {
-            for bucket in track.fine.iter().filter(|bucket| bucket.start_ms + FINE_MS > since && bucket.polls > 0) {
+            for bucket in track.fine.iter().filter(|bucket| bucket.end_ms(FINE_MS) > since && bucket.polls > 0) {
                 *minutes.entry(bucket.start_ms).or_default() += bucket.live as f64 / bucket.polls as f64;
             }
         }
         minutes.into_iter().map(|(start_ms, live)| MinuteLive { start_ms, live }).collect()
     }
 
-    /// Per label (`region=eu-west`): nodes by their state now, and the mean heartbeat age of its
-    /// live nodes over the newest fine bucket.
+    /// Per label (`region=eu-west`), over the nodes the last poll saw: how many are live, dead
+    /// and leaving, and the mean heartbeat age of the live ones over the current minute.
+    /// (`unknown` counts nodes the last poll could not judge yet.)
     pub fn labels(&self) -> Vec<LabelSummary> {
         // Per label: the summary, and the heartbeat ages (sum, polls) of its live nodes.
         let mut by_label: BTreeMap<String, (LabelSummary, u64, u64)> = BTreeMap::new();
+        let minute = self.latest_ms - self.latest_ms % FINE_MS;
         for track in self.nodes.values() {
+            let current = track.seen_ms == self.latest_ms;
             for (key, value) in &track.labels {
                 let label = format!("{key}={value}");
                 let (summary, age_sum, polls) = by_label
                     .entry(label.clone())
                     .or_insert_with(|| (LabelSummary { label, ..Default::default() }, 0, 0));
-                match track.state.as_deref() {
-                    Some("live") => summary.live += 1,
-                    Some("dead") => summary.dead += 1,
-                    Some("leaving") => summary.leaving += 1,
+                match (current, track.state) {
+                    (true, Some(State::Live)) => summary.live += 1,
+                    (true, Some(State::Dead)) => summary.dead += 1,
+                    (true, Some(State::Leaving)) => summary.leaving += 1,
+                    // Gone from the view (forgotten by the mesh) or not judged in the last poll.
                     _ => summary.unknown += 1,
                 }
-                if let Some(newest) = track.fine.back()
-                    && newest.live > 0
+                if current
+                    && track.state == Some(State::Live)
+                    && let Some(newest) =
+                        track.fine.back().filter(|bucket| bucket.start_ms == minute && bucket.live > 0)
                 {
-                    *age_sum += newest.age_sum_ms;
-                    *polls += newest.polls;
+                    *age_sum = age_sum.saturating_add(newest.age_sum_ms);
+                    *polls = polls.saturating_add(newest.polls);
                 }
             }
         }
@@ -234,29 +320,47 @@ impl HealthHistory {
         postcard::to_allocvec(&(HISTORY_FORMAT, self))
     }
 
-    /// Reads saved bytes back; an unknown format or damaged bytes are an error (the caller
-    /// starts afresh).
+    /// Reads saved bytes back; an unknown format, damaged bytes, bytes left over, or contents
+    /// this version would never have kept are an error (the caller starts afresh).
     pub fn restore(bytes: &[u8]) -> Result<HealthHistory, HistoryError> {
-        let (format, history): (u32, HealthHistory) =
-            postcard::from_bytes(bytes).map_err(|error| HistoryError::Damaged(error.to_string()))?;
+        let damaged = |why: &str| HistoryError::Damaged(why.to_owned());
+        let (format, rest): (u32, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|error| HistoryError::Damaged(error.to_string()))?;
         if format != HISTORY_FORMAT {
             return Err(HistoryError::Format(format));
         }
-        if history.nodes.len() > HISTORY_NODES_MAX
-            || history.nodes.values().any(|track| {
-                track.transitions.len() > TRANSITIONS_MAX
-                    || track.fine.len() > FINE_BUCKETS
-                    || track.coarse.len() > COARSE_BUCKETS
-            })
-        {
-            return Err(HistoryError::Damaged("more entries than this version keeps".to_owned()));
+        let (history, rest): (HealthHistory, &[u8]) =
+            postcard::take_from_bytes(rest).map_err(|error| HistoryError::Damaged(error.to_string()))?;
+        if !rest.is_empty() {
+            return Err(damaged("bytes after the history"));
+        }
+        if history.nodes.len() > HISTORY_NODES_MAX {
+            return Err(damaged("more nodes than this version keeps"));
+        }
+        for track in history.nodes.values() {
+            let ordered =
+                |ring: &VecDeque<Sums>| ring.iter().zip(ring.iter().skip(1)).all(|(a, b)| a.start_ms < b.start_ms);
+            if track.transitions.len() > TRANSITIONS_MAX
+                || track.fine.len() > FINE_BUCKETS
+                || track.coarse.len() > COARSE_BUCKETS
+            {
+                return Err(damaged("more entries than this version keeps"));
+            }
+            if !ordered(&track.fine)
+                || !ordered(&track.coarse)
+                || !track.fine.iter().all(|bucket| bucket.sane(FINE_MS))
+                || !track.coarse.iter().all(|bucket| bucket.sane(COARSE_MS))
+                || track.seen_ms > history.latest_ms
+            {
+                return Err(damaged("buckets out of order or inconsistent"));
+            }
         }
         Ok(history)
     }
 }
 
 /// The saved form's version; a file of another is not read.
-pub const HISTORY_FORMAT: u32 = 1;
+pub const HISTORY_FORMAT: u32 = 2;
 
 /// Why saved history was not read back.
 #[derive(Debug, thiserror::Error)]
@@ -303,8 +407,8 @@ mod tests {
         assert_eq!(full.polls, 60);
         let outage = node.ten_minutes.iter().find(|bucket| bucket.live < bucket.polls).unwrap();
         assert_eq!((outage.polls, outage.live, outage.age_max_ms), (60, 54, 9_000));
-        // Two changes an hour, the last 64 kept.
-        assert_eq!(node.transitions.len(), 14);
+        // Two changes an hour (the first sighting is a state, not a change).
+        assert_eq!(node.transitions.len(), 13);
         assert_eq!(node.transitions.last().unwrap().state, "live");
         let summary = &history.summaries(now, 3_600_000)[0];
         assert!((summary.live_share - 59.0 / 60.0).abs() < 0.01, "{summary:?}");
@@ -316,6 +420,34 @@ mod tests {
         // A node gone from the view is forgotten once its history is older than six hours.
         observe(&mut history, now + 6 * 3_600_000 + COARSE_MS, &[], &labels);
         assert!(history.is_empty());
+    }
+
+    #[test]
+    fn unknown_polls_and_a_wall_clock_stepped_back_change_nothing() {
+        let labels = BTreeMap::new();
+        let mut history = HealthHistory::default();
+        let t = 1_700_000_040_000;
+        observe(&mut history, t, &[("n1", Seen::Live, 100)], &labels);
+        // A restart or a pause: unknown for a moment, then live again. No change, no poll.
+        observe(&mut history, t + 1_000, &[("n1", Seen::Unknown, 0)], &labels);
+        observe(&mut history, t + 2_000, &[("n1", Seen::Live, 100)], &labels);
+        let node = history.node("n1").unwrap();
+        assert!(node.transitions.is_empty(), "{node:?}");
+        assert_eq!(node.minutes.iter().map(|b| b.polls).sum::<u64>(), 2);
+        // The wall clock steps back an hour: polls count at the newest time seen, in order.
+        observe(&mut history, t - 3_600_000, &[("n1", Seen::Dead, 5_000)], &labels);
+        observe(&mut history, t + 3_000, &[("n1", Seen::Dead, 5_000)], &labels);
+        let node = history.node("n1").unwrap();
+        assert_eq!(node.minutes.len(), 1, "{node:?}");
+        assert_eq!(node.transitions.len(), 1);
+        assert_eq!(node.transitions[0].at_ms, t + 2_000);
+        assert_eq!(history.live_by_minute(t + 3_000, 3_600_000).len(), 1);
+        // A node gone from the view counts as unknown in its labels, not as what it last was.
+        let zone = BTreeMap::from([("zone".to_owned(), "a".to_owned())]);
+        observe(&mut history, t + 4_000, &[("n2", Seen::Live, 100)], &zone);
+        observe(&mut history, t + 5_000, &[("n3", Seen::Live, 100)], &zone);
+        let zones: Vec<(u64, u64)> = history.labels().iter().map(|l| (l.live, l.unknown)).collect();
+        assert_eq!(zones, [(1, 1)]);
     }
 
     #[test]
@@ -341,7 +473,10 @@ mod tests {
         assert_eq!(HealthHistory::restore(&bytes).unwrap(), history);
         assert!(matches!(HealthHistory::restore(&bytes[..bytes.len() / 2]), Err(HistoryError::Damaged(_))));
         let other = postcard::to_allocvec(&(HISTORY_FORMAT + 1, &history)).unwrap();
-        assert!(matches!(HealthHistory::restore(&other), Err(HistoryError::Format(2))));
+        assert!(matches!(HealthHistory::restore(&other), Err(HistoryError::Format(3))));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(HealthHistory::restore(&longer), Err(HistoryError::Damaged(_))));
         assert!(HealthHistory::restore(b"").is_err());
     }
 }
