@@ -491,6 +491,9 @@ pub const HISTORY_FILE: &str = "health-history.bin";
 /// How often the health history is saved: a crash loses at most this much of it.
 const HISTORY_SAVE_INTERVAL: Duration = Duration::from_secs(60);
 
+/// How long a shutdown waits for the health history's save (a few MB to the data dir).
+const HISTORY_SAVE_WAIT: Duration = Duration::from_secs(5);
+
 /// The saved health history is read only up to this size; a larger file is not ours. At 1,600
 /// nodes with full rings it is about 4 MB.
 pub const HISTORY_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
@@ -1053,7 +1056,11 @@ impl Daemon {
                 return;
             }
             if let Some(write) = self.history_write.take() {
-                report_history_write(write.await);
+                // A hung disk must not hold the shutdown: wait a bounded time, then go on.
+                match tokio::time::timeout(HISTORY_SAVE_WAIT, write).await {
+                    Ok(result) => report_history_write(result),
+                    Err(_) => return warn!("the health history's last save is stuck; not saved again"),
+                }
             }
         }
         self.history_saved = Instant::now();
@@ -1065,8 +1072,11 @@ impl Daemon {
         let path = self.history_file.clone();
         let write = tokio::task::spawn_blocking(move || write_private_atomically(&path, &bytes));
         if now {
-            // At shutdown: the write must end before the process does.
-            report_history_write(write.await);
+            // At shutdown: the write must end before the process does, within a bound.
+            match tokio::time::timeout(HISTORY_SAVE_WAIT, write).await {
+                Ok(result) => report_history_write(result),
+                Err(_) => warn!("the health history was not saved in {HISTORY_SAVE_WAIT:?}; stopping without it"),
+            }
         } else {
             self.history_write = Some(write);
         }
