@@ -496,24 +496,20 @@ const HISTORY_SAVE_WAIT: Duration = Duration::from_secs(5);
 
 /// The saved health history is read only up to this size; a larger file is not ours. At 1,600
 /// nodes with full rings it is about 4 MB.
-pub const HISTORY_FILE_BYTES_MAX: u64 = 16 * 1024 * 1024;
+pub const HISTORY_FILE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// The health history saved by the last run, or an empty one (a missing file is the first
 /// start; a damaged or foreign one is logged and set aside).
 fn load_history(data_dir: &std::path::Path) -> HealthHistory {
+    use crate::storage::store::{ReadBoundedError, read_bounded};
     let path = data_dir.join(HISTORY_FILE);
-    let bytes = match std::fs::metadata(&path) {
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return HealthHistory::default(),
-        Ok(meta) if meta.len() > HISTORY_FILE_BYTES_MAX => {
-            warn!(path = %path.display(), bytes = meta.len(), "the health history file is too large; starting a new history");
-            return HealthHistory::default();
-        }
-        _ => std::fs::read(&path),
+    let read = match read_bounded(&path, HISTORY_FILE_BYTES_MAX) {
+        Ok(None) => return HealthHistory::default(),
+        Ok(Some(bytes)) => HealthHistory::restore(&bytes).map_err(|error| error.to_string()),
+        Err(ReadBoundedError::TooLarge(bytes)) => Err(format!("{bytes} bytes, more than a history holds")),
+        Err(ReadBoundedError::Io(error)) => Err(error.to_string()),
     };
-    match bytes
-        .map_err(|error| error.to_string())
-        .and_then(|bytes| HealthHistory::restore(&bytes).map_err(|error| error.to_string()))
-    {
+    match read {
         Ok(history) => {
             info!(nodes = history.len(), "health history loaded");
             history

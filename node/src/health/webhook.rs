@@ -175,7 +175,7 @@ pub struct Webhooks {
     stats: Arc<WebhookStats>,
 }
 
-/// Delivered and dropped notices, for tests and logs.
+/// Delivered and dropped notices (`konord_webhook_notices_total`).
 #[derive(Debug, Default)]
 pub struct WebhookStats {
     /// Notices a receiver took.

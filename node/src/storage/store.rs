@@ -958,14 +958,17 @@ fn write_atomic(seam: &Seam, dir: &Path, name: &str, bytes: &[u8]) -> Result<(),
     seam.sync_dir(dir)
 }
 
-enum ReadBoundedError {
+/// Why [`read_bounded`] read nothing.
+pub(crate) enum ReadBoundedError {
+    /// The file holds more than allowed (its size).
     TooLarge(u64),
+    /// Reading failed.
     Io(io::Error),
 }
 
 /// Reads a whole file of at most `max` bytes; `None` if it does not exist. The size is checked before
 /// allocating, and again while reading in case the file grew in between.
-fn read_bounded(path: &Path, max: usize) -> Result<Option<Vec<u8>>, ReadBoundedError> {
+pub(crate) fn read_bounded(path: &Path, max: usize) -> Result<Option<Vec<u8>>, ReadBoundedError> {
     let file = match File::open(path) {
         Ok(file) => file,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
