@@ -231,12 +231,78 @@ pub enum EditError {
         /// The key.
         key: String,
     },
+    /// A schema that cannot be set.
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// The write would break the group's schema (SPEC F8): it adds these violations.
+    #[error("refused by the schema of group {group:?}: {}", violations_text(violations))]
+    SchemaViolation {
+        /// The group.
+        group: String,
+        /// What the write would break (sorted; more than `VIOLATIONS_REPORTED_MAX` are cut).
+        violations: Vec<crate::schema::Violation>,
+    },
+    /// The group's document holds a schema this node cannot compile (written by a newer
+    /// konord?): writes are refused rather than left unchecked; a new schema may be set.
+    #[error("group {group:?} holds a schema this node cannot use ({detail}); set a new schema or upgrade konord")]
+    SchemaUnusable {
+        /// The group.
+        group: String,
+        /// Why.
+        detail: String,
+    },
+    /// A condition that cannot be checked (not a content hash, for example).
+    #[error("bad condition: {detail}")]
+    BadCondition {
+        /// What is wrong.
+        detail: String,
+    },
+    /// A conditional write whose condition does not hold: the group has moved on (SPEC F5).
+    #[error("condition failed: group {group:?} {expected}, but {actual}; nothing was written")]
+    ConditionFailed {
+        /// The group.
+        group: String,
+        /// The condition, in words (`is at v12`).
+        expected: String,
+        /// What holds instead (`its heads are v13`).
+        actual: String,
+    },
     /// Automerge refused the transaction (a bug on our side, reported, never a panic).
     #[error("document error: {detail}")]
     Document {
         /// Automerge's words.
         detail: String,
     },
+}
+
+/// A schema that cannot be used (SPEC F8). Nothing changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SchemaError {
+    /// Not a JSON Schema the validator accepts (the validator's words).
+    #[error("not a usable JSON Schema: {detail}")]
+    Invalid {
+        /// What is wrong.
+        detail: String,
+    },
+    /// Over the size limit.
+    #[error("schema is {bytes} bytes as canonical JSON, at most {max} allowed")]
+    TooLarge {
+        /// Its size.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+}
+
+/// The violations a refused write would have added, as one line.
+pub(crate) fn violations_text(violations: &[crate::schema::Violation]) -> String {
+    let shown = violations.len().min(crate::limits::VIOLATIONS_REPORTED_MAX);
+    let mut text = violations[..shown].iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    if violations.len() > shown {
+        text.push_str("; and more");
+    }
+    text
 }
 
 /// Changes or a sync message from a peer that were refused.

@@ -271,7 +271,7 @@ impl GroupDoc {
     fn follow_changes(&mut self, added: &[Change]) -> RemoteApplied {
         let mut applied = RemoteApplied::default();
         let mut touched = BTreeSet::new();
-        let (mut configuration, mut format) = (false, false);
+        let (mut configuration, mut format, mut schema) = (false, false, false);
         for change in added {
             let expanded = change.decode();
             let actor = change.actor_id();
@@ -281,6 +281,7 @@ impl GroupDoc {
                     automerge::legacy::ObjectId::Root => {
                         configuration |= key.as_str() == crate::group::CONFIGURATION_KEY;
                         format |= key.as_str() == "format";
+                        schema |= key.as_str() == crate::group::SCHEMA_KEY;
                         continue;
                     }
                     automerge::legacy::ObjectId::Id(id) => (id.0, &id.1),
@@ -305,6 +306,9 @@ impl GroupDoc {
         }
         if configuration {
             self.configuration = crate::group::read_configuration(&self.doc);
+        }
+        if schema {
+            self.schema = crate::group::read_schema(&self.doc);
         }
         if format {
             // Another node converted the document (`write_plan`); never move backwards.

@@ -7,6 +7,7 @@
 //!        meta:     { name, mode, epoch },
 //!        policy:   { version: 1, evict_after_ms, fencing },
 //!        configuration: "<Configuration JSON>"   (strong groups only)
+//!        schema:   "<JSON Schema, canonical JSON>"  (when the group has one, SPEC F8)
 //!        settings: { "<dotted.key>": { "<version storage key>": "<canonical JSON>" } },
 //!        versions: { "<u64::MAX - counter, 20 digits>.<actor hex>": "<VersionInfo JSON>" } }
 //! ```
@@ -30,6 +31,7 @@ use crate::error::{EditError, KeyError, LoadError, VersionError};
 use crate::file_format::FileFormat;
 use crate::key::{validate_group_name, validate_key};
 use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SETTINGS_BYTES_MAX};
+use crate::schema::Schema;
 use crate::settings::{ContentHash, Settings, hex};
 use crate::time::Millis;
 use crate::value::{decode_value, encode_value};
@@ -85,12 +87,40 @@ pub struct CommitMeta {
     pub message: String,
     /// The wall-clock time, given by the shell.
     pub time: Millis,
+    /// A precondition (SPEC F5): the write is refused, with nothing changed, unless it holds.
+    pub condition: Option<Condition>,
+}
+
+/// What a conditional write expects of the group when it is made (optimistic concurrency).
+/// Checked on the node that makes the write, against its own state, at the moment it writes. In a
+/// strong group the write's round then commits only if every member of the configuration holds
+/// exactly that state, so the check holds for the committed sequence; in an eventual group a
+/// write made concurrently on another node still merges (docs/protocol.md).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Condition {
+    /// The group's only latest version must be this one (`v12`, `v12-3fa9`).
+    pub version: Option<String>,
+    /// The settings' content hash must start with these hex digits (12 to 64 of them).
+    pub content: Option<String>,
+}
+
+impl Condition {
+    /// True when it asks for nothing.
+    pub fn is_empty(&self) -> bool {
+        self.version.is_none() && self.content.is_none()
+    }
 }
 
 impl CommitMeta {
     /// Builds commit metadata.
     pub fn new(author: impl Into<String>, message: impl Into<String>, time: Millis) -> CommitMeta {
-        CommitMeta { author: author.into(), message: message.into(), time }
+        CommitMeta { author: author.into(), message: message.into(), time, condition: None }
+    }
+
+    /// The same metadata with a precondition.
+    pub fn with_condition(mut self, condition: Condition) -> CommitMeta {
+        self.condition = (!condition.is_empty()).then_some(condition);
+        self
     }
 
     fn validate(&self) -> Result<(), EditError> {
@@ -121,6 +151,8 @@ pub enum Edit {
     },
     /// Roll back to a version (a reference such as `v12`).
     Rollback(String),
+    /// Set the group's schema (a JSON Schema), or remove it (`None`). Settings unchanged.
+    Schema(Option<Value>),
 }
 
 /// The result of a local write: the new version and the change to persist and send.
@@ -171,6 +203,13 @@ pub(crate) struct Objects {
 /// Key of the configuration in the root map.
 pub(crate) const CONFIGURATION_KEY: &str = "configuration";
 
+/// Key of the schema in the root map.
+pub(crate) const SCHEMA_KEY: &str = "schema";
+
+/// The schema a document holds: none, one that compiles, or one this node cannot use (its
+/// reason), which refuses every write but a new schema.
+pub(crate) type StoredSchema = Option<Result<Schema, String>>;
+
 /// A configuration group: the Automerge document plus derived indexes.
 ///
 /// Derived state (read view, conflict set, version index) is a pure function of the document;
@@ -187,6 +226,8 @@ pub struct GroupDoc {
     /// A strong group's current configuration (`None` for eventual groups, and for strong
     /// groups written by a konord before configurations existed).
     pub(crate) configuration: Option<Configuration>,
+    /// The group's schema (SPEC F8), read at load and whenever a change puts `ROOT.schema`.
+    pub(crate) schema: StoredSchema,
     pub(crate) objects: Objects,
     pub(crate) view: Settings,
     pub(crate) conflicted: BTreeSet<String>,
@@ -338,6 +379,7 @@ impl GroupDoc {
         };
         let policy = read_policy(&doc);
         let configuration = read_configuration(&doc);
+        let schema = read_schema(&doc);
         let mut group = GroupDoc {
             doc,
             name,
@@ -346,6 +388,7 @@ impl GroupDoc {
             format,
             policy,
             configuration,
+            schema,
             objects,
             view: Settings::new(),
             conflicted: BTreeSet::new(),
@@ -434,6 +477,26 @@ impl GroupDoc {
     /// A strong group's current configuration: the one its heads hold.
     pub fn configuration(&self) -> Option<&Configuration> {
         self.configuration.as_ref()
+    }
+
+    /// The group's schema, when it has one that this node can use.
+    pub fn schema(&self) -> Option<&Schema> {
+        self.schema.as_ref().and_then(|stored| stored.as_ref().ok())
+    }
+
+    /// Why the schema the document holds cannot be used, when it cannot.
+    pub fn schema_unusable(&self) -> Option<&str> {
+        self.schema.as_ref().and_then(|stored| stored.as_ref().err()).map(String::as_str)
+    }
+
+    /// The violations `settings` would have under the group's schema (none without one): what
+    /// `schema check` reports for a file, without writing.
+    pub fn check_against_schema(&self, settings: &Settings) -> Result<Vec<crate::schema::Violation>, EditError> {
+        match &self.schema {
+            None => Ok(Vec::new()),
+            Some(Ok(schema)) => Ok(schema.violations(settings)),
+            Some(Err(detail)) => Err(EditError::SchemaUnusable { group: self.name.clone(), detail: detail.clone() }),
+        }
     }
 
     /// The epoch this document belongs to (docs/data-model.md, "Epochs").
@@ -654,10 +717,9 @@ impl GroupDoc {
         ops
     }
 
-    /// Drops no-op operations, checks limits, then writes `ops` and the version entry as one
+    /// Writes a planned edit (its settings operations, its schema and its version entry) as one
     /// Automerge change. On any error nothing has changed.
-    fn commit_ops(&mut self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        let plan = self.plan(ops, kind, meta)?;
+    fn commit_plan(&mut self, plan: PlannedEdit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let deps = self.doc.get_heads();
         let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
         self.format = DOCUMENT_FORMAT;
@@ -667,7 +729,10 @@ impl GroupDoc {
             }
         }
         self.recent.push(change_hash, deps);
-        let PlannedEdit { ops, info, hash_after, .. } = plan;
+        let PlannedEdit { ops, info, hash_after, schema, .. } = plan;
+        if let Some(schema) = schema {
+            self.schema = schema.map(Ok);
+        }
         for op in ops {
             self.conflicted.remove(op.key());
             self.invalid.remove(op.key());
@@ -689,8 +754,7 @@ impl GroupDoc {
     /// Builds the change an edit would make without applying it anywhere: the strong-round
     /// coordinator stages it and applies it only once every member voted yes. Nothing changes.
     pub fn prepare(&self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        let (ops, kind) = self.ops_for(edit)?;
-        let plan = self.plan(ops, kind, meta)?;
+        let plan = self.plan_edit(edit, meta)?;
         // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
         // aborted change is never applied anywhere, so its sequence number is free to reuse.
         let mut scratch = self.doc.clone();
@@ -716,12 +780,108 @@ impl GroupDoc {
 
     /// Applies an edit as a new version.
     pub fn edit(&mut self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
-        let (ops, kind) = self.ops_for(edit)?;
-        self.commit_ops(ops, kind, meta)
+        let plan = self.plan_edit(edit, meta)?;
+        self.commit_plan(plan, meta)
+    }
+
+    /// Everything an edit would write, checked (limits, condition, schema), without writing.
+    fn plan_edit(&self, edit: Edit, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        let Edit::Schema(value) = edit else {
+            let (ops, kind) = self.ops_for(edit)?;
+            let plan = self.plan(ops, kind, meta)?;
+            self.check_schema(&plan.ops)?;
+            return Ok(plan);
+        };
+        let schema = value.as_ref().map(Schema::compile).transpose()?;
+        let unchanged = match (&self.schema, &schema) {
+            (Some(Ok(old)), Some(new)) => old == new,
+            (None, None) => true,
+            _ => false,
+        };
+        if unchanged {
+            return Err(EditError::Unchanged);
+        }
+        if let Some(schema) = &schema {
+            let violations = schema.violations(&self.view);
+            if !violations.is_empty() {
+                return Err(EditError::SchemaViolation { group: self.name.clone(), violations });
+            }
+        }
+        let kind = VersionKind::Schema { schema: schema.as_ref().map(Schema::hash) };
+        let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
+        plan.schema = Some(schema);
+        Ok(plan)
+    }
+
+    /// Refuses settings operations that would add a violation of the group's schema.
+    fn check_schema(&self, ops: &[Op]) -> Result<(), EditError> {
+        let schema = match &self.schema {
+            None => return Ok(()),
+            Some(Ok(schema)) => schema,
+            Some(Err(detail)) => {
+                return Err(EditError::SchemaUnusable { group: self.name.clone(), detail: detail.clone() });
+            }
+        };
+        let mut after = self.view.clone();
+        for op in ops {
+            match op {
+                Op::Put { key, value, canonical } => {
+                    after.insert_canonical(key.clone(), value.clone(), canonical.clone())
+                }
+                Op::Delete { key } => {
+                    after.remove(key);
+                }
+            }
+        }
+        let violations = schema.added_violations(&self.view, &after);
+        if violations.is_empty() {
+            Ok(())
+        } else {
+            Err(EditError::SchemaViolation { group: self.name.clone(), violations })
+        }
+    }
+
+    /// Refuses the write unless its precondition holds (SPEC F5).
+    fn check_condition(&self, condition: &Condition) -> Result<(), EditError> {
+        let failed = |expected: String, actual: String| EditError::ConditionFailed {
+            group: self.name.clone(),
+            expected,
+            actual,
+        };
+        if let Some(text) = &condition.version {
+            let expected = self.resolve(text)?.id.clone();
+            let heads = self.head_versions();
+            if !(heads.len() == 1 && heads[0].id == expected) {
+                let labels: Vec<String> = heads.iter().map(|v| self.label(&v.id)).collect();
+                let actual = match labels.as_slice() {
+                    [one] => format!("its latest version is {one}"),
+                    many => format!("it has concurrent latest versions {}", many.join(", ")),
+                };
+                return Err(failed(format!("is expected at {}", self.label(&expected)), actual));
+            }
+        }
+        if let Some(text) = &condition.content {
+            let wanted = text.trim().to_ascii_lowercase();
+            if !(12..=64).contains(&wanted.len()) || !wanted.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(EditError::BadCondition {
+                    detail: format!("{text:?} is not a content hash: give 12 to 64 hex digits"),
+                });
+            }
+            let current = self.view.content_hash().to_hex();
+            if !current.starts_with(&wanted) {
+                return Err(failed(
+                    format!("is expected with content {wanted}"),
+                    format!("its content is {}", &current[..12]),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn ops_for(&self, edit: Edit) -> Result<(Vec<Op>, VersionKind), EditError> {
         match edit {
+            // Planned by `plan_edit`, which never passes it here.
+            Edit::Schema(_) => Err(EditError::Document { detail: "a schema edit has no settings operations".into() }),
             Edit::Set(entries) => {
                 if entries.is_empty() {
                     return Err(EditError::NoKeys);
@@ -777,6 +937,9 @@ impl GroupDoc {
     /// [`GroupDoc::plan`] without refusing an edit that changes no setting.
     fn plan_unchecked(&self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
         meta.validate()?;
+        if let Some(condition) = &meta.condition {
+            self.check_condition(condition)?;
+        }
         let ops: Vec<Op> = ops
             .into_iter()
             .filter(|op| {
@@ -823,7 +986,7 @@ impl GroupDoc {
             hash_scheme: CONTENT_HASH_SCHEME,
             parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
         };
-        Ok(PlannedEdit { ops, info, hash_after, configuration: None })
+        Ok(PlannedEdit { ops, info, hash_after, configuration: None, schema: None })
     }
 
     /// Saves the whole document (a snapshot) in Automerge's compressed format.
@@ -856,6 +1019,8 @@ struct PlannedEdit {
     hash_after: ContentHash,
     /// A new configuration to store (a membership version).
     configuration: Option<Configuration>,
+    /// A new schema to store, or `Some(None)` to remove it (a schema version).
+    schema: Option<Option<Schema>>,
 }
 
 /// Writes a planned edit into `doc` as one Automerge change; on error the transaction is
@@ -893,6 +1058,11 @@ fn write_plan(
         }
         if let Some(configuration) = &plan.configuration {
             tx.put(automerge::ROOT, CONFIGURATION_KEY, configuration.to_json())?;
+        }
+        match &plan.schema {
+            Some(Some(schema)) => tx.put(automerge::ROOT, SCHEMA_KEY, schema.canonical())?,
+            Some(None) => tx.delete(automerge::ROOT, SCHEMA_KEY)?,
+            None => {}
         }
         tx.put(&objects.versions, key.as_str(), version_json(&plan.info))
     })();
@@ -946,6 +1116,18 @@ fn read_policy(doc: &Automerge) -> GroupPolicy {
         policy.fencing = fencing;
     }
     policy
+}
+
+/// The schema the document holds, if any: compiled, or the reason it cannot be.
+pub(crate) fn read_schema(doc: &Automerge) -> StoredSchema {
+    match doc.get(automerge::ROOT, SCHEMA_KEY) {
+        Ok(Some((AmValue::Scalar(s), _))) => Some(match s.as_str() {
+            Some(text) => Schema::from_stored(text).map_err(|error| error.to_string()),
+            None => Err("ROOT.schema is not text".to_owned()),
+        }),
+        Ok(None) => None,
+        _ => Some(Err("ROOT.schema is not text".to_owned())),
+    }
 }
 
 /// The configuration the document holds, if any (and if it parses).

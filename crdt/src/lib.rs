@@ -27,6 +27,7 @@ mod recent;
 pub mod record;
 mod register;
 pub mod replica;
+pub mod schema;
 pub mod settings;
 mod shield;
 pub mod time;
@@ -35,7 +36,7 @@ pub mod version;
 
 pub use automerge::{ActorId, ChangeHash};
 pub use diff::SettingsDiff;
-pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, ValueError, VersionError};
+pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, SchemaError, ValueError, VersionError};
 pub use exchange::{ApplyFailure, HeadsDigest, RemoteApplied, SyncPeer};
 pub use file_format::FileFormat;
 pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode};
@@ -46,6 +47,7 @@ pub use peer_message::PeerMessage;
 pub use replica::{
     Command, CommandError, CommandOutcome, Input, MembershipView, Output, PeerState, PersistOp, Replica,
 };
+pub use schema::{Schema, Violation};
 pub use settings::{ContentHash, Settings};
 pub use time::Millis;
 pub use version::{VersionId, VersionInfo, VersionKind, VersionRef};

@@ -210,3 +210,16 @@ pub const ANNOUNCE_TIMEOUT_MS: u64 = 1_000;
 /// for the only member. Gossip brings every node's state within a few rounds; 10 s is several
 /// failure-detection bounds.
 pub const START_GRACE_MS: u64 = 10_000;
+
+/// Largest group schema in bytes, as canonical JSON (SPEC F8): it is stored in the group's
+/// document with every version that sets it, and compiled on every load; a schema describes
+/// keys, it is not a place for data.
+pub const SCHEMA_BYTES_MAX: usize = 64 * 1024;
+
+/// Largest compiled size of one `pattern` of a schema (the `regex` crate's size limit): a
+/// pattern's memory is bounded even when the schema's text is short.
+pub const SCHEMA_REGEX_BYTES_MAX: usize = 1024 * 1024;
+
+/// Most schema violations a refusal or a check names one by one: enough to fix a file in one
+/// pass, short enough for one error line on a terminal; a longer list ends with "and more".
+pub const VIOLATIONS_REPORTED_MAX: usize = 20;

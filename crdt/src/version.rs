@@ -152,6 +152,12 @@ pub enum VersionKind {
         /// Members removed.
         removed: Vec<String>,
     },
+    /// The group's schema was set or removed (settings unchanged; SPEC F8).
+    Schema {
+        /// The new schema's hash (12 hex digits of its canonical text's SHA-256); `None`: the
+        /// schema was removed.
+        schema: Option<String>,
+    },
 }
 
 impl VersionKind {
@@ -164,6 +170,7 @@ impl VersionKind {
             VersionKind::Apply { .. } => "apply",
             VersionKind::Rollback { .. } => "rollback",
             VersionKind::Membership { .. } => "membership",
+            VersionKind::Schema { .. } => "schema",
         }
     }
 }

@@ -97,6 +97,15 @@ pub enum Command {
         /// Author, message, time.
         meta: CommitMeta,
     },
+    /// Set the group's schema (a JSON Schema), or remove it (`None`).
+    SetSchema {
+        /// Group.
+        group: String,
+        /// The schema.
+        schema: Option<Value>,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
 }
 
 impl Command {
@@ -110,7 +119,8 @@ impl Command {
             | Command::Set { group, .. }
             | Command::Delete { group, .. }
             | Command::Apply { group, .. }
-            | Command::Rollback { group, .. } => group,
+            | Command::Rollback { group, .. }
+            | Command::SetSchema { group, .. } => group,
         }
     }
 }

@@ -476,6 +476,7 @@ impl Replica {
                 self.local_write(id, group, Edit::ApplyFile { text, format }, meta)
             }
             Command::Rollback { group, version, meta } => self.local_write(id, group, Edit::Rollback(version), meta),
+            Command::SetSchema { group, schema, meta } => self.local_write(id, group, Edit::Schema(schema), meta),
         }
     }
 

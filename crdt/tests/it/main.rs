@@ -9,6 +9,7 @@ mod convergence;
 mod edit;
 mod exchange;
 mod format_upgrade;
+mod guarded_edit;
 mod module_graph;
 mod replica;
 mod strong;
