@@ -67,7 +67,7 @@ pub fn memory(cluster: &KonorCluster) -> anyhow::Result<Vec<(String, u64)>> {
 }
 
 fn meta() -> WriteMeta {
-    WriteMeta { author: "konor-bench".to_owned(), message: "benchmark".to_owned() }
+    WriteMeta { author: "konor-bench".to_owned(), message: "benchmark".to_owned(), ..WriteMeta::default() }
 }
 
 pub fn set_request(group: &str, key: &str, value: Value) -> Request {

@@ -1,6 +1,8 @@
 //! Error enums, one per family of operations a caller branches on. Each variant's doc says what
 //! happened to state.
 
+use serde::{Deserialize, Serialize};
+
 use crate::file_format::FileFormat;
 
 /// A key or group name that breaks the naming rules. Nothing changed.
@@ -240,7 +242,7 @@ pub enum EditError {
         /// The group.
         group: String,
         /// What the write would break (sorted; more than `VIOLATIONS_REPORTED_MAX` are cut).
-        violations: Vec<crate::schema::Violation>,
+        violations: Vec<Violation>,
     },
     /// The group's document holds a schema this node cannot compile (written by a newer
     /// konord?): writes are refused rather than left unchecked; a new schema may be set.
@@ -295,8 +297,34 @@ pub enum SchemaError {
     },
 }
 
+/// One broken rule: which key, its value, which rule of the schema, and the validator's words.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Violation {
+    /// The key the rule is about (`None`: the settings as a whole, for example a `required`
+    /// key that is missing, whose name is in `message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The key's value as canonical JSON text, when the key is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Where the rule is in the schema, as a JSON pointer (`/properties/db.port/maximum`).
+    pub rule: String,
+    /// What is wrong, in the validator's words.
+    pub message: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.key, &self.value) {
+            (Some(key), Some(value)) => write!(f, "key {key:?} = {value}: {} (rule {})", self.message, self.rule),
+            (Some(key), None) => write!(f, "key {key:?}: {} (rule {})", self.message, self.rule),
+            (None, _) => write!(f, "{} (rule {})", self.message, self.rule),
+        }
+    }
+}
+
 /// The violations a refused write would have added, as one line.
-pub(crate) fn violations_text(violations: &[crate::schema::Violation]) -> String {
+pub(crate) fn violations_text(violations: &[Violation]) -> String {
     let shown = violations.len().min(crate::limits::VIOLATIONS_REPORTED_MAX);
     let mut text = violations[..shown].iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
     if violations.len() > shown {

@@ -491,7 +491,7 @@ impl GroupDoc {
 
     /// The violations `settings` would have under the group's schema (none without one): what
     /// `schema check` reports for a file, without writing.
-    pub fn check_against_schema(&self, settings: &Settings) -> Result<Vec<crate::schema::Violation>, EditError> {
+    pub fn check_against_schema(&self, settings: &Settings) -> Result<Vec<crate::error::Violation>, EditError> {
         match &self.schema {
             None => Ok(Vec::new()),
             Some(Ok(schema)) => Ok(schema.violations(settings)),

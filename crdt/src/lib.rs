@@ -36,7 +36,9 @@ pub mod version;
 
 pub use automerge::{ActorId, ChangeHash};
 pub use diff::SettingsDiff;
-pub use error::{EditError, FileError, KeyError, LoadError, RemoteError, SchemaError, ValueError, VersionError};
+pub use error::{
+    EditError, FileError, KeyError, LoadError, RemoteError, SchemaError, ValueError, VersionError, Violation,
+};
 pub use exchange::{ApplyFailure, HeadsDigest, RemoteApplied, SyncPeer};
 pub use file_format::FileFormat;
 pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode};
@@ -47,7 +49,7 @@ pub use peer_message::PeerMessage;
 pub use replica::{
     Command, CommandError, CommandOutcome, Input, MembershipView, Output, PeerState, PersistOp, Replica,
 };
-pub use schema::{Schema, Violation};
+pub use schema::Schema;
 pub use settings::{ContentHash, Settings};
 pub use time::Millis;
 pub use version::{VersionId, VersionInfo, VersionKind, VersionRef};

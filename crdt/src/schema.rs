@@ -19,10 +19,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::error::SchemaError;
+use crate::error::{SchemaError, Violation};
 use crate::limits::{SCHEMA_BYTES_MAX, SCHEMA_REGEX_BYTES_MAX, VIOLATIONS_REPORTED_MAX};
 use crate::settings::{Settings, hex};
 
@@ -42,32 +41,6 @@ impl std::fmt::Debug for Schema {
 impl PartialEq for Schema {
     fn eq(&self, other: &Schema) -> bool {
         self.canonical == other.canonical
-    }
-}
-
-/// One broken rule: which key, its value, which rule of the schema, and the validator's words.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Violation {
-    /// The key the rule is about (`None`: the settings as a whole, for example a `required`
-    /// key that is missing, whose name is in `message`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// The key's value as canonical JSON text, when the key is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub value: Option<String>,
-    /// Where the rule is in the schema, as a JSON pointer (`/properties/db.port/maximum`).
-    pub rule: String,
-    /// What is wrong, in the validator's words.
-    pub message: String,
-}
-
-impl std::fmt::Display for Violation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match (&self.key, &self.value) {
-            (Some(key), Some(value)) => write!(f, "key {key:?} = {value}: {} (rule {})", self.message, self.rule),
-            (Some(key), None) => write!(f, "key {key:?}: {} (rule {})", self.message, self.rule),
-            (None, _) => write!(f, "{} (rule {})", self.message, self.rule),
-        }
     }
 }
 

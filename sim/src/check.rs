@@ -35,7 +35,7 @@ pub async fn served(sim: &Sim, group: GroupKind) -> BTreeMap<usize, Served> {
             continue;
         }
         if let Some(Response::Snapshot { settings, content_hash, freshness, .. }) =
-            call(&sim.cluster, node, Request::Snapshot { group: group.name().to_owned() }).await
+            call(&sim.cluster, node, Request::Snapshot { group: group.name().to_owned(), prefix: None }).await
         {
             states.insert(node, Served { revision: freshness.revision, content_hash, settings });
         }

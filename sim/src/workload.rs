@@ -275,7 +275,7 @@ impl Sim {
 }
 
 fn meta(seq: u64) -> WriteMeta {
-    WriteMeta { author: "konor-sim".to_owned(), message: format!("w{seq}") }
+    WriteMeta { author: "konor-sim".to_owned(), message: format!("w{seq}"), ..WriteMeta::default() }
 }
 
 /// The sequence number of a marker key (`w17` -> 17).
@@ -335,15 +335,17 @@ async fn write_once(sim: Sim) {
             Some(Request::Set { group: name, entries, meta: meta(seq) })
         }
         WriteKind::Delete => Some(Request::Delete { group: name, keys: vec![format!("k{plain}")], meta: meta(seq) }),
-        WriteKind::Apply => match call(&sim.cluster, node, Request::Snapshot { group: name.clone() }).await {
-            Some(Response::Snapshot { mut settings, .. }) => {
-                settings.insert(marker, Value::from(seq));
-                settings.insert(format!("k{plain}"), Value::from(format!("a{seq}")));
-                let text = Value::Object(settings.into_iter().collect()).to_string();
-                Some(Request::Apply { group: name, format: "json".to_owned(), text, meta: meta(seq) })
+        WriteKind::Apply => {
+            match call(&sim.cluster, node, Request::Snapshot { group: name.clone(), prefix: None }).await {
+                Some(Response::Snapshot { mut settings, .. }) => {
+                    settings.insert(marker, Value::from(seq));
+                    settings.insert(format!("k{plain}"), Value::from(format!("a{seq}")));
+                    let text = Value::Object(settings.into_iter().collect()).to_string();
+                    Some(Request::Apply { group: name, format: "json".to_owned(), text, meta: meta(seq) })
+                }
+                _ => None,
             }
-            _ => None,
-        },
+        }
         WriteKind::Rollback => match call(&sim.cluster, node, Request::History { group: name.clone() }).await {
             Some(Response::History { versions, .. }) if versions.len() >= 2 => {
                 let version = versions[versions.len() - 2].label.clone();
@@ -457,7 +459,8 @@ pub async fn readers(sim: Sim) {
         let task_sim = sim.clone();
         tokio::task::spawn_local(async move {
             let asked_us = task_sim.now_us();
-            let answer = call(&task_sim.cluster, node, Request::Snapshot { group: "st".to_owned() }).await;
+            let answer =
+                call(&task_sim.cluster, node, Request::Snapshot { group: "st".to_owned(), prefix: None }).await;
             let Some(Response::Snapshot { freshness, .. }) = answer else {
                 task_sim.records.borrow_mut().reads_unanswered += 1;
                 return;
@@ -552,7 +555,8 @@ pub fn watch(sim: &Sim, node: usize, group: GroupKind) {
         let from = match known {
             Some(revision) => revision,
             None => {
-                let answer = call(&sim.cluster, node, Request::Snapshot { group: group.name().to_owned() }).await;
+                let answer =
+                    call(&sim.cluster, node, Request::Snapshot { group: group.name().to_owned(), prefix: None }).await;
                 let Some(Response::Snapshot { settings, freshness, .. }) = answer else { return };
                 let now = sim.now_us();
                 let mut records = sim.records.borrow_mut();
@@ -575,6 +579,7 @@ pub fn watch(sim: &Sim, node: usize, group: GroupKind) {
             client,
             group: group.name().to_owned(),
             from_revision: Some(from),
+            prefix: None,
             events: events_tx,
             reply,
         };

@@ -5,7 +5,9 @@
 //! modes) as before; these checks only come first.
 
 use konor_crdt::key::{validate_group_name, validate_key};
-use konor_crdt::limits::{AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX};
+use konor_crdt::limits::{
+    AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEY_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX,
+};
 use konor_sdk::protocol::{Request, WriteMeta};
 
 use crate::limits::{MESH_NODES_MAX, PROCESS_NAME_BYTES_MAX, VERSION_LABEL_BYTES_MAX};
@@ -19,8 +21,11 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_group(group)?;
             validate_key(key).map_err(|error| error.to_string())
         }
-        Request::Snapshot { group }
-        | Request::Watch { group, .. }
+        Request::Snapshot { group, prefix } | Request::Watch { group, prefix, .. } => {
+            check_group(group)?;
+            check_prefix(prefix.as_deref().unwrap_or_default())
+        }
+        Request::SchemaGet { group }
         | Request::Unwatch { group }
         | Request::History { group }
         | Request::Conflicts { group }
@@ -73,6 +78,20 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_label("version", version)?;
             check_meta(meta)
         }
+        Request::Show { group, version } => {
+            check_group(group)?;
+            check_label("version", version)
+        }
+        Request::SchemaSet { group, schema, meta } => {
+            check_group(group)?;
+            check_schema(schema.as_ref())?;
+            check_meta(meta)
+        }
+        Request::SchemaCheck { group, text, schema, .. } => {
+            check_group(group)?;
+            check_length("text", text, CONFIG_FILE_BYTES_MAX)?;
+            check_schema(schema.as_ref())
+        }
         Request::Diff { group, from, to } => {
             check_group(group)?;
             check_label("from", from)?;
@@ -86,6 +105,17 @@ fn check_group(group: &str) -> Result<(), String> {
     validate_group_name(group).map_err(|error| error.to_string())
 }
 
+/// A key prefix is the start of a key: at most a key's length, of the bytes keys are made of.
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    check_length("prefix", prefix, KEY_BYTES_MAX)?;
+    match prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) {
+        true => Ok(()),
+        false => Err(format!(
+            "`prefix` {prefix:?} cannot start a key: keys are made of ASCII letters, digits, `_`, `-` and `.`"
+        )),
+    }
+}
+
 fn check_label(field: &str, label: &str) -> Result<(), String> {
     if label.is_empty() {
         return Err(format!("`{field}` is empty: name a version such as v12"));
@@ -95,7 +125,18 @@ fn check_label(field: &str, label: &str) -> Result<(), String> {
 
 fn check_meta(meta: &WriteMeta) -> Result<(), String> {
     check_length("meta.author", &meta.author, AUTHOR_BYTES_MAX)?;
-    check_length("meta.message", &meta.message, MESSAGE_BYTES_MAX)
+    check_length("meta.message", &meta.message, MESSAGE_BYTES_MAX)?;
+    check_length("meta.if_version", meta.if_version.as_deref().unwrap_or_default(), VERSION_LABEL_BYTES_MAX)?;
+    // A content hash is 64 hex digits at most; the core says what else is wrong with it.
+    check_length("meta.if_content", meta.if_content.as_deref().unwrap_or_default(), 64)
+}
+
+/// Only a schema's shape: the core checks its size (as canonical JSON) and its rules.
+fn check_schema(schema: Option<&serde_json::Value>) -> Result<(), String> {
+    match schema {
+        Some(serde_json::Value::Object(_) | serde_json::Value::Bool(_)) | None => Ok(()),
+        Some(_) => Err("`schema` must be a JSON object (a JSON Schema), true or false".to_owned()),
+    }
 }
 
 fn check_length(field: &str, text: &str, max: usize) -> Result<(), String> {
@@ -124,7 +165,7 @@ mod tests {
     #[test]
     fn names_and_sizes_are_refused_before_anything_is_allocated() {
         let huge = "x".repeat(1_000_000);
-        let watch = refusal(Request::Watch { group: huge.clone(), from_revision: None });
+        let watch = refusal(Request::Watch { group: huge.clone(), from_revision: None, prefix: None });
         assert!(watch.len() < 200, "the error does not echo the name: {} bytes", watch.len());
         assert!(watch.contains("group name"), "{watch}");
         let report = refusal(Request::ReportApply {
@@ -141,7 +182,7 @@ mod tests {
         let hello = refusal(Request::Hello { protocol: 1, pid: 1, process: huge });
         assert!(hello.contains("`process`"), "{hello}");
         for bad in ["", "a b", "-x", "ünï"] {
-            assert!(check_request(&Request::Snapshot { group: bad.into() }).is_err(), "{bad:?}");
+            assert!(check_request(&Request::Snapshot { group: bad.into(), prefix: None }).is_err(), "{bad:?}");
         }
     }
 
@@ -149,7 +190,7 @@ mod tests {
     fn ordinary_requests_pass() {
         for request in [
             Request::Get { group: "app".into(), key: "db.pool".into() },
-            Request::Watch { group: "app-2_x".into(), from_revision: Some(3) },
+            Request::Watch { group: "app-2_x".into(), from_revision: Some(3), prefix: None },
             Request::ReportApply {
                 group: "app".into(),
                 version: "v12-3fa9c2d1".into(),

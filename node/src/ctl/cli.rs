@@ -98,8 +98,14 @@ pub enum Command {
     Rollback(RollbackArgs),
     /// List a group's versions, oldest first.
     History(GroupArg),
+    /// Print the whole settings of one version: `konorctl show app@v12`.
+    Show(ShowArgs),
     /// Show what changed between two versions.
     Diff(DiffArgs),
+    /// Set, show, remove a group's schema (a JSON Schema its settings must satisfy), or check a
+    /// file against it without writing.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// List keys that were written concurrently, with the value that won.
     Conflicts(GroupArg),
     /// Print each change of a group as it happens, until Ctrl-C.
@@ -327,12 +333,25 @@ pub struct WriteArgs {
     /// Author; konord fills one in from the connection (PROCESS@NODE) when left out.
     #[arg(long, value_name = "AUTHOR")]
     pub author: Option<String>,
+    /// Write only if the group's only latest version is this one (as `history` lists it);
+    /// otherwise nothing is written and konorctl exits 1 (`condition_failed`).
+    #[arg(long, value_name = "VERSION")]
+    pub if_version: Option<String>,
+    /// Write only if the group's content hash starts with these hex digits (12 to 64, as
+    /// `history` and `get` show it).
+    #[arg(long, value_name = "HASH")]
+    pub if_content: Option<String>,
 }
 
 impl WriteArgs {
     /// The write's metadata as the protocol carries it.
     pub fn meta(&self) -> WriteMeta {
-        WriteMeta { author: self.author.clone().unwrap_or_default(), message: self.message.clone().unwrap_or_default() }
+        WriteMeta {
+            author: self.author.clone().unwrap_or_default(),
+            message: self.message.clone().unwrap_or_default(),
+            if_version: self.if_version.clone(),
+            if_content: self.if_content.clone(),
+        }
     }
 }
 
@@ -363,6 +382,71 @@ pub struct GetArgs {
     pub group: String,
     /// Key; all settings when left out.
     pub key: Option<String>,
+    /// Only the keys that start with this text (`db.`).
+    #[arg(long, value_name = "PREFIX", conflicts_with = "key")]
+    pub prefix: Option<String>,
+}
+
+/// `konorctl show`
+#[derive(Debug, Clone, Args)]
+pub struct ShowArgs {
+    /// GROUP@VERSION (`app@v12`).
+    #[arg(value_name = "GROUP@VERSION", value_parser = parse_group_version)]
+    pub target: (String, String),
+}
+
+/// Splits `app@v12`.
+fn parse_group_version(text: &str) -> Result<(String, String), String> {
+    match text.split_once('@') {
+        Some((group, version)) if !group.is_empty() && !version.is_empty() => {
+            Ok((group.to_owned(), version.to_owned()))
+        }
+        _ => Err(format!("expected GROUP@VERSION (app@v12), got {text:?}")),
+    }
+}
+
+/// `konorctl schema ...`
+#[derive(Debug, Subcommand)]
+pub enum SchemaCommand {
+    /// Set the group's schema from a JSON Schema file (`-` reads stdin): a new version, refused
+    /// when the settings break it (the violations are listed).
+    Set {
+        /// Group name.
+        group: String,
+        /// The JSON Schema file.
+        file: String,
+        /// Message, author and precondition.
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Print the group's schema and the version that set it.
+    Get {
+        /// Group name.
+        group: String,
+    },
+    /// Remove the group's schema (a new version).
+    Remove {
+        /// Group name.
+        group: String,
+        /// Message, author and precondition.
+        #[command(flatten)]
+        write: WriteArgs,
+    },
+    /// Check a settings file against the group's schema without writing anything; exit 1 when
+    /// it breaks a rule (every broken rule is listed).
+    Check {
+        /// Group name.
+        group: String,
+        /// The settings file (TOML, YAML or JSON; `-` reads stdin).
+        file: String,
+        /// The file's syntax; needed when its name does not end in .toml, .yaml, .yml or .json.
+        #[arg(long, value_enum)]
+        format: Option<FormatArg>,
+        /// Check against this JSON Schema file instead of the group's (try a schema before
+        /// setting it).
+        #[arg(long, value_name = "FILE")]
+        schema: Option<String>,
+    },
 }
 
 /// `konorctl delete`
@@ -424,6 +508,9 @@ pub struct WatchArgs {
     /// Also print every change after this revision (from `konorctl get` or an earlier watch).
     #[arg(long, value_name = "REV")]
     pub from: Option<u64>,
+    /// Only changes to keys that start with this text (`db.`).
+    #[arg(long, value_name = "PREFIX")]
+    pub prefix: Option<String>,
 }
 
 #[cfg(test)]
@@ -442,7 +529,21 @@ mod tests {
         let Command::Set(args) = cli.command else { panic!("not set: {:?}", cli.command) };
         assert_eq!(args.assignments.len(), 2);
         assert_eq!(args.assignments[1].key, "b");
-        assert_eq!(args.write.meta(), WriteMeta { author: String::new(), message: "why".into() });
+        assert_eq!(args.write.meta(), WriteMeta { message: "why".into(), ..WriteMeta::default() });
+    }
+
+    #[test]
+    fn writes_take_a_precondition_and_show_takes_group_at_version() {
+        let cli = Cli::try_parse_from(["konorctl", "delete", "app", "a", "--if-version", "v3", "--if-content", "ab"])
+            .unwrap();
+        let Command::Delete(args) = cli.command else { panic!("not delete: {:?}", cli.command) };
+        assert_eq!(args.write.meta().if_version.as_deref(), Some("v3"));
+        assert_eq!(args.write.meta().if_content.as_deref(), Some("ab"));
+        let cli = Cli::try_parse_from(["konorctl", "show", "app@v12"]).unwrap();
+        let Command::Show(args) = cli.command else { panic!("not show: {:?}", cli.command) };
+        assert_eq!(args.target, ("app".to_owned(), "v12".to_owned()));
+        let error = Cli::try_parse_from(["konorctl", "show", "app"]).unwrap_err();
+        assert!(error.to_string().contains("GROUP@VERSION"), "{error}");
     }
 
     #[test]

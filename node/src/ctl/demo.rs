@@ -161,7 +161,7 @@ fn set_request(key: &str, value: Value, message: &str) -> Request {
     Request::Set {
         group: "demo".into(),
         entries: BTreeMap::from([(key.to_owned(), value)]),
-        meta: WriteMeta { author: "demo".into(), message: message.into() },
+        meta: WriteMeta { author: "demo".into(), message: message.into(), ..WriteMeta::default() },
     }
 }
 

@@ -29,7 +29,7 @@ use konor_sdk::protocol::{Request, Response, SOCKET_ENV};
 use konor_sdk::{Client, SdkError, TIMEOUT_DEFAULT};
 use serde::Serialize;
 
-use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat};
+use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat, SchemaCommand};
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
 use crate::ctl::render::{Rendered, render, render_event, render_local};
@@ -159,7 +159,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Get(args) => {
             let request = match args.key {
                 Some(key) => Request::Get { group: args.group, key },
-                None => Request::Snapshot { group: args.group },
+                None => Request::Snapshot { group: args.group, prefix: args.prefix },
             };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
@@ -183,6 +183,11 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::History(args) => call(&target, TIMEOUT_DEFAULT, Request::History { group: args.group }, output).await,
+        Command::Show(args) => {
+            let (group, version) = args.target;
+            call(&target, TIMEOUT_DEFAULT, Request::Show { group, version }, output).await
+        }
+        Command::Schema(command) => schema(&target, command, output).await,
         Command::Diff(args) => {
             let request = Request::Diff { group: args.group, from: args.from, to: args.to };
             call(&target, TIMEOUT_DEFAULT, request, output).await
@@ -190,13 +195,39 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Conflicts(args) => {
             call(&target, TIMEOUT_DEFAULT, Request::Conflicts { group: args.group }, output).await
         }
-        Command::Watch(args) => watch(&target, &args.group, args.from, output).await,
+        Command::Watch(args) => watch(&target, &args.group, args.prefix, args.from, output).await,
         Command::Nodes => call(&target, TIMEOUT_DEFAULT, Request::Nodes, output).await,
         Command::Status(args) => call(&target, TIMEOUT_DEFAULT, Request::Status { group: args.group }, output).await,
         Command::Health(args) => health(&target, args, output).await,
         Command::Alerts => call(&target, TIMEOUT_DEFAULT, Request::Alerts, output).await,
         Command::NodeHistory { node } => call(&target, TIMEOUT_DEFAULT, Request::NodeHistory { node }, output).await,
     }
+}
+
+/// `konorctl schema ...`: the schema's file is read here (bounded), and checked by konord.
+async fn schema(target: &DaemonTarget, command: SchemaCommand, output: OutputFormat) -> anyhow::Result<Exit> {
+    let request = match command {
+        SchemaCommand::Set { group, file, write } => {
+            let schema = read_schema_file(&file)?;
+            Request::SchemaSet { group, schema: Some(schema), meta: write.meta() }
+        }
+        SchemaCommand::Get { group } => Request::SchemaGet { group },
+        SchemaCommand::Remove { group, write } => Request::SchemaSet { group, schema: None, meta: write.meta() },
+        SchemaCommand::Check { group, file, format, schema } => {
+            let config = read_config(&file, format.map(Into::into))
+                .with_context(|| format!("cannot check {file} against the schema of group {group}"))?;
+            let schema = schema.as_deref().map(read_schema_file).transpose()?;
+            Request::SchemaCheck { group, format: config.format.to_string(), text: config.text, schema }
+        }
+    };
+    call(target, TIMEOUT_DEFAULT, request, output).await
+}
+
+/// A JSON Schema file, read within the schema's size limit and parsed strictly.
+fn read_schema_file(path: &str) -> anyhow::Result<serde_json::Value> {
+    let config = read_config(path, Some(konor_crdt::FileFormat::Json))
+        .with_context(|| format!("cannot read the schema file {path}"))?;
+    konor_crdt::json_strict::parse(&config.text).with_context(|| format!("the schema file {path} is not JSON"))
 }
 
 /// `konorctl health`: the node's health, judged against the thresholds given; exit 6 when it
@@ -299,12 +330,21 @@ async fn ask(target: &DaemonTarget, timeout: Duration, request: &Request) -> any
 }
 
 /// Prints every change of `group` until Ctrl-C (exit 0) or until the watch fails.
-async fn watch(target: &DaemonTarget, group: &str, from: Option<u64>, output: OutputFormat) -> anyhow::Result<Exit> {
+async fn watch(
+    target: &DaemonTarget,
+    group: &str,
+    prefix: Option<String>,
+    from: Option<u64>,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
     if let Some(endpoint) = target.endpoint()? {
-        return watch_remote(&endpoint, group, from, output).await;
+        return watch_remote(&endpoint, group, prefix.as_deref(), from, output).await;
     }
     let client = target.connect(TIMEOUT_DEFAULT).await?;
-    let mut watch = client.watch(group, from).await?;
+    let mut watch = match prefix.as_deref() {
+        Some(prefix) => client.watch_prefix(group, prefix, from).await?,
+        None => client.watch(group, from).await?,
+    };
     if output == OutputFormat::Table {
         eprintln!("watching {group} after revision {}; Ctrl-C stops", watch.last_revision());
     }
@@ -334,6 +374,7 @@ async fn watch(target: &DaemonTarget, group: &str, from: Option<u64>, output: Ou
 async fn watch_remote(
     endpoint: &remote::Endpoint,
     group: &str,
+    prefix: Option<&str>,
     from: Option<u64>,
     output: OutputFormat,
 ) -> anyhow::Result<Exit> {
@@ -348,7 +389,7 @@ async fn watch_remote(
             signal.context("cannot listen for Ctrl-C")?;
             Ok(Exit::Ok)
         }
-        watched = endpoint.watch(group, from, each, on_watching) => {
+        watched = endpoint.watch(group, prefix, from, each, on_watching) => {
             watched.with_context(|| format!("watching {group} stopped"))?;
             Ok(Exit::Ok)
         }

@@ -138,17 +138,26 @@ impl Endpoint {
     pub async fn watch(
         &self,
         group: &str,
+        prefix: Option<&str>,
         mut from: Option<u64>,
         mut each: impl FnMut(WatchEvent) -> anyhow::Result<bool>,
         mut on_watching: impl FnMut(u64),
     ) -> anyhow::Result<()> {
-        check_request(&Request::Watch { group: group.to_owned(), from_revision: from })
+        let prefix = prefix.map(str::to_owned);
+        check_request(&Request::Watch { group: group.to_owned(), from_revision: from, prefix: prefix.clone() })
             .map_err(|message| anyhow::anyhow!(message))?;
         let mut told = false;
         loop {
-            let path = match from {
-                Some(revision) => format!("/api/v1/groups/{group}/watch?from_revision={revision}"),
-                None => format!("/api/v1/groups/{group}/watch"),
+            let mut query = Vec::new();
+            if let Some(revision) = from {
+                query.push(format!("from_revision={revision}"));
+            }
+            if let Some(prefix) = &prefix {
+                query.push(format!("prefix={}", percent_encode(prefix)));
+            }
+            let path = match query.is_empty() {
+                true => format!("/api/v1/groups/{group}/watch"),
+                false => format!("/api/v1/groups/{group}/watch?{}", query.join("&")),
             };
             let answer = tokio::time::timeout(WATCH_SILENCE_MAX, self.send(Method::GET, &path, None))
                 .await
@@ -290,7 +299,22 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
     let groups = "/api/v1/groups";
     Ok(match request {
         Request::Get { group, key } => (Method::GET, format!("{groups}/{group}/settings/{key}"), None),
-        Request::Snapshot { group } => (Method::GET, format!("{groups}/{group}/settings"), None),
+        Request::Snapshot { group, prefix: None } => (Method::GET, format!("{groups}/{group}/settings"), None),
+        Request::Snapshot { group, prefix: Some(prefix) } => {
+            (Method::GET, format!("{groups}/{group}/settings?prefix={}", percent_encode(prefix)), None)
+        }
+        Request::Show { group, version } => {
+            (Method::GET, format!("{groups}/{group}/versions/{}", percent_encode(version)), None)
+        }
+        Request::SchemaGet { group } => (Method::GET, format!("{groups}/{group}/schema"), None),
+        Request::SchemaSet { group, schema, meta } => {
+            (Method::PUT, format!("{groups}/{group}/schema"), Some(write_body(meta, json!({ "schema": schema }))))
+        }
+        Request::SchemaCheck { group, format, text, schema } => (
+            Method::POST,
+            format!("{groups}/{group}/schema/check"),
+            Some(json!({ "format": format, "text": text, "schema": schema })),
+        ),
         Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
             let key = key.as_ref().map(|key| key.expose().clone());
             let body =
@@ -307,24 +331,20 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
             (Method::POST, format!("{groups}/{group}/remove"), Some(json!({ "nodes": nodes, "force": force })))
         }
         Request::GroupList => (Method::GET, groups.to_owned(), None),
-        Request::Set { group, entries, meta } => (
-            Method::POST,
-            format!("{groups}/{group}/settings"),
-            Some(json!({ "entries": entries, "message": meta.message })),
-        ),
+        Request::Set { group, entries, meta } => {
+            (Method::POST, format!("{groups}/{group}/settings"), Some(write_body(meta, json!({ "entries": entries }))))
+        }
         Request::Delete { group, keys, meta } => {
-            (Method::POST, format!("{groups}/{group}/delete"), Some(json!({ "keys": keys, "message": meta.message })))
+            (Method::POST, format!("{groups}/{group}/delete"), Some(write_body(meta, json!({ "keys": keys }))))
         }
         Request::Apply { group, format, text, meta } => (
             Method::POST,
             format!("{groups}/{group}/apply"),
-            Some(json!({ "format": format, "text": text, "message": meta.message })),
+            Some(write_body(meta, json!({ "format": format, "text": text }))),
         ),
-        Request::Rollback { group, version, meta } => (
-            Method::POST,
-            format!("{groups}/{group}/rollback"),
-            Some(json!({ "version": version, "message": meta.message })),
-        ),
+        Request::Rollback { group, version, meta } => {
+            (Method::POST, format!("{groups}/{group}/rollback"), Some(write_body(meta, json!({ "version": version }))))
+        }
         Request::History { group } => (Method::GET, format!("{groups}/{group}/versions"), None),
         Request::Diff { group, from, to } => (
             Method::GET,
@@ -340,6 +360,20 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
         other => bail!("{} is not served over HTTP", other.kind()),
     })
+}
+
+/// A write's body: its own fields plus the message and the precondition (the author is the
+/// caller's certificate, never a field).
+fn write_body(meta: &konor_sdk::protocol::WriteMeta, mut body: Value) -> Value {
+    if let Value::Object(fields) = &mut body {
+        fields.insert("message".to_owned(), json!(meta.message));
+        for (name, value) in [("if_version", &meta.if_version), ("if_content", &meta.if_content)] {
+            if let Some(value) = value {
+                fields.insert(name.to_owned(), json!(value));
+            }
+        }
+    }
+    body
 }
 
 /// `text` for a query value: unreserved bytes as they are, every other byte as `%XX`.
@@ -403,7 +437,7 @@ mod tests {
         let delete = Request::Delete {
             group: "app".into(),
             keys: vec!["k".into(), "l".into()],
-            meta: konor_sdk::protocol::WriteMeta { author: String::new(), message: "a b".into() },
+            meta: konor_sdk::protocol::WriteMeta { author: String::new(), message: "a b".into(), ..Default::default() },
         };
         let (method, path, body) = route(&delete).unwrap();
         assert_eq!((method, path.as_str()), (Method::POST, "/api/v1/groups/app/delete"));

@@ -110,6 +110,18 @@ pub fn render_event(event: &WatchEvent, output: OutputFormat) -> String {
     }
 }
 
+/// Settings as a KEY / VALUE table, or a line that says there are none.
+fn settings_table(settings: &BTreeMap<String, Value>) -> String {
+    if settings.is_empty() {
+        return "no keys set\n".to_owned();
+    }
+    let mut table = Table::new(&["KEY", "VALUE"]);
+    for (key, value) in settings {
+        table.row(vec![key.clone(), display_value(value)]);
+    }
+    table.render()
+}
+
 fn assignments(settings: &BTreeMap<String, Value>) -> String {
     settings.iter().map(|(key, value)| format!("{key} = {}", display_value(value))).collect::<Vec<_>>().join(", ")
 }
@@ -143,15 +155,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
                 short_hash(content_hash),
                 format_age(freshness.age_ms)
             );
-            if settings.is_empty() {
-                text.push_str("no keys set\n");
-            } else {
-                let mut table = Table::new(&["KEY", "VALUE"]);
-                for (key, value) in settings {
-                    table.row(vec![key.clone(), display_value(value)]);
-                }
-                text.push_str(&table.render());
-            }
+            text.push_str(&settings_table(settings));
             Rendered {
                 stdout: text,
                 stderr: stale_warning(
@@ -184,6 +188,58 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Joined { name, version } => Rendered::ok(format!("joined group {name} at {version}\n")),
         Response::Groups { groups } => Rendered::ok(groups_text(groups)),
         Response::History { group, versions } => Rendered::ok(history_text(group, versions)),
+        Response::Show { group, version, settings } => {
+            let mut text = format!(
+                "{group}@{} ({}, by {}, content {}): {}\n",
+                version.label,
+                version.kind,
+                cell(&version.author),
+                version.content_hash,
+                cell(&version.message)
+            );
+            text.push_str(&settings_table(settings));
+            Rendered::ok(text)
+        }
+        Response::Schema { group, schema, version, unusable } => {
+            let mut text = match (schema, version) {
+                (Some(schema), Some(version)) => format!(
+                    "schema of {group} (set by {version}):\n{}\n",
+                    serde_json::to_string_pretty(schema).unwrap_or_default()
+                ),
+                (Some(schema), None) => {
+                    format!("schema of {group}:\n{}\n", serde_json::to_string_pretty(schema).unwrap_or_default())
+                }
+                (None, _) if unusable.is_none() => format!("group {group} has no schema\n"),
+                (None, _) => String::new(),
+            };
+            if let Some(reason) = unusable {
+                text.push_str(&format!(
+                    "group {group} holds a schema this node cannot use: {}\nwrites here are refused until a new \
+                     schema is set\n",
+                    cell(reason)
+                ));
+            }
+            Rendered::ok(text)
+        }
+        Response::SchemaCheck { group, keys, violations } => {
+            if violations.is_empty() {
+                return Rendered::ok(format!("ok: the file's {keys} keys satisfy the schema of {group}\n"));
+            }
+            let mut table = Table::new(&["KEY", "VALUE", "RULE", "PROBLEM"]);
+            for violation in violations {
+                table.row(vec![
+                    violation.key.clone().unwrap_or_else(|| "-".to_owned()),
+                    violation.value.as_deref().map(cell).unwrap_or_else(|| "-".to_owned()),
+                    violation.rule.clone(),
+                    cell(&violation.message),
+                ]);
+            }
+            Rendered {
+                stdout: table.render(),
+                stderr: format!("error: the file breaks {} rule(s) of the schema of {group}\n", violations.len()),
+                exit: Exit::Refused,
+            }
+        }
         Response::Diff { group, added, removed, changed } => {
             let (from, to) = match request {
                 Request::Diff { from, to, .. } => (from.as_str(), to.as_str()),
@@ -305,6 +361,14 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
              return (`konorctl status {group}` shows who has it)"
         )),
         ErrorCode::Aborted => Some("nothing changed anywhere; retry the write".to_owned()),
+        ErrorCode::ConditionFailed => Some(format!(
+            "nothing was written; `konorctl history {group}` shows the latest version and its content hash: read \
+             the group again, then write with the new --if-version or --if-content"
+        )),
+        ErrorCode::SchemaViolation => Some(format!(
+            "nothing was written; `konorctl schema get {group}` prints the schema, and `konorctl schema check \
+             {group} FILE` checks a file against it"
+        )),
         ErrorCode::OutcomeUnknown => Some(format!(
             "the write is committed on every member or on none, not yet known here; `konorctl get {group}` or \
              `konorctl history {group}` shows which before you retry"
@@ -323,7 +387,11 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
 fn request_group(request: &Request) -> Option<&str> {
     match request {
         Request::Get { group, .. }
-        | Request::Snapshot { group }
+        | Request::Snapshot { group, .. }
+        | Request::Show { group, .. }
+        | Request::SchemaSet { group, .. }
+        | Request::SchemaGet { group }
+        | Request::SchemaCheck { group, .. }
         | Request::Watch { group, .. }
         | Request::Unwatch { group }
         | Request::ReportApply { group, .. }
@@ -1225,7 +1293,7 @@ mod tests {
             },
         };
         table(
-            &Request::Snapshot { group: "app".into() },
+            &Request::Snapshot { group: "app".into(), prefix: None },
             &response,
             expect![[r#"
             [exit 0]

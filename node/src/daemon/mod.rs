@@ -22,9 +22,10 @@ use konor_crdt::{
 use konor_sdk::Secret;
 use konor_sdk::protocol::{
     ApplyResult, ConflictRow, ErrorCode, Freshness, GroupRow, NodeGroupRow, NodeRow, ProcessRow, Request, Response,
-    VersionRow, WatchEvent,
+    VersionRow, ViolationRow, WatchEvent,
 };
 use rand::Rng;
+use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -151,6 +152,8 @@ struct BlockedRead {
 struct Watcher {
     connection: u64,
     events: socket::WatchSender,
+    /// Only keys that start with this text (`None`: the whole group).
+    prefix: Option<String>,
 }
 
 /// A process's last report for a group (F16).
@@ -876,6 +879,10 @@ fn command_error_response(error: &CommandError) -> Response {
         CommandError::UnknownGroup(_) => ErrorCode::UnknownGroup,
         CommandError::AlreadyExists(_) | CommandError::JoinInProgress(_) => ErrorCode::AlreadyExists,
         CommandError::Edit(EditError::Unchanged) => ErrorCode::Unchanged,
+        CommandError::Edit(EditError::ConditionFailed { .. }) => ErrorCode::ConditionFailed,
+        CommandError::Edit(EditError::SchemaViolation { .. } | EditError::SchemaUnusable { .. }) => {
+            ErrorCode::SchemaViolation
+        }
         CommandError::Edit(EditError::NoSuchKey { .. }) => ErrorCode::NotFound,
         CommandError::Edit(EditError::Version(konor_crdt::VersionError::Unknown { .. })) => ErrorCode::NotFound,
         CommandError::Edit(_) => ErrorCode::BadRequest,

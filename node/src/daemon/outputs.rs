@@ -256,14 +256,17 @@ impl Daemon {
             self.watchers.remove(group);
             return;
         };
-        let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
-        let event = socket::EncodedEvent::from(WatchEvent::Resync {
+        let resync = |prefix: Option<&str>| WatchEvent::Resync {
             group: group.to_owned(),
             revision,
             version: doc.latest_label(),
-            settings,
+            settings: super::requests::settings_under(doc.settings(), prefix),
+        };
+        let whole = socket::EncodedEvent::from(resync(None));
+        watchers.retain(|watcher| match watcher.prefix.as_deref() {
+            None => watcher.events.try_send(whole.clone()).is_ok(),
+            Some(prefix) => watcher.events.try_send(resync(Some(prefix))).is_ok(),
         });
-        watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
     }
 
     /// True for a persist operation that must not run once an earlier persist of its group
@@ -652,17 +655,18 @@ impl Daemon {
             self.metrics.observe_propagation(Duration::from_millis(lag));
         }
         let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
-        // Encoded once, shared by every watcher of the group.
-        let event = socket::EncodedEvent::from(WatchEvent::Change {
-            group: notification.group.clone(),
-            revision: notification.revision,
-            version: notification.version.clone(),
-            set: notification.set.clone(),
-            removed: notification.removed.clone(),
-        });
+        // Encoded once, shared by every watcher of the whole group; a watcher of a key prefix
+        // gets the keys under it, or nothing when the change touched none.
+        let whole = super::requests::change_event(&notification, None).map(socket::EncodedEvent::from);
         // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
         // from its last revision, so it misses nothing.
-        watchers.retain(|watcher| watcher.events.try_send(event.clone()).is_ok());
+        watchers.retain(|watcher| match (watcher.prefix.as_deref(), &whole) {
+            (None, Some(event)) => watcher.events.try_send(event.clone()).is_ok(),
+            (prefix, _) => match super::requests::change_event(&notification, prefix) {
+                Some(event) => watcher.events.try_send(event).is_ok(),
+                None => true,
+            },
+        });
     }
 }
 

@@ -15,7 +15,7 @@ impl Daemon {
     /// prove it is fresh.
     pub(super) fn must_block(&self, request: &Request) -> bool {
         let group = match request {
-            Request::Get { group, .. } | Request::Snapshot { group } => group,
+            Request::Get { group, .. } | Request::Snapshot { group, .. } => group,
             _ => return false,
         };
         self.replica.group(group).is_some_and(|doc| doc.policy().fencing == Fencing::Block)
@@ -25,7 +25,7 @@ impl Daemon {
     /// Holds a read until this node is fresh (fencing policy `block`), bounded in time and count.
     pub(super) fn block_read(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
         let group = match &request {
-            Request::Get { group, .. } | Request::Snapshot { group } => group.clone(),
+            Request::Get { group, .. } | Request::Snapshot { group, .. } => group.clone(),
             _ => return,
         };
         if self.blocked_reads.len() >= BLOCKED_READS_MAX {
@@ -78,14 +78,15 @@ impl Daemon {
 
     pub(super) fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
         let author = if meta.author.is_empty() { format!("{}@{}", client.process, self.node_id) } else { meta.author };
-        CommitMeta::new(author, meta.message, self.wall_clock())
+        let condition = konor_crdt::group::Condition { version: meta.if_version, content: meta.if_content };
+        CommitMeta::new(author, meta.message, self.wall_clock()).with_condition(condition)
     }
 
     pub(super) fn handle_call(&mut self, call: LocalCall) {
         match call {
             LocalCall::Request { client, request, reply } => self.handle_request(client, request, reply),
-            LocalCall::Watch { client, group, from_revision, events, reply } => {
-                let response = self.start_watch(&client, &group, from_revision, events);
+            LocalCall::Watch { client, group, from_revision, prefix, events, reply } => {
+                let response = self.start_watch(&client, &group, from_revision, prefix, events);
                 let _ = reply.send(response);
             }
             LocalCall::Health { reply } => {
@@ -109,6 +110,7 @@ impl Daemon {
         client: &ClientInfo,
         group: &str,
         from_revision: Option<u64>,
+        prefix: Option<String>,
         events: socket::WatchSender,
     ) -> Response {
         let Some(doc) = self.replica.group(group) else {
@@ -124,20 +126,14 @@ impl Daemon {
             match backlog {
                 Some(backlog) => {
                     for notification in backlog {
-                        let event = WatchEvent::Change {
-                            group: notification.group,
-                            revision: notification.revision,
-                            version: notification.version,
-                            set: notification.set,
-                            removed: notification.removed,
-                        };
+                        let Some(event) = change_event(&notification, prefix.as_deref()) else { continue };
                         if events.try_send(event).is_err() {
                             return error_response(ErrorCode::Internal, "watch queue full");
                         }
                     }
                 }
                 None => {
-                    let settings = doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect();
+                    let settings = settings_under(doc.settings(), prefix.as_deref());
                     let event =
                         WatchEvent::Resync { group: group.to_owned(), revision, version: doc.latest_label(), settings };
                     if events.try_send(event).is_err() {
@@ -146,7 +142,11 @@ impl Daemon {
                 }
             }
         }
-        self.watchers.entry(group.to_owned()).or_default().push(Watcher { connection: client.connection, events });
+        self.watchers.entry(group.to_owned()).or_default().push(Watcher {
+            connection: client.connection,
+            events,
+            prefix,
+        });
         Response::Watching { group: group.to_owned(), revision }
     }
 
@@ -167,13 +167,54 @@ impl Daemon {
                 }
                 None => unknown(&group),
             },
-            Request::Snapshot { group } => match self.replica.group(&group) {
-                Some(doc) => Response::Snapshot {
-                    settings: doc.settings().iter().map(|(k, v)| (k.to_owned(), v.clone())).collect(),
-                    content_hash: doc.settings().content_hash().to_hex(),
-                    freshness: self.freshness(&group),
-                    group,
+            Request::Snapshot { group, prefix } => match self.replica.group(&group) {
+                Some(doc) => {
+                    let (settings, content_hash) = match prefix.as_deref() {
+                        None => (settings_under(doc.settings(), None), doc.settings().content_hash().to_hex()),
+                        Some(prefix) => {
+                            let settings = settings_under(doc.settings(), Some(prefix));
+                            let hash = konor_sdk::protocol::content_hash(&settings);
+                            (settings, hash)
+                        }
+                    };
+                    Response::Snapshot { settings, content_hash, freshness: self.freshness(&group), group }
+                }
+                None => unknown(&group),
+            },
+            Request::Show { group, version } => match self.replica.group(&group) {
+                Some(doc) => match doc.resolve(&version).and_then(|info| Ok((info, doc.settings_at(&info.id)?))) {
+                    Ok((info, settings)) => Response::Show {
+                        version: version_row(doc, info),
+                        settings: settings_under(&settings, None),
+                        group,
+                    },
+                    Err(error) => error_response(ErrorCode::NotFound, error.to_string()),
                 },
+                None => unknown(&group),
+            },
+            Request::SchemaSet { group, schema, meta } => {
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::SetSchema { group, schema, meta }, PendingReply::Plain(reply));
+            }
+            Request::SchemaGet { group } => match self.replica.group(&group) {
+                Some(doc) => {
+                    let version = doc
+                        .history()
+                        .rev()
+                        .find(|v| matches!(v.kind, konor_crdt::VersionKind::Schema { .. }))
+                        .filter(|_| doc.schema().is_some() || doc.schema_unusable().is_some())
+                        .map(|v| doc.label(&v.id));
+                    Response::Schema {
+                        schema: doc.schema().map(konor_crdt::Schema::to_value),
+                        version,
+                        unusable: doc.schema_unusable().map(str::to_owned),
+                        group,
+                    }
+                }
+                None => unknown(&group),
+            },
+            Request::SchemaCheck { group, format, text, schema } => match self.replica.group(&group) {
+                Some(doc) => schema_check(doc, &format, &text, schema.as_ref()),
                 None => unknown(&group),
             },
             Request::ReportApply { group, version, revision, result } => {
@@ -278,21 +319,9 @@ impl Daemon {
                 return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
             }
             Request::History { group } => match self.replica.group(&group) {
-                Some(doc) => Response::History {
-                    versions: doc
-                        .history()
-                        .map(|v| VersionRow {
-                            label: doc.label(&v.id),
-                            author: v.author.clone(),
-                            time_ms: v.time.0,
-                            message: v.message.clone(),
-                            kind: v.kind.name().to_owned(),
-                            content_hash: v.content_hash.get(..12).unwrap_or_default().to_owned(),
-                            parents: v.parents.iter().map(|p| doc.label(p)).collect(),
-                        })
-                        .collect(),
-                    group,
-                },
+                Some(doc) => {
+                    Response::History { versions: doc.history().map(|v| version_row(doc, v)).collect(), group }
+                }
                 None => unknown(&group),
             },
             Request::Diff { group, from, to } => match self.replica.group(&group) {
@@ -523,5 +552,87 @@ pub fn apply_result_text(result: &ApplyResult) -> String {
     match result {
         ApplyResult::Ok => "ok".to_owned(),
         ApplyResult::Error { message } => format!("error: {message}"),
+    }
+}
+
+/// The settings whose key starts with `prefix` (all of them without one), as the wire carries
+/// them.
+pub(super) fn settings_under(settings: &konor_crdt::Settings, prefix: Option<&str>) -> BTreeMap<String, Value> {
+    settings
+        .iter()
+        .filter(|(key, _)| prefix.is_none_or(|prefix| key.starts_with(prefix)))
+        .map(|(key, value)| (key.to_owned(), value.clone()))
+        .collect()
+}
+
+/// The watch event a notification makes for a watcher of `prefix`: only the keys under it, and
+/// nothing at all when the change touched none of them (a change that touched no key, such as a
+/// schema version, reaches only watchers of the whole group).
+pub(super) fn change_event(notification: &Notification, prefix: Option<&str>) -> Option<WatchEvent> {
+    let under = |key: &str| prefix.is_none_or(|prefix| key.starts_with(prefix));
+    let set: BTreeMap<String, Value> =
+        notification.set.iter().filter(|(key, _)| under(key)).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let removed: Vec<String> = notification.removed.iter().filter(|key| under(key)).cloned().collect();
+    if prefix.is_some() && set.is_empty() && removed.is_empty() {
+        return None;
+    }
+    Some(WatchEvent::Change {
+        group: notification.group.clone(),
+        revision: notification.revision,
+        version: notification.version.clone(),
+        set,
+        removed,
+    })
+}
+
+/// A version as listings show it.
+fn version_row(doc: &konor_crdt::GroupDoc, version: &konor_crdt::VersionInfo) -> VersionRow {
+    VersionRow {
+        label: doc.label(&version.id),
+        author: version.author.clone(),
+        time_ms: version.time.0,
+        message: version.message.clone(),
+        kind: version.kind.name().to_owned(),
+        content_hash: version.content_hash.get(..12).unwrap_or_default().to_owned(),
+        parents: version.parents.iter().map(|p| doc.label(p)).collect(),
+    }
+}
+
+/// What a settings file breaks of the group's schema (or of `candidate`), without writing.
+fn schema_check(doc: &konor_crdt::GroupDoc, format: &str, text: &str, candidate: Option<&Value>) -> Response {
+    let bad = |message: String| error_response(ErrorCode::BadRequest, message);
+    let format = match format.parse::<FileFormat>() {
+        Ok(format) => format,
+        Err(error) => return bad(error.to_string()),
+    };
+    let settings = match konor_crdt::config_file::parse_config_file(text, format) {
+        Ok(settings) => settings,
+        Err(error) => return bad(error.to_string()),
+    };
+    let violations = match candidate {
+        Some(schema) => konor_crdt::Schema::compile(schema).map(|schema| schema.violations(&settings)),
+        None => return schema_check_answer(doc, settings.len(), doc.check_against_schema(&settings)),
+    };
+    match violations {
+        Ok(violations) => schema_check_answer(doc, settings.len(), Ok(violations)),
+        Err(error) => bad(error.to_string()),
+    }
+}
+
+fn schema_check_answer(
+    doc: &konor_crdt::GroupDoc,
+    keys: usize,
+    violations: Result<Vec<konor_crdt::Violation>, konor_crdt::EditError>,
+) -> Response {
+    match violations {
+        Ok(violations) => Response::SchemaCheck {
+            group: doc.name().to_owned(),
+            keys,
+            violations: violations
+                .into_iter()
+                .map(|v| ViolationRow { key: v.key, value: v.value, rule: v.rule, message: v.message })
+                .collect(),
+        },
+        Err(error) => error_response(ErrorCode::BadRequest, error.to_string()),
     }
 }

@@ -314,8 +314,14 @@ impl TestNode {
     async fn watch_group(&self, connection: u64, group: &str) -> WatchReceiver {
         let (events, received) = WatchSender::detached(connection);
         let (reply, answer) = oneshot::channel();
-        let call =
-            LocalCall::Watch { client: client(connection), group: group.into(), from_revision: None, events, reply };
+        let call = LocalCall::Watch {
+            client: client(connection),
+            group: group.into(),
+            from_revision: None,
+            prefix: None,
+            events,
+            reply,
+        };
         self.calls.send(call).await.unwrap();
         assert!(matches!(answer.await.unwrap(), Response::Watching { .. }));
         received

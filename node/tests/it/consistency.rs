@@ -14,7 +14,7 @@ fn set(key: &str, value: Value) -> Request {
     Request::Set {
         group: "app".into(),
         entries: BTreeMap::from([(key.to_owned(), value)]),
-        meta: WriteMeta { author: "it".into(), message: String::new() },
+        meta: WriteMeta { author: "it".into(), message: String::new(), ..WriteMeta::default() },
     }
 }
 

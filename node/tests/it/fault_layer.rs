@@ -20,7 +20,7 @@ async fn timed_write(client: &Client, key: &str) -> Duration {
     let request = Request::Set {
         group: "app".into(),
         entries: BTreeMap::from([(key.to_owned(), json!(1))]),
-        meta: WriteMeta { author: "it".into(), message: String::new() },
+        meta: WriteMeta { author: "it".into(), message: String::new(), ..WriteMeta::default() },
     };
     let answer = client.call(request).await.unwrap();
     assert!(matches!(answer, Response::Committed { .. }), "{answer:?}");
@@ -146,7 +146,7 @@ async fn write_label(client: &Client, key: &str) -> String {
     let request = Request::Set {
         group: "app".into(),
         entries: BTreeMap::from([(key.to_owned(), json!(1))]),
-        meta: WriteMeta { author: "it".into(), message: String::new() },
+        meta: WriteMeta { author: "it".into(), message: String::new(), ..WriteMeta::default() },
     };
     match client.call(request).await.unwrap() {
         Response::Committed { version, .. } => version,
@@ -174,7 +174,7 @@ async fn a_watcher_told_before_its_nodes_fsync_gets_a_resync_after_a_power_cut_l
         let request = Request::Set {
             group: "app".into(),
             entries: BTreeMap::from([("told".to_owned(), json!(1))]),
-            meta: WriteMeta { author: "it".into(), message: String::new() },
+            meta: WriteMeta { author: "it".into(), message: String::new(), ..WriteMeta::default() },
         };
         writer.call(request).await
     });

@@ -40,7 +40,7 @@ fn set(group: &str, entries: &[(&str, Value)]) -> Request {
     Request::Set {
         group: group.into(),
         entries: entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
-        meta: WriteMeta { author: "faults".into(), message: String::new() },
+        meta: WriteMeta { author: "faults".into(), message: String::new(), ..WriteMeta::default() },
     }
 }
 

@@ -94,7 +94,7 @@ fn set(key: &str, value: serde_json::Value) -> Request {
     Request::Set {
         group: "app".into(),
         entries: BTreeMap::from([(key.to_owned(), value)]),
-        meta: WriteMeta { author: "it".into(), message: "liveness".into() },
+        meta: WriteMeta { author: "it".into(), message: "liveness".into(), ..WriteMeta::default() },
     }
 }
 

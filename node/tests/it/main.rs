@@ -9,6 +9,7 @@ mod consistency;
 mod durability;
 mod fault_layer;
 mod faults;
+mod guarded_edits;
 mod harness;
 mod http;
 mod isolation;

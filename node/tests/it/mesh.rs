@@ -12,7 +12,7 @@ fn set(group: &str, key: &str, value: serde_json::Value) -> Request {
     Request::Set {
         group: group.into(),
         entries: BTreeMap::from([(key.to_owned(), value)]),
-        meta: WriteMeta { author: "it".into(), message: "test".into() },
+        meta: WriteMeta { author: "it".into(), message: "test".into(), ..WriteMeta::default() },
     }
 }
 

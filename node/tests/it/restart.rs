@@ -36,7 +36,7 @@ async fn a_restart_right_after_sigterm_takes_the_same_ports_and_logs_nothing_ala
     let set = Request::Set {
         group: "app".into(),
         entries: BTreeMap::from([("db.pool".to_owned(), json!(10))]),
-        meta: WriteMeta { author: "it".into(), message: "before the restarts".into() },
+        meta: WriteMeta { author: "it".into(), message: "before the restarts".into(), ..WriteMeta::default() },
     };
     assert!(matches!(clients[0].call(set).await.unwrap(), Response::Committed { .. }));
     let address = nodes[1].addr();

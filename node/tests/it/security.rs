@@ -193,7 +193,7 @@ async fn a_node_with_a_valid_certificate_cannot_impersonate_another_or_forge_its
         .call(konor_sdk::protocol::Request::Set {
             group: "ev".into(),
             entries: std::collections::BTreeMap::from([("k".to_owned(), serde_json::json!(1))]),
-            meta: konor_sdk::protocol::WriteMeta { author: "it".into(), message: String::new() },
+            meta: konor_sdk::protocol::WriteMeta { author: "it".into(), message: String::new(), ..Default::default() },
         })
         .await
         .unwrap();

@@ -47,7 +47,7 @@ async fn subscribe(socket: &std::path::Path, group: &str, from_revision: Option<
     send(&mut stream, 1, Request::Hello { protocol: PROTOCOL_VERSION, pid: std::process::id(), process: "it".into() })
         .await;
     assert!(matches!(receive(&mut stream).await, Some(ServerFrame::Response { id: 1, .. })));
-    send(&mut stream, 2, Request::Watch { group: group.into(), from_revision }).await;
+    send(&mut stream, 2, Request::Watch { group: group.into(), from_revision, prefix: None }).await;
     match receive(&mut stream).await {
         Some(ServerFrame::Response { id: 2, response }) => (stream, response),
         other => panic!("expected an answer, got {other:?}"),

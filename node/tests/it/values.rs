@@ -14,7 +14,7 @@ fn set(entries: &[(&str, Value)]) -> Request {
     Request::Set {
         group: "app".into(),
         entries: entries.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<BTreeMap<_, _>>(),
-        meta: WriteMeta { author: "it".into(), message: String::new() },
+        meta: WriteMeta { author: "it".into(), message: String::new(), ..WriteMeta::default() },
     }
 }
 

@@ -13,6 +13,7 @@ from konorkestra import (
     UNSET,
     Change,
     Client,
+    ConditionFailedError,
     NotFoundError,
     Resync,
     SocketUnsetError,
@@ -63,6 +64,31 @@ def test_writes_carry_their_metadata_and_refusals_are_typed(mesh: Mesh) -> None:
         n1.get("no-such-group", "k")
     with pytest.raises(NotFoundError):
         n1.rollback("writes", "v999")
+
+
+def test_conditional_writes_and_reads_and_watches_by_prefix(mesh: Mesh) -> None:
+    n1, n2, _ = mesh.group("conditional")
+    first = n1.set("conditional", {"db.host": "a", "db.port": 1, "name": "shop"})
+    # The condition holds: written. The group moved on: refused, nothing changed.
+    second = n1.set("conditional", {"db.port": 2}, if_version=first.version, if_content=first.content_hash)
+    with pytest.raises(ConditionFailedError) as failed:
+        n1.set("conditional", {"db.port": 3}, if_version=first.version)
+    assert failed.value.code == "condition_failed" and second.version in failed.value.message
+    with pytest.raises(ConditionFailedError):
+        n1.delete("conditional", ["name"], if_content=first.content_hash)
+    assert n1.get("conditional", "db.port") == 2
+    under = n1.snapshot("conditional", prefix="db.")
+    assert under.settings == {"db.host": "a", "db.port": 2}
+    assert under.content_hash == content_hash(under.settings)
+    watch = n2.watch("conditional", n2.snapshot("conditional").revision, prefix="db.")
+    try:
+        n1.set("conditional", {"name": "store"})
+        n1.set("conditional", {"db.port": 4, "name": "mall"})
+        event = watch.next_event(timeout=30)
+        assert isinstance(event, Change), event
+        assert event.set == {"db.port": 4}, "only keys under db., and nothing for the first write"
+    finally:
+        watch.close()
 
 
 def test_a_default_author_names_the_process(mesh: Mesh) -> None:

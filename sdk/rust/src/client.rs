@@ -167,7 +167,17 @@ impl Client {
 
     /// All settings of a group; [`Snapshot::typed`] turns them into a struct.
     pub async fn snapshot(&self, group: &str) -> Result<Snapshot, SdkError> {
-        match self.call(Request::Snapshot { group: group.to_owned() }).await? {
+        self.snapshot_request(Request::Snapshot { group: group.to_owned(), prefix: None }).await
+    }
+
+    /// The settings of a group whose keys start with `prefix` (`db.`). The content hash is the
+    /// hash of the keys returned, not of the whole group.
+    pub async fn snapshot_prefix(&self, group: &str, prefix: &str) -> Result<Snapshot, SdkError> {
+        self.snapshot_request(Request::Snapshot { group: group.to_owned(), prefix: Some(prefix.to_owned()) }).await
+    }
+
+    async fn snapshot_request(&self, request: Request) -> Result<Snapshot, SdkError> {
+        match self.call(request).await? {
             Response::Snapshot { group, settings, content_hash, freshness } => {
                 Ok(Snapshot { group, settings, content_hash, freshness })
             }
@@ -415,7 +425,8 @@ mod tests {
     async fn call_refuses_requests_that_belong_to_the_connection() {
         let (_directory, path) = fake_daemon(|_| None);
         let client = Client::connect(&path).await.unwrap();
-        let error = client.call(Request::Watch { group: "app".into(), from_revision: None }).await.unwrap_err();
+        let error =
+            client.call(Request::Watch { group: "app".into(), from_revision: None, prefix: None }).await.unwrap_err();
         assert!(matches!(error, SdkError::InvalidCall(_)), "{error:?}");
     }
 }

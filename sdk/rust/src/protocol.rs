@@ -83,6 +83,14 @@ pub struct WriteMeta {
     /// Why.
     #[serde(default, deserialize_with = "null_as_default")]
     pub message: String,
+    /// A precondition: write only if the group's only latest version is this one (`v12`);
+    /// otherwise the write is refused with `condition_failed` and nothing changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_version: Option<String>,
+    /// A precondition: write only if the group's content hash starts with these hex digits
+    /// (12 to 64, as `history` and `snapshot` show them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub if_content: Option<String>,
 }
 
 /// Everything a client can ask.
@@ -105,10 +113,13 @@ pub enum Request {
         /// Key.
         key: String,
     },
-    /// All settings of a group.
+    /// All settings of a group, or those whose key starts with `prefix`.
     Snapshot {
         /// Group.
         group: String,
+        /// Only keys that start with this text (`db.` for every key under `db`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
     },
     /// Subscribe to changes after `from_revision` (or from now when absent).
     Watch {
@@ -117,6 +128,10 @@ pub enum Request {
         /// Deliver every change with a larger revision; `None`: only future changes.
         #[serde(default)]
         from_revision: Option<u64>,
+        /// Only changes to keys that start with this text: events carry only those keys, a
+        /// change that touches none of them is not sent, and a resync holds only those keys.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
     },
     /// Stop a subscription.
     Unwatch {
@@ -212,6 +227,44 @@ pub enum Request {
         /// Author and message.
         #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
+    },
+    /// The whole settings of one version (`konorctl show group@v12`).
+    Show {
+        /// Group.
+        group: String,
+        /// Version label (`v12`).
+        version: String,
+    },
+    /// Set the group's schema (a JSON Schema over its settings as one flat object), or remove
+    /// it (`schema` absent or null). A new version of kind `schema`; refused when the settings
+    /// break it.
+    SchemaSet {
+        /// Group.
+        group: String,
+        /// The schema; `None` removes it.
+        #[serde(default)]
+        schema: Option<Value>,
+        /// Author, message and precondition.
+        #[serde(default, deserialize_with = "null_as_default")]
+        meta: WriteMeta,
+    },
+    /// The group's schema.
+    SchemaGet {
+        /// Group.
+        group: String,
+    },
+    /// Validates a settings file against the group's schema (or against `schema` when given),
+    /// as `apply` would see it, without writing anything.
+    SchemaCheck {
+        /// Group.
+        group: String,
+        /// "toml", "yaml" or "json".
+        format: String,
+        /// The file's text.
+        text: String,
+        /// A schema to check against instead of the group's (to try one before setting it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema: Option<Value>,
     },
     /// Version list.
     History {
@@ -316,6 +369,21 @@ pub struct VersionRow {
     pub content_hash: String,
     /// Parent labels.
     pub parents: Vec<String>,
+}
+
+/// A schema rule that settings break (SPEC F8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViolationRow {
+    /// The key the rule is about; `None`: the settings as a whole (a `required` key is missing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// The key's value as canonical JSON text, when it is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    /// Where the rule is in the schema, as a JSON pointer (`/properties/db.port/maximum`).
+    pub rule: String,
+    /// What is wrong.
+    pub message: String,
 }
 
 /// A group in a listing.
@@ -476,6 +544,39 @@ pub enum Response {
     Groups {
         /// Rows.
         groups: Vec<GroupRow>,
+    },
+    /// One version's whole settings.
+    Show {
+        /// Group.
+        group: String,
+        /// The version.
+        version: VersionRow,
+        /// Key -> value, as of that version.
+        settings: BTreeMap<String, Value>,
+    },
+    /// A group's schema.
+    Schema {
+        /// Group.
+        group: String,
+        /// The schema, `None` when the group has none.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        schema: Option<Value>,
+        /// The version that set it last (`None` without a schema).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<String>,
+        /// Why this node cannot use the schema the group holds, when it cannot.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        unusable: Option<String>,
+    },
+    /// What a settings file breaks of a schema (`schema check`).
+    SchemaCheck {
+        /// Group.
+        group: String,
+        /// Keys in the file.
+        keys: usize,
+        /// Every rule the file breaks (empty: it validates), at most the reported maximum plus
+        /// one.
+        violations: Vec<ViolationRow>,
     },
     /// Versions, oldest first.
     History {
@@ -650,6 +751,12 @@ pub enum ErrorCode {
     Aborted,
     /// Another strong round of the group is in flight; retry.
     Busy,
+    /// A conditional write's condition does not hold (`if_version`, `if_content`): the group
+    /// has moved on; nothing was written. Read again, then decide.
+    ConditionFailed,
+    /// The write would break the group's schema; the message names the key, the value and the
+    /// rule. Nothing was written.
+    SchemaViolation,
     /// A strong write's commit was proposed but this node could not learn whether it became
     /// final: it is committed everywhere or nowhere; read before retrying.
     OutcomeUnknown,
@@ -775,6 +882,10 @@ impl Request {
             Request::Delete { .. } => "delete",
             Request::Apply { .. } => "apply",
             Request::Rollback { .. } => "rollback",
+            Request::Show { .. } => "show",
+            Request::SchemaSet { .. } => "schema_set",
+            Request::SchemaGet { .. } => "schema_get",
+            Request::SchemaCheck { .. } => "schema_check",
             Request::History { .. } => "history",
             Request::Diff { .. } => "diff",
             Request::Conflicts { .. } => "conflicts",
@@ -800,6 +911,9 @@ impl Response {
             Response::GroupCreated { .. } => "group_created",
             Response::Joined { .. } => "joined",
             Response::Groups { .. } => "groups",
+            Response::Show { .. } => "show",
+            Response::Schema { .. } => "schema",
+            Response::SchemaCheck { .. } => "schema_check",
             Response::History { .. } => "history",
             Response::Diff { .. } => "diff",
             Response::Conflicts { .. } => "conflicts",
@@ -833,6 +947,8 @@ impl ErrorCode {
             ErrorCode::NotCommitted => "not_committed",
             ErrorCode::Aborted => "aborted",
             ErrorCode::Busy => "busy",
+            ErrorCode::ConditionFailed => "condition_failed",
+            ErrorCode::SchemaViolation => "schema_violation",
             ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::NotDurable => "not_durable",
             ErrorCode::Idle => "idle",
@@ -912,7 +1028,7 @@ mod tests {
         let leave: Request = serde_json::from_str(r#"{"type":"group_leave","name":"app","force":null}"#).unwrap();
         assert_eq!(leave, Request::GroupLeave { name: "app".into(), force: false });
         let watch: Request = serde_json::from_str(r#"{"type":"watch","group":"app","from_revision":null}"#).unwrap();
-        assert_eq!(watch, Request::Watch { group: "app".into(), from_revision: None });
+        assert_eq!(watch, Request::Watch { group: "app".into(), from_revision: None, prefix: None });
         // A required field may not be null.
         assert!(serde_json::from_str::<Request>(r#"{"type":"watch","group":null}"#).is_err());
     }

@@ -25,13 +25,30 @@ impl Client {
     /// Subscribes to a group's changes after `from_revision` (`None`: from now on). The watch
     /// has a connection of its own and survives daemon restarts (see [`Watch`]).
     pub async fn watch(&self, group: &str, from_revision: Option<u64>) -> Result<Watch, SdkError> {
+        self.watch_keys(group, None, from_revision).await
+    }
+
+    /// Subscribes to changes of the keys that start with `prefix` (`db.`): events carry only
+    /// those keys, a change that touches none of them is not delivered, and a resync holds only
+    /// those keys. Otherwise as [`Client::watch`].
+    pub async fn watch_prefix(&self, group: &str, prefix: &str, from_revision: Option<u64>) -> Result<Watch, SdkError> {
+        self.watch_keys(group, Some(prefix), from_revision).await
+    }
+
+    async fn watch_keys(
+        &self,
+        group: &str,
+        prefix: Option<&str>,
+        from_revision: Option<u64>,
+    ) -> Result<Watch, SdkError> {
         let (path, daemon_uid) = (self.path(), self.daemon_uid());
-        let (link, revision) = WatchLink::open(path, self.timeout(), daemon_uid, group, from_revision).await?;
+        let (link, revision) = WatchLink::open(path, self.timeout(), daemon_uid, group, prefix, from_revision).await?;
         Ok(Watch {
             path: path.to_owned(),
             timeout: self.timeout(),
             daemon_uid,
             group: group.to_owned(),
+            prefix: prefix.map(str::to_owned),
             last_revision: from_revision.unwrap_or(revision),
             link: Some(link),
             backoff: RECONNECT_BACKOFF_MIN,
@@ -52,6 +69,7 @@ pub struct Watch {
     timeout: Duration,
     daemon_uid: DaemonUid,
     group: String,
+    prefix: Option<String>,
     last_revision: u64,
     link: Option<WatchLink>,
     backoff: Duration,
@@ -82,11 +100,12 @@ impl WatchLink {
         timeout: Duration,
         daemon_uid: DaemonUid,
         group: &str,
+        prefix: Option<&str>,
         from_revision: Option<u64>,
     ) -> Result<(WatchLink, u64), SdkError> {
         let connection = Connection::open(path, timeout, daemon_uid).await?;
         let events = connection.subscribe(group)?;
-        let request = Request::Watch { group: group.to_owned(), from_revision };
+        let request = Request::Watch { group: group.to_owned(), from_revision, prefix: prefix.map(str::to_owned) };
         match connection.request(&request, timeout).await? {
             Response::Watching { revision, .. } => Ok((WatchLink { _connection: connection, events }, revision)),
             other => Err(unexpected("watching", &other)),
@@ -107,7 +126,16 @@ impl Watch {
             let Some(link) = &mut self.link else {
                 tokio::time::sleep(self.backoff).await;
                 let from_revision = Some(self.last_revision);
-                match WatchLink::open(&self.path, self.timeout, self.daemon_uid, &self.group, from_revision).await {
+                match WatchLink::open(
+                    &self.path,
+                    self.timeout,
+                    self.daemon_uid,
+                    &self.group,
+                    self.prefix.as_deref(),
+                    from_revision,
+                )
+                .await
+                {
                     Ok((link, _)) => {
                         debug!(group = %self.group, from_revision = self.last_revision, "watch resubscribed");
                         self.link = Some(link);

@@ -36,6 +36,8 @@ fn status_of(code: ErrorCode) -> StatusCode {
         ErrorCode::Forbidden => StatusCode::FORBIDDEN,
         ErrorCode::Unavailable | ErrorCode::NotCommitted => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Busy => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::ConditionFailed => StatusCode::PRECONDITION_FAILED,
+        ErrorCode::SchemaViolation => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::OutcomeUnknown => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::NotDurable => StatusCode::INSUFFICIENT_STORAGE,
         ErrorCode::Idle => StatusCode::REQUEST_TIMEOUT,

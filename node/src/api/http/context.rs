@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use konor_sdk::protocol::WriteMeta;
+use serde::Deserialize;
 
 use super::Door;
 use super::answer::{HttpError, http_error};
@@ -59,8 +60,23 @@ impl Ctx {
 
     /// Write metadata for an authenticated caller. The author is left to the daemon, which
     /// takes it from the certificate's identity: an HTTP caller cannot claim another.
-    pub(super) fn meta(&self, message: Option<String>) -> Result<WriteMeta, HttpError> {
+    pub(super) fn meta(&self, fields: WriteFields) -> Result<WriteMeta, HttpError> {
         self.identity()?;
-        Ok(WriteMeta { author: String::new(), message: message.unwrap_or_default() })
+        let WriteFields { message, if_version, if_content } = fields;
+        Ok(WriteMeta { author: String::new(), message: message.unwrap_or_default(), if_version, if_content })
     }
+}
+
+/// A write's message and precondition (SPEC F5), in a body or a query.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct WriteFields {
+    #[serde(default)]
+    pub(super) message: Option<String>,
+    /// Write only if the group's only latest version is this one.
+    #[serde(default)]
+    pub(super) if_version: Option<String>,
+    /// Write only if the group's content hash starts with these hex digits.
+    #[serde(default)]
+    pub(super) if_content: Option<String>,
 }

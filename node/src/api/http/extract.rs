@@ -31,7 +31,7 @@ impl<S: Send + Sync> FromRequestParts<S> for PathSegment {
     }
 }
 
-/// The `{group}` and `{key}` of a route.
+/// The `{group}` and `{key}` (or `{version}`) of a route.
 #[derive(Debug)]
 pub(super) struct GroupKey(pub(super) String, pub(super) String);
 

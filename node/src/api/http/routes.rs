@@ -18,7 +18,7 @@ use tracing::{Instrument, info, info_span};
 
 use super::Door;
 use super::answer::{Answer, HttpError, answer, http_error};
-use super::context::Ctx;
+use super::context::{Ctx, WriteFields};
 use super::extract::{GroupKey, JsonBody, PathSegment, QueryOf};
 use crate::api::request_check::check_request;
 use crate::api::socket::LocalCall;
@@ -74,6 +74,9 @@ fn is_write(request: &Request) -> bool {
         Request::Get { .. }
         | Request::Snapshot { .. }
         | Request::History { .. }
+        | Request::Show { .. }
+        | Request::SchemaGet { .. }
+        | Request::SchemaCheck { .. }
         | Request::Diff { .. }
         | Request::Conflicts { .. }
         | Request::Nodes
@@ -94,7 +97,8 @@ fn is_write(request: &Request) -> bool {
         | Request::Set { .. }
         | Request::Delete { .. }
         | Request::Apply { .. }
-        | Request::Rollback { .. } => true,
+        | Request::Rollback { .. }
+        | Request::SchemaSet { .. } => true,
     }
 }
 
@@ -232,8 +236,19 @@ pub(super) async fn groups(State(ctx): State<Ctx>) -> Answer {
     read(&ctx, Request::GroupList).await
 }
 
-pub(super) async fn snapshot(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
-    read(&ctx, Request::Snapshot { group }).await
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PrefixQuery {
+    #[serde(default)]
+    prefix: Option<String>,
+}
+
+pub(super) async fn snapshot(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    QueryOf(PrefixQuery { prefix }): QueryOf<PrefixQuery>,
+) -> Answer {
+    read(&ctx, Request::Snapshot { group, prefix }).await
 }
 
 pub(super) async fn get_one(State(ctx): State<Ctx>, GroupKey(group, key): GroupKey) -> Answer {
@@ -242,6 +257,55 @@ pub(super) async fn get_one(State(ctx): State<Ctx>, GroupKey(group, key): GroupK
 
 pub(super) async fn versions(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
     read(&ctx, Request::History { group }).await
+}
+
+pub(super) async fn show(State(ctx): State<Ctx>, GroupKey(group, version): GroupKey) -> Answer {
+    read(&ctx, Request::Show { group, version }).await
+}
+
+pub(super) async fn schema_get(State(ctx): State<Ctx>, PathSegment(group): PathSegment) -> Answer {
+    read(&ctx, Request::SchemaGet { group }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SchemaBody {
+    /// The schema; null or absent removes it.
+    #[serde(default)]
+    schema: Option<Value>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
+}
+
+pub(super) async fn schema_set(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    JsonBody(SchemaBody { schema, message, if_version, if_content }): JsonBody<SchemaBody>,
+) -> Answer {
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    Ok(ask(&ctx, Request::SchemaSet { group, schema, meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SchemaCheckBody {
+    format: String,
+    text: String,
+    #[serde(default)]
+    schema: Option<Value>,
+}
+
+/// Validates a file without writing: a read (a POST only because the file is a body).
+pub(super) async fn schema_check(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    JsonBody(SchemaCheckBody { format, text, schema }): JsonBody<SchemaCheckBody>,
+) -> Answer {
+    read(&ctx, Request::SchemaCheck { group, format, text, schema }).await
 }
 
 #[derive(Deserialize)]
@@ -332,28 +396,24 @@ pub(super) async fn group_remove(
     command(&ctx, Request::GroupRemove { group, nodes, force }).await
 }
 
-/// A write's message, in a body or a query.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct Message {
-    #[serde(default)]
-    message: Option<String>,
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SetMany {
     entries: BTreeMap<String, Value>,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
 }
 
 pub(super) async fn set_many(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(SetMany { entries, message }): JsonBody<SetMany>,
+    JsonBody(SetMany { entries, message, if_version, if_content }): JsonBody<SetMany>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
     Ok(ask(&ctx, Request::Set { group, entries, meta }).await)
 }
 
@@ -363,23 +423,27 @@ pub(super) struct SetOne {
     value: Value,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
 }
 
 pub(super) async fn set_one(
     State(ctx): State<Ctx>,
     GroupKey(group, key): GroupKey,
-    JsonBody(SetOne { value, message }): JsonBody<SetOne>,
+    JsonBody(SetOne { value, message, if_version, if_content }): JsonBody<SetOne>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
     Ok(ask(&ctx, Request::Set { group, entries: BTreeMap::from([(key, value)]), meta }).await)
 }
 
 pub(super) async fn delete_one(
     State(ctx): State<Ctx>,
     GroupKey(group, key): GroupKey,
-    QueryOf(Message { message }): QueryOf<Message>,
+    QueryOf(fields): QueryOf<WriteFields>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(fields)?;
     Ok(ask(&ctx, Request::Delete { group, keys: vec![key], meta }).await)
 }
 
@@ -389,14 +453,18 @@ pub(super) struct DeleteMany {
     keys: Vec<String>,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
 }
 
 pub(super) async fn delete_many(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(DeleteMany { keys, message }): JsonBody<DeleteMany>,
+    JsonBody(DeleteMany { keys, message, if_version, if_content }): JsonBody<DeleteMany>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
     Ok(ask(&ctx, Request::Delete { group, keys, meta }).await)
 }
 
@@ -407,14 +475,18 @@ pub(super) struct ApplyBody {
     text: String,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
 }
 
 pub(super) async fn apply(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(ApplyBody { format, text, message }): JsonBody<ApplyBody>,
+    JsonBody(ApplyBody { format, text, message, if_version, if_content }): JsonBody<ApplyBody>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
     Ok(ask(&ctx, Request::Apply { group, format, text, meta }).await)
 }
 
@@ -424,13 +496,17 @@ pub(super) struct RollbackBody {
     version: String,
     #[serde(default)]
     message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
 }
 
 pub(super) async fn rollback(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(RollbackBody { version, message }): JsonBody<RollbackBody>,
+    JsonBody(RollbackBody { version, message, if_version, if_content }): JsonBody<RollbackBody>,
 ) -> Answer {
-    let meta = ctx.meta(message)?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
     Ok(ask(&ctx, Request::Rollback { group, version, meta }).await)
 }

@@ -33,6 +33,8 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 pub(super) struct WatchQuery {
     #[serde(default)]
     from_revision: Option<u64>,
+    #[serde(default)]
+    prefix: Option<String>,
 }
 
 /// Ends the daemon's side of the watch when the stream is dropped (the client went away, or the
@@ -82,7 +84,9 @@ pub(super) async fn watch(
         Some(from) => Some(from),
         None => query.from_revision,
     };
-    if let Err(message) = check_request(&Request::Watch { group: group.clone(), from_revision }) {
+    let prefix = query.prefix;
+    if let Err(message) = check_request(&Request::Watch { group: group.clone(), from_revision, prefix: prefix.clone() })
+    {
         return Ok(answer(Response::Error { code: ErrorCode::BadRequest, message }));
     }
     let Ok(place) = ctx.door.watches.clone().try_acquire_owned() else {
@@ -96,7 +100,7 @@ pub(super) async fn watch(
     let (sender, events) = WatchSender::within(connection, ctx.door.socket_stats.clone());
     let (reply, answered) = oneshot::channel();
     let guard = StreamGuard { calls: ctx.door.calls.clone(), connection, _place: place };
-    let call = LocalCall::Watch { client: ctx.client(connection), group, from_revision, events: sender, reply };
+    let call = LocalCall::Watch { client: ctx.client(connection), group, from_revision, prefix, events: sender, reply };
     let asked = async {
         ctx.door.calls.send(call).await.ok()?;
         answered.await.ok()

@@ -103,6 +103,8 @@ pub enum LocalCall {
         group: String,
         /// Deliver changes after this revision; `None`: from now on.
         from_revision: Option<u64>,
+        /// Only changes to keys that start with this text.
+        prefix: Option<String>,
         /// Where events go: [`WATCH_QUEUE_EVENTS`] at most, within the connection's and the
         /// socket's write budgets.
         events: WatchSender,

@@ -408,7 +408,7 @@ impl Session {
                 let message = "hello was already sent on this connection".to_owned();
                 self.answer_inline(id, Response::Error { code: ErrorCode::Protocol, message }).await;
             }
-            Request::Watch { group, from_revision } => {
+            Request::Watch { group, from_revision, prefix } => {
                 if self.watches.contains_key(&group) {
                     let message = format!(
                         "group `{group}` is already watched on this connection: \
@@ -441,7 +441,8 @@ impl Session {
                 let fell_behind = sender.fell_behind();
                 let events = WatchEvents { events, fell_behind, stop: stop.clone(), group: group.clone(), watch };
                 let (reply, answer) = oneshot::channel();
-                let call = LocalCall::Watch { client, group: group.clone(), from_revision, events: sender, reply };
+                let call =
+                    LocalCall::Watch { client, group: group.clone(), from_revision, prefix, events: sender, reply };
                 let task = run_watch(self.task_context(id, charge, None), call, answer, events);
                 self.tasks.spawn(task.instrument(span));
                 self.watches.insert(group, ActiveWatch { number: watch, stop, _place: permit });

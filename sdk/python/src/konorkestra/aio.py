@@ -274,8 +274,11 @@ class Client:
         value = read_value(await self.call({"type": "get", "group": group, "key": key}))
         return default if value is UNSET else value
 
-    async def snapshot(self, group: str) -> Snapshot:
-        return read_snapshot(await self.call({"type": "snapshot", "group": group}))
+    async def snapshot(self, group: str, prefix: Optional[str] = None) -> Snapshot:
+        request: Dict[str, Any] = {"type": "snapshot", "group": group}
+        if prefix is not None:
+            request["prefix"] = prefix
+        return read_snapshot(await self.call(request))
 
     async def history(self, group: str) -> List[Dict[str, Any]]:
         return _rows(expect(await self.call({"type": "history", "group": group}), "history"), "versions")
@@ -289,23 +292,36 @@ class Client:
     async def groups(self) -> List[Dict[str, Any]]:
         return _rows(expect(await self.call({"type": "group_list"}), "groups"), "groups")
 
-    async def set(self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "") -> Committed:
-        request = {"type": "set", "group": group, "entries": dict(entries), "meta": write_meta(author, message)}
+    async def set(
+        self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
+        request = {"type": "set", "group": group, "entries": dict(entries),
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(await self.call(request))
 
-    async def delete(self, group: str, keys: Iterable[str], *, author: str = "", message: str = "") -> Committed:
-        request = {"type": "delete", "group": group, "keys": list(keys), "meta": write_meta(author, message)}
+    async def delete(
+        self, group: str, keys: Iterable[str], *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
+        request = {"type": "delete", "group": group, "keys": list(keys),
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(await self.call(request))
 
     async def apply(
-        self, group: str, text: str, format: str = "toml", *, author: str = "", message: str = ""
+        self, group: str, text: str, format: str = "toml", *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
     ) -> Committed:
         request = {"type": "apply", "group": group, "format": format, "text": text,
-                   "meta": write_meta(author, message)}
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(await self.call(request))
 
-    async def rollback(self, group: str, version: str, *, author: str = "", message: str = "") -> Committed:
-        request = {"type": "rollback", "group": group, "version": version, "meta": write_meta(author, message)}
+    async def rollback(
+        self, group: str, version: str, *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
+        request = {"type": "rollback", "group": group, "version": version,
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(await self.call(request))
 
     async def create_group(self, name: str, mode: str = "eventual", *, key: Optional[str] = None) -> str:
@@ -328,10 +344,12 @@ class Client:
         request = {"type": "report_apply", "group": group, "version": version, "revision": revision, "result": result}
         expect(await self.call(request), "done")
 
-    async def watch(self, group: str, from_revision: Optional[int] = None) -> "Watch":
+    async def watch(
+        self, group: str, from_revision: Optional[int] = None, *, prefix: Optional[str] = None
+    ) -> "Watch":
         """Every change of ``group`` after ``from_revision`` (``None``: from now on):
-        ``async for event in watch``."""
-        watch = Watch(self, group)
+        ``async for event in watch``. With ``prefix``, only changes to keys that start with it."""
+        watch = Watch(self, group, prefix)
         await watch._start(from_revision)
         return watch
 
@@ -354,8 +372,9 @@ class Watch:
     order, or a Resync; resumed after dropped connections and daemon restarts, pauses kept
     across polls, so polling with a short timeout still reconnects)."""
 
-    def __init__(self, client: Client, group: str) -> None:
+    def __init__(self, client: Client, group: str, prefix: Optional[str] = None) -> None:
         self.group = group
+        self._prefix = prefix
         self._client = client
         self._link: Optional[_Link] = None
         self._closed = False
@@ -373,9 +392,10 @@ class Watch:
         client = self._client
         link = await _Link.open(client.path, client.timeout, client.daemon_uid, client.process)
         try:
-            revision = read_watching(
-                await link.exchange({"type": "watch", "group": self.group, "from_revision": from_revision})
-            )
+            request: Dict[str, Any] = {"type": "watch", "group": self.group, "from_revision": from_revision}
+            if self._prefix is not None:
+                request["prefix"] = self._prefix
+            revision = read_watching(await link.exchange(request))
         except BaseException:
             link.close()
             raise

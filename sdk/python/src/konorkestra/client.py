@@ -164,10 +164,14 @@ class Client:
         value = read_value(self.call({"type": "get", "group": group, "key": key}))
         return default if value is UNSET else value
 
-    def snapshot(self, group: str) -> Snapshot:
-        """All settings of ``group`` with version, revision and freshness; the content hash is
-        recomputed here and must match the daemon's."""
-        return read_snapshot(self.call({"type": "snapshot", "group": group}))
+    def snapshot(self, group: str, prefix: Optional[str] = None) -> Snapshot:
+        """All settings of ``group`` (or those whose key starts with ``prefix``) with version,
+        revision and freshness; the content hash (of the keys returned) is recomputed here and
+        must match the daemon's."""
+        request: Dict[str, Any] = {"type": "snapshot", "group": group}
+        if prefix is not None:
+            request["prefix"] = prefix
+        return read_snapshot(self.call(request))
 
     def history(self, group: str) -> List[Dict[str, Any]]:
         """The versions of ``group``, oldest first (rows as docs/protocol.md shows them)."""
@@ -188,27 +192,42 @@ class Client:
 
     # -- writes ----------------------------------------------------------------------------
 
-    def set(self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "") -> Committed:
+    def set(
+        self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
         """Sets keys (dotted names) to JSON values. An empty ``author`` makes the daemon write
         ``<process>@<node>``. A write that changes nothing raises UnchangedError."""
         return read_committed(
-            self.call({"type": "set", "group": group, "entries": dict(entries), "meta": write_meta(author, message)})
+            self.call({"type": "set", "group": group, "entries": dict(entries),
+                       "meta": write_meta(author, message, if_version, if_content)})
         )
 
-    def delete(self, group: str, keys: Iterable[str], *, author: str = "", message: str = "") -> Committed:
+    def delete(
+        self, group: str, keys: Iterable[str], *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
         """Removes keys."""
-        request = {"type": "delete", "group": group, "keys": list(keys), "meta": write_meta(author, message)}
+        request = {"type": "delete", "group": group, "keys": list(keys),
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(self.call(request))
 
-    def apply(self, group: str, text: str, format: str = "toml", *, author: str = "", message: str = "") -> Committed:
+    def apply(
+        self, group: str, text: str, format: str = "toml", *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
         """Replaces the settings with a whole file's (``format``: toml, yaml or json)."""
         request = {"type": "apply", "group": group, "format": format, "text": text,
-                   "meta": write_meta(author, message)}
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(self.call(request))
 
-    def rollback(self, group: str, version: str, *, author: str = "", message: str = "") -> Committed:
+    def rollback(
+        self, group: str, version: str, *, author: str = "", message: str = "",
+        if_version: Optional[str] = None, if_content: Optional[str] = None,
+    ) -> Committed:
         """A new version whose settings are those of ``version``."""
-        request = {"type": "rollback", "group": group, "version": version, "meta": write_meta(author, message)}
+        request = {"type": "rollback", "group": group, "version": version,
+                   "meta": write_meta(author, message, if_version, if_content)}
         return read_committed(self.call(request))
 
     # -- groups ----------------------------------------------------------------------------
@@ -256,10 +275,11 @@ class Client:
         request = {"type": "report_apply", "group": group, "version": version, "revision": revision, "result": result}
         expect(self.call(request), "done")
 
-    def watch(self, group: str, from_revision: Optional[int] = None) -> "Watch":
+    def watch(self, group: str, from_revision: Optional[int] = None, *, prefix: Optional[str] = None) -> "Watch":
         """Every change of ``group`` after ``from_revision`` (``None``: from now on), on a
-        connection of its own, resumed across dropped connections and daemon restarts."""
-        return Watch(self, group, from_revision)
+        connection of its own, resumed across dropped connections and daemon restarts. With
+        ``prefix``, only changes to keys that start with it."""
+        return Watch(self, group, from_revision, prefix)
 
     def on_change(self, group: str, callback: Callable[[WatchEvent, Settings], None]) -> "ChangeHandle":
         """Runs ``callback(event, settings)`` on a thread of its own: first with the current
@@ -303,8 +323,11 @@ class Watch:
     Iteration ends after ``close()``; an error a reconnect cannot cure (the group is gone) is
     raised once."""
 
-    def __init__(self, client: Client, group: str, from_revision: Optional[int]) -> None:
+    def __init__(
+        self, client: Client, group: str, from_revision: Optional[int], prefix: Optional[str] = None
+    ) -> None:
         self.group = group
+        self._prefix = prefix
         self._client = client
         self._closed = threading.Event()
         # Held while a thread reads the connection: close() then only shuts it down (the reader
@@ -322,6 +345,8 @@ class Watch:
         connection = Connection(client.path, client.timeout, client.daemon_uid, client.process)
         try:
             request: Dict[str, Any] = {"type": "watch", "group": self.group, "from_revision": from_revision}
+            if self._prefix is not None:
+                request["prefix"] = self._prefix
             revision = read_watching(connection.exchange(request, time.monotonic() + client.timeout))
         except BaseException:
             connection.close()

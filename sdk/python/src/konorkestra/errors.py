@@ -27,6 +27,8 @@ __all__ = [
     "NotCommittedError",
     "AbortedError",
     "BusyError",
+    "ConditionFailedError",
+    "SchemaViolationError",
     "OutcomeUnknownError",
     "NotDurableError",
     "IdleError",
@@ -163,6 +165,16 @@ class NotDurableError(DaemonError):
     """``not_durable``: the node could not save the change (disk full, I/O error)."""
 
 
+class ConditionFailedError(DaemonError):
+    """``condition_failed``: a conditional write's ``if_version`` / ``if_content`` no longer
+    holds (the group moved on); nothing was written."""
+
+
+class SchemaViolationError(DaemonError):
+    """``schema_violation``: the write would break the group's schema (the message names the
+    key, the value and the rule); nothing was written."""
+
+
 class IdleError(DaemonError):
     """``idle``: the daemon closed a connection idle for 5 minutes (the client reconnects and
     sends again on its own)."""
@@ -181,6 +193,8 @@ _BY_CODE: Dict[str, Type[DaemonError]] = {
     "not_committed": NotCommittedError,
     "aborted": AbortedError,
     "busy": BusyError,
+    "condition_failed": ConditionFailedError,
+    "schema_violation": SchemaViolationError,
     "outcome_unknown": OutcomeUnknownError,
     "not_durable": NotDurableError,
     "idle": IdleError,

@@ -295,8 +295,17 @@ def read_event(body: Dict[str, Any]) -> Optional[WatchEvent]:
 RESERVED_REQUESTS = frozenset({"hello", "watch", "unwatch"})
 
 
-def write_meta(author: str, message: str) -> Dict[str, str]:
-    return {"author": author, "message": message}
+def write_meta(
+    author: str, message: str, if_version: Optional[str] = None, if_content: Optional[str] = None
+) -> Dict[str, str]:
+    """A write's ``meta``: author, message and the optional preconditions (docs/protocol.md,
+    "Conditional writes")."""
+    meta = {"author": author, "message": message}
+    if if_version is not None:
+        meta["if_version"] = if_version
+    if if_content is not None:
+        meta["if_content"] = if_content
+    return meta
 
 
 def _text(body: Mapping[str, Any], name: str) -> str:

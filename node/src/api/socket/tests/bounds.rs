@@ -37,7 +37,7 @@ fn held_write(bytes: usize) -> Request {
 }
 
 fn watch_request(group: &str) -> Request {
-    Request::Watch { group: group.into(), from_revision: None }
+    Request::Watch { group: group.into(), from_revision: None, prefix: None }
 }
 
 fn count(counter: &AtomicU64) -> u64 {

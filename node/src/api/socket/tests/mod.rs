@@ -150,14 +150,14 @@ async fn play_daemon(
                         key,
                         freshness: state.freshness(),
                     },
-                    Request::Snapshot { group } if group == GROUP => Response::Snapshot {
+                    Request::Snapshot { group, .. } if group == GROUP => Response::Snapshot {
                         group,
                         settings: state.settings.clone(),
                         content_hash: state.content_hash(),
                         freshness: state.freshness(),
                     },
                     Request::ReportApply { .. } => Response::Done,
-                    Request::Get { group, .. } | Request::Snapshot { group } => {
+                    Request::Get { group, .. } | Request::Snapshot { group, .. } => {
                         Response::Error { code: ErrorCode::UnknownGroup, message: format!("no group `{group}`") }
                     }
                     other => Response::Error { code: ErrorCode::BadRequest, message: other.kind().to_owned() },
