@@ -148,11 +148,17 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             ),
         },
         Response::Snapshot { group, settings, content_hash, freshness } => {
+            // A prefix read's hash is of the keys shown, not the group's (`--if-content`).
+            let content = match request {
+                Request::Snapshot { prefix: Some(prefix), .. } => {
+                    format!("keys under {prefix}: content {}", short_hash(content_hash))
+                }
+                _ => format!("content {}", short_hash(content_hash)),
+            };
             let mut text = format!(
-                "{group}@{} (revision {}, content {}, last change {} ago)\n",
+                "{group}@{} (revision {}, {content}, last change {} ago)\n",
                 freshness.version,
                 freshness.revision,
-                short_hash(content_hash),
                 format_age(freshness.age_ms)
             );
             text.push_str(&settings_table(settings));
@@ -189,13 +195,16 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Groups { groups } => Rendered::ok(groups_text(groups)),
         Response::History { group, versions } => Rendered::ok(history_text(group, versions)),
         Response::Show { group, version, settings } => {
+            let message = match version.message.is_empty() {
+                true => String::new(),
+                false => format!(": {}", cell(&version.message)),
+            };
             let mut text = format!(
-                "{group}@{} ({}, by {}, content {}): {}\n",
+                "{group}@{} ({}, by {}, content {}){message}\n",
                 version.label,
                 version.kind,
                 cell(&version.author),
                 version.content_hash,
-                cell(&version.message)
             );
             text.push_str(&settings_table(settings));
             Rendered::ok(text)
