@@ -8,6 +8,7 @@ pub mod limits;
 pub mod metrics;
 pub mod peer;
 pub mod pki;
+pub mod reports;
 pub mod settings;
 pub mod storage;
 pub mod wall_clock;

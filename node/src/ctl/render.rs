@@ -628,27 +628,76 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
         let _ = writeln!(text, "last write on this node: {version}, acked by {}", acked_by.join(", "));
     }
     text.push('\n');
-    if processes.is_empty() {
-        text.push_str("no local process has reported using this group\n");
-        return text;
+    let (live, gone): (Vec<&ProcessRow>, Vec<&ProcessRow>) = processes.iter().partition(|p| p.gone_ms.is_none());
+    if live.is_empty() {
+        text.push_str("no live process has reported using this group\n");
+    } else {
+        let mut table =
+            Table::new(&["NODE", "PID", "PROCESS", "VERSION", "REVISION", "RESULT", "REPORTED"]).right(&[1, 4]);
+        for process in &live {
+            table.row(vec![
+                process_node(process),
+                process.pid.to_string(),
+                cell(&process.process),
+                process.version.clone(),
+                process.revision.to_string(),
+                result_text(&process.result),
+                format!("{} ago", format_age(now_ms.saturating_sub(process.time_ms))),
+            ]);
+        }
+        text.push_str(&table.render());
+        text.push_str(&drift_text(nodes, &live));
     }
-    let mut table = Table::new(&["PID", "PROCESS", "VERSION", "REVISION", "RESULT", "REPORTED"]).right(&[0, 3]);
-    for process in processes {
-        let result = match &process.result {
-            ApplyResult::Ok => "ok".to_owned(),
-            ApplyResult::Error { message } => format!("error: {}", cell(message)),
-        };
-        table.row(vec![
-            process.pid.to_string(),
-            cell(&process.process),
-            process.version.clone(),
-            process.revision.to_string(),
-            result,
-            format!("{} ago", format_age(now_ms.saturating_sub(process.time_ms))),
-        ]);
+    if !gone.is_empty() {
+        let _ = writeln!(text, "\ngone (history of processes that went away, newest first):");
+        let mut table = Table::new(&["NODE", "PID", "PROCESS", "VERSION", "RESULT", "GONE"]).right(&[1]);
+        for process in &gone {
+            let gone_ms = process.gone_ms.unwrap_or(process.time_ms);
+            table.row(vec![
+                process_node(process),
+                process.pid.to_string(),
+                cell(&process.process),
+                process.version.clone(),
+                result_text(&process.result),
+                format!("{} ago", format_age(now_ms.saturating_sub(gone_ms))),
+            ]);
+        }
+        text.push_str(&table.render());
     }
-    text.push_str(&table.render());
     text
+}
+
+/// The node a process row is from (a daemon before issue 16 sent none: its own).
+fn process_node(process: &ProcessRow) -> String {
+    if process.node.is_empty() { "-".to_owned() } else { process.node.clone() }
+}
+
+fn result_text(result: &ApplyResult) -> String {
+    match result {
+        ApplyResult::Ok => "ok".to_owned(),
+        ApplyResult::Error { message } => format!("error: {}", cell(message)),
+    }
+}
+
+/// The live processes that are not on their node's version, or whose last apply failed (SPEC
+/// F28's drift, against the version each node holds; releases will make it the desired one).
+fn drift_text(nodes: &[NodeGroupRow], live: &[&ProcessRow]) -> String {
+    let mut drifting = Vec::new();
+    for process in live {
+        let node_version = nodes.iter().find(|node| node.node == process.node).map(|node| node.version.as_str());
+        let why = match (&process.result, node_version) {
+            (ApplyResult::Error { .. }, _) => "its last apply failed".to_owned(),
+            (ApplyResult::Ok, Some(version)) if version != process.version => {
+                format!("on {}, its node at {version}", process.version)
+            }
+            _ => continue,
+        };
+        drifting.push(format!("{} (pid {}) on {}: {why}", cell(&process.process), process.pid, process_node(process)));
+    }
+    match drifting.len() {
+        0 => "every live process is on its node's version\n".to_owned(),
+        count => format!("drift: {count} of {}: {}\n", plural(live.len(), "process", "processes"), drifting.join("; ")),
+    }
 }
 
 fn plural(count: usize, one: &str, many: &str) -> String {
@@ -1135,20 +1184,34 @@ mod tests {
         ];
         let processes = vec![
             ProcessRow {
+                node: "n1".into(),
                 pid: 4121,
                 process: "api".into(),
                 version: "v12".into(),
                 revision: 14,
                 result: ApplyResult::Ok,
                 time_ms: NOW_MS - 3_000,
+                gone_ms: None,
             },
             ProcessRow {
+                node: "n2".into(),
                 pid: 977,
                 process: "worker".into(),
                 version: "v11".into(),
                 revision: 13,
                 result: ApplyResult::Error { message: "pool must be at most 16".into() },
                 time_ms: NOW_MS - 7_380_000,
+                gone_ms: None,
+            },
+            ProcessRow {
+                node: "n1".into(),
+                pid: 4000,
+                process: "api".into(),
+                version: "v10".into(),
+                revision: 11,
+                result: ApplyResult::Ok,
+                time_ms: NOW_MS - 9_000_000,
+                gone_ms: Some(NOW_MS - 60_000),
             },
         ];
         let request = Request::Status { group: "app".into() };
@@ -1180,9 +1243,14 @@ mod tests {
                 2 of 3 nodes live (a strong write needs every member of the configuration); the live nodes hold identical state
                 last write on this node: v12, acked by n1, n2
 
-                 PID  PROCESS  VERSION  REVISION  RESULT                          REPORTED
-                4121  api      v12            14  ok                              3s ago
-                 977  worker   v11            13  error: pool must be at most 16  2h03m ago
+                NODE   PID  PROCESS  VERSION  REVISION  RESULT                          REPORTED
+                n1    4121  api      v12            14  ok                              3s ago
+                n2     977  worker   v11            13  error: pool must be at most 16  2h03m ago
+                drift: 1 of 2 processes: worker (pid 977) on n2: its last apply failed
+
+                gone (history of processes that went away, newest first):
+                NODE   PID  PROCESS  VERSION  RESULT  GONE
+                n1    4000  api      v10      ok      1m00s ago
             "#]],
         );
         let mut diverged = nodes;
@@ -1214,7 +1282,7 @@ mod tests {
                 n3    v11            13  77ab01cd9e21ff00  no
                 2 of 3 nodes live; the live nodes differ (2 distinct heads): still syncing, or partitioned
 
-                no local process has reported using this group
+                no live process has reported using this group
             "#]],
         );
     }

@@ -156,12 +156,6 @@ struct Watcher {
     prefix: Option<String>,
 }
 
-/// A process's last report for a group (F16).
-#[derive(Clone)]
-struct ProcessReport {
-    row: ProcessRow,
-}
-
 struct Daemon {
     node_id: String,
     replica: Replica,
@@ -184,7 +178,8 @@ struct Daemon {
     pending_groups: BTreeMap<u64, String>,
     watchers: BTreeMap<String, Vec<Watcher>>,
     last_change: BTreeMap<String, Instant>,
-    processes: BTreeMap<String, BTreeMap<(u64, u32), ProcessReport>>,
+    /// Local processes' apply reports and their history (F16), published to the mesh.
+    reports: crate::reports::Reports,
     repairs: Vec<Repair>,
     /// Attempts of each repair so far (for its backoff).
     repair_attempts: BTreeMap<String, u32>,
@@ -488,6 +483,26 @@ fn open_permissions_warning(key_mode: u32, socket_mode: u32) -> Option<String> {
     (!problems.is_empty()).then(|| problems.join("; "))
 }
 
+/// The apply reports a previous run saved for the groups this node holds: all history now
+/// (their processes' connections ended with that run). A file that cannot be read is logged
+/// and skipped; it only costs history.
+fn load_reports(store: &Store, groups: &[String], now_ms: u64) -> crate::reports::Reports {
+    use crate::reports::{REPORT_FILE_BYTES_MAX, Reports};
+    let mut reports = Reports::default();
+    for group in groups {
+        let restored = match store.read_reports(group, REPORT_FILE_BYTES_MAX) {
+            Ok(None) => continue,
+            Ok(Some(bytes)) => reports.restore(group, &bytes, now_ms),
+            Err(crate::storage::store::ReadBoundedError::TooLarge(bytes)) => Err(format!("{bytes} bytes")),
+            Err(crate::storage::store::ReadBoundedError::Io(error)) => Err(error.to_string()),
+        };
+        if let Err(error) = restored {
+            warn!(%group, %error, "cannot read the group's saved apply reports; their history starts again");
+        }
+    }
+    reports
+}
+
 /// The health history's file in the data dir.
 pub const HISTORY_FILE: &str = "health-history.bin";
 
@@ -596,6 +611,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     // was wiped or restored from an old backup (FACTS: never reuse an actor).
     let actor = actor_for(&format!("{node_id}/{}", konor_crdt::settings::hex_of(&seed[..8])), store.incarnation());
     let (loaded, repair_list) = load_groups(&mut store, &actor)?;
+    let groups_held: Vec<String> = loaded.keys().cloned().collect();
     let repairs =
         repair_list.into_iter().map(|(name, key)| Repair { name, key, next: Instant::now(), attempts: 0 }).collect();
     let membership_config = MembershipConfig {
@@ -621,6 +637,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         None => system_clock(),
     };
     replica_state.set_wall_offset(wall_now.0);
+    let reports = load_reports(&store, &groups_held, wall_now.0);
     let mut daemon = Daemon {
         node_id: node_id.clone(),
         replica: replica_state,
@@ -641,7 +658,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         pending_groups: BTreeMap::new(),
         watchers: BTreeMap::new(),
         last_change: BTreeMap::new(),
-        processes: BTreeMap::new(),
+        reports,
         repairs,
         repair_attempts: BTreeMap::new(),
         rewrites: BTreeMap::new(),
@@ -982,6 +999,7 @@ impl Daemon {
         self.mesh = view;
         self.judge_alerts();
         self.save_history(false).await;
+        self.flush_reports().await;
         // The first view always goes in, even an empty one: a node alone in its mesh must learn
         // that it has seen its view (strong groups stay fenced until then).
         if !self.view_delivered || &membership != self.replica.membership() {
@@ -1041,6 +1059,24 @@ impl Daemon {
                 AlertChange::Cleared(alert) => {
                     info!(kind = alert.kind.as_str(), subject = %alert.subject, "alert cleared: {}", alert.message)
                 }
+            }
+        }
+    }
+
+    /// Publishes the apply reports that changed (gossip key `rep:<group>`, so `status` on every
+    /// node shows this node's processes) and saves them beside the group's file (SPEC F16). A
+    /// failed save is logged; the rows stay in memory and the next change saves them again.
+    async fn flush_reports(&mut self) {
+        for group in self.reports.take_dirty() {
+            let value = self.reports.gossip_value(&group);
+            self.membership.publish(&format!("{}{group}", crate::reports::REPORT_PREFIX), &value);
+            // A group left is saved empty, so a later join does not bring back the old copy's.
+            let bytes = self.reports.saved(&group);
+            let name = group.clone();
+            match self.with_store(move |store| store.write_reports(&name, &bytes)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => warn!(%group, %error, "cannot save the group's apply reports"),
+                Err(error) => warn!(%group, %error, "cannot save the group's apply reports"),
             }
         }
     }

@@ -571,7 +571,7 @@ impl Daemon {
         if let PersistOp::RemoveGroup { group } = &op {
             self.watchers.remove(group);
             // Apply reports (F16) were about the copy this node leaves.
-            self.processes.remove(group);
+            self.reports.forget_group(group);
         }
         self.with_store(move |store| -> anyhow::Result<()> {
             match op {

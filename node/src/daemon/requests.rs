@@ -96,11 +96,9 @@ impl Daemon {
                 for watchers in self.watchers.values_mut() {
                     watchers.retain(|w| w.connection != connection);
                 }
-                // A process's report rows (F16) live as long as its connection (issue 12).
-                for rows in self.processes.values_mut() {
-                    rows.retain(|(row_connection, _), _| *row_connection != connection);
-                }
-                self.processes.retain(|_, rows| !rows.is_empty());
+                // A process's report rows (F16) are live as long as its connection, then history.
+                let now = self.wall_clock().0;
+                self.reports.disconnected(connection, now);
             }
         }
     }
@@ -234,14 +232,16 @@ impl Daemon {
                     other => other,
                 };
                 let row = ProcessRow {
+                    node: self.node_id.clone(),
                     pid: client.pid,
                     process: client.process.clone(),
                     version,
                     revision,
                     result,
                     time_ms: self.wall_clock().0,
+                    gone_ms: None,
                 };
-                self.processes.entry(group).or_default().insert((client.connection, client.pid), ProcessReport { row });
+                self.reports.report(&group, client.connection, row);
                 Response::Done
             }
             Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
@@ -513,11 +513,13 @@ impl Daemon {
             });
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
-        let processes = self
-            .processes
-            .get(group)
-            .map(|reports| reports.values().map(|report| report.row.clone()).collect())
-            .unwrap_or_default();
+        // This node's processes, then every other member's as its gossip tells them (F16).
+        let mut processes = self.reports.rows(group);
+        for node in nodes.iter().filter(|row| row.node != self.node_id) {
+            if let Some(value) = self.mesh.nodes.get(&node.node).and_then(|mesh| mesh.reports.get(group)) {
+                processes.extend(crate::reports::parse_gossip(&node.node, value));
+            }
+        }
         let quorum = self.replica.quorum_info(group);
         Response::Status {
             group: group.to_owned(),

@@ -540,7 +540,8 @@ async fn a_repair_that_fails_is_retried_until_a_peer_answers() {
 }
 
 /// F16: each connection's latest report per group is one row, cut to 1 KiB at a character
-/// boundary; rows go with their connection, and with the group when this node leaves it.
+/// boundary; a row turns into history when its connection goes, and every row goes with the
+/// group when this node leaves it.
 #[tokio::test(start_paused = true)]
 async fn report_rows_are_one_per_connection_and_go_with_the_connection_or_the_group() {
     let hub = Arc::new(Hub::default());
@@ -565,7 +566,11 @@ async fn report_rows_are_one_per_connection_and_go_with_the_connection_or_the_gr
     assert!(message.len() <= REPORT_MESSAGE_BYTES_MAX + 3 && message.ends_with("€..."), "{} bytes", message.len());
     nodes[0].calls.send(LocalCall::Disconnected { connection: 7 }).await.unwrap();
     let (_, rows, _) = nodes[0].status().await.unwrap();
-    assert_eq!(rows.iter().map(|row| row.pid).collect::<Vec<_>>(), [1008], "connection 7's row went with it");
+    let live: Vec<u32> = rows.iter().filter(|row| row.gone_ms.is_none()).map(|row| row.pid).collect();
+    assert_eq!(live, [1008], "connection 7's row is no longer live");
+    let gone: Vec<(u32, &str)> =
+        rows.iter().filter(|row| row.gone_ms.is_some()).map(|row| (row.pid, row.version.as_str())).collect();
+    assert_eq!(gone, [(1007, "v2")], "it is history, with its last report");
     // n1 leaves app and joins it again: the reports were about the copy it left.
     let left = nodes[0].call(Request::GroupLeave { name: "app".into(), force: false }).await;
     assert_eq!(left, Response::Done);

@@ -262,6 +262,8 @@ pub struct MeshNode {
     pub groups: BTreeMap<String, String>,
     /// Groups it announced it left (their key holds the left marker).
     pub left_groups: std::collections::BTreeSet<String>,
+    /// Raw apply reports of its processes, by group (`rep:<group>`, SPEC F16).
+    pub reports: BTreeMap<String, String>,
 }
 
 /// The mesh as this node sees it.
@@ -843,6 +845,12 @@ impl Membership {
                 .filter(|(_, v)| payload(v) == GROUP_LEFT)
                 .filter_map(|(k, _)| k.strip_prefix(GROUP_PREFIX).map(str::to_owned))
                 .collect();
+            let reports = state
+                .key_values()
+                .filter_map(|(k, v)| {
+                    k.strip_prefix(crate::reports::REPORT_PREFIX).map(|k| (k.to_owned(), payload(v).to_owned()))
+                })
+                .collect();
             let node = MeshNode {
                 id: id.node_id.to_string(),
                 addr: id.gossip_advertise_addr,
@@ -851,6 +859,7 @@ impl Membership {
                 heartbeat_age: (!is_self).then(|| now.saturating_duration_since(heard_at)),
                 groups,
                 left_groups,
+                reports,
             };
             // Keep the newest generation of each node id (a restart starts a new one).
             let newer = view.nodes.get(&node.id).is_none_or(|_| {

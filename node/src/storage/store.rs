@@ -67,6 +67,9 @@ const KEY_EXTENSION: &str = "key";
 /// Extension of the file listing the members a node knows of a group.
 const MEMBERS_EXTENSION: &str = "members";
 
+/// Extension of a group's saved apply reports (`<group>.reports`, SPEC F16).
+const REPORTS_EXTENSION: &str = "reports";
+
 /// Largest members file read: node ids are short (at most 64 bytes) and a mesh holds at most
 /// `MESH_NODES_MAX` nodes, so 64 KiB is ample.
 const MEMBERS_BYTES_MAX: usize = 64 * 1024;
@@ -742,6 +745,22 @@ impl Store {
         validate_group_name(group).map_err(StoreError::BadGroupName)?;
         let text: String = members.iter().map(|member| format!("{member}\n")).collect();
         write_atomic(&self.seam, &self.groups_dir, &format!("{group}.{MEMBERS_EXTENSION}"), text.as_bytes())
+    }
+
+    /// Stores the apply reports of `group`'s local processes and their history (SPEC F16), so
+    /// the history outlives a restart.
+    pub fn write_reports(&mut self, group: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        validate_group_name(group).map_err(StoreError::BadGroupName)?;
+        write_atomic(&self.seam, &self.groups_dir, &format!("{group}.{REPORTS_EXTENSION}"), bytes)
+    }
+
+    /// The saved apply reports of `group`, if any (at most `max` bytes are read; a larger file
+    /// is an error).
+    pub(crate) fn read_reports(&self, group: &str, max: usize) -> Result<Option<Vec<u8>>, ReadBoundedError> {
+        if validate_group_name(group).is_err() {
+            return Ok(None);
+        }
+        read_bounded(&self.groups_dir.join(format!("{group}.{REPORTS_EXTENSION}")), max)
     }
 
     /// The members stored for `group`; none when the file is missing or unreadable (it only

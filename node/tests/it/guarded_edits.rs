@@ -10,7 +10,7 @@ use konor_sdk::SdkError;
 use konor_sdk::protocol::{ErrorCode, Request, Response, WatchEvent, WriteMeta};
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, await_whole_mesh, eventually, group_on_all};
+use crate::harness::{Cluster, await_whole_mesh, eventually, group_on_all, start_mesh};
 
 fn konorctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_konorctl"))
@@ -158,18 +158,7 @@ async fn a_schema_set_on_one_node_refuses_bad_writes_on_another_and_conditions_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_conditional_writes_in_a_strong_group_commit_exactly_once() {
     let cluster = Cluster::new();
-    let mut n1 = cluster.node("n1", &[]);
-    n1.start();
-    let c1 = n1.client().await;
-    let mut n2 = cluster.node("n2", &[&n1]);
-    n2.start();
-    let c2 = n2.client().await;
-    let mut n3 = cluster.node("n3", &[&n1]);
-    n3.start();
-    let c3 = n3.client().await;
-    let clients = vec![c1, c2, c3];
-    let nodes = [n1, n2, n3];
-    await_whole_mesh(&nodes, &clients).await;
+    let (_nodes, clients) = start_mesh(&cluster, 3).await;
     group_on_all(&clients, "st", "strong").await;
 
     for round in 0..5 {

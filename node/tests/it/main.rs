@@ -20,3 +20,4 @@ mod restart;
 mod security;
 mod socket;
 mod values;
+mod who_saw_what;

@@ -288,8 +288,9 @@ async fn three_hundred_silent_connections_do_not_lock_clients_out() {
     drop(silent);
 }
 
-/// Issue 12: a process's apply reports (F16) live as long as its connection, and only for groups
-/// the node holds: reconnecting clients and made-up group names cannot grow the daemon.
+/// Issue 12: a process's apply reports (F16) are live as long as its connection, then history
+/// (bounded: `reports::REPORT_HISTORY_MAX` rows a group, unit-tested), and only for groups the
+/// node holds: reconnecting clients and made-up group names cannot grow the daemon.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_rows_die_with_their_connection_and_need_a_held_group() {
     use crate::harness::{eventually, group_on_all};
@@ -301,7 +302,7 @@ async fn report_rows_die_with_their_connection_and_need_a_held_group() {
     group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
     let rows = |client: konor_sdk::client::Client| async move {
         match client.call(Request::Status { group: "app".into() }).await {
-            Ok(Response::Status { processes, .. }) => Some(processes.len()),
+            Ok(Response::Status { processes, .. }) => Some(processes.iter().filter(|p| p.gone_ms.is_none()).count()),
             _ => None,
         }
     };
@@ -326,7 +327,7 @@ async fn report_rows_die_with_their_connection_and_need_a_held_group() {
             "{refused:?}"
         );
         drop(reporter);
-        eventually("the row goes with its connection", || async {
+        eventually("the row stops being live with its connection", || async {
             (rows(client.clone()).await == Some(0)).then_some(())
         })
         .await;
@@ -334,5 +335,6 @@ async fn report_rows_die_with_their_connection_and_need_a_held_group() {
     let Ok(Response::Status { processes, .. }) = client.call(Request::Status { group: "app".into() }).await else {
         panic!("status")
     };
-    assert!(processes.is_empty());
+    assert_eq!(processes.len(), 5, "five rows of history: {processes:?}");
+    assert!(processes.iter().all(|p| p.gone_ms.is_some()), "none live: {processes:?}");
 }

@@ -442,6 +442,9 @@ pub struct NodeGroupRow {
 /// One local process's use of a group, in `status` (F16).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ProcessRow {
+    /// The node the process runs on (empty from a daemon before issue 16: the answering node).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub node: String,
     /// Process id.
     pub pid: u32,
     /// Process name.
@@ -454,6 +457,10 @@ pub struct ProcessRow {
     pub result: ApplyResult,
     /// Unix milliseconds of the report.
     pub time_ms: u64,
+    /// Unix milliseconds when the process's connection ended: a row of history, not a live
+    /// process (absent while it lives).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gone_ms: Option<u64>,
 }
 
 /// A key with concurrent values.
