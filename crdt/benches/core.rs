@@ -59,6 +59,21 @@ fn main() {
     let history_1k = span(before, big.version_count());
     rows.push(Row::new(&format!("local set+commit, 1,000 keys, {history_1k}"), &set_1k, Unit::Micros).target(40.0));
 
+    // 1b. The same on a group with a schema (issue 16): every write validates the settings.
+    let mut schematized = group(6);
+    populate(&mut schematized, 1_000, &mut clock);
+    let schema = json!({
+        "type": "object",
+        "maxProperties": 2_000,
+        "patternProperties": {"^svc[0-9]{2}\\.setting_[0-9]{4}$": {"type": "string", "maxLength": 64}},
+        "additionalProperties": false
+    });
+    schematized.edit(konor_crdt::group::Edit::Schema(Some(schema)), &meta(&mut clock)).unwrap();
+    let before = schematized.version_count();
+    let (set_schema, _) = measure_sets(&mut schematized, 1_000, &mut clock);
+    let history = span(before, schematized.version_count());
+    rows.push(Row::new(&format!("local set+commit with a schema, 1,000 keys, {history}"), &set_schema, Unit::Micros));
+
     // 2. Read-view get on the 1,000-key group.
     let get = measure_gets(&big);
     rows.push(Row::new("read-view get, 1,000 keys (per get)", &get, Unit::PerGetNanos).target(100.0));

@@ -314,13 +314,28 @@ pub struct Violation {
 }
 
 impl std::fmt::Display for Violation {
+    /// One line, a long value or message cut (a value may be 16 KiB).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let message = shortened(&self.message);
         match (&self.key, &self.value) {
-            (Some(key), Some(value)) => write!(f, "key {key:?} = {value}: {} (rule {})", self.message, self.rule),
-            (Some(key), None) => write!(f, "key {key:?}: {} (rule {})", self.message, self.rule),
-            (None, _) => write!(f, "{} (rule {})", self.message, self.rule),
+            (Some(key), Some(value)) => write!(f, "key {key:?} = {}: {message} (rule {})", shortened(value), self.rule),
+            (Some(key), None) => write!(f, "key {key:?}: {message} (rule {})", self.rule),
+            (None, _) => write!(f, "{message} (rule {})", self.rule),
         }
     }
+}
+
+/// `text` cut to about 200 bytes at a character boundary, with "..." when cut.
+fn shortened(text: &str) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 200;
+    if text.len() <= SHOWN {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = SHOWN;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}...", &text[..end]))
 }
 
 /// The violations a refused write would have added, as one line.

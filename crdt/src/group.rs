@@ -850,9 +850,15 @@ impl GroupDoc {
         };
         if let Some(text) = &condition.version {
             let expected = self.resolve(text)?.id.clone();
-            let heads = self.head_versions();
-            if !(heads.len() == 1 && heads[0].id == expected) {
-                let labels: Vec<String> = heads.iter().map(|v| self.label(&v.id)).collect();
+            // Exactly the change of that version as the document's only head: a head this node
+            // cannot read a version of (a newer konord's kind) counts as the group moving on.
+            let change = self.versions.get(&expected).map(|entry| entry.change);
+            if change.is_none_or(|change| self.doc.get_heads() != [change]) {
+                let mut labels: Vec<String> = self.head_versions().iter().map(|v| self.label(&v.id)).collect();
+                let unreadable = self.doc.get_heads().len().saturating_sub(labels.len());
+                if unreadable > 0 {
+                    labels.push(format!("{unreadable} change(s) without a version this node can read"));
+                }
                 let actual = match labels.as_slice() {
                     [one] => format!("its latest version is {one}"),
                     many => format!("it has concurrent latest versions {}", many.join(", ")),
@@ -1233,5 +1239,30 @@ mod tests {
         // Refused by the bound, not by Automerge finding the column short.
         let Err(LoadError::Snapshot { detail }) = refused else { panic!("{refused:?}") };
         assert!(detail.contains("over the limit"), "{detail}");
+    }
+
+    /// Found by review: `if_version` looked only at the heads with a version this node can read,
+    /// so a concurrent change without one (a newer konord's version kind) did not count as the
+    /// group moving on.
+    #[test]
+    fn regression_a_head_without_a_readable_version_fails_a_version_condition() {
+        let meta = |n: u64| CommitMeta::new("t", format!("m{n}"), Millis(1_700_000_000_000 + n));
+        let (mut doc, _) =
+            GroupDoc::create("app", Mode::Eventual, ActorId::from([1u8; 16].as_slice()), &meta(0)).unwrap();
+        // A peer's change, concurrent with v2, whose version entry this node cannot read.
+        let mut peer = GroupDoc::load(&doc.save(), ActorId::from([2u8; 16].as_slice())).unwrap();
+        let v2 = doc.set(vec![("a".into(), serde_json::json!(1))], &meta(1)).unwrap();
+        let label = doc.label(&v2.version.id);
+        let mut tx = peer.doc.transaction();
+        tx.put(&peer.objects.versions, "99999999999999999999.02", "{\"kind\":\"from_the_future\"}").unwrap();
+        tx.commit();
+        let change = peer.doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+        doc.apply_changes(&[change]).unwrap();
+        assert_eq!(doc.heads().len(), 2);
+        assert_eq!(doc.head_versions().len(), 1, "only v2 is readable");
+        let condition = Condition { version: Some(label), content: None };
+        let refused = doc.set(vec![("a".into(), serde_json::json!(2))], &meta(2).with_condition(condition));
+        let Err(EditError::ConditionFailed { actual, .. }) = refused else { panic!("{refused:?}") };
+        assert!(actual.contains("without a version"), "{actual}");
     }
 }

@@ -223,3 +223,12 @@ pub const SCHEMA_REGEX_BYTES_MAX: usize = 1024 * 1024;
 /// Most schema violations a refusal or a check names one by one: enough to fix a file in one
 /// pass, short enough for one error line on a terminal; a longer list ends with "and more".
 pub const VIOLATIONS_REPORTED_MAX: usize = 20;
+
+/// Most JSON values a group schema holds with every `$ref` written out in place: the work of a
+/// check grows with it (a schema of a few KB whose `allOf` refers twice to the next level costs
+/// 2^depth checks per value). A 64 KiB schema without `$ref` holds fewer than this.
+pub const SCHEMA_EXPANDED_NODES_MAX: usize = 65_536;
+
+/// Most regular expressions (`pattern`, `patternProperties`) in a group schema: each is
+/// compiled whenever the schema is loaded or changes (a few thousand took over a second).
+pub const SCHEMA_PATTERNS_MAX: usize = 256;

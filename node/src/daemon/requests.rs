@@ -196,11 +196,17 @@ impl Daemon {
             }
             Request::SchemaGet { group } => match self.replica.group(&group) {
                 Some(doc) => {
+                    // The newest version that set the schema the group holds (after concurrent
+                    // sets, the one whose schema won; a stored schema this node cannot compile
+                    // has no hash here, so no version is named for it).
+                    let hash = doc.schema().map(konor_crdt::Schema::hash);
                     let version = doc
                         .history()
                         .rev()
-                        .find(|v| matches!(v.kind, konor_crdt::VersionKind::Schema { .. }))
-                        .filter(|_| doc.schema().is_some() || doc.schema_unusable().is_some())
+                        .find(|v| {
+                            matches!(&v.kind, konor_crdt::VersionKind::Schema { schema: Some(set) }
+                                if Some(set) == hash.as_ref())
+                        })
                         .map(|v| doc.label(&v.id));
                     Response::Schema {
                         schema: doc.schema().map(konor_crdt::Schema::to_value),

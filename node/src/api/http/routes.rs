@@ -270,9 +270,8 @@ pub(super) async fn schema_get(State(ctx): State<Ctx>, PathSegment(group): PathS
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct SchemaBody {
-    /// The schema; null or absent removes it.
-    #[serde(default)]
-    schema: Option<Value>,
+    /// The schema; `null` removes it. Required: an empty body must not remove a schema.
+    schema: Value,
     #[serde(default)]
     message: Option<String>,
     #[serde(default)]
@@ -287,6 +286,7 @@ pub(super) async fn schema_set(
     JsonBody(SchemaBody { schema, message, if_version, if_content }): JsonBody<SchemaBody>,
 ) -> Answer {
     let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let schema = (!schema.is_null()).then_some(schema);
     Ok(ask(&ctx, Request::SchemaSet { group, schema, meta }).await)
 }
 
