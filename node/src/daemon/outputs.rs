@@ -38,9 +38,13 @@ impl Daemon {
             // answers, the durable gossip) run in a batch of their own.
             for (group, error) in failed {
                 let reloaded = self.reload_group(&group).await;
+                let unreadable = reloaded.is_none();
                 let now = self.now();
                 let input = Input::PersistFailed { group: group.clone(), error, reloaded: reloaded.map(Box::new) };
                 self.replica.handle(now, input);
+                if unreadable {
+                    self.repair_unreadable(&group).await;
+                }
                 // An eventual group's watchers may have been told of changes the reload dropped,
                 // and its revision moved above theirs: they get a resync. A strong group's were
                 // told only what is saved, and its revision is back where they are.
@@ -304,6 +308,39 @@ impl Daemon {
 
     /// A group as its file holds it now (what is durable), for the replica after a failed
     /// persist; `None` when the file cannot be read (it is then repaired from peers).
+    /// A group dropped because its file could not be read back after a failed write is
+    /// repaired from a peer while the node runs, as one found unreadable at start is: its file
+    /// goes to quarantine and a join (`repair`) is queued with its key. A group with no key left
+    /// (one this node was leaving) is not.
+    async fn repair_unreadable(&mut self, group: &str) {
+        if self.replica.group(group).is_some() || self.repairs.iter().any(|repair| repair.name == group) {
+            return;
+        }
+        let name = group.to_owned();
+        let key = match self.with_store(move |store| store.read_group_key(&name)).await {
+            Ok(Ok(Some(text))) => GroupKey::parse(text.expose()).ok(),
+            _ => None,
+        };
+        let Some(key) = key else { return };
+        let name = group.to_owned();
+        match self.with_store(move |store| store.quarantine_group(&name)).await {
+            Ok(Ok(moved)) => {
+                error!(%group, moved = %moved.display(), "group file unreadable after a failed write; moved aside, repairing from peers")
+            }
+            Ok(Err(crate::storage::store::StoreError::GroupNotFound { .. })) => {
+                error!(%group, "group file gone after a failed write; repairing from peers")
+            }
+            Ok(Err(error)) => {
+                return error!(%group, %error, "cannot move the unreadable group file aside; not repairing it");
+            }
+            Err(error) => {
+                return error!(%group, %error, "cannot move the unreadable group file aside; not repairing it");
+            }
+        }
+        self.rewrites.remove(group);
+        self.repairs.push(Repair { name: group.to_owned(), key, next: Instant::now(), attempts: 0 });
+    }
+
     pub(super) async fn reload_group(&mut self, group: &str) -> Option<LoadedState> {
         let name = group.to_owned();
         let read = self.with_store(move |store| store.read_group(&name)).await;

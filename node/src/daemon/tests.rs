@@ -146,6 +146,9 @@ struct FlakyDisk {
     syncs_released: std::sync::Condvar,
     /// fsyncs of the group `app`'s file that returned.
     syncs_done: AtomicU32,
+    /// A write failed by `writes_to_fail` also damages the start of its file (a disk that
+    /// fails a write and loses the file's header with it), so the reload after it fails.
+    damage_on_fail: AtomicBool,
 }
 
 /// Releases held fsyncs when dropped, so a failed assertion does not leave a store thread
@@ -177,6 +180,11 @@ impl StorageHook for FlakyDisk {
             }
             _ => false,
         };
+        if fail_here && self.damage_on_fail.load(Ordering::SeqCst) {
+            use std::io::Write as _;
+            let mut file = std::fs::OpenOptions::new().write(true).open(_path).unwrap();
+            file.write_all(b"not a group file").unwrap();
+        }
         if self.full.load(Ordering::SeqCst) || full_here || fail_here {
             return Err(WriteFault { prefix_bytes: 0, error: std::io::Error::from_raw_os_error(28) });
         }
@@ -501,6 +509,34 @@ async fn a_failed_fsync_degrades_the_node_until_its_group_file_is_rewritten() {
         eventually("the restarted node serves app", Duration::from_secs(10), || async { node.get("k").await }).await;
     assert_eq!(served, json!(1));
     commit(&node, "k", json!(3)).await;
+}
+
+/// A group whose file cannot be read back after a failed write is dropped (nothing unsaved may
+/// be served); it is then repaired from a peer while the node runs, as at start, not only after
+/// a restart (found noted in issue 14's session, fixed in issue 16's).
+#[tokio::test(start_paused = true)]
+async fn regression_a_group_unreadable_after_a_failed_write_is_repaired_without_a_restart() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 2).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!("kept")).await;
+    eventually("n2 holds the write", Duration::from_secs(10), || async {
+        (nodes[1].get("k").await == Some(json!("kept"))).then_some(())
+    })
+    .await;
+    nodes[1].disk.damage_on_fail.store(true, Ordering::SeqCst);
+    *nodes[1].disk.writes_to_fail.lock().unwrap() = Some(("groups/app.konor".to_owned(), 1));
+    let refused = nodes[1].set("k", json!("lost")).await;
+    assert_eq!(error_code(&refused), Some(ErrorCode::NotDurable), "{refused:?}");
+    assert_eq!(nodes[1].get("k").await, None, "the group whose file is unreadable is not served");
+    // The pushed change may have reached n1 before n2's failed write: either value is right.
+    let repaired =
+        eventually("n2 serves app again", Duration::from_secs(60), || async { nodes[1].get("k").await }).await;
+    assert!(repaired == json!("kept") || repaired == json!("lost"), "{repaired}");
+    let file = nodes[1].data_dir.join("groups").join("app.konor");
+    assert!(std::fs::read(&file).unwrap().starts_with(&konor_crdt::record::FILE_MAGIC), "a new file replaced it");
+    commit(&nodes[1], "k", json!("after")).await;
 }
 
 /// SPEC F24: a group file found unreadable at start is repaired from a peer; an attempt that
