@@ -635,21 +635,23 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
         let mut table =
             Table::new(&["NODE", "PID", "PROCESS", "VERSION", "REVISION", "RESULT", "REPORTED"]).right(&[1, 4]);
         for process in &live {
+            // A node that is not live keeps gossiping its last rows: what it last said, not now.
+            let down = if node_live(nodes, process) { "" } else { " (node not live)" };
             table.row(vec![
                 process_node(process),
                 process.pid.to_string(),
                 cell(&process.process),
-                process.version.clone(),
+                cell(&process.version),
                 process.revision.to_string(),
                 result_text(&process.result),
-                format!("{} ago", format_age(now_ms.saturating_sub(process.time_ms))),
+                format!("{} ago{down}", format_age(now_ms.saturating_sub(process.time_ms))),
             ]);
         }
         text.push_str(&table.render());
         text.push_str(&drift_text(nodes, &live));
     }
     if !gone.is_empty() {
-        let _ = writeln!(text, "\ngone (history of processes that went away, newest first):");
+        let _ = writeln!(text, "\ngone (history of processes that went away):");
         let mut table = Table::new(&["NODE", "PID", "PROCESS", "VERSION", "RESULT", "GONE"]).right(&[1]);
         for process in &gone {
             let gone_ms = process.gone_ms.unwrap_or(process.time_ms);
@@ -657,7 +659,7 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
                 process_node(process),
                 process.pid.to_string(),
                 cell(&process.process),
-                process.version.clone(),
+                cell(&process.version),
                 result_text(&process.result),
                 format!("{} ago", format_age(now_ms.saturating_sub(gone_ms))),
             ]);
@@ -665,6 +667,12 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
         text.push_str(&table.render());
     }
     text
+}
+
+/// Whether the node a row is from is live (a row of this node, or of a daemon before issue 16,
+/// names none it could miss).
+fn node_live(nodes: &[NodeGroupRow], process: &ProcessRow) -> bool {
+    nodes.iter().find(|node| node.node == process.node).is_none_or(|node| node.live)
 }
 
 /// The node a process row is from (a daemon before issue 16 sent none: its own).
@@ -683,12 +691,12 @@ fn result_text(result: &ApplyResult) -> String {
 /// F28's drift, against the version each node holds; releases will make it the desired one).
 fn drift_text(nodes: &[NodeGroupRow], live: &[&ProcessRow]) -> String {
     let mut drifting = Vec::new();
-    for process in live {
+    for process in live.iter().filter(|process| node_live(nodes, process)) {
         let node_version = nodes.iter().find(|node| node.node == process.node).map(|node| node.version.as_str());
         let why = match (&process.result, node_version) {
             (ApplyResult::Error { .. }, _) => "its last apply failed".to_owned(),
             (ApplyResult::Ok, Some(version)) if version != process.version => {
-                format!("on {}, its node at {version}", process.version)
+                format!("on {}, its node at {version}", cell(&process.version))
             }
             _ => continue,
         };
@@ -1248,7 +1256,7 @@ mod tests {
                 n2     977  worker   v11            13  error: pool must be at most 16  2h03m ago
                 drift: 1 of 2 processes: worker (pid 977) on n2: its last apply failed
 
-                gone (history of processes that went away, newest first):
+                gone (history of processes that went away):
                 NODE   PID  PROCESS  VERSION  RESULT  GONE
                 n1    4000  api      v10      ok      1m00s ago
             "#]],

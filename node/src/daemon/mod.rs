@@ -206,6 +206,11 @@ struct Daemon {
     history: Option<HealthHistory>,
     /// When the history was last saved.
     history_saved: Instant,
+    /// When apply reports were last published to the mesh and last saved.
+    reports_flushed: (Instant, Instant),
+    /// The apply reports each member gossips, by group then node (`rep:<group>`), read at most
+    /// every [`REPORT_PUBLISH_INTERVAL`] for the groups this node holds.
+    remote_reports: BTreeMap<String, BTreeMap<String, String>>,
     /// Where it is saved.
     history_file: std::path::PathBuf,
     /// The save in progress, if any.
@@ -503,6 +508,14 @@ fn load_reports(store: &Store, groups: &[String], now_ms: u64) -> crate::reports
     reports
 }
 
+/// How often changed apply reports are published to the mesh at most: a fleet's processes
+/// reporting every change of a busy group must not republish a gossip value every poll.
+const REPORT_PUBLISH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often changed apply reports are saved at most (each save is a write and two fsyncs per
+/// group): a crash loses at most this much of the history.
+const REPORT_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The health history's file in the data dir.
 pub const HISTORY_FILE: &str = "health-history.bin";
 
@@ -673,6 +686,8 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         webhooks,
         history: keep_history.then(|| load_history(&data_dir)),
         history_saved: Instant::now(),
+        reports_flushed: (Instant::now(), Instant::now()),
+        remote_reports: BTreeMap::new(),
         history_file: data_dir.join(HISTORY_FILE),
         history_write: None,
     };
@@ -753,6 +768,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         daemon.answer_blocked_reads();
     }
     daemon.save_history(true).await;
+    daemon.flush_reports(true).await;
     info!("shutting down: announcing leave");
     daemon.membership.set_leaving().await;
     tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
@@ -999,7 +1015,6 @@ impl Daemon {
         self.mesh = view;
         self.judge_alerts();
         self.save_history(false).await;
-        self.flush_reports().await;
         // The first view always goes in, even an empty one: a node alone in its mesh must learn
         // that it has seen its view (strong groups stay fenced until then).
         if !self.view_delivered || &membership != self.replica.membership() {
@@ -1023,6 +1038,8 @@ impl Daemon {
                 self.repairs.push(repair);
             }
         }
+        // After the view went in: a save never holds up quorum and fencing decisions.
+        self.flush_reports(false).await;
     }
 
     /// Runs the anomaly rules over the view just taken and logs what they raised and cleared.
@@ -1066,17 +1083,51 @@ impl Daemon {
     /// Publishes the apply reports that changed (gossip key `rep:<group>`, so `status` on every
     /// node shows this node's processes) and saves them beside the group's file (SPEC F16). A
     /// failed save is logged; the rows stay in memory and the next change saves them again.
-    async fn flush_reports(&mut self) {
-        for group in self.reports.take_dirty() {
-            let value = self.reports.gossip_value(&group);
-            self.membership.publish(&format!("{}{group}", crate::reports::REPORT_PREFIX), &value);
-            // A group left is saved empty, so a later join does not bring back the old copy's.
-            let bytes = self.reports.saved(&group);
-            let name = group.clone();
-            match self.with_store(move |store| store.write_reports(&name, &bytes)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => warn!(%group, %error, "cannot save the group's apply reports"),
-                Err(error) => warn!(%group, %error, "cannot save the group's apply reports"),
+    ///
+    /// Bounded in rate: published at most every [`REPORT_PUBLISH_INTERVAL`], saved at most every
+    /// [`REPORT_SAVE_INTERVAL`] (all groups in one call to the store), or both `now` (shutdown).
+    async fn flush_reports(&mut self, now: bool) {
+        if now || self.reports_flushed.0.elapsed() >= REPORT_PUBLISH_INTERVAL {
+            self.reports_flushed.0 = Instant::now();
+            for group in self.reports.take_unpublished() {
+                let value = self.reports.gossip_value(&group);
+                self.membership.publish(&format!("{}{group}", crate::reports::REPORT_PREFIX), &value);
+            }
+            // The members' reports, for `status`: only the groups held here.
+            let mut remote = BTreeMap::new();
+            let held: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
+            for group in held {
+                let values = self.membership.values_of(&format!("{}{group}", crate::reports::REPORT_PREFIX)).await;
+                remote.insert(group, values);
+            }
+            self.remote_reports = remote;
+        }
+        if !now && self.reports_flushed.1.elapsed() < REPORT_SAVE_INTERVAL {
+            return;
+        }
+        self.reports_flushed.1 = Instant::now();
+        // A group left is saved empty, so a later join does not bring back the old copy's.
+        let files: Vec<(String, Vec<u8>)> =
+            self.reports.take_unsaved().into_iter().map(|group| (group.clone(), self.reports.saved(&group))).collect();
+        if files.is_empty() {
+            return;
+        }
+        let failed = self
+            .with_store(move |store| {
+                let mut failed = Vec::new();
+                for (group, bytes) in files {
+                    if let Err(error) = store.write_reports(&group, &bytes) {
+                        failed.push((group, error.to_string()));
+                    }
+                }
+                failed
+            })
+            .await
+            .unwrap_or_else(|error| vec![(String::new(), error.to_string())]);
+        for (group, error) in failed {
+            warn!(%group, %error, "cannot save the group's apply reports; trying again later");
+            if !group.is_empty() {
+                self.reports.unsaved_again(&group);
             }
         }
     }

@@ -306,15 +306,27 @@ impl Daemon {
         }
     }
 
-    /// A group as its file holds it now (what is durable), for the replica after a failed
-    /// persist; `None` when the file cannot be read (it is then repaired from peers).
-    /// A group dropped because its file could not be read back after a failed write is
-    /// repaired from a peer while the node runs, as one found unreadable at start is: its file
-    /// goes to quarantine and a join (`repair`) is queued with its key. A group with no key left
-    /// (one this node was leaving) is not.
+    /// A group dropped because its file does not load after a failed write is repaired from a
+    /// peer while the node runs, as one found damaged at start is: its file goes to quarantine
+    /// and a join (`repair`) is queued with its key. Not when the file could not be read at all
+    /// (an I/O error may pass: a good file is never moved aside for it; a restart reads it
+    /// again), nor for a group with no key left (one this node was leaving).
     async fn repair_unreadable(&mut self, group: &str) {
         if self.replica.group(group).is_some() || self.repairs.iter().any(|repair| repair.name == group) {
             return;
+        }
+        let name = group.to_owned();
+        let actor = self.replica_actor();
+        let damaged = self
+            .with_store(move |store| match store.read_group(&name) {
+                Ok(bytes) => konor_crdt::load_group_file(&bytes, actor).is_err(),
+                Err(crate::storage::store::StoreError::GroupNotFound { .. }) => true,
+                Err(_) => false,
+            })
+            .await
+            .unwrap_or(false);
+        if !damaged {
+            return error!(%group, "group file unreadable after a failed write; not served until konord restarts and reads it again");
         }
         let name = group.to_owned();
         let key = match self.with_store(move |store| store.read_group_key(&name)).await {
@@ -341,6 +353,8 @@ impl Daemon {
         self.repairs.push(Repair { name: group.to_owned(), key, next: Instant::now(), attempts: 0 });
     }
 
+    /// A group as its file holds it now (what is durable), for the replica after a failed
+    /// persist; `None` when the file cannot be read or loaded (see [`Daemon::repair_unreadable`]).
     pub(super) async fn reload_group(&mut self, group: &str) -> Option<LoadedState> {
         let name = group.to_owned();
         let read = self.with_store(move |store| store.read_group(&name)).await;

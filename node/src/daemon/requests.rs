@@ -522,7 +522,7 @@ impl Daemon {
         // This node's processes, then every other member's as its gossip tells them (F16).
         let mut processes = self.reports.rows(group);
         for node in nodes.iter().filter(|row| row.node != self.node_id) {
-            if let Some(value) = self.mesh.nodes.get(&node.node).and_then(|mesh| mesh.reports.get(group)) {
+            if let Some(value) = self.remote_reports.get(group).and_then(|by_node| by_node.get(&node.node)) {
                 processes.extend(crate::reports::parse_gossip(&node.node, value));
             }
         }

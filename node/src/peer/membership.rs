@@ -262,8 +262,6 @@ pub struct MeshNode {
     pub groups: BTreeMap<String, String>,
     /// Groups it announced it left (their key holds the left marker).
     pub left_groups: std::collections::BTreeSet<String>,
-    /// Raw apply reports of its processes, by group (`rep:<group>`, SPEC F16).
-    pub reports: BTreeMap<String, String>,
 }
 
 /// The mesh as this node sees it.
@@ -760,6 +758,22 @@ impl Membership {
         }
     }
 
+    /// The value of `key` each node publishes (its newest generation's), by node id: read on
+    /// demand, for values too large to copy into every view (apply reports, `rep:<group>`).
+    pub async fn values_of(&self, key: &str) -> BTreeMap<String, String> {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let mut newest: BTreeMap<String, (u64, String)> = BTreeMap::new();
+        for (id, state) in chitchat.node_states() {
+            let Some(value) = state.get(key) else { continue };
+            let node = id.node_id.to_string();
+            if newest.get(&node).is_none_or(|(generation, _)| *generation < id.generation_id) {
+                newest.insert(node, (id.generation_id, payload(value).to_owned()));
+            }
+        }
+        newest.into_iter().map(|(node, (_, value))| (node, value)).collect()
+    }
+
     /// The current view of the mesh. Meant to be read every `poll_period`: a read that comes
     /// much later than that tells this node it was paused or stalled ([`is_pause`]).
     pub async fn view(&self) -> MeshView {
@@ -845,12 +859,6 @@ impl Membership {
                 .filter(|(_, v)| payload(v) == GROUP_LEFT)
                 .filter_map(|(k, _)| k.strip_prefix(GROUP_PREFIX).map(str::to_owned))
                 .collect();
-            let reports = state
-                .key_values()
-                .filter_map(|(k, v)| {
-                    k.strip_prefix(crate::reports::REPORT_PREFIX).map(|k| (k.to_owned(), payload(v).to_owned()))
-                })
-                .collect();
             let node = MeshNode {
                 id: id.node_id.to_string(),
                 addr: id.gossip_advertise_addr,
@@ -859,7 +867,6 @@ impl Membership {
                 heartbeat_age: (!is_self).then(|| now.saturating_duration_since(heard_at)),
                 groups,
                 left_groups,
-                reports,
             };
             // Keep the newest generation of each node id (a restart starts a new one).
             let newer = view.nodes.get(&node.id).is_none_or(|_| {

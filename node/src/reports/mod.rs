@@ -27,8 +27,9 @@ pub const REPORT_GOSSIP_BYTES_MAX: usize = 4 * 1024;
 /// up to the socket's limit): a headline, not a stack trace.
 pub const REPORT_GOSSIP_MESSAGE_BYTES_MAX: usize = 160;
 
-/// Largest saved reports file of one group read back: live and history rows at the socket's
-/// message limit are about 40 KB; a larger file is not ours.
+/// Largest saved reports file of one group read back: [`REPORT_HISTORY_MAX`] rows at the
+/// socket's limits (1 KiB message, 256-byte process name, 128-byte version) are about 50 KB; a
+/// larger file is not ours.
 pub const REPORT_FILE_BYTES_MAX: usize = 256 * 1024;
 
 /// One group's reports: the live processes by (connection, pid), and the history.
@@ -42,8 +43,10 @@ struct GroupReports {
 #[derive(Debug, Default)]
 pub struct Reports {
     groups: BTreeMap<String, GroupReports>,
-    /// Groups whose gossip value and saved file are behind.
-    dirty: BTreeSet<String>,
+    /// Groups whose gossip value is behind.
+    unpublished: BTreeSet<String>,
+    /// Groups whose saved file is behind.
+    unsaved: BTreeSet<String>,
 }
 
 impl Reports {
@@ -51,7 +54,7 @@ impl Reports {
     pub fn report(&mut self, group: &str, connection: u64, row: ProcessRow) {
         let reports = self.groups.entry(group.to_owned()).or_default();
         reports.live.insert((connection, row.pid), row);
-        self.dirty.insert(group.to_owned());
+        self.changed(group);
     }
 
     /// A connection ended: its rows become history, stamped `now_ms`.
@@ -62,7 +65,8 @@ impl Reports {
                 if let Some(mut row) = reports.live.remove(&key) {
                     row.gone_ms = Some(now_ms);
                     push_gone(&mut reports.gone, row);
-                    self.dirty.insert(group.clone());
+                    self.unpublished.insert(group.clone());
+                    self.unsaved.insert(group.clone());
                 }
             }
         }
@@ -71,7 +75,7 @@ impl Reports {
     /// This node no longer holds `group`: its reports go (they were about the copy it left).
     pub fn forget_group(&mut self, group: &str) {
         if self.groups.remove(group).is_some() {
-            self.dirty.insert(group.to_owned());
+            self.changed(group);
         }
     }
 
@@ -81,9 +85,25 @@ impl Reports {
         reports.live.values().cloned().chain(reports.gone.iter().rev().cloned()).collect()
     }
 
-    /// The groups changed since the last call (their gossip value and file are to be written).
-    pub fn take_dirty(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.dirty).into_iter().collect()
+    fn changed(&mut self, group: &str) {
+        self.unpublished.insert(group.to_owned());
+        self.unsaved.insert(group.to_owned());
+    }
+
+    /// The groups whose gossip value changed since the last call.
+    pub fn take_unpublished(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unpublished).into_iter().collect()
+    }
+
+    /// The groups whose saved file is behind (a failed save gives them back with
+    /// [`Reports::unsaved_again`]).
+    pub fn take_unsaved(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unsaved).into_iter().collect()
+    }
+
+    /// A save of `group` failed: it is saved again next time.
+    pub fn unsaved_again(&mut self, group: &str) {
+        self.unsaved.insert(group.to_owned());
     }
 
     /// The gossip value of `group`: a JSON array of rows, live first then history, each newest
@@ -115,10 +135,15 @@ impl Reports {
         text
     }
 
-    /// What to save of `group`: every row, live ones included (after a restart they are
-    /// history: their connections ended with the daemon).
+    /// What to save of `group`: the newest [`REPORT_HISTORY_MAX`] rows, live ones first and
+    /// included (after a restart they are history: their connections ended with the
+    /// daemon), newest first; what a restore keeps, at most about 50 KB.
     pub fn saved(&self, group: &str) -> Vec<u8> {
-        serde_json::to_vec(&self.rows(group)).unwrap_or_default()
+        let mut rows = self.rows(group);
+        // Live rows first (the newest of all), then history by when it went.
+        rows.sort_by_key(|row| std::cmp::Reverse(row.gone_ms.unwrap_or(u64::MAX)));
+        rows.truncate(REPORT_HISTORY_MAX);
+        serde_json::to_vec(&rows).unwrap_or_default()
     }
 
     /// Takes back what a previous run saved of `group`: every row becomes history (a live row
@@ -137,7 +162,8 @@ impl Reports {
             row.gone_ms = Some(row.gone_ms.unwrap_or(now_ms));
             push_gone(&mut reports.gone, row);
         }
-        self.dirty.insert(group.to_owned());
+        // Told to the mesh again; the file already holds it.
+        self.unpublished.insert(group.to_owned());
         Ok(count)
     }
 }
@@ -198,9 +224,12 @@ mod tests {
         let mut reports = Reports::default();
         reports.report("app", 1, row(10, 100, ApplyResult::Ok));
         reports.report("app", 2, row(20, 200, ApplyResult::Ok));
-        assert_eq!(reports.take_dirty(), ["app"]);
+        assert_eq!(reports.take_unpublished(), ["app"]);
+        assert_eq!(reports.take_unsaved(), ["app"]);
         reports.disconnected(1, 500);
-        assert_eq!(reports.take_dirty(), ["app"]);
+        assert_eq!(reports.take_unpublished(), ["app"]);
+        reports.disconnected(1, 600);
+        assert!(reports.take_unpublished().is_empty(), "nothing changed");
         let rows = reports.rows("app");
         assert_eq!(rows.iter().map(|r| (r.pid, r.gone_ms)).collect::<Vec<_>>(), [(20, None), (10, Some(500))]);
         for n in 0..(REPORT_HISTORY_MAX as u64 + 5) {
