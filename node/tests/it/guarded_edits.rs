@@ -154,7 +154,8 @@ async fn a_schema_set_on_one_node_refuses_bad_writes_on_another_and_conditions_r
 }
 
 /// In a strong group a conditional write is checked against the state its round commits on:
-/// two nodes racing to write on the same version commit exactly once.
+/// two nodes racing to write on the same version commit exactly once. A schema set there
+/// commits through a round and is enforced by every member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_conditional_writes_in_a_strong_group_commit_exactly_once() {
     let cluster = Cluster::new();
@@ -192,5 +193,30 @@ async fn racing_conditional_writes_in_a_strong_group_commit_exactly_once() {
         let committed = [&a, &b].iter().filter(|r| matches!(r, Ok(Response::Committed { .. }))).count();
         let failed = [&a, &b].iter().filter(|r| matches!(r, Err(ErrorCode::ConditionFailed))).count();
         assert_eq!((committed, failed), (1, 1), "round {round}: exactly one commits: {a:?} / {b:?}");
+    }
+
+    // A schema in a strong group commits through a round like any write, and every member then
+    // refuses a bad write itself (its round never starts).
+    let schema = serde_json::from_str::<Value>(SCHEMA).unwrap();
+    let set = Request::SchemaSet { group: "st".into(), schema: Some(schema.clone()), meta: WriteMeta::default() };
+    assert!(matches!(clients[0].call(set).await, Ok(Response::Committed { .. })));
+    for client in &clients {
+        let bad = Request::Set {
+            group: "st".into(),
+            entries: [("db.port".to_owned(), json!(0))].into(),
+            meta: WriteMeta::default(),
+        };
+        let refused = eventually("the member refuses a write the schema forbids", || async {
+            match client.call(bad.clone()).await {
+                Err(SdkError::Daemon { code: ErrorCode::SchemaViolation, message }) => Some(message),
+                _ => None,
+            }
+        })
+        .await;
+        assert!(refused.contains("db.port"), "{refused}");
+        match client.call(Request::SchemaGet { group: "st".into() }).await.unwrap() {
+            Response::Schema { schema: Some(held), .. } => assert_eq!(held, schema),
+            other => panic!("{other:?}"),
+        }
     }
 }
