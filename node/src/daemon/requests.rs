@@ -228,14 +228,10 @@ impl Daemon {
                     return send(reply, unknown(&group));
                 }
                 let result = match result {
-                    ApplyResult::Error { message } if message.len() > REPORT_MESSAGE_BYTES_MAX => {
-                        let mut cut = REPORT_MESSAGE_BYTES_MAX;
-                        while !message.is_char_boundary(cut) {
-                            cut -= 1;
-                        }
-                        ApplyResult::Error { message: format!("{}...", &message[..cut]) }
+                    ApplyResult::Error { message } => {
+                        ApplyResult::Error { message: crate::reports::cut(&message, REPORT_MESSAGE_BYTES_MAX) }
                     }
-                    other => other,
+                    ok => ok,
                 };
                 let row = ProcessRow {
                     node: self.node_id.clone(),

@@ -191,7 +191,7 @@ fn push_gone(gone: &mut VecDeque<ProcessRow>, row: ProcessRow) {
 }
 
 /// `text` cut to at most `max` bytes on a character boundary, marked with "..." when cut.
-fn cut(text: &str, max: usize) -> String {
+pub(crate) fn cut(text: &str, max: usize) -> String {
     if text.len() <= max {
         return text.to_owned();
     }
