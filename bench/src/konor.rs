@@ -105,6 +105,7 @@ pub async fn group_on_all_with_mode(clients: &[Client], group: &str, mode: &str)
             key: None,
             evict_after_ms: None,
             fencing: None,
+            release: None,
         })
         .await
         .with_context(|| format!("cannot create group {group}"))?;

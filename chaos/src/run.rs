@@ -302,8 +302,14 @@ async fn await_mesh(clients: &[Client]) {
 /// Creates `group` on the first node and joins it on the others with its key, then waits until
 /// every node counts every member live (as node/tests/it/harness.rs `group_on_all` does).
 async fn group_on_all(clients: &[Client], group: &str, mode: &str) -> anyhow::Result<()> {
-    let request =
-        Request::GroupCreate { name: group.into(), mode: mode.into(), key: None, evict_after_ms: None, fencing: None };
+    let request = Request::GroupCreate {
+        name: group.into(),
+        mode: mode.into(),
+        key: None,
+        evict_after_ms: None,
+        fencing: None,
+        release: None,
+    };
     let Response::GroupCreated { key, .. } = clients[0].call(request).await? else {
         bail!("creating {group}: unexpected answer");
     };

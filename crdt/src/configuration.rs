@@ -95,6 +95,65 @@ impl FromStr for Fencing {
     }
 }
 
+/// When a new version reaches a node's applications (`ROOT.policy.release`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleasePolicy {
+    /// Every version is served as soon as the node holds it (today's behaviour).
+    #[default]
+    Immediate,
+    /// Versions are written as always, but served only once a release targets them.
+    Gated,
+}
+
+impl fmt::Display for ReleasePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReleasePolicy::Immediate => "immediate",
+            ReleasePolicy::Gated => "gated",
+        })
+    }
+}
+
+impl FromStr for ReleasePolicy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ReleasePolicy, String> {
+        match text {
+            "immediate" => Ok(ReleasePolicy::Immediate),
+            "gated" => Ok(ReleasePolicy::Gated),
+            other => Err(format!("unknown release policy {other:?}: use immediate or gated")),
+        }
+    }
+}
+
+/// Which nodes a release reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReleaseStrategy {
+    /// Every member serves the release's target.
+    #[default]
+    All,
+}
+
+impl fmt::Display for ReleaseStrategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ReleaseStrategy::All => "all",
+        })
+    }
+}
+
+impl FromStr for ReleaseStrategy {
+    type Err = String;
+    fn from_str(text: &str) -> Result<ReleaseStrategy, String> {
+        match text {
+            "all" => Ok(ReleaseStrategy::All),
+            "canary" => Err("strategy canary is not built yet (docs/releases.md, build step 2): use all".to_owned()),
+            other => Err(format!("unknown release strategy {other:?}: use all")),
+        }
+    }
+}
+
 /// A group's policy, set when it is created (`ROOT.policy`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupPolicy {
@@ -104,11 +163,17 @@ pub struct GroupPolicy {
     pub evict_after: Millis,
     /// What reads do while the node cannot prove it is fresh.
     pub fencing: Fencing,
+    /// Whether a new version is served at once or only once a release targets it (SPEC F14).
+    pub release: ReleasePolicy,
 }
 
 impl Default for GroupPolicy {
     fn default() -> GroupPolicy {
-        GroupPolicy { evict_after: Millis(crate::limits::EVICT_AFTER_DEFAULT_MS), fencing: Fencing::Stale }
+        GroupPolicy {
+            evict_after: Millis(crate::limits::EVICT_AFTER_DEFAULT_MS),
+            fencing: Fencing::Stale,
+            release: ReleasePolicy::Immediate,
+        }
     }
 }
 

@@ -253,6 +253,12 @@ pub enum EditError {
         /// Why.
         detail: String,
     },
+    /// A release asked of a group whose versions are served at once (SPEC F14).
+    #[error("group {group:?} serves every version at once (release policy immediate): releases need a gated group")]
+    NotGated {
+        /// The group.
+        group: String,
+    },
     /// A condition that cannot be checked (not a content hash, for example).
     #[error("bad condition: {detail}")]
     BadCondition {

@@ -5,7 +5,7 @@
 //! ```text
 //! ROOT { format: 3,
 //!        meta:     { name, mode, epoch },
-//!        policy:   { version: 1, evict_after_ms, fencing },
+//!        policy:   { version: 1, evict_after_ms, fencing, release },  (release: gated groups, format 4)
 //!        configuration: "<Configuration JSON>"   (strong groups only)
 //!        schema:   "<JSON Schema, canonical JSON>"  (when the group has one, SPEC F8)
 //!        settings: { "<dotted.key>": { "<version storage key>": "<canonical JSON>" } },
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config_file::parse_config_file;
-use crate::configuration::{Configuration, Fencing, GroupPolicy};
+use crate::configuration::{Configuration, Fencing, GroupPolicy, ReleasePolicy, ReleaseStrategy};
 use crate::diff::SettingsDiff;
 use crate::error::{EditError, KeyError, LoadError, VersionError};
 use crate::file_format::FileFormat;
@@ -35,7 +35,7 @@ use crate::schema::Schema;
 use crate::settings::{ContentHash, Settings, hex};
 use crate::time::Millis;
 use crate::value::{decode_value, encode_value};
-use crate::version::{CONTENT_HASH_SCHEME, VersionId, VersionInfo, VersionKind, VersionRef};
+use crate::version::{CONTENT_HASH_SCHEME, VersionEntry, VersionId, VersionInfo, VersionKind, VersionRef};
 
 /// Version of the document layout, stored at `ROOT.format`. 2 added the strong group's
 /// configuration (`ROOT.configuration`) and the policy's `evict_after_ms` and `fencing`; format 1
@@ -44,6 +44,12 @@ use crate::version::{CONTENT_HASH_SCHEME, VersionId, VersionInfo, VersionKind, V
 /// key by key as keys are written, and the first write puts `ROOT.format = 3`, so an older
 /// konord refuses the file rather than misread it.
 pub const DOCUMENT_FORMAT: u64 = 3;
+
+/// `ROOT.format` of a gated group (SPEC F14): written once, when the group is created, so that
+/// a konord that does not know releases refuses the group (it would serve unreleased versions)
+/// rather than misread it. The layout is format 3's, plus `ROOT.policy.release` and versions of
+/// kind `release`.
+pub const GATED_FORMAT: u64 = 4;
 
 /// Version of the (for now empty) policy map, stored at `ROOT.policy.version`.
 pub const POLICY_FORMAT: u64 = 1;
@@ -151,6 +157,14 @@ pub enum Edit {
     },
     /// Roll back to a version (a reference such as `v12`).
     Rollback(String),
+    /// Release a version (a reference such as `v12`) in a gated group: members serve it from
+    /// now on (SPEC F14). Settings unchanged.
+    Release {
+        /// The version to serve.
+        to: String,
+        /// Which nodes it reaches.
+        strategy: ReleaseStrategy,
+    },
     /// Set the group's schema (a JSON Schema), or remove it (`None`). Settings unchanged.
     Schema(Option<Value>),
 }
@@ -184,13 +198,6 @@ pub struct ConflictValue {
     pub value: Value,
     /// The version that wrote it, when known.
     pub version: Option<VersionId>,
-}
-
-/// A version known to this document, with the change that created it.
-#[derive(Debug, Clone)]
-pub(crate) struct VersionEntry {
-    pub(crate) info: VersionInfo,
-    pub(crate) change: ChangeHash,
 }
 
 /// The object ids of the document's maps.
@@ -241,6 +248,26 @@ pub struct GroupDoc {
     pub(crate) by_change: BTreeMap<ChangeHash, VersionId>,
     /// The newest changes added here, for cheap ancestry questions.
     pub(crate) recent: crate::recent::RecentChanges,
+    /// The ids of the versions of kind `release`.
+    pub(crate) releases: BTreeSet<VersionId>,
+    /// What a gated group serves (`None` in an immediate group, which serves `view`).
+    served: Option<Served>,
+}
+
+/// A gated group's served version and its settings (SPEC F14).
+#[derive(Debug, Clone)]
+struct Served {
+    version: VersionId,
+    settings: Settings,
+}
+
+/// What the served settings of a gated group did when a change moved them to another version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServedChange {
+    /// Keys set to a new value.
+    pub set: BTreeMap<String, Value>,
+    /// Keys removed.
+    pub removed: Vec<String>,
 }
 
 /// An edit as a list of primitive operations on settings.
@@ -300,7 +327,8 @@ impl GroupDoc {
         let document_error = |e: automerge::AutomergeError| EditError::Document { detail: e.to_string() };
         let mut tx = doc.transaction();
         let build = (|| {
-            tx.put(automerge::ROOT, "format", DOCUMENT_FORMAT)?;
+            let format = if policy.release == ReleasePolicy::Gated { GATED_FORMAT } else { DOCUMENT_FORMAT };
+            tx.put(automerge::ROOT, "format", format)?;
             let meta_obj = tx.put_object(automerge::ROOT, "meta", ObjType::Map)?;
             tx.put(&meta_obj, "name", name)?;
             tx.put(&meta_obj, "mode", mode.to_string())?;
@@ -309,6 +337,9 @@ impl GroupDoc {
             tx.put(&policy_obj, "version", POLICY_FORMAT)?;
             tx.put(&policy_obj, "evict_after_ms", policy.evict_after.0)?;
             tx.put(&policy_obj, "fencing", policy.fencing.to_string())?;
+            if policy.release == ReleasePolicy::Gated {
+                tx.put(&policy_obj, "release", policy.release.to_string())?;
+            }
             if let Some(configuration) = configuration {
                 tx.put(automerge::ROOT, CONFIGURATION_KEY, configuration.to_json())?;
             }
@@ -350,9 +381,9 @@ impl GroupDoc {
             }
         };
         let format = read_format(&doc);
-        if format == 0 || format > DOCUMENT_FORMAT {
+        if format == 0 || format > GATED_FORMAT {
             return Err(not_a_group(&format!(
-                "document format {format}, this version reads 1 to {DOCUMENT_FORMAT}; upgrade konord"
+                "document format {format}, this version reads 1 to {GATED_FORMAT}; upgrade konord"
             )));
         }
         let meta = map_at(&automerge::ROOT, "meta")?;
@@ -397,8 +428,13 @@ impl GroupDoc {
             versions: BTreeMap::new(),
             by_change: BTreeMap::new(),
             recent: crate::recent::RecentChanges::default(),
+            releases: BTreeSet::new(),
+            served: None,
         };
         group.rebuild_derived_state();
+        if group.policy.release == ReleasePolicy::Gated {
+            group.served = Some(group.compute_served());
+        }
         Ok(group)
     }
 
@@ -411,6 +447,7 @@ impl GroupDoc {
         self.invalid = invalid;
         self.versions.clear();
         self.by_change.clear();
+        self.releases.clear();
         let entries: Vec<(String, String, automerge::ObjId)> = self
             .doc
             .map_range(&self.objects.versions, ..)
@@ -444,6 +481,9 @@ impl GroupDoc {
         let parsed = serde_json::from_str::<VersionInfo>(text).ok();
         match (parsed, change) {
             (Some(info), Some(change)) if info.id.storage_key() == key => {
+                if matches!(info.kind, VersionKind::Release { .. }) {
+                    self.releases.insert(info.id.clone());
+                }
                 self.by_change.insert(change, info.id.clone());
                 self.versions.insert(info.id.clone(), VersionEntry { info, change });
             }
@@ -722,7 +762,7 @@ impl GroupDoc {
     fn commit_plan(&mut self, plan: PlannedEdit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let deps = self.doc.get_heads();
         let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
-        self.format = DOCUMENT_FORMAT;
+        self.format = self.format.max(DOCUMENT_FORMAT);
         for (register, key) in made {
             if let ObjId::Id(counter, actor, _) = register {
                 self.registers.insert((counter, actor), key);
@@ -746,6 +786,9 @@ impl GroupDoc {
         // The staged hash is the hash of the applied edit (checked in debug builds).
         self.view.set_known_hash(hash_after);
         self.by_change.insert(change_hash, info.id.clone());
+        if matches!(info.kind, VersionKind::Release { .. }) {
+            self.releases.insert(info.id.clone());
+        }
         self.versions.insert(info.id.clone(), VersionEntry { info: info.clone(), change: change_hash });
         debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
         Ok(LocalCommit { version: info, change, change_hash })
@@ -786,6 +829,9 @@ impl GroupDoc {
 
     /// Everything an edit would write, checked (limits, condition, schema), without writing.
     fn plan_edit(&self, edit: Edit, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        if let Edit::Release { to, strategy } = edit {
+            return self.plan_release(&to, strategy, meta);
+        }
         let Edit::Schema(value) = edit else {
             let (ops, kind) = self.ops_for(edit)?;
             let plan = self.plan(ops, kind, meta)?;
@@ -811,6 +857,24 @@ impl GroupDoc {
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.schema = Some(schema);
         Ok(plan)
+    }
+
+    /// A release of `to` (SPEC F14): only in a gated group, of a version this node holds, and
+    /// not of the version already released with the same strategy.
+    fn plan_release(&self, to: &str, strategy: ReleaseStrategy, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        if self.policy.release != ReleasePolicy::Gated {
+            return Err(EditError::NotGated { group: self.name.clone() });
+        }
+        let target = self.resolve(to)?.id.clone();
+        let current = self.current_release().map(|(_, info)| info.kind.clone());
+        if let Some(VersionKind::Release { to: released, strategy: in_force, .. }) = &current
+            && *released == target
+            && *in_force == strategy
+        {
+            return Err(EditError::Unchanged);
+        }
+        let from = self.served.as_ref().map(|served| served.version.clone());
+        self.plan_unchecked(Vec::new(), VersionKind::Release { to: target, from, strategy }, meta)
     }
 
     /// Refuses settings operations that would add a violation of the group's schema.
@@ -887,7 +951,9 @@ impl GroupDoc {
     fn ops_for(&self, edit: Edit) -> Result<(Vec<Op>, VersionKind), EditError> {
         match edit {
             // Planned by `plan_edit`, which never passes it here.
-            Edit::Schema(_) => Err(EditError::Document { detail: "a schema edit has no settings operations".into() }),
+            Edit::Schema(_) | Edit::Release { .. } => {
+                Err(EditError::Document { detail: "a schema or release edit has no settings operations".into() })
+            }
             Edit::Set(entries) => {
                 if entries.is_empty() {
                     return Err(EditError::NoKeys);
@@ -1006,7 +1072,82 @@ impl GroupDoc {
         self.doc.save_nocompress()
     }
 
+    /// Whether new versions wait for a release (SPEC F14).
+    pub fn is_gated(&self) -> bool {
+        self.policy.release == ReleasePolicy::Gated
+    }
+
+    /// The settings this node serves to its applications: the latest in an immediate group,
+    /// the released version's in a gated one (SPEC F14). Reads, watches and the SDK see these;
+    /// history, diff and `show` see every version.
+    pub fn served_settings(&self) -> &Settings {
+        self.served.as_ref().map_or(&self.view, |served| &served.settings)
+    }
+
+    /// One served setting.
+    pub fn served_get(&self, key: &str) -> Option<&Value> {
+        self.served_settings().get(key)
+    }
+
+    /// The label of the version served: the latest in an immediate group, the released one in
+    /// a gated group.
+    pub fn served_label(&self) -> String {
+        match &self.served {
+            Some(served) => self.label(&served.version),
+            None => self.latest_label(),
+        }
+    }
+
+    /// The version a gated group serves (`None` in an immediate group).
+    pub fn served_version(&self) -> Option<&VersionId> {
+        self.served.as_ref().map(|served| &served.version)
+    }
+
+    /// The release in force: its id and its version record (`None` before any release).
+    pub fn current_release(&self) -> Option<(&VersionId, &VersionInfo)> {
+        let (id, _) = crate::release::current_release(self.releases.iter(), &self.versions)?;
+        Some((id, &self.versions.get(id)?.info))
+    }
+
+    /// The served version and settings as the document says now.
+    fn compute_served(&self) -> Served {
+        let version = crate::release::served_target(self.releases.iter(), &self.versions)
+            .unwrap_or_else(|| VersionId { counter: 0, actor: String::new() });
+        // A target this node indexed is readable; a document without versions serves nothing.
+        let settings = self.settings_at(&version).unwrap_or_default();
+        Served { version, settings }
+    }
+
+    /// Brings a gated group's served settings up to date after changes were added (a release,
+    /// or the version a release targets arriving). Returns what the applications must be told,
+    /// or `None` when the served version did not move (always `None` in an immediate group).
+    pub fn refresh_served(&mut self) -> Option<ServedChange> {
+        let old = self.served.as_ref()?;
+        let target = crate::release::served_target(self.releases.iter(), &self.versions)?;
+        if target == old.version {
+            return None;
+        }
+        let next = self.compute_served();
+        let old = self.served.replace(next)?;
+        let new = &self.served.as_ref()?.settings;
+        let diff = SettingsDiff::between(&old.settings, new);
+        let set =
+            diff.added.into_iter().chain(diff.changed.into_iter().map(|changed| (changed.key, changed.new))).collect();
+        Some(ServedChange { set, removed: diff.removed.into_iter().map(|(key, _)| key).collect() })
+    }
+
+    /// Checks that the served version is the one the document says (after
+    /// [`GroupDoc::refresh_served`]; tests and debug builds).
+    pub fn served_matches_document(&self) -> bool {
+        self.served.as_ref().is_none_or(|served| {
+            crate::release::served_target(self.releases.iter(), &self.versions).as_ref() == Some(&served.version)
+                && self.settings_at(&served.version).is_ok_and(|settings| settings == served.settings)
+        })
+    }
+
     /// Checks that the derived state equals what the document says (tests and debug builds).
+    /// A gated group's served settings are brought up to date by the caller after a change
+    /// ([`GroupDoc::refresh_served`]) and checked by [`GroupDoc::served_matches_document`].
     pub fn derived_state_matches_document(&self) -> bool {
         let (view, conflicted, _) = settings_from_document(&self.doc, &self.objects.settings, None);
         view == self.view
@@ -1120,6 +1261,14 @@ fn read_policy(doc: &Automerge) -> GroupPolicy {
         && let Some(fencing) = s.as_str().and_then(|t| t.parse::<Fencing>().ok())
     {
         policy.fencing = fencing;
+    }
+    // Only a gated group's document (format 4) says `release`: an older document, or a peer's
+    // change that writes the key into an immediate group, never makes a group gated.
+    if read_format(doc) >= GATED_FORMAT
+        && let Ok(Some((AmValue::Scalar(s), _))) = doc.get(&obj, "release")
+        && s.as_str() == Some("gated")
+    {
+        policy.release = ReleasePolicy::Gated;
     }
     policy
 }

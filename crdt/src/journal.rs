@@ -407,6 +407,8 @@ pub fn load_group_file(file: &[u8], actor: ActorId) -> Result<LoadedGroup, LoadE
         pending.extend(changes);
     }
     group.apply_changes_decoded(pending).map_err(|e| LoadError::Snapshot { detail: e.error.to_string() })?;
+    // A release among the tail's changes moves what a gated group serves (nobody to tell yet).
+    group.refresh_served();
     // A round staged here keeps its ballots with it.
     if let Some(staged) = &staged {
         ballots.remove(&staged.round);

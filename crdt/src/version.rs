@@ -11,6 +11,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::configuration::ReleaseStrategy;
 use crate::error::VersionError;
 use crate::file_format::FileFormat;
 use crate::settings::{ContentHash, hex, unhex};
@@ -158,6 +159,16 @@ pub enum VersionKind {
         /// schema was removed.
         schema: Option<String>,
     },
+    /// A release (SPEC F14; gated groups): from now on the members serve `to`'s settings
+    /// (settings unchanged; docs/releases.md).
+    Release {
+        /// The version released.
+        to: VersionId,
+        /// The version served before, on the node that made the release.
+        from: Option<VersionId>,
+        /// Which nodes it reaches.
+        strategy: ReleaseStrategy,
+    },
 }
 
 impl VersionKind {
@@ -171,6 +182,7 @@ impl VersionKind {
             VersionKind::Rollback { .. } => "rollback",
             VersionKind::Membership { .. } => "membership",
             VersionKind::Schema { .. } => "schema",
+            VersionKind::Release { .. } => "release",
         }
     }
 }
@@ -198,6 +210,13 @@ pub struct VersionInfo {
     pub hash_scheme: u8,
     /// The versions the writer had as its heads when writing (more than one after a merge).
     pub parents: Vec<VersionId>,
+}
+
+/// A version known to a document, with the change that created it.
+#[derive(Debug, Clone)]
+pub(crate) struct VersionEntry {
+    pub(crate) info: VersionInfo,
+    pub(crate) change: automerge::ChangeHash,
 }
 
 /// The content hash definition of docs/protocol.md (SHA-256 over the sorted canonical entries).

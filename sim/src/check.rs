@@ -212,6 +212,49 @@ async fn configuration_problem(sim: &Sim) -> Option<String> {
     })
 }
 
+/// Every running member of the gated group serves exactly the settings of the version it says it
+/// serves (SPEC F14: `settings_at` of the released version, whatever was written since), and
+/// that version is one a release targeted (or the first, before any release).
+pub async fn check_gated_served(sim: &Sim) {
+    let group = GroupKind::Gated.name().to_owned();
+    let members: Vec<usize> =
+        sim.records.borrow().members.get(&GroupKind::Gated).map(|m| m.iter().copied().collect()).unwrap_or_default();
+    for node in members {
+        if sim.cluster.borrow().nodes[node].life != Life::Up {
+            continue;
+        }
+        let Some(Response::Snapshot { settings, freshness, .. }) =
+            call(&sim.cluster, node, Request::Snapshot { group: group.clone(), prefix: None }).await
+        else {
+            continue;
+        };
+        let version = freshness.version;
+        let released = crate::workload::version_counter(&version)
+            .is_some_and(|counter| counter == 1 || sim.records.borrow().released.contains(&counter));
+        if !released {
+            sim.violation(invariant::RELEASE, format!("n{node} serves gt at {version}, which no release targeted"));
+            return;
+        }
+        let request = Request::Show { group: group.clone(), version: version.clone() };
+        let Some(Response::Show { settings: at_version, .. }) = call(&sim.cluster, node, request).await else {
+            continue;
+        };
+        if at_version != settings {
+            let differing: Vec<&String> = settings
+                .keys()
+                .chain(at_version.keys())
+                .filter(|k| settings.get(*k) != at_version.get(*k))
+                .take(5)
+                .collect();
+            sim.violation(
+                invariant::RELEASE,
+                format!("n{node} serves gt as {version} but with other settings than {version}'s (keys {differing:?})"),
+            );
+            return;
+        }
+    }
+}
+
 /// Every write answered `Committed` is in the history of every running member (SPEC 2).
 pub async fn check_lost_commits(sim: &Sim) {
     for group in GroupKind::ALL {

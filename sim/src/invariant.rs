@@ -26,6 +26,9 @@ pub const ALL_ACK: &str = "3/S1 commit only after every member staged";
 pub const DURABLE_ACCEPT: &str = "3/S2 accepted only after durable";
 /// SPEC 4.
 pub const WATCH: &str = "4 watch completeness";
+/// SPEC F14: a gated group serves its applications only versions a release targeted, and
+/// exactly the settings of the version it serves.
+pub const RELEASE: &str = "F14 served only what was released";
 /// SPEC 5, detection.
 pub const DETECTION: &str = "5 membership detection";
 /// SPEC 5, false positives.

@@ -67,6 +67,7 @@ fn draw_spread(report: &RunReport, area: &DrawingArea<SVGBackend<'_>, plotters::
         let color = match spread.group {
             GroupKind::Eventual => BLUE.mix(0.25),
             GroupKind::Strong => RED.mix(0.35),
+            GroupKind::Gated => GREEN.mix(0.35),
         };
         let members = spread.members.max(1) as f64;
         let mut points = vec![(0.0, 0.0)];

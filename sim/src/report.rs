@@ -105,6 +105,8 @@ pub struct RunReport {
     pub failure_samples: Vec<String>,
     /// Watch events checked, watchers.
     pub watch: (u64, usize),
+    /// The gated group: versions released, watch events checked against them.
+    pub releases: (usize, u64),
     /// Protocol checks: acks, votes, acceptances, decisions.
     pub protocol_checks: (u64, u64, u64, u64),
     /// What the simulated disk did (faults injected, crashes applied).
@@ -438,6 +440,13 @@ impl RunReport {
                 format!(
                     "ok: {} events to {} watchers, revisions increasing, settings rebuilt exactly",
                     self.watch.0, self.watch.1
+                ),
+            ),
+            verdict(
+                invariant::RELEASE,
+                format!(
+                    "ok: {} version(s) released; {} gt watch events and every member's final gt named a released version, served with its settings",
+                    self.releases.0, self.releases.1
                 ),
             ),
             verdict(

@@ -317,6 +317,7 @@ async fn phases(
     check::check_heads(sim, config.converge_bound).await;
     check::check_configurations(sim, config.converge_bound).await;
     check::check_lost_commits(sim).await;
+    check::check_gated_served(sim).await;
     for group in GroupKind::ALL {
         finals.insert(group, check::served(sim, group).await);
     }
@@ -508,6 +509,7 @@ fn build_report(
             samples
         },
         watch: (records.watch_events, watchers.len()),
+        releases: (records.released.len(), records.gated_events),
         protocol_checks,
         disk: cluster.disk.stats(),
         false_dead: (observations.false_dead.len(), observations.samples),

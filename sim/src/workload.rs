@@ -38,6 +38,9 @@ pub enum GroupKind {
     Eventual,
     /// Strong consistency; the first `strong_members` nodes are members.
     Strong,
+    /// Eventual consistency with release policy `gated` (SPEC F14): writes are served only
+    /// once a release targets them; every node is a member.
+    Gated,
 }
 
 impl GroupKind {
@@ -46,19 +49,20 @@ impl GroupKind {
         match self {
             GroupKind::Eventual => "ev",
             GroupKind::Strong => "st",
+            GroupKind::Gated => "gt",
         }
     }
 
     /// The group's mode as `GroupCreate` takes it.
     pub fn mode(self) -> &'static str {
         match self {
-            GroupKind::Eventual => "eventual",
+            GroupKind::Eventual | GroupKind::Gated => "eventual",
             GroupKind::Strong => "strong",
         }
     }
 
-    /// Both groups.
-    pub const ALL: [GroupKind; 2] = [GroupKind::Eventual, GroupKind::Strong];
+    /// Every group of a run.
+    pub const ALL: [GroupKind; 3] = [GroupKind::Eventual, GroupKind::Strong, GroupKind::Gated];
 }
 
 /// What a write does.
@@ -72,6 +76,8 @@ pub enum WriteKind {
     Apply,
     /// Roll back to the version before the latest.
     Rollback,
+    /// Release the node's latest version (the gated group only).
+    Release,
 }
 
 /// How a write ended, as its client saw it.
@@ -201,6 +207,12 @@ pub struct Records {
     pub fault_events: Vec<(u64, Option<usize>)>,
     /// Eventual commits checked against the quorum of all members (no fault during them).
     pub quorums_checked: u64,
+    /// The version counters a release of the gated group targeted (recorded when the release
+    /// is sent, since it may take effect even if its answer is lost), and 1, the version a
+    /// gated group serves before any release.
+    pub released: BTreeSet<u64>,
+    /// Watch events of the gated group checked against `released`.
+    pub gated_events: u64,
 }
 
 /// Where the run is.
@@ -278,6 +290,11 @@ fn meta(seq: u64) -> WriteMeta {
     WriteMeta { author: "konor-sim".to_owned(), message: format!("w{seq}"), ..WriteMeta::default() }
 }
 
+/// The counter of a version label (`v12` or `v12-3fa9` -> 12).
+pub fn version_counter(label: &str) -> Option<u64> {
+    label.strip_prefix('v')?.split('-').next()?.parse().ok()
+}
+
 /// The sequence number of a marker key (`w17` -> 17).
 pub fn marker_seq(key: &str) -> Option<u64> {
     key.strip_prefix('w')?.parse().ok()
@@ -300,9 +317,16 @@ async fn write_once(sim: Sim) {
     let strong_share = if sim.config.strong_member_count() > 0 { 0.3 } else { 0.0 };
     let (group, kind, plain) = {
         let mut rng = sim.rng.borrow_mut();
-        let group = if rng.chance(strong_share) { GroupKind::Strong } else { GroupKind::Eventual };
+        let group = if rng.chance(strong_share) {
+            GroupKind::Strong
+        } else if rng.chance(0.25) {
+            GroupKind::Gated
+        } else {
+            GroupKind::Eventual
+        };
         let roll = rng.unit();
         let kind = match roll {
+            r if group == GroupKind::Gated && r < 0.3 => WriteKind::Release,
             r if r < 0.7 => WriteKind::Set,
             r if r < 0.8 => WriteKind::Delete,
             r if r < 0.9 => WriteKind::Apply,
@@ -353,6 +377,15 @@ async fn write_once(sim: Sim) {
             }
             Some(_) => None,
             None => None,
+        },
+        WriteKind::Release => match call(&sim.cluster, node, Request::History { group: name.clone() }).await {
+            Some(Response::History { versions, .. }) => versions.last().map(|latest| {
+                if let Some(counter) = version_counter(&latest.label) {
+                    sim.records.borrow_mut().released.insert(counter);
+                }
+                Request::Release { group: name, version: latest.label.clone(), strategy: None, meta: meta(seq) }
+            }),
+            _ => None,
         },
     };
     let response = match request {
@@ -606,7 +639,7 @@ fn on_event(sim: &Sim, node: usize, group: GroupKind, event: WatchEvent) {
     {
         let mut records = sim.records.borrow_mut();
         records.watch_events += 1;
-        let Records { watchers, sightings, writes, strong, .. } = &mut *records;
+        let Records { watchers, sightings, writes, strong, released, gated_events, .. } = &mut *records;
         let watcher = watchers.entry((node, group)).or_default();
         let revision = event.revision();
         if group == GroupKind::Strong {
@@ -615,6 +648,19 @@ fn on_event(sim: &Sim, node: usize, group: GroupKind, event: WatchEvent) {
             };
             if let Some(contradiction) = strong.observe(revision, &version, &format!("the watcher on n{node}")) {
                 found.push((invariant::ONE_SEQUENCE, contradiction.0));
+            }
+        }
+        if group == GroupKind::Gated {
+            *gated_events += 1;
+            let version = match &event {
+                WatchEvent::Change { version, .. } | WatchEvent::Resync { version, .. } => version,
+            };
+            let counter = version_counter(version);
+            if counter.is_none_or(|counter| counter != 1 && !released.contains(&counter)) {
+                found.push((
+                    invariant::RELEASE,
+                    format!("the watcher of gt on n{node} was served {version}, which no release targeted"),
+                ));
             }
         }
         if revision <= watcher.revision {
@@ -677,6 +723,7 @@ pub async fn setup_groups(sim: &Sim, bound: Duration) -> bool {
             key: None,
             evict_after_ms,
             fencing: None,
+            release: (group == GroupKind::Gated).then(|| "gated".to_owned()),
         };
         match call(&sim.cluster, 0, request).await {
             Some(Response::GroupCreated { key, .. }) => {

@@ -1,5 +1,5 @@
 //! The local commands a replica takes (create, join, leave, remove a member, set, delete,
-//! apply, rollback) and their answers: `CommandOutcome` on success, `CommandError` (nothing
+//! apply, rollback, schema, release) and their answers: `CommandOutcome` on success, `CommandError` (nothing
 //! changed on this node, unless the variant says otherwise) on failure.
 
 use serde_json::Value;
@@ -97,6 +97,17 @@ pub enum Command {
         /// Author, message, time.
         meta: CommitMeta,
     },
+    /// Release a version of a gated group (SPEC F14): members serve it from now on.
+    Release {
+        /// Group.
+        group: String,
+        /// Version reference.
+        version: String,
+        /// Which nodes it reaches.
+        strategy: crate::configuration::ReleaseStrategy,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
     /// Set the group's schema (a JSON Schema), or remove it (`None`).
     SetSchema {
         /// Group.
@@ -120,6 +131,7 @@ impl Command {
             | Command::Delete { group, .. }
             | Command::Apply { group, .. }
             | Command::Rollback { group, .. }
+            | Command::Release { group, .. }
             | Command::SetSchema { group, .. } => group,
         }
     }

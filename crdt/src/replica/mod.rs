@@ -477,6 +477,9 @@ impl Replica {
             }
             Command::Rollback { group, version, meta } => self.local_write(id, group, Edit::Rollback(version), meta),
             Command::SetSchema { group, schema, meta } => self.local_write(id, group, Edit::Schema(schema), meta),
+            Command::Release { group, version, strategy, meta } => {
+                self.local_write(id, group, Edit::Release { to: version, strategy }, meta)
+            }
         }
     }
 

@@ -44,29 +44,40 @@ impl Replica {
     }
 
     /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
-    /// `pushed`: the changes came from a peer.
+    /// `pushed`: the changes came from a peer. A gated group (SPEC F14) tells its watchers only
+    /// what its served settings did: its revision advances by one when the served version
+    /// moved, and not at all for changes that are written but not released.
     pub(super) fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>, pushed: bool) -> u64 {
         let Some(state) = self.groups.get_mut(group) else {
             return 0;
         };
         let from = state.revision;
-        state.revision = state.revision.saturating_add(changes as u64);
         state.tail_changes += changes;
         state.changes = state.changes.saturating_add(changes as u64);
-        let mut set = BTreeMap::new();
-        let mut removed = Vec::new();
-        for key in keys {
-            match state.doc.get(&key) {
-                Some(value) => {
-                    set.insert(key, value.clone());
+        let (set, removed) = if state.doc.is_gated() {
+            let Some(served) = state.doc.refresh_served() else {
+                return state.revision;
+            };
+            state.revision = state.revision.saturating_add(1);
+            (served.set, served.removed)
+        } else {
+            state.revision = state.revision.saturating_add(changes as u64);
+            let mut set = BTreeMap::new();
+            let mut removed = Vec::new();
+            for key in keys {
+                match state.doc.get(&key) {
+                    Some(value) => {
+                        set.insert(key, value.clone());
+                    }
+                    None => removed.push(key),
                 }
-                None => removed.push(key),
             }
-        }
+            (set, removed)
+        };
         let notification = Notification {
             group: group.to_owned(),
             revision: state.revision,
-            version: state.doc.latest_label(),
+            version: state.doc.served_label(),
             set,
             removed,
             pushed,

@@ -78,6 +78,14 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_label("version", version)?;
             check_meta(meta)
         }
+        Request::Release { group, version, strategy, meta } => {
+            check_group(group)?;
+            check_label("version", version)?;
+            if let Some(strategy) = strategy {
+                check_label("strategy", strategy)?;
+            }
+            check_meta(meta)
+        }
         Request::Show { group, version } => {
             check_group(group)?;
             check_label("version", version)

@@ -96,6 +96,9 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Make a new version whose settings equal those of an older version.
     Rollback(RollbackArgs),
+    /// Release a version of a gated group: every member then serves it to its applications
+    /// (`konorctl status GROUP` shows the release in force).
+    Release(ReleaseArgs),
     /// List a group's versions, oldest first.
     History(GroupArg),
     /// Print the whole settings of one version: `konorctl show app@v12`.
@@ -203,6 +206,10 @@ pub enum GroupCommand {
         /// Strong groups: what reads do while this node cannot prove it is fresh.
         #[arg(long, value_enum)]
         fencing: Option<FencingArg>,
+        /// When new versions reach applications: immediate (at once, the default) or gated
+        /// (written as always, served only once `konorctl release` targets them).
+        #[arg(long, value_enum)]
+        release: Option<ReleasePolicyArg>,
     },
     /// Join an existing group with its secret key; this node then holds a copy.
     Join {
@@ -251,6 +258,25 @@ pub enum FencingArg {
     Stale,
     /// Wait until this node is fresh again (up to 5 s), else fail.
     Block,
+}
+
+/// A group's release policy, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReleasePolicyArg {
+    /// Every version is served as soon as a node holds it.
+    Immediate,
+    /// Versions are served only once a release targets them.
+    Gated,
+}
+
+impl ReleasePolicyArg {
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleasePolicyArg::Immediate => "immediate",
+            ReleasePolicyArg::Gated => "gated",
+        }
+    }
 }
 
 impl FencingArg {
@@ -487,6 +513,30 @@ pub struct RollbackArgs {
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,
+}
+
+/// `konorctl release`
+#[derive(Debug, Clone, Args)]
+pub struct ReleaseArgs {
+    /// Group name (a gated group).
+    pub group: String,
+    /// The version to serve (`v12`, as `konorctl history` lists them; an older one rolls the
+    /// release back).
+    #[arg(long, value_name = "VERSION")]
+    pub to: String,
+    /// Which nodes: all (for now the only strategy; canaries are planned, docs/releases.md).
+    #[arg(long, value_enum, default_value = "all")]
+    pub strategy: ReleaseStrategyArg,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// Which nodes a release reaches, as typed on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReleaseStrategyArg {
+    /// Every member.
+    All,
 }
 
 /// `konorctl diff`

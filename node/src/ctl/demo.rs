@@ -228,6 +228,7 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
             key: None,
             evict_after_ms: None,
             fencing: None,
+            release: None,
         })
         .await?;
     let Response::GroupCreated { key, .. } = created else { bail!("unexpected answer: {created:?}") };

@@ -115,7 +115,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
             emit(&cert_issued(&node_id, &out, output))
         }
-        Command::Group(GroupCommand::Create { name, mode, key_file, key_out, key, evict_after, fencing }) => {
+        Command::Group(GroupCommand::Create { name, mode, key_file, key_out, key, evict_after, fencing, release }) => {
             refuse_key_on_command_line(key.is_some())?;
             let key = key_file.as_deref().map(group_key::read).transpose()?;
             let request = Request::GroupCreate {
@@ -124,6 +124,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 key,
                 evict_after_ms: evict_after,
                 fencing: fencing.map(|f| f.as_str().to_owned()),
+                release: release.map(|r| r.as_str().to_owned()),
             };
             match key_out {
                 Some(path) => create_with_key_out(&target, request, &path, output).await,
@@ -180,6 +181,18 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         }
         Command::Rollback(args) => {
             let request = Request::Rollback { group: args.group, version: args.version, meta: args.write.meta() };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Release(args) => {
+            let mut meta = args.write.meta();
+            if meta.message.is_empty() {
+                meta.message = format!("release {}", args.to);
+            }
+            let strategy = match args.strategy {
+                cli::ReleaseStrategyArg::All => "all",
+            };
+            let request =
+                Request::Release { group: args.group, version: args.to, strategy: Some(strategy.to_owned()), meta };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::History(args) => call(&target, TIMEOUT_DEFAULT, Request::History { group: args.group }, output).await,

@@ -315,10 +315,12 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
             format!("{groups}/{group}/schema/check"),
             Some(json!({ "format": format, "text": text, "schema": schema })),
         ),
-        Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
+        Request::GroupCreate { name, mode, key, evict_after_ms, fencing, release } => {
             let key = key.as_ref().map(|key| key.expose().clone());
-            let body =
-                json!({ "name": name, "mode": mode, "key": key, "evict_after_ms": evict_after_ms, "fencing": fencing });
+            let body = json!({
+                "name": name, "mode": mode, "key": key, "evict_after_ms": evict_after_ms, "fencing": fencing,
+                "release": release,
+            });
             (Method::POST, groups.to_owned(), Some(body))
         }
         Request::GroupJoin { name, key } => {
@@ -345,6 +347,11 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Rollback { group, version, meta } => {
             (Method::POST, format!("{groups}/{group}/rollback"), Some(write_body(meta, json!({ "version": version }))))
         }
+        Request::Release { group, version, strategy, meta } => (
+            Method::POST,
+            format!("{groups}/{group}/release"),
+            Some(write_body(meta, json!({ "version": version, "strategy": strategy }))),
+        ),
         Request::History { group } => (Method::GET, format!("{groups}/{group}/versions"), None),
         Request::Diff { group, from, to } => (
             Method::GET,

@@ -272,6 +272,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             configuration,
             unknown: _,
             degraded,
+            release,
         } => {
             let view = StatusView {
                 group,
@@ -284,6 +285,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
                 fenced_reason: fenced_reason.as_deref(),
                 configuration: configuration.as_deref(),
                 degraded: degraded.as_deref(),
+                release: release.as_deref(),
             };
             Rendered::ok(status_text(&view, now_ms))
         }
@@ -347,7 +349,7 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
              `konorctl group join {group} --key-file FILE` makes this node hold {group}"
         )),
         ErrorCode::NotFound => match request {
-            Request::Rollback { .. } | Request::Diff { .. } => {
+            Request::Rollback { .. } | Request::Release { .. } | Request::Diff { .. } => {
                 Some(format!("`konorctl history {group}` lists the versions"))
             }
             _ => Some(format!("`konorctl get {group}` lists the keys")),
@@ -408,6 +410,7 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::Delete { group, .. }
         | Request::Apply { group, .. }
         | Request::Rollback { group, .. }
+        | Request::Release { group, .. }
         | Request::History { group }
         | Request::Diff { group, .. }
         | Request::Conflicts { group }
@@ -569,6 +572,35 @@ struct StatusView<'a> {
     fenced_reason: Option<&'a str>,
     configuration: Option<&'a str>,
     degraded: Option<&'a str>,
+    release: Option<&'a konor_sdk::protocol::ReleaseState>,
+}
+
+/// A gated group's release lines in `status` (SPEC F14).
+fn release_text(release: &konor_sdk::protocol::ReleaseState, now_ms: u64) -> String {
+    let mut text = String::new();
+    match &release.current {
+        Some(current) => {
+            let from = current.from.as_deref().map(|from| format!(" (from {})", cell(from))).unwrap_or_default();
+            let _ = writeln!(
+                text,
+                "release: {} to {}{from}, strategy {}, by {}, {} ago: {}",
+                cell(&current.label),
+                cell(&current.to),
+                cell(&current.strategy),
+                cell(&current.author),
+                format_age(now_ms.saturating_sub(current.time_ms)),
+                cell(&current.message),
+            );
+        }
+        None => text.push_str("release: none yet (gated: the group's first version is served)\n"),
+    }
+    let pending = if release.served == release.latest {
+        "every written version is released".to_owned()
+    } else {
+        format!("{} is written, not released", cell(&release.latest))
+    };
+    let _ = writeln!(text, "served here: {}; {pending}", cell(&release.served));
+    text
 }
 
 fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
@@ -583,10 +615,14 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
         fenced_reason,
         configuration,
         degraded,
+        release,
     } = *view;
     let mut text = format!("group {group} ({mode})\n");
     if let Some(configuration) = configuration {
         let _ = writeln!(text, "configuration: {configuration}");
+    }
+    if let Some(release) = release {
+        text.push_str(&release_text(release, now_ms));
     }
     if fenced {
         let why = fenced_reason.map(|why| format!(" ({why})")).unwrap_or_default();
@@ -975,6 +1011,7 @@ mod tests {
             key: None,
             evict_after_ms: None,
             fencing: None,
+            release: None,
         };
         let response = Response::GroupCreated { name: "app".into(), key: "k3y-0f-app".into() };
         table(
@@ -1239,6 +1276,7 @@ mod tests {
                 configuration: Some("c3 [n1, n2]".into()),
                 unknown: Vec::new(),
                 degraded: None,
+                release: None,
             },
             expect![[r#"
                 [exit 0]
@@ -1279,6 +1317,7 @@ mod tests {
                 configuration: None,
                 unknown: Vec::new(),
                 degraded: None,
+                release: None,
             },
             expect![[r#"
                 [exit 0]

@@ -788,6 +788,7 @@ fn answers_from_state(call: &LocalCall) -> bool {
                 | Request::Delete { .. }
                 | Request::Apply { .. }
                 | Request::Rollback { .. }
+                | Request::Release { .. }
                 | Request::GroupCreate { .. }
                 | Request::GroupJoin { .. }
                 | Request::GroupLeave { .. }

@@ -263,8 +263,8 @@ impl Daemon {
         let resync = |prefix: Option<&str>| WatchEvent::Resync {
             group: group.to_owned(),
             revision,
-            version: doc.latest_label(),
-            settings: super::requests::settings_under(doc.settings(), prefix),
+            version: doc.served_label(),
+            settings: super::requests::settings_under(doc.served_settings(), prefix),
         };
         let whole = socket::EncodedEvent::from(resync(None));
         watchers.retain(|watcher| match watcher.prefix.as_deref() {
@@ -521,12 +521,13 @@ impl Daemon {
             let Some(doc) = self.replica.group(name) else { continue };
             let revision = self.replica.revision(name).unwrap_or(0);
             if copy_contents && reads.revision(name) != Some(revision) {
-                let settings = doc.settings().iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
+                let served = doc.served_settings();
+                let settings = served.iter().map(|(key, value)| (key.to_owned(), value.clone())).collect();
                 let changed = self.last_change.get(name).copied().unwrap_or(self.started);
                 let read = GroupRead {
                     settings,
                     revision,
-                    version: doc.latest_label(),
+                    version: doc.served_label(),
                     changed,
                     stale: true,
                     stale_reason: None,

@@ -66,7 +66,7 @@ impl Daemon {
         let stale_reason = self.replica.fencing_reason(group);
         Freshness {
             revision: self.replica.revision(group).unwrap_or(0),
-            version: doc.map(|d| d.latest_label()).unwrap_or_default(),
+            version: doc.map(|d| d.served_label()).unwrap_or_default(),
             age_ms: self
                 .last_change
                 .get(group)
@@ -131,9 +131,9 @@ impl Daemon {
                     }
                 }
                 None => {
-                    let settings = settings_under(doc.settings(), prefix.as_deref());
+                    let settings = settings_under(doc.served_settings(), prefix.as_deref());
                     let event =
-                        WatchEvent::Resync { group: group.to_owned(), revision, version: doc.latest_label(), settings };
+                        WatchEvent::Resync { group: group.to_owned(), revision, version: doc.served_label(), settings };
                     if events.try_send(event).is_err() {
                         return error_response(ErrorCode::Internal, "watch queue full");
                     }
@@ -161,16 +161,20 @@ impl Daemon {
             }
             Request::Get { group, key } => match self.replica.group(&group) {
                 Some(doc) => {
-                    Response::Value { value: doc.get(&key).cloned(), freshness: self.freshness(&group), group, key }
+                    let value = doc.served_get(&key).cloned();
+                    Response::Value { value, freshness: self.freshness(&group), group, key }
                 }
                 None => unknown(&group),
             },
             Request::Snapshot { group, prefix } => match self.replica.group(&group) {
                 Some(doc) => {
                     let (settings, content_hash) = match prefix.as_deref() {
-                        None => (settings_under(doc.settings(), None), doc.settings().content_hash().to_hex()),
+                        None => {
+                            let served = doc.served_settings();
+                            (settings_under(served, None), served.content_hash().to_hex())
+                        }
                         Some(prefix) => {
-                            let settings = settings_under(doc.settings(), Some(prefix));
+                            let settings = settings_under(doc.served_settings(), Some(prefix));
                             let hash = konor_sdk::protocol::content_hash(&settings);
                             (settings, hash)
                         }
@@ -246,7 +250,7 @@ impl Daemon {
                 self.reports.report(&group, client.connection, row);
                 Response::Done
             }
-            Request::GroupCreate { name, mode, key, evict_after_ms, fencing } => {
+            Request::GroupCreate { name, mode, key, evict_after_ms, fencing, release } => {
                 let mode: Mode = match mode.parse() {
                     Ok(mode) => mode,
                     Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
@@ -265,6 +269,12 @@ impl Daemon {
                 if let Some(text) = fencing {
                     match text.parse::<Fencing>() {
                         Ok(fencing) => policy.fencing = fencing,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    }
+                }
+                if let Some(text) = release {
+                    match text.parse::<konor_crdt::ReleasePolicy>() {
+                        Ok(release) => policy.release = release,
                         Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                     }
                 }
@@ -319,6 +329,15 @@ impl Daemon {
             Request::Rollback { group, version, meta } => {
                 let meta = self.write_meta(&client, meta);
                 return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
+            }
+            Request::Release { group, version, strategy, meta } => {
+                let strategy = match strategy.as_deref().map(str::parse::<konor_crdt::ReleaseStrategy>) {
+                    None => konor_crdt::ReleaseStrategy::All,
+                    Some(Ok(strategy)) => strategy,
+                    Some(Err(message)) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                };
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Release { group, version, strategy, meta }, PendingReply::Plain(reply));
             }
             Request::History { group } => match self.replica.group(&group) {
                 Some(doc) => {
@@ -537,6 +556,7 @@ impl Daemon {
             configuration: quorum.as_ref().and_then(|q| q.configuration.as_ref().map(ToString::to_string)),
             unknown: quorum.as_ref().map(|q| q.unknown.clone()).unwrap_or_default(),
             degraded: self.degraded_text(),
+            release: doc.is_gated().then(|| Box::new(release_state(doc))),
         }
     }
 
@@ -590,6 +610,23 @@ pub(super) fn change_event(notification: &Notification, prefix: Option<&str>) ->
 }
 
 /// A version as listings show it.
+/// A gated group's release state as this node sees it (SPEC F14).
+fn release_state(doc: &konor_crdt::GroupDoc) -> konor_sdk::protocol::ReleaseState {
+    let current = doc.current_release().and_then(|(id, info)| match &info.kind {
+        konor_crdt::VersionKind::Release { to, from, strategy } => Some(konor_sdk::protocol::ReleaseRow {
+            label: doc.label(id),
+            to: doc.label(to),
+            from: from.as_ref().map(|from| doc.label(from)),
+            strategy: strategy.to_string(),
+            author: info.author.clone(),
+            time_ms: info.time.0,
+            message: info.message.clone(),
+        }),
+        _ => None,
+    });
+    konor_sdk::protocol::ReleaseState { served: doc.served_label(), latest: doc.latest_label(), current }
+}
+
 fn version_row(doc: &konor_crdt::GroupDoc, version: &konor_crdt::VersionInfo) -> VersionRow {
     VersionRow {
         label: doc.label(&version.id),

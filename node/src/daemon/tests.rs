@@ -384,6 +384,7 @@ async fn named_group_everywhere(nodes: &[TestNode], name: &str, mode: &str) -> S
         key: None,
         evict_after_ms: (mode == "strong").then_some(konor_crdt::limits::EVICT_AFTER_MIN_MS),
         fencing: None,
+        release: None,
     };
     let Response::GroupCreated { key, .. } = nodes[0].call(create).await else { panic!("group create failed") };
     for node in &nodes[1..] {
@@ -679,6 +680,7 @@ async fn a_failed_append_of_one_group_does_not_silence_another_group_in_the_same
         key: None,
         evict_after_ms: None,
         fencing: None,
+        release: None,
     };
     assert!(matches!(nodes[0].call(create).await, Response::GroupCreated { .. }));
     let mut events = nodes[0].watch_group(7, "other").await;

@@ -132,6 +132,7 @@ async fn a_block_group_holds_reads_it_cannot_prove_fresh() {
             key: None,
             evict_after_ms: None,
             fencing: Some("block".into()),
+            release: None,
         })
         .await
         .unwrap();

@@ -735,6 +735,7 @@ async fn regression_strong_write_right_after_a_join_leaves_the_joiner_out() {
             key: None,
             evict_after_ms: Some(EVICT_AFTER_MS),
             fencing: None,
+            release: None,
         })
         .await
         .unwrap();
@@ -781,6 +782,7 @@ async fn regression_eventual_write_right_after_joins_commits_on_a_quorum_of_one(
             key: None,
             evict_after_ms: None,
             fencing: None,
+            release: None,
         })
         .await
         .unwrap();

@@ -439,10 +439,34 @@ pub async fn group_on_all_with(
     mode: &str,
     evict_after_ms: Option<u64>,
 ) -> konor_sdk::Secret {
-    let created = clients[0]
-        .call(Request::GroupCreate { name: group.into(), mode: mode.into(), key: None, evict_after_ms, fencing: None })
-        .await
-        .unwrap();
+    let request = Request::GroupCreate {
+        name: group.into(),
+        mode: mode.into(),
+        key: None,
+        evict_after_ms,
+        fencing: None,
+        release: None,
+    };
+    create_and_join(clients, group, request).await
+}
+
+/// [`group_on_all`] for a gated group (SPEC F14: versions are served only once released).
+pub async fn gated_group_on_all(clients: &[Client], group: &str, mode: &str) -> konor_sdk::Secret {
+    let request = Request::GroupCreate {
+        name: group.into(),
+        mode: mode.into(),
+        key: None,
+        evict_after_ms: None,
+        fencing: None,
+        release: Some("gated".into()),
+    };
+    create_and_join(clients, group, request).await
+}
+
+/// Creates a group on the first client's node with `request`, joins it everywhere else, and
+/// waits until every node counts every member live.
+async fn create_and_join(clients: &[Client], group: &str, request: Request) -> konor_sdk::Secret {
+    let created = clients[0].call(request).await.unwrap();
     let Response::GroupCreated { key, .. } = created else { panic!("{created:?}") };
     for client in &clients[1..] {
         // A fresh group is known to peers once its gossip spreads; the join waits for that.

@@ -16,6 +16,7 @@ mod isolation;
 mod liveness;
 mod mesh;
 mod netns;
+mod releases;
 mod restart;
 mod security;
 mod socket;

@@ -167,6 +167,10 @@ pub enum Request {
         /// default: answer, flagged stale) or `block` (wait, then `unavailable`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         fencing: Option<String>,
+        /// When new versions reach applications: `immediate` (the default: at once) or `gated`
+        /// (only once a release targets them; SPEC F14).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<String>,
     },
     /// Join an existing group with its key.
     GroupJoin {
@@ -224,6 +228,21 @@ pub enum Request {
         group: String,
         /// Version label (`v12`).
         version: String,
+        /// Author and message.
+        #[serde(default, deserialize_with = "null_as_default")]
+        meta: WriteMeta,
+    },
+    /// Release a version of a gated group (SPEC F14): from now on every member serves it to
+    /// its applications. A write like any other (a version of kind `release`); in a strong
+    /// group it commits through a round.
+    Release {
+        /// Group.
+        group: String,
+        /// The version to serve (`v12`).
+        version: String,
+        /// Which nodes: `all` (the default, and for now the only strategy).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        strategy: Option<String>,
         /// Author and message.
         #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
@@ -422,6 +441,38 @@ pub struct NodeRow {
     /// For the node answering: why it is degraded (a failed write to its disk), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<String>,
+}
+
+/// A gated group's release state as one node sees it (SPEC F14), in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseState {
+    /// The version this node serves to its applications.
+    pub served: String,
+    /// The newest version written (served only once released).
+    pub latest: String,
+    /// The release in force; `None` before the first (the group's first version is served).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<ReleaseRow>,
+}
+
+/// One release.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseRow {
+    /// The release's own version label.
+    pub label: String,
+    /// The version released.
+    pub to: String,
+    /// The version served before it, on the node that made it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// Which nodes it reaches (`all`).
+    pub strategy: String,
+    /// Who made it.
+    pub author: String,
+    /// When (Unix milliseconds, the writer's clock).
+    pub time_ms: u64,
+    /// Why.
+    pub message: String,
 }
 
 /// One node's copy of a group, in `status`.
@@ -652,6 +703,9 @@ pub enum Response {
         /// Why this node is degraded (a failed write to its disk), if it is.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         degraded: Option<String>,
+        /// A gated group's release state (SPEC F14); absent for an immediate group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<Box<ReleaseState>>,
     },
     /// A strong group's configuration changed.
     Reconfigured {
@@ -882,6 +936,7 @@ impl Request {
             Request::ReportApply { .. } => "report_apply",
             Request::GroupCreate { .. } => "group_create",
             Request::GroupJoin { .. } => "group_join",
+            Request::Release { .. } => "release",
             Request::GroupLeave { .. } => "group_leave",
             Request::GroupRemove { .. } => "group_remove",
             Request::GroupList => "group_list",
@@ -1003,6 +1058,7 @@ mod tests {
             key: None,
             evict_after_ms: None,
             fencing: None,
+            release: None,
         };
         expect![[r#"{"type":"group_create","name":"app","mode":"strong","key":null}"#]]
             .assert_eq(&serde_json::to_string(&without).unwrap());
@@ -1088,6 +1144,7 @@ mod tests {
                     key: Some(KEY.into()),
                     evict_after_ms: None,
                     fencing: None,
+                    release: None,
                 }
             ),
             format!("{:#?}", Response::GroupCreated { name: "app".into(), key: KEY.into() }),

@@ -98,6 +98,7 @@ fn is_write(request: &Request) -> bool {
         | Request::Delete { .. }
         | Request::Apply { .. }
         | Request::Rollback { .. }
+        | Request::Release { .. }
         | Request::SchemaSet { .. } => true,
     }
 }
@@ -343,12 +344,14 @@ pub(super) struct GroupCreateBody {
     evict_after_ms: Option<u64>,
     #[serde(default)]
     fencing: Option<String>,
+    #[serde(default)]
+    release: Option<String>,
 }
 
 pub(super) async fn group_create(State(ctx): State<Ctx>, JsonBody(body): JsonBody<GroupCreateBody>) -> Answer {
-    let GroupCreateBody { name, mode, key, evict_after_ms, fencing } = body;
+    let GroupCreateBody { name, mode, key, evict_after_ms, fencing, release } = body;
     let key = key.map(Secret::new);
-    command(&ctx, Request::GroupCreate { name, mode, key, evict_after_ms, fencing }).await
+    command(&ctx, Request::GroupCreate { name, mode, key, evict_after_ms, fencing, release }).await
 }
 
 #[derive(Deserialize)]
@@ -500,6 +503,29 @@ pub(super) struct RollbackBody {
     if_version: Option<String>,
     #[serde(default)]
     if_content: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReleaseBody {
+    version: String,
+    #[serde(default)]
+    strategy: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
+}
+
+pub(super) async fn release(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    JsonBody(ReleaseBody { version, strategy, message, if_version, if_content }): JsonBody<ReleaseBody>,
+) -> Answer {
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    Ok(ask(&ctx, Request::Release { group, version, strategy, meta }).await)
 }
 
 pub(super) async fn rollback(

@@ -1,0 +1,163 @@
+//! Releases, first step (issue 16, SPEC F14), on real konords: in a gated group a write is
+//! written and spreads as always but is served (`get`, snapshots, watches) only once `konorctl
+//! release` targets it, on every node; `status` says what is served and what waits; a release
+//! in a strong group commits through a round; an immediate group refuses releases; the HTTP
+//! door releases too.
+
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use konor_sdk::protocol::{Request, Response, WatchEvent};
+use serde_json::{Value, json};
+
+use crate::harness::{Cluster, DEADLINE, eventually, gated_group_on_all, group_on_all, start_mesh};
+
+fn konorctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_konorctl"))
+        .args(args)
+        .env_remove("KONOR_SOCKET")
+        .env_remove("KONOR_ENDPOINT")
+        .env_remove("KONOR_TLS_DIR")
+        .output()
+        .unwrap()
+}
+
+fn ok_json(output: &Output) -> Value {
+    assert!(output.status.success(), "konorctl failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+fn on(socket: &str, args: &[&str]) -> Output {
+    let mut all = vec!["--socket", socket, "--output", "json"];
+    all.extend_from_slice(args);
+    konorctl(&all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_group_serves_a_write_only_once_released_on_every_node() {
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 3).await;
+    gated_group_on_all(&clients, "rel", "eventual").await;
+    group_on_all(&clients, "plain", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let mut watch = clients[2].watch("rel", None).await.unwrap();
+
+    // Written on n2 and held by every node, but served by none.
+    let written = ok_json(&on(&sockets[1], &["set", "rel", "db.pool=10", "db.host=a"]));
+    assert_eq!(written["type"], "committed", "{written}");
+    let label = written["version"].as_str().unwrap().to_owned();
+    for socket in &sockets {
+        eventually("every node holds the write", || async {
+            let history = ok_json(&on(socket, &["history", "rel"]));
+            history["versions"].as_array().unwrap().iter().any(|v| v["label"] == label.as_str()).then_some(())
+        })
+        .await;
+        let served = ok_json(&on(socket, &["get", "rel"]));
+        assert_eq!(served["settings"], json!({}), "{socket}: written, not released: {served}");
+        let status = konorctl(&["--socket", socket, "status", "rel"]);
+        let text = String::from_utf8_lossy(&status.stdout);
+        assert!(
+            text.contains("release: none yet") && text.contains(&format!("{label} is written, not released")),
+            "{text}"
+        );
+    }
+
+    // Released from n1: every node serves it, and the watcher on n3 hears it once, as that
+    // version (nothing before: the write alone told it nothing).
+    let released = ok_json(&on(&sockets[0], &["release", "rel", "--to", &label]));
+    assert_eq!(released["type"], "committed", "{released}");
+    for socket in &sockets {
+        eventually("every node serves the release", || async {
+            (ok_json(&on(socket, &["get", "rel"]))["settings"] == json!({"db.pool": 10, "db.host": "a"})).then_some(())
+        })
+        .await;
+    }
+    let event = tokio::time::timeout(DEADLINE, watch.next()).await.unwrap().unwrap().unwrap();
+    let WatchEvent::Change { version, set, removed, .. } = &event else { panic!("{event:?}") };
+    assert_eq!(version, &label, "the event names the released version: {event:?}");
+    assert_eq!(serde_json::to_value(set).unwrap(), json!({"db.pool": 10, "db.host": "a"}));
+    assert!(removed.is_empty());
+
+    // A later write waits again; status names the release in force on every node.
+    ok_json(&on(&sockets[2], &["set", "rel", "db.pool=20"]));
+    let status = konorctl(&["--socket", &sockets[1], "status", "rel"]);
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(text.contains(&format!("to {label}")) && text.contains(&format!("served here: {label}")), "{text}");
+    let json_status = ok_json(&on(&sockets[1], &["status", "rel"]));
+    assert_eq!(json_status["release"]["current"]["to"], label.as_str(), "{json_status}");
+    assert_eq!(json_status["release"]["current"]["strategy"], "all");
+    assert_eq!(ok_json(&on(&sockets[0], &["get", "rel", "db.pool"]))["value"], 10);
+    let quiet = tokio::time::timeout(Duration::from_millis(300), watch.next()).await;
+    assert!(quiet.is_err(), "an unreleased write told the watcher something: {quiet:?}");
+
+    // Releasing an older version is how a release is rolled back; the same release twice is
+    // no change; an immediate group refuses releases.
+    let again = konorctl(&["--socket", &sockets[0], "release", "rel", "--to", &label]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("no change"), "{again:?}");
+    let plain = ok_json(&on(&sockets[0], &["set", "plain", "a=1"]));
+    let refused = konorctl(&["--socket", &sockets[0], "release", "plain", "--to", plain["version"].as_str().unwrap()]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("gated"), "{refused:?}");
+    let first = ok_json(&on(&sockets[0], &["history", "rel"]))["versions"][0]["label"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[2], &["release", "rel", "--to", &first, "-m", "back out"]));
+    let event = tokio::time::timeout(DEADLINE, watch.next()).await.unwrap().unwrap().unwrap();
+    let WatchEvent::Change { version, removed, .. } = &event else { panic!("{event:?}") };
+    assert_eq!((version.as_str(), removed.len()), (first.as_str(), 2), "{event:?}");
+    for client in &clients {
+        eventually("every node serves the first version again", || async {
+            match client.call(Request::Snapshot { group: "rel".into(), prefix: None }).await {
+                Ok(Response::Snapshot { settings, freshness, .. }) => {
+                    (settings.is_empty() && freshness.version == first).then_some(())
+                }
+                _ => None,
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strong_gated_group_releases_through_a_round_and_over_http() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.http = true;
+    n1.start();
+    let c1 = n1.client().await;
+    let mut n2 = cluster.node("n2", &[&n1]);
+    n2.start();
+    let c2 = n2.client().await;
+    let nodes = [n1, n2];
+    crate::harness::await_whole_mesh(&nodes, &[c1.clone(), c2.clone()]).await;
+    gated_group_on_all(&[c1.clone(), c2.clone()], "srel", "strong").await;
+    let s2 = nodes[1].socket.to_str().unwrap().to_owned();
+    let written = ok_json(&on(&s2, &["set", "srel", "limit=5"]));
+    let label = written["version"].as_str().unwrap().to_owned();
+    assert_eq!(ok_json(&on(&s2, &["get", "srel"]))["settings"], json!({}), "a strong write waits too");
+
+    let ops = cluster.dir.path().join("ops");
+    konor_node::pki::ca::issue_node_cert(&cluster.ca_dir, "ops-alice", &ops).unwrap();
+    let endpoint = nodes[0].http_endpoint();
+    let remote = |args: &[&str]| {
+        let mut all = vec!["--endpoint", endpoint.as_str(), "--tls-dir", ops.to_str().unwrap(), "--output", "json"];
+        all.extend_from_slice(args);
+        konorctl(&all)
+    };
+    let released = ok_json(&remote(&["release", "srel", "--to", &label]));
+    assert_eq!(released["type"], "committed", "{released}");
+    // A strong release is committed on every member before it is answered.
+    for client in [&c1, &c2] {
+        match client.call(Request::Snapshot { group: "srel".into(), prefix: None }).await.unwrap() {
+            Response::Snapshot { settings, freshness, .. } => {
+                assert_eq!(serde_json::to_value(&settings).unwrap(), json!({"limit": 5}));
+                assert_eq!(freshness.version, label);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let history = ok_json(&remote(&["history", "srel"]));
+    let last = history["versions"].as_array().unwrap().last().unwrap().clone();
+    assert_eq!(
+        (last["kind"].as_str(), last["message"].as_str()),
+        (Some("release"), Some(&*format!("release {label}")))
+    );
+}
