@@ -5,7 +5,7 @@
 //! is ordered with the writes: each configuration change is one strong change in the group's
 //! single committed sequence, and a node's configuration is a pure function of its heads.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::str::FromStr;
 
@@ -127,29 +127,103 @@ impl FromStr for ReleasePolicy {
 }
 
 /// Which nodes a release reaches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ReleaseStrategy {
     /// Every member serves the release's target.
     #[default]
     All,
+    /// A slice of the members, grown wave by wave (docs/releases.md).
+    Canary(Canary),
+}
+
+/// A canary release: the members that match `selector` (all of them when it is empty) and
+/// whose place in the release's deterministic order falls under the current wave's percentage
+/// serve the target; the others serve what they served before.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Canary {
+    /// Percentages of the matching members, strictly increasing, each 1 to 100: the release
+    /// starts at the first; each promotion moves to the next.
+    pub waves: Vec<u8>,
+    /// Labels a member must carry (`region=eu-west`), all of them; empty: every member.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    /// How long each wave should hold before it is promoted (shown; promotion is manual).
+    #[serde(default)]
+    pub bake_ms: u64,
+}
+
+impl Canary {
+    /// Checks the waves and the selector against their limits.
+    pub fn validate(&self) -> Result<(), String> {
+        use crate::limits::{RELEASE_BAKE_MS_MAX, RELEASE_SELECTOR_LABELS_MAX, RELEASE_WAVES_MAX};
+        if self.waves.is_empty() || self.waves.len() > RELEASE_WAVES_MAX {
+            return Err(format!("a canary needs 1 to {RELEASE_WAVES_MAX} waves, not {}", self.waves.len()));
+        }
+        if self.waves.iter().any(|w| !(1..=100).contains(w)) || self.waves.windows(2).any(|p| p[0] >= p[1]) {
+            return Err(format!(
+                "waves {:?} must be percentages from 1 to 100, strictly increasing (10,50,100)",
+                self.waves
+            ));
+        }
+        if self.selector.len() > RELEASE_SELECTOR_LABELS_MAX {
+            return Err(format!("a selector names at most {RELEASE_SELECTOR_LABELS_MAX} labels"));
+        }
+        for (key, value) in &self.selector {
+            validate_label(key).and_then(|()| validate_label(value))?;
+        }
+        if self.bake_ms > RELEASE_BAKE_MS_MAX {
+            return Err(format!("bake time {} ms is over the limit of {RELEASE_BAKE_MS_MAX} ms", self.bake_ms));
+        }
+        Ok(())
+    }
+}
+
+/// A label key or value in a selector: what `konord --label` accepts.
+fn validate_label(text: &str) -> Result<(), String> {
+    let ok = !text.is_empty()
+        && text.len() <= crate::limits::LABEL_BYTES_MAX
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "selector label {:?} must be 1 to {} bytes of letters, digits, '-', '_', '.', '/'",
+            text.chars().take(80).collect::<String>(),
+            crate::limits::LABEL_BYTES_MAX
+        ))
+    }
+}
+
+/// Parses a selector: `k=v[,k=v]`.
+pub fn parse_selector(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut selector = BTreeMap::new();
+    for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (key, value) =
+            pair.split_once('=').ok_or_else(|| format!("selector {pair:?} is not key=value (region=eu-west)"))?;
+        validate_label(key.trim())?;
+        validate_label(value.trim())?;
+        selector.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    Ok(selector)
 }
 
 impl fmt::Display for ReleaseStrategy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ReleaseStrategy::All => "all",
-        })
-    }
-}
-
-impl FromStr for ReleaseStrategy {
-    type Err = String;
-    fn from_str(text: &str) -> Result<ReleaseStrategy, String> {
-        match text {
-            "all" => Ok(ReleaseStrategy::All),
-            "canary" => Err("strategy canary is not built yet (docs/releases.md, build step 2): use all".to_owned()),
-            other => Err(format!("unknown release strategy {other:?}: use all")),
+        match self {
+            ReleaseStrategy::All => f.write_str("all"),
+            ReleaseStrategy::Canary(canary) => {
+                let waves: Vec<String> = canary.waves.iter().map(|w| format!("{w}%")).collect();
+                write!(f, "canary {}", waves.join(","))?;
+                if !canary.selector.is_empty() {
+                    let pairs: Vec<String> = canary.selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    write!(f, " of {}", pairs.join(","))?;
+                }
+                if canary.bake_ms > 0 {
+                    write!(f, ", bake {} s", canary.bake_ms / 1000)?;
+                }
+                Ok(())
+            }
         }
     }
 }

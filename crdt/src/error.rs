@@ -259,6 +259,12 @@ pub enum EditError {
         /// The group.
         group: String,
     },
+    /// A release, promotion or abort that cannot be made (bad waves, nothing to promote).
+    #[error("{detail}")]
+    BadRelease {
+        /// What is wrong.
+        detail: String,
+    },
     /// A condition that cannot be checked (not a content hash, for example).
     #[error("bad condition: {detail}")]
     BadCondition {

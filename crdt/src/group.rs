@@ -165,6 +165,16 @@ pub enum Edit {
         /// Which nodes it reaches.
         strategy: ReleaseStrategy,
     },
+    /// Move the current canary release to a later wave (`None`: the next one).
+    Promote {
+        /// The wave (0 is the first).
+        wave: Option<u32>,
+    },
+    /// Abort the current release: every member goes back to what it served before it.
+    Abort {
+        /// Why.
+        reason: String,
+    },
     /// Set the group's schema (a JSON Schema), or remove it (`None`). Settings unchanged.
     Schema(Option<Value>),
 }
@@ -248,8 +258,10 @@ pub struct GroupDoc {
     pub(crate) by_change: BTreeMap<ChangeHash, VersionId>,
     /// The newest changes added here, for cheap ancestry questions.
     pub(crate) recent: crate::recent::RecentChanges,
-    /// The ids of the versions of kind `release`.
+    /// The ids of the versions of kinds `release`, `promote` and `abort`.
     pub(crate) releases: BTreeSet<VersionId>,
+    /// The node this document serves (its id and labels pick its canary slices).
+    viewer: crate::release::Viewer,
     /// What a gated group serves (`None` in an immediate group, which serves `view`).
     served: Option<Served>,
 }
@@ -429,6 +441,7 @@ impl GroupDoc {
             by_change: BTreeMap::new(),
             recent: crate::recent::RecentChanges::default(),
             releases: BTreeSet::new(),
+            viewer: crate::release::Viewer::default(),
             served: None,
         };
         group.rebuild_derived_state();
@@ -481,7 +494,7 @@ impl GroupDoc {
         let parsed = serde_json::from_str::<VersionInfo>(text).ok();
         match (parsed, change) {
             (Some(info), Some(change)) if info.id.storage_key() == key => {
-                if matches!(info.kind, VersionKind::Release { .. }) {
+                if is_release_record(&info.kind) {
                     self.releases.insert(info.id.clone());
                 }
                 self.by_change.insert(change, info.id.clone());
@@ -581,6 +594,11 @@ impl GroupDoc {
     /// Every version, oldest first in the global `(counter, actor)` order.
     pub fn history(&self) -> impl DoubleEndedIterator<Item = &VersionInfo> {
         self.versions.values().map(|entry| &entry.info)
+    }
+
+    /// One version's record.
+    pub fn version_info(&self, id: &VersionId) -> Option<&VersionInfo> {
+        self.versions.get(id).map(|entry| &entry.info)
     }
 
     /// True when every head in `heads` is known here and `change` is among their ancestors (or
@@ -786,7 +804,7 @@ impl GroupDoc {
         // The staged hash is the hash of the applied edit (checked in debug builds).
         self.view.set_known_hash(hash_after);
         self.by_change.insert(change_hash, info.id.clone());
-        if matches!(info.kind, VersionKind::Release { .. }) {
+        if is_release_record(&info.kind) {
             self.releases.insert(info.id.clone());
         }
         self.versions.insert(info.id.clone(), VersionEntry { info: info.clone(), change: change_hash });
@@ -829,8 +847,11 @@ impl GroupDoc {
 
     /// Everything an edit would write, checked (limits, condition, schema), without writing.
     fn plan_edit(&self, edit: Edit, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
-        if let Edit::Release { to, strategy } = edit {
-            return self.plan_release(&to, strategy, meta);
+        match edit {
+            Edit::Release { to, strategy } => return self.plan_release(&to, strategy, meta),
+            Edit::Promote { wave } => return self.plan_promote(wave, meta),
+            Edit::Abort { reason } => return self.plan_abort(reason, meta),
+            _ => {}
         }
         let Edit::Schema(value) = edit else {
             let (ops, kind) = self.ops_for(edit)?;
@@ -865,16 +886,97 @@ impl GroupDoc {
         if self.policy.release != ReleasePolicy::Gated {
             return Err(EditError::NotGated { group: self.name.clone() });
         }
-        let target = self.resolve(to)?.id.clone();
-        let current = self.current_release().map(|(_, info)| info.kind.clone());
-        if let Some(VersionKind::Release { to: released, strategy: in_force, .. }) = &current
+        if let ReleaseStrategy::Canary(canary) = &strategy {
+            canary.validate().map_err(|detail| EditError::BadRelease { detail })?;
+        }
+        let target_info = self.resolve(to)?;
+        if is_release_record(&target_info.kind) {
+            // Its settings are its writer's whole view when it was made, unreleased writes
+            // included: release the version it targets instead.
+            return Err(EditError::BadRelease {
+                detail: format!(
+                    "{} is a {} version, not settings to release: release a version that wrote settings",
+                    self.label(&target_info.id),
+                    target_info.kind.name()
+                ),
+            });
+        }
+        let target = target_info.id.clone();
+        if let Some((id, info)) = self.current_release()
+            && let VersionKind::Release { to: released, strategy: in_force, .. } = &info.kind
             && *released == target
             && *in_force == strategy
+            && crate::release::progress(id, &self.releases, &self.versions).aborted.is_none()
         {
             return Err(EditError::Unchanged);
         }
         let from = self.served.as_ref().map(|served| served.version.clone());
         self.plan_unchecked(Vec::new(), VersionKind::Release { to: target, from, strategy }, meta)
+    }
+
+    /// The current release and its progress, for a promotion or an abort; refused when there is
+    /// none or it was aborted.
+    fn release_to_act_on(&self) -> Result<(VersionId, ReleaseStrategy, crate::release::ReleaseProgress), EditError> {
+        if self.policy.release != ReleasePolicy::Gated {
+            return Err(EditError::NotGated { group: self.name.clone() });
+        }
+        let bad = |detail: String| EditError::BadRelease { detail };
+        let Some((id, info)) = self.current_release() else {
+            return Err(bad(format!("group {:?} has no release yet", self.name)));
+        };
+        let VersionKind::Release { strategy, .. } = &info.kind else {
+            return Err(bad("the current release is not a release version".into()));
+        };
+        let progress = crate::release::progress(id, &self.releases, &self.versions);
+        if let Some(reason) = &progress.aborted {
+            return Err(bad(format!("release {} was aborted ({reason}); make a new release", self.label(id))));
+        }
+        Ok((id.clone(), strategy.clone(), progress))
+    }
+
+    /// A promotion of the current canary release to `wave` (the next one when `None`).
+    fn plan_promote(&self, wave: Option<u32>, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        let (release, strategy, progress) = self.release_to_act_on()?;
+        let bad = |detail: String| EditError::BadRelease { detail };
+        let ReleaseStrategy::Canary(canary) = strategy else {
+            return Err(bad(format!(
+                "release {} reaches every member: there is nothing to promote",
+                self.label(&release)
+            )));
+        };
+        let last = canary.waves.len().saturating_sub(1) as u32;
+        let wave = wave.unwrap_or(progress.wave.saturating_add(1));
+        if progress.wave >= last {
+            return Err(bad(format!(
+                "release {} is at its last wave ({}%); release the version with --strategy all to reach every member",
+                self.label(&release),
+                canary.waves.last().copied().unwrap_or(100)
+            )));
+        }
+        if wave <= progress.wave || wave > last {
+            return Err(bad(format!(
+                "release {} is at wave {} of {}: promote to a wave from {} to {}",
+                self.label(&release),
+                progress.wave + 1,
+                last + 1,
+                progress.wave + 2,
+                last + 1
+            )));
+        }
+        self.plan_unchecked(Vec::new(), VersionKind::Promote { release, wave }, meta)
+    }
+
+    /// An abort of the current release.
+    fn plan_abort(&self, reason: String, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+        let (release, _, _) = self.release_to_act_on()?;
+        if reason.len() > crate::limits::MESSAGE_BYTES_MAX {
+            return Err(EditError::MetaTooLong {
+                what: "reason",
+                bytes: reason.len(),
+                max: crate::limits::MESSAGE_BYTES_MAX,
+            });
+        }
+        self.plan_unchecked(Vec::new(), VersionKind::Abort { release, reason }, meta)
     }
 
     /// Refuses settings operations that would add a violation of the group's schema.
@@ -951,7 +1053,7 @@ impl GroupDoc {
     fn ops_for(&self, edit: Edit) -> Result<(Vec<Op>, VersionKind), EditError> {
         match edit {
             // Planned by `plan_edit`, which never passes it here.
-            Edit::Schema(_) | Edit::Release { .. } => {
+            Edit::Schema(_) | Edit::Release { .. } | Edit::Promote { .. } | Edit::Abort { .. } => {
                 Err(EditError::Document { detail: "a schema or release edit has no settings operations".into() })
             }
             Edit::Set(entries) => {
@@ -1103,15 +1205,42 @@ impl GroupDoc {
         self.served.as_ref().map(|served| &served.version)
     }
 
-    /// The release in force: its id and its version record (`None` before any release).
+    /// The newest release: its id and its version record (`None` before any release).
     pub fn current_release(&self) -> Option<(&VersionId, &VersionInfo)> {
-        let (id, _) = crate::release::current_release(self.releases.iter(), &self.versions)?;
+        let id = crate::release::current_release(&self.releases, &self.versions)?;
         Some((id, &self.versions.get(id)?.info))
+    }
+
+    /// A release's progress (its wave, whether it was aborted), folded from its events.
+    pub fn release_progress(&self, release: &VersionId) -> crate::release::ReleaseProgress {
+        crate::release::progress(release, &self.releases, &self.versions)
+    }
+
+    /// True when this node is in the slice of `release` at its current wave.
+    pub fn in_release_slice(&self, release: &VersionId) -> bool {
+        match self.versions.get(release).map(|entry| &entry.info.kind) {
+            Some(VersionKind::Release { strategy, .. }) => {
+                let wave = self.release_progress(release).wave;
+                crate::release::in_slice(&self.name, release, strategy, wave, &self.viewer)
+            }
+            _ => false,
+        }
+    }
+
+    /// Sets the node this document serves (its id and labels pick its canary slices) and
+    /// recomputes what it serves, telling nobody: called before anyone watches.
+    pub fn set_viewer(&mut self, viewer: crate::release::Viewer) {
+        if self.viewer != viewer {
+            self.viewer = viewer;
+            if self.served.is_some() {
+                self.served = Some(self.compute_served());
+            }
+        }
     }
 
     /// The served version and settings as the document says now.
     fn compute_served(&self) -> Served {
-        let version = crate::release::served_target(self.releases.iter(), &self.versions)
+        let version = crate::release::served_target(&self.name, &self.releases, &self.versions, &self.viewer)
             .unwrap_or_else(|| VersionId { counter: 0, actor: String::new() });
         // A target this node indexed is readable; a document without versions serves nothing.
         let settings = self.settings_at(&version).unwrap_or_default();
@@ -1123,7 +1252,7 @@ impl GroupDoc {
     /// or `None` when the served version did not move (always `None` in an immediate group).
     pub fn refresh_served(&mut self) -> Option<ServedChange> {
         let old = self.served.as_ref()?;
-        let target = crate::release::served_target(self.releases.iter(), &self.versions)?;
+        let target = crate::release::served_target(&self.name, &self.releases, &self.versions, &self.viewer)?;
         if target == old.version {
             return None;
         }
@@ -1140,7 +1269,8 @@ impl GroupDoc {
     /// [`GroupDoc::refresh_served`]; tests and debug builds).
     pub fn served_matches_document(&self) -> bool {
         self.served.as_ref().is_none_or(|served| {
-            crate::release::served_target(self.releases.iter(), &self.versions).as_ref() == Some(&served.version)
+            crate::release::served_target(&self.name, &self.releases, &self.versions, &self.viewer).as_ref()
+                == Some(&served.version)
                 && self.settings_at(&served.version).is_ok_and(|settings| settings == served.settings)
         })
     }
@@ -1244,6 +1374,11 @@ pub(crate) fn read_format(doc: &Automerge) -> u64 {
         },
         _ => 0,
     }
+}
+
+/// Versions that decide what a gated group serves.
+fn is_release_record(kind: &VersionKind) -> bool {
+    matches!(kind, VersionKind::Release { .. } | VersionKind::Promote { .. } | VersionKind::Abort { .. })
 }
 
 /// The policy map's settings; defaults for anything missing (format 1 documents).

@@ -26,7 +26,7 @@ pub mod peer_message;
 mod recent;
 pub mod record;
 mod register;
-mod release;
+pub mod release;
 pub mod replica;
 pub mod schema;
 pub mod settings;
@@ -36,7 +36,7 @@ pub mod value;
 pub mod version;
 
 pub use automerge::{ActorId, ChangeHash};
-pub use configuration::{ReleasePolicy, ReleaseStrategy};
+pub use configuration::{Canary, ReleasePolicy, ReleaseStrategy};
 pub use diff::SettingsDiff;
 pub use error::{
     EditError, FileError, KeyError, LoadError, RemoteError, SchemaError, ValueError, VersionError, Violation,

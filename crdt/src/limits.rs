@@ -35,6 +35,20 @@ pub const SETTINGS_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// formatting overhead of TOML or YAML.
 pub const CONFIG_FILE_BYTES_MAX: usize = 2 * SETTINGS_BYTES_MAX;
 
+/// Most waves of a canary release: each is a promotion an operator (or a guard) makes; ten
+/// steps cover any rollout an operator can follow.
+pub const RELEASE_WAVES_MAX: usize = 10;
+
+/// Most labels a release's selector names: a selector is stored in its release version forever
+/// and matched on every node at every change.
+pub const RELEASE_SELECTOR_LABELS_MAX: usize = 8;
+
+/// Longest label key or value in a selector, in bytes: as long as a node's own labels may be.
+pub const LABEL_BYTES_MAX: usize = 64;
+
+/// Longest bake time of a canary wave: a week; a rollout that needs longer is a new release.
+pub const RELEASE_BAKE_MS_MAX: u64 = 7 * 24 * 3_600_000;
+
 /// Longest commit message in bytes: it is stored in every version forever.
 pub const MESSAGE_BYTES_MAX: usize = 1024;
 

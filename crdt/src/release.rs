@@ -1,46 +1,141 @@
-//! Releases (SPEC F14), first step: a group's policy says whether each new version is served at
-//! once (`immediate`, the default) or only once a release targets it (`gated`). A release is a
-//! version of kind `release` in the group's document, so any node can make one, a strong group
-//! commits it through a round like any write, and every node converges on the same answer.
+//! Releases (SPEC F14): a group's policy says whether each new version is served at once
+//! (`immediate`, the default) or only once a release targets it (`gated`). A release is a
+//! version of kind `release`; promotions and aborts of a canary are versions of kinds `promote`
+//! and `abort`. So any node can act, a strong group commits each through a round like any
+//! write, and every node converges on the same answer (docs/releases.md).
 //!
-//! Which version a gated group serves is a pure function of its versions: the `to` of the
-//! release with the largest id (ids order by Lamport counter, then actor, the same on every
-//! node, so a release made after seeing another supersedes it and two made at once resolve
-//! the same way everywhere), or the group's first version (empty settings) before any release.
-//! Only strategy `all` exists for now: every member serves the target (docs/releases.md).
+//! What a node serves is a pure function of the group's versions and of the node (its id and
+//! labels): walking the releases from the newest (largest id: Lamport counter, then actor), the
+//! node serves the target of the first one that is not aborted and whose slice holds it; before
+//! any, the group's first version (empty settings). A release of strategy `all` holds every
+//! node, so it ends the walk everywhere. A canary holds the nodes that match its selector and
+//! whose place in the release's order falls under the current wave's percentage; the others
+//! keep serving what the older releases give them, so a canary moves no other node, and an
+//! abort moves every node back.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use sha2::{Digest, Sha256};
+
+use crate::configuration::ReleaseStrategy;
 use crate::version::{VersionEntry, VersionId, VersionKind};
+
+/// The node whose served version is computed: its id and its labels.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Viewer {
+    /// The node id.
+    pub node: String,
+    /// Its labels (`region=eu-west`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The state of one release, folded from its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseProgress {
+    /// The wave in force (0: the first). Promotions set it to the largest wave any node promoted
+    /// to, so two nodes promoting at once converge.
+    pub wave: u32,
+    /// Why it was aborted (the abort with the largest id, when several nodes aborted at once).
+    /// An abort wins over every promotion, whatever their order.
+    pub aborted: Option<String>,
+    /// The version of the last event applied (the promotion or abort with the largest id).
+    pub last_event: Option<VersionId>,
+}
+
+/// The progress of `release` from the event versions in `records`.
+pub(crate) fn progress(
+    release: &VersionId,
+    records: &BTreeSet<VersionId>,
+    versions: &BTreeMap<VersionId, VersionEntry>,
+) -> ReleaseProgress {
+    let mut folded = ReleaseProgress { wave: 0, aborted: None, last_event: None };
+    // Events come after their release (they depend on it), so only larger ids can be its events.
+    for id in records.range(release..) {
+        let Some(entry) = versions.get(id) else { continue };
+        match &entry.info.kind {
+            VersionKind::Promote { release: of, wave } if of == release => {
+                folded.wave = folded.wave.max(*wave);
+                folded.last_event = Some(id.clone());
+            }
+            VersionKind::Abort { release: of, reason } if of == release => {
+                folded.aborted = Some(reason.clone());
+                folded.last_event = Some(id.clone());
+            }
+            _ => {}
+        }
+    }
+    folded
+}
+
+/// True when `viewer` is in the slice of `release` (of `group`) at wave `wave`. The place of a
+/// node is `sha256("konor-canary-v1" | group | release | node)`'s first 8 bytes read as a
+/// fraction of 2^64, so each node decides alone, the same way everywhere, and a node in one
+/// wave stays in every later one.
+pub fn in_slice(group: &str, release: &VersionId, strategy: &ReleaseStrategy, wave: u32, viewer: &Viewer) -> bool {
+    let canary = match strategy {
+        ReleaseStrategy::All => return true,
+        ReleaseStrategy::Canary(canary) => canary,
+    };
+    if !canary.selector.iter().all(|(key, value)| viewer.labels.get(key) == Some(value)) {
+        return false;
+    }
+    let Some(&percent) = canary.waves.get(wave as usize).or(canary.waves.last()) else { return false };
+    slice_place(group, release, &viewer.node) * 100 < u128::from(percent) << 64
+}
+
+/// A node's place in a release's order, in `0..2^64`.
+pub fn slice_place(group: &str, release: &VersionId, node: &str) -> u128 {
+    let mut hasher = Sha256::new();
+    for part in ["konor-canary-v1", group, &release.storage_key(), node] {
+        hasher.update((part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u128::from(u64::from_be_bytes(first))
+}
 
 /// The release in force: the release version with the largest id whose target this node can
 /// read (a target it cannot read, which only a faulty peer can write, is skipped).
 pub(crate) fn current_release<'a>(
-    releases: impl DoubleEndedIterator<Item = &'a VersionId>,
+    records: &'a BTreeSet<VersionId>,
     versions: &'a BTreeMap<VersionId, VersionEntry>,
-) -> Option<(&'a VersionId, &'a VersionId)> {
-    releases.rev().find_map(|id| match &versions.get(id)?.info.kind {
-        VersionKind::Release { to, .. } if versions.contains_key(to) => Some((id, to)),
-        _ => None,
+) -> Option<&'a VersionId> {
+    records.iter().rev().find(|id| match versions.get(*id).map(|entry| &entry.info.kind) {
+        Some(VersionKind::Release { to, .. }) => versions.contains_key(to),
+        _ => false,
     })
 }
 
-/// The version a gated group serves: the current release's target, or the group's first
-/// version (the smallest id: every other version depends on it) before any release.
-pub(crate) fn served_target<'a>(
-    releases: impl DoubleEndedIterator<Item = &'a VersionId>,
-    versions: &'a BTreeMap<VersionId, VersionEntry>,
+/// The version a gated group serves to `viewer`: the target of the newest release that is not
+/// aborted and holds the viewer, else the group's first version (the smallest id: every other
+/// version depends on it).
+pub(crate) fn served_target(
+    group: &str,
+    records: &BTreeSet<VersionId>,
+    versions: &BTreeMap<VersionId, VersionEntry>,
+    viewer: &Viewer,
 ) -> Option<VersionId> {
-    match current_release(releases, versions) {
-        Some((_, to)) => Some(to.clone()),
-        None => versions.keys().next().cloned(),
+    for id in records.iter().rev() {
+        let Some(VersionKind::Release { to, strategy, .. }) = versions.get(id).map(|entry| &entry.info.kind) else {
+            continue;
+        };
+        if !versions.contains_key(to) {
+            continue;
+        }
+        let progress = progress(id, records, versions);
+        if progress.aborted.is_none() && in_slice(group, id, strategy, progress.wave, viewer) {
+            return Some(to.clone());
+        }
     }
+    versions.keys().next().cloned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::configuration::{ReleasePolicy, ReleaseStrategy};
+    use crate::configuration::{Canary, ReleasePolicy};
     use crate::time::Millis;
     use crate::version::VersionInfo;
 
@@ -59,8 +154,12 @@ mod tests {
         (id, VersionEntry { info, change: automerge::ChangeHash([counter as u8; 32]) })
     }
 
-    fn release(to: &VersionId) -> VersionKind {
-        VersionKind::Release { to: to.clone(), from: None, strategy: ReleaseStrategy::All }
+    fn release(to: &VersionId, strategy: ReleaseStrategy) -> VersionKind {
+        VersionKind::Release { to: to.clone(), from: None, strategy }
+    }
+
+    fn viewer(node: &str) -> Viewer {
+        Viewer { node: node.to_owned(), labels: BTreeMap::new() }
     }
 
     #[test]
@@ -69,30 +168,97 @@ mod tests {
         let (v2, e2) = entry(2, "aa", VersionKind::Set { keys: vec!["a".into()] });
         let (v3, e3) = entry(3, "bb", VersionKind::Set { keys: vec!["b".into()] });
         let mut versions = BTreeMap::from([(v1.clone(), e1), (v2.clone(), e2), (v3.clone(), e3)]);
-        let mut releases = Vec::new();
-        assert_eq!(served_target(releases.iter(), &versions), Some(v1.clone()));
+        let mut records = BTreeSet::new();
+        assert_eq!(served_target("g", &records, &versions, &viewer("n1")), Some(v1.clone()));
         // Two releases made at once (same counter): the larger actor wins, on every node.
-        let (r_a, e_a) = entry(4, "aa", release(&v3));
-        let (r_b, e_b) = entry(4, "bb", release(&v2));
+        let (r_a, e_a) = entry(4, "aa", release(&v3, ReleaseStrategy::All));
+        let (r_b, e_b) = entry(4, "bb", release(&v2, ReleaseStrategy::All));
         versions.extend([(r_a.clone(), e_a), (r_b.clone(), e_b)]);
-        releases.extend([r_a, r_b]);
-        releases.sort();
-        assert_eq!(served_target(releases.iter(), &versions), Some(v2.clone()));
+        records.extend([r_a, r_b.clone()]);
+        assert_eq!(served_target("g", &records, &versions, &viewer("n1")), Some(v2.clone()));
+        assert_eq!(current_release(&records, &versions), Some(&r_b));
         // A release whose target this node cannot read is skipped.
         let unknown = VersionId { counter: 99, actor: "cc".into() };
-        let (r_bad, e_bad) = entry(5, "aa", release(&unknown));
+        let (r_bad, e_bad) = entry(5, "aa", release(&unknown, ReleaseStrategy::All));
         versions.insert(r_bad.clone(), e_bad);
-        releases.push(r_bad);
-        assert_eq!(served_target(releases.iter(), &versions), Some(v2));
+        records.insert(r_bad);
+        assert_eq!(served_target("g", &records, &versions, &viewer("n1")), Some(v2));
+        assert_eq!(current_release(&records, &versions), Some(&r_b));
     }
 
     #[test]
-    fn policies_and_strategies_parse_and_print() {
+    fn a_canary_slice_is_deterministic_grows_with_its_waves_and_respects_its_selector() {
+        let release_id = VersionId { counter: 7, actor: "ab".into() };
+        let canary = |waves: Vec<u8>, selector: &[(&str, &str)]| {
+            ReleaseStrategy::Canary(Canary {
+                waves,
+                selector: selector.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+                bake_ms: 0,
+            })
+        };
+        let strategy = canary(vec![10, 50, 100], &[]);
+        let nodes: Vec<String> = (0..1000).map(|n| format!("node-{n}")).collect();
+        let slice = |wave: u32| -> BTreeSet<&String> {
+            nodes.iter().filter(|n| in_slice("g", &release_id, &strategy, wave, &viewer(n))).collect()
+        };
+        let (first, second, last) = (slice(0), slice(1), slice(2));
+        // Close to the percentage (binomial, 1,000 nodes: within 4 standard deviations).
+        assert!((60..=140).contains(&first.len()), "{}", first.len());
+        assert!((430..=570).contains(&second.len()), "{}", second.len());
+        assert_eq!(last.len(), 1000);
+        assert!(first.is_subset(&second) && second.is_subset(&last), "a node in a wave stays in every later one");
+        // Another release orders the nodes differently.
+        let other = VersionId { counter: 8, actor: "ab".into() };
+        let other_first: BTreeSet<&String> =
+            nodes.iter().filter(|n| in_slice("g", &other, &strategy, 0, &viewer(n))).collect();
+        assert_ne!(first, other_first);
+        // A selector: only matching nodes, and all of them at 100%.
+        let eu = canary(vec![100], &[("region", "eu")]);
+        let mut labelled = viewer("n1");
+        assert!(!in_slice("g", &release_id, &eu, 0, &labelled));
+        labelled.labels.insert("region".into(), "eu".into());
+        assert!(in_slice("g", &release_id, &eu, 0, &labelled));
+    }
+
+    #[test]
+    fn abort_wins_over_promotions_in_any_order_and_promotions_take_the_largest_wave() {
+        let (v1, e1) = entry(1, "aa", VersionKind::Create);
+        let (v2, e2) = entry(2, "aa", VersionKind::Set { keys: vec!["a".into()] });
+        let strategy = ReleaseStrategy::Canary(Canary { waves: vec![1, 2, 100], ..Canary::default() });
+        let (r, er) = entry(3, "aa", release(&v2, strategy));
+        let (p1, ep1) = entry(4, "bb", VersionKind::Promote { release: r.clone(), wave: 2 });
+        let (p2, ep2) = entry(4, "cc", VersionKind::Promote { release: r.clone(), wave: 1 });
+        let mut versions = BTreeMap::from([(v1.clone(), e1), (v2.clone(), e2), (r.clone(), er), (p1.clone(), ep1)]);
+        versions.insert(p2.clone(), ep2);
+        let mut records = BTreeSet::from([r.clone(), p1, p2]);
+        let folded = progress(&r, &records, &versions);
+        assert_eq!((folded.wave, folded.aborted.clone()), (2, None));
+        // Wave 2 is 100%: every node serves v2.
+        assert_eq!(served_target("g", &records, &versions, &viewer("zz")), Some(v2.clone()));
+        let (a, ea) = entry(4, "dd", VersionKind::Abort { release: r.clone(), reason: "errors".into() });
+        versions.insert(a.clone(), ea);
+        records.insert(a);
+        assert_eq!(progress(&r, &records, &versions).aborted.as_deref(), Some("errors"));
+        assert_eq!(served_target("g", &records, &versions, &viewer("zz")), Some(v1), "aborted: back to before");
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
         for policy in [ReleasePolicy::Immediate, ReleasePolicy::Gated] {
             assert_eq!(policy.to_string().parse::<ReleasePolicy>(), Ok(policy));
         }
-        assert_eq!("all".parse::<ReleaseStrategy>(), Ok(ReleaseStrategy::All));
-        assert!("canary".parse::<ReleaseStrategy>().unwrap_err().contains("not built"));
         assert!("later".parse::<ReleasePolicy>().is_err());
+        let canary = Canary { waves: vec![10, 50, 100], ..Canary::default() };
+        assert!(canary.validate().is_ok());
+        for bad in [vec![], vec![50, 10], vec![0, 10], vec![10, 10], vec![101]] {
+            assert!(Canary { waves: bad.clone(), ..Canary::default() }.validate().is_err(), "{bad:?}");
+        }
+        assert_eq!(
+            crate::configuration::parse_selector("region=eu, tier=web").unwrap().len(),
+            2,
+            "pairs separated by commas"
+        );
+        assert!(crate::configuration::parse_selector("region").is_err());
+        assert!(crate::configuration::parse_selector("re gion=eu").is_err());
     }
 }

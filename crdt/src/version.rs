@@ -169,6 +169,20 @@ pub enum VersionKind {
         /// Which nodes it reaches.
         strategy: ReleaseStrategy,
     },
+    /// A canary release moved to a later wave (settings unchanged).
+    Promote {
+        /// The release.
+        release: VersionId,
+        /// The wave now in force (0 is the first).
+        wave: u32,
+    },
+    /// A release was aborted: every member serves what it served before it (settings unchanged).
+    Abort {
+        /// The release.
+        release: VersionId,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl VersionKind {
@@ -183,6 +197,8 @@ impl VersionKind {
             VersionKind::Membership { .. } => "membership",
             VersionKind::Schema { .. } => "schema",
             VersionKind::Release { .. } => "release",
+            VersionKind::Promote { .. } => "promote",
+            VersionKind::Abort { .. } => "abort",
         }
     }
 }

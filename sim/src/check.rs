@@ -55,6 +55,13 @@ pub async fn await_convergence(sim: &Sim, bound: std::time::Duration) -> Option<
     loop {
         let mut diverged = Vec::new();
         for group in GroupKind::ALL {
+            if group == GroupKind::Gated {
+                // Members of a canary's slice serve other settings than the rest, on purpose.
+                if let Some(differ) = gated_divergence(sim).await {
+                    diverged.push(differ);
+                }
+                continue;
+            }
             let states = served(sim, group).await;
             let position = |served: &Served| if group == GroupKind::Strong { served.revision } else { 0 };
             let distinct: BTreeSet<(u64, &str)> =
@@ -94,6 +101,43 @@ pub async fn await_convergence(sim: &Sim, bound: std::time::Duration) -> Option<
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
+}
+
+/// How the running members of the gated group disagree, if they do: every member must name the
+/// same current release, and those in its slice (all of them for strategy `all`) must serve the
+/// same settings (SPEC 1 for what is served, F14). Those outside a canary's slice may serve
+/// different older versions.
+async fn gated_divergence(sim: &Sim) -> Option<String> {
+    let group = GroupKind::Gated.name().to_owned();
+    let members: Vec<usize> =
+        sim.records.borrow().members.get(&GroupKind::Gated).map(|m| m.iter().copied().collect()).unwrap_or_default();
+    let mut releases: BTreeMap<Option<(String, bool)>, Vec<usize>> = BTreeMap::new();
+    let mut in_slice: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for node in members {
+        if sim.cluster.borrow().nodes[node].life != Life::Up {
+            continue;
+        }
+        let Some(Response::Status { release: Some(release), .. }) =
+            call(&sim.cluster, node, Request::Status { group: group.clone() }).await
+        else {
+            continue;
+        };
+        let current = release.current.as_ref().map(|c| (c.label.clone(), c.aborted.is_some()));
+        let here = release.current.as_ref().is_some_and(|c| c.here);
+        releases.entry(current).or_default().push(node);
+        if here
+            && let Some(Response::Snapshot { content_hash, .. }) =
+                call(&sim.cluster, node, Request::Snapshot { group: group.clone(), prefix: None }).await
+        {
+            in_slice.entry(content_hash).or_default().push(node);
+        }
+    }
+    (releases.len() > 1 || in_slice.len() > 1).then(|| {
+        let named: Vec<String> = releases.iter().map(|(release, nodes)| format!("{release:?} on {nodes:?}")).collect();
+        let served: Vec<String> =
+            in_slice.iter().map(|(hash, nodes)| format!("{} on {nodes:?}", hash.get(..8).unwrap_or(""))).collect();
+        format!("gt: current releases [{}]; served in the slice [{}]", named.join("; "), served.join("; "))
+    })
 }
 
 /// After convergence: identical heads digests on every running member (SPEC 1, same heads),
@@ -223,12 +267,23 @@ pub async fn check_gated_served(sim: &Sim) {
         if sim.cluster.borrow().nodes[node].life != Life::Up {
             continue;
         }
-        let Some(Response::Snapshot { settings, freshness, .. }) =
+        let Some(Response::Snapshot { settings, freshness, content_hash, .. }) =
             call(&sim.cluster, node, Request::Snapshot { group: group.clone(), prefix: None }).await
         else {
             continue;
         };
         let version = freshness.version;
+        // Independent of the node's own reading of versions: the content served is that of a
+        // version some release targeted (or the empty settings before any).
+        let short = content_hash.get(..12).unwrap_or_default().to_owned();
+        let empty = konor_sdk::protocol::content_hash(&BTreeMap::new());
+        if content_hash != empty && !sim.records.borrow().released_hashes.contains(&short) {
+            sim.violation(
+                invariant::RELEASE,
+                format!("n{node} serves gt as {version} with content {short}, which no release targeted"),
+            );
+            return;
+        }
         let released = crate::workload::version_counter(&version)
             .is_some_and(|counter| counter == 1 || sim.records.borrow().released.contains(&counter));
         if !released {
@@ -305,7 +360,10 @@ pub fn check_watchers(sim: &Sim, finals: &BTreeMap<GroupKind, BTreeMap<usize, Se
             if !watcher.active {
                 continue;
             }
-            if watcher.revision != state.revision {
+            // A gated group's writes that are not released advance the node's revision and tell
+            // its watchers nothing (SPEC F14): only the settings must agree.
+            let gated_quiet = *group == GroupKind::Gated && watcher.revision <= state.revision;
+            if watcher.revision != state.revision && !gated_quiet {
                 found.push(format!(
                     "watcher of {} on n{node} stopped at revision {} but the node is at {}",
                     group.name(),

@@ -26,6 +26,7 @@ pub mod network;
 pub mod node;
 pub mod observe;
 pub mod plot;
+pub mod releases;
 pub mod report;
 pub mod rng;
 pub mod run;

@@ -33,6 +33,22 @@ enum Command {
     /// One scripted fault (or none) on a labelled mesh; prints the anomaly alerts every node
     /// raised (`konor_node::health::alerts`).
     Alerts(AlertArgs),
+    /// A scripted canary release on a labelled mesh (issue 16, SPEC F14): the slice, a
+    /// promotion and an abort at once across a partition, a promotion to every node.
+    Releases(ReleaseArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReleaseArgs {
+    /// Number of nodes, spread over regions r0, r1, r2.
+    #[arg(long, default_value_t = 50)]
+    nodes: usize,
+    /// The seed.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Probability that a frame is lost.
+    #[arg(long, default_value_t = 0.01)]
+    loss: f64,
 }
 
 #[derive(Args, Debug)]
@@ -184,6 +200,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Sweep(args) => sweep(args),
         Command::Alerts(args) => alerts(args),
+        Command::Releases(args) => releases(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -209,6 +226,12 @@ fn alerts(args: AlertArgs) -> anyhow::Result<bool> {
         anyhow::bail!("the scenario could not run as scripted: {why}");
     }
     Ok(true)
+}
+
+fn releases(args: ReleaseArgs) -> anyhow::Result<bool> {
+    let report = konor_sim::releases::run_releases(args.nodes, args.seed, args.loss)?;
+    print!("{}", report.text());
+    Ok(report.passed())
 }
 
 fn run(args: RunArgs) -> anyhow::Result<bool> {

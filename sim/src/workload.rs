@@ -76,7 +76,8 @@ pub enum WriteKind {
     Apply,
     /// Roll back to the version before the latest.
     Rollback,
-    /// Release the node's latest version (the gated group only).
+    /// Release the node's latest version to all or as a canary, or promote or abort the
+    /// current release (the gated group only).
     Release,
 }
 
@@ -213,6 +214,9 @@ pub struct Records {
     pub released: BTreeSet<u64>,
     /// Watch events of the gated group checked against `released`.
     pub gated_events: u64,
+    /// The content hashes (12 hex digits, as history shows them) of the versions a release
+    /// targeted: what a gated group's member may serve, besides the empty settings.
+    pub released_hashes: BTreeSet<String>,
 }
 
 /// Where the run is.
@@ -378,15 +382,41 @@ async fn write_once(sim: Sim) {
             Some(_) => None,
             None => None,
         },
-        WriteKind::Release => match call(&sim.cluster, node, Request::History { group: name.clone() }).await {
-            Some(Response::History { versions, .. }) => versions.last().map(|latest| {
-                if let Some(counter) = version_counter(&latest.label) {
-                    sim.records.borrow_mut().released.insert(counter);
-                }
-                Request::Release { group: name, version: latest.label.clone(), strategy: None, meta: meta(seq) }
-            }),
-            _ => None,
-        },
+        WriteKind::Release => {
+            // Half the releases reach every member, the rest are canaries; promotions and
+            // aborts act on whatever release is current on the writer.
+            let roll = sim.rng.borrow_mut().unit();
+            match roll {
+                r if r < 0.15 => Some(Request::Promote { group: name, wave: None, meta: meta(seq) }),
+                r if r < 0.25 => Some(Request::Abort { group: name, reason: Some(format!("w{seq}")), meta: meta(seq) }),
+                r => match call(&sim.cluster, node, Request::History { group: name.clone() }).await {
+                    Some(Response::History { versions, .. }) => {
+                        versions.iter().rev().find(|v| !matches!(v.kind.as_str(), "release" | "promote" | "abort")).map(
+                            |latest| {
+                                {
+                                    let mut records = sim.records.borrow_mut();
+                                    if let Some(counter) = version_counter(&latest.label) {
+                                        records.released.insert(counter);
+                                    }
+                                    records.released_hashes.insert(latest.content_hash.clone());
+                                }
+                                let canary = r >= 0.6;
+                                Request::Release {
+                                    group: name,
+                                    version: latest.label.clone(),
+                                    strategy: Some(if canary { "canary" } else { "all" }.to_owned()),
+                                    waves: canary.then(|| vec![30, 60, 100]),
+                                    selector: None,
+                                    bake_ms: None,
+                                    meta: meta(seq),
+                                }
+                            },
+                        )
+                    }
+                    _ => None,
+                },
+            }
+        }
     };
     let response = match request {
         Some(request) => call(&sim.cluster, node, request).await,

@@ -1,5 +1,5 @@
 //! The local commands a replica takes (create, join, leave, remove a member, set, delete,
-//! apply, rollback, schema, release) and their answers: `CommandOutcome` on success, `CommandError` (nothing
+//! apply, rollback, schema, release, promote, abort) and their answers: `CommandOutcome` on success, `CommandError` (nothing
 //! changed on this node, unless the variant says otherwise) on failure.
 
 use serde_json::Value;
@@ -108,6 +108,24 @@ pub enum Command {
         /// Author, message, time.
         meta: CommitMeta,
     },
+    /// Move the current canary release of a gated group to a later wave.
+    Promote {
+        /// Group.
+        group: String,
+        /// The wave (0 is the first); `None`: the next one.
+        wave: Option<u32>,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
+    /// Abort the current release of a gated group.
+    Abort {
+        /// Group.
+        group: String,
+        /// Why.
+        reason: String,
+        /// Author, message, time.
+        meta: CommitMeta,
+    },
     /// Set the group's schema (a JSON Schema), or remove it (`None`).
     SetSchema {
         /// Group.
@@ -132,6 +150,8 @@ impl Command {
             | Command::Apply { group, .. }
             | Command::Rollback { group, .. }
             | Command::Release { group, .. }
+            | Command::Promote { group, .. }
+            | Command::Abort { group, .. }
             | Command::SetSchema { group, .. } => group,
         }
     }

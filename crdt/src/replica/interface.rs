@@ -159,6 +159,10 @@ pub struct Notification {
     /// True when the change came from a peer, which holds it durably: the shell may tell
     /// watchers of an eventual group before this node's own fsync (issue 14).
     pub pushed: bool,
+    /// True when the change moved nothing this node serves (a gated group's write that is not
+    /// released, SPEC F14): the revision moves, and the read view with it, but watchers are not
+    /// told and the event ring does not keep it (a resuming watcher skips the gap).
+    pub quiet: bool,
 }
 
 /// A group loaded from disk at start.

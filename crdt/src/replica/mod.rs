@@ -77,8 +77,12 @@ struct GroupState {
     key: GroupKey,
     proof: [u8; 32],
     revision: u64,
-    /// Recent notifications with the revision each one started from.
+    /// Recent notifications with the revision of the one told before each (a gated group's
+    /// quiet changes lie between them and are told to nobody).
     events: VecDeque<(u64, Notification)>,
+    /// The revision of the last notification told (or where the ring starts): the next one's
+    /// starting point.
+    last_told: u64,
     /// The document's change count, kept as changes arrive (counting them in the document
     /// walks its whole history). Not the revision, which starts at a base per run.
     changes: u64,
@@ -115,6 +119,7 @@ impl GroupState {
     fn new(doc: GroupDoc, key: GroupKey, proof: [u8; 32], tail_changes: usize, revision: u64) -> GroupState {
         GroupState {
             revision,
+            last_told: revision,
             changes: doc.change_count(),
             doc,
             key,
@@ -191,6 +196,8 @@ pub struct Replica {
     /// after a failed persist): a group taken again starts above it, so no revision is given
     /// twice with two meanings (SPEC invariant 4).
     left_revisions: BTreeMap<String, u64>,
+    /// This node's labels (`--label`): a canary release's selector matches them (SPEC F14).
+    labels: BTreeMap<String, String>,
 }
 
 /// What this node keeps of a group it left: who it left behind and what it knew of the
@@ -204,6 +211,22 @@ struct Departed {
 }
 
 impl Replica {
+    /// The same replica serving a node with these labels: a canary release's selector matches
+    /// them (SPEC F14). Set before any watcher subscribes (labels do not change during a run).
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Replica {
+        self.labels = labels;
+        let viewer = self.viewer();
+        for state in self.groups.values_mut() {
+            state.doc.set_viewer(viewer.clone());
+        }
+        self
+    }
+
+    /// This node as a gated group's served version is computed for.
+    fn viewer(&self) -> crate::release::Viewer {
+        crate::release::Viewer { node: self.node_id.clone(), labels: self.labels.clone() }
+    }
+
     /// A replica for `node_id` writing as `actor` (see [`actor_for`]), with groups loaded from
     /// disk. `nonce_seed` is the only randomness it uses.
     pub fn new(
@@ -232,6 +255,7 @@ impl Replica {
             wall_offset: 0,
             revision_base: 0,
             left_revisions: BTreeMap::new(),
+            labels: BTreeMap::new(),
         };
         for (name, state) in loaded {
             let mut sync = BTreeMap::new();
@@ -243,7 +267,9 @@ impl Replica {
             let proof = membership_proof(&state.key, &name, &replica.node_id);
             let round_lamport = state.decisions.iter().map(|(round, _)| round.lamport).max().unwrap_or(0);
             let revision = state.doc.change_count();
-            let mut group = GroupState::new(state.doc, state.key, proof, state.tail_changes, revision);
+            let mut doc = state.doc;
+            doc.set_viewer(replica.viewer());
+            let mut group = GroupState::new(doc, state.key, proof, state.tail_changes, revision);
             group.sync = sync;
             group.round_lamport = round_lamport;
             group.decisions = state.decisions.into_iter().collect();
@@ -276,6 +302,7 @@ impl Replica {
         let mut moved = Vec::new();
         for (name, state) in self.groups.iter_mut().filter(|(_, state)| state.doc.mode() == Mode::Eventual) {
             state.revision = base.saturating_add(state.doc.change_count());
+            state.last_told = state.revision;
             state.events.clear();
             moved.push(name.clone());
         }
@@ -454,7 +481,9 @@ impl Replica {
             let gossip = GroupGossip {
                 digest: state.doc.heads_digest(),
                 revision: state.revision,
-                version: state.doc.latest_label(),
+                // What this node serves (a gated group's released version, SPEC F14): `status`
+                // compares each process's applied version with it.
+                version: state.doc.served_label(),
                 proof: state.proof,
                 heads: state.doc.heads(),
             };
@@ -480,6 +509,8 @@ impl Replica {
             Command::Release { group, version, strategy, meta } => {
                 self.local_write(id, group, Edit::Release { to: version, strategy }, meta)
             }
+            Command::Promote { group, wave, meta } => self.local_write(id, group, Edit::Promote { wave }, meta),
+            Command::Abort { group, reason, meta } => self.local_write(id, group, Edit::Abort { reason }, meta),
         }
     }
 

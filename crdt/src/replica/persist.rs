@@ -71,6 +71,7 @@ impl Replica {
         // under a fresh actor so their sequence numbers are never reused.
         self.reloads += 1;
         doc.set_actor(reload_actor(&self.actor, self.reloads));
+        doc.set_viewer(self.viewer());
         let revision = self.starting_revision(group, &doc);
         let mut state = GroupState::new(doc, key, old.proof, tail_changes, revision);
         state.round_lamport = old.round_lamport;
@@ -89,6 +90,7 @@ impl Replica {
         if state.doc.mode() == Mode::Strong {
             let revision = state.revision;
             state.events = old.events.into_iter().filter(|(_, event)| event.revision <= revision).collect();
+            state.last_told = state.events.back().map_or(revision, |(_, event)| event.revision);
         }
         state.last_commit = old.last_commit;
         state.queued = old.queued;

@@ -30,7 +30,7 @@ impl Replica {
             // the watcher saw a history this node no longer has, so it must resync.
             return Some(EventsSince::Resync);
         }
-        let oldest_from = state.events.front().map_or(state.revision, |(from, _)| *from);
+        let oldest_from = state.events.front().map_or(state.last_told, |(from, _)| *from);
         if revision < oldest_from {
             return Some(EventsSince::Resync);
         }
@@ -45,23 +45,35 @@ impl Replica {
 
     /// Advances the revision by `changes`, notifies watchers of `keys`, keeps the event ring.
     /// `pushed`: the changes came from a peer. A gated group (SPEC F14) tells its watchers only
-    /// what its served settings did: its revision advances by one when the served version
-    /// moved, and not at all for changes that are written but not released.
+    /// what its served settings did: a change that moves the served version is one event with
+    /// the served diff; one that does not (a write not released) still advances the revision,
+    /// so a strong group's revision stays its change count, but is a quiet notification that
+    /// only the read view takes.
     pub(super) fn record_changes(&mut self, group: &str, changes: usize, keys: BTreeSet<String>, pushed: bool) -> u64 {
         let Some(state) = self.groups.get_mut(group) else {
             return 0;
         };
-        let from = state.revision;
         state.tail_changes += changes;
         state.changes = state.changes.saturating_add(changes as u64);
+        state.revision = state.revision.saturating_add(changes as u64);
         let (set, removed) = if state.doc.is_gated() {
-            let Some(served) = state.doc.refresh_served() else {
+            let served = state.doc.refresh_served();
+            debug_assert!(state.doc.served_matches_document(), "{group}: served version out of date");
+            let Some(served) = served else {
+                let quiet = Notification {
+                    group: group.to_owned(),
+                    revision: state.revision,
+                    version: state.doc.served_label(),
+                    set: BTreeMap::new(),
+                    removed: Vec::new(),
+                    pushed,
+                    quiet: true,
+                };
+                self.outputs.push_back(Output::Notify(quiet));
                 return state.revision;
             };
-            state.revision = state.revision.saturating_add(1);
             (served.set, served.removed)
         } else {
-            state.revision = state.revision.saturating_add(changes as u64);
             let mut set = BTreeMap::new();
             let mut removed = Vec::new();
             for key in keys {
@@ -81,8 +93,10 @@ impl Replica {
             set,
             removed,
             pushed,
+            quiet: false,
         };
-        state.events.push_back((from, notification.clone()));
+        state.events.push_back((state.last_told, notification.clone()));
+        state.last_told = state.revision;
         while state.events.len() > WATCH_EVENTS_KEPT {
             state.events.pop_front();
         }

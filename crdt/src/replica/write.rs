@@ -41,7 +41,8 @@ impl Replica {
     }
 
     /// Stores a new group (created here or received by a join) and starts publishing it.
-    pub(super) fn adopt_group(&mut self, name: String, doc: GroupDoc, key: GroupKey) -> Result<(), CommandError> {
+    pub(super) fn adopt_group(&mut self, name: String, mut doc: GroupDoc, key: GroupKey) -> Result<(), CommandError> {
+        doc.set_viewer(self.viewer());
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
         self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
         let proof = membership_proof(&key, &name, &self.node_id);

@@ -47,7 +47,7 @@ fn a_gated_group_serves_only_what_a_release_targets() {
 
     let commit = release(&mut docs[0], "v2", 2).unwrap();
     let VersionKind::Release { to, from, strategy } = &commit.version.kind else { panic!("{commit:?}") };
-    assert_eq!((to.counter, from.as_ref().map(|f| f.counter), *strategy), (2, Some(1), ReleaseStrategy::All));
+    assert_eq!((to.counter, from.as_ref().map(|f| f.counter), strategy), (2, Some(1), &ReleaseStrategy::All));
     let change = docs[0].refresh_served().expect("the release moves what is served");
     assert_eq!(change.set.len(), 2);
     assert!(change.removed.is_empty());
@@ -157,8 +157,13 @@ fn watchers_see_only_releases(mode: Mode) {
     let written = set(&mut net, "n2", "db.pool", json!(10)).unwrap();
     let CommandOutcome::Committed(receipt) = written else { panic!("{written:?}") };
     for (i, node) in nodes.iter().enumerate() {
-        assert_eq!(net.replicas[*node].revision("app").unwrap(), before[i], "{node}: nothing served moved");
+        // The revision counts the change (a strong group's stays its change count), but no
+        // watcher is told and a resuming one gets nothing.
+        let revision = net.replicas[*node].revision("app").unwrap();
+        assert_eq!(revision, before[i] + 1, "{node}");
         assert_eq!(net.notified.get(*node).map_or(0, Vec::len), told[i], "{node}: no watcher was told");
+        let Some(EventsSince::Events(events)) = net.replicas[*node].events_since("app", before[i]) else { panic!() };
+        assert!(events.is_empty(), "{node}: {events:?}");
         let doc = net.replicas[*node].group("app").unwrap();
         assert_eq!(doc.get("db.pool"), Some(&json!(10)), "{node}: but the write is held");
         assert_eq!(doc.served_get("db.pool"), None, "{node}");
@@ -167,7 +172,10 @@ fn watchers_see_only_releases(mode: Mode) {
     assert!(matches!(released, Ok(CommandOutcome::Committed(_))), "{released:?}");
     for (i, node) in nodes.iter().enumerate() {
         let replica = &net.replicas[*node];
-        assert_eq!(replica.revision("app").unwrap(), before[i] + 1, "{node}: one served change");
+        assert_eq!(replica.revision("app").unwrap(), before[i] + 2, "{node}: the write and the release");
+        if mode == Mode::Strong {
+            assert_eq!(replica.revision("app").unwrap(), replica.group("app").unwrap().change_count());
+        }
         let Some(EventsSince::Events(events)) = replica.events_since("app", before[i]) else { panic!("{node}") };
         assert_eq!(events.len(), 1, "{node}: {events:?}");
         assert_eq!(events[0].set.get("db.pool"), Some(&json!(10)), "{node}");
@@ -209,4 +217,52 @@ fn a_release_in_a_files_tail_is_served_after_a_load() {
     assert_eq!(loaded.group.served_label(), "v2");
     assert_eq!(loaded.group.served_settings().to_json(), json!({"a": 1}));
     assert!(loaded.group.served_matches_document());
+}
+
+fn canary(waves: &[u8]) -> ReleaseStrategy {
+    ReleaseStrategy::Canary(konor_crdt::Canary { waves: waves.to_vec(), ..Default::default() })
+}
+
+#[test]
+fn promotions_and_aborts_are_versions_that_converge_and_refuse_what_makes_no_sense() {
+    let mut docs = gated(2);
+    docs[0].set(vec![("a".into(), json!(1))], &meta(1)).unwrap();
+    let promote = |doc: &mut GroupDoc, n| doc.edit(Edit::Promote { wave: None }, &meta(n));
+    let abort = |doc: &mut GroupDoc, n| doc.edit(Edit::Abort { reason: "errors".into() }, &meta(n));
+    assert!(matches!(promote(&mut docs[0], 2), Err(EditError::BadRelease { .. })), "no release yet");
+    // A release's own version is not settings to release.
+    let all = release(&mut docs[0], "v2", 2).unwrap();
+    let all_label = docs[0].label(&all.version.id);
+    let refused = release(&mut docs[0], &all_label, 3).unwrap_err();
+    assert!(matches!(&refused, EditError::BadRelease { detail } if detail.contains("release version")), "{refused:?}");
+    assert!(matches!(promote(&mut docs[0], 3), Err(EditError::BadRelease { .. })), "nothing to promote in `all`");
+    docs[0].set(vec![("a".into(), json!(2))], &meta(4)).unwrap();
+    let latest = docs[0].latest_label();
+    bad_waves(&mut docs[0], &latest);
+    docs[0].edit(Edit::Release { to: latest, strategy: canary(&[1, 100]) }, &meta(5)).unwrap();
+    exchange_all(&mut docs);
+    // A promotion on one node and an abort on the other, at once: the abort wins everywhere.
+    promote(&mut docs[0], 6).unwrap();
+    abort(&mut docs[1], 6).unwrap();
+    exchange_all(&mut docs);
+    for doc in &mut docs {
+        doc.refresh_served();
+        assert!(doc.served_matches_document());
+        assert_eq!(doc.served_settings().to_json(), json!({"a": 1}), "aborted: back to the release before");
+        let (id, _) = doc.current_release().unwrap();
+        assert_eq!(doc.release_progress(id).aborted.as_deref(), Some("errors"));
+    }
+    assert!(matches!(abort(&mut docs[0], 7), Err(EditError::BadRelease { .. })), "already aborted");
+}
+
+fn bad_waves(doc: &mut GroupDoc, to: &str) {
+    let heads = doc.heads();
+    for waves in [&[][..], &[50, 10], &[0], &[101]] {
+        let refused = doc.edit(Edit::Release { to: to.to_owned(), strategy: canary(waves) }, &meta(9));
+        assert!(
+            matches!(&refused, Err(EditError::BadRelease { detail }) if detail.contains("wave")),
+            "{waves:?}: {refused:?}"
+        );
+    }
+    assert_eq!(doc.heads(), heads, "nothing written");
 }

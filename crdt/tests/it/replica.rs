@@ -136,7 +136,7 @@ impl Net {
                                 let result = result.and_then(|_| Err(CommandError::NotDurable(error.clone())));
                                 self.replies.insert(id, result);
                             }
-                            Output::Notify(notification) if notification.pushed => {
+                            Output::Notify(notification) if notification.pushed && !notification.quiet => {
                                 self.notified.entry(node.clone()).or_default().push(notification.revision);
                             }
                             // The shell resumes a deferred apply while its append runs, failed
@@ -189,9 +189,12 @@ impl Net {
                                 }
                             }
                         }
-                        Output::Notify(notification) => {
+                        // A quiet notification (a gated group's write not released) is told
+                        // to no watcher.
+                        Output::Notify(notification) if !notification.quiet => {
                             self.notified.entry(node.clone()).or_default().push(notification.revision);
                         }
+                        Output::Notify(_) => {}
                         Output::Persist(_) | Output::Dropped { .. } => {}
                         // The harness persists nothing, so the deferred apply resumes at once.
                         Output::Resume => self.input(node, Input::Resume),

@@ -153,6 +153,7 @@ mod tests {
             set: set.iter().map(|(k, v)| ((*k).to_owned(), Value::from(*v))).collect(),
             removed: removed.iter().map(|k| (*k).to_owned()).collect(),
             pushed: false,
+            quiet: false,
         }
     }
 

@@ -78,11 +78,31 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_label("version", version)?;
             check_meta(meta)
         }
-        Request::Release { group, version, strategy, meta } => {
+        Request::Release { group, version, strategy, waves, selector, meta, .. } => {
             check_group(group)?;
             check_label("version", version)?;
             if let Some(strategy) = strategy {
                 check_label("strategy", strategy)?;
+            }
+            if let Some(waves) = waves {
+                check_count("waves", waves.len(), konor_crdt::limits::RELEASE_WAVES_MAX)?;
+            }
+            if let Some(selector) = selector {
+                // Every label as `key=value,` at the longest allowed.
+                let longest =
+                    konor_crdt::limits::RELEASE_SELECTOR_LABELS_MAX * (2 * konor_crdt::limits::LABEL_BYTES_MAX + 2);
+                check_length("selector", selector, longest)?;
+            }
+            check_meta(meta)
+        }
+        Request::Promote { group, meta, .. } => {
+            check_group(group)?;
+            check_meta(meta)
+        }
+        Request::Abort { group, reason, meta } => {
+            check_group(group)?;
+            if let Some(reason) = reason {
+                check_length("reason", reason, konor_crdt::limits::MESSAGE_BYTES_MAX)?;
             }
             check_meta(meta)
         }

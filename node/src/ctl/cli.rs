@@ -96,9 +96,14 @@ pub enum Command {
     Apply(ApplyArgs),
     /// Make a new version whose settings equal those of an older version.
     Rollback(RollbackArgs),
-    /// Release a version of a gated group: every member then serves it to its applications
-    /// (`konorctl status GROUP` shows the release in force).
+    /// Release a version of a gated group to every member, or to a canary slice grown wave by
+    /// wave (`konorctl status GROUP` shows the release in force).
     Release(ReleaseArgs),
+    /// Move the current canary release of a gated group to its next wave.
+    Promote(PromoteArgs),
+    /// Abort the current release of a gated group: every member goes back to what it served
+    /// before it.
+    Abort(AbortArgs),
     /// List a group's versions, oldest first.
     History(GroupArg),
     /// Print the whole settings of one version: `konorctl show app@v12`.
@@ -524,9 +529,22 @@ pub struct ReleaseArgs {
     /// release back).
     #[arg(long, value_name = "VERSION")]
     pub to: String,
-    /// Which nodes: all (for now the only strategy; canaries are planned, docs/releases.md).
+    /// Which nodes: all (every member at once) or canary (a slice, grown by `promote`).
     #[arg(long, value_enum, default_value = "all")]
     pub strategy: ReleaseStrategyArg,
+    /// Canary: the first wave's percentage of the matching members; the release then waits for
+    /// `promote` to reach them all (the same as `--waves P,100`).
+    #[arg(long, value_name = "PERCENT", conflicts_with = "waves")]
+    pub percent: Option<u8>,
+    /// Canary: every wave's percentage, strictly increasing (`10,50,100`).
+    #[arg(long, value_name = "P1,P2,...", value_delimiter = ',')]
+    pub waves: Option<Vec<u8>>,
+    /// Canary: only members with these labels (`region=eu-west,tier=web`).
+    #[arg(long, value_name = "K=V,...")]
+    pub selector: Option<String>,
+    /// Canary: how long each wave should hold before it is promoted (e.g. 5m; shown in status).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+    pub bake: Option<u64>,
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,
@@ -537,6 +555,34 @@ pub struct ReleaseArgs {
 pub enum ReleaseStrategyArg {
     /// Every member.
     All,
+    /// A slice of the members, grown wave by wave.
+    Canary,
+}
+
+/// `konorctl promote`
+#[derive(Debug, Clone, Args)]
+pub struct PromoteArgs {
+    /// Group name (a gated group with a canary release in progress).
+    pub group: String,
+    /// The wave to move to, counted from 1 (default: the next one).
+    #[arg(long)]
+    pub wave: Option<u32>,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
+}
+
+/// `konorctl abort`
+#[derive(Debug, Clone, Args)]
+pub struct AbortArgs {
+    /// Group name (a gated group with a release in force).
+    pub group: String,
+    /// Why (stored with the abort and shown in status).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Message and author.
+    #[command(flatten)]
+    pub write: WriteArgs,
 }
 
 /// `konorctl diff`

@@ -188,11 +188,51 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             if meta.message.is_empty() {
                 meta.message = format!("release {}", args.to);
             }
-            let strategy = match args.strategy {
-                cli::ReleaseStrategyArg::All => "all",
+            let canary_only =
+                args.percent.is_some() || args.waves.is_some() || args.selector.is_some() || args.bake.is_some();
+            if args.strategy == cli::ReleaseStrategyArg::All && canary_only {
+                anyhow::bail!("--percent, --waves, --selector and --bake need --strategy canary");
+            }
+            let (strategy, waves) = match args.strategy {
+                cli::ReleaseStrategyArg::All => ("all", None),
+                cli::ReleaseStrategyArg::Canary => {
+                    let waves = match (args.percent, args.waves) {
+                        (Some(percent), _) if percent >= 100 => vec![100],
+                        (Some(percent), _) => vec![percent, 100],
+                        (None, Some(waves)) => waves,
+                        (None, None) => anyhow::bail!("a canary release needs --percent P or --waves P1,P2,..."),
+                    };
+                    ("canary", Some(waves))
+                }
             };
-            let request =
-                Request::Release { group: args.group, version: args.to, strategy: Some(strategy.to_owned()), meta };
+            let request = Request::Release {
+                group: args.group,
+                version: args.to,
+                strategy: Some(strategy.to_owned()),
+                waves,
+                selector: args.selector,
+                bake_ms: args.bake,
+                meta,
+            };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Promote(args) => {
+            let mut meta = args.write.meta();
+            if meta.message.is_empty() {
+                meta.message = match args.wave {
+                    Some(wave) => format!("promote to wave {wave}"),
+                    None => "promote to the next wave".to_owned(),
+                };
+            }
+            let request = Request::Promote { group: args.group, wave: args.wave, meta };
+            call(&target, TIMEOUT_DEFAULT, request, output).await
+        }
+        Command::Abort(args) => {
+            let mut meta = args.write.meta();
+            if meta.message.is_empty() {
+                meta.message = format!("abort: {}", args.reason.as_deref().unwrap_or("by an operator"));
+            }
+            let request = Request::Abort { group: args.group, reason: args.reason, meta };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::History(args) => call(&target, TIMEOUT_DEFAULT, Request::History { group: args.group }, output).await,

@@ -347,11 +347,20 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Rollback { group, version, meta } => {
             (Method::POST, format!("{groups}/{group}/rollback"), Some(write_body(meta, json!({ "version": version }))))
         }
-        Request::Release { group, version, strategy, meta } => (
+        Request::Release { group, version, strategy, waves, selector, bake_ms, meta } => (
             Method::POST,
             format!("{groups}/{group}/release"),
-            Some(write_body(meta, json!({ "version": version, "strategy": strategy }))),
+            Some(write_body(
+                meta,
+                json!({ "version": version, "strategy": strategy, "waves": waves, "selector": selector, "bake_ms": bake_ms }),
+            )),
         ),
+        Request::Promote { group, wave, meta } => {
+            (Method::POST, format!("{groups}/{group}/promote"), Some(write_body(meta, json!({ "wave": wave }))))
+        }
+        Request::Abort { group, reason, meta } => {
+            (Method::POST, format!("{groups}/{group}/abort"), Some(write_body(meta, json!({ "reason": reason }))))
+        }
         Request::History { group } => (Method::GET, format!("{groups}/{group}/versions"), None),
         Request::Diff { group, from, to } => (
             Method::GET,

@@ -411,6 +411,8 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::Apply { group, .. }
         | Request::Rollback { group, .. }
         | Request::Release { group, .. }
+        | Request::Promote { group, .. }
+        | Request::Abort { group, .. }
         | Request::History { group }
         | Request::Diff { group, .. }
         | Request::Conflicts { group }
@@ -593,6 +595,28 @@ fn release_text(release: &konor_sdk::protocol::ReleaseState, now_ms: u64) -> Str
             );
         }
         None => text.push_str("release: none yet (gated: the group's first version is served)\n"),
+    }
+    if let Some(current) = &release.current {
+        if let Some(reason) = &current.aborted {
+            let _ = writeln!(text, "aborted: {}; every member serves what it served before", cell(reason));
+        } else if let Some(wave) = current.wave {
+            let percent = current.waves.get(wave.saturating_sub(1) as usize).copied().unwrap_or(100);
+            let since = current.wave_since_ms.map(|at| now_ms.saturating_sub(at)).unwrap_or(0);
+            let mut line = format!(
+                "wave {wave} of {} ({percent}% of the matching members) for {}",
+                current.waves.len(),
+                format_age(since)
+            );
+            if let Some(bake) = current.bake_ms {
+                if since >= bake {
+                    line.push_str(&format!("; bake of {} done: `konorctl promote` moves on", format_age(bake)));
+                } else {
+                    line.push_str(&format!("; bakes {} more", format_age(bake - since)));
+                }
+            }
+            let here = if current.here { "in the slice" } else { "not in the slice" };
+            let _ = writeln!(text, "{line}; this node is {here}");
+        }
     }
     let pending = if release.served == release.latest {
         "every written version is released".to_owned()

@@ -627,6 +627,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     let groups_held: Vec<String> = loaded.keys().cloned().collect();
     let repairs =
         repair_list.into_iter().map(|(name, key)| Repair { name, key, next: Instant::now(), attempts: 0 }).collect();
+    let replica_labels = labels.clone();
     let membership_config = MembershipConfig {
         node_id: node_id.clone(),
         generation: store.incarnation(),
@@ -640,7 +641,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         runtime: gossip_runtime,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
-    let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded);
+    let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded).with_labels(replica_labels);
     // Revisions of this run start above every revision an earlier run can have told a watcher
     // (which may name a pushed change lost with it: watchers are told before the fsync).
     replica_state.start_revisions_at(konor_crdt::limits::revision_base(store.incarnation()));
@@ -789,6 +790,8 @@ fn answers_from_state(call: &LocalCall) -> bool {
                 | Request::Apply { .. }
                 | Request::Rollback { .. }
                 | Request::Release { .. }
+                | Request::Promote { .. }
+                | Request::Abort { .. }
                 | Request::GroupCreate { .. }
                 | Request::GroupJoin { .. }
                 | Request::GroupLeave { .. }

@@ -697,6 +697,11 @@ impl Daemon {
     }
 
     pub(super) fn notify(&mut self, notification: Notification) {
+        if notification.quiet {
+            // A gated group's write that is not released: the read view took its revision,
+            // nothing served moved, so nobody is told (SPEC F14).
+            return;
+        }
         self.last_change.insert(notification.group.clone(), Instant::now());
         if notification.pushed
             && let Some(origin) = self.replica.group(&notification.group).and_then(|doc| doc.latest_version())

@@ -330,14 +330,29 @@ impl Daemon {
                 let meta = self.write_meta(&client, meta);
                 return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
             }
-            Request::Release { group, version, strategy, meta } => {
-                let strategy = match strategy.as_deref().map(str::parse::<konor_crdt::ReleaseStrategy>) {
-                    None => konor_crdt::ReleaseStrategy::All,
-                    Some(Ok(strategy)) => strategy,
-                    Some(Err(message)) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+            Request::Release { group, version, strategy, waves, selector, bake_ms, meta } => {
+                let strategy = match release_strategy(strategy.as_deref(), waves, selector.as_deref(), bake_ms) {
+                    Ok(strategy) => strategy,
+                    Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                 };
                 let meta = self.write_meta(&client, meta);
                 return self.command(Command::Release { group, version, strategy, meta }, PendingReply::Plain(reply));
+            }
+            Request::Promote { group, wave, meta } => {
+                // Waves are counted from 1 on the wire, from 0 in the core.
+                let wave = match wave {
+                    Some(0) => {
+                        return send(reply, error_response(ErrorCode::BadRequest, "waves are counted from 1"));
+                    }
+                    other => other.map(|w| w - 1),
+                };
+                let meta = self.write_meta(&client, meta);
+                return self.command(Command::Promote { group, wave, meta }, PendingReply::Plain(reply));
+            }
+            Request::Abort { group, reason, meta } => {
+                let meta = self.write_meta(&client, meta);
+                let reason = reason.unwrap_or_else(|| "aborted by an operator".to_owned());
+                return self.command(Command::Abort { group, reason, meta }, PendingReply::Plain(reply));
             }
             Request::History { group } => match self.replica.group(&group) {
                 Some(doc) => {
@@ -519,7 +534,7 @@ impl Daemon {
         };
         let mut nodes = vec![NodeGroupRow {
             node: self.node_id.clone(),
-            version: doc.latest_label(),
+            version: doc.served_label(),
             revision: self.replica.revision(group).unwrap_or(0),
             heads: doc.heads_digest().to_string(),
             live: true,
@@ -610,21 +625,74 @@ pub(super) fn change_event(notification: &Notification, prefix: Option<&str>) ->
 }
 
 /// A version as listings show it.
+/// The strategy a `release` request asks for: `all` (the default) or `canary` with its waves
+/// (`[10, 50, 100]`), selector (`region=eu`) and bake time; the core checks the limits.
+fn release_strategy(
+    strategy: Option<&str>,
+    waves: Option<Vec<u8>>,
+    selector: Option<&str>,
+    bake_ms: Option<u64>,
+) -> Result<konor_crdt::ReleaseStrategy, String> {
+    match strategy.unwrap_or("all") {
+        "all" => {
+            if waves.is_some() || selector.is_some() || bake_ms.is_some() {
+                return Err("waves, selector and bake_ms belong to strategy canary".to_owned());
+            }
+            Ok(konor_crdt::ReleaseStrategy::All)
+        }
+        "canary" => {
+            let selector = konor_crdt::configuration::parse_selector(selector.unwrap_or_default())?;
+            let waves = waves.ok_or("a canary names its waves (percentages: [10, 50, 100])")?;
+            Ok(konor_crdt::ReleaseStrategy::Canary(konor_crdt::Canary {
+                waves,
+                selector,
+                bake_ms: bake_ms.unwrap_or(0),
+            }))
+        }
+        other => Err(format!("unknown release strategy {other:?}: use all or canary")),
+    }
+}
+
 /// A gated group's release state as this node sees it (SPEC F14).
 fn release_state(doc: &konor_crdt::GroupDoc) -> konor_sdk::protocol::ReleaseState {
     let current = doc.current_release().and_then(|(id, info)| match &info.kind {
-        konor_crdt::VersionKind::Release { to, from, strategy } => Some(konor_sdk::protocol::ReleaseRow {
-            label: doc.label(id),
-            to: doc.label(to),
-            from: from.as_ref().map(|from| doc.label(from)),
-            strategy: strategy.to_string(),
-            author: info.author.clone(),
-            time_ms: info.time.0,
-            message: info.message.clone(),
-        }),
+        konor_crdt::VersionKind::Release { to, from, strategy } => {
+            let progress = doc.release_progress(id);
+            let canary = match strategy {
+                konor_crdt::ReleaseStrategy::Canary(canary) => Some(canary),
+                konor_crdt::ReleaseStrategy::All => None,
+            };
+            let since = progress
+                .last_event
+                .as_ref()
+                .and_then(|event| doc.version_info(event))
+                .map_or(info.time.0, |event| event.time.0);
+            Some(konor_sdk::protocol::ReleaseRow {
+                label: doc.label(id),
+                id: id.storage_key(),
+                to: doc.label(to),
+                from: from.as_ref().map(|from| doc.label(from)),
+                strategy: strategy.to_string(),
+                author: info.author.clone(),
+                time_ms: info.time.0,
+                message: info.message.clone(),
+                waves: canary.map(|c| c.waves.clone()).unwrap_or_default(),
+                wave: canary.map(|_| progress.wave + 1),
+                bake_ms: canary.map(|c| c.bake_ms).filter(|ms| *ms > 0),
+                wave_since_ms: canary.map(|_| since),
+                aborted: progress.aborted.clone(),
+                here: progress.aborted.is_none() && doc.in_release_slice(id),
+            })
+        }
         _ => None,
     });
-    konor_sdk::protocol::ReleaseState { served: doc.served_label(), latest: doc.latest_label(), current }
+    // The newest version that wrote something to serve (a release, promotion or abort is not).
+    let latest = doc
+        .history()
+        .rev()
+        .find(|v| !matches!(v.kind.name(), "release" | "promote" | "abort"))
+        .map_or_else(|| doc.latest_label(), |v| doc.label(&v.id));
+    konor_sdk::protocol::ReleaseState { served: doc.served_label(), latest, current }
 }
 
 fn version_row(doc: &konor_crdt::GroupDoc, version: &konor_crdt::VersionInfo) -> VersionRow {

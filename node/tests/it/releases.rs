@@ -161,3 +161,88 @@ async fn a_strong_gated_group_releases_through_a_round_and_over_http() {
         (Some("release"), Some(&*format!("release {label}")))
     );
 }
+
+/// A canary by label selector on real konords: only the nodes whose `--label` matches serve
+/// the release, `status` says which side of the slice each node is on, a promotion past the last
+/// wave is refused, and an abort moves every node back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_by_selector_reaches_only_matching_nodes_and_an_abort_moves_them_back() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.extra_args = vec!["--label".into(), "region=eu".into()];
+    n1.start();
+    let c1 = n1.client().await;
+    let mut n2 = cluster.node("n2", &[&n1]);
+    n2.extra_args = vec!["--label".into(), "region=eu".into()];
+    n2.start();
+    let c2 = n2.client().await;
+    let mut n3 = cluster.node("n3", &[&n1]);
+    n3.extra_args = vec!["--label".into(), "region=us".into()];
+    n3.start();
+    let c3 = n3.client().await;
+    let nodes = [n1, n2, n3];
+    let clients = [c1, c2, c3];
+    crate::harness::await_whole_mesh(&nodes, &clients).await;
+    gated_group_on_all(&clients, "can", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let base = ok_json(&on(&sockets[0], &["set", "can", "limit=1"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "can", "--to", &base]));
+    let next = ok_json(&on(&sockets[0], &["set", "can", "limit=2"]))["version"].as_str().unwrap().to_owned();
+    let mut watch_us = clients[2].watch("can", None).await.unwrap();
+
+    let canary = ok_json(&on(
+        &sockets[2],
+        &[
+            "release",
+            "can",
+            "--to",
+            &next,
+            "--strategy",
+            "canary",
+            "--waves",
+            "100",
+            "--selector",
+            "region=eu",
+            "--bake",
+            "5m",
+        ],
+    ));
+    assert_eq!(canary["type"], "committed", "{canary}");
+    for (socket, expected) in sockets.iter().zip([2, 2, 1]) {
+        eventually("each node serves its side of the canary", || async {
+            let status = ok_json(&on(socket, &["status", "can"]));
+            let known = status["release"]["current"]["label"] == canary["version"];
+            (known && ok_json(&on(socket, &["get", "can", "limit"]))["value"] == expected).then_some(())
+        })
+        .await;
+    }
+    let eu = String::from_utf8_lossy(&konorctl(&["--socket", &sockets[0], "status", "can"]).stdout).into_owned();
+    assert!(
+        eu.contains("wave 1 of 1 (100% of the matching members)") && eu.contains("this node is in the slice"),
+        "{eu}"
+    );
+    assert!(eu.contains("bakes"), "the bake time is shown: {eu}");
+    let us = String::from_utf8_lossy(&konorctl(&["--socket", &sockets[2], "status", "can"]).stdout).into_owned();
+    assert!(us.contains("this node is not in the slice"), "{us}");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), watch_us.next()).await;
+    assert!(quiet.is_err(), "n3's app was told of a canary it is not in: {quiet:?}");
+
+    // Nothing to promote past the last wave; an abort sends every node back.
+    let refused = konorctl(&["--socket", &sockets[1], "promote", "can"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("last wave"), "{refused:?}");
+    let aborted = ok_json(&on(&sockets[1], &["abort", "can", "--reason", "error rate"]));
+    assert_eq!(aborted["type"], "committed");
+    for socket in &sockets {
+        eventually("every node serves the base again", || async {
+            (ok_json(&on(socket, &["get", "can", "limit"]))["value"] == 1).then_some(())
+        })
+        .await;
+    }
+    let after = String::from_utf8_lossy(&konorctl(&["--socket", &sockets[2], "status", "can"]).stdout).into_owned();
+    assert!(after.contains("aborted: error rate"), "{after}");
+    let history = ok_json(&on(&sockets[2], &["history", "can"]));
+    let kinds: Vec<&str> =
+        history["versions"].as_array().unwrap().iter().map(|v| v["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds[kinds.len() - 2..], ["release", "abort"], "{kinds:?}");
+}

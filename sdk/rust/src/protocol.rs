@@ -240,9 +240,43 @@ pub enum Request {
         group: String,
         /// The version to serve (`v12`).
         version: String,
-        /// Which nodes: `all` (the default, and for now the only strategy).
+        /// Which nodes: `all` (the default) or `canary`.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         strategy: Option<String>,
+        /// A canary's waves: percentages of the matching members, strictly increasing
+        /// (`[10, 50, 100]`); the release starts at the first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waves: Option<Vec<u8>>,
+        /// A canary's selector: labels a member must carry (`region=eu-west,tier=web`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        selector: Option<String>,
+        /// How long each wave should hold before it is promoted (shown in `status`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bake_ms: Option<u64>,
+        /// Author and message.
+        #[serde(default, deserialize_with = "null_as_default")]
+        meta: WriteMeta,
+    },
+    /// Move the current canary release of a gated group to its next wave (or to `wave`, 1 for
+    /// the first).
+    Promote {
+        /// Group.
+        group: String,
+        /// The wave, counted from 1; the next one when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        wave: Option<u32>,
+        /// Author and message.
+        #[serde(default, deserialize_with = "null_as_default")]
+        meta: WriteMeta,
+    },
+    /// Abort the current release of a gated group: every member goes back to what it served
+    /// before it.
+    Abort {
+        /// Group.
+        group: String,
+        /// Why (stored with the abort).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
         /// Author and message.
         #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
@@ -460,13 +494,35 @@ pub struct ReleaseState {
 pub struct ReleaseRow {
     /// The release's own version label.
     pub label: String,
+    /// Its full id as the document stores it (`<inverted counter>.<actor hex>`): what a
+    /// canary's slice is computed from (docs/releases.md).
+    #[serde(default)]
+    pub id: String,
     /// The version released.
     pub to: String,
     /// The version served before it, on the node that made it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
-    /// Which nodes it reaches (`all`).
+    /// Which nodes it reaches (`all`, `canary 10%,50%,100%`).
     pub strategy: String,
+    /// A canary's waves (percentages); empty for `all`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub waves: Vec<u8>,
+    /// The wave in force, counted from 1 (`None` for `all`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
+    /// A canary's bake time per wave, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_ms: Option<u64>,
+    /// When the wave in force began (the release's or the last promotion's time, Unix ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave_since_ms: Option<u64>,
+    /// Why it was aborted, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub aborted: Option<String>,
+    /// True when this node is in the release's slice (it serves `to`).
+    #[serde(default)]
+    pub here: bool,
     /// Who made it.
     pub author: String,
     /// When (Unix milliseconds, the writer's clock).
@@ -937,6 +993,8 @@ impl Request {
             Request::GroupCreate { .. } => "group_create",
             Request::GroupJoin { .. } => "group_join",
             Request::Release { .. } => "release",
+            Request::Promote { .. } => "promote",
+            Request::Abort { .. } => "abort",
             Request::GroupLeave { .. } => "group_leave",
             Request::GroupRemove { .. } => "group_remove",
             Request::GroupList => "group_list",

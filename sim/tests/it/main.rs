@@ -6,3 +6,4 @@
 
 mod alerts;
 mod determinism;
+mod releases;

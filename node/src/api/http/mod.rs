@@ -236,6 +236,8 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/api/v1/groups/{group}/apply", post(routes::apply))
         .route("/api/v1/groups/{group}/rollback", post(routes::rollback))
         .route("/api/v1/groups/{group}/release", post(routes::release))
+        .route("/api/v1/groups/{group}/promote", post(routes::promote))
+        .route("/api/v1/groups/{group}/abort", post(routes::abort))
         .route("/api/v1/groups/{group}/versions", get(routes::versions))
         .route("/api/v1/groups/{group}/versions/{version}", get(routes::show))
         .route("/api/v1/groups/{group}/schema", get(routes::schema_get).put(routes::schema_set))

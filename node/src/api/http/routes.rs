@@ -99,6 +99,8 @@ fn is_write(request: &Request) -> bool {
         | Request::Apply { .. }
         | Request::Rollback { .. }
         | Request::Release { .. }
+        | Request::Promote { .. }
+        | Request::Abort { .. }
         | Request::SchemaSet { .. } => true,
     }
 }
@@ -512,6 +514,12 @@ pub(super) struct ReleaseBody {
     #[serde(default)]
     strategy: Option<String>,
     #[serde(default)]
+    waves: Option<Vec<u8>>,
+    #[serde(default)]
+    selector: Option<String>,
+    #[serde(default)]
+    bake_ms: Option<u64>,
+    #[serde(default)]
     message: Option<String>,
     #[serde(default)]
     if_version: Option<String>,
@@ -522,10 +530,55 @@ pub(super) struct ReleaseBody {
 pub(super) async fn release(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(ReleaseBody { version, strategy, message, if_version, if_content }): JsonBody<ReleaseBody>,
+    JsonBody(body): JsonBody<ReleaseBody>,
+) -> Answer {
+    let ReleaseBody { version, strategy, waves, selector, bake_ms, message, if_version, if_content } = body;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    Ok(ask(&ctx, Request::Release { group, version, strategy, waves, selector, bake_ms, meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct PromoteBody {
+    #[serde(default)]
+    wave: Option<u32>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
+}
+
+pub(super) async fn promote(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    JsonBody(PromoteBody { wave, message, if_version, if_content }): JsonBody<PromoteBody>,
 ) -> Answer {
     let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
-    Ok(ask(&ctx, Request::Release { group, version, strategy, meta }).await)
+    Ok(ask(&ctx, Request::Promote { group, wave, meta }).await)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AbortBody {
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    message: Option<String>,
+    #[serde(default)]
+    if_version: Option<String>,
+    #[serde(default)]
+    if_content: Option<String>,
+}
+
+pub(super) async fn abort(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    JsonBody(AbortBody { reason, message, if_version, if_content }): JsonBody<AbortBody>,
+) -> Answer {
+    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    Ok(ask(&ctx, Request::Abort { group, reason, meta }).await)
 }
 
 pub(super) async fn rollback(
