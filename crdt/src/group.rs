@@ -445,10 +445,32 @@ impl GroupDoc {
             served: None,
         };
         group.rebuild_derived_state();
+        group.policy.release = group.genesis_release_policy();
         if group.policy.release == ReleasePolicy::Gated {
             group.served = Some(group.compute_served());
         }
         Ok(group)
+    }
+
+    /// The release policy as the group's creation set it: read at the genesis change, so a
+    /// member's later change to `ROOT.format` or `policy.release` (only a faulty or hostile
+    /// peer makes one) never gates or ungates a group, on a node that reloads or anywhere.
+    fn genesis_release_policy(&self) -> ReleasePolicy {
+        let Some(genesis) = self.versions.values().next().filter(|e| e.info.kind == VersionKind::Create) else {
+            return ReleasePolicy::Immediate;
+        };
+        let heads = [genesis.change];
+        let scalar_at = |obj: &ObjId, key: &str| match self.doc.get_at(obj, key, &heads) {
+            Ok(Some((AmValue::Scalar(s), _))) => Some(s.into_owned()),
+            _ => None,
+        };
+        let format = scalar_at(&automerge::ROOT, "format").and_then(|s| s.as_u64()).unwrap_or(0);
+        let policy = match self.doc.get_at(automerge::ROOT, "policy", &heads) {
+            Ok(Some((AmValue::Object(ObjType::Map), obj))) => obj,
+            _ => return ReleasePolicy::Immediate,
+        };
+        let gated = scalar_at(&policy, "release").is_some_and(|s| s.as_str() == Some("gated"));
+        if format >= GATED_FORMAT && gated { ReleasePolicy::Gated } else { ReleasePolicy::Immediate }
     }
 
     /// Recomputes the read view, the conflict set and the version index from the document.
@@ -1397,14 +1419,7 @@ fn read_policy(doc: &Automerge) -> GroupPolicy {
     {
         policy.fencing = fencing;
     }
-    // Only a gated group's document (format 4) says `release`: an older document, or a peer's
-    // change that writes the key into an immediate group, never makes a group gated.
-    if read_format(doc) >= GATED_FORMAT
-        && let Ok(Some((AmValue::Scalar(s), _))) = doc.get(&obj, "release")
-        && s.as_str() == Some("gated")
-    {
-        policy.release = ReleasePolicy::Gated;
-    }
+    // `release` is read at the genesis change (`GroupDoc::genesis_release_policy`).
     policy
 }
 
@@ -1548,5 +1563,37 @@ mod tests {
         let refused = doc.set(vec![("a".into(), serde_json::json!(2))], &meta(2).with_condition(condition));
         let Err(EditError::ConditionFailed { actual, .. }) = refused else { panic!("{refused:?}") };
         assert!(actual.contains("without a version"), "{actual}");
+    }
+
+    /// Found by review: a member's change that wrote `ROOT.format = 4` and `policy.release =
+    /// "gated"` into an immediate group made it gated on every node that reloaded it (and a
+    /// change removing the key ungated a gated one). The policy is read at the genesis change.
+    #[test]
+    fn regression_a_later_change_to_the_release_policy_changes_nothing() {
+        let meta = |n: u64| CommitMeta::new("t", format!("m{n}"), Millis(1_700_000_000_000 + n));
+        let actor = |n: u8| ActorId::from([n; 16].as_slice());
+        let (mut plain, _) = GroupDoc::create("app", Mode::Eventual, actor(1), &meta(0)).unwrap();
+        let policy = match plain.doc.get(automerge::ROOT, "policy") {
+            Ok(Some((AmValue::Object(ObjType::Map), obj))) => obj,
+            other => panic!("{other:?}"),
+        };
+        let mut tx = plain.doc.transaction();
+        tx.put(automerge::ROOT, "format", GATED_FORMAT).unwrap();
+        tx.put(&policy, "release", "gated").unwrap();
+        tx.commit();
+        let reloaded = GroupDoc::load(&plain.save(), actor(2)).unwrap();
+        assert!(!reloaded.is_gated(), "a later change gated an immediate group");
+
+        let gated_policy = GroupPolicy { release: ReleasePolicy::Gated, ..GroupPolicy::default() };
+        let (mut gated, _) =
+            GroupDoc::create_with("gt", Mode::Eventual, actor(1), &meta(0), &gated_policy, None).unwrap();
+        let policy = match gated.doc.get(automerge::ROOT, "policy") {
+            Ok(Some((AmValue::Object(ObjType::Map), obj))) => obj,
+            other => panic!("{other:?}"),
+        };
+        let mut tx = gated.doc.transaction();
+        tx.delete(&policy, "release").unwrap();
+        tx.commit();
+        assert!(GroupDoc::load(&gated.save(), actor(2)).unwrap().is_gated(), "a later change ungated a gated group");
     }
 }

@@ -359,7 +359,10 @@ fn supervise(sim: &Sim, exits: &Rc<RefCell<Vec<NodeExit>>>) {
     let stopped = sim.cluster.borrow_mut().take_exits();
     for (index, why) in stopped {
         let now = sim.now_us();
-        sim.trace(&format!("node n{index} stopped: {why}"));
+        // The data dir's path holds the process id: the trace (and so the run's hash) names
+        // it by node, so that two runs of one seed hash the same.
+        let dir = sim.cluster.borrow().nodes[index].data_dir.display().to_string();
+        sim.trace(&format!("node n{index} stopped: {}", why.replace(&dir, &format!("<n{index}>"))));
         exits.borrow_mut().push((now, index, why));
         let task_sim = sim.clone();
         tokio::task::spawn_local(async move {
