@@ -49,6 +49,11 @@ pub const LABEL_BYTES_MAX: usize = 64;
 /// Longest bake time of a canary wave: a week; a rollout that needs longer is a new release.
 pub const RELEASE_BAKE_MS_MAX: u64 = 7 * 24 * 3_600_000;
 
+/// How much longer than its bake time a wave waits before a member promotes it: wall clocks
+/// of members differ, and a wave is promoted by a node's own clock against the writer's stamp
+/// (docs/releases.md).
+pub const BAKE_SKEW_MARGIN_MS: u64 = 1_000;
+
 /// Longest commit message in bytes: it is stored in every version forever.
 pub const MESSAGE_BYTES_MAX: usize = 1024;
 

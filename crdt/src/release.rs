@@ -96,6 +96,66 @@ pub fn slice_place(group: &str, release: &VersionId, node: &str) -> u128 {
     u128::from(u64::from_be_bytes(first))
 }
 
+/// What a member does about the current release (SPEC F15), decided alone from its own view:
+/// every live member evaluates the same rules, so the release moves on with any node down, and
+/// actions taken by several at once converge ([`progress`]: the largest wave, an abort wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuardAction {
+    /// A guard broke: abort the release, with why.
+    Abort {
+        /// Why (which processes failed, and their words).
+        reason: String,
+    },
+    /// The wave held through its bake time: move to this wave (0 is the first).
+    Promote {
+        /// The next wave.
+        wave: u32,
+    },
+}
+
+/// What a member knows of the current release when it evaluates its guards.
+#[derive(Debug, Clone)]
+pub struct GuardView<'a> {
+    /// The release's label and its target's, for the abort's reason.
+    pub release: &'a str,
+    /// The target's label.
+    pub to: &'a str,
+    /// The wave in force (0 is the first).
+    pub wave: u32,
+    /// A canary's waves; empty for strategy `all` (nothing to promote).
+    pub waves: &'a [u8],
+    /// A canary's bake time per wave; 0: promotion is manual.
+    pub bake_ms: u64,
+    /// When the wave in force began (the release's or its last promotion's time, the writer's
+    /// clock), Unix ms.
+    pub wave_since_ms: u64,
+    /// This node's clock, Unix ms.
+    pub now_ms: u64,
+    /// The processes, on any node, that reported failing to apply the target (`on_change`
+    /// returned an error), described (`api (pid 41) on n2: pool must be at most 16`).
+    pub failures: &'a [String],
+}
+
+/// The guard rule (SPEC F15): any process that failed to apply the release's target aborts it
+/// (the default guard, `max_failed_reports` 0, of docs/releases.md); a wave that held through its
+/// bake time plus [`crate::limits::BAKE_SKEW_MARGIN_MS`] on this node's clock is promoted to the
+/// next. Nothing otherwise.
+pub fn guard_action(view: &GuardView<'_>) -> Option<GuardAction> {
+    if let Some(first) = view.failures.first() {
+        let more = match view.failures.len() {
+            1 => String::new(),
+            n => format!(" (and {} more)", n - 1),
+        };
+        let reason = format!("guard: a process failed to apply {} (release {}): {first}{more}", view.to, view.release);
+        let reason: String = reason.chars().take(crate::limits::MESSAGE_BYTES_MAX / 4).collect();
+        return Some(GuardAction::Abort { reason });
+    }
+    let next = view.wave.saturating_add(1);
+    let baked = view.now_ms
+        >= view.wave_since_ms.saturating_add(view.bake_ms).saturating_add(crate::limits::BAKE_SKEW_MARGIN_MS);
+    (view.bake_ms > 0 && (next as usize) < view.waves.len() && baked).then_some(GuardAction::Promote { wave: next })
+}
+
 /// The release in force: the release version with the largest id whose target this node can
 /// read (a target it cannot read, which only a faulty peer can write, is skipped).
 pub(crate) fn current_release<'a>(
@@ -260,5 +320,29 @@ mod tests {
         );
         assert!(crate::configuration::parse_selector("region").is_err());
         assert!(crate::configuration::parse_selector("re gion=eu").is_err());
+    }
+
+    #[test]
+    fn a_failure_aborts_and_a_wave_that_held_through_its_bake_is_promoted() {
+        let failures = vec!["api (pid 7) on n2: bad pool".to_owned()];
+        let view = GuardView {
+            release: "v5",
+            to: "v4",
+            wave: 0,
+            waves: &[10, 50, 100],
+            bake_ms: 60_000,
+            wave_since_ms: 1_000_000,
+            now_ms: 1_000_000 + 60_000 + crate::limits::BAKE_SKEW_MARGIN_MS,
+            failures: &[],
+        };
+        assert_eq!(guard_action(&view), Some(GuardAction::Promote { wave: 1 }));
+        assert_eq!(guard_action(&GuardView { now_ms: view.now_ms - 1, ..view.clone() }), None, "still baking");
+        assert_eq!(guard_action(&GuardView { bake_ms: 0, ..view.clone() }), None, "manual promotion");
+        assert_eq!(guard_action(&GuardView { wave: 2, ..view.clone() }), None, "the last wave");
+        assert_eq!(guard_action(&GuardView { waves: &[], ..view.clone() }), None, "strategy all");
+        let Some(GuardAction::Abort { reason }) = guard_action(&GuardView { failures: &failures, ..view }) else {
+            panic!("a failure must abort")
+        };
+        assert!(reason.contains("v4") && reason.contains("bad pool"), "{reason}");
     }
 }

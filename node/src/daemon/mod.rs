@@ -43,6 +43,7 @@ use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;
 use crate::storage::store::Store;
 
+mod guards;
 mod outputs;
 mod requests;
 #[cfg(test)]
@@ -211,6 +212,8 @@ struct Daemon {
     /// The apply reports each member gossips, by group then node (`rep:<group>`), read at most
     /// every [`REPORT_PUBLISH_INTERVAL`] for the groups this node holds.
     remote_reports: BTreeMap<String, BTreeMap<String, String>>,
+    /// The last release guard action this node wrote, per group (SPEC F15).
+    guards_acted: guards::GuardActed,
     /// Where it is saved.
     history_file: std::path::PathBuf,
     /// The save in progress, if any.
@@ -689,6 +692,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         history_saved: Instant::now(),
         reports_flushed: (Instant::now(), Instant::now()),
         remote_reports: BTreeMap::new(),
+        guards_acted: BTreeMap::new(),
         history_file: data_dir.join(HISTORY_FILE),
         history_write: None,
     };
@@ -1105,6 +1109,8 @@ impl Daemon {
                 remote.insert(group, values);
             }
             self.remote_reports = remote;
+            // With the members' reports fresh: the guards of gated groups' releases (F15).
+            self.run_guards();
         }
         if !now && self.reports_flushed.1.elapsed() < REPORT_SAVE_INTERVAL {
             return;

@@ -550,12 +550,7 @@ impl Daemon {
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));
         // This node's processes, then every other member's as its gossip tells them (F16).
-        let mut processes = self.reports.rows(group);
-        for node in nodes.iter().filter(|row| row.node != self.node_id) {
-            if let Some(value) = self.remote_reports.get(group).and_then(|by_node| by_node.get(&node.node)) {
-                processes.extend(crate::reports::parse_gossip(&node.node, value));
-            }
-        }
+        let processes = self.process_rows(group);
         let quorum = self.replica.quorum_info(group);
         Response::Status {
             group: group.to_owned(),

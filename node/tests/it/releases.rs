@@ -246,3 +246,58 @@ async fn a_canary_by_selector_reaches_only_matching_nodes_and_an_abort_moves_the
         history["versions"].as_array().unwrap().iter().map(|v| v["kind"].as_str().unwrap()).collect();
     assert_eq!(kinds[kinds.len() - 2..], ["release", "abort"], "{kinds:?}");
 }
+
+/// Guards on real konords (SPEC F15): an application on one node that fails to apply the
+/// released version (its `on_change` returned an error, reported to its konord) makes the
+/// members abort the release by themselves, and every node goes back; a canary wave that holds
+/// through its bake time is promoted by the members without an operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_apply_aborts_a_release_and_a_wave_that_bakes_is_promoted_by_the_members() {
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 3).await;
+    gated_group_on_all(&clients, "grd", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let base = ok_json(&on(&sockets[0], &["set", "grd", "pool=8"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "grd", "--to", &base]));
+    let bad = ok_json(&on(&sockets[0], &["set", "grd", "pool=800"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "grd", "--to", &bad]));
+    eventually("n3 serves the bad version", || async {
+        (ok_json(&on(&sockets[2], &["get", "grd", "pool"]))["value"] == 800).then_some(())
+    })
+    .await;
+    // The app on n3 refuses it, as an SDK's on_change reports a callback's error.
+    let report = Request::ReportApply {
+        group: "grd".into(),
+        version: bad.clone(),
+        revision: 0,
+        result: konor_sdk::protocol::ApplyResult::Error { message: "pool must be at most 16".into() },
+    };
+    assert!(matches!(clients[2].call(report).await.unwrap(), Response::Done));
+    for socket in &sockets {
+        eventually("every node aborted the release and serves the base again", || async {
+            let status = ok_json(&on(socket, &["status", "grd"]));
+            let aborted = status["release"]["current"]["aborted"].as_str().unwrap_or_default().to_owned();
+            let back = ok_json(&on(socket, &["get", "grd", "pool"]))["value"] == 8;
+            (back && aborted.contains("pool must be at most 16") && aborted.contains("n3")).then_some(())
+        })
+        .await;
+    }
+    let history = ok_json(&on(&sockets[0], &["history", "grd"]));
+    let abort = history["versions"].as_array().unwrap().iter().rev().find(|v| v["kind"] == "abort").unwrap().clone();
+    assert!(abort["author"].as_str().unwrap().starts_with("konord@"), "written by a member: {abort}");
+
+    // A canary whose first wave holds through a one-second bake is promoted to its last.
+    let good = ok_json(&on(&sockets[1], &["set", "grd", "pool=12"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(
+        &sockets[1],
+        &["release", "grd", "--to", &good, "--strategy", "canary", "--waves", "1,100", "--bake", "1s"],
+    ));
+    for socket in &sockets {
+        eventually("the members promote the canary once it baked", || async {
+            let status = ok_json(&on(socket, &["status", "grd"]));
+            let promoted = status["release"]["current"]["wave"] == 2;
+            (promoted && ok_json(&on(socket, &["get", "grd", "pool"]))["value"] == 12).then_some(())
+        })
+        .await;
+    }
+}
