@@ -12,7 +12,11 @@
 //!    the same time, heals, and checks that every node converges to one outcome: aborted (an
 //!    abort wins over any promotion), every node back on `base`;
 //! 4. releases `a=2` again as a canary and promotes it to its last wave (100%): every node
-//!    serves it.
+//!    serves it;
+//! 5. writes `a=3`, releases it to a 30% canary, and has the application on one node of the
+//!    slice report that it failed to apply it: the members' guards must abort the release and
+//!    every node must serve `a=2` again within [`GUARD_BOUND`] of the report.
+
 //!
 //! The report prints one `step` line per step, `slice N of M`, and `check NAME ok|FAIL: ...`.
 
@@ -32,6 +36,11 @@ use crate::RunConfig;
 use crate::node::{Cluster, Life, call, crash, node_id};
 use crate::run::DataDirs;
 use crate::trace::Trace;
+
+/// How soon after a failed apply is reported every node must serve the version before the
+/// release again: the report is gossiped within a second, every member reads reports and
+/// evaluates guards once a second, and the abort spreads like any change.
+pub const GUARD_BOUND: Duration = Duration::from_secs(10);
 
 /// The gated group of the script.
 const GROUP: &str = "rel";
@@ -190,7 +199,7 @@ async fn steps(
     // 2. A 10% canary of the next version.
     let next = write(cluster, 2, json!(2)).await?;
     let canary = release(cluster, 3, &next, "canary", Some(vec![10, 100])).await?;
-    let release_id = release_id(cluster, 3, &canary).await?;
+    let canary_id = release_id(cluster, 3, &canary).await?;
     let slice: Vec<usize> = (0..nodes)
         .filter(|&index| {
             let viewer = konor_crdt::release::Viewer {
@@ -199,7 +208,7 @@ async fn steps(
             };
             let strategy =
                 konor_crdt::ReleaseStrategy::Canary(konor_crdt::Canary { waves: vec![10, 100], ..Default::default() });
-            konor_crdt::release::in_slice(GROUP, &release_id, &strategy, 0, &viewer)
+            konor_crdt::release::in_slice(GROUP, &canary_id, &strategy, 0, &viewer)
         })
         .collect();
     let outside: Vec<usize> = (0..nodes).filter(|index| !slice.contains(index)).collect();
@@ -261,6 +270,44 @@ async fn steps(
         format!("{again} promoted to 100%: every node serves {next}: {all_served}"),
     ));
     step(report, format!("{again} promoted to its last wave"));
+
+    // 5. A guard breach on one node of a canary's slice rolls the release back everywhere.
+    let third = write(cluster, 0, json!(3)).await?;
+    let breached = release(cluster, 0, &third, "canary", Some(vec![30, 100])).await?;
+    let breached_id = release_id(cluster, 0, &breached).await?;
+    let strategy =
+        konor_crdt::ReleaseStrategy::Canary(konor_crdt::Canary { waves: vec![30, 100], ..Default::default() });
+    let first_in_slice = (0..nodes).find(|&index| {
+        let viewer =
+            konor_crdt::release::Viewer { node: node_id(index), labels: crate::node::region_labels(index, REGIONS) };
+        konor_crdt::release::in_slice(GROUP, &breached_id, &strategy, 0, &viewer)
+    });
+    let Some(failing) = first_in_slice else { bail!("the 30% canary {breached} holds no node") };
+    if !serving(cluster, &[failing], &third).await {
+        bail!("{} never served {third}", node_id(failing));
+    }
+    let reported_at = tokio::time::Instant::now();
+    let failed = Request::ReportApply {
+        group: GROUP.into(),
+        version: third.clone(),
+        revision: 0,
+        result: konor_sdk::protocol::ApplyResult::Error { message: "the app refused it".into() },
+    };
+    if !matches!(call(cluster, failing, failed).await, Some(Response::Done)) {
+        bail!("{} did not take the apply report", node_id(failing));
+    }
+    step(report, format!("the app on {} failed to apply {third} of canary {breached}", node_id(failing)));
+    let rolled_back = serving(cluster, &everyone, &next).await && all_aborted(cluster, &everyone).await;
+    let took = reported_at.elapsed();
+    report.checks.push((
+        "guard-rolls-back".into(),
+        rolled_back && took <= GUARD_BOUND,
+        format!(
+            "every node aborted {breached} and serves {next} again: {rolled_back}, {:.1} s after the report (bound {} s)",
+            took.as_secs_f64(),
+            GUARD_BOUND.as_secs()
+        ),
+    ));
     Ok(())
 }
 

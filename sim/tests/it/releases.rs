@@ -3,7 +3,8 @@
 //! the release's deterministic slice serve it and that no other node's watcher is served it;
 //! then a promotion and an abort made at once on the two sides of a partition converge, after
 //! healing, to the abort on every node; then a canary promoted to its last wave reaches every
-//! node. One simulation per process, as `determinism.rs` explains.
+//! node; then an application that fails to apply a canary on one node makes the members' guards
+//! roll the release back on every node within `GUARD_BOUND` (10 s). One simulation per process, as `determinism.rs` explains.
 
 use std::process::Command;
 
@@ -15,7 +16,7 @@ fn a_ten_percent_canary_reaches_exactly_its_slice_and_promote_and_abort_at_once_
         .unwrap();
     let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "konor-sim releases failed:\n{text}");
-    for check in ["canary-slice", "promote-and-abort-converge", "promoted-to-all"] {
+    for check in ["canary-slice", "promote-and-abort-converge", "promoted-to-all", "guard-rolls-back"] {
         assert!(text.contains(&format!("check {check} ok")), "{check} did not pass:\n{text}");
     }
     let slice: usize = text
