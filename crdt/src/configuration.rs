@@ -148,7 +148,8 @@ pub struct Canary {
     /// Labels a member must carry (`region=eu-west`), all of them; empty: every member.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub selector: BTreeMap<String, String>,
-    /// How long each wave should hold before it is promoted (shown; promotion is manual).
+    /// How long each wave must hold, with no guard broken, before the members promote it to the
+    /// next; 0: promotion is left to an operator.
     #[serde(default)]
     pub bake_ms: u64,
 }

@@ -943,16 +943,16 @@ impl GroupDoc {
             return Err(EditError::NotGated { group: self.name.clone() });
         }
         let bad = |detail: String| EditError::BadRelease { detail };
-        let Some((id, info)) = self.current_release() else {
-            return Err(bad(format!("group {:?} has no release yet", self.name)));
+        let Some((id, info)) = self.active_release() else {
+            return Err(bad(format!(
+                "group {:?} has no release in force (none yet, or every one was aborted)",
+                self.name
+            )));
         };
         let VersionKind::Release { strategy, .. } = &info.kind else {
-            return Err(bad("the current release is not a release version".into()));
+            return Err(bad("the release in force is not a release version".into()));
         };
         let progress = crate::release::progress(id, &self.releases, &self.versions);
-        if let Some(reason) = &progress.aborted {
-            return Err(bad(format!("release {} was aborted ({reason}); make a new release", self.label(id))));
-        }
         Ok((id.clone(), strategy.clone(), progress))
     }
 
@@ -1231,6 +1231,16 @@ impl GroupDoc {
     pub fn current_release(&self) -> Option<(&VersionId, &VersionInfo)> {
         let id = crate::release::current_release(&self.releases, &self.versions)?;
         Some((id, &self.versions.get(id)?.info))
+    }
+
+    /// The release in force: the newest one that is not aborted (after an abort, the release
+    /// before it serves again, and promotions, aborts and guards act on it).
+    pub fn active_release(&self) -> Option<(&VersionId, &VersionInfo)> {
+        self.releases.iter().rev().find_map(|id| {
+            let info = &self.versions.get(id)?.info;
+            let VersionKind::Release { to, .. } = &info.kind else { return None };
+            (self.versions.contains_key(to) && self.release_progress(id).aborted.is_none()).then_some((id, info))
+        })
     }
 
     /// A release's progress (its wave, whether it was aborted), folded from its events.

@@ -249,17 +249,29 @@ async fn steps(
     tokio::time::sleep(Duration::from_secs(3)).await;
     cluster.borrow().network.heal(cut);
     step(report, "healed".to_owned());
+    let both =
+        matches!(promoted, Some(Response::Committed { .. })) && matches!(aborted, Some(Response::Committed { .. }));
     let back = serving(cluster, &everyone, &base).await;
     let agreed = all_aborted(cluster, &everyone).await;
     report.checks.push((
         "promote-and-abort-converge".into(),
-        back && agreed,
-        format!("every node serves {base} again: {back}; every node says the release was aborted: {agreed}"),
+        both && back && agreed,
+        format!(
+            "both committed on their side: {both}; every node serves {base} again: {back}; every node says the release was aborted: {agreed}"
+        ),
     ));
 
     // 4. The canary again, promoted to its last wave.
     let again = release(cluster, 4 % nodes, &next, "canary", Some(vec![10, 100])).await?;
-    let promote = call(cluster, 1, Request::Promote { group: GROUP.into(), wave: None, meta: meta("promote") }).await;
+    // Node 1 may not hold the new release yet: it retries until it does.
+    let mut promote = None;
+    for _attempt in 0..50 {
+        promote = call(cluster, 1, Request::Promote { group: GROUP.into(), wave: None, meta: meta("promote") }).await;
+        if matches!(promote, Some(Response::Committed { .. })) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     if !matches!(promote, Some(Response::Committed { .. })) {
         bail!("the promotion of {again} was not committed: {promote:?}");
     }
@@ -350,10 +362,19 @@ async fn release(
         bake_ms: None,
         meta: meta("release"),
     };
-    match call(cluster, index, request).await {
-        Some(Response::Committed { version, .. }) => Ok(version),
-        other => bail!("the release of {version} on {} was not committed: {other:?}", node_id(index)),
+    // The node may not hold `version` yet (it committed on another): it retries until it does.
+    let mut answer = None;
+    for _attempt in 0..50 {
+        answer = call(cluster, index, request.clone()).await;
+        match &answer {
+            Some(Response::Committed { version, .. }) => return Ok(version.clone()),
+            Some(Response::Error { code: konor_sdk::protocol::ErrorCode::NotFound, .. }) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => break,
+        }
     }
+    bail!("the release of {version} on {} was not committed: {answer:?}", node_id(index))
 }
 
 /// The full id of the current release `label`, from node `index`'s status.

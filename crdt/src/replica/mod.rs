@@ -210,14 +210,27 @@ struct Departed {
     decisions: VecDeque<(RoundId, bool)>,
 }
 
+/// True for a group whose revisions start above every earlier run's (an eventual group, whose
+/// watchers may be told before the fsync, and a gated group, whose served version can change
+/// across a restart with the node's labels); false for a strong group, whose revision is its
+/// change count.
+pub(crate) fn revisions_per_run(doc: &GroupDoc) -> bool {
+    doc.mode() == Mode::Eventual || doc.is_gated()
+}
+
 impl Replica {
     /// The same replica serving a node with these labels: a canary release's selector matches
     /// them (SPEC F14). Set before any watcher subscribes (labels do not change during a run).
     pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Replica {
         self.labels = labels;
         let viewer = self.viewer();
+        let names: Vec<String> = self.groups.keys().cloned().collect();
         for state in self.groups.values_mut() {
             state.doc.set_viewer(viewer.clone());
+        }
+        // The summaries published at load named what was served without the labels.
+        for name in names {
+            self.publish(&name);
         }
         self
     }
@@ -300,7 +313,7 @@ impl Replica {
     pub fn start_revisions_at(&mut self, base: u64) {
         self.revision_base = base;
         let mut moved = Vec::new();
-        for (name, state) in self.groups.iter_mut().filter(|(_, state)| state.doc.mode() == Mode::Eventual) {
+        for (name, state) in self.groups.iter_mut().filter(|(_, state)| revisions_per_run(&state.doc)) {
             state.revision = base.saturating_add(state.doc.change_count());
             state.last_told = state.revision;
             state.events.clear();
@@ -316,7 +329,7 @@ impl Replica {
     /// and in an eventual group above this run's base and above any revision this run gave
     /// the name before (see [`Replica::start_revisions_at`]).
     fn starting_revision(&self, name: &str, doc: &GroupDoc) -> u64 {
-        if doc.mode() == Mode::Strong {
+        if !revisions_per_run(doc) {
             return doc.change_count();
         }
         let counted = self.revision_base.saturating_add(doc.change_count());

@@ -8,7 +8,6 @@ use automerge::ActorId;
 use sha2::{Digest, Sha256};
 
 use super::{CommandError, CommandId, GroupState, LoadedState, Output, PersistOp, Replica, round};
-use crate::group::Mode;
 use crate::journal::{RoundRecord, needs_compaction, round_record, snapshot_file};
 use crate::time::Millis;
 
@@ -87,7 +86,7 @@ impl Replica {
         // starts empty above every revision given before, so a watcher resuming from any of
         // them gets a resync (live watchers get one from the shell). A strong group's watchers
         // were told only of durable changes: its revision is back at the durable count.
-        if state.doc.mode() == Mode::Strong {
+        if !super::revisions_per_run(&state.doc) {
             let revision = state.revision;
             state.events = old.events.into_iter().filter(|(_, event)| event.revision <= revision).collect();
             state.last_told = state.events.back().map_or(revision, |(_, event)| event.revision);

@@ -252,7 +252,14 @@ fn promotions_and_aborts_are_versions_that_converge_and_refuse_what_makes_no_sen
         let (id, _) = doc.current_release().unwrap();
         assert_eq!(doc.release_progress(id).aborted.as_deref(), Some("errors"));
     }
-    assert!(matches!(abort(&mut docs[0], 7), Err(EditError::BadRelease { .. })), "already aborted");
+    // The release before the aborted one is in force again: an abort acts on it, and then on
+    // nothing.
+    let (active, _) = docs[0].active_release().unwrap();
+    assert_eq!(active, &all.version.id);
+    abort(&mut docs[0], 7).unwrap();
+    docs[0].refresh_served();
+    assert!(docs[0].served_settings().is_empty(), "every release aborted: the first version");
+    assert!(matches!(abort(&mut docs[0], 8), Err(EditError::BadRelease { .. })), "no release in force");
 }
 
 fn bad_waves(doc: &mut GroupDoc, to: &str) {

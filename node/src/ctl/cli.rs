@@ -533,7 +533,7 @@ pub struct ReleaseArgs {
     #[arg(long, value_enum, default_value = "all")]
     pub strategy: ReleaseStrategyArg,
     /// Canary: the first wave's percentage of the matching members; the release then waits for
-    /// `promote` to reach them all (the same as `--waves P,100`).
+    /// `promote` (or its bake time) to reach them all (the same as `--waves P,100`).
     #[arg(long, value_name = "PERCENT", conflicts_with = "waves")]
     pub percent: Option<u8>,
     /// Canary: every wave's percentage, strictly increasing (`10,50,100`).
@@ -542,7 +542,8 @@ pub struct ReleaseArgs {
     /// Canary: only members with these labels (`region=eu-west,tier=web`).
     #[arg(long, value_name = "K=V,...")]
     pub selector: Option<String>,
-    /// Canary: how long each wave should hold before it is promoted (e.g. 5m; shown in status).
+    /// Canary: how long each wave must hold, with no app failing to apply it, before the members
+    /// promote it to the next (e.g. 5m; without it, promotion is left to `konorctl promote`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub bake: Option<u64>,
     /// Message and author.

@@ -354,6 +354,107 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
             );
         }
     }
+    releases(&clients).await?;
     println!("\ndone: stopping the 3 daemons and the app, removing {}", base.display());
     Ok(())
+}
+/// Step 8: a gated group (SPEC F14): a write waits for a release, a release reaches every node,
+/// a canary reaches its slice only, and an abort brings every node back.
+async fn releases(clients: &[konor_sdk::Client]) -> anyhow::Result<()> {
+    let group = "rollout";
+    let meta = |message: &str| WriteMeta { author: "demo".into(), message: message.into(), ..WriteMeta::default() };
+    let created = clients[0]
+        .call(Request::GroupCreate {
+            name: group.into(),
+            mode: "eventual".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+            release: Some("gated".into()),
+        })
+        .await?;
+    let Response::GroupCreated { key, .. } = created else { bail!("unexpected answer: {created:?}") };
+    for client in &clients[1..] {
+        client.call(Request::GroupJoin { name: group.into(), key: key.clone() }).await?;
+    }
+    let write = |value: Value| Request::Set {
+        group: group.into(),
+        entries: BTreeMap::from([("limit".to_owned(), value)]),
+        meta: meta("demo write"),
+    };
+    let Response::Committed { version: first, .. } = clients[0].call(write(json!(10))).await? else {
+        bail!("the write was not committed")
+    };
+    until("every node to hold the write", || async {
+        let mut all = true;
+        for client in clients {
+            all &= matches!(client.call(Request::History { group: group.into() }).await,
+                Ok(Response::History { versions, .. }) if versions.iter().any(|v| v.label == first));
+        }
+        all.then_some(())
+    })
+    .await?;
+    for client in clients {
+        if client.get(group, "limit").await?.is_some() {
+            bail!("a write was served before its release");
+        }
+    }
+    println!("8. gated group `rollout`: limit = 10 written as {group}@{first}, held by every node, served by none");
+    let release = |version: &str, strategy: &str, waves: Option<Vec<u8>>| Request::Release {
+        group: group.into(),
+        version: version.to_owned(),
+        strategy: Some(strategy.to_owned()),
+        waves,
+        selector: None,
+        bake_ms: None,
+        meta: meta(&format!("release {version}")),
+    };
+    let started = Instant::now();
+    clients[1].call(release(&first, "all", None)).await?;
+    until("every node to serve the release", || served_everywhere(clients, group, json!(10))).await?;
+    println!("   release {first} from n2: served on all 3 nodes in {:?}", started.elapsed());
+    let Response::Committed { version: next, .. } = clients[0].call(write(json!(20))).await? else {
+        bail!("the write was not committed")
+    };
+    let canary_release = release(&next, "canary", Some(vec![50, 100]));
+    let Response::Committed { version: canary, .. } = clients[0].call(canary_release).await? else {
+        bail!("the canary was not committed")
+    };
+    let mut slice = Vec::new();
+    for (index, client) in clients.iter().enumerate() {
+        let here = until("every node to know the canary", || async {
+            match client.call(Request::Status { group: group.into() }).await {
+                Ok(Response::Status { release: Some(state), .. }) => {
+                    let current = state.current.filter(|c| c.label == canary)?;
+                    let served = client.get(group, "limit").await.ok()??;
+                    (served == json!(if current.here { 20 } else { 10 })).then_some(current.here)
+                }
+                _ => None,
+            }
+        })
+        .await?;
+        if here {
+            slice.push(format!("n{}", index + 1));
+        }
+    }
+    println!(
+        "   canary {canary}: {next} (limit = 20) to 50% of the nodes; each node works out alone whether it is in: [{}]",
+        slice.join(", ")
+    );
+    clients[2]
+        .call(Request::Abort { group: group.into(), reason: Some("demo abort".into()), meta: meta("abort") })
+        .await?;
+    until("every node to serve limit = 10 again", || served_everywhere(clients, group, json!(10))).await?;
+    println!("   abort from n3: every node serves {first} (limit = 10) again");
+    Ok(())
+}
+
+/// `Some` once every node serves `limit = expected` in `group`.
+async fn served_everywhere(clients: &[konor_sdk::Client], group: &str, expected: Value) -> Option<()> {
+    for client in clients {
+        if client.get(group, "limit").await.ok()?? != expected {
+            return None;
+        }
+    }
+    Some(())
 }

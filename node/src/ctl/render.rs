@@ -607,21 +607,23 @@ fn release_text(release: &konor_sdk::protocol::ReleaseState, now_ms: u64) -> Str
                 current.waves.len(),
                 format_age(since)
             );
-            if let Some(bake) = current.bake_ms {
-                if since >= bake {
-                    line.push_str(&format!("; bake of {} done: `konorctl promote` moves on", format_age(bake)));
-                } else {
-                    line.push_str(&format!("; bakes {} more", format_age(bake - since)));
+            let last = wave as usize >= current.waves.len();
+            match current.bake_ms {
+                Some(bake) if !last && since >= bake => {
+                    line.push_str(&format!("; bake of {} done: the members promote it", format_age(bake)));
                 }
+                Some(bake) if !last => line.push_str(&format!("; bakes {} more", format_age(bake - since))),
+                _ if !last => line.push_str("; `konorctl promote` moves it on"),
+                _ => {}
             }
             let here = if current.here { "in the slice" } else { "not in the slice" };
             let _ = writeln!(text, "{line}; this node is {here}");
         }
     }
     let pending = if release.served == release.latest {
-        "every written version is released".to_owned()
+        "the newest written version is served here".to_owned()
     } else {
-        format!("{} is written, not released", cell(&release.latest))
+        format!("{} is written, not served here", cell(&release.latest))
     };
     let _ = writeln!(text, "served here: {}; {pending}", cell(&release.served));
     text

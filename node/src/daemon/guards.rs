@@ -6,13 +6,14 @@
 //! rule, so a release moves on with any node down, and several acting at once converge
 //! (docs/releases.md, "Guards and who acts").
 
-use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use konor_crdt::release::{GuardAction, GuardView, guard_action};
 use konor_crdt::{CommitMeta, ReleaseStrategy, VersionKind};
 use konor_sdk::protocol::{ApplyResult, ProcessRow};
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::info;
 
 use super::{Command, Daemon, PendingReply};
@@ -21,8 +22,14 @@ use super::{Command, Daemon, PendingReply};
 /// group's round can be busy; an eventual write may not commit at once).
 const GUARD_RETRY: Duration = Duration::from_secs(5);
 
-/// The last guard action this node wrote for a group: (release id, action, when).
-pub(super) type GuardActed = BTreeMap<String, (String, GuardAction, Instant)>;
+/// The last guard action this node wrote for a group: (release id, the action's kind and
+/// wave, when). The kind, not the reason: while failures come in, the reason changes.
+pub(super) type GuardActed = BTreeMap<String, (String, Option<u32>, Instant)>;
+
+/// Groups whose copy here has matched every live member's at least once since this node
+/// started: before that, its view of the releases may be out of date (a node back from a long
+/// stop would promote a canary that was replaced long ago), so it does not act.
+pub(super) type GuardsReady = BTreeSet<String>;
 
 impl Daemon {
     /// Evaluates the guards of every gated group's current release and writes what they call
@@ -31,18 +38,28 @@ impl Daemon {
         let groups: Vec<String> = self.replica.group_names().map(str::to_owned).collect();
         let now_ms = self.wall_clock().0;
         for group in groups {
+            if !self.guards_ready.contains(&group) {
+                if !self.in_step_with_members(&group) {
+                    continue;
+                }
+                self.guards_ready.insert(group.clone());
+            }
             let Some(action) = self.guard_for(&group, now_ms) else { continue };
             let Some(doc) = self.replica.group(&group) else { continue };
-            let Some((release, _)) = doc.current_release() else { continue };
+            let Some((release, _)) = doc.active_release() else { continue };
             let release = release.storage_key();
+            let kind = match &action {
+                GuardAction::Abort { .. } => None,
+                GuardAction::Promote { wave } => Some(*wave),
+            };
             if let Some((acted_on, acted, at)) = self.guards_acted.get(&group)
                 && *acted_on == release
-                && *acted == action
+                && *acted == kind
                 && at.elapsed() < GUARD_RETRY
             {
                 continue;
             }
-            self.guards_acted.insert(group.clone(), (release, action.clone(), Instant::now()));
+            self.guards_acted.insert(group.clone(), (release, kind, Instant::now()));
             let author = format!("konord@{}", self.node_id);
             let command = match action {
                 GuardAction::Abort { reason } => {
@@ -64,10 +81,17 @@ impl Daemon {
         }
     }
 
-    /// What the guard rule says about `group`'s current release, if anything.
+    /// True when every live member gossips the same heads as this node holds for `group`.
+    fn in_step_with_members(&self, group: &str) -> bool {
+        let Some(doc) = self.replica.group(group) else { return false };
+        let ours = doc.heads_digest();
+        self.replica.members(group).iter().filter(|(_, live, _)| *live).all(|(_, _, gossip)| gossip.digest == ours)
+    }
+
+    /// What the guard rule says about `group`'s release in force, if anything.
     fn guard_for(&self, group: &str, now_ms: u64) -> Option<GuardAction> {
         let doc = self.replica.group(group)?;
-        let (id, info) = doc.current_release()?;
+        let (id, info) = doc.active_release()?;
         let VersionKind::Release { to, strategy, .. } = &info.kind else { return None };
         let progress = doc.release_progress(id);
         if progress.aborted.is_some() {
@@ -81,7 +105,7 @@ impl Daemon {
         let failures: Vec<String> = self
             .process_rows(group)
             .into_iter()
-            .filter(|row| row.gone_ms.is_none() && row.version == to_label && row.time_ms >= since)
+            .filter(|row| row.gone_ms.is_none() && row.time_ms >= since && names(&row.version, to))
             .filter_map(|row| match &row.result {
                 ApplyResult::Error { message } => {
                     Some(format!("{} (pid {}) on {}: {message}", row.process, row.pid, row.node))
@@ -120,4 +144,10 @@ impl Daemon {
         }
         rows
     }
+}
+
+/// True when `label`, as a process reported it (its node's label: `v12`, or `v12-3fa9` where
+/// that node knew two versions numbered 12), can name `version`.
+fn names(label: &str, version: &konor_crdt::VersionId) -> bool {
+    label.parse::<konor_crdt::VersionRef>().is_ok_and(|reference| reference.matches(version))
 }

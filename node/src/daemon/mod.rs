@@ -214,6 +214,8 @@ struct Daemon {
     remote_reports: BTreeMap<String, BTreeMap<String, String>>,
     /// The last release guard action this node wrote, per group (SPEC F15).
     guards_acted: guards::GuardActed,
+    /// Groups whose guards this node evaluates (its copy matched the members' once).
+    guards_ready: guards::GuardsReady,
     /// Where it is saved.
     history_file: std::path::PathBuf,
     /// The save in progress, if any.
@@ -693,6 +695,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         reports_flushed: (Instant::now(), Instant::now()),
         remote_reports: BTreeMap::new(),
         guards_acted: BTreeMap::new(),
+        guards_ready: Default::default(),
         history_file: data_dir.join(HISTORY_FILE),
         history_write: None,
     };

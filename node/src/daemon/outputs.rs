@@ -48,7 +48,7 @@ impl Daemon {
                 // An eventual group's watchers may have been told of changes the reload dropped,
                 // and its revision moved above theirs: they get a resync. A strong group's were
                 // told only what is saved, and its revision is back where they are.
-                if self.replica.group(&group).is_none_or(|doc| doc.mode() == Mode::Eventual) {
+                if self.replica.group(&group).is_none_or(|doc| doc.mode() == Mode::Eventual || doc.is_gated()) {
                     self.resync_watchers(&group);
                 }
             }

@@ -619,7 +619,6 @@ pub(super) fn change_event(notification: &Notification, prefix: Option<&str>) ->
     })
 }
 
-/// A version as listings show it.
 /// The strategy a `release` request asks for: `all` (the default) or `canary` with its waves
 /// (`[10, 50, 100]`), selector (`region=eu`) and bake time; the core checks the limits.
 fn release_strategy(
@@ -672,7 +671,7 @@ fn release_state(doc: &konor_crdt::GroupDoc) -> konor_sdk::protocol::ReleaseStat
                 time_ms: info.time.0,
                 message: info.message.clone(),
                 waves: canary.map(|c| c.waves.clone()).unwrap_or_default(),
-                wave: canary.map(|_| progress.wave + 1),
+                wave: canary.map(|_| progress.wave.saturating_add(1)),
                 bake_ms: canary.map(|c| c.bake_ms).filter(|ms| *ms > 0),
                 wave_since_ms: canary.map(|_| since),
                 aborted: progress.aborted.clone(),
@@ -681,15 +680,17 @@ fn release_state(doc: &konor_crdt::GroupDoc) -> konor_sdk::protocol::ReleaseStat
         }
         _ => None,
     });
-    // The newest version that wrote something to serve (a release, promotion or abort is not).
+    // The newest version that wrote settings (not a release, promotion, abort, schema or
+    // membership version).
     let latest = doc
         .history()
         .rev()
-        .find(|v| !matches!(v.kind.name(), "release" | "promote" | "abort"))
+        .find(|v| matches!(v.kind.name(), "create" | "set" | "delete" | "apply" | "rollback"))
         .map_or_else(|| doc.latest_label(), |v| doc.label(&v.id));
     konor_sdk::protocol::ReleaseState { served: doc.served_label(), latest, current }
 }
 
+/// A version as listings show it.
 fn version_row(doc: &konor_crdt::GroupDoc, version: &konor_crdt::VersionInfo) -> VersionRow {
     VersionRow {
         label: doc.label(&version.id),

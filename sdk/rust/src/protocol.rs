@@ -250,7 +250,8 @@ pub enum Request {
         /// A canary's selector: labels a member must carry (`region=eu-west,tier=web`).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         selector: Option<String>,
-        /// How long each wave should hold before it is promoted (shown in `status`).
+        /// How long each wave must hold, with no guard broken, before the members promote it
+        /// (absent or 0: promotion is left to an operator).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bake_ms: Option<u64>,
         /// Author and message.
