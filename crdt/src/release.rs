@@ -98,7 +98,8 @@ pub fn slice_place(group: &str, release: &VersionId, node: &str) -> u128 {
 
 /// What a member does about the current release (SPEC F15), decided alone from its own view:
 /// every live member evaluates the same rules, so the release moves on with any node down, and
-/// actions taken by several at once converge ([`progress`]: the largest wave, an abort wins).
+/// actions taken by several at once converge (the fold of `progress`: the largest wave, an abort
+/// wins).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuardAction {
     /// A guard broke: abort the release, with why.
