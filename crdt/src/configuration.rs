@@ -180,6 +180,64 @@ impl Canary {
     }
 }
 
+/// What makes the members abort a release by themselves (SPEC F15), set per release. Every
+/// live member evaluates them once a second from its own view (docs/releases.md, "Guards and
+/// who acts"); the default aborts on the first process that fails to apply the release.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Guards {
+    /// Abort once more than this many processes failed to apply the release (their reload
+    /// callback returned an error); 0: the first failure aborts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_failed: u32,
+    /// Abort once a process on a node the release targets reports an error rate above this,
+    /// in parts per million of its requests (`--max-error-rate 2%` is 20,000); `None`: no
+    /// error-rate guard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_error_rate_ppm: Option<u32>,
+    /// Abort once a node the release targets is dead to the member evaluating.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub node_health: bool,
+}
+
+fn is_zero(count: &u32) -> bool {
+    *count == 0
+}
+
+/// One in a million: the unit of [`Guards::max_error_rate_ppm`].
+pub const PPM: u32 = 1_000_000;
+
+impl Guards {
+    /// True for the default guards (nothing stored with the release).
+    pub fn is_default(&self) -> bool {
+        *self == Guards::default()
+    }
+
+    /// Checks the error-rate bound.
+    pub fn validate(&self) -> Result<(), String> {
+        match self.max_error_rate_ppm {
+            Some(ppm) if ppm > PPM => Err(format!("an error rate is at most 100%, not {}%", f64::from(ppm) / 10_000.0)),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for Guards {
+    /// `abort on 1 failed apply, an error rate over 2%, a dead node`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = vec![match self.max_failed {
+            0 => "the first failed apply".to_owned(),
+            n => format!("more than {n} failed applies"),
+        }];
+        if let Some(ppm) = self.max_error_rate_ppm {
+            parts.push(format!("an error rate over {}%", f64::from(ppm) / 10_000.0));
+        }
+        if self.node_health {
+            parts.push("a dead node".to_owned());
+        }
+        write!(f, "abort on {}", parts.join(", "))
+    }
+}
+
 /// A label key or value in a selector: what `konord --label` accepts.
 fn validate_label(text: &str) -> Result<(), String> {
     let ok = !text.is_empty()

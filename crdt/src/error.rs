@@ -56,6 +56,14 @@ pub enum KeyError {
         /// The first offending character.
         character: char,
     },
+    /// An overlay key (`key@selector`) whose selector breaks the rules.
+    #[error("invalid overlay key {key:?}: {detail}")]
+    BadOverlay {
+        /// The stored key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// A group name that breaks the rules.
     #[error("invalid group name {name:?}: use 1 to 64 letters, digits, '_' or '-', starting with a letter or digit")]
     BadGroupName {
@@ -262,6 +270,12 @@ pub enum EditError {
     /// A release, promotion or abort that cannot be made (bad waves, nothing to promote).
     #[error("{detail}")]
     BadRelease {
+        /// What is wrong.
+        detail: String,
+    },
+    /// An overlay that cannot be written (an immediate group, too many selectors).
+    #[error("{detail}")]
+    BadOverlay {
         /// What is wrong.
         detail: String,
     },

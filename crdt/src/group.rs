@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::config_file::parse_config_file;
-use crate::configuration::{Configuration, Fencing, GroupPolicy, ReleasePolicy, ReleaseStrategy};
+use crate::configuration::{Configuration, Fencing, GroupPolicy, Guards, ReleasePolicy, ReleaseStrategy};
 use crate::diff::SettingsDiff;
 use crate::error::{EditError, KeyError, LoadError, VersionError};
 use crate::file_format::FileFormat;
-use crate::key::{validate_group_name, validate_key};
+use crate::key::validate_group_name;
 use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SETTINGS_BYTES_MAX};
 use crate::schema::Schema;
 use crate::settings::{ContentHash, Settings, hex};
@@ -164,6 +164,8 @@ pub enum Edit {
         to: String,
         /// Which nodes it reaches.
         strategy: ReleaseStrategy,
+        /// What makes the members abort it.
+        guards: Guards,
     },
     /// Move the current canary release to a later wave (`None`: the next one).
     Promote {
@@ -779,6 +781,19 @@ impl GroupDoc {
     }
 
     /// The operations that turn the current settings into `target`, conflicts resolved.
+    /// Checks a key a write names: a key, or an overlay key (`key@selector`) in a gated group
+    /// (SPEC F29; an immediate group serves its settings as they are, with no layer to resolve
+    /// overlays).
+    fn validate_written_key(&self, key: &str) -> Result<(), EditError> {
+        crate::overlay::validate_stored_key(key)?;
+        if crate::overlay::split(key).is_some() && !self.is_gated() {
+            return Err(EditError::BadOverlay {
+                detail: format!("group {:?} serves every version at once: overlays need a gated group", self.name),
+            });
+        }
+        Ok(())
+    }
+
     fn ops_to_reach(&self, target: &Settings) -> Vec<Op> {
         let mut ops = Vec::new();
         for (key, entry) in target.entries() {
@@ -870,7 +885,7 @@ impl GroupDoc {
     /// Everything an edit would write, checked (limits, condition, schema), without writing.
     fn plan_edit(&self, edit: Edit, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
         match edit {
-            Edit::Release { to, strategy } => return self.plan_release(&to, strategy, meta),
+            Edit::Release { to, strategy, guards } => return self.plan_release(&to, strategy, guards, meta),
             Edit::Promote { wave } => return self.plan_promote(wave, meta),
             Edit::Abort { reason } => return self.plan_abort(reason, meta),
             _ => {}
@@ -904,10 +919,17 @@ impl GroupDoc {
 
     /// A release of `to` (SPEC F14): only in a gated group, of a version this node holds, and
     /// not of the version already released with the same strategy.
-    fn plan_release(&self, to: &str, strategy: ReleaseStrategy, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
+    fn plan_release(
+        &self,
+        to: &str,
+        strategy: ReleaseStrategy,
+        guards: Guards,
+        meta: &CommitMeta,
+    ) -> Result<PlannedEdit, EditError> {
         if self.policy.release != ReleasePolicy::Gated {
             return Err(EditError::NotGated { group: self.name.clone() });
         }
+        guards.validate().map_err(|detail| EditError::BadRelease { detail })?;
         if let ReleaseStrategy::Canary(canary) = &strategy {
             canary.validate().map_err(|detail| EditError::BadRelease { detail })?;
         }
@@ -925,15 +947,16 @@ impl GroupDoc {
         }
         let target = target_info.id.clone();
         if let Some((id, info)) = self.current_release()
-            && let VersionKind::Release { to: released, strategy: in_force, .. } = &info.kind
+            && let VersionKind::Release { to: released, strategy: in_force, guards: guarded, .. } = &info.kind
             && *released == target
             && *in_force == strategy
+            && *guarded == guards
             && crate::release::progress(id, &self.releases, &self.versions).aborted.is_none()
         {
             return Err(EditError::Unchanged);
         }
         let from = self.served.as_ref().map(|served| served.version.clone());
-        self.plan_unchecked(Vec::new(), VersionKind::Release { to: target, from, strategy }, meta)
+        self.plan_unchecked(Vec::new(), VersionKind::Release { to: target, from, strategy, guards }, meta)
     }
 
     /// The current release and its progress, for a promotion or an abort; refused when there is
@@ -1085,7 +1108,7 @@ impl GroupDoc {
                 // A key named twice: the last value wins, as in a shell assignment list.
                 let mut unique: BTreeMap<String, (Value, String)> = BTreeMap::new();
                 for (key, value) in entries {
-                    validate_key(&key)?;
+                    self.validate_written_key(&key)?;
                     let canonical = encode_value(&key, &value)?;
                     unique.insert(key, (value, canonical));
                 }
@@ -1100,7 +1123,7 @@ impl GroupDoc {
                 }
                 let mut unique = BTreeSet::new();
                 for key in keys {
-                    validate_key(&key)?;
+                    self.validate_written_key(&key)?;
                     if self.view.get(&key).is_none() && !self.conflicted.contains(&key) {
                         return Err(EditError::NoSuchKey { group: self.name.clone(), key });
                     }
@@ -1110,7 +1133,11 @@ impl GroupDoc {
                 Ok((ops, VersionKind::Delete { keys: unique.into_iter().collect() }))
             }
             Edit::ApplyFile { text, format } => {
-                let target = parse_config_file(&text, format)?;
+                let mut target = parse_config_file(&text, format)?;
+                // A file holds base settings: the overlays stay as they are.
+                for (key, entry) in self.view.entries().filter(|(key, _)| crate::overlay::split(key).is_some()) {
+                    target.insert_canonical(key.to_owned(), entry.value.clone(), entry.canonical.clone());
+                }
                 Ok((self.ops_to_reach(&target), VersionKind::Apply { format }))
             }
             Edit::Rollback(target) => {
@@ -1164,6 +1191,25 @@ impl GroupDoc {
         }
         if bytes_after > SETTINGS_BYTES_MAX {
             return Err(EditError::SettingsTooLarge { bytes: bytes_after, max: SETTINGS_BYTES_MAX });
+        }
+        let new_selectors: BTreeSet<&str> = ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Put { key, .. } => crate::overlay::split(key).map(|(_, selector)| selector),
+                Op::Delete { .. } => None,
+            })
+            .collect();
+        if !new_selectors.is_empty() {
+            let selectors = crate::overlay::selectors(&self.view);
+            let count = selectors.union(&new_selectors).count();
+            if count > crate::limits::OVERLAY_SELECTORS_MAX && count > selectors.len() {
+                return Err(EditError::BadOverlay {
+                    detail: format!(
+                        "a group holds overlays of at most {} selectors; this write makes {count}",
+                        crate::limits::OVERLAY_SELECTORS_MAX
+                    ),
+                });
+            }
         }
         let hash_after = self.view.hash_after(ops.iter().map(|op| match op {
             Op::Put { key, canonical, .. } => (key.as_str(), Some(canonical.as_str())),
@@ -1248,15 +1294,50 @@ impl GroupDoc {
         crate::release::progress(release, &self.releases, &self.versions)
     }
 
-    /// True when this node is in the slice of `release` at its current wave.
-    pub fn in_release_slice(&self, release: &VersionId) -> bool {
+    /// Every release of the group, oldest first: its id and its version record.
+    pub fn releases(&self) -> impl Iterator<Item = (&VersionId, &VersionInfo)> {
+        self.releases.iter().filter_map(|id| {
+            let info = &self.versions.get(id)?.info;
+            matches!(info.kind, VersionKind::Release { .. }).then_some((id, info))
+        })
+    }
+
+    /// The release that gives this node what it serves, and its target (`None` in an
+    /// immediate group, or before the first release reaches this node): what an application's
+    /// apply report is about (SPEC F16).
+    pub fn serving_release(&self) -> Option<(&VersionId, &VersionId)> {
+        self.served.as_ref()?;
+        crate::release::serving_release(&self.name, &self.releases, &self.versions, &self.viewer)
+    }
+
+    /// True when `viewer` (any node, with its labels) is in the slice of `release` at the
+    /// release's current wave, whether or not the release is aborted or superseded.
+    pub fn release_holds(&self, release: &VersionId, viewer: &crate::release::Viewer) -> bool {
         match self.versions.get(release).map(|entry| &entry.info.kind) {
             Some(VersionKind::Release { strategy, .. }) => {
                 let wave = self.release_progress(release).wave;
-                crate::release::in_slice(&self.name, release, strategy, wave, &self.viewer)
+                crate::release::in_slice(&self.name, release, strategy, wave, viewer)
             }
             _ => false,
         }
+    }
+
+    /// The first wave (counted from 0) of `release` whose slice holds `viewer`, if any.
+    pub fn release_wave_of(&self, release: &VersionId, viewer: &crate::release::Viewer) -> Option<u32> {
+        let Some(VersionKind::Release { strategy, .. }) = self.versions.get(release).map(|entry| &entry.info.kind)
+        else {
+            return None;
+        };
+        let waves = match strategy {
+            ReleaseStrategy::All => 1,
+            ReleaseStrategy::Canary(canary) => canary.waves.len().max(1) as u32,
+        };
+        (0..waves).find(|wave| crate::release::in_slice(&self.name, release, strategy, *wave, viewer))
+    }
+
+    /// True when this node is in the slice of `release` at its current wave.
+    pub fn in_release_slice(&self, release: &VersionId) -> bool {
+        self.release_holds(release, &self.viewer)
     }
 
     /// Sets the node this document serves (its id and labels pick its canary slices) and
@@ -1276,6 +1357,8 @@ impl GroupDoc {
             .unwrap_or_else(|| VersionId { counter: 0, actor: String::new() });
         // A target this node indexed is readable; a document without versions serves nothing.
         let settings = self.settings_at(&version).unwrap_or_default();
+        // Each node serves the version's base with the overlays its labels match (SPEC F29).
+        let settings = crate::overlay::resolve(&settings, &self.viewer.labels);
         Served { version, settings }
     }
 
@@ -1303,7 +1386,9 @@ impl GroupDoc {
         self.served.as_ref().is_none_or(|served| {
             crate::release::served_target(&self.name, &self.releases, &self.versions, &self.viewer).as_ref()
                 == Some(&served.version)
-                && self.settings_at(&served.version).is_ok_and(|settings| settings == served.settings)
+                && self
+                    .settings_at(&served.version)
+                    .is_ok_and(|settings| crate::overlay::resolve(&settings, &self.viewer.labels) == served.settings)
         })
     }
 
@@ -1518,7 +1603,7 @@ pub(crate) fn read_key(doc: &Automerge, settings: &ObjId, key: &str, heads: Opti
     let Some(winner) = values.first() else {
         return KeyState::Absent;
     };
-    match winner.text.as_deref().map(|text| (validate_key(key), decode_value(key, text))) {
+    match winner.text.as_deref().map(|text| (crate::overlay::validate_stored_key(key), decode_value(key, text))) {
         Some((Ok(()), Ok(value))) => KeyState::Value { value, conflict },
         _ => KeyState::Invalid { conflict },
     }

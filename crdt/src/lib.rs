@@ -22,6 +22,7 @@ pub mod journal;
 pub mod json_strict;
 pub mod key;
 pub mod limits;
+pub mod overlay;
 pub mod peer_message;
 mod recent;
 pub mod record;
@@ -36,7 +37,7 @@ pub mod value;
 pub mod version;
 
 pub use automerge::{ActorId, ChangeHash};
-pub use configuration::{Canary, ReleasePolicy, ReleaseStrategy};
+pub use configuration::{Canary, Guards, ReleasePolicy, ReleaseStrategy};
 pub use diff::SettingsDiff;
 pub use error::{
     EditError, FileError, KeyError, LoadError, RemoteError, SchemaError, ValueError, VersionError, Violation,

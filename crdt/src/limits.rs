@@ -43,6 +43,19 @@ pub const RELEASE_WAVES_MAX: usize = 10;
 /// and matched on every node at every change.
 pub const RELEASE_SELECTOR_LABELS_MAX: usize = 8;
 
+/// Longest overlay selector as stored (`env=dev,region=eu-west`), in bytes: it is part of each
+/// overlay key, which every change of the key carries.
+pub const OVERLAY_SELECTOR_BYTES_MAX: usize = 256;
+
+/// Most distinct overlay selectors in one group: each is a view every schema check validates
+/// and every node matches against its labels.
+pub const OVERLAY_SELECTORS_MAX: usize = 16;
+
+/// Most views of a group's settings a schema check validates (one per set of labels that
+/// matches overlays together): overlays of many independent labels multiply, and each view is
+/// one schema run on every write.
+pub const OVERLAY_VIEWS_MAX: usize = 64;
+
 /// Longest label key or value in a selector, in bytes: as long as a node's own labels may be.
 pub const LABEL_BYTES_MAX: usize = 64;
 

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use sha2::{Digest, Sha256};
 
-use crate::configuration::ReleaseStrategy;
+use crate::configuration::{Guards, ReleaseStrategy};
 use crate::version::{VersionEntry, VersionId, VersionKind};
 
 /// The node whose served version is computed: its id and its labels.
@@ -132,24 +132,65 @@ pub struct GuardView<'a> {
     pub wave_since_ms: u64,
     /// This node's clock, Unix ms.
     pub now_ms: u64,
+    /// The release's guards.
+    pub guards: &'a Guards,
     /// The processes, on any node, that reported failing to apply the target (`on_change`
     /// returned an error), described (`api (pid 41) on n2: pool must be at most 16`).
     pub failures: &'a [String],
+    /// The error rates processes on targeted nodes reported while running the release, in
+    /// parts per million, each with the process described (`api (pid 41) on n2`).
+    pub error_rates: &'a [(String, u32)],
+    /// The targeted nodes dead to this member.
+    pub dead: &'a [String],
 }
 
-/// The guard rule (SPEC F15): any process that failed to apply the release's target aborts it
-/// (the default guard, `max_failed_reports` 0, of docs/releases.md); a wave that held through its
-/// bake time plus [`crate::limits::BAKE_SKEW_MARGIN_MS`] on this node's clock is promoted to the
-/// next. Nothing otherwise.
+/// The guard rule (SPEC F15): the release is aborted when more processes failed to apply its
+/// target than its guards allow (by default any one), when a process on a targeted node reports
+/// an error rate over the release's bound, or, with the node-health guard, when a targeted node
+/// is dead; otherwise a wave that held through its bake time plus
+/// [`crate::limits::BAKE_SKEW_MARGIN_MS`] on this node's clock is promoted to the next.
 pub fn guard_action(view: &GuardView<'_>) -> Option<GuardAction> {
-    if let Some(first) = view.failures.first() {
+    let abort = |what: String| {
+        let reason = format!("guard: {what}");
+        GuardAction::Abort { reason: reason.chars().take(crate::limits::MESSAGE_BYTES_MAX / 4).collect() }
+    };
+    if view.failures.len() > view.guards.max_failed as usize {
+        let first = &view.failures[0];
         let more = match view.failures.len() {
             1 => String::new(),
             n => format!(" (and {} more)", n - 1),
         };
-        let reason = format!("guard: a process failed to apply {} (release {}): {first}{more}", view.to, view.release);
-        let reason: String = reason.chars().take(crate::limits::MESSAGE_BYTES_MAX / 4).collect();
-        return Some(GuardAction::Abort { reason });
+        let what = match view.guards.max_failed {
+            0 => format!("a process failed to apply {} (release {}): {first}{more}", view.to, view.release),
+            allowed => format!(
+                "{} processes failed to apply {} (release {}), more than {allowed}: {first}{more}",
+                view.failures.len(),
+                view.to,
+                view.release
+            ),
+        };
+        return Some(abort(what));
+    }
+    if let Some(bound) = view.guards.max_error_rate_ppm
+        && let Some((process, rate)) =
+            view.error_rates.iter().filter(|(_, rate)| *rate > bound).max_by_key(|(_, rate)| *rate)
+    {
+        return Some(abort(format!(
+            "error rate {}% over {}% (release {} of {}): {process}",
+            f64::from(*rate) / 10_000.0,
+            f64::from(bound) / 10_000.0,
+            view.release,
+            view.to
+        )));
+    }
+    if view.guards.node_health && !view.dead.is_empty() {
+        return Some(abort(format!(
+            "{} of the release {} ({}) dead: {}",
+            if view.dead.len() == 1 { "a node" } else { "nodes" },
+            view.release,
+            view.to,
+            view.dead.join(", ")
+        )));
     }
     let next = view.wave.saturating_add(1);
     let baked = view.now_ms
@@ -178,6 +219,20 @@ pub(crate) fn served_target(
     versions: &BTreeMap<VersionId, VersionEntry>,
     viewer: &Viewer,
 ) -> Option<VersionId> {
+    match serving_release(group, records, versions, viewer) {
+        Some((_, to)) => Some(to.clone()),
+        None => versions.keys().next().cloned(),
+    }
+}
+
+/// The release that gives `viewer` what it serves, and its target: the newest release that is
+/// not aborted and holds the viewer (`None` before any: the group's first version is served).
+pub(crate) fn serving_release<'a>(
+    group: &str,
+    records: &'a BTreeSet<VersionId>,
+    versions: &'a BTreeMap<VersionId, VersionEntry>,
+    viewer: &Viewer,
+) -> Option<(&'a VersionId, &'a VersionId)> {
     for id in records.iter().rev() {
         let Some(VersionKind::Release { to, strategy, .. }) = versions.get(id).map(|entry| &entry.info.kind) else {
             continue;
@@ -187,10 +242,10 @@ pub(crate) fn served_target(
         }
         let progress = progress(id, records, versions);
         if progress.aborted.is_none() && in_slice(group, id, strategy, progress.wave, viewer) {
-            return Some(to.clone());
+            return Some((id, to));
         }
     }
-    versions.keys().next().cloned()
+    None
 }
 
 #[cfg(test)]
@@ -216,7 +271,7 @@ mod tests {
     }
 
     fn release(to: &VersionId, strategy: ReleaseStrategy) -> VersionKind {
-        VersionKind::Release { to: to.clone(), from: None, strategy }
+        VersionKind::Release { to: to.clone(), from: None, strategy, guards: Guards::default() }
     }
 
     fn viewer(node: &str) -> Viewer {
@@ -334,7 +389,10 @@ mod tests {
             bake_ms: 60_000,
             wave_since_ms: 1_000_000,
             now_ms: 1_000_000 + 60_000 + crate::limits::BAKE_SKEW_MARGIN_MS,
+            guards: &Guards::default(),
             failures: &[],
+            error_rates: &[],
+            dead: &[],
         };
         assert_eq!(guard_action(&view), Some(GuardAction::Promote { wave: 1 }));
         assert_eq!(guard_action(&GuardView { now_ms: view.now_ms - 1, ..view.clone() }), None, "still baking");
@@ -345,5 +403,47 @@ mod tests {
             panic!("a failure must abort")
         };
         assert!(reason.contains("v4") && reason.contains("bad pool"), "{reason}");
+    }
+
+    #[test]
+    fn each_guard_aborts_only_past_its_bound() {
+        let failures = ["api (pid 1) on n2: no".to_owned(), "api (pid 2) on n3: no".to_owned()];
+        let rates = [("api (pid 1) on n2".to_owned(), 30_000), ("api (pid 2) on n3".to_owned(), 5_000)];
+        let dead = ["n3".to_owned()];
+        let lenient = Guards { max_failed: 2, max_error_rate_ppm: Some(30_000), node_health: false };
+        let view = GuardView {
+            release: "v5",
+            to: "v4",
+            wave: 0,
+            waves: &[],
+            bake_ms: 0,
+            wave_since_ms: 0,
+            now_ms: 0,
+            guards: &lenient,
+            failures: &failures,
+            error_rates: &rates,
+            dead: &dead,
+        };
+        assert_eq!(guard_action(&view), None, "2 failures allowed, 3% is not over 3%, node health off");
+        let aborts = |guards: Guards| match guard_action(&GuardView { guards: &guards, ..view.clone() }) {
+            Some(GuardAction::Abort { reason }) => reason,
+            other => panic!("{guards:?} must abort: {other:?}"),
+        };
+        let reason = aborts(Guards { max_failed: 1, ..lenient.clone() });
+        assert!(reason.contains("2 processes failed to apply v4") && reason.contains("more than 1"), "{reason}");
+        let reason = aborts(Guards { max_error_rate_ppm: Some(20_000), ..lenient.clone() });
+        assert!(reason.contains("error rate 3% over 2%") && reason.contains("on n2"), "{reason}");
+        let reason = aborts(Guards { node_health: true, ..lenient.clone() });
+        assert!(reason.contains("dead: n3"), "{reason}");
+        assert_eq!(
+            guard_action(&GuardView {
+                error_rates: &[],
+                dead: &[],
+                guards: &Guards { max_error_rate_ppm: Some(1), node_health: true, ..lenient },
+                ..view
+            }),
+            None,
+            "no report and no dead node: nothing to act on"
+        );
     }
 }

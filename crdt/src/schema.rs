@@ -109,8 +109,57 @@ impl Schema {
         self.all_violations(settings).into_iter().take(VIOLATIONS_REPORTED_MAX + 1).collect()
     }
 
-    /// Every rule `settings` break, sorted, uncut.
+    /// Every rule `settings` break, sorted, uncut. With overlays (SPEC F29), the base and each
+    /// overlay's view must hold; a violation in an overlay's view names the overlay's key.
     fn all_violations(&self, settings: &Settings) -> BTreeSet<Violation> {
+        if !crate::overlay::has_overlays(settings) {
+            return self.view_violations(settings);
+        }
+        let mut found = self.view_violations(&crate::overlay::base(settings));
+        let Some(views) = crate::overlay::views(settings) else {
+            found.insert(Violation {
+                key: None,
+                value: None,
+                rule: String::new(),
+                message: format!(
+                    "the overlays combine into more than {} views, too many to check against the schema: \
+                     use fewer overlapping selectors",
+                    crate::limits::OVERLAY_VIEWS_MAX
+                ),
+            });
+            return found;
+        };
+        let in_base: BTreeSet<(Option<String>, String, String)> = found.iter().map(identity).collect();
+        for (labels, view) in views {
+            for mut violation in self.view_violations(&view) {
+                if in_base.contains(&identity(&violation)) {
+                    continue;
+                }
+                // A violation on a key an overlay sets names the overlay that wins it (the last
+                // matching selector in text order), else the view's labels.
+                let overlay = violation.key.as_ref().and_then(|key| {
+                    settings
+                        .entries()
+                        .map(|(stored, _)| stored)
+                        .filter(|stored| {
+                            crate::overlay::split(stored).is_some_and(|(base, selector)| {
+                                base == key && crate::overlay::selector_within(selector, &labels)
+                            })
+                        })
+                        .last()
+                });
+                match overlay {
+                    Some(stored) => violation.key = Some(stored.to_owned()),
+                    None => violation.message = format!("{} (on nodes labelled {labels})", violation.message),
+                }
+                found.insert(violation);
+            }
+        }
+        found
+    }
+
+    /// Every rule one view of the settings breaks.
+    fn view_violations(&self, settings: &Settings) -> BTreeSet<Violation> {
         let instance = settings.to_json();
         let mut found = BTreeSet::new();
         if self.validator.is_valid(&instance) {

@@ -11,7 +11,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::configuration::ReleaseStrategy;
+use crate::configuration::{Guards, ReleaseStrategy};
 use crate::error::VersionError;
 use crate::file_format::FileFormat;
 use crate::settings::{ContentHash, hex, unhex};
@@ -168,6 +168,9 @@ pub enum VersionKind {
         from: Option<VersionId>,
         /// Which nodes it reaches.
         strategy: ReleaseStrategy,
+        /// What makes the members abort it (SPEC F15).
+        #[serde(default, skip_serializing_if = "Guards::is_default")]
+        guards: Guards,
     },
     /// A canary release moved to a later wave (settings unchanged).
     Promote {

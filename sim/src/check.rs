@@ -112,7 +112,9 @@ async fn gated_divergence(sim: &Sim) -> Option<String> {
     let members: Vec<usize> =
         sim.records.borrow().members.get(&GroupKind::Gated).map(|m| m.iter().copied().collect()).unwrap_or_default();
     let mut releases: BTreeMap<Option<(String, bool)>, Vec<usize>> = BTreeMap::new();
-    let mut in_slice: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    // Nodes with the same labels in the slice serve the same settings (overlays differ by
+    // labels, SPEC F29).
+    let mut in_slice: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
     for node in members {
         if sim.cluster.borrow().nodes[node].life != Life::Up {
             continue;
@@ -129,13 +131,17 @@ async fn gated_divergence(sim: &Sim) -> Option<String> {
             && let Some(Response::Snapshot { content_hash, .. }) =
                 call(&sim.cluster, node, Request::Snapshot { group: group.clone(), prefix: None }).await
         {
-            in_slice.entry(content_hash).or_default().push(node);
+            let labels = konor_crdt::overlay::selector_text(&node_labels(sim, node));
+            in_slice.entry((labels, content_hash)).or_default().push(node);
         }
     }
-    (releases.len() > 1 || in_slice.len() > 1).then(|| {
+    let label_sets: std::collections::BTreeSet<&String> = in_slice.keys().map(|(labels, _)| labels).collect();
+    (releases.len() > 1 || in_slice.len() > label_sets.len()).then(|| {
         let named: Vec<String> = releases.iter().map(|(release, nodes)| format!("{release:?} on {nodes:?}")).collect();
-        let served: Vec<String> =
-            in_slice.iter().map(|(hash, nodes)| format!("{} on {nodes:?}", hash.get(..8).unwrap_or(""))).collect();
+        let served: Vec<String> = in_slice
+            .iter()
+            .map(|((labels, hash), nodes)| format!("{} for {labels} on {nodes:?}", hash.get(..8).unwrap_or("")))
+            .collect();
         format!("gt: current releases [{}]; served in the slice [{}]", named.join("; "), served.join("; "))
     })
 }
@@ -267,23 +273,12 @@ pub async fn check_gated_served(sim: &Sim) {
         if sim.cluster.borrow().nodes[node].life != Life::Up {
             continue;
         }
-        let Some(Response::Snapshot { settings, freshness, content_hash, .. }) =
+        let Some(Response::Snapshot { settings, freshness, .. }) =
             call(&sim.cluster, node, Request::Snapshot { group: group.clone(), prefix: None }).await
         else {
             continue;
         };
         let version = freshness.version;
-        // Independent of the node's own reading of versions: the content served is that of a
-        // version some release targeted (or the empty settings before any).
-        let short = content_hash.get(..12).unwrap_or_default().to_owned();
-        let empty = konor_sdk::protocol::content_hash(&BTreeMap::new());
-        if content_hash != empty && !sim.records.borrow().released_hashes.contains(&short) {
-            sim.violation(
-                invariant::RELEASE,
-                format!("n{node} serves gt as {version} with content {short}, which no release targeted"),
-            );
-            return;
-        }
         let released = crate::workload::version_counter(&version)
             .is_some_and(|counter| counter == 1 || sim.records.borrow().released.contains(&counter));
         if !released {
@@ -291,9 +286,29 @@ pub async fn check_gated_served(sim: &Sim) {
             return;
         }
         let request = Request::Show { group: group.clone(), version: version.clone() };
-        let Some(Response::Show { settings: at_version, .. }) = call(&sim.cluster, node, request).await else {
+        let Some(Response::Show { settings: written, .. }) = call(&sim.cluster, node, request).await else {
             continue;
         };
+        // Independent of the node's own reading of versions: the version served was written
+        // with content some release targeted (or is the empty first one), and the node serves
+        // its base with the overlays of its own labels (SPEC F14, F29).
+        let short = konor_sdk::protocol::content_hash(&written).get(..12).unwrap_or_default().to_owned();
+        if !written.is_empty() && !sim.records.borrow().released_hashes.contains(&short) {
+            sim.violation(
+                invariant::RELEASE,
+                format!("n{node} serves gt as {version} with content {short}, which no release targeted"),
+            );
+            return;
+        }
+        let mut stored = konor_crdt::Settings::new();
+        for (key, value) in &written {
+            stored.insert(key.clone(), value.clone());
+        }
+        let at_version: BTreeMap<String, serde_json::Value> =
+            konor_crdt::overlay::resolve(&stored, &node_labels(sim, node))
+                .iter()
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect();
         if at_version != settings {
             let differing: Vec<&String> = settings
                 .keys()
@@ -308,6 +323,11 @@ pub async fn check_gated_served(sim: &Sim) {
             return;
         }
     }
+}
+
+/// The labels node `node` runs with.
+fn node_labels(sim: &Sim, node: usize) -> BTreeMap<String, String> {
+    crate::node::region_labels(node, sim.config.regions)
 }
 
 /// Every write answered `Committed` is in the history of every running member (SPEC 2).

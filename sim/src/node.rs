@@ -138,9 +138,11 @@ pub struct Cluster {
     regions: usize,
 }
 
-/// A node's labels: `sim=1`, and `region=rK` (K = index mod `regions`) when regions are asked for.
+/// A node's labels: `sim=1`, `parity=even|odd` (by index: the gated group's overlays select
+/// on it), and `region=rK` (K = index mod `regions`) when regions are asked for.
 pub fn region_labels(index: usize, regions: usize) -> BTreeMap<String, String> {
-    let mut labels = BTreeMap::from([("sim".to_owned(), "1".to_owned())]);
+    let parity = if index.is_multiple_of(2) { "even" } else { "odd" };
+    let mut labels = BTreeMap::from([("sim".to_owned(), "1".to_owned()), ("parity".to_owned(), parity.to_owned())]);
     if regions > 0 {
         labels.insert("region".to_owned(), format!("r{}", index % regions));
     }

@@ -360,6 +360,9 @@ async fn release(
         waves,
         selector: None,
         bake_ms: None,
+        max_failed: None,
+        max_error_rate: None,
+        node_health: None,
         meta: meta("release"),
     };
     // The node may not hold `version` yet (it committed on another): it retries until it does.

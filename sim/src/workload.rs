@@ -358,8 +358,15 @@ async fn write_once(sim: Sim) {
     let marker = format!("w{seq}");
     let request = match kind {
         WriteKind::Set => {
-            let entries =
-                BTreeMap::from([(marker, Value::from(seq)), (format!("k{plain}"), Value::from(format!("v{seq}")))]);
+            // In the gated group, some writes go to an overlay (SPEC F29): the nodes of one
+            // parity serve them once released.
+            let overlay = group == GroupKind::Gated && sim.rng.borrow_mut().chance(0.3);
+            let key = match (overlay, seq % 2) {
+                (false, _) => format!("k{plain}"),
+                (true, 0) => format!("k{plain}@parity=even"),
+                (true, _) => format!("k{plain}@parity=odd"),
+            };
+            let entries = BTreeMap::from([(marker, Value::from(seq)), (key, Value::from(format!("v{seq}")))]);
             Some(Request::Set { group: name, entries, meta: meta(seq) })
         }
         WriteKind::Delete => Some(Request::Delete { group: name, keys: vec![format!("k{plain}")], meta: meta(seq) }),
@@ -408,6 +415,9 @@ async fn write_once(sim: Sim) {
                                     waves: canary.then(|| vec![30, 60, 100]),
                                     selector: None,
                                     bake_ms: None,
+                                    max_failed: None,
+                                    max_error_rate: None,
+                                    node_health: None,
                                     meta: meta(seq),
                                 }
                             },
@@ -799,5 +809,7 @@ pub async fn setup_groups(sim: &Sim, bound: Duration) -> bool {
     }
     let records = sim.records.borrow();
     let joined = records.members.values().map(BTreeSet::len).sum::<usize>();
-    joined == nodes + strong_members
+    let expected: usize =
+        GroupKind::ALL.iter().map(|group| if *group == GroupKind::Strong { strong_members } else { nodes }).sum();
+    joined == expected
 }

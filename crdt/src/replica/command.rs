@@ -105,6 +105,8 @@ pub enum Command {
         version: String,
         /// Which nodes it reaches.
         strategy: crate::configuration::ReleaseStrategy,
+        /// What makes the members abort it.
+        guards: crate::configuration::Guards,
         /// Author, message, time.
         meta: CommitMeta,
     },

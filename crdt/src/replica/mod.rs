@@ -519,8 +519,8 @@ impl Replica {
             }
             Command::Rollback { group, version, meta } => self.local_write(id, group, Edit::Rollback(version), meta),
             Command::SetSchema { group, schema, meta } => self.local_write(id, group, Edit::Schema(schema), meta),
-            Command::Release { group, version, strategy, meta } => {
-                self.local_write(id, group, Edit::Release { to: version, strategy }, meta)
+            Command::Release { group, version, strategy, guards, meta } => {
+                self.local_write(id, group, Edit::Release { to: version, strategy, guards }, meta)
             }
             Command::Promote { group, wave, meta } => self.local_write(id, group, Edit::Promote { wave }, meta),
             Command::Abort { group, reason, meta } => self.local_write(id, group, Edit::Abort { reason }, meta),

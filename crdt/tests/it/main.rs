@@ -11,6 +11,7 @@ mod exchange;
 mod format_upgrade;
 mod guarded_edit;
 mod module_graph;
+mod overlay;
 mod release;
 mod replica;
 mod strong;

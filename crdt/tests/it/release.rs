@@ -31,7 +31,7 @@ fn gated(count: u8) -> Vec<GroupDoc> {
 }
 
 fn release(doc: &mut GroupDoc, to: &str, n: u64) -> Result<konor_crdt::LocalCommit, EditError> {
-    doc.edit(Edit::Release { to: to.into(), strategy: ReleaseStrategy::All }, &meta(n))
+    doc.edit(Edit::Release { to: to.into(), strategy: ReleaseStrategy::All, guards: Default::default() }, &meta(n))
 }
 
 #[test]
@@ -46,7 +46,7 @@ fn a_gated_group_serves_only_what_a_release_targets() {
     assert_eq!(docs[0].served_label(), "v1");
 
     let commit = release(&mut docs[0], "v2", 2).unwrap();
-    let VersionKind::Release { to, from, strategy } = &commit.version.kind else { panic!("{commit:?}") };
+    let VersionKind::Release { to, from, strategy, .. } = &commit.version.kind else { panic!("{commit:?}") };
     assert_eq!((to.counter, from.as_ref().map(|f| f.counter), strategy), (2, Some(1), &ReleaseStrategy::All));
     let change = docs[0].refresh_served().expect("the release moves what is served");
     assert_eq!(change.set.len(), 2);
@@ -143,6 +143,7 @@ fn release_command(to: &str) -> Command {
         group: "app".into(),
         version: to.into(),
         strategy: ReleaseStrategy::All,
+        guards: Default::default(),
         meta: CommitMeta::new("ops", "release", Millis(1_700_000_000_000)),
     }
 }
@@ -239,7 +240,9 @@ fn promotions_and_aborts_are_versions_that_converge_and_refuse_what_makes_no_sen
     docs[0].set(vec![("a".into(), json!(2))], &meta(4)).unwrap();
     let latest = docs[0].latest_label();
     bad_waves(&mut docs[0], &latest);
-    docs[0].edit(Edit::Release { to: latest, strategy: canary(&[1, 100]) }, &meta(5)).unwrap();
+    docs[0]
+        .edit(Edit::Release { to: latest, strategy: canary(&[1, 100]), guards: Default::default() }, &meta(5))
+        .unwrap();
     exchange_all(&mut docs);
     // A promotion on one node and an abort on the other, at once: the abort wins everywhere.
     promote(&mut docs[0], 6).unwrap();
@@ -265,7 +268,8 @@ fn promotions_and_aborts_are_versions_that_converge_and_refuse_what_makes_no_sen
 fn bad_waves(doc: &mut GroupDoc, to: &str) {
     let heads = doc.heads();
     for waves in [&[][..], &[50, 10], &[0], &[101]] {
-        let refused = doc.edit(Edit::Release { to: to.to_owned(), strategy: canary(waves) }, &meta(9));
+        let refused = doc
+            .edit(Edit::Release { to: to.to_owned(), strategy: canary(waves), guards: Default::default() }, &meta(9));
         assert!(
             matches!(&refused, Err(EditError::BadRelease { detail }) if detail.contains("wave")),
             "{waves:?}: {refused:?}"

@@ -3,6 +3,8 @@
 //! `konorctl status` shows which version it runs), and serves hot reads from the SDK's cache.
 //!
 //! Usage: `KONOR_SOCKET=/path/to/konord.sock konor-app [GROUP]` (default group `demo`).
+//! `KONOR_APP_MAX_WORKERS=N` (default 64) is the most `workers` this instance accepts: a
+//! reload asking for more fails, which a gated group's release guard turns into a rollback.
 
 use std::time::Instant;
 
@@ -27,6 +29,10 @@ struct Features {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let group = std::env::args().nth(1).unwrap_or_else(|| "demo".to_owned());
+    let max_workers: u32 = match std::env::var("KONOR_APP_MAX_WORKERS") {
+        Ok(text) => text.parse().map_err(|_| anyhow::anyhow!("KONOR_APP_MAX_WORKERS={text:?} is not a count"))?,
+        Err(_) => 64,
+    };
     let client = Client::connect_default().await?;
     let node = client.node_id();
     let snapshot = client.snapshot(&group).await?;
@@ -40,9 +46,9 @@ async fn main() -> anyhow::Result<()> {
                     serde_json::from_value(nested).map_err(|e| konor_sdk::SdkError::Protocol(e.to_string()))
                 })
                 .map_err(|e| format!("config does not fit the app: {e}"))?;
-            if config.workers > 64 {
+            if config.workers > max_workers {
                 // The app refuses settings it cannot run with; the daemon records the refusal.
-                return Err(format!("workers = {} is more than this app supports (64)", config.workers));
+                return Err(format!("workers = {} is more than this app supports ({max_workers})", config.workers));
             }
             match event {
                 WatchEvent::Change { version, revision, .. } => {

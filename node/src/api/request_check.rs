@@ -8,6 +8,7 @@ use konor_crdt::key::{validate_group_name, validate_key};
 use konor_crdt::limits::{
     AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEY_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX,
 };
+use konor_crdt::overlay::validate_stored_key;
 use konor_sdk::protocol::{Request, WriteMeta};
 
 use crate::limits::{MESH_NODES_MAX, PROCESS_NAME_BYTES_MAX, VERSION_LABEL_BYTES_MAX};
@@ -19,6 +20,12 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
         Request::Hello { process, .. } => check_length("process", process, PROCESS_NAME_BYTES_MAX),
         Request::Get { group, key } => {
             check_group(group)?;
+            if konor_crdt::overlay::split(key).is_some() && validate_stored_key(key).is_ok() {
+                return Err(format!(
+                    "{key:?} is an overlay value: `get` answers with this node's own view (its overlays \
+                     applied); read overlays as written with `show GROUP@VERSION`"
+                ));
+            }
             validate_key(key).map_err(|error| error.to_string())
         }
         Request::Snapshot { group, prefix } | Request::Watch { group, prefix, .. } => {
@@ -29,7 +36,9 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
         | Request::Unwatch { group }
         | Request::History { group }
         | Request::Conflicts { group }
-        | Request::Status { group } => check_group(group),
+        | Request::Status { group }
+        | Request::ReleaseReport { group, .. }
+        | Request::ReportErrorRate { group, .. } => check_group(group),
         Request::ReportApply { group, version, .. } => {
             check_group(group)?;
             check_label("version", version)
@@ -56,7 +65,8 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_group(group)?;
             check_count("entries", entries.len(), KEYS_PER_GROUP_MAX)?;
             for key in entries.keys() {
-                validate_key(key).map_err(|error| error.to_string())?;
+                // A key, or an overlay key (`key@selector`, SPEC F29).
+                validate_stored_key(key).map_err(|error| error.to_string())?;
             }
             check_meta(meta)
         }
@@ -64,7 +74,7 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_group(group)?;
             check_count("keys", keys.len(), KEYS_PER_GROUP_MAX)?;
             for key in keys {
-                validate_key(key).map_err(|error| error.to_string())?;
+                validate_stored_key(key).map_err(|error| error.to_string())?;
             }
             check_meta(meta)
         }

@@ -28,6 +28,9 @@ Exit codes:
   5  internal error: konord failed internally (see its log), versions of konorctl and konord
      that do not understand each other, or a bug
   6  `health`: the node fails a threshold given (or is degraded)
+  7  `release --wait`, `release status --wait`: the release was aborted (or a newer one
+     replaced it)
+  8  `--wait`: the release was not complete when `--wait-timeout` ran out (it goes on)
 
 The daemon's socket comes from --socket, else from the KONOR_SOCKET environment variable
 (konord listens on <data-dir>/konord.sock unless started with --socket). With --endpoint
@@ -97,7 +100,7 @@ pub enum Command {
     /// Make a new version whose settings equal those of an older version.
     Rollback(RollbackArgs),
     /// Release a version of a gated group to every member, or to a canary slice grown wave by
-    /// wave (`konorctl status GROUP` shows the release in force).
+    /// wave; `release status GROUP` follows it, `release report GROUP` exports the releases.
     Release(ReleaseArgs),
     /// Move the current canary release of a gated group to its next wave.
     Promote(PromoteArgs),
@@ -401,6 +404,11 @@ pub struct SetArgs {
     /// KEY=VALUE pairs; VALUE is parsed as JSON when it is JSON (8080, true, a list), else taken as a string.
     #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_assignment)]
     pub assignments: Vec<Assignment>,
+    /// Write the values into the overlay of the nodes whose labels match (`env=dev`,
+    /// `region=eu,tier=web`): in a gated group, those nodes serve them in place of the base's
+    /// once released (stored as `KEY@env=dev`).
+    #[arg(long, value_name = "K=V,...")]
+    pub overlay: Option<String>,
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,
@@ -488,6 +496,9 @@ pub struct DeleteArgs {
     /// Keys to delete.
     #[arg(required = true, value_name = "KEY")]
     pub keys: Vec<String>,
+    /// Delete the keys from the overlay of this selector (`env=dev`), not from the base.
+    #[arg(long, value_name = "K=V,...")]
+    pub overlay: Option<String>,
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,
@@ -520,15 +531,25 @@ pub struct RollbackArgs {
     pub write: WriteArgs,
 }
 
-/// `konorctl release`
+/// `konorctl release`: `release GROUP --to vN ...` makes a release; `release status` and
+/// `release report` read them. (A group named `status` or `report` is released with
+/// `konorctl release --to vN -- status`.)
 #[derive(Debug, Clone, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 pub struct ReleaseArgs {
+    /// Read a group's releases instead of making one.
+    #[command(subcommand)]
+    pub command: Option<ReleaseCommand>,
     /// Group name (a gated group).
-    pub group: String,
+    #[arg(required = true)]
+    pub group: Option<String>,
     /// The version to serve (`v12`, as `konorctl history` lists them; an older one rolls the
     /// release back).
-    #[arg(long, value_name = "VERSION")]
-    pub to: String,
+    #[arg(long, value_name = "VERSION", required = true)]
+    pub to: Option<String>,
+    /// Then follow it until it completes or is aborted (as `release status --wait`).
+    #[command(flatten)]
+    pub wait: WaitArgs,
     /// Which nodes: all (every member at once) or canary (a slice, grown by `promote`).
     #[arg(long, value_enum, default_value = "all")]
     pub strategy: ReleaseStrategyArg,
@@ -546,9 +567,85 @@ pub struct ReleaseArgs {
     /// promote it to the next (e.g. 5m; without it, promotion is left to `konorctl promote`).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
     pub bake: Option<u64>,
+    /// Guard: the members abort the release once more than N processes failed to apply it
+    /// (default 0: the first failure aborts).
+    #[arg(long, value_name = "N")]
+    pub max_failed: Option<u32>,
+    /// Guard: the members abort the release once a process on a node it targets reports an
+    /// error rate above this (`2%` or `0.02`; apps report theirs with the SDK's
+    /// `report_error_rate`).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub max_error_rate: Option<f64>,
+    /// Guard: the members abort the release once a node it targets is dead.
+    #[arg(long)]
+    pub node_health: bool,
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,
+}
+
+/// A rate as typed: `2%` or `0.02`, from 0 to 1.
+fn parse_rate(text: &str) -> Result<f64, String> {
+    let text = text.trim();
+    let rate = match text.strip_suffix('%') {
+        Some(percent) => percent.trim().parse::<f64>().map(|p| p / 100.0),
+        None => text.parse::<f64>(),
+    }
+    .map_err(|_| format!("{text:?} is not a rate: write 2% or 0.02"))?;
+    if !rate.is_finite() || !(0.0..=1.0).contains(&rate) {
+        return Err(format!("{text:?} is not a rate from 0% to 100%"));
+    }
+    Ok(rate)
+}
+
+/// `konorctl release status|report`
+#[derive(Debug, Clone, Subcommand)]
+pub enum ReleaseCommand {
+    /// The newest release of a gated group, desired against actual: every member's wave and
+    /// the version it serves, every process's apply result, the success rate and the time to
+    /// consistency.
+    Status {
+        /// Group name (a gated group).
+        group: String,
+        /// Follow it.
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// A gated group's releases as an audit report: one row per release, node and process,
+    /// with the result and when it applied (newest release first).
+    Report {
+        /// Group name (a gated group).
+        group: String,
+        /// `table` (as `release status`, per release), `jsonl` or `csv` (one row each).
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+        /// How many releases, newest first (at most 64).
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+}
+
+/// `--wait`: follow a release until it completes or is aborted.
+#[derive(Debug, Clone, Args)]
+pub struct WaitArgs {
+    /// Follow the release, printing each change of its progress to stderr, until every node
+    /// of its last wave applied it (exit 0) or it is aborted (exit 7).
+    #[arg(long)]
+    pub wait: bool,
+    /// Give up waiting after this long (exit 8; the release goes on).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms, default_value = "10m", requires = "wait")]
+    pub wait_timeout: u64,
+}
+
+/// How `release report` prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    /// As `release status`, one block per release.
+    Table,
+    /// One JSON object per (release, node, process).
+    Jsonl,
+    /// One CSV row per (release, node, process), with a header.
+    Csv,
 }
 
 /// Which nodes a release reaches, as typed on the command line.

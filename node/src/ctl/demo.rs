@@ -27,7 +27,9 @@ struct Demo {
     konord: PathBuf,
     app: PathBuf,
     nodes: Vec<DemoNode>,
-    app_child: Option<Child>,
+    /// The example apps the demo started (the first against group `demo`, then one per node
+    /// against `rollout`).
+    apps: Vec<Child>,
 }
 
 struct DemoNode {
@@ -41,7 +43,7 @@ struct DemoNode {
 
 impl Drop for Demo {
     fn drop(&mut self) {
-        for child in self.nodes.iter_mut().filter_map(|n| n.child.as_mut()).chain(self.app_child.as_mut()) {
+        for child in self.nodes.iter_mut().filter_map(|n| n.child.as_mut()).chain(self.apps.iter_mut()) {
             let _ = child.kill();
             let _ = child.wait();
         }
@@ -170,7 +172,7 @@ pub async fn run() -> anyhow::Result<()> {
     let konord = binary("konord")?;
     let app = binary("konor-app")?;
     let dir = tempfile::Builder::new().prefix("konor-demo").tempdir().context("cannot create a temp dir")?;
-    let mut demo = Demo { dir, konord, app, nodes: Vec::new(), app_child: None };
+    let mut demo = Demo { dir, konord, app, nodes: Vec::new(), apps: Vec::new() };
     tokio::select! {
         result = script(&mut demo) => result,
         _ = tokio::signal::ctrl_c() => {
@@ -264,7 +266,7 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
             }
         });
     }
-    demo.app_child = Some(app);
+    demo.apps.push(app);
     println!("3. example app (examples/, konor-sdk) started against n3; its output is shown with `|`");
     until("the app to report its first apply", || async {
         match clients[2].call(Request::Status { group: "demo".into() }).await {
@@ -355,7 +357,8 @@ async fn script(demo: &mut Demo) -> anyhow::Result<()> {
         }
     }
     releases(&clients).await?;
-    println!("\ndone: stopping the 3 daemons and the app, removing {}", base.display());
+    guards(demo, &clients).await?;
+    println!("\ndone: stopping the 3 daemons and the apps, removing {}", base.display());
     Ok(())
 }
 /// Step 8: a gated group (SPEC F14): a write waits for a release, a release reaches every node,
@@ -407,6 +410,9 @@ async fn releases(clients: &[konor_sdk::Client]) -> anyhow::Result<()> {
         waves,
         selector: None,
         bake_ms: None,
+        max_failed: None,
+        max_error_rate: None,
+        node_health: None,
         meta: meta(&format!("release {version}")),
     };
     let started = Instant::now();
@@ -447,6 +453,124 @@ async fn releases(clients: &[konor_sdk::Client]) -> anyhow::Result<()> {
     until("every node to serve limit = 10 again", || served_everywhere(clients, group, json!(10))).await?;
     println!("   abort from n3: every node serves {first} (limit = 10) again");
     Ok(())
+}
+
+/// Step 9: guards (SPEC F15, F28). The example app runs against `rollout` on every node, n3's
+/// copy accepting at most 16 workers: a canary with a one-second bake is promoted by the
+/// members themselves, and a release n3's app refuses is rolled back by them everywhere.
+async fn guards(demo: &mut Demo, clients: &[konor_sdk::Client]) -> anyhow::Result<()> {
+    let group = "rollout";
+    for (index, node) in demo.nodes.iter().enumerate() {
+        let mut app = Command::new(&demo.app);
+        app.arg(group).env("KONOR_SOCKET", &node.socket).stdout(Stdio::null()).stderr(Stdio::null());
+        if index == 2 {
+            app.env("KONOR_APP_MAX_WORKERS", "16");
+        }
+        demo.apps.push(app.spawn().context("cannot start the example app")?);
+    }
+    until("the apps to report their start", || async {
+        match clients[0].call(Request::Status { group: group.into() }).await {
+            Ok(Response::Status { processes, .. }) => {
+                (processes.iter().filter(|p| p.gone_ms.is_none() && p.process == "konor-app").count() == 3)
+                    .then_some(())
+            }
+            _ => None,
+        }
+    })
+    .await?;
+    println!("9. guards: the example app runs against `rollout` on every node; n3's copy takes at most 16 workers");
+    let meta = |message: &str| WriteMeta { author: "demo".into(), message: message.into(), ..WriteMeta::default() };
+    let write = |workers: u32| Request::Set {
+        group: group.into(),
+        entries: BTreeMap::from([("workers".to_owned(), json!(workers))]),
+        meta: meta("demo write"),
+    };
+    let release = |version: &str, waves: Option<Vec<u8>>, bake_ms: Option<u64>| Request::Release {
+        group: group.into(),
+        version: version.to_owned(),
+        strategy: Some(if waves.is_some() { "canary" } else { "all" }.to_owned()),
+        waves,
+        selector: None,
+        bake_ms,
+        max_failed: None,
+        max_error_rate: None,
+        node_health: None,
+        meta: meta(&format!("release {version}")),
+    };
+    let Response::Committed { version: good, .. } = clients[0].call(write(8)).await? else {
+        bail!("the write was not committed")
+    };
+    let started = Instant::now();
+    let Response::Committed { version: canary, .. } =
+        clients[0].call(release(&good, Some(vec![50, 100]), Some(1_000))).await?
+    else {
+        bail!("the canary was not committed")
+    };
+    let report = until("the members to promote the canary and every app to apply it", || async {
+        let report = newest_release(&clients[1], group).await?;
+        (report.release.label == canary && report.outcome == "complete").then_some(report)
+    })
+    .await?;
+    println!(
+        "   canary {canary}: {good} (workers = 8) to 50% with a 1s bake; the members promoted it to every node by \
+         themselves after {:?}",
+        started.elapsed()
+    );
+    println!("   release status: {}", crate::ctl::release_text::progress_line(&report));
+    let Response::Committed { version: bad, .. } = clients[1].call(write(32)).await? else {
+        bail!("the write was not committed")
+    };
+    let started = Instant::now();
+    let Response::Committed { version: refused, .. } = clients[1].call(release(&bad, None, None)).await? else {
+        bail!("the release was not committed")
+    };
+    let report = until("the members to roll the release back", || async {
+        let report = newest_release(&clients[0], group).await?;
+        (report.release.label == refused && report.outcome == "aborted").then_some(report)
+    })
+    .await?;
+    println!(
+        "   release {refused}: {bad} (workers = 32) to all; n3's app refused it and the members rolled it back after {:?}:",
+        started.elapsed()
+    );
+    println!("     {}", report.release.aborted.as_deref().unwrap_or_default());
+    until("every node to serve workers = 8 again", || async {
+        for client in clients {
+            if client.get(group, "workers").await.ok()?? != json!(8) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await?;
+    // Each node's processes reach the others through gossip, a second or so behind the abort.
+    let report = until("n1 to hear of n3's refusal", || async {
+        match clients[0]
+            .call(Request::ReleaseReport { group: group.into(), limit: None, release: Some(refused.clone()) })
+            .await
+        {
+            Ok(Response::ReleaseReport { releases, .. }) => {
+                releases.into_iter().find(|report| report.release.label == refused && report.processes_failed > 0)
+            }
+            _ => None,
+        }
+    })
+    .await?;
+    println!(
+        "   every node serves {good} (workers = 8) again; release status of {refused} on n1: {}",
+        crate::ctl::release_text::progress_line(&report)
+    );
+    println!("   (konorctl release report rollout --format csv exports every node's and app's result per release)");
+    Ok(())
+}
+
+/// The newest release of `group` with every member's and process's state, as `client`'s node
+/// sees it.
+async fn newest_release(client: &konor_sdk::Client, group: &str) -> Option<konor_sdk::protocol::ReleaseReport> {
+    match client.call(Request::ReleaseReport { group: group.into(), limit: None, release: None }).await {
+        Ok(Response::ReleaseReport { mut releases, .. }) if !releases.is_empty() => Some(releases.remove(0)),
+        _ => None,
+    }
 }
 
 /// `Some` once every node serves `limit = expected` in `group`.

@@ -25,6 +25,10 @@ pub enum Exit {
     Internal,
     /// `health`: the node fails a threshold.
     Unhealthy,
+    /// `--wait`: the release was aborted, or a newer one replaced it.
+    ReleaseAborted,
+    /// `--wait`: the wait ran out before the release was complete.
+    WaitTimedOut,
 }
 
 impl Exit {
@@ -38,6 +42,8 @@ impl Exit {
             Exit::File => 4,
             Exit::Internal => 5,
             Exit::Unhealthy => 6,
+            Exit::ReleaseAborted => 7,
+            Exit::WaitTimedOut => 8,
         }
     }
 }

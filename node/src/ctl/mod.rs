@@ -13,6 +13,7 @@ pub mod exit;
 pub mod group_key;
 pub mod health_text;
 pub mod input;
+pub mod release_text;
 pub mod remote;
 pub mod render;
 pub mod table;
@@ -154,6 +155,13 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                     return Err(UsageError(format!("key `{key}` is given twice; give each key once")).into());
                 }
             }
+            let entries = match &args.overlay {
+                Some(selector) => {
+                    let key_of = overlay_keys(selector)?;
+                    entries.into_iter().map(|(key, value)| (key_of(&key), value)).collect()
+                }
+                None => entries,
+            };
             let request = Request::Set { group: args.group, entries, meta: args.write.meta() };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
@@ -165,7 +173,14 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::Delete(args) => {
-            let request = Request::Delete { group: args.group, keys: args.keys, meta: args.write.meta() };
+            let keys = match &args.overlay {
+                Some(selector) => {
+                    let key_of = overlay_keys(selector)?;
+                    args.keys.iter().map(|key| key_of(key)).collect()
+                }
+                None => args.keys,
+            };
+            let request = Request::Delete { group: args.group, keys, meta: args.write.meta() };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::Apply(args) => {
@@ -183,39 +198,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             let request = Request::Rollback { group: args.group, version: args.version, meta: args.write.meta() };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
-        Command::Release(args) => {
-            let mut meta = args.write.meta();
-            if meta.message.is_empty() {
-                meta.message = format!("release {}", args.to);
-            }
-            let canary_only =
-                args.percent.is_some() || args.waves.is_some() || args.selector.is_some() || args.bake.is_some();
-            if args.strategy == cli::ReleaseStrategyArg::All && canary_only {
-                anyhow::bail!("--percent, --waves, --selector and --bake need --strategy canary");
-            }
-            let (strategy, waves) = match args.strategy {
-                cli::ReleaseStrategyArg::All => ("all", None),
-                cli::ReleaseStrategyArg::Canary => {
-                    let waves = match (args.percent, args.waves) {
-                        (Some(percent), _) if percent >= 100 => vec![100],
-                        (Some(percent), _) => vec![percent, 100],
-                        (None, Some(waves)) => waves,
-                        (None, None) => anyhow::bail!("a canary release needs --percent P or --waves P1,P2,..."),
-                    };
-                    ("canary", Some(waves))
-                }
-            };
-            let request = Request::Release {
-                group: args.group,
-                version: args.to,
-                strategy: Some(strategy.to_owned()),
-                waves,
-                selector: args.selector,
-                bake_ms: args.bake,
-                meta,
-            };
-            call(&target, TIMEOUT_DEFAULT, request, output).await
-        }
+        Command::Release(args) => release(&target, args, output).await,
         Command::Promote(args) => {
             let mut meta = args.write.meta();
             if meta.message.is_empty() {
@@ -254,6 +237,139 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Health(args) => health(&target, args, output).await,
         Command::Alerts => call(&target, TIMEOUT_DEFAULT, Request::Alerts, output).await,
         Command::NodeHistory { node } => call(&target, TIMEOUT_DEFAULT, Request::NodeHistory { node }, output).await,
+    }
+}
+
+/// `--overlay SELECTOR`: how each key is stored in that overlay (`db.pool@env=dev`, SPEC F29).
+fn overlay_keys(selector: &str) -> anyhow::Result<impl Fn(&str) -> String> {
+    let selector = konor_crdt::configuration::parse_selector(selector)
+        .map_err(|error| UsageError(format!("--overlay {selector:?}: {error}")))?;
+    if selector.is_empty() {
+        return Err(UsageError("--overlay names at least one label (env=dev)".to_owned()).into());
+    }
+    Ok(move |key: &str| konor_crdt::overlay::overlay_key(key, &selector))
+}
+
+/// `konorctl release ...`: make a release (and follow it with `--wait`), or read releases.
+async fn release(target: &DaemonTarget, args: cli::ReleaseArgs, output: OutputFormat) -> anyhow::Result<Exit> {
+    match args.command {
+        Some(cli::ReleaseCommand::Status { group, wait }) => {
+            if wait.wait {
+                return wait_for_release(target, &group, None, wait.wait_timeout, output).await;
+            }
+            call(target, TIMEOUT_DEFAULT, Request::ReleaseReport { group, limit: None, release: None }, output).await
+        }
+        Some(cli::ReleaseCommand::Report { group, format, limit }) => {
+            let request = Request::ReleaseReport { group, limit: Some(limit), release: None };
+            let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
+            match (&response, format, output) {
+                (Response::ReleaseReport { releases, .. }, cli::ReportFormat::Jsonl, _) => {
+                    emit(&Rendered::ok(release_text::jsonl(&release_text::export_rows(releases))))
+                }
+                (Response::ReleaseReport { releases, .. }, cli::ReportFormat::Csv, _) => {
+                    emit(&Rendered::ok(release_text::csv(&release_text::export_rows(releases))))
+                }
+                _ => emit(&render(&request, &response, output, now_ms())),
+            }
+        }
+        None => {
+            let (Some(group), Some(to)) = (args.group, args.to) else {
+                return Err(UsageError("release needs a GROUP and --to VERSION".to_owned()).into());
+            };
+            let mut meta = args.write.meta();
+            if meta.message.is_empty() {
+                meta.message = format!("release {to}");
+            }
+            let canary_only =
+                args.percent.is_some() || args.waves.is_some() || args.selector.is_some() || args.bake.is_some();
+            if args.strategy == cli::ReleaseStrategyArg::All && canary_only {
+                anyhow::bail!("--percent, --waves, --selector and --bake need --strategy canary");
+            }
+            let (strategy, waves) = match args.strategy {
+                cli::ReleaseStrategyArg::All => ("all", None),
+                cli::ReleaseStrategyArg::Canary => {
+                    let waves = match (args.percent, args.waves) {
+                        (Some(percent), _) if percent >= 100 => vec![100],
+                        (Some(percent), _) => vec![percent, 100],
+                        (None, Some(waves)) => waves,
+                        (None, None) => anyhow::bail!("a canary release needs --percent P or --waves P1,P2,..."),
+                    };
+                    ("canary", Some(waves))
+                }
+            };
+            let request = Request::Release {
+                group: group.clone(),
+                version: to,
+                strategy: Some(strategy.to_owned()),
+                waves,
+                selector: args.selector,
+                bake_ms: args.bake,
+                max_failed: args.max_failed,
+                max_error_rate: args.max_error_rate,
+                node_health: args.node_health.then_some(true),
+                meta,
+            };
+            if !args.wait.wait {
+                return call(target, TIMEOUT_DEFAULT, request, output).await;
+            }
+            let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
+            let Response::Committed { version, .. } = &response else {
+                return emit(&render(&request, &response, output, now_ms()));
+            };
+            // What was committed goes to stderr: stdout is the release's final state.
+            let _ = writeln!(std::io::stderr().lock(), "released as {version}; following it");
+            wait_for_release(target, &group, Some(version), args.wait.wait_timeout, output).await
+        }
+    }
+}
+
+/// Follows a release (`label`, else the newest) of `group` until it completes (exit 0), is
+/// aborted or replaced by a newer one (exit 7), or `timeout_ms` runs out (exit 8): each change
+/// of its progress goes to stderr as one line, and its final state to stdout. After the first
+/// answer it asks for that release by id, so a newer release does not take its place. It asks
+/// again every half second: a release moves with reports and gossip from the whole mesh, which
+/// no one watch of this node's settings would show.
+async fn wait_for_release(
+    target: &DaemonTarget,
+    group: &str,
+    label: Option<&str>,
+    timeout_ms: u64,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    const POLL: Duration = Duration::from_millis(500);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+    let mut followed: Option<String> = label.map(str::to_owned);
+    let mut last_line = String::new();
+    loop {
+        let request = Request::ReleaseReport { group: group.to_owned(), limit: None, release: followed.clone() };
+        let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
+        let Response::ReleaseReport { releases, .. } = &response else {
+            // An error: not gated, no such release.
+            return emit(&render(&request, &response, output, now_ms()));
+        };
+        let Some(report) = releases.first() else {
+            let mut rendered = render(&request, &response, output, now_ms());
+            rendered.exit = Exit::Refused;
+            return emit(&rendered);
+        };
+        followed = Some(report.release.id.clone());
+        let line = release_text::progress_line(report);
+        if line != last_line {
+            let _ = writeln!(std::io::stderr().lock(), "{line}");
+            last_line = line;
+        }
+        let exit = match report.outcome.as_str() {
+            "complete" => Some(Exit::Ok),
+            "aborted" | "superseded" => Some(Exit::ReleaseAborted),
+            _ if tokio::time::Instant::now() >= deadline => Some(Exit::WaitTimedOut),
+            _ => None,
+        };
+        if let Some(exit) = exit {
+            let mut rendered = render(&request, &response, output, now_ms());
+            rendered.exit = exit;
+            return emit(&rendered);
+        }
+        tokio::time::sleep(POLL).await;
     }
 }
 

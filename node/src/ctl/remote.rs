@@ -347,12 +347,32 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Rollback { group, version, meta } => {
             (Method::POST, format!("{groups}/{group}/rollback"), Some(write_body(meta, json!({ "version": version }))))
         }
-        Request::Release { group, version, strategy, waves, selector, bake_ms, meta } => (
+        Request::Release {
+            group,
+            version,
+            strategy,
+            waves,
+            selector,
+            bake_ms,
+            max_failed,
+            max_error_rate,
+            node_health,
+            meta,
+        } => (
             Method::POST,
             format!("{groups}/{group}/release"),
             Some(write_body(
                 meta,
-                json!({ "version": version, "strategy": strategy, "waves": waves, "selector": selector, "bake_ms": bake_ms }),
+                json!({
+                    "version": version,
+                    "strategy": strategy,
+                    "waves": waves,
+                    "selector": selector,
+                    "bake_ms": bake_ms,
+                    "max_failed": max_failed,
+                    "max_error_rate": max_error_rate,
+                    "node_health": node_health,
+                }),
             )),
         ),
         Request::Promote { group, wave, meta } => {
@@ -374,6 +394,12 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::NodeHistory { node: None } => (Method::GET, "/api/v1/history".to_owned(), None),
         Request::NodeHistory { node: Some(node) } => (Method::GET, format!("/api/v1/history/{node}"), None),
         Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
+        Request::ReleaseReport { group, limit, release } => {
+            let mut query: Vec<String> = limit.map(|limit| format!("limit={limit}")).into_iter().collect();
+            query.extend(release.as_deref().map(|release| format!("release={}", percent_encode(release))));
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            (Method::GET, format!("{groups}/{group}/releases{query}"), None)
+        }
         other => bail!("{} is not served over HTTP", other.kind()),
     })
 }

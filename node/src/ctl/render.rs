@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::ctl::cli::OutputFormat;
 use crate::ctl::exit::{Exit, exit_for_code};
 use crate::ctl::health_text::{alerts_text, health_text, mesh_history_text, node_history_text};
-use crate::ctl::table::{Table, format_age};
+use crate::ctl::table::{Table, cell, format_age, format_utc, plural};
 
 /// Hex digits of a content hash shown to people: as many as the commit line and history carry.
 const CONTENT_HASH_SHOWN_CHARS: usize = 12;
@@ -258,6 +258,15 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         }
         Response::Conflicts { group, conflicts } => Rendered::ok(conflicts_text(group, conflicts)),
         Response::Nodes { nodes } => Rendered::ok(nodes_text(nodes)),
+        Response::ReleaseReport { group, releases } => Rendered::ok(if releases.is_empty() {
+            format!("group {group}: no release yet (gated: the group's first version is served)\n")
+        } else {
+            releases
+                .iter()
+                .map(|report| crate::ctl::release_text::report_text(report, now_ms))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }),
         Response::Status {
             group,
             mode,
@@ -406,6 +415,7 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::Watch { group, .. }
         | Request::Unwatch { group }
         | Request::ReportApply { group, .. }
+        | Request::ReportErrorRate { group, .. }
         | Request::Set { group, .. }
         | Request::Delete { group, .. }
         | Request::Apply { group, .. }
@@ -416,7 +426,8 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::History { group }
         | Request::Diff { group, .. }
         | Request::Conflicts { group }
-        | Request::Status { group } => Some(group),
+        | Request::Status { group }
+        | Request::ReleaseReport { group, .. } => Some(group),
         Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
             Some(name)
         }
@@ -579,47 +590,10 @@ struct StatusView<'a> {
 
 /// A gated group's release lines in `status` (SPEC F14).
 fn release_text(release: &konor_sdk::protocol::ReleaseState, now_ms: u64) -> String {
-    let mut text = String::new();
-    match &release.current {
-        Some(current) => {
-            let from = current.from.as_deref().map(|from| format!(" (from {})", cell(from))).unwrap_or_default();
-            let _ = writeln!(
-                text,
-                "release: {} to {}{from}, strategy {}, by {}, {} ago: {}",
-                cell(&current.label),
-                cell(&current.to),
-                cell(&current.strategy),
-                cell(&current.author),
-                format_age(now_ms.saturating_sub(current.time_ms)),
-                cell(&current.message),
-            );
-        }
-        None => text.push_str("release: none yet (gated: the group's first version is served)\n"),
-    }
-    if let Some(current) = &release.current {
-        if let Some(reason) = &current.aborted {
-            let _ = writeln!(text, "aborted: {}; every member serves what it served before", cell(reason));
-        } else if let Some(wave) = current.wave {
-            let percent = current.waves.get(wave.saturating_sub(1) as usize).copied().unwrap_or(100);
-            let since = current.wave_since_ms.map(|at| now_ms.saturating_sub(at)).unwrap_or(0);
-            let mut line = format!(
-                "wave {wave} of {} ({percent}% of the matching members) for {}",
-                current.waves.len(),
-                format_age(since)
-            );
-            let last = wave as usize >= current.waves.len();
-            match current.bake_ms {
-                Some(bake) if !last && since >= bake => {
-                    line.push_str(&format!("; bake of {} done: the members promote it", format_age(bake)));
-                }
-                Some(bake) if !last => line.push_str(&format!("; bakes {} more", format_age(bake - since))),
-                _ if !last => line.push_str("; `konorctl promote` moves it on"),
-                _ => {}
-            }
-            let here = if current.here { "in the slice" } else { "not in the slice" };
-            let _ = writeln!(text, "{line}; this node is {here}");
-        }
-    }
+    let mut text = match &release.current {
+        Some(current) => crate::ctl::release_text::release_lines(current, now_ms),
+        None => "release: none yet (gated: the group's first version is served)\n".to_owned(),
+    };
     let pending = if release.served == release.latest {
         "the newest written version is served here".to_owned()
     } else {
@@ -770,18 +744,8 @@ fn drift_text(nodes: &[NodeGroupRow], live: &[&ProcessRow]) -> String {
     }
 }
 
-fn plural(count: usize, one: &str, many: &str) -> String {
-    if count == 1 { format!("1 {one}") } else { format!("{count} {many}") }
-}
-
 fn short_hash(hash: &str) -> &str {
     hash.get(..CONTENT_HASH_SHOWN_CHARS).unwrap_or(hash)
-}
-
-/// Free text in a table cell: control characters (newlines, tabs) become spaces so a row stays
-/// one line.
-fn cell(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
 }
 
 /// A value as a person reads and types it: a string that `konorctl set` would read back as the
@@ -799,34 +763,6 @@ pub fn display_value(value: &Value) -> String {
         }
         other => other.to_string(),
     }
-}
-
-/// Unix milliseconds as `2024-05-01T12:00:03Z` (UTC, whole seconds).
-pub fn format_utc(unix_ms: u64) -> String {
-    let seconds = unix_ms / 1000;
-    let (year, month, day) = civil_from_days(seconds / 86_400);
-    let second_of_day = seconds % 86_400;
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        second_of_day / 3600,
-        second_of_day % 3600 / 60,
-        second_of_day % 60
-    )
-}
-
-/// The proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's
-/// `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let shifted = days + 719_468;
-    let era = shifted / 146_097;
-    let day_of_era = shifted - era * 146_097;
-    let year_of_era = (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
-    let year = year_of_era + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]
@@ -1263,6 +1199,9 @@ mod tests {
                 result: ApplyResult::Ok,
                 time_ms: NOW_MS - 3_000,
                 gone_ms: None,
+                release: None,
+                superseded: false,
+                error_rate: None,
             },
             ProcessRow {
                 node: "n2".into(),
@@ -1273,6 +1212,9 @@ mod tests {
                 result: ApplyResult::Error { message: "pool must be at most 16".into() },
                 time_ms: NOW_MS - 7_380_000,
                 gone_ms: None,
+                release: None,
+                superseded: false,
+                error_rate: None,
             },
             ProcessRow {
                 node: "n1".into(),
@@ -1283,6 +1225,9 @@ mod tests {
                 result: ApplyResult::Ok,
                 time_ms: NOW_MS - 9_000_000,
                 gone_ms: Some(NOW_MS - 60_000),
+                release: None,
+                superseded: false,
+                error_rate: None,
             },
         ];
         let request = Request::Status { group: "app".into() };

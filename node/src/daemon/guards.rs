@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use super::{Command, Daemon, PendingReply};
+use crate::peer::membership::Liveness;
 
 /// How long a member waits before it repeats a guard action it already wrote (a strong
 /// group's round can be busy; an eventual write may not commit at once).
@@ -81,6 +82,19 @@ impl Daemon {
         }
     }
 
+    /// Tells the reports which release serves each gated group here, so a release of the
+    /// version this node already served counts its processes as running it (F16, F28).
+    pub(super) fn follow_releases(&mut self) {
+        let now_ms = self.wall_clock().0;
+        for group in self.replica.group_names() {
+            let Some(doc) = self.replica.group(group).filter(|doc| doc.is_gated()) else { continue };
+            let serving = doc.serving_release();
+            let release = serving.map(|(release, _)| release.storage_key());
+            let is_target = |label: &str| serving.is_some_and(|(_, to)| crate::reports::names(label, to));
+            self.reports.follow_release(group, release.as_deref(), is_target, now_ms);
+        }
+    }
+
     /// True when every live member gossips the same heads as this node holds for `group`.
     fn in_step_with_members(&self, group: &str) -> bool {
         let Some(doc) = self.replica.group(group) else { return false };
@@ -92,33 +106,82 @@ impl Daemon {
     fn guard_for(&self, group: &str, now_ms: u64) -> Option<GuardAction> {
         let doc = self.replica.group(group)?;
         let (id, info) = doc.active_release()?;
-        let VersionKind::Release { to, strategy, .. } = &info.kind else { return None };
+        let VersionKind::Release { to, strategy, guards, .. } = &info.kind else { return None };
         let progress = doc.release_progress(id);
         if progress.aborted.is_some() {
             return None;
         }
         let to_label = doc.label(to);
-        // Reports made before this release (a process that failed on the same version under an
-        // earlier release, and has not been served it again yet) do not count; clocks of nodes
-        // differ by up to the skew margin.
+        // Reports of this release: each row names the release its node served (a process that
+        // failed on the same version under an earlier release does not count). A row without
+        // one (from a daemon before releases named theirs) counts when it names the target and
+        // came after the release; clocks of nodes differ by up to the skew margin.
         let since = info.time.0.saturating_sub(konor_crdt::limits::BAKE_SKEW_MARGIN_MS);
-        let failures: Vec<String> = self
-            .process_rows(group)
-            .into_iter()
-            .filter(|row| row.gone_ms.is_none() && row.time_ms >= since && names(&row.version, to))
-            .filter_map(|row| match &row.result {
-                ApplyResult::Error { message } => {
-                    Some(format!("{} (pid {}) on {}: {message}", row.process, row.pid, row.node))
-                }
-                ApplyResult::Ok => None,
+        let release_key = id.storage_key();
+        let of_release = |row: &ProcessRow| match &row.release {
+            Some(release) => *release == release_key,
+            None => row.time_ms >= since && crate::reports::names(&row.version, to),
+        };
+        let rows: Vec<ProcessRow> = self.process_rows(group).into_iter().filter(|row| of_release(row)).collect();
+        let live: Vec<&ProcessRow> = rows.iter().filter(|row| row.gone_ms.is_none()).collect();
+        // Every process that failed to apply it: live ones, and ones that went away after
+        // failing (an app that exits on a bad reload, a crash loop) unless a process on the
+        // same node applied the release after them. Each (node, pid) once.
+        let applied_after = |failed: &ProcessRow| {
+            rows.iter()
+                .any(|row| row.node == failed.node && row.result == ApplyResult::Ok && row.time_ms >= failed.time_ms)
+        };
+        let mut failed: BTreeMap<(&str, u32), String> = BTreeMap::new();
+        for row in rows.iter().filter(|row| !row.superseded) {
+            let ApplyResult::Error { message } = &row.result else { continue };
+            if row.gone_ms.is_some() && applied_after(row) {
+                continue;
+            }
+            failed.insert(
+                (row.node.as_str(), row.pid),
+                format!("{} (pid {}) on {}: {message}", row.process, row.pid, row.node),
+            );
+        }
+        let failures: Vec<String> = failed.into_values().collect();
+        let wave_since_ms =
+            progress.last_event.as_ref().and_then(|event| doc.version_info(event)).map_or(info.time.0, |v| v.time.0);
+        // Error rates of processes running the release (their rows are of it, so their nodes
+        // are in its slice).
+        let error_rates: Vec<(String, u32)> = live
+            .iter()
+            .filter_map(|row| {
+                let rate = row.error_rate?;
+                let ppm = (rate.clamp(0.0, 1.0) * f64::from(konor_crdt::configuration::PPM)).round() as u32;
+                Some((format!("{} (pid {}) on {}", row.process, row.pid, row.node), ppm))
             })
             .collect();
+        // Dead to the failure detector; a node that announced a graceful leave (a restart) is
+        // not a broken one.
+        let dead: Vec<String> = if guards.node_health {
+            self.release_members(group)
+                .into_iter()
+                .filter(|member| {
+                    // Dead after the wave began: a node already long dead when the release was
+                    // made did not die of it (the report shows it not done).
+                    self.mesh.nodes.get(&member.node).is_some_and(|node| {
+                        let heard_ms = node.heartbeat_age.map(|age| now_ms.saturating_sub(age.as_millis() as u64));
+                        node.liveness == Liveness::Dead && heard_ms.is_some_and(|heard| heard >= wave_since_ms)
+                    })
+                })
+                .filter(|member| {
+                    let viewer =
+                        konor_crdt::release::Viewer { node: member.node.clone(), labels: member.labels.clone() };
+                    doc.release_holds(id, &viewer)
+                })
+                .map(|member| member.node)
+                .collect()
+        } else {
+            Vec::new()
+        };
         let (waves, bake_ms) = match strategy {
             ReleaseStrategy::Canary(canary) => (canary.waves.as_slice(), canary.bake_ms),
             ReleaseStrategy::All => (&[][..], 0),
         };
-        let wave_since_ms =
-            progress.last_event.as_ref().and_then(|event| doc.version_info(event)).map_or(info.time.0, |v| v.time.0);
         let release_label = doc.label(id);
         let view = GuardView {
             release: &release_label,
@@ -128,7 +191,10 @@ impl Daemon {
             bake_ms,
             wave_since_ms,
             now_ms,
+            guards,
             failures: &failures,
+            error_rates: &error_rates,
+            dead: &dead,
         };
         guard_action(&view)
     }
@@ -144,10 +210,4 @@ impl Daemon {
         }
         rows
     }
-}
-
-/// True when `label`, as a process reported it (its node's label: `v12`, or `v12-3fa9` where
-/// that node knew two versions numbered 12), can name `version`.
-fn names(label: &str, version: &konor_crdt::VersionId) -> bool {
-    label.parse::<konor_crdt::VersionRef>().is_ok_and(|reference| reference.matches(version))
 }

@@ -1100,6 +1100,7 @@ impl Daemon {
     async fn flush_reports(&mut self, now: bool) {
         if now || self.reports_flushed.0.elapsed() >= REPORT_PUBLISH_INTERVAL {
             self.reports_flushed.0 = Instant::now();
+            self.follow_releases();
             for group in self.reports.take_unpublished() {
                 let value = self.reports.gossip_value(&group);
                 self.membership.publish(&format!("{}{group}", crate::reports::REPORT_PREFIX), &value);

@@ -4,6 +4,7 @@
 use super::*;
 use crate::health::history::MeshHistory;
 use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
+use crate::reports::release_report::{Member, RELEASE_REPORT_MAX, Which, release_reports};
 
 impl Daemon {
     /// The instant of a replica time.
@@ -237,6 +238,11 @@ impl Daemon {
                     }
                     ok => ok,
                 };
+                // In a gated group, the release that serves this node what the process applied.
+                let release = self.replica.group(&group).and_then(|doc| {
+                    let (release, to) = doc.serving_release()?;
+                    crate::reports::names(&version, to).then(|| release.storage_key())
+                });
                 let row = ProcessRow {
                     node: self.node_id.clone(),
                     pid: client.pid,
@@ -246,8 +252,32 @@ impl Daemon {
                     result,
                     time_ms: self.wall_clock().0,
                     gone_ms: None,
+                    release,
+                    superseded: false,
+                    error_rate: None,
                 };
                 self.reports.report(&group, client.connection, row);
+                Response::Done
+            }
+            Request::ReportErrorRate { group, rate } => {
+                if self.replica.group(&group).is_none() {
+                    return send(reply, unknown(&group));
+                }
+                if let Err(message) = error_rate_ppm(rate) {
+                    return send(reply, error_response(ErrorCode::BadRequest, message));
+                }
+                if !self.reports.error_rate(&group, client.connection, client.pid, rate) {
+                    return send(
+                        reply,
+                        error_response(
+                            ErrorCode::BadRequest,
+                            format!(
+                                "no apply report from this connection for group {group:?}: report the version it runs first \
+                                 (report_apply; the SDKs' on_change does)"
+                            ),
+                        ),
+                    );
+                }
                 Response::Done
             }
             Request::GroupCreate { name, mode, key, evict_after_ms, fencing, release } => {
@@ -330,13 +360,34 @@ impl Daemon {
                 let meta = self.write_meta(&client, meta);
                 return self.command(Command::Rollback { group, version, meta }, PendingReply::Plain(reply));
             }
-            Request::Release { group, version, strategy, waves, selector, bake_ms, meta } => {
+            Request::Release {
+                group,
+                version,
+                strategy,
+                waves,
+                selector,
+                bake_ms,
+                max_failed,
+                max_error_rate,
+                node_health,
+                meta,
+            } => {
                 let strategy = match release_strategy(strategy.as_deref(), waves, selector.as_deref(), bake_ms) {
                     Ok(strategy) => strategy,
                     Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
                 };
+                let max_error_rate_ppm = match max_error_rate.map(error_rate_ppm).transpose() {
+                    Ok(ppm) => ppm,
+                    Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                };
+                let guards = konor_crdt::Guards {
+                    max_failed: max_failed.unwrap_or(0),
+                    max_error_rate_ppm,
+                    node_health: node_health.unwrap_or(false),
+                };
                 let meta = self.write_meta(&client, meta);
-                return self.command(Command::Release { group, version, strategy, meta }, PendingReply::Plain(reply));
+                let command = Command::Release { group, version, strategy, guards, meta };
+                return self.command(command, PendingReply::Plain(reply));
             }
             Request::Promote { group, wave, meta } => {
                 // Waves are counted from 1 on the wire, from 0 in the core.
@@ -396,6 +447,7 @@ impl Daemon {
             },
             Request::Nodes => Response::Nodes { nodes: self.node_rows() },
             Request::Status { group } => self.status(&group),
+            Request::ReleaseReport { group, limit, release } => self.release_report(&group, limit, release.as_deref()),
             Request::Health => Response::Health { health: Box::new(self.health()) },
             Request::Alerts => {
                 Response::Alerts { alerts: Alerts { active: self.alerts.active(), history: self.alerts.history() } }
@@ -454,7 +506,9 @@ impl Daemon {
                 let stale_reason = self.replica.fencing_reason(&row.name);
                 let since_change =
                     self.last_change.get(&row.name).map_or_else(|| self.started.elapsed(), |at| at.elapsed());
+                let release = self.release_health(&row.name);
                 GroupHealth {
+                    release,
                     since_change_ms: since_change.as_millis() as u64,
                     members: row.members.len() as u64,
                     stale: stale_reason.is_some(),
@@ -570,6 +624,75 @@ impl Daemon {
         }
     }
 
+    /// A gated group's newest `limit` releases (default 1), desired against actual (F16, F28).
+    pub(super) fn release_report(&self, group: &str, limit: Option<u32>, release: Option<&str>) -> Response {
+        let Some(doc) = self.replica.group(group) else {
+            return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
+        };
+        if !doc.is_gated() {
+            return error_response(
+                ErrorCode::BadRequest,
+                format!("group {group:?} serves every version at once: releases need a gated group"),
+            );
+        }
+        let limit = limit.unwrap_or(1) as usize;
+        if limit == 0 || limit > RELEASE_REPORT_MAX {
+            return error_response(
+                ErrorCode::BadRequest,
+                format!("limit must be 1 to {RELEASE_REPORT_MAX} releases, not {limit}"),
+            );
+        }
+        let which = release.map_or(Which::Newest(limit), Which::One);
+        let releases = release_reports(doc, &self.release_members(group), &self.process_rows(group), which);
+        if let (Some(release), true) = (release, releases.is_empty()) {
+            return error_response(ErrorCode::NotFound, format!("group {group:?} has no release {release:?}"));
+        }
+        Response::ReleaseReport { group: group.to_owned(), releases }
+    }
+
+    /// A gated group's newest release as `health` and the metrics carry it.
+    fn release_health(&self, group: &str) -> Option<konor_sdk::health::ReleaseHealth> {
+        let doc = self.replica.group(group).filter(|doc| doc.is_gated())?;
+        let report =
+            release_reports(doc, &self.release_members(group), &self.process_rows(group), Which::Newest(1)).pop()?;
+        let targeted = report.nodes.iter().filter(|node| node.targeted);
+        Some(konor_sdk::health::ReleaseHealth {
+            label: report.release.label,
+            outcome: report.outcome,
+            wave: report.release.wave.unwrap_or(1),
+            targeted: targeted.clone().count() as u64,
+            done: targeted.filter(|node| node.done).count() as u64,
+            processes_ok: u64::from(report.processes_ok),
+            processes_failed: u64::from(report.processes_failed),
+            time_to_consistency_ms: report.time_to_consistency_ms,
+        })
+    }
+
+    /// The members of `group` as a release report sees them: this node, then every other member
+    /// with the labels and served version its gossip tells.
+    pub(super) fn release_members(&self, group: &str) -> Vec<Member> {
+        let Some(doc) = self.replica.group(group) else { return Vec::new() };
+        let labels_of = |node: &str| self.mesh.nodes.get(node).map(|mesh| mesh.labels.clone()).unwrap_or_default();
+        let mut members = vec![Member {
+            node: self.node_id.clone(),
+            labels: labels_of(&self.node_id),
+            live: true,
+            serving: doc.served_label(),
+        }];
+        // Every member this node knows of, also one whose gossip has not arrived yet (a member
+        // that just joined): it serves nothing known here, so a release waits for it.
+        let gossiped: BTreeMap<String, String> =
+            self.replica.members(group).into_iter().map(|(node, _, gossip)| (node, gossip.version)).collect();
+        for (node, liveness) in self.replica.member_liveness(group) {
+            let live = liveness == konor_crdt::replica::PeerLiveness::Live;
+            let serving = gossiped.get(&node).cloned().unwrap_or_default();
+            members.push(Member { labels: labels_of(&node), node, live, serving });
+        }
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        members.dedup_by(|a, b| a.node == b.node);
+        members
+    }
+
     /// Why this node is degraded (a failed write to its disk), if it is.
     pub(super) fn degraded_text(&self) -> Option<String> {
         let errors: Vec<&str> = self.degraded.values().map(String::as_str).collect();
@@ -647,39 +770,18 @@ fn release_strategy(
     }
 }
 
+/// An error rate (a fraction, 0 to 1) in parts per million, or why it is not one.
+fn error_rate_ppm(rate: f64) -> Result<u32, String> {
+    if !rate.is_finite() || !(0.0..=1.0).contains(&rate) {
+        return Err(format!("an error rate is a fraction from 0 to 1 (0.02 is 2%), not {rate}"));
+    }
+    Ok((rate * f64::from(konor_crdt::configuration::PPM)).round() as u32)
+}
+
 /// A gated group's release state as this node sees it (SPEC F14).
 fn release_state(doc: &konor_crdt::GroupDoc) -> konor_sdk::protocol::ReleaseState {
-    let current = doc.current_release().and_then(|(id, info)| match &info.kind {
-        konor_crdt::VersionKind::Release { to, from, strategy } => {
-            let progress = doc.release_progress(id);
-            let canary = match strategy {
-                konor_crdt::ReleaseStrategy::Canary(canary) => Some(canary),
-                konor_crdt::ReleaseStrategy::All => None,
-            };
-            let since = progress
-                .last_event
-                .as_ref()
-                .and_then(|event| doc.version_info(event))
-                .map_or(info.time.0, |event| event.time.0);
-            Some(konor_sdk::protocol::ReleaseRow {
-                label: doc.label(id),
-                id: id.storage_key(),
-                to: doc.label(to),
-                from: from.as_ref().map(|from| doc.label(from)),
-                strategy: strategy.to_string(),
-                author: info.author.clone(),
-                time_ms: info.time.0,
-                message: info.message.clone(),
-                waves: canary.map(|c| c.waves.clone()).unwrap_or_default(),
-                wave: canary.map(|_| progress.wave.saturating_add(1)),
-                bake_ms: canary.map(|c| c.bake_ms).filter(|ms| *ms > 0),
-                wave_since_ms: canary.map(|_| since),
-                aborted: progress.aborted.clone(),
-                here: progress.aborted.is_none() && doc.in_release_slice(id),
-            })
-        }
-        _ => None,
-    });
+    let current =
+        doc.current_release().and_then(|(id, info)| crate::reports::release_report::release_row(doc, id, info));
     // The newest version that wrote settings (not a release, promotion, abort, schema or
     // membership version).
     let latest = doc

@@ -59,11 +59,13 @@ pub fn failures(health: &NodeHealth, thresholds: &Thresholds) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::collections::BTreeMap;
 
-    fn health() -> NodeHealth {
+    /// A node's health with a stale strong group `app` and a gated group `web` whose release
+    /// has 2 of 3 processes applied.
+    pub(crate) fn health() -> NodeHealth {
         NodeHealth {
             node_id: "n1".to_owned(),
             uptime_ms: 1000,
@@ -77,6 +79,7 @@ mod tests {
                     members: 3,
                     stale: true,
                     stale_reason: Some("no lease".to_owned()),
+                    release: None,
                 },
                 GroupHealth {
                     name: "web".to_owned(),
@@ -86,6 +89,16 @@ mod tests {
                     members: 3,
                     stale: false,
                     stale_reason: None,
+                    release: Some(konor_sdk::health::ReleaseHealth {
+                        label: "v9".to_owned(),
+                        outcome: "in progress".to_owned(),
+                        wave: 2,
+                        targeted: 3,
+                        done: 2,
+                        processes_ok: 2,
+                        processes_failed: 1,
+                        time_to_consistency_ms: None,
+                    }),
                 },
             ],
             degraded: BTreeMap::new(),

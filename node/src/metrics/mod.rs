@@ -323,6 +323,49 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             "1 while reads of the group here may be behind (a strong group that cannot prove it is fresh)",
             health.groups.iter().map(|g| (label(g), if g.stale { 1.0 } else { 0.0 })),
         )?;
+        let releases: Vec<(GroupLabel, &konor_sdk::health::ReleaseHealth)> =
+            health.groups.iter().filter_map(|g| Some((label(g), g.release.as_ref()?))).collect();
+        gauges(
+            &mut encoder,
+            "release_wave",
+            "The wave in force of each gated group's newest release, counted from 1 (SPEC F14)",
+            releases.iter().map(|(group, release)| (group.clone(), f64::from(release.wave))),
+        )?;
+        gauges(
+            &mut encoder,
+            "release_aborted",
+            "1 when each gated group's newest release was aborted (by an operator or a guard), else 0",
+            releases.iter().map(|(group, release)| (group.clone(), f64::from(u8::from(release.outcome == "aborted")))),
+        )?;
+        gauges(
+            &mut encoder,
+            "release_targeted_nodes",
+            "Members in the slice of the wave in force of each gated group's newest release",
+            releases.iter().map(|(group, release)| (group.clone(), release.targeted as f64)),
+        )?;
+        gauges(
+            &mut encoder,
+            "release_done_nodes",
+            "Targeted members whose processes applied the newest release, none failing (SPEC F28)",
+            releases.iter().map(|(group, release)| (group.clone(), release.done as f64)),
+        )?;
+        gauges(
+            &mut encoder,
+            "release_apply_success_ratio",
+            "Processes that applied each gated group's newest release over those that reported it (absent before a report)",
+            releases.iter().filter_map(|(group, release)| {
+                let reported = release.processes_ok + release.processes_failed;
+                (reported > 0).then(|| (group.clone(), release.processes_ok as f64 / reported as f64))
+            }),
+        )?;
+        gauges(
+            &mut encoder,
+            "release_time_to_consistency_seconds",
+            "From each gated group's newest release to every targeted member applied (absent until reached)",
+            releases
+                .iter()
+                .filter_map(|(group, release)| Some((group.clone(), release.time_to_consistency_ms? as f64 / 1000.0))),
+        )?;
         let queues = &health.queues;
         gauges(
             &mut encoder,
@@ -395,5 +438,30 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             .map(|(cause, count)| (CauseLabel { cause }, count)),
         )?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gated_groups_release_is_in_the_metrics_and_an_immediate_group_has_none() {
+        let scrape = Scrape {
+            health: crate::health::tests::health(),
+            socket: SocketStats::default(),
+            transport: Arc::new(TransportStats::default()),
+        };
+        let text = render(&Metrics::default(), scrape).unwrap();
+        let line = |name: &str| text.lines().find(|line| line.starts_with(name)).map(str::to_owned);
+        assert_eq!(
+            line("konord_release_wave{").as_deref(),
+            Some(r#"konord_release_wave{group="web",mode="eventual"} 2.0"#)
+        );
+        assert!(line("konord_release_apply_success_ratio{").unwrap().ends_with(" 0.6666666666666666"), "{text}");
+        assert!(line("konord_release_done_nodes{").unwrap().ends_with(" 2.0"));
+        assert!(line("konord_release_aborted{").unwrap().ends_with(" 0.0"));
+        assert_eq!(line("konord_release_time_to_consistency_seconds{"), None, "not reached yet");
+        assert!(!text.contains(r#"konord_release_wave{group="app""#), "an immediate group has no release");
     }
 }

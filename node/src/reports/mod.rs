@@ -7,6 +7,8 @@
 //! Bounds (each with its reason in the constant's doc): history rows per group, the gossip
 //! value's bytes, and the error text a gossiped row carries.
 
+pub mod release_report;
+
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use konor_sdk::protocol::{ApplyResult, ProcessRow};
@@ -37,6 +39,8 @@ pub const REPORT_FILE_BYTES_MAX: usize = 256 * 1024;
 struct GroupReports {
     live: BTreeMap<(u64, u32), ProcessRow>,
     gone: VecDeque<ProcessRow>,
+    /// In a gated group, the release that serves this node (its id), as last followed.
+    serving: Option<String>,
 }
 
 /// Every group's reports on this node.
@@ -50,11 +54,77 @@ pub struct Reports {
 }
 
 impl Reports {
-    /// A process's report (its connection's row for `group` replaced).
-    pub fn report(&mut self, group: &str, connection: u64, row: ProcessRow) {
+    /// A process's report (its connection's row for `group` replaced), made at `row.time_ms`.
+    /// The same version, release and result reported again keeps the first report's time (when
+    /// the process applied it); a report of another release keeps the row of the release it
+    /// leaves as history, marked `superseded`, so the release report still has its outcome.
+    pub fn report(&mut self, group: &str, connection: u64, mut row: ProcessRow) {
         let reports = self.groups.entry(group.to_owned()).or_default();
+        if let Some(old) = reports.live.remove(&(connection, row.pid)) {
+            let same = old.version == row.version && old.release == row.release && old.result == row.result;
+            if same {
+                row.time_ms = old.time_ms;
+            }
+            if old.version == row.version && old.release == row.release {
+                // The rate it reported is about what it still runs.
+                row.error_rate = row.error_rate.or(old.error_rate);
+            } else if old.release.is_some() && old.release != row.release {
+                let mut old = old;
+                old.gone_ms = Some(row.time_ms);
+                old.superseded = true;
+                push_gone(&mut reports.gone, old);
+            }
+        }
         reports.live.insert((connection, row.pid), row);
         self.changed(group);
+    }
+
+    /// This node now serves `group` through `release` (a gated group; `None` before any
+    /// release reaches it), whose target `is_target` recognizes by label. A live process that
+    /// runs the target under another release (a release of the version it already served: its
+    /// apps are told nothing, as their settings do not change) runs it under this one from
+    /// `now_ms`: its row is stamped again, and the row it had stays as superseded history. Also
+    /// orders the gossip (rows that decide whether this node is done go first).
+    pub fn follow_release(
+        &mut self,
+        group: &str,
+        release: Option<&str>,
+        is_target: impl Fn(&str) -> bool,
+        now_ms: u64,
+    ) {
+        let Some(reports) = self.groups.get_mut(group) else { return };
+        let mut changed = reports.serving.as_deref() != release;
+        reports.serving = release.map(str::to_owned);
+        if let Some(release) = release {
+            for row in reports.live.values_mut() {
+                if row.release.as_deref() == Some(release) || !is_target(&row.version) {
+                    continue;
+                }
+                let mut old = row.clone();
+                old.gone_ms = Some(now_ms);
+                old.superseded = true;
+                push_gone(&mut reports.gone, old);
+                row.release = Some(release.to_owned());
+                row.time_ms = now_ms;
+                // A rate measured before this release is not about it.
+                row.error_rate = None;
+                changed = true;
+            }
+        }
+        if changed {
+            self.changed(group);
+        }
+    }
+
+    /// A process's error rate while it runs what it last reported applying (SPEC F15), on its
+    /// connection's row for `group`; false when it reported nothing yet.
+    pub fn error_rate(&mut self, group: &str, connection: u64, pid: u32, rate: f64) -> bool {
+        let Some(row) = self.groups.get_mut(group).and_then(|reports| reports.live.get_mut(&(connection, pid))) else {
+            return false;
+        };
+        row.error_rate = Some(rate);
+        self.changed(group);
+        true
     }
 
     /// A connection ended: its rows become history, stamped `now_ms`.
@@ -106,14 +176,19 @@ impl Reports {
         self.unsaved.insert(group.to_owned());
     }
 
-    /// The gossip value of `group`: a JSON array of rows, live first then history, each newest
-    /// first, error texts cut to [`REPORT_GOSSIP_MESSAGE_BYTES_MAX`], at most
+    /// The gossip value of `group`: a JSON array of rows, live first (those not settled on the
+    /// release this node serves first) then history, each newest first, error texts cut to [`REPORT_GOSSIP_MESSAGE_BYTES_MAX`], at most
     /// [`REPORT_GOSSIP_BYTES_MAX`] bytes (rows that do not fit are left out). `[]` for a group
     /// with no report (or one this node left).
     pub fn gossip_value(&self, group: &str) -> String {
         let Some(reports) = self.groups.get(group) else { return "[]".to_owned() };
         let mut live: Vec<&ProcessRow> = reports.live.values().collect();
-        live.sort_by_key(|row| std::cmp::Reverse(row.time_ms));
+        // The rows that keep this node from being done with its release (a failure, a process
+        // on another release) first, so a cut leaves out only rows that applied it.
+        let settled = |row: &ProcessRow| {
+            row.result == ApplyResult::Ok && (reports.serving.is_none() || row.release == reports.serving)
+        };
+        live.sort_by_key(|row| (settled(row), std::cmp::Reverse(row.time_ms)));
         let mut text = String::from("[");
         for row in live.into_iter().chain(reports.gone.iter().rev()) {
             let mut row = row.clone();
@@ -183,6 +258,12 @@ pub fn parse_gossip(node: &str, value: &str) -> Vec<ProcessRow> {
         .collect()
 }
 
+/// True when `label`, as a process reported it (its node's label: `v12`, or `v12-3fa9` where
+/// that node knew two versions numbered 12), can name `version`.
+pub fn names(label: &str, version: &konor_crdt::VersionId) -> bool {
+    label.parse::<konor_crdt::VersionRef>().is_ok_and(|reference| reference.matches(version))
+}
+
 fn push_gone(gone: &mut VecDeque<ProcessRow>, row: ProcessRow) {
     gone.push_back(row);
     while gone.len() > REPORT_HISTORY_MAX {
@@ -216,6 +297,9 @@ mod tests {
             result,
             time_ms,
             gone_ms: None,
+            release: None,
+            superseded: false,
+            error_rate: None,
         }
     }
 
@@ -240,6 +324,69 @@ mod tests {
         assert_eq!(gone.len(), REPORT_HISTORY_MAX);
         assert_eq!(gone[0], 1000 + REPORT_HISTORY_MAX as u32 + 4, "newest first");
         assert!(!gone.contains(&10), "the oldest went first");
+    }
+
+    #[test]
+    fn a_report_keeps_when_it_applied_and_a_new_release_keeps_the_old_outcome_as_history() {
+        let mut reports = Reports::default();
+        let of = |release: &str, version: &str, time_ms: u64, result: ApplyResult| ProcessRow {
+            release: Some(release.to_owned()),
+            version: version.to_owned(),
+            ..row(10, time_ms, result)
+        };
+        reports.report("app", 1, of("r1", "v3", 100, ApplyResult::Ok));
+        reports.report("app", 1, of("r1", "v3", 150, ApplyResult::Ok));
+        assert_eq!(reports.rows("app")[0].time_ms, 100, "the same apply again keeps its first time");
+        let failed = ApplyResult::Error { message: "no".into() };
+        reports.report("app", 1, of("r2", "v4", 200, failed.clone()));
+        reports.report("app", 1, of("r2", "v4", 250, failed));
+        let rows = reports.rows("app");
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!((rows[0].release.as_deref(), rows[0].time_ms, rows[0].gone_ms), (Some("r2"), 200, None));
+        assert_eq!((rows[1].release.as_deref(), rows[1].gone_ms, rows[1].superseded), (Some("r1"), Some(200), true));
+        reports.report("app", 1, of("r2", "v4", 300, ApplyResult::Ok));
+        let rows = reports.rows("app");
+        assert_eq!(rows.len(), 2, "a new result of the same release replaces the row: {rows:?}");
+        assert_eq!((rows[0].time_ms, &rows[0].result), (300, &ApplyResult::Ok));
+        reports.report("other", 2, row(20, 100, ApplyResult::Ok));
+        reports.report("other", 2, row(20, 200, ApplyResult::Ok));
+        assert_eq!(reports.rows("other").len(), 1, "an immediate group's rows keep no superseded history");
+    }
+
+    #[test]
+    fn a_re_release_of_the_served_version_restamps_live_rows_and_the_gossip_keeps_the_unsettled() {
+        let mut reports = Reports::default();
+        let of = |pid: u32, release: &str, version: &str| ProcessRow {
+            release: Some(release.to_owned()),
+            version: version.to_owned(),
+            ..row(pid, 100, ApplyResult::Ok)
+        };
+        reports.report("app", 1, of(10, "r1", "v2"));
+        reports.report("app", 2, of(20, "r1", "v1"));
+        reports.follow_release("app", Some("r1"), |label| label == "v2", 150);
+        reports.take_unpublished();
+        reports.follow_release("app", Some("r1"), |label| label == "v2", 160);
+        assert!(reports.take_unpublished().is_empty(), "nothing moved");
+        reports.follow_release("app", Some("r2"), |label| label == "v2", 200);
+        assert_eq!(reports.take_unpublished(), ["app"]);
+        let rows = reports.rows("app");
+        let live: Vec<(u32, Option<&str>, u64)> =
+            rows.iter().filter(|r| r.gone_ms.is_none()).map(|r| (r.pid, r.release.as_deref(), r.time_ms)).collect();
+        assert_eq!(live, [(10, Some("r2"), 200), (20, Some("r1"), 100)], "only the process on the target moves");
+        let history: Vec<(u32, bool)> =
+            rows.iter().filter(|r| r.gone_ms.is_some()).map(|r| (r.pid, r.superseded)).collect();
+        assert_eq!(history, [(10, true)]);
+        // Many settled processes and one behind: the cut keeps the one behind.
+        for pid in 100..200 {
+            reports.report(
+                "app",
+                u64::from(pid),
+                ProcessRow { time_ms: 1_000 + u64::from(pid), ..of(pid, "r2", "v2") },
+            );
+        }
+        let gossiped = parse_gossip("n1", &reports.gossip_value("app"));
+        assert!(gossiped.len() < 100, "cut: {}", gossiped.len());
+        assert_eq!(gossiped[0].pid, 20, "the process still on r1 goes first");
     }
 
     #[test]

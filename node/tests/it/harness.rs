@@ -485,3 +485,49 @@ async fn create_and_join(clients: &[Client], group: &str, request: Request) -> k
     }
     key
 }
+
+/// The example app (`examples/`, another package, so cargo gives this test no path to it): built
+/// next to konord by `cargo build` (a no-op when up to date), once per test binary.
+pub fn example_app() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let konord = PathBuf::from(env!("CARGO_BIN_EXE_konord"));
+            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+            let mut build = Command::new(cargo);
+            build.args(["build", "-q", "-p", "konor-examples", "--bin", "konor-app"]);
+            if konord.components().any(|c| c.as_os_str() == "release") {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cannot run cargo build for the example app");
+            let app = konord.with_file_name("konor-app");
+            assert!(status.success() && app.exists(), "building the example app failed: {status}");
+            app
+        })
+        .clone()
+}
+
+/// A running example app, killed when dropped.
+pub struct App(pub Child);
+
+impl App {
+    /// Starts the example app on `node`'s socket for `group`, with its environment `env`.
+    pub fn start(node: &Node, group: &str, env: &[(&str, &str)]) -> App {
+        let mut command = Command::new(example_app());
+        command
+            .arg(group)
+            .env("KONOR_SOCKET", &node.socket)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        App(command.spawn().expect("cannot start the example app"))
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

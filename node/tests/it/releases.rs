@@ -10,7 +10,7 @@ use std::time::Duration;
 use konor_sdk::protocol::{Request, Response, WatchEvent};
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, DEADLINE, eventually, gated_group_on_all, group_on_all, start_mesh};
+use crate::harness::{App, Cluster, DEADLINE, eventually, gated_group_on_all, group_on_all, start_mesh};
 
 fn konorctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_konorctl"))
@@ -297,6 +297,264 @@ async fn a_failed_apply_aborts_a_release_and_a_wave_that_bakes_is_promoted_by_th
             let status = ok_json(&on(socket, &["status", "grd"]));
             let promoted = status["release"]["current"]["wave"] == 2;
             (promoted && ok_json(&on(socket, &["get", "grd", "pool"]))["value"] == 12).then_some(())
+        })
+        .await;
+    }
+}
+
+/// The example app on real konords (issue 16): one node's app refuses a release's settings in
+/// its reload callback; the members roll the release back by themselves; `release --wait`
+/// says so (exit 7), and `status` and the release report on every node show the refusal, while
+/// the release before it is complete with a time to consistency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_apps_failed_reload_rolls_a_release_back_and_every_node_reports_it() {
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 3).await;
+    gated_group_on_all(&clients, "shop", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let _apps = [
+        App::start(&nodes[0], "shop", &[]),
+        App::start(&nodes[1], "shop", &[]),
+        App::start(&nodes[2], "shop", &[("KONOR_APP_MAX_WORKERS", "16")]),
+    ];
+    for socket in &sockets {
+        eventually("every app reported its start", || async {
+            let status = ok_json(&on(socket, &["status", "shop"]));
+            let live = status["processes"].as_array().unwrap().iter().filter(|p| p.get("gone_ms").is_none()).count();
+            (live == 3).then_some(())
+        })
+        .await;
+    }
+
+    // A release every app takes: --wait ends when every node's app applied it.
+    let good = ok_json(&on(&sockets[0], &["set", "shop", "workers=8"]))["version"].as_str().unwrap().to_owned();
+    let waited = on(&sockets[0], &["release", "shop", "--to", &good, "--wait", "--wait-timeout", "60s"]);
+    assert_eq!(waited.status.code(), Some(0), "{}", String::from_utf8_lossy(&waited.stderr));
+    let report = ok_json(&waited)["releases"][0].clone();
+    assert_eq!(report["outcome"], "complete", "{report}");
+    assert_eq!((report["processes_ok"].as_u64(), report["processes_failed"].as_u64()), (Some(3), Some(0)));
+    assert_eq!(report["success_rate"], 1.0);
+    assert!(report["time_to_consistency_ms"].as_u64().is_some(), "{report}");
+    // Another node's health (and so its metrics) carries the same figures.
+    eventually("n3's health shows the release complete", || async {
+        let health = ok_json(&on(&sockets[2], &["health"]));
+        let group = health["health"]["groups"].as_array()?.iter().find(|g| g["name"] == "shop")?.clone();
+        let release = &group["release"];
+        (release["outcome"] == "complete" && release["done"] == 3 && release["processes_ok"] == 3).then_some(())
+    })
+    .await;
+
+    // A release n3's app refuses: the members abort it, --wait says so.
+    let bad = ok_json(&on(&sockets[1], &["set", "shop", "workers=32"]))["version"].as_str().unwrap().to_owned();
+    let waited = on(&sockets[1], &["release", "shop", "--to", &bad, "--wait", "--wait-timeout", "60s"]);
+    assert_eq!(waited.status.code(), Some(7), "{}", String::from_utf8_lossy(&waited.stderr));
+    let report: Value = serde_json::from_slice::<Value>(&waited.stdout).unwrap()["releases"][0].clone();
+    assert_eq!(report["outcome"], "aborted", "{report}");
+    let release = report["release"]["label"].as_str().unwrap().to_owned();
+    assert!(report["release"]["aborted"].as_str().unwrap().contains("more than this app supports (16)"), "{report}");
+
+    // Every node: back on the good version, the abort in status, the refusal in the report.
+    for socket in &sockets {
+        eventually("every node shows the rollback and the refusal", || async {
+            let served = ok_json(&on(socket, &["get", "shop", "workers"]))["value"] == 8;
+            let status =
+                String::from_utf8_lossy(&konorctl(&["--socket", socket, "status", "shop"]).stdout).into_owned();
+            let csv = konorctl(&["--socket", socket, "release", "report", "shop", "--format", "csv"]);
+            let csv = String::from_utf8_lossy(&csv.stdout).into_owned();
+            let refusal = csv.lines().find(|line| {
+                line.starts_with(&format!("{release},")) && line.contains(",n3,") && line.contains(",error,")
+            });
+            (served && status.contains("aborted: ") && status.contains("(16)") && refusal.is_some())
+                .then(|| (status, refusal.unwrap().to_owned()))
+        })
+        .await;
+    }
+    let jsonl = konorctl(&["--socket", &sockets[2], "release", "report", "shop", "--format", "jsonl"]);
+    let rows: Vec<Value> =
+        String::from_utf8_lossy(&jsonl.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    let of_bad: Vec<&Value> = rows.iter().filter(|row| row["release"] == release.as_str()).collect();
+    assert_eq!(of_bad.len(), 3, "a row per node's app: {of_bad:?}");
+    assert!(of_bad.iter().all(|row| row["outcome"] == "aborted"));
+    let refused: Vec<&&Value> = of_bad.iter().filter(|row| row["result"] == "error").collect();
+    assert_eq!(refused.len(), 1, "{of_bad:?}");
+    assert_eq!(refused[0]["node"], "n3");
+    assert!(rows.iter().any(|row| row["to"] == good.as_str()), "the good release is in the report: {rows:?}");
+
+    // The good release is in force again: every app re-applied it, each counted once.
+    let again = eventually("the good release is complete again", || async {
+        let report = ok_json(&on(&sockets[0], &["release", "report", "shop", "--limit", "2"]))["releases"][1].clone();
+        (report["release"]["to"] == good.as_str() && report["outcome"] == "complete").then_some(report)
+    })
+    .await;
+    assert_eq!((again["processes_ok"].as_u64(), again["processes_failed"].as_u64()), (Some(3), Some(0)), "{again}");
+    let text = konorctl(&["--socket", &sockets[0], "release", "report", "shop", "--limit", "2"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("outcome: aborted; 2 of 3 targeted nodes done"), "{text}");
+    assert!(text.contains("outcome: complete; 3 of 3 targeted nodes done; processes: 3 applied, 0 failed"), "{text}");
+
+    // A new release of the version every node already serves: no app is told (nothing
+    // changes), yet each runs it under the new release, which completes.
+    let again = on(&sockets[2], &["release", "shop", "--to", &good, "-m", "again", "--wait", "--wait-timeout", "30s"]);
+    assert_eq!(again.status.code(), Some(0), "{}", String::from_utf8_lossy(&again.stderr));
+    let report = serde_json::from_slice::<Value>(&again.stdout).unwrap()["releases"][0].clone();
+    assert_eq!((report["outcome"].as_str(), report["processes_ok"].as_u64()), (Some("complete"), Some(3)), "{report}");
+}
+
+/// The other guards on real konords (SPEC F15): a release whose `--max-error-rate` an app's
+/// reported error rate passes is rolled back, one within it is not; a release with
+/// `--node-health` is rolled back when a node it targets dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_rate_over_the_bound_and_a_dead_node_roll_a_release_back() {
+    let cluster = Cluster::new();
+    let (mut nodes, clients) = start_mesh(&cluster, 3).await;
+    gated_group_on_all(&clients, "rate", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let base = ok_json(&on(&sockets[0], &["set", "rate", "pool=8"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "rate", "--to", &base]));
+    let next = ok_json(&on(&sockets[0], &["set", "rate", "pool=9"]))["version"].as_str().unwrap().to_owned();
+    let release = ok_json(&on(&sockets[0], &["release", "rate", "--to", &next, "--max-error-rate", "2%"]));
+    let label = release["version"].as_str().unwrap().to_owned();
+    eventually("n2 serves the release", || async {
+        (ok_json(&on(&sockets[1], &["get", "rate", "pool"]))["value"] == 9).then_some(())
+    })
+    .await;
+    let status = String::from_utf8_lossy(&konorctl(&["--socket", &sockets[1], "status", "rate"]).stdout).into_owned();
+    assert!(status.contains("guards: abort on the first failed apply, an error rate over 2%"), "{status}");
+
+    // An app on n2 applied it and reports its error rate: 1% holds, 5% breaks the guard.
+    let applied = Request::ReportApply {
+        group: "rate".into(),
+        version: next.clone(),
+        revision: 0,
+        result: konor_sdk::protocol::ApplyResult::Ok,
+    };
+    assert!(matches!(clients[1].call(applied).await.unwrap(), Response::Done));
+    clients[1].report_error_rate("rate", 0.01).await.unwrap();
+    let refused = clients[1].report_error_rate("rate", 1.5).await;
+    assert!(matches!(refused, Err(konor_sdk::SdkError::Daemon { .. })), "{refused:?}");
+    let elsewhere = clients[2].report_error_rate("rate", 0.5).await;
+    assert!(
+        matches!(elsewhere, Err(konor_sdk::SdkError::Daemon { .. })),
+        "n3's connection applied nothing: {elsewhere:?}"
+    );
+    eventually("every node sees n2's 1% in the report", || async {
+        let report = ok_json(&on(&sockets[0], &["release", "status", "rate"]))["releases"][0].clone();
+        let rate = report["applies"].as_array()?.iter().find(|row| row["node"] == "n2")?["error_rate"].as_f64()?;
+        ((rate - 0.01).abs() < 1e-9 && report["outcome"] == "complete").then_some(())
+    })
+    .await;
+    clients[1].report_error_rate("rate", 0.05).await.unwrap();
+    for socket in &sockets {
+        eventually("every node rolled the release back on the error rate", || async {
+            let status = ok_json(&on(socket, &["status", "rate"]));
+            let aborted = status["release"]["current"]["aborted"].as_str().unwrap_or_default().to_owned();
+            let back = ok_json(&on(socket, &["get", "rate", "pool"]))["value"] == 8;
+            (back && aborted.contains("error rate 5% over 2%") && aborted.contains("on n2")).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(ok_json(&on(&sockets[2], &["status", "rate"]))["release"]["current"]["label"], label.as_str());
+
+    // A release guarded by node health: n3 dies, the others roll it back.
+    let third = ok_json(&on(&sockets[0], &["set", "rate", "pool=10"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "rate", "--to", &third, "--node-health"]));
+    for socket in &sockets[..2] {
+        eventually("n1 and n2 serve the release", || async {
+            (ok_json(&on(socket, &["get", "rate", "pool"]))["value"] == 10).then_some(())
+        })
+        .await;
+    }
+    nodes[2].kill9();
+    for socket in &sockets[..2] {
+        eventually("n1 and n2 roll the release back once n3 is dead", || async {
+            let status = ok_json(&on(socket, &["status", "rate"]));
+            let aborted = status["release"]["current"]["aborted"].as_str().unwrap_or_default().to_owned();
+            let back = ok_json(&on(socket, &["get", "rate", "pool"]))["value"] == 8;
+            (back && aborted.contains("dead: n3")).then_some(())
+        })
+        .await;
+    }
+}
+
+/// Overlays on real konords (SPEC F29): a value written with `--overlay env=dev` is served,
+/// once released, only by the nodes labelled `env=dev`; `show` holds the base and the overlay;
+/// deleting the overlay and releasing brings those nodes back to the base; an immediate group
+/// refuses overlays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overlay_reaches_only_the_nodes_whose_labels_match() {
+    let cluster = Cluster::new();
+    let mut n1 = cluster.node("n1", &[]);
+    n1.start();
+    let c1 = n1.client().await;
+    let mut n2 = cluster.node("n2", &[&n1]);
+    n2.extra_args = vec!["--label".into(), "env=dev".into()];
+    n2.start();
+    let c2 = n2.client().await;
+    let nodes = [n1, n2];
+    let clients = [c1, c2];
+    crate::harness::await_whole_mesh(&nodes, &clients).await;
+    gated_group_on_all(&clients, "ovl", "eventual").await;
+    group_on_all(&clients, "flat", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    ok_json(&on(&sockets[0], &["set", "ovl", "pool=8", "host=a"]));
+    let written = ok_json(&on(&sockets[0], &["set", "ovl", "pool=2", "--overlay", "env=dev"]));
+    let version = written["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "ovl", "--to", &version]));
+    for (socket, pool) in sockets.iter().zip([8, 2]) {
+        eventually("each node serves its view", || async {
+            let settings = ok_json(&on(socket, &["get", "ovl"]))["settings"].clone();
+            (settings == json!({"pool": pool, "host": "a"})).then_some(())
+        })
+        .await;
+    }
+    let shown = ok_json(&on(&sockets[0], &["show", &format!("ovl@{version}")]));
+    assert_eq!(shown["settings"]["pool@env=dev"], 2, "the version holds the overlay: {shown}");
+    assert_eq!(shown["settings"]["pool"], 8);
+
+    let removed = ok_json(&on(&sockets[1], &["delete", "ovl", "pool", "--overlay", "env=dev"]));
+    ok_json(&on(&sockets[1], &["release", "ovl", "--to", removed["version"].as_str().unwrap()]));
+    eventually("n2 serves the base again", || async {
+        (ok_json(&on(&sockets[1], &["get", "ovl", "pool"]))["value"] == 8).then_some(())
+    })
+    .await;
+    let refused = konorctl(&["--socket", &sockets[0], "set", "flat", "pool=2", "--overlay", "env=dev"]);
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("overlays need a gated group"), "{refused:?}");
+}
+
+/// An app that exits right after its reload failed (a crash loop) still breaks the guard: its
+/// row is history by the time the members look, and counts until another process on that node
+/// applies the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_exits_after_a_failed_reload_still_rolls_the_release_back() {
+    let cluster = Cluster::new();
+    let (nodes, clients) = start_mesh(&cluster, 2).await;
+    gated_group_on_all(&clients, "crash", "eventual").await;
+    let sockets: Vec<String> = nodes.iter().map(|n| n.socket.to_str().unwrap().to_owned()).collect();
+    let base = ok_json(&on(&sockets[0], &["set", "crash", "pool=8"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "crash", "--to", &base]));
+    let bad = ok_json(&on(&sockets[0], &["set", "crash", "pool=800"]))["version"].as_str().unwrap().to_owned();
+    ok_json(&on(&sockets[0], &["release", "crash", "--to", &bad]));
+    eventually("n2 serves the bad version", || async {
+        (ok_json(&on(&sockets[1], &["get", "crash", "pool"]))["value"] == 800).then_some(())
+    })
+    .await;
+    {
+        let app = konor_sdk::Client::connect(&nodes[1].socket).await.unwrap();
+        let report = Request::ReportApply {
+            group: "crash".into(),
+            version: bad.clone(),
+            revision: 0,
+            result: konor_sdk::protocol::ApplyResult::Error { message: "panicked on pool=800".into() },
+        };
+        assert!(matches!(app.call(report).await.unwrap(), Response::Done));
+        // Dropped here: the connection closes and the row becomes history at once.
+    }
+    for socket in &sockets {
+        eventually("every node rolled the release back", || async {
+            let status = ok_json(&on(socket, &["status", "crash"]));
+            let aborted = status["release"]["current"]["aborted"].as_str().unwrap_or_default().to_owned();
+            (aborted.contains("panicked on pool=800")).then_some(())
         })
         .await;
     }

@@ -14,6 +14,7 @@ from konorkestra import (
     Change,
     Client,
     ConditionFailedError,
+    DaemonError,
     NotFoundError,
     Resync,
     SocketUnsetError,
@@ -201,6 +202,25 @@ def test_on_change_reports_success_and_the_callbacks_exception(mesh: Mesh) -> No
                          capture_output=True, text=True, check=False)
     assert "pool must be <= 16" in out.stdout, out.stdout + out.stderr
     handle.stop(5)
+
+
+def test_an_error_rate_goes_on_the_apply_report_of_the_same_connection(mesh: Mesh) -> None:
+    n1, n2, _ = mesh.group("rates")
+    committed = n1.set("rates", {"pool": 10})
+    with pytest.raises(DaemonError) as refused:
+        n2.report_error_rate("rates", 0.01)
+    assert refused.value.code == "bad_request" and "report the version" in str(refused.value)
+    n2.report_apply("rates", committed.version, 1)
+    n2.report_error_rate("rates", 0.25)
+    with pytest.raises(DaemonError):
+        n2.report_error_rate("rates", 1.5)
+
+    def reported() -> object:
+        rows = n1.status("rates")["processes"]
+        return next((row for row in rows if row.get("error_rate") is not None), None)
+
+    row = eventually("every node sees the rate on n2's row", reported)
+    assert row["error_rate"] == 0.25 and row["node"] == mesh.nodes[1].id
 
 
 def test_a_cache_follows_the_group_and_reads_memory(mesh: Mesh) -> None:

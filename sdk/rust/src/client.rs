@@ -154,6 +154,18 @@ impl Client {
         }
     }
 
+    /// Reports this process's error rate (failed requests over all, 0 to 1, over a window the
+    /// app chooses) while it runs `group`'s current settings (SPEC F15): a release with a
+    /// `max_error_rate` guard is rolled back by the members when a process on a node it targets
+    /// reports more. It goes on this connection's apply report, so report after
+    /// [`Client::on_change`] reported the settings the app runs (its first callback does).
+    pub async fn report_error_rate(&self, group: &str, rate: f64) -> Result<(), SdkError> {
+        match self.call(Request::ReportErrorRate { group: group.to_owned(), rate }).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected("done", &other)),
+        }
+    }
+
     /// One setting deserialized into `T`; `None` when the key is not set.
     pub async fn get_as<T: DeserializeOwned>(&self, group: &str, key: &str) -> Result<Option<T>, SdkError> {
         let Some(value) = self.get(group, key).await? else {

@@ -60,6 +60,32 @@ pub struct GroupHealth {
     /// Why, when stale.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_reason: Option<String>,
+    /// A gated group's newest release, desired against actual (absent in an immediate group
+    /// and before the first release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseHealth>,
+}
+
+/// A gated group's newest release in `health` and the metrics (SPEC F28).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseHealth {
+    /// The release's version label.
+    pub label: String,
+    /// `in progress`, `complete`, `aborted` or `superseded`.
+    pub outcome: String,
+    /// The wave in force, counted from 1 (1 for a release to every member).
+    pub wave: u32,
+    /// Members in the slice of the wave in force.
+    pub targeted: u64,
+    /// Of those, the ones that hold it as desired.
+    pub done: u64,
+    /// Processes that applied it.
+    pub processes_ok: u64,
+    /// Processes whose reload failed on it.
+    pub processes_failed: u64,
+    /// From the release to every targeted node applied, once reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_consistency_ms: Option<u64>,
 }
 
 /// Lengths of the daemon's queues.

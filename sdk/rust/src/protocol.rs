@@ -149,6 +149,15 @@ pub enum Request {
         /// Ok or the error text.
         result: ApplyResult,
     },
+    /// The client's error rate while it runs `group`'s current settings (SPEC F15): a fraction
+    /// of its requests, 0 to 1, that a release's `max_error_rate` guard compares. It goes on the
+    /// connection's apply report (a process reports what it applied first; `on_change` does).
+    ReportErrorRate {
+        /// Group.
+        group: String,
+        /// Failed requests over all requests, 0 to 1, over a window the app chooses.
+        rate: f64,
+    },
     /// Create a group on this node.
     GroupCreate {
         /// Name.
@@ -254,6 +263,17 @@ pub enum Request {
         /// (absent or 0: promotion is left to an operator).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         bake_ms: Option<u64>,
+        /// Guard: abort once more than this many processes failed to apply it (absent: 0, the
+        /// first failure aborts).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_failed: Option<u32>,
+        /// Guard: abort once a process on a targeted node reports an error rate above this
+        /// fraction (0 to 1; `0.02` is 2%) through `report_error_rate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_error_rate: Option<f64>,
+        /// Guard: abort once a targeted node is dead to a member.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node_health: Option<bool>,
         /// Author and message.
         #[serde(default, deserialize_with = "null_as_default")]
         meta: WriteMeta,
@@ -345,6 +365,18 @@ pub enum Request {
     Status {
         /// Group.
         group: String,
+    },
+    /// A gated group's newest releases, each joined with what every member serves and every
+    /// process reported (SPEC F16, F28): `release status` and `release report`.
+    ReleaseReport {
+        /// Group.
+        group: String,
+        /// How many releases, newest first (default 1, at most 64).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+        /// Only this release: its id or its version label (`limit` then does not apply).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<String>,
     },
     /// Remove members from a strong group's configuration (SPEC F11): agreed by a majority, or
     /// with `force` by the remaining members alone (when no majority is left: the other member
@@ -521,6 +553,9 @@ pub struct ReleaseRow {
     /// Why it was aborted, when it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aborted: Option<String>,
+    /// What makes the members abort it (`abort on the first failed apply, a dead node`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub guards: String,
     /// True when this node is in the release's slice (it serves `to`).
     #[serde(default)]
     pub here: bool,
@@ -530,6 +565,61 @@ pub struct ReleaseRow {
     pub time_ms: u64,
     /// Why.
     pub message: String,
+}
+
+/// One release, desired against actual (SPEC F16, F28): what it targets, what every member
+/// serves, what every process reported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseReport {
+    /// The release.
+    pub release: ReleaseRow,
+    /// `in progress`, `complete` (every node of the last wave applied it), `aborted`, or
+    /// `superseded` (a newer release is in force).
+    pub outcome: String,
+    /// Every member of the group and where it stands.
+    pub nodes: Vec<ReleaseNodeRow>,
+    /// Every process's report of this release (live, gone and superseded rows).
+    pub applies: Vec<ProcessRow>,
+    /// Processes that applied it.
+    pub processes_ok: u32,
+    /// Processes whose reload failed on it.
+    pub processes_failed: u32,
+    /// `processes_ok` / processes that reported (`None` before any report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<f64>,
+    /// From the release to the last targeted node's processes applying it, once every
+    /// targeted node did (`None` before, and for an aborted release).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_consistency_ms: Option<u64>,
+}
+
+/// One member in a release's report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseNodeRow {
+    /// Node id.
+    pub node: String,
+    /// The first wave (counted from 1) whose slice holds it; `None`: no wave does (its labels
+    /// do not match the selector, or its place is past the last wave's percentage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
+    /// In the slice of the wave in force: the release is its desired state.
+    pub targeted: bool,
+    /// The version it serves now.
+    pub serving: String,
+    /// Live as seen from the answering node.
+    pub live: bool,
+    /// When the last of its processes applied the release (Unix ms), if any did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_ms: Option<u64>,
+    /// Its processes that applied the release (each counted once, by its newest report).
+    #[serde(default)]
+    pub applied: u32,
+    /// Its processes whose reload failed on the release.
+    #[serde(default)]
+    pub failed: u32,
+    /// It holds the release as desired: its processes applied it and none failed (or, with
+    /// no process reporting, it serves the target).
+    pub done: bool,
 }
 
 /// One node's copy of a group, in `status`.
@@ -563,12 +653,26 @@ pub struct ProcessRow {
     pub revision: u64,
     /// Result it reported.
     pub result: ApplyResult,
-    /// Unix milliseconds of the report.
+    /// Unix milliseconds of the report (of the first, while a process reports the same
+    /// version, release and result again: when it applied it).
     pub time_ms: u64,
-    /// Unix milliseconds when the process's connection ended: a row of history, not a live
-    /// process (absent while it lives).
+    /// Unix milliseconds when the row became history, not a live process (absent while it
+    /// lives): the process's connection ended, or, with `superseded`, it applied a later
+    /// release.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gone_ms: Option<u64>,
+    /// In a gated group, the release its node served it when it reported (the release's id,
+    /// `<inverted counter>.<actor hex>`): what the report is about (SPEC F16, F28).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    /// True for a row of history kept because the process went on to another release (its
+    /// outcome of this one stays on record for the release report).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub superseded: bool,
+    /// The error rate the process last reported while running this row's version (0 to 1;
+    /// `report_error_rate`), if it reported one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
 }
 
 /// A key with concurrent values.
@@ -722,6 +826,13 @@ pub enum Response {
     Nodes {
         /// Rows.
         nodes: Vec<NodeRow>,
+    },
+    /// A gated group's releases, newest first.
+    ReleaseReport {
+        /// Group.
+        group: String,
+        /// One per release.
+        releases: Vec<ReleaseReport>,
     },
     /// A group's state.
     Status {
@@ -991,6 +1102,7 @@ impl Request {
             Request::Watch { .. } => "watch",
             Request::Unwatch { .. } => "unwatch",
             Request::ReportApply { .. } => "report_apply",
+            Request::ReportErrorRate { .. } => "report_error_rate",
             Request::GroupCreate { .. } => "group_create",
             Request::GroupJoin { .. } => "group_join",
             Request::Release { .. } => "release",
@@ -1012,6 +1124,7 @@ impl Request {
             Request::Conflicts { .. } => "conflicts",
             Request::Nodes => "nodes",
             Request::Status { .. } => "status",
+            Request::ReleaseReport { .. } => "release_report",
             Request::SocketStats => "socket_stats",
             Request::Health => "health",
             Request::Alerts => "alerts",
@@ -1040,6 +1153,7 @@ impl Response {
             Response::Conflicts { .. } => "conflicts",
             Response::Nodes { .. } => "nodes",
             Response::Status { .. } => "status",
+            Response::ReleaseReport { .. } => "release_report",
             Response::Reconfigured { .. } => "reconfigured",
             Response::SocketStats { .. } => "socket_stats",
             Response::Health { .. } => "health",

@@ -82,15 +82,15 @@ fn seed_3_replays_byte_for_byte_and_holds_every_invariant() {
 }
 
 /// Disk faults and crashes at rates that make a crash drop unsynced bytes and leave a torn tail
-/// (seed 30 does in the test build; seeds move when the node code changes its event order): the disk model's choices replay too, and the loader cuts what a crash tore.
+/// (seed 40 does in the test build; seeds move when the node code changes its event order): the disk model's choices replay too, and the loader cuts what a crash tore.
 #[test]
 fn heavy_disk_faults_replay_byte_for_byte_and_hold_every_invariant() {
     let heavy = ["--faults", "crash:0.3/s,disk:0.5/s"];
-    let (first, second) = (start(30, &heavy), start(30, &heavy));
+    let (first, second) = (start(40, &heavy), start(40, &heavy));
     let (hash_a, passed, text) = finish(first);
     let (hash_b, _, _) = finish(second);
-    assert_eq!(hash_a, hash_b, "seed 30 with disk faults gave two different runs");
-    assert!(passed, "seed 30 with disk faults violated an invariant:\n{text}");
+    assert_eq!(hash_a, hash_b, "seed 40 with disk faults gave two different runs");
+    assert!(passed, "seed 40 with disk faults violated an invariant:\n{text}");
     let disk = text.lines().find(|l| l.starts_with("disk: ")).unwrap_or_else(|| panic!("no disk faults:\n{text}"));
     assert!(!disk.contains("dropped 0 unsynced bytes"), "no crash dropped unsynced bytes: {disk}");
 }

@@ -245,6 +245,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/api/v1/groups/{group}/diff", get(routes::diff))
         .route("/api/v1/groups/{group}/conflicts", get(routes::conflicts))
         .route("/api/v1/groups/{group}/status", get(routes::status))
+        .route("/api/v1/groups/{group}/releases", get(routes::releases))
         .route("/api/v1/groups/{group}/watch", get(watch::watch))
         .route_layer(axum::middleware::from_fn_with_state(ctx.clone(), routes::require_certificate));
     open.merge(guarded)

@@ -81,6 +81,7 @@ fn is_write(request: &Request) -> bool {
         | Request::Conflicts { .. }
         | Request::Nodes
         | Request::Status { .. }
+        | Request::ReleaseReport { .. }
         | Request::GroupList
         | Request::Health
         | Request::Alerts
@@ -90,6 +91,7 @@ fn is_write(request: &Request) -> bool {
         | Request::Watch { .. }
         | Request::Unwatch { .. } => false,
         Request::ReportApply { .. }
+        | Request::ReportErrorRate { .. }
         | Request::GroupCreate { .. }
         | Request::GroupJoin { .. }
         | Request::GroupLeave { .. }
@@ -336,6 +338,21 @@ pub(super) async fn status(State(ctx): State<Ctx>, PathSegment(group): PathSegme
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+pub(super) struct ReleasesQuery {
+    limit: Option<u32>,
+    release: Option<String>,
+}
+
+pub(super) async fn releases(
+    State(ctx): State<Ctx>,
+    PathSegment(group): PathSegment,
+    QueryOf(ReleasesQuery { limit, release }): QueryOf<ReleasesQuery>,
+) -> Answer {
+    read(&ctx, Request::ReleaseReport { group, limit, release }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct GroupCreateBody {
     name: String,
     mode: String,
@@ -520,6 +537,12 @@ pub(super) struct ReleaseBody {
     #[serde(default)]
     bake_ms: Option<u64>,
     #[serde(default)]
+    max_failed: Option<u32>,
+    #[serde(default)]
+    max_error_rate: Option<f64>,
+    #[serde(default)]
+    node_health: Option<bool>,
+    #[serde(default)]
     message: Option<String>,
     #[serde(default)]
     if_version: Option<String>,
@@ -532,9 +555,33 @@ pub(super) async fn release(
     PathSegment(group): PathSegment,
     JsonBody(body): JsonBody<ReleaseBody>,
 ) -> Answer {
-    let ReleaseBody { version, strategy, waves, selector, bake_ms, message, if_version, if_content } = body;
+    let ReleaseBody {
+        version,
+        strategy,
+        waves,
+        selector,
+        bake_ms,
+        max_failed,
+        max_error_rate,
+        node_health,
+        message,
+        if_version,
+        if_content,
+    } = body;
     let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
-    Ok(ask(&ctx, Request::Release { group, version, strategy, waves, selector, bake_ms, meta }).await)
+    let request = Request::Release {
+        group,
+        version,
+        strategy,
+        waves,
+        selector,
+        bake_ms,
+        max_failed,
+        max_error_rate,
+        node_health,
+        meta,
+    };
+    Ok(ask(&ctx, request).await)
 }
 
 #[derive(Deserialize)]

@@ -344,6 +344,11 @@ class Client:
         request = {"type": "report_apply", "group": group, "version": version, "revision": revision, "result": result}
         expect(await self.call(request), "done")
 
+    async def report_error_rate(self, group: str, rate: float) -> None:
+        """This process's error rate (0 to 1) while it runs what it last reported applying, for
+        a release's ``max_error_rate`` guard; report what you applied first."""
+        expect(await self.call({"type": "report_error_rate", "group": group, "rate": rate}), "done")
+
     async def watch(
         self, group: str, from_revision: Optional[int] = None, *, prefix: Optional[str] = None
     ) -> "Watch":

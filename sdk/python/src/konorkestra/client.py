@@ -275,6 +275,13 @@ class Client:
         request = {"type": "report_apply", "group": group, "version": version, "revision": revision, "result": result}
         expect(self.call(request), "done")
 
+    def report_error_rate(self, group: str, rate: float) -> None:
+        """Tells the daemon this process's error rate (failed requests over all, 0 to 1) while it
+        runs what it last reported applying: a release with a ``max_error_rate`` guard is rolled
+        back when a process on a node it targets reports more. Report what you applied first
+        (``on_change`` does), on this client."""
+        expect(self.call({"type": "report_error_rate", "group": group, "rate": rate}), "done")
+
     def watch(self, group: str, from_revision: Optional[int] = None, *, prefix: Optional[str] = None) -> "Watch":
         """Every change of ``group`` after ``from_revision`` (``None``: from now on), on a
         connection of its own, resumed across dropped connections and daemon restarts. With
