@@ -240,6 +240,7 @@ impl Cluster {
             metrics: Default::default(),
             webhooks: None,
             keep_history: false,
+            revocations: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -51,6 +51,10 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             validate_node_id(node).map_err(|error| error.to_string())
         }
         Request::NodeHistory { node: None } => Ok(()),
+        Request::Revoke { revocation } => {
+            check_length("revocation", revocation, crate::pki::revocation::REVOCATION_BYTES_MAX)
+        }
+        Request::Revocations => Ok(()),
         Request::GroupRemove { group, nodes, .. } => {
             check_group(group)?;
             check_count("nodes", nodes.len(), MESH_NODES_MAX)?;

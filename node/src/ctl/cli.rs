@@ -182,6 +182,34 @@ pub enum CertCommand {
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
     },
+    /// Revoke a node's (or an operator's) certificates: signs the revocation with the CA key
+    /// and hands it to the daemon, which spreads it; every node then refuses handshakes with
+    /// them and closes its connections with them. Without --serial it covers every
+    /// certificate of ID issued up to now (a certificate issued later admits it again).
+    Revoke {
+        /// The identity whose certificates to revoke (a node id, or an operator's name).
+        id: String,
+        /// Directory holding the cluster CA (from `konorctl ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// Revoke only the certificate with this serial number (hex, as konord's log prints it).
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// Why, kept with the revocation.
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// Write the signed revocation to FILE instead of sending it (to hand it to a node from
+        /// another host: `konorctl cert revoke --submit FILE`).
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Send a signed revocation written by `revoke --out` to the daemon.
+    Submit {
+        /// The file `revoke --out` wrote.
+        file: PathBuf,
+    },
+    /// List the revocations this node holds.
+    Revocations,
 }
 
 /// `konorctl group ...`

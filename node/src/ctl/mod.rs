@@ -116,6 +116,35 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
             emit(&cert_issued(&node_id, &out, output))
         }
+        Command::Cert(CertCommand::Revoke { id, ca_dir, serial, reason, out }) => {
+            let revocation = pki::revocation::Revocation {
+                node: id.clone(),
+                serial: serial.map(|serial| serial.trim_start_matches("0x").to_ascii_lowercase()),
+                revoked_at_ms: crate::wall_clock::unix_time().as_secs() * 1000,
+                reason,
+            };
+            revocation.validate()?;
+            let signed = pki::revocation::sign(&ca_dir, revocation)
+                .with_context(|| format!("cannot sign the revocation of {id}"))?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, format!("{}\n", signed.encode()))
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "wrote the revocation of {id} to {}; send it with `konorctl cert submit`",
+                        path.display()
+                    );
+                    Ok(Exit::Ok)
+                }
+                None => call(&target, TIMEOUT_DEFAULT, Request::Revoke { revocation: signed.encode() }, output).await,
+            }
+        }
+        Command::Cert(CertCommand::Submit { file }) => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let revocation = text.trim().to_owned();
+            call(&target, TIMEOUT_DEFAULT, Request::Revoke { revocation }, output).await
+        }
+        Command::Cert(CertCommand::Revocations) => call(&target, TIMEOUT_DEFAULT, Request::Revocations, output).await,
         Command::Group(GroupCommand::Create { name, mode, key_file, key_out, key, evict_after, fencing, release }) => {
             refuse_key_on_command_line(key.is_some())?;
             let key = key_file.as_deref().map(group_key::read).transpose()?;

@@ -393,6 +393,13 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::Alerts => (Method::GET, "/api/v1/alerts".to_owned(), None),
         Request::NodeHistory { node: None } => (Method::GET, "/api/v1/history".to_owned(), None),
         Request::NodeHistory { node: Some(node) } => (Method::GET, format!("/api/v1/history/{node}"), None),
+        Request::Revocations => (Method::GET, "/api/v1/revocations".to_owned(), None),
+        Request::Revoke { revocation } => {
+            // The body is the revocation's own JSON: parsed here so it travels as an object.
+            let body = serde_json::from_str::<serde_json::Value>(revocation)
+                .map_err(|error| anyhow::anyhow!("the revocation is not JSON: {error}"))?;
+            (Method::POST, "/api/v1/revocations".to_owned(), Some(body))
+        }
         Request::Status { group } => (Method::GET, format!("{groups}/{group}/status"), None),
         Request::ReleaseReport { group, limit, release } => {
             let mut query: Vec<String> = limit.map(|limit| format!("limit={limit}")).into_iter().collect();

@@ -305,6 +305,11 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Alerts { alerts } => Rendered::ok(alerts_text(alerts, now_ms)),
         Response::NodeHistory { history } => Rendered::ok(node_history_text(history, now_ms)),
         Response::MeshHistory { history } => Rendered::ok(mesh_history_text(history)),
+        Response::Revoked { id, new: true } => {
+            Rendered::ok(format!("revoked ({id}); every node refuses it within seconds as the revocation spreads\n"))
+        }
+        Response::Revoked { id, new: false } => Rendered::ok(format!("this node already held revocation {id}\n")),
+        Response::Revocations { revocations } => Rendered::ok(revocations_text(revocations)),
         Response::SocketStats { stats } => Rendered::ok(format!(
             "connections {}\nread bytes {} (peak {}, budget {})\nwrite bytes {} (peak {}, budget {})\n\
              bad frames {}\nrefused {}\nsilent closed {}\nidle closed {}\nwatches dropped {}\n",
@@ -438,7 +443,9 @@ fn request_group(request: &Request) -> Option<&str> {
         | Request::SocketStats
         | Request::Health
         | Request::Alerts
-        | Request::NodeHistory { .. } => None,
+        | Request::NodeHistory { .. }
+        | Request::Revoke { .. }
+        | Request::Revocations => None,
     }
 }
 
@@ -763,6 +770,28 @@ pub fn display_value(value: &Value) -> String {
         }
         other => other.to_string(),
     }
+}
+
+/// `konorctl cert revocations`: one line per revocation.
+fn revocations_text(rows: &[konor_sdk::protocol::RevocationRow]) -> String {
+    if rows.is_empty() {
+        return "no revocations\n".to_owned();
+    }
+    let mut out = String::new();
+    for row in rows {
+        let what = match &row.serial {
+            Some(serial) => format!("certificate {serial}"),
+            None => "every certificate issued before then".to_owned(),
+        };
+        let reason = if row.reason.is_empty() { String::new() } else { format!(" ({})", row.reason) };
+        out.push_str(&format!(
+            "{}  {}  revoked {}: {what}{reason}\n",
+            row.id,
+            row.node,
+            crate::ctl::table::format_utc(row.revoked_at_ms)
+        ));
+    }
+    out
 }
 
 #[cfg(test)]

@@ -46,6 +46,7 @@ use crate::storage::store::Store;
 mod guards;
 mod outputs;
 mod requests;
+mod revocations;
 #[cfg(test)]
 mod tests;
 
@@ -220,6 +221,12 @@ struct Daemon {
     history_file: std::path::PathBuf,
     /// The save in progress, if any.
     history_write: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    /// The certificate revocations this node enforces (`revocations.rs`; `None` in the simulator).
+    revocations: Option<crate::pki::revocation::Revocations>,
+    /// When peers' gossiped revocations were last read.
+    revocations_followed: Instant,
+    /// Gossiped revocation values refused, by key (warned about once).
+    revocations_refused: BTreeMap<String, String>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -270,6 +277,9 @@ pub struct NodeParts {
     /// Keep the health history and save it in the data dir ([`HISTORY_FILE`]). Off in the
     /// simulator: a thousand nodes each keeping a thousand peers' history would cost gigabytes.
     pub keep_history: bool,
+    /// The certificate revocations this node enforces, shared with its TLS configs and gossip
+    /// seal (`None` in the simulator, whose nodes have no certificates).
+    pub revocations: Option<crate::pki::revocation::Revocations>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -305,6 +315,15 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         settings.node_id
     );
     warn_on_open_permissions(&settings);
+    std::fs::create_dir_all(&settings.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
+    // Before the first handshake: a node restarted must not let a revoked peer in meanwhile.
+    let revocations = pki::revocation::Revocations::load(&settings.data_dir, identity.ca_cert().clone())
+        .context("cannot start without the revocations this node holds")?;
+    if !revocations.is_empty() {
+        info!(held = revocations.len(), "certificate revocations loaded");
+    }
+    let identity = identity.with_revocations(revocations.clone());
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
     let fault_layer = settings.fault_control.as_deref().map(|path| {
         warn!(
@@ -316,8 +335,6 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     });
     let (network, inbox) = start_network(&identity, settings.listen, fault_layer.as_ref()).await?;
     let advertise = network.local_addr();
-    std::fs::create_dir_all(&settings.data_dir)
-        .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
     // Tools and tests started with `--listen 127.0.0.1:0` read the bound address here.
     write_atomically(&settings.data_dir.join(LISTEN_ADDR_FILE), advertise.to_string().as_bytes())
         .context("cannot write the listen address file")?;
@@ -387,6 +404,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         webhooks: start_webhooks(&settings, &metrics)?,
         metrics,
         keep_history: true,
+        revocations: Some(revocations),
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -619,6 +637,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         metrics,
         webhooks,
         keep_history,
+        revocations,
     } = parts;
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
@@ -698,8 +717,12 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         guards_ready: Default::default(),
         history_file: data_dir.join(HISTORY_FILE),
         history_write: None,
+        revocations,
+        revocations_followed: Instant::now(),
+        revocations_refused: BTreeMap::new(),
     };
     info!(node = %node_id, "node running");
+    daemon.publish_revocations();
     daemon.execute_outputs().await;
     let mut membership_poll = tokio::time::interval(membership_poll);
     membership_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1022,6 +1045,7 @@ impl Daemon {
             peers.insert(node.id.clone(), PeerState { liveness, groups, left: node.left_groups.clone() });
         }
         let membership = MembershipView { peers };
+        self.follow_revocations().await;
         log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
         self.judge_alerts();

@@ -453,6 +453,8 @@ impl Daemon {
                 Response::Alerts { alerts: Alerts { active: self.alerts.active(), history: self.alerts.history() } }
             }
             Request::NodeHistory { node } => self.node_history(node),
+            Request::Revoke { revocation } => self.revoke(&revocation),
+            Request::Revocations => self.revocation_rows(),
             Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } | Request::SocketStats => {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }

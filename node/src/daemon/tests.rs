@@ -265,6 +265,7 @@ impl TestNode {
             metrics: Default::default(),
             webhooks: None,
             keep_history: false,
+            revocations: None,
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
         TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }

@@ -433,6 +433,7 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
                 ("socket_watch_behind", socket.watches_dropped),
                 ("http_connection", self.http.refused.load(Ordering::Relaxed)),
                 ("peer_connection", transport.refused_in.load(Ordering::Relaxed)),
+                ("peer_revoked", transport.revoked_closed.load(Ordering::Relaxed)),
                 ("peer_send", transport.dropped_out.load(Ordering::Relaxed)),
             ]
             .map(|(cause, count)| (CauseLabel { cause }, count)),

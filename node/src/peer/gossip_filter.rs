@@ -73,6 +73,8 @@ pub struct GossipSealStats {
     pub nodes_over_cap: AtomicU64,
     /// Relayed heartbeats cut back to [`HEARTBEAT_AHEAD_MAX`] past the signed beat.
     pub heartbeats_capped: AtomicU64,
+    /// Node deltas refused because their node's certificate is revoked.
+    pub node_deltas_revoked: AtomicU64,
 }
 
 /// Why a node delta was refused.
@@ -80,6 +82,8 @@ pub struct GossipSealStats {
 pub enum Refusal {
     /// It does not verify: forged, replayed under another version, or tampered with.
     Forged(String),
+    /// Its node's certificate is revoked (relayed by a peer that has not heard yet).
+    Revoked,
     /// Its node's certificate is unknown here.
     Unverifiable,
     /// The mesh is full.
@@ -141,6 +145,8 @@ pub struct GossipFilter {
     stats: Arc<GossipSealStats>,
     /// The refusals of the last message, with the node each was about (for the log).
     last_refusals: Vec<(ChitchatId, Refusal)>,
+    /// The seal's revocation generation when the held certificates were last checked.
+    revocation_generation: u64,
 }
 
 impl std::fmt::Debug for GossipFilter {
@@ -166,6 +172,7 @@ impl GossipFilter {
             now_ms: 0,
             stats: Arc::default(),
             last_refusals: Vec::new(),
+            revocation_generation: 0,
         }
     }
 
@@ -220,6 +227,19 @@ impl GossipFilter {
         }
     }
 
+    /// Forgets every node whose certificate was revoked since the last check: its deltas are
+    /// then unverifiable (the seal refuses its certificate again) and its digest entries are
+    /// dropped, so its heartbeat stops and chitchat holds it dead.
+    fn forget_revoked(&mut self) {
+        let generation = self.seal.revocation_generation();
+        if generation == self.revocation_generation {
+            return;
+        }
+        self.revocation_generation = generation;
+        let seal = self.seal.clone();
+        self.known.retain(|_, known| !seal.revoked(&known.cert));
+    }
+
     /// Whether this node verified `id`'s certificate.
     pub fn knows(&self, id: &ChitchatId) -> bool {
         self.known.contains_key(id)
@@ -229,6 +249,7 @@ impl GossipFilter {
     pub fn admit(&mut self, bytes: &[u8]) -> Verdict {
         self.last_refusals.clear();
         self.messages += 1;
+        self.forget_revoked();
         let mut message = match gossip_wire::decode(bytes) {
             Ok(message) => message,
             Err(error) => {
@@ -258,6 +279,7 @@ impl GossipFilter {
                 let counter = match refusal {
                     Refusal::Forged(_) => &self.stats.node_deltas_forged,
                     Refusal::Unverifiable => &self.stats.node_deltas_unverifiable,
+                    Refusal::Revoked => &self.stats.node_deltas_revoked,
                     Refusal::OverCap => &self.stats.nodes_over_cap,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
@@ -324,6 +346,9 @@ impl GossipFilter {
                 let Some(cert) = self.seal.accept_cert(&node.id.node_id, text) else {
                     return forged("a certificate not issued to this node id by the cluster CA");
                 };
+                if self.seal.revoked(&cert) {
+                    return Err(Refusal::Revoked);
+                }
                 (cert, true)
             }
         };

@@ -45,6 +45,15 @@ pub trait GossipSeal: Send + Sync + std::fmt::Debug {
     fn accept_cert(&self, node_id: &str, cert: &str) -> Option<PeerCert>;
     /// Checks `signature` over `message` against an accepted certificate.
     fn verify(&self, cert: &PeerCert, message: &[u8], signature: &[u8]) -> bool;
+    /// A number that moves whenever a certificate is revoked (the filter then checks the
+    /// certificates it holds again with [`GossipSeal::revoked`]).
+    fn revocation_generation(&self) -> u64 {
+        0
+    }
+    /// Whether an accepted certificate has been revoked since.
+    fn revoked(&self, _cert: &PeerCert) -> bool {
+        false
+    }
 }
 
 /// A certificate accepted by [`GossipSeal::accept_cert`]: opaque to everyone else.
@@ -123,6 +132,8 @@ pub struct CertSeal {
     ca_cert: CertificateDer<'static>,
     /// The node's private key, loaded to sign.
     signer: konor_sdk::Secret<Box<dyn rustls::sign::Signer>>,
+    /// Certificates no longer trusted (the identity's).
+    revocations: crate::pki::revocation::Revocations,
 }
 
 impl std::fmt::Debug for CertSeal {
@@ -154,6 +165,7 @@ impl CertSeal {
             cert: identity.cert().clone(),
             ca_cert: identity.ca_cert().clone(),
             signer: konor_sdk::Secret::new(signer),
+            revocations: identity.revocations().clone(),
         })
     }
 }
@@ -179,6 +191,14 @@ impl GossipSeal for CertSeal {
             .ok()?;
         verify_node_identity(&der, node_id).ok()?;
         Some(PeerCert(Arc::from(der.as_ref())))
+    }
+
+    fn revocation_generation(&self) -> u64 {
+        self.revocations.generation()
+    }
+
+    fn revoked(&self, cert: &PeerCert) -> bool {
+        self.revocations.covering(&CertificateDer::from(&cert.0[..])).is_some()
     }
 
     fn verify(&self, cert: &PeerCert, message: &[u8], signature: &[u8]) -> bool {

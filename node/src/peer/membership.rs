@@ -531,6 +531,9 @@ impl GossipSocket {
                 Refusal::Unverifiable => {
                     tracing::debug!(node = %node.node_id, generation = node.generation_id, "gossip about a node whose certificate is unknown here, skipped");
                 }
+                Refusal::Revoked => {
+                    tracing::debug!(relayed_by = %incoming.from, node = %node.node_id, "gossip about a node whose certificate is revoked, dropped");
+                }
             }
         }
         match verdict {
@@ -772,6 +775,30 @@ impl Membership {
             }
         }
         newest.into_iter().map(|(node, (_, value))| (node, value)).collect()
+    }
+
+    /// Every value under a key starting with `prefix`, of each node's newest generation, as
+    /// (node id, key, payload): read on demand (revocations, `rev:<id>`).
+    pub async fn values_with_prefix(&self, prefix: &str) -> Vec<(String, String, String)> {
+        let chitchat = self.handle.chitchat();
+        let chitchat = chitchat.lock().await;
+        let mut newest: BTreeMap<String, (u64, Vec<(String, String)>)> = BTreeMap::new();
+        for (id, state) in chitchat.node_states() {
+            let node = id.node_id.to_string();
+            if newest.get(&node).is_some_and(|(generation, _)| *generation >= id.generation_id) {
+                continue;
+            }
+            let values = state
+                .key_values()
+                .filter(|(key, _)| key.starts_with(prefix))
+                .map(|(key, value)| (key.to_owned(), payload(value).to_owned()))
+                .collect();
+            newest.insert(node, (id.generation_id, values));
+        }
+        newest
+            .into_iter()
+            .flat_map(|(node, (_, values))| values.into_iter().map(move |(key, value)| (node.clone(), key, value)))
+            .collect()
     }
 
     /// The current view of the mesh. Meant to be read every `poll_period`: a read that comes

@@ -1,19 +1,23 @@
 //! Mutual TLS for peer traffic: the quinn server and client configs built on a node's [`TlsIdentity`], and the QUIC
 //! transport settings every peer connection shares.
 //!
-//! Both sides present a certificate from the cluster CA (`pki/`), which is the only trust root. The handshake proves
+//! Both sides present a certificate from the cluster CA (`pki/`), which is the only trust root, and not revoked
+//! (`pki/revocation.rs`): each side checks the other's against its revocations in the handshake. The handshake proves
 //! cluster membership; the transport then checks that the peer is the node it expected with
 //! [`verify_node_identity`](crate::pki::identity::verify_node_identity) on [`peer_certificate`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use rustls::RootCertStore;
 use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, RootCertStore};
 
+use crate::pki::revocation::Revocations;
 use crate::wall_clock::WallTime;
-use rustls_pki_types::CertificateDer;
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::pki::crypto_provider;
 use crate::pki::identity::TlsIdentity;
@@ -61,6 +65,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsC
     let client_verifier = WebPkiClientVerifier::builder_with_provider(ca_roots(identity, "server")?, provider.clone())
         .build()
         .map_err(config_error("server"))?;
+    let client_verifier = refusing_revoked_clients(client_verifier, identity.revocations());
     let mut tls = rustls::ServerConfig::builder_with_details(provider, Arc::new(WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error("server"))?
@@ -68,6 +73,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<quinn::ServerConfig, TlsC
         .with_single_cert(vec![identity.cert().clone()], identity.key().clone_key())
         .map_err(config_error("server"))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    refuse_resumption(&mut tls);
     // max_early_data_size stays 0: 0-RTT data can be replayed, and peer messages are not idempotent.
     let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(config_error("server"))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -81,17 +87,142 @@ pub fn client_config(identity: &TlsIdentity) -> Result<quinn::ClientConfig, TlsC
     let server_verifier = WebPkiServerVerifier::builder_with_provider(ca_roots(identity, "client")?, provider.clone())
         .build()
         .map_err(config_error("client"))?;
+    let server_verifier =
+        Arc::new(RevokingServerVerifier { inner: server_verifier, revocations: identity.revocations().clone() });
     let mut tls = rustls::ClientConfig::builder_with_details(provider, Arc::new(WallTime))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(config_error("client"))?
-        .with_webpki_verifier(server_verifier)
+        .dangerous()
+        .with_custom_certificate_verifier(server_verifier)
         .with_client_auth_cert(vec![identity.cert().clone()], identity.key().clone_key())
         .map_err(config_error("client"))?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    // A resumed session skips the certificate verifier, so a peer revoked since the ticket was
+    // issued would get back in: every handshake is a full one (connections are long-lived).
+    tls.resumption = rustls::client::Resumption::disabled();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(config_error("client"))?;
     let mut config = quinn::ClientConfig::new(Arc::new(quic));
     config.transport_config(transport_config());
     Ok(config)
+}
+
+/// `inner` (the CA check) followed by the revocation check: a client whose certificate is revoked fails its
+/// handshake (`CertificateError::Revoked`). Used by the peer port and the HTTP API.
+pub(crate) fn refusing_revoked_clients(
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: &Revocations,
+) -> Arc<dyn ClientCertVerifier> {
+    Arc::new(RevokingClientVerifier { inner, revocations: revocations.clone() })
+}
+
+/// A server that issues no session tickets and keeps no session cache: a resumed handshake does
+/// not run the client verifier, so a client revoked since would get back in with its ticket.
+pub(crate) fn refuse_resumption(tls: &mut rustls::ServerConfig) {
+    tls.send_tls13_tickets = 0;
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+}
+
+fn refuse_revoked(revocations: &Revocations, end_entity: &CertificateDer<'_>) -> Result<(), rustls::Error> {
+    match revocations.covering(end_entity) {
+        Some(_) => Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug)]
+struct RevokingClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    revocations: Revocations,
+}
+
+impl ClientCertVerifier for RevokingClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(end_entity, intermediates, now)?;
+        refuse_revoked(&self.revocations, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct RevokingServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    revocations: Revocations,
+}
+
+impl ServerCertVerifier for RevokingServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)?;
+        refuse_revoked(&self.revocations, end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The cluster CA as the only trust root: no system roots, so a certificate from any public CA is refused.

@@ -23,6 +23,7 @@ use tracing::{debug, info, warn};
 use crate::limits::PEER_WRITER_IDLE;
 use crate::peer::tls;
 use crate::pki::identity::{TlsIdentity, verify_node_identity};
+use crate::pki::revocation::Revocations;
 use crate::pki::{SERVER_NAME, validate_node_id};
 
 /// Magic bytes opening every stream.
@@ -173,6 +174,8 @@ pub struct TransportStats {
     pub stuck_closed: AtomicU64,
     /// Peer writers that ended after [`PEER_WRITER_IDLE`] with nothing to send.
     pub writers_reaped: AtomicU64,
+    /// Established connections closed because the peer's certificate was revoked since.
+    pub revoked_closed: AtomicU64,
     /// Gossip frames and their bytes (`/metrics`).
     pub gossip: ChannelCounters,
     /// Replica frames and their bytes (`/metrics`).
@@ -216,10 +219,15 @@ pub trait PeerNetwork: Send + Sync + 'static {
 /// Writer queues by peer address, shared with the accept loop.
 type Senders = std::sync::Mutex<BTreeMap<SocketAddr, mpsc::Sender<Job>>>;
 
+/// The application close code of a connection closed because its peer's certificate was revoked.
+const REVOKED_CLOSE_CODE: u32 = 5;
+
 /// What a peer writer does next, in queue order.
 enum Job {
     /// Write a frame.
     Frame(Outgoing),
+    /// A certificate was revoked: close the connection if it is the peer's.
+    Revoked,
     /// The peer reconnected to us (it restarted or lost our connection): finish the current
     /// connection gracefully after the frames queued so far, and use a fresh one from now on.
     Reconnect,
@@ -248,6 +256,8 @@ pub struct QuicNetwork {
     pub stats: Arc<TransportStats>,
     /// The runtime the endpoint was started on: every task of the network runs there.
     runtime: tokio::runtime::Handle,
+    /// The certificates this node no longer trusts (the identity's).
+    revocations: Revocations,
 }
 
 impl std::fmt::Debug for QuicNetwork {
@@ -316,6 +326,7 @@ impl QuicNetwork {
             boot_id: rand::random(),
             stats: Arc::new(TransportStats::default()),
             runtime: tokio::runtime::Handle::current(),
+            revocations: identity.revocations().clone(),
         });
         let stats = network.stats.clone();
         let peers = PeerRegistry {
@@ -323,7 +334,8 @@ impl QuicNetwork {
             boots: network.boots.clone(),
             frame_budget: Arc::new(tokio::sync::Semaphore::new(LARGE_FRAMES_BYTES_MAX / 1024)),
         };
-        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, peers));
+        tokio::spawn(accept_loop(endpoint, gossip_tx, replica_tx, stats, peers, identity.revocations().clone()));
+        tokio::spawn(close_revoked_writers(identity.revocations().subscribe(), network.senders.clone()));
         Ok((network, Inbox { gossip: gossip_rx, replica: replica_rx }))
     }
 
@@ -372,6 +384,7 @@ impl QuicNetwork {
             own: tx.downgrade(),
             idle: self.writer_idle,
             refused_since_success: false,
+            revocations: self.revocations.clone(),
         };
         senders.insert(addr, tx);
         // On the network's runtime, whichever thread sends (the daemon runs on its own).
@@ -467,6 +480,8 @@ struct PeerWriter {
     idle: Duration,
     /// A handshake was refused since the last frame went out (warned once, not per retry).
     refused_since_success: bool,
+    /// The certificates this node no longer trusts.
+    revocations: Revocations,
 }
 
 impl PeerWriter {
@@ -500,6 +515,7 @@ impl PeerWriter {
             match job {
                 Job::Frame(outgoing) => self.deliver(outgoing, &mut queue).await,
                 Job::Reconnect => self.retire(),
+                Job::Revoked => self.close_if_revoked(),
             }
         }
     }
@@ -567,6 +583,21 @@ impl PeerWriter {
             senders.remove(&self.addr);
         }
         true
+    }
+
+    /// Closes the connection at once if the peer's certificate is revoked: what is queued on
+    /// it is not delivered, and the next frame's dial fails in the handshake.
+    fn close_if_revoked(&mut self) {
+        let Some(connection) = &self.connection else { return };
+        let Some(revocation) = tls::peer_certificate(connection).and_then(|cert| self.revocations.covering(&cert))
+        else {
+            return;
+        };
+        warn!(addr = %self.addr, node = %revocation.node, "closing the connection to a peer whose certificate was revoked");
+        connection.close(REVOKED_CLOSE_CODE.into(), b"revoked");
+        self.connection = None;
+        self.streams.clear();
+        self.stats.revoked_closed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Reads the connection's counters; closes it when stuck (true).
@@ -778,19 +809,35 @@ impl PeerRegistry {
     }
 }
 
+/// On every new revocation, has each peer writer close its connection if its peer is revoked.
+async fn close_revoked_writers(mut changes: tokio::sync::watch::Receiver<u64>, senders: Arc<Senders>) {
+    while changes.changed().await.is_ok() {
+        let writers: Vec<mpsc::Sender<Job>> = match senders.lock() {
+            Ok(senders) => senders.values().cloned().collect(),
+            Err(_) => return,
+        };
+        for writer in writers {
+            // A full queue: its next frame's dial is refused in the handshake anyway.
+            let _ = writer.try_send(Job::Revoked);
+        }
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     gossip: mpsc::Sender<Incoming>,
     replica: mpsc::Sender<Incoming>,
     stats: Arc<TransportStats>,
     peers: PeerRegistry,
+    revocations: Revocations,
 ) {
     while let Some(incoming) = endpoint.accept().await {
         let (gossip, replica, stats, peers) = (gossip.clone(), replica.clone(), stats.clone(), peers.clone());
+        let revocations = revocations.clone();
         tokio::spawn(async move {
             let addr = incoming.remote_address();
             match incoming.await {
-                Ok(connection) => serve_connection(connection, gossip, replica, stats, peers).await,
+                Ok(connection) => serve_connection(connection, gossip, replica, stats, peers, revocations).await,
                 Err(error) if abandoned_by_peer(&error) => {
                     debug!(%addr, %error, "incoming connection abandoned by the peer during its handshake");
                 }
@@ -834,6 +881,7 @@ async fn serve_connection(
     replica: mpsc::Sender<Incoming>,
     stats: Arc<TransportStats>,
     peers: PeerRegistry,
+    revocations: Revocations,
 ) {
     let addr = connection.remote_address();
     let _tracked = peers.track_connection(addr);
@@ -842,7 +890,21 @@ async fn serve_connection(
         connection.close(2u32.into(), b"no certificate");
         return;
     };
-    while let Ok(stream) = connection.accept_uni().await {
+    let mut changes = revocations.subscribe();
+    loop {
+        let stream = tokio::select! {
+            stream = connection.accept_uni() => stream,
+            changed = changes.changed() => {
+                if changed.is_ok() && let Some(revocation) = revocations.covering(&certificate) {
+                    warn!(%addr, node = %revocation.node, "closing a connection from a peer whose certificate was revoked");
+                    connection.close(REVOKED_CLOSE_CODE.into(), b"revoked");
+                    stats.revoked_closed.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+                continue;
+            }
+        };
+        let Ok(stream) = stream else { break };
         let (gossip, replica, stats, peers) = (gossip.clone(), replica.clone(), stats.clone(), peers.clone());
         let certificate = certificate.clone();
         let connection = connection.clone();

@@ -122,6 +122,14 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
     Ok(())
 }
 
+/// Signs `message` with the CA key in `ca_dir` (a revocation, `revocation::sign`); returns the
+/// signature and the CA certificate it verifies under.
+pub(super) fn sign_with_ca_key(ca_dir: &Path, message: &[u8]) -> Result<(Vec<u8>, CertificateDer<'static>), PkiError> {
+    let ca = load_ca(ca_dir)?;
+    let signature = rcgen::SigningKey::sign(ca.key.expose(), message)?;
+    Ok((signature, ca.cert))
+}
+
 /// The CA material needed to issue a node certificate.
 struct LoadedCa {
     cert: CertificateDer<'static>,

@@ -7,17 +7,21 @@ use konor_sdk::Secret;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use super::files::{parse_cert, parse_key, read_optional};
+use super::revocation::Revocations;
 use super::{
     CA_CERT_FILE, NODE_CERT_FILE, NODE_ID_FILE, NODE_KEY_FILE, PkiError, check_key_matches, identity_name, unreadable,
     validate_node_id, verify_chain,
 };
 
-/// A node's verified TLS credentials: its certificate and key, the cluster CA, and the node id they belong to.
+/// A node's verified TLS credentials: its certificate and key, the cluster CA, and the node id they belong to; and
+/// what it trusts under the CA: every certificate from it but the revoked ones ([`Revocations`]; none until the
+/// daemon gives it its stored set with [`TlsIdentity::with_revocations`]).
 pub struct TlsIdentity {
     node_id: String,
     cert: CertificateDer<'static>,
     key: Secret<PrivateKeyDer<'static>>,
     ca_cert: CertificateDer<'static>,
+    revocations: Revocations,
 }
 
 // Hand-written so the certificate bytes do not fill a log line; the key is a `Secret`.
@@ -59,7 +63,8 @@ pub fn load_identity(tls_dir: &Path) -> Result<TlsIdentity, PkiError> {
         return Err(PkiError::CertNotForNode { cert_path, node_id });
     }
     check_key_matches(&cert, key.expose(), &cert_path, &key_path)?;
-    Ok(TlsIdentity { node_id, cert, key, ca_cert })
+    let revocations = Revocations::in_memory(ca_cert.clone());
+    Ok(TlsIdentity { node_id, cert, key, ca_cert, revocations })
 }
 
 impl TlsIdentity {
@@ -82,19 +87,20 @@ impl TlsIdentity {
     pub(crate) fn ca_cert(&self) -> &CertificateDer<'static> {
         &self.ca_cert
     }
+
+    /// The revocations its TLS configs and gossip seal enforce.
+    pub fn revocations(&self) -> &Revocations {
+        &self.revocations
+    }
+
+    /// These credentials enforcing `revocations` (the set loaded from the data dir).
+    pub fn with_revocations(mut self, revocations: Revocations) -> TlsIdentity {
+        self.revocations = revocations;
+        self
+    }
 }
 
-/// The identity a certificate, already verified against the cluster CA by the handshake, was issued to: the
-/// `<id>` of its `<id>.node.konor` name (a node, or an operator given a certificate with `konorctl cert issue`).
-/// `None` when it carries no such name.
-pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
-    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
-    end_entity
-        .valid_dns_names()
-        .filter_map(|name| name.strip_suffix(super::IDENTITY_NAME_SUFFIX))
-        .find(|id| validate_node_id(id).is_ok())
-        .map(str::to_owned)
-}
+pub use super::identity_of;
 
 /// Checks that a certificate, already verified against the cluster CA by the handshake, names node `node_id`.
 ///
@@ -124,7 +130,11 @@ pub(crate) fn forged(root: &Path, node_id: &str, trusted_ca: &TlsIdentity) -> Tl
     let rogue_ca = root.join("rogue-ca");
     super::ca::init_ca(&rogue_ca).unwrap();
     let rogue = enrolled(&rogue_ca, &root.join("rogue"), node_id);
-    TlsIdentity { ca_cert: trusted_ca.ca_cert.clone(), ..rogue }
+    TlsIdentity {
+        ca_cert: trusted_ca.ca_cert.clone(),
+        revocations: Revocations::in_memory(trusted_ca.ca_cert.clone()),
+        ..rogue
+    }
 }
 
 #[cfg(test)]

@@ -7,12 +7,15 @@
 //! peer's certificate against the node id it expects with [`identity::verify_node_identity`]. The quinn configs built
 //! on these credentials live in `peer/tls.rs`.
 //!
-//! [`ca`] creates the CA and issues node certificates, [`identity`] loads and checks a node's credentials, and
-//! `files` reads and writes the credential files; this module holds what they share.
+//! [`ca`] creates the CA, issues node certificates and signs revocations, [`identity`] loads and checks a node's
+//! credentials, [`revocation`] holds the revocations a node enforces (with [`cert_facts`], the serial and start a
+//! certificate carries), and `files` reads and writes the credential files; this module holds what they share.
 
 pub mod ca;
+pub mod cert_facts;
 mod files;
 pub mod identity;
+pub mod revocation;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -134,6 +137,18 @@ pub enum PkiError {
     /// The system clock is implausible, so certificates issued now would be wrong; nothing was written.
     #[error("the system clock reads {unix_seconds} seconds since 1970, before 2020 or after 2200; fix the clock first")]
     Clock { unix_seconds: u64 },
+}
+
+/// The identity a certificate, already verified against the cluster CA by the handshake, was issued to: the
+/// `<id>` of its `<id>.node.konor` name (a node, or an operator given a certificate with `konorctl cert issue`).
+/// `None` when it carries no such name.
+pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
+    let end_entity = webpki::EndEntityCert::try_from(cert).ok()?;
+    end_entity
+        .valid_dns_names()
+        .filter_map(|name| name.strip_suffix(IDENTITY_NAME_SUFFIX))
+        .find(|id| validate_node_id(id).is_ok())
+        .map(str::to_owned)
 }
 
 /// Checks a node id: 1..=[`NODE_ID_CHARS_MAX`] characters of `[a-z0-9-]`, not starting or ending with '-'.

@@ -6,20 +6,9 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
-use std::process::{Command, Output};
 use std::sync::mpsc;
 
-use crate::harness::{Cluster, await_whole_mesh, eventually};
-
-fn konorctl(socket: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_konorctl"))
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .env_remove("KONOR_ENDPOINT")
-        .output()
-        .unwrap()
-}
+use crate::harness::{Cluster, await_whole_mesh, eventually, konorctl_on};
 
 /// A webhook receiver on loopback: answers 503 to the first request and 200 after; sends each
 /// request's (path, body) on the channel.
@@ -80,7 +69,7 @@ async fn a_label_losing_most_of_its_nodes_raises_an_alert_in_the_log_konorctl_an
     }
     await_whole_mesh(&nodes, &clients).await;
     let socket = nodes[0].socket.clone();
-    let healthy = konorctl(&socket, &["health", "--max-dead", "0"]);
+    let healthy = konorctl_on(&socket, &["health", "--max-dead", "0"]);
     let text = String::from_utf8_lossy(&healthy.stdout);
     assert_eq!(healthy.status.code(), Some(0), "{text}");
     assert!(text.contains("node n1: healthy") && text.contains("4 live"), "{text}");
@@ -90,7 +79,7 @@ async fn a_label_losing_most_of_its_nodes_raises_an_alert_in_the_log_konorctl_an
     let alerts = eventually("n1 raises label_lost for zone=b", || {
         let socket = socket.clone();
         async move {
-            let output = konorctl(&socket, &["alerts", "--output", "json"]);
+            let output = konorctl_on(&socket, &["alerts", "--output", "json"]);
             let answer: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
             let active = answer["alerts"]["active"].as_array()?.clone();
             active.iter().any(|alert| alert["kind"] == "label_lost" && alert["subject"] == "zone=b").then_some(active)
@@ -101,7 +90,7 @@ async fn a_label_losing_most_of_its_nodes_raises_an_alert_in_the_log_konorctl_an
     let message = alerts[0]["message"].as_str().unwrap();
     assert!(message.contains("n3") && message.contains("n4"), "{message}");
 
-    let unhealthy = konorctl(&socket, &["health", "--max-dead", "0"]);
+    let unhealthy = konorctl_on(&socket, &["health", "--max-dead", "0"]);
     let text = String::from_utf8_lossy(&unhealthy.stdout);
     assert_eq!(unhealthy.status.code(), Some(6), "{text}");
     assert!(text.contains("fails: 2 dead members, more than 0") && text.contains("label_lost"), "{text}");
@@ -136,7 +125,7 @@ async fn the_health_history_shows_a_peers_fall_and_survives_a_restart() {
     await_whole_mesh(&nodes, &clients).await;
     let socket = nodes[0].socket.clone();
     let history_of_n2 = |socket: std::path::PathBuf| async move {
-        let output = konorctl(&socket, &["node-history", "n2", "--output", "json"]);
+        let output = konorctl_on(&socket, &["node-history", "n2", "--output", "json"]);
         let answer: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
         let states: Vec<String> = answer["history"]["transitions"]
             .as_array()?
@@ -156,7 +145,7 @@ async fn the_health_history_shows_a_peers_fall_and_survives_a_restart() {
     assert_eq!(states, ["dead"], "{answer}");
     let minutes = answer["history"]["minutes"].as_array().unwrap();
     assert!(minutes.iter().any(|bucket| bucket["live"].as_u64() > Some(0)), "{answer}");
-    let mesh = konorctl(&socket, &["node-history"]);
+    let mesh = konorctl_on(&socket, &["node-history"]);
     let text = String::from_utf8_lossy(&mesh.stdout);
     assert!(text.contains("n2") && text.contains("dead") && text.contains("zone=b"), "{text}");
 

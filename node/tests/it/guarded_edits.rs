@@ -4,28 +4,13 @@
 //! strong group two racing conditional writes commit exactly once), reads and watches by key
 //! prefix, `show group@vN`, and the same through `konorctl --endpoint` over HTTP.
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use konor_sdk::SdkError;
 use konor_sdk::protocol::{ErrorCode, Request, Response, WatchEvent, WriteMeta};
 use serde_json::{Value, json};
 
-use crate::harness::{Cluster, await_whole_mesh, eventually, group_on_all, start_mesh};
-
-fn konorctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_konorctl"))
-        .args(args)
-        .env_remove("KONOR_SOCKET")
-        .env_remove("KONOR_ENDPOINT")
-        .env_remove("KONOR_TLS_DIR")
-        .output()
-        .unwrap()
-}
-
-fn ok_json(output: &Output) -> Value {
-    assert!(output.status.success(), "konorctl failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
+use crate::harness::{Cluster, await_whole_mesh, eventually, group_on_all, konorctl, ok_json, start_mesh};
 
 fn refused(output: &Output) -> String {
     assert_eq!(output.status.code(), Some(1), "expected a refusal: {}", String::from_utf8_lossy(&output.stdout));

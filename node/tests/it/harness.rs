@@ -531,3 +531,29 @@ impl Drop for App {
         let _ = self.0.wait();
     }
 }
+
+/// Runs konorctl with none of its environment settings (socket, endpoint, TLS dir) leaking in
+/// from the shell that runs the tests.
+pub fn konorctl(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_konorctl"))
+        .args(args)
+        .env_remove("KONOR_SOCKET")
+        .env_remove("KONOR_ENDPOINT")
+        .env_remove("KONOR_TLS_DIR")
+        .output()
+        .unwrap()
+}
+
+/// [`konorctl`] against the node listening on `socket`.
+pub fn konorctl_on(socket: &Path, args: &[&str]) -> std::process::Output {
+    let socket = socket.to_str().unwrap();
+    let mut all = vec!["--socket", socket];
+    all.extend_from_slice(args);
+    konorctl(&all)
+}
+
+/// The JSON konorctl printed; the command must have succeeded.
+pub fn ok_json(output: &std::process::Output) -> serde_json::Value {
+    assert!(output.status.success(), "konorctl failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).unwrap()
+}

@@ -18,6 +18,7 @@ mod mesh;
 mod netns;
 mod releases;
 mod restart;
+mod revocation;
 mod security;
 mod socket;
 mod values;

@@ -4,28 +4,15 @@
 //! in a strong group commits through a round; an immediate group refuses releases; the HTTP
 //! door releases too.
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use konor_sdk::protocol::{Request, Response, WatchEvent};
 use serde_json::{Value, json};
 
-use crate::harness::{App, Cluster, DEADLINE, eventually, gated_group_on_all, group_on_all, start_mesh};
-
-fn konorctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_konorctl"))
-        .args(args)
-        .env_remove("KONOR_SOCKET")
-        .env_remove("KONOR_ENDPOINT")
-        .env_remove("KONOR_TLS_DIR")
-        .output()
-        .unwrap()
-}
-
-fn ok_json(output: &Output) -> Value {
-    assert!(output.status.success(), "konorctl failed: {}", String::from_utf8_lossy(&output.stderr));
-    serde_json::from_slice(&output.stdout).unwrap()
-}
+use crate::harness::{
+    App, Cluster, DEADLINE, eventually, gated_group_on_all, group_on_all, konorctl, ok_json, start_mesh,
+};
 
 fn on(socket: &str, args: &[&str]) -> Output {
     let mut all = vec!["--socket", socket, "--output", "json"];

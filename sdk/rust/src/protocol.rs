@@ -406,6 +406,15 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         node: Option<String>,
     },
+    /// Store a certificate revocation signed by the cluster CA (`konorctl cert revoke` signs
+    /// it where the CA key is) and spread it to every node: each then refuses handshakes with
+    /// the certificates it covers and closes the connections it has with them.
+    Revoke {
+        /// The signed revocation, as `konorctl cert revoke` writes it (JSON text).
+        revocation: String,
+    },
+    /// The revocations this node holds (`konorctl cert revocations`).
+    Revocations,
 }
 
 /// Outcome of a client's reload callback.
@@ -907,6 +916,18 @@ pub enum Response {
         /// Every node over the last hour, and the labels now.
         history: crate::health::MeshHistory,
     },
+    /// A revocation this node stored (or held already).
+    Revoked {
+        /// Its id (16 hex digits).
+        id: String,
+        /// False when this node held it already.
+        new: bool,
+    },
+    /// The revocations this node holds.
+    Revocations {
+        /// By id.
+        revocations: Vec<RevocationRow>,
+    },
     /// Done, nothing to return.
     Done,
     /// Refused.
@@ -916,6 +937,24 @@ pub enum Response {
         /// What was wrong and what to do.
         message: String,
     },
+}
+
+/// One revocation, as `revocations` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRow {
+    /// Its id (16 hex digits).
+    pub id: String,
+    /// The identity whose certificates it revokes.
+    pub node: String,
+    /// One certificate's serial (lowercase hex); absent: every certificate of `node` issued up
+    /// to `revoked_at_ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// When it was made (milliseconds since the Unix epoch, the revoking host's clock).
+    pub revoked_at_ms: u64,
+    /// Why.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// The local socket's counters, as `socket_stats` answers them. Bytes are frame bytes (the
@@ -1129,6 +1168,8 @@ impl Request {
             Request::Health => "health",
             Request::Alerts => "alerts",
             Request::NodeHistory { .. } => "node_history",
+            Request::Revoke { .. } => "revoke",
+            Request::Revocations => "revocations",
         }
     }
 }
@@ -1160,6 +1201,8 @@ impl Response {
             Response::Alerts { .. } => "alerts",
             Response::NodeHistory { .. } => "node_history",
             Response::MeshHistory { .. } => "mesh_history",
+            Response::Revoked { .. } => "revoked",
+            Response::Revocations { .. } => "revocations",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }

@@ -86,6 +86,7 @@ fn is_write(request: &Request) -> bool {
         | Request::Health
         | Request::Alerts
         | Request::NodeHistory { .. }
+        | Request::Revocations
         | Request::SocketStats
         | Request::Hello { .. }
         | Request::Watch { .. }
@@ -103,7 +104,8 @@ fn is_write(request: &Request) -> bool {
         | Request::Release { .. }
         | Request::Promote { .. }
         | Request::Abort { .. }
-        | Request::SchemaSet { .. } => true,
+        | Request::SchemaSet { .. }
+        | Request::Revoke { .. } => true,
     }
 }
 
@@ -235,6 +237,17 @@ pub(super) async fn mesh_history(State(ctx): State<Ctx>) -> Answer {
 
 pub(super) async fn node_history(State(ctx): State<Ctx>, PathSegment(node): PathSegment) -> Answer {
     read(&ctx, Request::NodeHistory { node: Some(node) }).await
+}
+
+pub(super) async fn revocations(State(ctx): State<Ctx>) -> Answer {
+    read(&ctx, Request::Revocations).await
+}
+
+/// `POST /api/v1/revocations`: the body is the signed revocation itself, as `konorctl cert
+/// revoke --out` writes it. Its signature is the CA's, so the caller's own certificate only
+/// opens the door.
+pub(super) async fn revoke(State(ctx): State<Ctx>, JsonBody(revocation): JsonBody<Value>) -> Answer {
+    command(&ctx, Request::Revoke { revocation: revocation.to_string() }).await
 }
 
 pub(super) async fn groups(State(ctx): State<Ctx>) -> Answer {

@@ -1,7 +1,8 @@
 //! TLS for the HTTP API: the node's own certificate as the server's, and client certificates
 //! from the cluster CA, which are asked for but not required at the handshake (a load balancer's
 //! health check and a Prometheus scrape may come without one); the routes that read or change
-//! configuration refuse a caller without one (`routes.rs`).
+//! configuration refuse a caller without one (`routes.rs`). A revoked certificate is refused at
+//! the handshake, as on the peer port.
 
 use std::sync::Arc;
 
@@ -27,6 +28,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>
         .allow_unauthenticated()
         .build()
         .map_err(TlsConfigError::http)?;
+    let verifier = crate::peer::tls::refusing_revoked_clients(verifier, identity.revocations());
     let mut config = rustls::ServerConfig::builder_with_details(provider, Arc::new(WallTime))
         .with_safe_default_protocol_versions()
         .map_err(TlsConfigError::http)?
@@ -34,6 +36,7 @@ pub fn server_config(identity: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>
         .with_single_cert(vec![identity.cert().clone()], identity.key().clone_key())
         .map_err(TlsConfigError::http)?;
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
+    crate::peer::tls::refuse_resumption(&mut config);
     Ok(Arc::new(config))
 }
 
