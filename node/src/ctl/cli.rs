@@ -192,7 +192,8 @@ pub enum CertCommand {
         /// Directory holding the cluster CA (from `konorctl ca init`).
         #[arg(long, value_name = "DIR")]
         ca_dir: PathBuf,
-        /// Revoke only the certificate with this serial number (hex, as konord's log prints it).
+        /// Revoke only the certificate with this serial number (hex, as `konorctl cert issue` printed it
+        /// and konord logs it at start).
         #[arg(long, value_name = "HEX")]
         serial: Option<String>,
         /// Why, kept with the revocation.

@@ -119,7 +119,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Cert(CertCommand::Revoke { id, ca_dir, serial, reason, out }) => {
             let revocation = pki::revocation::Revocation {
                 node: id.clone(),
-                serial: serial.map(|serial| serial.trim_start_matches("0x").to_ascii_lowercase()),
+                serial: serial.as_deref().map(normal_serial),
                 revoked_at_ms: crate::wall_clock::unix_time().as_secs() * 1000,
                 reason,
             };
@@ -600,7 +600,7 @@ async fn watch_remote(
 #[serde(tag = "type", rename_all = "snake_case")]
 enum LocalOutcome {
     CaCreated { dir: String, files: Vec<String> },
-    CertIssued { node_id: String, out_dir: String, files: Vec<String> },
+    CertIssued { node_id: String, out_dir: String, files: Vec<String>, serial: String },
 }
 
 fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
@@ -618,9 +618,16 @@ fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
 fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
     let names = [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::NODE_ID_FILE, pki::CA_CERT_FILE];
     let files = names.map(|file| out.join(file).display().to_string());
+    // The serial, for `konorctl cert revoke --serial` later.
+    let serial = std::fs::read(out.join(pki::NODE_CERT_FILE))
+        .ok()
+        .and_then(|pem| rustls_pki_types::pem::PemObject::from_pem_slice(&pem).ok())
+        .and_then(|der: rustls_pki_types::CertificateDer<'static>| pki::cert_facts::cert_facts(&der))
+        .map(|facts| facts.serial)
+        .unwrap_or_default();
     let text = format!(
-        "issued a certificate for node {node_id} into {out}: {}\nnext: start konord with --node-id {node_id} \
-         --tls-dir {out}\n",
+        "issued a certificate for node {node_id} into {out}: {} (serial {serial})\nnext: start konord with \
+         --node-id {node_id} --tls-dir {out}\n",
         names.join(", "),
         out = out.display(),
     );
@@ -628,6 +635,7 @@ fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
         node_id: node_id.to_owned(),
         out_dir: out.display().to_string(),
         files: files.into(),
+        serial,
     };
     render_local(text, &outcome, output)
 }
@@ -655,6 +663,17 @@ fn write_stdout(text: &str) -> anyhow::Result<bool> {
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+/// A serial as revocations compare it: lowercase hex without `0x`, colons or leading zero
+/// octets (as `konorctl cert issue` prints it; `openssl x509 -serial` prints it in capitals).
+fn normal_serial(serial: &str) -> String {
+    let hex: String = serial.trim().trim_start_matches("0x").chars().filter(|c| *c != ':').collect();
+    let mut hex = hex.to_ascii_lowercase();
+    while hex.len() > 2 && hex.starts_with("00") {
+        hex.drain(..2);
+    }
+    hex
 }
 
 #[cfg(test)]
@@ -777,5 +796,13 @@ mod tests {
         let (exit, text) = run_line(&["konorctl", "apply", "app", "app.conf", "--socket", "/x.sock"]);
         assert_eq!(exit, Exit::Usage);
         assert!(text.contains("pass --format toml, yaml or json"), "{text}");
+    }
+
+    #[test]
+    fn serials_are_compared_without_prefix_colons_case_or_padding() {
+        assert_eq!(normal_serial("0x00AB:CD"), "abcd");
+        assert_eq!(normal_serial("00ff"), "ff");
+        assert_eq!(normal_serial("00"), "00");
+        assert_eq!(normal_serial(" 1a2b "), "1a2b");
     }
 }

@@ -225,8 +225,10 @@ struct Daemon {
     revocations: Option<crate::pki::revocation::Revocations>,
     /// When peers' gossiped revocations were last read.
     revocations_followed: Instant,
-    /// Gossiped revocation values refused, by key (warned about once).
+    /// Gossiped revocation values refused for good, by key (warned about once).
     revocations_refused: BTreeMap<String, String>,
+    /// Gossiped revocations this node failed to store (its disk, its cap), said once each.
+    revocations_failing: std::collections::BTreeSet<String>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -318,10 +320,14 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     std::fs::create_dir_all(&settings.data_dir)
         .with_context(|| format!("cannot create the data dir {}", settings.data_dir.display()))?;
     // Before the first handshake: a node restarted must not let a revoked peer in meanwhile.
-    let revocations = pki::revocation::Revocations::load(&settings.data_dir, identity.ca_cert().clone())
+    let now_ms = crate::wall_clock::unix_time().as_secs() * 1000;
+    let revocations = pki::revocation::Revocations::load(&settings.data_dir, identity.ca_cert().clone(), now_ms)
         .context("cannot start without the revocations this node holds")?;
     if !revocations.is_empty() {
         info!(held = revocations.len(), "certificate revocations loaded");
+    }
+    if let Some(facts) = pki::cert_facts::cert_facts(identity.cert()) {
+        info!(serial = %facts.serial, "node certificate (konorctl cert revoke --serial takes this serial)");
     }
     let identity = identity.with_revocations(revocations.clone());
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
@@ -366,6 +372,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
                 transport: network.stats.clone(),
                 metrics: metrics.clone(),
                 open_reads: settings.http_open_reads,
+                revocations: identity.revocations().clone(),
             };
             Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
         }
@@ -720,6 +727,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         revocations,
         revocations_followed: Instant::now(),
         revocations_refused: BTreeMap::new(),
+        revocations_failing: Default::default(),
     };
     info!(node = %node_id, "node running");
     daemon.publish_revocations();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use konor_sdk::protocol::{ErrorCode, Response, RevocationRow};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{Daemon, error_response};
 use crate::pki::revocation::{Added, REVOCATIONS_MAX, RevocationError, SignedRevocation};
@@ -95,14 +95,18 @@ impl Daemon {
             return;
         }
         self.revocations_followed = Instant::now();
-        let held: std::collections::BTreeSet<String> = revocations.list().into_iter().map(|(id, _)| id).collect();
-        let gossiped = self.membership.values_with_prefix(REVOCATION_PREFIX).await;
+        let held: std::collections::BTreeSet<String> =
+            revocations.list().into_iter().map(|(id, _)| format!("{REVOCATION_PREFIX}{id}")).collect();
+        let refused = &self.revocations_refused;
+        let gossiped = self
+            .membership
+            .values_with_prefix(REVOCATION_PREFIX, |key, value| {
+                held.contains(key) || refused.get(key).is_some_and(|refused| refused == value)
+            })
+            .await;
         let now_ms = self.wall_now_ms();
         for (node, key, value) in gossiped {
             let id = &key[REVOCATION_PREFIX.len()..];
-            if held.contains(id) || self.revocations_refused.get(&key) == Some(&value) {
-                continue;
-            }
             let signed = match SignedRevocation::decode(&value) {
                 Ok(signed) if signed.id() == id => signed,
                 Ok(_) | Err(_) => {
@@ -115,8 +119,18 @@ impl Daemon {
                 Ok(Added::New) => {
                     info!(from = %node, revoked = %signed.revocation.node, %id, "certificate revoked (learned from a peer)");
                     self.membership.publish(&key, &signed.encode());
+                    self.revocations_failing.remove(&key);
                 }
-                Ok(Added::Known | Added::Lapsed) => {}
+                Ok(Added::Known) => {}
+                // Not kept; remembered so it is not decoded again every round.
+                Ok(Added::Lapsed) => self.remember_refused(key, value),
+                Err(error @ (RevocationError::File { .. } | RevocationError::Full)) => {
+                    // This node's trouble, not the value's: tried again next round, said once.
+                    if self.revocations_failing.len() < REVOCATIONS_MAX && self.revocations_failing.insert(key.clone())
+                    {
+                        error!(from = %node, %key, %error, "cannot store a revocation a peer gossips; retrying");
+                    }
+                }
                 Err(error) => {
                     warn!(from = %node, %key, %error, "a peer gossips a revocation this node refuses");
                     self.remember_refused(key, value);
@@ -125,11 +139,12 @@ impl Daemon {
         }
     }
 
-    /// Remembers a gossiped value refused, so it is warned about once, not every round
-    /// (bounded: forgotten all at once past [`REVOCATIONS_MAX`]).
+    /// Remembers a gossiped value refused for good (it does not read, is not the CA's, or has
+    /// lapsed), so it is neither checked nor warned about again. Bounded: past
+    /// [`REVOCATIONS_MAX`] the first entry makes room.
     fn remember_refused(&mut self, key: String, value: String) {
         if self.revocations_refused.len() >= REVOCATIONS_MAX {
-            self.revocations_refused.clear();
+            self.revocations_refused.pop_first();
         }
         self.revocations_refused.insert(key, value);
     }

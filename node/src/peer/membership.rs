@@ -778,8 +778,13 @@ impl Membership {
     }
 
     /// Every value under a key starting with `prefix`, of each node's newest generation, as
-    /// (node id, key, payload): read on demand (revocations, `rev:<id>`).
-    pub async fn values_with_prefix(&self, prefix: &str) -> Vec<(String, String, String)> {
+    /// (node id, key, payload), but those `skip` (key, payload) says the caller has: read on
+    /// demand (revocations, `rev:<id>`).
+    pub async fn values_with_prefix(
+        &self,
+        prefix: &str,
+        skip: impl Fn(&str, &str) -> bool,
+    ) -> Vec<(String, String, String)> {
         let chitchat = self.handle.chitchat();
         let chitchat = chitchat.lock().await;
         let mut newest: BTreeMap<String, (u64, Vec<(String, String)>)> = BTreeMap::new();
@@ -790,7 +795,7 @@ impl Membership {
             }
             let values = state
                 .key_values()
-                .filter(|(key, _)| key.starts_with(prefix))
+                .filter(|(key, value)| key.starts_with(prefix) && !skip(key, payload(value)))
                 .map(|(key, value)| (key.to_owned(), payload(value).to_owned()))
                 .collect();
             newest.insert(node, (id.generation_id, values));

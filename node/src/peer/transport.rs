@@ -176,6 +176,8 @@ pub struct TransportStats {
     pub writers_reaped: AtomicU64,
     /// Established connections closed because the peer's certificate was revoked since.
     pub revoked_closed: AtomicU64,
+    /// Incoming handshakes refused (foreign, expired or revoked certificate); also in `refused_in`.
+    pub refused_tls: AtomicU64,
     /// Gossip frames and their bytes (`/metrics`).
     pub gossip: ChannelCounters,
     /// Replica frames and their bytes (`/metrics`).
@@ -385,6 +387,7 @@ impl QuicNetwork {
             idle: self.writer_idle,
             refused_since_success: false,
             revocations: self.revocations.clone(),
+            revocations_seen: self.revocations.generation(),
         };
         senders.insert(addr, tx);
         // On the network's runtime, whichever thread sends (the daemon runs on its own).
@@ -482,6 +485,8 @@ struct PeerWriter {
     refused_since_success: bool,
     /// The certificates this node no longer trusts.
     revocations: Revocations,
+    /// The revocations' generation when the connection was last checked against them.
+    revocations_seen: u64,
 }
 
 impl PeerWriter {
@@ -523,6 +528,10 @@ impl PeerWriter {
     async fn deliver(&mut self, outgoing: Outgoing, queue: &mut mpsc::Receiver<Job>) {
         // A stuck connection is replaced before it swallows this frame.
         self.check_progress();
+        // Nothing more goes to a peer revoked since (a `Job::Revoked` may have found the queue full).
+        if self.revocations.generation() != self.revocations_seen {
+            self.close_if_revoked();
+        }
         // One retry on a fresh connection: a peer that restarted leaves a dead connection.
         for attempt in 0..2 {
             match self.write(&outgoing).await {
@@ -588,6 +597,7 @@ impl PeerWriter {
     /// Closes the connection at once if the peer's certificate is revoked: what is queued on
     /// it is not delivered, and the next frame's dial fails in the handshake.
     fn close_if_revoked(&mut self) {
+        self.revocations_seen = self.revocations.generation();
         let Some(connection) = &self.connection else { return };
         let Some(revocation) = tls::peer_certificate(connection).and_then(|cert| self.revocations.covering(&cert))
         else {
@@ -842,8 +852,13 @@ async fn accept_loop(
                     debug!(%addr, %error, "incoming connection abandoned by the peer during its handshake");
                 }
                 Err(error) => {
+                    // Logged at powers of two: a host that keeps dialing with a foreign or revoked
+                    // certificate (several tries a second) cannot flood the log.
+                    let refused = stats.refused_tls.fetch_add(1, Ordering::Relaxed) + 1;
                     stats.refused_in.fetch_add(1, Ordering::Relaxed);
-                    info!(%addr, %error, "incoming connection refused (TLS)");
+                    if refused.is_power_of_two() {
+                        info!(%addr, %error, refused_so_far = refused, "incoming connection refused (TLS)");
+                    }
                 }
             }
         });
@@ -891,9 +906,13 @@ async fn serve_connection(
         return;
     };
     let mut changes = revocations.subscribe();
+    // A revocation that came after the handshake and before the subscription is not news to
+    // `changes`: checked once here.
+    changes.mark_changed();
     loop {
         let stream = tokio::select! {
-            stream = connection.accept_uni() => stream,
+            // The revocation first: no stream of a revoked peer is taken once it is known.
+            biased;
             changed = changes.changed() => {
                 if changed.is_ok() && let Some(revocation) = revocations.covering(&certificate) {
                     warn!(%addr, node = %revocation.node, "closing a connection from a peer whose certificate was revoked");
@@ -903,6 +922,7 @@ async fn serve_connection(
                 }
                 continue;
             }
+            stream = connection.accept_uni() => stream,
         };
         let Ok(stream) = stream else { break };
         let (gossip, replica, stats, peers) = (gossip.clone(), replica.clone(), stats.clone(), peers.clone());

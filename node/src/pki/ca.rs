@@ -34,7 +34,7 @@ const NODE_VALIDITY: Duration = Duration::from_secs(365 * 24 * 60 * 60);
 
 /// Certificates start to be valid this long before they are issued, so a peer whose clock lags the issuer's does not
 /// refuse a certificate issued moments ago.
-const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60 * 60);
+pub(super) const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(60 * 60);
 
 /// Earliest plausible clock reading (2020-01-01): a host whose clock was never set reads 1970 and would issue
 /// certificates that are already expired once the clock is corrected.

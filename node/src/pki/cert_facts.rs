@@ -12,7 +12,8 @@ pub const SERIAL_HEX_CHARS_MAX: usize = 40;
 /// What revocation reads from a certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertFacts {
-    /// The serial number's content octets as lowercase hex (leading zero octets as encoded).
+    /// The serial number as lowercase hex, without leading zero octets (DER pads a serial whose
+    /// first bit is set with one; `openssl x509 -serial` does not show it).
     pub serial: String,
     /// The start of the validity window, in milliseconds since the Unix epoch.
     pub not_before_ms: u64,
@@ -32,10 +33,14 @@ pub fn cert_facts(der: &[u8]) -> Option<CertFacts> {
     if tag == VERSION {
         (tag, content, rest) = tlv(rest)?;
     }
-    if tag != INTEGER || content.is_empty() || content.len() * 2 > SERIAL_HEX_CHARS_MAX {
+    let unpadded = match content.iter().position(|byte| *byte != 0) {
+        Some(first) => &content[first..],
+        None => content.get(content.len().saturating_sub(1)..).unwrap_or_default(),
+    };
+    if tag != INTEGER || unpadded.is_empty() || unpadded.len() * 2 > SERIAL_HEX_CHARS_MAX {
         return None;
     }
-    let serial = hex(content);
+    let serial = hex(unpadded);
     let (_, _, rest) = tlv(rest)?; // signature algorithm
     let (_, _, rest) = tlv(rest)?; // issuer
     let (tag, validity, _) = tlv(rest)?;

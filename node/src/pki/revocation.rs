@@ -42,6 +42,7 @@ pub const REVOCATIONS_MAX: usize = 1024;
 /// How far `konorctl cert issue` sets a certificate's `notBefore` before its issue time
 /// (`CLOCK_SKEW_ALLOWANCE` in `ca.rs`): a certificate was issued at `notBefore` plus this.
 pub const ISSUE_SKEW_MS: u64 = 60 * 60 * 1000;
+const _: () = assert!(super::ca::CLOCK_SKEW_ALLOWANCE.as_millis() == ISSUE_SKEW_MS as u128);
 
 /// A revocation is kept this long after it was made: past it every certificate it covers has
 /// expired (node certificates are valid for a year from their `notBefore`, an hour before issue).
@@ -108,10 +109,11 @@ impl Revocation {
         validate_node_id(&self.node).map_err(|error| RevocationError::Invalid(error.to_string()))?;
         if let Some(serial) = &self.serial {
             let hex = serial.len() % 2 == 0 && serial.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
-            if serial.is_empty() || serial.len() > SERIAL_HEX_CHARS_MAX || !hex {
+            let padded = serial.len() > 2 && serial.starts_with("00");
+            if serial.is_empty() || serial.len() > SERIAL_HEX_CHARS_MAX || !hex || padded {
                 return Err(RevocationError::Invalid(format!(
-                    "serial {serial:?} is not 1 to 20 octets of lowercase hex (as `konorctl cert revocations` and \
-                     the node's log print it)"
+                    "serial {serial:?} is not 1 to 20 octets of lowercase hex without leading zero octets (as \
+                     `konorctl cert issue` prints it and konord logs it at start)"
                 )));
             }
         }
@@ -137,6 +139,11 @@ impl Revocation {
         field(&self.revoked_at_ms.to_le_bytes());
         field(self.reason.as_bytes());
         bytes
+    }
+
+    /// Whether every certificate it can cover has expired by `now_ms` ([`RETAINED_FOR_MS`]).
+    pub fn lapsed_at(&self, now_ms: u64) -> bool {
+        self.revoked_at_ms.saturating_add(RETAINED_FOR_MS) < now_ms
     }
 
     /// Whether it covers a certificate of `identity` with these facts.
@@ -231,6 +238,9 @@ struct Inner {
     /// Where they are kept (`None`: in memory only, for tests).
     file: Option<PathBuf>,
     held: RwLock<BTreeMap<String, SignedRevocation>>,
+    /// One `add` at a time: it saves the file outside `held`'s lock, so handshakes checking
+    /// certificates never wait for an fsync.
+    adding: std::sync::Mutex<()>,
     /// Bumped on every new revocation; connections and the gossip filter watch it.
     changes: tokio::sync::watch::Sender<u64>,
 }
@@ -249,8 +259,13 @@ impl Revocations {
 
     /// Reads the set from `data_dir`'s [`REVOCATIONS_FILE`] (none yet: empty). Every entry must
     /// verify against `ca_cert`; a file that does not read is an error, not an empty set, since
-    /// starting without its revocations would let revoked nodes back in.
-    pub fn load(data_dir: &Path, ca_cert: CertificateDer<'static>) -> Result<Revocations, RevocationError> {
+    /// starting without its revocations would let revoked nodes back in. Entries lapsed at
+    /// `now_ms` are left out (and out of the next save).
+    pub fn load(
+        data_dir: &Path,
+        ca_cert: CertificateDer<'static>,
+        now_ms: u64,
+    ) -> Result<Revocations, RevocationError> {
         let path = data_dir.join(REVOCATIONS_FILE);
         let file_error =
             |detail: String| RevocationError::File { path: path.display().to_string(), detail: detail.clone() };
@@ -258,7 +273,8 @@ impl Revocations {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(error) => return Err(file_error(error.to_string())),
             Ok(bytes) => {
-                if bytes.len() > REVOCATIONS_MAX * (REVOCATION_BYTES_MAX + 8) {
+                // Saved as compact JSON, each entry within REVOCATION_BYTES_MAX (`add`), a comma apart.
+                if bytes.len() > REVOCATIONS_MAX * (REVOCATION_BYTES_MAX + 1) + 2 {
                     return Err(file_error(format!("{} bytes, more than {REVOCATIONS_MAX} revocations", bytes.len())));
                 }
                 let entries: Vec<SignedRevocation> =
@@ -267,7 +283,9 @@ impl Revocations {
                 for entry in entries {
                     entry.revocation.validate().map_err(|error| file_error(error.to_string()))?;
                     entry.verify(&ca_cert).map_err(|error| file_error(error.to_string()))?;
-                    held.insert(entry.id(), entry);
+                    if !entry.revocation.lapsed_at(now_ms) {
+                        held.insert(entry.id(), entry);
+                    }
                 }
                 held
             }
@@ -281,49 +299,57 @@ impl Revocations {
         held: BTreeMap<String, SignedRevocation>,
     ) -> Revocations {
         let (changes, _) = tokio::sync::watch::channel(0);
-        Revocations { inner: Arc::new(Inner { ca_cert, file, held: RwLock::new(held), changes }) }
+        let adding = std::sync::Mutex::new(());
+        Revocations { inner: Arc::new(Inner { ca_cert, file, held: RwLock::new(held), adding, changes }) }
     }
 
     /// Checks `signed` against the CA, stores it (on disk first, fsynced) and tells the
     /// watchers. `now_ms` is this node's wall clock, for lapsing.
     pub fn add(&self, signed: &SignedRevocation, now_ms: u64) -> Result<Added, RevocationError> {
+        // The cheap checks first: a lapsed or known one costs no signature check.
         signed.revocation.validate()?;
-        signed.verify(&self.inner.ca_cert)?;
-        if signed.revocation.revoked_at_ms.saturating_add(RETAINED_FOR_MS) < now_ms {
+        if signed.encode().len() > REVOCATION_BYTES_MAX {
+            return Err(RevocationError::Invalid(format!("over {REVOCATION_BYTES_MAX} bytes as stored")));
+        }
+        if signed.revocation.lapsed_at(now_ms) {
             return Ok(Added::Lapsed);
         }
         let id = signed.id();
-        let mut held = self.inner.held.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if held.contains_key(&id) {
+        let _adding = self.inner.adding.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut next = self.inner.held.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        if next.contains_key(&id) {
             return Ok(Added::Known);
         }
-        held.retain(|_, entry| entry.revocation.revoked_at_ms.saturating_add(RETAINED_FOR_MS) >= now_ms);
-        if held.len() >= REVOCATIONS_MAX {
+        signed.verify(&self.inner.ca_cert)?;
+        next.retain(|_, entry| !entry.revocation.lapsed_at(now_ms));
+        if next.len() >= REVOCATIONS_MAX {
             return Err(RevocationError::Full);
         }
-        let mut next = held.clone();
         next.insert(id, signed.clone());
         if let Some(path) = &self.inner.file {
             save(path, &next)?;
         }
-        *held = next;
-        drop(held);
+        *self.inner.held.write().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
         self.inner.changes.send_modify(|generation| *generation += 1);
         Ok(Added::New)
     }
 
     /// The revocation covering this certificate, if any. A certificate whose serial or start
-    /// cannot be read is covered only by nothing (it was verified against the CA already).
+    /// cannot be read (it was verified against the CA already) is covered by every revocation
+    /// of its whole identity: the check fails closed.
     pub fn covering(&self, cert: &CertificateDer<'_>) -> Option<Revocation> {
         let held = self.inner.held.read().unwrap_or_else(std::sync::PoisonError::into_inner);
         if held.is_empty() {
             return None;
         }
         let identity = identity_of(cert)?;
-        let facts = cert_facts(cert)?;
+        let facts = cert_facts(cert);
         held.values()
             .map(|entry| &entry.revocation)
-            .find(|revocation| revocation.covers(&identity, &facts.serial, facts.not_before_ms))
+            .find(|revocation| match &facts {
+                Some(facts) => revocation.covers(&identity, &facts.serial, facts.not_before_ms),
+                None => revocation.node == identity && revocation.serial.is_none(),
+            })
             .cloned()
     }
 
@@ -363,7 +389,7 @@ fn save(path: &Path, held: &BTreeMap<String, SignedRevocation>) -> Result<(), Re
         detail: format!("cannot write: {error}"),
     };
     let entries: Vec<&SignedRevocation> = held.values().collect();
-    let bytes = serde_json::to_vec_pretty(&entries)
+    let bytes = serde_json::to_vec(&entries)
         .map_err(|error| RevocationError::File { path: path.display().to_string(), detail: error.to_string() })?;
     let temp = path.with_extension("json.tmp");
     let mut options = std::fs::OpenOptions::new();
@@ -490,19 +516,28 @@ mod tests {
     fn revocations_survive_a_restart_and_a_damaged_file_is_an_error() {
         let cluster = Cluster::new();
         let data = tempfile::tempdir().unwrap();
-        let set = Revocations::load(data.path(), cluster.ca_cert()).unwrap();
+        let set = Revocations::load(data.path(), cluster.ca_cert(), now_ms()).unwrap();
         assert!(set.is_empty());
         let signed = cluster.revoke("n1", None, now_ms());
         set.add(&signed, now_ms()).unwrap();
         let generation = set.generation();
         assert_eq!(generation, 1);
-        let again = Revocations::load(data.path(), cluster.ca_cert()).unwrap();
+        let again = Revocations::load(data.path(), cluster.ca_cert(), now_ms()).unwrap();
         assert_eq!(again.list(), set.list());
         assert!(again.covering(&cluster.cert("n1")).is_some());
         // Another cluster's CA does not vouch for the file.
-        assert!(matches!(Revocations::load(data.path(), Cluster::new().ca_cert()), Err(RevocationError::File { .. })));
+        assert!(matches!(
+            Revocations::load(data.path(), Cluster::new().ca_cert(), now_ms()),
+            Err(RevocationError::File { .. })
+        ));
+        // A year and a day later it has lapsed and is left out.
+        let later = Revocations::load(data.path(), cluster.ca_cert(), now_ms() + RETAINED_FOR_MS + 1000).unwrap();
+        assert!(later.is_empty());
         std::fs::write(data.path().join(REVOCATIONS_FILE), b"[{").unwrap();
-        assert!(matches!(Revocations::load(data.path(), cluster.ca_cert()), Err(RevocationError::File { .. })));
+        assert!(matches!(
+            Revocations::load(data.path(), cluster.ca_cert(), now_ms()),
+            Err(RevocationError::File { .. })
+        ));
     }
 
     #[test]

@@ -277,17 +277,17 @@ pub async fn start_mesh(cluster: &Cluster, count: usize) -> (Vec<Node>, Vec<Clie
 pub async fn start_mesh_with(
     cluster: &Cluster,
     count: usize,
-    mut prepare: impl FnMut(&Node),
+    mut prepare: impl FnMut(&mut Node),
 ) -> (Vec<Node>, Vec<Client>) {
     let mut first = cluster.node("n1", &[]);
-    prepare(&first);
+    prepare(&mut first);
     first.start();
     let first_client = first.client().await;
     let mut nodes = vec![first];
     let mut clients = vec![first_client];
     for n in 2..=count {
         let mut node = cluster.node(&format!("n{n}"), &[&nodes[0]]);
-        prepare(&node);
+        prepare(&mut node);
         node.start();
         clients.push(node.client().await);
         nodes.push(node);

@@ -68,6 +68,9 @@ pub struct HttpConfig {
     /// Serve reads (`GET`s of `/api/v1`) to callers without a certificate (`--http-open-reads`),
     /// for a browser showing the dashboard; writes still need one.
     pub open_reads: bool,
+    /// The certificate revocations the node enforces: a connection whose client certificate is
+    /// revoked while it is open is closed (with its watch streams).
+    pub revocations: crate::pki::revocation::Revocations,
 }
 
 /// What every request's handler shares.
@@ -89,6 +92,8 @@ struct Door {
     open_reads: bool,
     /// The daemon's last health answer and when it came (see `routes::ask_health`).
     health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::health::NodeHealth)>>,
+    /// See [`HttpConfig::revocations`].
+    revocations: crate::pki::revocation::Revocations,
 }
 
 impl Door {
@@ -116,6 +121,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         shutdown: shutdown.clone(),
         open_reads: config.open_reads,
         health: tokio::sync::Mutex::new(None),
+        revocations: config.revocations,
     });
     let acceptor = TlsAcceptor::from(config.tls);
     let places = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
@@ -182,6 +188,7 @@ async fn serve_connection(
         }
     };
     let identity = tls::caller_identity(stream.get_ref().1.peer_certificates());
+    let certificate = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first()).cloned();
     let caller = Caller { identity, remote };
     let service = TowerToHyperService::new(router(door.clone(), caller));
     let counters = door.metrics.http.clone();
@@ -191,15 +198,31 @@ async fn serve_connection(
         .header_read_timeout(HTTP_IO_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
-    tokio::select! {
-        result = connection.as_mut() => {
-            if let Err(error) = result {
-                debug!(%remote, %error, "HTTP connection ended with an error");
+    let mut revoked = door.revocations.subscribe();
+    // A revocation between the handshake and here is checked at once.
+    revoked.mark_changed();
+    loop {
+        tokio::select! {
+            biased;
+            changed = revoked.changed(), if certificate.is_some() => {
+                let covering = certificate.as_ref().and_then(|cert| door.revocations.covering(cert));
+                if changed.is_ok() && let Some(revocation) = covering {
+                    // Dropped, not drained: a revoked caller gets no answer in flight either.
+                    warn!(%remote, identity = %revocation.node, "closing an HTTP connection whose client certificate was revoked");
+                    break;
+                }
             }
-        }
-        _ = shutdown.changed() => {
-            connection.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(HTTP_IO_TIMEOUT, connection).await;
+            result = connection.as_mut() => {
+                if let Err(error) = result {
+                    debug!(%remote, %error, "HTTP connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.changed() => {
+                connection.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(HTTP_IO_TIMEOUT, connection).await;
+                break;
+            }
         }
     }
     counters.connections.fetch_sub(1, Ordering::Relaxed);
