@@ -51,6 +51,9 @@ pub struct DaemonSettings {
     pub alert_webhooks: Vec<crate::health::webhook::WebhookUrl>,
     /// The CA bundle that verifies `https` webhook receivers; `None`: the system's.
     pub alert_webhook_ca: Option<PathBuf>,
+    /// Who may do what on the socket and the HTTP API (settings file only, `[roles]`); `None`:
+    /// no roles, every caller a door lets in may do anything.
+    pub roles: Option<crate::api::authorize::RolePolicy>,
     /// The fault layer's control file (tests only; from [`crate::fault_layer::FAULT_CONTROL_ENV`],
     /// never a flag or a settings-file key). `None`: no fault layer.
     pub fault_control: Option<PathBuf>,
@@ -92,6 +95,9 @@ pub struct SettingsFile {
     pub alert_webhook: Vec<String>,
     /// See [`DaemonSettings::alert_webhook_ca`].
     pub alert_webhook_ca: Option<PathBuf>,
+    /// See [`DaemonSettings::roles`]: caller (`uid:N`, `gid:N`, `cert:ID`, `anonymous`) to role
+    /// (`viewer`, `operator`, `admin`, optionally `:group,group`).
+    pub roles: Option<BTreeMap<String, String>>,
 }
 
 impl SettingsFile {

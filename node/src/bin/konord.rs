@@ -117,6 +117,12 @@ fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
         http_open_reads: args.http_open_reads || file.http_open_reads,
         alert_webhooks,
         alert_webhook_ca: file.alert_webhook_ca,
+        roles: file
+            .roles
+            .as_ref()
+            .map(|table| konor_node::api::authorize::RolePolicy::parse(table, rustix::process::geteuid().as_raw()))
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
         fault_control: std::env::var_os(konor_node::fault_layer::FAULT_CONTROL_ENV)
             .filter(|path| !path.is_empty())
             .map(PathBuf::from),

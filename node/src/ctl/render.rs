@@ -353,7 +353,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
 
 /// What to try after konord refused `request` with `code`, when the message alone may not say.
 fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
-    let group = request_group(request).unwrap_or("GROUP");
+    let group = request.group().unwrap_or("GROUP");
     match code {
         ErrorCode::UnknownGroup if matches!(request, Request::GroupLeave { .. }) => {
             Some("`konorctl group list` shows the groups on this node".to_owned())
@@ -374,10 +374,18 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
             )),
             _ => Some("`konorctl group list` shows what this node holds".to_owned()),
         },
-        ErrorCode::Forbidden => Some(format!(
-            "the key for {group} is wrong; use the key `konorctl group create {group}` printed on the node that \
-             created it"
-        )),
+        ErrorCode::Forbidden => match request {
+            Request::GroupJoin { .. } => Some(format!(
+                "the key for {group} is wrong; use the key `konorctl group create {group}` printed on the node \
+                 that created it"
+            )),
+            Request::Revoke { .. } => None,
+            _ => Some(
+                "the node's roles ([roles] in its settings file, docs/operations.md \"Roles\") do not allow this \
+                 caller to do this"
+                    .to_owned(),
+            ),
+        },
         ErrorCode::Unavailable => Some(format!(
             "no member of {group} answered in time; check with `konorctl nodes` that one is live, then retry"
         )),
@@ -406,46 +414,6 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
         ErrorCode::Internal => Some("konord's log says more".to_owned()),
         ErrorCode::Protocol => Some("konorctl and konord are different versions; upgrade the older one".to_owned()),
         _ => None,
-    }
-}
-
-fn request_group(request: &Request) -> Option<&str> {
-    match request {
-        Request::Get { group, .. }
-        | Request::Snapshot { group, .. }
-        | Request::Show { group, .. }
-        | Request::SchemaSet { group, .. }
-        | Request::SchemaGet { group }
-        | Request::SchemaCheck { group, .. }
-        | Request::Watch { group, .. }
-        | Request::Unwatch { group }
-        | Request::ReportApply { group, .. }
-        | Request::ReportErrorRate { group, .. }
-        | Request::Set { group, .. }
-        | Request::Delete { group, .. }
-        | Request::Apply { group, .. }
-        | Request::Rollback { group, .. }
-        | Request::Release { group, .. }
-        | Request::Promote { group, .. }
-        | Request::Abort { group, .. }
-        | Request::History { group }
-        | Request::Diff { group, .. }
-        | Request::Conflicts { group }
-        | Request::Status { group }
-        | Request::ReleaseReport { group, .. } => Some(group),
-        Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
-            Some(name)
-        }
-        Request::GroupRemove { group, .. } => Some(group),
-        Request::Hello { .. }
-        | Request::GroupList
-        | Request::Nodes
-        | Request::SocketStats
-        | Request::Health
-        | Request::Alerts
-        | Request::NodeHistory { .. }
-        | Request::Revoke { .. }
-        | Request::Revocations => None,
     }
 }
 

@@ -351,6 +351,8 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     let mut api_config = LocalApiConfig::new(settings.socket.clone(), settings.node_id.clone());
     api_config.mode = settings.socket_mode;
     api_config.reads = Some(reads.clone());
+    let roles = settings.roles.clone().map(Arc::new);
+    api_config.roles = roles.clone();
     let http = match settings.http_listen {
         Some(listen) => {
             if settings.http_open_reads {
@@ -373,6 +375,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
                 metrics: metrics.clone(),
                 open_reads: settings.http_open_reads,
                 revocations: identity.revocations().clone(),
+                roles: roles.clone(),
             };
             Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
         }

@@ -19,6 +19,7 @@ mod netns;
 mod releases;
 mod restart;
 mod revocation;
+mod roles;
 mod security;
 mod socket;
 mod values;

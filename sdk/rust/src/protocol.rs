@@ -1132,6 +1132,47 @@ pub enum FrameError {
 }
 
 impl Request {
+    /// The group the request is about, if it names one.
+    pub fn group(&self) -> Option<&str> {
+        match self {
+            Request::Get { group, .. }
+            | Request::Snapshot { group, .. }
+            | Request::Show { group, .. }
+            | Request::SchemaSet { group, .. }
+            | Request::SchemaGet { group }
+            | Request::SchemaCheck { group, .. }
+            | Request::Watch { group, .. }
+            | Request::Unwatch { group }
+            | Request::ReportApply { group, .. }
+            | Request::ReportErrorRate { group, .. }
+            | Request::Set { group, .. }
+            | Request::Delete { group, .. }
+            | Request::Apply { group, .. }
+            | Request::Rollback { group, .. }
+            | Request::Release { group, .. }
+            | Request::Promote { group, .. }
+            | Request::Abort { group, .. }
+            | Request::History { group }
+            | Request::Diff { group, .. }
+            | Request::Conflicts { group }
+            | Request::Status { group }
+            | Request::ReleaseReport { group, .. } => Some(group),
+            Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
+                Some(name)
+            }
+            Request::GroupRemove { group, .. } => Some(group),
+            Request::Hello { .. }
+            | Request::GroupList
+            | Request::Nodes
+            | Request::SocketStats
+            | Request::Health
+            | Request::Alerts
+            | Request::NodeHistory { .. }
+            | Request::Revoke { .. }
+            | Request::Revocations => None,
+        }
+    }
+
     /// The request's wire tag (`"get"`, `"watch"`, ...), for logs and error messages.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -5,11 +5,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::http::StatusCode;
-use konor_sdk::protocol::WriteMeta;
+use konor_sdk::protocol::{ErrorCode, Response, WriteMeta};
+
+/// The answer to a request the roles refused.
+pub(super) fn forbidden(message: String) -> Response {
+    Response::Error { code: ErrorCode::Forbidden, message }
+}
 use serde::Deserialize;
+use tracing::warn;
 
 use super::Door;
 use super::answer::{HttpError, http_error};
+use crate::api::authorize::{Principal, authorize};
 use crate::api::socket::ClientInfo;
 
 /// The process name the daemon sees for an HTTP caller without a certificate.
@@ -40,6 +47,19 @@ impl Ctx {
                 "unauthenticated",
                 "this route needs a client certificate issued by the cluster CA (konorctl cert issue); health, metrics, the dashboard page and the OpenAPI description are open without one (reads too, on a node started with --http-open-reads)",
             )
+        })
+    }
+
+    /// The roles check (`api/authorize.rs`, the same as the socket's) for this caller; the
+    /// refusal (logged) is the `forbidden` answer's message ([`forbidden`]).
+    pub(super) fn authorize(&self, request: &konor_sdk::protocol::Request) -> Result<(), String> {
+        let principal = match &self.caller.identity {
+            Some(identity) => Principal::Certificate(identity.clone()),
+            None => Principal::Anonymous,
+        };
+        authorize(self.door.roles.as_deref(), &principal, request).map_err(|message| {
+            warn!(%principal, remote = %self.caller.remote, request = request.kind(), %message, "HTTP request refused: forbidden");
+            message
         })
     }
 

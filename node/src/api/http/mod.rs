@@ -71,6 +71,9 @@ pub struct HttpConfig {
     /// The certificate revocations the node enforces: a connection whose client certificate is
     /// revoked while it is open is closed (with its watch streams).
     pub revocations: crate::pki::revocation::Revocations,
+    /// Who may do what (the settings file's `[roles]`); `None`: every caller with a client
+    /// certificate may do anything.
+    pub roles: Option<Arc<crate::api::authorize::RolePolicy>>,
 }
 
 /// What every request's handler shares.
@@ -94,6 +97,8 @@ struct Door {
     health: tokio::sync::Mutex<Option<(tokio::time::Instant, crate::health::NodeHealth)>>,
     /// See [`HttpConfig::revocations`].
     revocations: crate::pki::revocation::Revocations,
+    /// See [`HttpConfig::roles`].
+    roles: Option<Arc<crate::api::authorize::RolePolicy>>,
 }
 
 impl Door {
@@ -122,6 +127,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         open_reads: config.open_reads,
         health: tokio::sync::Mutex::new(None),
         revocations: config.revocations,
+        roles: config.roles,
     });
     let acceptor = TlsAcceptor::from(config.tls);
     let places = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));

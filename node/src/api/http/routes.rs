@@ -32,6 +32,9 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
     if let Err(message) = check_request(&request) {
         return answer(Response::Error { code: ErrorCode::BadRequest, message });
     }
+    if let Err(message) = ctx.authorize(&request) {
+        return answer(super::context::forbidden(message));
+    }
     if let Request::Get { group, key } = &request
         && let Some(response) = ctx.door.reads.as_ref().and_then(|reads| reads.get(group, key))
     {

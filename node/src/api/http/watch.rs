@@ -85,9 +85,12 @@ pub(super) async fn watch(
         None => query.from_revision,
     };
     let prefix = query.prefix;
-    if let Err(message) = check_request(&Request::Watch { group: group.clone(), from_revision, prefix: prefix.clone() })
-    {
+    let request = Request::Watch { group: group.clone(), from_revision, prefix: prefix.clone() };
+    if let Err(message) = check_request(&request) {
         return Ok(answer(Response::Error { code: ErrorCode::BadRequest, message }));
+    }
+    if let Err(message) = ctx.authorize(&request) {
+        return Ok(answer(super::context::forbidden(message)));
     }
     let Ok(place) = ctx.door.watches.clone().try_acquire_owned() else {
         return Err(http_error(

@@ -211,6 +211,9 @@ pub struct LocalApiConfig {
     /// The daemon's read view: `get` is answered from it without a hop to the daemon task
     /// (groups not in it are asked of the daemon).
     pub reads: Option<ReadView>,
+    /// Who may do what (the settings file's `[roles]`); `None`: every caller the socket's file
+    /// mode lets in may do anything.
+    pub roles: Option<Arc<crate::api::authorize::RolePolicy>>,
 }
 
 impl LocalApiConfig {
@@ -226,6 +229,7 @@ impl LocalApiConfig {
             node_id: node_id.into(),
             stats: Arc::default(),
             reads: None,
+            roles: None,
         }
     }
 }
@@ -236,6 +240,7 @@ struct Shared {
     stats: Arc<LocalApiStats>,
     calls: mpsc::Sender<LocalCall>,
     reads: Option<ReadView>,
+    roles: Option<Arc<crate::api::authorize::RolePolicy>>,
     ungreeted: Ungreeted,
     slots: Slots,
     idle_timeout: Duration,
@@ -260,6 +265,7 @@ pub async fn serve(
         stats: config.stats.clone(),
         calls,
         reads: config.reads.clone(),
+        roles: config.roles.clone(),
         ungreeted: Ungreeted::default(),
         slots: Slots::new(config.connections_max, config.connections_per_uid_max, uncapped),
         idle_timeout: config.idle_timeout,

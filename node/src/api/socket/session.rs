@@ -20,6 +20,7 @@ use super::admission::Slot;
 use super::budget::{Budget, Charge, FrameBytes, OutFrame, WatchSender};
 use super::frame_io::{Inbound, encode_answer};
 use super::{ClientInfo, LocalCall, Shared};
+use crate::api::authorize::{Principal, authorize};
 use crate::api::request_check::check_request;
 use crate::limits::{HELLO_TIMEOUT, REQUESTS_IN_FLIGHT_MAX, WATCH_QUEUE_EVENTS};
 
@@ -120,6 +121,8 @@ pub(super) struct Session {
     connection: u64,
     credential_pid: Option<u32>,
     credential_uid: Option<u32>,
+    /// The client's primary group, from the socket's peer credentials.
+    credential_gid: Option<u32>,
     /// Set by Hello.
     client: Option<ClientInfo>,
     shared: Arc<Shared>,
@@ -162,6 +165,7 @@ impl Session {
                 .and_then(|credentials| credentials.pid())
                 .and_then(|pid| u32::try_from(pid).ok()),
             credential_uid: credentials.map(|credentials| credentials.uid()),
+            credential_gid: credentials.map(|credentials| credentials.gid()),
             client: None,
             shared,
             outbox,
@@ -380,6 +384,12 @@ impl Session {
                 if let Err(detail) = check_request(&request) {
                     debug!(connection = self.connection, id, %detail, "request refused by its checks");
                     self.answer_inline(id, Response::Error { code: ErrorCode::BadRequest, message: detail }).await;
+                    return Flow::Continue;
+                }
+                let principal = Principal::Local { uid: self.credential_uid, gid: self.credential_gid };
+                if let Err(message) = authorize(self.shared.roles.as_deref(), &principal, &request) {
+                    warn!(connection = self.connection, %principal, request = request.kind(), %message, "request refused: forbidden");
+                    self.answer_inline(id, Response::Error { code: ErrorCode::Forbidden, message }).await;
                     return Flow::Continue;
                 }
                 self.dispatch(id, request, charge).await

@@ -1,0 +1,357 @@
+//! Who may do what (SPEC F23, issue 17 item 3): one check for both doors. A node's settings
+//! file may carry a `[roles]` table that grants each caller a role, optionally scoped to some
+//! groups; the socket names its callers by their peer credentials (uid, gid) and the HTTP API by
+//! the identity in their client certificate. Without a `[roles]` table nothing is checked here
+//! (the socket's file mode and the HTTP API's client certificates decide, as before).
+//!
+//! Roles, each including the one before:
+//! * `viewer`: reads, watches, status and history, and an app's own apply and error-rate
+//!   reports (they describe the caller, not the configuration);
+//! * `operator`: writes and releases (`set`, `delete`, `apply`, `rollback`, `release`,
+//!   `promote`, `abort`, `schema_set`);
+//! * `admin`: groups (create, join, leave, remove members) and certificate revocations.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use konor_sdk::protocol::Request;
+
+/// A role, in increasing power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    /// Reads and the caller's own reports.
+    Viewer,
+    /// And writes and releases.
+    Operator,
+    /// And groups and revocations.
+    Admin,
+}
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+/// What a caller is granted: a role, in every group or only in some.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// The role.
+    pub role: Role,
+    /// The groups it holds in (`None`: every group). Requests that name no group are judged by
+    /// the role alone.
+    pub groups: Option<BTreeSet<String>>,
+}
+
+/// Who is calling, as the door authenticated it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// A socket caller, by its peer credentials (`None` where the OS gave none).
+    Local {
+        /// User id.
+        uid: Option<u32>,
+        /// Primary group id.
+        gid: Option<u32>,
+    },
+    /// An HTTP caller with a client certificate from the cluster CA, by its identity.
+    Certificate(String),
+    /// An HTTP caller without a certificate (reads only, and only with `--http-open-reads`).
+    Anonymous,
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Local { uid: Some(uid), .. } => write!(f, "uid:{uid}"),
+            Principal::Local { uid: None, .. } => f.write_str("uid:unknown"),
+            Principal::Certificate(identity) => write!(f, "cert:{identity}"),
+            Principal::Anonymous => f.write_str("anonymous"),
+        }
+    }
+}
+
+/// Entries of a `[roles]` table at most: one per user, group and operator of a node.
+pub const ROLE_ENTRIES_MAX: usize = 1024;
+
+/// Groups one grant may be scoped to at most.
+pub const ROLE_GROUPS_MAX: usize = 256;
+
+/// The grants of a node (`[roles]` in its settings file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolePolicy {
+    by_uid: BTreeMap<u32, Grant>,
+    by_gid: BTreeMap<u32, Grant>,
+    by_identity: BTreeMap<String, Grant>,
+    anonymous: Option<Grant>,
+    /// konord's own user: always `admin` (it owns the data dir and the group keys anyway).
+    own_uid: u32,
+}
+
+impl RolePolicy {
+    /// Reads a `[roles]` table: keys `uid:N`, `gid:N`, `cert:IDENTITY` or `anonymous`; values
+    /// `viewer`, `operator` or `admin`, optionally followed by `:` and a comma-separated list of
+    /// groups (`operator:checkout,search`). Every error names the entry.
+    pub fn parse(table: &BTreeMap<String, String>, own_uid: u32) -> Result<RolePolicy, String> {
+        if table.len() > ROLE_ENTRIES_MAX {
+            return Err(format!("[roles] has {} entries, more than {ROLE_ENTRIES_MAX}", table.len()));
+        }
+        let mut policy = RolePolicy {
+            by_uid: BTreeMap::new(),
+            by_gid: BTreeMap::new(),
+            by_identity: BTreeMap::new(),
+            anonymous: None,
+            own_uid,
+        };
+        for (subject, value) in table {
+            let grant = parse_grant(value).map_err(|why| format!("[roles] {subject:?} = {value:?}: {why}"))?;
+            let id = |text: &str| {
+                text.parse::<u32>().map_err(|_| format!("[roles] {subject:?}: {text:?} is not a numeric id"))
+            };
+            if let Some(uid) = subject.strip_prefix("uid:") {
+                policy.by_uid.insert(id(uid)?, grant);
+            } else if let Some(gid) = subject.strip_prefix("gid:") {
+                policy.by_gid.insert(id(gid)?, grant);
+            } else if let Some(identity) = subject.strip_prefix("cert:") {
+                crate::pki::validate_node_id(identity).map_err(|error| format!("[roles] {subject:?}: {error}"))?;
+                policy.by_identity.insert(identity.to_owned(), grant);
+            } else if subject == "anonymous" {
+                if grant.role != Role::Viewer {
+                    return Err(format!(
+                        "[roles] \"anonymous\" = {value:?}: callers without a certificate can only be viewers"
+                    ));
+                }
+                policy.anonymous = Some(grant);
+            } else {
+                return Err(format!(
+                    "[roles] {subject:?}: name callers as \"uid:N\", \"gid:N\", \"cert:IDENTITY\" or \"anonymous\""
+                ));
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The grant of a caller, if any.
+    fn grant_of(&self, principal: &Principal) -> Option<std::borrow::Cow<'_, Grant>> {
+        match principal {
+            Principal::Local { uid, gid } => {
+                if *uid == Some(self.own_uid) {
+                    return Some(std::borrow::Cow::Owned(Grant { role: Role::Admin, groups: None }));
+                }
+                uid.and_then(|uid| self.by_uid.get(&uid))
+                    .or_else(|| gid.and_then(|gid| self.by_gid.get(&gid)))
+                    .map(std::borrow::Cow::Borrowed)
+            }
+            Principal::Certificate(identity) => self.by_identity.get(identity).map(std::borrow::Cow::Borrowed),
+            Principal::Anonymous => self.anonymous.as_ref().map(std::borrow::Cow::Borrowed),
+        }
+    }
+}
+
+fn parse_grant(value: &str) -> Result<Grant, String> {
+    let (role, groups) = match value.split_once(':') {
+        Some((role, groups)) => (role, Some(groups)),
+        None => (value, None),
+    };
+    let role = match role.trim() {
+        "viewer" => Role::Viewer,
+        "operator" => Role::Operator,
+        "admin" => Role::Admin,
+        other => return Err(format!("unknown role {other:?}; use viewer, operator or admin")),
+    };
+    let groups = match groups {
+        None => None,
+        Some(list) => {
+            let groups: BTreeSet<String> = list.split(',').map(|group| group.trim().to_owned()).collect();
+            if groups.len() > ROLE_GROUPS_MAX {
+                return Err(format!("more than {ROLE_GROUPS_MAX} groups"));
+            }
+            for group in &groups {
+                konor_crdt::key::validate_group_name(group).map_err(|error| error.to_string())?;
+            }
+            Some(groups)
+        }
+    };
+    Ok(Grant { role, groups })
+}
+
+/// The role a request needs.
+pub fn needed(request: &Request) -> Role {
+    match request {
+        Request::Hello { .. }
+        | Request::Get { .. }
+        | Request::Snapshot { .. }
+        | Request::Watch { .. }
+        | Request::Unwatch { .. }
+        | Request::ReportApply { .. }
+        | Request::ReportErrorRate { .. }
+        | Request::GroupList
+        | Request::Show { .. }
+        | Request::SchemaGet { .. }
+        | Request::SchemaCheck { .. }
+        | Request::History { .. }
+        | Request::Diff { .. }
+        | Request::Conflicts { .. }
+        | Request::Nodes
+        | Request::Status { .. }
+        | Request::ReleaseReport { .. }
+        | Request::SocketStats
+        | Request::Health
+        | Request::Alerts
+        | Request::NodeHistory { .. }
+        | Request::Revocations => Role::Viewer,
+        Request::Set { .. }
+        | Request::Delete { .. }
+        | Request::Apply { .. }
+        | Request::Rollback { .. }
+        | Request::Release { .. }
+        | Request::Promote { .. }
+        | Request::Abort { .. }
+        | Request::SchemaSet { .. } => Role::Operator,
+        Request::GroupCreate { .. }
+        | Request::GroupJoin { .. }
+        | Request::GroupLeave { .. }
+        | Request::GroupRemove { .. }
+        | Request::Revoke { .. } => Role::Admin,
+    }
+}
+
+/// Whether `principal` may make `request` under `policy` (`None`: no `[roles]`, everything
+/// the door let in may). The error is the `forbidden` message for the caller.
+pub fn authorize(policy: Option<&RolePolicy>, principal: &Principal, request: &Request) -> Result<(), String> {
+    let Some(policy) = policy else { return Ok(()) };
+    let needed = needed(request);
+    let Some(grant) = policy.grant_of(principal) else {
+        return Err(format!(
+            "{principal} has no role on this node; `{}` needs {} (the node's settings file, [roles])",
+            request.kind(),
+            needed.name()
+        ));
+    };
+    if grant.role < needed {
+        return Err(format!(
+            "{principal} is {} on this node; `{}` needs {}",
+            grant.role.name(),
+            request.kind(),
+            needed.name()
+        ));
+    }
+    if let (Some(groups), Some(group)) = (&grant.groups, request.group())
+        && !groups.contains(group)
+    {
+        return Err(format!("{principal} is {} only in {}; not in {group}", grant.role.name(), list(groups)));
+    }
+    Ok(())
+}
+
+fn list(groups: &BTreeSet<String>) -> String {
+    groups.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use expect_test::expect;
+    use konor_sdk::protocol::WriteMeta;
+
+    fn policy() -> RolePolicy {
+        let table: BTreeMap<String, String> = [
+            ("uid:1000", "viewer"),
+            ("uid:1001", "operator:checkout"),
+            ("gid:2000", "operator"),
+            ("cert:ops-alice", "admin"),
+            ("cert:ops-bob", "operator:checkout, search"),
+            ("anonymous", "viewer"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        RolePolicy::parse(&table, 999).unwrap()
+    }
+
+    fn set(group: &str) -> Request {
+        Request::Set { group: group.into(), entries: BTreeMap::new(), meta: WriteMeta::default() }
+    }
+
+    fn create(group: &str) -> Request {
+        Request::GroupCreate {
+            name: group.into(),
+            mode: "eventual".into(),
+            key: None,
+            evict_after_ms: None,
+            fencing: None,
+            release: None,
+        }
+    }
+
+    #[test]
+    fn each_role_may_do_what_it_names_and_nothing_more() {
+        let policy = policy();
+        let local = |uid, gid| Principal::Local { uid: Some(uid), gid: Some(gid) };
+        let get = Request::Get { group: "checkout".into(), key: "k".into() };
+        let cases = [
+            (local(1000, 1), &get, true),
+            (local(1000, 1), &set("checkout"), false),
+            (local(1001, 1), &set("checkout"), true),
+            (local(1001, 1), &set("search"), false),
+            (local(1001, 1), &create("checkout"), false),
+            (local(1002, 2000), &set("search"), true),
+            (local(1002, 2001), &get, false),
+            (local(999, 0), &create("anything"), true),
+            (Principal::Certificate("ops-alice".into()), &create("x"), true),
+            (Principal::Certificate("ops-bob".into()), &set("search"), true),
+            (Principal::Certificate("ops-bob".into()), &Request::Nodes, true),
+            (Principal::Certificate("ops-carol".into()), &get, false),
+            (Principal::Anonymous, &get, true),
+            (Principal::Anonymous, &set("checkout"), false),
+        ];
+        for (principal, request, allowed) in cases {
+            assert_eq!(authorize(Some(&policy), &principal, request).is_ok(), allowed, "{principal} {request:?}");
+        }
+        assert!(authorize(None, &Principal::Anonymous, &create("x")).is_ok(), "no [roles]: not checked here");
+    }
+
+    #[test]
+    fn refusals_say_who_what_and_why() {
+        let policy = policy();
+        let messages = [
+            authorize(Some(&policy), &Principal::Local { uid: Some(1000), gid: None }, &set("checkout")),
+            authorize(Some(&policy), &Principal::Local { uid: Some(1001), gid: None }, &set("search")),
+            authorize(Some(&policy), &Principal::Certificate("ops-carol".into()), &create("x")),
+        ]
+        .map(|result| result.unwrap_err())
+        .join("\n");
+        expect![[r#"
+            uid:1000 is viewer on this node; `set` needs operator
+            uid:1001 is operator only in checkout; not in search
+            cert:ops-carol has no role on this node; `group_create` needs admin (the node's settings file, [roles])"#]]
+        .assert_eq(&messages);
+    }
+
+    #[test]
+    fn a_bad_table_is_refused_naming_the_entry() {
+        let errors: Vec<String> = [
+            ("user:1", "viewer"),
+            ("uid:x", "viewer"),
+            ("uid:1", "root"),
+            ("cert:Bad_Name", "viewer"),
+            ("anonymous", "operator"),
+            ("uid:1", "viewer:bad group!"),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            let table = BTreeMap::from([(k.to_owned(), v.to_owned())]);
+            RolePolicy::parse(&table, 0).unwrap_err()
+        })
+        .collect();
+        assert_eq!(errors.len(), 6);
+        assert!(errors[0].contains("name callers as"), "{}", errors[0]);
+        assert!(errors[1].contains("not a numeric id"), "{}", errors[1]);
+        assert!(errors[2].contains("unknown role"), "{}", errors[2]);
+        assert!(errors[3].contains("invalid node id"), "{}", errors[3]);
+        assert!(errors[4].contains("can only be viewers"), "{}", errors[4]);
+        assert!(errors[5].contains("bad group!"), "{}", errors[5]);
+    }
+}
