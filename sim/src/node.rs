@@ -298,6 +298,7 @@ impl Cluster {
             pid: 40_000 + (self.next_connection % 20_000) as u32,
             process: "konor-sim".to_owned(),
             uid: None,
+            user: None,
         };
         Some((calls, client))
     }

@@ -5,8 +5,9 @@
 //! (the socket's file mode and the HTTP API's client certificates decide, as before).
 //!
 //! Roles, each including the one before:
-//! * `viewer`: reads, watches, status and history, and an app's own apply and error-rate
-//!   reports (they describe the caller, not the configuration);
+//! * `viewer`: reads, watches, status and history;
+//! * `app`: and its own apply and error-rate reports (an application; reports feed the release
+//!   guards, which can abort a release);
 //! * `operator`: writes and releases (`set`, `delete`, `apply`, `rollback`, `release`,
 //!   `promote`, `abort`, `schema_set`);
 //! * `admin`: groups (create, join, leave, remove members) and certificate revocations.
@@ -18,8 +19,11 @@ use konor_sdk::protocol::Request;
 /// A role, in increasing power.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
-    /// Reads and the caller's own reports.
+    /// Reads.
     Viewer,
+    /// And the caller's own apply and error-rate reports: what an application does. Reports feed
+    /// release guards, which abort a release, so a viewer may not send them.
+    App,
     /// And writes and releases.
     Operator,
     /// And groups and revocations.
@@ -30,6 +34,7 @@ impl Role {
     fn name(self) -> &'static str {
         match self {
             Role::Viewer => "viewer",
+            Role::App => "app",
             Role::Operator => "operator",
             Role::Admin => "admin",
         }
@@ -73,6 +78,16 @@ impl std::fmt::Display for Principal {
     }
 }
 
+/// Refusals so far, process-wide: logged at the 1st, 2nd, 4th, 8th... so a caller without a
+/// role cannot flood the log.
+static REFUSALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts a refusal; `Some(count)` when it should be logged.
+pub fn refusal_to_log() -> Option<u64> {
+    let count = REFUSALS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    count.is_power_of_two().then_some(count)
+}
+
 /// Entries of a `[roles]` table at most: one per user, group and operator of a node.
 pub const ROLE_ENTRIES_MAX: usize = 1024;
 
@@ -107,8 +122,16 @@ impl RolePolicy {
         };
         for (subject, value) in table {
             let grant = parse_grant(value).map_err(|why| format!("[roles] {subject:?} = {value:?}: {why}"))?;
+            // Plain digits, no sign or leading zero: two spellings of one id would overwrite
+            // each other.
             let id = |text: &str| {
-                text.parse::<u32>().map_err(|_| format!("[roles] {subject:?}: {text:?} is not a numeric id"))
+                let plain = !text.is_empty()
+                    && text.bytes().all(|b| b.is_ascii_digit())
+                    && (text == "0" || !text.starts_with('0'));
+                text.parse::<u32>()
+                    .ok()
+                    .filter(|_| plain)
+                    .ok_or_else(|| format!("[roles] {subject:?}: {text:?} is not a numeric id"))
             };
             if let Some(uid) = subject.strip_prefix("uid:") {
                 policy.by_uid.insert(id(uid)?, grant);
@@ -150,6 +173,33 @@ impl RolePolicy {
     }
 }
 
+/// Bytes of `/etc/passwd` read to name a user: far more than any real one.
+const PASSWD_BYTES_MAX: u64 = 4 * 1024 * 1024;
+
+/// The name of user `uid` as `/etc/passwd` gives it, else `uid:N`: who a socket caller is, for
+/// the versions it authors.
+pub fn user_name(uid: u32) -> String {
+    use std::io::Read as _;
+    let mut text = String::new();
+    let read = std::fs::File::open("/etc/passwd")
+        .and_then(|file| file.take(PASSWD_BYTES_MAX).read_to_string(&mut text))
+        .is_ok();
+    let found = read
+        .then(|| {
+            text.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?.parse::<u32>().ok()?;
+                let plain = !name.is_empty()
+                    && name.len() <= 64
+                    && name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+                (id == uid && plain).then(|| name.to_owned())
+            })
+        })
+        .flatten();
+    found.unwrap_or_else(|| format!("uid:{uid}"))
+}
+
 fn parse_grant(value: &str) -> Result<Grant, String> {
     let (role, groups) = match value.split_once(':') {
         Some((role, groups)) => (role, Some(groups)),
@@ -157,9 +207,10 @@ fn parse_grant(value: &str) -> Result<Grant, String> {
     };
     let role = match role.trim() {
         "viewer" => Role::Viewer,
+        "app" => Role::App,
         "operator" => Role::Operator,
         "admin" => Role::Admin,
-        other => return Err(format!("unknown role {other:?}; use viewer, operator or admin")),
+        other => return Err(format!("unknown role {other:?}; use viewer, app, operator or admin")),
     };
     let groups = match groups {
         None => None,
@@ -185,8 +236,6 @@ pub fn needed(request: &Request) -> Role {
         | Request::Snapshot { .. }
         | Request::Watch { .. }
         | Request::Unwatch { .. }
-        | Request::ReportApply { .. }
-        | Request::ReportErrorRate { .. }
         | Request::GroupList
         | Request::Show { .. }
         | Request::SchemaGet { .. }
@@ -202,6 +251,7 @@ pub fn needed(request: &Request) -> Role {
         | Request::Alerts
         | Request::NodeHistory { .. }
         | Request::Revocations => Role::Viewer,
+        Request::ReportApply { .. } | Request::ReportErrorRate { .. } => Role::App,
         Request::Set { .. }
         | Request::Delete { .. }
         | Request::Apply { .. }
@@ -238,10 +288,23 @@ pub fn authorize(policy: Option<&RolePolicy>, principal: &Principal, request: &R
             needed.name()
         ));
     }
-    if let (Some(groups), Some(group)) = (&grant.groups, request.group())
-        && !groups.contains(group)
-    {
-        return Err(format!("{principal} is {} only in {}; not in {group}", grant.role.name(), list(groups)));
+    if let Some(groups) = &grant.groups {
+        match request.group() {
+            Some(group) if !groups.contains(group) => {
+                return Err(format!("{principal} is {} only in {}; not in {group}", grant.role.name(), list(groups)));
+            }
+            // A change that names no group acts beyond any (a revocation holds mesh-wide).
+            None if needed > Role::App => {
+                return Err(format!(
+                    "{principal} is {} only in {}; `{}` needs {} in every group",
+                    grant.role.name(),
+                    list(groups),
+                    request.kind(),
+                    needed.name()
+                ));
+            }
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -264,6 +327,8 @@ mod tests {
             ("cert:ops-alice", "admin"),
             ("cert:ops-bob", "operator:checkout, search"),
             ("anonymous", "viewer"),
+            ("uid:1005", "app"),
+            ("uid:1006", "admin:checkout"),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -291,6 +356,8 @@ mod tests {
         let policy = policy();
         let local = |uid, gid| Principal::Local { uid: Some(uid), gid: Some(gid) };
         let get = Request::Get { group: "checkout".into(), key: "k".into() };
+        let report = Request::ReportErrorRate { group: "checkout".into(), rate: 0.5 };
+        let revoke = Request::Revoke { revocation: String::new() };
         let cases = [
             (local(1000, 1), &get, true),
             (local(1000, 1), &set("checkout"), false),
@@ -306,6 +373,12 @@ mod tests {
             (Principal::Certificate("ops-carol".into()), &get, false),
             (Principal::Anonymous, &get, true),
             (Principal::Anonymous, &set("checkout"), false),
+            (local(1000, 1), &report, false),
+            (local(1005, 1), &report, true),
+            (local(1005, 1), &set("checkout"), false),
+            (local(1006, 1), &create("checkout"), true),
+            (local(1006, 1), &revoke, false),
+            (Principal::Certificate("ops-alice".into()), &revoke, true),
         ];
         for (principal, request, allowed) in cases {
             assert_eq!(authorize(Some(&policy), &principal, request).is_ok(), allowed, "{principal} {request:?}");
@@ -331,6 +404,12 @@ mod tests {
     }
 
     #[test]
+    fn users_are_named_from_the_password_file() {
+        assert_eq!(user_name(0), "root");
+        assert_eq!(user_name(4_000_000_000), "uid:4000000000");
+    }
+
+    #[test]
     fn a_bad_table_is_refused_naming_the_entry() {
         let errors: Vec<String> = [
             ("user:1", "viewer"),
@@ -339,6 +418,7 @@ mod tests {
             ("cert:Bad_Name", "viewer"),
             ("anonymous", "operator"),
             ("uid:1", "viewer:bad group!"),
+            ("uid:01", "viewer"),
         ]
         .into_iter()
         .map(|(k, v)| {
@@ -346,7 +426,8 @@ mod tests {
             RolePolicy::parse(&table, 0).unwrap_err()
         })
         .collect();
-        assert_eq!(errors.len(), 6);
+        assert_eq!(errors.len(), 7);
+        assert!(errors[6].contains("not a numeric id"), "{}", errors[6]);
         assert!(errors[0].contains("name callers as"), "{}", errors[0]);
         assert!(errors[1].contains("not a numeric id"), "{}", errors[1]);
         assert!(errors[2].contains("unknown role"), "{}", errors[2]);

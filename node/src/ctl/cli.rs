@@ -393,7 +393,8 @@ pub struct WriteArgs {
     /// Why: stored with the version and shown in history.
     #[arg(short = 'm', long, value_name = "MESSAGE")]
     pub message: Option<String>,
-    /// Author; konord fills one in from the connection (PROCESS@NODE) when left out.
+    /// On whose behalf: konord authors the version as the user it authenticated on the
+    /// socket (USER@NODE) and adds this in parentheses, marked as a claim.
     #[arg(long, value_name = "AUTHOR")]
     pub author: Option<String>,
     /// Write only if the group's only latest version is this one (as `history` lists it);

@@ -343,7 +343,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
                 _ => SdkError::Daemon { code: *code, message: message.clone() }.to_string(),
             };
             let mut stderr = format!("error: {}\n", cell(&what));
-            if let Some(hint) = refusal_hint(request, *code) {
+            if let Some(hint) = refusal_hint(request, *code, message) {
                 stderr.push_str(&format!("hint: {hint}\n"));
             }
             Rendered::failed(stderr, exit_for_code(*code))
@@ -352,7 +352,7 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
 }
 
 /// What to try after konord refused `request` with `code`, when the message alone may not say.
-fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
+fn refusal_hint(request: &Request, code: ErrorCode, message: &str) -> Option<String> {
     let group = request.group().unwrap_or("GROUP");
     match code {
         ErrorCode::UnknownGroup if matches!(request, Request::GroupLeave { .. }) => {
@@ -375,7 +375,7 @@ fn refusal_hint(request: &Request, code: ErrorCode) -> Option<String> {
             _ => Some("`konorctl group list` shows what this node holds".to_owned()),
         },
         ErrorCode::Forbidden => match request {
-            Request::GroupJoin { .. } => Some(format!(
+            Request::GroupJoin { .. } if !message.contains("on this node") => Some(format!(
                 "the key for {group} is wrong; use the key `konorctl group create {group}` printed on the node \
                  that created it"
             )),

@@ -6,6 +6,28 @@ use crate::health::history::MeshHistory;
 use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
 use crate::reports::release_report::{Member, RELEASE_REPORT_MAX, Which, release_reports};
 
+/// The author of a version a client writes: the user its door authenticated, at this node;
+/// what the client claims (`--author`) follows in parentheses, marked as a claim. A client of
+/// unknown user (the simulator, tests) is taken at its word, else named by its process.
+fn author(client: &ClientInfo, claimed: &str, node_id: &str) -> String {
+    match (&client.user, claimed) {
+        (Some(user), "") => format!("{user}@{node_id}"),
+        (Some(user), claimed) if claimed == user => format!("{user}@{node_id}"),
+        (Some(user), claimed) => {
+            let authenticated = format!("{user}@{node_id}");
+            // Within the author bound whatever the claim's length: the authenticated part whole.
+            let room = konor_crdt::limits::AUTHOR_BYTES_MAX.saturating_sub(authenticated.len() + 3);
+            let mut cut = claimed.len().min(room);
+            while !claimed.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            if cut == 0 { authenticated } else { format!("{authenticated} ({})", &claimed[..cut]) }
+        }
+        (None, "") => format!("{}@{node_id}", client.process),
+        (None, claimed) => claimed.to_owned(),
+    }
+}
+
 impl Daemon {
     /// The instant of a replica time.
     pub(super) fn instant_at(&self, at: Millis) -> Instant {
@@ -78,7 +100,7 @@ impl Daemon {
     }
 
     pub(super) fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
-        let author = if meta.author.is_empty() { format!("{}@{}", client.process, self.node_id) } else { meta.author };
+        let author = author(client, &meta.author, &self.node_id);
         let condition = konor_crdt::group::Condition { version: meta.if_version, content: meta.if_content };
         CommitMeta::new(author, meta.message, self.wall_clock()).with_condition(condition)
     }
@@ -843,5 +865,29 @@ fn schema_check_answer(
                 .collect(),
         },
         Err(error) => error_response(ErrorCode::BadRequest, error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod author_tests {
+    use super::*;
+
+    fn client(user: Option<&str>) -> ClientInfo {
+        ClientInfo { connection: 1, pid: 1, process: "konorctl".into(), uid: None, user: user.map(str::to_owned) }
+    }
+
+    #[test]
+    fn the_author_is_the_authenticated_user_and_a_claim_is_marked_as_one() {
+        assert_eq!(author(&client(Some("alice")), "", "n1"), "alice@n1");
+        assert_eq!(author(&client(Some("alice")), "alice", "n1"), "alice@n1");
+        assert_eq!(author(&client(Some("deploy")), "bob", "n1"), "deploy@n1 (bob)");
+        let long = "x".repeat(konor_crdt::limits::AUTHOR_BYTES_MAX);
+        let bounded = author(&client(Some("deploy")), &long, "n1");
+        assert!(
+            bounded.starts_with("deploy@n1 (") && bounded.len() <= konor_crdt::limits::AUTHOR_BYTES_MAX,
+            "{bounded}"
+        );
+        assert_eq!(author(&client(None), "", "n1"), "konorctl@n1");
+        assert_eq!(author(&client(None), "bob", "n1"), "bob");
     }
 }

@@ -1,20 +1,21 @@
 //! Roles on real konords (issue 17 item 3, SPEC F23): a node whose settings file has a `[roles]`
 //! table checks every call on both doors with one rule. Over the socket, callers are told apart
-//! by their peer credentials (konorctl run as other users); over HTTP, by their client
-//! certificate. Every allowed call works; every other is refused `forbidden`, says why, and
-//! changes nothing.
+//! by their peer credentials (konorctl run as other users and groups); over HTTP, by their
+//! client certificate. Every allowed call works; every other is refused `forbidden`, says why,
+//! and changes nothing. Versions are authored by who the door authenticated.
 
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
 
+use konor_sdk::protocol::{Request, Response};
 use serde_json::Value;
 
 use crate::harness::{Cluster, group_on_all, konorctl};
 
-/// konorctl on `socket` as user `uid` (and group `uid`), JSON output.
-fn as_user(uid: u32, socket: &Path, args: &[&str]) -> Output {
+/// konorctl on `socket` as user `uid` in group `gid`, JSON output.
+fn as_user(uid: u32, gid: u32, socket: &Path, args: &[String]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_konorctl"))
         .arg("--socket")
         .arg(socket)
@@ -24,7 +25,7 @@ fn as_user(uid: u32, socket: &Path, args: &[&str]) -> Output {
         .env_remove("KONOR_ENDPOINT")
         .env_remove("KONOR_TLS_DIR")
         .uid(uid)
-        .gid(uid)
+        .gid(gid)
         .output()
         .unwrap()
 }
@@ -35,16 +36,32 @@ fn outcome(output: &Output) -> String {
         return "ok".to_owned();
     }
     let stderr = String::from_utf8_lossy(&output.stderr);
-    if stderr.contains("forbidden")
-        || serde_json::from_slice::<Value>(&output.stdout).is_ok_and(|v| v["code"] == "forbidden")
-    {
+    let code = serde_json::from_slice::<Value>(&output.stdout).ok().map(|answer| answer["code"].clone());
+    if stderr.contains("forbidden") || code.is_some_and(|code| code == "forbidden") {
         return "forbidden".to_owned();
     }
     format!("failed: {stderr} {}", String::from_utf8_lossy(&output.stdout))
 }
 
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|arg| (*arg).to_owned()).collect()
+}
+
+/// The authors of a group's versions after its creation, sorted.
+async fn authors(client: &konor_sdk::Client, group: &str) -> Vec<String> {
+    match client.call(Request::History { group: group.into() }).await.unwrap() {
+        Response::History { versions, .. } => {
+            let mut authors: Vec<String> = versions.into_iter().skip(1).map(|row| row.author).collect();
+            authors.sort();
+            authors
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothing_else() {
+    crate::netns::require_root();
     let cluster = Cluster::new();
     let mut n1 = cluster.node("n1", &[]);
     let settings = cluster.dir.path().join("n1.toml");
@@ -55,6 +72,7 @@ async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothi
 "uid:1000" = "viewer"
 "uid:1001" = "operator:app"
 "uid:1002" = "admin"
+"gid:2000" = "operator"
 "cert:ops-viewer" = "viewer"
 "cert:ops-operator" = "operator"
 "cert:ops-admin" = "admin"
@@ -62,7 +80,7 @@ async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothi
     )
     .unwrap();
     n1.http = true;
-    n1.extra_args = vec!["--config".into(), settings.to_str().unwrap().into(), "--socket-mode".into(), "0666".into()];
+    n1.extra_args = strings(&["--config", settings.to_str().unwrap(), "--socket-mode", "0666"]);
     n1.start();
     let client = n1.client().await;
     group_on_all(std::slice::from_ref(&client), "app", "eventual").await;
@@ -71,80 +89,101 @@ async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothi
     for dir in [cluster.dir.path(), n1.socket.parent().unwrap()] {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-
-    // The calls of the matrix; each caller creates a group of its own name, its key written
-    // where any user may write.
     let keys = cluster.dir.path().join("keys");
     std::fs::create_dir(&keys).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).unwrap();
-    let calls = |who: &str| -> Vec<(&'static str, Vec<String>)> {
-        let group = format!("g-{}", who.replace(' ', "-"));
+    let user = konor_node::api::authorize::user_name;
+    // konord runs as root here, and konord's own user is always admin.
+    let set_k0 = as_user(0, 0, &n1.socket, &strings(&["set", "app", "k=0"]));
+    assert_eq!(outcome(&set_k0), "ok");
+
+    // The matrix. Each caller writes a value of its own and creates a group of its own name,
+    // so anything let through shows afterwards.
+    let mut value = 0;
+    let mut calls = |who: &str| -> Vec<(&'static str, Vec<String>)> {
+        value += 1;
+        let group = format!("g-{who}");
         let key_out = keys.join(format!("{group}.key")).to_str().unwrap().to_owned();
-        let args = |list: &[&str]| list.iter().map(|arg| (*arg).to_owned()).collect::<Vec<String>>();
+        let set = format!("k={value}");
         vec![
-            ("get", args(&["get", "app", "k"])),
-            ("set app", args(&["set", "app", "k=1"])),
-            ("set other", args(&["set", "other", "k=1"])),
-            ("create group", args(&["group", "create", &group, "--mode", "eventual", "--key-out", &key_out])),
-            ("revocations", args(&["cert", "revocations"])),
+            ("get", strings(&["get", "app", "k"])),
+            ("set app", strings(&["set", "app", &set])),
+            ("set other", strings(&["set", "other", &set])),
+            ("create group", strings(&["group", "create", &group, "--mode", "eventual", "--key-out", &key_out])),
+            ("revocations", strings(&["cert", "revocations"])),
         ]
     };
-    client
-        .call(konor_sdk::protocol::Request::Set {
-            group: "app".into(),
-            entries: [("k".to_owned(), serde_json::json!(0))].into(),
-            meta: Default::default(),
-        })
-        .await
-        .unwrap();
-
-    // The socket: uid 0 runs konord here, and konord's own user is always admin.
-    let socket = n1.socket.clone();
     let mut table = Vec::new();
-    for (who, uid) in
-        [("uid 1000 viewer", 1000), ("uid 1001 operator:app", 1001), ("uid 1002 admin", 1002), ("uid 1003 none", 1003)]
-    {
+    let users = [
+        ("uid 1000 viewer", 1000, 1000),
+        ("uid 1001 operator:app", 1001, 1001),
+        ("uid 1002 admin", 1002, 1002),
+        ("uid 1003 none", 1003, 1003),
+        ("uid 1004 in gid 2000", 1004, 2000),
+    ];
+    for (who, uid, gid) in users {
         let row: Vec<String> = calls(&format!("u{uid}"))
             .iter()
-            .map(|(name, args)| {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                format!("{name}={}", outcome(&as_user(uid, &socket, &args)))
-            })
+            .map(|(name, args)| format!("{name}={}", outcome(&as_user(uid, gid, &n1.socket, args))))
             .collect();
         table.push(format!("{who}: {}", row.join(" ")));
     }
-
-    // HTTP: by client certificate.
     let endpoint = n1.http_endpoint();
+    let over_http = |tls: &Path, args: &[String]| {
+        let mut all = vec!["--endpoint", endpoint.as_str(), "--tls-dir", tls.to_str().unwrap(), "--output", "json"];
+        all.extend(args.iter().map(String::as_str));
+        konorctl(&all)
+    };
     for who in ["ops-viewer", "ops-operator", "ops-admin", "ops-none"] {
         let tls = cluster.dir.path().join(who);
         konor_node::pki::ca::issue_node_cert(&cluster.ca_dir, who, &tls).unwrap();
-        let row: Vec<String> = calls(who)
-            .iter()
-            .map(|(name, args)| {
-                let mut all =
-                    vec!["--endpoint", endpoint.as_str(), "--tls-dir", tls.to_str().unwrap(), "--output", "json"];
-                all.extend(args.iter().map(String::as_str));
-                format!("{name}={}", outcome(&konorctl(&all)))
-            })
-            .collect();
+        let row: Vec<String> =
+            calls(who).iter().map(|(name, args)| format!("{name}={}", outcome(&over_http(&tls, args)))).collect();
         table.push(format!("{who}: {}", row.join(" ")));
     }
-    let table = table.join("\n");
     let expected = "\
 uid 1000 viewer: get=ok set app=forbidden set other=forbidden create group=forbidden revocations=ok
 uid 1001 operator:app: get=ok set app=ok set other=forbidden create group=forbidden revocations=ok
 uid 1002 admin: get=ok set app=ok set other=ok create group=ok revocations=ok
 uid 1003 none: get=forbidden set app=forbidden set other=forbidden create group=forbidden revocations=forbidden
+uid 1004 in gid 2000: get=ok set app=ok set other=ok create group=forbidden revocations=ok
 ops-viewer: get=ok set app=forbidden set other=forbidden create group=forbidden revocations=ok
 ops-operator: get=ok set app=ok set other=ok create group=forbidden revocations=ok
 ops-admin: get=ok set app=ok set other=ok create group=ok revocations=ok
 ops-none: get=forbidden set app=forbidden set other=forbidden create group=forbidden revocations=forbidden";
-    assert_eq!(table, expected);
+    assert_eq!(table.join("\n"), expected);
 
-    // A refusal says who and why, and changed nothing: `other` was written only by the admins.
-    let refused = as_user(1000, &socket, &["set", "app", "k=2"]);
+    // Refusals changed nothing: only the callers allowed wrote versions or made groups, and each
+    // version is authored by who the door authenticated.
+    let mut app = vec![
+        format!("{}@n1", user(0)),
+        format!("{}@n1", user(1001)),
+        format!("{}@n1", user(1002)),
+        format!("{}@n1", user(1004)),
+        "ops-admin@n1".to_owned(),
+        "ops-operator@n1".to_owned(),
+    ];
+    app.sort();
+    assert_eq!(authors(&client, "app").await, app);
+    let mut other = vec![format!("{}@n1", user(1002)), format!("{}@n1", user(1004))];
+    other.extend(["ops-admin@n1".to_owned(), "ops-operator@n1".to_owned()]);
+    other.sort();
+    assert_eq!(authors(&client, "other").await, other);
+    let groups = match client.call(Request::GroupList).await.unwrap() {
+        Response::Groups { groups } => groups.into_iter().map(|group| group.name).collect::<Vec<String>>(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(groups, ["app", "g-ops-admin", "g-u1002", "other"]);
+    assert_eq!(client.get("app", "k").await.unwrap(), Some(serde_json::json!(8)), "ops-admin's, the last allowed");
+
+    // A refusal says who and why.
+    let refused = as_user(1000, 1000, &n1.socket, &strings(&["set", "app", "k=2"]));
     let text = String::from_utf8_lossy(&refused.stdout).into_owned() + &String::from_utf8_lossy(&refused.stderr);
     assert!(text.contains("uid:1000 is viewer on this node; `set` needs operator"), "{text}");
-    assert_eq!(client.get("app", "k").await.unwrap(), Some(serde_json::json!(1)));
+
+    // A claimed author is kept, marked as a claim.
+    let claimed = as_user(1001, 1001, &n1.socket, &strings(&["set", "app", "k=30", "--author", "someone-else"]));
+    assert_eq!(outcome(&claimed), "ok");
+    let want = format!("{}@n1 (someone-else)", user(1001));
+    assert!(authors(&client, "app").await.contains(&want), "{want}");
 }

@@ -58,7 +58,9 @@ impl Ctx {
             None => Principal::Anonymous,
         };
         authorize(self.door.roles.as_deref(), &principal, request).map_err(|message| {
-            warn!(%principal, remote = %self.caller.remote, request = request.kind(), %message, "HTTP request refused: forbidden");
+            if let Some(refused_so_far) = crate::api::authorize::refusal_to_log() {
+                warn!(%principal, remote = %self.caller.remote, request = request.kind(), %message, refused_so_far, "HTTP request refused: forbidden");
+            }
             message
         })
     }
@@ -75,7 +77,7 @@ impl Ctx {
     /// versions it makes are authored `<identity>@<this node>`.
     pub(super) fn client(&self, connection: u64) -> ClientInfo {
         let process = self.caller.identity.clone().unwrap_or_else(|| PROCESS.to_owned());
-        ClientInfo { connection, pid: 0, process, uid: None }
+        ClientInfo { connection, pid: 0, process, uid: None, user: self.caller.identity.clone() }
     }
 
     /// Write metadata for an authenticated caller. The author is left to the daemon, which

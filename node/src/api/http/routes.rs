@@ -197,7 +197,9 @@ pub(super) async fn metrics(State(ctx): State<Ctx>) -> Answer {
 pub(super) async fn health(State(ctx): State<Ctx>, QueryOf(thresholds): QueryOf<Thresholds>) -> Answer {
     let mut health = ask_health(&ctx.door).await?;
     let failed = failures(&health, &thresholds);
-    if ctx.caller.identity.is_none() {
+    // Health is open (load balancers, probes); its detail is for callers with a certificate
+    // that the node's roles let read it.
+    if ctx.caller.identity.is_none() || ctx.authorize(&Request::Health).is_err() {
         // The disk's error text names files; callers with a certificate see it.
         for error in health.degraded.values_mut() {
             *error = "a write to disk failed (the error is shown to callers with a certificate)".to_owned();

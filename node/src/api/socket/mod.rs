@@ -77,6 +77,11 @@ pub struct ClientInfo {
     pub process: String,
     /// User id from the socket's peer credentials.
     pub uid: Option<u32>,
+    /// Who the door authenticated (the socket: the user of `uid`; HTTP: the certificate's
+    /// identity): versions this client writes are authored by it, whatever the client claims.
+    /// `None`: unknown (the simulator, tests), and the author is the client's claim or its
+    /// process name.
+    pub user: Option<String>,
 }
 
 /// What the socket asks of the daemon.

@@ -355,6 +355,7 @@ impl Session {
             pid: self.credential_pid.filter(|pid| *pid != 0).unwrap_or(pid),
             process,
             uid: self.credential_uid,
+            user: self.credential_uid.map(crate::api::authorize::user_name),
         };
         tracing::Span::current().record("pid", client.pid);
         debug!(connection = self.connection, pid = client.pid, process = %client.process, uid = client.uid, "hello");
@@ -388,7 +389,9 @@ impl Session {
                 }
                 let principal = Principal::Local { uid: self.credential_uid, gid: self.credential_gid };
                 if let Err(message) = authorize(self.shared.roles.as_deref(), &principal, &request) {
-                    warn!(connection = self.connection, %principal, request = request.kind(), %message, "request refused: forbidden");
+                    if let Some(refused_so_far) = crate::api::authorize::refusal_to_log() {
+                        warn!(connection = self.connection, %principal, request = request.kind(), %message, refused_so_far, "request refused: forbidden");
+                    }
                     self.answer_inline(id, Response::Error { code: ErrorCode::Forbidden, message }).await;
                     return Flow::Continue;
                 }
