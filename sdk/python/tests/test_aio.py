@@ -4,6 +4,8 @@ calls on one connection matched by id."""
 from __future__ import annotations
 
 import asyncio
+import os
+import pwd
 from typing import List
 
 import pytest
@@ -32,7 +34,8 @@ def test_reads_writes_and_concurrent_calls(mesh: Mesh) -> None:
             assert values == list(range(50))
             snapshot = await client.snapshot("aio-rw")
             assert snapshot.content_hash == content_hash(snapshot.settings)
-            assert (await client.history("aio-rw"))[-1]["author"] == f"pytest-aio@{client.node_id}"
+            user = pwd.getpwuid(os.getuid()).pw_name
+            assert (await client.history("aio-rw"))[-1]["author"] == f"{user}@{client.node_id}"
 
     asyncio.run(main())
 

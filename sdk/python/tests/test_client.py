@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import pwd
 import subprocess
 import threading
 from typing import List
@@ -56,7 +58,8 @@ def test_writes_carry_their_metadata_and_refusals_are_typed(mesh: Mesh) -> None:
     applied = n2.apply("writes", "[db]\npool = 24\n", "toml", message="whole file")
     rows = n2.history("writes")
     first = next(row for row in rows if row["message"] == "raise pool")
-    assert first["author"] == "ops@laptop"
+    # The daemon authors versions as the user it authenticated; the claim follows.
+    assert first["author"] == f"{_user()}@{n1.node_id} (ops@laptop)"
     assert rows[-1]["label"] == applied.version
     assert n2.snapshot("writes").settings == {"db.pool": 24}
     n2.rollback("writes", first["label"], message="back")
@@ -92,10 +95,18 @@ def test_conditional_writes_and_reads_and_watches_by_prefix(mesh: Mesh) -> None:
         watch.close()
 
 
-def test_a_default_author_names_the_process(mesh: Mesh) -> None:
+def _user() -> str:
+    """The name konord gives this process's user (its peer credentials' uid)."""
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid:{os.getuid()}"
+
+
+def test_the_author_is_the_authenticated_user(mesh: Mesh) -> None:
     n1, _, _ = mesh.group("authors")
     n1.set("authors", {"k": 1})
-    assert n1.history("authors")[-1]["author"] == f"pytest@{n1.node_id}"
+    assert n1.history("authors")[-1]["author"] == f"{_user()}@{n1.node_id}"
 
 
 def test_the_socket_comes_from_the_environment(mesh: Mesh, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -77,7 +77,8 @@ pub enum ServerFrame {
 /// Who makes a write: shown in history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct WriteMeta {
-    /// Author; the daemon fills in `<process>@<node>` from the connection when empty.
+    /// On whose behalf: the daemon authors the version as the user it authenticated
+    /// (`<user>@<node>`) and adds this in parentheses, marked as a claim.
     #[serde(default, deserialize_with = "null_as_default")]
     pub author: String,
     /// Why.

@@ -67,7 +67,7 @@ class Client:
     ``socket_path``: the argument, else ``KONOR_SOCKET`` (konord has no default data dir, so no
     default path). ``daemon_uid``: the uid accepted as konord's besides root and our own
     (``"any"``: no check; default ``KONOR_DAEMON_UID``). ``process`` names this process in the
-    daemon's status and as the default author (``<process>@<node>``)."""
+    daemon's status (versions are authored by this process's user, ``<user>@<node>``)."""
 
     def __init__(
         self,
@@ -196,8 +196,9 @@ class Client:
         self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "",
         if_version: Optional[str] = None, if_content: Optional[str] = None,
     ) -> Committed:
-        """Sets keys (dotted names) to JSON values. An empty ``author`` makes the daemon write
-        ``<process>@<node>``. A write that changes nothing raises UnchangedError."""
+        """Sets keys (dotted names) to JSON values. The daemon authors the version as this
+        process's user, ``<user>@<node>``; an ``author`` given follows in parentheses, as a
+        claim. A write that changes nothing raises UnchangedError."""
         return read_committed(
             self.call({"type": "set", "group": group, "entries": dict(entries),
                        "meta": write_meta(author, message, if_version, if_content)})
