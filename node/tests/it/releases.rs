@@ -131,15 +131,24 @@ async fn a_strong_gated_group_releases_through_a_round_and_over_http() {
     };
     let released = ok_json(&remote(&["release", "srel", "--to", &label]));
     assert_eq!(released["type"], "committed", "{released}");
-    // A strong release is committed on every member before it is answered.
-    for client in [&c1, &c2] {
-        match client.call(Request::Snapshot { group: "srel".into(), prefix: None }).await.unwrap() {
-            Response::Snapshot { settings, freshness, .. } => {
-                assert_eq!(serde_json::to_value(&settings).unwrap(), json!({"limit": 5}));
-                assert_eq!(freshness.version, label);
+    // A strong release commits on a majority of the configuration's records before it is
+    // answered; a member the decision has not reached yet is in doubt, and says so (its reads
+    // are flagged stale, never fresh with the old settings) until it arrives.
+    for (node, client) in [("n1", &c1), ("n2", &c2)] {
+        eventually(&format!("{node} serves the release"), || async {
+            match client.call(Request::Snapshot { group: "srel".into(), prefix: None }).await.unwrap() {
+                Response::Snapshot { settings, freshness, .. } if freshness.version == label => {
+                    assert_eq!(serde_json::to_value(&settings).unwrap(), json!({"limit": 5}), "on {node}");
+                    Some(())
+                }
+                Response::Snapshot { freshness, .. } => {
+                    assert!(freshness.stale, "{node} answered an old version as fresh: {freshness:?}");
+                    None
+                }
+                other => panic!("{other:?}"),
             }
-            other => panic!("{other:?}"),
-        }
+        })
+        .await;
     }
     let history = ok_json(&remote(&["history", "srel"]));
     let last = history["versions"].as_array().unwrap().last().unwrap().clone();
