@@ -14,9 +14,18 @@ use serde_json::Value;
 
 use crate::harness::{Cluster, group_on_all, konorctl};
 
-/// konorctl on `socket` as user `uid` in group `gid`, JSON output.
-fn as_user(uid: u32, gid: u32, socket: &Path, args: &[String]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_konorctl"))
+/// The konorctl binary copied where any user may run it (the build's own target dir may sit
+/// in a directory only root can enter, as a CI checkout made with `mktemp -d` does).
+fn konorctl_for_anyone(dir: &Path) -> std::path::PathBuf {
+    let copy = dir.join("konorctl");
+    std::fs::copy(env!("CARGO_BIN_EXE_konorctl"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// konorctl (`binary`) on `socket` as user `uid` in group `gid`, JSON output.
+fn as_user(binary: &Path, uid: u32, gid: u32, socket: &Path, args: &[String]) -> Output {
+    Command::new(binary)
         .arg("--socket")
         .arg(socket)
         .args(["--output", "json"])
@@ -93,8 +102,9 @@ async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothi
     std::fs::create_dir(&keys).unwrap();
     std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o777)).unwrap();
     let user = konor_node::api::authorize::user_name;
+    let bin = konorctl_for_anyone(cluster.dir.path());
     // konord runs as root here, and konord's own user is always admin.
-    let set_k0 = as_user(0, 0, &n1.socket, &strings(&["set", "app", "k=0"]));
+    let set_k0 = as_user(&bin, 0, 0, &n1.socket, &strings(&["set", "app", "k=0"]));
     assert_eq!(outcome(&set_k0), "ok");
 
     // The matrix. Each caller writes a value of its own and creates a group of its own name,
@@ -124,7 +134,7 @@ async fn every_role_may_do_what_it_names_over_the_socket_and_over_http_and_nothi
     for (who, uid, gid) in users {
         let row: Vec<String> = calls(&format!("u{uid}"))
             .iter()
-            .map(|(name, args)| format!("{name}={}", outcome(&as_user(uid, gid, &n1.socket, args))))
+            .map(|(name, args)| format!("{name}={}", outcome(&as_user(&bin, uid, gid, &n1.socket, args))))
             .collect();
         table.push(format!("{who}: {}", row.join(" ")));
     }
@@ -177,12 +187,12 @@ ops-none: get=forbidden set app=forbidden set other=forbidden create group=forbi
     assert_eq!(client.get("app", "k").await.unwrap(), Some(serde_json::json!(8)), "ops-admin's, the last allowed");
 
     // A refusal says who and why.
-    let refused = as_user(1000, 1000, &n1.socket, &strings(&["set", "app", "k=2"]));
+    let refused = as_user(&bin, 1000, 1000, &n1.socket, &strings(&["set", "app", "k=2"]));
     let text = String::from_utf8_lossy(&refused.stdout).into_owned() + &String::from_utf8_lossy(&refused.stderr);
     assert!(text.contains("uid:1000 is viewer on this node; `set` needs operator"), "{text}");
 
     // A claimed author is kept, marked as a claim.
-    let claimed = as_user(1001, 1001, &n1.socket, &strings(&["set", "app", "k=30", "--author", "someone-else"]));
+    let claimed = as_user(&bin, 1001, 1001, &n1.socket, &strings(&["set", "app", "k=30", "--author", "someone-else"]));
     assert_eq!(outcome(&claimed), "ok");
     let want = format!("{}@n1 (someone-else)", user(1001));
     assert!(authors(&client, "app").await.contains(&want), "{want}");
