@@ -2,6 +2,7 @@
 pub mod api;
 pub mod ctl;
 pub mod daemon;
+pub mod enroll;
 pub mod fault_layer;
 pub mod health;
 pub mod limits;

@@ -81,6 +81,11 @@ pub struct SettingsFile {
     pub label: BTreeMap<String, String>,
     /// See [`DaemonSettings::tls_dir`].
     pub tls_dir: Option<PathBuf>,
+    /// HTTP API addresses of signers to enroll through (konord's `--join`).
+    #[serde(default)]
+    pub join: Vec<String>,
+    /// File holding the join token (konord's `--token-file`).
+    pub token_file: Option<PathBuf>,
     /// See [`DaemonSettings::cluster`].
     pub cluster: Option<String>,
     /// Milliseconds.

@@ -241,6 +241,7 @@ impl Cluster {
             webhooks: None,
             keep_history: false,
             revocations: None,
+            signer: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

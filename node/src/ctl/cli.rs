@@ -86,6 +86,9 @@ pub enum Command {
     /// Issue node certificates from the cluster CA.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Make join tokens, with which hosts enroll themselves (`konord --join`).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Create, join, leave and list configuration groups on this node.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -181,6 +184,11 @@ pub enum CertCommand {
         /// Directory for the node's files (konord's --tls-dir).
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Also copy the CA key into OUT: the node becomes a signer, which enrolls hosts that
+        /// present a join token. Every signer holds the whole CA key; keep them few (two or
+        /// three, so enrollment survives one down).
+        #[arg(long)]
+        signer: bool,
     },
     /// Revoke a node's (or an operator's) certificates: signs the revocation with the CA key
     /// and hands it to the daemon, which spreads it; every node then refuses handshakes with
@@ -211,6 +219,35 @@ pub enum CertCommand {
     },
     /// List the revocations this node holds.
     Revocations,
+}
+
+/// `konorctl token ...`
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Make a join token: a host starts with `konord --join ADDR --token-file FILE` and gets
+    /// its certificate from a signer. The token is a secret until it expires: it goes to
+    /// stdout, or to FILE (mode 0600) with --out.
+    Create {
+        /// Directory holding the CA (the CA directory, or a signer's TLS directory).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// How long it admits hosts (at most 168h).
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration_ms)]
+        ttl: u64,
+        /// How many hosts it may enroll (1 to 100).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The node id the host gets (its own --node-id otherwise); such a token also
+        /// re-enrolls a replaced host of that id once the old one is down.
+        #[arg(long, value_name = "ID")]
+        node_id: Option<String>,
+        /// A label the host gets, key=value (repeatable).
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        /// Write the token to FILE (created, mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `konorctl group ...`

@@ -30,7 +30,9 @@ use konor_sdk::protocol::{Request, Response, SOCKET_ENV};
 use konor_sdk::{Client, SdkError, TIMEOUT_DEFAULT};
 use serde::Serialize;
 
-use crate::ctl::cli::{CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat, SchemaCommand};
+use crate::ctl::cli::{
+    CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat, SchemaCommand, TokenCommand,
+};
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
 use crate::ctl::render::{Rendered, render, render_event, render_local};
@@ -111,10 +113,17 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             pki::ca::init_ca(&dir).with_context(|| format!("cannot create the cluster CA in {}", dir.display()))?;
             emit(&ca_created(&dir, output))
         }
-        Command::Cert(CertCommand::Issue { ca_dir, node_id, out }) => {
+        Command::Cert(CertCommand::Issue { ca_dir, node_id, out, signer }) => {
             pki::ca::issue_node_cert(&ca_dir, &node_id, &out)
                 .with_context(|| format!("cannot issue a certificate for node {node_id}"))?;
-            emit(&cert_issued(&node_id, &out, output))
+            if signer {
+                pki::ca::delegate_signing(&ca_dir, &out)
+                    .with_context(|| format!("issued the certificate, but cannot make node {node_id} a signer"))?;
+            }
+            emit(&cert_issued(&node_id, &out, signer, output))
+        }
+        Command::Token(TokenCommand::Create { ca_dir, ttl, uses, node_id, labels, out }) => {
+            token_create(&ca_dir, ttl, uses, node_id, &labels, out.as_deref(), output)
         }
         Command::Cert(CertCommand::Revoke { id, ca_dir, serial, reason, out }) => {
             let revocation = pki::revocation::Revocation {
@@ -600,7 +609,80 @@ async fn watch_remote(
 #[serde(tag = "type", rename_all = "snake_case")]
 enum LocalOutcome {
     CaCreated { dir: String, files: Vec<String> },
-    CertIssued { node_id: String, out_dir: String, files: Vec<String>, serial: String },
+    CertIssued { node_id: String, out_dir: String, files: Vec<String>, serial: String, signer: bool },
+    TokenCreated { id: String, expires_ms: u64, uses: u32, node: Option<String>, token: Option<String> },
+}
+
+/// `konorctl token create`: mints a join token with the CA key in `ca_dir`.
+fn token_create(
+    ca_dir: &Path,
+    ttl_ms: u64,
+    uses: u32,
+    node: Option<String>,
+    labels: &[String],
+    out: Option<&Path>,
+    output: OutputFormat,
+) -> anyhow::Result<Exit> {
+    let signer = pki::ca::Signer::load(ca_dir)?.ok_or_else(|| {
+        anyhow::anyhow!("no CA key in {}: give the CA directory or a signer's TLS directory", ca_dir.display())
+    })?;
+    let mut label_map = std::collections::BTreeMap::new();
+    for text in labels {
+        let (key, value) = crate::settings::parse_label(text)?;
+        label_map.insert(key, value);
+    }
+    let policy = pki::join_token::TokenPolicy { ttl: Duration::from_millis(ttl_ms), uses, node, labels: label_map };
+    let now_ms = crate::wall_clock::unix_time().as_secs() * 1000;
+    let (token, text) = pki::join_token::mint(signer.ca_cert(), &signer.token_key(), &policy, now_ms)?;
+    let shown = match out {
+        Some(path) => {
+            write_private_new(path, format!("{}\n", text.expose()).as_bytes())
+                .with_context(|| format!("cannot write the token to {}", path.display()))?;
+            None
+        }
+        None => Some(text.expose().clone()),
+    };
+    let expires = crate::ctl::table::format_utc(token.expires_ms);
+    let mut human = match &shown {
+        Some(text) => format!("{text}\n"),
+        None => String::new(),
+    };
+    let file_hint = out.map_or_else(|| "FILE".to_owned(), |path| path.display().to_string());
+    // Said on stderr, so stdout is the token alone and can be piped.
+    let note = format!(
+        "join token {} ({} use(s){}), expires {expires}\nnext, on the new host: konord --join SIGNER_HTTP_ADDR --token-file {file_hint} --data-dir DIR{}\n",
+        token.id,
+        token.uses,
+        token.node.as_deref().map(|node| format!(", for node {node}")).unwrap_or_default(),
+        if token.node.is_some() { "" } else { " --node-id ID" },
+    );
+    if out.is_some() {
+        human.push_str(&note);
+    }
+    let outcome = LocalOutcome::TokenCreated {
+        id: token.id,
+        expires_ms: token.expires_ms,
+        uses: token.uses,
+        node: token.node,
+        token: shown.clone(),
+    };
+    let mut rendered = render_local(human, &outcome, output);
+    if out.is_none() && matches!(output, OutputFormat::Table) {
+        rendered.stderr.push_str(&note);
+    }
+    emit(&rendered)
+}
+
+/// Creates `path` (it must not exist) with mode 0600 and writes `bytes`.
+fn write_private_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
 }
 
 fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
@@ -615,7 +697,7 @@ fn ca_created(dir: &Path, output: OutputFormat) -> Rendered {
     render_local(text, &LocalOutcome::CaCreated { dir: dir.display().to_string(), files: files.into() }, output)
 }
 
-fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
+fn cert_issued(node_id: &str, out: &Path, signer: bool, output: OutputFormat) -> Rendered {
     let names = [pki::NODE_CERT_FILE, pki::NODE_KEY_FILE, pki::NODE_ID_FILE, pki::CA_CERT_FILE];
     let files = names.map(|file| out.join(file).display().to_string());
     // The serial, for `konorctl cert revoke --serial` later.
@@ -625,8 +707,13 @@ fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
         .and_then(|der: rustls_pki_types::CertificateDer<'static>| pki::cert_facts::cert_facts(&der))
         .map(|facts| facts.serial)
         .unwrap_or_default();
+    let signer_line = if signer {
+        format!("{} copied too: node {node_id} is a signer (serve its HTTP API to enroll hosts)\n", pki::CA_KEY_FILE)
+    } else {
+        String::new()
+    };
     let text = format!(
-        "issued a certificate for node {node_id} into {out}: {} (serial {serial})\nnext: start konord with \
+        "issued a certificate for node {node_id} into {out}: {} (serial {serial})\n{signer_line}next: start konord with \
          --node-id {node_id} --tls-dir {out}\n",
         names.join(", "),
         out = out.display(),
@@ -636,6 +723,7 @@ fn cert_issued(node_id: &str, out: &Path, output: OutputFormat) -> Rendered {
         out_dir: out.display().to_string(),
         files: files.into(),
         serial,
+        signer,
     };
     render_local(text, &outcome, output)
 }

@@ -43,6 +43,7 @@ use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;
 use crate::storage::store::Store;
 
+mod enrollments;
 mod guards;
 mod outputs;
 mod requests;
@@ -229,6 +230,9 @@ struct Daemon {
     revocations_refused: BTreeMap<String, String>,
     /// Gossiped revocations this node failed to store (its disk, its cap), said once each.
     revocations_failing: std::collections::BTreeSet<String>,
+    /// What a node holding the CA key needs to enroll hosts (`enrollments.rs`); `None`: it
+    /// cannot sign.
+    enrollment: Option<enrollments::Enrollment>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -282,6 +286,8 @@ pub struct NodeParts {
     /// The certificate revocations this node enforces, shared with its TLS configs and gossip
     /// seal (`None` in the simulator, whose nodes have no certificates).
     pub revocations: Option<crate::pki::revocation::Revocations>,
+    /// The CA key, on a node that enrolls hosts with join tokens (`None`: it cannot sign).
+    pub signer: Option<Arc<crate::pki::ca::Signer>>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -328,6 +334,17 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     }
     if let Some(facts) = pki::cert_facts::cert_facts(identity.cert()) {
         info!(serial = %facts.serial, "node certificate (konorctl cert revoke --serial takes this serial)");
+    }
+    let signer = pki::ca::Signer::load(&settings.tls_dir)
+        .with_context(|| format!("cannot read the CA key in {}", settings.tls_dir.display()))?
+        .map(Arc::new);
+    if let Some(signer) = &signer {
+        anyhow::ensure!(
+            signer.ca_cert() == identity.ca_cert(),
+            "the CA key in {} is not the CA of this node's certificate",
+            settings.tls_dir.display()
+        );
+        info!("this node holds the CA key: it enrolls hosts that present a join token");
     }
     let identity = identity.with_revocations(revocations.clone());
     let gossip_seal = Arc::new(crate::peer::gossip_seal::CertSeal::new(&identity)?);
@@ -415,6 +432,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         metrics,
         keep_history: true,
         revocations: Some(revocations),
+        signer,
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -648,7 +666,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         webhooks,
         keep_history,
         revocations,
+        signer,
     } = parts;
+    let enrollment = signer.map(|signer| enrollments::Enrollment::new(signer, &data_dir, cluster.clone()));
     let Inbox { gossip, mut replica } = inbox;
     let mut store = match storage_hook {
         Some(hook) => Store::open_with_hook(&data_dir, &node_id, hook)?,
@@ -731,9 +751,11 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         revocations_followed: Instant::now(),
         revocations_refused: BTreeMap::new(),
         revocations_failing: Default::default(),
+        enrollment,
     };
     info!(node = %node_id, "node running");
     daemon.publish_revocations();
+    daemon.publish_token_uses();
     daemon.execute_outputs().await;
     let mut membership_poll = tokio::time::interval(membership_poll);
     membership_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -823,7 +845,9 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
 /// always safe.
 fn answers_from_state(call: &LocalCall) -> bool {
     match call {
-        LocalCall::Health { .. } => true,
+        // Its grant is written (with its fsync) before it is answered, on the daemon's thread:
+        // enrollment is rare, and a signer must not answer a use it could lose.
+        LocalCall::Health { .. } | LocalCall::Enroll { .. } => true,
         LocalCall::Request { request, .. } => !matches!(
             request,
             Request::Set { .. }
@@ -1057,6 +1081,7 @@ impl Daemon {
         }
         let membership = MembershipView { peers };
         self.follow_revocations().await;
+        self.follow_token_uses().await;
         log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
         self.judge_alerts();

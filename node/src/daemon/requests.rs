@@ -112,6 +112,9 @@ impl Daemon {
                 let response = self.start_watch(&client, &group, from_revision, prefix, events);
                 let _ = reply.send(response);
             }
+            LocalCall::Enroll { ask, remote, reply } => {
+                let _ = reply.send(self.enroll(ask, remote));
+            }
             LocalCall::Health { reply } => {
                 let _ = reply.send(self.health());
             }

@@ -149,7 +149,7 @@ impl Daemon {
         self.revocations_refused.insert(key, value);
     }
 
-    fn wall_now_ms(&self) -> u64 {
+    pub(super) fn wall_now_ms(&self) -> u64 {
         crate::wall_clock::unix_time().as_secs() * 1000
     }
 }

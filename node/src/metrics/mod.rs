@@ -56,6 +56,8 @@ pub struct Metrics {
     pub http: Arc<HttpCounters>,
     /// Alert notices delivered to webhooks, and dropped.
     pub webhooks: Arc<crate::health::webhook::WebhookStats>,
+    /// Enrollments answered, by outcome (issue 17).
+    pub enrollments: Arc<crate::enroll::EnrollCounters>,
 }
 
 /// The HTTP door's own counters.
@@ -81,6 +83,7 @@ impl Default for Metrics {
             propagation: Histogram::new(latency_buckets()),
             http: Arc::default(),
             webhooks: Arc::default(),
+            enrollments: Arc::default(),
         }
     }
 }
@@ -147,6 +150,7 @@ pub fn render(metrics: &Metrics, scrape: Scrape) -> Result<String, fmt::Error> {
         scrape,
         http: metrics.http.clone(),
         webhooks: metrics.webhooks.clone(),
+        enrollments: metrics.enrollments.clone(),
         commit: [("eventual", metrics.commit_eventual.clone()), ("strong", metrics.commit_strong.clone())],
     }));
     let mut text = String::new();
@@ -160,6 +164,7 @@ struct ScrapeCollector {
     scrape: Scrape,
     http: Arc<HttpCounters>,
     webhooks: Arc<crate::health::webhook::WebhookStats>,
+    enrollments: Arc<crate::enroll::EnrollCounters>,
     /// The commit latency histograms by mode.
     commit: [(&'static str, Histogram); 2],
 }
@@ -411,6 +416,12 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             "Alert notices sent to webhooks: delivered (a 2xx), dropped (out of tries, refused, or pushed out of a full queue)",
             [("delivered", &self.webhooks.delivered), ("dropped", &self.webhooks.dropped)]
                 .map(|(outcome, count)| (OutcomeLabel { outcome }, count.load(Ordering::Relaxed))),
+        )?;
+        counters(
+            &mut encoder,
+            "enrollments",
+            "Hosts that asked this node to enroll them with a join token, by outcome (issued, or why refused)",
+            self.enrollments.read().map(|(outcome, count)| (OutcomeLabel { outcome }, count)),
         )?;
         counter(&mut encoder, "http_requests", "HTTP requests answered", self.http.requests.load(Ordering::Relaxed))?;
         counter(

@@ -88,22 +88,7 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
     };
 
     let node_key = Secret::new(KeyPair::generate()?);
-    let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned(), identity_name(node_id)])?;
-    params.distinguished_name = DistinguishedName::new();
-    params.distinguished_name.push(DnType::CommonName, node_id);
-    params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    // Every node both dials (client) and accepts (server) peer connections with the same certificate.
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    params.use_authority_key_identifier_extension = true;
-    // The serial is left to rcgen, which derives it from the fresh node public key, so serials never repeat.
-    set_validity(&mut params, NODE_VALIDITY)?;
-    let issuer = Issuer::new(ca_params(ca.key.expose()), ca.key.into_exposed());
-    let cert = params.signed_by(node_key.expose(), &issuer)?;
-
-    // rcgen rebuilt the issuer name from our constants and ca.key rather than from ca.crt, so prove the new
-    // certificate chains to the CA on disk before handing it out.
-    verify_chain(cert.der(), &ca.cert).map_err(|reason| PkiError::CaNotUsable { dir: ca_dir.to_owned(), reason })?;
+    let cert = sign_node_cert(&ca, ca_dir, node_id, node_key.expose())?;
 
     create_private_dir(out_dir)?;
     let key_pem = Secret::new(node_key.expose().serialize_pem());
@@ -119,6 +104,161 @@ pub fn issue_node_cert(ca_dir: &Path, node_id: &str, out_dir: &Path) -> Result<(
     }
     write_new_files(&files)?;
     tracing::info!(node_id, out_dir = %out_dir.display(), "issued node certificate");
+    Ok(())
+}
+
+/// A certificate for `node_id` with `public_key`, signed by `ca`, proven to chain to `ca.crt`.
+fn sign_node_cert(
+    ca: &LoadedCa,
+    ca_dir: &Path,
+    node_id: &str,
+    public_key: &impl rcgen::PublicKeyData,
+) -> Result<rcgen::Certificate, PkiError> {
+    let mut params = CertificateParams::new(vec![SERVER_NAME.to_owned(), identity_name(node_id)])?;
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::CommonName, node_id);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    // Every node both dials (client) and accepts (server) peer connections with the same certificate.
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    // The serial is left to rcgen, which derives it from the fresh node public key, so serials never repeat.
+    set_validity(&mut params, NODE_VALIDITY)?;
+    let issuer = Issuer::new(ca_params(ca.key.expose()), ca.key.expose());
+    let cert = params.signed_by(public_key, &issuer)?;
+
+    // rcgen rebuilt the issuer name from our constants and ca.key rather than from ca.crt, so prove the new
+    // certificate chains to the CA on disk before handing it out.
+    verify_chain(cert.der(), &ca.cert).map_err(|reason| PkiError::CaNotUsable { dir: ca_dir.to_owned(), reason })?;
+    Ok(cert)
+}
+
+/// A node holding the CA key (issue 17, item 1): it issues certificates to hosts that enroll
+/// with a join token, and it alone can check those tokens, whose MAC is keyed by the CA key.
+/// A node is one when its TLS directory holds `ca.key` beside `ca.crt`
+/// (`konorctl cert issue --signer`).
+pub struct Signer {
+    ca: LoadedCa,
+    dir: std::path::PathBuf,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signer").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+impl Signer {
+    /// The signer in `dir`, or `None` when `dir` holds no `ca.key` (the node cannot sign).
+    pub fn load(dir: &Path) -> Result<Option<Signer>, PkiError> {
+        if read_optional(&dir.join(CA_KEY_FILE))?.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Signer { ca: load_ca(dir)?, dir: dir.to_owned() }))
+    }
+
+    /// The CA certificate.
+    pub fn ca_cert(&self) -> &CertificateDer<'static> {
+        &self.ca.cert
+    }
+
+    /// The exact bytes of `ca.crt`.
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca.cert_pem
+    }
+
+    /// The key of join-token MACs: a hash of the CA key under its own label, so the MAC key is
+    /// the CA key's to derive and never the CA key itself.
+    pub fn token_key(&self) -> Secret<[u8; 32]> {
+        use sha2::Digest;
+        let der = Secret::new(self.ca.key.expose().serialize_der());
+        let mut hash = sha2::Sha256::new();
+        hash.update(b"konor-join-token-key-v1\0");
+        hash.update(der.expose());
+        Secret::new(hash.finalize().into())
+    }
+
+    /// A certificate (PEM) for `node_id` with the P-256 public key `public_key` (its
+    /// uncompressed point, as `KeyPair::public_key_raw` gives it).
+    pub fn issue_for_key(&self, node_id: &str, public_key: &[u8]) -> Result<String, PkiError> {
+        validate_node_id(node_id)?;
+        let key = RawP256Key(public_key);
+        Ok(sign_node_cert(&self.ca, &self.dir, node_id, &key)?.pem())
+    }
+}
+
+/// Writes the credentials a signer granted to a host that enrolled (`enroll/client.rs`) into
+/// `tls_dir`: `node.key` (the host's own `key`), `node.crt`, `node.id` and `ca.crt`, all or
+/// none, after checking that the CA is the one `pin` names, that the certificate chains to it,
+/// names `node_id` and carries `key`'s public key.
+pub fn store_enrolled(
+    tls_dir: &Path,
+    node_id: &str,
+    key: &KeyPair,
+    cert_pem: &str,
+    ca_pem: &str,
+    pin: &str,
+) -> Result<(), PkiError> {
+    validate_node_id(node_id)?;
+    let cert_path = tls_dir.join(NODE_CERT_FILE);
+    let key_path = tls_dir.join(NODE_KEY_FILE);
+    let id_path = tls_dir.join(NODE_ID_FILE);
+    let ca_path = tls_dir.join(CA_CERT_FILE);
+    refuse_existing(&[&cert_path, &key_path, &id_path, &ca_path])?;
+    let ca = parse_cert(&ca_path, ca_pem.as_bytes())?;
+    if super::ca_pin(&ca) != pin {
+        return Err(unreadable(&ca_path, "CA certificate", "it is not the CA the join token pins"));
+    }
+    let cert = parse_cert(&cert_path, cert_pem.as_bytes())?;
+    verify_chain(&cert, &ca).map_err(|reason| PkiError::Untrusted {
+        cert_path: cert_path.clone(),
+        ca_path: ca_path.clone(),
+        reason,
+    })?;
+    if super::identity_of(&cert).as_deref() != Some(node_id) {
+        return Err(PkiError::CertNotForNode { cert_path, node_id: node_id.to_owned() });
+    }
+    let key_pem = Secret::new(key.serialize_pem());
+    let key_der = parse_key(&key_path, key_pem.expose().as_bytes())?;
+    check_key_matches(&cert, &key_der, &cert_path, &key_path)?;
+    create_private_dir(tls_dir)?;
+    let id_text = format!("{node_id}\n");
+    write_new_files(&[
+        NewFile { path: key_path, contents: key_pem.expose().as_bytes(), private: true },
+        NewFile { path: cert_path, contents: cert_pem.as_bytes(), private: false },
+        NewFile { path: id_path, contents: id_text.as_bytes(), private: false },
+        NewFile { path: ca_path, contents: ca_pem.as_bytes(), private: false },
+    ])?;
+    tracing::info!(node_id, tls_dir = %tls_dir.display(), "enrolled: node credentials written");
+    Ok(())
+}
+
+/// A P-256 public key as an uncompressed point: what an enrolling host sends.
+struct RawP256Key<'a>(&'a [u8]);
+
+impl rcgen::PublicKeyData for RawP256Key<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0
+    }
+
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &rcgen::PKCS_ECDSA_P256_SHA256
+    }
+}
+
+/// Makes the node whose credentials are in `out_dir` a signer: copies `ca.key` (0600) from
+/// `ca_dir`, once `out_dir`'s `ca.crt` is checked to be the same CA.
+pub fn delegate_signing(ca_dir: &Path, out_dir: &Path) -> Result<(), PkiError> {
+    let ca = load_ca(ca_dir)?;
+    let ca_copy_path = out_dir.join(CA_CERT_FILE);
+    if read_optional(&ca_copy_path)?.as_deref() != Some(ca.cert_pem.as_slice()) {
+        return Err(unreadable(&ca_copy_path, "CA certificate", "it is not the CA in the CA directory"));
+    }
+    let key_path = out_dir.join(CA_KEY_FILE);
+    refuse_existing(&[&key_path])?;
+    let key_pem = Secret::new(ca.key.expose().serialize_pem());
+    write_new_files(&[NewFile { path: key_path, contents: key_pem.expose().as_bytes(), private: true }])?;
+    tracing::info!(out_dir = %out_dir.display(), "copied the CA key: this node is a signer");
     Ok(())
 }
 

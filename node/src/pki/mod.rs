@@ -7,14 +7,16 @@
 //! peer's certificate against the node id it expects with [`identity::verify_node_identity`]. The quinn configs built
 //! on these credentials live in `peer/tls.rs`.
 //!
-//! [`ca`] creates the CA, issues node certificates and signs revocations, [`identity`] loads and checks a node's
-//! credentials, [`revocation`] holds the revocations a node enforces (with [`cert_facts`], the serial and start a
+//! [`ca`] creates the CA, issues node certificates and signs revocations (and, on a node holding the CA key, issues
+//! them to enrolling hosts), [`join_token`] mints and checks the tokens hosts enroll with, [`identity`] loads and
+//! checks a node's credentials, [`revocation`] holds the revocations a node enforces (with [`cert_facts`], the serial and start a
 //! certificate carries), and `files` reads and writes the credential files; this module holds what they share.
 
 pub mod ca;
 pub mod cert_facts;
 mod files;
 pub mod identity;
+pub mod join_token;
 pub mod revocation;
 
 use std::io;
@@ -149,6 +151,12 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
         .filter_map(|name| name.strip_suffix(IDENTITY_NAME_SUFFIX))
         .find(|id| validate_node_id(id).is_ok())
         .map(str::to_owned)
+}
+
+/// The pin of a CA certificate, as a join token carries it: SHA-256 of its DER, hex.
+pub fn ca_pin(ca_cert: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(ca_cert.as_ref()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Checks a node id: 1..=[`NODE_ID_CHARS_MAX`] characters of `[a-z0-9-]`, not starting or ending with '-'.

@@ -380,30 +380,15 @@ impl Revocations {
     }
 }
 
-/// Writes the set: a temp file, fsync, rename, fsync of the directory (mode 0600: who was
-/// revoked and why is for the node's operators).
+/// Writes the set durably (mode 0600: who was revoked and why is for the node's operators).
 fn save(path: &Path, held: &BTreeMap<String, SignedRevocation>) -> Result<(), RevocationError> {
-    use std::io::Write as _;
-    let file_error = |error: std::io::Error| RevocationError::File {
-        path: path.display().to_string(),
-        detail: format!("cannot write: {error}"),
-    };
     let entries: Vec<&SignedRevocation> = held.values().collect();
     let bytes = serde_json::to_vec(&entries)
         .map_err(|error| RevocationError::File { path: path.display().to_string(), detail: error.to_string() })?;
-    let temp = path.with_extension("json.tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&temp).map_err(file_error)?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(file_error)?;
-    drop(file);
-    std::fs::rename(&temp, path).map_err(file_error)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir).and_then(|dir| dir.sync_all()).map_err(file_error)?;
-    }
-    Ok(())
+    crate::storage::replace_file::replace_durably(path, &bytes).map_err(|error| RevocationError::File {
+        path: path.display().to_string(),
+        detail: format!("cannot write: {error}"),
+    })
 }
 
 #[cfg(test)]

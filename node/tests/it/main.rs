@@ -7,6 +7,7 @@
 mod alerting;
 mod consistency;
 mod durability;
+mod enrollment;
 mod fault_layer;
 mod faults;
 mod guarded_edits;

@@ -5,11 +5,13 @@
 //!
 //! Off unless `--http-listen` is given. Reads and writes need a client certificate issued by the
 //! cluster CA (`tls.rs`); `/api/v1/health` and `/metrics` do not, so a load balancer or a
-//! scraper can reach them without one. Every door has its bounds (`crate::limits`): connections
+//! scraper can reach them without one, and neither does `/api/v1/enroll`, where a host with no
+//! certificate yet presents a join token (`enroll.rs`). Every door has its bounds (`crate::limits`): connections
 //! at once, handshake and header time, body bytes, watch streams, and the wait for the daemon.
 
 mod answer;
 mod context;
+mod enroll;
 mod extract;
 mod routes;
 mod tls;
@@ -244,7 +246,9 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/metrics", get(routes::metrics))
         .route("/api/v1/health", get(routes::health))
         .route("/", get(routes::root))
-        .route("/dashboard", get(routes::dashboard));
+        .route("/dashboard", get(routes::dashboard))
+        // A host with no certificate yet: its join token is the credential (`enroll.rs`).
+        .route("/api/v1/enroll", post(enroll::enroll));
     // Everything else needs a certificate from the cluster CA, checked before anything of the
     // request (its body) is read.
     let guarded = Router::new()
@@ -307,7 +311,7 @@ mod tests {
         for chunk in body.split(".route(").skip(1) {
             let path = chunk.trim_start().trim_start_matches('"').split('"').next().unwrap().to_owned();
             for method in ["get", "post", "put", "delete"] {
-                if chunk.contains(&format!("{method}(routes::")) || chunk.contains(&format!("{method}(watch::")) {
+                if ["routes", "watch", "enroll"].iter().any(|module| chunk.contains(&format!("{method}({module}::"))) {
                     routes.insert((method.to_owned(), path.clone()));
                 }
             }

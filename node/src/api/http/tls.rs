@@ -33,7 +33,9 @@ pub fn server_config(identity: &TlsIdentity) -> Result<Arc<rustls::ServerConfig>
         .with_safe_default_protocol_versions()
         .map_err(TlsConfigError::http)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert().clone()], identity.key().clone_key())
+        // The chain carries the CA certificate: a host enrolling with a join token has no CA
+        // yet, and checks this one against the token's pin (`enroll/client.rs`).
+        .with_single_cert(vec![identity.cert().clone(), identity.ca_cert().clone()], identity.key().clone_key())
         .map_err(TlsConfigError::http)?;
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     crate::peer::tls::refuse_resumption(&mut config);

@@ -121,6 +121,15 @@ pub enum LocalCall {
         /// Where the answer goes.
         reply: oneshot::Sender<crate::health::NodeHealth>,
     },
+    /// A host enrolls with a join token (the HTTP door's `POST /api/v1/enroll`).
+    Enroll {
+        /// What it sends.
+        ask: crate::enroll::EnrollAsk,
+        /// From where.
+        remote: std::net::SocketAddr,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Result<crate::enroll::EnrollGrant, crate::enroll::Refusal>>,
+    },
     /// A connection that said Hello has ended; its watches are gone.
     Disconnected {
         /// The connection number from [`ClientInfo::connection`].

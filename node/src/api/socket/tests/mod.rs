@@ -184,7 +184,7 @@ async fn play_daemon(
                 state.watchers.push(events);
                 let _ = reply.send(Response::Watching { group, revision: state.revision });
             }
-            LocalCall::Disconnected { .. } | LocalCall::Health { .. } => {}
+            LocalCall::Disconnected { .. } | LocalCall::Health { .. } | LocalCall::Enroll { .. } => {}
         }
     }
 }

@@ -1,0 +1,49 @@
+//! `POST /api/v1/enroll` (issue 17, item 1): a host with no certificate enrolls with a join
+//! token. It is the one change the HTTP door takes without a client certificate: the token is
+//! the credential, checked by the daemon of a node that holds the CA key
+//! (`daemon/enrollments.rs`). The answer is the certificate and what the host needs to join;
+//! a refusal is `{"type":"error","code":…}` with a code per cause (`enroll::Refusal::code`).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use tokio::sync::oneshot;
+
+use super::answer::{Answer, http_error};
+use super::context::Ctx;
+use super::extract::JsonBody;
+use crate::api::socket::LocalCall;
+use crate::enroll::{EnrollAsk, Refusal};
+use crate::limits::HTTP_CALL_TIMEOUT;
+
+pub(super) async fn enroll(State(ctx): State<Ctx>, JsonBody(ask): JsonBody<EnrollAsk>) -> Answer {
+    let (reply, answered) = oneshot::channel();
+    let call = LocalCall::Enroll { ask, remote: ctx.caller.remote, reply };
+    let asked = async {
+        ctx.door.calls.send(call).await.ok()?;
+        answered.await.ok()
+    };
+    match tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).await {
+        Ok(Some(Ok(grant))) => {
+            let mut body = serde_json::to_value(&grant).unwrap_or_default();
+            body["type"] = "enrolled".into();
+            Ok((StatusCode::OK, axum::Json(body)).into_response())
+        }
+        Ok(Some(Err(refusal))) => Err(http_error(status_of(&refusal), refusal.code(), refusal.to_string())),
+        Ok(None) => Err(http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the daemon is stopping")),
+        Err(_) => Err(http_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!("no answer from the daemon within {}s; ask again", HTTP_CALL_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+fn status_of(refusal: &Refusal) -> StatusCode {
+    match refusal {
+        Refusal::Token(_) | Refusal::UsedUp { .. } => StatusCode::FORBIDDEN,
+        Refusal::NodeTaken { .. } | Refusal::NodeMismatch { .. } => StatusCode::CONFLICT,
+        Refusal::NoNodeId | Refusal::BadRequest(_) => StatusCode::BAD_REQUEST,
+        Refusal::NotSigner | Refusal::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
