@@ -68,6 +68,17 @@ mod secret_redaction_tests {
         };
         assert_redacted("LocalCall", &format!("{call:?}"), GROUP_KEY);
 
+        // A join token on its way to the daemon (the HTTP door's enrollment).
+        let (reply, _answer) = tokio::sync::oneshot::channel();
+        let ask = crate::enroll::EnrollAsk {
+            token: GROUP_KEY.into(),
+            node: None,
+            public_key: String::new(),
+            proof: String::new(),
+        };
+        let call = LocalCall::Enroll { ask, remote: "127.0.0.1:1".parse().unwrap(), reply };
+        assert_redacted("LocalCall::Enroll", &format!("{call:?}"), GROUP_KEY);
+
         // A key given on the command line is refused, and not echoed by the parsed command.
         for subcommand in ["join", "create"] {
             let mut argv = vec!["konorctl", "group", subcommand, "app", "--key", GROUP_KEY];

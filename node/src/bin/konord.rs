@@ -113,7 +113,8 @@ async fn enrollment(
             _ => anyhow::bail!("--join needs a join token: --token-file FILE or ${JOIN_TOKEN_ENV}"),
         },
     };
-    Ok(Some(enroll(join, &token, node_id, tls_dir, data_dir).await?))
+    let cluster = args.cluster.as_deref().or(file.cluster.as_deref());
+    Ok(Some(enroll(join, &token, node_id, cluster, tls_dir, data_dir).await?))
 }
 
 async fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
@@ -135,7 +136,10 @@ async fn settings(args: Args) -> anyhow::Result<DaemonSettings> {
             enrolled.node,
             data_dir.join(ENROLLMENT_FILE).display()
         ),
-        (Some(enrolled), _) => enrolled.node.clone(),
+        (Some(enrolled), _) => {
+            konor_node::pki::validate_node_id(&enrolled.node)?;
+            enrolled.node.clone()
+        }
         (None, Some(asked)) => asked,
         (None, None) => anyhow::bail!("--node-id is required (or node-id in --config)"),
     };

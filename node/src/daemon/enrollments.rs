@@ -38,6 +38,10 @@ pub(super) struct Enrollment {
     used_elsewhere: BTreeMap<String, u32>,
     /// The cluster's name, for the grant.
     cluster: String,
+    /// Whether the other signers' gossiped uses were read since the start (refused before).
+    followed: bool,
+    /// When they were last read.
+    followed_at: Option<tokio::time::Instant>,
 }
 
 impl std::fmt::Debug for Enrollment {
@@ -53,7 +57,7 @@ impl Enrollment {
         if let Err(error) = &grants {
             tracing::error!(%error, "the record of join-token grants does not read: this node refuses to enroll hosts until it is fixed or removed");
         }
-        Enrollment { signer, grants, used_elsewhere: BTreeMap::new(), cluster }
+        Enrollment { signer, grants, used_elsewhere: BTreeMap::new(), cluster, followed: false, followed_at: None }
     }
 }
 
@@ -79,16 +83,24 @@ impl Daemon {
     fn enroll_checked(&mut self, ask: EnrollAsk) -> Result<EnrollGrant, Refusal> {
         let now_ms = self.wall_now_ms();
         let seeds = self.grant_seeds();
-        let known: BTreeMap<String, bool> = self
+        let mut known: BTreeMap<String, bool> = self
             .mesh
             .nodes
             .values()
             .map(|node| (node.id.clone(), matches!(node.liveness, Liveness::Live | Liveness::Unknown)))
             .collect();
+        known.insert(self.node_id.clone(), true);
         let node_id = self.node_id.clone();
+        let view_ready = self.view_delivered;
+        let revocations = self.revocations.clone();
         let Some(enrollment) = self.enrollment.as_mut() else { return Err(Refusal::NotSigner) };
+        // Until this node has a view of the mesh and the other signers' counts, it cannot tell
+        // a taken id or a used-up token: the host asks again or asks another signer.
+        if !view_ready || !enrollment.followed {
+            return Err(Refusal::Unavailable("it has just started and does not see the mesh yet".to_owned()));
+        }
         let signer = enrollment.signer.clone();
-        let token = join_token::verify(&ask.token, signer.ca_cert(), &signer.token_key(), now_ms)?;
+        let token = join_token::verify(ask.token.expose(), signer.ca_cert(), &signer.token_key(), now_ms)?;
         let bad = |what: &str| Refusal::BadRequest(what.to_owned());
         let public_key = STANDARD.decode(&ask.public_key).map_err(|_| bad("public_key is not base64"))?;
         if public_key.len() != PUBLIC_KEY_BYTES || public_key[0] != 4 {
@@ -101,10 +113,19 @@ impl Daemon {
             .map_err(|_| bad("the proof of possession does not verify under public_key"))?;
         let key_hash: String = Sha256::digest(&public_key).iter().map(|byte| format!("{byte:02x}")).collect();
         let grants = enrollment.grants.as_mut().map_err(|error| Refusal::Unavailable(error.clone()))?;
+        let asked = token.node.as_deref().or(ask.node.as_deref()).unwrap_or_default();
+        let revoked_at_ms = revocations
+            .iter()
+            .flat_map(|revocations| revocations.list())
+            .filter(|(_, signed)| signed.revocation.node == asked && signed.revocation.serial.is_none())
+            .map(|(_, signed)| signed.revocation.revoked_at_ms)
+            .max();
         let facts = Facts {
             known,
             granted_here: grants.of(&token.id),
             used_elsewhere: enrollment.used_elsewhere.get(&token.id).copied().unwrap_or(0),
+            granted_under_other_token: grants.granted_elsewhere(asked, &token.id),
+            revoked_at_ms,
         };
         let decision = decide(&token, ask.node.as_deref(), &key_hash, &facts)?;
         let certificate = signer
@@ -148,11 +169,14 @@ impl Daemon {
         }
     }
 
-    /// Reads the uses other signers gossip (with the revocations' cadence).
+    /// Reads the uses other signers gossip, at most every `REVOCATION_FOLLOW_INTERVAL`.
     pub(super) async fn follow_token_uses(&mut self) {
-        if self.enrollment.is_none() {
+        let Some(enrollment) = self.enrollment.as_mut() else { return };
+        let interval = super::revocations::REVOCATION_FOLLOW_INTERVAL;
+        if enrollment.followed_at.is_some_and(|at| at.elapsed() < interval) {
             return;
         }
+        enrollment.followed_at = Some(tokio::time::Instant::now());
         let own = self.node_id.clone();
         let now_ms = self.wall_now_ms();
         let gossiped = self.membership.values_with_prefix(TOKEN_USES_PREFIX, |_, _| false).await;
@@ -169,6 +193,7 @@ impl Daemon {
         }
         if let Some(enrollment) = self.enrollment.as_mut() {
             enrollment.used_elsewhere = used;
+            enrollment.followed = true;
         }
     }
 }

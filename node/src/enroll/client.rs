@@ -141,17 +141,23 @@ pub async fn enroll(
     addrs: &[String],
     token: &Secret<String>,
     node: Option<&str>,
+    cluster: Option<&str>,
     tls_dir: &Path,
     data_dir: &Path,
 ) -> Result<Enrollment, JoinError> {
     let claims = read_claims(token.expose())?;
+    // Before a signer records a use: a host that could not store its credentials would spend
+    // one at every restart.
+    crate::pki::ca::check_enroll_target(tls_dir)?;
+    std::fs::create_dir_all(data_dir)
+        .map_err(|error| JoinError::Record(format!("cannot create {}: {error}", data_dir.display())))?;
     let key = Secret::new(KeyPair::generate().map_err(PkiError::from)?);
     let public_key = key.expose().public_key_raw().to_vec();
     let asked = node.map(str::to_owned);
     let message = proof_message(&claims.id, asked.as_deref(), &public_key);
     let proof = rcgen::SigningKey::sign(key.expose(), &message).map_err(PkiError::from)?;
     let ask = EnrollAsk {
-        token: token.expose().clone(),
+        token: konor_sdk::Secret::new(token.expose().clone()),
         node: asked,
         public_key: STANDARD.encode(&public_key),
         proof: STANDARD.encode(proof),
@@ -168,7 +174,29 @@ pub async fn enroll(
                 continue;
             }
             match tokio::time::timeout(ATTEMPT_TIMEOUT, ask_signer(addr, &claims, body.expose())).await {
-                Ok(Ok(grant)) => return store(grant, &key, &claims, addr, tls_dir, data_dir),
+                Ok(Ok(grant)) => {
+                    let expected = claims.node.as_deref().or(node);
+                    if expected.is_some_and(|expected| expected != grant.node)
+                        || crate::pki::validate_node_id(&grant.node).is_err()
+                    {
+                        return Err(JoinError::Refused {
+                            addr: addr.clone(),
+                            code: "bad_grant".to_owned(),
+                            message: format!("the signer granted node id {:?}, not the one asked", grant.node),
+                        });
+                    }
+                    if cluster.is_some_and(|cluster| cluster != grant.cluster) {
+                        return Err(JoinError::Refused {
+                            addr: addr.clone(),
+                            code: "wrong_cluster".to_owned(),
+                            message: format!(
+                                "the signer's cluster is {:?}, not {cluster:?} (--cluster)",
+                                grant.cluster
+                            ),
+                        });
+                    }
+                    return store(grant, &key, &claims, addr, tls_dir, data_dir);
+                }
                 Ok(Err(Attempt::Final(error))) => return Err(error),
                 Ok(Err(Attempt::Again(reason))) => {
                     warn!(%addr, %reason, "enrollment: this address did not enroll us; trying the next");

@@ -18,6 +18,10 @@ pub struct Facts<'a> {
     pub granted_here: &'a [Grant],
     /// Hosts the token enrolled at other signers, as their gossip says.
     pub used_elsewhere: u32,
+    /// Whether this signer granted the asked id under another token.
+    pub granted_under_other_token: bool,
+    /// When the asked id was last revoked as a whole (every certificate of it), if it was.
+    pub revoked_at_ms: Option<u64>,
 }
 
 /// A yes: the node id, and whether the grant is a new use of the token.
@@ -43,8 +47,20 @@ pub fn decide(token: &JoinToken, asked: Option<&str>, key_hash: &str, facts: &Fa
         }
         (None, None) => return Err(Refusal::NoNodeId),
     };
-    if facts.granted_here.iter().any(|grant| grant.node == node && grant.key == key_hash) {
+    let revoked_since = |at_ms: u64| facts.revoked_at_ms.is_some_and(|revoked| revoked >= at_ms);
+    if let Some(grant) = facts.granted_here.iter().find(|grant| grant.node == node && grant.key == key_hash) {
+        // A host revoked since its grant does not get back in with the same token.
+        if revoked_since(grant.at_ms) {
+            return Err(Refusal::NodeTaken { node, state: "revoked" });
+        }
         return Ok(Decision { node, new_use: false });
+    }
+    // A revoked id is re-enrolled only by a token that names it: the operator's intent.
+    if facts.revoked_at_ms.is_some() && token.node.is_none() {
+        return Err(Refusal::NodeTaken { node, state: "revoked" });
+    }
+    if facts.granted_under_other_token {
+        return Err(Refusal::NodeTaken { node, state: "enrolled by another token" });
     }
     let granted_to_other_key = facts.granted_here.iter().any(|grant| grant.node == node);
     match facts.known.get(&node) {
@@ -123,5 +139,18 @@ mod tests {
         assert!(matches!(decide(&token(2, None), Some("a"), "other", &facts), Err(Refusal::NodeTaken { .. })));
         let facts = Facts { granted_here: &granted, used_elsewhere: 1, ..Facts::default() };
         assert!(matches!(decide(&token(2, None), Some("b"), "kb", &facts), Err(Refusal::UsedUp { used: 2, .. })));
+        let facts = Facts { granted_under_other_token: true, ..Facts::default() };
+        assert!(matches!(decide(&token(2, None), Some("b"), "kb", &facts), Err(Refusal::NodeTaken { .. })));
+    }
+
+    #[test]
+    fn a_revoked_id_needs_a_token_that_names_it_and_a_revoked_grant_is_not_repeated() {
+        let granted = [Grant { node: "a".to_owned(), key: "ka".to_owned(), at_ms: 100 }];
+        let revoked = |at_ms| Facts { granted_here: &granted, revoked_at_ms: Some(at_ms), ..Facts::default() };
+        assert!(matches!(decide(&token(2, None), Some("a"), "ka", &revoked(150)), Err(Refusal::NodeTaken { .. })));
+        assert!(decide(&token(2, None), Some("a"), "ka", &revoked(50)).is_ok(), "revoked before the grant");
+        let free = Facts { revoked_at_ms: Some(10), ..Facts::default() };
+        assert!(matches!(decide(&token(1, None), Some("x"), "k", &free), Err(Refusal::NodeTaken { .. })));
+        assert_eq!(decide(&token(1, Some("x")), None, "k", &free).unwrap().node, "x");
     }
 }

@@ -71,6 +71,14 @@ impl Grants {
         self.by_token.get(token_id).map(|record| record.grants.as_slice()).unwrap_or_default()
     }
 
+    /// Whether a token other than `token_id` enrolled `node` here.
+    pub fn granted_elsewhere(&self, node: &str, token_id: &str) -> bool {
+        self.by_token
+            .iter()
+            .filter(|(id, _)| id.as_str() != token_id)
+            .any(|(_, record)| record.grants.iter().any(|grant| grant.node == node))
+    }
+
     /// Every unexpired token's grant count, for gossip.
     pub fn counts(&self, now_ms: u64) -> impl Iterator<Item = (&str, usize, u64)> {
         self.by_token

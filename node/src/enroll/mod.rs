@@ -35,11 +35,11 @@ const PROOF_CONTEXT: &[u8] = b"konor-enroll-v1\0";
 pub const PUBLIC_KEY_BYTES: usize = 65;
 
 /// What a joining host sends.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollAsk {
-    /// The join token's text.
-    pub token: String,
+    /// The join token's text (never in `Debug`, so never in a log line).
+    pub token: konor_sdk::Secret,
     /// The node id the host asks for (`--node-id`); the token's, when it names one, wins.
     #[serde(default)]
     pub node: Option<String>,

@@ -187,6 +187,14 @@ impl Signer {
     }
 }
 
+/// Checks, before a host asks a signer (and spends a use of its token), that `tls_dir` can take
+/// the credentials: none of them there yet, and the directory creatable.
+pub fn check_enroll_target(tls_dir: &Path) -> Result<(), PkiError> {
+    let files = [NODE_CERT_FILE, NODE_KEY_FILE, NODE_ID_FILE, CA_CERT_FILE].map(|file| tls_dir.join(file));
+    refuse_existing(&files.iter().map(|path| path.as_path()).collect::<Vec<_>>())?;
+    create_private_dir(tls_dir)
+}
+
 /// Writes the credentials a signer granted to a host that enrolled (`enroll/client.rs`) into
 /// `tls_dir`: `node.key` (the host's own `key`), `node.crt`, `node.id` and `ca.crt`, all or
 /// none, after checking that the CA is the one `pin` names, that the certificate chains to it,
