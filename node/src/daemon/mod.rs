@@ -393,6 +393,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
                 open_reads: settings.http_open_reads,
                 revocations: identity.revocations().clone(),
                 roles: roles.clone(),
+                signer: signer.clone().map(|signer| (signer, identity.cert().clone())),
             };
             Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
         }

@@ -29,7 +29,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
-use super::{ENROLL_ROUTE, EnrollAsk, EnrollGrant, proof_message};
+use super::{
+    CHALLENGE_NONCE_BYTES, CHALLENGE_ROUTE, ENROLL_ROUTE, EnrollAsk, EnrollGrant, proof_message, signer_proof_message,
+};
 use crate::pki::join_token::{JOIN_TOKEN_BYTES_MAX, JoinToken, TokenError, read_claims};
 use crate::pki::{PkiError, SERVER_NAME, ca_pin, crypto_provider};
 use crate::wall_clock::WallTime;
@@ -41,6 +43,9 @@ pub const ENROLLMENT_FILE: &str = "enrollment.json";
 /// How long a host keeps asking when no signer answers (all down, or the network not up yet):
 /// long enough for a boot-time race, short enough that a wrong address fails the unit.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The key of an enrollment not finished yet, in the data dir (mode 0600).
+pub const PENDING_KEY_FILE: &str = "enroll.key";
 
 /// One attempt at one address: connect, handshake, answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -151,7 +156,7 @@ pub async fn enroll(
     crate::pki::ca::check_enroll_target(tls_dir)?;
     std::fs::create_dir_all(data_dir)
         .map_err(|error| JoinError::Record(format!("cannot create {}: {error}", data_dir.display())))?;
-    let key = Secret::new(KeyPair::generate().map_err(PkiError::from)?);
+    let key = pending_key(data_dir)?;
     let public_key = key.expose().public_key_raw().to_vec();
     let asked = node.map(str::to_owned);
     let message = proof_message(&claims.id, asked.as_deref(), &public_key);
@@ -220,6 +225,29 @@ pub async fn enroll(
     }
 }
 
+/// The key this host enrolls with: the one kept from an attempt that did not finish (so a
+/// signer that granted it before answers again without spending a use), or a new one, kept
+/// (0600) before any signer is asked.
+fn pending_key(data_dir: &Path) -> Result<Secret<KeyPair>, JoinError> {
+    let path = data_dir.join(PENDING_KEY_FILE);
+    let unreadable =
+        |detail: String| JoinError::Record(format!("{}: {detail}; remove it to start over", path.display()));
+    match std::fs::read_to_string(&path) {
+        Ok(pem) => {
+            let pem = Secret::new(pem);
+            KeyPair::from_pem(pem.expose()).map(Secret::new).map_err(|error| unreadable(error.to_string()))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let key = Secret::new(KeyPair::generate().map_err(PkiError::from)?);
+            let pem = Secret::new(key.expose().serialize_pem());
+            crate::storage::replace_file::replace_durably(&path, pem.expose().as_bytes())
+                .map_err(|error| JoinError::Record(format!("cannot write {}: {error}", path.display())))?;
+            Ok(key)
+        }
+        Err(error) => Err(unreadable(error.to_string())),
+    }
+}
+
 /// Checks and writes a grant.
 fn store(
     grant: EnrollGrant,
@@ -254,6 +282,8 @@ fn store(
         token_id: grant.token_id,
     };
     enrollment.write(data_dir)?;
+    // Its copy is node.key now.
+    let _ = std::fs::remove_file(data_dir.join(PENDING_KEY_FILE));
     info!(node = %enrollment.node, signer = %enrollment.signer, token = %enrollment.token_id, "enrolled in the cluster");
     Ok(enrollment)
 }
@@ -290,19 +320,62 @@ async fn ask_signer(addr: &str, claims: &JoinToken, body: &[u8]) -> Result<Enrol
             again(format!("TLS: {error}"))
         }
     })?;
+    // The chain the node presented: its certificate first, the pinned CA in it (checked).
+    let chain: Vec<CertificateDer<'static>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.iter().map(|cert| cert.clone().into_owned()).collect())
+        .unwrap_or_default();
+    let (Some(server_cert), Some(ca)) = (chain.first(), chain.iter().find(|cert| ca_pin(cert) == claims.ca)) else {
+        return Err(Attempt::Never("the node's TLS chain lacks its certificate or the pinned CA".to_owned()));
+    };
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .map_err(|error| again(format!("HTTP: {error}")))?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
+
+    // The node proves it holds the CA key before it gets the token: any node of the cluster
+    // passes the TLS check, only a signer passes this.
+    let nonce: [u8; CHALLENGE_NONCE_BYTES] = rand::random();
+    let challenge = serde_json::json!({ "nonce": STANDARD.encode(nonce) }).to_string();
+    let (status, value) = post(&mut sender, addr, CHALLENGE_ROUTE, challenge.as_bytes()).await?;
+    if !status.is_success() {
+        return Err(refusal(addr, status, &value));
+    }
+    let signature = value["signature"].as_str().and_then(|text| STANDARD.decode(text).ok()).unwrap_or_default();
+    if !crate::pki::verify_ca_signature(ca, &signer_proof_message(&nonce, server_cert.as_ref()), &signature) {
+        return Err(Attempt::Never("it does not prove it holds the CA key: not a signer".to_owned()));
+    }
+
+    let (status, mut value) = post(&mut sender, addr, ENROLL_ROUTE, body).await?;
+    if status.is_success() {
+        if let Some(object) = value.as_object_mut() {
+            object.remove("type");
+        }
+        return serde_json::from_value(value).map_err(|error| again(format!("the grant does not read: {error}")));
+    }
+    Err(refusal(addr, status, &value))
+}
+
+/// POSTs `body` to `route` on the connection; the answer's status and JSON.
+async fn post(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: &str,
+    route: &str,
+    body: &[u8],
+) -> Result<(hyper::StatusCode, serde_json::Value), Attempt> {
+    let again = |reason: String| Attempt::Again(reason);
     let request = hyper::Request::builder()
         .method(hyper::Method::POST)
-        .uri(ENROLL_ROUTE)
+        .uri(route)
         .header(hyper::header::HOST, addr)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::copy_from_slice(body)))
         .map_err(|error| again(error.to_string()))?;
+    sender.ready().await.map_err(|error| again(format!("connection lost: {error}")))?;
     let answer = sender.send_request(request).await.map_err(|error| again(format!("no answer: {error}")))?;
     let status = answer.status();
     let bytes = Limited::new(answer.into_body(), ANSWER_BYTES_MAX)
@@ -310,25 +383,23 @@ async fn ask_signer(addr: &str, claims: &JoinToken, body: &[u8]) -> Result<Enrol
         .await
         .map_err(|error| again(format!("cannot read the answer: {error}")))?
         .to_bytes();
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&bytes).map_err(|_| again(format!("the answer ({status}) is not JSON")))?;
-    if status.is_success() {
-        if let Some(object) = value.as_object_mut() {
-            object.remove("type");
-        }
-        return serde_json::from_value(value).map_err(|error| again(format!("the grant does not read: {error}")));
-    }
+    let value = serde_json::from_slice(&bytes).map_err(|_| again(format!("the answer ({status}) is not JSON")))?;
+    Ok((status, value))
+}
+
+/// What an error answer means for the host.
+fn refusal(addr: &str, status: hyper::StatusCode, value: &serde_json::Value) -> Attempt {
     let code = value["code"].as_str().unwrap_or("unknown").to_owned();
     let message = value["message"].as_str().unwrap_or("no message").to_owned();
     // Another signer may enroll us when this one cannot sign, is busy, or does not know the
     // route (an older node); a verdict on the token or the node id would be the same anywhere.
     if matches!(code.as_str(), "not_signer" | "not_found") {
-        return Err(Attempt::Never(format!("{code}: {message}")));
+        return Attempt::Never(format!("{code}: {message}"));
     }
     if matches!(code.as_str(), "unavailable" | "timeout") || status.is_server_error() {
-        return Err(again(format!("{code}: {message}")));
+        return Attempt::Again(format!("{code}: {message}"));
     }
-    Err(Attempt::Final(JoinError::Refused { addr: addr.to_owned(), code, message }))
+    Attempt::Final(JoinError::Refused { addr: addr.to_owned(), code, message })
 }
 
 /// Accepts a server whose chain holds the pinned CA and whose certificate chains to it.

@@ -28,8 +28,30 @@ use crate::pki::join_token::TokenError;
 /// The route a signer answers enrollment on.
 pub const ENROLL_ROUTE: &str = "/api/v1/enroll";
 
+/// The route where a signer proves it holds the CA key, before a host sends it a token.
+pub const CHALLENGE_ROUTE: &str = "/api/v1/enroll/challenge";
+
 /// Domain separation of the proof of possession.
 const PROOF_CONTEXT: &[u8] = b"konor-enroll-v1\0";
+
+/// Domain separation of a signer's proof: the CA key signs nothing else that starts so (a
+/// revocation starts `konor-revocation-v1`, a certificate with a DER sequence).
+const SIGNER_PROOF_CONTEXT: &[u8] = b"konor-signer-proof-v1\0";
+
+/// Bytes of the nonce a host sends a signer.
+pub const CHALLENGE_NONCE_BYTES: usize = 32;
+
+/// What a signer signs with the CA key to show a host it is one: the host's fresh nonce and the
+/// certificate the signer presented on this TLS connection, so a node relaying the challenge to
+/// a real signer gets a proof for that signer's certificate, not its own.
+pub fn signer_proof_message(nonce: &[u8], server_cert: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    let mut message = SIGNER_PROOF_CONTEXT.to_vec();
+    message.extend_from_slice(&(nonce.len() as u32).to_be_bytes());
+    message.extend_from_slice(nonce);
+    message.extend_from_slice(&sha2::Sha256::digest(server_cert));
+    message
+}
 
 /// Bytes of a P-256 public key as an uncompressed point, the only key a host may enroll.
 pub const PUBLIC_KEY_BYTES: usize = 65;

@@ -162,6 +162,11 @@ impl Signer {
         &self.ca.cert
     }
 
+    /// Signs `message` with the CA key (a signer's proof, `enroll::signer_proof_message`).
+    pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, PkiError> {
+        Ok(rcgen::SigningKey::sign(self.ca.key.expose(), message)?)
+    }
+
     /// The exact bytes of `ca.crt`.
     pub fn ca_pem(&self) -> &[u8] {
         &self.ca.cert_pem

@@ -153,6 +153,17 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// The algorithms a CA key may sign statements with (rcgen makes P-256 keys).
+const CA_ALGORITHMS: [&dyn rustls_pki_types::SignatureVerificationAlgorithm; 3] =
+    [webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384, webpki::ring::ED25519];
+
+/// Whether `signature` is the key of `ca_cert` signing `message` (a revocation, a signer's
+/// proof that it holds the CA key).
+pub fn verify_ca_signature(ca_cert: &CertificateDer<'_>, message: &[u8], signature: &[u8]) -> bool {
+    let Ok(ca) = webpki::EndEntityCert::try_from(ca_cert) else { return false };
+    CA_ALGORITHMS.iter().any(|algorithm| ca.verify_signature(*algorithm, message, signature).is_ok())
+}
+
 /// The pin of a CA certificate, as a join token carries it: SHA-256 of its DER, hex.
 pub fn ca_pin(ca_cert: &CertificateDer<'_>) -> String {
     use sha2::Digest;

@@ -189,19 +189,11 @@ impl SignedRevocation {
     pub fn verify(&self, ca_cert: &CertificateDer<'_>) -> Result<(), RevocationError> {
         let not_signed = || RevocationError::NotSignedByCa { node: self.revocation.node.clone() };
         let signature = BASE64.decode(&self.signature).map_err(|_| not_signed())?;
-        let ca = webpki::EndEntityCert::try_from(ca_cert).map_err(|_| not_signed())?;
-        let message = self.revocation.signed_bytes();
-        CA_ALGORITHMS
-            .iter()
-            .any(|algorithm| ca.verify_signature(*algorithm, &message, &signature).is_ok())
+        super::verify_ca_signature(ca_cert, &self.revocation.signed_bytes(), &signature)
             .then_some(())
             .ok_or_else(not_signed)
     }
 }
-
-/// The algorithms a CA key may sign revocations with (rcgen makes P-256 keys).
-const CA_ALGORITHMS: [&dyn rustls_pki_types::SignatureVerificationAlgorithm; 3] =
-    [webpki::ring::ECDSA_P256_SHA256, webpki::ring::ECDSA_P384_SHA384, webpki::ring::ED25519];
 
 /// Signs `revocation` with the CA key in `ca_dir` (`konorctl cert revoke`): the statement
 /// every node checks against the CA certificate before it acts on it.

@@ -223,3 +223,77 @@ async fn a_host_enrolls_with_a_token_while_a_signer_is_down_and_bad_tokens_are_r
         assert!(!live.contains(&id.to_string()), "{id} in {live:?}");
     }
 }
+
+/// A member of the cluster posing as a signer: its certificate passes the host's TLS check
+/// (same CA), and it answers the challenge with a signature by its own node key. The host must
+/// not send it the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_posing_as_a_signer_never_receives_the_token() {
+    use hyper::service::service_fn;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let cluster = Cluster::new();
+    let member = cluster.dir.path().join("member");
+    konor_node::pki::ca::issue_node_cert(&cluster.ca_dir, "member", &member).unwrap();
+    let identity = konor_node::pki::identity::load_identity(&member).unwrap();
+    let tls = konor_node::api::http::server_config(&identity).unwrap();
+    let node_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(member.join("node.key")).unwrap()).unwrap();
+    let node_key = Arc::new(node_key);
+    let own_cert: rustls_pki_types::CertificateDer<'static> =
+        rustls_pki_types::pem::PemObject::from_pem_slice(&std::fs::read(member.join("node.crt")).unwrap()).unwrap();
+    let token_seen = Arc::new(AtomicBool::new(false));
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = token_seen.clone();
+    tokio::spawn(async move {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let Ok(stream) = acceptor.accept(tcp).await else { continue };
+            let (node_key, own_cert, seen) = (node_key.clone(), own_cert.clone(), seen.clone());
+            let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (node_key, own_cert, seen) = (node_key.clone(), own_cert.clone(), seen.clone());
+                async move {
+                    let path = request.uri().path().to_owned();
+                    let body = request.into_body().collect().await.unwrap().to_bytes();
+                    let answer = if path == konor_node::enroll::CHALLENGE_ROUTE {
+                        use base64::Engine;
+                        let asked: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                        let b64 = base64::engine::general_purpose::STANDARD;
+                        let nonce = b64.decode(asked["nonce"].as_str().unwrap()).unwrap();
+                        let message = konor_node::enroll::signer_proof_message(&nonce, own_cert.as_ref());
+                        let signature = rcgen::SigningKey::sign(node_key.as_ref(), &message).unwrap();
+                        json!({"type": "signer_proof", "signature": b64.encode(signature)})
+                    } else {
+                        seen.store(true, Ordering::SeqCst);
+                        json!({"type": "error", "code": "internal", "message": "stolen"})
+                    };
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(Bytes::from(
+                        answer.to_string(),
+                    ))))
+                }
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        }
+    });
+
+    let signer = konor_node::pki::ca::Signer::load(&cluster.ca_dir).unwrap().unwrap();
+    let policy = TokenPolicy { ttl: Duration::from_secs(600), uses: 1, ..TokenPolicy::default() };
+    let (_, token) =
+        mint(signer.ca_cert(), &signer.token_key(), &policy, konor_node::wall_clock::unix_millis()).unwrap();
+    let host = cluster.dir.path().join("host");
+    let error = konor_node::enroll::client::enroll(
+        std::slice::from_ref(&addr),
+        &token,
+        Some("host"),
+        None,
+        &host.join("tls"),
+        &host.join("data"),
+    )
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("does not prove it holds the CA key"), "{error}");
+    assert!(!token_seen.load(Ordering::SeqCst), "the token reached a node that is not a signer");
+    assert!(!host.join("tls").join("node.crt").exists());
+}

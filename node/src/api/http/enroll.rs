@@ -7,13 +7,15 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use tokio::sync::oneshot;
 
 use super::answer::{Answer, http_error};
 use super::context::Ctx;
 use super::extract::JsonBody;
 use crate::api::socket::LocalCall;
-use crate::enroll::{EnrollAsk, Refusal};
+use crate::enroll::{CHALLENGE_NONCE_BYTES, EnrollAsk, Refusal, signer_proof_message};
 use crate::limits::HTTP_CALL_TIMEOUT;
 
 pub(super) async fn enroll(State(ctx): State<Ctx>, JsonBody(ask): JsonBody<EnrollAsk>) -> Answer {
@@ -37,6 +39,33 @@ pub(super) async fn enroll(State(ctx): State<Ctx>, JsonBody(ask): JsonBody<Enrol
             format!("no answer from the daemon within {}s; ask again", HTTP_CALL_TIMEOUT.as_secs()),
         )),
     }
+}
+
+/// `POST /api/v1/enroll/challenge` `{nonce}`: a signer signs the host's nonce and its own
+/// certificate with the CA key, so the host knows it sends its token to a signer (any node of
+/// the cluster could otherwise pose as one).
+pub(super) async fn challenge(State(ctx): State<Ctx>, JsonBody(asked): JsonBody<Challenge>) -> Answer {
+    let Some((signer, cert)) = &ctx.door.signer else {
+        return Err(http_error(StatusCode::SERVICE_UNAVAILABLE, "not_signer", Refusal::NotSigner.to_string()));
+    };
+    let nonce = STANDARD
+        .decode(&asked.nonce)
+        .ok()
+        .filter(|nonce| nonce.len() == CHALLENGE_NONCE_BYTES)
+        .ok_or_else(|| http_error(StatusCode::BAD_REQUEST, "bad_request", "nonce is not 32 bytes of base64"))?;
+    let signature = signer
+        .sign(&signer_proof_message(&nonce, cert.as_ref()))
+        .map_err(|error| http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()))?;
+    let body = serde_json::json!({ "type": "signer_proof", "signature": STANDARD.encode(signature) });
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// The body of a challenge.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct Challenge {
+    /// 32 random bytes, base64.
+    nonce: String,
 }
 
 fn status_of(refusal: &Refusal) -> StatusCode {

@@ -76,6 +76,9 @@ pub struct HttpConfig {
     /// Who may do what (the settings file's `[roles]`); `None`: every caller with a client
     /// certificate may do anything.
     pub roles: Option<Arc<crate::api::authorize::RolePolicy>>,
+    /// The CA key on a signer, and the certificate this door presents: a signer proves it
+    /// holds the key to an enrolling host (`enroll.rs`).
+    pub signer: Option<(Arc<crate::pki::ca::Signer>, rustls_pki_types::CertificateDer<'static>)>,
 }
 
 /// What every request's handler shares.
@@ -101,6 +104,8 @@ struct Door {
     revocations: crate::pki::revocation::Revocations,
     /// See [`HttpConfig::roles`].
     roles: Option<Arc<crate::api::authorize::RolePolicy>>,
+    /// See [`HttpConfig::signer`].
+    signer: Option<(Arc<crate::pki::ca::Signer>, rustls_pki_types::CertificateDer<'static>)>,
 }
 
 impl Door {
@@ -130,6 +135,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         health: tokio::sync::Mutex::new(None),
         revocations: config.revocations,
         roles: config.roles,
+        signer: config.signer,
     });
     let acceptor = TlsAcceptor::from(config.tls);
     let places = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
@@ -248,7 +254,8 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/", get(routes::root))
         .route("/dashboard", get(routes::dashboard))
         // A host with no certificate yet: its join token is the credential (`enroll.rs`).
-        .route("/api/v1/enroll", post(enroll::enroll));
+        .route("/api/v1/enroll", post(enroll::enroll))
+        .route("/api/v1/enroll/challenge", post(enroll::challenge));
     // Everything else needs a certificate from the cluster CA, checked before anything of the
     // request (its body) is read.
     let guarded = Router::new()
