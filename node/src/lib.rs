@@ -1,5 +1,6 @@
 //! konor-node: the I/O shell around konor-crdt (the daemon `konord` and the CLI `konorctl`).
 pub mod api;
+pub mod audit;
 pub mod ctl;
 pub mod daemon;
 pub mod enroll;

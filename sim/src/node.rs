@@ -242,6 +242,7 @@ impl Cluster {
             keep_history: false,
             revocations: None,
             signer: None,
+            audit: None,
         };
         let gate = Arc::new(Gate::default());
         let exit = node.exit.clone();

@@ -89,6 +89,10 @@ pub enum Command {
     /// Make join tokens, with which hosts enroll themselves (`konord --join`).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Read a node's audit log (every node's chain, as that node holds it): list, export,
+    /// verify. Reads the data dir's files, so it runs on the node's host as its user.
+    #[command(subcommand)]
+    Audit(AuditCommand),
     /// Create, join, leave and list configuration groups on this node.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -219,6 +223,41 @@ pub enum CertCommand {
     },
     /// List the revocations this node holds.
     Revocations,
+}
+
+/// `konorctl audit ...`
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// The audited actions, oldest first.
+    List {
+        /// The node's data dir (konord's --data-dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// Only the last DURATION (e.g. 1h).
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
+        since: Option<u64>,
+        /// Only actions on this group.
+        #[arg(long)]
+        group: Option<String>,
+        /// Only actions taken on this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Every record, one JSON object per line (`--format jsonl`), for a SIEM or an archive.
+    Export {
+        /// The node's data dir (konord's --data-dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        /// The only format: JSON lines.
+        #[arg(long, default_value = "jsonl", value_parser = ["jsonl"])]
+        format: String,
+    },
+    /// Checks every chain: a changed, removed or reordered record breaks it (exit 4).
+    Verify {
+        /// The node's data dir (konord's --data-dir).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 /// `konorctl token ...`

@@ -7,6 +7,7 @@
 //! columns), [`exit`] (exit codes and error text). [`run`] ties them together; the binary only
 //! parses, starts a runtime and exits with the code [`run`] chose.
 
+pub mod audit_text;
 pub mod cli;
 pub mod demo;
 pub mod exit;
@@ -122,6 +123,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             }
             emit(&cert_issued(&node_id, &out, signer, output))
         }
+        Command::Audit(command) => audit_text::run(command, output),
         Command::Token(TokenCommand::Create { ca_dir, ttl, uses, node_id, labels, out }) => {
             token_create(&ca_dir, ttl, uses, node_id, &labels, out.as_deref(), output)
         }

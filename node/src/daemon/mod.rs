@@ -43,6 +43,7 @@ use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;
 use crate::storage::store::Store;
 
+mod audit_gossip;
 mod enrollments;
 mod guards;
 mod outputs;
@@ -233,6 +234,8 @@ struct Daemon {
     /// What a node holding the CA key needs to enroll hosts (`enrollments.rs`); `None`: it
     /// cannot sign.
     enrollment: Option<enrollments::Enrollment>,
+    /// The audit log and its spread (`audit_gossip.rs`; `None` in the simulator).
+    audit: Option<audit_gossip::AuditGossip>,
 }
 
 /// What a node needs from its environment: the seams through which network, time and
@@ -288,6 +291,8 @@ pub struct NodeParts {
     pub revocations: Option<crate::pki::revocation::Revocations>,
     /// The CA key, on a node that enrolls hosts with join tokens (`None`: it cannot sign).
     pub signer: Option<Arc<crate::pki::ca::Signer>>,
+    /// The audit log, spread to and copied from peers (`None` in the simulator).
+    pub audit: Option<crate::audit::Audit>,
 }
 
 /// Where the daemon's file writes and fsyncs run.
@@ -370,6 +375,10 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
     api_config.reads = Some(reads.clone());
     let roles = settings.roles.clone().map(Arc::new);
     api_config.roles = roles.clone();
+    let audit = crate::audit::Audit::open(&settings.data_dir, &settings.node_id)
+        .map_err(anyhow::Error::msg)
+        .context("cannot start without the audit log")?;
+    api_config.audit = Some(audit.clone());
     let http = match settings.http_listen {
         Some(listen) => {
             if settings.http_open_reads {
@@ -394,6 +403,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
                 revocations: identity.revocations().clone(),
                 roles: roles.clone(),
                 signer: signer.clone().map(|signer| (signer, identity.cert().clone())),
+                audit: Some(audit.clone()),
             };
             Some(tokio::spawn(crate::api::http::serve(listener, config, api_shutdown.clone())))
         }
@@ -434,6 +444,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         keep_history: true,
         revocations: Some(revocations),
         signer,
+        audit: Some(audit),
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
     let _ = api_shutdown_tx.send(true);
@@ -668,6 +679,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         keep_history,
         revocations,
         signer,
+        audit,
     } = parts;
     let enrollment = signer.map(|signer| enrollments::Enrollment::new(signer, &data_dir, cluster.clone()));
     let Inbox { gossip, mut replica } = inbox;
@@ -753,6 +765,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         revocations_refused: BTreeMap::new(),
         revocations_failing: Default::default(),
         enrollment,
+        audit: audit.map(audit_gossip::AuditGossip::new),
     };
     info!(node = %node_id, "node running");
     daemon.publish_revocations();
@@ -1083,6 +1096,7 @@ impl Daemon {
         let membership = MembershipView { peers };
         self.follow_revocations().await;
         self.follow_token_uses().await;
+        self.spread_audit().await;
         log_liveness_changes(&self.mesh, &view, &self.node_id);
         self.mesh = view;
         self.judge_alerts();

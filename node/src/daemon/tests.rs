@@ -267,6 +267,7 @@ impl TestNode {
             keep_history: false,
             revocations: None,
             signer: None,
+            audit: None,
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
         TestNode { id, addr, data_dir: data_dir.to_owned(), disk, calls: calls_tx, shutdown, task }

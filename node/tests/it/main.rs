@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod alerting;
+mod audit;
 mod consistency;
 mod durability;
 mod enrollment;

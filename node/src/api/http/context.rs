@@ -65,6 +65,20 @@ impl Ctx {
         })
     }
 
+    /// Records `request`, answered `response`, in the audit log (if this node keeps one).
+    pub(super) async fn audit(&self, request: &konor_sdk::protocol::Request, response: &Response) {
+        if let Some(audit) = &self.door.audit {
+            audit
+                .record(crate::audit::record_of(self.audit_who(), self.caller.remote.to_string(), request, response))
+                .await;
+        }
+    }
+
+    /// Who, as the audit log names this caller.
+    pub(super) fn audit_who(&self) -> String {
+        self.caller.identity.as_ref().map_or_else(|| "anonymous".to_owned(), |identity| format!("cert:{identity}"))
+    }
+
     /// Refuses a read to a caller without a certificate, unless the node serves reads openly.
     pub(super) fn may_read(&self) -> Result<(), HttpError> {
         if self.door.open_reads {

@@ -25,7 +25,17 @@ pub(super) async fn enroll(State(ctx): State<Ctx>, JsonBody(ask): JsonBody<Enrol
         ctx.door.calls.send(call).await.ok()?;
         answered.await.ok()
     };
-    match tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).await {
+    let answered = tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).await;
+    if let (Some(audit), Ok(Some(outcome))) = (&ctx.door.audit, &answered) {
+        let (detail, result) = match outcome {
+            Ok(grant) => (format!("node {} (token {})", grant.node, grant.token_id), "ok".to_owned()),
+            Err(refusal) => (refusal.to_string(), refusal.code().to_owned()),
+        };
+        let from = ctx.caller.remote.to_string();
+        let record = crate::audit::unsealed("join token".to_owned(), from, "enroll", None, Some(detail), result);
+        audit.record(record).await;
+    }
+    match answered {
         Ok(Some(Ok(grant))) => {
             let mut body = serde_json::to_value(&grant).unwrap_or_default();
             body["type"] = "enrolled".into();

@@ -79,6 +79,8 @@ pub struct HttpConfig {
     /// The CA key on a signer, and the certificate this door presents: a signer proves it
     /// holds the key to an enrolling host (`enroll.rs`).
     pub signer: Option<(Arc<crate::pki::ca::Signer>, rustls_pki_types::CertificateDer<'static>)>,
+    /// Where admin actions, refusals and enrollments are recorded.
+    pub audit: Option<crate::audit::Audit>,
 }
 
 /// What every request's handler shares.
@@ -106,6 +108,8 @@ struct Door {
     roles: Option<Arc<crate::api::authorize::RolePolicy>>,
     /// See [`HttpConfig::signer`].
     signer: Option<(Arc<crate::pki::ca::Signer>, rustls_pki_types::CertificateDer<'static>)>,
+    /// See [`HttpConfig::audit`].
+    audit: Option<crate::audit::Audit>,
 }
 
 impl Door {
@@ -136,6 +140,7 @@ pub async fn serve(listener: TcpListener, config: HttpConfig, mut shutdown: sign
         revocations: config.revocations,
         roles: config.roles,
         signer: config.signer,
+        audit: config.audit,
     });
     let acceptor = TlsAcceptor::from(config.tls);
     let places = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));

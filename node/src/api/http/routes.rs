@@ -33,7 +33,9 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
         return answer(Response::Error { code: ErrorCode::BadRequest, message });
     }
     if let Err(message) = ctx.authorize(&request) {
-        return answer(super::context::forbidden(message));
+        let refusal = super::context::forbidden(message);
+        ctx.audit(&request, &refusal).await;
+        return answer(refusal);
     }
     if let Request::Get { group, key } = &request
         && let Some(response) = ctx.door.reads.as_ref().and_then(|reads| reads.get(group, key))
@@ -47,6 +49,7 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
         // proper comes with the security issue).
         span.in_scope(|| info!("HTTP write"));
     }
+    let audited = crate::audit::audited(&request).then(|| request.clone());
     let (reply, answered) = oneshot::channel();
     let call = LocalCall::Request { client: ctx.client(ctx.door.connection_number()), request, reply };
     let asked = async {
@@ -54,7 +57,12 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
         answered.await.ok()
     };
     match tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).instrument(span).await {
-        Ok(Some(response)) => answer(response),
+        Ok(Some(response)) => {
+            if let Some(request) = &audited {
+                ctx.audit(request, &response).await;
+            }
+            answer(response)
+        }
         Ok(None) => {
             http_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the daemon is stopping").into_response()
         }

@@ -84,6 +84,22 @@ pub struct ClientInfo {
     pub user: Option<String>,
 }
 
+impl ClientInfo {
+    /// Who, as the audit log names a socket caller.
+    pub fn audit_who(&self) -> String {
+        match (self.uid, &self.user) {
+            (Some(uid), Some(user)) => format!("uid:{uid} ({user})"),
+            (Some(uid), None) => format!("uid:{uid}"),
+            (None, _) => "unknown".to_owned(),
+        }
+    }
+
+    /// From where, as the audit log names a socket caller.
+    pub fn audit_from(&self) -> String {
+        format!("socket pid {} ({})", self.pid, self.process)
+    }
+}
+
 /// What the socket asks of the daemon.
 #[derive(Debug)]
 pub enum LocalCall {
@@ -228,6 +244,8 @@ pub struct LocalApiConfig {
     /// Who may do what (the settings file's `[roles]`); `None`: every caller the socket's file
     /// mode lets in may do anything.
     pub roles: Option<Arc<crate::api::authorize::RolePolicy>>,
+    /// Where admin actions and refusals are recorded (`None`: not audited, in tests).
+    pub audit: Option<crate::audit::Audit>,
 }
 
 impl LocalApiConfig {
@@ -244,6 +262,7 @@ impl LocalApiConfig {
             stats: Arc::default(),
             reads: None,
             roles: None,
+            audit: None,
         }
     }
 }
@@ -255,6 +274,7 @@ struct Shared {
     calls: mpsc::Sender<LocalCall>,
     reads: Option<ReadView>,
     roles: Option<Arc<crate::api::authorize::RolePolicy>>,
+    audit: Option<crate::audit::Audit>,
     ungreeted: Ungreeted,
     slots: Slots,
     idle_timeout: Duration,
@@ -280,6 +300,7 @@ pub async fn serve(
         calls,
         reads: config.reads.clone(),
         roles: config.roles.clone(),
+        audit: config.audit.clone(),
         ungreeted: Ungreeted::default(),
         slots: Slots::new(config.connections_max, config.connections_per_uid_max, uncapped),
         idle_timeout: config.idle_timeout,

@@ -392,7 +392,13 @@ impl Session {
                     if let Some(refused_so_far) = crate::api::authorize::refusal_to_log() {
                         warn!(connection = self.connection, %principal, request = request.kind(), %message, refused_so_far, "request refused: forbidden");
                     }
-                    self.answer_inline(id, Response::Error { code: ErrorCode::Forbidden, message }).await;
+                    let refusal = Response::Error { code: ErrorCode::Forbidden, message };
+                    if let (Some(audit), Some(client)) = (&self.shared.audit, &self.client) {
+                        let record =
+                            crate::audit::record_of(client.audit_who(), client.audit_from(), &request, &refusal);
+                        audit.record(record).await;
+                    }
+                    self.answer_inline(id, refusal).await;
                     return Flow::Continue;
                 }
                 self.dispatch(id, request, charge).await
@@ -595,7 +601,12 @@ impl TaskContext {
 async fn run_request(mut context: TaskContext, client: ClientInfo, request: Request) -> TaskEnd {
     let (reply, answer) = oneshot::channel();
     let report = matches!(request, Request::ReportApply { .. });
+    let audited = context.shared.audit.clone().filter(|_| crate::audit::audited(&request));
+    let who = audited.as_ref().map(|_| (client.audit_who(), client.audit_from(), request.clone()));
     let response = ask_daemon(&context.shared, LocalCall::Request { client, request, reply }, answer).await;
+    if let (Some(audit), Some((who, from, request))) = (audited, who) {
+        audit.record(crate::audit::record_of(who, from, &request, &response)).await;
+    }
     if report && response == Response::Done {
         context.reported.store(true, Ordering::Relaxed);
     }

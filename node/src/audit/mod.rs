@@ -1,0 +1,127 @@
+//! The audit log (issue 17, item 4; SPEC F17): every admin action and release, every refusal
+//! of the roles, and every enrollment, as hash-chained records (`chain.rs`) in append-only
+//! files (`files.rs`): who (the authenticated identity), what (the request, its group, the
+//! version or id it made), when, from where, and the outcome.
+//!
+//! Each node writes its own chain from both doors (the socket and the HTTP API) and spreads
+//! its last records through gossip (`aud:<slot>`, signed as all its gossip); every node keeps
+//! a copy of every other node's chain (`daemon/audit_gossip.rs`), so the record of an action
+//! outlives the node it was taken on and `konorctl audit list` on any node shows the mesh's.
+//! Configuration writes (`set`, `delete`, `apply`) are not audited here: each is a version of
+//! its group, with its authenticated author, in the group's own history.
+
+pub mod chain;
+pub mod files;
+
+use std::sync::{Arc, Mutex};
+
+use konor_sdk::protocol::{Request, Response};
+use tracing::error;
+
+use self::chain::AuditRecord;
+use self::files::AuditFiles;
+
+/// A node's audit files, shared by its doors and its daemon.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    files: Arc<Mutex<AuditFiles>>,
+}
+
+impl Audit {
+    /// Opens the audit files of `data_dir` for node `node`.
+    pub fn open(data_dir: &std::path::Path, node: &str) -> Result<Audit, String> {
+        Ok(Audit { files: Arc::new(Mutex::new(AuditFiles::open(data_dir, node)?)) })
+    }
+
+    fn files(&self) -> std::sync::MutexGuard<'_, AuditFiles> {
+        self.files.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends `record` to this node's chain, off the caller's thread (an fsync). A failure is
+    /// logged: the action already happened, and an audit log that cannot be written is an
+    /// operator's emergency, not a reason to undo it.
+    pub async fn record(&self, record: AuditRecord) {
+        let audit = self.clone();
+        let written = tokio::task::spawn_blocking(move || audit.files().append_own(record)).await;
+        match written {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => error!(%error, "cannot write the audit log: this action is not audited"),
+            Err(error) => error!(%error, "the audit log writer failed: this action is not audited"),
+        }
+    }
+
+    /// This node's last records, oldest first (for gossip).
+    pub fn recent(&self) -> Vec<AuditRecord> {
+        self.files().recent().cloned().collect()
+    }
+
+    /// The last place held of `node`'s chain.
+    pub fn head(&self, node: &str) -> u64 {
+        self.files().head(node)
+    }
+
+    /// Appends peers' records to their copies, in order (blocking: fsyncs).
+    pub fn append_copies(&self, records: &[AuditRecord]) -> Result<usize, String> {
+        let mut files = self.files();
+        let mut added = 0;
+        for record in records {
+            if files.append_copy(record)? {
+                added += 1;
+            }
+        }
+        Ok(added)
+    }
+}
+
+/// Whether a request is an admin action or a release (audited whatever its outcome; a refused
+/// request of any kind is audited too).
+pub fn audited(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::GroupCreate { .. }
+            | Request::GroupJoin { .. }
+            | Request::GroupLeave { .. }
+            | Request::GroupRemove { .. }
+            | Request::SchemaSet { .. }
+            | Request::Release { .. }
+            | Request::Promote { .. }
+            | Request::Abort { .. }
+            | Request::Rollback { .. }
+            | Request::Revoke { .. }
+    )
+}
+
+/// A record (to be sealed) of `request` answered with `response`.
+pub fn record_of(who: String, from: String, request: &Request, response: &Response) -> AuditRecord {
+    let (outcome, detail) = match response {
+        Response::Error { code, message } => (code.as_str().to_owned(), Some(message.clone())),
+        Response::Committed { version, .. } => ("ok".to_owned(), Some(version.clone())),
+        Response::Revoked { id, .. } => ("ok".to_owned(), Some(id.clone())),
+        _ => ("ok".to_owned(), None),
+    };
+    unsealed(who, from, request.kind(), request.group().map(str::to_owned), detail, outcome)
+}
+
+/// A record with the given fields, not sealed yet.
+pub fn unsealed(
+    who: String,
+    from: String,
+    action: &str,
+    group: Option<String>,
+    detail: Option<String>,
+    outcome: String,
+) -> AuditRecord {
+    AuditRecord {
+        node: String::new(),
+        seq: 0,
+        at_ms: crate::wall_clock::unix_millis(),
+        who,
+        from,
+        action: action.to_owned(),
+        group,
+        detail,
+        outcome,
+        prev: String::new(),
+        hash: String::new(),
+    }
+}

@@ -1,0 +1,167 @@
+//! `konorctl audit list|export|verify`: reads the audit chains in a node's data dir
+//! (`audit/files.rs`), which hold every node's records as that node received them.
+
+use std::path::Path;
+
+use anyhow::Context;
+use serde::Serialize;
+
+use super::cli::{AuditCommand, OutputFormat};
+use super::exit::Exit;
+use super::table::format_utc;
+use crate::audit::chain::{AuditRecord, Line, verify};
+use crate::audit::files::{AUDIT_DIR, read_dir};
+
+/// Runs an audit command.
+pub fn run(command: AuditCommand, output: OutputFormat) -> anyhow::Result<Exit> {
+    match command {
+        AuditCommand::List { data_dir, since, group, node } => {
+            let now_ms = crate::wall_clock::unix_millis();
+            let from_ms = since.map_or(0, |since| now_ms.saturating_sub(since));
+            let records: Vec<AuditRecord> = records(&data_dir)?
+                .into_iter()
+                .filter(|record| record.at_ms >= from_ms)
+                .filter(|record| group.is_none() || record.group == group)
+                .filter(|record| node.as_deref().is_none_or(|node| record.node == node))
+                .collect();
+            match output {
+                OutputFormat::Json => print(&format!("{}\n", serde_json::to_string_pretty(&records)?)),
+                OutputFormat::Table => print(&table(&records)),
+            }
+        }
+        AuditCommand::Export { data_dir, .. } => {
+            let mut text = String::new();
+            for record in records(&data_dir)? {
+                text.push_str(&serde_json::to_string(&record)?);
+                text.push('\n');
+            }
+            print(&text)
+        }
+        AuditCommand::Verify { data_dir } => {
+            let chains = chains(&data_dir)?;
+            let mut report = Report::default();
+            for (node, lines) in &chains {
+                let records = lines.iter().filter(|line| matches!(line, Line::Record(_))).count();
+                let gaps: Vec<String> = lines
+                    .iter()
+                    .filter_map(|line| match line {
+                        Line::Gap { from, to } => Some(format!("{from}-{to}")),
+                        Line::Record(_) => None,
+                    })
+                    .collect();
+                let first = lines.iter().find_map(|line| match line {
+                    Line::Record(record) => Some(record.seq),
+                    Line::Gap { .. } => None,
+                });
+                let breaks = verify(node, lines)
+                    .into_iter()
+                    .map(|found| format!("audit/{node}.jsonl line {}: {}", found.line, found.what))
+                    .collect();
+                report.chains.push(ChainReport { node: node.clone(), records, starts_at: first, missed: gaps, breaks });
+            }
+            let broken = report.chains.iter().any(|chain| !chain.breaks.is_empty());
+            match output {
+                OutputFormat::Json => print(&format!("{}\n", serde_json::to_string_pretty(&report)?))?,
+                OutputFormat::Table => print(&report.text())?,
+            };
+            Ok(if broken { Exit::File } else { Exit::Ok })
+        }
+    }
+}
+
+/// What `verify` found.
+#[derive(Debug, Default, Serialize)]
+struct Report {
+    chains: Vec<ChainReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct ChainReport {
+    node: String,
+    records: usize,
+    /// The first place held: above 1 when retention dropped older records.
+    starts_at: Option<u64>,
+    /// Places a copy never received (gossip carried a larger burst than it holds).
+    missed: Vec<String>,
+    breaks: Vec<String>,
+}
+
+impl Report {
+    fn text(&self) -> String {
+        let mut text = String::new();
+        for chain in &self.chains {
+            let state = if chain.breaks.is_empty() { "intact" } else { "BROKEN" };
+            text.push_str(&format!("{}: {state}, {} records", chain.node, chain.records));
+            if let Some(first) = chain.starts_at.filter(|first| *first > 1) {
+                text.push_str(&format!(", from record {first} (older ones dropped by retention)"));
+            }
+            if !chain.missed.is_empty() {
+                text.push_str(&format!(", never received here: {}", chain.missed.join(", ")));
+            }
+            text.push('\n');
+            for found in &chain.breaks {
+                text.push_str(&format!("  {found}\n"));
+            }
+        }
+        if self.chains.is_empty() {
+            text.push_str("no audit records yet\n");
+        }
+        text
+    }
+}
+
+fn chains(data_dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, Vec<Line>>> {
+    let dir = data_dir.join(AUDIT_DIR);
+    anyhow::ensure!(data_dir.is_dir(), "{} is not a data dir", data_dir.display());
+    read_dir(&dir)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("cannot read the audit log in {}", dir.display()))
+}
+
+/// Every record of every chain, by time.
+fn records(data_dir: &Path) -> anyhow::Result<Vec<AuditRecord>> {
+    let mut records: Vec<AuditRecord> = chains(data_dir)?
+        .into_values()
+        .flatten()
+        .filter_map(|line| match line {
+            Line::Record(record) => Some(*record),
+            Line::Gap { .. } => None,
+        })
+        .collect();
+    records.sort_by(|a, b| (a.at_ms, &a.node, a.seq).cmp(&(b.at_ms, &b.node, b.seq)));
+    Ok(records)
+}
+
+fn table(records: &[AuditRecord]) -> String {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .map(|record| {
+            vec![
+                format_utc(record.at_ms),
+                record.node.clone(),
+                record.who.clone(),
+                record.from.clone(),
+                record.action.clone(),
+                record.group.clone().unwrap_or_else(|| "-".to_owned()),
+                record.outcome.clone(),
+                record.detail.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no audit records\n".to_owned();
+    }
+    let mut table = super::table::Table::new(&["TIME", "NODE", "WHO", "FROM", "ACTION", "GROUP", "OUTCOME", "DETAIL"]);
+    for row in rows {
+        table.row(row.into_iter().map(|text| super::table::cell(&text)).collect());
+    }
+    table.render()
+}
+
+fn print(text: &str) -> anyhow::Result<Exit> {
+    use std::io::Write as _;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(Exit::Ok),
+        other => other.map(|()| Exit::Ok).context("cannot write to stdout"),
+    }
+}
