@@ -56,7 +56,9 @@ pub struct AuditFiles {
 }
 
 impl AuditFiles {
-    /// Opens (creates) the audit folder of `data_dir` for node `own`.
+    /// Opens (creates) the audit folder of `data_dir` for node `own`. A file cut short by a
+    /// crash loses its torn last line; a file that does not read is set aside (`.bad`, logged),
+    /// so a damaged copy never stops the node.
     pub fn open(data_dir: &Path, own: &str) -> Result<AuditFiles, String> {
         let dir = data_dir.join(AUDIT_DIR);
         let mut builder = std::fs::DirBuilder::new();
@@ -66,19 +68,25 @@ impl AuditFiles {
         builder.create(&dir).map_err(|error| format!("cannot create {}: {error}", dir.display()))?;
         let mut heads = BTreeMap::new();
         let mut recent = VecDeque::new();
-        for (node, lines) in read_dir(&dir)? {
-            let records: Vec<&AuditRecord> = lines
-                .iter()
-                .filter_map(|line| match line {
-                    Line::Record(record) => Some(record.as_ref()),
-                    Line::Gap { .. } => None,
-                })
-                .collect();
-            if let Some(last) = records.last() {
-                heads.insert(node.clone(), (last.seq, last.hash.clone()));
-            }
-            if node == own {
-                recent = records.iter().rev().take(AUDIT_RECENT).rev().map(|record| (*record).clone()).collect();
+        for (node, path) in chain_files(&dir)? {
+            cut_torn_tail(&path)?;
+            // Only the last records are kept: a chain file can be large, and there can be many.
+            let keep = if node == own { AUDIT_RECENT } else { 1 };
+            match last_records(&path, keep) {
+                Ok(last) => {
+                    if let Some(head) = last.back() {
+                        heads.insert(node.clone(), (head.seq, head.hash.clone()));
+                    }
+                    if node == own {
+                        recent = last;
+                    }
+                }
+                Err(error) => {
+                    let aside = path.with_extension(format!("jsonl.bad-{}", crate::wall_clock::unix_millis()));
+                    tracing::error!(%error, aside = %aside.display(), "an audit file does not read: set aside, a new one started");
+                    std::fs::rename(&path, &aside)
+                        .map_err(|error| format!("cannot set {} aside: {error}", path.display()))?;
+                }
             }
         }
         Ok(AuditFiles { dir, own: own.to_owned(), heads, recent })
@@ -87,17 +95,18 @@ impl AuditFiles {
     /// Seals `record` as this node's next and appends it (fsynced).
     pub fn append_own(&mut self, mut record: AuditRecord) -> Result<AuditRecord, String> {
         record.node = self.own.clone();
-        for field in [&mut record.who, &mut record.from] {
+        for field in [&mut record.who, &mut record.from, &mut record.action, &mut record.outcome] {
             cut(field);
         }
-        if let Some(detail) = record.detail.as_mut() {
-            cut(detail);
+        for field in [record.detail.as_mut(), record.group.as_mut()].into_iter().flatten() {
+            cut(field);
         }
         let sealed = match self.heads.get(&self.own) {
             Some((seq, hash)) => record.seal_at(seq + 1, hash),
             None => record.seal_after(None),
         };
-        self.append_line(&self.own.clone(), &serde_json::to_string(&sealed).map_err(|error| error.to_string())?)?;
+        let line = serde_json::to_string(&sealed).map_err(|error| error.to_string())?;
+        self.append_lines(&self.own.clone(), &[line])?;
         self.heads.insert(self.own.clone(), (sealed.seq, sealed.hash.clone()));
         self.recent.push_back(sealed.clone());
         if self.recent.len() > AUDIT_RECENT {
@@ -111,38 +120,70 @@ impl AuditFiles {
         self.recent.iter()
     }
 
+    /// The last place held of each node's chain.
+    pub fn heads(&self) -> BTreeMap<String, u64> {
+        self.heads.iter().map(|(node, (seq, _))| (node.clone(), *seq)).collect()
+    }
+
     /// The last place held of `node`'s chain (0: none).
     pub fn head(&self, node: &str) -> u64 {
         self.heads.get(node).map_or(0, |(seq, _)| *seq)
     }
 
-    /// Appends a peer's record to its copy if it is the next one held (a gap line first when
-    /// records were missed). `Ok(false)`: already held, or not kept.
-    pub fn append_copy(&mut self, record: &AuditRecord) -> Result<bool, String> {
-        if record.node == self.own || crate::pki::validate_node_id(&record.node).is_err() {
-            return Ok(false);
+    /// Appends peers' records (sorted by node, then place) to their copies, each the next one
+    /// held (a gap line first when records were missed); one fsync per file. A record out of
+    /// bounds is not kept. A record that does not link to the head held means the node's chain
+    /// was started again (a wiped or replaced host): the old copy is kept aside
+    /// (`<node>.jsonl.replaced-<ms>`) and a new one begins. Returns how many were added.
+    pub fn append_copies(&mut self, records: &[AuditRecord]) -> Result<usize, String> {
+        let mut added = 0;
+        let mut index = 0;
+        while index < records.len() {
+            let node = records[index].node.clone();
+            let mut lines = Vec::new();
+            while index < records.len() && records[index].node == node {
+                let record = &records[index];
+                index += 1;
+                if record.node == self.own || !in_bounds(record) {
+                    continue;
+                }
+                let held = self.heads.get(&node).cloned();
+                match &held {
+                    Some((seq, _)) if record.seq <= *seq => continue,
+                    None if self.heads.len() >= AUDIT_NODES_MAX => continue,
+                    Some((seq, hash)) if record.seq == seq + 1 && record.prev != *hash => {
+                        self.append_lines(&node, &lines)?;
+                        lines.clear();
+                        let path = self.dir.join(format!("{node}.jsonl"));
+                        let aside = path.with_extension(format!("jsonl.replaced-{}", crate::wall_clock::unix_millis()));
+                        std::fs::rename(&path, &aside)
+                            .map_err(|error| format!("cannot set {} aside: {error}", path.display()))?;
+                        tracing::warn!(%node, aside = %aside.display(), "a node's audit chain started again (a wiped or replaced host): its old copy is kept aside");
+                    }
+                    Some((seq, _)) if record.seq > seq + 1 => {
+                        let gap = GapLine { gap: GapSpan { from: seq + 1, to: record.seq - 1 } };
+                        lines.push(serde_json::to_string(&gap).map_err(|error| error.to_string())?);
+                    }
+                    _ => {}
+                }
+                lines.push(serde_json::to_string(record).map_err(|error| error.to_string())?);
+                self.heads.insert(node.clone(), (record.seq, record.hash.clone()));
+                added += 1;
+            }
+            self.append_lines(&node, &lines)?;
         }
-        let held = self.head(&record.node);
-        if record.seq <= held {
-            return Ok(false);
-        }
-        if held == 0 && !self.heads.contains_key(&record.node) && self.heads.len() >= AUDIT_NODES_MAX {
-            return Ok(false);
-        }
-        if held > 0 && record.seq > held + 1 {
-            let gap = GapLine { gap: GapSpan { from: held + 1, to: record.seq - 1 } };
-            self.append_line(&record.node, &serde_json::to_string(&gap).map_err(|error| error.to_string())?)?;
-        }
-        self.append_line(&record.node, &serde_json::to_string(record).map_err(|error| error.to_string())?)?;
-        self.heads.insert(record.node.clone(), (record.seq, record.hash.clone()));
-        Ok(true)
+        Ok(added)
     }
 
-    /// Appends `line` to `node`'s file, fsynced; drops the oldest half first when it is full.
-    fn append_line(&self, node: &str, line: &str) -> Result<(), String> {
+    /// Appends `lines` to `node`'s file with one fsync; drops the oldest half first when full.
+    fn append_lines(&self, node: &str, lines: &[String]) -> Result<(), String> {
+        if lines.is_empty() {
+            return Ok(());
+        }
         let path = self.dir.join(format!("{node}.jsonl"));
+        let text: String = lines.iter().map(|line| format!("{line}\n")).collect();
         let size = std::fs::metadata(&path).map(|meta| meta.len()).unwrap_or(0);
-        if size + line.len() as u64 + 1 > AUDIT_FILE_BYTES_MAX {
+        if size + text.len() as u64 > AUDIT_FILE_BYTES_MAX {
             keep_newest_half(&path)?;
         }
         let mut options = std::fs::OpenOptions::new();
@@ -150,11 +191,91 @@ impl AuditFiles {
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
         let write = options.open(&path).and_then(|mut file| {
-            file.write_all(format!("{line}\n").as_bytes())?;
+            file.write_all(text.as_bytes())?;
             file.sync_data()
         });
         write.map_err(|error| format!("cannot append to {}: {error}", path.display()))
     }
+}
+
+/// Whether a peer's record is one this node could have written: its fields within the caps
+/// `append_own` applies, its hashes hex, its line short enough to read back.
+fn in_bounds(record: &AuditRecord) -> bool {
+    let short = |text: &str| text.chars().count() <= AUDIT_FIELD_CHARS_MAX;
+    let hex64 = |text: &str| text.len() == 64 && text.bytes().all(|byte| byte.is_ascii_hexdigit());
+    crate::pki::validate_node_id(&record.node).is_ok()
+        && record.seq > 0
+        && [&record.who, &record.from, &record.action, &record.outcome].into_iter().all(|field| short(field))
+        && [&record.detail, &record.group].into_iter().flatten().all(|field| short(field))
+        && hex64(&record.prev)
+        && hex64(&record.hash)
+        && serde_json::to_string(record).is_ok_and(|line| line.len() < AUDIT_LINE_BYTES_MAX)
+}
+
+/// The chain files of an audit folder, by node.
+fn chain_files(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+    let mut files = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(files),
+        Err(error) => return Err(format!("cannot read {}: {error}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry.map_err(|error| error.to_string())?.path();
+        let node = path.file_name().and_then(|name| name.to_str()).and_then(|name| name.strip_suffix(".jsonl"));
+        if let Some(node) = node.filter(|node| crate::pki::validate_node_id(node).is_ok()) {
+            files.push((node.to_owned(), path.clone()));
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// Cuts a last line a crash left without its newline (an append is not atomic).
+fn cut_torn_tail(path: &Path) -> Result<(), String> {
+    use std::io::{Read as _, Seek as _, SeekFrom};
+    let fail = |error: std::io::Error| format!("cannot repair {}: {error}", path.display());
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).map_err(fail)?;
+    let size = file.metadata().map_err(fail)?.len();
+    if size == 0 {
+        return Ok(());
+    }
+    let mut last = [0u8; 1];
+    file.seek(SeekFrom::Start(size - 1)).and_then(|_| file.read_exact(&mut last)).map_err(fail)?;
+    if last[0] == b'\n' {
+        return Ok(());
+    }
+    // Find the end of the last whole line, reading backwards in steps.
+    let mut end = size;
+    let mut buffer = vec![0u8; 64 << 10];
+    while end > 0 {
+        let step = end.min(buffer.len() as u64);
+        file.seek(SeekFrom::Start(end - step))
+            .and_then(|_| file.read_exact(&mut buffer[..step as usize]))
+            .map_err(fail)?;
+        if let Some(at) = buffer[..step as usize].iter().rposition(|byte| *byte == b'\n') {
+            end = end - step + at as u64 + 1;
+            break;
+        }
+        end -= step;
+    }
+    file.set_len(end).and_then(|()| file.sync_data()).map_err(fail)?;
+    tracing::warn!(file = %path.display(), cut_bytes = size - end, "an audit file ended in a torn line (a crash during an append): cut");
+    Ok(())
+}
+
+/// The last `keep` records of a chain file, read as a stream.
+fn last_records(path: &Path, keep: usize) -> Result<VecDeque<AuditRecord>, String> {
+    let mut last = VecDeque::new();
+    for_each_line(path, |line| {
+        if let Line::Record(record) = line {
+            if last.len() == keep {
+                last.pop_front();
+            }
+            last.push_back(*record);
+        }
+    })?;
+    Ok(last)
 }
 
 /// Retention: rewrites `path` with its newest half of lines.
@@ -173,21 +294,11 @@ fn cut(text: &mut String) {
     }
 }
 
-/// Every chain in an audit folder, by node (for `konorctl audit`, and at open).
+/// Every chain in an audit folder, by node (for `konorctl audit`).
 pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, Vec<Line>>, String> {
     let mut chains = BTreeMap::new();
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(chains),
-        Err(error) => return Err(format!("cannot read {}: {error}", dir.display())),
-    };
-    for entry in entries {
-        let path = entry.map_err(|error| error.to_string())?.path();
-        let Some(node) = path.file_name().and_then(|name| name.to_str()).and_then(|name| name.strip_suffix(".jsonl"))
-        else {
-            continue;
-        };
-        chains.insert(node.to_owned(), read_chain(&path)?);
+    for (node, path) in chain_files(dir)? {
+        chains.insert(node, read_chain(&path)?);
     }
     Ok(chains)
 }
@@ -195,12 +306,18 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, Vec<Line>>, String> {
 /// One chain file's lines. A line that does not read is an error naming it: an audit log that
 /// does not read is itself a finding.
 pub fn read_chain(path: &Path) -> Result<Vec<Line>, String> {
+    let mut lines = Vec::new();
+    for_each_line(path, |line| lines.push(line))?;
+    Ok(lines)
+}
+
+/// Calls `each` with every line of a chain file, in order.
+fn for_each_line(path: &Path, mut each: impl FnMut(Line)) -> Result<(), String> {
     let file = std::fs::File::open(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
     let meta = file.metadata().map_err(|error| error.to_string())?;
     if meta.len() > AUDIT_FILE_BYTES_MAX + AUDIT_LINE_BYTES_MAX as u64 {
         return Err(format!("{} is larger than {AUDIT_FILE_BYTES_MAX} bytes", path.display()));
     }
-    let mut lines = Vec::new();
     for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|error| format!("{} line {}: {error}", path.display(), index + 1))?;
         if line.len() > AUDIT_LINE_BYTES_MAX {
@@ -211,15 +328,62 @@ pub fn read_chain(path: &Path) -> Result<Vec<Line>, String> {
         } else {
             serde_json::from_str::<AuditRecord>(&line).map(|record| Line::Record(Box::new(record)))
         };
-        lines.push(parsed.map_err(|error| format!("{} line {} does not read: {error}", path.display(), index + 1))?);
+        each(parsed.map_err(|error| format!("{} line {} does not read: {error}", path.display(), index + 1))?);
     }
-    Ok(lines)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::audit::chain::verify;
+
+    #[test]
+    fn a_chain_started_again_sets_the_old_copy_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = AuditFiles::open(dir.path(), "n1").unwrap();
+        let mut before = AuditFiles::open(&dir.path().join("old"), "n2").unwrap();
+        let old: Vec<AuditRecord> = (0..2).map(|_| before.append_own(record("release")).unwrap()).collect();
+        assert_eq!(files.append_copies(&old).unwrap(), 2);
+        // n2's data dir wiped: its chain starts again at 1.
+        let mut after = AuditFiles::open(&dir.path().join("new"), "n2").unwrap();
+        let new: Vec<AuditRecord> = (0..3).map(|_| after.append_own(record("abort")).unwrap()).collect();
+        assert_eq!(
+            files.append_copies(&new).unwrap(),
+            1,
+            "records 1-2 look held; 3 does not link and starts a new copy"
+        );
+        let chains = read_dir(&dir.path().join(AUDIT_DIR)).unwrap();
+        assert!(verify("n2", &chains["n2"]).is_empty(), "{:?}", verify("n2", &chains["n2"]));
+        let aside = std::fs::read_dir(dir.path().join(AUDIT_DIR))
+            .unwrap()
+            .filter(|entry| entry.as_ref().unwrap().file_name().to_string_lossy().starts_with("n2.jsonl.replaced-"))
+            .count();
+        assert_eq!(aside, 1);
+    }
+
+    #[test]
+    fn an_oversized_peer_record_is_not_copied_and_a_torn_or_bad_file_does_not_stop_a_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = AuditFiles::open(dir.path(), "n1").unwrap();
+        let mut theirs = AuditFiles::open(&dir.path().join("n2"), "n2").unwrap();
+        let mut big = theirs.append_own(record("release")).unwrap();
+        big.detail = Some("x".repeat(AUDIT_FIELD_CHARS_MAX + 1));
+        big.hash = big.computed_hash();
+        assert_eq!(files.append_copies(&[big]).unwrap(), 0);
+
+        files.append_own(record("group_create")).unwrap();
+        let own = dir.path().join(AUDIT_DIR).join("n1.jsonl");
+        let mut text = std::fs::read_to_string(&own).unwrap();
+        text.push_str("{\"node\":\"n1\",\"se");
+        std::fs::write(&own, &text).unwrap();
+        std::fs::write(dir.path().join(AUDIT_DIR).join("n3.jsonl"), "not json\n").unwrap();
+        let mut files = AuditFiles::open(dir.path(), "n1").unwrap();
+        assert_eq!(files.append_own(record("revoke")).unwrap().seq, 2, "the torn line was cut");
+        let chains = read_dir(&dir.path().join(AUDIT_DIR)).unwrap();
+        assert!(verify("n1", &chains["n1"]).is_empty());
+        assert!(!chains.contains_key("n3"), "the unreadable copy was set aside");
+    }
 
     fn record(action: &str) -> AuditRecord {
         AuditRecord {
@@ -250,11 +414,11 @@ mod tests {
         // n2's records 1, 2, then 5: a gap of 3-4.
         let mut theirs = AuditFiles::open(&dir.path().join("n2"), "n2").unwrap();
         let copies: Vec<AuditRecord> = (0..5).map(|_| theirs.append_own(record("release")).unwrap()).collect();
-        for at in [0, 1, 1, 4] {
-            files.append_copy(&copies[at]).unwrap();
-        }
+        let picked: Vec<AuditRecord> = [0, 1, 1, 4].into_iter().map(|at| copies[at].clone()).collect();
+        assert_eq!(files.append_copies(&picked).unwrap(), 3);
         let chains = read_dir(&dir.path().join(AUDIT_DIR)).unwrap();
         assert!(verify("n1", &chains["n1"]).is_empty());
+        assert_eq!(files.heads()["n2"], 5);
         assert_eq!(chains["n2"].len(), 4, "two records, a gap, one record: {:?}", chains["n2"]);
         assert!(verify("n2", &chains["n2"]).is_empty());
     }

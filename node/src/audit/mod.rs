@@ -60,16 +60,14 @@ impl Audit {
         self.files().head(node)
     }
 
-    /// Appends peers' records to their copies, in order (blocking: fsyncs).
+    /// The last place held of each node's chain.
+    pub fn heads(&self) -> std::collections::BTreeMap<String, u64> {
+        self.files().heads()
+    }
+
+    /// Appends peers' records (sorted by node, then place) to their copies (blocking: fsyncs).
     pub fn append_copies(&self, records: &[AuditRecord]) -> Result<usize, String> {
-        let mut files = self.files();
-        let mut added = 0;
-        for record in records {
-            if files.append_copy(record)? {
-                added += 1;
-            }
-        }
-        Ok(added)
+        self.files().append_copies(records)
     }
 }
 
@@ -94,7 +92,12 @@ pub fn audited(request: &Request) -> bool {
 /// A record (to be sealed) of `request` answered with `response`.
 pub fn record_of(who: String, from: String, request: &Request, response: &Response) -> AuditRecord {
     let (outcome, detail) = match response {
-        Response::Error { code, message } => (code.as_str().to_owned(), Some(message.clone())),
+        // A refusal's message says who and why; other errors' may quote a group's values (a
+        // schema violation names the value), which must not spread to every node: code only.
+        Response::Error { code: code @ konor_sdk::protocol::ErrorCode::Forbidden, message } => {
+            (code.as_str().to_owned(), Some(message.clone()))
+        }
+        Response::Error { code, .. } => (code.as_str().to_owned(), None),
         Response::Committed { version, .. } => ("ok".to_owned(), Some(version.clone())),
         Response::Revoked { id, .. } => ("ok".to_owned(), Some(id.clone())),
         _ => ("ok".to_owned(), None),

@@ -26,11 +26,19 @@ pub(super) struct AuditGossip {
     published: u64,
     /// When peers' records were last read.
     followed: Option<Instant>,
+    /// The copier of the last round (its fsyncs run off the daemon's thread and loop).
+    copying: Option<tokio::task::JoinHandle<()>>,
+    /// Gossiped values refused for good (not a record, not the sender's), warned about once;
+    /// bounded by [`AUDIT_REFUSED_MAX`].
+    refused: std::collections::BTreeSet<String>,
 }
+
+/// Refused gossiped values remembered (then the oldest is forgotten, and warned about again).
+const AUDIT_REFUSED_MAX: usize = 1024;
 
 impl AuditGossip {
     pub(super) fn new(audit: Audit) -> AuditGossip {
-        AuditGossip { audit, published: 0, followed: None }
+        AuditGossip { audit, published: 0, followed: None, copying: None, refused: std::collections::BTreeSet::new() }
     }
 }
 
@@ -61,26 +69,42 @@ impl Daemon {
             }
             gossip.published = record.seq;
         }
+        // One copier at a time: the next round reads what it wrote.
+        if gossip.copying.as_ref().is_some_and(|copying| !copying.is_finished()) {
+            return;
+        }
         let own = self.node_id.clone();
-        let held = |payload: &str| origin(payload).is_none_or(|(node, seq)| node == own || seq <= audit.head(node));
+        let refused = &gossip.refused;
+        // Copied out first: the gossip read holds chitchat's lock, a copier may hold the files'.
+        let heads = audit.heads();
+        let held = |payload: &str| {
+            refused.contains(payload)
+                || origin(payload).is_none_or(|(node, seq)| node == own || seq <= heads.get(node).copied().unwrap_or(0))
+        };
         let gossiped = self.membership.values_with_prefix(AUDIT_PREFIX, |_, payload| held(payload)).await;
         let mut records: Vec<AuditRecord> = Vec::new();
         for (from, key, value) in gossiped {
             match serde_json::from_str::<AuditRecord>(&value) {
                 Ok(record) if record.node == from && record.hash == record.computed_hash() => records.push(record),
-                _ => warn!(%from, %key, "a peer gossips an audit record that does not read or is not its own; ignored"),
+                _ => {
+                    warn!(%from, %key, "a peer gossips an audit record that does not read or is not its own; ignored");
+                    if gossip.refused.len() >= AUDIT_REFUSED_MAX {
+                        gossip.refused.pop_first();
+                    }
+                    gossip.refused.insert(value);
+                }
             }
         }
         if records.is_empty() {
             return;
         }
         records.sort_by(|a, b| (&a.node, a.seq).cmp(&(&b.node, b.seq)));
-        let copied = tokio::task::spawn_blocking(move || audit.append_copies(&records)).await;
-        match copied {
-            Ok(Ok(_)) => {}
-            Ok(Err(error)) => warn!(%error, "cannot copy peers' audit records; retrying"),
-            Err(error) => warn!(%error, "the audit copier failed; retrying"),
-        }
+        let copier = tokio::task::spawn_blocking(move || {
+            if let Err(error) = audit.append_copies(&records) {
+                warn!(%error, "cannot copy peers' audit records; retrying");
+            }
+        });
+        gossip.copying = Some(copier);
     }
 }
 

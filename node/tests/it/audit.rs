@@ -28,6 +28,7 @@ fn verify_after(data_dir: &Path, node: &str, tamper: impl FnOnce(&mut Vec<String
         let path = entry.unwrap().path();
         std::fs::copy(&path, audit_dir.join(path.file_name().unwrap())).unwrap();
     }
+    std::fs::copy(data_dir.join("node.json"), copy.path().join("node.json")).unwrap();
     let file = audit_dir.join(format!("{node}.jsonl"));
     let mut lines: Vec<String> = std::fs::read_to_string(&file).unwrap().lines().map(str::to_owned).collect();
     tamper(&mut lines);
@@ -158,4 +159,13 @@ async fn admin_actions_and_refusals_reach_every_node_and_tampering_is_detected()
     assert_eq!(code, Some(4), "{text}");
     let (code, text) = verify_after(&n3_dir, "n1", |_| {});
     assert_eq!(code, Some(0), "an untouched copy verifies: {text}");
+    // A deletion dressed as a gap passes in a copy (reported as never received), never in the
+    // node's own chain.
+    let as_gap = |lines: &mut Vec<String>| lines[1] = r#"{"gap":{"from":2,"to":2}}"#.to_owned();
+    let (code, text) = verify_after(&n3_dir, "n1", as_gap);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("never received here: 2-2"), "{text}");
+    let (code, text) = verify_after(&n1.data_dir, "n1", as_gap);
+    assert_eq!(code, Some(4), "{text}");
+    assert!(text.contains("own chain claims records it never received"), "{text}");
 }

@@ -26,7 +26,15 @@ pub(super) async fn enroll(State(ctx): State<Ctx>, JsonBody(ask): JsonBody<Enrol
         answered.await.ok()
     };
     let answered = tokio::time::timeout(HTTP_CALL_TIMEOUT, asked).await;
-    if let (Some(audit), Ok(Some(outcome))) = (&ctx.door.audit, &answered) {
+    // Audited once the token is this cluster's (its MAC checked): a host that sends garbage is
+    // counted in the metrics, not written to every node's audit log.
+    let genuine = |outcome: &Result<_, Refusal>| match outcome {
+        Ok(_) => true,
+        Err(refusal) => matches!(refusal.code(), "token_expired" | "token_used_up" | "node_id"),
+    };
+    if let (Some(audit), Ok(Some(outcome))) = (&ctx.door.audit, &answered)
+        && genuine(outcome)
+    {
         let (detail, result) = match outcome {
             Ok(grant) => (format!("node {} (token {})", grant.node, grant.token_id), "ok".to_owned()),
             Err(refusal) => (refusal.to_string(), refusal.code().to_owned()),
