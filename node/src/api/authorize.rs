@@ -251,6 +251,8 @@ pub fn needed(request: &Request) -> Role {
         | Request::Alerts
         | Request::NodeHistory { .. }
         | Request::Revocations => Role::Viewer,
+        // Who did what on every node: for those who run the cluster.
+        Request::Audit { .. } => Role::Admin,
         Request::ReportApply { .. } | Request::ReportErrorRate { .. } => Role::App,
         Request::Set { .. }
         | Request::Delete { .. }

@@ -55,6 +55,12 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_length("revocation", revocation, crate::pki::revocation::REVOCATION_BYTES_MAX)
         }
         Request::Revocations => Ok(()),
+        Request::Audit { group, node, .. } => {
+            if let Some(group) = group {
+                check_group(group)?;
+            }
+            node.as_deref().map_or(Ok(()), |node| check_length("node", node, crate::pki::NODE_ID_CHARS_MAX))
+        }
         Request::GroupRemove { group, nodes, .. } => {
             check_group(group)?;
             check_count("nodes", nodes.len(), MESH_NODES_MAX)?;

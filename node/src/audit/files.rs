@@ -115,6 +115,11 @@ impl AuditFiles {
         Ok(sealed)
     }
 
+    /// The audit folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// This node's last records, oldest first.
     pub fn recent(&self) -> impl Iterator<Item = &AuditRecord> {
         self.recent.iter()
@@ -292,6 +297,32 @@ fn cut(text: &mut String) {
     if let Some((at, _)) = text.char_indices().nth(AUDIT_FIELD_CHARS_MAX) {
         text.truncate(at);
     }
+}
+
+/// The newest `max` records of the folder that match `query`, oldest first, and whether more
+/// matched; memory stays bounded by `max` whatever the files hold.
+pub fn query(dir: &Path, query: &super::Query, max: usize) -> Result<(Vec<AuditRecord>, bool), String> {
+    let mut kept: BTreeMap<(u64, String, u64), AuditRecord> = BTreeMap::new();
+    let mut truncated = false;
+    for (node, path) in chain_files(dir)? {
+        if query.node.as_deref().is_some_and(|wanted| wanted != node) {
+            continue;
+        }
+        for_each_line(&path, |line| {
+            let Line::Record(record) = line else { return };
+            if query.since_ms.is_some_and(|since| record.at_ms < since)
+                || query.group.as_ref().is_some_and(|group| record.group.as_ref() != Some(group))
+            {
+                return;
+            }
+            kept.insert((record.at_ms, record.node.clone(), record.seq), *record);
+            if kept.len() > max {
+                truncated = true;
+                kept.pop_first();
+            }
+        })?;
+    }
+    Ok((kept.into_values().collect(), truncated))
 }
 
 /// Every chain in an audit folder, by node (for `konorctl audit`).

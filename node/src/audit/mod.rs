@@ -71,6 +71,44 @@ impl Audit {
     }
 }
 
+/// Most records one `audit` answer carries (the newest that match): with the free-text caps
+/// that is well under a socket frame.
+pub const AUDIT_ANSWER_RECORDS_MAX: usize = 2_000;
+
+/// What `audit` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct Query {
+    /// Only records at or after this time.
+    pub since_ms: Option<u64>,
+    /// Only records about this group.
+    pub group: Option<String>,
+    /// Only records of this node.
+    pub node: Option<String>,
+}
+
+impl Audit {
+    /// The newest records that match `query` (at most [`AUDIT_ANSWER_RECORDS_MAX`]), oldest
+    /// first, read from the files as streams (blocking).
+    pub fn query(&self, query: &Query) -> konor_sdk::protocol::Response {
+        let dir = self.files().dir().to_owned();
+        match files::query(&dir, query, AUDIT_ANSWER_RECORDS_MAX) {
+            Ok((records, truncated)) => {
+                konor_sdk::protocol::Response::Audit { records: records.into_iter().map(row_of).collect(), truncated }
+            }
+            Err(error) => konor_sdk::protocol::Response::Error {
+                code: konor_sdk::protocol::ErrorCode::Internal,
+                message: format!("cannot read the audit log: {error}"),
+            },
+        }
+    }
+}
+
+/// A record as the socket and the HTTP API answer it.
+pub fn row_of(record: AuditRecord) -> konor_sdk::protocol::AuditRow {
+    let AuditRecord { node, seq, at_ms, who, from, action, group, detail, outcome, hash, .. } = record;
+    konor_sdk::protocol::AuditRow { node, seq, at_ms, who, from, action, group, detail, outcome, hash }
+}
+
 /// Whether a request is an admin action or a release (audited whatever its outcome; a refused
 /// request of any kind is audited too).
 pub fn audited(request: &Request) -> bool {

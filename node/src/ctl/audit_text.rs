@@ -11,11 +11,15 @@ use super::exit::Exit;
 use super::table::format_utc;
 use crate::audit::chain::{AuditRecord, Line, verify};
 use crate::audit::files::{AUDIT_DIR, read_dir};
+use konor_sdk::protocol::AuditRow;
 
 /// Runs an audit command.
 pub fn run(command: AuditCommand, output: OutputFormat) -> anyhow::Result<Exit> {
     match command {
         AuditCommand::List { data_dir, since, group, node } => {
+            let Some(data_dir) = data_dir else {
+                anyhow::bail!("audit list without --data-dir asks the node (handled by the caller)");
+            };
             let now_ms = crate::wall_clock::unix_millis();
             let from_ms = since.map_or(0, |since| now_ms.saturating_sub(since));
             let records: Vec<AuditRecord> = records(&data_dir)?
@@ -26,7 +30,9 @@ pub fn run(command: AuditCommand, output: OutputFormat) -> anyhow::Result<Exit> 
                 .collect();
             match output {
                 OutputFormat::Json => print(&format!("{}\n", serde_json::to_string_pretty(&records)?)),
-                OutputFormat::Table => print(&table(&records)),
+                OutputFormat::Table => {
+                    print(&rows_table(&records.into_iter().map(crate::audit::row_of).collect::<Vec<_>>()))
+                }
             }
         }
         AuditCommand::Export { data_dir, .. } => {
@@ -147,7 +153,8 @@ fn records(data_dir: &Path) -> anyhow::Result<Vec<AuditRecord>> {
     Ok(records)
 }
 
-fn table(records: &[AuditRecord]) -> String {
+/// Audit rows as a table.
+pub fn rows_table(records: &[AuditRow]) -> String {
     let rows: Vec<Vec<String>> = records
         .iter()
         .map(|record| {

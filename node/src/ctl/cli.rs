@@ -228,11 +228,12 @@ pub enum CertCommand {
 /// `konorctl audit ...`
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// The audited actions, oldest first.
+    /// The audited actions, oldest first: asked of the node (the admin role), or read from
+    /// its data dir with --data-dir.
     List {
-        /// The node's data dir (konord's --data-dir).
+        /// Read the files of this data dir instead of asking the node.
         #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
+        data_dir: Option<PathBuf>,
         /// Only the last DURATION (e.g. 1h).
         #[arg(long, value_name = "DURATION", value_parser = parse_duration_ms)]
         since: Option<u64>,

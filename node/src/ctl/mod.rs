@@ -32,7 +32,8 @@ use konor_sdk::{Client, SdkError, TIMEOUT_DEFAULT};
 use serde::Serialize;
 
 use crate::ctl::cli::{
-    CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat, SchemaCommand, TokenCommand,
+    AuditCommand, CaCommand, CertCommand, Cli, Command, GroupCommand, HealthArgs, OutputFormat, SchemaCommand,
+    TokenCommand,
 };
 use crate::ctl::exit::{Exit, NoSocket, UsageError};
 use crate::ctl::input::read_config;
@@ -122,6 +123,10 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                     .with_context(|| format!("issued the certificate, but cannot make node {node_id} a signer"))?;
             }
             emit(&cert_issued(&node_id, &out, signer, output))
+        }
+        Command::Audit(AuditCommand::List { data_dir: None, since, group, node }) => {
+            let since_ms = since.map(|since| crate::wall_clock::unix_millis().saturating_sub(since));
+            call(&target, TIMEOUT_DEFAULT, Request::Audit { since_ms, group, node }, output).await
         }
         Command::Audit(command) => audit_text::run(command, output),
         Command::Token(TokenCommand::Create { ca_dir, ttl, uses, node_id, labels, out }) => {

@@ -394,6 +394,20 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::NodeHistory { node: None } => (Method::GET, "/api/v1/history".to_owned(), None),
         Request::NodeHistory { node: Some(node) } => (Method::GET, format!("/api/v1/history/{node}"), None),
         Request::Revocations => (Method::GET, "/api/v1/revocations".to_owned(), None),
+        Request::Audit { since_ms, group, node } => {
+            let mut query: Vec<String> = Vec::new();
+            if let Some(since_ms) = since_ms {
+                query.push(format!("since_ms={since_ms}"));
+            }
+            if let Some(group) = group {
+                query.push(format!("group={}", percent_encode(group)));
+            }
+            if let Some(node) = node {
+                query.push(format!("node={}", percent_encode(node)));
+            }
+            let query = if query.is_empty() { String::new() } else { format!("?{}", query.join("&")) };
+            (Method::GET, format!("/api/v1/audit{query}"), None)
+        }
         Request::Revoke { revocation } => {
             // The body is the revocation's own JSON: parsed here so it travels as an object.
             let body = serde_json::from_str::<serde_json::Value>(revocation)

@@ -310,6 +310,13 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         }
         Response::Revoked { id, new: false } => Rendered::ok(format!("this node already held revocation {id}\n")),
         Response::Revocations { revocations } => Rendered::ok(revocations_text(revocations)),
+        Response::Audit { records, truncated } => {
+            let mut text = super::audit_text::rows_table(records);
+            if *truncated {
+                text.push_str("(older records matched too: narrow with --since)\n");
+            }
+            Rendered::ok(text)
+        }
         Response::SocketStats { stats } => Rendered::ok(format!(
             "connections {}\nread bytes {} (peak {}, budget {})\nwrite bytes {} (peak {}, budget {})\n\
              bad frames {}\nrefused {}\nsilent closed {}\nidle closed {}\nwatches dropped {}\n",

@@ -53,6 +53,11 @@ fn origin(payload: &str) -> Option<(&str, u64)> {
 }
 
 impl Daemon {
+    /// The audit log, if this node keeps one.
+    pub(super) fn audit_log(&self) -> Option<Audit> {
+        self.audit.as_ref().map(|gossip| gossip.audit.clone())
+    }
+
     /// Publishes this node's new records and copies its peers', at most every
     /// `REVOCATION_FOLLOW_INTERVAL`.
     pub(super) async fn spread_audit(&mut self) {

@@ -480,6 +480,17 @@ impl Daemon {
             Request::NodeHistory { node } => self.node_history(node),
             Request::Revoke { revocation } => self.revoke(&revocation),
             Request::Revocations => self.revocation_rows(),
+            Request::Audit { since_ms, group, node } => {
+                // Read off the daemon's thread (the files can be large); answered from there.
+                let Some(audit) = self.audit_log() else {
+                    return send(reply, error_response(ErrorCode::Unavailable, "this node keeps no audit log"));
+                };
+                tokio::task::spawn_blocking(move || {
+                    let query = crate::audit::Query { since_ms, group, node };
+                    let _ = reply.send(audit.query(&query));
+                });
+                return;
+            }
             Request::Hello { .. } | Request::Watch { .. } | Request::Unwatch { .. } | Request::SocketStats => {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }

@@ -134,6 +134,17 @@ async fn admin_actions_and_refusals_reach_every_node_and_tampering_is_detected()
     let remote = records(&n3_dir).into_iter().find(|record| record["outcome"] == "forbidden").unwrap();
     assert!(remote["from"].as_str().unwrap().starts_with("127.0.0.1:"), "{remote}");
 
+    // Asked of a node: n3 answers with n1's records (root is admin); a viewer is refused.
+    let asked = ok_json(&konorctl_on(&nodes[2].socket, &["--output", "json", "audit", "list", "--node", "n1"]));
+    assert_eq!(asked["type"], "audit");
+    assert_eq!(summary(asked["records"].as_array().unwrap()), want);
+    let viewer = konorctl(&["--endpoint", &endpoint, "--tls-dir", ops.to_str().unwrap(), "audit", "list"]);
+    assert!(!viewer.status.success());
+    assert!(
+        String::from_utf8_lossy(&viewer.stderr).contains("forbidden")
+            || String::from_utf8_lossy(&viewer.stdout).contains("forbidden")
+    );
+
     for dir in [&n1.data_dir, &n3_dir] {
         let verified = audit(dir, &["verify"]);
         assert_eq!(verified.status.code(), Some(0), "{}", String::from_utf8_lossy(&verified.stdout));

@@ -416,6 +416,19 @@ pub enum Request {
     },
     /// The revocations this node holds (`konorctl cert revocations`).
     Revocations,
+    /// The audit log this node holds, every node's chain (`konorctl audit list`): the newest
+    /// records that match, oldest first.
+    Audit {
+        /// Only records at or after this time (milliseconds since the Unix epoch).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since_ms: Option<u64>,
+        /// Only records about this group.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        group: Option<String>,
+        /// Only records of actions taken on this node.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        node: Option<String>,
+    },
 }
 
 /// Outcome of a client's reload callback.
@@ -929,6 +942,13 @@ pub enum Response {
         /// By id.
         revocations: Vec<RevocationRow>,
     },
+    /// Audit records, oldest first.
+    Audit {
+        /// The newest records that matched, at most the daemon's cap.
+        records: Vec<AuditRow>,
+        /// True when more matched than were answered (narrow with `since_ms`).
+        truncated: bool,
+    },
     /// Done, nothing to return.
     Done,
     /// Refused.
@@ -938,6 +958,33 @@ pub enum Response {
         /// What was wrong and what to do.
         message: String,
     },
+}
+
+/// One audit record, as `audit` lists it (docs/operations.md, The audit log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRow {
+    /// The node the action was taken on.
+    pub node: String,
+    /// Its place in that node's chain.
+    pub seq: u64,
+    /// When (milliseconds since the Unix epoch, that node's clock).
+    pub at_ms: u64,
+    /// Who (the authenticated identity).
+    pub who: String,
+    /// From where.
+    pub from: String,
+    /// The action (a request kind, or `enroll`).
+    pub action: String,
+    /// The group, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// The version made, the id revoked, the node enrolled, or a refusal's reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// `ok` or an error code.
+    pub outcome: String,
+    /// The record's hash (its chain link).
+    pub hash: String,
 }
 
 /// One revocation, as `revocations` lists it.
@@ -1170,7 +1217,8 @@ impl Request {
             | Request::Alerts
             | Request::NodeHistory { .. }
             | Request::Revoke { .. }
-            | Request::Revocations => None,
+            | Request::Revocations
+            | Request::Audit { .. } => None,
         }
     }
 
@@ -1212,6 +1260,7 @@ impl Request {
             Request::NodeHistory { .. } => "node_history",
             Request::Revoke { .. } => "revoke",
             Request::Revocations => "revocations",
+            Request::Audit { .. } => "audit",
         }
     }
 }
@@ -1245,6 +1294,7 @@ impl Response {
             Response::MeshHistory { .. } => "mesh_history",
             Response::Revoked { .. } => "revoked",
             Response::Revocations { .. } => "revocations",
+            Response::Audit { .. } => "audit",
             Response::Done => "done",
             Response::Error { .. } => "error",
         }

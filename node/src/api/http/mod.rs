@@ -269,6 +269,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/api/v1/history", get(routes::mesh_history))
         .route("/api/v1/history/{node}", get(routes::node_history))
         .route("/api/v1/revocations", get(routes::revocations).post(routes::revoke))
+        .route("/api/v1/audit", get(routes::audit))
         .route("/api/v1/groups", get(routes::groups).post(routes::group_create))
         .route("/api/v1/groups/{group}/join", post(routes::group_join))
         .route("/api/v1/groups/{group}/leave", post(routes::group_leave))

@@ -98,6 +98,7 @@ fn is_write(request: &Request) -> bool {
         | Request::Alerts
         | Request::NodeHistory { .. }
         | Request::Revocations
+        | Request::Audit { .. }
         | Request::SocketStats
         | Request::Hello { .. }
         | Request::Watch { .. }
@@ -250,6 +251,24 @@ pub(super) async fn mesh_history(State(ctx): State<Ctx>) -> Answer {
 
 pub(super) async fn node_history(State(ctx): State<Ctx>, PathSegment(node): PathSegment) -> Answer {
     read(&ctx, Request::NodeHistory { node: Some(node) }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct AuditQuery {
+    #[serde(default)]
+    since_ms: Option<u64>,
+    #[serde(default)]
+    group: Option<String>,
+    #[serde(default)]
+    node: Option<String>,
+}
+
+pub(super) async fn audit(
+    State(ctx): State<Ctx>,
+    QueryOf(AuditQuery { since_ms, group, node }): QueryOf<AuditQuery>,
+) -> Answer {
+    read(&ctx, Request::Audit { since_ms, group, node }).await
 }
 
 pub(super) async fn revocations(State(ctx): State<Ctx>) -> Answer {
