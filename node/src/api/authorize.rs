@@ -10,7 +10,8 @@
 //!   guards, which can abort a release);
 //! * `operator`: writes and releases (`set`, `delete`, `apply`, `rollback`, `release`,
 //!   `promote`, `abort`, `schema_set`);
-//! * `admin`: groups (create, join, leave, remove members) and certificate revocations.
+//! * `admin`: groups (create, join, leave, remove members), certificate revocations and the
+//!   audit log (`audit list`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,7 +27,7 @@ pub enum Role {
     App,
     /// And writes and releases.
     Operator,
-    /// And groups and revocations.
+    /// And groups, revocations and the audit log.
     Admin,
 }
 

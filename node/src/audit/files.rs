@@ -5,7 +5,7 @@
 //! (retention), which `audit verify` reports as the chain starting later.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead as _, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -279,7 +279,9 @@ fn last_records(path: &Path, keep: usize) -> Result<VecDeque<AuditRecord>, Strin
             }
             last.push_back(*record);
         }
-    })?;
+        Ok(())
+    })
+    .map_err(ReadError::into_text)?;
     Ok(last)
 }
 
@@ -300,27 +302,55 @@ fn cut(text: &mut String) {
 }
 
 /// The newest `max` records of the folder that match `query`, oldest first, and whether more
-/// matched; memory stays bounded by `max` whatever the files hold.
-pub fn query(dir: &Path, query: &super::Query, max: usize) -> Result<(Vec<AuditRecord>, bool), String> {
+/// matched; memory stays bounded by `max` whatever the files hold. It reads while the node
+/// appends and renames: a file gone since the listing is skipped, and a last line still being
+/// written is not read (`for_each_line`). `gone` is asked every file and every 4,096 lines: the
+/// caller went away, stop.
+pub fn query(
+    dir: &Path,
+    query: &super::Query,
+    max: usize,
+    gone: &dyn Fn() -> bool,
+) -> Result<(Vec<AuditRecord>, bool), String> {
     let mut kept: BTreeMap<(u64, String, u64), AuditRecord> = BTreeMap::new();
     let mut truncated = false;
+    let mut lines = 0u64;
     for (node, path) in chain_files(dir)? {
         if query.node.as_deref().is_some_and(|wanted| wanted != node) {
             continue;
         }
-        for_each_line(&path, |line| {
-            let Line::Record(record) = line else { return };
+        if gone() {
+            return Err("the caller stopped waiting".to_owned());
+        }
+        let read = for_each_line(&path, |line| {
+            lines += 1;
+            if lines.is_multiple_of(4_096) && gone() {
+                return Err("the caller stopped waiting".to_owned());
+            }
+            let Line::Record(record) = line else { return Ok(()) };
             if query.since_ms.is_some_and(|since| record.at_ms < since)
                 || query.group.as_ref().is_some_and(|group| record.group.as_ref() != Some(group))
             {
-                return;
+                return Ok(());
             }
-            kept.insert((record.at_ms, record.node.clone(), record.seq), *record);
+            let place = (record.at_ms, record.node.clone(), record.seq);
+            if kept.len() == max && kept.first_key_value().is_some_and(|(oldest, _)| place <= *oldest) {
+                truncated = true;
+                return Ok(());
+            }
+            kept.insert(place, *record);
             if kept.len() > max {
                 truncated = true;
                 kept.pop_first();
             }
-        })?;
+            Ok(())
+        });
+        match read {
+            Ok(()) => {}
+            // Set aside (a restarted chain, an unreadable copy) since the listing.
+            Err(ReadError::Missing) => continue,
+            Err(ReadError::Other(error)) => return Err(error),
+        }
     }
     Ok((kept.into_values().collect(), truncated))
 }
@@ -338,28 +368,75 @@ pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, Vec<Line>>, String> {
 /// does not read is itself a finding.
 pub fn read_chain(path: &Path) -> Result<Vec<Line>, String> {
     let mut lines = Vec::new();
-    for_each_line(path, |line| lines.push(line))?;
+    for_each_line(path, |line| {
+        lines.push(line);
+        Ok(())
+    })
+    .map_err(ReadError::into_text)?;
     Ok(lines)
 }
 
-/// Calls `each` with every line of a chain file, in order.
-fn for_each_line(path: &Path, mut each: impl FnMut(Line)) -> Result<(), String> {
-    let file = std::fs::File::open(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+/// Why a chain file was not read to its end.
+enum ReadError {
+    /// It is not there (anymore).
+    Missing,
+    /// Anything else, said for the operator (or the caller's own reason to stop).
+    Other(String),
+}
+
+impl ReadError {
+    fn into_text(self) -> String {
+        match self {
+            ReadError::Missing => "the file is gone".to_owned(),
+            ReadError::Other(error) => error,
+        }
+    }
+}
+
+impl From<String> for ReadError {
+    fn from(error: String) -> ReadError {
+        ReadError::Other(error)
+    }
+}
+
+/// Calls `each` with every line of a chain file, in order. A last line without its newline is
+/// not read: it is being appended now (or a crash tore it, which the node cuts at start).
+fn for_each_line(path: &Path, mut each: impl FnMut(Line) -> Result<(), String>) -> Result<(), ReadError> {
+    use std::io::BufRead as _;
+    let file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Err(ReadError::Missing),
+        Err(error) => return Err(format!("cannot read {}: {error}", path.display()).into()),
+    };
     let meta = file.metadata().map_err(|error| error.to_string())?;
     if meta.len() > AUDIT_FILE_BYTES_MAX + AUDIT_LINE_BYTES_MAX as u64 {
-        return Err(format!("{} is larger than {AUDIT_FILE_BYTES_MAX} bytes", path.display()));
+        return Err(format!("{} is larger than {AUDIT_FILE_BYTES_MAX} bytes", path.display()).into());
     }
-    for (index, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|error| format!("{} line {}: {error}", path.display(), index + 1))?;
-        if line.len() > AUDIT_LINE_BYTES_MAX {
-            return Err(format!("{} line {} is longer than {AUDIT_LINE_BYTES_MAX} bytes", path.display(), index + 1));
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = Vec::new();
+    for index in 1.. {
+        line.clear();
+        let read = std::io::Read::take(&mut reader, AUDIT_LINE_BYTES_MAX as u64 + 2)
+            .read_until(b'\n', &mut line)
+            .map_err(|error| format!("{} line {index}: {error}", path.display()))?;
+        if read == 0 || line.last() != Some(&b'\n') {
+            if line.len() > AUDIT_LINE_BYTES_MAX {
+                return Err(
+                    format!("{} line {index} is longer than {AUDIT_LINE_BYTES_MAX} bytes", path.display()).into()
+                );
+            }
+            return Ok(());
         }
-        let parsed = if line.starts_with("{\"gap\"") {
-            serde_json::from_str::<GapLine>(&line).map(|gap| Line::Gap { from: gap.gap.from, to: gap.gap.to })
+        line.pop();
+        if line.len() > AUDIT_LINE_BYTES_MAX {
+            return Err(format!("{} line {index} is longer than {AUDIT_LINE_BYTES_MAX} bytes", path.display()).into());
+        }
+        let parsed = if line.starts_with(b"{\"gap\"") {
+            serde_json::from_slice::<GapLine>(&line).map(|gap| Line::Gap { from: gap.gap.from, to: gap.gap.to })
         } else {
-            serde_json::from_str::<AuditRecord>(&line).map(|record| Line::Record(Box::new(record)))
+            serde_json::from_slice::<AuditRecord>(&line).map(|record| Line::Record(Box::new(record)))
         };
-        each(parsed.map_err(|error| format!("{} line {} does not read: {error}", path.display(), index + 1))?);
+        each(parsed.map_err(|error| format!("{} line {index} does not read: {error}", path.display()))?)?;
     }
     Ok(())
 }
@@ -430,6 +507,35 @@ mod tests {
             prev: String::new(),
             hash: String::new(),
         }
+    }
+
+    #[test]
+    fn a_query_keeps_the_newest_that_match_and_skips_a_line_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut files = AuditFiles::open(dir.path(), "n1").unwrap();
+        for at_ms in 1..=10 {
+            let group = (at_ms % 2 == 0).then(|| "shop".to_owned());
+            files.append_own(AuditRecord { at_ms, group, ..record("release") }).unwrap();
+        }
+        let never = || false;
+        let at = |records: &[AuditRecord]| records.iter().map(|r| r.at_ms).collect::<Vec<_>>();
+        let all = super::super::Query::default();
+        let (records, truncated) = query(files.dir(), &all, 3, &never).unwrap();
+        assert_eq!((at(&records), truncated), (vec![8, 9, 10], true));
+        let (records, truncated) = query(files.dir(), &all, 10, &never).unwrap();
+        assert_eq!((records.len(), truncated), (10, false));
+        let shop_since_5 = super::super::Query { since_ms: Some(5), group: Some("shop".to_owned()), node: None };
+        let (records, truncated) = query(files.dir(), &shop_since_5, 10, &never).unwrap();
+        assert_eq!((at(&records), truncated), (vec![6, 8, 10], false));
+        let other_node = super::super::Query { node: Some("n2".to_owned()), ..Default::default() };
+        assert!(query(files.dir(), &other_node, 10, &never).unwrap().0.is_empty());
+        // A line still being appended (no newline yet) is not read, not an error.
+        let path = files.dir().join("n1.jsonl");
+        let mut file = std::fs::OpenOptions::new().append(true).open(&path).unwrap();
+        file.write_all(b"{\"node\":\"n1\",\"se").unwrap();
+        assert_eq!(query(files.dir(), &all, 100, &never).unwrap().0.len(), 10);
+        // A caller that went away stops the read.
+        assert!(query(files.dir(), &all, 100, &|| true).is_err());
     }
 
     #[test]

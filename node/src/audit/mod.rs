@@ -25,12 +25,14 @@ use self::files::AuditFiles;
 #[derive(Debug, Clone)]
 pub struct Audit {
     files: Arc<Mutex<AuditFiles>>,
+    /// `audit` queries reading now (at most [`AUDIT_QUERIES_MAX`]).
+    queries: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Audit {
     /// Opens the audit files of `data_dir` for node `node`.
     pub fn open(data_dir: &std::path::Path, node: &str) -> Result<Audit, String> {
-        Ok(Audit { files: Arc::new(Mutex::new(AuditFiles::open(data_dir, node)?)) })
+        Ok(Audit { files: Arc::new(Mutex::new(AuditFiles::open(data_dir, node)?)), queries: Arc::default() })
     }
 
     fn files(&self) -> std::sync::MutexGuard<'_, AuditFiles> {
@@ -71,9 +73,14 @@ impl Audit {
     }
 }
 
-/// Most records one `audit` answer carries (the newest that match): with the free-text caps
-/// that is well under a socket frame.
+/// Most records one `audit` answer carries (the newest that match): at the free-text caps a
+/// record is a few KiB, so an answer stays within a socket frame (`encode_answer` refuses one
+/// that would not).
 pub const AUDIT_ANSWER_RECORDS_MAX: usize = 2_000;
+
+/// `audit` queries read at once: each may read every chain (up to 16 MiB a node) and hold an
+/// answer's records; more wait for none and are told `busy`.
+pub const AUDIT_QUERIES_MAX: usize = 2;
 
 /// What `audit` asks for.
 #[derive(Debug, Clone, Default)]
@@ -88,17 +95,28 @@ pub struct Query {
 
 impl Audit {
     /// The newest records that match `query` (at most [`AUDIT_ANSWER_RECORDS_MAX`]), oldest
-    /// first, read from the files as streams (blocking).
-    pub fn query(&self, query: &Query) -> konor_sdk::protocol::Response {
+    /// first, read from the files as streams (blocking). `gone` says the caller stopped
+    /// waiting: the read stops. At most [`AUDIT_QUERIES_MAX`] run at once; others are `busy`.
+    pub fn query(&self, query: &Query, gone: &dyn Fn() -> bool) -> konor_sdk::protocol::Response {
+        use konor_sdk::protocol::{ErrorCode, Response};
+        use std::sync::atomic::Ordering;
+        if self.queries.fetch_add(1, Ordering::AcqRel) >= AUDIT_QUERIES_MAX {
+            self.queries.fetch_sub(1, Ordering::AcqRel);
+            return Response::Error {
+                code: ErrorCode::Busy,
+                message: format!("{AUDIT_QUERIES_MAX} audit queries are reading already; ask again shortly"),
+            };
+        }
         let dir = self.files().dir().to_owned();
-        match files::query(&dir, query, AUDIT_ANSWER_RECORDS_MAX) {
+        let answer = files::query(&dir, query, AUDIT_ANSWER_RECORDS_MAX, gone);
+        self.queries.fetch_sub(1, Ordering::AcqRel);
+        match answer {
             Ok((records, truncated)) => {
-                konor_sdk::protocol::Response::Audit { records: records.into_iter().map(row_of).collect(), truncated }
+                Response::Audit { records: records.into_iter().map(row_of).collect(), truncated }
             }
-            Err(error) => konor_sdk::protocol::Response::Error {
-                code: konor_sdk::protocol::ErrorCode::Internal,
-                message: format!("cannot read the audit log: {error}"),
-            },
+            Err(error) => {
+                Response::Error { code: ErrorCode::Internal, message: format!("cannot read the audit log: {error}") }
+            }
         }
     }
 }

@@ -13,28 +13,28 @@ use crate::audit::chain::{AuditRecord, Line, verify};
 use crate::audit::files::{AUDIT_DIR, read_dir};
 use konor_sdk::protocol::AuditRow;
 
+/// `audit list --data-dir`: the answer the node would give, read from `data_dir`'s files.
+pub fn list_local(data_dir: &Path, request: &konor_sdk::protocol::Request) -> konor_sdk::protocol::Response {
+    use konor_sdk::protocol::{ErrorCode, Request, Response};
+    let Request::Audit { since_ms, group, node } = request else {
+        return Response::Error { code: ErrorCode::BadRequest, message: "not an audit query".to_owned() };
+    };
+    let query = crate::audit::Query { since_ms: *since_ms, group: group.clone(), node: node.clone() };
+    let dir = data_dir.join(AUDIT_DIR);
+    match crate::audit::files::query(&dir, &query, crate::audit::AUDIT_ANSWER_RECORDS_MAX, &|| false) {
+        Ok((records, truncated)) => {
+            Response::Audit { records: records.into_iter().map(crate::audit::row_of).collect(), truncated }
+        }
+        Err(error) => {
+            Response::Error { code: ErrorCode::Internal, message: format!("cannot read the audit log: {error}") }
+        }
+    }
+}
+
 /// Runs an audit command.
 pub fn run(command: AuditCommand, output: OutputFormat) -> anyhow::Result<Exit> {
     match command {
-        AuditCommand::List { data_dir, since, group, node } => {
-            let Some(data_dir) = data_dir else {
-                anyhow::bail!("audit list without --data-dir asks the node (handled by the caller)");
-            };
-            let now_ms = crate::wall_clock::unix_millis();
-            let from_ms = since.map_or(0, |since| now_ms.saturating_sub(since));
-            let records: Vec<AuditRecord> = records(&data_dir)?
-                .into_iter()
-                .filter(|record| record.at_ms >= from_ms)
-                .filter(|record| group.is_none() || record.group == group)
-                .filter(|record| node.as_deref().is_none_or(|node| record.node == node))
-                .collect();
-            match output {
-                OutputFormat::Json => print(&format!("{}\n", serde_json::to_string_pretty(&records)?)),
-                OutputFormat::Table => {
-                    print(&rows_table(&records.into_iter().map(crate::audit::row_of).collect::<Vec<_>>()))
-                }
-            }
-        }
+        AuditCommand::List { .. } => anyhow::bail!("audit list is answered by the caller (list_local or the node)"),
         AuditCommand::Export { data_dir, .. } => {
             let mut text = String::new();
             for record in records(&data_dir)? {

@@ -313,7 +313,10 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
         Response::Audit { records, truncated } => {
             let mut text = super::audit_text::rows_table(records);
             if *truncated {
-                text.push_str("(older records matched too: narrow with --since)\n");
+                text.push_str(&format!(
+                    "(only the newest {} shown; older records matched too: `konorctl audit export --data-dir` has them all)\n",
+                    records.len()
+                ));
             }
             Rendered::ok(text)
         }

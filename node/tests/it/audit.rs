@@ -8,6 +8,33 @@ use serde_json::Value;
 
 use crate::harness::{Cluster, eventually, konorctl, konorctl_on, ok_json, start_mesh_with};
 
+/// The HTTP status of `GET path` from a caller with no certificate (trusting the cluster CA).
+async fn anonymous_get(endpoint: &str, ca_dir: &Path, path: &str) -> u16 {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint.trim_start_matches("https://");
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(ca_dir.join("ca.crt")).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(konor_node::pki::SERVER_NAME).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer);
+    text.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
+}
+
 fn audit(data_dir: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["--output", "json", "audit"];
     all.extend_from_slice(args);
@@ -16,7 +43,9 @@ fn audit(data_dir: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn records(data_dir: &Path) -> Vec<Value> {
-    ok_json(&audit(data_dir, &["list"])).as_array().unwrap().clone()
+    let answer = ok_json(&audit(data_dir, &["list"]));
+    assert_eq!(answer["type"], "audit", "the same answer as the node's: {answer}");
+    answer["records"].as_array().unwrap().clone()
 }
 
 /// Verifies a copy of `data_dir`'s audit files after `tamper` changed `node`'s chain.
@@ -46,6 +75,11 @@ async fn admin_actions_and_refusals_reach_every_node_and_tampering_is_detected()
         if node.id == "n1" {
             node.http = true;
             node.extra_args = vec!["--config".to_owned(), settings.display().to_string()];
+        }
+        if node.id == "n2" {
+            // No [roles], reads open to callers without a certificate.
+            node.http = true;
+            node.extra_args = vec!["--http-open-reads".to_owned()];
         }
     })
     .await;
@@ -138,12 +172,21 @@ async fn admin_actions_and_refusals_reach_every_node_and_tampering_is_detected()
     let asked = ok_json(&konorctl_on(&nodes[2].socket, &["--output", "json", "audit", "list", "--node", "n1"]));
     assert_eq!(asked["type"], "audit");
     assert_eq!(summary(asked["records"].as_array().unwrap()), want);
+    assert!(asked["records"].as_array().unwrap().iter().all(|record| record["node"] == "n1"), "{asked}");
+    let shop = ok_json(&konorctl_on(&nodes[2].socket, &["--output", "json", "audit", "list", "--group", "shop"]));
+    let shop = shop["records"].as_array().unwrap();
+    assert!(!shop.is_empty() && shop.iter().all(|record| record["group"] == "shop"), "{shop:?}");
     let viewer = konorctl(&["--endpoint", &endpoint, "--tls-dir", ops.to_str().unwrap(), "audit", "list"]);
     assert!(!viewer.status.success());
     assert!(
         String::from_utf8_lossy(&viewer.stderr).contains("forbidden")
             || String::from_utf8_lossy(&viewer.stdout).contains("forbidden")
     );
+
+    // Open reads open what a viewer may read: the groups, not the audit log.
+    let n2_endpoint = nodes[1].http_endpoint();
+    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/groups").await, 200);
+    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/audit").await, 401);
 
     for dir in [&n1.data_dir, &n3_dir] {
         let verified = audit(dir, &["verify"]);
