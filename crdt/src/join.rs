@@ -4,8 +4,13 @@
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::{Digest, Sha256};
 
-use crate::peer_message::Nonce;
 use crate::settings::{hex, unhex};
+
+/// Bytes of a join nonce or proof.
+pub const NONCE_BYTES: usize = 32;
+
+/// A random nonce for the join handshake (and key requests).
+pub type Nonce = [u8; NONCE_BYTES];
 
 /// Bytes of a group key.
 pub const GROUP_KEY_BYTES: usize = 32;
@@ -39,6 +44,11 @@ impl GroupKey {
     /// The text form.
     pub fn to_text(&self) -> String {
         hex(&self.0)
+    }
+
+    /// The key's bytes, for the MACs of this crate.
+    pub(crate) fn bytes(&self) -> &[u8; GROUP_KEY_BYTES] {
+        &self.0
     }
 }
 

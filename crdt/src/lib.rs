@@ -21,6 +21,7 @@ pub mod join;
 pub mod journal;
 pub mod json_strict;
 pub mod key;
+pub mod keyring;
 pub mod limits;
 pub mod overlay;
 pub mod peer_message;
@@ -48,6 +49,7 @@ pub use group::{CommitMeta, Conflict, ConflictValue, GroupDoc, LocalCommit, Mode
 pub use join::GroupKey;
 pub use journal::{LoadedGroup, load_group_file};
 pub use key::Key;
+pub use keyring::{KeyId, Keyring};
 pub use peer_message::PeerMessage;
 pub use replica::{
     Command, CommandError, CommandOutcome, Input, MembershipView, Output, PeerState, PersistOp, Replica,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::configuration::Configuration;
 use crate::error::RemoteError;
 use crate::group::Mode;
+use crate::keyring::KeyId;
 use crate::limits::PEER_MESSAGE_BYTES_MAX;
 
 /// Version byte that starts every encoded peer message. 4: document format 3 (each setting a
@@ -19,11 +20,7 @@ use crate::limits::PEER_MESSAGE_BYTES_MAX;
 /// with a version error, never misread.
 pub const PEER_PROTOCOL_VERSION: u8 = 4;
 
-/// Bytes of a join nonce or proof.
-pub const NONCE_BYTES: usize = 32;
-
-/// A random nonce for the join handshake.
-pub type Nonce = [u8; NONCE_BYTES];
+pub use crate::join::{NONCE_BYTES, Nonce};
 
 /// Identity and order of a strong round: `(lamport, coordinator, start)`, compared in that order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -285,6 +282,34 @@ pub enum PeerMessage {
         /// Group.
         group: String,
     },
+    /// A member that holds an older key of the group (its gossip showed a newer one) asks for
+    /// the current key, proving each key it holds (see [`crate::keyring::request_proof`]).
+    KeyRequest {
+        /// Group.
+        group: String,
+        /// The requester's nonce.
+        nonce: Nonce,
+        /// For each key it holds: its id and the proof.
+        proofs: Vec<(KeyId, [u8; 32])>,
+    },
+    /// The current key, wrapped under a key the requester proved (see
+    /// [`crate::keyring::GrantContext`]).
+    KeyGrant {
+        /// Group.
+        group: String,
+        /// The granted key's id.
+        id: KeyId,
+        /// The id of the requester's key it is wrapped under.
+        under: KeyId,
+        /// The granter's nonce.
+        nonce: Nonce,
+        /// The key, wrapped.
+        wrapped: [u8; 32],
+        /// MAC under `under` over all of it.
+        tag: [u8; 32],
+        /// The members entitled to the key.
+        entitled: Vec<String>,
+    },
 }
 
 impl PeerMessage {
@@ -310,7 +335,9 @@ impl PeerMessage {
             | PeerMessage::LeaseRequest { group, .. }
             | PeerMessage::LeaseGrant { group, .. }
             | PeerMessage::Announce { group, .. }
-            | PeerMessage::AnnounceAck { group } => group,
+            | PeerMessage::AnnounceAck { group }
+            | PeerMessage::KeyRequest { group, .. }
+            | PeerMessage::KeyGrant { group, .. } => group,
         }
     }
 
@@ -337,6 +364,8 @@ impl PeerMessage {
             PeerMessage::LeaseGrant { .. } => "lease_grant",
             PeerMessage::Announce { .. } => "announce",
             PeerMessage::AnnounceAck { .. } => "announce_ack",
+            PeerMessage::KeyRequest { .. } => "key_request",
+            PeerMessage::KeyGrant { .. } => "key_grant",
         }
     }
 
@@ -415,6 +444,20 @@ mod tests {
                 staged: Some((RoundId { lamport: 1, node: "n".into(), start: 2 }, [2; 32])),
             }),
             (group, ".{0,20}").prop_map(|(group, reason)| PeerMessage::JoinRefused { group, reason }),
+            (group, any::<[u8; 32]>(), any::<u64>()).prop_map(|(group, nonce, generation)| PeerMessage::KeyRequest {
+                group,
+                nonce,
+                proofs: vec![(KeyId { generation, tag: [3; 8] }, nonce)],
+            }),
+            (group, any::<[u8; 32]>(), any::<u64>()).prop_map(|(group, wrapped, generation)| PeerMessage::KeyGrant {
+                group,
+                id: KeyId { generation, tag: [1; 8] },
+                under: KeyId { generation: 0, tag: [2; 8] },
+                nonce: wrapped,
+                wrapped,
+                tag: [4; 32],
+                entitled: vec!["n1".into(), "n2".into()],
+            }),
         ]
     }
 

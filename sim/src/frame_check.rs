@@ -246,6 +246,8 @@ pub fn describe(bytes: &[u8]) -> String {
         Ok(PeerMessage::JoinProof { group, .. }) => format!("JoinProof {group}"),
         Ok(PeerMessage::JoinGrant { group, .. }) => format!("JoinGrant {group}"),
         Ok(PeerMessage::JoinRefused { group, reason }) => format!("JoinRefused {group} {reason}"),
+        Ok(PeerMessage::KeyRequest { group, proofs, .. }) => format!("KeyRequest {group} x{}", proofs.len()),
+        Ok(PeerMessage::KeyGrant { group, id, .. }) => format!("KeyGrant {group} {}", id.encode()),
         Err(error) => format!("undecodable: {error}"),
     }
 }

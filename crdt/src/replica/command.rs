@@ -41,6 +41,14 @@ pub enum Command {
         /// answers questions about rounds it has no record of with "unknown" until it moved on.
         repair: bool,
     },
+    /// Move the group to a new key (`group rotate-key`): the members then were are handed it
+    /// (wrapped under the key they hold); the old key admits nobody any more.
+    RotateKey {
+        /// Group.
+        group: String,
+        /// The new key (random bytes from the shell).
+        key: GroupKey,
+    },
     /// Stop holding a group here. A strong group's member leaves the configuration first.
     LeaveGroup {
         /// Name.
@@ -147,6 +155,7 @@ impl Command {
                 name
             }
             Command::RemoveMember { group, .. }
+            | Command::RotateKey { group, .. }
             | Command::Set { group, .. }
             | Command::Delete { group, .. }
             | Command::Apply { group, .. }
@@ -203,6 +212,15 @@ pub enum CommandOutcome {
     Left {
         /// Name.
         name: String,
+    },
+    /// The group moved to a new key.
+    KeyRotated {
+        /// Group.
+        group: String,
+        /// The new key's generation.
+        generation: u64,
+        /// The members entitled to it (this node included).
+        entitled: usize,
     },
     /// A strong group's configuration changed.
     Reconfigured {

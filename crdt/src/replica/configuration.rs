@@ -176,7 +176,7 @@ impl Replica {
     pub(super) fn handle_announce(&mut self, group: &str, from: NodeId, proof: [u8; 32]) {
         let now = self.now;
         let Some(state) = self.groups.get_mut(group) else { return };
-        if proof != super::membership_proof(&state.key, group, &from) {
+        if proof != super::membership_proof(state.keys.key(), group, &from) {
             return self.drop_message(from, format!("announcement for {group:?} with a wrong membership proof"));
         }
         state.announced.insert(from.clone(), now);

@@ -10,6 +10,7 @@ use automerge::ChangeHash;
 use super::NodeId;
 use crate::exchange::HeadsDigest;
 use crate::join::{GroupKey, join_proof};
+use crate::keyring::KeyId;
 use crate::settings::{hex, unhex};
 
 /// What a node publishes in gossip for each group it holds.
@@ -25,14 +26,28 @@ pub struct GroupGossip {
     pub proof: [u8; 32],
     /// Its durable heads (the gossip summary of acks).
     pub heads: Vec<ChangeHash>,
+    /// The id of the key it holds, past the first (`None`: generation 0).
+    pub key: Option<KeyId>,
 }
 
 impl GroupGossip {
-    /// The gossip value: `digest;revision;version;proof-hex;heads-hex,...` (short UTF-8, as
-    /// chitchat needs: one head normally, a few after concurrent writes).
+    /// The gossip value: `digest;revision;version;proof-hex;heads-hex,...[;key-id]` (short
+    /// UTF-8, as chitchat needs: one head normally, a few after concurrent writes; the key id
+    /// only once the group's key was rotated).
     pub fn encode(&self) -> String {
         let heads: Vec<String> = self.heads.iter().map(|h| hex(&h.0)).collect();
-        format!("{};{};{};{};{}", self.digest, self.revision, self.version, hex(&self.proof), heads.join(","))
+        let mut text =
+            format!("{};{};{};{};{}", self.digest, self.revision, self.version, hex(&self.proof), heads.join(","));
+        if let Some(key) = &self.key {
+            text.push(';');
+            text.push_str(&key.encode());
+        }
+        text
+    }
+
+    /// The generation of the key it holds.
+    pub fn generation(&self) -> u64 {
+        self.key.map_or(0, |key| key.generation)
     }
 
     /// Parses a gossip value; `None` for anything else (including the "left" marker).
@@ -47,10 +62,14 @@ impl GroupGossip {
         for head in heads_text.split(',').filter(|h| !h.is_empty()) {
             heads.push(ChangeHash(unhex(head)?.try_into().ok()?));
         }
+        let key = match parts.next() {
+            Some(text) => Some(KeyId::parse(text)?),
+            None => None,
+        };
         if parts.next().is_some() {
             return None;
         }
-        Some(GroupGossip { digest, revision, version, proof, heads })
+        Some(GroupGossip { digest, revision, version, proof, heads, key })
     }
 }
 

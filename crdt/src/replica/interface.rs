@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use super::{Command, CommandError, CommandId, CommandOutcome, GroupGossip, MembershipView, NodeId};
 use crate::group::GroupDoc;
-use crate::join::GroupKey;
+use crate::keyring::Keyring;
 use crate::peer_message::{PeerMessage, RoundId};
 
 /// The input a replica reacts to.
@@ -103,7 +103,15 @@ pub enum PersistOp {
         /// The whole file.
         file: Vec<u8>,
         /// The key.
-        key: GroupKey,
+        keys: Keyring,
+    },
+    /// Replace the group's key file (a rotation made here or a key handed over): durable
+    /// before the new key is used.
+    Keys {
+        /// Group.
+        group: String,
+        /// The keyring.
+        keys: Keyring,
     },
     /// Append records to the group's file.
     Append {
@@ -170,8 +178,8 @@ pub struct Notification {
 pub struct LoadedState {
     /// The document.
     pub doc: GroupDoc,
-    /// The key.
-    pub key: GroupKey,
+    /// The keys.
+    pub keys: Keyring,
     /// Change records after the snapshot in its file.
     pub tail_changes: usize,
     /// Persisted sync states per peer.

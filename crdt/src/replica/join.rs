@@ -11,6 +11,7 @@ use std::collections::BTreeSet;
 use super::{CommandError, CommandId, NodeId, Output, Replica, membership_proof};
 use crate::group::GroupDoc;
 use crate::join::{GroupKey, join_proof, verify_join_proof};
+use crate::keyring::{KeyId, Keyring};
 use crate::limits::{JOIN_STEP_TIMEOUT_MS, JOIN_TIMEOUT_MS};
 use crate::peer_message::{Nonce, PeerMessage};
 use crate::time::Millis;
@@ -130,8 +131,14 @@ impl Replica {
             return self.drop_message(from, format!("join proof for {group:?} without a challenge"));
         };
         let Some(state) = self.groups.get(&group) else { return };
-        let valid =
-            verify_join_proof(&state.key, &group, &from, &challenge.joiner_nonce, &challenge.member_nonce, &proof);
+        let valid = verify_join_proof(
+            state.keys.key(),
+            &group,
+            &from,
+            &challenge.joiner_nonce,
+            &challenge.member_nonce,
+            &proof,
+        );
         if !valid {
             let message = PeerMessage::JoinRefused { group, reason: "wrong group key".to_owned() };
             return self.outputs.push_back(Output::Send { to: from, message });
@@ -169,9 +176,19 @@ impl Replica {
             }
             Err(error) => return self.drop_message(from, format!("join grant does not load: {error}")),
         };
-        let key = join.key.clone();
+        // The granter's gossip names its key's generation (checked against the key: a wrong
+        // one would only make this node ask for a key it has).
+        let generation = self
+            .membership
+            .peers
+            .get(&from)
+            .and_then(|peer| peer.groups.get(&group))
+            .and_then(|gossip| gossip.key)
+            .filter(|id| *id == KeyId::of(&join.key, &group, id.generation))
+            .map_or(0, |id| id.generation);
+        let keys = Keyring::first(join.key.clone()).at_generation(generation);
         let Some(join) = self.joins.remove(&group) else { return };
-        match self.adopt_group(group.clone(), doc, key) {
+        match self.adopt_group(group.clone(), doc, keys) {
             Ok(()) => {
                 if join.repair
                     && let Some(state) = self.groups.get_mut(&group)

@@ -20,7 +20,7 @@ impl Replica {
             .iter()
             .filter_map(|(node, peer)| {
                 let gossip = peer.groups.get(group)?;
-                (gossip.proof == membership_proof(&state.key, group, node))
+                (gossip.proof == membership_proof(state.keys.key(), group, node))
                     .then(|| (node.clone(), peer.is_live(), gossip.clone()))
             })
             .collect()
@@ -89,7 +89,7 @@ impl Replica {
             .peers
             .get(peer)
             .and_then(|p| p.groups.get(group))
-            .is_some_and(|gossip| gossip.proof == membership_proof(&state.key, group, peer))
+            .is_some_and(|gossip| gossip.proof == membership_proof(state.keys.key(), group, peer))
     }
 
     /// Takes a new membership view from the shell.
@@ -105,7 +105,7 @@ impl Replica {
                         && peer
                             .groups
                             .get(name)
-                            .is_none_or(|gossip| gossip.proof != membership_proof(&state.key, name, node))
+                            .is_none_or(|gossip| gossip.proof != membership_proof(state.keys.key(), name, node))
                 })
             });
         }
@@ -119,6 +119,7 @@ impl Replica {
             self.check_votes(name);
         }
         self.count_gossip_acks();
+        self.ask_for_newer_keys();
         self.handle_tick();
     }
 
@@ -141,7 +142,9 @@ impl Replica {
                 let peer = self.membership.peers.get(node);
                 *node != self.node_id
                     && !peer.is_some_and(|p| p.left.contains(&name))
-                    && (current.contains(node) || !grace_over)
+                    // A member that moved to a newer key is still one: this node asks it for
+                    // the key (rotation.rs), and trusts only members it knew.
+                    && (current.contains(node) || !grace_over || self.holds_newer_key(&name, node))
             });
             let Some(state) = self.groups.get_mut(&name) else { continue };
             if known != state.known_members {

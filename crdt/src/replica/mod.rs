@@ -22,7 +22,8 @@ use sha2::{Digest, Sha256};
 
 use crate::exchange::SyncPeer;
 use crate::group::{Edit, GroupDoc, Mode};
-use crate::join::{GroupKey, derive_nonce};
+use crate::join::derive_nonce;
+use crate::keyring::Keyring;
 use crate::limits::{ANTI_ENTROPY_DELAY_MS, DECISIONS_KEPT, SYNC_SESSION_TIMEOUT_MS};
 use crate::peer_message::{Nonce, PeerMessage, RoundId, RoundOutcome};
 use crate::time::Millis;
@@ -41,6 +42,7 @@ mod membership;
 mod persist;
 mod push;
 mod quorum;
+mod rotation;
 mod round;
 mod sync;
 mod watch;
@@ -74,7 +76,8 @@ pub fn actor_for(node_id: &str, incarnation: u64) -> ActorId {
 #[derive(Debug)]
 struct GroupState {
     doc: GroupDoc,
-    key: GroupKey,
+    /// The group's keys: the current one admits and proves membership.
+    keys: Keyring,
     proof: [u8; 32],
     revision: u64,
     /// Recent notifications with the revision of the one told before each (a gated group's
@@ -110,19 +113,21 @@ struct GroupState {
     announcing: Option<configuration::Announcing>,
     /// True while this node leaves the group's configuration.
     leaving: bool,
+    /// A key request this node has out (a member showed a newer key).
+    key_ask: Option<rotation::KeyAsk>,
     /// Every member this node has known of the group (persisted): just after a start, those it
     /// has not heard of yet count as unknown, not absent.
     known_members: BTreeSet<NodeId>,
 }
 
 impl GroupState {
-    fn new(doc: GroupDoc, key: GroupKey, proof: [u8; 32], tail_changes: usize, revision: u64) -> GroupState {
+    fn new(doc: GroupDoc, keys: Keyring, proof: [u8; 32], tail_changes: usize, revision: u64) -> GroupState {
         GroupState {
             revision,
             last_told: revision,
             changes: doc.change_count(),
             doc,
-            key,
+            keys,
             proof,
             events: VecDeque::new(),
             tail_changes,
@@ -137,6 +142,7 @@ impl GroupState {
             announced: BTreeMap::new(),
             announcing: None,
             leaving: false,
+            key_ask: None,
             known_members: BTreeSet::new(),
         }
     }
@@ -277,12 +283,12 @@ impl Replica {
                     sync.insert(peer, SyncSession { peer: peer_state, ..SyncSession::default() });
                 }
             }
-            let proof = membership_proof(&state.key, &name, &replica.node_id);
+            let proof = membership_proof(state.keys.key(), &name, &replica.node_id);
             let round_lamport = state.decisions.iter().map(|(round, _)| round.lamport).max().unwrap_or(0);
             let revision = state.doc.change_count();
             let mut doc = state.doc;
             doc.set_viewer(replica.viewer());
-            let mut group = GroupState::new(doc, state.key, proof, state.tail_changes, revision);
+            let mut group = GroupState::new(doc, state.keys, proof, state.tail_changes, revision);
             group.sync = sync;
             group.round_lamport = round_lamport;
             group.decisions = state.decisions.into_iter().collect();
@@ -357,6 +363,11 @@ impl Replica {
     /// The group `name`, for reads (reads never go through the state machine).
     pub fn group(&self, name: &str) -> Option<&GroupDoc> {
         self.groups.get(name).map(|state| &state.doc)
+    }
+
+    /// The keys this node holds of `name`.
+    pub fn keyring(&self, name: &str) -> Option<&Keyring> {
+        self.groups.get(name).map(|state| &state.keys)
     }
 
     /// This node's revision of `name`.
@@ -499,6 +510,7 @@ impl Replica {
                 version: state.doc.served_label(),
                 proof: state.proof,
                 heads: state.doc.heads(),
+                key: (state.keys.generation() > 0).then(|| state.keys.id(name)),
             };
             self.outputs.push_back(Output::Publish { group: name.to_owned(), gossip: Some(gossip) });
         }
@@ -510,6 +522,7 @@ impl Replica {
                 self.create_group(id, name, mode, key, meta, policy)
             }
             Command::JoinGroup { name, key, repair } => self.start_join(id, name, key, repair),
+            Command::RotateKey { group, key } => self.rotate_key(id, group, key),
             Command::LeaveGroup { name, force } => self.leave_group(id, name, force),
             Command::RemoveMember { group, nodes, force, meta } => self.remove_member(id, group, nodes, force, meta),
             Command::Set { group, entries, meta } => self.local_write(id, group, Edit::Set(entries), meta),
@@ -622,6 +635,10 @@ impl Replica {
             }
             PeerMessage::Announce { proof, .. } => self.handle_announce(&group, from, proof),
             PeerMessage::AnnounceAck { .. } => self.handle_announce_ack(&group, &from),
+            PeerMessage::KeyRequest { nonce, proofs, .. } => self.serve_key_request(&group, from, nonce, &proofs),
+            PeerMessage::KeyGrant { id, under, nonce, wrapped, tag, entitled, .. } => {
+                self.take_key_grant(&group, from, rotation::Grant { id, under, nonce, wrapped, tag, entitled })
+            }
         }
     }
 
@@ -632,6 +649,7 @@ impl Replica {
         self.expire_rounds();
         self.renew_leases();
         self.expire_joins();
+        self.ask_for_newer_keys();
         let names: Vec<String> = self.joins.keys().cloned().collect();
         for name in names {
             self.advance_join(&name);

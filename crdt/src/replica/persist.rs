@@ -57,7 +57,7 @@ impl Replica {
         };
         let LoadedState {
             mut doc,
-            key,
+            keys: _,
             tail_changes,
             sync_states: _,
             staged,
@@ -72,7 +72,8 @@ impl Replica {
         doc.set_actor(reload_actor(&self.actor, self.reloads));
         doc.set_viewer(self.viewer());
         let revision = self.starting_revision(group, &doc);
-        let mut state = GroupState::new(doc, key, old.proof, tail_changes, revision);
+        // The keyring in memory is the one to keep: the file's is the same or older.
+        let mut state = GroupState::new(doc, old.keys, old.proof, tail_changes, revision);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
         state.ballots = old.ballots;

@@ -13,6 +13,7 @@ use crate::configuration::{Configuration, GroupPolicy};
 use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::GroupKey;
 use crate::journal::{change_record, snapshot_file};
+use crate::keyring::Keyring;
 use crate::peer_message::PeerMessage;
 
 impl Replica {
@@ -34,20 +35,24 @@ impl Replica {
             Ok(created) => created,
             Err(error) => return self.reply(id, Err(error.into())),
         };
-        if let Err(error) = self.adopt_group(name.clone(), doc, key) {
+        if let Err(error) = self.adopt_group(name.clone(), doc, Keyring::first(key)) {
             return self.reply(id, Err(error));
         }
         self.reply(id, Ok(CommandOutcome::Created { name }));
     }
 
     /// Stores a new group (created here or received by a join) and starts publishing it.
-    pub(super) fn adopt_group(&mut self, name: String, mut doc: GroupDoc, key: GroupKey) -> Result<(), CommandError> {
+    pub(super) fn adopt_group(&mut self, name: String, mut doc: GroupDoc, keys: Keyring) -> Result<(), CommandError> {
         doc.set_viewer(self.viewer());
         let file = snapshot_file(&doc, None).map_err(|e| CommandError::TooLarge(e.to_string()))?;
-        self.outputs.push_back(Output::Persist(PersistOp::CreateGroup { group: name.clone(), file, key: key.clone() }));
-        let proof = membership_proof(&key, &name, &self.node_id);
+        self.outputs.push_back(Output::Persist(PersistOp::CreateGroup {
+            group: name.clone(),
+            file,
+            keys: keys.clone(),
+        }));
+        let proof = membership_proof(keys.key(), &name, &self.node_id);
         let revision = self.starting_revision(&name, &doc);
-        let mut state = GroupState::new(doc, key, proof, 0, revision);
+        let mut state = GroupState::new(doc, keys, proof, 0, revision);
         state.round_lamport = self.left_lamports.get(&name).copied().unwrap_or(0);
         self.departed.retain(|(group, _)| *group != name);
         self.groups.insert(name.clone(), state);

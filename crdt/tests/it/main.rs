@@ -14,5 +14,6 @@ mod module_graph;
 mod overlay;
 mod release;
 mod replica;
+mod rotation;
 mod strong;
 mod support;

@@ -40,6 +40,8 @@ pub(crate) struct Net {
     /// Nodes whose appends fail (a full disk): the rest of that drain is skipped, as the shell
     /// does, and the replica hears `PersistFailed` with its group reloaded from "disk".
     pub(crate) failing_disk: BTreeSet<String>,
+    /// Each node's key files: (node, group) -> keyring.
+    pub(crate) keys_disk: BTreeMap<(String, String), konor_crdt::Keyring>,
 }
 
 impl Net {
@@ -68,6 +70,7 @@ impl Net {
             prepared: Vec::new(),
             members_disk: BTreeMap::new(),
             failing_disk: BTreeSet::new(),
+            keys_disk: BTreeMap::new(),
         }
     }
 
@@ -235,8 +238,12 @@ impl Net {
     fn persist(&mut self, node: &str, op: &PersistOp) -> Result<(), (String, String)> {
         let files = self.disk.entry(node.to_owned()).or_default();
         match op {
-            PersistOp::CreateGroup { group, file, .. } => {
+            PersistOp::CreateGroup { group, file, keys } => {
                 files.insert(group.clone(), file.clone());
+                self.keys_disk.insert((node.to_owned(), group.clone()), keys.clone());
+            }
+            PersistOp::Keys { group, keys } => {
+                self.keys_disk.insert((node.to_owned(), group.clone()), keys.clone());
             }
             PersistOp::Append { group, records } => {
                 if self.failing_disk.contains(node) {
@@ -264,7 +271,11 @@ impl Net {
         let loaded = konor_crdt::load_group_file(file, actor_for(node, 99)).ok()?;
         Some(LoadedState {
             doc: loaded.group,
-            key: GroupKey::from_bytes(KEY),
+            keys: self
+                .keys_disk
+                .get(&(node.to_owned(), group.to_owned()))
+                .cloned()
+                .unwrap_or_else(|| konor_crdt::Keyring::first(GroupKey::from_bytes(KEY))),
             tail_changes: loaded.tail_changes,
             sync_states: BTreeMap::new(),
             staged: loaded.staged,
@@ -316,6 +327,7 @@ fn describe(output: &Output) -> String {
             PersistOp::RemoveGroup { .. } => "persist remove".into(),
             PersistOp::SyncState { .. } => "persist sync-state".into(),
             PersistOp::Members { .. } => "persist members".into(),
+            PersistOp::Keys { .. } => "persist keys".into(),
         },
         Output::Reply { .. } => "reply".into(),
         Output::Notify(_) => "notify".into(),
@@ -398,8 +410,14 @@ fn a_wrong_key_is_refused_and_nothing_is_received() {
     assert!(error.to_string().contains("wrong group key"), "{error}");
     assert!(net.replicas["n3"].group("app").is_none());
     // A forged membership claim (a proof made with the wrong key) does not attract pushes.
-    let fake =
-        GroupGossip { digest: Default::default(), revision: 0, version: "v1".into(), proof: [0; 32], heads: vec![] };
+    let fake = GroupGossip {
+        digest: Default::default(),
+        revision: 0,
+        version: "v1".into(),
+        proof: [0; 32],
+        heads: vec![],
+        key: None,
+    };
     net.gossip.entry("n3".into()).or_default().insert("app".into(), fake);
     net.run();
     net.log.clear();
@@ -495,7 +513,7 @@ fn a_restarted_replica_keeps_its_revision_and_groups() {
     let reloaded = konor_crdt::GroupDoc::load(&doc.save(), actor_for("n1", 2)).unwrap();
     let loaded = LoadedState {
         doc: reloaded,
-        key: GroupKey::from_bytes(KEY),
+        keys: konor_crdt::Keyring::first(GroupKey::from_bytes(KEY)),
         tail_changes: 0,
         sync_states: BTreeMap::new(),
         staged: None,

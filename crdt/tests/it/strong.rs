@@ -15,7 +15,7 @@ use crate::replica::{KEY, Net, meta, send_command, set, set_command};
 
 /// A strong group created on the first node and joined by the others, with the shortest
 /// eviction delay, and leases granted all around.
-fn strong_mesh(nodes: &[&str]) -> Net {
+pub(crate) fn strong_mesh(nodes: &[&str]) -> Net {
     let mut net = Net::new(nodes);
     let policy = GroupPolicy { evict_after: Millis(EVICT_AFTER_MIN_MS), fencing: Fencing::Stale, ..Default::default() };
     let create = Command::CreateGroup {

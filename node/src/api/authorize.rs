@@ -10,7 +10,7 @@
 //!   guards, which can abort a release);
 //! * `operator`: writes and releases (`set`, `delete`, `apply`, `rollback`, `release`,
 //!   `promote`, `abort`, `schema_set`);
-//! * `admin`: groups (create, join, leave, remove members), certificate revocations and the
+//! * `admin`: groups (create, join, leave, remove members, rotate keys), certificate revocations and the
 //!   audit log (`audit list`).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -267,6 +267,7 @@ pub fn needed(request: &Request) -> Role {
         | Request::GroupJoin { .. }
         | Request::GroupLeave { .. }
         | Request::GroupRemove { .. }
+        | Request::GroupRotateKey { .. }
         | Request::Revoke { .. } => Role::Admin,
     }
 }

@@ -43,9 +43,10 @@ pub(crate) fn check_request(request: &Request) -> Result<(), String> {
             check_group(group)?;
             check_label("version", version)
         }
-        Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
-            check_group(name)
-        }
+        Request::GroupCreate { name, .. }
+        | Request::GroupJoin { name, .. }
+        | Request::GroupLeave { name, .. }
+        | Request::GroupRotateKey { name, .. } => check_group(name),
         Request::NodeHistory { node: Some(node) } => {
             check_length("node id", node, NODE_ID_CHARS_MAX)?;
             validate_node_id(node).map_err(|error| error.to_string())

@@ -136,6 +136,7 @@ pub fn audited(request: &Request) -> bool {
             | Request::GroupJoin { .. }
             | Request::GroupLeave { .. }
             | Request::GroupRemove { .. }
+            | Request::GroupRotateKey { .. }
             | Request::SchemaSet { .. }
             | Request::Release { .. }
             | Request::Promote { .. }
@@ -156,6 +157,10 @@ pub fn record_of(who: String, from: String, request: &Request, response: &Respon
         Response::Error { code, .. } => (code.as_str().to_owned(), None),
         Response::Committed { version, .. } => ("ok".to_owned(), Some(version.clone())),
         Response::Revoked { id, .. } => ("ok".to_owned(), Some(id.clone())),
+        // The generation, never the key.
+        Response::KeyRotated { generation, entitled, .. } => {
+            ("ok".to_owned(), Some(format!("generation {generation}, {entitled} members entitled")))
+        }
         _ => ("ok".to_owned(), None),
     };
     unsealed(who, from, request.kind(), request.group().map(str::to_owned), detail, outcome)

@@ -337,6 +337,20 @@ pub enum GroupCommand {
         #[arg(long, hide = true, value_name = "SECRET")]
         key: Option<Secret>,
     },
+    /// Move a group to a new key: its members are handed the new key (wrapped under the one
+    /// they hold); the old key no longer admits anyone, so a node that left cannot join again
+    /// with it. Prints the new key (or writes it with --key-out) for nodes that join later.
+    RotateKey {
+        /// Group name.
+        name: String,
+        /// Read the new key from FILE (`-`: standard input) instead of generating one.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
+        /// Write the new key to FILE (created with mode 600, never overwritten) instead of
+        /// printing it.
+        #[arg(long, value_name = "FILE")]
+        key_out: Option<std::path::PathBuf>,
+    },
     /// Stop holding a group on this node (a strong group's member first leaves its
     /// configuration, agreed by the others).
     Leave {

@@ -14,8 +14,9 @@ use crate::ctl::exit::UsageError;
 /// The environment variable `group join` reads the key from when no `--key-file` is given.
 pub const KEY_ENV: &str = "KONOR_GROUP_KEY";
 
-/// A key file larger than this is not a key (konord's own key files are 4 KiB at most).
-pub const KEY_FILE_BYTES_MAX: u64 = 4096;
+/// A key file larger than this is not a key: konord's own key files (`groups/<group>.key`, a
+/// keyring whose first line is the current key) are at most this.
+pub const KEY_FILE_BYTES_MAX: u64 = konor_crdt::keyring::KEYRING_TEXT_BYTES_MAX as u64;
 
 /// Reads a key from `path` (`-`: standard input): the first line, without surrounding space.
 pub fn read(path: &Path) -> anyhow::Result<Secret> {
@@ -98,7 +99,7 @@ mod tests {
         std::fs::write(&empty, "\n").unwrap();
         assert!(read(&empty).unwrap_err().to_string().contains("holds no group key"));
         let huge = dir.path().join("huge");
-        std::fs::write(&huge, "k".repeat(5000)).unwrap();
+        std::fs::write(&huge, "k".repeat(KEY_FILE_BYTES_MAX as usize + 1)).unwrap();
         assert!(read(&huge).unwrap_err().to_string().contains("not a group key"));
         assert!(read(&dir.path().join("missing")).is_err());
     }

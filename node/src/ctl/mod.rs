@@ -192,6 +192,14 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
             };
             call(&target, JOIN_WAIT, Request::GroupJoin { name, key }, output).await
         }
+        Command::Group(GroupCommand::RotateKey { name, key_file, key_out }) => {
+            let key = key_file.as_deref().map(group_key::read).transpose()?;
+            let request = Request::GroupRotateKey { name, key };
+            match key_out {
+                Some(path) => create_with_key_out(&target, request, &path, output).await,
+                None => call(&target, TIMEOUT_DEFAULT, request, output).await,
+            }
+        }
         Command::Group(GroupCommand::Leave { name, force }) => {
             call(&target, TIMEOUT_DEFAULT, Request::GroupLeave { name, force }, output).await
         }
@@ -492,7 +500,8 @@ fn refuse_key_on_command_line(given: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `group create --key-out FILE`: the key goes to a new private file, not to the terminal.
+/// `group create|rotate-key --key-out FILE`: the key goes to a new private file, not to the
+/// terminal.
 async fn create_with_key_out(
     target: &DaemonTarget,
     request: Request,
@@ -504,15 +513,20 @@ async fn create_with_key_out(
         return Err(UsageError(format!("{} exists; --key-out never overwrites a file", path.display())).into());
     }
     let response = ask(target, TIMEOUT_DEFAULT, &request).await?;
-    let Response::GroupCreated { name, key } = &response else {
-        return emit(&render(&request, &response, output, now_ms()));
+    let (name, key, done) = match &response {
+        Response::GroupCreated { name, key } => (name, key, "created"),
+        Response::KeyRotated { group, key, .. } => (group, key, "rotated the key of"),
+        _ => return emit(&render(&request, &response, output, now_ms())),
     };
     group_key::write_new(path, key)
-        .with_context(|| format!("group {name} was created, but its key could not be written to {}", path.display()))?;
-    let stdout = match output {
-        OutputFormat::Json => format!("{}\n", serde_json::json!({ "created": name, "key_file": path })),
+        .with_context(|| format!("{done} group {name}, but its key could not be written to {}", path.display()))?;
+    let stdout = match (output, &response) {
+        (OutputFormat::Json, Response::KeyRotated { generation, .. }) => {
+            format!("{}\n", serde_json::json!({ "rotated": name, "generation": generation, "key_file": path }))
+        }
+        (OutputFormat::Json, _) => format!("{}\n", serde_json::json!({ "created": name, "key_file": path })),
         _ => format!(
-            "created group {name}\nkey written to {path} (mode 600)\n\
+            "{done} group {name}\nkey written to {path} (mode 600)\n\
              share it: copy the file to the nodes that should hold the group and run \
              konorctl group join {name} --key-file FILE there\n",
             path = path.display()

@@ -326,6 +326,14 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
         Request::GroupJoin { name, key } => {
             (Method::POST, format!("{groups}/{name}/join"), Some(json!({ "key": key.expose() })))
         }
+        Request::GroupRotateKey { name, key } => (
+            Method::POST,
+            format!("{groups}/{name}/rotate-key"),
+            Some(match key {
+                Some(key) => json!({ "key": key.expose() }),
+                None => json!({}),
+            }),
+        ),
         Request::GroupLeave { name, force } => {
             (Method::POST, format!("{groups}/{name}/leave"), Some(json!({ "force": force })))
         }

@@ -192,6 +192,11 @@ fn render_table(request: &Request, response: &Response, now_ms: u64) -> Rendered
             ))
         }
         Response::Joined { name, version } => Rendered::ok(format!("joined group {name} at {version}\n")),
+        Response::KeyRotated { group, generation, entitled, key } => Rendered::ok(format!(
+            "rotated the key of group {group}: generation {generation}, handed to its {entitled} members as they ask\n\
+             key: {key}\nthe old key no longer admits anyone; nodes that join from now on need this one\n",
+            key = key.expose()
+        )),
         Response::Groups { groups } => Rendered::ok(groups_text(groups)),
         Response::History { group, versions } => Rendered::ok(history_text(group, versions)),
         Response::Show { group, version, settings } => {

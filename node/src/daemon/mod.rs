@@ -17,7 +17,7 @@ use konor_crdt::replica::{
     PeerState, actor_for,
 };
 use konor_crdt::{
-    Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Millis, Mode, Output, PersistOp, Replica,
+    Command, CommitMeta, EditError, FileFormat, GroupKey, Input, Keyring, Millis, Mode, Output, PersistOp, Replica,
 };
 use konor_sdk::Secret;
 use konor_sdk::protocol::{
@@ -875,6 +875,7 @@ fn answers_from_state(call: &LocalCall) -> bool {
                 | Request::GroupJoin { .. }
                 | Request::GroupLeave { .. }
                 | Request::GroupRemove { .. }
+                | Request::GroupRotateKey { .. }
         ),
         LocalCall::Watch { .. } => true,
         LocalCall::Disconnected { .. } => false,
@@ -890,8 +891,8 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
     let mut loaded = BTreeMap::new();
     let mut repairs = Vec::new();
     for name in store.list_groups()? {
-        let key = match store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
-            Some(Ok(key)) => key,
+        let keys = match store.read_group_key(&name)?.map(|text| Keyring::parse(text.expose())) {
+            Some(Ok(keys)) => keys,
             _ => {
                 error!(group = %name, "group key missing or unreadable; the group is not served");
                 continue;
@@ -907,7 +908,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
                 let state = LoadedState {
                     damaged: file.dropped.is_some(),
                     doc: file.group,
-                    key,
+                    keys,
                     tail_changes: file.tail_changes,
                     sync_states: store.read_sync_states(&name).unwrap_or_default(),
                     staged: file.staged,
@@ -920,7 +921,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
             Err(error) => {
                 let moved = store.quarantine_group(&name)?;
                 error!(group = %name, %error, moved = %moved.display(), "group file unreadable; moved aside, repairing from peers");
-                repairs.push((name, key));
+                repairs.push((name, keys.key().clone()));
             }
         }
     }
@@ -930,9 +931,9 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
         if loaded.contains_key(&name) || repairs.iter().any(|(pending, _)| *pending == name) {
             continue;
         }
-        if let Some(Ok(key)) = store.read_group_key(&name)?.map(|text| GroupKey::parse(text.expose())) {
+        if let Some(Ok(keys)) = store.read_group_key(&name)?.map(|text| Keyring::parse(text.expose())) {
             warn!(group = %name, "group file missing (quarantined earlier): repairing from peers");
-            repairs.push((name, key));
+            repairs.push((name, keys.key().clone()));
         }
     }
     Ok((loaded, repairs))
@@ -942,6 +943,7 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
 fn persist_op_group(op: &PersistOp) -> &str {
     match op {
         PersistOp::CreateGroup { group, .. }
+        | PersistOp::Keys { group, .. }
         | PersistOp::Append { group, .. }
         | PersistOp::Compact { group, .. }
         | PersistOp::RemoveGroup { group }

@@ -282,7 +282,10 @@ impl Daemon {
     fn skips_after_failure(op: &PersistOp) -> bool {
         match op {
             PersistOp::Append { .. } | PersistOp::Compact { .. } | PersistOp::SyncState { .. } => true,
-            PersistOp::CreateGroup { .. } | PersistOp::RemoveGroup { .. } | PersistOp::Members { .. } => false,
+            PersistOp::CreateGroup { .. }
+            | PersistOp::RemoveGroup { .. }
+            | PersistOp::Members { .. }
+            | PersistOp::Keys { .. } => false,
         }
     }
 
@@ -330,7 +333,7 @@ impl Daemon {
         }
         let name = group.to_owned();
         let key = match self.with_store(move |store| store.read_group_key(&name)).await {
-            Ok(Ok(Some(text))) => GroupKey::parse(text.expose()).ok(),
+            Ok(Ok(Some(text))) => Keyring::parse(text.expose()).ok().map(|keys| keys.key().clone()),
             _ => None,
         };
         let Some(key) = key else { return };
@@ -378,8 +381,8 @@ impl Daemon {
             }
         };
         let name = group.to_owned();
-        let key = self.with_store(move |store| store.read_group_key(&name)).await.ok()?.ok()??;
-        let key = GroupKey::parse(key.expose()).ok()?;
+        let keys = self.with_store(move |store| store.read_group_key(&name)).await.ok()?.ok()??;
+        let keys = Keyring::parse(keys.expose()).ok()?;
         let needs_rewrite = {
             let name = group.to_owned();
             self.with_store(move |store| store.needs_recovery(&name)).await.unwrap_or(true)
@@ -392,7 +395,7 @@ impl Daemon {
         Some(LoadedState {
             damaged: false,
             doc: file.group,
-            key,
+            keys,
             tail_changes: file.tail_changes,
             sync_states: BTreeMap::new(),
             staged: file.staged,
@@ -627,10 +630,11 @@ impl Daemon {
         }
         self.with_store(move |store| -> anyhow::Result<()> {
             match op {
-                PersistOp::CreateGroup { group, file, key } => {
-                    store.write_group_key(&group, &Secret::new(key.to_text()))?;
+                PersistOp::CreateGroup { group, file, keys } => {
+                    store.write_group_key(&group, &Secret::new(keys.to_text()))?;
                     store.create_group(&group, &file)?;
                 }
+                PersistOp::Keys { group, keys } => store.write_group_key(&group, &Secret::new(keys.to_text()))?,
                 PersistOp::Append { group, records } => store.append(&group, &records)?,
                 PersistOp::Compact { group, file } => store.replace_group(&group, &file)?,
                 PersistOp::RemoveGroup { group } => {
@@ -692,6 +696,9 @@ impl Daemon {
             Ok(Ok(CommandOutcome::Reconfigured { group, configuration })) => {
                 Response::Reconfigured { group, configuration }
             }
+            Ok(Ok(CommandOutcome::KeyRotated { group, generation, entitled })) => {
+                Response::KeyRotated { group, generation, entitled, key: key.unwrap_or_default() }
+            }
         };
         let _ = sender.send(response);
     }
@@ -737,6 +744,9 @@ fn log_outcome(result: &Result<Result<CommandOutcome, CommandError>, String>) {
         Ok(Ok(CommandOutcome::Left { name })) => info!(group = %name, "group left"),
         Ok(Ok(CommandOutcome::Reconfigured { group, configuration })) => {
             info!(%group, %configuration, "strong group reconfigured")
+        }
+        Ok(Ok(CommandOutcome::KeyRotated { group, generation, entitled })) => {
+            info!(%group, generation, entitled, "group key rotated")
         }
         Ok(Ok(CommandOutcome::Committed(_))) => {}
         Ok(Err(error)) => warn!(%error, "command refused or not committed"),

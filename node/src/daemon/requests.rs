@@ -355,6 +355,18 @@ impl Daemon {
                 }
                 Err(message) => error_response(ErrorCode::BadRequest, message),
             },
+            Request::GroupRotateKey { name, key } => {
+                let key = match key {
+                    Some(text) => match GroupKey::parse(text.expose()) {
+                        Ok(key) => key,
+                        Err(message) => return send(reply, error_response(ErrorCode::BadRequest, message)),
+                    },
+                    None => self.draw_key(),
+                };
+                let text = Secret::new(key.to_text());
+                return self
+                    .command(Command::RotateKey { group: name, key }, PendingReply::Created { reply, key: text });
+            }
             Request::GroupLeave { name, force } => {
                 return self.command(Command::LeaveGroup { name, force }, PendingReply::Plain(reply));
             }

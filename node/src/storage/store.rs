@@ -39,8 +39,9 @@ use serde::{Deserialize, Serialize};
 /// bogus length) or a missed compaction, and reading it would allocate without bound.
 pub const GROUP_FILE_BYTES_MAX: usize = RECORD_PAYLOAD_BYTES_MAX * 2;
 
-/// Largest group key file: keys are short secrets (a few dozen bytes of text); anything bigger is not a key.
-pub const GROUP_KEY_BYTES_MAX: usize = 4 * 1024;
+/// Largest group key file: a keyring (the key, up to 8 it replaced, the members entitled to it) at
+/// its caps; anything bigger is not a key file.
+pub const GROUP_KEY_BYTES_MAX: usize = konor_crdt::keyring::KEYRING_TEXT_BYTES_MAX;
 
 /// Largest node identity file: two fields of JSON; anything bigger is not ours.
 const NODE_FILE_BYTES_MAX: usize = 64 * 1024;

@@ -189,6 +189,15 @@ pub enum Request {
         /// The group's secret key.
         key: Secret,
     },
+    /// Move a group to a new key (`konorctl group rotate-key`): the members then are handed
+    /// it; a node that left, or joins with the old key, is refused.
+    GroupRotateKey {
+        /// Name.
+        name: String,
+        /// The new key; konord draws one when absent.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key: Option<Secret>,
+    },
     /// Leave a group on this node.
     GroupLeave {
         /// Name.
@@ -775,6 +784,17 @@ pub enum Response {
         /// Its secret key: share it with nodes that should join.
         key: Secret,
     },
+    /// A group moved to a new key.
+    KeyRotated {
+        /// Group.
+        group: String,
+        /// The new key's generation (the group's first key is 0).
+        generation: u64,
+        /// Members entitled to it, this node included.
+        entitled: usize,
+        /// The new key: joins need it from now on.
+        key: Secret,
+    },
     /// This node joined a group.
     Joined {
         /// Name.
@@ -1205,9 +1225,10 @@ impl Request {
             | Request::Conflicts { group }
             | Request::Status { group }
             | Request::ReleaseReport { group, .. } => Some(group),
-            Request::GroupCreate { name, .. } | Request::GroupJoin { name, .. } | Request::GroupLeave { name, .. } => {
-                Some(name)
-            }
+            Request::GroupCreate { name, .. }
+            | Request::GroupJoin { name, .. }
+            | Request::GroupLeave { name, .. }
+            | Request::GroupRotateKey { name, .. } => Some(name),
             Request::GroupRemove { group, .. } => Some(group),
             Request::Hello { .. }
             | Request::GroupList
@@ -1238,6 +1259,7 @@ impl Request {
             Request::Promote { .. } => "promote",
             Request::Abort { .. } => "abort",
             Request::GroupLeave { .. } => "group_leave",
+            Request::GroupRotateKey { .. } => "group_rotate_key",
             Request::GroupRemove { .. } => "group_remove",
             Request::GroupList => "group_list",
             Request::Set { .. } => "set",
@@ -1276,6 +1298,7 @@ impl Response {
             Response::Committed { .. } => "committed",
             Response::GroupCreated { .. } => "group_created",
             Response::Joined { .. } => "joined",
+            Response::KeyRotated { .. } => "key_rotated",
             Response::Groups { .. } => "groups",
             Response::Show { .. } => "show",
             Response::Schema { .. } => "schema",

@@ -273,6 +273,7 @@ fn router(door: Arc<Door>, caller: Caller) -> Router {
         .route("/api/v1/groups", get(routes::groups).post(routes::group_create))
         .route("/api/v1/groups/{group}/join", post(routes::group_join))
         .route("/api/v1/groups/{group}/leave", post(routes::group_leave))
+        .route("/api/v1/groups/{group}/rotate-key", post(routes::group_rotate_key))
         .route("/api/v1/groups/{group}/remove", post(routes::group_remove))
         .route("/api/v1/groups/{group}/settings", get(routes::snapshot).post(routes::set_many))
         .route(

@@ -109,6 +109,7 @@ fn is_write(request: &Request) -> bool {
         | Request::GroupJoin { .. }
         | Request::GroupLeave { .. }
         | Request::GroupRemove { .. }
+        | Request::GroupRotateKey { .. }
         | Request::Set { .. }
         | Request::Delete { .. }
         | Request::Apply { .. }
@@ -436,6 +437,22 @@ pub(super) async fn group_join(
     JsonBody(GroupJoinBody { key }): JsonBody<GroupJoinBody>,
 ) -> Answer {
     command(&ctx, Request::GroupJoin { name, key: Secret::new(key) }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RotateKeyBody {
+    #[serde(default)]
+    key: Option<Secret>,
+}
+
+/// `POST /api/v1/groups/{group}/rotate-key`: `{key?}` or no body; answers the new key.
+pub(super) async fn group_rotate_key(
+    State(ctx): State<Ctx>,
+    PathSegment(name): PathSegment,
+    JsonBody(RotateKeyBody { key }): JsonBody<RotateKeyBody>,
+) -> Answer {
+    command(&ctx, Request::GroupRotateKey { name, key }).await
 }
 
 #[derive(Deserialize)]
