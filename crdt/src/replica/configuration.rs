@@ -159,6 +159,10 @@ impl Replica {
         for member in now_members {
             state.announced.entry(member).or_insert(now);
         }
+        // Saved before the join is answered: a node that restarts at once still knows whom to
+        // trust (a rotated key is asked only of members it knew, rotation.rs).
+        self.remember_members();
+        let Some(state) = self.groups.get_mut(group) else { return };
         let version = state.doc.latest_label();
         if state.doc.mode() == Mode::Strong {
             state.strong.joining = Some((command, Millis(now.0 + crate::limits::JOIN_TIMEOUT_MS)));

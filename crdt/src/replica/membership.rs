@@ -126,7 +126,7 @@ impl Replica {
     /// Adds the members gossip and announcements show to what this node knows of each group,
     /// drops the ones that left (or, after the start grace, that gossip no longer knows), and
     /// persists the list when it changed.
-    fn remember_members(&mut self) {
+    pub(super) fn remember_members(&mut self) {
         let names: Vec<String> = self.groups.keys().cloned().collect();
         for name in names {
             let mut current: BTreeSet<NodeId> = self.members(&name).into_iter().map(|(node, _, _)| node).collect();

@@ -15,6 +15,7 @@ mod guarded_edits;
 mod harness;
 mod http;
 mod isolation;
+mod key_rotation;
 mod liveness;
 mod mesh;
 mod netns;
