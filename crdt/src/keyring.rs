@@ -5,11 +5,16 @@
 //! was a member when the key was made. A node that left before the rotation is not entitled,
 //! and the old key no longer admits anyone: joins and membership proofs use the current key.
 //!
+//! It also records the members seen leaving the group (`left`), with the generation held then:
+//! such a node is never entitled, trusted to hand a key over, nor re-counted from its old key
+//! (gossip forgets a node, and a node can take back its own "left" marker; this record does
+//! not), until it proves a newer key than the one it left with, or joins again here.
+//!
 //! The text form is the key file: the current key's 64 hex digits on the first line (a file of
-//! generation 0 is that line alone, as before keyrings), then `generation N`, `previous N HEX`
-//! and `entitled NODE` lines.
+//! generation 0 is that line alone, as before keyrings), then `generation N`, `previous N HEX`,
+//! `entitled NODE` and `left NODE N` lines.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
@@ -22,8 +27,9 @@ use crate::settings::hex;
 /// key request.
 pub const KEYRING_PREVIOUS_MAX: usize = 8;
 
-/// Members named entitled to a key: above the largest mesh a node serves, so a rotation never
-/// leaves a member out for want of room; it bounds the key file and a grant.
+/// Members named entitled to a key (and members recorded as left): above the largest mesh a
+/// node serves, so a rotation never leaves a member out for want of room; it bounds the key file
+/// and a grant.
 pub const KEYRING_ENTITLED_MAX: usize = 4_096;
 
 /// Longest node id kept in a keyring (certificates' node ids are at most 32 characters).
@@ -34,7 +40,8 @@ pub const KEYRING_NODE_ID_BYTES_MAX: usize = 64;
 pub const KEYRING_TEXT_BYTES_MAX: usize = (64 + 1)
     + ("generation ".len() + 20 + 1)
     + KEYRING_PREVIOUS_MAX * ("previous ".len() + 20 + 1 + 64 + 1)
-    + KEYRING_ENTITLED_MAX * ("entitled ".len() + KEYRING_NODE_ID_BYTES_MAX + 1);
+    + KEYRING_ENTITLED_MAX * ("entitled ".len() + KEYRING_NODE_ID_BYTES_MAX + 1)
+    + KEYRING_ENTITLED_MAX * ("left ".len() + KEYRING_NODE_ID_BYTES_MAX + 1 + 20 + 1);
 
 const _: () = assert!(KEYRING_TEXT_BYTES_MAX < crate::limits::PEER_MESSAGE_BYTES_MAX);
 
@@ -71,7 +78,7 @@ impl KeyId {
     pub fn parse(text: &str) -> Option<KeyId> {
         let (generation, tag) = text.split_once('-')?;
         let tag: [u8; 8] = crate::settings::unhex(tag)?.try_into().ok()?;
-        Some(KeyId { generation: generation.parse().ok()?, tag })
+        Some(KeyId { generation: number(generation).ok()?, tag })
     }
 }
 
@@ -85,6 +92,8 @@ pub struct Keyring {
     /// Who may be handed the current key: the members when it was made (empty: nobody is
     /// handed it; they join with it).
     entitled: BTreeSet<String>,
+    /// Members seen leaving, with the generation this node held then.
+    left: BTreeMap<String, u64>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -93,6 +102,7 @@ impl std::fmt::Debug for Keyring {
             .field("generation", &self.generation)
             .field("previous", &self.previous.len())
             .field("entitled", &self.entitled.len())
+            .field("left", &self.left.len())
             .finish_non_exhaustive()
     }
 }
@@ -100,7 +110,7 @@ impl std::fmt::Debug for Keyring {
 impl Keyring {
     /// A group's first key (generation 0), or a key joined with.
     pub fn first(key: GroupKey) -> Keyring {
-        Keyring { generation: 0, key, previous: Vec::new(), entitled: BTreeSet::new() }
+        Keyring { generation: 0, key, previous: Vec::new(), entitled: BTreeSet::new(), left: BTreeMap::new() }
     }
 
     /// The current key.
@@ -123,19 +133,48 @@ impl Keyring {
         &self.entitled
     }
 
+    /// The generation this node held when it saw `node` leave, if it did (and has not seen it
+    /// come back since).
+    pub fn left_at(&self, node: &str) -> Option<u64> {
+        self.left.get(node).copied()
+    }
+
+    /// The members recorded as left.
+    pub fn left(&self) -> &BTreeMap<String, u64> {
+        &self.left
+    }
+
+    /// The keyring with `node` recorded as left now; `None` when nothing changes (already
+    /// recorded, or the record is full: the oldest names are kept).
+    pub fn with_left(&self, node: &str) -> Option<Keyring> {
+        if self.left.contains_key(node) || self.left.len() >= KEYRING_ENTITLED_MAX || !valid_node(node) {
+            return None;
+        }
+        let mut keys = self.clone();
+        keys.left.insert(node.to_owned(), self.generation);
+        keys.entitled.remove(node);
+        Some(keys)
+    }
+
+    /// The keyring without `node`'s record of leaving (it joined again); `None` if there was
+    /// none.
+    pub fn without_left(&self, node: &str) -> Option<Keyring> {
+        let mut keys = self.clone();
+        keys.left.remove(node)?;
+        Some(keys)
+    }
+
     /// The keyring after moving to `key` at `generation` (a rotation made here or a grant):
-    /// the current key joins the replaced ones.
+    /// the current key joins the replaced ones; the record of members that left is kept.
     pub fn moved_to(&self, generation: u64, key: GroupKey, mut entitled: BTreeSet<String>) -> Keyring {
         let mut previous = vec![(self.generation, self.key.clone())];
         previous.extend(self.previous.iter().filter(|(_, old)| *old != key).cloned());
         previous.truncate(KEYRING_PREVIOUS_MAX);
-        entitled.retain(|node| {
-            !node.is_empty() && node.len() <= KEYRING_NODE_ID_BYTES_MAX && !node.contains(char::is_whitespace)
-        });
+        entitled.retain(|node| valid_node(node) && !self.left.contains_key(node));
         while entitled.len() > KEYRING_ENTITLED_MAX {
             entitled.pop_last();
         }
-        Keyring { generation, key, previous, entitled }
+        Keyring { generation, key, previous, entitled, left: self.left.clone() }
     }
 
     /// The same key at `generation` (a joiner learns its generation from the granter's gossip).
@@ -161,7 +200,7 @@ impl Keyring {
     pub fn to_text(&self) -> String {
         let mut text = self.key.to_text();
         text.push('\n');
-        if self.generation == 0 && self.previous.is_empty() && self.entitled.is_empty() {
+        if self.generation == 0 && self.previous.is_empty() && self.entitled.is_empty() && self.left.is_empty() {
             return text;
         }
         text.push_str(&format!("generation {}\n", self.generation));
@@ -171,6 +210,9 @@ impl Keyring {
         for node in &self.entitled {
             text.push_str(&format!("entitled {node}\n"));
         }
+        for (node, generation) in &self.left {
+            text.push_str(&format!("left {node} {generation}\n"));
+        }
         text
     }
 
@@ -179,32 +221,60 @@ impl Keyring {
         let mut lines = text.lines().map(str::trim).filter(|line| !line.is_empty());
         let key = GroupKey::parse(lines.next().ok_or("the key file holds no key")?)?;
         let mut keyring = Keyring::first(key);
+        let mut generation_seen = false;
         for line in lines {
             let mut words = line.split_whitespace();
             match (words.next(), words.next(), words.next(), words.next()) {
-                (Some("generation"), Some(n), None, None) => {
-                    keyring.generation = n.parse().map_err(|_| format!("bad generation {n:?}"))?;
+                (Some("generation"), Some(n), None, None) if !generation_seen => {
+                    keyring.generation = number(n)?;
+                    generation_seen = true;
                 }
                 (Some("previous"), Some(n), Some(key), None) => {
                     if keyring.previous.len() >= KEYRING_PREVIOUS_MAX {
                         return Err(format!("more than {KEYRING_PREVIOUS_MAX} previous keys"));
                     }
-                    let generation = n.parse().map_err(|_| format!("bad generation {n:?}"))?;
-                    keyring.previous.push((generation, GroupKey::parse(key)?));
+                    let generation = number(n)?;
+                    let key = GroupKey::parse(key)?;
+                    if generation > keyring.generation || key == keyring.key {
+                        return Err(format!(
+                            "previous key of generation {generation} is not older than the current one"
+                        ));
+                    }
+                    keyring.previous.push((generation, key));
                 }
                 (Some("entitled"), Some(node), None, None) => {
-                    if keyring.entitled.len() >= KEYRING_ENTITLED_MAX || node.len() > KEYRING_NODE_ID_BYTES_MAX {
-                        return Err(format!(
-                            "more than {KEYRING_ENTITLED_MAX} entitled members, or a node id too long"
-                        ));
+                    if keyring.entitled.len() >= KEYRING_ENTITLED_MAX || !valid_node(node) {
+                        return Err(format!("more than {KEYRING_ENTITLED_MAX} entitled members, or a bad node id"));
                     }
                     keyring.entitled.insert(node.to_owned());
                 }
-                _ => return Err("a line of the key file is neither generation, previous nor entitled".to_owned()),
+                (Some("left"), Some(node), Some(n), None) => {
+                    if keyring.left.len() >= KEYRING_ENTITLED_MAX || !valid_node(node) {
+                        return Err(format!("more than {KEYRING_ENTITLED_MAX} members that left, or a bad node id"));
+                    }
+                    keyring.left.insert(node.to_owned(), number(n)?);
+                }
+                _ => {
+                    return Err("a line of the key file is not one generation, previous, entitled or left line".into());
+                }
             }
         }
         Ok(keyring)
     }
+}
+
+/// A generation: digits only.
+fn number(text: &str) -> Result<u64, String> {
+    // The text is not quoted back: a key written in the wrong place must not reach a log.
+    if text.is_empty() || !text.bytes().all(|byte| byte.is_ascii_digit()) {
+        return Err("a generation is not a number".to_owned());
+    }
+    text.parse().map_err(|_| "a generation is out of range".to_owned())
+}
+
+/// A node id a keyring can hold: one word, within [`KEYRING_NODE_ID_BYTES_MAX`].
+fn valid_node(node: &str) -> bool {
+    !node.is_empty() && node.len() <= KEYRING_NODE_ID_BYTES_MAX && !node.contains(char::is_whitespace)
 }
 
 fn mac(key: &GroupKey, parts: &[&[u8]]) -> [u8; 32] {

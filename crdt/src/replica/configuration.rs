@@ -183,6 +183,11 @@ impl Replica {
         if proof != super::membership_proof(state.keys.key(), group, &from) {
             return self.drop_message(from, format!("announcement for {group:?} with a wrong membership proof"));
         }
+        if self.behind(group) {
+            return self.drop_message(from, format!("announcement for {group:?} under a key that was rotated"));
+        }
+        self.rejoined(group, &from);
+        let Some(state) = self.groups.get_mut(group) else { return };
         state.announced.insert(from.clone(), now);
         self.outputs
             .push_back(Output::Send { to: from, message: PeerMessage::AnnounceAck { group: group.to_owned() } });

@@ -143,6 +143,12 @@ impl Replica {
             let message = PeerMessage::JoinRefused { group, reason: "wrong group key".to_owned() };
             return self.outputs.push_back(Output::Send { to: from, message });
         }
+        if self.behind(&group) {
+            // This member's key was rotated and it has not moved yet: no grant (the joiner asks
+            // another member after its step).
+            return self.drop_message(from, format!("join of {group:?} under a key that was rotated"));
+        }
+        self.rejoined(&group, &from);
         let mut members: Vec<NodeId> = self.member_liveness(&group).into_keys().collect();
         members.push(self.node_id.clone());
         let Some(state) = self.groups.get_mut(&group) else { return };

@@ -119,6 +119,7 @@ impl Replica {
             self.check_votes(name);
         }
         self.count_gossip_acks();
+        self.record_departures();
         self.ask_for_newer_keys();
         self.handle_tick();
     }
@@ -144,6 +145,7 @@ impl Replica {
                     && !peer.is_some_and(|p| p.left.contains(&name))
                     // A member that moved to a newer key is still one: this node asks it for
                     // the key (rotation.rs), and trusts only members it knew.
+                    && !self.departed(&name, node)
                     && (current.contains(node) || !grace_over || self.holds_newer_key(&name, node))
             });
             let Some(state) = self.groups.get_mut(&name) else { continue };

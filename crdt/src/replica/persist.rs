@@ -57,7 +57,7 @@ impl Replica {
         };
         let LoadedState {
             mut doc,
-            keys: _,
+            keys,
             tail_changes,
             sync_states: _,
             staged,
@@ -72,8 +72,10 @@ impl Replica {
         doc.set_actor(reload_actor(&self.actor, self.reloads));
         doc.set_viewer(self.viewer());
         let revision = self.starting_revision(group, &doc);
-        // The keyring in memory is the one to keep: the file's is the same or older.
-        let mut state = GroupState::new(doc, old.keys, old.proof, tail_changes, revision);
+        // The key file as saved: a key adopted since whose save failed is dropped with the rest
+        // (the member asks for it again; a rotation made here was answered not durable).
+        let proof = super::membership_proof(keys.key(), group, &self.node_id);
+        let mut state = GroupState::new(doc, keys, proof, tail_changes, revision);
         state.round_lamport = old.round_lamport;
         state.decisions = old.decisions;
         state.ballots = old.ballots;

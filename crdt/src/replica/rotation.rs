@@ -10,10 +10,14 @@
 //! the key, a member's messages are dropped by those that moved, as if lost: rounds abort and
 //! commits wait, nothing is decided on a mixed view.
 //!
-//! Two rotations at once (on two nodes) make two keys of one generation: the larger key id
-//! wins, and the other's holders ask for it like members that missed a rotation (they share the
-//! key both replaced).
-
+//! Whom a member trusts to hand it a key: a member it knew (remembered, or in a strong group's
+//! configuration) that it never saw leave, or that proved a newer key than the one it left
+//! with (the keyring's `left` record, durable: gossip forgets, and a node can take back its own
+//! "left" marker). It takes a grant only wrapped under its current key, or, for a key of its
+//! own generation (two rotations at once: the larger key id wins), under the key both replaced
+//! from a member entitled to its current key. A member that knows it is behind admits no joiner
+//! and counts no announcement under its old key.
+//!
 use std::collections::BTreeSet;
 
 use super::{CommandError, CommandId, CommandOutcome, NodeId, Output, PersistOp, Replica, membership_proof};
@@ -46,27 +50,35 @@ pub(super) struct Grant {
 }
 
 impl Replica {
-    /// `group rotate-key`: a new key, its generation past any this node has seen.
+    /// `group rotate-key`: a new key, its generation past any this node has seen a member hold.
     pub(super) fn rotate_key(&mut self, id: CommandId, group: String, key: GroupKey) {
         let Some(state) = self.groups.get(&group) else {
             return self.reply(id, Err(CommandError::UnknownGroup(group)));
         };
+        if state.keys.all(&group).iter().any(|(_, held)| **held == key) {
+            let error = "the new key is the group's current key or one it replaced: draw a new one".to_owned();
+            return self.reply(id, Err(CommandError::BadRequest(error)));
+        }
         let newest_seen = self
             .membership
             .peers
-            .values()
-            .filter_map(|peer| peer.groups.get(&group))
+            .iter()
+            .filter(|(node, _)| self.trusted(&group, node))
+            .filter_map(|(_, peer)| peer.groups.get(&group))
             .map(|gossip| gossip.generation())
             .max()
             .unwrap_or(0);
-        let generation = state.keys.generation().max(newest_seen) + 1;
+        let Some(generation) = state.keys.generation().max(newest_seen).checked_add(1) else {
+            let error = "the group's key generation cannot grow any more".to_owned();
+            return self.reply(id, Err(CommandError::TooLarge(error)));
+        };
         let mut entitled: BTreeSet<NodeId> = self.member_liveness(&group).into_keys().collect();
         entitled.extend(state.known_members.iter().cloned());
         entitled.extend(state.keys.entitled().iter().cloned());
         if let Some(configuration) = state.doc.configuration() {
             entitled.extend(configuration.members.iter().cloned());
         }
-        entitled.retain(|node| !self.has_left(&group, node));
+        entitled.retain(|node| !self.has_left(&group, node) && !self.departed(&group, node));
         entitled.insert(self.node_id.clone());
         if entitled.len() > KEYRING_ENTITLED_MAX {
             let error = format!("the group has more than {KEYRING_ENTITLED_MAX} members to hand a key to");
@@ -97,6 +109,34 @@ impl Replica {
         self.membership.peers.get(node).is_some_and(|peer| peer.left.contains(group))
     }
 
+    /// True when this node saw `node` leave `group` and `node` has not shown a newer key since
+    /// (its membership proof under this node's key, of a later generation than it left with).
+    pub(super) fn departed(&self, group: &str, node: &str) -> bool {
+        self.groups.get(group).is_some_and(|state| self.departed_in(&state.keys, group, node))
+    }
+
+    /// [`Replica::departed`] by the record in `keys`.
+    fn departed_in(&self, keys: &crate::keyring::Keyring, group: &str, node: &str) -> bool {
+        let Some(left_at) = keys.left_at(node) else { return false };
+        let proves_newer = keys.generation() > left_at
+            && self
+                .membership
+                .peers
+                .get(node)
+                .and_then(|peer| peer.groups.get(group))
+                .is_some_and(|gossip| gossip.proof == membership_proof(keys.key(), group, node));
+        !proves_newer
+    }
+
+    /// Whether this node trusts `node` to hand it `group`'s key: a member it knew (or of the
+    /// configuration) that it has not seen leave.
+    fn trusted(&self, group: &str, node: &str) -> bool {
+        let Some(state) = self.groups.get(group) else { return false };
+        let known = state.known_members.contains(node)
+            || state.doc.configuration().is_some_and(|configuration| configuration.contains(node));
+        known && !self.has_left(group, node) && !self.departed(group, node)
+    }
+
     /// True when `node`'s gossip names a newer key of `group` than this node holds.
     pub(super) fn holds_newer_key(&self, group: &str, node: &str) -> bool {
         let Some(state) = self.groups.get(group) else { return false };
@@ -105,6 +145,54 @@ impl Replica {
         };
         // Generation 0 is published without an id: never newer.
         gossip.key.is_some_and(|theirs| theirs > state.keys.id(group))
+    }
+
+    /// True when a member this node trusts holds a newer key of `group`: this node's key is on
+    /// its way out, so it admits nobody under it.
+    pub(super) fn behind(&self, group: &str) -> bool {
+        self.membership.peers.keys().any(|node| self.holds_newer_key(group, node) && self.trusted(group, node))
+    }
+
+    /// Records the members of each group seen leaving (durably, in the keyring) and forgets the
+    /// record of those that came back with a newer key.
+    pub(super) fn record_departures(&mut self) {
+        let names: Vec<String> = self.groups.keys().cloned().collect();
+        for name in names {
+            let Some(state) = self.groups.get(&name) else { continue };
+            let mut keys = state.keys.clone();
+            for (node, peer) in &self.membership.peers {
+                if peer.left.contains(&name)
+                    && let Some(moved) = keys.with_left(node)
+                {
+                    keys = moved;
+                }
+            }
+            let back: Vec<String> =
+                keys.left().keys().filter(|node| !self.departed_in(&keys, &name, node)).cloned().collect();
+            for node in back {
+                if let Some(moved) = keys.without_left(&node) {
+                    keys = moved;
+                }
+            }
+            if keys != state.keys {
+                self.save_keys(&name, keys);
+            }
+        }
+    }
+
+    /// `node` joined `group` again here (its proof under the current key checked): it is no
+    /// longer recorded as left.
+    pub(super) fn rejoined(&mut self, group: &str, node: &str) {
+        if let Some(keys) = self.groups.get(group).and_then(|state| state.keys.without_left(node)) {
+            self.save_keys(group, keys);
+        }
+    }
+
+    /// Saves `keys` (same key, other records) and keeps them.
+    fn save_keys(&mut self, group: &str, keys: crate::keyring::Keyring) {
+        let Some(state) = self.groups.get_mut(group) else { return };
+        self.outputs.push_back(Output::Persist(PersistOp::Keys { group: group.to_owned(), keys: keys.clone() }));
+        state.keys = keys;
     }
 
     /// For each group where a member this node knew shows a newer key: ask one (in turn, one
@@ -117,20 +205,31 @@ impl Replica {
             if state.key_ask.as_ref().is_some_and(|ask| ask.deadline > now) {
                 continue;
             }
-            let configuration = state.doc.configuration();
+            // A member trusted here names this very key at a later generation (this node joined
+            // with it before gossip told it the generation): take the generation.
+            let own_key = state.keys.key();
+            let relabel = self
+                .membership
+                .peers
+                .iter()
+                .filter(|(node, _)| self.trusted(&name, node))
+                .filter_map(|(_, peer)| peer.groups.get(&name)?.key)
+                .filter(|id| id.generation > state.keys.generation() && *id == KeyId::of(own_key, &name, id.generation))
+                .map(|id| id.generation)
+                .max();
+            if let Some(generation) = relabel {
+                let keys = state.keys.clone().at_generation(generation);
+                self.save_keys(&name, keys);
+                self.publish(&name);
+                continue;
+            }
             let tried = state.key_ask.as_ref().map(|ask| ask.tried.clone()).unwrap_or_default();
             let candidates: Vec<NodeId> = self
                 .membership
                 .peers
                 .iter()
-                .filter(|(node, peer)| {
-                    peer.is_live()
-                        && (state.known_members.contains(*node)
-                            || configuration.is_some_and(|c| c.contains(node.as_str())))
-                        && !peer.left.contains(&name)
-                })
+                .filter(|(node, peer)| peer.is_live() && self.trusted(&name, node) && self.holds_newer_key(&name, node))
                 .map(|(node, _)| node.clone())
-                .filter(|node| self.holds_newer_key(&name, node))
                 .collect();
             let Some(to) = candidates.iter().find(|node| !tried.contains(*node)).or(candidates.first()).cloned() else {
                 if let Some(state) = self.groups.get_mut(&name) {
@@ -166,7 +265,7 @@ impl Replica {
         if !state.keys.entitled().contains(&from) {
             return self.drop_message(from, format!("key request for {group:?} from a node not entitled to its key"));
         }
-        if self.has_left(group, &from) {
+        if self.has_left(group, &from) || self.departed(group, &from) {
             return self.drop_message(from, format!("key request for {group:?} from a node that left it"));
         }
         let current = state.keys.id(group);
@@ -214,8 +313,19 @@ impl Replica {
         let Some(ask) = state.key_ask.as_ref().filter(|ask| ask.to == from) else {
             return self.drop_message(from, format!("key grant for {group:?} not asked for"));
         };
-        if grant.id <= state.keys.id(group) || grant.entitled.len() > KEYRING_ENTITLED_MAX {
+        let current = state.keys.id(group);
+        if grant.id <= current || grant.entitled.len() > KEYRING_ENTITLED_MAX {
             return self.drop_message(from, format!("key grant for {group:?} not newer than the key held"));
+        }
+        if !self.trusted(group, &from) {
+            return self.drop_message(from, format!("key grant for {group:?} from a node not trusted with its key"));
+        }
+        // Under the current key; under an older one only to settle two rotations of this
+        // node's generation, from a member entitled to its current key (a node holding only an
+        // old key must not move a member that already moved).
+        let tie = grant.id.generation == current.generation && state.keys.entitled().contains(&from);
+        if grant.under != current && !tie {
+            return self.drop_message(from, format!("key grant for {group:?} under a key this node replaced"));
         }
         let Some(under_key) = state.keys.find(group, &grant.under) else {
             return self.drop_message(from, format!("key grant for {group:?} under a key this node does not hold"));
@@ -232,7 +342,12 @@ impl Replica {
         let Some(key) = context.unwrap(under_key, &grant.wrapped, &grant.tag) else {
             return self.drop_message(from, format!("key grant for {group:?} does not verify"));
         };
-        let keys = state.keys.moved_to(grant.id.generation, key, grant.entitled.into_iter().collect());
+        let mut entitled: BTreeSet<NodeId> = grant.entitled.into_iter().collect();
+        if tie {
+            // Members this node handed its own key of the generation must be handed the winner.
+            entitled.extend(state.keys.entitled().iter().cloned());
+        }
+        let keys = state.keys.moved_to(grant.id.generation, key, entitled);
         self.adopt_keys(group, keys);
     }
 }

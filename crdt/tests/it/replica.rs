@@ -312,6 +312,13 @@ impl Net {
         self.run();
     }
 
+    /// `node` takes back its "left" marker for `group` (as a node may: the marker is its own).
+    pub(crate) fn forget_left(&mut self, node: &str, group: &str) {
+        if let Some(left) = self.left.get_mut(node) {
+            left.remove(group);
+        }
+    }
+
     pub(crate) fn settings(&self, node: &str, group: &str) -> serde_json::Value {
         self.replicas[node].group(group).map(|g| g.settings().to_json()).unwrap_or_default()
     }

@@ -107,7 +107,9 @@ fn two_rotations_at_once_end_on_one_key() {
     send_command(&mut net, "n2", Command::RotateKey { group: "app".into(), key: GroupKey::from_bytes([2; 32]) });
     net.run();
     let id = key_id(&net, "n1");
-    assert_eq!(id.generation, 1);
+    let larger =
+        KeyId::of(&GroupKey::from_bytes([1; 32]), "app", 1).max(KeyId::of(&GroupKey::from_bytes([2; 32]), "app", 1));
+    assert_eq!(id, larger, "the larger id wins");
     for node in ["n2", "n3"] {
         assert_eq!(key_id(&net, node), id, "{node}");
     }
@@ -128,4 +130,100 @@ fn a_strong_group_commits_after_a_rotation() {
     for node in ["n1", "n2", "n3"] {
         assert_eq!(net.settings(node, "app"), json!({"k": 1}), "{node}");
     }
+}
+
+#[test]
+fn a_node_that_left_cannot_draw_members_to_a_key_of_its_own() {
+    let mut net = mesh_with_group(&["n1", "n2", "n3"]);
+    net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    net.run();
+    for node in ["n1", "n2"] {
+        assert_eq!(net.replicas[node].keyring("app").unwrap().left_at("n3"), Some(0), "{node} recorded the leave");
+    }
+    // n3 takes back its "left" marker and claims the group with the old key's proof and a far
+    // newer key id: every member still holds the old key.
+    let old = GroupKey::from_bytes(KEY);
+    let mut claim = net.gossip["n2"]["app"].clone();
+    claim.proof = konor_crdt::replica::membership_proof(&old, "app", "n3");
+    claim.key = Some(KeyId { generation: 1 << 40, tag: [0xff; 8] });
+    net.forget_left("n3", "app");
+    net.gossip.entry("n3".into()).or_default().insert("app".into(), claim);
+    net.log.clear();
+    net.run();
+    assert!(!net.log.iter().any(|(_, what)| what == "send key_request to n3"), "{:?}", net.log);
+    // A grant it sends unasked is dropped, and a real rotation still reaches everyone.
+    let grant = PeerMessage::KeyGrant {
+        group: "app".into(),
+        id: KeyId { generation: 1 << 40, tag: [0xff; 8] },
+        under: KeyId::of(&old, "app", 0),
+        nonce: [1; 32],
+        wrapped: [2; 32],
+        tag: [3; 32],
+        entitled: vec!["n2".into(), "n3".into()],
+    };
+    net.input("n2", Input::Peer { from: "n3".into(), bytes: grant.encode() });
+    net.run();
+    assert!(net.log.iter().any(|(node, what)| node == "n2" && what.contains("not asked for")), "{:?}", net.log);
+    let CommandOutcome::KeyRotated { entitled, generation, .. } = rotate(&mut net, "n1", NEW).unwrap() else {
+        panic!()
+    };
+    assert_eq!((entitled, generation), (2, 1), "the claim of a node seen leaving counts for nothing");
+    net.run();
+    assert_eq!(key_id(&net, "n2"), key_id(&net, "n1"));
+    // Gossip forgets n3 altogether: the durable record still keeps it out of the next rotation.
+    net.gossip.remove("n3");
+    net.run();
+    let CommandOutcome::KeyRotated { entitled, .. } = rotate(&mut net, "n2", [8; 32]).unwrap() else { panic!() };
+    assert_eq!(entitled, 2);
+}
+
+#[test]
+fn a_generation_from_gossip_at_its_limit_refuses_the_rotation_and_panics_nothing() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    let mut claim = net.gossip["n2"]["app"].clone();
+    claim.key = Some(KeyId { generation: u64::MAX, tag: [0; 8] });
+    net.gossip.get_mut("n2").unwrap().insert("app".into(), claim);
+    net.run();
+    let error = rotate(&mut net, "n1", NEW).unwrap_err();
+    assert!(error.to_string().contains("cannot grow"), "{error}");
+    assert_eq!(net.replicas["n1"].keyring("app").unwrap().generation(), 0);
+}
+
+#[test]
+fn a_key_already_held_is_not_a_rotation() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    let error = rotate(&mut net, "n1", KEY).unwrap_err();
+    assert!(error.to_string().contains("draw a new one"), "{error}");
+    rotate(&mut net, "n1", NEW).unwrap();
+    assert!(rotate(&mut net, "n1", KEY).is_err(), "a replaced key is refused too");
+}
+
+#[test]
+fn a_joiner_that_missed_the_generation_takes_it_from_a_member() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    rotate(&mut net, "n1", NEW).unwrap();
+    net.run();
+    // The joiner's view of the members predates the rotation's gossip.
+    let fresh: Vec<(String, konor_crdt::replica::GroupGossip)> =
+        ["n1", "n2"].iter().map(|node| (node.to_string(), net.gossip[*node]["app"].clone())).collect();
+    for (node, gossip) in &fresh {
+        let mut stale = gossip.clone();
+        stale.key = None;
+        net.gossip.get_mut(node).unwrap().insert("app".into(), stale);
+    }
+    net.replicas.insert(
+        "n3".into(),
+        konor_crdt::Replica::new("n3".into(), konor_crdt::replica::actor_for("n3", 1), [3; 32], Default::default()),
+    );
+    net.run();
+    let join = Command::JoinGroup { name: "app".into(), key: GroupKey::from_bytes(NEW), repair: false };
+    assert!(matches!(net.command("n3", join), Ok(CommandOutcome::Joined { .. })));
+    assert_eq!(net.replicas["n3"].keyring("app").unwrap().generation(), 0);
+    for (node, gossip) in fresh {
+        net.gossip.get_mut(&node).unwrap().insert("app".into(), gossip);
+    }
+    net.log.clear();
+    net.run();
+    assert_eq!(key_id(&net, "n3"), key_id(&net, "n1"));
+    assert!(!net.log.iter().any(|(_, what)| what.starts_with("send key_request")), "{:?}", net.log);
 }

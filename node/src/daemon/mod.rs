@@ -893,8 +893,13 @@ fn load_groups(store: &mut Store, actor: &konor_crdt::ActorId) -> anyhow::Result
     for name in store.list_groups()? {
         let keys = match store.read_group_key(&name)?.map(|text| Keyring::parse(text.expose())) {
             Some(Ok(keys)) => keys,
-            _ => {
-                error!(group = %name, "group key missing or unreadable; the group is not served");
+            // The parse error names the line's kind, never the key.
+            Some(Err(error)) => {
+                error!(group = %name, %error, "group key file does not read; the group is not served");
+                continue;
+            }
+            None => {
+                error!(group = %name, "group key missing; the group is not served");
                 continue;
             }
         };
