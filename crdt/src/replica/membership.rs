@@ -26,6 +26,24 @@ impl Replica {
             .collect()
     }
 
+    /// The peers whose gossip claims `group` under another key than this node's (their proof
+    /// does not verify here), with their liveness: members on the way to a rotated key, or
+    /// behind one. Not members here: nothing of the group is exchanged with them.
+    pub fn other_key_claims(&self, group: &str) -> Vec<(NodeId, bool, GroupGossip)> {
+        let Some(state) = self.groups.get(group) else {
+            return Vec::new();
+        };
+        self.membership
+            .peers
+            .iter()
+            .filter_map(|(node, peer)| {
+                let gossip = peer.groups.get(group)?;
+                (gossip.proof != membership_proof(state.keys.key(), group, node))
+                    .then(|| (node.clone(), peer.is_live(), gossip.clone()))
+            })
+            .collect()
+    }
+
     /// Every member of `group` this node knows of (this node excluded) with its liveness: peers
     /// whose gossiped proof verifies, and members that announced themselves since (a new member
     /// of an eventual group counts before gossip spreads its proof).

@@ -621,19 +621,41 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
     if let Some(degraded) = degraded {
         let _ = writeln!(text, "degraded: {degraded}");
     }
-    let mut table = Table::new(&["NODE", "VERSION", "REVISION", "HEADS", "LIVE"]).right(&[2]);
+    // The key's generation shows once a key was rotated (or a node claims another key).
+    let keyed = nodes.iter().any(|node| node.key.is_some() || node.other_key);
+    let mut headers = vec!["NODE", "VERSION", "REVISION", "HEADS", "LIVE"];
+    if keyed {
+        headers.push("KEY");
+    }
+    let mut table = Table::new(&headers).right(&[2]);
     for node in nodes {
         let live = if node.live { "yes" } else { "no" };
-        table.row(vec![
+        let mut row = vec![
             node.node.clone(),
             node.version.clone(),
             node.revision.to_string(),
             node.heads.clone(),
             live.to_owned(),
-        ]);
+        ];
+        if keyed {
+            let generation =
+                node.key.as_deref().and_then(|id| id.split_once('-')).map_or("0", |(generation, _)| generation);
+            row.push(if node.other_key { format!("{generation} (another key)") } else { generation.to_owned() });
+        }
+        table.row(row);
     }
     text.push_str(&table.render());
-    let live: Vec<&NodeGroupRow> = nodes.iter().filter(|node| node.live).collect();
+    let others: Vec<&str> = nodes.iter().filter(|node| node.other_key).map(|node| node.node.as_str()).collect();
+    if !others.is_empty() {
+        let _ = writeln!(
+            text,
+            "another key: {} (a key rotation on its way, or one they missed; they exchange nothing of {group} with this node)",
+            others.join(", ")
+        );
+    }
+    let all_nodes = nodes;
+    let members: Vec<&NodeGroupRow> = nodes.iter().filter(|node| !node.other_key).collect();
+    let live: Vec<&NodeGroupRow> = members.iter().copied().filter(|node| node.live).collect();
     let distinct_heads: BTreeSet<&str> = live.iter().map(|node| node.heads.as_str()).collect();
     let verdict = match distinct_heads.len() {
         0 => "no node is live".to_owned(),
@@ -649,7 +671,7 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
     } else {
         String::new()
     };
-    let _ = writeln!(text, "{} of {} live{quorum}; {verdict}", live.len(), plural(nodes.len(), "node", "nodes"));
+    let _ = writeln!(text, "{} of {} live{quorum}; {verdict}", live.len(), plural(members.len(), "node", "nodes"));
     if let Some((version, acked_by)) = last_write {
         let _ = writeln!(text, "last write on this node: {version}, acked by {}", acked_by.join(", "));
     }
@@ -662,7 +684,7 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
             Table::new(&["NODE", "PID", "PROCESS", "VERSION", "REVISION", "RESULT", "REPORTED"]).right(&[1, 4]);
         for process in &live {
             // A node that is not live keeps gossiping its last rows: what it last said, not now.
-            let down = if node_live(nodes, process) { "" } else { " (node not live)" };
+            let down = if node_live(all_nodes, process) { "" } else { " (node not live)" };
             table.row(vec![
                 process_node(process),
                 process.pid.to_string(),
@@ -674,7 +696,7 @@ fn status_text(view: &StatusView<'_>, now_ms: u64) -> String {
             ]);
         }
         text.push_str(&table.render());
-        text.push_str(&drift_text(nodes, &live));
+        text.push_str(&drift_text(all_nodes, &live));
     }
     if !gone.is_empty() {
         let _ = writeln!(text, "\ngone (history of processes that went away):");
@@ -1185,6 +1207,8 @@ mod tests {
                 revision: 14,
                 heads: "0a1b2c3d4e5f6a7b".into(),
                 live: true,
+                key: None,
+                other_key: false,
             },
             NodeGroupRow {
                 node: "n2".into(),
@@ -1192,6 +1216,8 @@ mod tests {
                 revision: 9,
                 heads: "0a1b2c3d4e5f6a7b".into(),
                 live: true,
+                key: None,
+                other_key: false,
             },
             NodeGroupRow {
                 node: "n3".into(),
@@ -1199,6 +1225,8 @@ mod tests {
                 revision: 13,
                 heads: "77ab01cd9e21ff00".into(),
                 live: false,
+                key: None,
+                other_key: false,
             },
         ];
         let processes = vec![
@@ -1315,6 +1343,55 @@ mod tests {
                 no live process has reported using this group
             "#]],
         );
+        // A rotation on its way: n1 and n2 hold generation 1, n3 still the first key.
+        let mut rotating = nodes_with_keys();
+        rotating[2].other_key = true;
+        table(
+            &request,
+            &Response::Status {
+                group: "app".into(),
+                mode: "eventual".into(),
+                nodes: rotating,
+                processes: vec![],
+                members: vec![],
+                live: vec![],
+                quorum: 2,
+                last_write: None,
+                fenced: false,
+                fenced_reason: None,
+                configuration: None,
+                unknown: Vec::new(),
+                degraded: None,
+                release: None,
+            },
+            expect![[r#"
+                [exit 0]
+                group app (eventual)
+                NODE  VERSION  REVISION  HEADS             LIVE  KEY
+                n1    v3              3  0a1b2c3d4e5f6a7b  yes   1
+                n2    v3              3  0a1b2c3d4e5f6a7b  yes   1
+                n3    v3              3  0a1b2c3d4e5f6a7b  yes   0 (another key)
+                another key: n3 (a key rotation on its way, or one they missed; they exchange nothing of app with this node)
+                2 of 2 nodes live (quorum 2); the live nodes hold identical state
+
+                no live process has reported using this group
+            "#]],
+        );
+    }
+
+    fn nodes_with_keys() -> Vec<NodeGroupRow> {
+        ["n1", "n2", "n3"]
+            .into_iter()
+            .map(|node| NodeGroupRow {
+                node: node.into(),
+                version: "v3".into(),
+                revision: 3,
+                heads: "0a1b2c3d4e5f6a7b".into(),
+                live: true,
+                key: (node != "n3").then(|| "1-00112233aabbccdd".to_owned()),
+                other_key: false,
+            })
+            .collect()
     }
 
     #[test]

@@ -637,20 +637,27 @@ impl Daemon {
         let Some(doc) = self.replica.group(group) else {
             return error_response(ErrorCode::UnknownGroup, format!("group {group:?} does not exist on this node"));
         };
+        let keys = self.replica.keyring(group);
         let mut nodes = vec![NodeGroupRow {
             node: self.node_id.clone(),
             version: doc.served_label(),
             revision: self.replica.revision(group).unwrap_or(0),
             heads: doc.heads_digest().to_string(),
             live: true,
+            key: keys.filter(|keys| keys.generation() > 0).map(|keys| keys.id(group).encode()),
+            other_key: false,
         }];
-        for (node, live, gossip) in self.replica.members(group) {
+        let members = self.replica.members(group).into_iter().map(|member| (member, false));
+        let others = self.replica.other_key_claims(group).into_iter().map(|claim| (claim, true));
+        for ((node, live, gossip), other_key) in members.chain(others) {
             nodes.push(NodeGroupRow {
                 node,
                 version: gossip.version,
                 revision: gossip.revision,
                 heads: gossip.digest.to_string(),
                 live,
+                key: gossip.key.map(|id| id.encode()),
+                other_key,
             });
         }
         nodes.sort_by(|a, b| a.node.cmp(&b.node));

@@ -65,6 +65,15 @@ async fn members_move_to_the_new_key_and_the_old_one_admits_nobody() {
         "n2 was down, n3 left: {key_file:?}"
     );
 
+    // status on n1 tells the rotation apart: n2 (down) still claims the group under the old key.
+    let row = |socket: &Path, node: &str| -> serde_json::Value {
+        let status = ok_json(&konorctl_on(socket, &["--output", "json", "status", "app"]));
+        status["nodes"].as_array().unwrap().iter().find(|row| row["node"] == node).cloned().unwrap_or_default()
+    };
+    let n2_row = row(&n1_socket, "n2");
+    assert_eq!((n2_row["other_key"].as_bool(), n2_row["key"].as_str()), (Some(true), None), "{n2_row}");
+    assert!(row(&n1_socket, "n1")["key"].as_str().is_some_and(|id| id.starts_with("1-")));
+
     // n2 comes back holding the old key, asks n1 and is handed the new one.
     nodes[1].start();
     let n2_dir = nodes[1].data_dir.clone();
@@ -74,6 +83,14 @@ async fn members_move_to_the_new_key_and_the_old_one_admits_nobody() {
     })
     .await;
     assert_eq!(first_line(&n2_dir.join("groups/app.key")), first_line(&new_key));
+    eventually("n1's status shows n2 on the new key", || {
+        let n2_row = row(&n1_socket, "n2");
+        async move {
+            (n2_row["other_key"].is_null() && n2_row["key"].as_str().is_some_and(|id| id.starts_with("1-")))
+                .then_some(())
+        }
+    })
+    .await;
     let set = json(&nodes[1].socket, &["set", "app", "after=1"]);
     assert_eq!(set["type"], "committed", "{set}");
     eventually("n1 reads n2's write made under the new key", || {

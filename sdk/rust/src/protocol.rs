@@ -667,6 +667,14 @@ pub struct NodeGroupRow {
     pub heads: String,
     /// Live as seen from here.
     pub live: bool,
+    /// The id of the group key it holds, `GENERATION-TAG`, once the key was rotated (absent:
+    /// the group's first key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// It claims the group under another key than this node's (a rotation on its way, or one
+    /// it missed): the two do not exchange the group's data.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub other_key: bool,
 }
 
 /// One local process's use of a group, in `status` (F16).
