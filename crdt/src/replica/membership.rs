@@ -12,24 +12,19 @@ use crate::limits::START_GRACE_MS;
 impl Replica {
     /// The peers whose verified gossip says they hold `group` (this node excluded).
     pub fn members(&self, group: &str) -> Vec<(NodeId, bool, GroupGossip)> {
-        let Some(state) = self.groups.get(group) else {
-            return Vec::new();
-        };
-        self.membership
-            .peers
-            .iter()
-            .filter_map(|(node, peer)| {
-                let gossip = peer.groups.get(group)?;
-                (gossip.proof == membership_proof(state.keys.key(), group, node))
-                    .then(|| (node.clone(), peer.is_live(), gossip.clone()))
-            })
-            .collect()
+        self.claims(group, true)
     }
 
     /// The peers whose gossip claims `group` under another key than this node's (their proof
     /// does not verify here), with their liveness: members on the way to a rotated key, or
     /// behind one. Not members here: nothing of the group is exchanged with them.
     pub fn other_key_claims(&self, group: &str) -> Vec<(NodeId, bool, GroupGossip)> {
+        self.claims(group, false)
+    }
+
+    /// The peers whose gossip claims `group` with a proof that verifies here (`verified`) or
+    /// does not, with their liveness.
+    fn claims(&self, group: &str, verified: bool) -> Vec<(NodeId, bool, GroupGossip)> {
         let Some(state) = self.groups.get(group) else {
             return Vec::new();
         };
@@ -38,7 +33,7 @@ impl Replica {
             .iter()
             .filter_map(|(node, peer)| {
                 let gossip = peer.groups.get(group)?;
-                (gossip.proof != membership_proof(state.keys.key(), group, node))
+                ((gossip.proof == membership_proof(state.keys.key(), group, node)) == verified)
                     .then(|| (node.clone(), peer.is_live(), gossip.clone()))
             })
             .collect()
