@@ -186,7 +186,8 @@ impl Replica {
         if self.behind(group) {
             return self.drop_message(from, format!("announcement for {group:?} under a key that was rotated"));
         }
-        self.rejoined(group, &from);
+        // An announcement carries no nonce (it can be replayed): it does not clear a record of
+        // leaving, only a join answered here does (join.rs).
         let Some(state) = self.groups.get_mut(group) else { return };
         state.announced.insert(from.clone(), now);
         self.outputs

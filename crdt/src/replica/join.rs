@@ -148,7 +148,11 @@ impl Replica {
             // another member after its step).
             return self.drop_message(from, format!("join of {group:?} under a key that was rotated"));
         }
-        self.rejoined(&group, &from);
+        // A join answered here clears a record of leaving, but not just after a start: this
+        // node may not have heard yet that the key moved on.
+        if self.now.0 >= crate::limits::START_GRACE_MS {
+            self.rejoined(&group, &from);
+        }
         let mut members: Vec<NodeId> = self.member_liveness(&group).into_keys().collect();
         members.push(self.node_id.clone());
         let Some(state) = self.groups.get_mut(&group) else { return };

@@ -132,7 +132,7 @@ impl Replica {
             self.check_votes(name);
         }
         self.count_gossip_acks();
-        self.record_departures();
+        self.record_departures(&previous);
         self.ask_for_newer_keys();
         self.handle_tick();
     }

@@ -20,7 +20,9 @@
 //!
 use std::collections::BTreeSet;
 
-use super::{CommandError, CommandId, CommandOutcome, NodeId, Output, PersistOp, Replica, membership_proof};
+use super::{
+    CommandError, CommandId, CommandOutcome, MembershipView, NodeId, Output, PersistOp, Replica, membership_proof,
+};
 use crate::join::GroupKey;
 use crate::keyring::{
     GrantContext, KEYRING_ENTITLED_MAX, KEYRING_PREVIOUS_MAX, KeyId, request_proof, verify_request_proof,
@@ -59,16 +61,14 @@ impl Replica {
             let error = "the new key is the group's current key or one it replaced: draw a new one".to_owned();
             return self.reply(id, Err(CommandError::BadRequest(error)));
         }
-        let newest_seen = self
-            .membership
-            .peers
-            .iter()
-            .filter(|(node, _)| self.trusted(&group, node))
-            .filter_map(|(_, peer)| peer.groups.get(&group))
-            .map(|gossip| gossip.generation())
-            .max()
-            .unwrap_or(0);
-        let Some(generation) = state.keys.generation().max(newest_seen).checked_add(1) else {
+        if self.behind(&group) {
+            let error = format!(
+                "a member holds a newer key of group {group:?} than this node: rotate once this node has it \
+                 (konorctl status {group} shows it), or on that member"
+            );
+            return self.reply(id, Err(CommandError::BadRequest(error)));
+        }
+        let Some(generation) = state.keys.generation().checked_add(1) else {
             let error = "the group's key generation cannot grow any more".to_owned();
             return self.reply(id, Err(CommandError::TooLarge(error)));
         };
@@ -143,8 +143,16 @@ impl Replica {
         let Some(gossip) = self.membership.peers.get(node).and_then(|peer| peer.groups.get(group)) else {
             return false;
         };
-        // Generation 0 is published without an id: never newer.
-        gossip.key.is_some_and(|theirs| theirs > state.keys.id(group))
+        // Generation 0 is published without an id: never newer. This very key under another
+        // generation is not newer, and an id further ahead than a member could hand over
+        // (it names no key this node holds any more) is not believed.
+        let ours = state.keys.id(group);
+        let reach = ours.generation.saturating_add(KEYRING_PREVIOUS_MAX as u64 + 1);
+        gossip.key.is_some_and(|theirs| {
+            theirs > ours
+                && theirs.generation <= reach
+                && theirs != KeyId::of(state.keys.key(), group, theirs.generation)
+        })
     }
 
     /// True when a member this node trusts holds a newer key of `group`: this node's key is on
@@ -153,15 +161,29 @@ impl Replica {
         self.membership.peers.keys().any(|node| self.holds_newer_key(group, node) && self.trusted(group, node))
     }
 
-    /// Records the members of each group seen leaving (durably, in the keyring) and forgets the
-    /// record of those that came back with a newer key.
-    pub(super) fn record_departures(&mut self) {
+    /// Records the members of each group seen leaving (durably, in the keyring): a "left"
+    /// marker that appeared since the `previous` view, of a node this node counted as a member
+    /// (remembered, announced, entitled, of the configuration, or proven in gossip before).
+    /// Forgets the record of those that came back with a newer key.
+    pub(super) fn record_departures(&mut self, previous: &MembershipView) {
         let names: Vec<String> = self.groups.keys().cloned().collect();
         for name in names {
             let Some(state) = self.groups.get(&name) else { continue };
             let mut keys = state.keys.clone();
             for (node, peer) in &self.membership.peers {
-                if peer.left.contains(&name)
+                let newly =
+                    peer.left.contains(&name) && !previous.peers.get(node).is_some_and(|p| p.left.contains(&name));
+                let was_member = state.known_members.contains(node)
+                    || state.announced.contains_key(node)
+                    || state.keys.entitled().contains(node)
+                    || state.doc.configuration().is_some_and(|c| c.contains(node))
+                    || previous
+                        .peers
+                        .get(node)
+                        .and_then(|p| p.groups.get(&name))
+                        .is_some_and(|gossip| gossip.proof == membership_proof(state.keys.key(), &name, node));
+                if newly
+                    && was_member
                     && let Some(moved) = keys.with_left(node)
                 {
                     keys = moved;
@@ -205,16 +227,21 @@ impl Replica {
             if state.key_ask.as_ref().is_some_and(|ask| ask.deadline > now) {
                 continue;
             }
-            // A member trusted here names this very key at a later generation (this node joined
-            // with it before gossip told it the generation): take the generation.
+            // A member trusted here names this very key at a later generation, and this node
+            // only just joined with it (gossip had not told it the generation): take it.
+            let fresh =
+                state.keys.generation() == 0 && state.keys.all(&name).len() == 1 && state.keys.entitled().is_empty();
             let own_key = state.keys.key();
+            let reach = KEYRING_PREVIOUS_MAX as u64 + 1;
             let relabel = self
                 .membership
                 .peers
                 .iter()
-                .filter(|(node, _)| self.trusted(&name, node))
+                .filter(|(node, _)| fresh && self.trusted(&name, node))
                 .filter_map(|(_, peer)| peer.groups.get(&name)?.key)
-                .filter(|id| id.generation > state.keys.generation() && *id == KeyId::of(own_key, &name, id.generation))
+                .filter(|id| {
+                    id.generation > 0 && id.generation <= reach && *id == KeyId::of(own_key, &name, id.generation)
+                })
                 .map(|id| id.generation)
                 .max();
             if let Some(generation) = relabel {
@@ -231,7 +258,15 @@ impl Replica {
                 .filter(|(node, peer)| peer.is_live() && self.trusted(&name, node) && self.holds_newer_key(&name, node))
                 .map(|(node, _)| node.clone())
                 .collect();
-            let Some(to) = candidates.iter().find(|node| !tried.contains(*node)).or(candidates.first()).cloned() else {
+            // Each candidate in turn; once all were asked, start over from the one after the
+            // last asked.
+            let last = state.key_ask.as_ref().map(|ask| ask.to.clone());
+            let mut tried = tried;
+            if candidates.iter().all(|node| tried.contains(node)) {
+                tried.clear();
+            }
+            let next = candidates.iter().find(|node| !tried.contains(*node) && Some(*node) != last.as_ref());
+            let Some(to) = next.or(candidates.first()).cloned() else {
                 if let Some(state) = self.groups.get_mut(&name) {
                     state.key_ask = None;
                 }
@@ -246,7 +281,6 @@ impl Replica {
                 .into_iter()
                 .map(|(id, key)| (id, request_proof(key, &name, &node_id, &nonce)))
                 .collect();
-            let mut tried = if tried.len() >= candidates.len() { BTreeSet::new() } else { tried };
             tried.insert(to.clone());
             state.key_ask =
                 Some(KeyAsk { to: to.clone(), nonce, deadline: Millis(now.0 + JOIN_STEP_TIMEOUT_MS), tried });
@@ -269,15 +303,19 @@ impl Replica {
             return self.drop_message(from, format!("key request for {group:?} from a node that left it"));
         }
         let current = state.keys.id(group);
+        // Matched by key, not by the id the requester names: a member that joined with a key
+        // before it learnt its generation names it under another one.
+        let held = state.keys.all(group);
         let proven = proofs
             .iter()
             .take(KEYRING_PREVIOUS_MAX + 1)
-            .filter(|(id, _)| *id != current)
             .filter_map(|(id, proof)| {
-                let key = state.keys.find(group, id)?;
-                verify_request_proof(key, group, &from, &nonce, proof).then_some((*id, key))
+                let (mine, key) =
+                    held.iter().find(|(_, key)| verify_request_proof(key, group, &from, &nonce, proof))?;
+                (*mine != current).then_some((*id, *mine, *key))
             })
-            .max_by_key(|(id, _)| *id);
+            .max_by_key(|(_, mine, _)| *mine)
+            .map(|(id, _, key)| (id, key));
         let Some((under, under_key)) = proven else {
             return self.drop_message(from, format!("key request for {group:?} proves no older key this node holds"));
         };
@@ -320,11 +358,11 @@ impl Replica {
         if !self.trusted(group, &from) {
             return self.drop_message(from, format!("key grant for {group:?} from a node not trusted with its key"));
         }
-        // Under the current key; under an older one only to settle two rotations of this
-        // node's generation, from a member entitled to its current key (a node holding only an
-        // old key must not move a member that already moved).
-        let tie = grant.id.generation == current.generation && state.keys.entitled().contains(&from);
-        if grant.under != current && !tie {
+        // Under the current key; under a key it replaced only from a member entitled to the
+        // current one (two rotations at once, or one after: a node holding only an old key
+        // must not move a member that already moved).
+        let from_entitled = state.keys.entitled().contains(&from);
+        if grant.under != current && !from_entitled {
             return self.drop_message(from, format!("key grant for {group:?} under a key this node replaced"));
         }
         let Some(under_key) = state.keys.find(group, &grant.under) else {
@@ -343,8 +381,9 @@ impl Replica {
             return self.drop_message(from, format!("key grant for {group:?} does not verify"));
         };
         let mut entitled: BTreeSet<NodeId> = grant.entitled.into_iter().collect();
-        if tie {
-            // Members this node handed its own key of the generation must be handed the winner.
+        if grant.id.generation == current.generation {
+            // Two rotations at once: members this node could hand its own key of the
+            // generation must be handed the winner.
             entitled.extend(state.keys.entitled().iter().cloned());
         }
         let keys = state.keys.moved_to(grant.id.generation, key, entitled);
