@@ -92,11 +92,15 @@ pub struct WorkloadRates {
     /// Membership changes of the strong group during the writes: a random node that holds the
     /// group leaves it, or one that does not joins it.
     pub churn_per_s: f64,
+    /// Group key rotations (`group rotate-key`) on a random member of a random group: every
+    /// member must move to the new key while writes and faults run, or the groups do not
+    /// converge.
+    pub rotations_per_s: f64,
 }
 
 impl Default for WorkloadRates {
     fn default() -> WorkloadRates {
-        WorkloadRates { writes_per_s: 5.0, reads_per_s: 2.0, churn_per_s: 0.0 }
+        WorkloadRates { writes_per_s: 5.0, reads_per_s: 2.0, churn_per_s: 0.0, rotations_per_s: 0.0 }
     }
 }
 
@@ -235,6 +239,12 @@ impl RunConfig {
             duration_text(self.gossip_interval),
             self.strong_members,
         );
+        if self.workload.rotations_per_s > 0.0 {
+            // Appended to the workload list (left out at 0, so older replay lines stay as they were).
+            if let Some(at) = command.find(" --wire") {
+                command.insert_str(at, &format!(",rotate:{}/s", self.workload.rotations_per_s));
+            }
+        }
         if self.duplicate > 0.0 {
             command.push_str(&format!(" --duplicate {}", self.duplicate));
         }
@@ -343,11 +353,12 @@ pub fn parse_workload(text: &str) -> anyhow::Result<WorkloadRates> {
             "writes" => workload.writes_per_s = rate,
             "reads" => workload.reads_per_s = rate,
             "churn" => workload.churn_per_s = rate,
-            _ => bail!("unknown workload {name:?}: use writes, reads or churn"),
+            "rotate" => workload.rotations_per_s = rate,
+            _ => bail!("unknown workload {name:?}: use writes, reads, churn or rotate"),
         }
     }
     if text.trim() == "none" {
-        workload = WorkloadRates { writes_per_s: 0.0, reads_per_s: 0.0, churn_per_s: 0.0 };
+        workload = WorkloadRates { writes_per_s: 0.0, reads_per_s: 0.0, churn_per_s: 0.0, rotations_per_s: 0.0 };
     }
     Ok(workload)
 }

@@ -101,6 +101,8 @@ pub struct RunReport {
     pub quorums_checked: u64,
     /// Strong-group joins, leaves and failed attempts during the run.
     pub churn: (u64, u64, u64),
+    /// Group key rotations answered, and not answered or refused.
+    pub rotations: (u64, u64),
     /// A few distinct errors of writes that ended `failed`, for a reader to judge.
     pub failure_samples: Vec<String>,
     /// Watch events checked, watchers.
@@ -328,6 +330,13 @@ impl RunReport {
                 out,
                 "strong membership changes: {} joins, {} leaves, {} attempts failed",
                 self.churn.0, self.churn.1, self.churn.2
+            );
+        }
+        if self.rotations != (0, 0) {
+            let _ = writeln!(
+                out,
+                "key rotations: {} rotated, {} not answered or refused",
+                self.rotations.0, self.rotations.1
             );
         }
         let d = &self.disk;

@@ -282,6 +282,7 @@ async fn phases(
     tokio::task::spawn_local(workload::writers(sim.clone()));
     tokio::task::spawn_local(workload::readers(sim.clone()));
     tokio::task::spawn_local(workload::churn(sim.clone()));
+    tokio::task::spawn_local(workload::rotations(sim.clone()));
     tokio::task::spawn_local(observe::detections(sim.clone(), logs.observations.clone()));
     tokio::task::spawn_local(observe::false_positives(sim.clone(), logs.observations.clone()));
     fault::start(sim, &logs.observations, &logs.faults);
@@ -498,6 +499,7 @@ fn build_report(
         commit_latency_us,
         reads: (records.reads_fresh, records.reads_stale, records.reads_unanswered),
         churn: records.churn,
+        rotations: records.rotations,
         quorums_checked: records.quorums_checked,
         failure_samples: {
             let mut samples: Vec<String> = Vec::new();

@@ -203,6 +203,8 @@ pub struct Records {
     pub keys: BTreeMap<GroupKind, konor_sdk::Secret>,
     /// Strong-group joins and leaves during the run: (joins, leaves, failed attempts).
     pub churn: (u64, u64, u64),
+    /// Group key rotations during the run: (answered rotated, not answered or refused).
+    pub rotations: (u64, u64),
     /// When each fault began or ended (crash, restart, pause, resume, partition, heal), with
     /// the node it concerned (none for a partition).
     pub fault_events: Vec<(u64, Option<usize>)>,
@@ -616,6 +618,50 @@ pub async fn churn(sim: Sim) {
                 }
             });
         }
+    }
+}
+
+/// Rotates group keys while writes run: at the configured rate a random member that is up
+/// rotates the key of a random group (SPEC F23, issue 17). Later joins use the new key; a
+/// member that cannot get it would miss the later writes, which the convergence check finds.
+pub async fn rotations(sim: Sim) {
+    loop {
+        let Some(gap_s) = sim.rng.borrow_mut().exponential_s(sim.config.workload.rotations_per_s) else { return };
+        tokio::time::sleep(Duration::from_secs_f64(gap_s)).await;
+        if sim.phase.get() != Phase::Active {
+            return;
+        }
+        let group = GroupKind::ALL[sim.rng.borrow_mut().index(GroupKind::ALL.len())];
+        let Some(node) = sim.pick_member(group) else { continue };
+        sim.trace(&format!("rotate: n{node} rotates the key of {}", group.name()));
+        let task_sim = sim.clone();
+        tokio::task::spawn_local(async move {
+            let request = Request::GroupRotateKey { name: group.name().to_owned(), key: None };
+            let answer = call(&task_sim.cluster, node, request).await;
+            let mut records = task_sim.records.borrow_mut();
+            match answer {
+                Some(Response::KeyRotated { key, generation, .. }) => {
+                    records.rotations.0 += 1;
+                    records.keys.insert(group, key);
+                    drop(records);
+                    task_sim.trace(&format!("rotate: {} at generation {generation}", group.name()));
+                }
+                other => {
+                    records.rotations.1 += 1;
+                    drop(records);
+                    task_sim.trace(&format!("rotate: {} not rotated: {}", group.name(), answer_kind(other.as_ref())));
+                }
+            }
+        });
+    }
+}
+
+/// A short name of an answer, for the trace (never a key).
+fn answer_kind(answer: Option<&Response>) -> String {
+    match answer {
+        Some(Response::Error { code, .. }) => code.as_str().to_owned(),
+        Some(response) => response.kind().to_owned(),
+        None => "no answer".to_owned(),
     }
 }
 

@@ -75,6 +75,22 @@ impl Replica {
                 }
                 members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
             }
+            // Members on another key (a rotation on its way): still members, up but unable to
+            // ack until they move, so an eventual write waits for them rather than commit with
+            // a quorum of the few that moved first.
+            for (node, _, _) in self.other_key_claims(group) {
+                let counted = state.known_members.contains(&node)
+                    || state.keys.entitled().contains(&node)
+                    || state.doc.configuration().is_some_and(|configuration| configuration.contains(&node));
+                if members.contains_key(&node) || !counted || self.departed(group, &node) {
+                    continue;
+                }
+                let peer = self.membership.peers.get(&node);
+                if peer.is_some_and(|p| p.left.contains(group)) {
+                    continue;
+                }
+                members.insert(node, peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+            }
         }
         members
     }

@@ -128,11 +128,12 @@ impl Replica {
         !proves_newer
     }
 
-    /// Whether this node trusts `node` to hand it `group`'s key: a member it knew (or of the
-    /// configuration) that it has not seen leave.
+    /// Whether this node trusts `node` to hand it `group`'s key: a member it knew (remembered,
+    /// of the configuration, or entitled to its current key) that it has not seen leave.
     fn trusted(&self, group: &str, node: &str) -> bool {
         let Some(state) = self.groups.get(group) else { return false };
         let known = state.known_members.contains(node)
+            || state.keys.entitled().contains(node)
             || state.doc.configuration().is_some_and(|configuration| configuration.contains(node));
         known && !self.has_left(group, node) && !self.departed(group, node)
     }

@@ -7,3 +7,4 @@
 mod alerts;
 mod determinism;
 mod releases;
+mod rotation;
