@@ -156,6 +156,18 @@ impl Keyring {
         Some(keys)
     }
 
+    /// The keyring with `nodes` entitled too (members seen); `None` when nothing changes. Nodes
+    /// recorded as left, and those past the cap, are not added.
+    pub fn with_entitled(&self, nodes: &[String]) -> Option<Keyring> {
+        let mut keys = self.clone();
+        for node in nodes {
+            if keys.entitled.len() < KEYRING_ENTITLED_MAX && valid_node(node) && !keys.left.contains_key(node) {
+                keys.entitled.insert(node.clone());
+            }
+        }
+        (keys.entitled != self.entitled).then_some(keys)
+    }
+
     /// The keyring without `node`'s record of leaving (it joined again); `None` if there was
     /// none.
     pub fn without_left(&self, node: &str) -> Option<Keyring> {

@@ -75,6 +75,13 @@ pub enum Output {
         /// The value, or `None` after leaving.
         gossip: Option<GroupGossip>,
     },
+    /// Stop publishing the group without leaving it: its file cannot be read, and the shell
+    /// repairs it from peers. The members keep counting this node as one (it is not recorded as
+    /// left, and stays entitled to a rotated key).
+    Withdraw {
+        /// Group.
+        group: String,
+    },
     /// A peer's message was dropped: count and log it.
     Dropped {
         /// Peer.
@@ -112,6 +119,9 @@ pub enum PersistOp {
         group: String,
         /// The keyring.
         keys: Keyring,
+        /// False when only records changed (a member seen leaving or back, the generation of
+        /// a key joined with): a failed save is then logged, not a failure of the group.
+        required: bool,
     },
     /// Append records to the group's file.
     Append {

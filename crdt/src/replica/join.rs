@@ -24,6 +24,9 @@ pub(super) struct PendingJoin {
     repair: bool,
     nonce: Nonce,
     tried: BTreeSet<NodeId>,
+    /// Members that refused (a member that has not moved to a rotated key refuses the new
+    /// one): the join fails once every live claimant refused.
+    refused: BTreeSet<NodeId>,
     asking: Option<NodeId>,
     pub(super) step_deadline: Millis,
     pub(super) deadline: Millis,
@@ -56,6 +59,7 @@ impl Replica {
             repair,
             nonce,
             tried: BTreeSet::new(),
+            refused: BTreeSet::new(),
             asking: None,
             step_deadline: self.now,
             deadline: Millis(self.now.0 + JOIN_TIMEOUT_MS),
@@ -83,7 +87,12 @@ impl Replica {
             .membership
             .peers
             .iter()
-            .filter(|(node, peer)| peer.is_live() && peer.groups.contains_key(name) && !join.tried.contains(*node))
+            .filter(|(node, peer)| {
+                peer.is_live()
+                    && peer.groups.contains_key(name)
+                    && !join.tried.contains(*node)
+                    && !join.refused.contains(*node)
+            })
             .map(|(node, _)| node.clone())
             .next();
         let Some(join) = self.joins.get_mut(name) else { return };
@@ -217,10 +226,25 @@ impl Replica {
 
     /// A member refused this node's join: the join command fails.
     pub(super) fn handle_join_refused(&mut self, from: NodeId, group: String, reason: String) {
-        let Some(join) = self.joins.remove(&group) else {
+        let Some(join) = self.joins.get_mut(&group).filter(|join| join.asking.as_ref() == Some(&from)) else {
             return self.drop_message(from, format!("unexpected join refusal for {group:?}"));
         };
-        self.reply(join.id, Err(CommandError::JoinRefused { group, member: from, reason }));
+        join.refused.insert(from.clone());
+        join.asking = None;
+        join.step_deadline = self.now;
+        // Another member may hold the key this one refused (it has not moved to a rotated key
+        // yet): ask the others; fail once every live claimant refused.
+        let others = self
+            .membership
+            .peers
+            .iter()
+            .any(|(node, peer)| peer.is_live() && peer.groups.contains_key(&group) && !join.refused.contains(node));
+        if others {
+            return self.advance_join(&group);
+        }
+        if let Some(join) = self.joins.remove(&group) {
+            self.reply(join.id, Err(CommandError::JoinRefused { group, member: from, reason }));
+        }
     }
 
     /// Forgets the challenges whose joiner did not answer in time.

@@ -172,11 +172,26 @@ impl Replica {
                 let peer = self.membership.peers.get(node);
                 *node != self.node_id
                     && !peer.is_some_and(|p| p.left.contains(&name))
+                    && !self.departed(&name, node)
                     // A member that moved to a newer key is still one: this node asks it for
                     // the key (rotation.rs), and trusts only members it knew.
-                    && !self.departed(&name, node)
                     && (current.contains(node) || !grace_over || self.holds_newer_key(&name, node))
             });
+            // Every member seen is entitled to the group's next key, durably (the keyring),
+            // until it leaves: one that is down when the key rotates, or that gossip forgot,
+            // or that restarts at that moment, is handed the key when it comes back.
+            let newcomers: Vec<NodeId> = current
+                .iter()
+                .filter(|node| **node != self.node_id && !state.keys.entitled().contains(*node))
+                .filter(|node| {
+                    !self.departed(&name, node)
+                        && !self.membership.peers.get(*node).is_some_and(|p| p.left.contains(&name))
+                })
+                .cloned()
+                .collect();
+            if let Some(keys) = state.keys.with_entitled(&newcomers) {
+                self.save_keys(&name, keys);
+            }
             let Some(state) = self.groups.get_mut(&name) else { continue };
             if known != state.known_members {
                 state.known_members = known.clone();

@@ -52,7 +52,7 @@ impl Replica {
             for write in old.queued {
                 self.reply(write.command, Err(CommandError::NotDurable(error.to_owned())));
             }
-            self.outputs.push_back(Output::Publish { group: group.to_owned(), gossip: None });
+            self.outputs.push_back(Output::Withdraw { group: group.to_owned() });
             return;
         };
         let LoadedState {

@@ -68,7 +68,21 @@ impl Replica {
             );
             return self.reply(id, Err(CommandError::BadRequest(error)));
         }
-        let Some(generation) = state.keys.generation().checked_add(1) else {
+        // This very key, named at a later generation by a trusted member (this node joined
+        // with it before gossip told it the generation).
+        let own_key = state.keys.key();
+        let reach = state.keys.generation().saturating_add(KEYRING_PREVIOUS_MAX as u64);
+        let labelled = self
+            .membership
+            .peers
+            .iter()
+            .filter(|(node, _)| self.trusted(&group, node))
+            .filter_map(|(_, peer)| peer.groups.get(&group)?.key)
+            .filter(|id| id.generation <= reach && *id == KeyId::of(own_key, &group, id.generation))
+            .map(|id| id.generation)
+            .max()
+            .unwrap_or(0);
+        let Some(generation) = state.keys.generation().max(labelled).checked_add(1) else {
             let error = "the group's key generation cannot grow any more".to_owned();
             return self.reply(id, Err(CommandError::TooLarge(error)));
         };
@@ -94,7 +108,11 @@ impl Replica {
     fn adopt_keys(&mut self, group: &str, keys: crate::keyring::Keyring) {
         let node_id = self.node_id.clone();
         let Some(state) = self.groups.get_mut(group) else { return };
-        self.outputs.push_back(Output::Persist(PersistOp::Keys { group: group.to_owned(), keys: keys.clone() }));
+        self.outputs.push_back(Output::Persist(PersistOp::Keys {
+            group: group.to_owned(),
+            keys: keys.clone(),
+            required: true,
+        }));
         state.proof = membership_proof(keys.key(), group, &node_id);
         state.keys = keys;
         state.key_ask = None;
@@ -109,23 +127,29 @@ impl Replica {
         self.membership.peers.get(node).is_some_and(|peer| peer.left.contains(group))
     }
 
-    /// True when this node saw `node` leave `group` and `node` has not shown a newer key since
-    /// (its membership proof under this node's key, of a later generation than it left with).
+    /// True when this node saw `node` leave `group` and `node` has not come back since (its
+    /// gossip holding the group with a proof under this node's current key).
     pub(super) fn departed(&self, group: &str, node: &str) -> bool {
         self.groups.get(group).is_some_and(|state| self.departed_in(&state.keys, group, node))
     }
 
     /// [`Replica::departed`] by the record in `keys`.
     fn departed_in(&self, keys: &crate::keyring::Keyring, group: &str, node: &str) -> bool {
-        let Some(left_at) = keys.left_at(node) else { return false };
-        let proves_newer = keys.generation() > left_at
-            && self
-                .membership
-                .peers
-                .get(node)
-                .and_then(|peer| peer.groups.get(group))
-                .is_some_and(|gossip| gossip.proof == membership_proof(keys.key(), group, node));
-        !proves_newer
+        if keys.left_at(node).is_none() {
+            return false;
+        }
+        // Back: its gossip holds the group again, under this node's current key (it joined
+        // again, through any member, or was handed a later key). A node that left holding the
+        // current key could join again anyway; one that left before a rotation cannot prove
+        // the key that replaced the one it kept.
+        let back = self.membership.peers.get(node).is_some_and(|peer| {
+            !peer.left.contains(group)
+                && peer
+                    .groups
+                    .get(group)
+                    .is_some_and(|gossip| gossip.proof == membership_proof(keys.key(), group, node))
+        });
+        !back
     }
 
     /// Whether this node trusts `node` to hand it `group`'s key: a member it knew (remembered,
@@ -148,7 +172,7 @@ impl Replica {
         // generation is not newer, and an id further ahead than a member could hand over
         // (it names no key this node holds any more) is not believed.
         let ours = state.keys.id(group);
-        let reach = ours.generation.saturating_add(KEYRING_PREVIOUS_MAX as u64 + 1);
+        let reach = ours.generation.saturating_add(KEYRING_PREVIOUS_MAX as u64);
         gossip.key.is_some_and(|theirs| {
             theirs > ours
                 && theirs.generation <= reach
@@ -159,7 +183,9 @@ impl Replica {
     /// True when a member this node trusts holds a newer key of `group`: this node's key is on
     /// its way out, so it admits nobody under it.
     pub(super) fn behind(&self, group: &str) -> bool {
-        self.membership.peers.keys().any(|node| self.holds_newer_key(group, node) && self.trusted(group, node))
+        self.membership.peers.iter().any(|(node, peer)| {
+            peer.liveness != super::PeerLiveness::Dead && self.holds_newer_key(group, node) && self.trusted(group, node)
+        })
     }
 
     /// Records the members of each group seen leaving (durably, in the keyring): a "left"
@@ -174,6 +200,9 @@ impl Replica {
             for (node, peer) in &self.membership.peers {
                 let newly =
                     peer.left.contains(&name) && !previous.peers.get(node).is_some_and(|p| p.left.contains(&name));
+                if !newly {
+                    continue;
+                }
                 let was_member = state.known_members.contains(node)
                     || state.announced.contains_key(node)
                     || state.keys.entitled().contains(node)
@@ -183,10 +212,7 @@ impl Replica {
                         .get(node)
                         .and_then(|p| p.groups.get(&name))
                         .is_some_and(|gossip| gossip.proof == membership_proof(state.keys.key(), &name, node));
-                if newly
-                    && was_member
-                    && let Some(moved) = keys.with_left(node)
-                {
+                if was_member && let Some(moved) = keys.with_left(node) {
                     keys = moved;
                 }
             }
@@ -212,9 +238,13 @@ impl Replica {
     }
 
     /// Saves `keys` (same key, other records) and keeps them.
-    fn save_keys(&mut self, group: &str, keys: crate::keyring::Keyring) {
+    pub(super) fn save_keys(&mut self, group: &str, keys: crate::keyring::Keyring) {
         let Some(state) = self.groups.get_mut(group) else { return };
-        self.outputs.push_back(Output::Persist(PersistOp::Keys { group: group.to_owned(), keys: keys.clone() }));
+        self.outputs.push_back(Output::Persist(PersistOp::Keys {
+            group: group.to_owned(),
+            keys: keys.clone(),
+            required: false,
+        }));
         state.keys = keys;
     }
 
@@ -230,10 +260,9 @@ impl Replica {
             }
             // A member trusted here names this very key at a later generation, and this node
             // only just joined with it (gossip had not told it the generation): take it.
-            let fresh =
-                state.keys.generation() == 0 && state.keys.all(&name).len() == 1 && state.keys.entitled().is_empty();
+            let fresh = state.keys.generation() == 0 && state.keys.all(&name).len() == 1;
             let own_key = state.keys.key();
-            let reach = KEYRING_PREVIOUS_MAX as u64 + 1;
+            let reach = KEYRING_PREVIOUS_MAX as u64;
             let relabel = self
                 .membership
                 .peers
@@ -381,12 +410,11 @@ impl Replica {
         let Some(key) = context.unwrap(under_key, &grant.wrapped, &grant.tag) else {
             return self.drop_message(from, format!("key grant for {group:?} does not verify"));
         };
+        // The members entitled to this node's key stay entitled (minus those seen leaving):
+        // the rotator may not have known them all (it joined after they went down, or made
+        // the other key of two rotations at once).
         let mut entitled: BTreeSet<NodeId> = grant.entitled.into_iter().collect();
-        if grant.id.generation == current.generation {
-            // Two rotations at once: members this node could hand its own key of the
-            // generation must be handed the winner.
-            entitled.extend(state.keys.entitled().iter().cloned());
-        }
+        entitled.extend(state.keys.entitled().iter().cloned());
         let keys = state.keys.moved_to(grant.id.generation, key, entitled);
         self.adopt_keys(group, keys);
     }

@@ -198,6 +198,9 @@ impl Net {
                             self.notified.entry(node.clone()).or_default().push(notification.revision);
                         }
                         Output::Notify(_) => {}
+                        Output::Withdraw { group } => {
+                            self.gossip.entry(node.clone()).or_default().remove(&group);
+                        }
                         Output::Persist(_) | Output::Dropped { .. } => {}
                         // The harness persists nothing, so the deferred apply resumes at once.
                         Output::Resume => self.input(node, Input::Resume),
@@ -242,7 +245,7 @@ impl Net {
                 files.insert(group.clone(), file.clone());
                 self.keys_disk.insert((node.to_owned(), group.clone()), keys.clone());
             }
-            PersistOp::Keys { group, keys } => {
+            PersistOp::Keys { group, keys, .. } => {
                 self.keys_disk.insert((node.to_owned(), group.clone()), keys.clone());
             }
             PersistOp::Append { group, records } => {
@@ -339,6 +342,7 @@ fn describe(output: &Output) -> String {
         Output::Reply { .. } => "reply".into(),
         Output::Notify(_) => "notify".into(),
         Output::Publish { .. } => "publish".into(),
+        Output::Withdraw { .. } => "withdraw".into(),
         Output::Dropped { reason, .. } => format!("dropped: {reason}"),
         Output::Resume => "resume".into(),
     }

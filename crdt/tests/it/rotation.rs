@@ -140,21 +140,25 @@ fn a_node_that_left_cannot_draw_members_to_a_key_of_its_own() {
     for node in ["n1", "n2"] {
         assert_eq!(net.replicas[node].keyring("app").unwrap().left_at("n3"), Some(0), "{node} recorded the leave");
     }
-    // n3 takes back its "left" marker and claims the group with the old key's proof and a far
-    // newer key id: every member still holds the old key.
+    let CommandOutcome::KeyRotated { entitled, .. } = rotate(&mut net, "n1", NEW).unwrap() else { panic!() };
+    assert_eq!(entitled, 2, "n3 left: not entitled");
+    net.run();
+    // n3 takes back its "left" marker and claims the group with the old key's proof and a
+    // newer key id of the generation (the members moved already): nobody trusts it.
     let old = GroupKey::from_bytes(KEY);
     let mut claim = net.gossip["n2"]["app"].clone();
     claim.proof = konor_crdt::replica::membership_proof(&old, "app", "n3");
-    claim.key = Some(KeyId { generation: 1 << 40, tag: [0xff; 8] });
+    claim.key = Some(KeyId { generation: 1, tag: [0xff; 8] });
     net.forget_left("n3", "app");
     net.gossip.entry("n3".into()).or_default().insert("app".into(), claim);
     net.log.clear();
     net.run();
     assert!(!net.log.iter().any(|(_, what)| what == "send key_request to n3"), "{:?}", net.log);
-    // A grant it sends unasked is dropped, and a real rotation still reaches everyone.
+    assert_eq!(net.replicas["n2"].keyring("app").unwrap().left_at("n3"), Some(0), "still recorded: no proof under K1");
+    // A grant it sends unasked is dropped.
     let grant = PeerMessage::KeyGrant {
         group: "app".into(),
-        id: KeyId { generation: 1 << 40, tag: [0xff; 8] },
+        id: KeyId { generation: 1, tag: [0xff; 8] },
         under: KeyId::of(&old, "app", 0),
         nonce: [1; 32],
         wrapped: [2; 32],
@@ -170,17 +174,32 @@ fn a_node_that_left_cannot_draw_members_to_a_key_of_its_own() {
     net.input("n2", Input::Peer { from: "n3".into(), bytes: announce.encode() });
     net.run();
     assert_eq!(net.replicas["n2"].keyring("app").unwrap().left_at("n3"), Some(0));
-    let CommandOutcome::KeyRotated { entitled, generation, .. } = rotate(&mut net, "n1", NEW).unwrap() else {
-        panic!()
-    };
-    assert_eq!((entitled, generation), (2, 1), "the claim of a node seen leaving counts for nothing");
-    net.run();
-    assert_eq!(key_id(&net, "n2"), key_id(&net, "n1"));
     // Gossip forgets n3 altogether: the durable record still keeps it out of the next rotation.
     net.gossip.remove("n3");
     net.run();
     let CommandOutcome::KeyRotated { entitled, .. } = rotate(&mut net, "n2", [8; 32]).unwrap() else { panic!() };
     assert_eq!(entitled, 2);
+}
+
+#[test]
+fn a_node_that_left_and_joined_again_through_another_member_is_trusted_again() {
+    let mut net = mesh_with_group(&["n1", "n2", "n3"]);
+    net.command("n3", Command::LeaveGroup { name: "app".into(), force: false }).unwrap();
+    net.run();
+    assert_eq!(net.replicas["n2"].keyring("app").unwrap().left_at("n3"), Some(0));
+    // n3 joins again through n1 only (its announcement to n2 is lost).
+    net.drop_on.insert(("n3".into(), "n2".into(), "join_request"));
+    net.drop_on.insert(("n3".into(), "n2".into(), "announce"));
+    let join = Command::JoinGroup { name: "app".into(), key: GroupKey::from_bytes(KEY), repair: false };
+    let id = send_command(&mut net, "n3", join);
+    net.run();
+    net.advance(2_000);
+    assert!(matches!(net.replies.remove(&id), Some(Ok(CommandOutcome::Joined { .. }))));
+    assert_eq!(net.replicas["n2"].keyring("app").unwrap().left_at("n3"), None, "its gossip proves the key again");
+    let CommandOutcome::KeyRotated { entitled, .. } = rotate(&mut net, "n2", NEW).unwrap() else { panic!() };
+    assert_eq!(entitled, 3);
+    net.run();
+    assert_eq!(key_id(&net, "n3"), key_id(&net, "n2"));
 }
 
 #[test]

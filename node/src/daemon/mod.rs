@@ -37,7 +37,9 @@ use crate::health::history::HealthHistory;
 use crate::health::webhook::{SYSTEM_CA_BUNDLE, Webhooks, read_ca_bundle};
 use crate::limits::{PORT_RETRY, PREDECESSOR_EXIT_WAIT};
 use crate::metrics::Metrics;
-use crate::peer::membership::{GROUP_LEFT, GROUP_PREFIX, Liveness, Membership, MembershipConfig, MeshView};
+use crate::peer::membership::{
+    GROUP_LEFT, GROUP_PREFIX, GROUP_WITHDRAWN, Liveness, Membership, MembershipConfig, MeshView,
+};
 use crate::peer::transport::{Channel, Inbox, Incoming, PeerNetwork, QuicNetwork};
 use crate::pki::{self, identity::TlsIdentity};
 use crate::settings::DaemonSettings;

@@ -192,8 +192,15 @@ impl Daemon {
                     let group = persist_op_group(&op).to_owned();
                     let create_or_compact = matches!(op, PersistOp::CreateGroup { .. } | PersistOp::Compact { .. });
                     // Best effort: a lost sync state costs a larger sync, lost members a less
-                    // careful first second after a restart.
-                    let sync_state = matches!(op, PersistOp::SyncState { .. } | PersistOp::Members { .. });
+                    // careful first seconds after a restart (and fewer members trusted to hand
+                    // this node a rotated key); the key file's records (members seen leaving or
+                    // back) are saved again with the next change. The key itself is required.
+                    let sync_state = matches!(
+                        op,
+                        PersistOp::SyncState { .. }
+                            | PersistOp::Members { .. }
+                            | PersistOp::Keys { required: false, .. }
+                    );
                     match self.persist(op).await {
                         Ok(()) if create_or_compact => self.clear_degraded(&group),
                         Ok(()) => {}
@@ -300,7 +307,7 @@ impl Daemon {
             Output::Send { message, .. } => Some(message.group()),
             Output::Reply { id, .. } => self.pending_groups.get(id).map(String::as_str),
             Output::Notify(notification) => Some(notification.group.as_str()),
-            Output::Publish { group, .. } => Some(group.as_str()),
+            Output::Publish { group, .. } | Output::Withdraw { group } => Some(group.as_str()),
             Output::Persist(_) | Output::Dropped { .. } | Output::Resume => return None,
         };
         match group {
@@ -490,6 +497,9 @@ impl Daemon {
                 let value = gossip.map_or_else(|| GROUP_LEFT.to_owned(), |g| g.encode());
                 self.membership.publish(&format!("{GROUP_PREFIX}{group}"), &value);
             }
+            Output::Withdraw { group } => {
+                self.membership.publish(&format!("{GROUP_PREFIX}{group}"), GROUP_WITHDRAWN);
+            }
             Output::Dropped { from, reason } => {
                 self.stats.peer_messages_dropped.fetch_add(1, Ordering::Relaxed);
                 warn!(peer = %from, %reason, "peer message dropped");
@@ -634,7 +644,7 @@ impl Daemon {
                     store.write_group_key(&group, &Secret::new(keys.to_text()))?;
                     store.create_group(&group, &file)?;
                 }
-                PersistOp::Keys { group, keys } => store.write_group_key(&group, &Secret::new(keys.to_text()))?,
+                PersistOp::Keys { group, keys, .. } => store.write_group_key(&group, &Secret::new(keys.to_text()))?,
                 PersistOp::Append { group, records } => store.append(&group, &records)?,
                 PersistOp::Compact { group, file } => store.replace_group(&group, &file)?,
                 PersistOp::RemoveGroup { group } => {

@@ -36,6 +36,10 @@ pub const GROUP_PREFIX: &str = "grp:";
 /// Value of a group key after this node left the group (keys are overwritten, never deleted).
 pub const GROUP_LEFT: &str = "-";
 
+/// Value of a group key while this node repairs the group (its file could not be read): not
+/// held now, but not left either.
+pub const GROUP_WITHDRAWN: &str = "~";
+
 /// Key of the graceful-leave flag (SPEC F1).
 pub const LEAVING_KEY: &str = "leaving";
 
@@ -883,7 +887,7 @@ impl Membership {
             let groups = state
                 .key_values()
                 .map(|(k, v)| (k, payload(v)))
-                .filter(|(_, v)| *v != GROUP_LEFT)
+                .filter(|(_, v)| *v != GROUP_LEFT && *v != GROUP_WITHDRAWN)
                 .filter_map(|(k, v)| k.strip_prefix(GROUP_PREFIX).map(|k| (k.to_owned(), v.to_owned())))
                 .collect();
             let left_groups = state
