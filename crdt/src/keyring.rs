@@ -8,7 +8,7 @@
 //! It also records the members seen leaving the group (`left`), with the generation held then:
 //! such a node is never entitled, trusted to hand a key over, nor re-counted from its old key
 //! (gossip forgets a node, and a node can take back its own "left" marker; this record does
-//! not), until it proves a newer key than the one it left with, or joins again here.
+//! not), until its gossip proves this node's current key again, or it joins again here.
 //!
 //! The text form is the key file: the current key's 64 hex digits on the first line (a file of
 //! generation 0 is that line alone, as before keyrings), then `generation N`, `previous N HEX`,

@@ -10,13 +10,14 @@
 //! the key, a member's messages are dropped by those that moved, as if lost: rounds abort and
 //! commits wait, nothing is decided on a mixed view.
 //!
-//! Whom a member trusts to hand it a key: a member it knew (remembered, or in a strong group's
-//! configuration) that it never saw leave, or that proved a newer key than the one it left
-//! with (the keyring's `left` record, durable: gossip forgets, and a node can take back its own
-//! "left" marker). It takes a grant only wrapped under its current key, or, for a key of its
-//! own generation (two rotations at once: the larger key id wins), under the key both replaced
-//! from a member entitled to its current key. A member that knows it is behind admits no joiner
-//! and counts no announcement under its old key.
+//! Whom a member trusts to hand it a key: a member it knew (remembered, entitled to its key,
+//! or in a strong group's configuration) that it never saw leave, or that came back since (its
+//! gossip proves the current key again; the keyring's `left` record is durable: gossip forgets,
+//! and a node can take back its own "left" marker). It takes a grant only wrapped under its
+//! current key, or under a key it replaced from a member entitled to its current key (two
+//! rotations at once, where the larger key id wins, or a rotation after them). A member that
+//! knows it is behind admits no joiner, counts no announcement and makes no rotation under its
+//! old key.
 //!
 use std::collections::BTreeSet;
 
