@@ -43,53 +43,52 @@ impl Replica {
     /// whose gossiped proof verifies, and members that announced themselves since (a new member
     /// of an eventual group counts before gossip spreads its proof).
     pub fn member_liveness(&self, group: &str) -> BTreeMap<NodeId, PeerLiveness> {
-        let mut members: BTreeMap<NodeId, PeerLiveness> = self
-            .members(group)
-            .into_iter()
-            .map(|(node, _, _)| {
-                let liveness = self.membership.peers.get(&node).map_or(PeerLiveness::Unknown, |p| p.liveness);
-                (node, liveness)
-            })
-            .collect();
-        if let Some(state) = self.groups.get(group) {
-            if self.now.0 < START_GRACE_MS {
-                // Just started: gossip has not told this node about every member yet. Those it
-                // knew before count as members it cannot judge (unknown), never as absent.
-                for node in &state.known_members {
-                    if *node != self.node_id && !members.contains_key(node) {
-                        let peer = self.membership.peers.get(node);
-                        if peer.is_some_and(|p| p.left.contains(group)) {
-                            continue;
-                        }
-                        members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+        let Some(state) = self.groups.get(group) else {
+            return BTreeMap::new();
+        };
+        // One pass over the claims (a proof each): those that verify, and those under another key.
+        let mut members = BTreeMap::new();
+        let mut other_key = Vec::new();
+        for (node, peer) in &self.membership.peers {
+            let Some(gossip) = peer.groups.get(group) else { continue };
+            if gossip.proof == membership_proof(state.keys.key(), group, node) {
+                members.insert(node.clone(), peer.liveness);
+            } else {
+                other_key.push((node, peer.liveness));
+            }
+        }
+        if self.now.0 < START_GRACE_MS {
+            // Just started: gossip has not told this node about every member yet. Those it
+            // knew before count as members it cannot judge (unknown), never as absent.
+            for node in &state.known_members {
+                if *node != self.node_id && !members.contains_key(node) {
+                    let peer = self.membership.peers.get(node);
+                    if peer.is_some_and(|p| p.left.contains(group)) {
+                        continue;
                     }
+                    members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
                 }
             }
-            for node in state.announced.keys() {
-                if *node == self.node_id || members.contains_key(node) {
-                    continue;
-                }
-                let peer = self.membership.peers.get(node);
-                if peer.is_some_and(|p| p.left.contains(group)) {
-                    continue;
-                }
-                members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+        }
+        for node in state.announced.keys() {
+            if *node == self.node_id || members.contains_key(node) {
+                continue;
             }
-            // Members on another key (a rotation on its way): still members, up but unable to
-            // ack until they move, so an eventual write waits for them rather than commit with
-            // a quorum of the few that moved first.
-            for (node, _, _) in self.other_key_claims(group) {
-                let counted = state.known_members.contains(&node)
-                    || state.keys.entitled().contains(&node)
-                    || state.doc.configuration().is_some_and(|configuration| configuration.contains(&node));
-                if members.contains_key(&node) || !counted || self.departed(group, &node) {
-                    continue;
-                }
-                let peer = self.membership.peers.get(&node);
-                if peer.is_some_and(|p| p.left.contains(group)) {
-                    continue;
-                }
-                members.insert(node, peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+            let peer = self.membership.peers.get(node);
+            if peer.is_some_and(|p| p.left.contains(group)) {
+                continue;
+            }
+            members.insert(node.clone(), peer.map_or(PeerLiveness::Unknown, |p| p.liveness));
+        }
+        // Members on another key (a rotation on its way): still members, up but unable to ack
+        // until they move, so an eventual write waits for them rather than commit with a
+        // quorum of the few that moved first.
+        for (node, liveness) in other_key {
+            let counted = state.known_members.contains(node)
+                || state.keys.entitled().contains(node)
+                || state.doc.configuration().is_some_and(|configuration| configuration.contains(node));
+            if counted && !members.contains_key(node) && !self.departed(group, node) {
+                members.insert(node.clone(), liveness);
             }
         }
         members
