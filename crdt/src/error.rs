@@ -217,6 +217,14 @@ pub enum EditError {
         /// The limit.
         max: usize,
     },
+    /// The write would leave the group with too many keys marked secret.
+    #[error("group would have {marked} keys marked secret, at most {max} allowed (marks are never taken back)")]
+    TooManySecretKeys {
+        /// How many it would have.
+        marked: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The commit message or author is too long.
     #[error("{what} is {bytes} bytes, at most {max} allowed")]
     MetaTooLong {

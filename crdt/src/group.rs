@@ -30,7 +30,7 @@ use crate::diff::SettingsDiff;
 use crate::error::{EditError, KeyError, LoadError, VersionError};
 use crate::file_format::FileFormat;
 use crate::key::validate_group_name;
-use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SETTINGS_BYTES_MAX};
+use crate::limits::{AUTHOR_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SECRET_KEYS_MAX, SETTINGS_BYTES_MAX};
 use crate::schema::Schema;
 use crate::settings::{ContentHash, Settings, hex};
 use crate::time::Millis;
@@ -50,6 +50,16 @@ pub const DOCUMENT_FORMAT: u64 = 3;
 /// rather than misread it. The layout is format 3's, plus `ROOT.policy.release` and versions of
 /// kind `release`.
 pub const GATED_FORMAT: u64 = 4;
+
+/// `ROOT.format` of a group that holds a secret mark (issue 17): the first write that marks a
+/// key secret puts it, so that a konord that does not know secret marks refuses the group (it
+/// would serve secret values to every reader) rather than misread it. The layout is format 3's
+/// (or 4's: a gated group's release policy is read at its genesis change); versions may carry
+/// `secret`.
+pub const SECRET_FORMAT: u64 = 5;
+
+/// The newest `ROOT.format` this version reads.
+pub const NEWEST_FORMAT: u64 = SECRET_FORMAT;
 
 /// Version of the (for now empty) policy map, stored at `ROOT.policy.version`.
 pub const POLICY_FORMAT: u64 = 1;
@@ -95,6 +105,9 @@ pub struct CommitMeta {
     pub time: Millis,
     /// A precondition (SPEC F5): the write is refused, with nothing changed, unless it holds.
     pub condition: Option<Condition>,
+    /// Keys the write marks secret (issue 17), besides what it writes. Marking a key that is
+    /// marked already does nothing.
+    pub secret: Vec<String>,
 }
 
 /// What a conditional write expects of the group when it is made (optimistic concurrency).
@@ -120,12 +133,18 @@ impl Condition {
 impl CommitMeta {
     /// Builds commit metadata.
     pub fn new(author: impl Into<String>, message: impl Into<String>, time: Millis) -> CommitMeta {
-        CommitMeta { author: author.into(), message: message.into(), time, condition: None }
+        CommitMeta { author: author.into(), message: message.into(), time, condition: None, secret: Vec::new() }
     }
 
     /// The same metadata with a precondition.
     pub fn with_condition(mut self, condition: Condition) -> CommitMeta {
         self.condition = (!condition.is_empty()).then_some(condition);
+        self
+    }
+
+    /// The same metadata, also marking `keys` secret.
+    pub fn with_secret(mut self, keys: Vec<String>) -> CommitMeta {
+        self.secret = keys;
         self
     }
 
@@ -262,6 +281,8 @@ pub struct GroupDoc {
     pub(crate) recent: crate::recent::RecentChanges,
     /// The ids of the versions of kinds `release`, `promote` and `abort`.
     pub(crate) releases: BTreeSet<VersionId>,
+    /// Keys marked secret by any version (issue 17): the union of the versions' `secret`.
+    pub(crate) secret_keys: BTreeSet<String>,
     /// The node this document serves (its id and labels pick its canary slices).
     viewer: crate::release::Viewer,
     /// What a gated group serves (`None` in an immediate group, which serves `view`).
@@ -337,6 +358,7 @@ impl GroupDoc {
             content_hash: Settings::new().content_hash().to_hex(),
             hash_scheme: CONTENT_HASH_SCHEME,
             parents: Vec::new(),
+            secret: Vec::new(),
         };
         let document_error = |e: automerge::AutomergeError| EditError::Document { detail: e.to_string() };
         let mut tx = doc.transaction();
@@ -395,9 +417,9 @@ impl GroupDoc {
             }
         };
         let format = read_format(&doc);
-        if format == 0 || format > GATED_FORMAT {
+        if format == 0 || format > NEWEST_FORMAT {
             return Err(not_a_group(&format!(
-                "document format {format}, this version reads 1 to {GATED_FORMAT}; upgrade konord"
+                "document format {format}, this version reads 1 to {NEWEST_FORMAT}; upgrade konord"
             )));
         }
         let meta = map_at(&automerge::ROOT, "meta")?;
@@ -443,6 +465,7 @@ impl GroupDoc {
             by_change: BTreeMap::new(),
             recent: crate::recent::RecentChanges::default(),
             releases: BTreeSet::new(),
+            secret_keys: BTreeSet::new(),
             viewer: crate::release::Viewer::default(),
             served: None,
         };
@@ -485,6 +508,7 @@ impl GroupDoc {
         self.versions.clear();
         self.by_change.clear();
         self.releases.clear();
+        self.secret_keys.clear();
         let entries: Vec<(String, String, automerge::ObjId)> = self
             .doc
             .map_range(&self.objects.versions, ..)
@@ -521,6 +545,9 @@ impl GroupDoc {
                 if is_release_record(&info.kind) {
                     self.releases.insert(info.id.clone());
                 }
+                // Only keys: a faulty peer's mark of something else masks nothing real.
+                let marks = info.secret.iter().filter(|key| crate::key::validate_key(key).is_ok());
+                self.secret_keys.extend(marks.cloned());
                 self.by_change.insert(change, info.id.clone());
                 self.versions.insert(info.id.clone(), VersionEntry { info, change });
             }
@@ -817,7 +844,8 @@ impl GroupDoc {
     fn commit_plan(&mut self, plan: PlannedEdit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let deps = self.doc.get_heads();
         let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
-        self.format = self.format.max(DOCUMENT_FORMAT);
+        self.format = self.format.max(written_format(&plan));
+        self.secret_keys.extend(plan.info.secret.iter().cloned());
         for (register, key) in made {
             if let ObjId::Id(counter, actor, _) = register {
                 self.registers.insert((counter, actor), key);
@@ -1151,7 +1179,8 @@ impl GroupDoc {
     /// Drops no-op operations, checks limits and computes the version entry. Pure.
     fn plan(&self, ops: Vec<Op>, kind: VersionKind, meta: &CommitMeta) -> Result<PlannedEdit, EditError> {
         let plan = self.plan_unchecked(ops, kind, meta)?;
-        if plan.ops.is_empty() {
+        // A write that only marks keys secret makes a version: the marks are what it changes.
+        if plan.ops.is_empty() && plan.info.secret.is_empty() {
             return Err(EditError::Unchanged);
         }
         Ok(plan)
@@ -1227,8 +1256,38 @@ impl GroupDoc {
             content_hash: hash_after.to_hex(),
             hash_scheme: CONTENT_HASH_SCHEME,
             parents: self.head_versions().into_iter().map(|v| v.id.clone()).collect(),
+            secret: self.new_secret_marks(&meta.secret)?,
         };
         Ok(PlannedEdit { ops, info, hash_after, configuration: None, schema: None })
+    }
+
+    /// The keys of `asked` not marked secret yet, each once, in order; refused when one is not
+    /// a key (an overlay's stored key is marked through its base key) or when the group would
+    /// hold more than [`SECRET_KEYS_MAX`] marks.
+    fn new_secret_marks(&self, asked: &[String]) -> Result<Vec<String>, EditError> {
+        let mut marks: Vec<String> = Vec::new();
+        for key in asked {
+            crate::key::validate_key(key)?;
+            if !self.secret_keys.contains(key) && !marks.contains(key) {
+                marks.push(key.clone());
+            }
+        }
+        let marked = self.secret_keys.len() + marks.len();
+        if !marks.is_empty() && marked > SECRET_KEYS_MAX {
+            return Err(EditError::TooManySecretKeys { marked, max: SECRET_KEYS_MAX });
+        }
+        Ok(marks)
+    }
+
+    /// Keys marked secret (issue 17), by any version this node holds.
+    pub fn secret_keys(&self) -> &BTreeSet<String> {
+        &self.secret_keys
+    }
+
+    /// Whether `key` (a key, or an overlay's stored key `KEY@SELECTOR`) holds a secret value.
+    pub fn is_secret(&self, key: &str) -> bool {
+        let base = crate::overlay::split(key).map_or(key, |(base, _)| base);
+        self.secret_keys.contains(base)
     }
 
     /// Saves the whole document (a snapshot) in Automerge's compressed format.
@@ -1436,8 +1495,9 @@ fn write_plan(
     let mut made = Vec::new();
     let mut tx = doc.transaction();
     let written = (|| {
-        if format < DOCUMENT_FORMAT {
-            tx.put(automerge::ROOT, "format", DOCUMENT_FORMAT)?;
+        let target = written_format(plan);
+        if format < target {
+            tx.put(automerge::ROOT, "format", target)?;
         }
         for op in &plan.ops {
             match op {
@@ -1469,6 +1529,12 @@ fn write_plan(
     let change_hash = hash.ok_or_else(|| EditError::Document { detail: "empty change".into() })?;
     let change = last_local_change_bytes(doc)?;
     Ok((change_hash, change, made))
+}
+
+/// The least `ROOT.format` a document holds once `plan` is written in it: this version's
+/// layout, and [`SECRET_FORMAT`] once a key is marked secret.
+fn written_format(plan: &PlannedEdit) -> u64 {
+    if plan.info.secret.is_empty() { DOCUMENT_FORMAT } else { SECRET_FORMAT }
 }
 
 fn version_json(info: &VersionInfo) -> String {

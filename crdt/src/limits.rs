@@ -31,6 +31,10 @@ pub const KEYS_PER_GROUP_MAX: usize = 10_000;
 /// the settings comfortably fits one socket frame for the SDK.
 pub const SETTINGS_BYTES_MAX: usize = 4 * 1024 * 1024;
 
+/// Keys a group may have marked secret: as many as it may hold. Marks are never taken back, so
+/// a group that keeps naming new keys secret would otherwise grow its mark set without end.
+pub const SECRET_KEYS_MAX: usize = KEYS_PER_GROUP_MAX;
+
 /// Largest input file for `apply`: room for [`SETTINGS_BYTES_MAX`] of settings plus the
 /// formatting overhead of TOML or YAML.
 pub const CONFIG_FILE_BYTES_MAX: usize = 2 * SETTINGS_BYTES_MAX;

@@ -266,6 +266,7 @@ mod tests {
             content_hash: String::new(),
             hash_scheme: crate::version::CONTENT_HASH_SCHEME,
             parents: Vec::new(),
+            secret: Vec::new(),
         };
         (id, VersionEntry { info, change: automerge::ChangeHash([counter as u8; 32]) })
     }

@@ -229,6 +229,11 @@ pub struct VersionInfo {
     pub hash_scheme: u8,
     /// The versions the writer had as its heads when writing (more than one after a merge).
     pub parents: Vec<VersionId>,
+    /// Keys this version marked secret (issue 17): their values, at every version, are masked
+    /// for callers that may not reveal them. A mark is never taken back. Absent when empty, so
+    /// versions that mark nothing read as before.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret: Vec<String>,
 }
 
 /// A version known to a document, with the change that created it.
@@ -296,6 +301,7 @@ mod tests {
             content_hash: ContentHash::of([]).to_hex(),
             hash_scheme: CONTENT_HASH_SCHEME,
             parents: vec![VersionId { counter: 1, actor: "ab".into() }],
+            secret: vec!["db.password".into()],
         };
         let text = serde_json::to_string(&info).unwrap();
         assert_eq!(serde_json::from_str::<VersionInfo>(&text).unwrap(), info);
@@ -314,6 +320,7 @@ mod tests {
             content_hash: "0".repeat(64),
             hash_scheme: 1,
             parents: Vec::new(),
+            secret: Vec::new(),
         };
         let text = serde_json::to_string(&old).unwrap().replace(",\"hash_scheme\":1", "");
         assert!(!text.contains("hash_scheme"), "{text}");

@@ -15,5 +15,6 @@ mod overlay;
 mod release;
 mod replica;
 mod rotation;
+mod secret;
 mod strong;
 mod support;
