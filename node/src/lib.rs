@@ -61,7 +61,7 @@ mod secret_redaction_tests {
         assert_redacted("a group key read from its file", &format!("{read:?}"), GROUP_KEY);
 
         let (reply, _answer) = tokio::sync::oneshot::channel();
-        let client = ClientInfo { connection: 1, pid: 1, process: "app".into(), uid: None, user: None };
+        let client = ClientInfo { connection: 1, pid: 1, process: "app".into(), uid: None, user: None, reveal: true };
         let call = LocalCall::Request {
             client,
             request: Request::GroupJoin { name: "app".into(), key: GROUP_KEY.into() },

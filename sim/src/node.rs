@@ -301,6 +301,7 @@ impl Cluster {
             process: "konor-sim".to_owned(),
             uid: None,
             user: None,
+            reveal: true,
         };
         Some((calls, client))
     }

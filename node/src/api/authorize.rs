@@ -229,6 +229,17 @@ fn parse_grant(value: &str) -> Result<Grant, String> {
     Ok(Grant { role, groups })
 }
 
+/// Whether `principal` reads secret values (issue 17) rather than [`konor_sdk::protocol::MASKED`]:
+/// callers of role `app` and above, as Kubernetes' `view` role reads no Secrets while `edit`
+/// does (an application needs its own secrets; a dashboard viewer does not). Without `[roles]`,
+/// every caller the door let in but one without a certificate (`--http-open-reads`).
+pub fn reveals(policy: Option<&RolePolicy>, principal: &Principal) -> bool {
+    match policy {
+        None => !matches!(principal, Principal::Anonymous),
+        Some(policy) => policy.grant_of(principal).is_some_and(|grant| grant.role >= Role::App),
+    }
+}
+
 /// The role a request needs.
 pub fn needed(request: &Request) -> Role {
     match request {
@@ -388,6 +399,28 @@ mod tests {
             assert_eq!(authorize(Some(&policy), &principal, request).is_ok(), allowed, "{principal} {request:?}");
         }
         assert!(authorize(None, &Principal::Anonymous, &create("x")).is_ok(), "no [roles]: not checked here");
+    }
+
+    #[test]
+    fn apps_and_above_reveal_secrets_viewers_and_anonymous_callers_do_not() {
+        let policy = policy();
+        let local = |uid| Principal::Local { uid: Some(uid), gid: None };
+        let cases = [
+            (local(1000), false),
+            (local(1005), true),
+            (local(1001), true),
+            (local(999), true),
+            (local(4242), false),
+            (Principal::Certificate("ops-alice".into()), true),
+            (Principal::Certificate("ops-carol".into()), false),
+            (Principal::Anonymous, false),
+        ];
+        for (principal, reveal) in cases {
+            assert_eq!(reveals(Some(&policy), &principal), reveal, "{principal}");
+        }
+        assert!(reveals(None, &local(4242)), "no [roles]: the socket's mode decides");
+        assert!(reveals(None, &Principal::Certificate("ops-carol".into())));
+        assert!(!reveals(None, &Principal::Anonymous), "open reads never reveal");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! get never serves a change that is not durable here. Freshness flags (fencing) are refreshed
 //! after every batch of events.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use konor_crdt::replica::Notification;
@@ -33,6 +33,8 @@ pub struct GroupRead {
     pub fresh_until: Option<Instant>,
     /// The group's fencing policy is `block`: a stale read goes to the daemon, which waits.
     pub block: bool,
+    /// Keys marked secret (issue 17): never fewer than the marks of the values held.
+    pub secrets: BTreeSet<String>,
 }
 
 /// A group's freshness as the daemon settles it after each batch.
@@ -66,9 +68,10 @@ impl GroupRead {
 pub struct ReadView(Arc<RwLock<BTreeMap<String, GroupRead>>>);
 
 impl ReadView {
-    /// Answers a get from the view; `None` when the group is not (yet) in it, so the caller asks
-    /// the daemon, which knows whether the group exists.
-    pub fn get(&self, group: &str, key: &str) -> Option<Response> {
+    /// Answers a get from the view, the value masked for a caller that may not `reveal`
+    /// secrets; `None` when the group is not (yet) in it, so the caller asks the daemon, which
+    /// knows whether the group exists.
+    pub fn get(&self, group: &str, key: &str, reveal: bool) -> Option<Response> {
         let groups = self.0.read().unwrap_or_else(PoisonError::into_inner);
         let read = groups.get(group)?;
         let stale_reason = read.stale_now();
@@ -76,10 +79,13 @@ impl ReadView {
             // The daemon holds the read until the node is fresh again (fencing policy block).
             return None;
         }
+        let secret = !reveal && crate::api::secret_mask::is_secret(&read.secrets, key);
         Some(Response::Value {
             group: group.to_owned(),
             key: key.to_owned(),
-            value: read.settings.get(key).cloned(),
+            value: read.settings.get(key).map(|value| {
+                if secret { Value::String(konor_sdk::protocol::MASKED.to_owned()) } else { value.clone() }
+            }),
             freshness: Freshness {
                 revision: read.revision,
                 version: read.version.clone(),
@@ -91,12 +97,17 @@ impl ReadView {
     }
 
     /// Applies one notification (a change the watchers are told about), if the group is in the
-    /// view and the notification follows what it holds.
-    pub fn apply(&self, notification: &Notification) {
+    /// view and the notification follows what it holds. `marks` are the group's secret keys as
+    /// the replica holds them now, which include those of the change.
+    pub fn apply(&self, notification: &Notification, marks: &BTreeSet<String>) {
         let mut groups = self.0.write().unwrap_or_else(PoisonError::into_inner);
         let Some(read) = groups.get_mut(&notification.group) else { return };
         if notification.revision <= read.revision {
             return;
+        }
+        // Marks only grow while a group stays in the view (a reload replaces it whole).
+        if marks.len() != read.secrets.len() {
+            read.secrets.clone_from(marks);
         }
         for key in &notification.removed {
             read.settings.remove(key);
@@ -167,22 +178,40 @@ mod tests {
             stale_reason: None,
             fresh_until: None,
             block: false,
+            secrets: BTreeSet::new(),
         }
     }
 
     #[tokio::test]
     async fn notifications_update_the_view_in_order_and_old_ones_are_ignored() {
         let view = ReadView::default();
-        assert!(view.get("app", "a").is_none(), "an unknown group is left to the daemon");
+        assert!(view.get("app", "a", true).is_none(), "an unknown group is left to the daemon");
         view.replace("app", empty(1));
-        view.apply(&notification(2, &[("a", 1), ("b", 2)], &[]));
-        view.apply(&notification(3, &[("a", 3)], &["b"]));
-        view.apply(&notification(3, &[("a", 99)], &[]));
-        let Some(Response::Value { value, freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        let none = BTreeSet::new();
+        view.apply(&notification(2, &[("a", 1), ("b", 2)], &[]), &none);
+        view.apply(&notification(3, &[("a", 3)], &["b"]), &none);
+        view.apply(&notification(3, &[("a", 99)], &[]), &none);
+        let Some(Response::Value { value, freshness, .. }) = view.get("app", "a", true) else { panic!("no answer") };
         assert_eq!(value, Some(Value::from(3)));
         assert_eq!((freshness.revision, freshness.version.as_str()), (3, "v3"));
-        let Some(Response::Value { value, .. }) = view.get("app", "b") else { panic!("no answer") };
+        let Some(Response::Value { value, .. }) = view.get("app", "b", true) else { panic!("no answer") };
         assert_eq!(value, None, "removed");
+    }
+
+    #[tokio::test]
+    async fn a_secret_value_is_masked_for_a_caller_that_may_not_reveal_it() {
+        let view = ReadView::default();
+        view.replace("app", empty(1));
+        let marks = BTreeSet::from(["a".to_owned()]);
+        view.apply(&notification(2, &[("a", 1), ("b", 2)], &[]), &marks);
+        let value = |key, reveal| match view.get("app", key, reveal) {
+            Some(Response::Value { value, .. }) => value,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(value("a", false), Some(Value::from(konor_sdk::protocol::MASKED)));
+        assert_eq!(value("a", true), Some(Value::from(1)));
+        assert_eq!(value("b", false), Some(Value::from(2)));
+        assert_eq!(value("c", false), None, "an absent key stays absent");
     }
 
     #[tokio::test]
@@ -192,10 +221,10 @@ mod tests {
         view.replace("old", empty(1));
         let fenced = Fresh { stale_reason: Some("in doubt".into()), ..Fresh::default() };
         view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), fenced)]));
-        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a", true) else { panic!("no answer") };
         assert!(freshness.stale);
         assert_eq!(freshness.stale_reason.as_deref(), Some("in doubt"));
-        assert!(view.get("old", "a").is_none());
+        assert!(view.get("old", "a", true).is_none());
     }
 
     #[tokio::test(start_paused = true)]
@@ -205,14 +234,14 @@ mod tests {
         let until = Instant::now() + std::time::Duration::from_millis(100);
         let lease = Fresh { fresh_until: Some(until), ..Fresh::default() };
         view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), lease)]));
-        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a", true) else { panic!("no answer") };
         assert!(!freshness.stale);
         tokio::time::advance(std::time::Duration::from_millis(100)).await;
-        let Some(Response::Value { freshness, .. }) = view.get("app", "a") else { panic!("no answer") };
+        let Some(Response::Value { freshness, .. }) = view.get("app", "a", true) else { panic!("no answer") };
         assert!(freshness.stale, "{freshness:?}");
         // With the block policy a stale read is left to the daemon.
         let blocking = Fresh { stale_reason: Some("in doubt".into()), block: true, ..Fresh::default() };
         view.settle(&["app".to_owned()], &BTreeMap::from([("app".to_owned(), blocking)]));
-        assert!(view.get("app", "a").is_none());
+        assert!(view.get("app", "a", true).is_none());
     }
 }

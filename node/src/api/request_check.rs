@@ -6,7 +6,7 @@
 
 use konor_crdt::key::{validate_group_name, validate_key};
 use konor_crdt::limits::{
-    AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEY_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX,
+    AUTHOR_BYTES_MAX, CONFIG_FILE_BYTES_MAX, KEY_BYTES_MAX, KEYS_PER_GROUP_MAX, MESSAGE_BYTES_MAX, SECRET_KEYS_MAX,
 };
 use konor_crdt::overlay::validate_stored_key;
 use konor_sdk::protocol::{Request, WriteMeta};
@@ -177,7 +177,13 @@ fn check_meta(meta: &WriteMeta) -> Result<(), String> {
     check_length("meta.message", &meta.message, MESSAGE_BYTES_MAX)?;
     check_length("meta.if_version", meta.if_version.as_deref().unwrap_or_default(), VERSION_LABEL_BYTES_MAX)?;
     // A content hash is 64 hex digits at most; the core says what else is wrong with it.
-    check_length("meta.if_content", meta.if_content.as_deref().unwrap_or_default(), 64)
+    check_length("meta.if_content", meta.if_content.as_deref().unwrap_or_default(), 64)?;
+    check_count("meta.secret", meta.secret.len(), SECRET_KEYS_MAX)?;
+    for key in &meta.secret {
+        check_length("a key of meta.secret", key, KEY_BYTES_MAX)?;
+        validate_key(key).map_err(|error| format!("meta.secret: {error}"))?;
+    }
+    Ok(())
 }
 
 /// Only a schema's shape: the core checks its size (as canonical JSON) and its rules.

@@ -506,6 +506,7 @@ impl WriteArgs {
             message: self.message.clone().unwrap_or_default(),
             if_version: self.if_version.clone(),
             if_content: self.if_content.clone(),
+            secret: Vec::new(),
         }
     }
 }

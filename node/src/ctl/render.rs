@@ -849,6 +849,7 @@ mod tests {
                 message: message.into(),
                 kind: kind.into(),
                 content_hash: hash.into(),
+                secret: Vec::new(),
                 parents: parents.iter().map(|parent| (*parent).to_owned()).collect(),
             }
         };

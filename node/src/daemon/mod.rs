@@ -160,6 +160,8 @@ struct Watcher {
     events: socket::WatchSender,
     /// Only keys that start with this text (`None`: the whole group).
     prefix: Option<String>,
+    /// The watcher reads secret values; else they come masked.
+    reveal: bool,
 }
 
 struct Daemon {

@@ -2,6 +2,7 @@
 //! notifications and replies, reloads and repairs of damaged files, and settling the read view.
 
 use super::*;
+use crate::api::secret_mask::mask_event;
 
 /// What a reply says when a persist of its group failed earlier in the batch: the failure
 /// (`not_durable`: not committed) for an answer that depended on it, except a strong commit a
@@ -250,7 +251,7 @@ impl Daemon {
     fn notify_early(&mut self, output: Output) {
         let Output::Notify(notification) = output else { return };
         if let Some(reads) = &self.reads {
-            reads.apply(&notification);
+            reads.apply(&notification, self.secret_marks(&notification.group));
         }
         self.notify(notification);
     }
@@ -273,10 +274,15 @@ impl Daemon {
             version: doc.served_label(),
             settings: super::requests::settings_under(doc.served_settings(), prefix),
         };
+        let marks = doc.secret_keys();
+        let for_watcher = |prefix: Option<&str>, reveal: bool| {
+            let event = resync(prefix);
+            if reveal { event } else { mask_event(marks, &event).unwrap_or(event) }
+        };
         let whole = socket::EncodedEvent::from(resync(None));
         watchers.retain(|watcher| match watcher.prefix.as_deref() {
-            None => watcher.events.try_send(whole.clone()).is_ok(),
-            Some(prefix) => watcher.events.try_send(resync(Some(prefix))).is_ok(),
+            None if watcher.reveal || marks.is_empty() => watcher.events.try_send(whole.clone()).is_ok(),
+            prefix => watcher.events.try_send(for_watcher(prefix, watcher.reveal)).is_ok(),
         });
     }
 
@@ -489,7 +495,7 @@ impl Daemon {
             Output::Notify(_) | Output::Publish { .. } if persist_failed.is_some() => {}
             Output::Notify(notification) => {
                 if let Some(reads) = &self.reads {
-                    reads.apply(&notification);
+                    reads.apply(&notification, self.secret_marks(&notification.group));
                 }
                 self.notify(notification);
             }
@@ -546,6 +552,7 @@ impl Daemon {
                     stale_reason: None,
                     fresh_until: None,
                     block: false,
+                    secrets: doc.secret_keys().clone(),
                 };
                 reads.replace(name, read);
             }
@@ -728,19 +735,41 @@ impl Daemon {
             let lag = self.wall_clock().0.saturating_sub(origin.time.0);
             self.metrics.observe_propagation(Duration::from_millis(lag));
         }
+        let marks = match self.replica.group(&notification.group) {
+            Some(doc) => doc.secret_keys(),
+            None => &NO_MARKS,
+        };
         let Some(watchers) = self.watchers.get_mut(&notification.group) else { return };
-        // Encoded once, shared by every watcher of the whole group; a watcher of a key prefix
-        // gets the keys under it, or nothing when the change touched none.
-        let whole = super::requests::change_event(&notification, None).map(socket::EncodedEvent::from);
+        // Encoded once, shared by every watcher of the whole group (once more, masked, for
+        // those that may not reveal secrets); a watcher of a key prefix gets the keys under it,
+        // or nothing when the change touched none.
+        let whole = super::requests::change_event(&notification, None);
+        let whole_masked = whole.as_ref().and_then(|event| mask_event(marks, event)).map(socket::EncodedEvent::from);
+        let whole = whole.map(socket::EncodedEvent::from);
         // A watcher whose queue is full is dropped: its connection closes and the SDK resumes
         // from its last revision, so it misses nothing.
-        watchers.retain(|watcher| match (watcher.prefix.as_deref(), &whole) {
-            (None, Some(event)) => watcher.events.try_send(event.clone()).is_ok(),
-            (prefix, _) => match super::requests::change_event(&notification, prefix) {
+        watchers.retain(|watcher| match (watcher.prefix.as_deref(), &whole, &whole_masked) {
+            (None, Some(_), Some(masked)) if !watcher.reveal => watcher.events.try_send(masked.clone()).is_ok(),
+            (None, Some(event), _) => watcher.events.try_send(event.clone()).is_ok(),
+            (prefix, _, _) => match super::requests::change_event(&notification, prefix) {
+                Some(event) if !watcher.reveal => {
+                    let event = mask_event(marks, &event).unwrap_or(event);
+                    watcher.events.try_send(event).is_ok()
+                }
                 Some(event) => watcher.events.try_send(event).is_ok(),
                 None => true,
             },
         });
+    }
+}
+
+/// The marks of a group that has none (or is gone).
+static NO_MARKS: BTreeSet<String> = BTreeSet::new();
+
+impl Daemon {
+    /// The keys of `group` marked secret (issue 17); none for a group this node does not hold.
+    pub(super) fn secret_marks(&self, group: &str) -> &BTreeSet<String> {
+        self.replica.group(group).map_or(&NO_MARKS, |doc| doc.secret_keys())
     }
 }
 

@@ -102,7 +102,7 @@ impl Daemon {
     pub(super) fn write_meta(&self, client: &ClientInfo, meta: konor_sdk::protocol::WriteMeta) -> CommitMeta {
         let author = author(client, &meta.author, &self.node_id);
         let condition = konor_crdt::group::Condition { version: meta.if_version, content: meta.if_content };
-        CommitMeta::new(author, meta.message, self.wall_clock()).with_condition(condition)
+        CommitMeta::new(author, meta.message, self.wall_clock()).with_condition(condition).with_secret(meta.secret)
     }
 
     pub(super) fn handle_call(&mut self, call: LocalCall) {
@@ -151,6 +151,7 @@ impl Daemon {
                 Some(backlog) => {
                     for notification in backlog {
                         let Some(event) = change_event(&notification, prefix.as_deref()) else { continue };
+                        let event = self.for_client(client, event);
                         if events.try_send(event).is_err() {
                             return error_response(ErrorCode::Internal, "watch queue full");
                         }
@@ -160,6 +161,7 @@ impl Daemon {
                     let settings = settings_under(doc.served_settings(), prefix.as_deref());
                     let event =
                         WatchEvent::Resync { group: group.to_owned(), revision, version: doc.served_label(), settings };
+                    let event = self.for_client(client, event);
                     if events.try_send(event).is_err() {
                         return error_response(ErrorCode::Internal, "watch queue full");
                     }
@@ -170,8 +172,37 @@ impl Daemon {
             connection: client.connection,
             events,
             prefix,
+            reveal: client.reveal,
         });
         Response::Watching { group: group.to_owned(), revision }
+    }
+
+    /// `event` as `client` may see it: masked unless it may reveal secrets.
+    fn for_client(&self, client: &ClientInfo, event: WatchEvent) -> WatchEvent {
+        if client.reveal {
+            return event;
+        }
+        let group = match &event {
+            WatchEvent::Change { group, .. } | WatchEvent::Resync { group, .. } => group,
+        };
+        crate::api::secret_mask::mask_event(self.secret_marks(group), &event).unwrap_or(event)
+    }
+
+    /// `response` as `client` may see it: secret values masked unless it may reveal them.
+    fn answer_for(&self, client: &ClientInfo, response: Response) -> Response {
+        if client.reveal {
+            return response;
+        }
+        let group = match &response {
+            Response::Value { group, .. }
+            | Response::Snapshot { group, .. }
+            | Response::Show { group, .. }
+            | Response::History { group, .. }
+            | Response::Diff { group, .. }
+            | Response::Conflicts { group, .. } => group,
+            _ => return response,
+        };
+        crate::api::secret_mask::mask_response(self.secret_marks(group), response)
     }
 
     pub(super) fn handle_request(&mut self, client: ClientInfo, request: Request, reply: oneshot::Sender<Response>) {
@@ -508,7 +539,7 @@ impl Daemon {
                 error_response(ErrorCode::Protocol, "handled by the socket layer")
             }
         };
-        send(reply, response);
+        send(reply, self.answer_for(&client, response));
     }
 
     /// What the failure detector saw over the last hours (`konorctl node-history`).
@@ -860,6 +891,7 @@ fn version_row(doc: &konor_crdt::GroupDoc, version: &konor_crdt::VersionInfo) ->
         kind: version.kind.name().to_owned(),
         content_hash: version.content_hash.get(..12).unwrap_or_default().to_owned(),
         parents: version.parents.iter().map(|p| doc.label(p)).collect(),
+        secret: version.secret.clone(),
     }
 }
 
@@ -907,7 +939,14 @@ mod author_tests {
     use super::*;
 
     fn client(user: Option<&str>) -> ClientInfo {
-        ClientInfo { connection: 1, pid: 1, process: "konorctl".into(), uid: None, user: user.map(str::to_owned) }
+        ClientInfo {
+            connection: 1,
+            pid: 1,
+            process: "konorctl".into(),
+            uid: None,
+            user: user.map(str::to_owned),
+            reveal: true,
+        }
     }
 
     #[test]

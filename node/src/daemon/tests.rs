@@ -224,7 +224,14 @@ fn addr_of(index: u8) -> SocketAddr {
 }
 
 fn client(connection: u64) -> ClientInfo {
-    ClientInfo { connection, pid: 1000 + connection as u32, process: "daemon-test".to_owned(), uid: None, user: None }
+    ClientInfo {
+        connection,
+        pid: 1000 + connection as u32,
+        process: "daemon-test".to_owned(),
+        uid: None,
+        user: None,
+        reveal: true,
+    }
 }
 
 impl TestNode {

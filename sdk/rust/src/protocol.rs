@@ -92,7 +92,16 @@ pub struct WriteMeta {
     /// (12 to 64, as `history` and `snapshot` show them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub if_content: Option<String>,
+    /// Keys the write marks secret (issue 17), whether or not it writes them: from then on
+    /// their values, at every version, are [`MASKED`] for callers that may not reveal them
+    /// (the `viewer` role). A mark is never taken back.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret: Vec<String>,
 }
+
+/// What a caller that may not reveal secret values (a `viewer`, an HTTP caller without a
+/// certificate) reads in place of each value of a key marked secret, in every answer and event.
+pub const MASKED: &str = "<secret>";
 
 /// Everything a client can ask.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -483,10 +492,14 @@ pub struct VersionRow {
     pub message: String,
     /// create, set, delete, apply, rollback.
     pub kind: String,
-    /// Content hash (12 hex digits).
+    /// Content hash (12 hex digits); empty for a caller that may not reveal the group's
+    /// secret values (a hash of the settings would confirm a guessed secret).
     pub content_hash: String,
     /// Parent labels.
     pub parents: Vec<String>,
+    /// Keys this version marked secret.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secret: Vec<String>,
 }
 
 /// A schema rule that settings break (SPEC F8).

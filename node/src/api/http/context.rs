@@ -53,16 +53,21 @@ impl Ctx {
     /// The roles check (`api/authorize.rs`, the same as the socket's) for this caller; the
     /// refusal (logged) is the `forbidden` answer's message ([`forbidden`]).
     pub(super) fn authorize(&self, request: &konor_sdk::protocol::Request) -> Result<(), String> {
-        let principal = match &self.caller.identity {
-            Some(identity) => Principal::Certificate(identity.clone()),
-            None => Principal::Anonymous,
-        };
+        let principal = self.principal();
         authorize(self.door.roles.as_deref(), &principal, request).map_err(|message| {
             if let Some(refused_so_far) = crate::api::authorize::refusal_to_log() {
                 warn!(%principal, remote = %self.caller.remote, request = request.kind(), %message, refused_so_far, "HTTP request refused: forbidden");
             }
             message
         })
+    }
+
+    /// The caller, as the roles check names it.
+    fn principal(&self) -> Principal {
+        match &self.caller.identity {
+            Some(identity) => Principal::Certificate(identity.clone()),
+            None => Principal::Anonymous,
+        }
     }
 
     /// Records `request`, answered `response`, in the audit log (if this node keeps one).
@@ -91,15 +96,16 @@ impl Ctx {
     /// versions it makes are authored `<identity>@<this node>`.
     pub(super) fn client(&self, connection: u64) -> ClientInfo {
         let process = self.caller.identity.clone().unwrap_or_else(|| PROCESS.to_owned());
-        ClientInfo { connection, pid: 0, process, uid: None, user: self.caller.identity.clone() }
+        let reveal = crate::api::authorize::reveals(self.door.roles.as_deref(), &self.principal());
+        ClientInfo { connection, pid: 0, process, uid: None, user: self.caller.identity.clone(), reveal }
     }
 
     /// Write metadata for an authenticated caller. The author is left to the daemon, which
     /// takes it from the certificate's identity: an HTTP caller cannot claim another.
     pub(super) fn meta(&self, fields: WriteFields) -> Result<WriteMeta, HttpError> {
         self.identity()?;
-        let WriteFields { message, if_version, if_content } = fields;
-        Ok(WriteMeta { author: String::new(), message: message.unwrap_or_default(), if_version, if_content })
+        let WriteFields { message, if_version, if_content, secret } = fields;
+        Ok(WriteMeta { author: String::new(), message: message.unwrap_or_default(), if_version, if_content, secret })
     }
 }
 
@@ -115,4 +121,7 @@ pub(super) struct WriteFields {
     /// Write only if the group's content hash starts with these hex digits.
     #[serde(default)]
     pub(super) if_content: Option<String>,
+    /// Keys to mark secret (issue 17). Only in a body: a query string lands in access logs.
+    #[serde(default)]
+    pub(super) secret: Vec<String>,
 }

@@ -37,8 +37,9 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
         ctx.audit(&request, &refusal).await;
         return answer(refusal);
     }
+    let client = ctx.client(ctx.door.connection_number());
     if let Request::Get { group, key } = &request
-        && let Some(response) = ctx.door.reads.as_ref().and_then(|reads| reads.get(group, key))
+        && let Some(response) = ctx.door.reads.as_ref().and_then(|reads| reads.get(group, key, client.reveal))
     {
         return answer(response);
     }
@@ -51,7 +52,7 @@ async fn ask(ctx: &Ctx, request: Request) -> HttpResponse {
     }
     let audited = crate::audit::audited(&request).then(|| request.clone());
     let (reply, answered) = oneshot::channel();
-    let call = LocalCall::Request { client: ctx.client(ctx.door.connection_number()), request, reply };
+    let call = LocalCall::Request { client, request, reply };
     let asked = async {
         ctx.door.calls.send(call).await.ok()?;
         answered.await.ok()
@@ -342,7 +343,7 @@ pub(super) async fn schema_set(
     PathSegment(group): PathSegment,
     JsonBody(SchemaBody { schema, message, if_version, if_content }): JsonBody<SchemaBody>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     let schema = (!schema.is_null()).then_some(schema);
     Ok(ask(&ctx, Request::SchemaSet { group, schema, meta }).await)
 }
@@ -496,14 +497,17 @@ pub(super) struct SetMany {
     if_version: Option<String>,
     #[serde(default)]
     if_content: Option<String>,
+    /// Keys to mark secret.
+    #[serde(default)]
+    secret: Vec<String>,
 }
 
 pub(super) async fn set_many(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(SetMany { entries, message, if_version, if_content }): JsonBody<SetMany>,
+    JsonBody(SetMany { entries, message, if_version, if_content, secret }): JsonBody<SetMany>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret })?;
     Ok(ask(&ctx, Request::Set { group, entries, meta }).await)
 }
 
@@ -517,14 +521,18 @@ pub(super) struct SetOne {
     if_version: Option<String>,
     #[serde(default)]
     if_content: Option<String>,
+    /// Mark the key secret.
+    #[serde(default)]
+    secret: bool,
 }
 
 pub(super) async fn set_one(
     State(ctx): State<Ctx>,
     GroupKey(group, key): GroupKey,
-    JsonBody(SetOne { value, message, if_version, if_content }): JsonBody<SetOne>,
+    JsonBody(SetOne { value, message, if_version, if_content, secret }): JsonBody<SetOne>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let secret = if secret { vec![key.clone()] } else { Vec::new() };
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret })?;
     Ok(ask(&ctx, Request::Set { group, entries: BTreeMap::from([(key, value)]), meta }).await)
 }
 
@@ -554,7 +562,7 @@ pub(super) async fn delete_many(
     PathSegment(group): PathSegment,
     JsonBody(DeleteMany { keys, message, if_version, if_content }): JsonBody<DeleteMany>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     Ok(ask(&ctx, Request::Delete { group, keys, meta }).await)
 }
 
@@ -569,14 +577,17 @@ pub(super) struct ApplyBody {
     if_version: Option<String>,
     #[serde(default)]
     if_content: Option<String>,
+    /// Keys to mark secret.
+    #[serde(default)]
+    secret: Vec<String>,
 }
 
 pub(super) async fn apply(
     State(ctx): State<Ctx>,
     PathSegment(group): PathSegment,
-    JsonBody(ApplyBody { format, text, message, if_version, if_content }): JsonBody<ApplyBody>,
+    JsonBody(ApplyBody { format, text, message, if_version, if_content, secret }): JsonBody<ApplyBody>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret })?;
     Ok(ask(&ctx, Request::Apply { group, format, text, meta }).await)
 }
 
@@ -636,7 +647,7 @@ pub(super) async fn release(
         if_version,
         if_content,
     } = body;
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     let request = Request::Release {
         group,
         version,
@@ -670,7 +681,7 @@ pub(super) async fn promote(
     PathSegment(group): PathSegment,
     JsonBody(PromoteBody { wave, message, if_version, if_content }): JsonBody<PromoteBody>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     Ok(ask(&ctx, Request::Promote { group, wave, meta }).await)
 }
 
@@ -692,7 +703,7 @@ pub(super) async fn abort(
     PathSegment(group): PathSegment,
     JsonBody(AbortBody { reason, message, if_version, if_content }): JsonBody<AbortBody>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     Ok(ask(&ctx, Request::Abort { group, reason, meta }).await)
 }
 
@@ -701,6 +712,6 @@ pub(super) async fn rollback(
     PathSegment(group): PathSegment,
     JsonBody(RollbackBody { version, message, if_version, if_content }): JsonBody<RollbackBody>,
 ) -> Answer {
-    let meta = ctx.meta(WriteFields { message, if_version, if_content })?;
+    let meta = ctx.meta(WriteFields { message, if_version, if_content, secret: Vec::new() })?;
     Ok(ask(&ctx, Request::Rollback { group, version, meta }).await)
 }

@@ -82,6 +82,9 @@ pub struct ClientInfo {
     /// `None`: unknown (the simulator, tests), and the author is the client's claim or its
     /// process name.
     pub user: Option<String>,
+    /// The caller reads secret values (issue 17); else it reads them masked
+    /// ([`crate::api::authorize::reveals`]).
+    pub reveal: bool,
 }
 
 impl ClientInfo {

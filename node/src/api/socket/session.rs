@@ -356,6 +356,7 @@ impl Session {
             process,
             uid: self.credential_uid,
             user: self.credential_uid.map(crate::api::authorize::user_name),
+            reveal: crate::api::authorize::reveals(self.shared.roles.as_deref(), &self.principal()),
         };
         tracing::Span::current().record("pid", client.pid);
         debug!(connection = self.connection, pid = client.pid, process = %client.process, uid = client.uid, "hello");
@@ -387,7 +388,7 @@ impl Session {
                     self.answer_inline(id, Response::Error { code: ErrorCode::BadRequest, message: detail }).await;
                     return Flow::Continue;
                 }
-                let principal = Principal::Local { uid: self.credential_uid, gid: self.credential_gid };
+                let principal = self.principal();
                 if let Err(message) = authorize(self.shared.roles.as_deref(), &principal, &request) {
                     if let Some(refused_so_far) = crate::api::authorize::refusal_to_log() {
                         warn!(connection = self.connection, %principal, request = request.kind(), %message, refused_so_far, "request refused: forbidden");
@@ -413,6 +414,11 @@ impl Session {
             }
             Parsed::Malformed(detail) => self.refuse_frame(detail).await,
         }
+    }
+
+    /// The caller, as the roles check names it.
+    fn principal(&self) -> Principal {
+        Principal::Local { uid: self.credential_uid, gid: self.credential_gid }
     }
 
     /// Answers a request the session handles itself, freeing its id first.
@@ -481,7 +487,8 @@ impl Session {
                 self.answer_inline(id, Response::SocketStats { stats }).await;
             }
             Request::Get { group, key } if self.shared.reads.is_some() => {
-                match self.shared.reads.as_ref().and_then(|reads| reads.get(&group, &key)) {
+                let reveal = client.reveal;
+                match self.shared.reads.as_ref().and_then(|reads| reads.get(&group, &key, reveal)) {
                     Some(response) => self.answer_inline(id, response).await,
                     None => return self.forward(id, client, Request::Get { group, key }, charge),
                 }
