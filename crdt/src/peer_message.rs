@@ -13,12 +13,14 @@ use crate::group::Mode;
 use crate::keyring::KeyId;
 use crate::limits::PEER_MESSAGE_BYTES_MAX;
 
-/// Version byte that starts every encoded peer message. 4: document format 3 (each setting a
+/// Version byte that starts every encoded peer message. 5: secret marks (document format 5,
+/// issue 17; a node that cannot mask must not receive the changes that carry secret values
+/// once marked, which it would serve to every reader). 4: document format 3 (each setting a
 /// register; a format-2 node would misread the changes a format-3 node sends). 3: strong groups by configuration
 /// (prepares name their round's kind and configuration, decisions carry ballots, recovery,
 /// leases and join announcements); 2 added the start of round ids. Other versions are refused
 /// with a version error, never misread.
-pub const PEER_PROTOCOL_VERSION: u8 = 4;
+pub const PEER_PROTOCOL_VERSION: u8 = 5;
 
 pub use crate::join::{NONCE_BYTES, Nonce};
 

@@ -524,8 +524,18 @@ pub struct SetArgs {
     /// Group name.
     pub group: String,
     /// KEY=VALUE pairs; VALUE is parsed as JSON when it is JSON (8080, true, a list), else taken as a string.
-    #[arg(required = true, value_name = "KEY=VALUE", value_parser = parse_assignment)]
+    #[arg(required_unless_present = "secret", value_name = "KEY=VALUE", value_parser = parse_assignment)]
     pub assignments: Vec<Assignment>,
+    /// Also set KEY to a secret value read from stdin (`konorctl set app --secret db.password
+    /// < file`), and mark KEY secret: callers that may not reveal secrets (viewers) read its
+    /// values, at every version, as "<secret>". The mark is never taken back. A secret never
+    /// goes on the command line, where `ps` and shell history show it.
+    #[arg(long, value_name = "KEY")]
+    pub secret: Option<String>,
+    /// Parse the secret value as JSON (without it, stdin's text less one trailing newline is
+    /// the value, as a string).
+    #[arg(long, requires = "secret")]
+    pub json_value: bool,
     /// Write the values into the overlay of the nodes whose labels match (`env=dev`,
     /// `region=eu,tier=web`): in a gated group, those nodes serve them in place of the base's
     /// once released (stored as `KEY@env=dev`).
@@ -636,6 +646,10 @@ pub struct ApplyArgs {
     /// The file's syntax; needed when its name does not end in .toml, .yaml, .yml or .json.
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
+    /// Mark KEY secret (repeatable): callers that may not reveal secrets read its values as
+    /// "<secret>". The mark is never taken back.
+    #[arg(long, value_name = "KEY")]
+    pub secret: Vec<String>,
     /// Message and author.
     #[command(flatten)]
     pub write: WriteArgs,

@@ -101,6 +101,35 @@ pub fn read_config(path: &str, format: Option<FileFormat>) -> Result<ConfigInput
     Ok(ConfigInput { text, format })
 }
 
+/// Reads a secret value from stdin for `set --secret`: its text less one trailing newline (as
+/// `echo` and editors leave), as a string, or parsed as JSON with `json`. At most a value's
+/// limit of text is read.
+pub fn read_secret_value(json: bool) -> anyhow::Result<Value> {
+    use std::io::IsTerminal as _;
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("reading the secret value from stdin; end it with Ctrl-D");
+    }
+    let text = read_limited(stdin.lock(), "stdin", konor_crdt::limits::VALUE_BYTES_MAX)?;
+    secret_value(text, json)
+}
+
+/// The value of a secret's text (see [`read_secret_value`]).
+fn secret_value(mut text: String, json: bool) -> anyhow::Result<Value> {
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    if !json {
+        return Ok(Value::String(text));
+    }
+    // Never quote the text back: it is a secret.
+    konor_crdt::json_strict::parse(&text)
+        .map_err(|_| anyhow::anyhow!("the value read is not valid JSON (drop --json-value to store it as a string)"))
+}
+
 /// Reads at most `max` bytes of UTF-8 text; more than that is an error, found after reading only
 /// one byte past the limit.
 pub fn read_limited(reader: impl Read, origin: &str, max: usize) -> Result<String, InputError> {
@@ -120,6 +149,16 @@ pub fn read_limited(reader: impl Read, origin: &str, max: usize) -> Result<Strin
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_secret_is_its_text_less_one_newline_and_bad_json_is_not_quoted_back() {
+        assert_eq!(secret_value("hunter2\n".into(), false).unwrap(), json!("hunter2"));
+        assert_eq!(secret_value("a b\r\n\n".into(), false).unwrap(), json!("a b\r\n"));
+        assert_eq!(secret_value("8080".into(), false).unwrap(), json!("8080"), "a string unless asked");
+        assert_eq!(secret_value("{\"k\": 1}\n".into(), true).unwrap(), json!({"k": 1}));
+        let error = secret_value("hunter2".into(), true).unwrap_err().to_string();
+        assert!(!error.contains("hunter2"), "{error}");
+    }
 
     #[test]
     fn value_may_contain_equals_signs() {

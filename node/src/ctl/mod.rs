@@ -215,6 +215,24 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                     return Err(UsageError(format!("key `{key}` is given twice; give each key once")).into());
                 }
             }
+            let mut meta = args.write.meta();
+            if let Some(key) = args.secret {
+                if key.contains('=') {
+                    return Err(UsageError(
+                        "--secret takes a KEY; its value is read from stdin, never from the command line, where \
+                         `ps` and shell history show it (konorctl set GROUP --secret KEY < file)"
+                            .to_owned(),
+                    )
+                    .into());
+                }
+                if entries.contains_key(&key) {
+                    return Err(UsageError(format!("key `{key}` is given twice; give each key once")).into());
+                }
+                let value = crate::ctl::input::read_secret_value(args.json_value)
+                    .with_context(|| format!("cannot read the value of {key} from stdin"))?;
+                entries.insert(key.clone(), value);
+                meta.secret.push(key);
+            }
             let entries = match &args.overlay {
                 Some(selector) => {
                     let key_of = overlay_keys(selector)?;
@@ -222,7 +240,7 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
                 }
                 None => entries,
             };
-            let request = Request::Set { group: args.group, entries, meta: args.write.meta() };
+            let request = Request::Set { group: args.group, entries, meta };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::Get(args) => {
@@ -246,12 +264,10 @@ pub async fn run_with_socket_env(cli: Cli, socket_env: Option<OsString>) -> anyh
         Command::Apply(args) => {
             let config = read_config(&args.file, args.format.map(Into::into))
                 .with_context(|| format!("cannot apply {} to group {}", args.file, args.group))?;
-            let request = Request::Apply {
-                group: args.group,
-                format: config.format.to_string(),
-                text: config.text,
-                meta: args.write.meta(),
-            };
+            let mut meta = args.write.meta();
+            meta.secret = args.secret;
+            let request =
+                Request::Apply { group: args.group, format: config.format.to_string(), text: config.text, meta };
             call(&target, TIMEOUT_DEFAULT, request, output).await
         }
         Command::Rollback(args) => {

@@ -466,9 +466,14 @@ fn history_text(group: &str, versions: &[VersionRow]) -> String {
     }
     // Parents matter only where histories merged; a linear history would repeat the row above.
     let merged = versions.iter().any(|version| version.parents.len() > 1);
+    // Which version marked which keys secret (issue 17), where any did.
+    let marked = versions.iter().any(|version| !version.secret.is_empty());
     let mut headers = vec!["VERSION", "TIME (UTC)", "AUTHOR", "KIND", "CONTENT"];
     if merged {
         headers.push("PARENTS");
+    }
+    if marked {
+        headers.push("MARKED SECRET");
     }
     headers.push("MESSAGE");
     let mut table = Table::new(&headers);
@@ -478,10 +483,14 @@ fn history_text(group: &str, versions: &[VersionRow]) -> String {
             format_utc(version.time_ms),
             cell(&version.author),
             version.kind.clone(),
-            short_hash(&version.content_hash).to_owned(),
+            // Empty for a caller that may not reveal the group's secrets.
+            if version.content_hash.is_empty() { "-".to_owned() } else { short_hash(&version.content_hash).to_owned() },
         ];
         if merged {
             row.push(version.parents.join(", "));
+        }
+        if marked {
+            row.push(cell(&version.secret.join(", ")));
         }
         row.push(cell(&version.message));
         table.row(row);
@@ -1074,6 +1083,26 @@ mod tests {
                 v1       2024-05-01T10:30:03Z  alice@konorctl  create  000000000000
                 v2       2024-05-01T11:00:03Z  alice@konorctl  set     3fa9c2d1e0aa  pool for the sale
                 v3       2024-05-01T11:59:03Z  deploy-bot      apply   77ab01cd9e21  release 4.2 from CI
+            "#]],
+        );
+    }
+
+    #[test]
+    fn history_shows_which_version_marked_keys_secret_and_no_hash_where_masked() {
+        let mut versions = versions();
+        versions[2].secret = vec!["db.password".into(), "api.token".into()];
+        for version in &mut versions {
+            version.content_hash.clear();
+        }
+        table(
+            &Request::History { group: "app".into() },
+            &Response::History { group: "app".into(), versions },
+            expect![[r#"
+                [exit 0]
+                VERSION  TIME (UTC)            AUTHOR          KIND    CONTENT  MARKED SECRET           MESSAGE
+                v1       2024-05-01T10:30:03Z  alice@konorctl  create  -
+                v2       2024-05-01T11:00:03Z  alice@konorctl  set     -                                pool for the sale
+                v3       2024-05-01T11:59:03Z  deploy-bot      apply   -        db.password, api.token  release 4.2 from CI
             "#]],
         );
     }

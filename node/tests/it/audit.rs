@@ -6,34 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::harness::{Cluster, eventually, konorctl, konorctl_on, ok_json, start_mesh_with};
-
-/// The HTTP status of `GET path` from a caller with no certificate (trusting the cluster CA).
-async fn anonymous_get(endpoint: &str, ca_dir: &Path, path: &str) -> u16 {
-    use rustls_pki_types::pem::PemObject;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = endpoint.trim_start_matches("https://");
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(ca_dir.join("ca.crt")).unwrap();
-    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls_pki_types::ServerName::try_from(konor_node::pki::SERVER_NAME).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
-    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tls.read_to_end(&mut answer).await;
-    let text = String::from_utf8_lossy(&answer);
-    text.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0)
-}
+use crate::harness::{Cluster, anonymous_get, eventually, konorctl, konorctl_on, ok_json, start_mesh_with};
 
 fn audit(data_dir: &Path, args: &[&str]) -> std::process::Output {
     let mut all = vec!["--output", "json", "audit"];
@@ -185,8 +158,8 @@ async fn admin_actions_and_refusals_reach_every_node_and_tampering_is_detected()
 
     // Open reads open what a viewer may read: the groups, not the audit log.
     let n2_endpoint = nodes[1].http_endpoint();
-    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/groups").await, 200);
-    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/audit").await, 401);
+    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/groups").await.0, 200);
+    assert_eq!(anonymous_get(&n2_endpoint, &cluster.ca_dir, "/api/v1/audit").await.0, 401);
 
     for dir in [&n1.data_dir, &n3_dir] {
         let verified = audit(dir, &["verify"]);

@@ -4,8 +4,10 @@
 //! tmpfs that can be filled up, damaged group files, and meshes in network namespaces
 //! (`netns.rs`).
 
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use konor_sdk::client::Client;
@@ -556,4 +558,59 @@ pub fn konorctl_on(socket: &Path, args: &[&str]) -> std::process::Output {
 pub fn ok_json(output: &std::process::Output) -> serde_json::Value {
     assert!(output.status.success(), "konorctl failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The HTTP status and body of `GET path` from a caller with no certificate (trusting the
+/// cluster CA).
+pub async fn anonymous_get(endpoint: &str, ca_dir: &Path, path: &str) -> (u16, String) {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = endpoint.trim_start_matches("https://");
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(ca_dir.join("ca.crt")).unwrap();
+    for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from(konor_node::pki::SERVER_NAME).unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+/// The konorctl binary copied where any user may run it (the build's own target dir may sit
+/// in a directory only root can enter, as a CI checkout made with `mktemp -d` does).
+pub fn konorctl_for_anyone(dir: &Path) -> std::path::PathBuf {
+    let copy = dir.join("konorctl");
+    std::fs::copy(env!("CARGO_BIN_EXE_konorctl"), &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
+/// konorctl (`binary`) on `socket` as user `uid` in group `gid`, JSON output.
+pub fn as_user(binary: &Path, uid: u32, gid: u32, socket: &Path, args: &[String]) -> Output {
+    Command::new(binary)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--output", "json"])
+        .args(args)
+        .env_remove("KONOR_SOCKET")
+        .env_remove("KONOR_ENDPOINT")
+        .env_remove("KONOR_TLS_DIR")
+        .uid(uid)
+        .gid(gid)
+        .output()
+        .unwrap()
 }

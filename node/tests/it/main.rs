@@ -23,6 +23,7 @@ mod releases;
 mod restart;
 mod revocation;
 mod roles;
+mod secrets;
 mod security;
 mod socket;
 mod values;

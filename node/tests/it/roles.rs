@@ -5,39 +5,13 @@
 //! and changes nothing. Versions are authored by who the door authenticated.
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use konor_sdk::protocol::{Request, Response};
 use serde_json::Value;
 
-use crate::harness::{Cluster, group_on_all, konorctl};
-
-/// The konorctl binary copied where any user may run it (the build's own target dir may sit
-/// in a directory only root can enter, as a CI checkout made with `mktemp -d` does).
-fn konorctl_for_anyone(dir: &Path) -> std::path::PathBuf {
-    let copy = dir.join("konorctl");
-    std::fs::copy(env!("CARGO_BIN_EXE_konorctl"), &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    copy
-}
-
-/// konorctl (`binary`) on `socket` as user `uid` in group `gid`, JSON output.
-fn as_user(binary: &Path, uid: u32, gid: u32, socket: &Path, args: &[String]) -> Output {
-    Command::new(binary)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--output", "json"])
-        .args(args)
-        .env_remove("KONOR_SOCKET")
-        .env_remove("KONOR_ENDPOINT")
-        .env_remove("KONOR_TLS_DIR")
-        .uid(uid)
-        .gid(gid)
-        .output()
-        .unwrap()
-}
+use crate::harness::{Cluster, as_user, group_on_all, konorctl, konorctl_for_anyone};
 
 /// What a call came to: "ok", "forbidden" or the failure itself.
 fn outcome(output: &Output) -> String {
