@@ -23,6 +23,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import Mesh
+from konorkestra import MASKED
 
 # How long a crashed node may take to show dead on the page: the failure detector's bound at
 # the tests' 100 ms gossip period (docs/operations.md, Liveness: about 8 periods plus the
@@ -91,6 +92,17 @@ def test_the_dashboard_shows_live_nodes_a_crash_and_a_write_with_its_diff(open_m
     wait.until(lambda d: "db.pool: 10 → 20" in d.find_element(By.ID, "diff").text)
     assert "more connections" in browser.find_element(By.ID, "versions").text
     screenshot(browser, "dashboard-group.png")
+
+    # A value marked secret: the page (an anonymous reader, --http-open-reads) shows it masked,
+    # in the settings and in the diff, and the secret is nowhere in the page.
+    secret = "pw-Xy71-not-for-viewers"
+    marked = c1.set("shop", {"db.password": secret}, secret=["db.password"], message="a secret")
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f'#versions tr[data-version="{marked.version}"]'))
+    wait.until(lambda d: f'db.password = "{MASKED}"' in d.find_element(By.ID, "diff").text)
+    wait.until(lambda d: "db.password" in d.find_element(By.ID, "settings").text)
+    assert MASKED in browser.find_element(By.ID, "settings").text
+    assert secret not in browser.page_source
+    assert c2.get("shop", "db.password") == secret, "the socket's own user reads it"
 
     # kill -9 of n3: the page shows it dead within the detection bound, without a reload.
     open_mesh.nodes[2].kill()

@@ -15,7 +15,7 @@ from .canon import canonical_json, content_hash
 from .client import CachedGroup, ChangeHandle, Client, Watch
 from .errors import *  # noqa: F401,F403
 from .errors import __all__ as _error_names
-from .wire import PROTOCOL_VERSION, UNSET, Change, Committed, Freshness, Resync, Snapshot, WatchEvent, nest
+from .wire import MASKED, PROTOCOL_VERSION, UNSET, Change, Committed, Freshness, Resync, Snapshot, WatchEvent, nest
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,7 @@ __all__ = [
     "Resync",
     "WatchEvent",
     "UNSET",
+    "MASKED",
     "PROTOCOL_VERSION",
     "canonical_json",
     "content_hash",

@@ -294,10 +294,10 @@ class Client:
 
     async def set(
         self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "",
-        if_version: Optional[str] = None, if_content: Optional[str] = None,
+        if_version: Optional[str] = None, if_content: Optional[str] = None, secret: Iterable[str] = (),
     ) -> Committed:
         request = {"type": "set", "group": group, "entries": dict(entries),
-                   "meta": write_meta(author, message, if_version, if_content)}
+                   "meta": write_meta(author, message, if_version, if_content, secret)}
         return read_committed(await self.call(request))
 
     async def delete(

@@ -194,14 +194,16 @@ class Client:
 
     def set(
         self, group: str, entries: Mapping[str, Any], *, author: str = "", message: str = "",
-        if_version: Optional[str] = None, if_content: Optional[str] = None,
+        if_version: Optional[str] = None, if_content: Optional[str] = None, secret: Iterable[str] = (),
     ) -> Committed:
         """Sets keys (dotted names) to JSON values. The daemon authors the version as this
         process's user, ``<user>@<node>``; an ``author`` given follows in parentheses, as a
-        claim. A write that changes nothing raises UnchangedError."""
+        claim. ``secret`` names keys to mark secret: from then on callers that may not reveal
+        secrets (viewers) read their values as ``MASKED``; a mark is never taken back. A write
+        that changes nothing raises UnchangedError."""
         return read_committed(
             self.call({"type": "set", "group": group, "entries": dict(entries),
-                       "meta": write_meta(author, message, if_version, if_content)})
+                       "meta": write_meta(author, message, if_version, if_content, secret)})
         )
 
     def delete(

@@ -9,13 +9,17 @@ import os
 import struct
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from .canon import INT_MAX, parse_json
 from .errors import ProtocolError, daemon_error
 
 #: The protocol version this package speaks.
 PROTOCOL_VERSION = 1
+
+# What a caller that may not reveal secret values (a viewer) reads in place of each value of a
+# key marked secret (docs/operations.md, "Secret values").
+MASKED = "<secret>"
 
 #: Largest frame payload either side sends (16 MiB).
 FRAME_BYTES_MAX = 16 * 1024 * 1024
@@ -296,15 +300,19 @@ RESERVED_REQUESTS = frozenset({"hello", "watch", "unwatch"})
 
 
 def write_meta(
-    author: str, message: str, if_version: Optional[str] = None, if_content: Optional[str] = None
-) -> Dict[str, str]:
-    """A write's ``meta``: author, message and the optional preconditions (docs/protocol.md,
-    "Conditional writes")."""
-    meta = {"author": author, "message": message}
+    author: str, message: str, if_version: Optional[str] = None, if_content: Optional[str] = None,
+    secret: Iterable[str] = (),
+) -> Dict[str, Any]:
+    """A write's ``meta``: author, message, the optional preconditions (docs/protocol.md,
+    "Conditional writes") and the keys it marks secret."""
+    meta: Dict[str, Any] = {"author": author, "message": message}
     if if_version is not None:
         meta["if_version"] = if_version
     if if_content is not None:
         meta["if_content"] = if_content
+    marks = list(secret)
+    if marks:
+        meta["secret"] = marks
     return meta
 
 
