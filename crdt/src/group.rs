@@ -58,6 +58,9 @@ pub const GATED_FORMAT: u64 = 4;
 /// `secret`.
 pub const SECRET_FORMAT: u64 = 5;
 
+/// A secret value as errors show it: canonical JSON text of the SDKs' `MASKED` (`"<secret>"`).
+pub const MASKED_VALUE_TEXT: &str = "\"<secret>\"";
+
 /// The newest `ROOT.format` this version reads.
 pub const NEWEST_FORMAT: u64 = SECRET_FORMAT;
 
@@ -551,8 +554,20 @@ impl GroupDoc {
                 self.by_change.insert(change, info.id.clone());
                 self.versions.insert(info.id.clone(), VersionEntry { info, change });
             }
-            _ => {
+            (parsed, _) => {
                 self.invalid.insert(format!("versions/{key}"));
+                // A version that does not parse here (a kind from a newer release) still marks
+                // its keys: the values it wrote may be served.
+                if parsed.is_none() {
+                    #[derive(serde::Deserialize)]
+                    struct Marks {
+                        #[serde(default)]
+                        secret: Vec<String>,
+                    }
+                    let marks = serde_json::from_str::<Marks>(text).map(|marks| marks.secret).unwrap_or_default();
+                    let keys = marks.into_iter().filter(|key| crate::key::validate_key(key).is_ok());
+                    self.secret_keys.extend(keys.take(SECRET_KEYS_MAX));
+                }
             }
         }
     }
@@ -843,8 +858,9 @@ impl GroupDoc {
     /// Automerge change. On any error nothing has changed.
     fn commit_plan(&mut self, plan: PlannedEdit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let deps = self.doc.get_heads();
-        let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, self.format, &plan, meta)?;
-        self.format = self.format.max(written_format(&plan));
+        let secret = self.has_marks_after(&plan);
+        let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, secret, &plan, meta)?;
+        self.format = self.format.max(written_format(secret));
         self.secret_keys.extend(plan.info.secret.iter().cloned());
         for (register, key) in made {
             if let ObjId::Id(counter, actor, _) = register {
@@ -884,7 +900,8 @@ impl GroupDoc {
         // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
         // aborted change is never applied anywhere, so its sequence number is free to reuse.
         let mut scratch = self.doc.clone();
-        let (change_hash, change, _) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
+        let (change_hash, change, _) =
+            write_plan(&mut scratch, &self.objects, self.has_marks_after(&plan), &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -900,7 +917,8 @@ impl GroupDoc {
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.configuration = Some(next.clone());
         let mut scratch = self.doc.clone();
-        let (change_hash, change, _) = write_plan(&mut scratch, &self.objects, self.format, &plan, meta)?;
+        let (change_hash, change, _) =
+            write_plan(&mut scratch, &self.objects, self.has_marks_after(&plan), &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 
@@ -921,7 +939,7 @@ impl GroupDoc {
         let Edit::Schema(value) = edit else {
             let (ops, kind) = self.ops_for(edit)?;
             let plan = self.plan(ops, kind, meta)?;
-            self.check_schema(&plan.ops)?;
+            self.check_schema(&plan.ops).map_err(|error| self.mask_violations(error, &meta.secret))?;
             return Ok(plan);
         };
         let schema = value.as_ref().map(Schema::compile).transpose()?;
@@ -936,7 +954,8 @@ impl GroupDoc {
         if let Some(schema) = &schema {
             let violations = schema.violations(&self.view);
             if !violations.is_empty() {
-                return Err(EditError::SchemaViolation { group: self.name.clone(), violations });
+                let error = EditError::SchemaViolation { group: self.name.clone(), violations };
+                return Err(self.mask_violations(error, &[]));
             }
         }
         let kind = VersionKind::Schema { schema: schema.as_ref().map(Schema::hash) };
@@ -1279,6 +1298,29 @@ impl GroupDoc {
         Ok(marks)
     }
 
+    /// `error` with the value of every secret key (marked, or marked by this write) taken out
+    /// of its schema violations: the value and the validator's words, which quote it. The
+    /// error goes back to the writer and into logs.
+    fn mask_violations(&self, error: EditError, marking: &[String]) -> EditError {
+        let EditError::SchemaViolation { group, mut violations } = error else { return error };
+        for violation in &mut violations {
+            let secret = violation.key.as_deref().is_some_and(|key| {
+                let base = crate::overlay::split(key).map_or(key, |(base, _)| base);
+                self.is_secret(key) || marking.iter().any(|marked| marked == base)
+            });
+            if secret {
+                violation.value = violation.value.as_ref().map(|_| MASKED_VALUE_TEXT.to_owned());
+                violation.message = "the value breaks this rule (not shown: the key is secret)".to_owned();
+            }
+        }
+        EditError::SchemaViolation { group, violations }
+    }
+
+    /// Whether the group holds a secret mark once `plan` is written.
+    fn has_marks_after(&self, plan: &PlannedEdit) -> bool {
+        !self.secret_keys.is_empty() || !plan.info.secret.is_empty()
+    }
+
     /// Keys marked secret (issue 17), by any version this node holds.
     pub fn secret_keys(&self) -> &BTreeSet<String> {
         &self.secret_keys
@@ -1487,16 +1529,19 @@ type MadeRegisters = Vec<(ObjId, String)>;
 fn write_plan(
     doc: &mut Automerge,
     objects: &Objects,
-    format: u64,
+    secret: bool,
     plan: &PlannedEdit,
     meta: &CommitMeta,
 ) -> Result<(ChangeHash, Vec<u8>, MadeRegisters), EditError> {
     let key = plan.info.id.storage_key();
     let mut made = Vec::new();
+    let current_format = read_format(doc);
     let mut tx = doc.transaction();
     let written = (|| {
-        let target = written_format(plan);
-        if format < target {
+        // Against the document's own value, not a cached one: a conversion to format 3 made
+        // concurrently with a first mark may have won, and each later write puts 5 back.
+        let target = written_format(secret);
+        if current_format < target {
             tx.put(automerge::ROOT, "format", target)?;
         }
         for op in &plan.ops {
@@ -1531,10 +1576,10 @@ fn write_plan(
     Ok((change_hash, change, made))
 }
 
-/// The least `ROOT.format` a document holds once `plan` is written in it: this version's
-/// layout, and [`SECRET_FORMAT`] once a key is marked secret.
-fn written_format(plan: &PlannedEdit) -> u64 {
-    if plan.info.secret.is_empty() { DOCUMENT_FORMAT } else { SECRET_FORMAT }
+/// The least `ROOT.format` a document holds once a write is in it: this version's layout, and
+/// [`SECRET_FORMAT`] once a key is marked `secret`.
+fn written_format(secret: bool) -> u64 {
+    if secret { SECRET_FORMAT } else { DOCUMENT_FORMAT }
 }
 
 fn version_json(info: &VersionInfo) -> String {

@@ -99,3 +99,38 @@ fn a_document_of_a_newer_format_is_refused_by_name() {
     assert!(error.contains(&format!("document format {}", NEWEST_FORMAT + 1)), "{error}");
     assert!(error.contains("upgrade konord"), "{error}");
 }
+
+#[test]
+fn a_schema_error_never_quotes_a_secret_value() {
+    let mut docs = replicas(1, Mode::Eventual);
+    let doc = &mut docs[0];
+    let schema = json!({"type": "object", "properties": {"pin": {"type": "integer"}, "name": {"type": "integer"}}});
+    doc.edit(konor_crdt::group::Edit::Schema(Some(schema)), &meta(1)).unwrap();
+    // Marked by the very write that breaks the schema, then a marked key the schema breaks.
+    let marked = meta(2).with_secret(vec!["pin".into()]);
+    let error = doc.set(vec![("pin".into(), json!("s3cret-pin")), ("name".into(), json!("plain"))], &marked);
+    let text = error.unwrap_err().to_string();
+    assert!(!text.contains("s3cret-pin"), "{text}");
+    assert!(text.contains("plain"), "a value not secret is still shown: {text}");
+    doc.set(vec![("pin".into(), json!(1234))], &meta(3).with_secret(vec!["pin".into()])).unwrap();
+    let error =
+        doc.edit(konor_crdt::group::Edit::Schema(Some(json!({"properties": {"pin": {"maximum": 10}}}))), &meta(4));
+    let text = error.unwrap_err().to_string();
+    assert!(!text.contains("1234"), "a stored secret: {text}");
+}
+
+#[test]
+fn a_write_puts_the_secret_format_back_when_a_concurrent_one_lowered_it() {
+    let mut docs = replicas(1, Mode::Eventual);
+    docs[0].set(vec![("k".into(), json!(1))], &meta(1).with_secret(vec!["k".into()])).unwrap();
+    // A peer's change puts format 3 (as a conversion racing the mark could leave it).
+    let mut raw = Automerge::load(&docs[0].save()).unwrap().with_actor(actor(7));
+    let mut tx = raw.transaction();
+    tx.put(automerge::ROOT, "format", 3u64).unwrap();
+    tx.commit();
+    let change = raw.get_last_local_change().unwrap().raw_bytes().to_vec();
+    docs[0].apply_changes(&[change]).unwrap();
+    assert_eq!(stored_format(&docs[0]), 3);
+    docs[0].set(vec![("other".into(), json!(2))], &meta(2)).unwrap();
+    assert_eq!(stored_format(&docs[0]), SECRET_FORMAT, "the next write puts it back");
+}

@@ -105,9 +105,10 @@ impl ReadView {
         if notification.revision <= read.revision {
             return;
         }
-        // Marks only grow while a group stays in the view (a reload replaces it whole).
-        if marks.len() != read.secrets.len() {
-            read.secrets.clone_from(marks);
+        // Marks only grow: the view never unmasks a key it masked (a reload that dropped a
+        // change replaces the group whole).
+        if marks.len() != read.secrets.len() || !read.secrets.is_superset(marks) {
+            read.secrets.extend(marks.iter().cloned());
         }
         for key in &notification.removed {
             read.settings.remove(key);

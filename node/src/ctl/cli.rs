@@ -528,7 +528,7 @@ pub struct SetArgs {
     pub assignments: Vec<Assignment>,
     /// Also set KEY to a secret value read from stdin (`konorctl set app --secret db.password
     /// < file`), and mark KEY secret: callers that may not reveal secrets (viewers) read its
-    /// values, at every version, as "<secret>". The mark is never taken back. A secret never
+    /// values, at every version, as `"<secret>"`. The mark is never taken back. A secret never
     /// goes on the command line, where `ps` and shell history show it.
     #[arg(long, value_name = "KEY")]
     pub secret: Option<String>,
@@ -647,7 +647,7 @@ pub struct ApplyArgs {
     #[arg(long, value_enum)]
     pub format: Option<FormatArg>,
     /// Mark KEY secret (repeatable): callers that may not reveal secrets read its values as
-    /// "<secret>". The mark is never taken back.
+    /// `"<secret>"`. The mark is never taken back.
     #[arg(long, value_name = "KEY")]
     pub secret: Vec<String>,
     /// Message and author.

@@ -107,11 +107,43 @@ pub fn read_config(path: &str, format: Option<FileFormat>) -> Result<ConfigInput
 pub fn read_secret_value(json: bool) -> anyhow::Result<Value> {
     use std::io::IsTerminal as _;
     let stdin = std::io::stdin();
-    if stdin.is_terminal() {
-        eprintln!("reading the secret value from stdin; end it with Ctrl-D");
-    }
-    let text = read_limited(stdin.lock(), "stdin", konor_crdt::limits::VALUE_BYTES_MAX)?;
+    let text = if stdin.is_terminal() {
+        read_from_terminal(&stdin)?
+    } else {
+        read_limited(stdin.lock(), "stdin", konor_crdt::limits::VALUE_BYTES_MAX).map_err(|error| match error {
+            InputError::TooLarge { max, .. } => {
+                anyhow::anyhow!("stdin holds more than {max} bytes, the limit for a value")
+            }
+            other => other.into(),
+        })?
+    };
     secret_value(text, json)
+}
+
+/// One line typed at the terminal, not echoed (a secret on the screen is a secret shown).
+fn read_from_terminal(stdin: &std::io::Stdin) -> anyhow::Result<String> {
+    use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+    /// Puts the terminal's settings back however the read ends.
+    struct Restore(rustix::termios::Termios);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = tcsetattr(std::io::stdin(), OptionalActions::Now, &self.0);
+            eprintln!();
+        }
+    }
+    let saved = tcgetattr(stdin).map_err(|error| anyhow::anyhow!("cannot read the terminal's settings: {error}"))?;
+    let mut quiet = saved.clone();
+    quiet.local_modes.remove(LocalModes::ECHO);
+    eprint!("secret value (not shown): ");
+    tcsetattr(stdin, OptionalActions::Now, &quiet)
+        .map_err(|error| anyhow::anyhow!("cannot turn the terminal's echo off: {error}"))?;
+    let _restore = Restore(saved);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdin.lock().take(konor_crdt::limits::VALUE_BYTES_MAX as u64 + 1), &mut line)?;
+    if line.len() > konor_crdt::limits::VALUE_BYTES_MAX {
+        anyhow::bail!("the value is more than {} bytes, the limit for a value", konor_crdt::limits::VALUE_BYTES_MAX);
+    }
+    Ok(line)
 }
 
 /// The value of a secret's text (see [`read_secret_value`]).

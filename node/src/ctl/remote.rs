@@ -433,8 +433,9 @@ fn route(request: &Request) -> anyhow::Result<(Method, String, Option<Value>)> {
     })
 }
 
-/// A write's body: its own fields plus the message and the precondition (the author is the
-/// caller's certificate, never a field).
+/// A write's body: its own fields plus the message, the precondition and the keys it marks
+/// secret (the author is the caller's certificate, never a field). A route that takes no
+/// `secret` refuses a body that has one, rather than write without the mark.
 fn write_body(meta: &konor_sdk::protocol::WriteMeta, mut body: Value) -> Value {
     if let Value::Object(fields) = &mut body {
         fields.insert("message".to_owned(), json!(meta.message));
@@ -442,6 +443,9 @@ fn write_body(meta: &konor_sdk::protocol::WriteMeta, mut body: Value) -> Value {
             if let Some(value) = value {
                 fields.insert(name.to_owned(), json!(value));
             }
+        }
+        if !meta.secret.is_empty() {
+            fields.insert("secret".to_owned(), json!(meta.secret));
         }
     }
     body

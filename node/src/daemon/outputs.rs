@@ -788,6 +788,12 @@ fn log_outcome(result: &Result<Result<CommandOutcome, CommandError>, String>) {
             info!(%group, generation, entitled, "group key rotated")
         }
         Ok(Ok(CommandOutcome::Committed(_))) => {}
+        // A file's parse error quotes its lines, which may hold secrets: the caller has the
+        // detail; the log says what kind of refusal it was. (Schema violations come with the
+        // values of secret keys taken out, by the core.)
+        Ok(Err(CommandError::Edit(konor_crdt::EditError::File(_)))) => {
+            warn!("command refused: the file does not read as settings (the detail went to the caller)")
+        }
         Ok(Err(error)) => warn!(%error, "command refused or not committed"),
         Err(persist_error) => warn!(error = %persist_error, "write not durable on this node"),
     }

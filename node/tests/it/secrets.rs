@@ -26,10 +26,11 @@ fn text(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr)
 }
 
-/// `konorctl set GROUP --secret KEY` as root on `socket`, the value on stdin.
-fn set_secret(socket: &std::path::Path, group: &str, key: &str, value: &str) -> Output {
+/// `konorctl DOOR... set GROUP --secret KEY` as root, the value on stdin.
+fn set_secret(door: &[&str], group: &str, key: &str, value: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_konorctl"))
-        .args(["--socket", socket.to_str().unwrap(), "set", group, "--secret", key])
+        .args(door)
+        .args(["set", group, "--secret", key])
         .env_remove("KONOR_SOCKET")
         .env_remove("KONOR_ENDPOINT")
         .stdin(Stdio::piped())
@@ -80,7 +81,8 @@ async fn secret_values_are_masked_for_viewers_on_every_door_and_every_node() {
     assert!(text(&inline).contains("never from the command line"), "{}", text(&inline));
 
     assert!(konorctl_on(&n1.socket, &["set", "app", "db.user=app"]).status.success());
-    let marked = set_secret(&n1.socket, "app", "db.password", SECRET);
+    let socket = ["--socket", n1.socket.to_str().unwrap()];
+    let marked = set_secret(&socket, "app", "db.password", SECRET);
     assert!(marked.status.success(), "{}", text(&marked));
     assert_eq!(clients[0].get("app", "db.password").await.unwrap(), Some(json!(SECRET)), "konord's own user reveals");
     // The mark and the value reach n2 (eventual: wait for the value there).
@@ -164,7 +166,7 @@ async fn secret_values_are_masked_for_viewers_on_every_door_and_every_node() {
     stderr.read_line(&mut started).unwrap();
     assert!(started.starts_with("watching app"), "{started}");
     let mut events = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let next_secret = set_secret(&n1.socket, "app", "db.password", NEXT_SECRET);
+    let next_secret = set_secret(&socket, "app", "db.password", NEXT_SECRET);
     assert!(next_secret.status.success(), "{}", text(&next_secret));
     let mut seen = Vec::new();
     while !seen.iter().any(|line: &String| line.contains("v4")) {
@@ -176,4 +178,17 @@ async fn secret_values_are_masked_for_viewers_on_every_door_and_every_node() {
     let _ = watch.wait();
     assert!(seen.iter().filter(|line| line.contains("<secret>")).count() >= 2, "backlog and live: {seen:?}");
     assert!(seen.iter().any(|line| line.contains("db.user = app")), "other values stay: {seen:?}");
+
+    // Marked over HTTP (konorctl --endpoint, on n2): masked for n1's viewer as well.
+    let tls = cluster.dir.path().join("ops-app");
+    let http = ["--endpoint", e2.as_str(), "--tls-dir", tls.to_str().unwrap()];
+    let token = "tok-Hw55-over-http";
+    let over = set_secret(&http, "app", "api.token", token);
+    assert!(over.status.success(), "{}", text(&over));
+    eventually("the token reaches n1", || async {
+        (clients[0].get("app", "api.token").await.ok()? == Some(json!(token))).then_some(())
+    })
+    .await;
+    let viewer = as_user(&bin, 1000, 1000, &n1.socket, &strings(&["get", "app", "api.token"]));
+    assert!(!text(&viewer).contains(token) && text(&viewer).contains("<secret>"), "{}", text(&viewer));
 }

@@ -288,3 +288,13 @@ def test_the_example_service_reloads_live_and_reports_a_refusal(mesh: Mesh) -> N
         service.terminate()
         service.wait(10)
     assert service.returncode == 0
+
+
+def test_secret_marks_are_a_list_of_keys_never_one_string() -> None:
+    from konorkestra.wire import write_meta
+
+    assert write_meta("", "", secret=["db.password"])["secret"] == ["db.password"]
+    assert "secret" not in write_meta("", "")
+    # A string would mark each of its letters for good (single letters are keys).
+    with pytest.raises(TypeError):
+        write_meta("", "", secret="token")

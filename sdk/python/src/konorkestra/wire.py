@@ -310,6 +310,8 @@ def write_meta(
         meta["if_version"] = if_version
     if if_content is not None:
         meta["if_content"] = if_content
+    if isinstance(secret, (str, bytes)):
+        raise TypeError("secret is a list of keys (secret=[\"db.password\"]), not one string")
     marks = list(secret)
     if marks:
         meta["secret"] = marks
