@@ -171,9 +171,16 @@ impl Client {
         let Some(value) = self.get(group, key).await? else {
             return Ok(None);
         };
+        let masked = value.as_str() == Some(crate::protocol::MASKED);
         serde_json::from_value(value).map(Some).map_err(|error| SdkError::Decode {
             what: format!("`{group}/{key}` as {}", std::any::type_name::<T>()),
-            detail: error.to_string(),
+            detail: if masked {
+                "the key is secret and this process may not reveal it (it reads \"<secret>\"): give its user the \
+                 app role in konord's [roles]"
+                    .to_owned()
+            } else {
+                error.to_string()
+            },
         })
     }
 

@@ -318,6 +318,10 @@ async fn get_round_trips_through_the_daemon() {
         pool: u32,
     }
     assert_eq!(snapshot.typed::<Config>().unwrap(), Config { db: Db { pool: 10 } });
+    // A secret this process may not reveal: the error says so, rather than "invalid type".
+    push_change(&harness.daemon, &[("db.pin", json!(konor_sdk::protocol::MASKED))], &[]);
+    let masked = client.get_as::<u32>(GROUP, "db.pin").await.unwrap_err().to_string();
+    assert!(masked.contains("may not reveal it"), "{masked}");
 }
 
 #[tokio::test]
