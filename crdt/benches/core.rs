@@ -58,6 +58,10 @@ fn main() {
     let (set_1k, apply_1k) = measure_applies(&mut big, &mut replica, &mut clock);
     let history_1k = span(before, big.version_count());
     rows.push(Row::new(&format!("local set+commit, 1,000 keys, {history_1k}"), &set_1k, Unit::Micros).target(40.0));
+    let before = big.version_count();
+    let prepare_1k = measure_prepares(&mut big, &mut clock);
+    let history = span(before, big.version_count());
+    rows.push(Row::new(&format!("strong write's prepare, 1,000 keys, {history}"), &prepare_1k, Unit::Micros));
 
     // 1b. The same on a group with a schema (issue 16): every write validates the settings.
     let mut schematized = group(6);
@@ -91,6 +95,12 @@ fn main() {
         &load_file,
         Unit::Millis,
     ));
+
+    // A strong write's prepare at ~10k history (each then applied, as its commit does).
+    let before = big.version_count();
+    let prepare_10k = measure_prepares(&mut big, &mut clock);
+    let history = span(before, big.version_count());
+    rows.push(Row::new(&format!("strong write's prepare, 1,000 keys, {history}"), &prepare_10k, Unit::Micros));
 
     // 3b. Remote apply at ~10k history (and the set figure on the same document).
     let before = big.version_count();
@@ -222,6 +232,25 @@ fn measure_sets(group: &mut GroupDoc, keys: usize, clock: &mut u64) -> (Histogra
         }
     }
     (histogram, sizes)
+}
+
+/// Times `prepare` of one-key sets (a strong write's change, built and not applied), each
+/// applied afterwards as its round's commit does.
+fn measure_prepares(group: &mut GroupDoc, clock: &mut u64) -> Histogram<u64> {
+    let keys = group.settings().len();
+    let mut histogram = histogram();
+    for round in 0..WARMUP + APPLIES {
+        let meta = meta(clock);
+        let edit = konor_crdt::group::Edit::Set(vec![(key((round * 13) % keys), value(*clock))]);
+        let start = Instant::now();
+        let prepared = group.prepare(edit, &meta);
+        let elapsed = start.elapsed();
+        group.apply_changes(&[prepared.unwrap().change]).unwrap();
+        if round >= WARMUP {
+            record(&mut histogram, elapsed);
+        }
+    }
+    histogram
 }
 
 /// A writes one-key sets; B applies each change alone. Returns (A's set, B's apply) histograms.

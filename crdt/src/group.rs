@@ -290,6 +290,13 @@ pub struct GroupDoc {
     viewer: crate::release::Viewer,
     /// What a gated group serves (`None` in an immediate group, which serves `view`).
     served: Option<Served>,
+    /// A copy of `doc` on which strong writes' changes are built without being applied
+    /// (`prepare`). Cloning the document for each cost time in proportion to its history
+    /// (200 µs at 1k versions, 906 µs at 10k: `cargo bench -p konor-crdt`). It holds what `doc`
+    /// holds plus, at most, changes prepared here: it is brought up to date from `doc` before
+    /// each use, and copied again when it holds a change `doc` does not (an aborted round's).
+    /// Its memory is what each clone took for a moment before.
+    scratch: Option<Automerge>,
 }
 
 /// A gated group's served version and its settings (SPEC F14).
@@ -471,6 +478,7 @@ impl GroupDoc {
             secret_keys: BTreeSet::new(),
             viewer: crate::release::Viewer::default(),
             served: None,
+            scratch: None,
         };
         group.rebuild_derived_state();
         group.policy.release = group.genesis_release_policy();
@@ -633,6 +641,7 @@ impl GroupDoc {
     /// refuse a "duplicate seq" and never converge): it takes a fresh actor.
     pub fn set_actor(&mut self, actor: ActorId) {
         self.doc.set_actor(actor);
+        self.scratch = None;
     }
 
     /// The current settings, from the read view (no Automerge access).
@@ -895,20 +904,43 @@ impl GroupDoc {
 
     /// Builds the change an edit would make without applying it anywhere: the strong-round
     /// coordinator stages it and applies it only once every member voted yes. Nothing changes.
-    pub fn prepare(&self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+    pub fn prepare(&mut self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let plan = self.plan_edit(edit, meta)?;
-        // A clone keeps this replica's actor (Automerge's fork would draw a random one); an
-        // aborted change is never applied anywhere, so its sequence number is free to reuse.
-        let mut scratch = self.doc.clone();
-        let (change_hash, change, _) =
-            write_plan(&mut scratch, &self.objects, self.has_marks_after(&plan), &plan, meta)?;
+        let secret = self.has_marks_after(&plan);
+        self.refresh_scratch();
+        let scratch = self.scratch.get_or_insert_with(|| self.doc.clone());
+        let (change_hash, change, _) = write_plan(scratch, &self.objects, secret, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
+    }
+
+    /// Makes the scratch copy of the document equal to it (see the field). A copy keeps this
+    /// replica's actor (Automerge's fork would draw a random one); an aborted change is never
+    /// applied anywhere, so its sequence number is free to reuse, which a new copy does.
+    fn refresh_scratch(&mut self) {
+        let current = match self.scratch.as_mut() {
+            Some(scratch) => {
+                let heads = scratch.get_heads();
+                // Only changes `doc` holds: bring it up to date with what `doc` added since.
+                heads.iter().all(|head| self.doc.get_change_by_hash(head).is_some()) && {
+                    let missing = self.doc.get_changes(&heads);
+                    scratch.apply_changes(missing).is_ok() && scratch.get_heads() == self.doc.get_heads()
+                }
+            }
+            None => false,
+        };
+        if !current {
+            self.scratch = Some(self.doc.clone());
+        }
     }
 
     /// Builds the change that moves a strong group to `next` (one version of kind
     /// `membership`), without applying it anywhere: it commits through a round like any strong
     /// write. Nothing changes.
-    pub fn prepare_reconfiguration(&self, next: &Configuration, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+    pub fn prepare_reconfiguration(
+        &mut self,
+        next: &Configuration,
+        meta: &CommitMeta,
+    ) -> Result<LocalCommit, EditError> {
         let current = self.configuration.as_ref();
         let added = next.members.iter().filter(|m| current.is_none_or(|c| !c.contains(m))).cloned().collect();
         let removed =
@@ -916,9 +948,10 @@ impl GroupDoc {
         let kind = VersionKind::Membership { configuration: next.number, added, removed };
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.configuration = Some(next.clone());
-        let mut scratch = self.doc.clone();
-        let (change_hash, change, _) =
-            write_plan(&mut scratch, &self.objects, self.has_marks_after(&plan), &plan, meta)?;
+        let secret = self.has_marks_after(&plan);
+        self.refresh_scratch();
+        let scratch = self.scratch.get_or_insert_with(|| self.doc.clone());
+        let (change_hash, change, _) = write_plan(scratch, &self.objects, secret, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 

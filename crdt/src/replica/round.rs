@@ -304,7 +304,7 @@ impl Replica {
         purpose: Purpose,
         meta: &CommitMeta,
     ) -> Result<(), CommandError> {
-        let Some(state) = self.groups.get(group) else {
+        let Some(state) = self.groups.get_mut(group) else {
             return Err(CommandError::UnknownGroup(group.to_owned()));
         };
         if let Some(round) = &state.round {

@@ -189,3 +189,43 @@ fn versions_written_with_the_retired_summed_hash_still_load_and_read() {
     }
     assert_eq!(loaded.settings().to_json(), json!({"b": [1.5]}));
 }
+
+/// A strong write's change is built on a copy kept beside the document (issue 14): after a
+/// prepared change that was never applied (an aborted round), after one that was, and after
+/// changes from a peer, each prepared change is exactly what a fresh copy would build, and
+/// applies on this replica and on a peer.
+#[test]
+fn prepared_changes_stay_right_across_aborts_commits_and_remote_changes() {
+    use konor_crdt::group::Edit;
+    let mut docs = crate::support::replicas(2, konor_crdt::Mode::Eventual);
+    let set = |key: &str, n: u64| Edit::Set(vec![(key.to_owned(), serde_json::json!(n))]);
+    // Aborted: never applied anywhere.
+    let aborted = docs[0].prepare(set("a", 1), &crate::support::meta(1)).unwrap();
+    // The next one is built on the document as it is, not on the aborted change.
+    let next = docs[0].prepare(set("a", 2), &crate::support::meta(2)).unwrap();
+    let fresh = konor_crdt::GroupDoc::load(&docs[0].save(), crate::support::actor(1))
+        .unwrap()
+        .prepare(set("a", 2), &crate::support::meta(2))
+        .unwrap();
+    assert_eq!(next.change_hash, fresh.change_hash, "the same change a fresh copy builds");
+    assert_ne!(next.change_hash, aborted.change_hash);
+    // Committed: applied here and on the peer.
+    for doc in docs.iter_mut() {
+        doc.apply_changes(std::slice::from_ref(&next.change)).unwrap();
+    }
+    // A peer's write arrives, then another prepare.
+    let remote = docs[1].set(vec![("b".into(), serde_json::json!(3))], &crate::support::meta(3)).unwrap();
+    docs[0].apply_changes(&[remote.change]).unwrap();
+    let third = docs[0].prepare(set("c", 4), &crate::support::meta(4)).unwrap();
+    let fresh = konor_crdt::GroupDoc::load(&docs[0].save(), crate::support::actor(1))
+        .unwrap()
+        .prepare(set("c", 4), &crate::support::meta(4))
+        .unwrap();
+    assert_eq!(third.change_hash, fresh.change_hash);
+    for doc in docs.iter_mut() {
+        doc.apply_changes(std::slice::from_ref(&third.change)).unwrap();
+    }
+    assert_eq!(crate::support::state(&docs[0]), crate::support::state(&docs[1]));
+    assert_eq!(docs[0].get("c"), Some(&serde_json::json!(4)));
+    assert_eq!(docs[0].get("a"), Some(&serde_json::json!(2)), "the aborted write is nowhere");
+}
