@@ -1,5 +1,5 @@
-//! The long-history mode (`konor-bench --long-history`, issue 14): one eventual group written
-//! up to 100,000 versions, with propagation, commit latency and daemon memory measured at 1k,
+//! The long-history mode (`konor-bench --long-history`, issue 14): one group (eventual, or
+//! strong with `--history-mode strong`) written up to 100,000 versions, with propagation, commit latency and daemon memory measured at 1k,
 //! 10k and 100k versions, so a cost that grows with a group's age shows as a ratio to the 1k
 //! figure. Konorkestra only: etcd's history does not grow its costs (its MVCC store compacts).
 
@@ -43,31 +43,41 @@ struct Checkpoint {
     rss_max_kib: u64,
 }
 
+/// What one run of the mode does.
+pub struct Run<'a> {
+    /// The group's mode: `eventual` or `strong`.
+    pub mode: &'a str,
+    /// Versions to write the group up to.
+    pub versions: u64,
+    /// Seed of the generator that picks writers and keys.
+    pub seed: u64,
+}
+
 /// Runs the mode on a fresh cluster of `nodes` and prints its table; returns the JSON report.
 pub async fn run(
     konord: &std::path::Path,
     nodes: usize,
-    versions: u64,
+    run: &Run<'_>,
     work_dir: &std::path::Path,
     plan: &Plan,
-    seed: u64,
 ) -> anyhow::Result<Value> {
     let mut cluster = KonorCluster::start(konord, nodes, work_dir).await?;
-    let result = measure(&mut cluster, versions, plan, seed).await;
+    let result = measure(&mut cluster, run, plan).await;
     if result.is_err() {
         eprintln!("konor-bench: the run failed; the daemons' logs end with:\n{}", cluster.log_tails());
     }
     result
 }
 
-async fn measure(cluster: &mut KonorCluster, versions: u64, plan: &Plan, seed: u64) -> anyhow::Result<Value> {
+async fn measure(cluster: &mut KonorCluster, run: &Run<'_>, plan: &Plan) -> anyhow::Result<Value> {
+    let Run { mode, versions, seed } = *run;
     let clients = cluster.connect_all().await?;
     cluster.wait_for_mesh(&clients).await?;
-    konor::group_on_all_with_mode(&clients, GROUP, "eventual").await?;
+    konor::group_on_all_with_mode(&clients, GROUP, mode).await?;
     tokio::time::sleep(SETTLE_BEFORE_RSS).await;
     let idle_kib = max_rss(cluster)?;
     println!(
-        "long history: {} nodes, group {GROUP:?}, writes spread over {KEYS} keys; idle RSS (largest daemon) {:.1} MB",
+        "long history: {} nodes, {mode} group {GROUP:?}, writes spread over {KEYS} keys; idle RSS (largest daemon) {:.1} MB",
         clients.len(),
         mb(idle_kib)
     );
@@ -80,7 +90,7 @@ async fn measure(cluster: &mut KonorCluster, versions: u64, plan: &Plan, seed: u
         CHECKPOINTS.iter().copied().filter(|c| *c < versions).chain(std::iter::once(versions)).collect();
     for target in targets {
         let started = Instant::now();
-        fill(cluster, target, &written).await?;
+        fill(cluster, target, &written, mode == "strong").await?;
         konor::catch_up(&clients, GROUP).await?;
         let filled = written.load(Ordering::Relaxed);
         println!("  filled to {filled} versions in {:.1} s; measuring", started.elapsed().as_secs_f64());
@@ -103,6 +113,7 @@ async fn measure(cluster: &mut KonorCluster, versions: u64, plan: &Plan, seed: u
     print_table(&checkpoints, idle_kib);
     Ok(json!({
         "nodes": clients.len(),
+        "group_mode": mode,
         "keys": KEYS,
         "idle_rss_kib": idle_kib,
         "checkpoints": checkpoints.iter().map(|c| json!({
@@ -115,9 +126,11 @@ async fn measure(cluster: &mut KonorCluster, versions: u64, plan: &Plan, seed: u
 }
 
 /// Writes from [`FILL_WRITERS`] clients spread over the nodes until the group holds `target`
-/// versions (each write of a new value makes one).
-async fn fill(cluster: &mut KonorCluster, target: u64, written: &Arc<AtomicU64>) -> anyhow::Result<()> {
-    let nodes = cluster.daemons.len();
+/// versions (each write of a new value makes one). A strong group is filled through the first
+/// node: its rounds run one at a time there, queued, where rounds from several coordinators
+/// would abort each other.
+async fn fill(cluster: &mut KonorCluster, target: u64, written: &Arc<AtomicU64>, strong: bool) -> anyhow::Result<()> {
+    let nodes = if strong { 1 } else { cluster.daemons.len() };
     let mut tasks = Vec::with_capacity(FILL_WRITERS);
     for writer in 0..FILL_WRITERS {
         let client = cluster.connect(writer % nodes).await?;

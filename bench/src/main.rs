@@ -65,6 +65,10 @@ struct Args {
     /// only; `--nodes` defaults to 3; `--quick` takes fewer samples).
     #[arg(long)]
     long_history: bool,
+    /// The mode of the long-history mode's group: `eventual`, or `strong` (filled through one
+    /// node, whose strong rounds run one at a time).
+    #[arg(long, default_value = "eventual", value_parser = ["eventual", "strong"])]
+    history_mode: String,
     /// Versions the long-history mode writes the group up to.
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1_000..=1_000_000))]
     versions: u64,
@@ -197,8 +201,9 @@ async fn long_history(args: &Args, konord: &Path, started: std::time::Instant) -
         if args.nodes.is_empty() { vec![3] } else { args.nodes.iter().map(|size| usize::from(*size)).collect() };
     let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
     println!(
-        "konord: {}; long history up to {} versions; sizes {sizes:?}; data under {} on {}; {} samples per figure",
+        "konord: {}; long history of a {} group up to {} versions; sizes {sizes:?}; data under {} on {}; {} samples per figure",
         konord.display(),
+        args.history_mode,
         args.versions,
         work_dir.display(),
         filesystem_of(&work_dir),
@@ -207,12 +212,14 @@ async fn long_history(args: &Args, konord: &Path, started: std::time::Instant) -
     let mut reports = Vec::new();
     for &nodes in &sizes {
         println!("\n== {nodes} nodes ==");
-        reports.push(history::run(konord, nodes, args.versions, &work_dir, &plan, args.seed).await?);
+        let run = history::Run { mode: &args.history_mode, versions: args.versions, seed: args.seed };
+        reports.push(history::run(konord, nodes, &run, &work_dir, &plan).await?);
     }
     if let Some(path) = &args.json {
         let report = json!({
             "machine": Machine::describe().to_json(),
             "mode": "long_history",
+            "group_mode": args.history_mode,
             "versions": args.versions,
             "plan": plan.to_json(),
             "runs": reports,
