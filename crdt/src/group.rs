@@ -295,7 +295,9 @@ pub struct GroupDoc {
     /// (200 µs at 1k versions, 906 µs at 10k: `cargo bench -p konor-crdt`). It holds what `doc`
     /// holds plus, at most, changes prepared here: it is brought up to date from `doc` before
     /// each use, and copied again when it holds a change `doc` does not (an aborted round's).
-    /// Its memory is what each clone took for a moment before.
+    /// It is a second copy of the document, kept from the group's first strong write on (25 MB
+    /// at 10k versions in `konor-bench --long-history --history-mode strong`), where each clone
+    /// was one for the length of a write.
     scratch: Option<Automerge>,
 }
 
@@ -907,10 +909,23 @@ impl GroupDoc {
     pub fn prepare(&mut self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
         let plan = self.plan_edit(edit, meta)?;
         let secret = self.has_marks_after(&plan);
-        self.refresh_scratch();
-        let scratch = self.scratch.get_or_insert_with(|| self.doc.clone());
-        let (change_hash, change, _) = write_plan(scratch, &self.objects, secret, &plan, meta)?;
+        let (change_hash, change) = self.write_on_scratch(secret, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
+    }
+
+    /// Writes `plan` on the scratch copy, brought up to date first; the copy is kept only when
+    /// the write went through, so no half-written copy is ever reused.
+    fn write_on_scratch(
+        &mut self,
+        secret: bool,
+        plan: &PlannedEdit,
+        meta: &CommitMeta,
+    ) -> Result<(ChangeHash, Vec<u8>), EditError> {
+        self.refresh_scratch();
+        let mut scratch = self.scratch.take().unwrap_or_else(|| self.doc.clone());
+        let (change_hash, change, _) = write_plan(&mut scratch, &self.objects, secret, plan, meta)?;
+        self.scratch = Some(scratch);
+        Ok((change_hash, change))
     }
 
     /// Makes the scratch copy of the document equal to it (see the field). A copy keeps this
@@ -921,7 +936,7 @@ impl GroupDoc {
             Some(scratch) => {
                 let heads = scratch.get_heads();
                 // Only changes `doc` holds: bring it up to date with what `doc` added since.
-                heads.iter().all(|head| self.doc.get_change_by_hash(head).is_some()) && {
+                heads.iter().all(|head| self.doc.get_change_meta_by_hash(head).is_some()) && {
                     let missing = self.doc.get_changes(&heads);
                     scratch.apply_changes(missing).is_ok() && scratch.get_heads() == self.doc.get_heads()
                 }
@@ -949,9 +964,7 @@ impl GroupDoc {
         let mut plan = self.plan_unchecked(Vec::new(), kind, meta)?;
         plan.configuration = Some(next.clone());
         let secret = self.has_marks_after(&plan);
-        self.refresh_scratch();
-        let scratch = self.scratch.get_or_insert_with(|| self.doc.clone());
-        let (change_hash, change, _) = write_plan(scratch, &self.objects, secret, &plan, meta)?;
+        let (change_hash, change) = self.write_on_scratch(secret, &plan, meta)?;
         Ok(LocalCommit { version: plan.info, change, change_hash })
     }
 

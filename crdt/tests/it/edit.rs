@@ -228,4 +228,12 @@ fn prepared_changes_stay_right_across_aborts_commits_and_remote_changes() {
     assert_eq!(crate::support::state(&docs[0]), crate::support::state(&docs[1]));
     assert_eq!(docs[0].get("c"), Some(&serde_json::json!(4)));
     assert_eq!(docs[0].get("a"), Some(&serde_json::json!(2)), "the aborted write is nowhere");
+    // A new actor (a restart's): the next change is built as that actor.
+    docs[0].set_actor(crate::support::actor(9));
+    let as_new = docs[0].prepare(set("d", 5), &crate::support::meta(5)).unwrap();
+    let fresh = konor_crdt::GroupDoc::load(&docs[0].save(), crate::support::actor(9))
+        .unwrap()
+        .prepare(set("d", 5), &crate::support::meta(5))
+        .unwrap();
+    assert_eq!(as_new.change_hash, fresh.change_hash);
 }
