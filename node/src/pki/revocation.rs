@@ -495,13 +495,17 @@ mod tests {
         let data = tempfile::tempdir().unwrap();
         let set = Revocations::load(data.path(), cluster.ca_cert(), now_ms()).unwrap();
         assert!(set.is_empty());
+        // Issued before the revocation, which covers certificates issued up to it. (Issued
+        // after, in the next second, it would not be covered: certificate times are in whole
+        // seconds. The test failed so, now and then.)
+        let cert = cluster.cert("n1");
         let signed = cluster.revoke("n1", None, now_ms());
         set.add(&signed, now_ms()).unwrap();
         let generation = set.generation();
         assert_eq!(generation, 1);
         let again = Revocations::load(data.path(), cluster.ca_cert(), now_ms()).unwrap();
         assert_eq!(again.list(), set.list());
-        assert!(again.covering(&cluster.cert("n1")).is_some());
+        assert!(again.covering(&cert).is_some());
         // Another cluster's CA does not vouch for the file.
         assert!(matches!(
             Revocations::load(data.path(), Cluster::new().ca_cert(), now_ms()),
