@@ -154,6 +154,14 @@ fn secret_value(mut text: String, json: bool) -> anyhow::Result<Value> {
             text.pop();
         }
     }
+    if text.is_empty() {
+        // Most likely nothing was piped in (`< /dev/null`, a script's empty variable): never
+        // store that as the secret.
+        anyhow::bail!(
+            "stdin gave an empty value; pipe the secret in (konorctl set GROUP --secret KEY < file), or give \
+             --json-value and '\"\"' for an empty string"
+        );
+    }
     if !json {
         return Ok(Value::String(text));
     }
@@ -190,6 +198,10 @@ mod tests {
         assert_eq!(secret_value("{\"k\": 1}\n".into(), true).unwrap(), json!({"k": 1}));
         let error = secret_value("hunter2".into(), true).unwrap_err().to_string();
         assert!(!error.contains("hunter2"), "{error}");
+        for empty in ["", "\n"] {
+            assert!(secret_value(empty.into(), false).unwrap_err().to_string().contains("empty value"));
+        }
+        assert_eq!(secret_value("\"\"\n".into(), true).unwrap(), json!(""), "asked for, on purpose");
     }
 
     #[test]
