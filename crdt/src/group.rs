@@ -1351,7 +1351,7 @@ impl GroupDoc {
         let EditError::SchemaViolation { group, mut violations } = error else { return error };
         for violation in &mut violations {
             let secret = violation.key.as_deref().is_some_and(|key| {
-                let base = crate::overlay::split(key).map_or(key, |(base, _)| base);
+                let base = crate::overlay::base_key(key);
                 self.is_secret(key) || marking.iter().any(|marked| marked == base)
             });
             if secret {
@@ -1374,8 +1374,7 @@ impl GroupDoc {
 
     /// Whether `key` (a key, or an overlay's stored key `KEY@SELECTOR`) holds a secret value.
     pub fn is_secret(&self, key: &str) -> bool {
-        let base = crate::overlay::split(key).map_or(key, |(base, _)| base);
-        self.secret_keys.contains(base)
+        self.secret_keys.contains(crate::overlay::base_key(key))
     }
 
     /// Saves the whole document (a snapshot) in Automerge's compressed format.

@@ -36,6 +36,12 @@ pub fn split(stored: &str) -> Option<(&str, &str)> {
     stored.split_once(OVERLAY_MARK)
 }
 
+/// The key an overlay's stored key is of (`db.password` for `db.password@env=dev`); a base key
+/// itself.
+pub fn base_key(stored: &str) -> &str {
+    split(stored).map_or(stored, |(key, _)| key)
+}
+
 /// Checks a stored key: a key, or a key with an overlay's selector in its stored form (labels
 /// as `konord --label` takes them, at most [`crate::limits::RELEASE_SELECTOR_LABELS_MAX`],
 /// sorted, the whole selector at most [`crate::limits::OVERLAY_SELECTOR_BYTES_MAX`] bytes).

@@ -6,7 +6,7 @@ use automerge::{Automerge, ObjType, ReadDoc, Value as AmValue};
 use konor_crdt::{GroupDoc, Mode, Settings, VersionId};
 use serde_json::json;
 
-use crate::support::{actor, deliver, meta, replicas, state};
+use crate::support::{actor, deliver, meta, replicas, state, stored_format};
 
 /// Writes `entries` the way a format-2 konord did (strings straight into `settings`, and
 /// `ROOT.format = 2`), as version `counter` of `writer`, on top of `doc`.
@@ -42,15 +42,6 @@ fn legacy_write(doc: &mut GroupDoc, writer: u8, counter: u64, entries: &[(&str, 
     tx.commit_with(automerge::transaction::CommitOptions::default().with_message(id.storage_key()).with_time(1));
     let change = raw.get_last_local_change().unwrap().raw_bytes().to_vec();
     doc.apply_changes(&[change]).unwrap();
-}
-
-/// `ROOT.format` as stored in the document's bytes.
-fn stored_format(doc: &GroupDoc) -> u64 {
-    let raw = Automerge::load(&doc.save()).unwrap();
-    match raw.get(automerge::ROOT, "format").unwrap() {
-        Some((AmValue::Scalar(s), _)) => s.as_u64().unwrap(),
-        other => panic!("{other:?}"),
-    }
 }
 
 #[test]

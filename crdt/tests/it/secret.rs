@@ -2,21 +2,13 @@
 //! value of the key (older ones, overlays) and is never taken back; the first mark moves the
 //! document to [`SECRET_FORMAT`], which a konord that cannot mask refuses.
 
+use automerge::Automerge;
 use automerge::transaction::Transactable;
-use automerge::{Automerge, ReadDoc, Value as AmValue};
 use konor_crdt::group::{NEWEST_FORMAT, SECRET_FORMAT};
 use konor_crdt::{EditError, GroupDoc, Mode};
 use serde_json::json;
 
-use crate::support::{actor, exchange_all, meta, replicas};
-
-fn stored_format(doc: &GroupDoc) -> u64 {
-    let raw = Automerge::load(&doc.save()).unwrap();
-    match raw.get(automerge::ROOT, "format").unwrap() {
-        Some((AmValue::Scalar(s), _)) => s.as_u64().unwrap(),
-        other => panic!("{other:?}"),
-    }
-}
+use crate::support::{actor, exchange_all, meta, replicas, stored_format};
 
 #[test]
 fn a_mark_spreads_with_its_version_survives_a_reload_and_moves_the_format() {

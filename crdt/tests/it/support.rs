@@ -48,3 +48,12 @@ pub fn state(doc: &GroupDoc) -> (Vec<konor_crdt::ChangeHash>, serde_json::Value,
     let conflicts = serde_json::to_string(&doc.conflicts()).unwrap();
     (heads, doc.settings().to_json(), history, conflicts)
 }
+
+/// `ROOT.format` as stored in the document's bytes.
+pub fn stored_format(doc: &GroupDoc) -> u64 {
+    let raw = automerge::Automerge::load(&doc.save()).unwrap();
+    match automerge::ReadDoc::get(&raw, automerge::ROOT, "format").unwrap() {
+        Some((automerge::Value::Scalar(s), _)) => s.as_u64().unwrap(),
+        other => panic!("{other:?}"),
+    }
+}

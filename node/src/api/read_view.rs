@@ -107,7 +107,7 @@ impl ReadView {
         }
         // Marks only grow: the view never unmasks a key it masked (a reload that dropped a
         // change replaces the group whole).
-        if marks.len() != read.secrets.len() || !read.secrets.is_superset(marks) {
+        if !read.secrets.is_superset(marks) {
             read.secrets.extend(marks.iter().cloned());
         }
         for key in &notification.removed {

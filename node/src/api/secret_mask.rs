@@ -16,8 +16,7 @@ use serde_json::Value;
 
 /// Whether `key` holds a secret value under `marks`.
 pub fn is_secret(marks: &BTreeSet<String>, key: &str) -> bool {
-    let base = konor_crdt::overlay::split(key).map_or(key, |(base, _)| base);
-    marks.contains(base)
+    marks.contains(konor_crdt::overlay::base_key(key))
 }
 
 fn masked() -> Value {
