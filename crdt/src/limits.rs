@@ -191,6 +191,15 @@ pub const DECISION_TIMEOUT_MS: u64 = 2 * ROUND_TIMEOUT_MS;
 /// being refused as busy: enough to absorb a burst from local clients without unbounded memory.
 pub const ROUND_QUEUE_MAX: usize = 64;
 
+/// Peers whose expected membership proof a node remembers per group (`ProofMemo`): twice the
+/// largest mesh (`MESH_NODES_MAX` = 800 in konord), so a mesh that churns through node ids
+/// cannot grow the memo without bound; past it the group's memo starts over.
+pub const PROOF_MEMO_NODES_MAX: usize = 1_600;
+
+/// Groups whose proofs a node remembers (`ProofMemo`); past it the memo starts over. A node
+/// holds far fewer groups than this in any deployment we know.
+pub const PROOF_MEMO_GROUPS_MAX: usize = 256;
+
 /// Round outcomes a node remembers per group to answer in-doubt peers.
 pub const DECISIONS_KEPT: usize = 256;
 

@@ -11,6 +11,7 @@ use super::NodeId;
 use crate::exchange::HeadsDigest;
 use crate::join::{GroupKey, join_proof};
 use crate::keyring::KeyId;
+use crate::limits::{PROOF_MEMO_GROUPS_MAX, PROOF_MEMO_NODES_MAX};
 use crate::settings::{hex, unhex};
 
 /// What a node publishes in gossip for each group it holds.
@@ -78,6 +79,51 @@ pub fn membership_proof(key: &GroupKey, group: &str, node: &str) -> [u8; 32] {
     join_proof(key, group, node, &[0; 32], &[1; 32])
 }
 
+/// The membership proofs this node expects of its peers, remembered per group with the key
+/// they were computed under. Every membership view asks for the proof of every peer of every
+/// group several times (members, liveness, departures, announcements): an HMAC each, O(mesh)
+/// per question, which showed in konor-sim's profiles at hundreds of nodes. When a group's key
+/// changes (a rotation, a rejoin) its remembered proofs are dropped.
+#[derive(Debug, Default)]
+pub(super) struct ProofMemo {
+    // A mutex only so that a replica stays `Sync` (the daemon's future holds `&Replica` across
+    // awaits); one thread uses it, so it is never contended.
+    groups: std::sync::Mutex<BTreeMap<String, GroupProofs>>,
+}
+
+/// One group's remembered proofs and the key they were computed under.
+#[derive(Debug)]
+struct GroupProofs {
+    key: GroupKey,
+    nodes: BTreeMap<NodeId, [u8; 32]>,
+}
+
+impl ProofMemo {
+    /// The membership proof of `node` for `group` under `key`.
+    pub(super) fn proof(&self, key: &GroupKey, group: &str, node: &str) -> [u8; 32] {
+        let mut groups = self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(proof) = groups.get(group).filter(|held| held.key == *key).and_then(|held| held.nodes.get(node)) {
+            return *proof;
+        }
+        let proof = membership_proof(key, group, node);
+        if !groups.contains_key(group) && groups.len() >= PROOF_MEMO_GROUPS_MAX {
+            groups.clear();
+        }
+        let held =
+            groups.entry(group.to_owned()).or_insert_with(|| GroupProofs { key: key.clone(), nodes: BTreeMap::new() });
+        if held.key != *key || held.nodes.len() >= PROOF_MEMO_NODES_MAX {
+            *held = GroupProofs { key: key.clone(), nodes: BTreeMap::new() };
+        }
+        held.nodes.insert(node.to_owned(), proof);
+        proof
+    }
+
+    /// True when `proof` is the membership proof of `node` for `group` under `key`.
+    pub(super) fn verifies(&self, proof: &[u8; 32], key: &GroupKey, group: &str, node: &str) -> bool {
+        *proof == self.proof(key, group, node)
+    }
+}
+
 /// What this node's failure detector can say about a peer (SPEC invariant 5, issue 11: unknown
 /// is not dead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -121,4 +167,47 @@ impl PeerState {
 pub struct MembershipView {
     /// Every other node known to gossip.
     pub peers: BTreeMap<NodeId, PeerState>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl ProofMemo {
+        fn remembered(&self, group: &str) -> usize {
+            self.groups.lock().unwrap().get(group).map_or(0, |held| held.nodes.len())
+        }
+    }
+
+    #[test]
+    fn a_remembered_proof_is_the_proof_under_the_key_asked_for() {
+        let memo = ProofMemo::default();
+        let (old, new) = (GroupKey::from_bytes([1; 32]), GroupKey::from_bytes([2; 32]));
+        assert_eq!(memo.proof(&old, "app", "n2"), membership_proof(&old, "app", "n2"));
+        assert_eq!(memo.proof(&old, "app", "n2"), membership_proof(&old, "app", "n2"));
+        // After a rotation the proof under the old key must not be given for the new one.
+        assert_eq!(memo.proof(&new, "app", "n2"), membership_proof(&new, "app", "n2"));
+        assert!(memo.verifies(&membership_proof(&new, "app", "n2"), &new, "app", "n2"));
+        assert!(!memo.verifies(&membership_proof(&old, "app", "n2"), &new, "app", "n2"));
+        // Per group and per node.
+        assert_eq!(memo.proof(&new, "db", "n2"), membership_proof(&new, "db", "n2"));
+        assert_eq!(memo.proof(&new, "app", "n3"), membership_proof(&new, "app", "n3"));
+        assert_ne!(memo.proof(&new, "app", "n3"), memo.proof(&new, "app", "n2"));
+    }
+
+    #[test]
+    fn the_memo_is_bounded_per_group_and_in_groups() {
+        let memo = ProofMemo::default();
+        let key = GroupKey::from_bytes([7; 32]);
+        for index in 0..=PROOF_MEMO_NODES_MAX {
+            let node = format!("n{index}");
+            assert_eq!(memo.proof(&key, "app", &node), membership_proof(&key, "app", &node));
+        }
+        assert!(memo.remembered("app") <= PROOF_MEMO_NODES_MAX);
+        for index in 0..=PROOF_MEMO_GROUPS_MAX {
+            memo.proof(&key, &format!("g{index}"), "n1");
+        }
+        assert!(memo.groups.lock().unwrap().len() <= PROOF_MEMO_GROUPS_MAX);
+        assert_eq!(memo.proof(&key, "app", "n1"), membership_proof(&key, "app", "n1"));
+    }
 }

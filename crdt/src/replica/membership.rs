@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{GroupGossip, MembershipView, NodeId, Output, PeerLiveness, PersistOp, Replica, membership_proof};
+use super::{GroupGossip, MembershipView, NodeId, Output, PeerLiveness, PersistOp, Replica};
 use crate::limits::START_GRACE_MS;
 
 impl Replica {
@@ -33,7 +33,7 @@ impl Replica {
             .iter()
             .filter_map(|(node, peer)| {
                 let gossip = peer.groups.get(group)?;
-                ((gossip.proof == membership_proof(state.keys.key(), group, node)) == verified)
+                (self.proofs.verifies(&gossip.proof, state.keys.key(), group, node) == verified)
                     .then(|| (node.clone(), peer.is_live(), gossip.clone()))
             })
             .collect()
@@ -51,7 +51,7 @@ impl Replica {
         let mut other_key = Vec::new();
         for (node, peer) in &self.membership.peers {
             let Some(gossip) = peer.groups.get(group) else { continue };
-            if gossip.proof == membership_proof(state.keys.key(), group, node) {
+            if self.proofs.verifies(&gossip.proof, state.keys.key(), group, node) {
                 members.insert(node.clone(), peer.liveness);
             } else {
                 other_key.push((node, peer.liveness));
@@ -117,7 +117,7 @@ impl Replica {
             .peers
             .get(peer)
             .and_then(|p| p.groups.get(group))
-            .is_some_and(|gossip| gossip.proof == membership_proof(state.keys.key(), group, peer))
+            .is_some_and(|gossip| self.proofs.verifies(&gossip.proof, state.keys.key(), group, peer))
     }
 
     /// Takes a new membership view from the shell.
@@ -125,7 +125,7 @@ impl Replica {
         let previous = std::mem::replace(&mut self.membership, view);
         self.reset_sessions_of_changed_peers(&previous);
         // Announced members that gossip now shows (or shows as gone) are gossip's business.
-        let peers = &self.membership.peers;
+        let (peers, proofs) = (&self.membership.peers, &self.proofs);
         for (name, state) in self.groups.iter_mut() {
             state.announced.retain(|node, _| {
                 peers.get(node).is_none_or(|peer| {
@@ -133,7 +133,7 @@ impl Replica {
                         && peer
                             .groups
                             .get(name)
-                            .is_none_or(|gossip| gossip.proof != membership_proof(state.keys.key(), name, node))
+                            .is_none_or(|gossip| !proofs.verifies(&gossip.proof, state.keys.key(), name, node))
                 })
             });
         }

@@ -175,6 +175,8 @@ pub struct Replica {
     now: Millis,
     groups: BTreeMap<String, GroupState>,
     membership: MembershipView,
+    /// Expected membership proofs of peers, per group (`gossip.rs`).
+    proofs: gossip::ProofMemo,
     joins: BTreeMap<String, PendingJoin>,
     challenges: BTreeMap<(NodeId, String), Challenge>,
     commits: BTreeMap<CommandId, quorum::PendingCommit>,
@@ -262,6 +264,7 @@ impl Replica {
             now: Millis(0),
             groups: BTreeMap::new(),
             membership: MembershipView::default(),
+            proofs: gossip::ProofMemo::default(),
             joins: BTreeMap::new(),
             challenges: BTreeMap::new(),
             commits: BTreeMap::new(),

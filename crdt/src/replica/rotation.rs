@@ -148,7 +148,7 @@ impl Replica {
                 && peer
                     .groups
                     .get(group)
-                    .is_some_and(|gossip| gossip.proof == membership_proof(keys.key(), group, node))
+                    .is_some_and(|gossip| self.proofs.verifies(&gossip.proof, keys.key(), group, node))
         });
         !back
     }
@@ -166,19 +166,16 @@ impl Replica {
     /// True when `node`'s gossip names a newer key of `group` than this node holds.
     pub(super) fn holds_newer_key(&self, group: &str, node: &str) -> bool {
         let Some(state) = self.groups.get(group) else { return false };
-        let Some(gossip) = self.membership.peers.get(node).and_then(|peer| peer.groups.get(group)) else {
+        // Generation 0 is published without an id: never newer (and the common case, asked of
+        // every peer on every tick: answered before any key id is computed).
+        let Some(theirs) = self.membership.peers.get(node).and_then(|peer| peer.groups.get(group)?.key) else {
             return false;
         };
-        // Generation 0 is published without an id: never newer. This very key under another
-        // generation is not newer, and an id further ahead than a member could hand over
-        // (it names no key this node holds any more) is not believed.
+        // This very key under another generation is not newer, and an id further ahead than a
+        // member could hand over (it names no key this node holds any more) is not believed.
         let ours = state.keys.id(group);
         let reach = ours.generation.saturating_add(KEYRING_PREVIOUS_MAX as u64);
-        gossip.key.is_some_and(|theirs| {
-            theirs > ours
-                && theirs.generation <= reach
-                && theirs != KeyId::of(state.keys.key(), group, theirs.generation)
-        })
+        theirs > ours && theirs.generation <= reach && theirs != KeyId::of(state.keys.key(), group, theirs.generation)
     }
 
     /// True when a member this node trusts holds a newer key of `group`: this node's key is on
@@ -212,7 +209,7 @@ impl Replica {
                         .peers
                         .get(node)
                         .and_then(|p| p.groups.get(&name))
-                        .is_some_and(|gossip| gossip.proof == membership_proof(state.keys.key(), &name, node));
+                        .is_some_and(|gossip| self.proofs.verifies(&gossip.proof, state.keys.key(), &name, node));
                 if was_member && let Some(moved) = keys.with_left(node) {
                     keys = moved;
                 }
@@ -264,12 +261,16 @@ impl Replica {
             let fresh = state.keys.generation() == 0 && state.keys.all(&name).len() == 1;
             let own_key = state.keys.key();
             let reach = KEYRING_PREVIOUS_MAX as u64;
+            // The peer's key id first: most peers publish none (generation 0), and `trusted`
+            // costs set lookups per peer on every tick (a mesh of hundreds: konor-sim's profile).
             let relabel = self
                 .membership
                 .peers
                 .iter()
-                .filter(|(node, _)| fresh && self.trusted(&name, node))
-                .filter_map(|(_, peer)| peer.groups.get(&name)?.key)
+                .filter(|_| fresh)
+                .filter_map(|(node, peer)| peer.groups.get(&name)?.key.map(|id| (node, id)))
+                .filter(|(node, _)| self.trusted(&name, node))
+                .map(|(_, id)| id)
                 .filter(|id| {
                     id.generation > 0 && id.generation <= reach && *id == KeyId::of(own_key, &name, id.generation)
                 })
@@ -286,7 +287,7 @@ impl Replica {
                 .membership
                 .peers
                 .iter()
-                .filter(|(node, peer)| peer.is_live() && self.trusted(&name, node) && self.holds_newer_key(&name, node))
+                .filter(|(node, peer)| peer.is_live() && self.holds_newer_key(&name, node) && self.trusted(&name, node))
                 .map(|(node, _)| node.clone())
                 .collect();
             // Each candidate in turn; once all were asked, start over from the one after the

@@ -1091,10 +1091,19 @@ impl Daemon {
         }
         let mut peers = BTreeMap::new();
         for node in view.nodes.values().filter(|n| n.id != self.node_id) {
+            // A summary the last view held unchanged was parsed then: the replica's view holds it
+            // (it is always the one built from `self.mesh`). Parsing every peer's summaries on
+            // every poll was a tenth of a 150-node simulation's time (docs/benchmarks.md).
+            let before = self.mesh.nodes.get(&node.id).map(|old| &old.groups);
+            let parsed = self.replica.membership().peers.get(&node.id).map(|peer| &peer.groups);
             let groups = node
                 .groups
                 .iter()
-                .filter_map(|(g, v)| GroupGossip::parse(v).map(|gossip| (g.clone(), gossip)))
+                .filter_map(|(g, v)| {
+                    let unchanged = before.and_then(|old| old.get(g)).is_some_and(|old| old == v);
+                    let known = parsed.and_then(|peer| peer.get(g)).filter(|_| unchanged).cloned();
+                    known.or_else(|| GroupGossip::parse(v)).map(|gossip| (g.clone(), gossip))
+                })
                 .collect();
             let liveness = match node.liveness {
                 Liveness::Live => PeerLiveness::Live,

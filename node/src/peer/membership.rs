@@ -880,21 +880,27 @@ impl Membership {
                 };
                 judge(&clock, &evidence)
             };
+            // Each kind of key read from its own range of the node's sorted keys: scanning every
+            // key (certificates and beats included) three times was most of this loop's cost in
+            // a 150-node simulation. `iter_prefix` skips deleted keys, as `key_values` does.
             let labels = state
-                .key_values()
-                .filter_map(|(k, v)| k.strip_prefix(LABEL_PREFIX).map(|k| (k.to_owned(), payload(v).to_owned())))
+                .iter_prefix(LABEL_PREFIX)
+                .filter_map(|(k, v)| Some((k.strip_prefix(LABEL_PREFIX)?.to_owned(), payload(&v.value).to_owned())))
                 .collect();
-            let groups = state
-                .key_values()
-                .map(|(k, v)| (k, payload(v)))
-                .filter(|(_, v)| *v != GROUP_LEFT && *v != GROUP_WITHDRAWN)
-                .filter_map(|(k, v)| k.strip_prefix(GROUP_PREFIX).map(|k| (k.to_owned(), v.to_owned())))
-                .collect();
-            let left_groups = state
-                .key_values()
-                .filter(|(_, v)| payload(v) == GROUP_LEFT)
-                .filter_map(|(k, _)| k.strip_prefix(GROUP_PREFIX).map(str::to_owned))
-                .collect();
+            let mut groups = BTreeMap::new();
+            let mut left_groups = std::collections::BTreeSet::new();
+            for (key, value) in state.iter_prefix(GROUP_PREFIX) {
+                let Some(group) = key.strip_prefix(GROUP_PREFIX) else { continue };
+                match payload(&value.value) {
+                    GROUP_LEFT => {
+                        left_groups.insert(group.to_owned());
+                    }
+                    GROUP_WITHDRAWN => {}
+                    summary => {
+                        groups.insert(group.to_owned(), summary.to_owned());
+                    }
+                }
+            }
             let node = MeshNode {
                 id: id.node_id.to_string(),
                 addr: id.gossip_advertise_addr,
