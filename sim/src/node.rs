@@ -242,6 +242,7 @@ impl Cluster {
             keep_history: false,
             revocations: None,
             signer: None,
+            mesh_nodes_max: konor_node::limits::MESH_NODES_MAX,
             audit: None,
         };
         let gate = Arc::new(Gate::default());

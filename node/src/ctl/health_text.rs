@@ -21,6 +21,11 @@ pub fn health_text(health: &NodeHealth, failures: &[String], now_ms: u64) -> Str
         "queues: {} calls, {} pending commands, {} blocked reads, {} watchers",
         q.calls, q.pending_commands, q.blocked_reads, q.watchers
     );
+    let mesh = &health.mesh;
+    if mesh.cap > 0 {
+        let state = if mesh.at_cap { ": AT ITS CAP, new nodes are refused" } else { "" };
+        let _ = writeln!(out, "mesh: {} of at most {} nodes{state}", mesh.nodes, mesh.cap);
+    }
     let d = &health.dropped;
     let _ = writeln!(out, "dropped: {} peer messages, {} failed disk writes", d.peer_messages, d.persist_failures);
     for (group, error) in &health.degraded {
@@ -184,5 +189,18 @@ mod tests {
         let n1 = text.find("n1 fell").unwrap();
         assert!(text.contains("cleared:") && n2 < n1, "{text}");
         assert_eq!(alerts_text(&Alerts::default(), 0), "no alert holds\n");
+    }
+
+    #[test]
+    fn the_mesh_line_says_when_the_cap_is_reached() {
+        let mut health = crate::health::tests::health();
+        let text = health_text(&health, &[], 0);
+        assert!(text.contains("mesh: 3 of at most 800 nodes\n"), "{text}");
+        health.mesh = konor_sdk::health::MeshCapacity { nodes: 800, cap: 800, at_cap: true, refused: 4 };
+        let failures = crate::health::failures(&health, &crate::health::Thresholds::default());
+        let text = health_text(&health, &failures, 0);
+        assert!(text.starts_with("node n1: UNHEALTHY"), "{text}");
+        assert!(text.contains("mesh: 800 of at most 800 nodes: AT ITS CAP, new nodes are refused"), "{text}");
+        assert!(text.contains("fails: the mesh is at its node cap (800 of 800 nodes)"), "{text}");
     }
 }

@@ -175,6 +175,10 @@ struct Daemon {
     network: Arc<dyn PeerNetwork>,
     membership: Membership,
     mesh: MeshView,
+    /// Node states the gossip filter refused for the mesh's cap (`health`).
+    cap_refusals: CapRefusals,
+    /// The mesh's node cap ([`NodeParts::mesh_nodes_max`]).
+    mesh_nodes_max: usize,
     started: Instant,
     wall_base: Option<Millis>,
     seed: [u8; 32],
@@ -295,6 +299,9 @@ pub struct NodeParts {
     pub revocations: Option<crate::pki::revocation::Revocations>,
     /// The CA key, on a node that enrolls hosts with join tokens (`None`: it cannot sign).
     pub signer: Option<Arc<crate::pki::ca::Signer>>,
+    /// The most nodes the mesh holds: [`crate::limits::MESH_NODES_MAX`] (smaller only in tests
+    /// of the cap).
+    pub mesh_nodes_max: usize,
     /// The audit log, spread to and copied from peers (`None` in the simulator).
     pub audit: Option<crate::audit::Audit>,
 }
@@ -448,6 +455,7 @@ pub async fn run(settings: DaemonSettings, shutdown: watch::Receiver<bool>) -> a
         keep_history: true,
         revocations: Some(revocations),
         signer,
+        mesh_nodes_max: crate::limits::MESH_NODES_MAX,
         audit: Some(audit),
     };
     let result = run_node_on_own_thread(parts, shutdown).await;
@@ -683,6 +691,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         keep_history,
         revocations,
         signer,
+        mesh_nodes_max,
         audit,
     } = parts;
     let enrollment = signer.map(|signer| enrollments::Enrollment::new(signer, &data_dir, cluster.clone()));
@@ -710,6 +719,7 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         poll_period: membership_poll,
         seal: gossip_seal,
         runtime: gossip_runtime,
+        nodes_max: mesh_nodes_max,
     };
     let membership = Membership::start(membership_config, network.clone(), gossip).await?;
     let mut replica_state = Replica::new(node_id.clone(), actor.clone(), seed, loaded).with_labels(replica_labels);
@@ -733,6 +743,8 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         network,
         membership,
         mesh: MeshView::default(),
+        cap_refusals: CapRefusals::default(),
+        mesh_nodes_max,
         started,
         wall_base,
         seed,
@@ -856,6 +868,15 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     tokio::time::sleep(gossip_interval * LEAVE_GOSSIP_ROUNDS).await;
     daemon.membership.shutdown().await;
     Ok(())
+}
+
+/// What this node's gossip filter refused for the mesh's node cap.
+#[derive(Debug, Clone, Copy, Default)]
+struct CapRefusals {
+    /// Node states refused since the daemon started.
+    total: u64,
+    /// Some were refused between the last two membership polls.
+    refusing: bool,
 }
 
 /// True for a call the daemon answers at once from its state (reads, watches), false for
@@ -1089,6 +1110,11 @@ impl Daemon {
         if view.over_cap && !self.mesh.over_cap {
             error!(nodes = view.nodes.len(), "mesh reached its node cap; larger meshes are not supported");
         }
+        // The filter refuses new node states once chitchat holds the cap (dead nodes and old
+        // generations count there, not in the view): refusals since the last poll mean the
+        // mesh is at its cap even when the view is below it.
+        let refused = self.membership.seal_stats().nodes_over_cap.load(Ordering::Relaxed);
+        self.cap_refusals = CapRefusals { total: refused, refusing: refused > self.cap_refusals.total };
         let mut peers = BTreeMap::new();
         for node in view.nodes.values().filter(|n| n.id != self.node_id) {
             // A summary the last view held unchanged was parsed then: the replica's view holds it

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::health::history::MeshHistory;
-use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths};
+use crate::health::{Alerts, DroppedCounts, GroupHealth, MemberCounts, MeshCapacity, NodeHealth, QueueDepths};
 use crate::reports::release_report::{Member, RELEASE_REPORT_MAX, Which, release_reports};
 
 /// The author of a version a client writes: the user its door authenticated, at this node;
@@ -618,6 +618,12 @@ impl Daemon {
                 persist_failures: self.stats.persist_failures.load(Ordering::Relaxed),
             },
             alerts: self.alerts.active(),
+            mesh: MeshCapacity {
+                nodes: self.mesh.nodes.len() as u64,
+                cap: self.mesh_nodes_max as u64,
+                at_cap: self.mesh.over_cap || self.cap_refusals.refusing,
+                refused: self.cap_refusals.total,
+            },
         }
     }
 

@@ -243,6 +243,11 @@ impl TestNode {
     /// The same, with the store's I/O run as `store_io` says (`Blocking`: as konord runs it,
     /// so the daemon goes on while a write or an fsync waits).
     fn start_with(hub: &Arc<Hub>, index: u8, data_dir: &Path, store_io: StoreIo) -> TestNode {
+        TestNode::start_capped(hub, index, data_dir, store_io, crate::limits::MESH_NODES_MAX)
+    }
+
+    /// The same, in a mesh capped at `mesh_nodes_max` nodes.
+    fn start_capped(hub: &Arc<Hub>, index: u8, data_dir: &Path, store_io: StoreIo, mesh_nodes_max: usize) -> TestNode {
         let id = format!("n{index}");
         let addr = addr_of(index);
         let (gossip_tx, gossip) = mpsc::channel(4096);
@@ -274,6 +279,7 @@ impl TestNode {
             keep_history: false,
             revocations: None,
             signer: None,
+            mesh_nodes_max,
             audit: None,
         };
         let task = tokio::spawn(run_node(parts, shutdown_rx));
@@ -897,4 +903,93 @@ async fn a_watcher_told_of_a_change_its_node_fails_to_save_gets_a_resync() {
     })
     .await;
     assert_eq!(again, Ok(true), "the change did not arrive again");
+}
+
+/// The node's health, as `konorctl health` asks for it.
+async fn health_of(node: &TestNode) -> crate::health::NodeHealth {
+    let Response::Health { health } = node.call(Request::Health).await else { panic!("{} gave no health", node.id) };
+    *health
+}
+
+/// Issue 19, item 4: at the mesh's node cap every node says so in its health (a failed check,
+/// not only a log line), and a node past the cap is kept out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_of_a_mesh_at_its_cap_fails_its_health_check_and_a_node_past_it_is_refused() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let cap = 3;
+    let start =
+        |index: u8| TestNode::start_capped(&hub, index, &dirs.path().join(format!("n{index}")), StoreIo::Inline, cap);
+    let first: Vec<TestNode> = (1..=3).map(start).collect();
+    await_mesh(&first).await;
+    let late = start(4);
+    for node in first.iter().chain(std::iter::once(&late)) {
+        eventually("the node reports the mesh at its cap", Duration::from_secs(20), || async {
+            let health = health_of(node).await;
+            (health.mesh.at_cap && health.mesh.cap == cap as u64).then_some(health)
+        })
+        .await;
+        let health = health_of(node).await;
+        let failures = crate::health::failures(&health, &crate::health::Thresholds::default());
+        assert!(
+            failures.iter().any(|failure| failure.contains("the mesh is at its node cap")),
+            "{}: {failures:?}",
+            node.id
+        );
+    }
+    // The three that formed the mesh never admit the fourth.
+    for node in &first {
+        let Response::Nodes { nodes: rows } = node.call(Request::Nodes).await else { panic!("no nodes") };
+        assert!(rows.iter().all(|row| row.id != "n4"), "{} admitted n4: {rows:?}", node.id);
+    }
+    for node in first.into_iter().chain(std::iter::once(late)) {
+        node.stop(&hub).await;
+    }
+}
+
+/// Below its cap a mesh's health says so and passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_below_its_cap_passes_its_health_check() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 3).await;
+    for node in &nodes {
+        let health = health_of(node).await;
+        assert_eq!((health.mesh.nodes, health.mesh.cap, health.mesh.at_cap), (3, 800, false), "{}", node.id);
+        assert!(crate::health::failures(&health, &crate::health::Thresholds::default()).is_empty());
+    }
+    for node in nodes {
+        node.stop(&hub).await;
+    }
+}
+
+/// The cap counts the node states gossip holds, old generations of restarted nodes included,
+/// while a node's view shows each id once: a node whose view is below the cap still reports the
+/// mesh at its cap while its gossip filter refuses a new node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refusing_new_nodes_reports_the_cap_even_when_its_view_is_below_it() {
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let cap = 4;
+    let start =
+        |index: u8| TestNode::start_capped(&hub, index, &dirs.path().join(format!("n{index}")), StoreIo::Inline, cap);
+    let mut nodes: Vec<TestNode> = (1..=3).map(start).collect();
+    await_mesh(&nodes).await;
+    // n3 restarts: gossip now holds two generations of it, four states in all.
+    let n3 = nodes.pop().unwrap();
+    n3.stop(&hub).await;
+    nodes.push(start(3));
+    await_mesh(&nodes).await;
+    let late = start(4);
+    let n1 = &nodes[0];
+    let health = eventually("n1 reports the mesh at its cap", Duration::from_secs(20), || async {
+        let health = health_of(n1).await;
+        health.mesh.at_cap.then_some(health)
+    })
+    .await;
+    assert_eq!(health.mesh.nodes, 3, "n1's view holds each id once: {:?}", health.mesh);
+    assert!(health.mesh.refused > 0, "{:?}", health.mesh);
+    for node in nodes.into_iter().chain(std::iter::once(late)) {
+        node.stop(&hub).await;
+    }
 }

@@ -9,7 +9,7 @@ pub mod webhook;
 use serde::Deserialize;
 
 pub use konor_sdk::health::{
-    Alert, AlertKind, Alerts, DroppedCounts, GroupHealth, MemberCounts, NodeHealth, QueueDepths,
+    Alert, AlertKind, Alerts, DroppedCounts, GroupHealth, MemberCounts, MeshCapacity, NodeHealth, QueueDepths,
 };
 
 /// What a caller of `/api/v1/health` tolerates; each bound left out is not checked, except
@@ -35,6 +35,14 @@ pub fn failures(health: &NodeHealth, thresholds: &Thresholds) -> Vec<String> {
     if !thresholds.allow_degraded && !health.degraded.is_empty() {
         let groups: Vec<&str> = health.degraded.keys().map(String::as_str).collect();
         failures.push(format!("degraded: the last write to disk failed for {}", groups.join(", ")));
+    }
+    // Not a threshold: at the cap no new host can join the mesh (issue 19), which every node
+    // must say, not only log.
+    if health.mesh.at_cap {
+        failures.push(format!(
+            "the mesh is at its node cap ({} of {} nodes): new nodes are refused (docs/operations.md, \"The mesh is over its cap\")",
+            health.mesh.nodes, health.mesh.cap
+        ));
     }
     if let Some(max) = thresholds.max_dead
         && health.members.dead > max
@@ -105,7 +113,21 @@ pub(crate) mod tests {
             queues: QueueDepths::default(),
             dropped: DroppedCounts::default(),
             alerts: Vec::new(),
+            mesh: MeshCapacity { nodes: 3, cap: 800, at_cap: false, refused: 0 },
         }
+    }
+
+    #[test]
+    fn a_mesh_at_its_cap_fails_whatever_the_thresholds_allow() {
+        let mut health = health();
+        health.mesh = MeshCapacity { nodes: 800, cap: 800, at_cap: true, refused: 12 };
+        let lenient = Thresholds { allow_degraded: true, ..Thresholds::default() };
+        let failed = failures(&health, &lenient);
+        assert_eq!(failed.len(), 1);
+        assert!(failed[0].starts_with("the mesh is at its node cap (800 of 800 nodes): new nodes are refused"));
+        // Refusals in the past do not fail a mesh that is below its cap now.
+        health.mesh = MeshCapacity { nodes: 700, cap: 800, at_cap: false, refused: 12 };
+        assert!(failures(&health, &lenient).is_empty());
     }
 
     #[test]

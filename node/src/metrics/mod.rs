@@ -295,6 +295,12 @@ impl prometheus_client::collector::Collector for ScrapeCollector {
             [AlertKind::Flapping, AlertKind::HeartbeatDelay, AlertKind::LabelLost]
                 .map(|kind| (KindLabel { kind: kind.as_str() }, active(kind))),
         )?;
+        gauge(
+            &mut encoder,
+            "mesh_at_cap",
+            "1 while the mesh is at its node cap and new nodes are refused (docs/operations.md), else 0",
+            if health.mesh.at_cap { 1.0 } else { 0.0 },
+        )?;
         gauge(&mut encoder, "uptime_seconds", "Seconds since the daemon started", health.uptime_ms as f64 / 1000.0)?;
         gauge(
             &mut encoder,

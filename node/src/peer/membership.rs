@@ -233,6 +233,8 @@ pub struct MembershipConfig {
     /// not the daemon's, so that a daemon busy with Automerge for seconds never stops this
     /// node's heartbeats (issue 12, CPU isolation). `None`: the caller's runtime (the simulator).
     pub runtime: Option<tokio::runtime::Handle>,
+    /// The most nodes the mesh holds: [`MESH_NODES_MAX`] (smaller only in tests of the cap).
+    pub nodes_max: usize,
 }
 
 /// Liveness of a node as seen here.
@@ -273,7 +275,7 @@ pub struct MeshNode {
 pub struct MeshView {
     /// Every known node (this one included), the newest generation of each id.
     pub nodes: BTreeMap<String, MeshNode>,
-    /// True when the mesh reached [`MESH_NODES_MAX`].
+    /// True when the mesh reached its cap ([`MESH_NODES_MAX`]).
     pub over_cap: bool,
 }
 
@@ -378,6 +380,7 @@ pub struct Membership {
     started: Instant,
     gossip_interval: Duration,
     poll_period: Duration,
+    nodes_max: usize,
     tracker: Mutex<Tracker>,
     /// Signs a beat every [`BEAT_GOSSIP_INTERVALS`] gossip periods; aborted with the membership.
     _beats: AbortOnDrop,
@@ -636,7 +639,7 @@ impl Membership {
         gossip_inbox: mpsc::Receiver<Incoming>,
     ) -> anyhow::Result<Membership> {
         let chitchat_id = ChitchatId::new(config.node_id.clone(), config.generation, config.advertise);
-        let filter = GossipFilter::new(config.seal.clone(), &config.cluster_id, chitchat_id.clone(), MESH_NODES_MAX);
+        let filter = GossipFilter::new(config.seal.clone(), &config.cluster_id, chitchat_id.clone(), config.nodes_max);
         let seal_stats = filter.stats();
         let filter = Arc::new(std::sync::Mutex::new(filter));
         let self_id = chitchat_id.clone();
@@ -719,6 +722,7 @@ impl Membership {
             started: Instant::now(),
             gossip_interval: config.gossip_interval,
             poll_period: config.poll_period,
+            nodes_max: config.nodes_max,
             tracker: Mutex::new(Tracker::default()),
         })
     }
@@ -922,7 +926,7 @@ impl Membership {
                 view.nodes.insert(node.id.clone(), node);
             }
         }
-        view.over_cap = view.nodes.len() >= MESH_NODES_MAX;
+        view.over_cap = view.nodes.len() >= self.nodes_max;
         view
     }
 }
@@ -1195,6 +1199,7 @@ mod tests {
             poll_period: POLL,
             seal,
             runtime: None,
+            nodes_max: MESH_NODES_MAX,
         };
         Membership::start(config, Arc::new(HubPort { hub: hub.clone(), addr }), rx).await.unwrap()
     }

@@ -27,6 +27,24 @@ pub struct NodeHealth {
     /// Anomalies that hold now (`konorctl alerts` also shows those that cleared).
     #[serde(default)]
     pub alerts: Vec<Alert>,
+    /// The mesh's size against its node cap (absent from daemons before it: all zero).
+    #[serde(default)]
+    pub mesh: MeshCapacity,
+}
+
+/// The mesh's size against its node cap, as this node's gossip sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshCapacity {
+    /// Nodes in this node's view (the newest generation of each id, dead ones gossip still
+    /// remembers included).
+    pub nodes: u64,
+    /// The most nodes a mesh holds (`MESH_NODES_MAX`).
+    pub cap: u64,
+    /// The mesh is at its cap: its view holds `cap` nodes, or this node's gossip filter refused
+    /// a new node since the last membership poll. New hosts cannot join.
+    pub at_cap: bool,
+    /// Node states this node refused for the cap since it started.
+    pub refused: u64,
 }
 
 /// Nodes of the mesh by the failure detector's verdict, as this node sees them.
