@@ -911,16 +911,25 @@ async fn health_of(node: &TestNode) -> crate::health::NodeHealth {
     *health
 }
 
+/// A hub and a way to start node `n<index>` in a mesh capped at `cap` nodes.
+fn capped_mesh(cap: usize) -> (Arc<Hub>, impl Fn(u8) -> TestNode) {
+    let hub = Arc::new(Hub::default());
+    let dirs = Arc::new(tempfile::tempdir().unwrap());
+    let for_start = hub.clone();
+    let start = move |index: u8| {
+        let dir = dirs.path().join(format!("n{index}"));
+        TestNode::start_capped(&for_start, index, &dir, StoreIo::Inline, cap)
+    };
+    (hub, start)
+}
+
 /// Issue 19, item 4: at the mesh's node cap every node says so in its health (a failed check,
 /// not only a log line), and a node past the cap is kept out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_of_a_mesh_at_its_cap_fails_its_health_check_and_a_node_past_it_is_refused() {
-    let hub = Arc::new(Hub::default());
-    let dirs = tempfile::tempdir().unwrap();
     let cap = 3;
-    let start =
-        |index: u8| TestNode::start_capped(&hub, index, &dirs.path().join(format!("n{index}")), StoreIo::Inline, cap);
-    let first: Vec<TestNode> = (1..=3).map(start).collect();
+    let (hub, start) = capped_mesh(cap);
+    let first: Vec<TestNode> = (1..=3).map(&start).collect();
     await_mesh(&first).await;
     let late = start(4);
     for node in first.iter().chain(std::iter::once(&late)) {
@@ -968,12 +977,8 @@ async fn a_mesh_below_its_cap_passes_its_health_check() {
 /// mesh at its cap while its gossip filter refuses a new node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_refusing_new_nodes_reports_the_cap_even_when_its_view_is_below_it() {
-    let hub = Arc::new(Hub::default());
-    let dirs = tempfile::tempdir().unwrap();
-    let cap = 4;
-    let start =
-        |index: u8| TestNode::start_capped(&hub, index, &dirs.path().join(format!("n{index}")), StoreIo::Inline, cap);
-    let mut nodes: Vec<TestNode> = (1..=3).map(start).collect();
+    let (hub, start) = capped_mesh(4);
+    let mut nodes: Vec<TestNode> = (1..=3).map(&start).collect();
     await_mesh(&nodes).await;
     // n3 restarts: gossip now holds two generations of it, four states in all.
     let n3 = nodes.pop().unwrap();
