@@ -133,7 +133,8 @@ pub enum Command {
     /// Show a group's state on every member node and in local processes.
     Status(GroupArg),
     /// Show this node's health (members, groups, degraded groups, queues, alerts); exit 6 when
-    /// it fails a threshold given (a degraded node fails unless --allow-degraded).
+    /// it fails a threshold given (a degraded node fails unless --allow-degraded, a mesh at its
+    /// node cap unless --allow-at-cap).
     Health(HealthArgs),
     /// List the anomaly alerts that hold (flapping nodes, late heartbeats, a label's nodes
     /// lost at once) and those that cleared.
@@ -161,6 +162,10 @@ pub struct HealthArgs {
     /// Do not fail on a degraded node (a failed write to disk).
     #[arg(long)]
     pub allow_degraded: bool,
+    /// Do not fail when the mesh is at its node cap (new nodes are refused; the state of the
+    /// whole mesh, not of this node).
+    #[arg(long)]
+    pub allow_at_cap: bool,
 }
 
 /// `konorctl ca ...`

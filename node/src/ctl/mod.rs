@@ -488,6 +488,7 @@ async fn health(target: &DaemonTarget, args: HealthArgs, output: OutputFormat) -
         max_stale: args.max_stale,
         max_since_change_ms: args.max_since_change_ms,
         allow_degraded: args.allow_degraded,
+        allow_at_cap: args.allow_at_cap,
     };
     let failures = crate::health::failures(health, &thresholds);
     let exit = if failures.is_empty() { Exit::Ok } else { Exit::Unhealthy };

@@ -870,13 +870,27 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
     Ok(())
 }
 
+/// How long a node reports the mesh at its cap after its gossip filter last refused a new
+/// node: forty gossip periods at the default 250 ms. A refused host keeps gossiping to the nodes
+/// it knows every period, so while it tries, the report holds without a gap; a health check or a
+/// scrape every few seconds cannot fall between two refusals.
+const CAP_REFUSAL_HOLD: Duration = Duration::from_secs(10);
+
 /// What this node's gossip filter refused for the mesh's node cap.
 #[derive(Debug, Clone, Copy, Default)]
 struct CapRefusals {
-    /// Node states refused since the daemon started.
+    /// Refusals since the daemon started (one per refused node delta, so one host that keeps
+    /// trying counts many times).
     total: u64,
-    /// Some were refused between the last two membership polls.
-    refusing: bool,
+    /// When the count last grew (seen at a membership poll).
+    last: Option<Instant>,
+}
+
+impl CapRefusals {
+    /// True when a new node was refused within [`CAP_REFUSAL_HOLD`].
+    fn refusing(&self) -> bool {
+        self.last.is_some_and(|at| at.elapsed() < CAP_REFUSAL_HOLD)
+    }
 }
 
 /// True for a call the daemon answers at once from its state (reads, watches), false for
@@ -1114,7 +1128,10 @@ impl Daemon {
         // generations count there, not in the view): refusals since the last poll mean the
         // mesh is at its cap even when the view is below it.
         let refused = self.membership.seal_stats().nodes_over_cap.load(Ordering::Relaxed);
-        self.cap_refusals = CapRefusals { total: refused, refusing: refused > self.cap_refusals.total };
+        if refused > self.cap_refusals.total {
+            self.cap_refusals.last = Some(Instant::now());
+        }
+        self.cap_refusals.total = refused;
         let mut peers = BTreeMap::new();
         for node in view.nodes.values().filter(|n| n.id != self.node_id) {
             // A summary the last view held unchanged was parsed then: the replica's view holds it

@@ -621,7 +621,7 @@ impl Daemon {
             mesh: MeshCapacity {
                 nodes: self.mesh.nodes.len() as u64,
                 cap: self.mesh_nodes_max as u64,
-                at_cap: self.mesh.over_cap || self.cap_refusals.refusing,
+                at_cap: self.mesh.over_cap || self.cap_refusals.refusing(),
                 refused: self.cap_refusals.total,
             },
         }

@@ -13,7 +13,7 @@ pub use konor_sdk::health::{
 };
 
 /// What a caller of `/api/v1/health` tolerates; each bound left out is not checked, except
-/// `degraded`, which fails unless allowed.
+/// `degraded` and a mesh at its node cap, which fail unless allowed.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Thresholds {
@@ -27,6 +27,9 @@ pub struct Thresholds {
     /// Accept a degraded node (a failed disk write).
     #[serde(default)]
     pub allow_degraded: bool,
+    /// Accept a mesh at its node cap (a probe that must not take every node out at once).
+    #[serde(default)]
+    pub allow_at_cap: bool,
 }
 
 /// Why `health` fails `thresholds`: one sentence per broken bound, empty when healthy.
@@ -36,9 +39,10 @@ pub fn failures(health: &NodeHealth, thresholds: &Thresholds) -> Vec<String> {
         let groups: Vec<&str> = health.degraded.keys().map(String::as_str).collect();
         failures.push(format!("degraded: the last write to disk failed for {}", groups.join(", ")));
     }
-    // Not a threshold: at the cap no new host can join the mesh (issue 19), which every node
-    // must say, not only log.
-    if health.mesh.at_cap {
+    // At the cap no new host can join the mesh (issue 19): every node says so, not only in its
+    // log. A probe that would restart or drain nodes on a failure allows it (it is the whole
+    // mesh's state, not this node's).
+    if health.mesh.at_cap && !thresholds.allow_at_cap {
         failures.push(format!(
             "the mesh is at its node cap ({} of {} nodes): new nodes are refused (docs/operations.md, \"The mesh is over its cap\")",
             health.mesh.nodes, health.mesh.cap
@@ -118,16 +122,17 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_mesh_at_its_cap_fails_whatever_the_thresholds_allow() {
+    fn a_mesh_at_its_cap_fails_unless_allowed() {
         let mut health = health();
         health.mesh = MeshCapacity { nodes: 800, cap: 800, at_cap: true, refused: 12 };
-        let lenient = Thresholds { allow_degraded: true, ..Thresholds::default() };
-        let failed = failures(&health, &lenient);
+        let degraded_allowed = Thresholds { allow_degraded: true, ..Thresholds::default() };
+        let failed = failures(&health, &degraded_allowed);
         assert_eq!(failed.len(), 1);
         assert!(failed[0].starts_with("the mesh is at its node cap (800 of 800 nodes): new nodes are refused"));
+        assert!(failures(&health, &Thresholds { allow_at_cap: true, ..Thresholds::default() }).is_empty());
         // Refusals in the past do not fail a mesh that is below its cap now.
         health.mesh = MeshCapacity { nodes: 700, cap: 800, at_cap: false, refused: 12 };
-        assert!(failures(&health, &lenient).is_empty());
+        assert!(failures(&health, &degraded_allowed).is_empty());
     }
 
     #[test]

@@ -245,6 +245,11 @@ impl GossipFilter {
         self.known.contains_key(id)
     }
 
+    /// The most node ids it admits (the mesh's cap).
+    pub fn nodes_max(&self) -> usize {
+        self.nodes_max
+    }
+
     /// Checks one received message.
     pub fn admit(&mut self, bytes: &[u8]) -> Verdict {
         self.last_refusals.clear();

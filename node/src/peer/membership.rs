@@ -275,7 +275,7 @@ pub struct MeshNode {
 pub struct MeshView {
     /// Every known node (this one included), the newest generation of each id.
     pub nodes: BTreeMap<String, MeshNode>,
-    /// True when the mesh reached its cap ([`MESH_NODES_MAX`]).
+    /// True when the mesh reached its cap ([`MESH_NODES_MAX`], or the configured one).
     pub over_cap: bool,
 }
 
@@ -529,7 +529,7 @@ impl GossipSocket {
                     if count.is_power_of_two() {
                         error!(
                             node = %node.node_id,
-                            max_nodes = MESH_NODES_MAX,
+                            max_nodes = filter.nodes_max(),
                             refused_so_far = count,
                             "the mesh is at its node cap: a new node is refused"
                         );

@@ -41,9 +41,10 @@ pub struct MeshCapacity {
     /// The most nodes a mesh holds (`MESH_NODES_MAX`).
     pub cap: u64,
     /// The mesh is at its cap: its view holds `cap` nodes, or this node's gossip filter refused
-    /// a new node since the last membership poll. New hosts cannot join.
+    /// a new node in the last 10 s. New hosts cannot join.
     pub at_cap: bool,
-    /// Node states this node refused for the cap since it started.
+    /// Refusals for the cap since this node started: one per refused node delta, so a host that
+    /// keeps trying counts many times.
     pub refused: u64,
 }
 
