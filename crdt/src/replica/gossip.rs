@@ -118,6 +118,12 @@ impl ProofMemo {
         proof
     }
 
+    /// Forgets the groups `held` says this node no longer holds, with their keys: the key of a
+    /// group this node left is dropped with the next membership view the replica takes.
+    pub(super) fn keep_groups(&self, held: impl Fn(&str) -> bool) {
+        self.groups.lock().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|group, _| held(group));
+    }
+
     /// True when `proof` is the membership proof of `node` for `group` under `key`.
     pub(super) fn verifies(&self, proof: &[u8; 32], key: &GroupKey, group: &str, node: &str) -> bool {
         *proof == self.proof(key, group, node)
@@ -209,5 +215,17 @@ mod tests {
         }
         assert!(memo.groups.lock().unwrap().len() <= PROOF_MEMO_GROUPS_MAX);
         assert_eq!(memo.proof(&key, "app", "n1"), membership_proof(&key, "app", "n1"));
+    }
+
+    #[test]
+    fn a_group_no_longer_held_is_forgotten_with_its_key() {
+        let memo = ProofMemo::default();
+        let key = GroupKey::from_bytes([3; 32]);
+        memo.proof(&key, "app", "n2");
+        memo.proof(&key, "db", "n2");
+        memo.keep_groups(|group| group == "db");
+        assert_eq!(memo.remembered("app"), 0);
+        assert_eq!(memo.remembered("db"), 1);
+        assert!(!memo.groups.lock().unwrap().contains_key("app"));
     }
 }

@@ -123,6 +123,8 @@ impl Replica {
     /// Takes a new membership view from the shell.
     pub(super) fn handle_membership(&mut self, view: MembershipView) {
         let previous = std::mem::replace(&mut self.membership, view);
+        let groups = &self.groups;
+        self.proofs.keep_groups(|group| groups.contains_key(group));
         self.reset_sessions_of_changed_peers(&previous);
         // Announced members that gossip now shows (or shows as gone) are gossip's business.
         let (peers, proofs) = (&self.membership.peers, &self.proofs);
