@@ -175,7 +175,7 @@ struct Daemon {
     network: Arc<dyn PeerNetwork>,
     membership: Membership,
     mesh: MeshView,
-    /// Node states the gossip filter refused for the mesh's cap (`health`).
+    /// What the gossip filter refused for the mesh's cap (`health`).
     cap_refusals: CapRefusals,
     /// The mesh's node cap ([`NodeParts::mesh_nodes_max`]).
     mesh_nodes_max: usize,
@@ -1125,8 +1125,8 @@ impl Daemon {
             error!(nodes = view.nodes.len(), "mesh reached its node cap; larger meshes are not supported");
         }
         // The filter refuses new node states once chitchat holds the cap (dead nodes and old
-        // generations count there, not in the view): refusals since the last poll mean the
-        // mesh is at its cap even when the view is below it.
+        // generations count there, not in the view): a refusal means the mesh is at its cap,
+        // even when the view is below it, for `CAP_REFUSAL_HOLD`.
         let refused = self.membership.seal_stats().nodes_over_cap.load(Ordering::Relaxed);
         if refused > self.cap_refusals.total {
             self.cap_refusals.last = Some(Instant::now());
