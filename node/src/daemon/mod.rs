@@ -177,8 +177,6 @@ struct Daemon {
     mesh: MeshView,
     /// What the gossip filter refused for the mesh's cap (`health`).
     cap_refusals: CapRefusals,
-    /// The mesh's node cap ([`NodeParts::mesh_nodes_max`]).
-    mesh_nodes_max: usize,
     started: Instant,
     wall_base: Option<Millis>,
     seed: [u8; 32],
@@ -744,7 +742,6 @@ pub async fn run_node(parts: NodeParts, mut shutdown: watch::Receiver<bool>) -> 
         membership,
         mesh: MeshView::default(),
         cap_refusals: CapRefusals::default(),
-        mesh_nodes_max,
         started,
         wall_base,
         seed,

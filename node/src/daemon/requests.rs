@@ -620,7 +620,7 @@ impl Daemon {
             alerts: self.alerts.active(),
             mesh: MeshCapacity {
                 nodes: self.mesh.nodes.len() as u64,
-                cap: self.mesh_nodes_max as u64,
+                cap: self.membership.nodes_max() as u64,
                 at_cap: self.mesh.over_cap || self.cap_refusals.refusing(),
                 refused: self.cap_refusals.total,
             },

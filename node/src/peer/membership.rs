@@ -740,6 +740,11 @@ impl Membership {
         publish_all(&self.handle.chitchat(), self.seal.as_ref(), &self.cluster, &self.self_id, &self.outbox).await;
     }
 
+    /// The most nodes the mesh holds ([`MembershipConfig::nodes_max`]).
+    pub fn nodes_max(&self) -> usize {
+        self.nodes_max
+    }
+
     /// What the gossip filter refused so far.
     pub fn seal_stats(&self) -> Arc<GossipSealStats> {
         self.seal_stats.clone()
