@@ -307,8 +307,10 @@ pub struct NodeParts {
 /// Where the daemon's file writes and fsyncs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreIo {
-    /// On a blocking thread, awaited (production): while an fsync runs, the runtime keeps
-    /// sending (a writer's push leaves before its own fsync) and reading the socket.
+    /// Production: appends with a deferred apply to run meanwhile (a member's pushed changes,
+    /// saved before they are applied) and every other persist go to a blocking thread, awaited;
+    /// other appends are written on the daemon's thread, which would only wait for them. Sends
+    /// and the socket run on the caller's runtime either way.
     Blocking,
     /// On the daemon's task itself (the simulator): a thread would finish at a real-time
     /// moment and break the run's determinism.

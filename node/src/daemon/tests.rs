@@ -998,3 +998,35 @@ async fn a_node_refusing_new_nodes_reports_the_cap_even_when_its_view_is_below_i
         node.stop(&hub).await;
     }
 }
+
+/// Issue 14: pushes a member takes in one batch are saved with one fsync. Each push is persisted
+/// before it is applied (its apply overlaps the fsync); each one used to end the run of appends,
+/// so a member handed eight pushes at once made eight fsyncs in series, and under concurrent
+/// writers the members' disks, not their CPUs, set the write rate.
+#[tokio::test(start_paused = true)]
+async fn pushes_a_member_takes_in_one_batch_share_one_fsync() {
+    const PUSHES: usize = 8;
+    let hub = Arc::new(Hub::default());
+    let dirs = tempfile::tempdir().unwrap();
+    let nodes = mesh(&hub, &dirs, 3).await;
+    group_everywhere(&nodes, "eventual").await;
+    commit(&nodes[0], "k", json!(0)).await;
+    eventually("n2 holds k = 0", Duration::from_secs(10), || async {
+        (nodes[1].get("k").await == Some(json!(0))).then_some(())
+    })
+    .await;
+    // n3's acks commit the writes; n2's pushes wait, then arrive together.
+    hub.hold_frames("n1", "n2", &["changes"]);
+    for value in 1..=PUSHES {
+        assert!(matches!(nodes[0].set("k", json!(value)).await, Response::Committed { .. }));
+    }
+    assert_eq!(hub.held(), PUSHES, "each write pushed one frame to n2");
+    let synced = nodes[1].disk.syncs_done.load(Ordering::SeqCst);
+    hub.release_held();
+    eventually("n2 holds the last write", Duration::from_secs(10), || async {
+        (nodes[1].get("k").await == Some(json!(PUSHES))).then_some(())
+    })
+    .await;
+    let fsyncs = nodes[1].disk.syncs_done.load(Ordering::SeqCst) - synced;
+    assert_eq!(fsyncs, 1, "n2 saved {PUSHES} pushes taken in one batch with {fsyncs} fsyncs");
+}
