@@ -867,7 +867,11 @@ impl GroupDoc {
 
     /// Writes a planned edit (its settings operations, its schema and its version entry) as one
     /// Automerge change. On any error nothing has changed.
-    fn commit_plan(&mut self, plan: PlannedEdit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+    fn commit_plan(
+        &mut self,
+        plan: PlannedEdit,
+        meta: &CommitMeta,
+    ) -> Result<(LocalCommit, BTreeSet<String>), EditError> {
         let deps = self.doc.get_heads();
         let secret = self.has_marks_after(&plan);
         let (change_hash, change, made) = write_plan(&mut self.doc, &self.objects, secret, &plan, meta)?;
@@ -883,9 +887,15 @@ impl GroupDoc {
         if let Some(schema) = schema {
             self.schema = schema.map(Ok);
         }
+        // The keys whose value in the read view changed, as a remote apply reports them: the
+        // ops say which keys, so the caller needs no copy of the settings to diff.
+        let mut before: BTreeMap<String, Option<String>> = BTreeMap::new();
         for op in ops {
             self.conflicted.remove(op.key());
             self.invalid.remove(op.key());
+            if !before.contains_key(op.key()) {
+                before.insert(op.key().to_owned(), self.view.entry(op.key()).map(|entry| entry.canonical.clone()));
+            }
             match op {
                 Op::Put { key, value, canonical } => self.view.insert_canonical(key, value, canonical),
                 Op::Delete { key } => {
@@ -893,6 +903,11 @@ impl GroupDoc {
                 }
             }
         }
+        let changed: BTreeSet<String> = before
+            .into_iter()
+            .filter(|(key, was)| self.view.entry(key).map(|entry| &entry.canonical) != was.as_ref())
+            .map(|(key, _)| key)
+            .collect();
         // The staged hash is the hash of the applied edit (checked in debug builds).
         self.view.set_known_hash(hash_after);
         self.by_change.insert(change_hash, info.id.clone());
@@ -901,7 +916,7 @@ impl GroupDoc {
         }
         self.versions.insert(info.id.clone(), VersionEntry { info: info.clone(), change: change_hash });
         debug_assert_eq!(self.doc.get_heads(), vec![change_hash], "a local commit is the only head");
-        Ok(LocalCommit { version: info, change, change_hash })
+        Ok((LocalCommit { version: info, change, change_hash }, changed))
     }
 
     /// Builds the change an edit would make without applying it anywhere: the strong-round
@@ -970,6 +985,16 @@ impl GroupDoc {
 
     /// Applies an edit as a new version.
     pub fn edit(&mut self, edit: Edit, meta: &CommitMeta) -> Result<LocalCommit, EditError> {
+        self.edit_reporting_keys(edit, meta).map(|(commit, _)| commit)
+    }
+
+    /// Applies an edit as a new version; also answers the keys whose value changed in the read
+    /// view (what watchers are told).
+    pub(crate) fn edit_reporting_keys(
+        &mut self,
+        edit: Edit,
+        meta: &CommitMeta,
+    ) -> Result<(LocalCommit, BTreeSet<String>), EditError> {
         let plan = self.plan_edit(edit, meta)?;
         self.commit_plan(plan, meta)
     }

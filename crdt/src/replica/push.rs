@@ -6,7 +6,9 @@
 //! follows the persist.
 
 use super::{NodeId, Output, PersistOp, Replica};
-use crate::exchange::RemoteApplied;
+use automerge::Change;
+
+use crate::exchange::{RemoteApplied, decode_change};
 use crate::group::Mode;
 use crate::journal::change_record;
 use crate::peer_message::PeerMessage;
@@ -16,7 +18,10 @@ use crate::peer_message::PeerMessage;
 pub(super) struct DeferredApply {
     group: String,
     from: NodeId,
+    /// The changes as pushed, and decoded (each is decoded once: a decode checks the change's
+    /// hash, and it was done three times per pushed change).
     changes: Vec<Vec<u8>>,
+    decoded: Vec<Change>,
 }
 
 impl Replica {
@@ -27,21 +32,28 @@ impl Replica {
             // Strong groups change only through rounds (and sync of committed rounds).
             return self.drop_message(from, format!("pushed changes for strong group {group:?}"));
         }
-        if let Some(records) = persist_first_records(&state.doc, &changes) {
+        // All are decoded before any is applied: a malformed one refuses the push, with nothing
+        // applied or acknowledged.
+        let decoded = match changes.iter().map(|bytes| decode_change(bytes)).collect::<Result<Vec<_>, _>>() {
+            Ok(decoded) => decoded,
+            Err(error) => return self.drop_message(from, error.to_string()),
+        };
+        if let Some(records) = persist_first_records(&state.doc, &changes, &decoded) {
             // Durable first, applied while the fsync runs (Output::Resume).
             self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
             self.outputs.push_back(Output::Resume);
-            self.deferred = Some(DeferredApply { group, from, changes });
+            self.deferred = Some(DeferredApply { group, from, changes, decoded });
             return;
         }
-        self.apply_pushed(&group, from, &changes, &[]);
+        self.apply_pushed(&group, from, decoded, &[]);
     }
 
     /// Applies changes pushed by `from` and acks what is now here (durable: the persist
     /// operations run before the ack). `persisted` were already queued for persisting.
-    fn apply_pushed(&mut self, group: &str, from: NodeId, changes: &[Vec<u8>], persisted: &[Vec<u8>]) {
+    fn apply_pushed(&mut self, group: &str, from: NodeId, changes: Vec<Change>, persisted: &[Vec<u8>]) {
         let Some(state) = self.groups.get_mut(group) else { return };
-        let (applied, failed) = match state.doc.apply_changes(changes) {
+        let pushed: Vec<automerge::ChangeHash> = changes.iter().map(Change::hash).collect();
+        let (applied, failed) = match state.doc.apply_changes_decoded(changes) {
             Ok(applied) => (applied, None),
             // Whatever did apply before the failure is persisted, counted and announced like
             // any apply: a document must never serve a change its file does not hold.
@@ -50,10 +62,8 @@ impl Replica {
         let missing_deps = state.doc.has_missing_deps();
         self.after_remote_apply_except(group, applied, persisted);
         // Durable now (the append above executes before this send): ack.
-        let hashes = changes
-            .iter()
-            .filter_map(|bytes| crate::exchange::decode_change(bytes).ok())
-            .map(|change| change.hash())
+        let hashes = pushed
+            .into_iter()
             .filter(|hash| self.groups.get(group).is_some_and(|s| s.doc.has_change(hash)))
             .map(|hash| hash.0)
             .collect::<Vec<_>>();
@@ -78,8 +88,8 @@ impl Replica {
 
     /// Finishes the apply of changes persisted first.
     pub(super) fn finish_deferred_apply(&mut self, deferred: DeferredApply) {
-        let DeferredApply { group, from, changes } = deferred;
-        self.apply_pushed(&group, from, &changes, &changes);
+        let DeferredApply { group, from, changes, decoded } = deferred;
+        self.apply_pushed(&group, from, decoded, &changes);
     }
 
     /// Persists and announces what a remote apply added.
@@ -125,11 +135,10 @@ impl Replica {
 /// safe: every change decodes, is new here, and depends only on changes here or earlier in the
 /// push (so the apply will take all of them, in this order). `None` otherwise: the caller
 /// applies first and persists what was applied.
-fn persist_first_records(doc: &crate::group::GroupDoc, changes: &[Vec<u8>]) -> Option<Vec<u8>> {
+fn persist_first_records(doc: &crate::group::GroupDoc, changes: &[Vec<u8>], decoded: &[Change]) -> Option<Vec<u8>> {
     let mut earlier: Vec<automerge::ChangeHash> = Vec::new();
     let mut records = Vec::new();
-    for bytes in changes {
-        let change = crate::exchange::decode_change(bytes).ok()?;
+    for (bytes, change) in changes.iter().zip(decoded) {
         let hash = change.hash();
         if doc.has_change(&hash) || earlier.contains(&hash) {
             return None;

@@ -4,8 +4,6 @@
 //! answered when a live quorum acknowledged it (quorum.rs). A strong group's edit runs as a
 //! round instead (round.rs).
 
-use std::collections::BTreeSet;
-
 use super::{
     CommandError, CommandId, CommandOutcome, CommitReceipt, GroupState, Output, PersistOp, Replica, membership_proof,
 };
@@ -71,16 +69,14 @@ impl Replica {
         if state.doc.mode() == Mode::Strong {
             return self.start_round(id, group, edit, meta);
         }
-        let before = state.doc.settings().clone();
-        let commit = match state.doc.edit(edit, &meta) {
-            Ok(commit) => commit,
+        let (commit, keys) = match state.doc.edit_reporting_keys(edit, &meta) {
+            Ok(edited) => edited,
             Err(error) => return self.reply(id, Err(error.into())),
         };
         let records = match change_record(&commit.change) {
             Ok(records) => records,
             Err(error) => return self.reply(id, Err(CommandError::TooLarge(error.to_string()))),
         };
-        let keys = changed_keys(&before, state.doc.settings());
         let label = state.doc.label(&commit.version.id);
         // Push first, then fsync: peers apply and persist while this node does. Safe because
         // this node's actor is fresh per process start (a change lost in a crash is never
@@ -105,13 +101,4 @@ impl Replica {
         };
         self.await_quorum(id, receipt, commit.change_hash, live);
     }
-}
-
-/// The keys whose served value differs between two settings.
-fn changed_keys(before: &crate::settings::Settings, after: &crate::settings::Settings) -> BTreeSet<String> {
-    let changed = crate::diff::SettingsDiff::between(before, after);
-    let mut keys: BTreeSet<String> = changed.added.into_iter().map(|(k, _)| k).collect();
-    keys.extend(changed.removed.into_iter().map(|(k, _)| k));
-    keys.extend(changed.changed.into_iter().map(|c| c.key));
-    keys
 }

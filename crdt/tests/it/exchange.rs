@@ -219,3 +219,32 @@ fn remote_apply_reports_every_added_change_once_in_any_arrival_order() {
     assert!(fresh.derived_state_matches_document());
     assert_eq!(state(fresh), state(&docs[0]));
 }
+
+/// `has_change` is asked for every dependency of every pushed change: it answers from the window
+/// of recent changes or Automerge's missing dependencies, never by decoding metadata (issue 14).
+/// A change queued for a missing dependency is not held; one older than the window, or loaded
+/// from a file, is.
+#[test]
+fn has_change_holds_applied_changes_only_inside_and_outside_the_recent_window() {
+    let mut docs = replicas(3, Mode::Eventual);
+    let commits: Vec<konor_crdt::LocalCommit> =
+        (0..1100u64).map(|n| docs[0].set(vec![(format!("k{}", n % 50), json!(n))], &meta(n + 1)).unwrap()).collect();
+    let held = |doc: &GroupDoc, n: usize| doc.has_change(&commits[n].change_hash);
+    // On the writer: the first change left the window long ago; the last is in it.
+    assert!(held(&docs[0], 0) && held(&docs[0], 1099));
+    // Loaded from a file: nothing is in its window, everything is held.
+    let loaded = GroupDoc::load(&docs[0].save(), actor(9)).unwrap();
+    assert!(held(&loaded, 0) && held(&loaded, 1099));
+    // A replica given the second change first queues it: neither is held, then both are.
+    let replica = &mut docs[1];
+    assert!(replica.apply_changes(&[&commits[1].change]).unwrap().is_empty());
+    assert!(replica.has_missing_deps());
+    assert!(!held(replica, 1), "a queued change is not held");
+    assert!(!held(replica, 0), "an unknown change is not held");
+    replica.apply_changes(&[&commits[0].change]).unwrap();
+    assert!(held(replica, 0) && held(replica, 1));
+    assert!(!held(replica, 2));
+    // A change that is no part of this group's history.
+    let (other, _) = GroupDoc::create("other", Mode::Eventual, actor(7), &meta(0)).unwrap();
+    assert!(!other.has_change(&commits[0].change_hash));
+}

@@ -10,6 +10,9 @@ use konor_crdt::replica::{
 use konor_crdt::{Command, CommitMeta, GroupKey, Input, MembershipView, Millis, Mode, Output, PersistOp, Replica};
 use serde_json::json;
 
+/// The keys one notification set and removed.
+pub(crate) type Told = (BTreeSet<String>, BTreeSet<String>);
+
 pub(crate) struct Net {
     pub(crate) replicas: BTreeMap<String, Replica>,
     pub(crate) gossip: BTreeMap<String, BTreeMap<String, GroupGossip>>,
@@ -30,6 +33,8 @@ pub(crate) struct Net {
     pub(crate) replies: BTreeMap<u64, Result<CommandOutcome, CommandError>>,
     pub(crate) log: Vec<(String, String)>,
     pub(crate) notified: BTreeMap<String, Vec<u64>>,
+    /// What each node's watchers were told, per notification.
+    pub(crate) told: BTreeMap<String, Vec<Told>>,
     pub(crate) next_id: u64,
     /// Each node's group files, as its persist outputs wrote them (node -> group -> file).
     pub(crate) disk: BTreeMap<String, BTreeMap<String, Vec<u8>>>,
@@ -65,6 +70,7 @@ impl Net {
             replies: BTreeMap::new(),
             log: Vec::new(),
             notified: BTreeMap::new(),
+            told: BTreeMap::new(),
             next_id: 0,
             disk: BTreeMap::new(),
             prepared: Vec::new(),
@@ -196,6 +202,11 @@ impl Net {
                         // to no watcher.
                         Output::Notify(notification) if !notification.quiet => {
                             self.notified.entry(node.clone()).or_default().push(notification.revision);
+                            let told = (
+                                notification.set.keys().cloned().collect(),
+                                notification.removed.iter().cloned().collect(),
+                            );
+                            self.told.entry(node.clone()).or_default().push(told);
                         }
                         Output::Notify(_) => {}
                         Output::Withdraw { group } => {
@@ -709,4 +720,26 @@ fn a_revision_lost_with_a_failed_persist_is_never_given_again() {
     let after: Vec<u64> = net.notified.get("n2").cloned().unwrap_or_else(|| panic!("{:?}", net.log));
     assert!(after.iter().all(|revision| *revision > seen), "revision {seen} given again: {after:?}");
     assert_eq!(net.replicas["n2"].events_since("app", seen), Some(EventsSince::Resync), "seen {seen}, after {after:?}");
+}
+
+/// A local write tells its watchers exactly the keys whose value changed, as a remote apply
+/// does: found from the write's operations, not by copying and diffing the whole settings
+/// (issue 14: the copy was O(keys) per write).
+#[test]
+fn a_local_write_tells_exactly_the_keys_whose_value_changed() {
+    let mut net = mesh_with_group(&["n1", "n2"]);
+    let entries = vec![("a".to_owned(), json!(1)), ("b".to_owned(), json!(2)), ("c".to_owned(), json!(3))];
+    net.command("n1", Command::Set { group: "app".into(), entries, meta: meta() }).unwrap();
+    net.run();
+    let keys = |list: &[&str]| list.iter().map(|key| (*key).to_owned()).collect::<BTreeSet<String>>();
+    // b keeps its value, a and d change, c is deleted below.
+    let entries = vec![("a".to_owned(), json!(10)), ("b".to_owned(), json!(2)), ("d".to_owned(), json!(4))];
+    net.command("n1", Command::Set { group: "app".into(), entries, meta: meta() }).unwrap();
+    net.run();
+    assert_eq!(net.told["n1"].last(), Some(&(keys(&["a", "d"]), keys(&[]))), "a local write");
+    assert_eq!(net.told["n2"].last(), Some(&(keys(&["a", "d"]), keys(&[]))), "the same write applied remotely");
+    net.command("n1", Command::Delete { group: "app".into(), keys: vec!["c".into()], meta: meta() }).unwrap();
+    net.run();
+    assert_eq!(net.told["n1"].last(), Some(&(keys(&[]), keys(&["c"]))), "a local delete");
+    assert_eq!(net.told["n2"].last(), Some(&(keys(&[]), keys(&["c"]))), "the same delete applied remotely");
 }
