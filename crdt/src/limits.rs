@@ -117,6 +117,16 @@ const _: () = assert!(CHANGE_BYTES_MAX >= SETTINGS_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX >= CHANGE_BYTES_MAX);
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX <= u32::MAX as usize);
 const _: () = assert!(APPLY_BATCH_CHANGES_MAX >= 1);
+
+/// Most changes a writer puts in one push to a member: the writes of one batch of events share
+/// a push, and a member applies at most [`APPLY_BATCH_CHANGES_MAX`] in one Automerge call, so
+/// a push never needs more than one.
+pub const PUSH_CHANGES_MAX: usize = APPLY_BATCH_CHANGES_MAX;
+
+/// Most change bytes in one shared push: another change joins a queued push only within this
+/// (a change larger than it goes alone). 1 MiB is dozens of ordinary writes and keeps one frame
+/// far under [`PEER_MESSAGE_BYTES_MAX`].
+pub const PUSH_BYTES_MAX: usize = 1024 * 1024;
 const _: () = assert!(CHANGE_ROWS_MAX >= 4 * KEYS_PER_GROUP_MAX as u64);
 
 /// Change records after the snapshot at which a small group's file is compacted into a fresh
@@ -173,6 +183,7 @@ pub const JOIN_STEP_TIMEOUT_MS: u64 = 3_000;
 pub const JOIN_TIMEOUT_MS: u64 = 15_000;
 
 const _: () = assert!(PEER_MESSAGE_BYTES_MAX > SYNC_MESSAGE_BYTES_MAX);
+const _: () = assert!(PUSH_BYTES_MAX + CHANGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(JOIN_STEP_TIMEOUT_MS < JOIN_TIMEOUT_MS);
 const _: () = assert!(ANTI_ENTROPY_DELAY_MS < SYNC_SESSION_TIMEOUT_MS);
 

@@ -515,6 +515,10 @@ impl Replica {
                 heads: state.doc.heads(),
                 key: (state.keys.generation() > 0).then(|| state.keys.id(name)),
             };
+            // A publish still queued for the group is superseded: only the latest value counts,
+            // and it is published at the latest position, after every persist queued before it.
+            // The writes of one batch then publish once (issue 14).
+            self.outputs.retain(|output| !matches!(output, Output::Publish { group, .. } if group == name));
             self.outputs.push_back(Output::Publish { group: name.to_owned(), gossip: Some(gossip) });
         }
     }

@@ -11,6 +11,7 @@ use automerge::Change;
 use crate::exchange::{RemoteApplied, decode_change};
 use crate::group::Mode;
 use crate::journal::change_record;
+use crate::limits::{PUSH_BYTES_MAX, PUSH_CHANGES_MAX};
 use crate::peer_message::PeerMessage;
 
 /// Changes a member persists before it applies them, so that the apply overlaps the fsync.
@@ -25,6 +26,32 @@ pub(super) struct DeferredApply {
 }
 
 impl Replica {
+    /// Queues `change` for a push to `to`: added to a push of the same group to the same member
+    /// that is still queued, when there is one with room, so that the writes one batch of events
+    /// makes reach each member in one message (or a few), leave before the first of their fsyncs, are saved
+    /// by the member with one fsync and applied in one call, and are acknowledged once (issue
+    /// 14). Moving a push ahead of the persists queued since is safe for the reason pushes go
+    /// before their own persist (`local_write`).
+    pub(super) fn queue_push(&mut self, to: &NodeId, group: &str, change: &[u8]) {
+        let queued = self.outputs.iter_mut().rev().find_map(|output| match output {
+            Output::Send { to: peer, message: PeerMessage::Changes { group: pushed, changes } }
+                if peer == to && pushed == group =>
+            {
+                Some(changes)
+            }
+            _ => None,
+        });
+        if let Some(changes) = queued {
+            let bytes: usize = changes.iter().map(Vec::len).sum();
+            if changes.len() < PUSH_CHANGES_MAX && bytes + change.len() <= PUSH_BYTES_MAX {
+                changes.push(change.to_vec());
+                return;
+            }
+        }
+        let message = PeerMessage::Changes { group: group.to_owned(), changes: vec![change.to_vec()] };
+        self.outputs.push_back(Output::Send { to: to.clone(), message });
+    }
+
     /// Takes changes pushed by `from`, a member of the group.
     pub(super) fn handle_changes(&mut self, group: String, from: NodeId, changes: Vec<Vec<u8>>) {
         let Some(state) = self.groups.get_mut(&group) else { return };

@@ -12,7 +12,6 @@ use crate::group::{CommitMeta, Edit, GroupDoc, Mode};
 use crate::join::GroupKey;
 use crate::journal::{change_record, snapshot_file};
 use crate::keyring::Keyring;
-use crate::peer_message::PeerMessage;
 
 impl Replica {
     pub(super) fn create_group(
@@ -84,8 +83,7 @@ impl Replica {
         // through outputs that run after the persist below.
         let live = self.live_members(&group);
         for member in &live {
-            let message = PeerMessage::Changes { group: group.clone(), changes: vec![commit.change.clone()] };
-            self.outputs.push_back(Output::Send { to: member.clone(), message });
+            self.queue_push(member, &group, &commit.change);
         }
         self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
         let revision = self.record_changes(&group, 1, keys, false);

@@ -743,3 +743,40 @@ fn a_local_write_tells_exactly_the_keys_whose_value_changed() {
     assert_eq!(net.told["n1"].last(), Some(&(keys(&[]), keys(&["c"]))), "a local delete");
     assert_eq!(net.told["n2"].last(), Some(&(keys(&[]), keys(&["c"]))), "the same delete applied remotely");
 }
+
+/// The writes one batch of events makes share one push per member (issue 14): it leaves before
+/// the first write's persist, carries at most `PUSH_CHANGES_MAX` changes, and every write still
+/// commits with its own version. The group's summary is published once, after the last persist.
+#[test]
+fn writes_made_in_one_batch_share_a_push_to_each_member() {
+    const WRITES: usize = konor_crdt::limits::PUSH_CHANGES_MAX + 4;
+    let mut net = mesh_with_group(&["n1", "n2", "n3"]);
+    net.log.clear();
+    let first_id = net.next_id + 1;
+    for n in 0..WRITES {
+        net.next_id += 1;
+        let command = Command::Set { group: "app".into(), entries: vec![(format!("k{n}"), json!(n))], meta: meta() };
+        net.input("n1", Input::Command { id: net.next_id, command });
+    }
+    net.run();
+    let n1: Vec<&str> = net.log.iter().filter(|(node, _)| node == "n1").map(|(_, what)| what.as_str()).collect();
+    for member in ["n2", "n3"] {
+        let pushes = n1.iter().filter(|what| **what == format!("send changes to {member}")).count();
+        assert_eq!(pushes, 2, "{WRITES} writes in one batch: one full push and one more to {member}: {n1:?}");
+    }
+    assert_eq!(n1.iter().filter(|what| **what == "publish").count(), 1, "the batch publishes once: {n1:?}");
+    let first_push = n1.iter().position(|what| what.starts_with("send changes")).unwrap();
+    let first_persist = n1.iter().position(|what| *what == "persist append").unwrap();
+    assert!(first_push < first_persist, "the shared push leaves before the first persist: {n1:?}");
+    let mut versions = BTreeSet::new();
+    for id in first_id..first_id + WRITES as u64 {
+        let Some(Ok(CommandOutcome::Committed(receipt))) = net.replies.get(&id) else {
+            panic!("write {id} did not commit: {:?}", net.replies.get(&id))
+        };
+        versions.insert(receipt.version.id.clone());
+    }
+    assert_eq!(versions.len(), WRITES, "each write has its own version");
+    for node in ["n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), net.settings("n1", "app"), "{node}");
+    }
+}
