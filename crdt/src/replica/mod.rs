@@ -183,6 +183,8 @@ pub struct Replica {
     outputs: VecDeque<Output>,
     /// Received changes already queued for persisting, applied at [`Input::Resume`].
     deferred: Option<DeferredApply>,
+    /// Pushes queued since outputs were last polled, which later writes may join.
+    open_pushes: Vec<push::OpenPush>,
     /// Since when each peer has been dead in the membership view (evictions).
     dead_since: BTreeMap<NodeId, Millis>,
     /// Groups reloaded after a failed persist during this run (each takes a fresh actor).
@@ -270,6 +272,7 @@ impl Replica {
             commits: BTreeMap::new(),
             outputs: VecDeque::new(),
             deferred: None,
+            open_pushes: Vec::new(),
             dead_since: BTreeMap::new(),
             left_lamports: BTreeMap::new(),
             departed: VecDeque::new(),
@@ -390,6 +393,10 @@ impl Replica {
 
     /// Next output to execute, in order.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if !self.open_pushes.is_empty() {
+            // A push that may be on its way is never joined.
+            self.open_pushes.clear();
+        }
         self.outputs.pop_front()
     }
 

@@ -6,13 +6,22 @@
 //! follows the persist.
 
 use super::{NodeId, Output, PersistOp, Replica};
-use automerge::Change;
+use automerge::{Change, ChangeHash};
 
 use crate::exchange::{RemoteApplied, decode_change};
 use crate::group::Mode;
 use crate::journal::change_record;
 use crate::limits::{PUSH_BYTES_MAX, PUSH_CHANGES_MAX};
 use crate::peer_message::PeerMessage;
+
+/// A push queued in this batch that later writes may join ([`Replica::queue_push`]).
+#[derive(Debug)]
+pub(super) struct OpenPush {
+    to: NodeId,
+    group: String,
+    /// The changes it carries.
+    hashes: Vec<ChangeHash>,
+}
 
 /// Changes a member persists before it applies them, so that the apply overlaps the fsync.
 #[derive(Debug)]
@@ -26,30 +35,47 @@ pub(super) struct DeferredApply {
 }
 
 impl Replica {
-    /// Queues `change` for a push to `to`: added to a push of the same group to the same member
-    /// that is still queued, when there is one with room, so that the writes one batch of events
-    /// makes reach each member in one message (or a few), leave before the first of their fsyncs, are saved
-    /// by the member with one fsync and applied in one call, and are acknowledged once (issue
-    /// 14). Moving a push ahead of the persists queued since is safe for the reason pushes go
-    /// before their own persist (`local_write`).
-    pub(super) fn queue_push(&mut self, to: &NodeId, group: &str, change: &[u8]) {
-        let queued = self.outputs.iter_mut().rev().find_map(|output| match output {
-            Output::Send { to: peer, message: PeerMessage::Changes { group: pushed, changes } }
-                if peer == to && pushed == group =>
-            {
-                Some(changes)
-            }
-            _ => None,
-        });
-        if let Some(changes) = queued {
-            let bytes: usize = changes.iter().map(Vec::len).sum();
-            if changes.len() < PUSH_CHANGES_MAX && bytes + change.len() <= PUSH_BYTES_MAX {
-                changes.push(change.to_vec());
-                return;
+    /// Queues `change` (its `hash`, and its `deps`: this node's heads before it) for a push to
+    /// `to`. It joins the push of the same group to the same member queued last in this batch
+    /// when every one of its dependencies is in that push and there is room, so that the writes
+    /// one batch of events makes reach each member in one message (or a few), leave before the
+    /// first of their fsyncs, are saved by the member with one fsync, applied in one call and
+    /// acknowledged once (issue 14). Moving a change ahead of the persists queued since is safe
+    /// for the reason a push goes before its own persist (`local_write`) only when nothing it
+    /// depends on is among them: a peer's change that arrived in between (found in review) is
+    /// saved by an append queued after the push, so a change built on it starts a new push.
+    pub(super) fn queue_push(
+        &mut self,
+        to: &NodeId,
+        group: &str,
+        change: &[u8],
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+    ) {
+        let open = self.open_pushes.iter().rposition(|open| open.to == *to && open.group == group);
+        if let Some(index) = open.filter(|index| deps.iter().all(|dep| self.open_pushes[*index].hashes.contains(dep))) {
+            // The push queued last to this member for this group (each one opened is recorded
+            // in order, and none has left since: polling an output closes them all).
+            let queued = self.outputs.iter_mut().rev().find_map(|output| match output {
+                Output::Send { to: peer, message: PeerMessage::Changes { group: pushed, changes } }
+                    if peer == to && pushed == group =>
+                {
+                    Some(changes)
+                }
+                _ => None,
+            });
+            if let Some(changes) = queued {
+                let bytes: usize = changes.iter().map(Vec::len).sum();
+                if changes.len() < PUSH_CHANGES_MAX && bytes + change.len() <= PUSH_BYTES_MAX {
+                    changes.push(change.to_vec());
+                    self.open_pushes[index].hashes.push(hash);
+                    return;
+                }
             }
         }
         let message = PeerMessage::Changes { group: group.to_owned(), changes: vec![change.to_vec()] };
         self.outputs.push_back(Output::Send { to: to.clone(), message });
+        self.open_pushes.push(OpenPush { to: to.clone(), group: group.to_owned(), hashes: vec![hash] });
     }
 
     /// Takes changes pushed by `from`, a member of the group.

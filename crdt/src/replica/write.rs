@@ -68,6 +68,7 @@ impl Replica {
         if state.doc.mode() == Mode::Strong {
             return self.start_round(id, group, edit, meta);
         }
+        let deps = state.doc.heads();
         let (commit, keys) = match state.doc.edit_reporting_keys(edit, &meta) {
             Ok(edited) => edited,
             Err(error) => return self.reply(id, Err(error.into())),
@@ -83,7 +84,7 @@ impl Replica {
         // through outputs that run after the persist below.
         let live = self.live_members(&group);
         for member in &live {
-            self.queue_push(member, &group, &commit.change);
+            self.queue_push(member, &group, &commit.change, commit.change_hash, &deps);
         }
         self.outputs.push_back(Output::Persist(PersistOp::Append { group: group.clone(), records }));
         let revision = self.record_changes(&group, 1, keys, false);

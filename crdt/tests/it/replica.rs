@@ -780,3 +780,44 @@ fn writes_made_in_one_batch_share_a_push_to_each_member() {
         assert_eq!(net.settings(node, "app"), net.settings("n1", "app"), "{node}");
     }
 }
+
+/// A shared push never carries a change ahead of the save of a peer's change it depends on
+/// (found in review): a write made after a pushed change arrived in the same batch depends on
+/// that change, so its push starts after the append that saves it, not in the push queued before.
+#[test]
+fn a_shared_push_never_leaves_before_a_peers_change_it_depends_on_is_saved() {
+    let mut net = mesh_with_group(&["n1", "n2", "n3"]);
+    let before = net.replicas["n1"].group("app").unwrap().heads();
+    net.drop_pushes_to.insert("n1".into());
+    set(&mut net, "n2", "remote", json!(1)).unwrap();
+    net.drop_pushes_to.clear();
+    let remote = net.replicas["n2"].group("app").unwrap().changes_since(&before);
+    assert_eq!(remote.len(), 1, "n1 lacks n2's write");
+    net.log.clear();
+    // One batch on n1: a write, n2's change, a write that depends on both.
+    for input in [Some(("a", json!(1))), None, Some(("b", json!(2)))] {
+        let input = match input {
+            Some((key, value)) => {
+                net.next_id += 1;
+                let command = Command::Set { group: "app".into(), entries: vec![(key.into(), value)], meta: meta() };
+                Input::Command { id: net.next_id, command }
+            }
+            None => {
+                let message = konor_crdt::PeerMessage::Changes { group: "app".into(), changes: remote.clone() };
+                Input::Peer { from: "n2".into(), bytes: message.encode() }
+            }
+        };
+        net.input("n1", input);
+    }
+    net.run();
+    let n1: Vec<&str> = net.log.iter().filter(|(node, _)| node == "n1").map(|(_, what)| what.as_str()).collect();
+    let pushes: Vec<usize> =
+        n1.iter().enumerate().filter(|(_, what)| **what == "send changes to n3").map(|(at, _)| at).collect();
+    let appends: Vec<usize> =
+        n1.iter().enumerate().filter(|(_, what)| **what == "persist append").map(|(at, _)| at).collect();
+    assert_eq!(pushes.len(), 2, "the second write starts a push of its own: {n1:?}");
+    assert!(appends.len() >= 2 && pushes[1] > appends[1], "after the append of n2's change: {n1:?}");
+    for node in ["n2", "n3"] {
+        assert_eq!(net.settings(node, "app"), net.settings("n1", "app"), "{node}");
+    }
+}
