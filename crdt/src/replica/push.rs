@@ -35,12 +35,15 @@ pub(super) struct DeferredApply {
 }
 
 impl Replica {
-    /// Queues `change` (its `hash`, and its `deps`: this node's heads before it) for a push to
-    /// `to`. It joins the push of the same group to the same member queued last in this batch
-    /// when every one of its dependencies is in that push and there is room, so that the writes
-    /// one batch of events makes reach each member in one message (or a few), leave before the
-    /// first of their fsyncs, are saved by the member with one fsync, applied in one call and
-    /// acknowledged once (issue 14). Moving a change ahead of the persists queued since is safe
+    /// Queues `change` (its `hash`, and its `deps`: this node's heads before it, which are its
+    /// Automerge dependencies except when a peer's head descends from this actor's previous
+    /// change, and then the change starts a push of its own either way) for a push to `to`. It
+    /// joins the push of the same group to the same member queued last in this batch when every
+    /// one of its dependencies is in that push and there is room, so that the writes one batch
+    /// of events makes reach each member in one message (or a few), are saved by the member with
+    /// one fsync, applied in one call and acknowledged once (issue 14). The push leaves where
+    /// the first of them queued it: before their appends, unless the batch's run of appends
+    /// began earlier (a peer's change saved first), and then after that run's fsync. Moving a change ahead of the persists queued since is safe
     /// for the reason a push goes before its own persist (`local_write`) only when nothing it
     /// depends on is among them: a peer's change that arrived in between (found in review) is
     /// saved by an append queued after the push, so a change built on it starts a new push.
@@ -65,6 +68,7 @@ impl Replica {
                 _ => None,
             });
             if let Some(changes) = queued {
+                debug_assert_eq!(changes.len(), self.open_pushes[index].hashes.len(), "an open push and its message");
                 let bytes: usize = changes.iter().map(Vec::len).sum();
                 if changes.len() < PUSH_CHANGES_MAX && bytes + change.len() <= PUSH_BYTES_MAX {
                     changes.push(change.to_vec());
