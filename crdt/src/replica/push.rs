@@ -43,10 +43,11 @@ impl Replica {
     /// of events makes reach each member in one message (or a few), are saved by the member with
     /// one fsync, applied in one call and acknowledged once (issue 14). The push leaves where
     /// the first of them queued it: before their appends, unless the batch's run of appends
-    /// began earlier (a peer's change saved first), and then after that run's fsync. Moving a change ahead of the persists queued since is safe
-    /// for the reason a push goes before its own persist (`local_write`) only when nothing it
-    /// depends on is among them: a peer's change that arrived in between (found in review) is
-    /// saved by an append queued after the push, so a change built on it starts a new push.
+    /// began earlier (a peer's change saved first), and then after that run's fsync. Moving a
+    /// change ahead of the persists queued since is safe for the reason a push goes before its
+    /// own persist (`local_write`) only when nothing it depends on is among them: a peer's
+    /// change that arrived in between (found in review) is saved by an append queued after the
+    /// push, so a change built on it starts a new push.
     pub(super) fn queue_push(
         &mut self,
         to: &NodeId,
